@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs what Bulwark needs on a Debian 12 host, idempotently: Debian packages and npm modules.
+#   scripts/setup.sh            what a one-host install needs to run
+#   scripts/setup.sh --test     that, plus what the test suite needs (databases, peers, guest build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=runtime
+[ "${1:-}" = "--test" ] && mode=test
+
+# What the product itself runs: QEMU and its tools, NBD peers, FUSE and file-system tools for
+# file-level restore, libvirt's client.
+runtime_pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs
+  btrfs-progs dosfstools socat iproute2 nftables libvirt-clients)
+# What only the tests and the test guest build need.
+test_pkgs=(postgresql postgresql-client libvirt-daemon-system busybox-static xz-utils cpio parted
+  fdisk kmod iputils-ping sqlite3 curl)
+
+want=("${runtime_pkgs[@]}")
+[ "$mode" = test ] && want+=("${test_pkgs[@]}")
+
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # apt-get update only when the lists are older than a day or absent.
+  if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+    $sudo apt-get update -qq
+  fi
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm modules: reinstall only when the lock changed since the last install.
+stamp=node_modules/.bulwark-lock-hash
+hash=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
+  echo "setup: installing npm modules (native modules build from source: about 3 minutes)"
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$hash" > "$stamp"
+fi
