@@ -35,10 +35,28 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # npm modules: reinstall only when the lock changed since the last install.
+# Native modules (better-sqlite3, zstd-napi) build from source here (about 3 minutes), so a built
+# node_modules is kept per lock hash in a machine-wide cache and reused when it still loads.
 stamp=node_modules/.bulwark-lock-hash
 hash=$(sha256sum package-lock.json | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
-  echo "setup: installing npm modules (native modules build from source: about 3 minutes)"
-  npm ci --no-audit --no-fund --loglevel=error
-  echo "$hash" > "$stamp"
+cache_dir=${BULWARK_CACHE:-/var/cache/bulwark}
+cached="$cache_dir/node_modules-$hash-node$(node -p process.versions.modules).tar"
+modules_load() {
+  node -e 'require("better-sqlite3")(":memory:").close(); require("zstd-napi"); require("lz4-napi"); require("@node-rs/crc32"); require("@node-rs/argon2")' 2>/dev/null
+}
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ] || ! modules_load; then
+  if [ -f "$cached" ]; then
+    echo "setup: restoring npm modules from $cached"
+    rm -rf node_modules && tar -xf "$cached"
+  fi
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ] || ! modules_load; then
+    echo "setup: installing npm modules (native modules build from source: about 3 minutes)"
+    npm ci --no-audit --no-fund --loglevel=error
+    echo "$hash" > "$stamp"
+    modules_load || { echo "setup: npm modules installed but a native module does not load" >&2; exit 1; }
+    if mkdir -p "$cache_dir" 2>/dev/null && [ -w "$cache_dir" ]; then
+      tar -cf "$cached.tmp" node_modules && mv "$cached.tmp" "$cached"
+      find "$cache_dir" -name 'node_modules-*.tar' ! -name "$(basename "$cached")" -mmin +1440 -delete 2>/dev/null || true
+    fi
+  fi
 fi
