@@ -1,0 +1,193 @@
+// The configuration database schema as Kysely sees it: one typed model for SQLite and PostgreSQL.
+// Portable column choices: ids are text (random UUIDs), times are ISO-8601 text (UTC), JSON is
+// text, booleans are integers 0/1, so both engines read back exactly the same values.
+import type { ColumnType, Generated, Insertable, Selectable, Updateable } from 'kysely';
+
+/** Columns every configuration object carries (optimistic concurrency via `version`). */
+interface ConfigColumns {
+  id: string;
+  name: string;
+  version: number;
+  created_at: string;
+  updated_at: string;
+}
+
+export type HostKind = 'libvirt' | 'qemu';
+export interface HostTable extends ConfigColumns {
+  kind: HostKind;
+  /** libvirt URI (kind libvirt) or a glob of QMP sockets (kind qemu). */
+  uri: string;
+  agent_id: string | null;
+}
+
+export type AgentState = 'pending' | 'online' | 'offline' | 'revoked';
+export interface AgentTable extends ConfigColumns {
+  hostname: string;
+  agent_version: string;
+  cores: number;
+  last_seen_at: string | null;
+  cert_fingerprint: string | null;
+  state: AgentState;
+}
+
+export interface RepositoryTable extends ConfigColumns {
+  path: string;
+  agent_id: string | null;
+  max_tasks: number;
+  /** MB/s; null = unlimited. */
+  read_rate_mbps: number | null;
+  write_rate_mbps: number | null;
+}
+
+export type BackupMethod = 'forever-forward' | 'forward' | 'reverse';
+export type Compression = 'zstd' | 'lz4' | 'none';
+export interface JobTable extends ConfigColumns {
+  /** JSON array of VM names. */
+  objects: string;
+  repository_id: string;
+  method: BackupMethod;
+  /** JSON: {"points":N} | {"days":N} */
+  retention: string;
+  block_size: number;
+  compression: Compression;
+  /** JSON of the scheduler's Schedule, or null = manual only. */
+  schedule: string | null;
+  enabled: number;
+  retry_count: number;
+  retry_wait_minutes: number;
+  /** JSON backup window, or null = any time. */
+  window: string | null;
+  require_guest_processing: number;
+}
+
+export type SessionState = 'queued' | 'running' | 'success' | 'warning' | 'failed' | 'stopped';
+export interface SessionTable {
+  id: string;
+  job_id: string | null;
+  job_name: string;
+  state: SessionState;
+  full: number;
+  started_at: string;
+  ended_at: string | null;
+  reason: string | null;
+  percent: number;
+  bytes_read: number;
+  bytes_transferred: number;
+  bytes_stored: number;
+  /** bytes/s */
+  processing_rate: number;
+  updated_at: string;
+}
+
+export interface SessionTaskTable {
+  id: string;
+  session_id: string;
+  vm: string;
+  disk: string;
+  state: SessionState;
+  started_at: string | null;
+  ended_at: string | null;
+  percent: number;
+  bytes_read: number;
+  bytes_transferred: number;
+  bytes_stored: number;
+  processing_rate: number;
+  message: string | null;
+}
+
+export type LogLevel = 'info' | 'warning' | 'error';
+export interface SessionLogTable {
+  id: Generated<number>;
+  session_id: string;
+  time: string;
+  level: LogLevel;
+  message: string;
+}
+
+export type RestorePointType = 'full' | 'incremental';
+export type RestorePointState = 'creating' | 'ready' | 'corrupt' | 'deleting';
+export interface RestorePointTable {
+  id: string;
+  vm: string;
+  /** JSON array of { name, size, ... } per disk. */
+  disks: string;
+  time: string;
+  type: RestorePointType;
+  chain_id: string;
+  size: number;
+  state: RestorePointState;
+  repository_id: string;
+  job_id: string | null;
+  session_id: string | null;
+  created_at: string;
+}
+
+export type Role = 'administrator' | 'operator' | 'restore-operator' | 'viewer';
+export interface UserTable extends ConfigColumns {
+  password_hash: string;
+  role: Role;
+}
+
+export interface ApiTokenTable {
+  id: string;
+  token_hash: string;
+  user_id: string;
+  expires_at: string;
+  created_at: string;
+}
+
+export interface EnrollmentTokenTable {
+  id: string;
+  token_hash: string;
+  expires_at: string;
+  used_at: string | null;
+  agent_id: string | null;
+  created_at: string;
+}
+
+export interface MigrationTable {
+  name: string;
+  applied_at: ColumnType<string, string, never>;
+}
+
+export interface Database {
+  hosts: HostTable;
+  agents: AgentTable;
+  repositories: RepositoryTable;
+  jobs: JobTable;
+  sessions: SessionTable;
+  session_tasks: SessionTaskTable;
+  session_log: SessionLogTable;
+  restore_points: RestorePointTable;
+  users: UserTable;
+  api_tokens: ApiTokenTable;
+  enrollment_tokens: EnrollmentTokenTable;
+  bulwark_migrations: MigrationTable;
+}
+
+/** Tables in dependency order (parents first): used by restore and by tests. */
+export const dataTables = [
+  'agents',
+  'hosts',
+  'repositories',
+  'jobs',
+  'sessions',
+  'session_tasks',
+  'session_log',
+  'restore_points',
+  'users',
+  'api_tokens',
+  'enrollment_tokens',
+] as const satisfies ReadonlyArray<keyof Database>;
+
+export type HostRow = Selectable<HostTable>;
+export type AgentRow = Selectable<AgentTable>;
+export type RepositoryRow = Selectable<RepositoryTable>;
+export type JobRow = Selectable<JobTable>;
+export type SessionRow = Selectable<SessionTable>;
+export type SessionTaskRow = Selectable<SessionTaskTable>;
+export type SessionLogRow = Selectable<SessionLogTable>;
+export type RestorePointRow = Selectable<RestorePointTable>;
+export type UserRow = Selectable<UserTable>;
+export type NewJob = Insertable<JobTable>;
+export type JobUpdate = Updateable<JobTable>;

@@ -1,0 +1,210 @@
+// Backup jobs: what to back up (VMs), where (repository), how (method, retention, block size,
+// compression) and when (schedule, window, retries). A job with an open session is "running" and
+// cannot be deleted.
+import type { Selectable } from 'kysely';
+import { BulwarkError } from '../../common/errors.js';
+import type { JobTable } from '../db/schema.js';
+import {
+  configFields,
+  duplicate,
+  findByNameOrId,
+  invalid,
+  isUniqueViolation,
+  newId,
+  notFound,
+  nowIso,
+  parseJson,
+  updateVersioned,
+  type ServiceContext,
+} from './common.js';
+import { checkName } from './infrastructure.js';
+import { blockSizes, type BackupWindow, type Job, type JobCreate, type JobPatch, type Retention } from './model.js';
+
+/** Validates a job's schedule; the scheduler installs its own checker when it is wired. */
+export type ScheduleValidator = (schedule: unknown) => void;
+let scheduleValidator: ScheduleValidator = (s) => {
+  if (typeof s !== 'object' || s === null || Array.isArray(s)) throw invalid('schedule', 'must be an object or null');
+};
+export function setScheduleValidator(v: ScheduleValidator): void {
+  scheduleValidator = v;
+}
+
+async function runningJobIds(ctx: ServiceContext): Promise<Set<string>> {
+  const rows = await ctx.db.selectFrom('sessions').select('job_id').where('state', 'in', ['queued', 'running']).execute();
+  return new Set(rows.flatMap((r) => (r.job_id ? [r.job_id] : [])));
+}
+
+function toJob(r: Selectable<JobTable>, repoName: string, running: boolean): Job {
+  return {
+    ...configFields(r),
+    vms: parseJson<string[]>(r.objects, 'job objects') ?? [],
+    repository: repoName,
+    method: r.method,
+    retention: parseJson<Retention>(r.retention, 'job retention') ?? { points: 7 },
+    blockSize: r.block_size,
+    compression: r.compression,
+    schedule: parseJson<unknown>(r.schedule, 'job schedule'),
+    enabled: r.enabled === 1,
+    retries: { count: r.retry_count, waitMinutes: r.retry_wait_minutes },
+    window: parseJson<BackupWindow>(r.window, 'job window'),
+    requireGuestProcessing: r.require_guest_processing === 1,
+    running,
+  };
+}
+
+async function repoNames(ctx: ServiceContext): Promise<Map<string, string>> {
+  const rows = await ctx.db.selectFrom('repositories').select(['id', 'name']).execute();
+  return new Map(rows.map((r) => [r.id, r.name]));
+}
+
+async function repoId(ctx: ServiceContext, name: string): Promise<string> {
+  const r = await findByNameOrId(ctx, 'repositories', name);
+  if (!r) throw new BulwarkError(`repository: repository "${name}" not found`, { kind: 'not-found', context: { field: 'repository', repository: name } });
+  return r.id;
+}
+
+function checkVms(vms: string[]): void {
+  if (vms.length === 0) throw invalid('vms', 'name at least one VM');
+  const seen = new Set<string>();
+  for (const vm of vms) {
+    if (vm.trim() === '') throw invalid('vms', 'a VM name is empty');
+    if (seen.has(vm)) throw invalid('vms', `VM "${vm}" is listed twice`);
+    seen.add(vm);
+  }
+}
+
+function checkBlockSize(bs: number): void {
+  if (!blockSizes.includes(bs)) throw invalid('blockSize', `${bs} is not supported: use one of ${blockSizes.join(', ')} bytes`);
+}
+
+function checkWindow(w: BackupWindow | null): void {
+  if (w && w.start === w.end) throw invalid('window', 'start and end are the same time');
+}
+
+export async function listJobs(ctx: ServiceContext): Promise<Job[]> {
+  const [rows, repos, running] = await Promise.all([
+    ctx.db.selectFrom('jobs').selectAll().orderBy('name').execute(),
+    repoNames(ctx),
+    runningJobIds(ctx),
+  ]);
+  return rows.map((r) => toJob(r, repos.get(r.repository_id) ?? '', running.has(r.id)));
+}
+
+export async function getJobRow(ctx: ServiceContext, name: string): Promise<Selectable<JobTable>> {
+  const r = await findByNameOrId(ctx, 'jobs', name);
+  if (!r) throw notFound('job', name);
+  return r;
+}
+
+export async function getJob(ctx: ServiceContext, name: string): Promise<Job> {
+  const r = await getJobRow(ctx, name);
+  const [repos, running] = await Promise.all([repoNames(ctx), runningJobIds(ctx)]);
+  return toJob(r, repos.get(r.repository_id) ?? '', running.has(r.id));
+}
+
+export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<Job> {
+  checkName(input.name);
+  checkVms(input.vms);
+  const blockSize = input.blockSize ?? 1024 * 1024;
+  checkBlockSize(blockSize);
+  const schedule = input.schedule ?? null;
+  if (schedule !== null) scheduleValidator(schedule);
+  const window = input.window ?? null;
+  checkWindow(window);
+  const repositoryId = await repoId(ctx, input.repository);
+  const now = nowIso(ctx);
+  try {
+    await ctx.db
+      .insertInto('jobs')
+      .values({
+        id: newId(),
+        name: input.name,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+        objects: JSON.stringify(input.vms),
+        repository_id: repositoryId,
+        method: input.method ?? 'forever-forward',
+        retention: JSON.stringify(input.retention ?? { points: 7 }),
+        block_size: blockSize,
+        compression: input.compression ?? 'zstd',
+        schedule: schedule === null ? null : JSON.stringify(schedule),
+        enabled: input.enabled === false ? 0 : 1,
+        retry_count: input.retries?.count ?? 3,
+        retry_wait_minutes: input.retries?.waitMinutes ?? 10,
+        window: window === null ? null : JSON.stringify(window),
+        require_guest_processing: input.requireGuestProcessing ? 1 : 0,
+      })
+      .execute();
+  } catch (err) {
+    if (isUniqueViolation(err)) throw duplicate('job', input.name);
+    throw err;
+  }
+  return getJob(ctx, input.name);
+}
+
+export async function updateJob(ctx: ServiceContext, name: string, patch: JobPatch): Promise<Job> {
+  const r = await getJobRow(ctx, name);
+  const values: Partial<JobTable> = {};
+  if (patch.vms !== undefined) {
+    checkVms(patch.vms);
+    values.objects = JSON.stringify(patch.vms);
+  }
+  if (patch.repository !== undefined) values.repository_id = await repoId(ctx, patch.repository);
+  if (patch.method !== undefined) values.method = patch.method;
+  if (patch.retention !== undefined) values.retention = JSON.stringify(patch.retention);
+  if (patch.blockSize !== undefined) {
+    checkBlockSize(patch.blockSize);
+    values.block_size = patch.blockSize;
+  }
+  if (patch.compression !== undefined) values.compression = patch.compression;
+  if (patch.schedule !== undefined) {
+    if (patch.schedule !== null) scheduleValidator(patch.schedule);
+    values.schedule = patch.schedule === null ? null : JSON.stringify(patch.schedule);
+  }
+  if (patch.enabled !== undefined) values.enabled = patch.enabled ? 1 : 0;
+  if (patch.retries !== undefined) {
+    values.retry_count = patch.retries.count;
+    values.retry_wait_minutes = patch.retries.waitMinutes;
+  }
+  if (patch.window !== undefined) {
+    checkWindow(patch.window);
+    values.window = patch.window === null ? null : JSON.stringify(patch.window);
+  }
+  if (patch.requireGuestProcessing !== undefined) values.require_guest_processing = patch.requireGuestProcessing ? 1 : 0;
+  await updateVersioned(ctx, 'jobs', 'job', r, patch.version, values);
+  return getJob(ctx, r.id);
+}
+
+/** Enable/disable without a version check: a switch, not an edit of fields someone else read. */
+export async function setJobEnabled(ctx: ServiceContext, name: string, enabled: boolean): Promise<Job> {
+  const r = await getJobRow(ctx, name);
+  await updateVersioned(ctx, 'jobs', 'job', r, r.version, { enabled: enabled ? 1 : 0 });
+  return getJob(ctx, r.id);
+}
+
+export async function cloneJob(ctx: ServiceContext, name: string, newName: string): Promise<Job> {
+  const j = await getJob(ctx, name);
+  return createJob(ctx, {
+    name: newName,
+    vms: j.vms,
+    repository: j.repository,
+    method: j.method,
+    retention: j.retention,
+    blockSize: j.blockSize,
+    compression: j.compression,
+    schedule: j.schedule,
+    enabled: false,
+    retries: j.retries,
+    window: j.window,
+    requireGuestProcessing: j.requireGuestProcessing,
+  });
+}
+
+export async function deleteJob(ctx: ServiceContext, name: string): Promise<void> {
+  const r = await getJobRow(ctx, name);
+  if ((await runningJobIds(ctx)).has(r.id)) {
+    throw new BulwarkError(`job "${r.name}" is running: stop its session first`, { kind: 'conflict', context: { job: r.name } });
+  }
+  await ctx.db.deleteFrom('jobs').where('id', '=', r.id).execute();
+}

@@ -1,0 +1,230 @@
+// The REST API's resource shapes as TypeBox schemas: one source for validation at the API edge,
+// the OpenAPI document, and the TypeScript types the services return.
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+
+const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
+
+export const NamePattern = '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$';
+export const Name = Type.String({ pattern: NamePattern, description: 'letters, digits, . _ - (max 63)' });
+
+const ConfigFields = {
+  id: Type.String(),
+  name: Type.String(),
+  version: Type.Integer({ description: '+1 per edit; send it back in PATCH' }),
+  createdAt: Type.String({ format: 'date-time' }),
+  updatedAt: Type.String({ format: 'date-time' }),
+};
+/** Every PATCH body carries the version the client read. */
+export const VersionField = { version: Type.Integer({ minimum: 1 }) };
+
+// Hosts
+export const HostKind = Type.Union([Type.Literal('libvirt'), Type.Literal('qemu')]);
+export const Host = Type.Object({
+  ...ConfigFields,
+  kind: HostKind,
+  uri: Type.String({ description: 'libvirt URI (kind libvirt) or glob of QMP sockets (kind qemu)' }),
+  agent: Nullable(Type.String()),
+});
+export type Host = Static<typeof Host>;
+export const HostCreate = Type.Object(
+  { name: Name, kind: HostKind, uri: Type.String({ minLength: 1 }), agent: Type.Optional(Nullable(Type.String())) },
+  { additionalProperties: false },
+);
+export type HostCreate = Static<typeof HostCreate>;
+export const HostPatch = Type.Object(
+  { ...VersionField, kind: Type.Optional(HostKind), uri: Type.Optional(Type.String({ minLength: 1 })), agent: Type.Optional(Nullable(Type.String())) },
+  { additionalProperties: false },
+);
+export type HostPatch = Static<typeof HostPatch>;
+
+// Agents
+export const AgentState = Type.Union([Type.Literal('pending'), Type.Literal('online'), Type.Literal('offline'), Type.Literal('revoked')]);
+export const Agent = Type.Object({
+  ...ConfigFields,
+  hostname: Type.String(),
+  agentVersion: Type.String(),
+  cores: Type.Integer(),
+  lastSeenAt: Nullable(Type.String()),
+  certFingerprint: Nullable(Type.String()),
+  state: AgentState,
+});
+export type Agent = Static<typeof Agent>;
+export const AgentPatch = Type.Object({ ...VersionField, state: Type.Optional(AgentState) }, { additionalProperties: false });
+export type AgentPatch = Static<typeof AgentPatch>;
+
+// Repositories
+export const Repository = Type.Object({
+  ...ConfigFields,
+  path: Type.String(),
+  agent: Nullable(Type.String()),
+  maxTasks: Type.Integer(),
+  readRateMBps: Nullable(Type.Number()),
+  writeRateMBps: Nullable(Type.Number()),
+});
+export type Repository = Static<typeof Repository>;
+const RepositoryEditable = {
+  path: Type.String({ minLength: 1, description: 'absolute folder path on the agent' }),
+  agent: Nullable(Type.String()),
+  maxTasks: Type.Integer({ minimum: 1, maximum: 1024 }),
+  readRateMBps: Nullable(Type.Number({ exclusiveMinimum: 0 })),
+  writeRateMBps: Nullable(Type.Number({ exclusiveMinimum: 0 })),
+};
+export const RepositoryCreate = Type.Object(
+  {
+    name: Name,
+    path: RepositoryEditable.path,
+    agent: Type.Optional(RepositoryEditable.agent),
+    maxTasks: Type.Optional(RepositoryEditable.maxTasks),
+    readRateMBps: Type.Optional(RepositoryEditable.readRateMBps),
+    writeRateMBps: Type.Optional(RepositoryEditable.writeRateMBps),
+  },
+  { additionalProperties: false },
+);
+export type RepositoryCreate = Static<typeof RepositoryCreate>;
+export const RepositoryPatch = Type.Object(
+  { ...VersionField, ...Type.Partial(Type.Object(RepositoryEditable)).properties },
+  { additionalProperties: false },
+);
+export type RepositoryPatch = Static<typeof RepositoryPatch>;
+
+// Jobs
+export const BackupMethod = Type.Union([Type.Literal('forever-forward'), Type.Literal('forward'), Type.Literal('reverse')]);
+export const Compression = Type.Union([Type.Literal('zstd'), Type.Literal('lz4'), Type.Literal('none')]);
+export const Retention = Type.Union([
+  Type.Object({ points: Type.Integer({ minimum: 1 }) }, { additionalProperties: false }),
+  Type.Object({ days: Type.Integer({ minimum: 1 }) }, { additionalProperties: false }),
+]);
+export type Retention = Static<typeof Retention>;
+export const Retries = Type.Object(
+  { count: Type.Integer({ minimum: 0, maximum: 100 }), waitMinutes: Type.Integer({ minimum: 0, maximum: 1440 }) },
+  { additionalProperties: false },
+);
+export const BackupWindow = Type.Object(
+  {
+    start: Type.String({ pattern: '^([01][0-9]|2[0-3]):[0-5][0-9]$', description: 'HH:MM, server local time' }),
+    end: Type.String({ pattern: '^([01][0-9]|2[0-3]):[0-5][0-9]$' }),
+  },
+  { additionalProperties: false },
+);
+export type BackupWindow = Static<typeof BackupWindow>;
+/** The scheduler's Schedule (src/server/scheduler/), stored as JSON; null = manual only. */
+export const Schedule = Type.Unknown({ description: 'a Schedule object of the scheduler (see docs/api.md)' });
+export const blockSizes = [256 * 1024, 512 * 1024, 1024 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024];
+const JobEditable = {
+  vms: Type.Array(Type.String({ minLength: 1 }), { minItems: 1, description: 'VM names (the job objects)' }),
+  repository: Type.String({ description: 'repository name' }),
+  method: BackupMethod,
+  retention: Retention,
+  blockSize: Type.Integer({ description: `bytes: one of ${blockSizes.join(', ')}` }),
+  compression: Compression,
+  schedule: Nullable(Schedule),
+  enabled: Type.Boolean(),
+  retries: Retries,
+  window: Nullable(BackupWindow),
+  requireGuestProcessing: Type.Boolean(),
+};
+export const Job = Type.Object({ ...ConfigFields, ...JobEditable, running: Type.Boolean() });
+export type Job = Static<typeof Job>;
+export const JobCreate = Type.Object(
+  {
+    name: Name,
+    vms: JobEditable.vms,
+    repository: JobEditable.repository,
+    ...Type.Partial(Type.Omit(Type.Object(JobEditable), ['vms', 'repository'])).properties,
+  },
+  { additionalProperties: false },
+);
+export type JobCreate = Static<typeof JobCreate>;
+export const JobPatch = Type.Object({ ...VersionField, ...Type.Partial(Type.Object(JobEditable)).properties }, { additionalProperties: false });
+export type JobPatch = Static<typeof JobPatch>;
+
+// Sessions
+export const SessionState = Type.Union([
+  Type.Literal('queued'),
+  Type.Literal('running'),
+  Type.Literal('success'),
+  Type.Literal('warning'),
+  Type.Literal('failed'),
+  Type.Literal('stopped'),
+]);
+export const Progress = Type.Object({
+  percent: Type.Number(),
+  bytesRead: Type.Number(),
+  bytesTransferred: Type.Number(),
+  bytesStored: Type.Number(),
+  processingRate: Type.Number({ description: 'bytes/s' }),
+});
+export type Progress = Static<typeof Progress>;
+export const SessionTask = Type.Object({
+  id: Type.String(),
+  vm: Type.String(),
+  disk: Type.String(),
+  state: SessionState,
+  startedAt: Type.Optional(Type.String()),
+  endedAt: Type.Optional(Type.String()),
+  progress: Progress,
+  message: Type.Optional(Type.String()),
+});
+export type SessionTask = Static<typeof SessionTask>;
+export const LogLevel = Type.Union([Type.Literal('info'), Type.Literal('warning'), Type.Literal('error')]);
+export type LogLevelT = Static<typeof LogLevel>;
+export const SessionLogLine = Type.Object({ time: Type.String(), level: LogLevel, message: Type.String() });
+export type SessionLogLine = Static<typeof SessionLogLine>;
+export const Session = Type.Object({
+  id: Type.String(),
+  jobName: Type.String(),
+  jobId: Nullable(Type.String()),
+  state: SessionState,
+  full: Type.Boolean(),
+  startedAt: Type.String(),
+  endedAt: Type.Optional(Type.String()),
+  reason: Type.Optional(Type.String()),
+  progress: Progress,
+  tasks: Type.Array(SessionTask),
+  log: Type.Array(SessionLogLine),
+});
+export type Session = Static<typeof Session>;
+
+// Restore points
+export const RestorePoint = Type.Object({
+  id: Type.String(),
+  vm: Type.String(),
+  disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number() }, { additionalProperties: true })),
+  time: Type.String(),
+  type: Type.Union([Type.Literal('full'), Type.Literal('incremental')]),
+  chainId: Type.String(),
+  size: Type.Number(),
+  state: Type.Union([Type.Literal('creating'), Type.Literal('ready'), Type.Literal('corrupt'), Type.Literal('deleting')]),
+  repository: Type.String(),
+  job: Nullable(Type.String()),
+  sessionId: Nullable(Type.String()),
+});
+export type RestorePoint = Static<typeof RestorePoint>;
+
+// Users
+export const Role = Type.Union([
+  Type.Literal('administrator'),
+  Type.Literal('operator'),
+  Type.Literal('restore-operator'),
+  Type.Literal('viewer'),
+]);
+export type Role = Static<typeof Role>;
+export const User = Type.Object({ ...ConfigFields, role: Role });
+export type User = Static<typeof User>;
+const Password = Type.String({ minLength: 8, maxLength: 1024 });
+export const UserCreate = Type.Object({ name: Name, password: Password, role: Role }, { additionalProperties: false });
+export type UserCreate = Static<typeof UserCreate>;
+export const UserPatch = Type.Object(
+  { ...VersionField, password: Type.Optional(Password), role: Type.Optional(Role) },
+  { additionalProperties: false },
+);
+export type UserPatch = Static<typeof UserPatch>;
+
+export const ErrorBody = Type.Object({
+  error: Type.Object({
+    kind: Type.String(),
+    message: Type.String(),
+    hint: Type.Optional(Type.String()),
+    field: Type.Optional(Type.String()),
+  }),
+});

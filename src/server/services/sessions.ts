@@ -1,0 +1,306 @@
+// Sessions (one run of a job), their tasks (one per VM disk) and log lines, plus the restore-point
+// catalog. Every change to a session is announced on `SessionEvents`, which the SSE route follows.
+import { EventEmitter } from 'node:events';
+import type { Selectable } from 'kysely';
+import { BulwarkError } from '../../common/errors.js';
+import type { RestorePointTable, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
+import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
+import type { LogLevelT, Progress, RestorePoint, Session, SessionTask } from './model.js';
+
+export const finalStates: readonly SessionState[] = ['success', 'warning', 'failed', 'stopped'];
+export const isFinal = (s: SessionState): boolean => finalStates.includes(s);
+
+/** In-process notifications of session changes (by session id). */
+export class SessionEvents {
+  readonly #emitter = new EventEmitter();
+  constructor() {
+    this.#emitter.setMaxListeners(0);
+  }
+  changed(sessionId: string): void {
+    this.#emitter.emit('changed', sessionId);
+  }
+  /** Calls `fn` on every change of any session; returns the unsubscribe function. */
+  subscribe(fn: (sessionId: string) => void): () => void {
+    this.#emitter.on('changed', fn);
+    return () => this.#emitter.off('changed', fn);
+  }
+}
+
+function progressOf(r: { percent: number; bytes_read: number; bytes_transferred: number; bytes_stored: number; processing_rate: number }): Progress {
+  return {
+    percent: Number(r.percent),
+    bytesRead: Number(r.bytes_read),
+    bytesTransferred: Number(r.bytes_transferred),
+    bytesStored: Number(r.bytes_stored),
+    processingRate: Number(r.processing_rate),
+  };
+}
+
+function toTask(t: Selectable<SessionTaskTable>): SessionTask {
+  return {
+    id: t.id,
+    vm: t.vm,
+    disk: t.disk,
+    state: t.state,
+    ...(t.started_at ? { startedAt: t.started_at } : {}),
+    ...(t.ended_at ? { endedAt: t.ended_at } : {}),
+    progress: progressOf(t),
+    ...(t.message ? { message: t.message } : {}),
+  };
+}
+
+function toSession(r: Selectable<SessionTable>, tasks: SessionTask[], log: Session['log']): Session {
+  return {
+    id: r.id,
+    jobName: r.job_name,
+    jobId: r.job_id,
+    state: r.state,
+    full: r.full === 1,
+    startedAt: r.started_at,
+    ...(r.ended_at ? { endedAt: r.ended_at } : {}),
+    ...(r.reason ? { reason: r.reason } : {}),
+    progress: progressOf(r),
+    tasks,
+    log,
+  };
+}
+
+export async function getSession(ctx: ServiceContext, id: string): Promise<Session> {
+  const r = await ctx.db.selectFrom('sessions').selectAll().where('id', '=', id).executeTakeFirst();
+  if (!r) throw notFound('session', id);
+  const [tasks, log] = await Promise.all([
+    ctx.db.selectFrom('session_tasks').selectAll().where('session_id', '=', id).orderBy('vm').orderBy('disk').execute(),
+    ctx.db.selectFrom('session_log').select(['time', 'level', 'message']).where('session_id', '=', id).orderBy('id').execute(),
+  ]);
+  return toSession(r, tasks.map(toTask), log);
+}
+
+export interface SessionQuery {
+  job?: string;
+  limit?: number;
+}
+
+/** Newest first; tasks included, log left out (read one session for its log). */
+export async function listSessions(ctx: ServiceContext, q: SessionQuery = {}): Promise<Session[]> {
+  const limit = q.limit ?? 50;
+  if (!Number.isInteger(limit) || limit < 1 || limit > 1000) throw invalid('limit', 'must be an integer from 1 to 1000');
+  let query = ctx.db.selectFrom('sessions').selectAll().orderBy('started_at', 'desc').orderBy('id').limit(limit);
+  if (q.job !== undefined) query = query.where('job_name', '=', q.job);
+  const rows = await query.execute();
+  if (rows.length === 0) return [];
+  const tasks = await ctx.db.selectFrom('session_tasks').selectAll().where('session_id', 'in', rows.map((r) => r.id)).orderBy('vm').execute();
+  return rows.map((r) => toSession(r, tasks.filter((t) => t.session_id === r.id).map(toTask), []));
+}
+
+export interface NewSession {
+  jobId: string | null;
+  jobName: string;
+  full: boolean;
+  state?: SessionState;
+}
+
+export async function createSession(ctx: ServiceContext, s: NewSession): Promise<string> {
+  const id = newId();
+  const now = nowIso(ctx);
+  await ctx.db
+    .insertInto('sessions')
+    .values({
+      id,
+      job_id: s.jobId,
+      job_name: s.jobName,
+      state: s.state ?? 'queued',
+      full: s.full ? 1 : 0,
+      started_at: now,
+      ended_at: null,
+      reason: null,
+      percent: 0,
+      bytes_read: 0,
+      bytes_transferred: 0,
+      bytes_stored: 0,
+      processing_rate: 0,
+      updated_at: now,
+    })
+    .execute();
+  return id;
+}
+
+export interface SessionChange {
+  state?: SessionState;
+  reason?: string | null;
+  endedAt?: string | null;
+  progress?: Partial<Progress>;
+}
+
+export async function updateSession(ctx: ServiceContext, id: string, c: SessionChange): Promise<void> {
+  const values: Partial<SessionTable> = { updated_at: nowIso(ctx) };
+  if (c.state !== undefined) {
+    values.state = c.state;
+    if (isFinal(c.state) && c.endedAt === undefined) values.ended_at = nowIso(ctx);
+  }
+  if (c.endedAt !== undefined) values.ended_at = c.endedAt;
+  if (c.reason !== undefined) values.reason = c.reason;
+  const p = c.progress;
+  if (p?.percent !== undefined) values.percent = p.percent;
+  if (p?.bytesRead !== undefined) values.bytes_read = p.bytesRead;
+  if (p?.bytesTransferred !== undefined) values.bytes_transferred = p.bytesTransferred;
+  if (p?.bytesStored !== undefined) values.bytes_stored = p.bytesStored;
+  if (p?.processingRate !== undefined) values.processing_rate = p.processingRate;
+  const res = await ctx.db.updateTable('sessions').set(values).where('id', '=', id).executeTakeFirst();
+  if (Number(res.numUpdatedRows) === 0) throw notFound('session', id);
+}
+
+export interface NewTask {
+  vm: string;
+  disk: string;
+  state?: SessionState;
+}
+
+export async function addTask(ctx: ServiceContext, sessionId: string, t: NewTask): Promise<string> {
+  const id = newId();
+  await ctx.db
+    .insertInto('session_tasks')
+    .values({
+      id,
+      session_id: sessionId,
+      vm: t.vm,
+      disk: t.disk,
+      state: t.state ?? 'queued',
+      started_at: null,
+      ended_at: null,
+      percent: 0,
+      bytes_read: 0,
+      bytes_transferred: 0,
+      bytes_stored: 0,
+      processing_rate: 0,
+      message: null,
+    })
+    .execute();
+  return id;
+}
+
+export interface TaskChange {
+  state?: SessionState;
+  message?: string | null;
+  progress?: Partial<Progress>;
+}
+
+export async function updateTask(ctx: ServiceContext, taskId: string, c: TaskChange): Promise<void> {
+  const values: Partial<SessionTaskTable> = {};
+  if (c.state !== undefined) {
+    values.state = c.state;
+    if (c.state === 'running') values.started_at = nowIso(ctx);
+    if (isFinal(c.state)) values.ended_at = nowIso(ctx);
+  }
+  if (c.message !== undefined) values.message = c.message;
+  const p = c.progress;
+  if (p?.percent !== undefined) values.percent = p.percent;
+  if (p?.bytesRead !== undefined) values.bytes_read = p.bytesRead;
+  if (p?.bytesTransferred !== undefined) values.bytes_transferred = p.bytesTransferred;
+  if (p?.bytesStored !== undefined) values.bytes_stored = p.bytesStored;
+  if (p?.processingRate !== undefined) values.processing_rate = p.processingRate;
+  if (Object.keys(values).length === 0) return;
+  const res = await ctx.db.updateTable('session_tasks').set(values).where('id', '=', taskId).executeTakeFirst();
+  if (Number(res.numUpdatedRows) === 0) throw notFound('task', taskId);
+}
+
+export async function appendLog(ctx: ServiceContext, sessionId: string, level: LogLevelT, message: string): Promise<void> {
+  await ctx.db.insertInto('session_log').values({ session_id: sessionId, time: nowIso(ctx), level, message }).execute();
+}
+
+/** Sessions left queued/running by a server that stopped: marked failed at start-up. */
+export async function failInterruptedSessions(ctx: ServiceContext): Promise<number> {
+  const res = await ctx.db
+    .updateTable('sessions')
+    .set({ state: 'failed', reason: 'the server stopped while the session ran', ended_at: nowIso(ctx), updated_at: nowIso(ctx) })
+    .where('state', 'in', ['queued', 'running'])
+    .executeTakeFirst();
+  return Number(res.numUpdatedRows);
+}
+
+// ---- restore points
+function toRestorePoint(r: Selectable<RestorePointTable>, repo: string, job: string | null): RestorePoint {
+  return {
+    id: r.id,
+    vm: r.vm,
+    disks: parseJson<RestorePoint['disks']>(r.disks, 'restore point disks') ?? [],
+    time: r.time,
+    type: r.type,
+    chainId: r.chain_id,
+    size: Number(r.size),
+    state: r.state,
+    repository: repo,
+    job,
+    sessionId: r.session_id,
+  };
+}
+
+export async function listRestorePoints(ctx: ServiceContext, q: { vm?: string } = {}): Promise<RestorePoint[]> {
+  let query = ctx.db
+    .selectFrom('restore_points as p')
+    .innerJoin('repositories as r', 'r.id', 'p.repository_id')
+    .leftJoin('jobs as j', 'j.id', 'p.job_id')
+    .selectAll('p')
+    .select(['r.name as repo_name', 'j.name as job_name'])
+    .orderBy('p.vm')
+    .orderBy('p.time', 'desc');
+  if (q.vm !== undefined) query = query.where('p.vm', '=', q.vm);
+  const rows = await query.execute();
+  return rows.map((r) => toRestorePoint(r, r.repo_name, r.job_name));
+}
+
+export async function getRestorePoint(ctx: ServiceContext, id: string): Promise<RestorePoint> {
+  const all = await ctx.db
+    .selectFrom('restore_points as p')
+    .innerJoin('repositories as r', 'r.id', 'p.repository_id')
+    .leftJoin('jobs as j', 'j.id', 'p.job_id')
+    .selectAll('p')
+    .select(['r.name as repo_name', 'j.name as job_name'])
+    .where('p.id', '=', id)
+    .executeTakeFirst();
+  if (!all) throw notFound('restore point', id);
+  return toRestorePoint(all, all.repo_name, all.job_name);
+}
+
+export interface NewRestorePoint {
+  vm: string;
+  disks: RestorePoint['disks'];
+  time: string;
+  type: RestorePoint['type'];
+  chainId: string;
+  size: number;
+  state?: RestorePoint['state'];
+  repositoryId: string;
+  jobId?: string | null;
+  sessionId?: string | null;
+}
+
+export async function recordRestorePoint(ctx: ServiceContext, p: NewRestorePoint): Promise<string> {
+  const id = newId();
+  await ctx.db
+    .insertInto('restore_points')
+    .values({
+      id,
+      vm: p.vm,
+      disks: JSON.stringify(p.disks),
+      time: p.time,
+      type: p.type,
+      chain_id: p.chainId,
+      size: p.size,
+      state: p.state ?? 'ready',
+      repository_id: p.repositoryId,
+      job_id: p.jobId ?? null,
+      session_id: p.sessionId ?? null,
+      created_at: nowIso(ctx),
+    })
+    .execute();
+  return id;
+}
+
+export async function deleteRestorePoint(ctx: ServiceContext, id: string): Promise<void> {
+  const res = await ctx.db.deleteFrom('restore_points').where('id', '=', id).executeTakeFirst();
+  if (Number(res.numDeletedRows) === 0) throw notFound('restore point', id);
+}
+
+export function assertSessionOpen(s: Session): void {
+  if (isFinal(s.state)) throw new BulwarkError(`session ${s.id} has already ended (${s.state})`, { kind: 'conflict', context: { session: s.id } });
+}
