@@ -195,8 +195,11 @@ export class QmpClient {
     if (this.#greeting) return this.#greeting;
     if (this.#failure) throw this.#failure;
     return new Promise<QmpGreeting>((resolve, reject) => {
-      this.#greetingWaiter = resolve;
       this.#closeListeners.add(reject);
+      this.#greetingWaiter = (g) => {
+        this.#closeListeners.delete(reject);
+        resolve(g);
+      };
     });
   }
 
