@@ -1,0 +1,388 @@
+// `bulwark job …`, `bulwark session …`, `bulwark restore-point list`: what to back up, the runs
+// (sessions) and what they produced (restore points).
+import { Command, Option } from 'commander';
+import type { Job, RestorePoint, Session } from '../../server/services/model.js';
+import {
+  at,
+  clientFor,
+  collect,
+  nonNegativeInt,
+  nothingToDo,
+  oneOf,
+  parseSize,
+  positiveInt,
+  type CliContext,
+  type ItemList,
+} from '../context.js';
+import { BarView, exitCodeOf, followSession, JsonView, PlainView, sessionSummary, type SessionView } from '../follow.js';
+import { formatFields, formatTable, humanDuration, humanRate, humanSize, localTime, printJson } from '../output.js';
+import { parseSchedule, parseWindowPart, scheduleText, windowText } from '../schedule-text.js';
+import { editWithVersion } from './edit.js';
+
+const jsonOption = (): Option => new Option('--json', 'print the API object(s) as JSON');
+
+const methods = ['forever-forward', 'forward', 'reverse'] as const;
+const compressions = ['zstd', 'lz4', 'none'] as const;
+
+interface JobOptions {
+  vm?: string[];
+  repo?: string;
+  method?: (typeof methods)[number];
+  keep?: number;
+  keepDays?: number;
+  schedule?: string;
+  blockSize?: number;
+  compress?: (typeof compressions)[number];
+  retries?: number;
+  retryWait?: number;
+  window?: string[];
+  timezone?: string;
+  requireGuestProcessing?: boolean;
+  disabled?: boolean;
+  expectVersion?: number;
+  json?: boolean;
+}
+
+function jobFields(o: JobOptions): Record<string, unknown> {
+  const body: Record<string, unknown> = {};
+  if (o.vm) body.vms = o.vm;
+  if (o.repo !== undefined) body.repository = o.repo;
+  if (o.method !== undefined) body.method = o.method;
+  if (o.keep !== undefined) body.retention = { points: o.keep };
+  if (o.keepDays !== undefined) body.retention = { days: o.keepDays };
+  if (o.schedule !== undefined) body.schedule = parseSchedule(o.schedule, o.timezone);
+  if (o.blockSize !== undefined) body.blockSize = o.blockSize;
+  if (o.compress !== undefined) body.compression = o.compress;
+  if (o.retries !== undefined || o.retryWait !== undefined) body.retries = { count: o.retries ?? 0, waitMinutes: o.retryWait ?? 10 };
+  if (o.window !== undefined) {
+    body.window = o.window.includes('none') ? null : { allow: o.window.map(parseWindowPart), ...(o.timezone ? { timeZone: o.timezone } : {}) };
+  }
+  if (o.requireGuestProcessing !== undefined) body.requireGuestProcessing = o.requireGuestProcessing;
+  if (o.disabled) body.enabled = false;
+  return body;
+}
+
+const retention = (j: Job): string => ('points' in j.retention ? `${j.retention.points} points` : `${j.retention.days} days`);
+
+const duration = (s: { startedAt?: string | undefined; endedAt?: string | undefined }): string =>
+  s.startedAt ? humanDuration(((s.endedAt ? new Date(s.endedAt) : new Date()).getTime() - new Date(s.startedAt).getTime()) / 1000) : '-';
+
+function viewFor(ctx: CliContext, json: boolean, everyUpdate: boolean): SessionView {
+  if (json) return new JsonView(ctx.output, everyUpdate);
+  return ctx.tty ? new BarView(ctx.output) : new PlainView(ctx.output);
+}
+
+export function jobCommand(ctx: CliContext): Command {
+  const job = new Command('job').description('backup jobs: what to back up, where, how and when');
+
+  const withJobOptions = (c: Command): Command =>
+    c
+      .option('--vm <vm...>', 'VM names (repeat or list several)', collect)
+      .option('--repo <name>', 'target repository')
+      .addOption(new Option('--method <method>', 'backup method').argParser(oneOf('--method', methods)))
+      .addOption(new Option('--keep <n>', 'keep this many restore points').argParser(positiveInt('--keep')).conflicts('keepDays'))
+      .addOption(new Option('--keep-days <d>', 'keep restore points this many days').argParser(positiveInt('--keep-days')))
+      .option('--schedule <when>', 'cron expression, "daily HH:MM [mon,…]", "monthly HH:MM day N|last|first WEEKDAY", "every 30m|4h", "after JOB", or none')
+      .option('--timezone <tz>', 'IANA time zone of the schedule and window (default: the server\'s)')
+      .option('--block-size <size>', 'block size: 256K, 512K, 1M, 4M or 8M', parseSize('--block-size'))
+      .addOption(new Option('--compress <codec>', 'compression').argParser(oneOf('--compress', compressions)))
+      .option('--retries <n>', 'retry a failed run this many times', nonNegativeInt('--retries'))
+      .option('--retry-wait <minutes>', 'minutes between retries', nonNegativeInt('--retry-wait'))
+      .option('--window <[days ]HH:MM-HH:MM>', 'hours the job may run, e.g. "mon,tue 22:00-06:00" (repeatable; a run still going at the end is stopped), or none', collect)
+      .option('--require-guest-processing', 'fail instead of falling back to crash-consistent when the guest cannot be quiesced')
+      .addOption(jsonOption());
+
+  withJobOptions(
+    job
+      .command('create')
+      .description('create a backup job')
+      .argument('<name>')
+      .option('--disabled', 'create it disabled (its schedule does not run)'),
+  ).action(async (name: string, o: JobOptions, cmd: Command) => {
+    if (!o.vm || o.vm.length === 0) cmd.error('error: required option \'--vm <vm...>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
+    if (!o.repo) cmd.error('error: required option \'--repo <name>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
+    const j = await (await clientFor(ctx, cmd)).post<Job>('/jobs', { name, ...jobFields(o) });
+    if (o.json) printJson(ctx.output, j);
+    else ctx.output.out(`job ${j.name} created (${j.vms.join(', ')} -> ${j.repository}, ${scheduleText(j.schedule)})\n`);
+  });
+
+  job
+    .command('list')
+    .description('list jobs')
+    .addOption(jsonOption())
+    .action(async (o: { json?: boolean }, cmd: Command) => {
+      const { items } = await (await clientFor(ctx, cmd)).get<ItemList<Job>>('/jobs');
+      if (o.json) return printJson(ctx.output, items);
+      ctx.output.out(
+        formatTable(items, [
+          { header: 'name', value: (j) => j.name },
+          { header: 'vms', value: (j) => j.vms },
+          { header: 'repository', value: (j) => j.repository },
+          { header: 'method', value: (j) => j.method },
+          { header: 'retention', value: retention },
+          { header: 'schedule', value: (j) => scheduleText(j.schedule) },
+          { header: 'enabled', value: (j) => j.enabled },
+          { header: 'running', value: (j) => j.running },
+        ]),
+      );
+    });
+
+  job
+    .command('show')
+    .description('show one job')
+    .argument('<name>')
+    .addOption(jsonOption())
+    .action(async (name: string, o: { json?: boolean }, cmd: Command) => {
+      const j = await (await clientFor(ctx, cmd)).get<Job>(at('/jobs', name));
+      if (o.json) return printJson(ctx.output, j);
+      ctx.output.out(
+        formatFields([
+          ['name', j.name],
+          ['id', j.id],
+          ['vms', j.vms],
+          ['repository', j.repository],
+          ['method', j.method],
+          ['retention', retention(j)],
+          ['block size', humanSize(j.blockSize)],
+          ['compression', j.compression],
+          ['schedule', scheduleText(j.schedule)],
+          ['window', windowText(j.window)],
+          ['retries', `${j.retries.count} (every ${j.retries.waitMinutes} min)`],
+          ['guest processing', j.requireGuestProcessing ? 'required' : 'when possible'],
+          ['enabled', j.enabled],
+          ['running', j.running],
+          ['version', j.version],
+          ['created', localTime(j.createdAt)],
+          ['updated', localTime(j.updatedAt)],
+        ]),
+      );
+    });
+
+  withJobOptions(
+    job
+      .command('edit')
+      .description('change a job')
+      .argument('<name>')
+      .option('--expect-version <n>', 'refuse the edit unless the job still has this version (see show --json)', positiveInt('--expect-version')),
+  ).action(async (name: string, o: JobOptions, cmd: Command) => {
+    const patch = jobFields(o);
+    if (Object.keys(patch).length === 0) throw nothingToDo(`job edit ${name}`, 'the job options (see `bulwark job edit --help`)');
+    const j = await editWithVersion<Job>(await clientFor(ctx, cmd), at('/jobs', name), patch, o.expectVersion);
+    if (o.json) printJson(ctx.output, j);
+    else ctx.output.out(`job ${j.name} changed (version ${j.version})\n`);
+  });
+
+  job
+    .command('delete')
+    .alias('remove')
+    .description('delete a job (refused while it runs; its restore points stay)')
+    .argument('<name>')
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      await (await clientFor(ctx, cmd)).delete(at('/jobs', name));
+      ctx.output.out(`job ${name} deleted\n`);
+    });
+
+  for (const [verb, text] of [
+    ['enable', 'let the job run on its schedule'],
+    ['disable', 'stop the job running on its schedule (manual runs still work)'],
+  ] as const) {
+    job
+      .command(verb)
+      .description(text)
+      .argument('<name>')
+      .addOption(jsonOption())
+      .action(async (name: string, o: { json?: boolean }, cmd: Command) => {
+        const j = await (await clientFor(ctx, cmd)).post<Job>(at('/jobs', name, verb), {});
+        if (o.json) printJson(ctx.output, j);
+        else ctx.output.out(`job ${name} ${verb}d\n`);
+      });
+  }
+
+  job
+    .command('clone')
+    .description('copy a job under a new name')
+    .argument('<name>')
+    .argument('<new-name>')
+    .addOption(jsonOption())
+    .action(async (name: string, newName: string, o: { json?: boolean }, cmd: Command) => {
+      const j = await (await clientFor(ctx, cmd)).post<Job>(at('/jobs', name, 'clone'), { name: newName });
+      if (o.json) printJson(ctx.output, j);
+      else ctx.output.out(`job ${name} cloned to ${j.name}\n`);
+    });
+
+  job
+    .command('run')
+    .alias('start')
+    .description('start a job now')
+    .argument('<name>')
+    .option('--full', 'make a full backup instead of an incremental one')
+    .option('--wait', 'follow the session until it ends (exit 0 on success or warning, 1 otherwise)')
+    .addOption(jsonOption())
+    .action(async (name: string, o: { full?: boolean; wait?: boolean; json?: boolean }, cmd: Command) => {
+      const client = await clientFor(ctx, cmd);
+      const { sessionId } = await client.post<{ sessionId: string }>(at('/jobs', name, 'run'), o.full ? { full: true } : {});
+      if (!o.wait) {
+        if (o.json) printJson(ctx.output, { sessionId });
+        else ctx.output.out(`job ${name} started: session ${sessionId}\n  follow it with: bulwark session show ${sessionId} --follow\n`);
+        return;
+      }
+      if (!o.json) ctx.output.out(`job ${name} started: session ${sessionId}\n`);
+      const s = await followSession(client, sessionId, { view: viewFor(ctx, o.json ?? false, false), reconnectLimitMs: ctx.reconnectLimitMs });
+      ctx.exitCode = exitCodeOf(s.state);
+    });
+
+  return job;
+}
+
+export function sessionCommand(ctx: CliContext): Command {
+  const session = new Command('session').description('job runs: state, progress, tasks and log');
+
+  session
+    .command('list')
+    .description('list sessions, newest first')
+    .option('--job <name>', 'only this job\'s sessions')
+    .option('--limit <n>', 'at most this many', positiveInt('--limit'))
+    .addOption(jsonOption())
+    .action(async (o: { job?: string; limit?: number; json?: boolean }, cmd: Command) => {
+      const { items } = await (await clientFor(ctx, cmd)).get<ItemList<Session>>('/sessions', { job: o.job, limit: o.limit });
+      if (o.json) return printJson(ctx.output, items);
+      ctx.output.out(
+        formatTable(items, [
+          { header: 'id', value: (s) => s.id },
+          { header: 'job', value: (s) => s.jobName },
+          { header: 'state', value: (s) => s.state },
+          { header: 'started', value: (s) => localTime(s.startedAt) },
+          { header: 'duration', value: duration, align: 'right' },
+          { header: 'progress', value: (s) => `${s.progress.percent.toFixed(0)}%`, align: 'right' },
+          { header: 'read', value: (s) => humanSize(s.progress.bytesRead), align: 'right' },
+          { header: 'transferred', value: (s) => humanSize(s.progress.bytesTransferred), align: 'right' },
+          { header: 'stored', value: (s) => humanSize(s.progress.bytesStored), align: 'right' },
+        ]),
+      );
+    });
+
+  session
+    .command('show')
+    .description('show a session with its tasks and log; --follow streams it until it ends')
+    .argument('<id>')
+    .option('--follow', 'stream progress until the session ends (exit 0 on success or warning, 1 otherwise)')
+    .addOption(jsonOption())
+    .action(async (id: string, o: { follow?: boolean; json?: boolean }, cmd: Command) => {
+      const client = await clientFor(ctx, cmd);
+      if (o.follow) {
+        const s = await followSession(client, id, { view: viewFor(ctx, o.json ?? false, true), reconnectLimitMs: ctx.reconnectLimitMs });
+        ctx.exitCode = exitCodeOf(s.state);
+        return;
+      }
+      const s = await client.get<Session>(at('/sessions', id));
+      if (o.json) return printJson(ctx.output, s);
+      ctx.output.out(
+        formatFields([
+          ['id', s.id],
+          ['job', s.jobName],
+          ['state', s.state],
+          ['full', s.full],
+          ['started', localTime(s.startedAt)],
+          ['ended', localTime(s.endedAt)],
+          ['duration', duration(s)],
+          ['progress', `${s.progress.percent.toFixed(0)}%`],
+          ['read', humanSize(s.progress.bytesRead)],
+          ['transferred', humanSize(s.progress.bytesTransferred)],
+          ['stored', humanSize(s.progress.bytesStored)],
+          ['rate', humanRate(s.progress.processingRate)],
+          ['reason', s.reason],
+        ]),
+      );
+      ctx.output.out('\ntasks:\n');
+      ctx.output.out(
+        formatTable(s.tasks, [
+          { header: 'vm', value: (t) => t.vm },
+          { header: 'disk', value: (t) => t.disk },
+          { header: 'state', value: (t) => t.state },
+          { header: 'progress', value: (t) => `${t.progress.percent.toFixed(0)}%`, align: 'right' },
+          { header: 'read', value: (t) => humanSize(t.progress.bytesRead), align: 'right' },
+          { header: 'duration', value: duration, align: 'right' },
+          { header: 'message', value: (t) => t.message },
+        ]),
+      );
+      ctx.output.out('\nlog:\n');
+      for (const line of s.log) ctx.output.out(`${localTime(line.time)}  ${line.level.padEnd(7)}  ${line.message}\n`);
+      if (s.log.length === 0) ctx.output.out('(none)\n');
+    });
+
+  session
+    .command('stop')
+    .description('stop a running session')
+    .argument('<id>')
+    .option('--wait', 'wait until it has stopped')
+    .addOption(jsonOption())
+    .action(async (id: string, o: { wait?: boolean; json?: boolean }, cmd: Command) => {
+      const client = await clientFor(ctx, cmd);
+      const reply = await client.post<Session | undefined>(at('/sessions', id, 'stop'), {});
+      if (o.wait) {
+        const s = await followSession(client, id, { view: viewFor(ctx, o.json ?? false, false), reconnectLimitMs: ctx.reconnectLimitMs });
+        if (!o.json) ctx.output.out(`${sessionSummary(s)}\n`);
+        return;
+      }
+      if (o.json) printJson(ctx.output, reply ?? { id });
+      else ctx.output.out(`session ${id}: stop requested\n`);
+    });
+
+  return session;
+}
+
+export function restorePointCommand(ctx: CliContext): Command {
+  const rp = new Command('restore-point').description('restore points in the catalog');
+
+  rp.command('list')
+    .description('list restore points, newest first')
+    .option('--vm <vm>', 'only this VM\'s restore points')
+    .option('--repo <name>', 'only those in this repository')
+    .addOption(jsonOption())
+    .action(async (o: { vm?: string; repo?: string; json?: boolean }, cmd: Command) => {
+      const { items } = await (await clientFor(ctx, cmd)).get<ItemList<RestorePoint>>('/restore-points', { vm: o.vm, repository: o.repo });
+      if (o.json) return printJson(ctx.output, items);
+      ctx.output.out(
+        formatTable(items, [
+          { header: 'id', value: (p) => p.id },
+          { header: 'vm', value: (p) => p.vm },
+          { header: 'time', value: (p) => localTime(p.time) },
+          { header: 'type', value: (p) => p.type },
+          { header: 'disks', value: (p) => p.disks.map((d) => d.name) },
+          { header: 'size', value: (p) => humanSize(p.size), align: 'right' },
+          { header: 'state', value: (p) => p.state },
+          { header: 'repository', value: (p) => p.repository },
+          { header: 'job', value: (p) => p.job },
+        ]),
+      );
+    });
+
+  rp.command('show')
+    .description('show one restore point')
+    .argument('<id>')
+    .addOption(jsonOption())
+    .action(async (id: string, o: { json?: boolean }, cmd: Command) => {
+      const p = await (await clientFor(ctx, cmd)).get<RestorePoint>(at('/restore-points', id));
+      if (o.json) return printJson(ctx.output, p);
+      ctx.output.out(
+        formatFields([
+          ['id', p.id],
+          ['vm', p.vm],
+          ['time', localTime(p.time)],
+          ['type', p.type],
+          ['state', p.state],
+          ['size', humanSize(p.size)],
+          ['repository', p.repository],
+          ['job', p.job],
+          ['session', p.sessionId],
+          ['chain', p.chainId],
+        ]),
+      );
+      ctx.output.out(formatTable(p.disks, [
+        { header: 'disk', value: (d) => d.name },
+        { header: 'size', value: (d) => humanSize(d.size), align: 'right' },
+      ]));
+    });
+
+  return rp;
+}

@@ -1,0 +1,208 @@
+// Following a running session (`job run --wait`, `session show ID --follow`): subscribes to
+// `GET /sessions/{id}/events`, shows progress (a bar with percent, rate and ETA on a terminal,
+// plain lines otherwise, JSON lines with --json), and rides out a lost server for 5 minutes.
+import cliProgress from 'cli-progress';
+import type { Session } from '../server/services/model.js';
+import { ApiClient, Reconnect } from './client.js';
+import { humanDuration, humanRate, humanSize, localTime, type Output } from './output.js';
+
+export type SessionState = Session['state'];
+
+export function isFinished(state: SessionState): boolean {
+  switch (state) {
+    case 'queued':
+    case 'running':
+      return false;
+    case 'success':
+    case 'warning':
+    case 'failed':
+    case 'stopped':
+      return true;
+  }
+}
+
+/** 0 for success and warning, 1 for failed and stopped (and for a session still running). */
+export function exitCodeOf(state: SessionState): number {
+  return state === 'success' || state === 'warning' ? 0 : 1;
+}
+
+/** One line that sums a finished (or current) session up. */
+export function sessionSummary(s: Session): string {
+  const end = s.endedAt ? new Date(s.endedAt).getTime() : Date.now();
+  const seconds = (end - new Date(s.startedAt).getTime()) / 1000;
+  const p = s.progress;
+  return (
+    `session ${s.id} (job ${s.jobName}): ${s.state} after ${humanDuration(seconds)}; ` +
+    `read ${humanSize(p.bytesRead)}, transferred ${humanSize(p.bytesTransferred)}, stored ${humanSize(p.bytesStored)}` +
+    (s.reason ? `; ${s.reason}` : '')
+  );
+}
+
+/** How a follow shows what happens. */
+export interface SessionView {
+  update(s: Session): void;
+  /** A note from the console itself (lost connection, retrying). */
+  note(text: string): void;
+  finish(s: Session): void;
+}
+
+/** Lines for logs and pipes: state changes, each new log line, every 10 %, then a summary. */
+export class PlainView implements SessionView {
+  readonly #output: Output;
+  #state: SessionState | undefined;
+  #logLines = 0;
+  #decile = -1;
+
+  constructor(output: Output) {
+    this.#output = output;
+  }
+
+  update(s: Session): void {
+    if (s.state !== this.#state) {
+      this.#state = s.state;
+      this.#output.out(`${localTime(new Date())}  session ${s.id} (job ${s.jobName}): ${s.state}\n`);
+    }
+    for (const line of s.log.slice(this.#logLines)) {
+      this.#output.out(`${localTime(line.time)}  ${line.level.padEnd(7)}  ${line.message}\n`);
+    }
+    this.#logLines = Math.max(this.#logLines, s.log.length);
+    const decile = Math.floor(s.progress.percent / 10);
+    if (s.state === 'running' && decile > this.#decile) {
+      this.#decile = decile;
+      this.#output.out(
+        `${localTime(new Date())}  ${s.progress.percent.toFixed(0).padStart(3)}%  read ${humanSize(s.progress.bytesRead)}  ${humanRate(s.progress.processingRate)}\n`,
+      );
+    }
+  }
+
+  note(text: string): void {
+    this.#output.err(`${text}\n`);
+  }
+
+  finish(s: Session): void {
+    this.update(s);
+    this.#output.out(sessionSummary(s) + '\n');
+  }
+}
+
+/** A progress bar on the terminal (stderr), log lines printed above it. */
+export class BarView implements SessionView {
+  readonly #output: Output;
+  readonly #bars: cliProgress.MultiBar;
+  #bar: cliProgress.SingleBar | undefined;
+  #logLines = 0;
+
+  constructor(output: Output, stream: NodeJS.WritableStream = process.stderr) {
+    this.#output = output;
+    this.#bars = new cliProgress.MultiBar(
+      {
+        stream,
+        format: ' {state} [{bar}] {percentage}% | {rate} | ETA {eta_formatted} | read {read}',
+        hideCursor: true,
+        clearOnComplete: true,
+        etaBuffer: 20,
+        fps: 5,
+      },
+      cliProgress.Presets.shades_classic,
+    );
+  }
+
+  update(s: Session): void {
+    const values = { state: s.state.padEnd(7), rate: humanRate(s.progress.processingRate), read: humanSize(s.progress.bytesRead) };
+    for (const line of s.log.slice(this.#logLines)) this.#bars.log(`${localTime(line.time)}  ${line.level.padEnd(7)}  ${line.message}\n`);
+    this.#logLines = Math.max(this.#logLines, s.log.length);
+    if (!this.#bar) this.#bar = this.#bars.create(100, 0, values);
+    this.#bar.update(Math.min(100, Math.max(0, s.progress.percent)), values);
+  }
+
+  note(text: string): void {
+    this.#bars.log(`${text}\n`);
+  }
+
+  finish(s: Session): void {
+    this.update(s);
+    this.#bars.stop();
+    this.#output.out(sessionSummary(s) + '\n');
+  }
+}
+
+/** `--json`: every update as one line of JSON (`follow`), or only the last (`wait`). */
+export class JsonView implements SessionView {
+  readonly #output: Output;
+  readonly #everyUpdate: boolean;
+
+  constructor(output: Output, everyUpdate: boolean) {
+    this.#output = output;
+    this.#everyUpdate = everyUpdate;
+  }
+
+  update(s: Session): void {
+    if (this.#everyUpdate) this.#output.out(JSON.stringify(s) + '\n');
+  }
+
+  note(text: string): void {
+    this.#output.err(`${text}\n`);
+  }
+
+  finish(s: Session): void {
+    this.#output.out(this.#everyUpdate ? JSON.stringify(s) + '\n' : JSON.stringify(s, null, 2) + '\n');
+  }
+}
+
+export interface FollowOptions {
+  view: SessionView;
+  /** How long the server may be unreachable before giving up. */
+  reconnectLimitMs: number;
+  sleep?: (ms: number) => Promise<void>;
+}
+
+/**
+ * Follows session `id` until it ends and returns its last state. Each `event: session` carries
+ * the whole session object. When the stream ends early or the connection breaks, the session is
+ * read again and the stream re-opened, with backoff, for up to `reconnectLimitMs`.
+ */
+export async function followSession(client: ApiClient, id: string, opts: FollowOptions): Promise<Session> {
+  const sleep = opts.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
+  const reconnect = new Reconnect({
+    limitMs: opts.reconnectLimitMs,
+    sleep,
+    onRetry: (err, delay) => opts.view.note(`lost the server (${err.message}); trying again in ${(delay / 1000).toFixed(1)} s`),
+  });
+  const path = `/sessions/${encodeURIComponent(id)}`;
+  let last: Session | undefined;
+  let wasLost = false;
+  const seen = (s: Session): void => {
+    last = s;
+    opts.view.update(s);
+  };
+  for (;;) {
+    try {
+      if (wasLost || !last) {
+        // Read the current state first: the stream may have nothing new to say about it.
+        const current = await client.get<Session>(path);
+        if (wasLost) opts.view.note('connected to the server again');
+        wasLost = false;
+        reconnect.reachable();
+        seen(current);
+        if (isFinished(current.state)) break;
+      }
+      await client.events(`${path}/events`, (event) => {
+        if (event.event !== 'session') return;
+        reconnect.reachable();
+        seen(JSON.parse(event.data) as Session);
+      });
+      if (last && isFinished(last.state)) break;
+      // The stream ended although the session did not: read it again, then re-subscribe.
+      const current = await client.get<Session>(path);
+      seen(current);
+      if (isFinished(current.state)) break;
+      await sleep(1000);
+    } catch (err) {
+      wasLost = true;
+      await reconnect.failed(err);
+    }
+  }
+  if (!last) throw new Error(`session ${id}: no state was read`); // unreachable: the loop reads before it breaks
+  opts.view.finish(last);
+  return last;
+}
