@@ -1,0 +1,192 @@
+// Sender and receiver over real TCP and real mutual TLS on 127.0.0.1: bit-exact multi-stream
+// transfer, CRC corruption resent, a cut stream resumed, a long outage failing cleanly, and
+// credit back-pressure keeping memory bounded when the repository is slow.
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { BulwarkError } from '../../src/common/errors.js';
+import { TransferReceiver, type SessionOutcome, type TransferReceiverOptions } from '../../src/transport/receiver.js';
+import { TransferSender, prepareBlocks, type TransferSenderOptions } from '../../src/transport/sender.js';
+import { MemorySink, Relay, diskBlocks, makePki, patternDisk, sha256, type TestPki } from './helpers.js';
+
+let pki: TestPki;
+let image: Buffer;
+const cleanups: Array<() => Promise<void> | void> = [];
+
+beforeAll(() => {
+  pki = makePki();
+  image = patternDisk(SIZE, BS);
+});
+
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+const TASK = 'task-1';
+const SECRET = 'c0ffee'.repeat(10);
+
+interface Setup {
+  receiver: TransferReceiver;
+  sink: MemorySink;
+  ended: Array<{ outcome: SessionOutcome; reason?: string }>;
+}
+
+async function startReceiver(sink: MemorySink, extra: Partial<TransferReceiverOptions> = {}): Promise<Setup> {
+  const ended: Setup['ended'] = [];
+  const receiver = await TransferReceiver.listen({
+    tls: pki.target,
+    grant: (taskId) => (taskId === TASK ? { secret: SECRET, openSink: async () => sink } : undefined),
+    onSessionEnd: (e) => ended.push({ outcome: e.outcome, reason: e.reason }),
+    ...extra,
+  });
+  cleanups.push(() => receiver.close());
+  return { receiver, sink, ended };
+}
+
+async function openSender(port: number, extra: Partial<TransferSenderOptions> = {}): Promise<TransferSender> {
+  const sender = await TransferSender.open({ target: { host: '127.0.0.1', port }, tls: pki.source, taskId: TASK, taskSecret: SECRET, ...extra });
+  cleanups.push(() => sender.close());
+  return sender;
+}
+
+const BS = 64 * 1024;
+const SIZE = 300 * BS - 1234; // unaligned: the last block is short
+
+async function waitFor(cond: () => boolean): Promise<void> {
+  while (!cond()) await new Promise((r) => setTimeout(r, 5));
+}
+
+describe('data-mover transfer over TLS', () => {
+  it('moves a few hundred blocks over 5 streams bit-exact', async () => {
+    const { receiver, sink, ended } = await startReceiver(new MemorySink());
+    const sender = await openSender(receiver.address.port);
+    const summary = await sender.sendDisk({ name: 'vda', size: SIZE, blockSize: BS }, prepareBlocks(diskBlocks(image, BS)));
+    await sender.commit();
+
+    expect(sha256(sink.image)).toBe(sha256(image));
+    expect(sink.committed).toBe(true);
+    expect(sink.aborted).toBeUndefined();
+    expect(ended).toEqual([{ outcome: 'committed', reason: undefined }]);
+    const zeroBlocks = Array.from({ length: 300 }, (_, i) => i).filter((i) => i % 7 === 3).length;
+    expect(summary).toMatchObject({ blocks: 300 - zeroBlocks, zeroBlocks });
+    expect(sink.end).toMatchObject({ blocks: 300 - zeroBlocks, zeroBlocks });
+    // every stream carried blocks
+    expect(sender.stats.framesByStream).toHaveLength(5);
+    for (const n of sender.stats.framesByStream) expect(n).toBeGreaterThan(0);
+    const rs = receiver.sessionStats(sender.sessionId)!;
+    expect(rs.framesByStream.filter((n) => n > 0)).toHaveLength(5);
+    expect(rs.nacks).toBe(0);
+  });
+
+  it('with multithreaded transfer off, one stream carries everything', async () => {
+    const image = patternDisk(40 * BS + 17, BS);
+    const { receiver, sink } = await startReceiver(new MemorySink());
+    const sender = await openSender(receiver.address.port, { streams: 1 });
+    await sender.sendDisk({ name: 'vdb', size: image.length, blockSize: BS }, prepareBlocks(diskBlocks(image, BS)));
+    await sender.commit();
+    expect(sha256(sink.image)).toBe(sha256(image));
+    expect(sender.stats.framesByStream).toHaveLength(1);
+  });
+
+  it('a block corrupted in transit is NACKed, resent, and the disk arrives bit-exact', async () => {
+    const { receiver, sink } = await startReceiver(new MemorySink());
+    const corrupted: number[] = [];
+    const sender = await openSender(receiver.address.port, {
+      corruptInTransit: ({ index, attempt }) => {
+        if ((index === 18 || index === 200) && attempt === 1) {
+          corrupted.push(index);
+          return true;
+        }
+        return false;
+      },
+    });
+    await sender.sendDisk({ name: 'vda', size: SIZE, blockSize: BS }, prepareBlocks(diskBlocks(image, BS)));
+    await sender.commit();
+    expect(corrupted.sort((a, b) => a - b)).toEqual([18, 200]);
+    expect(receiver.sessionStats(sender.sessionId)!.nacks).toBe(2);
+    expect(sender.stats.nacks).toBe(2);
+    expect(sender.stats.resends).toBe(2);
+    expect(sha256(sink.image)).toBe(sha256(image));
+  });
+
+  it('a block that arrives damaged every time fails the task as corrupt, and nothing is committed', async () => {
+    const image = patternDisk(20 * BS, BS);
+    const { receiver, sink, ended } = await startReceiver(new MemorySink());
+    const sender = await openSender(receiver.address.port, { corruptInTransit: ({ index }) => index === 5 });
+    const err = await sender.sendDisk({ name: 'vda', size: image.length, blockSize: BS }, prepareBlocks(diskBlocks(image, BS))).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(BulwarkError);
+    expect((err as BulwarkError).kind).toBe('corrupt');
+    await waitFor(() => ended.length > 0);
+    expect(sink.committed).toBe(false);
+    expect(sink.aborted).toBeDefined();
+  });
+
+  it('a stream cut mid-transfer reconnects and resumes; the result is bit-exact', async () => {
+    const sink = new MemorySink(() => yieldToLoop());
+    const { receiver } = await startReceiver(sink);
+    const relay = await Relay.start(receiver.address);
+    cleanups.push(() => relay.close());
+    let cut = 0;
+    sink.onBlock = (n) => {
+      if (n === 60 || n === 150) cut += relay.cut(2);
+    };
+    const sender = await openSender(relay.port, { reconnectDelayMs: 20 });
+    await sender.sendDisk({ name: 'vda', size: SIZE, blockSize: BS }, prepareBlocks(diskBlocks(image, BS)));
+    await sender.commit();
+    expect(cut).toBe(4);
+    expect(sender.stats.reconnects).toBeGreaterThanOrEqual(4);
+    expect(sha256(sink.image)).toBe(sha256(image));
+    expect(sink.committed).toBe(true);
+  });
+
+  it('an outage longer than the resume window fails the task cleanly on both sides', async () => {
+    const sink = new MemorySink(() => yieldToLoop());
+    const { receiver, ended } = await startReceiver(sink, { resumeWindowMs: 600 });
+    const relay = await Relay.start(receiver.address);
+    cleanups.push(() => relay.close());
+    sink.onBlock = (n) => {
+      if (n === 50) {
+        relay.refuse = true;
+        relay.cut();
+      }
+    };
+    const sender = await openSender(relay.port, { reconnectDelayMs: 50, resumeWindowMs: 600 });
+    const err = await sender
+      .sendDisk({ name: 'vda', size: SIZE, blockSize: BS }, prepareBlocks(diskBlocks(image, BS)))
+      .then(() => sender.commit())
+      .catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(BulwarkError);
+    expect((err as BulwarkError).kind).toBe('unavailable');
+    expect((err as BulwarkError).message).toMatch(/for more than/);
+    await waitFor(() => ended.length > 0);
+    expect(ended[0]!.outcome).toBe('failed');
+    expect(sink.aborted).toMatch(/down for more than/);
+    expect(sink.committed).toBe(false);
+  });
+
+  it('a slow repository holds the source back: in-flight and queued bytes stay within the window', async () => {
+    const window = 256 * 1024;
+    const bs = 16 * 1024;
+    const image = patternDisk(250 * bs, bs, 1000);
+    const sink = new MemorySink(() => new Promise((r) => setTimeout(r, 1)));
+    const { receiver } = await startReceiver(sink, { window });
+    const sender = await openSender(receiver.address.port);
+    await sender.sendDisk({ name: 'vda', size: image.length, blockSize: bs }, prepareBlocks(diskBlocks(image, bs)));
+    await sender.commit();
+    expect(sha256(sink.image)).toBe(sha256(image));
+    expect(sender.stats.creditWaits).toBeGreaterThan(10);
+    expect(sender.stats.maxInFlightBytes).toBeLessThanOrEqual(window);
+    expect(receiver.sessionStats(sender.sessionId)!.maxQueuedBytes).toBeLessThanOrEqual(window);
+    expect(image.length).toBeGreaterThan(10 * window);
+  });
+
+  it('refuses a wrong task secret and a certificate from another CA', async () => {
+    const { receiver, ended } = await startReceiver(new MemorySink());
+    const wrong = await TransferSender.open({ target: { host: '127.0.0.1', port: receiver.address.port }, tls: pki.source, taskId: TASK, taskSecret: 'nope', streams: 1 }).catch((e: unknown) => e);
+    expect(wrong).toBeInstanceOf(BulwarkError);
+    expect((wrong as BulwarkError).kind).toBe('unauthorized');
+    const stranger = await TransferSender.open({ target: { host: '127.0.0.1', port: receiver.address.port }, tls: pki.stranger, taskId: TASK, taskSecret: SECRET, streams: 1, connectTimeoutMs: 5000 }).catch((e: unknown) => e);
+    expect(stranger).toBeInstanceOf(BulwarkError);
+    expect((stranger as BulwarkError).kind).toBe('unavailable');
+    expect(ended).toEqual([]);
+  });
+});
