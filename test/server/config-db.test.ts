@@ -52,7 +52,7 @@ describe.each(engines)('configuration database on %s', (engine) => {
       repository: 'main',
       retention: { days: 14 },
       schedule: { kind: 'daily', at: '22:00' },
-      window: { start: '20:00', end: '06:00' },
+      window: { allow: [{ from: '20:00', to: '06:00' }] },
     });
     expect(job).toMatchObject({
       name: 'nightly',
@@ -65,7 +65,7 @@ describe.each(engines)('configuration database on %s', (engine) => {
       schedule: { kind: 'daily', at: '22:00' },
       enabled: true,
       retries: { count: 3, waitMinutes: 10 },
-      window: { start: '20:00', end: '06:00' },
+      window: { allow: [{ from: '20:00', to: '06:00' }] },
       requireGuestProcessing: false,
       running: false,
       version: 1,

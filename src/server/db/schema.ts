@@ -67,6 +67,8 @@ export interface SessionTable {
   job_name: string;
   state: SessionState;
   full: number;
+  /** manual | schedule | missed-run | after-job */
+  trigger: ColumnType<string, string | undefined, string>;
   started_at: string;
   ended_at: string | null;
   reason: string | null;
@@ -85,9 +87,12 @@ export interface SessionTaskTable {
   vm: string;
   disk: string;
   state: SessionState;
+  attempt: ColumnType<number, number | undefined, number>;
+  proxy: string | null;
   started_at: string | null;
   ended_at: string | null;
   percent: number;
+  bytes_total: ColumnType<number, number | undefined, number>;
   bytes_read: number;
   bytes_transferred: number;
   bytes_stored: number;
@@ -99,6 +104,7 @@ export type LogLevel = 'info' | 'warning' | 'error';
 export interface SessionLogTable {
   id: Generated<number>;
   session_id: string;
+  task_id: ColumnType<string | null, string | null | undefined, string | null>;
   time: string;
   level: LogLevel;
   message: string;

@@ -18,13 +18,11 @@ import {
   type ServiceContext,
 } from './common.js';
 import { checkName } from './infrastructure.js';
-import { blockSizes, type BackupWindow, type Job, type JobCreate, type JobPatch, type Retention } from './model.js';
+import { blockSizes, type BackupWindow, type Schedule, type Job, type JobCreate, type JobPatch, type Retention } from './model.js';
 
-/** Validates a job's schedule; the scheduler installs its own checker when it is wired. */
-export type ScheduleValidator = (schedule: unknown) => void;
-let scheduleValidator: ScheduleValidator = (s) => {
-  if (typeof s !== 'object' || s === null || Array.isArray(s)) throw invalid('schedule', 'must be an object or null');
-};
+/** Checks a schedule beyond its shape (time zones, cron syntax); the scheduler's validator is installed at start. */
+export type ScheduleValidator = (schedule: Schedule) => void;
+let scheduleValidator: ScheduleValidator = () => undefined;
 export function setScheduleValidator(v: ScheduleValidator): void {
   scheduleValidator = v;
 }
@@ -43,7 +41,7 @@ function toJob(r: Selectable<JobTable>, repoName: string, running: boolean): Job
     retention: parseJson<Retention>(r.retention, 'job retention') ?? { points: 7 },
     blockSize: r.block_size,
     compression: r.compression,
-    schedule: parseJson<unknown>(r.schedule, 'job schedule'),
+    schedule: parseJson<Schedule>(r.schedule, 'job schedule'),
     enabled: r.enabled === 1,
     retries: { count: r.retry_count, waitMinutes: r.retry_wait_minutes },
     window: parseJson<BackupWindow>(r.window, 'job window'),
@@ -78,7 +76,9 @@ function checkBlockSize(bs: number): void {
 }
 
 function checkWindow(w: BackupWindow | null): void {
-  if (w && w.start === w.end) throw invalid('window', 'start and end are the same time');
+  for (const [i, rule] of (w?.allow ?? []).entries()) {
+    if (rule.from === rule.to) throw invalid(`window.allow[${i}]`, `from and to are the same time (${rule.from})`);
+  }
 }
 
 export async function listJobs(ctx: ServiceContext): Promise<Job[]> {

@@ -99,16 +99,48 @@ export const Retries = Type.Object(
   { count: Type.Integer({ minimum: 0, maximum: 100 }), waitMinutes: Type.Integer({ minimum: 0, maximum: 1440 }) },
   { additionalProperties: false },
 );
+const Weekday = Type.Union(['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'].map((d) => Type.Literal(d)));
+const TimeOfDay = Type.String({ pattern: '^([01][0-9]|2[0-3]):[0-5][0-9]$', description: 'HH:MM (24 h)' });
+const TimeZone = Type.Optional(Type.String({ description: 'IANA time zone, e.g. Europe/Berlin (default: the server\'s)' }));
+/** Hours a job may run (the scheduler's BackupWindow); a session still running at the end is stopped. */
 export const BackupWindow = Type.Object(
   {
-    start: Type.String({ pattern: '^([01][0-9]|2[0-3]):[0-5][0-9]$', description: 'HH:MM, server local time' }),
-    end: Type.String({ pattern: '^([01][0-9]|2[0-3]):[0-5][0-9]$' }),
+    allow: Type.Array(
+      Type.Object({ days: Type.Optional(Type.Array(Weekday)), from: TimeOfDay, to: TimeOfDay }, { additionalProperties: false }),
+      { minItems: 1 },
+    ),
+    timeZone: TimeZone,
   },
   { additionalProperties: false },
 );
 export type BackupWindow = Static<typeof BackupWindow>;
-/** The scheduler's Schedule (src/server/scheduler/), stored as JSON; null = manual only. */
-export const Schedule = Type.Unknown({ description: 'a Schedule object of the scheduler (see docs/api.md)' });
+/** When a job runs on its own (the scheduler's Schedule, src/server/scheduler/schedule.ts). */
+export const Schedule = Type.Union([
+  Type.Object({ kind: Type.Literal('cron'), expression: Type.String({ minLength: 1 }), timeZone: TimeZone }, { additionalProperties: false }),
+  Type.Object({ kind: Type.Literal('daily'), at: TimeOfDay, days: Type.Optional(Type.Array(Weekday)), timeZone: TimeZone }, { additionalProperties: false }),
+  Type.Object(
+    {
+      kind: Type.Literal('monthly'),
+      at: TimeOfDay,
+      on: Type.Union([
+        Type.Object({ day: Type.Integer({ minimum: 1, maximum: 31 }) }, { additionalProperties: false }),
+        Type.Object({ day: Type.Literal('last') }, { additionalProperties: false }),
+        Type.Object(
+          { week: Type.Union(['first', 'second', 'third', 'fourth', 'last'].map((w) => Type.Literal(w))), weekday: Weekday },
+          { additionalProperties: false },
+        ),
+      ]),
+      timeZone: TimeZone,
+    },
+    { additionalProperties: false },
+  ),
+  Type.Object(
+    { kind: Type.Literal('periodic'), every: Type.Integer({ minimum: 1 }), unit: Type.Union([Type.Literal('minutes'), Type.Literal('hours')]) },
+    { additionalProperties: false },
+  ),
+  Type.Object({ kind: Type.Literal('after-job'), job: Type.String({ minLength: 1 }) }, { additionalProperties: false }),
+]);
+export type Schedule = Static<typeof Schedule>;
 export const blockSizes = [256 * 1024, 512 * 1024, 1024 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024];
 const JobEditable = {
   vms: Type.Array(Type.String({ minLength: 1 }), { minItems: 1, description: 'VM names (the job objects)' }),

@@ -1,7 +1,7 @@
 // Sessions (one run of a job), their tasks (one per VM disk) and log lines, plus the restore-point
 // catalog. Every change to a session is announced on `SessionEvents`, which the SSE route follows.
 import { EventEmitter } from 'node:events';
-import type { Selectable } from 'kysely';
+import type { Selectable, Updateable } from 'kysely';
 import { BulwarkError } from '../../common/errors.js';
 import type { RestorePointTable, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
 import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
@@ -132,7 +132,7 @@ export interface SessionChange {
 }
 
 export async function updateSession(ctx: ServiceContext, id: string, c: SessionChange): Promise<void> {
-  const values: Partial<SessionTable> = { updated_at: nowIso(ctx) };
+  const values: Updateable<SessionTable> = { updated_at: nowIso(ctx) };
   if (c.state !== undefined) {
     values.state = c.state;
     if (isFinal(c.state) && c.endedAt === undefined) values.ended_at = nowIso(ctx);
@@ -185,7 +185,7 @@ export interface TaskChange {
 }
 
 export async function updateTask(ctx: ServiceContext, taskId: string, c: TaskChange): Promise<void> {
-  const values: Partial<SessionTaskTable> = {};
+  const values: Updateable<SessionTaskTable> = {};
   if (c.state !== undefined) {
     values.state = c.state;
     if (c.state === 'running') values.started_at = nowIso(ctx);

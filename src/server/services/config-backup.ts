@@ -1,0 +1,134 @@
+// Backup and restore of the configuration database itself. A backup is a consistent copy written
+// into a repository folder: SQLite through the online backup API (`.sqlite`), PostgreSQL through
+// pg_dump (`.sql`). Restore replaces the live database's contents from such a file while the
+// server runs, inside one transaction (see docs/configuration-database.md).
+import { execFile } from 'node:child_process';
+import { copyFile, mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
+import { promisify } from 'node:util';
+import { BulwarkError } from '../../common/errors.js';
+import { openDatabase, type ConfigDatabase } from '../db/connect.js';
+import { migrate } from '../db/migrations.js';
+import { dataTables } from '../db/schema.js';
+import { invalid, type Clock } from './common.js';
+import { listRepositories } from './infrastructure.js';
+
+const run = promisify(execFile);
+
+export const configBackupDir = 'config-backup';
+
+export interface ConfigBackupOptions {
+  cdb: ConfigDatabase;
+  clock: Clock;
+}
+
+function stamp(d: Date): string {
+  return d.toISOString().replace(/[:.]/g, '-');
+}
+
+/** Picks the named repository, or the first one by name; errors say what to do when none exists. */
+async function targetFolder(o: ConfigBackupOptions, repository: string | undefined): Promise<string> {
+  const ctx = { db: o.cdb.db, engine: o.cdb.engine, clock: o.clock };
+  const repos = await listRepositories(ctx);
+  const repo = repository === undefined ? repos[0] : repos.find((r) => r.name === repository || r.id === repository);
+  if (!repo) {
+    if (repository !== undefined) throw new BulwarkError(`repository: repository "${repository}" not found`, { kind: 'not-found', context: { field: 'repository', repository } });
+    throw new BulwarkError('there is no repository to write the configuration backup into', { kind: 'invalid', hint: 'add one first: bulwark repo add NAME --path DIR' });
+  }
+  return join(repo.path, configBackupDir);
+}
+
+/** Writes a consistent copy of the configuration database; returns the file written. */
+export async function backupConfiguration(o: ConfigBackupOptions, repository?: string): Promise<{ path: string }> {
+  const dir = await targetFolder(o, repository);
+  try {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+  } catch (cause) {
+    throw new BulwarkError(`cannot create configuration backup folder ${dir}`, { kind: 'unavailable', cause, context: { file: dir } });
+  }
+  const ext = o.cdb.engine === 'sqlite' ? 'sqlite' : 'sql';
+  const final = join(dir, `bulwark-config-${stamp(o.clock.now())}.${ext}`);
+  const tmp = `${final}.tmp`;
+  try {
+    if (o.cdb.engine === 'sqlite') {
+      if (!o.cdb.sqlite) throw new BulwarkError('SQLite handle missing');
+      await o.cdb.sqlite.backup(tmp);
+    } else {
+      await run('pg_dump', ['--no-owner', '--no-privileges', '--clean', '--if-exists', '--file', tmp, '--dbname', o.cdb.postgresUrl ?? '']);
+    }
+    await rename(tmp, final);
+  } catch (cause) {
+    await rm(tmp, { force: true });
+    throw new BulwarkError(`configuration backup to ${final} failed`, { cause, context: { file: final } });
+  }
+  return { path: final };
+}
+
+/** Keeps the newest `keep` backups in a folder, deletes older ones. */
+export async function pruneConfigBackups(dir: string, keep: number): Promise<string[]> {
+  const names = (await readdir(dir).catch(() => [])).filter((n) => /^bulwark-config-.*\.(sqlite|sql)$/.test(n)).sort();
+  const old = names.slice(0, Math.max(0, names.length - keep));
+  for (const n of old) await rm(join(dir, n), { force: true });
+  return old;
+}
+
+/**
+ * Replaces the contents of the live database with those of a configuration backup. Refused while
+ * a session is queued or running. SQLite: the backup is copied aside, migrated to this build's
+ * schema, attached, and every table is replaced in one transaction under the server's exclusive
+ * lock. PostgreSQL: the pg_dump script runs through psql in a single transaction, then migrations.
+ */
+export async function restoreConfiguration(o: ConfigBackupOptions, path: string): Promise<{ restoredFrom: string }> {
+  const { cdb } = o;
+  const st = await stat(path).catch(() => undefined);
+  if (!st?.isFile()) throw invalid('path', `${path} is not a file on the server`);
+  const wantExt = cdb.engine === 'sqlite' ? '.sqlite' : '.sql';
+  if (!path.endsWith(wantExt)) throw invalid('path', `${basename(path)} is not a ${cdb.engine} configuration backup (*${wantExt})`);
+  const open = await cdb.db.selectFrom('sessions').select('id').where('state', 'in', ['queued', 'running']).executeTakeFirst();
+  if (open) throw new BulwarkError(`session ${open.id} is running: stop it before restoring the configuration`, { kind: 'conflict', context: { session: open.id } });
+
+  if (cdb.engine === 'postgres') {
+    try {
+      await run('psql', ['--quiet', '--no-psqlrc', '-v', 'ON_ERROR_STOP=1', '--single-transaction', '--file', path, '--dbname', cdb.postgresUrl ?? '']);
+    } catch (cause) {
+      throw new BulwarkError(`restoring the configuration from ${path} failed; the database is unchanged`, { cause, context: { file: path } });
+    }
+    await migrate(cdb.db, 'postgres');
+    return { restoredFrom: path };
+  }
+
+  // SQLite: migrate a private copy first, so an older backup fits this build's schema.
+  const work = join(tmpdir(), `bulwark-restore-${process.pid}-${Date.now()}.sqlite`);
+  try {
+    await copyFile(path, work);
+    const copy = await openDatabase({ target: work });
+    await copy.close();
+    const handle = cdb.sqlite;
+    if (!handle) throw new BulwarkError('SQLite handle missing');
+    handle.prepare('ATTACH DATABASE ? AS restore_src').run(work);
+    try {
+      handle.pragma('foreign_keys = OFF');
+      const replace = handle.transaction(() => {
+        for (const table of [...dataTables].reverse()) handle.prepare(`DELETE FROM main."${table}"`).run();
+        for (const table of dataTables) {
+          const cols = (handle.prepare(`PRAGMA main.table_info("${table}")`).all() as Array<{ name: string }>).map((c) => `"${c.name}"`).join(', ');
+          handle.prepare(`INSERT INTO main."${table}" (${cols}) SELECT ${cols} FROM restore_src."${table}"`).run();
+        }
+        const bad = handle.prepare('PRAGMA main.foreign_key_check').all();
+        if (bad.length > 0) throw new BulwarkError(`the backup ${path} has ${bad.length} broken reference(s)`, { kind: 'corrupt' });
+      });
+      replace.exclusive();
+    } finally {
+      handle.pragma('foreign_keys = ON');
+      handle.prepare('DETACH DATABASE restore_src').run();
+    }
+  } catch (cause) {
+    throw new BulwarkError(`restoring the configuration from ${path} failed; the database is unchanged`, { cause, context: { file: path } });
+  } finally {
+    await rm(work, { force: true });
+    await rm(`${work}-wal`, { force: true });
+    await rm(`${work}-shm`, { force: true });
+  }
+  return { restoredFrom: path };
+}
