@@ -9,17 +9,30 @@ const keyAlgorithm: webcrypto.EcKeyGenParams = { name: 'ECDSA', namedCurve: 'P-2
 
 /** A fresh key pair and a PKCS#10 request signed by it, both PEM. */
 export async function createAgentKeyAndCsr(agentName: string): Promise<{ keyPem: string; csrPem: string }> {
+  const keyPem = await createAgentKey();
+  return { keyPem, csrPem: await createCsr(keyPem, agentName) };
+}
+
+/** A fresh ECDSA P-256 private key, PKCS#8 PEM. */
+export async function createAgentKey(): Promise<string> {
   const keys = await webcrypto.subtle.generateKey(keyAlgorithm, true, ['sign', 'verify']);
+  const keyDer = await webcrypto.subtle.exportKey('pkcs8', keys.privateKey);
+  return x509.PemConverter.encode(keyDer, x509.PemConverter.PrivateKeyTag) + '\n';
+}
+
+/** A PKCS#10 request for `agentName`, signed by the PKCS#8 PEM key. */
+export async function createCsr(keyPem: string, agentName: string): Promise<string> {
+  const der = x509.PemConverter.decodeFirst(keyPem);
+  const privateKey = await webcrypto.subtle.importKey('pkcs8', der, keyAlgorithm, true, ['sign']);
+  // WebCrypto cannot derive a public key from a private one; the JWK form carries both points.
+  const { d: _d, key_ops: _ops, ...publicJwk } = await webcrypto.subtle.exportKey('jwk', privateKey);
+  const publicKey = await webcrypto.subtle.importKey('jwk', publicJwk, keyAlgorithm, true, ['verify']);
   const csr = await x509.Pkcs10CertificateRequestGenerator.create({
     name: `CN=${agentName.replace(/[,+"\\<>;=]/g, (c) => `\\${c}`)}`,
-    keys,
+    keys: { privateKey, publicKey },
     signingAlgorithm: { name: 'ECDSA', hash: 'SHA-256' },
   });
-  const keyDer = await webcrypto.subtle.exportKey('pkcs8', keys.privateKey);
-  return {
-    keyPem: x509.PemConverter.encode(keyDer, x509.PemConverter.PrivateKeyTag) + '\n',
-    csrPem: csr.toString('pem') + '\n',
-  };
+  return csr.toString('pem') + '\n';
 }
 
 /** SHA-256 of a certificate's DER, `AB:CD:…` (the same form the server prints). */
