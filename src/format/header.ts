@@ -11,6 +11,8 @@ export const HEADER_CRC_OFFSET = 508;
 /** Offsets of commit slot A and B inside the header page. */
 export const COMMIT_SLOT_OFFSETS = [512, 576] as const;
 export const FORMAT_MINOR = 0;
+/** First byte after the commit slots; [640, 4096) is reserved and covered by the header CRC. */
+export const RESERVED_AFTER_SLOTS = 640;
 
 export const BLOCK_SIZES = [262144, 524288, 1048576, 4194304] as const;
 export type BlockSize = (typeof BLOCK_SIZES)[number];
@@ -95,8 +97,13 @@ export function encodeHeader(h: FileHeader): Buffer {
     h.encryption.salt.copy(b, 96);
     h.encryption.keyCheck.copy(b, 128);
   }
-  b.writeUInt32LE(crc32c(b.subarray(0, HEADER_CRC_OFFSET)), HEADER_CRC_OFFSET);
+  b.writeUInt32LE(headerCrc(b), HEADER_CRC_OFFSET);
   return b;
+}
+
+/** CRC32C over the whole page except the CRC field and the two commit slots: [0, 508) ++ [640, 4096). */
+export function headerCrc(page: Buffer): number {
+  return crc32c(page.subarray(RESERVED_AFTER_SLOTS, HEADER_PAGE_SIZE), crc32c(page.subarray(0, HEADER_CRC_OFFSET)));
 }
 
 /** Which file kind a magic names, or null. */
@@ -113,7 +120,7 @@ export function decodeHeader(b: Buffer): FileHeader {
   const kind = fileKindOfMagic(b.subarray(0, 8));
   check(kind !== null, S, 'bad magic: not a Bulwark backup file');
   const crc = b.readUInt32LE(HEADER_CRC_OFFSET);
-  check(crc === crc32c(b.subarray(0, HEADER_CRC_OFFSET)), S, 'checksum mismatch');
+  check(crc === headerCrc(b), S, 'checksum mismatch');
   const flags = b.readUInt16LE(10);
   const blockSize = b.readUInt32LE(12);
   check(isBlockSize(blockSize), S, `block size ${blockSize} is not one of ${BLOCK_SIZES.join(', ')}`);

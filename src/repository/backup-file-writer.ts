@@ -1,0 +1,305 @@
+// Writes one backup file (.vbk/.vib/.vrb) append-only: header page, then block and table-page
+// records as blocks stream in (in block order, encoded on worker threads), then the index, then
+// commit slot A, then fsync. docs/formats/backup-files.md section 3. The caller publishes the
+// file (rename) and the .vbm; this module never makes anything visible.
+import { open, rm, type FileHandle } from 'node:fs/promises';
+import { BulwarkError } from '../common/errors.js';
+import type { DiskBlock } from '../disk/types.js';
+import {
+  blockCountOf,
+  checkDiskName,
+  COMMIT_SLOT_OFFSETS,
+  ENTRIES_PER_PAGE,
+  encodeCommitSlot,
+  encodeHeader,
+  encodeIndex,
+  encodeRecordHeader,
+  encodeRecordHeaderInto,
+  encodeTablePage,
+  HEADER_PAGE_SIZE,
+  HOLE,
+  INHERIT,
+  ZERO,
+  type BlockEntry,
+  type DiskDescriptor,
+  type DiskStats,
+  type FileHeader,
+  type TablePageRef,
+} from '../format/index.js';
+import { crc32c } from '@node-rs/crc32';
+import type { EncodedSlot, EncodePool } from './encode-pool.js';
+
+/** What the parent point holds at a block, for `compareWithParent`. */
+export type ParentBlock = { readonly kind: 'zero' | 'hole' } | { readonly kind: 'stored'; readonly digest: Buffer };
+
+export interface WriteDiskOptions {
+  /**
+   * Incremental from a source without changed-block tracking: blocks whose digest equals the
+   * parent point's block are not stored (the entry inherits). Needs `parentBlock`.
+   */
+  readonly compareWithParent?: boolean;
+  /** Called after each block is retired, with input bytes so far (for progress). */
+  readonly onProgress?: (bytesDone: number) => void;
+}
+
+/** Counters of one disk, returned by writeDisk. */
+export interface DiskWriteStats extends DiskStats {
+  readonly name: string;
+  readonly size: number;
+  /** Input bytes seen (data and zero blocks; holes count their length too). */
+  readonly bytesRead: number;
+  /** Blocks found equal to the parent and not stored (compareWithParent). */
+  readonly unchangedBlocks: number;
+}
+
+const DEDUP_LIMIT = 131072;
+const SYNC_EVERY = 512 * 1024 * 1024;
+
+type Pending =
+  | { readonly index: number; readonly kind: 'hole' | 'zero'; readonly length: number }
+  | { readonly index: number; readonly kind: 'data'; readonly length: number; readonly encoded: Promise<EncodedSlot> };
+
+interface DedupTarget {
+  readonly recordOffset: number;
+  readonly storedLength: number;
+  readonly plainLength: number;
+  readonly crc: number;
+}
+
+export class BackupFileWriter {
+  readonly path: string;
+  readonly header: FileHeader;
+  readonly #fh: FileHandle;
+  readonly #pool: EncodePool;
+  readonly #gapEntry: BlockEntry;
+  readonly #disks = new Map<string, { size: number; descriptor: DiskDescriptor | null; busy: boolean }>();
+  readonly #dedup = new Map<string, DedupTarget>();
+  readonly #inflightLimit: number;
+  #end = HEADER_PAGE_SIZE;
+  #sinceSync = 0;
+  #syncing: Promise<void> | null = null;
+  #done = false;
+
+  private constructor(path: string, header: FileHeader, fh: FileHandle, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit: number) {
+    this.path = path;
+    this.header = header;
+    this.#fh = fh;
+    this.#pool = pool;
+    this.#gapEntry = header.kind === 'full' ? HOLE : INHERIT;
+    this.#inflightLimit = inflightLimit;
+    for (const d of disks) {
+      checkDiskName(d.name, 'disk');
+      if (!Number.isSafeInteger(d.size) || d.size < 0) throw new BulwarkError(`disk ${d.name}: bad size ${d.size}`, { kind: 'invalid' });
+      if (this.#disks.has(d.name)) throw new BulwarkError(`disk ${d.name} listed twice`, { kind: 'invalid' });
+      this.#disks.set(d.name, { size: d.size, descriptor: null, busy: false });
+    }
+  }
+
+  /** Creates the file (exclusively) at `path` and writes its header page. */
+  static async create(path: string, header: FileHeader, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit = 10): Promise<BackupFileWriter> {
+    const fh = await open(path, 'wx', 0o640);
+    try {
+      await fh.write(encodeHeader(header), 0, HEADER_PAGE_SIZE, 0);
+      return new BackupFileWriter(path, header, fh, pool, disks, inflightLimit);
+    } catch (err) {
+      await fh.close();
+      await rm(path, { force: true });
+      throw err;
+    }
+  }
+
+  /** Appends `buf` at the end of the file; the position is reserved synchronously. */
+  async #append(buf: Buffer): Promise<number> {
+    const pos = this.#end;
+    this.#end += buf.length;
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesWritten } = await this.#fh.write(buf, done, buf.length - done, pos + done);
+      done += bytesWritten;
+    }
+    this.#sinceSync += buf.length;
+    // Start writeback early so the final fsync does not wait for gigabytes of dirty pages.
+    if (this.#sinceSync >= SYNC_EVERY && !this.#syncing) {
+      this.#sinceSync = 0;
+      this.#syncing = this.#fh.datasync().finally(() => (this.#syncing = null));
+    }
+    return pos;
+  }
+
+  async writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> } = {}): Promise<DiskWriteStats> {
+    if (this.#done) throw new BulwarkError('the restore point is already committed or aborted', { kind: 'invalid' });
+    const disk = this.#disks.get(name);
+    if (!disk) throw new BulwarkError(`disk ${name} was not declared for this restore point`, { kind: 'invalid', context: { disk: name } });
+    if (disk.busy || disk.descriptor) throw new BulwarkError(`disk ${name} is already written`, { kind: 'invalid', context: { disk: name } });
+    if (opts.compareWithParent && !opts.parentBlock) throw new BulwarkError('compareWithParent needs a parent restore point', { kind: 'invalid' });
+    disk.busy = true;
+    const blockSize = this.header.blockSize;
+    const blockCount = blockCountOf(disk.size, blockSize);
+    const lastLength = disk.size - (blockCount - 1) * blockSize;
+    const stats = { storedBytes: 0, plainBytes: 0, storedBlocks: 0, dedupBlocks: 0, zeroBlocks: 0, holeBlocks: 0, inheritBlocks: 0 };
+    let unchangedBlocks = 0;
+    let bytesRead = 0;
+    const pages: TablePageRef[] = [];
+    let page: BlockEntry[] = [];
+    let next = 0; // next block index to be given an entry
+    const zero = Buffer.alloc(blockSize);
+    const count = (e: BlockEntry) => {
+      switch (e.kind) {
+        case 'hole':
+          stats.holeBlocks++;
+          break;
+        case 'zero':
+          stats.zeroBlocks++;
+          break;
+        case 'inherit':
+          stats.inheritBlocks++;
+          break;
+        case 'stored':
+          stats.storedBlocks++;
+          break;
+      }
+    };
+    const flushPage = async () => {
+      const payload = encodeTablePage(page);
+      const crc = crc32c(payload);
+      const rec = Buffer.concat([
+        encodeRecordHeader({ type: 'table-page', compression: 'none', encrypted: false, storedLength: payload.length, plainLength: payload.length, payloadCrc: crc }),
+        payload,
+      ]);
+      const offset = await this.#append(rec);
+      pages.push({ offset, entryCount: page.length, crc });
+      page = [];
+    };
+    const setEntry = async (index: number, e: BlockEntry) => {
+      while (next < index) {
+        page.push(this.#gapEntry);
+        count(this.#gapEntry);
+        next++;
+        if (page.length === ENTRIES_PER_PAGE) await flushPage();
+      }
+      page.push(e);
+      count(e);
+      next++;
+      if (page.length === ENTRIES_PER_PAGE) await flushPage();
+    };
+    const retire = async (p: Pending) => {
+      bytesRead += p.length;
+      if (p.kind !== 'data') {
+        let e: BlockEntry = p.kind === 'zero' ? ZERO : HOLE;
+        if (opts.compareWithParent) {
+          const parent = await opts.parentBlock!(p.index);
+          if (parent.kind === p.kind) {
+            e = INHERIT;
+            unchangedBlocks++;
+          }
+        }
+        await setEntry(p.index, e);
+        return;
+      }
+      const enc = await p.encoded;
+      try {
+        if (opts.compareWithParent) {
+          const parent = await opts.parentBlock!(p.index);
+          if (parent.kind === 'stored' && parent.digest.equals(enc.digest)) {
+            unchangedBlocks++;
+            await setEntry(p.index, INHERIT);
+            return;
+          }
+        }
+        const key = enc.digest.toString('latin1');
+        const dup = this.#dedup.get(key);
+        if (dup && dup.plainLength === p.length) {
+          stats.dedupBlocks++;
+          await setEntry(p.index, { kind: 'stored', digest: enc.digest, ...dup });
+          return;
+        }
+        encodeRecordHeaderInto(
+          { type: 'block', compression: enc.compression, encrypted: this.header.encryption !== null, storedLength: enc.storedLength, plainLength: p.length, payloadCrc: enc.crc },
+          enc.record,
+          0,
+        );
+        const recordOffset = await this.#append(enc.record);
+        stats.storedBytes += enc.storedLength;
+        stats.plainBytes += p.length;
+        const target = { recordOffset, storedLength: enc.storedLength, plainLength: p.length, crc: enc.crc };
+        if (this.#dedup.size >= DEDUP_LIMIT) this.#dedup.delete(this.#dedup.keys().next().value!);
+        this.#dedup.set(key, target);
+        await setEntry(p.index, { kind: 'stored', digest: enc.digest, ...target });
+      } finally {
+        this.#pool.release(enc.slot);
+      }
+    };
+
+    const queue: Pending[] = [];
+    try {
+      let last = -1;
+      for await (const b of blocks) {
+        if (!Number.isSafeInteger(b.index) || b.index <= last || b.index >= blockCount) {
+          throw new BulwarkError(`disk ${name}: block index ${b.index} out of order or beyond the disk (${blockCount} blocks, previous ${last})`, {
+            kind: 'invalid',
+            context: { disk: name, block: b.index },
+          });
+        }
+        last = b.index;
+        const length = b.index === blockCount - 1 ? lastLength : blockSize;
+        if (b.data !== null && b.data.length !== length) {
+          throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
+        }
+        while (queue.length >= this.#inflightLimit) await retire(queue.shift()!);
+        if (b.data === null) queue.push({ index: b.index, kind: 'hole', length });
+        else if (b.data.equals(length === blockSize ? zero : zero.subarray(0, length))) queue.push({ index: b.index, kind: 'zero', length });
+        else {
+          const encoded = this.#pool.encode(b.data);
+          encoded.catch(() => undefined); // observed when retired; avoid an unhandled rejection meanwhile
+          queue.push({ index: b.index, kind: 'data', length, encoded });
+        }
+        opts.onProgress?.(bytesRead);
+      }
+      while (queue.length > 0) await retire(queue.shift()!);
+      if (next < blockCount) {
+        // Fill the tail without a per-entry await.
+        await setEntry(blockCount - 1, this.#gapEntry);
+      }
+      if (page.length > 0) await flushPage();
+    } catch (err) {
+      // Release every slot still held so the pool stays usable for abort().
+      for (const p of queue) if (p.kind === 'data') await p.encoded.then((e) => this.#pool.release(e.slot), () => undefined);
+      disk.busy = false;
+      throw err;
+    }
+    opts.onProgress?.(disk.size);
+    disk.descriptor = { name, size: disk.size, blockCount, entriesPerPage: ENTRIES_PER_PAGE, stats, pages };
+    disk.busy = false;
+    return { name, size: disk.size, bytesRead: disk.size, unchangedBlocks, ...stats };
+  }
+
+  /** Writes the index and commit slot A, fsyncs and closes. `config` is in stored form. */
+  async commit(config: Buffer): Promise<{ fileLength: number }> {
+    for (const [name, d] of this.#disks) {
+      if (!d.descriptor) throw new BulwarkError(`disk ${name} was declared but not written`, { kind: 'invalid', context: { disk: name } });
+    }
+    this.#done = true;
+    try {
+      await this.#syncing;
+      const index = encodeIndex({ config, disks: [...this.#disks.values()].map((d) => d.descriptor!) });
+      const indexOffset = await this.#append(index);
+      const slot = encodeCommitSlot({ generation: 1, indexOffset, indexLength: index.length, fileLength: this.#end, indexCrc: crc32c(index) });
+      await this.#fh.write(slot, 0, slot.length, COMMIT_SLOT_OFFSETS[0]);
+      await this.#syncing;
+      await this.#fh.sync();
+      return { fileLength: this.#end };
+    } finally {
+      await this.#fh.close();
+    }
+  }
+
+  /** Stops writing and removes the file. */
+  async abort(): Promise<void> {
+    if (!this.#done) {
+      this.#done = true;
+      await this.#syncing?.catch(() => undefined);
+      await this.#fh.close().catch(() => undefined);
+    }
+    await rm(this.path, { force: true });
+  }
+}

@@ -1,0 +1,160 @@
+// How one block's plain data becomes a stored record payload and back: digest, compression,
+// encryption and CRC32C (docs/formats/backup-files.md sections 3.3 and 3.6). Used by the worker
+// threads (encode) and by the readers (decode). No file I/O here.
+import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from 'node:crypto';
+import { createRequire } from 'node:module';
+import { crc32c } from '@node-rs/crc32';
+import { compressSync as lz4Compress, uncompressSync as lz4Uncompress } from 'lz4-napi';
+import type { Compression } from '../format/index.js';
+import type { ChainKeys } from './chain-keys.js';
+
+// zstd-napi's low-level binding compresses into a caller's buffer (no copy); it is CommonJS.
+interface ZstdBinding {
+  CCtx: new () => { compress(dst: Uint8Array, src: Uint8Array, level: number): number };
+  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number };
+  compressBound(n: number): number;
+}
+const zstd = createRequire(import.meta.url)('zstd-napi/binding') as ZstdBinding;
+
+export const GCM_NONCE = 12;
+export const GCM_TAG = 16;
+export const ZSTD_LEVEL = 1;
+
+/** Bytes a payload may need beyond the plain length (compression bound + GCM overhead). */
+export function payloadBound(blockSize: number): number {
+  return Math.max(zstd.compressBound(blockSize), blockSize + 1024) + GCM_NONCE + GCM_TAG;
+}
+
+export function blockDigest(plain: Uint8Array, keys: ChainKeys | null): Buffer {
+  return keys ? createHmac('sha256', keys.digestKey).update(plain).digest() : createHash('sha256').update(plain).digest();
+}
+
+export interface EncodedBlock {
+  readonly storedLength: number;
+  readonly compression: Compression;
+  readonly crc: number;
+  readonly digest: Buffer;
+}
+
+/** Reusable per-thread state (zstd contexts are expensive to create). */
+export class BlockEncoder {
+  #cctx = new zstd.CCtx();
+  #scratch: Buffer;
+
+  constructor(
+    readonly compression: Compression,
+    readonly keys: ChainKeys | null,
+    readonly aad: Buffer,
+    blockSize: number,
+  ) {
+    this.#scratch = Buffer.allocUnsafe(payloadBound(blockSize));
+  }
+
+  /** Encodes `plain` into `out` (payload only; `out` must hold payloadBound bytes). */
+  encodeInto(plain: Buffer, out: Buffer): EncodedBlock {
+    const digest = blockDigest(plain, this.keys);
+    const enc = this.keys !== null;
+    // Compress straight into `out` when not encrypting, else into scratch and encrypt into out.
+    const target = enc ? this.#scratch : out;
+    let compression: Compression = this.compression;
+    let len = 0;
+    switch (compression) {
+      case 'zstd':
+        len = this.#cctx.compress(target, plain, ZSTD_LEVEL);
+        break;
+      case 'lz4': {
+        const c = lz4Compress(plain);
+        len = c.length;
+        if (len < plain.length) c.copy(target, 0);
+        break;
+      }
+      case 'none':
+        len = plain.length;
+        break;
+    }
+    let body: Buffer;
+    if (compression === 'none' || len >= plain.length) {
+      compression = 'none';
+      len = plain.length;
+      if (enc) body = plain;
+      else {
+        plain.copy(out, 0);
+        body = out.subarray(0, len);
+      }
+    } else body = target.subarray(0, len);
+    let storedLength = len;
+    if (enc) {
+      const nonce = randomBytes(GCM_NONCE);
+      nonce.copy(out, 0);
+      const cipher = createCipheriv('aes-256-gcm', this.keys.blockKey, nonce);
+      cipher.setAAD(this.aad);
+      let at = GCM_NONCE;
+      // Feed GCM in 64 KiB slices: much faster than one large update in Node 20.
+      for (let i = 0; i < len; i += 65536) at += cipher.update(body.subarray(i, Math.min(len, i + 65536))).copy(out, at);
+      at += cipher.final().copy(out, at);
+      cipher.getAuthTag().copy(out, at);
+      storedLength = at + GCM_TAG;
+    }
+    return { storedLength, compression, crc: crc32c(out.subarray(0, storedLength)), digest };
+  }
+}
+
+let dctx: InstanceType<ZstdBinding['DCtx']> | null = null;
+
+/**
+ * Turns a stored payload back into plain data. Throws a plain Error describing the failure;
+ * the caller adds file/disk/block context. The CRC is checked by the caller before this.
+ */
+export function decodePayload(
+  payload: Buffer,
+  compression: Compression,
+  encrypted: boolean,
+  plainLength: number,
+  keys: ChainKeys | null,
+  aad: Buffer,
+): Buffer {
+  let body = payload;
+  if (encrypted) {
+    if (!keys) throw new Error('block is encrypted but no key is loaded');
+    if (payload.length < GCM_NONCE + GCM_TAG) throw new Error('encrypted payload too short');
+    const decipher = createDecipheriv('aes-256-gcm', keys.blockKey, payload.subarray(0, GCM_NONCE));
+    decipher.setAAD(aad);
+    decipher.setAuthTag(payload.subarray(payload.length - GCM_TAG));
+    const parts: Buffer[] = [];
+    const ct = payload.subarray(GCM_NONCE, payload.length - GCM_TAG);
+    for (let i = 0; i < ct.length; i += 65536) parts.push(decipher.update(ct.subarray(i, Math.min(ct.length, i + 65536))));
+    try {
+      parts.push(decipher.final());
+    } catch {
+      throw new Error('authentication tag mismatch (data altered)');
+    }
+    body = Buffer.concat(parts);
+  }
+  switch (compression) {
+    case 'none':
+      if (body.length !== plainLength) throw new Error(`stored ${body.length} bytes, expected ${plainLength}`);
+      return body;
+    case 'zstd': {
+      const out = Buffer.allocUnsafe(plainLength);
+      dctx ??= new zstd.DCtx();
+      let n: number;
+      try {
+        n = dctx.decompress(out, body);
+      } catch (err) {
+        throw new Error(`zstd: ${(err as Error).message}`);
+      }
+      if (n !== plainLength) throw new Error(`decompressed to ${n} bytes, expected ${plainLength}`);
+      return out;
+    }
+    case 'lz4': {
+      let out: Buffer;
+      try {
+        out = lz4Uncompress(body);
+      } catch (err) {
+        throw new Error(`lz4: ${(err as Error).message}`);
+      }
+      if (out.length !== plainLength) throw new Error(`decompressed to ${out.length} bytes, expected ${plainLength}`);
+      return out;
+    }
+  }
+}

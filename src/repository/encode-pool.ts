@@ -1,0 +1,183 @@
+// A bounded pool of block encoders on worker threads. Plain blocks are copied into shared input
+// slots; workers write payloads into shared output slots; the caller writes the output slot to
+// the file and releases the slot. Memory is slots x (block size + payload bound), whatever the
+// disk size; when all slots are busy, encode() waits (back-pressure on the block source).
+import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
+import { pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import { BulwarkError } from '../common/errors.js';
+import type { Compression } from '../format/index.js';
+import { RECORD_HEADER_SIZE } from '../format/index.js';
+import { BlockEncoder, payloadBound, type EncodedBlock } from './block-codec.js';
+import type { ChainKeys } from './chain-keys.js';
+
+export interface WorkerInit {
+  readonly input: SharedArrayBuffer;
+  readonly output: SharedArrayBuffer;
+  readonly inputStride: number;
+  readonly outputStride: number;
+  /** Where the payload starts inside an output slot (room for the record header before it). */
+  readonly payloadAt: number;
+  readonly blockSize: number;
+  readonly compression: Compression;
+  readonly blockKey: Uint8Array | null;
+  readonly digestKey: Uint8Array | null;
+  readonly aad: Uint8Array;
+}
+export interface WorkerJob {
+  readonly id: number;
+  readonly slot: number;
+  readonly length: number;
+}
+export type WorkerResult =
+  | { readonly id: number; readonly ok: true; readonly storedLength: number; readonly compression: Compression; readonly crc: number; readonly digest: Uint8Array }
+  | { readonly id: number; readonly ok: false; readonly error: string };
+
+/** An encoded block sitting in an output slot: `record` = header space + payload. */
+export interface EncodedSlot extends EncodedBlock {
+  readonly slot: number;
+  /** RECORD_HEADER_SIZE bytes for the caller to fill, then the payload. */
+  readonly record: Buffer;
+}
+
+export interface EncodePoolOptions {
+  readonly blockSize: number;
+  readonly compression: Compression;
+  readonly keys: ChainKeys | null;
+  readonly aad: Buffer;
+  /** Worker threads; 0 encodes on the calling thread. Default: min(2, cores). */
+  readonly threads?: number;
+  /** Blocks in flight; default 8 (4 for 4 MiB blocks). */
+  readonly slots?: number;
+}
+
+/** Starts the worker: compiled .js directly, or from sources (.ts under tsx/vitest) through tsx. */
+function startWorker(init: WorkerInit): Worker {
+  if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./block-worker.js', import.meta.url), { workerData: init });
+  const src = new URL('./block-worker.ts', import.meta.url).href;
+  const tsxApi = pathToFileURL(createRequire(import.meta.url).resolve('tsx/esm/api').replace(/\.cjs$/, '.mjs')).href;
+  const boot = `import { register } from ${JSON.stringify(tsxApi)}; register(); await import(${JSON.stringify(src)});`;
+  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`), { workerData: init });
+}
+
+export class EncodePool {
+  readonly #input: SharedArrayBuffer;
+  readonly #output: SharedArrayBuffer;
+  readonly #inputStride: number;
+  readonly #outputStride: number;
+  readonly #free: number[] = [];
+  readonly #waiters: Array<() => void> = [];
+  readonly #workers: Worker[] = [];
+  readonly #outstanding: number[] = [];
+  readonly #pending = new Map<number, { resolve: (r: WorkerResult) => void; reject: (e: Error) => void; worker: number }>();
+  readonly #local: BlockEncoder | null;
+  #nextId = 1;
+  #closed = false;
+  #failure: Error | null = null;
+
+  constructor(opts: EncodePoolOptions) {
+    const threads = opts.threads ?? Math.min(2, availableParallelism());
+    const slots = opts.slots ?? (opts.blockSize >= 4 * 1024 * 1024 ? 4 : 8);
+    this.#inputStride = opts.blockSize;
+    this.#outputStride = RECORD_HEADER_SIZE + payloadBound(opts.blockSize);
+    this.#input = new SharedArrayBuffer(this.#inputStride * slots);
+    this.#output = new SharedArrayBuffer(this.#outputStride * slots);
+    for (let i = 0; i < slots; i++) this.#free.push(i);
+    if (threads === 0) {
+      this.#local = new BlockEncoder(opts.compression, opts.keys, opts.aad, opts.blockSize);
+      return;
+    }
+    this.#local = null;
+    const init: WorkerInit = {
+      input: this.#input,
+      output: this.#output,
+      inputStride: this.#inputStride,
+      outputStride: this.#outputStride,
+      payloadAt: RECORD_HEADER_SIZE,
+      blockSize: opts.blockSize,
+      compression: opts.compression,
+      blockKey: opts.keys ? new Uint8Array(opts.keys.blockKey) : null,
+      digestKey: opts.keys ? new Uint8Array(opts.keys.digestKey) : null,
+      aad: new Uint8Array(opts.aad),
+    };
+    for (let w = 0; w < threads; w++) {
+      const worker = startWorker(init);
+      worker.on('message', (r: WorkerResult) => {
+        const p = this.#pending.get(r.id);
+        if (!p) return;
+        this.#pending.delete(r.id);
+        this.#outstanding[p.worker]! -= 1;
+        p.resolve(r);
+      });
+      worker.on('error', (err) => this.#fail(err));
+      worker.on('exit', (code) => {
+        if (!this.#closed) this.#fail(new Error(`block encoder thread exited with code ${code}`));
+      });
+      this.#workers.push(worker);
+      this.#outstanding.push(0);
+    }
+  }
+
+  #fail(err: Error): void {
+    this.#failure ??= err;
+    for (const [id, p] of this.#pending) {
+      this.#pending.delete(id);
+      p.reject(err);
+    }
+  }
+
+  async #acquire(): Promise<number> {
+    for (;;) {
+      if (this.#failure) throw this.#failure;
+      const s = this.#free.pop();
+      if (s !== undefined) return s;
+      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    }
+  }
+
+  release(slot: number): void {
+    this.#free.push(slot);
+    this.#waiters.shift()?.();
+  }
+
+  /** Encodes one block; the result's slot must be released after its record is written. */
+  async encode(plain: Buffer): Promise<EncodedSlot> {
+    if (plain.length > this.#inputStride) throw new BulwarkError(`block of ${plain.length} bytes exceeds the block size`, { kind: 'invalid' });
+    const slot = await this.#acquire();
+    const record = Buffer.from(this.#output, slot * this.#outputStride, this.#outputStride);
+    try {
+      if (this.#local) {
+        const e = this.#local.encodeInto(plain, record.subarray(RECORD_HEADER_SIZE));
+        return { ...e, slot, record: record.subarray(0, RECORD_HEADER_SIZE + e.storedLength) };
+      }
+      plain.copy(Buffer.from(this.#input, slot * this.#inputStride, plain.length));
+      let worker = 0;
+      for (let w = 1; w < this.#workers.length; w++) if (this.#outstanding[w]! < this.#outstanding[worker]!) worker = w;
+      const id = this.#nextId++;
+      const r = await new Promise<WorkerResult>((resolve, reject) => {
+        this.#pending.set(id, { resolve, reject, worker });
+        this.#outstanding[worker]! += 1;
+        const job: WorkerJob = { id, slot, length: plain.length };
+        this.#workers[worker]!.postMessage(job);
+      });
+      if (!r.ok) throw new Error(`block encoder: ${r.error}`);
+      return {
+        slot,
+        record: record.subarray(0, RECORD_HEADER_SIZE + r.storedLength),
+        storedLength: r.storedLength,
+        compression: r.compression,
+        crc: r.crc,
+        digest: Buffer.from(r.digest),
+      };
+    } catch (err) {
+      this.release(slot);
+      throw err;
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    await Promise.all(this.#workers.map((w) => w.terminate()));
+  }
+}

@@ -1,0 +1,9 @@
+// The repository library: backup chains on disk (docs/formats/backup-files.md). The agent's target
+// side writes through startRestorePoint(); restore engines read through openRestorePoint();
+// `bulwark repo inspect|verify` and the server's rescan use inspect/verify/listChains.
+export { openRepository, Repository, RestorePointWriter, readChainMetadata } from './repository.js';
+export type { BackupChain, StartRestorePointOptions, SweepReport } from './repository.js';
+export { RestorePoint, RestorePointDisk } from './restore-point.js';
+export type { RestorePointInfo, OpenDiskOptions, ResolvedBlock } from './restore-point.js';
+export type { DiskWriteStats, WriteDiskOptions } from './backup-file-writer.js';
+export { escapeName, unescapeName, vmFolder } from './layout.js';

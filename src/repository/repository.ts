@@ -1,0 +1,523 @@
+// A repository folder: lists chains and restore points from the .vbm files (no database), starts
+// new restore points (writer), opens existing ones (reader), and sweeps what crashes left.
+// docs/formats/backup-files.md section 2 describes the tree and the commit order.
+import { randomUUID } from 'node:crypto';
+import { readdir, readFile, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { BulwarkError } from '../common/errors.js';
+import { logger } from '../common/log.js';
+import type { DiskBlock } from '../disk/types.js';
+import {
+  decodeChainMetadata,
+  encodeChainMetadata,
+  FormatError,
+  isBlockSize,
+  NIL_UUID,
+  uuidToBytes,
+  type ChainMetadata,
+  type ChainRecord,
+  type Compression,
+  type FileHeader,
+  type KdfParams,
+  type PointRecord,
+} from '../format/index.js';
+import {
+  ensureDirectory,
+  folderIsLocked,
+  publish,
+  sweepTemporaries,
+  temporaryNameFor,
+  trackTemporary,
+  tryLockFolder,
+  writeFileAtomic,
+  type FolderLock,
+} from '../storage/local-fs.js';
+import { BackupFile, corrupt } from './backup-file.js';
+import { BackupFileWriter, type DiskWriteStats, type ParentBlock, type WriteDiskOptions } from './backup-file-writer.js';
+import { newChainKeys, sealConfig, unlockChain, type ChainKeys } from './chain-keys.js';
+import { EncodePool } from './encode-pool.js';
+import { BACKUP_FILE_RE, backupFileName, chainMetadataName, unescapeName, vmFolder } from './layout.js';
+import { RestorePoint, type RestorePointInfo } from './restore-point.js';
+
+const log = logger('repository');
+
+/** A backup chain of one VM: a full and the increments that depend on it. */
+export interface BackupChain {
+  readonly id: string;
+  readonly job: string;
+  readonly vm: string;
+  readonly method: 'forward' | 'reverse';
+  readonly blockSize: number;
+  readonly compression: Compression;
+  readonly encrypted: boolean;
+  readonly passwordHint: string | null;
+  /** Oldest first. */
+  readonly points: readonly RestorePointInfo[];
+  /** The VM folder holding the chain's files. */
+  readonly folder: string;
+}
+
+export interface StartRestorePointOptions {
+  readonly job: string;
+  readonly vm: string;
+  /** full starts a new chain; incremental continues the parent's chain. */
+  readonly kind: 'full' | 'incremental';
+  /** Full only (an increment uses its chain's): 262144, 524288, 1048576 (default) or 4194304. */
+  readonly blockSize?: number;
+  /** Full only: default zstd. */
+  readonly compression?: Compression;
+  /** Full only: encrypt the new chain with a key derived from this password. */
+  readonly encryption?: { readonly password: string; readonly hint?: string; /** scrypt cost, default 15 */ readonly log2N?: number };
+  /** Incremental into an encrypted chain: its password. */
+  readonly password?: string;
+  /** Incremental: the point to continue from (default: the VM's latest point). Must be the tip of its chain. */
+  readonly parent?: string;
+  /** Point-in-time of the backup (default now). */
+  readonly time?: Date;
+  /** VM configuration stored with the point (libvirt XML, QEMU arguments…). */
+  readonly vmConfig?: Buffer;
+  readonly disks: readonly { readonly name: string; readonly size: number }[];
+  /** Encoder threads (default min(2, cores); 0 = encode on this thread). */
+  readonly threads?: number;
+}
+
+export interface SweepReport {
+  /** Paths removed: temporaries and backup files no .vbm names. */
+  readonly removed: readonly string[];
+}
+
+interface VmFolder {
+  readonly dir: string;
+  readonly vbmPath: string;
+}
+
+/**
+ * Opens a repository folder, creating it when `create` is set, and sweeps leftovers of crashed
+ * writers (temporary files, uncommitted backup files) in every VM folder no live writer holds.
+ *
+ * @example
+ * const repo = await openRepository('/srv/backup');
+ * const w = await repo.startRestorePoint({ job: 'nightly', vm: 'web1', kind: 'full', disks: [{ name: 'vda', size }] });
+ * await w.writeDisk('vda', blocks);
+ * const point = await w.commit();
+ */
+export async function openRepository(root: string, opts: { create?: boolean } = {}): Promise<Repository> {
+  const abs = path.resolve(root);
+  try {
+    const s = await stat(abs);
+    if (!s.isDirectory()) throw new BulwarkError(`repository path ${abs} is not a folder`, { kind: 'invalid', context: { repository: abs } });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    if (!opts.create) throw new BulwarkError(`repository folder ${abs} does not exist`, { kind: 'not-found', context: { repository: abs }, cause: err });
+    await ensureDirectory(abs);
+  }
+  const repo = new Repository(abs);
+  await repo.sweep();
+  return repo;
+}
+
+export class Repository {
+  readonly root: string;
+
+  constructor(root: string) {
+    this.root = root;
+  }
+
+  /** Every VM folder (`<job>/<vm>/`) of the repository. */
+  async #vmFolders(): Promise<VmFolder[]> {
+    const out: VmFolder[] = [];
+    for (const job of await readdir(this.root, { withFileTypes: true })) {
+      if (!job.isDirectory()) continue;
+      for (const vm of await readdir(path.join(this.root, job.name), { withFileTypes: true })) {
+        if (!vm.isDirectory()) continue;
+        const dir = path.join(this.root, job.name, vm.name);
+        out.push({ dir, vbmPath: path.join(dir, `${vm.name}.vbm`) });
+      }
+    }
+    return out.sort((a, b) => a.dir.localeCompare(b.dir));
+  }
+
+  /** Removes leftovers of crashed writers; see SweepReport. Runs on open. */
+  async sweep(): Promise<SweepReport> {
+    const removed: string[] = [];
+    for (const f of await this.#vmFolders()) {
+      if (await folderIsLocked(f.dir)) continue;
+      removed.push(...(await sweepFolder(f)));
+    }
+    if (removed.length > 0) log.info({ repository: this.root, removed }, 'swept leftovers of interrupted writes');
+    return { removed };
+  }
+
+  /** Chains of all VMs (or of one job / VM), read from the .vbm files. */
+  async listChains(filter: { job?: string; vm?: string } = {}): Promise<BackupChain[]> {
+    const out: BackupChain[] = [];
+    for (const f of await this.#vmFolders()) {
+      const meta = await readChainMetadata(f.vbmPath);
+      if (!meta) continue;
+      const { body } = meta;
+      if ((filter.job !== undefined && body.job !== filter.job) || (filter.vm !== undefined && body.vm !== filter.vm)) continue;
+      for (const c of body.chains) out.push(chainOf(body, c, f.dir));
+    }
+    return out;
+  }
+
+  /** Restore points (oldest first within each VM), read from the .vbm files. */
+  async listRestorePoints(filter: { job?: string; vm?: string } = {}): Promise<RestorePointInfo[]> {
+    return (await this.listChains(filter)).flatMap((c) => c.points);
+  }
+
+  /** Finds a point by id. */
+  async findRestorePoint(id: string): Promise<{ chain: BackupChain; point: RestorePointInfo }> {
+    for (const chain of await this.listChains()) {
+      const point = chain.points.find((p) => p.id === id);
+      if (point) return { chain, point };
+    }
+    throw new BulwarkError(`no restore point ${id} in repository ${this.root}`, { kind: 'not-found', context: { point: id, repository: this.root } });
+  }
+
+  /**
+   * Opens a restore point for reading (all its disks). Encrypted chains need `password`; a wrong
+   * one is an `unauthorized` error.
+   */
+  async openRestorePoint(id: string, opts: { password?: string } = {}): Promise<RestorePoint> {
+    const { chain, point } = await this.findRestorePoint(id);
+    const byId = new Map(chain.points.map((p) => [p.id, p]));
+    const files: BackupFile[] = [];
+    try {
+      let cur: RestorePointInfo | undefined = point;
+      const seen = new Set<string>();
+      while (cur) {
+        if (seen.has(cur.id)) throw corrupt(`chain ${chain.id} has a cycle at point ${cur.id}`, { point: cur.id });
+        seen.add(cur.id);
+        const f = await BackupFile.open(cur.file);
+        files.push(f);
+        checkFileMatches(f, chain, cur, files.length > 1 ? files[files.length - 2]! : null);
+        cur = cur.base === null ? undefined : byId.get(cur.base);
+      }
+      let keys: ChainKeys | null = null;
+      const enc = files[0]!.header.encryption;
+      if (enc) keys = await unlockChain(opts.password, enc, { chain: chain.id, vm: chain.vm, point: id }, chain.passwordHint ?? undefined);
+      return new RestorePoint(point, files, keys);
+    } catch (err) {
+      await Promise.all(files.map((f) => f.close()));
+      throw err;
+    }
+  }
+
+  /**
+   * Starts a new restore point. The VM folder is locked until commit() or abort(); nothing is
+   * visible to readers before commit() returns.
+   */
+  async startRestorePoint(opts: StartRestorePointOptions): Promise<RestorePointWriter> {
+    if (opts.job.length === 0 || opts.vm.length === 0) throw new BulwarkError('job and VM names must not be empty', { kind: 'invalid' });
+    const dir = vmFolder(this.root, opts.job, opts.vm);
+    await ensureDirectory(dir);
+    const lock = await tryLockFolder(dir);
+    if (!lock) {
+      throw new BulwarkError(`another writer is writing a restore point of VM ${opts.vm} (job ${opts.job})`, {
+        kind: 'conflict',
+        context: { job: opts.job, vm: opts.vm, folder: dir },
+      });
+    }
+    try {
+      const folder = { dir, vbmPath: path.join(dir, chainMetadataName(opts.vm)) };
+      await sweepFolder(folder);
+      const meta = (await readChainMetadata(folder.vbmPath)) ?? {
+        generation: 0,
+        body: { version: 1, job: opts.job, vm: opts.vm, chains: [], journal: null } satisfies ChainMetadata,
+      };
+      return await RestorePointWriter.start(this, opts, folder, meta.body, lock);
+    } catch (err) {
+      await lock.release();
+      throw err;
+    }
+  }
+}
+
+function chainOf(body: ChainMetadata, c: ChainRecord, dir: string): BackupChain {
+  return {
+    id: c.id,
+    job: body.job,
+    vm: body.vm,
+    method: c.method,
+    blockSize: c.blockSize,
+    compression: c.compression,
+    encrypted: c.encryption !== null,
+    passwordHint: c.encryption?.hint ?? null,
+    folder: dir,
+    points: c.points.map((p) => pointInfo(body, c, p, dir)),
+  };
+}
+
+function pointInfo(body: ChainMetadata, c: ChainRecord, p: PointRecord, dir: string): RestorePointInfo {
+  return {
+    id: p.id,
+    job: body.job,
+    vm: body.vm,
+    chainId: c.id,
+    method: c.method,
+    kind: p.kind,
+    time: new Date(p.time),
+    file: path.join(dir, p.file),
+    fileBytes: p.fileBytes,
+    base: p.base,
+    disks: p.disks,
+    blockSize: c.blockSize,
+    compression: c.compression,
+    encrypted: c.encryption !== null,
+  };
+}
+
+/** Checks that a backup file is the one the .vbm names (ids, kind, base link). */
+export function checkFileMatches(f: BackupFile, chain: BackupChain, p: RestorePointInfo, inheritor: BackupFile | null): void {
+  const h = f.header;
+  const problems: string[] = [];
+  if (h.chainId !== chain.id) problems.push(`chain id ${h.chainId}, expected ${chain.id}`);
+  if (h.pointId !== p.id) problems.push(`point id ${h.pointId}, expected ${p.id}`);
+  const expectedKind = p.kind === 'full' ? 'full' : p.kind === 'incremental' ? 'forward' : 'reverse';
+  if (h.kind !== expectedKind) problems.push(`file kind ${h.kind}, expected ${expectedKind}`);
+  if (inheritor && inheritor.header.baseFileId !== h.fileId) problems.push(`file id ${h.fileId} is not the base ${inheritor.header.baseFileId} of ${inheritor.path}`);
+  if (problems.length > 0) throw corrupt(`backup file ${f.path} does not match the chain metadata: ${problems.join('; ')}`, { file: f.path, point: p.id });
+}
+
+/** Reads a .vbm; null when there is none. A damaged one is a `corrupt` error. */
+export async function readChainMetadata(vbmPath: string): Promise<{ generation: number; body: ChainMetadata } | null> {
+  let raw: Buffer;
+  try {
+    raw = await readFile(vbmPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+  try {
+    return decodeChainMetadata(raw);
+  } catch (err) {
+    if (err instanceof FormatError) throw corrupt(`damaged chain metadata ${vbmPath}: ${err.message}`, { file: vbmPath }, err);
+    throw err;
+  }
+}
+
+async function sweepFolder(f: VmFolder): Promise<string[]> {
+  const removed = (await sweepTemporaries(f.dir)).map((n) => path.join(f.dir, n));
+  let meta: Awaited<ReturnType<typeof readChainMetadata>>;
+  try {
+    meta = await readChainMetadata(f.vbmPath);
+  } catch {
+    return removed; // a damaged .vbm: remove nothing else, verify will report it
+  }
+  const named = new Set(meta?.body.chains.flatMap((c) => c.points.map((p) => p.file)) ?? []);
+  for (const name of await readdir(f.dir)) {
+    if (BACKUP_FILE_RE.test(name) && !named.has(name)) {
+      await rm(path.join(f.dir, name), { force: true });
+      removed.push(path.join(f.dir, name));
+    }
+  }
+  return removed;
+}
+
+/**
+ * Writes one restore point: every declared disk through writeDisk(), then commit() (or abort()).
+ * Obtain one from Repository.startRestorePoint().
+ */
+export class RestorePointWriter {
+  /** Id of the restore point being written. */
+  readonly pointId: string;
+  readonly #repo: Repository;
+  readonly #folder: VmFolder;
+  readonly #lock: FolderLock;
+  readonly #file: BackupFileWriter;
+  readonly #finalPath: string;
+  readonly #untrack: () => void;
+  readonly #pool: EncodePool;
+  readonly #keys: ChainKeys | null;
+  readonly #chain: ChainRecord;
+  readonly #newChain: boolean;
+  readonly #parent: RestorePointInfo | null;
+  readonly #opts: StartRestorePointOptions;
+  readonly #time: Date;
+  #parentPoint: Promise<RestorePoint> | null = null;
+  #finished = false;
+
+  private constructor(init: {
+    repo: Repository; folder: VmFolder; lock: FolderLock; file: BackupFileWriter; finalPath: string; untrack: () => void; pool: EncodePool;
+    keys: ChainKeys | null; chain: ChainRecord; newChain: boolean; parent: RestorePointInfo | null; opts: StartRestorePointOptions; time: Date; pointId: string;
+  }) {
+    this.#repo = init.repo;
+    this.#folder = init.folder;
+    this.#lock = init.lock;
+    this.#file = init.file;
+    this.#finalPath = init.finalPath;
+    this.#untrack = init.untrack;
+    this.#pool = init.pool;
+    this.#keys = init.keys;
+    this.#chain = init.chain;
+    this.#newChain = init.newChain;
+    this.#parent = init.parent;
+    this.#opts = init.opts;
+    this.#time = init.time;
+    this.pointId = init.pointId;
+  }
+
+  /** @internal used by Repository.startRestorePoint */
+  static async start(repo: Repository, opts: StartRestorePointOptions, folder: VmFolder, body: ChainMetadata, lock: FolderLock): Promise<RestorePointWriter> {
+    const time = opts.time ?? new Date();
+    const pointId = randomUUID();
+    const fileId = randomUUID();
+    let chain: ChainRecord;
+    let keys: ChainKeys | null = null;
+    let kdf: KdfParams | null = null;
+    let parent: RestorePointInfo | null = null;
+    let baseFileId = NIL_UUID;
+    if (opts.kind === 'full') {
+      const blockSize = opts.blockSize ?? 1048576;
+      if (!isBlockSize(blockSize)) throw new BulwarkError(`block size ${blockSize} is not 256K, 512K, 1M or 4M`, { kind: 'invalid', context: { blockSize } });
+      let encryption: ChainRecord['encryption'] = null;
+      if (opts.encryption) {
+        const k = await newChainKeys(opts.encryption.password, opts.encryption.log2N);
+        keys = k.keys;
+        kdf = k.params;
+        encryption = {
+          algorithm: 'aes-256-gcm', kdf: 'scrypt', log2N: kdf.log2N, r: kdf.r, p: kdf.p,
+          salt: kdf.salt.toString('hex'), keyCheck: kdf.keyCheck.toString('hex'), hint: opts.encryption.hint ?? '',
+        };
+      }
+      chain = { id: randomUUID(), method: 'forward', blockSize, compression: opts.compression ?? 'zstd', encryption, points: [] };
+    } else {
+      const chains = body.chains.map((c) => chainOf(body, c, folder.dir));
+      const all = chains.flatMap((c) => c.points);
+      parent = opts.parent ? (all.find((p) => p.id === opts.parent) ?? null) : (chains[chains.length - 1]?.points.at(-1) ?? null);
+      if (!parent) {
+        throw new BulwarkError(opts.parent ? `parent restore point ${opts.parent} not found for VM ${opts.vm}` : `VM ${opts.vm} has no restore point to continue: run a full backup first`, {
+          kind: 'not-found',
+          context: { job: opts.job, vm: opts.vm, parent: opts.parent },
+        });
+      }
+      chain = body.chains.find((c) => c.id === parent!.chainId)!;
+      const tip = chain.points[chain.points.length - 1]!;
+      if (chain.method !== 'forward' || tip.id !== parent.id) {
+        throw new BulwarkError(`restore point ${parent.id} is not the tip of a forward chain; an increment can only follow the latest point`, {
+          kind: 'conflict',
+          context: { vm: opts.vm, parent: parent.id, tip: tip.id },
+        });
+      }
+      baseFileId = tip.fileId;
+      if (chain.encryption) {
+        const e = chain.encryption;
+        kdf = { log2N: e.log2N, r: e.r, p: e.p, salt: Buffer.from(e.salt, 'hex'), keyCheck: Buffer.from(e.keyCheck, 'hex') };
+        keys = await unlockChain(opts.password ?? opts.encryption?.password, kdf, { chain: chain.id, vm: opts.vm }, e.hint);
+      }
+    }
+    const header: FileHeader = {
+      kind: opts.kind === 'full' ? 'full' : 'forward',
+      formatMinor: 0,
+      blockSize: chain.blockSize,
+      fileId,
+      chainId: chain.id,
+      pointId,
+      baseFileId,
+      timeMs: time.getTime(),
+      compression: chain.compression,
+      encryption: kdf,
+    };
+    const finalPath = path.join(folder.dir, backupFileName(time, pointId, opts.kind === 'full' ? 'vbk' : 'vib'));
+    const tmp = temporaryNameFor(finalPath);
+    const untrack = trackTemporary(tmp);
+    const pool = new EncodePool({ blockSize: chain.blockSize, compression: chain.compression, keys, aad: uuidToBytes(chain.id), threads: opts.threads });
+    let file: BackupFileWriter;
+    try {
+      file = await BackupFileWriter.create(tmp, header, pool, opts.disks);
+    } catch (err) {
+      untrack();
+      await pool.close();
+      throw err;
+    }
+    return new RestorePointWriter({ repo, folder, lock, file, finalPath, untrack, pool, keys, chain, newChain: opts.kind === 'full', parent, opts, time, pointId });
+  }
+
+  #parentOpen(): Promise<RestorePoint> {
+    this.#parentPoint ??= this.#repo.openRestorePoint(this.#parent!.id, { password: this.#opts.password ?? this.#opts.encryption?.password });
+    return this.#parentPoint;
+  }
+
+  /**
+   * Writes the blocks of one declared disk. Blocks must come in increasing index order; a block
+   * not given is a hole (full) or unchanged (incremental). With `compareWithParent`, blocks equal
+   * to the parent point's are not stored (increment from a source without changed-block tracking).
+   */
+  async writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions = {}): Promise<DiskWriteStats> {
+    let parentBlock: ((i: number) => Promise<ParentBlock>) | undefined;
+    if (opts.compareWithParent) {
+      if (!this.#parent) throw new BulwarkError('compareWithParent applies to incremental restore points only', { kind: 'invalid' });
+      const parent = await this.#parentOpen();
+      const hasDisk = parent.disks.some((d) => d.name === name);
+      parentBlock = async (i) => {
+        if (!hasDisk) return { kind: 'hole' };
+        const r = await parent.resolve(name, i);
+        return r.kind === 'stored' ? { kind: 'stored', digest: r.entry.digest } : { kind: r.kind };
+      };
+    }
+    return this.#file.writeDisk(name, blocks, { ...opts, parentBlock });
+  }
+
+  /** Commits: the file is fsynced and renamed, then the .vbm names the new point. */
+  async commit(): Promise<RestorePointInfo> {
+    if (this.#finished) throw new BulwarkError('restore point already committed or aborted', { kind: 'invalid' });
+    this.#finished = true;
+    try {
+      const config = sealConfig(this.#opts.vmConfig ?? Buffer.alloc(0), this.#keys, uuidToBytes(this.#chain.id));
+      const { fileLength } = await this.#file.commit(config);
+      await publish(this.#file.path, this.#finalPath);
+      this.#untrack();
+      // Re-read under the lock: the .vbm is the only record, never overwrite a newer one blindly.
+      const current = (await readChainMetadata(this.#folder.vbmPath)) ?? {
+        generation: 0,
+        body: { version: 1 as const, job: this.#opts.job, vm: this.#opts.vm, chains: [], journal: null },
+      };
+      const point: PointRecord = {
+        id: this.pointId,
+        time: this.#time.toISOString(),
+        kind: this.#opts.kind,
+        file: path.basename(this.#finalPath),
+        fileId: this.#file.header.fileId,
+        base: this.#parent?.id ?? null,
+        generation: 1,
+        disks: this.#opts.disks.map((d) => ({ name: d.name, size: d.size })),
+        fileBytes: fileLength,
+      };
+      const chains = this.#newChain
+        ? [...current.body.chains, { ...this.#chain, points: [point] }]
+        : current.body.chains.map((c) => (c.id === this.#chain.id ? { ...c, points: [...c.points, point] } : c));
+      const body: ChainMetadata = { ...current.body, chains };
+      await writeFileAtomic(this.#folder.vbmPath, encodeChainMetadata(current.generation + 1, body));
+      const c = body.chains.find((x) => x.id === this.#chain.id)!;
+      return pointInfo(body, c, point, this.#folder.dir);
+    } catch (err) {
+      await rm(this.#file.path, { force: true });
+      throw err;
+    } finally {
+      this.#untrack();
+      await this.#cleanup();
+    }
+  }
+
+  /** Abandons the point: removes the temporary file; nothing becomes visible. */
+  async abort(): Promise<void> {
+    if (this.#finished) return;
+    this.#finished = true;
+    try {
+      await this.#file.abort();
+    } finally {
+      this.#untrack();
+      await this.#cleanup();
+    }
+  }
+
+  async #cleanup(): Promise<void> {
+    await this.#pool.close();
+    if (this.#parentPoint) await this.#parentPoint.then((p) => p.close(), () => undefined);
+    await this.#lock.release();
+  }
+}
+
+/** Escaped folder name back to the display name (for tools that only see folders). */
+export { unescapeName };
