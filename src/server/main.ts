@@ -1,0 +1,260 @@
+// The backup server process: opens the configuration database, makes the first administrator,
+// loads the PKI, starts the job runner and the daily configuration backup, and serves the REST
+// API on the unix socket `<data>/bulwark.sock` (local administrator) and on TLS TCP (`--listen`).
+// Start-up failures are BulwarkErrors that name the thing and what to do, with nothing changed.
+import { constants } from 'node:fs';
+import { access, chmod, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { connect, createServer } from 'node:net';
+import { join } from 'node:path';
+import { Cron } from 'croner';
+import type { FastifyInstance, FastifyPluginAsync } from 'fastify';
+import { BulwarkError, describeError } from '../common/errors.js';
+import { logger } from '../common/log.js';
+import { buildApi, type ConfigBackupApi } from './api/app.js';
+import { openDatabase, type ConfigDatabase } from './db/connect.js';
+import { dataFiles } from './data-dir.js';
+import { ensureServerPki } from './pki/index.js';
+import { systemClock, type Clock, type ServiceContext } from './services/common.js';
+import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfiguration } from './services/config-backup.js';
+import { listRepositories } from './services/infrastructure.js';
+import { SimulatedJobRunner, type JobRunner } from './services/runner.js';
+import { failInterruptedSessions, SessionEvents } from './services/sessions.js';
+import { ensureInitialAdmin } from './services/users.js';
+
+const log = logger('server');
+
+export const defaultListen = '127.0.0.1:9392';
+
+export interface StartServerOptions {
+  dataDir: string;
+  /** `HOST:PORT` (IPv6 as `[::1]:PORT`) for the TLS API; default 127.0.0.1:9392; `none` = socket only. */
+  listen?: string | undefined;
+  /** `postgres://…` to use PostgreSQL; default SQLite at `<data>/bulwark.db`. */
+  db?: string | undefined;
+  /** Extra DNS names / addresses for the server certificate (the listen host is always in it). */
+  hostnames?: string[] | undefined;
+  /** Where the one-time first-start message goes (default: stdout). */
+  print?: ((line: string) => void) | undefined;
+  /** Daily configuration backup as a cron pattern (default `30 3 * * *`); `false` = off. */
+  configBackupSchedule?: string | false | undefined;
+  clock?: Clock | undefined;
+  /** Plugins registered under /api/v1 on both transports (e.g. the agent link). */
+  plugins?: FastifyPluginAsync[] | undefined;
+  /** The job runner; default: a simulation that moves no data. */
+  runner?: ((ctx: ServiceContext, events: SessionEvents) => JobRunner) | undefined;
+}
+
+export interface RunningServer {
+  dataDir: string;
+  /** The unix socket path (`<data>/bulwark.sock`, mode 0600). */
+  socketPath: string;
+  /** `https://HOST:PORT` of the TLS API, or undefined with `listen: 'none'`. */
+  url: string | undefined;
+  tcp: { host: string; port: number } | undefined;
+  /** The CA certificate clients trust (`<data>/pki/ca.crt`) and its SHA-256 fingerprint. */
+  caCertPem: string;
+  caFingerprint: string;
+  /** Set on the first start only: the generated password of `admin`. */
+  initialAdminPassword: string | undefined;
+  database: { engine: 'sqlite' | 'postgres'; location: string };
+  /** For tests and the one-host install: the services' context. */
+  context: ServiceContext;
+  close(): Promise<void>;
+}
+
+export function parseListen(listen: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(listen) ?? /^()()(\d{1,5})$/.exec(listen);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) {
+    throw new BulwarkError(`--listen "${listen}" is not HOST:PORT`, { kind: 'invalid', context: { field: 'listen' }, hint: 'e.g. 127.0.0.1:9392, 0.0.0.0:9392 or [::1]:9392' });
+  }
+  const host = m[1] ?? (m[2] || '127.0.0.1');
+  return { host, port };
+}
+
+async function readVersion(): Promise<string> {
+  try {
+    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: string };
+    return pkg.version ?? '0.0.0';
+  } catch {
+    return '0.0.0';
+  }
+}
+
+async function ensureDataDir(dir: string): Promise<void> {
+  try {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await access(dir, constants.W_OK | constants.X_OK);
+    const probe = join(dir, `.write-test-${process.pid}`);
+    await writeFile(probe, '');
+    await rm(probe);
+  } catch (cause) {
+    throw new BulwarkError(`data directory ${dir} is not writable`, {
+      kind: 'unavailable',
+      context: { file: dir },
+      cause,
+      hint: 'create it and give this user write access, or choose another with --data DIR or $BULWARK_DATA',
+    });
+  }
+}
+
+/** Fails early (before anything is created) when the TCP port is taken. */
+async function probePort(host: string, port: number): Promise<void> {
+  if (port === 0) return;
+  await new Promise<void>((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', (cause: NodeJS.ErrnoException) => {
+      const what = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+      reject(
+        cause.code === 'EADDRINUSE'
+          ? new BulwarkError(`port ${what} is in use`, { kind: 'unavailable', context: { listen: what }, cause, hint: 'stop the program using it, or choose another address with --listen HOST:PORT' })
+          : new BulwarkError(`cannot listen on ${what}`, { kind: 'unavailable', context: { listen: what }, cause, hint: 'choose another address with --listen HOST:PORT' }),
+      );
+    });
+    srv.listen({ host, port, exclusive: true }, () => srv.close(() => resolve()));
+  });
+}
+
+/** Removes a stale socket file; refuses when a live server answers on it. */
+async function claimSocket(path: string): Promise<void> {
+  const st = await stat(path).catch(() => undefined);
+  if (!st) return;
+  const alive = await new Promise<boolean>((resolve) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (alive) {
+    throw new BulwarkError(`another server is listening on ${path}`, { kind: 'unavailable', context: { file: path }, hint: 'stop it first, or use another --data directory' });
+  }
+  await rm(path, { force: true });
+}
+
+/**
+ * Starts the backup server. Resolves when both transports listen; rejects with a BulwarkError
+ * (nothing left running) when the data directory, the database or the port is unusable.
+ */
+export async function startServer(opts: StartServerOptions): Promise<RunningServer> {
+  const dataDir = opts.dataDir;
+  const clock = opts.clock ?? systemClock;
+  const listen = opts.listen === 'none' ? undefined : parseListen(opts.listen ?? defaultListen);
+  await ensureDataDir(dataDir);
+  if (listen) await probePort(listen.host, listen.port);
+  const socketPath = join(dataDir, dataFiles.socket);
+
+  const cleanups: Array<() => Promise<void>> = [];
+  const cleanup = async () => {
+    for (const c of cleanups.reverse()) await c().catch((err: unknown) => log.warn({ err: describeError(err) }, 'shutdown step failed'));
+    cleanups.length = 0;
+  };
+  try {
+    const cdb: ConfigDatabase = await openDatabase({ target: opts.db ?? join(dataDir, dataFiles.database) });
+    cleanups.push(() => cdb.close());
+    if (cdb.migrations.applied.length > 0) log.info({ applied: cdb.migrations.applied }, 'configuration database migrated');
+    const ctx: ServiceContext = { db: cdb.db, engine: cdb.engine, clock };
+
+    await claimSocket(socketPath);
+    const interrupted = await failInterruptedSessions(ctx);
+    if (interrupted > 0) log.warn({ sessions: interrupted }, 'sessions left running by the previous server run were marked failed');
+
+    const pki = await ensureServerPki(dataDir, { hostnames: [...(listen ? [listen.host] : []), ...(opts.hostnames ?? [])].filter((h) => h !== '0.0.0.0' && h !== '::' && h !== '') });
+    const version = await readVersion();
+    const events = new SessionEvents();
+    const runner = opts.runner ? opts.runner(ctx, events) : new SimulatedJobRunner(ctx, events);
+    cleanups.push(() => runner.close());
+
+    const backupOpts = { cdb, clock };
+    const configBackup: ConfigBackupApi = {
+      backup: (repository) => backupConfiguration(backupOpts, repository),
+      restore: (path) => restoreConfiguration(backupOpts, path),
+    };
+
+    const apps: FastifyInstance[] = [];
+    const socketApp = await buildApi({ ctx, runner, events, transport: 'socket', version, configBackup, plugins: opts.plugins });
+    apps.push(socketApp);
+    cleanups.push(() => socketApp.close());
+    await socketApp.listen({ path: socketPath });
+    await chmod(socketPath, 0o600);
+    cleanups.push(() => rm(socketPath, { force: true }));
+
+    let tcp: RunningServer['tcp'];
+    if (listen) {
+      const tcpApp = await buildApi({
+        ctx,
+        runner,
+        events,
+        transport: 'tcp',
+        version,
+        configBackup,
+        plugins: opts.plugins,
+        https: { key: pki.serverKeyPem, cert: pki.serverCertPem },
+      });
+      cleanups.push(() => tcpApp.close());
+      try {
+        await tcpApp.listen({ host: listen.host, port: listen.port });
+      } catch (cause) {
+        throw new BulwarkError(`cannot listen on ${listen.host}:${listen.port}`, { kind: 'unavailable', cause, hint: 'choose another address with --listen HOST:PORT' });
+      }
+      const addr = tcpApp.server.address();
+      tcp = { host: listen.host, port: typeof addr === 'object' && addr ? addr.port : listen.port };
+    }
+
+    // Daily configuration backup into the first repository, keeping the newest 14.
+    if (opts.configBackupSchedule !== false) {
+      const cron = new Cron(opts.configBackupSchedule ?? '30 3 * * *', { protect: true }, async () => {
+        try {
+          if ((await listRepositories(ctx)).length === 0) return;
+          const { path } = await backupConfiguration(backupOpts);
+          await pruneConfigBackups(join(path, '..'), 14);
+          log.info({ path }, 'daily configuration backup written');
+        } catch (err) {
+          log.error({ err: describeError(err) }, 'daily configuration backup failed');
+        }
+      });
+      cleanups.push(async () => cron.stop());
+    }
+
+    // First start: an administrator with a random password, told once.
+    const password = await ensureInitialAdmin(ctx);
+    if (password) {
+      const file = join(dataDir, dataFiles.initialAdminPassword);
+      await writeFile(file, `${password}\n`, { mode: 0o600 });
+      await chmod(file, 0o600);
+      const where = tcp ? `https://${tcp.host.includes(':') ? `[${tcp.host}]` : tcp.host}:${tcp.port}` : 'this server';
+      const print = opts.print ?? ((line: string) => process.stdout.write(`${line}\n`));
+      print(
+        [
+          'Bulwark server: first start. An administrator was created:',
+          `  user: admin   password: ${password}`,
+          `  (also in ${file}, readable by this user only; change it with: bulwark user edit admin --password)`,
+          `  local console: works as administrator through ${socketPath}`,
+          `  remote console: bulwark login ${where}   (CA fingerprint ${pki.caFingerprint})`,
+        ].join('\n'),
+      );
+    }
+
+    const url = tcp ? `https://${tcp.host.includes(':') ? `[${tcp.host}]` : tcp.host}:${tcp.port}` : undefined;
+    log.info({ socket: socketPath, url, database: cdb.location }, 'server started');
+    let closing: Promise<void> | undefined;
+    return {
+      dataDir,
+      socketPath,
+      url,
+      tcp,
+      caCertPem: pki.caCertPem,
+      caFingerprint: pki.caFingerprint,
+      initialAdminPassword: password ?? undefined,
+      database: { engine: cdb.engine, location: cdb.location },
+      context: ctx,
+      close: () => (closing ??= cleanup()),
+    };
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+}
+
+export { configBackupDir };
