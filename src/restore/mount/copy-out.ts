@@ -1,0 +1,75 @@
+// Copies files and folders out of a mounted restore point: regular files, directories and
+// symlinks (kept as links, target verbatim), with permission bits, times and (as root) owners.
+// Directory times are set after their contents, or copying children would change them again.
+// Devices, FIFOs and sockets are reported as skipped, never recreated.
+import { constants } from 'node:fs';
+import { chmod, copyFile, lchown, lstat, lutimes, mkdir, readdir, readlink, rm, symlink, utimes } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { BulwarkError } from '../../common/errors.js';
+
+export interface CopyReport {
+  files: number;
+  directories: number;
+  symlinks: number;
+  bytes: number;
+  /** Paths not copied, with the reason (special files). */
+  skipped: Array<{ path: string; reason: string }>;
+}
+
+export interface CopyOptions {
+  /** Replace files that exist at the destination (default false: fail on the first one). */
+  readonly overwrite?: boolean;
+}
+
+/**
+ * Copies each source (file, folder or symlink) into `toDir`, under its own base name.
+ * `toDir` is created if missing.
+ */
+export async function copyOut(sources: readonly string[], toDir: string, options: CopyOptions = {}): Promise<CopyReport> {
+  const report: CopyReport = { files: 0, directories: 0, symlinks: 0, bytes: 0, skipped: [] };
+  await mkdir(toDir, { recursive: true });
+  const asRoot = process.getuid?.() === 0;
+  for (const src of sources) {
+    await copyEntry(src, join(toDir, basename(src)), report, asRoot, options.overwrite ?? false);
+  }
+  return report;
+}
+
+async function copyEntry(src: string, dest: string, report: CopyReport, asRoot: boolean, overwrite: boolean): Promise<void> {
+  let st;
+  try {
+    st = await lstat(src);
+  } catch (cause) {
+    throw new BulwarkError(`cannot read ${src} in the restore point`, { kind: 'not-found', context: { path: src }, cause });
+  }
+  try {
+    if (st.isSymbolicLink()) {
+      const target = await readlink(src);
+      if (overwrite) await rm(dest, { force: true });
+      await symlink(target, dest);
+      if (asRoot) await lchown(dest, st.uid, st.gid);
+      await lutimes(dest, st.atime, st.mtime);
+      report.symlinks++;
+    } else if (st.isDirectory()) {
+      await mkdir(dest, { recursive: true });
+      for (const name of await readdir(src)) await copyEntry(join(src, name), join(dest, name), report, asRoot, overwrite);
+      if (asRoot) await lchown(dest, st.uid, st.gid);
+      await chmod(dest, st.mode & 0o7777);
+      await utimes(dest, st.atime, st.mtime);
+      report.directories++;
+    } else if (st.isFile()) {
+      await copyFile(src, dest, overwrite ? 0 : constants.COPYFILE_EXCL);
+      // chown first: it clears set-id bits, which chmod then restores.
+      if (asRoot) await lchown(dest, st.uid, st.gid);
+      await chmod(dest, st.mode & 0o7777);
+      await utimes(dest, st.atime, st.mtime);
+      report.files++;
+      report.bytes += st.size;
+    } else {
+      report.skipped.push({ path: src, reason: 'special file (device, FIFO or socket) not copied' });
+    }
+  } catch (cause) {
+    if (cause instanceof BulwarkError) throw cause;
+    throw new BulwarkError(`cannot copy ${src} to ${dest}`, { context: { path: src, to: dest }, cause });
+  }
+}

@@ -1,0 +1,459 @@
+// File-level restore: exposes the guest file systems of one or more disks (RandomAccessDisks,
+// e.g. a restore point's) read-only under a folder. There is no kernel NBD client on our hosts,
+// so the path is: our NBD server on a private unix socket -> nbdfuse (the disk as a FUSE file)
+// -> loop mounts with offset/sizelimit, one per recognised file system (partition tables are
+// read by us: loop devices have no partition support). Everything is undone in reverse order on
+// unmount(), on a failure halfway, at process exit, and by sweepStaleMounts() after a crash.
+import type { ChildProcess } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdir, rm, rmdir } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { isAbsolute, join, relative, resolve } from 'node:path';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { RandomAccessDisk } from '../../disk/types.js';
+import { detectFileSystem, type DetectedFileSystem, type FileSystemType } from '../fs-detect/fs-detect.js';
+import { startNbdServer, type NbdServer } from '../nbd-server/server.js';
+import { readPartitionTable, type Partition } from '../partitions/partitions.js';
+import { copyOut, type CopyOptions, type CopyReport } from './copy-out.js';
+import { kernelFileSystems, mountedPaths, runSyncQuietly, runTool, startNbdfuse, waitExit } from './system.js';
+
+const log = logger('mount');
+
+export interface DiskToMount {
+  /** The disk's name in the tree (`<at>/<name>/...`), e.g. `vda`. Letters, digits, `._-`. */
+  readonly name: string;
+  readonly disk: RandomAccessDisk;
+}
+
+export interface MountOptions {
+  /** Folder to mount under; created if missing. */
+  readonly at: string;
+  /** Where sockets, FUSE views and state files live (default: see defaultRunDir()). */
+  readonly runDir?: string;
+  /** Called after each file system is mounted (progress); if it throws, everything is undone. */
+  readonly onMounted?: (fs: MountedFileSystem) => void;
+}
+
+export interface MountedFileSystem {
+  readonly disk: string;
+  /** Partition index, or null for a file system on the whole disk. */
+  readonly partition: number | null;
+  readonly type: FileSystemType;
+  readonly label?: string;
+  readonly uuid?: string;
+  /** Where it is mounted. */
+  readonly path: string;
+  /** Byte offset and size of the volume on the disk. */
+  readonly offset: number;
+  readonly size: number;
+}
+
+/** A volume found but not mounted, and why (LVM without device-mapper, swap, unknown, ...). */
+export interface SkippedVolume {
+  readonly disk: string;
+  readonly partition: number | null;
+  readonly type: string;
+  readonly reason: string;
+}
+
+/** A live file-level mount. Call unmount() when done (also undone at process exit, best effort). */
+export interface Mount {
+  readonly at: string;
+  readonly filesystems: readonly MountedFileSystem[];
+  readonly skipped: readonly SkippedVolume[];
+  /** Partition-table warnings (damaged primary GPT, ...), prefixed with the disk name. */
+  readonly warnings: readonly string[];
+  /** Copies paths (relative to `at`, or absolute inside it) into toDir. */
+  copyOut(paths: readonly string[], toDir: string, options?: CopyOptions): Promise<CopyReport>;
+  /** Unmounts everything in reverse order, stops nbdfuse and the NBD server. Idempotent. */
+  unmount(): Promise<void>;
+}
+
+/** The default run dir: $BULWARK_RUN_DIR, /run/bulwark/mounts as root, else under the temp dir. */
+export function defaultRunDir(): string {
+  if (process.env.BULWARK_RUN_DIR) return process.env.BULWARK_RUN_DIR;
+  if (process.getuid?.() === 0) return '/run/bulwark/mounts';
+  return join(tmpdir(), `bulwark-mounts-${process.getuid?.() ?? 'user'}`);
+}
+
+/** Mount options per type: never write, never replay a journal (the image is read-only). */
+const MOUNT_OPTIONS: Partial<Record<FileSystemType, string>> = {
+  ext2: 'ro',
+  ext3: 'ro,noload',
+  ext4: 'ro,noload',
+  xfs: 'ro,norecovery,nouuid',
+  btrfs: 'ro',
+  vfat: 'ro',
+  ntfs: 'ro',
+};
+/** The kernel driver name per type, where it differs. */
+const KERNEL_TYPE: Partial<Record<FileSystemType, string>> = { ntfs: 'ntfs3' };
+/** MBR extended containers hold logical partitions, not a file system. */
+const CONTAINER_TYPES = new Set(['0x05', '0x0f', '0x85']);
+
+/** What the state file in the run dir records, so a sweeper can undo a crashed process's mounts. */
+interface MountState {
+  pid: number;
+  at: string;
+  created: string;
+  mountpoints: string[];
+  fuseDirs: string[];
+  nbdfusePids: number[];
+  /** Directories we created (removed again when empty). */
+  createdDirs: string[];
+}
+
+/**
+ * Mounts every recognised file system of the given disks read-only under `options.at`, at
+ * `<at>/<disk>/part<N>-<type>` (or `<at>/<disk>/whole-<type>` for a file system on the whole
+ * disk). Throws after undoing everything when a step fails; a single file system that cannot be
+ * mounted is listed in `skipped` instead. The disks stay open: the caller closes them after
+ * unmount().
+ */
+export async function mountDisks(disks: readonly DiskToMount[], options: MountOptions): Promise<Mount> {
+  for (const d of disks) {
+    if (!/^[A-Za-z0-9._-]+$/.test(d.name) || d.name.startsWith('.')) {
+      throw new BulwarkError(`disk name "${d.name}" cannot be a folder name`, { kind: 'invalid' });
+    }
+  }
+  const m = new MountSession(resolve(options.at), options.runDir ?? defaultRunDir());
+  try {
+    await m.setUp(disks, options.onMounted);
+  } catch (err) {
+    await m.unmount().catch((cleanupErr: unknown) =>
+      log.error({ err: describeError(cleanupErr) }, 'cleanup after a failed mount was incomplete'),
+    );
+    throw err;
+  }
+  return m;
+}
+
+class MountSession implements Mount {
+  readonly at: string;
+  readonly filesystems: MountedFileSystem[] = [];
+  readonly skipped: SkippedVolume[] = [];
+  readonly warnings: string[] = [];
+  readonly #dir: string;
+  readonly #state: MountState;
+  #server: NbdServer | null = null;
+  readonly #nbdfuse: ChildProcess[] = [];
+  #unmounting: Promise<void> | null = null;
+
+  constructor(at: string, runDir: string) {
+    this.at = at;
+    this.#dir = join(runDir, randomUUID());
+    this.#state = {
+      pid: process.pid,
+      at,
+      created: new Date().toISOString(),
+      mountpoints: [],
+      fuseDirs: [],
+      nbdfusePids: [],
+      createdDirs: [],
+    };
+  }
+
+  async setUp(disks: readonly DiskToMount[], onMounted: MountOptions['onMounted']): Promise<void> {
+    mkdirSync(this.#dir, { recursive: true, mode: 0o700 });
+    this.#save();
+    registerForExit(this);
+    await this.#mkdirTracked(this.at);
+    this.#server = await startNbdServer({
+      exports: disks.map((d) => ({ name: d.name, disk: d.disk })),
+      listen: { socketPath: join(this.#dir, 'nbd.sock') },
+    });
+    const kernelTypes = await kernelFileSystems();
+    for (const [i, d] of disks.entries()) {
+      const fuseDir = join(this.#dir, `fuse-${i}`);
+      await mkdir(fuseDir);
+      this.#state.fuseDirs.push(fuseDir);
+      this.#save();
+      const fuse = await startNbdfuse(fuseDir, this.#server.uri(d.name), join(this.#dir, `nbdfuse-${i}.pid`));
+      this.#nbdfuse.push(fuse.child);
+      if (fuse.child.pid !== undefined) this.#state.nbdfusePids.push(fuse.child.pid);
+      this.#save();
+      for (const v of await this.#volumes(d)) {
+        if (v.fs === null) {
+          this.skipped.push({ disk: d.name, partition: v.partition, type: 'unknown', reason: 'no recognised file system' });
+          continue;
+        }
+        const reason = unmountableReason(v.fs.type, kernelTypes);
+        if (reason !== null) {
+          this.skipped.push({ disk: d.name, partition: v.partition, type: v.fs.type, reason });
+          continue;
+        }
+        const leaf = `${v.partition === null ? 'whole' : `part${v.partition}`}-${v.fs.type}`;
+        const path = join(this.at, d.name, leaf);
+        await this.#mkdirTracked(join(this.at, d.name));
+        await this.#mkdirTracked(path);
+        const kernelType = KERNEL_TYPE[v.fs.type] ?? v.fs.type;
+        const opts = `${MOUNT_OPTIONS[v.fs.type]},nodev,nosuid,noexec,loop,offset=${v.offset},sizelimit=${v.size}`;
+        try {
+          // Recorded before the call: a kill during mount(8) still leaves a trail for the sweeper.
+          this.#state.mountpoints.push(path);
+          this.#save();
+          await runTool('mount', ['-t', kernelType, '-o', opts, fuse.image, path], `mounting ${d.name} ${leaf}`);
+        } catch (err) {
+          this.#state.mountpoints.pop();
+          this.#save();
+          this.skipped.push({ disk: d.name, partition: v.partition, type: v.fs.type, reason: describeError(err) });
+          continue;
+        }
+        const mounted: MountedFileSystem = {
+          disk: d.name,
+          partition: v.partition,
+          type: v.fs.type,
+          ...(v.fs.label !== undefined ? { label: v.fs.label } : {}),
+          ...(v.fs.uuid !== undefined ? { uuid: v.fs.uuid } : {}),
+          path,
+          offset: v.offset,
+          size: v.size,
+        };
+        this.filesystems.push(mounted);
+        log.info({ disk: d.name, partition: v.partition, type: v.fs.type, path }, 'file system mounted read-only');
+        onMounted?.(mounted);
+      }
+    }
+  }
+
+  /** The volumes of a disk: a whole-disk file system, or the partitions of its table. */
+  async #volumes(d: DiskToMount): Promise<Array<{ partition: number | null; offset: number; size: number; fs: DetectedFileSystem | null }>> {
+    const whole = await detectFileSystem(d.disk);
+    // A FAT or NTFS boot sector can look like an MBR; any other file system at sector 0 wins.
+    if (whole && whole.type !== 'vfat' && whole.type !== 'ntfs') return [{ partition: null, offset: 0, size: d.disk.size, fs: whole }];
+    let parts: readonly Partition[] = [];
+    try {
+      const table = await readPartitionTable(d.disk);
+      this.warnings.push(...table.warnings.map((w) => `${d.name}: ${w}`));
+      parts = table.partitions;
+    } catch (err) {
+      if (!whole) throw new BulwarkError(`cannot read the partition table of disk ${d.name}`, { kind: 'corrupt', context: { disk: d.name }, cause: err });
+      this.warnings.push(`${d.name}: ${describeError(err)}`);
+    }
+    if (parts.length === 0) return whole ? [{ partition: null, offset: 0, size: d.disk.size, fs: whole }] : [];
+    const out = [];
+    for (const p of parts) {
+      if (CONTAINER_TYPES.has(p.type)) continue;
+      out.push({ partition: p.index, offset: p.start, size: p.size, fs: await detectFileSystem(d.disk, p.start, p.size) });
+    }
+    return out;
+  }
+
+  async #mkdirTracked(path: string): Promise<void> {
+    if (existsSync(path)) return;
+    await mkdir(path, { recursive: true });
+    this.#state.createdDirs.push(path);
+    this.#save();
+  }
+
+  #save(): void {
+    writeFileSync(join(this.#dir, 'state.json'), JSON.stringify(this.#state, null, 2));
+  }
+
+  async copyOut(paths: readonly string[], toDir: string, options?: CopyOptions): Promise<CopyReport> {
+    const sources = paths.map((p) => {
+      const abs = resolve(this.at, p);
+      const rel = relative(this.at, abs);
+      if (rel === '..' || rel.startsWith('../') || isAbsolute(rel)) {
+        throw new BulwarkError(`${p} is outside the mounted restore point ${this.at}`, { kind: 'invalid', context: { path: p } });
+      }
+      return abs;
+    });
+    return await copyOut(sources, toDir, options);
+  }
+
+  unmount(): Promise<void> {
+    this.#unmounting ??= this.#teardown();
+    return this.#unmounting;
+  }
+
+  async #teardown(): Promise<void> {
+    const problems: string[] = [];
+    for (const path of [...this.#state.mountpoints].reverse()) {
+      try {
+        await unmountPath(path);
+        this.#state.mountpoints = this.#state.mountpoints.filter((p) => p !== path);
+      } catch (err) {
+        problems.push(describeError(err));
+      }
+    }
+    for (const [i, dir] of [...this.#state.fuseDirs].entries()) {
+      if (mountedPaths().has(dir)) {
+        await runTool('fusermount3', ['-u', dir], `unmounting FUSE view ${dir}`).catch(async (err: unknown) => {
+          problems.push(describeError(err));
+          await runTool('fusermount3', ['-uz', dir], 'lazy FUSE unmount').catch(() => undefined);
+        });
+      }
+      const child = this.#nbdfuse[i];
+      if (child) await waitExit(child);
+    }
+    await this.#server?.close();
+    for (const dir of [...this.#state.createdDirs].reverse()) {
+      if (!mountedPaths().has(dir)) await rmdir(dir).catch(() => undefined);
+    }
+    unregisterForExit(this);
+    if (problems.length === 0) await rm(this.#dir, { recursive: true, force: true });
+    else this.#save();
+    if (problems.length > 0) {
+      throw new BulwarkError(`some mounts under ${this.at} could not be undone: ${problems.join('; ')}`, {
+        context: { at: this.at },
+        hint: `close programs using files under ${this.at}, then run the stale-mount sweeper`,
+      });
+    }
+    log.info({ at: this.at }, 'unmounted');
+  }
+
+  /** Synchronous last resort at process exit: lazy unmounts, nothing awaited. */
+  exitCleanup(): void {
+    for (const p of [...this.#state.mountpoints].reverse()) runSyncQuietly('umount', ['-l', p]);
+    for (const d of this.#state.fuseDirs) runSyncQuietly('fusermount3', ['-uz', d]);
+    for (const c of this.#nbdfuse) c.kill('SIGTERM');
+    for (const dir of [...this.#state.createdDirs].reverse()) rmSyncQuietly(dir);
+    rmSync(this.#dir, { recursive: true, force: true });
+  }
+}
+
+function unmountableReason(type: FileSystemType, kernel: ReadonlySet<string>): string | null {
+  switch (type) {
+    case 'lvm2-pv':
+      return existsSync('/dev/mapper/control')
+        ? 'LVM physical volume: activating its logical volumes is not supported yet; restore the whole disk instead'
+        : 'LVM physical volume: this kernel has no device-mapper, so its logical volumes cannot be activated here; restore the whole disk, or mount on a host with device-mapper';
+    case 'swap':
+      return 'swap space: holds no files';
+    case 'ext2':
+    case 'ext3':
+    case 'ext4':
+    case 'xfs':
+    case 'btrfs':
+    case 'vfat':
+    case 'ntfs': {
+      const k = KERNEL_TYPE[type] ?? type;
+      return kernel.has(k) ? null : `${type} file system: this kernel has no ${k} driver (not in /proc/filesystems), so it cannot be mounted here`;
+    }
+  }
+}
+
+/** umount; when busy, retry briefly, then detach lazily (it goes away once no longer used). */
+async function unmountPath(path: string): Promise<void> {
+  if (!mountedPaths().has(path)) return;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await runTool('umount', [path], `unmounting ${path}`);
+      return;
+    } catch (err) {
+      if (attempt < 3) {
+        await new Promise((r) => setTimeout(r, 100 * (attempt + 1)));
+        continue;
+      }
+      await runTool('umount', ['-l', path], `lazy unmount of ${path}`);
+      log.warn({ path, err: describeError(err) }, 'mount was busy; detached lazily');
+      return;
+    }
+  }
+}
+
+/** Removes a directory only when empty; never throws (exit paths). */
+function rmSyncQuietly(dir: string): void {
+  try {
+    rmdirSync(dir);
+  } catch {
+    /* not empty, gone, or still a mount point: leave it */
+  }
+}
+
+// ---- process-exit hook ----------------------------------------------------------------------
+
+const active = new Set<MountSession>();
+const SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+
+function onExit(): void {
+  for (const m of active) m.exitCleanup();
+  active.clear();
+}
+
+function onSignal(signal: NodeJS.Signals): void {
+  onExit();
+  removeHooks();
+  // Another handler decides what this signal means; else die of it as we would have.
+  if (process.listenerCount(signal) === 0) process.kill(process.pid, signal);
+}
+
+function registerForExit(m: MountSession): void {
+  if (active.size === 0) {
+    process.on('exit', onExit);
+    for (const s of SIGNALS) process.on(s, onSignal);
+  }
+  active.add(m);
+}
+
+function unregisterForExit(m: MountSession): void {
+  if (!active.delete(m) || active.size > 0) return;
+  removeHooks();
+}
+
+function removeHooks(): void {
+  process.off('exit', onExit);
+  for (const s of SIGNALS) process.off(s, onSignal);
+}
+
+// ---- stale-mount sweeper ----------------------------------------------------------------------
+
+export interface SweptMount {
+  readonly dir: string;
+  readonly pid: number;
+  readonly at: string;
+  readonly unmounted: readonly string[];
+}
+
+/**
+ * Undoes the mounts of processes that died without unmounting (killed, crashed), found through
+ * the state files under runDir. Mounts of live processes are left alone.
+ */
+export async function sweepStaleMounts(runDir = defaultRunDir()): Promise<SweptMount[]> {
+  if (!existsSync(runDir)) return [];
+  const swept: SweptMount[] = [];
+  for (const entry of readdirSync(runDir)) {
+    const dir = join(runDir, entry);
+    let state: MountState;
+    try {
+      state = JSON.parse(readFileSync(join(dir, 'state.json'), 'utf8')) as MountState;
+    } catch {
+      continue;
+    }
+    if (state.pid === process.pid ? [...active].some((m) => m.at === state.at) : processAlive(state.pid)) continue;
+    const mounted = mountedPaths();
+    const unmounted: string[] = [];
+    for (const p of [...state.mountpoints].reverse()) {
+      if (mounted.has(p) && runSyncQuietly('umount', ['-l', p])) unmounted.push(p);
+    }
+    for (const d of state.fuseDirs) if (mounted.has(d)) runSyncQuietly('fusermount3', ['-uz', d]);
+    for (const pid of state.nbdfusePids) {
+      if (processAlive(pid) && commandOf(pid) === 'nbdfuse') process.kill(pid, 'SIGTERM');
+    }
+    for (const d of [...state.createdDirs].reverse()) rmSyncQuietly(d);
+    await rm(dir, { recursive: true, force: true });
+    log.warn({ pid: state.pid, at: state.at, unmounted }, 'swept stale file-level restore mounts');
+    swept.push({ dir, pid: state.pid, at: state.at, unmounted });
+  }
+  return swept;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+function commandOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '';
+  }
+}
