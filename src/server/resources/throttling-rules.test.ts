@@ -1,0 +1,76 @@
+import { describe, expect, it } from 'vitest';
+import { localTime, matchingThrottlingRules, mbpsToBytesPerSecond, ruleActiveAt, ruleCovers, validateThrottlingRule, type ThrottlingRule } from './throttling-rules.js';
+
+const rule = (extra: Partial<ThrottlingRule> = {}): ThrottlingRule => ({ name: 'wan', source: '10.1.0.0/16', target: '10.2.0.0/24, 192.168.5.10-192.168.5.20', mbps: 100, ...extra });
+
+describe('ruleCovers (either direction)', () => {
+  it.each<[string, string, string, boolean]>([
+    ['source range to target CIDR', '10.1.3.4', '10.2.0.9', true],
+    ['the reverse direction too', '10.2.0.9', '10.1.3.4', true],
+    ['target given as a dash range', '10.1.0.1', '192.168.5.15', true],
+    ['range end is inclusive', '10.1.0.1', '192.168.5.20', true],
+    ['outside the range', '10.1.0.1', '192.168.5.21', false],
+    ['both ends in the source range', '10.1.0.1', '10.1.0.2', false],
+    ['outside the target CIDR', '10.1.0.1', '10.2.1.1', false],
+    ['not an address', 'host.example', '10.2.0.1', false],
+  ])('%s: %s <-> %s', (_n, a, b, expected) => {
+    expect(ruleCovers(rule(), a, b)).toBe(expected);
+  });
+
+  it('IPv6 CIDRs and single addresses', () => {
+    const r = rule({ source: 'fd00:1::/64', target: 'fd00:2::5' });
+    expect(ruleCovers(r, 'fd00:1::abcd', 'fd00:2::5')).toBe(true);
+    expect(ruleCovers(r, 'fd00:1::abcd', 'fd00:2::6')).toBe(false);
+  });
+});
+
+describe('ruleActiveAt (time zone and day injected)', () => {
+  // 2026-11-23 is a Monday.
+  const at = (iso: string): Date => new Date(iso);
+  const office = rule({ schedule: { days: ['mon', 'tue', 'wed', 'thu', 'fri'], from: '08:00', to: '18:00' } });
+  const night = rule({ schedule: { days: ['fri'], from: '22:00', to: '06:00' } });
+  it.each<[string, ThrottlingRule, string, string, boolean]>([
+    ['office hours, Monday 09:00 Berlin', office, '2026-11-23T08:00:00Z', 'Europe/Berlin', true],
+    ['same instant, New York is 03:00', office, '2026-11-23T08:00:00Z', 'America/New_York', false],
+    ['end is exclusive', office, '2026-11-23T17:00:00Z', 'Europe/Berlin', false],
+    ['start is inclusive', office, '2026-11-23T07:00:00Z', 'Europe/Berlin', true],
+    ['Saturday is not a workday', office, '2026-11-28T10:00:00Z', 'UTC', false],
+    ['overnight window, Friday 23:00', night, '2026-11-27T23:00:00Z', 'UTC', true],
+    ['overnight window runs into Saturday 05:59', night, '2026-11-28T05:59:00Z', 'UTC', true],
+    ['overnight window over at Saturday 06:00', night, '2026-11-28T06:00:00Z', 'UTC', false],
+    ['overnight window, Friday 05:00 belongs to Thursday night', night, '2026-11-27T05:00:00Z', 'UTC', false],
+    ['no schedule: always', rule(), '2026-11-28T03:00:00Z', 'UTC', true],
+    ['disabled: never', rule({ enabled: false }), '2026-11-28T03:00:00Z', 'UTC', false],
+    ['from == to: the whole day', rule({ schedule: { days: ['sat'], from: '00:00', to: '00:00' } }), '2026-11-28T23:59:00Z', 'UTC', true],
+  ])('%s', (_n, r, iso, zone, expected) => {
+    expect(ruleActiveAt(r, at(iso), zone)).toBe(expected);
+  });
+
+  it('localTime reads the zone, not the host', () => {
+    expect(localTime(new Date('2026-11-23T23:30:00Z'), 'Asia/Tokyo')).toEqual({ day: 'tue', minute: 8 * 60 + 30 });
+  });
+});
+
+describe('matchingThrottlingRules and validation', () => {
+  it('returns every rule that covers the connection now (the strictest then wins)', () => {
+    const rules = [rule({ name: 'a', mbps: 100 }), rule({ name: 'b', mbps: 20, source: '10.1.3.0/24' }), rule({ name: 'c', source: '10.9.0.0/16' })];
+    const m = matchingThrottlingRules(rules, { sourceIp: '10.1.3.4', targetIp: '10.2.0.1', at: new Date(), timeZone: 'UTC' });
+    expect(m.map((r) => r.name)).toEqual(['a', 'b']);
+  });
+
+  it('Mbit/s are 10^6 bits', () => {
+    expect(mbpsToBytesPerSecond(100)).toBe(12_500_000);
+  });
+
+  it.each<[string, Partial<ThrottlingRule>, string[]]>([
+    ['valid', {}, []],
+    ['bad CIDR', { source: '10.1.0.0/33' }, ['source: "10.1.0.0/33" is not a valid CIDR range']],
+    ['reversed range', { target: '10.0.0.9-10.0.0.1' }, ['target: "10.0.0.9-10.0.0.1" starts after it ends']],
+    ['empty', { source: ' , ' }, ['source: an address range is empty']],
+    ['garbage', { target: 'somewhere' }, ['target: "somewhere" is not an IP address']],
+    ['zero limit', { mbps: 0 }, ['the limit must be a positive number of Mbit/s']],
+    ['bad schedule', { schedule: { days: [], from: '25:00', to: '8:00' } }, ['"25:00" is not a time (HH:MM)', '"8:00" is not a time (HH:MM)', 'the schedule names no days']],
+  ])('validate: %s', (_n, extra, errors) => {
+    expect(validateThrottlingRule(rule(extra))).toEqual(errors);
+  });
+});
