@@ -107,16 +107,8 @@ export function missedRunSince(schedule: Schedule, lastRun: Date, now: Date, def
 /** Whether the instant `at` lies inside an allowed period of the window. */
 export function isInsideWindow(window: BackupWindow, at: Date, defaultTimeZone?: string): boolean {
   const tz = window.timeZone ?? defaultTimeZone;
-  const { weekday, minuteOfDay } = zonedWeekdayMinute(at, tz);
-  return window.allow.some((rule) => {
-    const from = minutesOf(rule.from, 'window.from');
-    const to = minutesOf(rule.to, 'window.to');
-    const days = rule.days === undefined || rule.days.length === 0 ? weekdays : rule.days;
-    const previous = weekdays[(weekdays.indexOf(weekday) + 6) % 7]!;
-    if (to > from) return days.includes(weekday) && minuteOfDay >= from && minuteOfDay < to;
-    // Past midnight: the evening part belongs to the rule's day, the morning part to the day after.
-    return (days.includes(weekday) && minuteOfDay >= from) || (days.includes(previous) && minuteOfDay < to);
-  });
+  const rules = compileWindow(window);
+  return allowedAtLocal(rules, at.getTime() + zoneOffsetMs(at.getTime(), tz));
 }
 
 /**
@@ -126,13 +118,51 @@ export function isInsideWindow(window: BackupWindow, at: Date, defaultTimeZone?:
  */
 export function windowEndsAt(window: BackupWindow, start: Date, defaultTimeZone?: string): Date | undefined {
   if (!isInsideWindow(window, start, defaultTimeZone)) return start;
-  // Walk minute boundaries (at most a week and a day: DST days have 23 or 25 hours).
-  let t = Math.floor(start.getTime() / minuteMs) * minuteMs + minuteMs;
-  const limit = start.getTime() + 8 * 24 * 60 * minuteMs;
-  for (; t <= limit; t += minuteMs) {
-    if (!isInsideWindow(window, new Date(t), defaultTimeZone)) return new Date(t);
+  const tz = window.timeZone ?? defaultTimeZone;
+  const rules = compileWindow(window);
+  // Walk minute boundaries (at most a week and a day: DST days have 23 or 25 hours). The zone
+  // offset is looked up once per hour; an hour whose two ends differ (a DST change) is walked
+  // with a lookup per minute.
+  const hourMs = 60 * minuteMs;
+  const limit = start.getTime() + 8 * 24 * hourMs;
+  for (let chunk = Math.floor(start.getTime() / minuteMs) * minuteMs + minuteMs; chunk <= limit; chunk += hourMs) {
+    const offset = zoneOffsetMs(chunk, tz);
+    const steady = zoneOffsetMs(chunk + hourMs, tz) === offset;
+    for (let t = chunk; t < chunk + hourMs; t += minuteMs) {
+      if (!allowedAtLocal(rules, t + (steady ? offset : zoneOffsetMs(t, tz)))) return new Date(t);
+    }
   }
   return undefined;
+}
+
+interface WindowRule {
+  days: Set<number>;
+  from: number;
+  to: number;
+}
+
+function compileWindow(window: BackupWindow): WindowRule[] {
+  return window.allow.map((rule) => ({
+    days: new Set((rule.days === undefined || rule.days.length === 0 ? weekdays : rule.days).map(weekdayNumber)),
+    from: minutesOf(rule.from, 'window.from'),
+    to: minutesOf(rule.to, 'window.to'),
+  }));
+}
+
+const dayMs = 24 * 60 * minuteMs;
+
+/** `localMs`: local wall-clock time as if it were UTC, in ms since the epoch. */
+function allowedAtLocal(rules: WindowRule[], localMs: number): boolean {
+  const dayNumber = Math.floor(localMs / dayMs);
+  const day = (((dayNumber + 4) % 7) + 7) % 7; // 1970-01-01 was a Thursday (4); 0 = Sunday
+  const minute = Math.floor((localMs - dayNumber * dayMs) / minuteMs);
+  const previous = (day + 6) % 7;
+  return rules.some((r) =>
+    r.to > r.from
+      ? r.days.has(day) && minute >= r.from && minute < r.to
+      : // Past midnight: the evening part belongs to the rule's day, the morning part to the day after.
+        (r.days.has(day) && minute >= r.from) || (r.days.has(previous) && minute < r.to),
+  );
 }
 
 /** Checks a schedule's fields; throws a BulwarkError naming the bad field. */
@@ -199,24 +229,28 @@ function minutesOf(text: string, field: string): number {
 
 const formatters = new Map<string, Intl.DateTimeFormat>();
 
-/** Weekday and minute of the day of `at` in time zone `tz` (server zone when undefined). */
-export function zonedWeekdayMinute(at: Date, tz: string | undefined): { weekday: Weekday; minuteOfDay: number } {
+/** Local time minus UTC at instant `t` (ms since the epoch) in zone `tz` (server zone when undefined). */
+export function zoneOffsetMs(t: number, tz: string | undefined): number {
   const key = tz ?? '';
   let f = formatters.get(key);
   if (f === undefined) {
     if (tz !== undefined) checkTimeZone(tz);
-    f = new Intl.DateTimeFormat('en-US', { timeZone: tz, weekday: 'short', hour: 'numeric', minute: 'numeric', hourCycle: 'h23' });
+    f = new Intl.DateTimeFormat('en-US', {
+      timeZone: tz,
+      year: 'numeric',
+      month: 'numeric',
+      day: 'numeric',
+      hour: 'numeric',
+      minute: 'numeric',
+      second: 'numeric',
+      hourCycle: 'h23',
+    });
     formatters.set(key, f);
   }
-  let weekday: Weekday = 'sun';
-  let hour = 0;
-  let minute = 0;
-  for (const part of f.formatToParts(at)) {
-    if (part.type === 'weekday') weekday = part.value.toLowerCase().slice(0, 3) as Weekday;
-    else if (part.type === 'hour') hour = Number(part.value);
-    else if (part.type === 'minute') minute = Number(part.value);
-  }
-  return { weekday, minuteOfDay: hour * 60 + minute };
+  const p: Record<string, number> = {};
+  for (const part of f.formatToParts(new Date(t))) if (part.type !== 'literal') p[part.type] = Number(part.value);
+  const asUtc = Date.UTC(p.year!, p.month! - 1, p.day, p.hour, p.minute, p.second);
+  return asUtc - Math.floor(t / 1000) * 1000;
 }
 
 function invalid(message: string, field: string, hint?: string, cause?: unknown): BulwarkError {
