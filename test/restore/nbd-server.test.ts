@@ -4,7 +4,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, open, readFile, rm, truncate } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -156,6 +156,28 @@ describe('NBD server with real clients', () => {
       (e: { stdout: string; stderr: string }) => e.stdout + e.stderr,
     );
     expect(wrong).toContain('Pattern verification failed');
+  });
+
+  it('qemu-storage-daemon reads it as a blockdev (driver=nbd) and re-exports it over FUSE', async () => {
+    const view = join(dir, 'qsd-view.raw');
+    const pidFile = join(dir, 'qsd.pid');
+    await writeFile(view, '');
+    await run('qemu-storage-daemon', [
+      '--blockdev', `driver=nbd,node-name=n0,server.type=unix,server.path=${sock},export=big,read-only=on`,
+      '--export', `type=fuse,id=e0,node-name=n0,mountpoint=${view},writable=off`,
+      '--pidfile', pidFile,
+      '--daemonize',
+    ]);
+    const pid = Number((await readFile(pidFile, 'utf8')).trim());
+    try {
+      const got = await readFile(view);
+      expect(got.length).toBe(Math.ceil(BIG_SIZE / 512) * 512);
+      expect(got.subarray(0, BIG_SIZE).equals(await readFile(bigPath))).toBe(true);
+    } finally {
+      await run('fusermount3', ['-u', view]).catch(() => undefined);
+      process.kill(pid, 'SIGTERM');
+      for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await new Promise((r) => setTimeout(r, 20));
+    }
   });
 
   it('serves over TCP as well', async () => {

@@ -22,6 +22,8 @@ const MAX_OPTION_LENGTH = 64 * 1024;
 /** Block-status replies carry at most this many descriptors; the client asks again for the rest. */
 const MAX_DESCRIPTORS = 8192;
 const BASE_ALLOCATION_ID = 1;
+/** Read bytes one connection may have in flight (beyond one request of any allowed size). */
+const MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024;
 const PREFERRED_BLOCK = 4096;
 
 /** Thrown to end the connection on a protocol violation the spec says to disconnect on. */
@@ -245,6 +247,7 @@ export class NbdConnection {
   async #transmission(): Promise<void> {
     const exp = this.#export!;
     let inFlight = 0;
+    let bytesInFlight = 0;
     let slotFreed: (() => void) | null = null;
     const running = new Set<Promise<void>>();
     try {
@@ -262,10 +265,16 @@ export class NbdConnection {
           if (length > this.#cfg.maxRequest) throw new ProtocolViolation(`write of ${length} bytes`);
           await this.#reader.skip(length);
         }
-        while (inFlight >= this.#cfg.maxInFlight) await new Promise<void>((r) => (slotFreed = r));
+        // Bounded by count and by bytes being read, so big reads in flight cannot exhaust memory.
+        const cost = type === P.NBD_CMD_READ ? Math.min(length, this.#cfg.maxRequest) : 0;
+        while (inFlight >= this.#cfg.maxInFlight || (inFlight > 0 && bytesInFlight + cost > MAX_BYTES_IN_FLIGHT)) {
+          await new Promise<void>((r) => (slotFreed = r));
+        }
         inFlight++;
+        bytesInFlight += cost;
         const task = this.#request(exp, { flags, type, cookie: Buffer.from(cookie), offset, length }).finally(() => {
           inFlight--;
+          bytesInFlight -= cost;
           running.delete(task);
           const wake = slotFreed;
           slotFreed = null;
