@@ -294,6 +294,16 @@ export function agentLinkPlugin(opts: AgentLinkOptions): FastifyPluginAsync {
   };
 }
 
+/**
+ * The state to show for an agent: `offline` when an online agent has not been heard from for
+ * three heartbeat intervals; otherwise what is stored.
+ */
+export function effectiveAgentState(stored: AgentLinkState, lastSeenAt: Date | null | undefined, now: Date, heartbeatSeconds = 30): AgentLinkState {
+  if (stored !== 'online') return stored;
+  if (lastSeenAt === null || lastSeenAt === undefined) return 'offline';
+  return now.getTime() - lastSeenAt.getTime() > 3 * heartbeatSeconds * 1000 ? 'offline' : 'online';
+}
+
 /** The agent name of a request made with a valid, current agent certificate; throws otherwise. */
 export async function authenticateAgent(store: Pick<AgentLinkStore, 'findAgent'>, req: FastifyRequest): Promise<string> {
   const socket = req.raw.socket as Partial<TLSSocket>;

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { BulwarkError } from '../../common/errors.js';
 import { ManualClock } from '../scheduler/clock.js';
-import { JobEngine, type SessionEvent } from './engine.js';
+import { JobEngine, asJobRunner, type SessionEvent } from './engine.js';
 import { FakeDiskResolver, FakeTaskExecutor, type FakeTaskExecutorOptions } from './fake-executor.js';
 import { InMemoryJobEngineStore } from './memory-store.js';
 import type { JobDefinition, SlotLease, SlotRequest, TaskSlots } from './ports.js';
@@ -126,6 +126,20 @@ describe('JobEngine', () => {
     expect((await store.loadSession(sessionId))!.reason).toBe('stopped by alice');
     await expect(engine.stop(sessionId)).rejects.toThrow(/is not running \(it is stopped\)/);
     await expect(engine.stop('nope')).rejects.toThrow(/there is no session nope/);
+  });
+
+  it('serves as the API job runner: run, stop with a reason, close', async () => {
+    const { clock, store, engine } = setup();
+    const runner = asJobRunner(engine);
+    const { sessionId } = await runner.run('nightly', { full: true });
+    expect((await store.loadSession(sessionId))!).toMatchObject({ full: true, trigger: 'manual' });
+    await runner.stop(sessionId, 'stopped by admin via the API');
+    expect(await engine.waitForEnd(sessionId)).toBe('stopped');
+    expect((await store.loadSession(sessionId))!.reason).toBe('stopped by admin via the API');
+    const second = await runner.run('nightly', { full: false });
+    await clock.advance(100);
+    await runner.close();
+    expect((await store.loadSession(second.sessionId))!).toMatchObject({ state: 'stopped', reason: 'the server shut down' });
   });
 
   it('stops a session still running when its backup window ends', async () => {

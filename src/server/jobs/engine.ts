@@ -189,7 +189,7 @@ export class JobEngine {
    * Stops a running session: tasks waiting for a slot never start, running ones are aborted
    * (their executors see the signal), the session ends as `stopped`. Resolves once requested.
    */
-  async stop(sessionId: string, opts: { by?: string | undefined } = {}): Promise<void> {
+  async stop(sessionId: string, opts: { by?: string | undefined; reason?: string | undefined } = {}): Promise<void> {
     const active = this.#bySession.get(sessionId);
     if (active === undefined) {
       const s = await this.#store.loadSession(sessionId);
@@ -199,7 +199,7 @@ export class JobEngine {
         context: { session: sessionId, job: s.jobName },
       });
     }
-    this.#abort(active, opts.by === undefined ? 'stopped by a user' : `stopped by ${opts.by}`);
+    this.#abort(active, opts.reason ?? (opts.by === undefined ? 'stopped by a user' : `stopped by ${opts.by}`));
   }
 
   /** Stops every running session (server shutdown) and waits for them to end. */
@@ -561,6 +561,22 @@ export class JobEngine {
       }
     }
   }
+}
+
+/**
+ * The engine behind the API's `JobRunner` shape (`run(job, { full })`, `stop(id, reason)`,
+ * `close()`), for the server to use in place of its simulated runner.
+ */
+export function asJobRunner(engine: JobEngine): {
+  run(job: string, opts: { full: boolean }): Promise<{ sessionId: string }>;
+  stop(sessionId: string, reason: string): Promise<void>;
+  close(): Promise<void>;
+} {
+  return {
+    run: async (job, opts) => ({ sessionId: (await engine.runNow(job, { full: opts.full, trigger: 'manual' })).sessionId }),
+    stop: (sessionId, reason) => engine.stop(sessionId, { reason }),
+    close: () => engine.shutdown(),
+  };
 }
 
 function describeTrigger(trigger: SessionTrigger): string {
