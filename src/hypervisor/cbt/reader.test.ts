@@ -1,0 +1,166 @@
+import { describe, expect, it } from 'vitest';
+import type { DiskBlock, Extent } from '../../disk/types.js';
+import type { DirtyExtent } from '../nbd/client.js';
+import { ChangedBlockReader, planBlocks, type BlockSource } from './reader.js';
+
+const K = 1024;
+
+/** An in-memory disk with a given allocation map and dirty map; records every read. */
+class FakeSource implements BlockSource {
+  readonly reads: Array<[number, number]> = [];
+  constructor(
+    readonly bytes: Buffer,
+    readonly allocation: Extent[],
+    readonly dirty: DirtyExtent[],
+    readonly failAt?: number,
+  ) {}
+  get size(): number {
+    return this.bytes.length;
+  }
+  async readInto(offset: number, target: Buffer): Promise<Buffer> {
+    await new Promise((r) => setTimeout(r, Math.random() * 3));
+    if (this.failAt !== undefined && offset <= this.failAt && this.failAt < offset + target.length) throw new Error(`read failed at ${offset}`);
+    this.reads.push([offset, target.length]);
+    this.bytes.copy(target, 0, offset, offset + target.length);
+    return target;
+  }
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    return clip(this.allocation, offset, length);
+  }
+  async dirtyExtents(_context: string, offset: number, length: number): Promise<DirtyExtent[]> {
+    return clip(this.dirty, offset, length);
+  }
+}
+
+function clip<T extends { offset: number; length: number }>(list: T[], offset: number, length: number): T[] {
+  return list
+    .filter((e) => e.offset < offset + length && e.offset + e.length > offset)
+    .map((e) => {
+      const s = Math.max(e.offset, offset);
+      const t = Math.min(e.offset + e.length, offset + length);
+      return { ...e, offset: s, length: t - s };
+    });
+}
+
+/** A disk of `size` bytes whose data extents hold an offset pattern, zero elsewhere. */
+function diskWith(size: number, allocation: Extent[]): Buffer {
+  const b = Buffer.alloc(size);
+  for (const e of allocation) if (e.kind === 'data') for (let i = e.offset; i < e.offset + e.length; i++) b[i] = ((i * 7) >>> 3) & 0xff || 1;
+  return b;
+}
+
+async function collect(it: AsyncIterable<DiskBlock>): Promise<DiskBlock[]> {
+  const out: DiskBlock[] = [];
+  for await (const b of it) out.push(b);
+  return out;
+}
+
+describe('planBlocks', () => {
+  const alloc: Extent[] = [
+    { offset: 0, length: 10 * K, kind: 'data' },
+    { offset: 10 * K, length: 54 * K, kind: 'hole' },
+    { offset: 64 * K, length: 64 * K, kind: 'zero' },
+    { offset: 128 * K, length: 8 * K, kind: 'data' },
+    { offset: 136 * K, length: 120 * K + 100, kind: 'hole' },
+  ];
+  it('full: only blocks holding data, with their data ranges', () => {
+    const plans = planBlocks(64 * K, 0, 256 * K + 100, alloc, null);
+    expect(plans).toEqual([
+      { index: 0, offset: 0, length: 64 * K, data: [[0, 10 * K]] },
+      { index: 2, offset: 128 * K, length: 64 * K, data: [[0, 8 * K]] },
+    ]);
+  });
+  it('incremental: dirty blocks only; dirty blocks without data plan zeroes; the short last block', () => {
+    const dirty: DirtyExtent[] = [
+      { offset: 0, length: 64 * K, dirty: false },
+      { offset: 64 * K, length: 64 * K, dirty: true },
+      { offset: 128 * K, length: 128 * K, dirty: false },
+      { offset: 256 * K, length: 100, dirty: true },
+    ];
+    const plans = planBlocks(64 * K, 0, 256 * K + 100, alloc, dirty);
+    expect(plans).toEqual([
+      { index: 1, offset: 64 * K, length: 64 * K, data: [] },
+      { index: 4, offset: 256 * K, length: 100, data: [] },
+    ]);
+  });
+  it('merges touching data extents inside a block', () => {
+    const a: Extent[] = [
+      { offset: 0, length: 4 * K, kind: 'data' },
+      { offset: 4 * K, length: 4 * K, kind: 'data' },
+      { offset: 8 * K, length: 4 * K, kind: 'zero' },
+      { offset: 12 * K, length: 4 * K, kind: 'data' },
+    ];
+    expect(planBlocks(16 * K, 0, 16 * K, a, null)[0]!.data).toEqual([
+      [0, 8 * K],
+      [12 * K, 4 * K],
+    ]);
+  });
+});
+
+describe('ChangedBlockReader', () => {
+  const size = 5 * 1024 * K + 4097; // unaligned
+  const alloc: Extent[] = [
+    { offset: 0, length: 300 * K, kind: 'data' },
+    { offset: 300 * K, length: 900 * K, kind: 'hole' },
+    { offset: 1200 * K, length: 64 * K, kind: 'zero' },
+    { offset: 1264 * K, length: 1000 * K, kind: 'data' },
+    { offset: 2264 * K, length: 2000 * K, kind: 'hole' },
+    { offset: 4264 * K, length: size - 4264 * K, kind: 'data' },
+  ];
+  const bytes = diskWith(size, alloc);
+
+  it('full read yields every block with data, byte-exact, and never reads zero or unallocated extents', async () => {
+    const src = new FakeSource(bytes, alloc, []);
+    const reader = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 256 * K, mapWindow: 1024 * K, concurrency: 3 });
+    const blocks = await collect(reader.blocks());
+    const image = Buffer.alloc(size);
+    let last = -1;
+    for (const b of blocks) {
+      expect(b.index).toBeGreaterThan(last);
+      last = b.index;
+      expect(b.data).not.toBeNull();
+      b.data!.copy(image, b.index * 256 * K);
+    }
+    expect(image.equals(bytes)).toBe(true);
+    for (const [off, len] of src.reads) {
+      for (const e of alloc) if (e.kind !== 'data') expect(off + len <= e.offset || off >= e.offset + e.length).toBe(true);
+    }
+    expect(reader.stats.bytesRead).toBe(alloc.filter((e) => e.kind === 'data').reduce((n, e) => n + e.length, 0));
+    expect(blocks[blocks.length - 1]!.data!.length).toBe(size % (256 * K));
+  });
+
+  it('incremental yields dirty blocks only: data read, zero/unallocated ones as null', async () => {
+    const dirty: DirtyExtent[] = [
+      { offset: 0, length: 64 * K, dirty: true }, // data
+      { offset: 64 * K, length: 576 * K, dirty: false },
+      { offset: 640 * K, length: 64 * K, dirty: true }, // hole
+      { offset: 704 * K, length: 1600 * K, dirty: false },
+      { offset: 2304 * K, length: 64 * K, dirty: true }, // hole
+      { offset: 2368 * K, length: size - 2368 * K - 64, dirty: false },
+      { offset: size - 64, length: 64, dirty: true }, // last, short block
+    ];
+    const src = new FakeSource(bytes, alloc, dirty);
+    const reader = new ChangedBlockReader(src, { kind: 'bitmap', bitmap: 'b', context: 'qemu:dirty-bitmap:b' }, { blockSize: 256 * K, mapWindow: 512 * K });
+    const blocks = await collect(reader.blocks());
+    expect(blocks.map((b) => [b.index, b.data === null])).toEqual([
+      [0, false],
+      [2, true],
+      [9, true],
+      [20, false],
+    ]);
+    expect(blocks[0]!.data!.equals(bytes.subarray(0, 256 * K))).toBe(true);
+    expect(blocks[3]!.data!.equals(bytes.subarray(20 * 256 * K))).toBe(true);
+    expect(reader.stats.zeroBlocks).toBe(2);
+  });
+
+  it('a failed read fails the iteration after the other reads settle', async () => {
+    const src = new FakeSource(bytes, alloc, [], 1300 * K);
+    const reader = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 64 * K, concurrency: 4 });
+    await expect(collect(reader.blocks())).rejects.toThrow(/read failed/);
+  });
+
+  it('rejects a block size that is not a multiple of 512', () => {
+    const src = new FakeSource(bytes, alloc, []);
+    expect(() => new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 1000 })).toThrow(/multiple of 512/);
+  });
+});

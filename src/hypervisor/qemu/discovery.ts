@@ -1,0 +1,197 @@
+// Finding plain QEMU VMs: QMP sockets matched by a glob, the QEMU process behind a socket (its PID
+// from /proc/net/unix + /proc/PID/fd, its command line from /proc/PID/cmdline), and what QMP says
+// about the VM's disks and block graph.
+import { readdir, readFile, readlink, stat } from 'node:fs/promises';
+import path from 'node:path';
+import type { QmpClient } from '../qmp/client.js';
+import type { VmDisk, VmRunState } from '../types.js';
+
+/** Files matching a glob with `*` and `?` inside path segments (no `**`), sorted. */
+export async function globFiles(pattern: string): Promise<string[]> {
+  const abs = path.resolve(pattern);
+  const segments = abs.split('/').filter(Boolean);
+  let current = ['/'];
+  for (const seg of segments) {
+    const next: string[] = [];
+    if (!/[*?[]/.test(seg)) {
+      for (const dir of current) next.push(path.join(dir, seg));
+    } else {
+      const re = new RegExp(
+        '^' +
+          seg
+            .split('')
+            .map((c) => (c === '*' ? '[^/]*' : c === '?' ? '[^/]' : c.replace(/[.+^${}()|\\\]]/g, '\\$&')))
+            .join('') +
+          '$',
+      );
+      for (const dir of current) {
+        let names: string[];
+        try {
+          names = await readdir(dir);
+        } catch {
+          continue;
+        }
+        for (const n of names) if (re.test(n) && !n.startsWith('.')) next.push(path.join(dir, n));
+      }
+    }
+    current = next;
+  }
+  const out: string[] = [];
+  for (const p of current) {
+    try {
+      await stat(p);
+      out.push(p);
+    } catch {
+      // vanished or never existed
+    }
+  }
+  return out.sort();
+}
+
+/** PID of the process listening on a unix socket path, from /proc/net/unix and /proc/PID/fd. */
+export async function socketOwnerPid(socketPath: string): Promise<number | undefined> {
+  const table = await readFile('/proc/net/unix', 'utf8');
+  const inodes = new Set<string>();
+  for (const line of table.split('\n').slice(1)) {
+    const cols = line.trim().split(/\s+/);
+    // Num RefCount Protocol Flags Type St Inode Path; St 01 = listening (unconnected server)
+    if (cols.length >= 8 && cols.slice(7).join(' ') === socketPath && cols[5] === '01') inodes.add(`socket:[${cols[6]}]`);
+  }
+  if (inodes.size === 0) return undefined;
+  const pids = (await readdir('/proc')).filter((n) => /^[0-9]+$/.test(n));
+  // QEMU processes first: scanning every process's fds is the slow path.
+  const comms = await Promise.all(pids.map(async (p) => [p, await readFile(`/proc/${p}/comm`, 'utf8').catch(() => '')] as const));
+  const ordered = [...comms.filter(([, c]) => c.startsWith('qemu')), ...comms.filter(([, c]) => !c.startsWith('qemu'))];
+  for (const [pid] of ordered) {
+    let fds: string[];
+    try {
+      fds = await readdir(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      if (inodes.has(target)) return Number(pid);
+    }
+  }
+  return undefined;
+}
+
+/** The process's command line (argv) and an identity that changes when the process is restarted. */
+export async function processInfo(pid: number): Promise<{ commandLine: string[]; instance: string }> {
+  const raw = await readFile(`/proc/${pid}/cmdline`);
+  const commandLine = raw.toString('utf8').split('\0');
+  if (commandLine[commandLine.length - 1] === '') commandLine.pop();
+  const statText = await readFile(`/proc/${pid}/stat`, 'utf8');
+  // Field 22 (starttime) counts from after the ")" that ends the command name.
+  const fields = statText.slice(statText.lastIndexOf(')') + 2).split(' ');
+  return { commandLine, instance: `${pid}@${fields[19] ?? '0'}` };
+}
+
+interface QueryBlockEntry {
+  device: string;
+  qdev?: string;
+  inserted?: {
+    'node-name'?: string;
+    file: string;
+    drv: string;
+    image: { filename: string; format: string; 'virtual-size': number };
+  };
+}
+
+/** A disk and the block node a backup works on. */
+export interface QemuDisk extends VmDisk {
+  readonly nodeName: string;
+}
+
+/** The VM's disks from query-block: named by device id, else backend name, else node name. */
+export async function queryDisks(qmp: QmpClient): Promise<QemuDisk[]> {
+  const blocks = await qmp.execute<QueryBlockEntry[]>('query-block');
+  const disks: QemuDisk[] = [];
+  for (const b of blocks) {
+    const ins = b.inserted;
+    if (!ins || !ins['node-name']) continue;
+    const qdevId = b.qdev?.match(/^\/machine\/peripheral\/([^/]+)/)?.[1];
+    const name = qdevId ?? (b.device || ins['node-name']);
+    disks.push({
+      name,
+      targetDev: qdevId ?? b.qdev ?? b.device,
+      imagePath: ins.image.filename,
+      format: ins.image.format,
+      virtualSize: ins.image['virtual-size'],
+      nodeName: ins['node-name'],
+      persistentBitmaps: ins.image.format === 'qcow2',
+    });
+  }
+  return disks;
+}
+
+/** What QEMU reports about one dirty bitmap. */
+export interface BitmapInfo {
+  readonly name: string;
+  readonly recording: boolean;
+  readonly persistent: boolean;
+  readonly inconsistent: boolean;
+  readonly busy: boolean;
+  readonly count: number;
+}
+
+/** Dirty bitmaps of each block node, by node name (query-named-block-nodes). */
+export async function queryBitmaps(qmp: QmpClient): Promise<Map<string, BitmapInfo[]>> {
+  const nodes = await qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<Partial<BitmapInfo> & { name: string }> }>>(
+    'query-named-block-nodes',
+    { flat: true },
+  );
+  const out = new Map<string, BitmapInfo[]>();
+  for (const n of nodes) {
+    out.set(
+      n['node-name'],
+      (n['dirty-bitmaps'] ?? []).map((b) => ({
+        name: b.name,
+        recording: b.recording ?? false,
+        persistent: b.persistent ?? false,
+        inconsistent: b.inconsistent ?? false,
+        busy: b.busy ?? false,
+        count: b.count ?? 0,
+      })),
+    );
+  }
+  return out;
+}
+
+/** The VM's run state from query-status. */
+export async function queryRunState(qmp: QmpClient): Promise<VmRunState> {
+  const s = await qmp.execute<{ status: string; running: boolean }>('query-status');
+  if (s.running) return 'running';
+  if (s.status === 'paused' || s.status === 'suspended' || s.status === 'prelaunch') return 'paused';
+  if (s.status === 'shutdown') return 'shut-off';
+  return 'other';
+}
+
+/**
+ * The unix socket of the guest agent: the chardev behind the virtserialport named
+ * org.qemu.guest_agent.0, when QEMU listens on it (server=on).
+ */
+export async function findAgentSocket(qmp: QmpClient): Promise<string | undefined> {
+  const chardevs = await qmp.execute<Array<{ label: string; filename: string }>>('query-chardev');
+  for (const base of ['/machine/peripheral', '/machine/peripheral-anon']) {
+    let children: Array<{ name: string; type: string }>;
+    try {
+      children = await qmp.execute('qom-list', { path: base });
+    } catch {
+      continue;
+    }
+    for (const c of children) {
+      if (c.type !== 'child<virtserialport>') continue;
+      const dev = `${base}/${c.name}`;
+      const portName = await qmp.execute<string>('qom-get', { path: dev, property: 'name' }).catch(() => '');
+      if (portName !== 'org.qemu.guest_agent.0') continue;
+      const chardev = await qmp.execute<string>('qom-get', { path: dev, property: 'chardev' }).catch(() => '');
+      const cd = chardevs.find((x) => x.label === chardev);
+      // e.g. "disconnected:unix:/run/vm1/qga.sock,server=on" (disconnected: no client right now)
+      const m = cd?.filename.match(/^(?:disconnected:)?unix:([^,]+)/);
+      if (m) return m[1];
+    }
+  }
+  return undefined;
+}
