@@ -100,8 +100,35 @@ describe('Scheduler', () => {
     );
     await scheduler.start();
     await clock.advanceTo('2026-03-02T12:06:00Z');
-    // Runs at 12:01 (until 12:02:30), 12:02 skipped, 12:03 (until 12:04:30), 12:04 skipped, 12:05.
+    // Runs at 12:01 (until 12:02:30), 12:02 skipped, 12:03 (until 12:04:30), 12:04 skipped, 12:05 (until 12:06:30), 12:06 skipped.
     expect(sessions().map((s) => s.at.slice(11, 19))).toEqual(['12:01:00', '12:03:00', '12:05:00']);
+    expect(scheduler.skippedRuns().map((r) => `${r.at.toISOString().slice(11, 19)} ${r.reason.replace(/session .*\)/, 'session …)')}`)).toEqual([
+      '12:02:00 job p is already running (session …)',
+      '12:04:00 job p is already running (session …)',
+      '12:06:00 job p is already running (session …)',
+    ]);
+    scheduler.stop();
+  });
+
+  it('skips runs that fall due outside the job\'s backup window', async () => {
+    const { clock, scheduler, sessions } = setup([
+      {
+        id: 'p',
+        name: 'p',
+        enabled: true,
+        schedule: { kind: 'periodic', every: 4, unit: 'hours' },
+        window: { allow: [{ from: '20:00', to: '06:00' }] },
+        scheduledSince: new Date('2026-03-02T12:00:00Z'),
+      },
+    ]);
+    await scheduler.start();
+    await clock.advanceTo('2026-03-03T12:30:00Z');
+    expect(sessions().map((s) => s.at.slice(5, 16))).toEqual(['03-02T20:00', '03-03T00:00', '03-03T04:00']);
+    expect(scheduler.skippedRuns().map((r) => `${r.at.toISOString().slice(5, 16)} ${r.reason}`)).toEqual([
+      '03-02T16:00 outside the backup window',
+      '03-03T08:00 outside the backup window',
+      '03-03T12:00 outside the backup window',
+    ]);
     scheduler.stop();
   });
 

@@ -5,7 +5,7 @@ import { describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { RunOptions, RunResult, SessionEvent } from '../jobs/engine.js';
 import { systemClock, type Clock, type Timer } from './clock.js';
-import { missedRunSince, nextRun, type Schedule, type TimeOfDay } from './schedule.js';
+import { isInsideWindow, missedRunSince, nextRun, type BackupWindow, type Schedule, type TimeOfDay } from './schedule.js';
 
 const log = logger('scheduler');
 
@@ -20,6 +20,8 @@ export interface ScheduledJob {
   lastRunAt?: Date | undefined;
   /** When the job was created or last enabled: the origin for missed-run detection. */
   scheduledSince: Date;
+  /** Hours the job may run in; a run falling due outside them is skipped. */
+  window?: BackupWindow | undefined;
 }
 
 /** The scheduler's read port onto the configuration database. */
@@ -43,6 +45,13 @@ export interface SchedulerOptions {
   runMissed?: boolean | undefined;
   /** The daily configuration backup: `run` is called every day at `at` (server time zone). */
   configBackup?: { at?: TimeOfDay | undefined; run: () => Promise<void> } | undefined;
+}
+
+export interface SkippedRun {
+  jobId: string;
+  jobName: string;
+  at: Date;
+  reason: string;
 }
 
 export interface UpcomingRun {
@@ -73,6 +82,8 @@ export class Scheduler {
   #configTimer: Timer | undefined;
   #unsubscribe: (() => void) | undefined;
   #running = false;
+  /** Recent runs that fell due but did not start, newest last (at most 100). */
+  #skipped: SkippedRun[] = [];
 
   constructor(opts: SchedulerOptions) {
     this.#engine = opts.engine;
@@ -130,6 +141,12 @@ export class Scheduler {
       .sort((a, b) => a.at.getTime() - b.at.getTime());
   }
 
+  /** Runs that fell due but were skipped (job still running, outside its window), newest last. */
+  skippedRuns(): SkippedRun[] {
+    if (this.#skipped.length > 100) this.#skipped = this.#skipped.slice(-100);
+    return [...this.#skipped];
+  }
+
   #armAll(): void {
     const seen = new Set<string>();
     for (const job of this.#jobs) {
@@ -180,9 +197,17 @@ export class Scheduler {
   }
 
   async #trigger(job: ScheduledJob, trigger: 'schedule' | 'missed-run' | 'after-job'): Promise<void> {
+    if (job.window !== undefined && !isInsideWindow(job.window, this.#clock.now(), this.#timeZone)) {
+      log.info({ job: job.name, trigger }, 'skipped a run that fell due outside the backup window');
+      this.#skipped.push({ jobId: job.id, jobName: job.name, at: this.#clock.now(), reason: 'outside the backup window' });
+      return;
+    }
     try {
       const result = await this.#engine.runNow(job.id, { trigger, ifRunning: 'coalesce' });
-      if (result.coalesced) log.info({ job: job.name, reason: result.reason }, 'skipped a scheduled run: the job is still running');
+      if (result.coalesced) {
+        log.info({ job: job.name, reason: result.reason }, 'skipped a scheduled run: the job is still running');
+        this.#skipped.push({ jobId: job.id, jobName: job.name, at: this.#clock.now(), reason: result.reason ?? 'the job is still running' });
+      }
     } catch (err) {
       log.error({ job: job.name, err: describeError(err) }, 'could not start a scheduled job');
     }
