@@ -7,3 +7,7 @@ export { RestorePoint, RestorePointDisk } from './restore-point.js';
 export type { RestorePointInfo, OpenDiskOptions, ResolvedBlock } from './restore-point.js';
 export type { DiskWriteStats, WriteDiskOptions } from './backup-file-writer.js';
 export { escapeName, unescapeName, vmFolder } from './layout.js';
+export { verifyRepository } from './verify.js';
+export type { VerifyReport, VerifyOptions, Damage } from './verify.js';
+export { inspectRepository } from './inspect.js';
+export type { InspectReport, InspectChain, InspectPoint, InspectDisk } from './inspect.js';

@@ -38,24 +38,12 @@ import { newChainKeys, sealConfig, unlockChain, type ChainKeys } from './chain-k
 import { EncodePool } from './encode-pool.js';
 import { BACKUP_FILE_RE, backupFileName, chainMetadataName, unescapeName, vmFolder } from './layout.js';
 import { RestorePoint, type RestorePointInfo } from './restore-point.js';
+import { chainsOfFolder, listVmFolders, type VmFolder } from './folders.js';
 
 const log = logger('repository');
 
-/** A backup chain of one VM: a full and the increments that depend on it. */
-export interface BackupChain {
-  readonly id: string;
-  readonly job: string;
-  readonly vm: string;
-  readonly method: 'forward' | 'reverse';
-  readonly blockSize: number;
-  readonly compression: Compression;
-  readonly encrypted: boolean;
-  readonly passwordHint: string | null;
-  /** Oldest first. */
-  readonly points: readonly RestorePointInfo[];
-  /** The VM folder holding the chain's files. */
-  readonly folder: string;
-}
+export type { BackupChain } from './folders.js';
+import type { BackupChain } from './folders.js';
 
 export interface StartRestorePointOptions {
   readonly job: string;
@@ -86,10 +74,6 @@ export interface SweepReport {
   readonly removed: readonly string[];
 }
 
-interface VmFolder {
-  readonly dir: string;
-  readonly vbmPath: string;
-}
 
 /**
  * Opens a repository folder, creating it when `create` is set, and sweeps leftovers of crashed
@@ -123,18 +107,8 @@ export class Repository {
     this.root = root;
   }
 
-  /** Every VM folder (`<job>/<vm>/`) of the repository. */
   async #vmFolders(): Promise<VmFolder[]> {
-    const out: VmFolder[] = [];
-    for (const job of await readdir(this.root, { withFileTypes: true })) {
-      if (!job.isDirectory()) continue;
-      for (const vm of await readdir(path.join(this.root, job.name), { withFileTypes: true })) {
-        if (!vm.isDirectory()) continue;
-        const dir = path.join(this.root, job.name, vm.name);
-        out.push({ dir, vbmPath: path.join(dir, `${vm.name}.vbm`) });
-      }
-    }
-    return out.sort((a, b) => a.dir.localeCompare(b.dir));
+    return listVmFolders(this.root);
   }
 
   /** Removes leftovers of crashed writers; see SweepReport. Runs on open. */
@@ -156,7 +130,7 @@ export class Repository {
       if (!meta) continue;
       const { body } = meta;
       if ((filter.job !== undefined && body.job !== filter.job) || (filter.vm !== undefined && body.vm !== filter.vm)) continue;
-      for (const c of body.chains) out.push(chainOf(body, c, f.dir));
+      out.push(...chainsOfFolder(body, f.dir));
     }
     return out;
   }
@@ -232,40 +206,6 @@ export class Repository {
       throw err;
     }
   }
-}
-
-function chainOf(body: ChainMetadata, c: ChainRecord, dir: string): BackupChain {
-  return {
-    id: c.id,
-    job: body.job,
-    vm: body.vm,
-    method: c.method,
-    blockSize: c.blockSize,
-    compression: c.compression,
-    encrypted: c.encryption !== null,
-    passwordHint: c.encryption?.hint ?? null,
-    folder: dir,
-    points: c.points.map((p) => pointInfo(body, c, p, dir)),
-  };
-}
-
-function pointInfo(body: ChainMetadata, c: ChainRecord, p: PointRecord, dir: string): RestorePointInfo {
-  return {
-    id: p.id,
-    job: body.job,
-    vm: body.vm,
-    chainId: c.id,
-    method: c.method,
-    kind: p.kind,
-    time: new Date(p.time),
-    file: path.join(dir, p.file),
-    fileBytes: p.fileBytes,
-    base: p.base,
-    disks: p.disks,
-    blockSize: c.blockSize,
-    compression: c.compression,
-    encrypted: c.encryption !== null,
-  };
 }
 
 /** Checks that a backup file is the one the .vbm names (ids, kind, base link). */
@@ -383,7 +323,7 @@ export class RestorePointWriter {
       }
       chain = { id: randomUUID(), method: 'forward', blockSize, compression: opts.compression ?? 'zstd', encryption, points: [] };
     } else {
-      const chains = body.chains.map((c) => chainOf(body, c, folder.dir));
+      const chains = chainsOfFolder(body, folder.dir);
       const all = chains.flatMap((c) => c.points);
       parent = opts.parent ? (all.find((p) => p.id === opts.parent) ?? null) : (chains[chains.length - 1]?.points.at(-1) ?? null);
       if (!parent) {
@@ -490,7 +430,7 @@ export class RestorePointWriter {
       const body: ChainMetadata = { ...current.body, chains };
       await writeFileAtomic(this.#folder.vbmPath, encodeChainMetadata(current.generation + 1, body));
       const c = body.chains.find((x) => x.id === this.#chain.id)!;
-      return pointInfo(body, c, point, this.#folder.dir);
+      return chainsOfFolder({ ...body, chains: [c] }, this.#folder.dir)[0]!.points.at(-1)!;
     } catch (err) {
       await rm(this.#file.path, { force: true });
       throw err;
