@@ -344,6 +344,30 @@ describe('NBD server on the wire', () => {
     expect(r.stdout.trim()).toBe(String(BIG_SIZE));
   });
 
+  it('drops a client that stalls in the handshake, and refuses clients over the limit', async () => {
+    const path = join(dir, 'limits.sock');
+    const s = await startNbdServer({
+      exports: [{ name: 'x', disk: small }],
+      listen: { socketPath: path },
+      handshakeTimeoutMs: 200,
+      maxConnections: 1,
+    });
+    try {
+      const staller = await RawNbdClient.open(path);
+      await staller.reader.read(18); // server greeting, then silence
+      const second = await RawNbdClient.open(path);
+      // Over the limit: closed by the server without a greeting.
+      await expect(second.reader.read(18)).rejects.toThrow(/closed/);
+      second.close();
+      await expect(staller.reader.read(1)).rejects.toThrow(/closed/);
+      staller.close();
+      // The slot is free again.
+      expect((await run('nbdinfo', ['--size', s.uri('x')])).stdout.trim()).toBe(String(SMALL_SIZE));
+    } finally {
+      await s.close();
+    }
+  });
+
   it('close() drops connected clients and removes the socket', async () => {
     const path = join(dir, 'closing.sock');
     const s = await startNbdServer({ exports: [{ name: 'x', disk: small }], listen: { socketPath: path } });

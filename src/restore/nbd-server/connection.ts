@@ -14,6 +14,8 @@ export interface ConnectionConfig {
   readonly exports: ReadonlyMap<string, NbdExport>;
   readonly maxInFlight: number;
   readonly maxRequest: number;
+  /** A client that has not finished the handshake after this long is dropped. */
+  readonly handshakeTimeoutMs: number;
   readonly log: Logger;
 }
 
@@ -50,7 +52,14 @@ export class NbdConnection {
   /** Runs the connection to its end. Resolves when the client leaves; rejects on I/O errors. */
   async run(): Promise<void> {
     try {
-      if (!(await this.#handshake())) return;
+      // Idle clients in transmission are normal (a mounted FUSE view); idle ones before it are not.
+      this.#socket.setTimeout(this.#cfg.handshakeTimeoutMs, () => {
+        this.#log.warn('NBD client did not finish the handshake in time; disconnecting');
+        this.#socket.destroy();
+      });
+      const entered = await this.#handshake();
+      this.#socket.setTimeout(0);
+      if (!entered) return;
       await this.#transmission();
     } catch (err) {
       if (err instanceof ConnectionClosed) return;

@@ -26,8 +26,12 @@ export interface NbdServerOptions {
   readonly listen: NbdListen;
   /** Requests processed at once per connection (default 16); more wait in the socket. */
   readonly maxInFlight?: number;
-  /** Largest read or block-status length accepted, in bytes (default 32 MiB). */
+  /** Largest read length accepted, in bytes (default 32 MiB). */
   readonly maxRequest?: number;
+  /** Clients connected at once (default 64); more are refused at connect. */
+  readonly maxConnections?: number;
+  /** Drop a client that has not finished the handshake after this long (default 30 s). */
+  readonly handshakeTimeoutMs?: number;
 }
 
 /** A running NBD server. Close it to stop listening and drop every client. */
@@ -69,6 +73,7 @@ class NbdServerImpl implements NbdServer {
     this.#exports = new Map(options.exports.map((e) => [e.name, e]));
     this.#log = logger('nbd-server', { server: randomUUID().slice(0, 8) });
     this.#server = createServer((socket) => this.#accept(socket));
+    this.#server.maxConnections = options.maxConnections ?? 64;
   }
 
   get address(): string {
@@ -125,6 +130,7 @@ class NbdServerImpl implements NbdServer {
       exports: this.#exports,
       maxInFlight: this.#options.maxInFlight ?? 16,
       maxRequest: this.#options.maxRequest ?? 32 * 1024 * 1024,
+      handshakeTimeoutMs: this.#options.handshakeTimeoutMs ?? 30_000,
       log: this.#log,
     });
     conn.run().then(
