@@ -8,6 +8,7 @@ import path from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createAgentKeyAndCsr } from '../../src/agent/identity.js';
+import { isAgentEnrolled, runLocalAgent } from '../../src/agent/local.js';
 import { agentFiles, runAgent, type RunningAgent } from '../../src/agent/main.js';
 import { BulwarkError } from '../../src/common/errors.js';
 import { logger } from '../../src/common/log.js';
@@ -167,6 +168,26 @@ describe('agent enrollment over TLS', () => {
     store.agents.get('proxy-e')!.state = 'revoked';
     const revoked = await fresh.heartbeatNow();
     expect(!revoked.ok && revoked.error.message).toContain('agent proxy-e is revoked');
+  });
+
+  it('runs the one-host install\'s local agent, asking for a token only the first time', async () => {
+    const dataDir = path.join(tmp, 'local');
+    const asked: string[] = [];
+    const createToken = async (name: string) => {
+      asked.push(name);
+      return (await createEnrollmentToken(store, pki, { name })).token;
+    };
+    expect(isAgentEnrolled(dataDir)).toBe(false);
+    const first = await runLocalAgent({ serverUrl, dataDir, createToken, heartbeatIntervalMs: 60_000 });
+    agents.push(first);
+    expect((await first.heartbeatNow()).ok).toBe(true);
+    await first.close();
+    expect(isAgentEnrolled(dataDir)).toBe(true);
+    const second = await runLocalAgent({ serverUrl, dataDir, createToken, heartbeatIntervalMs: 60_000 });
+    agents.push(second);
+    expect((await second.heartbeatNow()).ok).toBe(true);
+    expect(asked).toEqual(['local']);
+    expect(store.agents.get('local')?.state).toBe('online');
   });
 
   it('retries with backoff while the server is unreachable, and tells what it cannot reach', async () => {
