@@ -414,9 +414,11 @@ export class TransferReceiver {
     }
     s.state = 'committed';
     this.#log.info({ task: s.taskId, session: s.id }, 'transfer session committed');
-    this.#o.onSessionEnd?.({ sessionId: s.id, taskId: s.taskId, outcome: 'committed' });
+    // Tell the source before anyone else hears of it (a listener may shut this agent down); a
+    // lost COMMITTED is sent again when the source resumes and repeats COMMIT.
     const to = !conn.closed ? conn : [...s.conns].find((c) => !c.closed);
-    to?.send(MessageType.committed, encodeJson({}), { stream }).catch(() => undefined);
+    await to?.send(MessageType.committed, encodeJson({}), { stream }).catch(() => undefined);
+    this.#o.onSessionEnd?.({ sessionId: s.id, taskId: s.taskId, outcome: 'committed' });
   }
 
   async #abort(s: ReceiverSession, outcome: SessionOutcome, reason: string): Promise<void> {
