@@ -47,6 +47,8 @@ export class NbdConnection {
     this.#cfg = cfg;
     this.#log = cfg.log;
     this.#reader = new SocketReader(socket);
+    // Each request waiting for 'drain' holds a listener; that many are expected, not a leak.
+    socket.setMaxListeners(cfg.maxInFlight * 2 + 16);
   }
 
   /** Runs the connection to its end. Resolves when the client leaves; rejects on I/O errors. */
@@ -338,7 +340,7 @@ export class NbdConnection {
         const head = Buffer.alloc(P.NBD_SIMPLE_REPLY_SIZE);
         head.writeUInt32BE(P.NBD_SIMPLE_REPLY_MAGIC, 0);
         r.cookie.copy(head, 8);
-        return await this.#write(Buffer.concat([head, data]));
+        return await this.#write(head, data);
       }
       const single = (r.flags & P.NBD_CMD_FLAG_DF) !== 0;
       const extents: Extent[] =
@@ -358,7 +360,7 @@ export class NbdConnection {
           const data = await disk.read(run.offset, run.length);
           const p = Buffer.alloc(8);
           p.writeBigUInt64BE(BigInt(run.offset), 0);
-          await this.#chunk(r, P.NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([p, data]), last);
+          await this.#chunk(r, P.NBD_REPLY_TYPE_OFFSET_DATA, p, last, data);
         }
       }
     } catch (err) {
@@ -429,21 +431,29 @@ export class NbdConnection {
     return this.#chunk(r, withOffset ? P.NBD_REPLY_TYPE_ERROR_OFFSET : P.NBD_REPLY_TYPE_ERROR, p, true);
   }
 
-  async #chunk(r: Request, type: number, payload: Buffer, done: boolean): Promise<void> {
+  /** One structured reply chunk; `data` (read payload) follows `payload` without being copied. */
+  async #chunk(r: Request, type: number, payload: Buffer, done: boolean, data?: Buffer): Promise<void> {
     const head = Buffer.alloc(P.NBD_STRUCTURED_REPLY_HEADER_SIZE);
     head.writeUInt32BE(P.NBD_STRUCTURED_REPLY_MAGIC, 0);
     head.writeUInt16BE(done ? P.NBD_REPLY_FLAG_DONE : 0, 4);
     head.writeUInt16BE(type, 6);
     r.cookie.copy(head, 8);
-    head.writeUInt32BE(payload.length, 16);
-    return this.#write(payload.length > 0 ? Buffer.concat([head, payload]) : head);
+    head.writeUInt32BE(payload.length + (data?.length ?? 0), 16);
+    return data ? this.#write(head, payload, data) : this.#write(head, payload);
   }
 
-  /** Writes, waiting for the socket to drain when its buffer is full (reply back-pressure). */
-  #write(buf: Buffer): Promise<void> {
+  /**
+   * Writes the buffers as one unit (corked, so no other reply lands between them and nothing is
+   * copied), then waits for the socket to drain when its buffer is full (reply back-pressure).
+   */
+  #write(...bufs: Buffer[]): Promise<void> {
     const s = this.#socket;
     if (s.destroyed || !s.writable) return Promise.reject(new ConnectionClosed());
-    if (s.write(buf)) return Promise.resolve();
+    let ok = true;
+    s.cork();
+    for (const b of bufs) if (b.length > 0) ok = s.write(b);
+    s.uncork();
+    if (ok) return Promise.resolve();
     return new Promise<void>((resolve, reject) => {
       const onDrain = (): void => {
         s.off('close', onClose);
