@@ -159,7 +159,7 @@ export interface AgentLinkOptions {
   now?: (() => Date) | undefined;
 }
 
-const ErrorBody = Type.Object({ error: Type.Object({ kind: Type.String(), message: Type.String(), hint: Type.Optional(Type.String()) }) });
+const ErrorBody = Type.Object({ error: Type.Object({ kind: Type.String(), message: Type.String(), hint: Type.Optional(Type.String()), field: Type.Optional(Type.String()) }) });
 const errorReplies = { 400: ErrorBody, 401: ErrorBody, 403: ErrorBody, 409: ErrorBody };
 
 export const CaReply = Type.Object({ caCertPem: Type.String(), caFingerprint: Type.String() });
