@@ -249,7 +249,16 @@ async function startPeer(cmd: string, args: readonly string[], ready: () => Prom
   };
 }
 
-const socketReady = (p: string) => async (): Promise<boolean> => existsSync(p);
+/** Ready when a connection is accepted (the socket file appears before the server listens). */
+const socketReady = (p: string) => async (): Promise<boolean> =>
+  existsSync(p) &&
+  new Promise<boolean>((r) => {
+    const s = net.connect({ path: p }, () => {
+      s.destroy();
+      r(true);
+    });
+    s.once('error', () => r(false));
+  });
 
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

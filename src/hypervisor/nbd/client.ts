@@ -73,6 +73,8 @@ export interface DirtyExtent {
 const STATUS_REQUEST_MAX = 1 << 30;
 /** Size of the buffer socket reads land in before being copied to their target. */
 const SOCKET_READ_BUFFER = 1 << 20;
+/** Payload left to read from which the socket reads straight into the caller's buffer. */
+const DIRECT_READ_MIN = 64 * 1024;
 
 /** A readable endpoint label for messages: the socket path or host:port. */
 export function describeEndpoint(endpoint: NbdEndpoint): string {
@@ -186,6 +188,8 @@ export class NbdConnection implements RandomAccessDisk {
   // Transmission.
   #transmitting = false;
   #state: RecvState | undefined;
+  /** The payload state whose target the pending socket read writes into directly. */
+  #direct: Extract<RecvState, { kind: 'payload' }> | undefined;
   readonly #header = Buffer.alloc(32);
   readonly #pending = new Map<number, Pending>();
   #nextHandle = 1;
@@ -221,11 +225,12 @@ export class NbdConnection implements RandomAccessDisk {
     const socket = net.connect({
       ...('socketPath' in options.endpoint ? { path: options.endpoint.socketPath } : { host: options.endpoint.host, port: options.endpoint.port }),
       onread: {
-        buffer: readBuffer,
+        // Asked before every socket read: while a large read payload is expected the kernel
+        // writes straight into the caller's buffer; otherwise into the shared read buffer.
+        buffer: () => (sink.conn ? sink.conn.#nextReadBuffer(readBuffer) : readBuffer),
         callback: (n: number, buf: Uint8Array) => {
-          const bytes = Buffer.from(buf.buffer, buf.byteOffset, n);
-          if (sink.conn) sink.conn.#onBytes(bytes);
-          else sink.early.push(Buffer.from(bytes));
+          if (sink.conn) sink.conn.#onRead(n, buf);
+          else sink.early.push(Buffer.from(buf.buffer, buf.byteOffset, n));
           return true;
         },
       },
@@ -286,6 +291,32 @@ export class NbdConnection implements RandomAccessDisk {
 
   // ---------------------------------------------------------------------------------------------
   // Handshake
+
+  /** The socket read buffer for the next read (see `onread` in `connect`). */
+  #nextReadBuffer(shared: Buffer): Buffer {
+    const st = this.#state;
+    if (this.#transmitting && st?.kind === 'payload' && st.end - st.pos >= DIRECT_READ_MIN) {
+      this.#direct = st;
+      return st.into.subarray(st.pos, st.end);
+    }
+    this.#direct = undefined;
+    return shared;
+  }
+
+  #onRead(n: number, buf: Uint8Array): void {
+    const direct = this.#direct;
+    this.#direct = undefined;
+    if (direct && direct === this.#state) {
+      // The bytes are already in place.
+      direct.pos += n;
+      if (direct.pos === direct.end) {
+        this.#state = undefined;
+        direct.then();
+      }
+      return;
+    }
+    this.#onBytes(Buffer.from(buf.buffer, buf.byteOffset, n));
+  }
 
   #onBytes(bytes: Buffer): void {
     if (this.#transmitting) {
