@@ -6,19 +6,26 @@ import { constants } from 'node:fs';
 import { access, chmod, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
-import { Cron } from 'croner';
-import type { FastifyInstance, FastifyPluginAsync } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { logger } from '../common/log.js';
+import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
 import { openDatabase, type ConfigDatabase } from './db/connect.js';
 import { dataFiles } from './data-dir.js';
 import { ensureServerPki } from './pki/index.js';
-import { systemClock, type Clock, type ServiceContext } from './services/common.js';
+import { JobEngine } from './jobs/engine.js';
+import { FakeDiskResolver, FakeTaskExecutor } from './jobs/fake-executor.js';
+import type { DiskResolver, TaskExecutor } from './jobs/ports.js';
+import { systemClock, type Clock } from './scheduler/clock.js';
+import { validateSchedule } from './scheduler/schedule.js';
+import { Scheduler } from './scheduler/scheduler.js';
+import type { ServiceContext } from './services/common.js';
+import { DatabaseAgentLinkStore, DatabaseJobEngineStore, DatabaseSchedulerStore, EngineJobRunner } from './services/engine-stores.js';
+import { setScheduleValidator } from './services/jobs.js';
 import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfiguration } from './services/config-backup.js';
 import { listRepositories } from './services/infrastructure.js';
-import { SimulatedJobRunner, type JobRunner } from './services/runner.js';
-import { failInterruptedSessions, SessionEvents } from './services/sessions.js';
+import { SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 
 const log = logger('server');
@@ -35,13 +42,17 @@ export interface StartServerOptions {
   hostnames?: string[] | undefined;
   /** Where the one-time first-start message goes (default: stdout). */
   print?: ((line: string) => void) | undefined;
-  /** Daily configuration backup as a cron pattern (default `30 3 * * *`); `false` = off. */
-  configBackupSchedule?: string | false | undefined;
+  /** Daily configuration backup time `HH:MM` (server time zone; default 03:30); `false` = off. */
+  configBackupAt?: string | false | undefined;
+  /** Time for the services, the job engine and the scheduler (tests pass a ManualClock). */
   clock?: Clock | undefined;
-  /** Plugins registered under /api/v1 on both transports (e.g. the agent link). */
+  /** Extra plugins registered under /api/v1 on both transports. */
   plugins?: FastifyPluginAsync[] | undefined;
-  /** The job runner; default: a simulation that moves no data. */
-  runner?: ((ctx: ServiceContext, events: SessionEvents) => JobRunner) | undefined;
+  /** The data path's task executor and disk resolver; default: the fake ones (no data moved). */
+  executor?: TaskExecutor | undefined;
+  disks?: DiskResolver | undefined;
+  /** Time zone of schedules and windows that name none (default: the server's). */
+  timeZone?: string | undefined;
 }
 
 export interface RunningServer {
@@ -157,24 +168,72 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const ctx: ServiceContext = { db: cdb.db, engine: cdb.engine, clock };
 
     await claimSocket(socketPath);
-    const interrupted = await failInterruptedSessions(ctx);
-    if (interrupted > 0) log.warn({ sessions: interrupted }, 'sessions left running by the previous server run were marked failed');
+    setScheduleValidator(validateSchedule);
 
     const pki = await ensureServerPki(dataDir, { hostnames: [...(listen ? [listen.host] : []), ...(opts.hostnames ?? [])].filter((h) => h !== '0.0.0.0' && h !== '::' && h !== '') });
     const version = await readVersion();
     const events = new SessionEvents();
-    const runner = opts.runner ? opts.runner(ctx, events) : new SimulatedJobRunner(ctx, events);
+
+    // The job engine over the database. Until the data path is wired, the fake executor runs and
+    // every session says so in its log.
+    const simulated = opts.executor === undefined;
+    const engine = new JobEngine({
+      store: new DatabaseJobEngineStore(ctx, simulated ? 'simulated: no data moved (this server runs the fake task executor; the data path is not wired in yet)' : undefined),
+      executor: opts.executor ?? new FakeTaskExecutor({ clock, durationMs: 1000 }),
+      disks: opts.disks ?? new FakeDiskResolver(),
+      clock,
+      timeZone: opts.timeZone,
+    });
+    const unsubscribe = engine.subscribe((e) => events.changed(e.sessionId));
+    cleanups.push(async () => unsubscribe());
+    const interrupted = await engine.recoverInterruptedSessions();
+    if (interrupted > 0) log.warn({ sessions: interrupted }, 'sessions left running by the previous server run were marked failed');
+    const runner = new EngineJobRunner(engine);
     cleanups.push(() => runner.close());
 
     const backupOpts = { cdb, clock };
-    const configBackup: ConfigBackupApi = {
-      backup: (repository) => backupConfiguration(backupOpts, repository),
-      restore: (path) => restoreConfiguration(backupOpts, path),
+    const scheduler = new Scheduler({
+      engine,
+      store: new DatabaseSchedulerStore(ctx),
+      clock,
+      timeZone: opts.timeZone,
+      ...(opts.configBackupAt === false
+        ? {}
+        : {
+            configBackup: {
+              at: opts.configBackupAt ?? '03:30',
+              // Daily configuration backup into the first repository, keeping the newest 14.
+              run: async () => {
+                if ((await listRepositories(ctx)).length === 0) return;
+                const { path } = await backupConfiguration(backupOpts);
+                await pruneConfigBackups(join(path, '..'), 14);
+                log.info({ path }, 'daily configuration backup written');
+              },
+            },
+          }),
+    });
+    await scheduler.start();
+    cleanups.push(async () => scheduler.stop());
+    const reload = async () => {
+      await scheduler.reload().catch((err: unknown) => log.error({ err: describeError(err) }, 'scheduler reload failed'));
     };
 
-    const apps: FastifyInstance[] = [];
-    const socketApp = await buildApi({ ctx, runner, events, transport: 'socket', version, configBackup, plugins: opts.plugins });
-    apps.push(socketApp);
+    const configBackup: ConfigBackupApi = {
+      backup: (repository) => backupConfiguration(backupOpts, repository),
+      restore: async (path) => {
+        const r = await restoreConfiguration(backupOpts, path);
+        await reload();
+        return r;
+      },
+    };
+    const agentStore = new DatabaseAgentLinkStore(ctx);
+    const enrollmentTokens = async (o: { name?: string | undefined; ttlSeconds?: number | undefined }) => {
+      const t = await createEnrollmentToken(agentStore, pki, { ...o, now: clock.now() });
+      return { token: t.token, expiresAt: t.expiresAt.toISOString(), ...(t.name ? { name: t.name } : {}) };
+    };
+    const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
+
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: opts.plugins });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -183,14 +242,11 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     let tcp: RunningServer['tcp'];
     if (listen) {
       const tcpApp = await buildApi({
-        ctx,
-        runner,
-        events,
+        ...common,
         transport: 'tcp',
-        version,
-        configBackup,
-        plugins: opts.plugins,
-        https: { key: pki.serverKeyPem, cert: pki.serverCertPem },
+        // Agents enroll and send heartbeats over the TCP port with their client certificates.
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), ...(opts.plugins ?? [])],
+        https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());
       try {
@@ -200,21 +256,6 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       }
       const addr = tcpApp.server.address();
       tcp = { host: listen.host, port: typeof addr === 'object' && addr ? addr.port : listen.port };
-    }
-
-    // Daily configuration backup into the first repository, keeping the newest 14.
-    if (opts.configBackupSchedule !== false) {
-      const cron = new Cron(opts.configBackupSchedule ?? '30 3 * * *', { protect: true }, async () => {
-        try {
-          if ((await listRepositories(ctx)).length === 0) return;
-          const { path } = await backupConfiguration(backupOpts);
-          await pruneConfigBackups(join(path, '..'), 14);
-          log.info({ path }, 'daily configuration backup written');
-        } catch (err) {
-          log.error({ err: describeError(err) }, 'daily configuration backup failed');
-        }
-      });
-      cleanups.push(async () => cron.stop());
     }
 
     // First start: an administrator with a random password, told once.

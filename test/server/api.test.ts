@@ -2,7 +2,9 @@
 // stale PATCH -> 409, refused deletes -> 409 with the reason, roles, tokens, SSE.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FastifyInstance } from 'fastify';
+import { createEnrollmentToken as createAgentToken } from '../../src/server/api/agent-link.js';
 import { buildApi } from '../../src/server/api/app.js';
+import { DatabaseAgentLinkStore } from '../../src/server/services/engine-stores.js';
 import { SimulatedJobRunner } from '../../src/server/services/runner.js';
 import { recordRestorePoint, SessionEvents } from '../../src/server/services/sessions.js';
 import { createUser } from '../../src/server/services/users.js';
@@ -18,7 +20,12 @@ beforeAll(async () => {
   t = await openTestContext('sqlite');
   const events = new SessionEvents();
   runner = new SimulatedJobRunner(t.ctx, events, 5);
-  socketApp = await buildApi({ ctx: t.ctx, runner, events, transport: 'socket', version: '9.9.9' });
+  const agentStore = new DatabaseAgentLinkStore(t.ctx);
+  const createEnrollmentToken = async (o: { name?: string | undefined }) => {
+    const tok = await createAgentToken(agentStore, { caFingerprint: 'AB:CD' }, o);
+    return { token: tok.token, expiresAt: tok.expiresAt.toISOString() };
+  };
+  socketApp = await buildApi({ ctx: t.ctx, runner, events, transport: 'socket', version: '9.9.9', createEnrollmentToken });
   tcpApp = await buildApi({ ctx: t.ctx, runner, events, transport: 'tcp', version: '9.9.9' });
   await createUser(t.ctx, { name: 'olga', password: 'operator-pw', role: 'operator' });
   await createUser(t.ctx, { name: 'vera', password: 'viewer-pw-1', role: 'viewer' });
@@ -178,7 +185,11 @@ describe('REST API', () => {
     const dup = await json(socketApp, 'POST', '/jobs/weekly/clone', { name: 'weekly-2' });
     expect(dup.statusCode).toBe(409);
     const tok = await json(socketApp, 'POST', '/agents/tokens');
-    expect(tok.statusCode).toBe(201);
-    expect(tok.json().token).toMatch(/^[A-Za-z0-9_-]{40,}$/);
+    expect(tok.statusCode, tok.body).toBe(201);
+    expect(tok.json().token).toMatch(/^bwe1\./);
+    const stored = await t.ctx.db.selectFrom('enrollment_tokens').selectAll().execute();
+    expect(stored).toHaveLength(1);
+    expect(tok.json().token).not.toContain(stored[0]!.token_hash);
+    expect((await json(tcpApp, 'POST', '/agents/tokens')).statusCode).toBe(401);
   });
 });

@@ -28,7 +28,7 @@ describe('startServer over the real transports', () => {
   const printed: string[] = [];
   const dataDir = join(tmp, 'data');
   beforeAll(async () => {
-    server = await startServer({ dataDir, listen: '127.0.0.1:0', print: (l) => printed.push(l), configBackupSchedule: false });
+    server = await startServer({ dataDir, listen: '127.0.0.1:0', print: (l) => printed.push(l), configBackupAt: false });
   });
   afterAll(async () => {
     await server?.close();
@@ -88,8 +88,43 @@ describe('startServer over the real transports', () => {
     expect(bad.json().error.field).toBe('path');
   });
 
+  it('runs a job through the job engine (fake executor, saying so) and streams it as SSE', async () => {
+    const sock = { socketPath: server.socketPath };
+    const tls = { url: server.url!, ca: server.caCertPem };
+    const { token } = (await call(tls, 'POST', '/api/v1/auth/login', { user: 'admin', password: server.initialAdminPassword })).json<{ token: string }>();
+    const run = await call(tls, 'POST', '/api/v1/jobs/nightly/run', { full: true }, token);
+    expect(run.status).toBe(202);
+    const { sessionId } = run.json<{ sessionId: string }>();
+    expect((await call(sock, 'POST', '/api/v1/jobs/nightly/run', {})).status).toBe(409);
+    expect((await call(sock, 'DELETE', '/api/v1/jobs/nightly')).status).toBe(409);
+    const sse = await call(sock, 'GET', `/api/v1/sessions/${sessionId}/events`);
+    const events = sse.body
+      .split('\n\n')
+      .filter((b) => b.startsWith('event: session'))
+      .map((b) => JSON.parse(b.split('\ndata: ')[1]!) as { state: string; progress: { percent: number }; log: Array<{ message: string }>; tasks: Array<{ vm: string; disk: string; state: string }> });
+    expect(events.length).toBeGreaterThan(2);
+    const last = events.at(-1)!;
+    expect(last.state).toBe('success');
+    expect(last.progress.percent).toBe(100);
+    expect(last.tasks).toMatchObject([{ vm: 'vm1', disk: 'vda', state: 'success' }]);
+    expect(last.log[0]!.message).toContain('simulated: no data moved');
+    const s = (await call(sock, 'GET', `/api/v1/sessions/${sessionId}`)).json<{ state: string; full: boolean }>();
+    expect(s).toMatchObject({ state: 'success', full: true });
+  });
+
+  it('agent enrollment tokens come from the agent link; its public routes answer without a token', async () => {
+    const tls = { url: server.url!, ca: server.caCertPem };
+    const tok = await call({ socketPath: server.socketPath }, 'POST', '/api/v1/agents/tokens', { name: 'proxy1' });
+    expect(tok.status).toBe(201);
+    expect(tok.json<{ token: string }>().token).toMatch(/^bwe1\./);
+    const ca = await call(tls, 'GET', '/api/v1/agents/ca');
+    expect(ca.status).toBe(200);
+    expect(ca.json<{ caFingerprint: string }>().caFingerprint).toBe(server.caFingerprint);
+    expect((await call(tls, 'POST', '/api/v1/agents/tokens', {})).status).toBe(401);
+  });
+
   it('a second server on the same data directory is refused with the reason', async () => {
-    const err = await startError(startServer({ dataDir, listen: '127.0.0.1:0', configBackupSchedule: false }));
+    const err = await startError(startServer({ dataDir, listen: '127.0.0.1:0', configBackupAt: false }));
     expect(err.message).toContain('locked by another process');
     expect(err.hint).toContain('another bulwark server');
     // The running server still answers on its socket.
@@ -104,7 +139,7 @@ describe('start-up errors change nothing', () => {
     const port = (blocker.address() as { port: number }).port;
     const dataDir = join(tmp, 'port');
     try {
-      const err = await startError(startServer({ dataDir, listen: `127.0.0.1:${port}`, configBackupSchedule: false }));
+      const err = await startError(startServer({ dataDir, listen: `127.0.0.1:${port}`, configBackupAt: false }));
       expect(err.message).toBe(`port 127.0.0.1:${port} is in use`);
       expect(err.hint).toContain('--listen');
       expect(readdirSync(dataDir)).toEqual([]);
@@ -118,13 +153,13 @@ describe('start-up errors change nothing', () => {
     mkdirSync(parent);
     writeFileSync(join(parent, 'file'), 'x');
     // A path below a regular file can never be created, even by root.
-    const err = await startError(startServer({ dataDir: join(parent, 'file', 'data'), listen: 'none', configBackupSchedule: false }));
+    const err = await startError(startServer({ dataDir: join(parent, 'file', 'data'), listen: 'none', configBackupAt: false }));
     expect(err.message).toContain(join(parent, 'file', 'data'));
     expect(err.message).toContain('not writable');
     expect(err.hint).toContain('--data');
     if (process.getuid?.() !== 0) {
       chmodSync(parent, 0o500);
-      const e2 = await startError(startServer({ dataDir: parent, listen: 'none', configBackupSchedule: false }));
+      const e2 = await startError(startServer({ dataDir: parent, listen: 'none', configBackupAt: false }));
       expect(e2.message).toContain('not writable');
       chmodSync(parent, 0o700);
     }
@@ -135,7 +170,7 @@ describe('start-up errors change nothing', () => {
     mkdirSync(dataDir);
     const junk = Buffer.from('this is not an SQLite database, it is a shopping list\n'.repeat(100));
     writeFileSync(join(dataDir, 'bulwark.db'), junk);
-    const err = await startError(startServer({ dataDir, listen: 'none', configBackupSchedule: false }));
+    const err = await startError(startServer({ dataDir, listen: 'none', configBackupAt: false }));
     expect(err.kind).toBe('corrupt');
     expect(err.message).toContain(join(dataDir, 'bulwark.db'));
     expect(err.hint).toContain('config');
@@ -144,7 +179,7 @@ describe('start-up errors change nothing', () => {
   });
 
   it('bad --listen names the option', async () => {
-    const err = await startError(startServer({ dataDir: join(tmp, 'listen'), listen: 'localhost', configBackupSchedule: false }));
+    const err = await startError(startServer({ dataDir: join(tmp, 'listen'), listen: 'localhost', configBackupAt: false }));
     expect(err.kind).toBe('invalid');
     expect(err.message).toContain('--listen');
   });

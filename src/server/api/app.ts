@@ -38,8 +38,12 @@ export interface ApiOptions {
   configBackup?: ConfigBackupApi | undefined;
   /** Extra plugins registered under /api/v1 (e.g. the agent link). */
   plugins?: FastifyPluginAsync[] | undefined;
-  /** TLS key and certificate (PEM) for the TCP transport. */
-  https?: { key: string; cert: string } | undefined;
+  /** TLS options for the TCP transport (key, cert, and the CA to request agent client certificates). */
+  https?: { key: string; cert: string; ca?: string[]; requestCert?: boolean; rejectUnauthorized?: boolean } | undefined;
+  /** Called after jobs change (create, edit, enable, disable, clone, delete): the scheduler reloads. */
+  onJobsChanged?: (() => Promise<void>) | undefined;
+  /** Makes a one-time agent enrollment token (the agent link's format); absent: 503. */
+  createEnrollmentToken?: ((o: { name?: string | undefined; ttlSeconds?: number | undefined }) => Promise<{ token: string; expiresAt: string; name?: string }>) | undefined;
 }
 
 declare module 'fastify' {
@@ -89,6 +93,11 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
   });
   await app.register(swaggerUi, { routePrefix: '/api/docs' });
   app.get(`${apiPrefix}/openapi.json`, { schema: { hide: true }, config: { permission: 'public' } }, async () => app.swagger());
+
+  // A POST without a body (e.g. `/jobs/x/run`) means "no options": validate it as {}.
+  app.addHook('preValidation', async (req) => {
+    if ((req.body === undefined || req.body === null) && req.routeOptions.schema?.body) req.body = {};
+  });
 
   // Authentication (who) then authorization (may they) for every route.
   app.addHook('onRequest', async (req) => {
@@ -175,9 +184,21 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
         get: (n) => infra.getHost(ctx, n),
         del: (n) => infra.deleteHost(ctx, n),
       });
-      const EnrollmentToken = Type.Object({ token: Type.String(), expiresAt: Type.String() });
-      r.post('/agents/tokens', { config: { permission: 'configure' }, schema: { tags: ['agents'], response: { 201: EnrollmentToken } } }, async (_req, reply) =>
-        reply.status(201).send(await users.createEnrollmentToken(ctx)),
+      const EnrollmentToken = Type.Object({ token: Type.String(), expiresAt: Type.String(), name: Type.Optional(Type.String()) });
+      const TokenRequest = Type.Object(
+        {
+          name: Type.Optional(Type.String({ description: 'only an agent of this name may enroll (and may replace one of that name)' })),
+          ttlSeconds: Type.Optional(Type.Integer({ minimum: 60, maximum: 30 * 24 * 3600 })),
+        },
+        { additionalProperties: false },
+      );
+      r.post(
+        '/agents/tokens',
+        { config: { permission: 'configure' }, schema: { tags: ['agents'], body: Type.Optional(TokenRequest), response: { 201: EnrollmentToken, ...errorReplies } } },
+        async (req, reply) => {
+          if (!opts.createEnrollmentToken) throw new BulwarkError('agent enrollment is not available on this server', { kind: 'unavailable' });
+          return reply.status(201).send(await opts.createEnrollmentToken({ name: req.body?.name, ttlSeconds: req.body?.ttlSeconds }));
+        },
       );
       crud({
         path: '/agents',
@@ -198,15 +219,19 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
         get: (n) => infra.getRepository(ctx, n),
         del: (n) => infra.deleteRepository(ctx, n),
       });
+      const jobsChanged = async <T>(result: T): Promise<T> => {
+        await opts.onJobsChanged?.();
+        return result;
+      };
       crud({
         path: '/jobs',
         tag: 'jobs',
         item: m.Job,
-        create: { body: m.JobCreate, fn: (b) => jobs.createJob(ctx, b) },
-        patch: { body: m.JobPatch, fn: (n, b) => jobs.updateJob(ctx, n, b) },
+        create: { body: m.JobCreate, fn: async (b) => jobsChanged(await jobs.createJob(ctx, b)) },
+        patch: { body: m.JobPatch, fn: async (n, b) => jobsChanged(await jobs.updateJob(ctx, n, b)) },
         list: () => jobs.listJobs(ctx),
         get: (n) => jobs.getJob(ctx, n),
-        del: (n) => jobs.deleteJob(ctx, n),
+        del: async (n) => jobsChanged(await jobs.deleteJob(ctx, n)),
       });
       crud({
         path: '/users',
@@ -231,13 +256,13 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
         r.post(
           `/jobs/:name/${enabled ? 'enable' : 'disable'}`,
           { config: { permission: 'configure' }, schema: { tags: ['jobs'], params: NameParam, response: { 200: m.Job, ...errorReplies } } },
-          async (req) => jobs.setJobEnabled(ctx, req.params.name, enabled),
+          async (req) => jobsChanged(await jobs.setJobEnabled(ctx, req.params.name, enabled)),
         );
       }
       r.post(
         '/jobs/:name/clone',
         { config: { permission: 'configure' }, schema: { tags: ['jobs'], params: NameParam, body: Type.Object({ name: m.Name }, { additionalProperties: false }), response: { 201: m.Job, ...errorReplies } } },
-        async (req, reply) => reply.status(201).send(await jobs.cloneJob(ctx, req.params.name, req.body.name)),
+        async (req, reply) => reply.status(201).send(await jobsChanged(await jobs.cloneJob(ctx, req.params.name, req.body.name))),
       );
 
       // ---- sessions

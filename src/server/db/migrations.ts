@@ -40,7 +40,9 @@ export const migrations: readonly Migration[] = [
         .addColumn('cores', 'integer', (c) => c.notNull().defaultTo(0))
         .addColumn('last_seen_at', 'text')
         .addColumn('cert_fingerprint', 'text')
+        .addColumn('cert_serial', 'text')
         .addColumn('state', 'text', (c) => c.notNull())
+        .addColumn('health', 'text')
         .execute();
       await configColumns(db.schema.createTable('hosts'))
         .addColumn('kind', 'text', (c) => c.notNull())
@@ -67,6 +69,7 @@ export const migrations: readonly Migration[] = [
         .addColumn('retry_wait_minutes', 'integer', (c) => c.notNull())
         .addColumn('window', 'text')
         .addColumn('require_guest_processing', 'integer', (c) => c.notNull())
+        .addColumn('scheduled_since', 'text', (c) => c.notNull())
         .execute();
       await db.schema
         .createTable('sessions')
@@ -152,6 +155,7 @@ export const migrations: readonly Migration[] = [
         .addColumn('token_hash', 'text', (c) => c.notNull().unique())
         .addColumn('expires_at', 'text', (c) => c.notNull())
         .addColumn('used_at', 'text')
+        .addColumn('agent_name', 'text')
         .addColumn('agent_id', 'text', (c) => c.references('agents.id').onDelete('set null'))
         .addColumn('created_at', 'text', (c) => c.notNull())
         .execute();
@@ -180,9 +184,9 @@ export async function migrate(
   for (let i = 1; i < known.length; i++) {
     if (known[i]!.name === known[i - 1]!.name) throw new BulwarkError(`duplicate migration ${known[i]!.name}`);
   }
-  await sql`create table if not exists bulwark_migrations (name text primary key, applied_at text not null)`.execute(db);
-
   const body = async (trx: Kysely<Database> | Transaction<Database>): Promise<string[]> => {
+    // Inside the lock: two servers starting at once on an empty database must not race here.
+    await sql`create table if not exists bulwark_migrations (name text primary key, applied_at text not null)`.execute(trx);
     const done = (await trx.selectFrom('bulwark_migrations').select('name').execute()).map((r) => r.name).sort();
     for (let i = 0; i < done.length; i++) {
       const want = known[i];

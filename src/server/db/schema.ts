@@ -27,7 +27,10 @@ export interface AgentTable extends ConfigColumns {
   cores: number;
   last_seen_at: string | null;
   cert_fingerprint: string | null;
+  cert_serial: ColumnType<string | null, string | null | undefined, string | null>;
   state: AgentState;
+  /** JSON of the last heartbeat's health report (uptime, repository free space). */
+  health: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface RepositoryTable extends ConfigColumns {
@@ -58,6 +61,8 @@ export interface JobTable extends ConfigColumns {
   /** JSON backup window, or null = any time. */
   window: string | null;
   require_guest_processing: number;
+  /** When the job was created or last enabled: the scheduler's origin for missed runs. */
+  scheduled_since: string;
 }
 
 export type SessionState = 'queued' | 'running' | 'success' | 'warning' | 'failed' | 'stopped';
@@ -147,6 +152,8 @@ export interface EnrollmentTokenTable {
   token_hash: string;
   expires_at: string;
   used_at: string | null;
+  /** When set, only an agent of this name may enroll with the token. */
+  agent_name: ColumnType<string | null, string | null | undefined, string | null>;
   agent_id: string | null;
   created_at: string;
 }

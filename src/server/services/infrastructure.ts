@@ -12,6 +12,7 @@ import {
   newId,
   notFound,
   nowIso,
+  parseJson,
   updateVersioned,
   type ServiceContext,
 } from './common.js';
@@ -99,6 +100,7 @@ export async function deleteHost(ctx: ServiceContext, name: string): Promise<voi
 
 // ---- agents (created by enrollment, see agent-link; here: list, show, edit state, delete)
 function toAgent(r: Selectable<AgentTable>): Agent {
+  const health = parseJson<{ uptimeSeconds?: number; repositories?: Agent['repositories'] }>(r.health, 'agent health');
   return {
     ...configFields(r),
     hostname: r.hostname,
@@ -107,6 +109,8 @@ function toAgent(r: Selectable<AgentTable>): Agent {
     lastSeenAt: r.last_seen_at,
     certFingerprint: r.cert_fingerprint,
     state: r.state,
+    uptimeSeconds: health?.uptimeSeconds ?? null,
+    repositories: health?.repositories ?? [],
   };
 }
 

@@ -134,6 +134,7 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
         retry_wait_minutes: input.retries?.waitMinutes ?? 10,
         window: window === null ? null : JSON.stringify(window),
         require_guest_processing: input.requireGuestProcessing ? 1 : 0,
+        scheduled_since: now,
       })
       .execute();
   } catch (err) {
@@ -162,7 +163,10 @@ export async function updateJob(ctx: ServiceContext, name: string, patch: JobPat
     if (patch.schedule !== null) scheduleValidator(patch.schedule);
     values.schedule = patch.schedule === null ? null : JSON.stringify(patch.schedule);
   }
-  if (patch.enabled !== undefined) values.enabled = patch.enabled ? 1 : 0;
+  if (patch.enabled !== undefined) {
+    values.enabled = patch.enabled ? 1 : 0;
+    if (patch.enabled && r.enabled === 0) values.scheduled_since = nowIso(ctx);
+  }
   if (patch.retries !== undefined) {
     values.retry_count = patch.retries.count;
     values.retry_wait_minutes = patch.retries.waitMinutes;
@@ -179,7 +183,9 @@ export async function updateJob(ctx: ServiceContext, name: string, patch: JobPat
 /** Enable/disable without a version check: a switch, not an edit of fields someone else read. */
 export async function setJobEnabled(ctx: ServiceContext, name: string, enabled: boolean): Promise<Job> {
   const r = await getJobRow(ctx, name);
-  await updateVersioned(ctx, 'jobs', 'job', r, r.version, { enabled: enabled ? 1 : 0 });
+  const values: Partial<JobTable> = { enabled: enabled ? 1 : 0 };
+  if (enabled && r.enabled === 0) values.scheduled_since = nowIso(ctx);
+  await updateVersioned(ctx, 'jobs', 'job', r, r.version, values);
   return getJob(ctx, r.id);
 }
 

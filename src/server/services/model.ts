@@ -47,6 +47,11 @@ export const Agent = Type.Object({
   lastSeenAt: Nullable(Type.String()),
   certFingerprint: Nullable(Type.String()),
   state: AgentState,
+  /** From the last heartbeat: uptime and the free space of the agent's repositories. */
+  uptimeSeconds: Nullable(Type.Number()),
+  repositories: Type.Array(
+    Type.Object({ path: Type.String(), freeBytes: Type.Optional(Type.Number()), totalBytes: Type.Optional(Type.Number()), error: Type.Optional(Type.String()) }),
+  ),
 });
 export type Agent = Static<typeof Agent>;
 export const AgentPatch = Type.Object({ ...VersionField, state: Type.Optional(AgentState) }, { additionalProperties: false });
@@ -99,7 +104,15 @@ export const Retries = Type.Object(
   { count: Type.Integer({ minimum: 0, maximum: 100 }), waitMinutes: Type.Integer({ minimum: 0, maximum: 1440 }) },
   { additionalProperties: false },
 );
-const Weekday = Type.Union(['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'].map((d) => Type.Literal(d)));
+const Weekday = Type.Union([
+  Type.Literal('mon'),
+  Type.Literal('tue'),
+  Type.Literal('wed'),
+  Type.Literal('thu'),
+  Type.Literal('fri'),
+  Type.Literal('sat'),
+  Type.Literal('sun'),
+]);
 const TimeOfDay = Type.String({ pattern: '^([01][0-9]|2[0-3]):[0-5][0-9]$', description: 'HH:MM (24 h)' });
 const TimeZone = Type.Optional(Type.String({ description: 'IANA time zone, e.g. Europe/Berlin (default: the server\'s)' }));
 /** Hours a job may run (the scheduler's BackupWindow); a session still running at the end is stopped. */
@@ -126,7 +139,7 @@ export const Schedule = Type.Union([
         Type.Object({ day: Type.Integer({ minimum: 1, maximum: 31 }) }, { additionalProperties: false }),
         Type.Object({ day: Type.Literal('last') }, { additionalProperties: false }),
         Type.Object(
-          { week: Type.Union(['first', 'second', 'third', 'fourth', 'last'].map((w) => Type.Literal(w))), weekday: Weekday },
+          { week: Type.Union([Type.Literal('first'), Type.Literal('second'), Type.Literal('third'), Type.Literal('fourth'), Type.Literal('last')]), weekday: Weekday },
           { additionalProperties: false },
         ),
       ]),

@@ -11,7 +11,6 @@ import type { Role, User, UserCreate, UserPatch } from './model.js';
 
 /** How long a login token lives. */
 export const tokenLifetimeMs = 12 * 3600 * 1000;
-export const enrollmentTokenLifetimeMs = 24 * 3600 * 1000;
 
 export const hashToken = (token: string): string => createHash('sha256').update(token).digest('hex');
 export const newToken = (): string => randomBytes(32).toString('base64url');
@@ -137,35 +136,6 @@ export async function authenticate(ctx: ServiceContext, token: string): Promise<
 
 export async function logout(ctx: ServiceContext, tokenHash: string): Promise<void> {
   await ctx.db.deleteFrom('api_tokens').where('token_hash', '=', tokenHash).execute();
-}
-
-// ---- agent enrollment tokens (one-time)
-export async function createEnrollmentToken(ctx: ServiceContext): Promise<{ token: string; expiresAt: string }> {
-  const token = newToken();
-  const expiresAt = new Date(ctx.clock.now().getTime() + enrollmentTokenLifetimeMs).toISOString();
-  await ctx.db
-    .insertInto('enrollment_tokens')
-    .values({ id: newId(), token_hash: hashToken(token), expires_at: expiresAt, used_at: null, agent_id: null, created_at: nowIso(ctx) })
-    .execute();
-  return { token, expiresAt };
-}
-
-/** Marks an enrollment token used, atomically; a token works once and before it expires. */
-export async function consumeEnrollmentToken(ctx: ServiceContext, token: string): Promise<void> {
-  const now = nowIso(ctx);
-  const res = await ctx.db
-    .updateTable('enrollment_tokens')
-    .set({ used_at: now })
-    .where('token_hash', '=', hashToken(token))
-    .where('used_at', 'is', null)
-    .where('expires_at', '>', now)
-    .executeTakeFirst();
-  if (Number(res.numUpdatedRows) === 0) {
-    throw new BulwarkError('the enrollment token is unknown, already used or expired', {
-      kind: 'unauthorized',
-      hint: 'create a new one on the server: bulwark agent token',
-    });
-  }
 }
 
 // ---- roles
