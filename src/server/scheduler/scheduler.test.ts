@@ -4,7 +4,7 @@ import { FakeDiskResolver, FakeTaskExecutor } from '../jobs/fake-executor.js';
 import { InMemoryJobEngineStore } from '../jobs/memory-store.js';
 import type { JobDefinition, SessionRecord } from '../jobs/ports.js';
 import { ManualClock } from './clock.js';
-import { Scheduler, type ScheduledJob } from './scheduler.js';
+import { Scheduler, findAfterJobCycle, type ScheduledJob } from './scheduler.js';
 
 function jobDef(id: string): JobDefinition {
   return { id, name: id, vms: ['vm1'], repository: 'r', retry: { count: 0, waitSeconds: 0 } };
@@ -91,6 +91,40 @@ describe('Scheduler', () => {
       'w schedule failed 21:00:00',
     ]);
     scheduler.stop();
+  });
+
+  it('stops a cycle of "after job" schedules after one round', async () => {
+    const today = new Date('2026-03-02T11:00:00Z');
+    const jobs: ScheduledJob[] = [
+      { id: 'x', name: 'x', enabled: true, schedule: { kind: 'after-job', job: 'z' }, scheduledSince: today },
+      { id: 'y', name: 'y', enabled: true, schedule: { kind: 'after-job', job: 'x' }, scheduledSince: today },
+      { id: 'z', name: 'z', enabled: true, schedule: { kind: 'after-job', job: 'y' }, scheduledSince: today },
+    ];
+    const { clock, engine, scheduler, sessions } = setup(jobs);
+    await scheduler.start();
+    await engine.runNow('x');
+    await clock.advance(10_000);
+    expect(sessions().map((s) => `${s.jobName} ${s.trigger}`)).toEqual(['x manual', 'y after-job', 'z after-job']);
+    expect(scheduler.skippedRuns().map((r) => r.reason)).toEqual(['"after job" schedules form a cycle: x → y → z → x']);
+    // A later manual run starts a fresh chain.
+    await engine.runNow('y');
+    await clock.advance(10_000);
+    expect(sessions().slice(3).map((s) => `${s.jobName} ${s.trigger}`)).toEqual(['y manual', 'z after-job', 'x after-job']);
+    scheduler.stop();
+  });
+
+  it('finds cycles among "after job" schedules for validation', () => {
+    const j = (id: string, after?: string): ScheduledJob => ({
+      id,
+      name: `job-${id}`,
+      enabled: true,
+      schedule: after === undefined ? { kind: 'daily', at: '01:00' } : { kind: 'after-job', job: after },
+      scheduledSince: since,
+    });
+    expect(findAfterJobCycle([j('a'), j('b', 'a'), j('c', 'job-b')])).toBeUndefined();
+    expect(findAfterJobCycle([j('a', 'c'), j('b', 'a'), j('c', 'job-b')])).toEqual(['job-a', 'job-b', 'job-c', 'job-a']);
+    expect(findAfterJobCycle([j('a', 'a')])).toEqual(['job-a', 'job-a']);
+    expect(findAfterJobCycle([j('a', 'missing')])).toBeUndefined();
   });
 
   it('never runs a job twice at once: a due run while it still runs is skipped', async () => {

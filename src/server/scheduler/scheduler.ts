@@ -82,6 +82,8 @@ export class Scheduler {
   #configTimer: Timer | undefined;
   #unsubscribe: (() => void) | undefined;
   #running = false;
+  /** Job id -> the chain of job ids whose "after job" links started its current session. */
+  readonly #chains = new Map<string, string[]>();
   /** Recent runs that fell due but did not start, newest last (at most 100). */
   #skipped: SkippedRun[] = [];
 
@@ -196,12 +198,13 @@ export class Scheduler {
     this.#timers.set(job.id, { timer, at, schedule: JSON.stringify(schedule) });
   }
 
-  async #trigger(job: ScheduledJob, trigger: 'schedule' | 'missed-run' | 'after-job'): Promise<void> {
+  async #trigger(job: ScheduledJob, trigger: 'schedule' | 'missed-run' | 'after-job', chain: string[] = [job.id]): Promise<void> {
     if (job.window !== undefined && !isInsideWindow(job.window, this.#clock.now(), this.#timeZone)) {
       log.info({ job: job.name, trigger }, 'skipped a run that fell due outside the backup window');
       this.#skipped.push({ jobId: job.id, jobName: job.name, at: this.#clock.now(), reason: 'outside the backup window' });
       return;
     }
+    if (!this.#chains.has(job.id)) this.#chains.set(job.id, chain);
     try {
       const result = await this.#engine.runNow(job.id, { trigger, ifRunning: 'coalesce' });
       if (result.coalesced) {
@@ -209,19 +212,30 @@ export class Scheduler {
         this.#skipped.push({ jobId: job.id, jobName: job.name, at: this.#clock.now(), reason: result.reason ?? 'the job is still running' });
       }
     } catch (err) {
+      this.#chains.delete(job.id);
       log.error({ job: job.name, err: describeError(err) }, 'could not start a scheduled job');
     }
   }
 
   #onSessionEvent(event: SessionEvent): void {
-    if (event.type !== 'ended' || !(event.state === 'success' || event.state === 'warning')) return;
+    if (event.type !== 'ended') return;
+    // The jobs whose chain started this session ("after job" links), to stop a cycle A → B → A.
+    const chain = this.#chains.get(event.jobId) ?? [event.jobId];
+    this.#chains.delete(event.jobId);
+    if (!(event.state === 'success' || event.state === 'warning')) return;
     for (const job of this.#jobs) {
       const s = job.schedule;
       if (!job.enabled || s === undefined || s.kind !== 'after-job') continue;
       if (s.job !== event.jobId && s.job !== event.jobName) continue;
-      if (job.id === event.jobId) continue; // a job never chains onto itself
+      if (chain.includes(job.id)) {
+        const names = [...chain, job.id].map((id) => this.#jobs.find((j) => j.id === id)?.name ?? id).join(' → ');
+        const reason = `"after job" schedules form a cycle: ${names}`;
+        log.warn({ job: job.name }, `not starting the job again: ${reason}`);
+        this.#skipped.push({ jobId: job.id, jobName: job.name, at: this.#clock.now(), reason });
+        continue;
+      }
       log.info({ job: job.name, after: event.jobName }, 'starting a job after the job it follows');
-      void this.#trigger(job, 'after-job');
+      void this.#trigger(job, 'after-job', [...chain, job.id]);
     }
   }
 
@@ -246,4 +260,28 @@ export class Scheduler {
 
 function lastRunOrNow(a: Date | undefined, b: Date): Date {
   return a === undefined || a.getTime() > b.getTime() ? b : a;
+}
+
+/**
+ * The first cycle among "after job" schedules (names, first repeated at the end), or undefined.
+ * The server refuses a job edit that would create one; the scheduler also stops a cycle at run time.
+ */
+export function findAfterJobCycle(jobs: ReadonlyArray<Pick<ScheduledJob, 'id' | 'name' | 'schedule'>>): string[] | undefined {
+  const byRef = new Map<string, Pick<ScheduledJob, 'id' | 'name' | 'schedule'>>();
+  for (const j of jobs) {
+    byRef.set(j.id, j);
+    byRef.set(j.name, j);
+  }
+  const predecessorOf = (j: Pick<ScheduledJob, 'schedule'>) => (j.schedule?.kind === 'after-job' ? byRef.get(j.schedule.job) : undefined);
+  for (const start of jobs) {
+    const path: string[] = [];
+    for (let cur: typeof start | undefined = start; cur !== undefined; cur = predecessorOf(cur)) {
+      if (path.includes(cur.id)) {
+        const names = path.slice(path.indexOf(cur.id)).map((id) => byRef.get(id)!.name);
+        return [...names, cur.name].reverse();
+      }
+      path.push(cur.id);
+    }
+  }
+  return undefined;
 }
