@@ -117,6 +117,7 @@ describe('backup windows', () => {
     ['Thursday night runs into Friday 06:00', workNightsAndWeekends, '2026-03-05T21:00:00Z', true, '2026-03-06T06:00:00.000Z'],
     ['Monday night ends Tuesday 06:00', workNightsAndWeekends, '2026-03-09T21:00:00Z', true, '2026-03-10T06:00:00.000Z'],
     ['Wednesday noon is outside', workNightsAndWeekends, '2026-03-04T12:00:00Z', false, '2026-03-04T12:00:00.000Z'],
+    ['00:00–00:00 is the whole day (weekend rule)', { timeZone: 'UTC', allow: [{ days: ['sat', 'sun'], from: '00:00', to: '00:00' }] }, '2026-03-07T12:00:00Z', true, '2026-03-09T00:00:00.000Z'],
     ['a window allowing the whole week never ends', { allow: [{ from: '00:00', to: '24:00' }] }, '2026-03-04T12:00:00Z', true, undefined],
   ];
   it.each(cases)('%s', (_n, window, start, inside, ends) => {
