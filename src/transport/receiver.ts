@@ -254,18 +254,27 @@ export class TransferReceiver {
       await this.#abort(session, 'failed', `cannot open the task's sink: ${describeError(cause)}`);
       throw new BulwarkError('target agent cannot store this task', { kind: 'unavailable', cause, context: ctx });
     }
-    if (conn.closed) throw new BulwarkError('stream closed during the handshake', { kind: 'unavailable', context: ctx });
+    if (conn.closed) {
+      // Arms the session's expiry when no other stream is attached, so an orphan session is aborted.
+      this.#detach(session, conn);
+      throw new BulwarkError('stream closed during the handshake', { kind: 'unavailable', context: ctx });
+    }
     clearTimeout(session.expiry);
     session.expiry = undefined;
     session.conns.add(conn);
     session.stats.connections = session.conns.size;
     const durable = [...session.durableAbove].sort((a, b) => a - b);
-    await conn.send(
-      MessageType.welcome,
-      encodeJson({ sessionId: session.id, window: this.#window, resumeWindowMs: this.#resumeWindowMs, durableBelow: session.durableBelow, durable }),
-      { stream: f.stream },
-    );
-    if (session.state === 'committed') await conn.send(MessageType.committed, encodeJson({}), { stream: f.stream });
+    try {
+      await conn.send(
+        MessageType.welcome,
+        encodeJson({ sessionId: session.id, window: this.#window, resumeWindowMs: this.#resumeWindowMs, durableBelow: session.durableBelow, durable }),
+        { stream: f.stream },
+      );
+      if (session.state === 'committed') await conn.send(MessageType.committed, encodeJson({}), { stream: f.stream });
+    } catch (cause) {
+      this.#detach(session, conn);
+      throw new BulwarkError('stream closed during the handshake', { kind: 'unavailable', context: ctx, cause });
+    }
     return session;
   }
 
