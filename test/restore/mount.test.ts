@@ -4,7 +4,7 @@
 // every mount is gone after unmount, after a failure halfway, and after a killed process.
 import { execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openFileDisk } from '../../src/disk/file-disk.js';
 import type { RandomAccessDisk } from '../../src/disk/types.js';
 import { mountDisks, sweepStaleMounts } from '../../src/restore/mount/mount.js';
-import { describeTree, makeGptDisk, makeMbrDisk, makeSourceTree, makeWholeDiskExt4, mountsUnder, type TreeEntry } from './fixtures.js';
+import { describeTree, makeGptDisk, makeMbrDisk, makeSourceTree, makeWholeDiskExt4, MiB, mountsUnder, type TreeEntry } from './fixtures.js';
 
 const run = promisify(execFile);
 let dir: string;
@@ -135,6 +135,45 @@ describe('file-level restore mounts', () => {
       expect(await mountsUnder(at)).toEqual([]);
       expect(await mountsUnder(runDir)).toEqual([]);
     });
+  });
+
+  it('reports an LVM physical volume, swap and an unknown partition instead of mounting them', async () => {
+    const path = join(dir, 'lvm.raw');
+    await writeFile(path, '');
+    await truncate(path, 24 * MiB);
+    const sf = execFile('sfdisk', ['--quiet', '--no-reread', '--no-tell-kernel', path]);
+    sf.stdin!.end('label: dos\nstart=2048,size=8MiB,type=8e\nsize=8MiB,type=82\nsize=4MiB,type=83\n');
+    await new Promise((r) => sf.on('exit', r));
+    // An LVM2 label as pvcreate writes it (sector 1 of the PV); swap made by mkswap, placed by dd.
+    const label = Buffer.alloc(512);
+    label.write('LABELONE', 0, 'latin1');
+    label.write('LVM2 001', 24, 'latin1');
+    label.write('abcdefghijklmnopqrstuvwxyz012345', 32, 'latin1');
+    const h = await open(path, 'r+');
+    await h.write(label, 0, 512, MiB + 512);
+    await h.close();
+    const swap = join(dir, 'swap.raw');
+    await writeFile(swap, '');
+    await truncate(swap, 8 * MiB);
+    await run('mkswap', [swap]);
+    await run('dd', [`if=${swap}`, `of=${path}`, 'bs=1M', 'seek=9', 'conv=notrunc', 'status=none']);
+    const disk = await openFileDisk(path);
+    try {
+      const m = await mountDisks([{ name: 'vdd', disk }], { at: join(dir, 'at-lvm'), runDir });
+      try {
+        expect(m.filesystems).toEqual([]);
+        expect(m.skipped.map((x) => [x.partition, x.type])).toEqual([
+          [1, 'lvm2-pv'],
+          [2, 'swap'],
+          [3, 'unknown'],
+        ]);
+        expect(m.skipped[0]!.reason).toMatch(/^LVM physical volume: (this kernel has no device-mapper|activating its logical volumes is not supported)/);
+      } finally {
+        await m.unmount();
+      }
+    } finally {
+      await disk.close();
+    }
   });
 
   it('undoes every mount when a step fails halfway', async () => {
