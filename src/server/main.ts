@@ -222,6 +222,8 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       backup: (repository) => backupConfiguration(backupOpts, repository),
       restore: async (path) => {
         const r = await restoreConfiguration(backupOpts, path);
+        // A backup taken while a job ran holds a "running" session no engine runs now.
+        await engine.recoverInterruptedSessions();
         await reload();
         return r;
       },
