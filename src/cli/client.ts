@@ -333,55 +333,70 @@ export interface PeerCa {
 }
 
 /**
- * Connects without verification to read the certificate chain the server sends, and returns
- * the CA at its top. The caller compares its fingerprint with what the user expects before
- * trusting it; after that every connection verifies against that CA.
+ * Reads the CA of a server before trusting it: the top of the certificate chain the server sends
+ * when it sends its CA, else the CA from `GET /api/v1/agents/ca` (public, also used by agents),
+ * accepted only when it really issued the certificate the server presented. The caller compares
+ * the fingerprint (computed here, never taken from the server) with what the user expects; after
+ * that every connection verifies against this CA.
  */
-export function fetchPeerCa(origin: string, timeoutMs = 15_000): Promise<PeerCa> {
+export async function fetchPeerCa(origin: string, timeoutMs = 15_000): Promise<PeerCa> {
   const url = new URL(origin);
   if (url.protocol !== 'https:') {
-    return Promise.reject(new BulwarkError(`${origin} is not an https:// URL`, { kind: 'invalid', hint: 'the TCP API always uses TLS: use https://HOST:PORT' }));
+    throw new BulwarkError(`${origin} is not an https:// URL`, { kind: 'invalid', hint: 'the TCP API always uses TLS: use https://HOST:PORT' });
   }
   const host = url.hostname.replace(/^\[|\]$/g, '');
-  return new Promise((resolve, reject) => {
-    const socket = tls.connect({
+  const unreachable = (err: unknown): BulwarkError =>
+    err instanceof BulwarkError ? err : new BulwarkError(`cannot reach ${origin}`, { kind: 'unavailable', cause: err, hint: 'check the URL and that the server listens there' });
+  const reply = await new Promise<{ chain: X509Certificate[]; body: string; status: number }>((resolve, reject) => {
+    const req = https.request({
       host,
       port: Number(url.port || 443),
-      rejectUnauthorized: false,
+      path: `${apiBase}/agents/ca`,
+      method: 'GET',
+      agent: false,
+      rejectUnauthorized: false, // nothing is trusted from this reply until checked below
+      timeout: timeoutMs,
       ...(isIP(host) ? {} : { servername: host }),
     });
-    socket.setTimeout(timeoutMs, () => socket.destroy(new Error(`no TLS handshake within ${timeoutMs / 1000} s`)));
-    socket.once('error', (err) =>
-      reject(new BulwarkError(`cannot reach ${origin}`, { kind: 'unavailable', cause: err, hint: 'check the URL and that the server listens there' })),
-    );
-    socket.once('secureConnect', () => {
-      try {
-        const chain: Buffer[] = [];
-        let cert: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
-        const seen = new Set<string>();
-        while (cert && cert.raw && !seen.has(cert.fingerprint256)) {
-          seen.add(cert.fingerprint256);
-          chain.push(cert.raw);
-          cert = cert.issuerCertificate;
-        }
-        socket.end();
-        const certs = chain.map((der) => new X509Certificate(der));
-        // The CA is the top of the chain; a server that sends only its own certificate leaves
-        // nothing to pin but that certificate itself, which still verifies when it is a CA.
-        const top = certs.at(-1);
-        if (!top) throw new BulwarkError(`${origin} sent no certificate`, { kind: 'unavailable' });
-        if (!top.ca && top.issuer !== top.subject) {
-          throw new BulwarkError(`${origin} did not send the CA certificate that issued its own (issuer: ${top.issuer.replace(/\n/g, ', ')})`, {
-            kind: 'unavailable',
-            hint: 'the server should send its full certificate chain; copy its <data>/pki/ca.crt and use --server with $BULWARK_DATA instead',
-          });
-        }
-        resolve({ caPem: top.toString(), caFingerprint: top.fingerprint256, subject: top.subject.replace(/\n/g, ', ') });
-      } catch (err) {
-        reject(err instanceof Error ? err : new Error(String(err)));
+    req.on('timeout', () => req.destroy(new Error(`no reply within ${timeoutMs / 1000} s`)));
+    req.on('error', (err) => reject(unreachable(err)));
+    req.on('response', (res) => {
+      const chain: X509Certificate[] = [];
+      let cert: tls.DetailedPeerCertificate | undefined = (res.socket as tls.TLSSocket).getPeerCertificate(true);
+      const seen = new Set<string>();
+      while (cert?.raw && !seen.has(cert.fingerprint256)) {
+        seen.add(cert.fingerprint256);
+        chain.push(new X509Certificate(cert.raw));
+        cert = cert.issuerCertificate;
       }
+      readAll(res, 'GET', '/agents/ca', origin).then((body) => resolve({ chain, body, status: res.statusCode ?? 0 }), reject);
     });
+    req.end();
   });
+  const leaf = reply.chain[0];
+  if (!leaf) throw new BulwarkError(`${origin} presented no certificate`, { kind: 'unavailable' });
+  const top = reply.chain.at(-1)!;
+  let ca: X509Certificate | undefined = reply.chain.length > 1 && top.ca ? top : undefined;
+  if (!ca && reply.status === 200) {
+    try {
+      ca = new X509Certificate((JSON.parse(reply.body) as { caCertPem: string }).caCertPem);
+    } catch {
+      ca = undefined;
+    }
+  }
+  if (!ca) {
+    throw new BulwarkError(`${origin} did not send the CA that issued its certificate`, {
+      kind: 'unavailable',
+      hint: 'is this a Bulwark server? Its CA is <data>/pki/ca.crt on the server host',
+    });
+  }
+  if (!ca.ca || !leaf.checkIssued(ca) || !leaf.verify(ca.publicKey)) {
+    throw new BulwarkError(`the certificate of ${origin} was not issued by the CA it offers (${ca.subject.replace(/\n/g, ', ')})`, {
+      kind: 'forbidden',
+      hint: 'someone may be intercepting the connection; do not log in',
+    });
+  }
+  return { caPem: ca.toString(), caFingerprint: ca.fingerprint256, subject: ca.subject.replace(/\n/g, ', ') };
 }
 
 /** "ab cd:EF…" -> "AB:CD:EF…", so fingerprints compare whatever way the user copied them. */

@@ -1,15 +1,18 @@
 // `bulwark login URL`, `logout`, `whoami` and `bulwark user …`. Login trusts the server's CA on
 // first use: it shows the CA's SHA-256 fingerprint (which `bulwark server` prints at start) and
 // saves the CA with the session token, so every later connection verifies against that CA.
+import { X509Certificate } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { BulwarkError } from '../../common/errors.js';
 import type { Role, User } from '../../server/services/model.js';
-import { ApiClient, fetchPeerCa, normaliseFingerprint, normaliseOrigin } from '../client.js';
-import { at, clientFor, oneOf, type CliContext, type ItemList } from '../context.js';
+import { ApiClient, fetchPeerCa, normaliseFingerprint, normaliseOrigin, type PeerCa } from '../client.js';
+import { at, clientFor, nothingToDo, oneOf, positiveInt, type CliContext, type ItemList } from '../context.js';
 import { forgetLogin, loadLogin, saveLogin } from '../credentials.js';
 import { formatTable, localTime, printJson } from '../output.js';
 import { configDirectory, credentialsPath } from '../paths.js';
 import { askLine, askPassword, askYesNo, readStdin } from '../prompt.js';
+import { editWithVersion } from './edit.js';
 
 const roles: readonly Role[] = ['administrator', 'operator', 'restore-operator', 'viewer'];
 
@@ -18,6 +21,18 @@ interface LoginReply {
   expiresAt: string;
   user: string;
   role: Role;
+}
+
+/** `--ca-file`: the server's CA certificate, copied by hand. */
+async function caOfFile(path: string): Promise<PeerCa> {
+  let ca: X509Certificate;
+  try {
+    ca = new X509Certificate(await readFile(path));
+  } catch (err) {
+    throw new BulwarkError(`--ca-file: cannot read a certificate from ${path}`, { kind: 'invalid', cause: err });
+  }
+  if (!ca.ca) throw new BulwarkError(`--ca-file: ${path} is not a CA certificate`, { kind: 'invalid', hint: 'use the server\'s <data>/pki/ca.crt' });
+  return { caPem: ca.toString(), caFingerprint: ca.fingerprint256, subject: ca.subject.replace(/\n/g, ', ') };
 }
 
 async function passwordFrom(o: { passwordStdin?: boolean }, question: string, confirm = false): Promise<string> {
@@ -40,13 +55,14 @@ export function loginCommands(ctx: CliContext): Command[] {
     .option('--user <name>', 'user name (asked when not given)')
     .option('--password-stdin', 'read the password from standard input (for scripts)')
     .option('--ca-fingerprint <sha256>', 'trust the server\'s CA only if its SHA-256 fingerprint is this')
+    .option('--ca-file <pem>', 'trust this CA certificate (a copy of the server\'s <data>/pki/ca.crt) instead of asking')
     .option('--insecure-trust', 'trust whatever CA the server shows (scripts on a trusted network only)')
     .addOption(new Option('--json', 'print the login reply (without the token) as JSON'))
     .action(
-      async (url: string, o: { user?: string; passwordStdin?: boolean; caFingerprint?: string; insecureTrust?: boolean; json?: boolean }) => {
+      async (url: string, o: { user?: string; passwordStdin?: boolean; caFingerprint?: string; caFile?: string; insecureTrust?: boolean; json?: boolean }) => {
         const origin = normaliseOrigin(url);
         const credentials = credentialsPath(configDirectory(ctx.env));
-        const peer = await fetchPeerCa(origin);
+        const peer = o.caFile ? await caOfFile(o.caFile) : await fetchPeerCa(origin);
         const saved = await loadLogin(credentials).catch(() => undefined);
         if (o.caFingerprint !== undefined) {
           if (normaliseFingerprint(o.caFingerprint) !== peer.caFingerprint) {
@@ -55,8 +71,8 @@ export function loginCommands(ctx: CliContext): Command[] {
               hint: 'someone may be intercepting the connection, or you have the wrong server; compare with the fingerprint the server printed at start',
             });
           }
-        } else if (saved?.url === origin && saved.caFingerprint === peer.caFingerprint) {
-          // Trusted at an earlier login.
+        } else if (o.caFile || (saved?.url === origin && saved.caFingerprint === peer.caFingerprint)) {
+          // Given as a file, or trusted at an earlier login; the TLS handshake below verifies it.
         } else if (o.insecureTrust) {
           ctx.output.err(`trusting the CA of ${origin} without checking: ${peer.caFingerprint}\n`);
         } else {
@@ -175,6 +191,26 @@ export function userCommand(ctx: CliContext): Command {
       const password = await passwordFrom(o, `New password for ${name}: `, true);
       await client.patch<User>(at('/users', name), { version: current.version, password });
       ctx.output.out(`password of ${name} changed\n`);
+    });
+
+  user
+    .command('edit')
+    .description('change a user\'s role and/or password')
+    .argument('<name>')
+    .addOption(roleOption())
+    .option('--password', 'ask for a new password (twice)')
+    .option('--password-stdin', 'read the new password from standard input')
+    .option('--expect-version <n>', 'refuse the edit unless the user still has this version', positiveInt('--expect-version'))
+    .addOption(new Option('--json', 'print the API object as JSON'))
+    .action(async (name: string, o: { role?: Role; password?: boolean; passwordStdin?: boolean; expectVersion?: number; json?: boolean }, cmd: Command) => {
+      if (!o.role && !o.password && !o.passwordStdin) throw nothingToDo(`user edit ${name}`, '--role, --password, --password-stdin');
+      const client = await clientFor(ctx, cmd);
+      const patch: Record<string, unknown> = {};
+      if (o.role) patch.role = o.role;
+      if (o.password || o.passwordStdin) patch.password = await passwordFrom(o, `New password for ${name}: `, true);
+      const u = await editWithVersion<User>(client, at('/users', name), patch, o.expectVersion);
+      if (o.json) printJson(ctx.output, u);
+      else ctx.output.out(`user ${u.name} changed (${u.role})\n`);
     });
 
   user

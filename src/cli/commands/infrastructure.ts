@@ -123,11 +123,10 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
   agent
     .command('token')
     .description('create a one-time enrollment token for a new agent')
-    .option('--name <name>', 'name the agent will be registered under')
     .addOption(jsonOption())
-    .action(async (o: { name?: string; json?: boolean }, cmd: Command) => {
+    .action(async (o: { json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
-      const reply = await client.post<{ token: string; expiresAt?: string; name?: string }>('/agents/tokens', o.name ? { name: o.name } : {});
+      const reply = await client.post<{ token: string; expiresAt?: string }>('/agents/tokens', {});
       if (o.json) return printJson(ctx.output, reply);
       const server = client.address.kind === 'tcp' ? client.address.origin : 'https://THIS-SERVER:9392';
       ctx.output.out(

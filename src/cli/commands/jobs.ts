@@ -340,7 +340,8 @@ export function restorePointCommand(ctx: CliContext): Command {
     .option('--repo <name>', 'only those in this repository')
     .addOption(jsonOption())
     .action(async (o: { vm?: string; repo?: string; json?: boolean }, cmd: Command) => {
-      const { items } = await (await clientFor(ctx, cmd)).get<ItemList<RestorePoint>>('/restore-points', { vm: o.vm, repository: o.repo });
+      const reply = await (await clientFor(ctx, cmd)).get<ItemList<RestorePoint>>('/restore-points', { vm: o.vm });
+      const items = o.repo ? reply.items.filter((p) => p.repository === o.repo) : reply.items;
       if (o.json) return printJson(ctx.output, items);
       ctx.output.out(
         formatTable(items, [
