@@ -1,0 +1,143 @@
+// Format benchmark (run by hand): write the 4 GiB mixed disk image into a full backup and read it
+// back. Reports input GB/s for the write, GB/s for a sequential restore read, peak RSS per phase,
+// and CPU seconds (user+sys over all threads) so results on a loaded machine can be judged.
+//   npx tsx bench/format/run.ts [--runs 3] [--block-size 1048576] [--compression zstd] [--image PATH]
+// Each phase runs in its own process so its peak RSS is its own.
+import { execFileSync } from 'node:child_process';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { crc32c } from '@node-rs/crc32';
+import type { DiskBlock } from '../../src/disk/types.js';
+import type { Compression } from '../../src/format/index.js';
+import { openRepository } from '../../src/repository/index.js';
+import { ensureMixedDiskImage, mixedDiskComposition } from '../lib/mixed-disk.js';
+
+const args = process.argv.slice(2);
+const opt = (name: string, def: string) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1]! : def;
+};
+const GB = 1e9;
+
+interface PhaseResult {
+  phase: string;
+  seconds: number;
+  cpuSeconds: number;
+  bytes: number;
+  maxRssMiB: number;
+  crc?: number;
+  fileBytes?: number;
+  pointId?: string;
+}
+
+async function* readImage(file: string, blockSize: number, onData: (b: Buffer) => void): AsyncGenerator<DiskBlock> {
+  const fh = await open(file, 'r');
+  try {
+    const size = (await fh.stat()).size;
+    for (let i = 0; i * blockSize < size; i++) {
+      const b = Buffer.allocUnsafe(Math.min(blockSize, size - i * blockSize));
+      const { bytesRead } = await fh.read(b, 0, b.length, i * blockSize);
+      if (bytesRead !== b.length) throw new Error('short read');
+      onData(b);
+      yield { index: i, data: b };
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+async function phaseWrite(image: string, repoDir: string, blockSize: number, compression: Compression): Promise<PhaseResult> {
+  const fh = await open(image, 'r');
+  const size = (await fh.stat()).size;
+  await fh.close();
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  const repo = await openRepository(repoDir, { create: true });
+  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind: 'full', blockSize, compression, disks: [{ name: 'vda', size }] });
+  let crc = 0;
+  await w.writeDisk('vda', readImage(image, blockSize, (b) => (crc = crc32c(b, crc))));
+  const info = await w.commit();
+  const seconds = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  return { phase: 'write', seconds, cpuSeconds: (cpu.user + cpu.system) / 1e6, bytes: size, maxRssMiB: process.resourceUsage().maxRSS / 1024, crc, fileBytes: info.fileBytes, pointId: info.id };
+}
+
+async function phaseRead(repoDir: string, pointId: string): Promise<PhaseResult> {
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  const repo = await openRepository(repoDir);
+  const p = await repo.openRestorePoint(pointId);
+  const d = p.openDisk('vda');
+  let crc = 0;
+  let bytes = 0;
+  const zero = Buffer.alloc(d.blockSize);
+  for await (const b of d.stream()) {
+    const len = Math.min(d.blockSize, d.size - b.index * d.blockSize);
+    crc = crc32c(b.data ?? zero.subarray(0, len), crc);
+    bytes += len;
+  }
+  await p.close();
+  const seconds = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  return { phase: 'read', seconds, cpuSeconds: (cpu.user + cpu.system) / 1e6, bytes, maxRssMiB: process.resourceUsage().maxRSS / 1024, crc };
+}
+
+async function phaseRawRead(image: string): Promise<PhaseResult> {
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  let bytes = 0;
+  for await (const b of readImage(image, 4 * 1024 * 1024, () => undefined)) bytes += b.data!.length;
+  const seconds = (performance.now() - t0) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  return { phase: 'raw-read', seconds, cpuSeconds: (cpu.user + cpu.system) / 1e6, bytes, maxRssMiB: process.resourceUsage().maxRSS / 1024 };
+}
+
+function child(...a: string[]): PhaseResult {
+  const out = execFileSync(process.execPath, [...process.execArgv, new URL(import.meta.url).pathname, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
+  return JSON.parse(out.trim().split('\n').pop()!) as PhaseResult;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+async function main(): Promise<void> {
+  const phase = opt('phase', '');
+  const blockSize = Number(opt('block-size', '1048576'));
+  const compression = opt('compression', 'zstd') as Compression;
+  if (phase === 'write') return void console.log(JSON.stringify(await phaseWrite(opt('image', ''), opt('repo', ''), blockSize, compression)));
+  if (phase === 'read') return void console.log(JSON.stringify(await phaseRead(opt('repo', ''), opt('point', ''))));
+  if (phase === 'raw-read') return void console.log(JSON.stringify(await phaseRawRead(opt('image', ''))));
+
+  const runs = Number(opt('runs', '3'));
+  const image = await ensureMixedDiskImage(opt('image', path.join(tmpdir(), 'bulwark-bench', 'mixed-4g.raw')));
+  console.log(`image ${image}: composition ${JSON.stringify(mixedDiskComposition())}, block size ${blockSize}, ${compression}`);
+  const results: PhaseResult[] = [];
+  for (let r = 0; r < runs; r++) {
+    const repo = await mkdtemp(path.join(tmpdir(), 'bulwark-bench-repo-'));
+    try {
+      const raw = child('--phase', 'raw-read', '--image', image);
+      const w = child('--phase', 'write', '--image', image, '--repo', repo, '--block-size', String(blockSize), '--compression', compression);
+      const rd = child('--phase', 'read', '--repo', repo, '--point', w.pointId!);
+      if (rd.crc !== w.crc) throw new Error(`read back differs: crc ${rd.crc} != ${w.crc}`);
+      results.push(raw, w, rd);
+      for (const x of [raw, w, rd]) {
+        console.log(
+          `run ${r + 1} ${x.phase.padEnd(8)} ${(x.bytes / x.seconds / GB).toFixed(2)} GB/s wall (${x.seconds.toFixed(2)} s), cpu ${x.cpuSeconds.toFixed(2)} s` +
+            ` (${(x.bytes / x.cpuSeconds / GB).toFixed(2)} GB per cpu-s), peak RSS ${x.maxRssMiB.toFixed(0)} MiB` +
+            (x.fileBytes ? `, file ${(x.fileBytes / 2 ** 20).toFixed(0)} MiB (${(x.bytes / x.fileBytes).toFixed(2)}x)` : ''),
+        );
+      }
+    } finally {
+      await rm(repo, { recursive: true, force: true });
+    }
+  }
+  for (const ph of ['raw-read', 'write', 'read']) {
+    const xs = results.filter((x) => x.phase === ph);
+    console.log(
+      `median ${ph.padEnd(8)} ${median(xs.map((x) => x.bytes / x.seconds / GB)).toFixed(2)} GB/s, ${median(xs.map((x) => x.cpuSeconds)).toFixed(2)} cpu-s, peak RSS ${median(xs.map((x) => x.maxRssMiB)).toFixed(0)} MiB`,
+    );
+  }
+  console.log(`load average during the run: ${(await import('node:os')).loadavg().map((l) => l.toFixed(1)).join(' ')}`);
+}
+
+await main();
