@@ -234,6 +234,42 @@ describe('qemu adapter on a running guest', () => {
   });
 });
 
+describe('a disk added to the VM', () => {
+  it('gets a full read for that disk only, the other disk stays incremental', async () => {
+    const vdb = path.join(work, 'vdb.qcow2');
+    const { execFile } = await import('node:child_process');
+    const { promisify } = await import('node:util');
+    await promisify(execFile)('qemu-img', ['create', '-q', '-f', 'qcow2', vdb, String(24 * 1024 * 1024 + 65536)]);
+    await withControl(async (qmp) => {
+      await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'vdb-fmt', file: { driver: 'file', filename: vdb } });
+      await qmp.execute('device_add', { driver: 'virtio-blk-pci', drive: 'vdb-fmt', id: 'vdb' });
+    });
+    await guest.sh('i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; dd if=/dev/urandom of=/dev/vdb bs=64k seek=5 count=20 2>/dev/null && sync');
+    const prev = await lastPoint_();
+    const view = await hv.beginBackup('qemu-backup-vm', { mode: 'online', requireGuestProcessing: true, chainId, previous: prev.checkpoint });
+    expect(view.disks.map((d) => [d.disk.name, d.changes.kind === 'full' ? d.changes.reason : d.changes.kind])).toEqual([
+      ['vda', 'bitmap'],
+      ['vdb', 'disk-new'],
+    ]);
+    const images: string[] = [];
+    for (const d of view.disks) {
+      const image = path.join(work, `added-${d.disk.name}.raw`);
+      const reference = path.join(work, `added-${d.disk.name}.ref.raw`);
+      const stats = await reassembleDisk(d, d.changes.kind === 'bitmap' ? prev.image : null, image);
+      await nbdcopyReference(d, reference);
+      await assertIdenticalImages(image, reference);
+      await rm(reference);
+      if (d.disk.name === 'vdb') expect(stats.bytesRead).toBe(20 * 65536);
+      images.push(image);
+    }
+    await view.commit();
+    await e2fsckClean(images[0]!);
+    await rm(prev.image);
+    last = { image: images[0]!, checkpoint: view.checkpoint };
+    expect(Object.keys(view.checkpoint.disks)).toEqual(['vda', 'vdb']);
+  });
+});
+
 describe('failures leave nothing behind and keep tracking', () => {
   const extra: Record<string, string> = {};
 
