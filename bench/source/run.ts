@@ -62,7 +62,7 @@ async function readRanges(disk: NbdExport, ranges: readonly Range[]): Promise<nu
 
 async function clientFull(qsd: QsdFixture): Promise<{ seconds: number; bytes: number }> {
   const t0 = performance.now();
-  const disk = await NbdExport.open({ endpoint: qsd.nbdEndpoint, exportName: 'full', connections: CONNECTIONS, maxInFlight: PER_CONNECTION });
+  const disk = await NbdExport.open({ endpoint: qsd.nbdEndpoint, exportName: 'full', connections: CONNECTIONS, maxInFlight: PER_CONNECTION, noFragment: true });
   try {
     const data = (await disk.extents(0, disk.size)).filter((e) => e.kind === 'data');
     const bytes = await readRanges(disk, data);
@@ -95,7 +95,7 @@ function intersect(dirty: readonly Range[], data: readonly Range[]): Range[] {
 
 async function clientIncremental(qsd: QsdFixture): Promise<{ seconds: number; mapSeconds: number; connectSeconds: number; bytes: number; runs: number }> {
   const t0 = performance.now();
-  const disk = await NbdExport.open({ endpoint: qsd.nbdEndpoint, exportName: 'full', connections: CONNECTIONS, maxInFlight: PER_CONNECTION, metaContexts: [BASE_ALLOCATION, CTX] });
+  const disk = await NbdExport.open({ endpoint: qsd.nbdEndpoint, exportName: 'full', connections: CONNECTIONS, maxInFlight: PER_CONNECTION, noFragment: true, metaContexts: [BASE_ALLOCATION, CTX] });
   try {
     const t1 = performance.now();
     const [dirty, alloc] = await Promise.all([disk.dirtyExtents(CTX, 0, disk.size), disk.extents(0, disk.size)]);

@@ -134,6 +134,15 @@ describe('NBD client against qemu-storage-daemon', () => {
     } finally {
       await disk.close();
     }
+    // The same with reads asked unfragmented (NBD_CMD_FLAG_DF: holes come back as data chunks).
+    const df = await NbdConnection.connect({ endpoint: qsd.nbdEndpoint, exportName: 'plain', noFragment: true });
+    try {
+      const target = Buffer.alloc(4 * MiB, 0xff);
+      await df.readInto(MiB / 2, target);
+      expect(target.equals(rawReference.subarray(MiB / 2, MiB / 2 + 4 * MiB))).toBe(true);
+    } finally {
+      await df.close();
+    }
   });
 
   it('keeps many reads in flight on one connection and matches each reply to its request', async () => {
