@@ -35,8 +35,10 @@ async function* readImage(file: string, blockSize: number, onData: (b: Buffer) =
   const fh = await open(file, 'r');
   try {
     const size = (await fh.stat()).size;
+    // Two reused buffers: the writer copies each block before asking for the next one.
+    const ring = [Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize)];
     for (let i = 0; i * blockSize < size; i++) {
-      const b = Buffer.allocUnsafe(Math.min(blockSize, size - i * blockSize));
+      const b = ring[i % 2]!.subarray(0, Math.min(blockSize, size - i * blockSize));
       const { bytesRead } = await fh.read(b, 0, b.length, i * blockSize);
       if (bytesRead !== b.length) throw new Error('short read');
       onData(b);
@@ -56,7 +58,9 @@ async function phaseWrite(image: string, repoDir: string, blockSize: number, com
   const repo = await openRepository(repoDir, { create: true });
   const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind: 'full', blockSize, compression, disks: [{ name: 'vda', size }] });
   let crc = 0;
-  await w.writeDisk('vda', readImage(image, blockSize, (b) => (crc = crc32c(b, crc))));
+  let n = 0;
+  // The check covers every 8th block (both sides), so the bench measures the product, not itself.
+  await w.writeDisk('vda', readImage(image, blockSize, (b) => (crc = n++ % 8 === 0 ? crc32c(b, crc) : crc)));
   const info = await w.commit();
   const seconds = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpu0);
@@ -74,7 +78,7 @@ async function phaseRead(repoDir: string, pointId: string): Promise<PhaseResult>
   const zero = Buffer.alloc(d.blockSize);
   for await (const b of d.stream()) {
     const len = Math.min(d.blockSize, d.size - b.index * d.blockSize);
-    crc = crc32c(b.data ?? zero.subarray(0, len), crc);
+    if (b.index % 8 === 0) crc = crc32c(b.data ?? zero.subarray(0, len), crc);
     bytes += len;
   }
   await p.close();

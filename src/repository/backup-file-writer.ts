@@ -249,7 +249,16 @@ export class BackupFileWriter {
         if (b.data === null) queue.push({ index: b.index, kind: 'hole', length });
         else if (b.data.equals(length === blockSize ? zero : zero.subarray(0, length))) queue.push({ index: b.index, kind: 'zero', length });
         else {
-          const encoded = this.#pool.encode(b.data);
+          // Wait for a slot, retiring finished blocks meanwhile, so `b.data` is copied before the
+          // source is asked for the next block (sources may reuse their buffers).
+          let slot: number | null = null;
+          const acquiring = this.#pool.acquire().then((s) => (slot = s));
+          while (slot === null && queue.length > 0) {
+            await Promise.race([acquiring, queue[0]!.kind === 'data' ? queue[0]!.encoded : Promise.resolve()]);
+            if (slot === null) await retire(queue.shift()!);
+          }
+          await acquiring;
+          const encoded = this.#pool.submit(slot!, b.data);
           encoded.catch(() => undefined); // observed when retired; avoid an unhandled rejection meanwhile
           queue.push({ index: b.index, kind: 'data', length, encoded });
         }

@@ -141,39 +141,61 @@ export class EncodePool {
     this.#waiters.shift()?.();
   }
 
-  /** Encodes one block; the result's slot must be released after its record is written. */
-  async encode(plain: Buffer): Promise<EncodedSlot> {
-    if (plain.length > this.#inputStride) throw new BulwarkError(`block of ${plain.length} bytes exceeds the block size`, { kind: 'invalid' });
-    const slot = await this.#acquire();
+  /** Waits for a free slot (back-pressure). Pass it to submit(). */
+  async acquire(): Promise<number> {
+    return this.#acquire();
+  }
+
+  /**
+   * Copies `plain` into `slot` synchronously (the caller may reuse `plain` as soon as this
+   * returns) and encodes it. The result's slot must be released after its record is written.
+   */
+  submit(slot: number, plain: Buffer): Promise<EncodedSlot> {
+    if (plain.length > this.#inputStride) {
+      this.release(slot);
+      return Promise.reject(new BulwarkError(`block of ${plain.length} bytes exceeds the block size`, { kind: 'invalid' }));
+    }
     const record = Buffer.from(this.#output, slot * this.#outputStride, this.#outputStride);
-    try {
-      if (this.#local) {
+    if (this.#local) {
+      try {
         const e = this.#local.encodeInto(plain, record.subarray(RECORD_HEADER_SIZE));
-        return { ...e, slot, record: record.subarray(0, RECORD_HEADER_SIZE + e.storedLength) };
+        return Promise.resolve({ ...e, slot, record: record.subarray(0, RECORD_HEADER_SIZE + e.storedLength) });
+      } catch (err) {
+        this.release(slot);
+        return Promise.reject(err instanceof Error ? err : new Error(String(err)));
       }
-      plain.copy(Buffer.from(this.#input, slot * this.#inputStride, plain.length));
-      let worker = 0;
-      for (let w = 1; w < this.#workers.length; w++) if (this.#outstanding[w]! < this.#outstanding[worker]!) worker = w;
-      const id = this.#nextId++;
-      const r = await new Promise<WorkerResult>((resolve, reject) => {
-        this.#pending.set(id, { resolve, reject, worker });
-        this.#outstanding[worker]! += 1;
-        const job: WorkerJob = { id, slot, length: plain.length };
-        this.#workers[worker]!.postMessage(job);
-      });
-      if (!r.ok) throw new Error(`block encoder: ${r.error}`);
-      return {
-        slot,
-        record: record.subarray(0, RECORD_HEADER_SIZE + r.storedLength),
-        storedLength: r.storedLength,
-        compression: r.compression,
-        crc: r.crc,
-        digest: Buffer.from(r.digest),
-      };
-    } catch (err) {
+    }
+    plain.copy(Buffer.from(this.#input, slot * this.#inputStride, plain.length));
+    let worker = 0;
+    for (let w = 1; w < this.#workers.length; w++) if (this.#outstanding[w]! < this.#outstanding[worker]!) worker = w;
+    const id = this.#nextId++;
+    return new Promise<WorkerResult>((resolve, reject) => {
+      if (this.#failure) return reject(this.#failure);
+      this.#pending.set(id, { resolve, reject, worker });
+      this.#outstanding[worker]! += 1;
+      const job: WorkerJob = { id, slot, length: plain.length };
+      this.#workers[worker]!.postMessage(job);
+    }).then(
+      (r) => {
+        if (!r.ok) throw new Error(`block encoder: ${r.error}`);
+        return {
+          slot,
+          record: record.subarray(0, RECORD_HEADER_SIZE + r.storedLength),
+          storedLength: r.storedLength,
+          compression: r.compression,
+          crc: r.crc,
+          digest: Buffer.from(r.digest),
+        };
+      },
+    ).catch((err: unknown) => {
       this.release(slot);
       throw err;
-    }
+    });
+  }
+
+  /** acquire() + submit(). */
+  async encode(plain: Buffer): Promise<EncodedSlot> {
+    return this.submit(await this.acquire(), plain);
   }
 
   async close(): Promise<void> {

@@ -98,6 +98,26 @@ describe('repository round trip', () => {
     expect(chains[0]!.points).toHaveLength(6);
   });
 
+  it('a source may reuse its buffer after yielding (worker threads copy before the next pull)', async () => {
+    const repo = await openRepository(root);
+    const m = new DiskModel(12 * BS + 5, BS);
+    const blocks = m.change(Array.from({ length: 13 }, (_, i) => [i, 'data', 500 + i] as [number, 'data']));
+    const shared = Buffer.alloc(BS);
+    const w = await repo.startRestorePoint({ job: 'reuse', vm: 'v', kind: 'full', blockSize: BS, threads: 2, disks: [{ name: 'vda', size: m.size }] });
+    await w.writeDisk('vda', (async function* () {
+      for (const b of blocks) {
+        const view = shared.subarray(0, b.data!.length);
+        b.data!.copy(view);
+        yield { index: b.index, data: view };
+        shared.fill(0xee); // the source overwrites its buffer as soon as it is asked for more
+      }
+    })());
+    const info = await w.commit();
+    const p = await repo.openRestorePoint(info.id);
+    expect((await p.openDisk('vda').read(0, m.size)).equals(m.bytes)).toBe(true);
+    await p.close();
+  });
+
   it('deduplicates identical blocks inside a file', async () => {
     const repo = await openRepository(root);
     const same = Buffer.alloc(BS, 0x5a);

@@ -383,6 +383,8 @@ export class RestorePointWriter {
    * Writes the blocks of one declared disk. Blocks must come in increasing index order; a block
    * not given is a hole (full) or unchanged (incremental). With `compareWithParent`, blocks equal
    * to the parent point's are not stored (increment from a source without changed-block tracking).
+   * Each block's data has been copied or consumed before the next block is requested, so a source
+   * may reuse its buffers. Several disks may be written concurrently.
    */
   async writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions = {}): Promise<DiskWriteStats> {
     let parentBlock: ((i: number) => Promise<ParentBlock>) | undefined;
