@@ -13,6 +13,7 @@ export {
   readBackupDisk,
   contextsFor,
   type BlockSource,
+  type ChangedBlock,
   type ChangedBlockReaderOptions,
   type ChangedBlockStats,
   type ReadBackupDiskOptions,

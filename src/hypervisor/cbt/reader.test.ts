@@ -153,6 +153,17 @@ describe('ChangedBlockReader', () => {
     expect(reader.stats.zeroBlocks).toBe(2);
   });
 
+  it('attaches SHA-256 digests when the changes ask the target to compare them', async () => {
+    const { createHash } = await import('node:crypto');
+    const src = new FakeSource(bytes, alloc, []);
+    const withDigests = new ChangedBlockReader(src, { kind: 'full', reason: 'bitmap-missing', detail: '', compareDigests: true }, { blockSize: 256 * K });
+    const blocks = await collect(withDigests.blocks());
+    expect(blocks.length).toBeGreaterThan(0);
+    for (const b of blocks) expect((b as { digest?: Buffer }).digest).toEqual(createHash('sha256').update(b.data!).digest());
+    const plain = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 256 * K });
+    for (const b of await collect(plain.blocks())) expect((b as { digest?: Buffer }).digest).toBeUndefined();
+  });
+
   it('a failed read fails the iteration after the other reads settle', async () => {
     const src = new FakeSource(bytes, alloc, [], 1300 * K);
     const reader = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 64 * K, concurrency: 4 });

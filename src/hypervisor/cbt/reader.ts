@@ -4,6 +4,7 @@
 // zeroes. Full: every block holding data is read; blocks not yielded read as zeroes. Zero and
 // unallocated extents (base:allocation) are never read. Reads run in parallel over the export's
 // connections, in order, with at most `concurrency` blocks in memory.
+import { createHash } from 'node:crypto';
 import type { DiskBlock, Extent } from '../../disk/types.js';
 import { BulwarkError } from '../../common/errors.js';
 import { NbdExport, type DirtyExtent } from '../nbd/client.js';
@@ -25,7 +26,15 @@ export interface ChangedBlockReaderOptions {
   /** Bytes of the disk mapped per round of block-status queries. Default 1 GiB. */
   readonly mapWindow?: number;
   readonly signal?: AbortSignal;
+  /**
+   * Attach the SHA-256 of each data block (`ChangedBlock.digest`). Default: on exactly when the
+   * changes say the target should compare digests with the previous restore point.
+   */
+  readonly digests?: boolean;
 }
+
+/** A block as the reader yields it: with its SHA-256 when digests are on (data blocks only). */
+export type ChangedBlock = DiskBlock & { readonly digest?: Buffer };
 
 /** What was read, for progress and the session log. */
 export interface ChangedBlockStats {
@@ -113,6 +122,7 @@ export class ChangedBlockReader {
   readonly #concurrency: number;
   readonly #window: number;
   readonly #signal: AbortSignal | undefined;
+  readonly #digests: boolean;
   readonly stats: ChangedBlockStats = { bytesMapped: 0, bytesRead: 0, dataBlocks: 0, zeroBlocks: 0, bytesDirty: 0 };
 
   constructor(source: BlockSource, changes: DiskChanges, options: ChangedBlockReaderOptions) {
@@ -127,6 +137,7 @@ export class ChangedBlockReader {
     const window = options.mapWindow ?? 1024 * 1024 * 1024;
     this.#window = Math.max(bs, Math.floor(window / bs) * bs);
     this.#signal = options.signal;
+    this.#digests = options.digests ?? (changes.kind === 'full' && changes.compareDigests);
   }
 
   /** Whether blocks that are not yielded read as zeroes (full) or are unchanged (incremental). */
@@ -135,8 +146,8 @@ export class ChangedBlockReader {
   }
 
   /** The blocks, in order of index. Throws (after pending reads settle) on the first failed read. */
-  async *blocks(): AsyncGenerator<DiskBlock> {
-    const pending: Array<Promise<DiskBlock>> = [];
+  async *blocks(): AsyncGenerator<ChangedBlock> {
+    const pending: Array<Promise<ChangedBlock>> = [];
     try {
       for await (const plan of this.#plans()) {
         const read = this.#read(plan);
@@ -173,7 +184,7 @@ export class ChangedBlockReader {
     }
   }
 
-  async #read(plan: BlockPlan): Promise<DiskBlock> {
+  async #read(plan: BlockPlan): Promise<ChangedBlock> {
     if (plan.data.length === 0) {
       this.stats.zeroBlocks++;
       return { index: plan.index, data: null };
@@ -183,7 +194,7 @@ export class ChangedBlockReader {
     await Promise.all(plan.data.map(([s, len]) => this.#source.readInto(plan.offset + s, buf.subarray(s, s + len))));
     for (const [, len] of plan.data) this.stats.bytesRead += len;
     this.stats.dataBlocks++;
-    return { index: plan.index, data: buf };
+    return this.#digests ? { index: plan.index, data: buf, digest: createHash('sha256').update(buf).digest() } : { index: plan.index, data: buf };
   }
 }
 
@@ -203,7 +214,7 @@ export interface ReadBackupDiskOptions extends ChangedBlockReaderOptions {
  * Opens a disk view's NBD export and yields its changed blocks (see `ChangedBlockReader`); the
  * connections are closed when the iteration ends, fails or is abandoned.
  */
-export async function* readBackupDisk(view: BackupDiskView, options: ReadBackupDiskOptions): AsyncGenerator<DiskBlock> {
+export async function* readBackupDisk(view: BackupDiskView, options: ReadBackupDiskOptions): AsyncGenerator<ChangedBlock> {
   const disk = await NbdExport.open({
     endpoint: { socketPath: view.nbd.socketPath },
     exportName: view.nbd.exportName,
