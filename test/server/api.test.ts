@@ -4,8 +4,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FastifyInstance } from 'fastify';
 import { createEnrollmentToken as createAgentToken } from '../../src/server/api/agent-link.js';
 import { buildApi } from '../../src/server/api/app.js';
-import { DatabaseAgentLinkStore } from '../../src/server/services/engine-stores.js';
-import { SimulatedJobRunner } from '../../src/server/services/runner.js';
+import { JobEngine } from '../../src/server/jobs/engine.js';
+import { FakeDiskResolver, FakeTaskExecutor } from '../../src/server/jobs/fake-executor.js';
+import { DatabaseAgentLinkStore, DatabaseJobEngineStore, EngineJobRunner } from '../../src/server/services/engine-stores.js';
 import { recordRestorePoint, SessionEvents } from '../../src/server/services/sessions.js';
 import { createUser } from '../../src/server/services/users.js';
 import { openTestContext } from './engines.js';
@@ -13,13 +14,19 @@ import { openTestContext } from './engines.js';
 let t: Awaited<ReturnType<typeof openTestContext>>;
 let socketApp: FastifyInstance;
 let tcpApp: FastifyInstance;
-let runner: SimulatedJobRunner;
+let runner: EngineJobRunner;
 const v1 = '/api/v1';
 
 beforeAll(async () => {
   t = await openTestContext('sqlite');
   const events = new SessionEvents();
-  runner = new SimulatedJobRunner(t.ctx, events, 5);
+  const engine = new JobEngine({
+    store: new DatabaseJobEngineStore(t.ctx, 'simulated: no data moved'),
+    executor: new FakeTaskExecutor({ durationMs: 200, steps: 4 }),
+    disks: new FakeDiskResolver(),
+  });
+  engine.subscribe((e) => events.changed(e.sessionId));
+  runner = new EngineJobRunner(engine);
   const agentStore = new DatabaseAgentLinkStore(t.ctx);
   const createEnrollmentToken = async (o: { name?: string | undefined }) => {
     const tok = await createAgentToken(agentStore, { caFingerprint: 'AB:CD' }, o);
@@ -153,12 +160,12 @@ describe('REST API', () => {
       .map((b) => JSON.parse(b.split('\ndata: ')[1]!) as { state: string; full: boolean; log: Array<{ message: string }> });
     expect(events.length).toBeGreaterThan(1);
     const last = events.at(-1)!;
-    expect(last.state).toBe('warning');
+    expect(last.state).toBe('success');
     expect(last.full).toBe(true);
     expect(last.log.map((l) => l.message).join('\n')).toContain('simulated: no data moved');
 
     const one = await json(socketApp, 'GET', `/sessions/${sessionId}`);
-    expect(one.json()).toMatchObject({ id: sessionId, jobName: 'nightly', state: 'warning', tasks: [{ vm: 'db1' }, { vm: 'web1' }] });
+    expect(one.json()).toMatchObject({ id: sessionId, jobName: 'nightly', state: 'success', tasks: [{ vm: 'db1', disk: 'vda' }, { vm: 'web1', disk: 'vda' }] });
     const list = await json(socketApp, 'GET', '/sessions?job=nightly&limit=5');
     expect(list.json<{ items: Array<{ id: string }> }>().items.map((s) => s.id)).toEqual([sessionId]);
     expect((await json(socketApp, 'GET', '/sessions?limit=0')).json().error.field).toBe('limit');
@@ -182,6 +189,11 @@ describe('REST API', () => {
     const clone = await json(socketApp, 'POST', '/jobs/weekly/clone', { name: 'weekly-2' });
     expect(clone.statusCode).toBe(201);
     expect(clone.json()).toMatchObject({ name: 'weekly-2', vms: ['a'], enabled: false });
+    const run = (await json(socketApp, 'POST', '/jobs/weekly/run')).json<{ sessionId: string }>();
+    const stopped = await json(socketApp, 'POST', `/sessions/${run.sessionId}/stop`);
+    expect(stopped.statusCode).toBe(200);
+    expect(stopped.json()).toMatchObject({ state: 'stopped', reason: expect.stringContaining('local-administrator') });
+    expect((await json(socketApp, 'POST', `/sessions/${run.sessionId}/stop`)).statusCode).toBe(409);
     const dup = await json(socketApp, 'POST', '/jobs/weekly/clone', { name: 'weekly-2' });
     expect(dup.statusCode).toBe(409);
     const tok = await json(socketApp, 'POST', '/agents/tokens');
