@@ -1,0 +1,357 @@
+// Backs up ONE VM into a repository, all its disks in one restore point (the one-host data path,
+// docs/data-path.md): finds the chain's previous point and its checkpoint, takes the hypervisor's
+// point-in-time view, streams each disk's changed blocks through the CBT reader into the restore
+// point writer (bounded memory: the reader's and the writer's in-flight limits), commits the point
+// and then the view (bitmap rotation). Any failure aborts both: no visible point, tracking kept.
+import { createHash } from 'node:crypto';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { DiskBlock } from '../../disk/types.js';
+import { describeChanges } from '../../hypervisor/cbt/policy.js';
+import { readBackupDisk, type ChangedBlockStats } from '../../hypervisor/cbt/reader.js';
+import type { BackupDiskView, BackupView, Checkpoint, Consistency, Hypervisor } from '../../hypervisor/types.js';
+import { validChainId } from '../../hypervisor/types.js';
+import type { Repository, RestorePointInfo, RestorePointWriter } from '../../repository/index.js';
+import { decodePointMetadata, encodePointMetadata, POINT_METADATA_FORMAT } from './point-metadata.js';
+
+const log = logger('agent-backup');
+
+export type BackupLogLevel = 'info' | 'warning' | 'error';
+
+/** Running counters of one disk (or of the whole VM: the sum). */
+export interface DiskBackupProgress {
+  /** Bytes of the disk looked at so far (mapped through block status). */
+  bytesProcessed: number;
+  /** Bytes read from the view (data extents only). */
+  bytesRead: number;
+  /** Bytes the repository wrote for this disk (compressed, after dedup); known when the disk ends. */
+  bytesStored: number;
+  /** Virtual size of the disk. */
+  size: number;
+  done: boolean;
+}
+
+export interface BackupProgress {
+  readonly disks: Readonly<Record<string, DiskBackupProgress>>;
+  readonly bytesProcessed: number;
+  readonly bytesRead: number;
+  readonly bytesStored: number;
+  readonly size: number;
+  /** Bytes read per second since the reads began. */
+  readonly rate: number;
+}
+
+export interface BackupVmOptions {
+  readonly hypervisor: Hypervisor;
+  readonly repository: Repository;
+  /** Job name: keys the repository folder together with the VM name. */
+  readonly job: string;
+  /** VM name or adapter id. */
+  readonly vm: string;
+  /** online: guest freeze (default); offline: pause the VM around the snapshot. */
+  readonly mode?: 'online' | 'offline';
+  readonly requireGuestProcessing?: boolean;
+  /** Start a new chain with a full read of every disk. */
+  readonly full?: boolean;
+  /** Hypervisor chain id (bitmap names). Default: derived from job and VM (see `chainIdFor`). */
+  readonly chainId?: string;
+  /** New chains only: repository block size (default 1 MiB) and compression (default zstd). */
+  readonly blockSize?: number;
+  readonly compression?: 'none' | 'zstd' | 'lz4';
+  /** New chains only: encrypt with this password. Increments of an encrypted chain: its password. */
+  readonly password?: string;
+  /** Back up only these disks. Default: all. */
+  readonly disks?: readonly string[];
+  /** NBD connections per disk (default 4) and blocks in flight per disk (default 8). */
+  readonly connections?: number;
+  readonly concurrency?: number;
+  /** Encoder threads of the repository writer (default: the repository's). */
+  readonly threads?: number;
+  readonly freezeTimeoutMs?: number;
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (progress: BackupProgress) => void;
+  /** A line for the session log; `disk` when it is about one disk. */
+  readonly onLog?: (level: BackupLogLevel, message: string, disk?: string) => void;
+  /**
+   * Called once the view exists, before any block is read (the view is read-only and stays
+   * until this returns). For hooks that need the point-in-time view itself, e.g. tests taking a
+   * reference copy.
+   */
+  readonly onView?: (view: BackupView) => Promise<void>;
+}
+
+export interface DiskBackupSummary {
+  readonly name: string;
+  readonly size: number;
+  /** bitmap: incremental from changed block tracking; full: every data extent was read. */
+  readonly read: 'bitmap' | 'full';
+  /** Why a full read (when `read` is full). */
+  readonly fullReason?: string | undefined;
+  /** Full read into an increment: blocks equal to the parent's were not stored. */
+  readonly comparedWithParent: boolean;
+  readonly bytesRead: number;
+  /** Bytes the dirty bitmap marked (incremental reads). */
+  readonly bytesChanged: number;
+  readonly bytesStored: number;
+  readonly storedBlocks: number;
+  readonly unchangedBlocks: number;
+}
+
+export interface BackupVmSummary {
+  readonly pointId: string;
+  readonly point: RestorePointInfo;
+  readonly kind: 'full' | 'incremental';
+  readonly vm: string;
+  readonly chainId: string;
+  readonly checkpoint: Checkpoint;
+  readonly consistency: Consistency;
+  readonly freezeWindowMs: number | null;
+  readonly pauseWindowMs: number | null;
+  readonly disks: readonly DiskBackupSummary[];
+  readonly warnings: readonly string[];
+  readonly durationMs: number;
+}
+
+/** The hypervisor chain id of a job's VM: stable across fulls, valid in bitmap names. */
+export function chainIdFor(job: string, vm: string): string {
+  return `bw-${createHash('sha256').update(`${job}\0${vm}`).digest('hex').slice(0, 24)}`;
+}
+
+/** The latest point of a job's VM and the checkpoint stored with it (null when none is usable). */
+export async function previousCheckpoint(
+  repository: Repository,
+  job: string,
+  vm: string,
+  chainId: string,
+  password?: string,
+): Promise<{ point: RestorePointInfo; checkpoint: Checkpoint } | null> {
+  const points = await repository.listRestorePoints({ job, vm });
+  // The tip of the newest chain (points are oldest first per chain; chains in creation order).
+  const point = points.at(-1);
+  if (!point || point.method !== 'forward') return null;
+  const opened = await repository.openRestorePoint(point.id, password === undefined ? {} : { password });
+  try {
+    const meta = decodePointMetadata(opened.vmConfig);
+    if (!meta || meta.checkpoint.chainId !== chainId) return null;
+    return { point, checkpoint: meta.checkpoint };
+  } finally {
+    await opened.close();
+  }
+}
+
+/**
+ * A full read into an increment: the reader skips blocks that read as zeroes, but in an increment a
+ * missing block means "unchanged", so every gap is given as an explicit zero block.
+ */
+async function* withExplicitZeroes(blocks: AsyncIterable<DiskBlock>, blockCount: number): AsyncGenerator<DiskBlock> {
+  let next = 0;
+  for await (const b of blocks) {
+    while (next < b.index) yield { index: next++, data: null };
+    yield b;
+    next = b.index + 1;
+  }
+  while (next < blockCount) yield { index: next++, data: null };
+}
+
+async function* checkedSignal(blocks: AsyncIterable<DiskBlock>, signal: AbortSignal | undefined): AsyncGenerator<DiskBlock> {
+  for await (const b of blocks) {
+    signal?.throwIfAborted();
+    yield b;
+  }
+}
+
+/**
+ * Backs up one VM: see the file comment. Resolves with the summary of the committed point; on
+ * failure rejects after aborting the writer (no visible point) and the view (tracking kept).
+ */
+export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
+  const started = Date.now();
+  const say = (level: BackupLogLevel, message: string, disk?: string) => {
+    log[level === 'warning' ? 'warn' : level]({ job: o.job, vm: o.vm, disk }, message);
+    o.onLog?.(level, message, disk);
+  };
+  const vmInfo = await o.hypervisor.getVm(o.vm);
+  const vmName = vmInfo.name;
+  const chainId = o.chainId ?? chainIdFor(o.job, vmName);
+  if (!validChainId(chainId)) throw new BulwarkError(`chain id ${chainId} is not valid in bitmap names`, { kind: 'invalid', context: { chainId } });
+  o.signal?.throwIfAborted();
+
+  const prev = await previousCheckpoint(o.repository, o.job, vmName, chainId, o.password);
+  if (prev) say('info', `previous restore point ${prev.point.id} (${prev.point.kind}, ${prev.point.time.toISOString()}), checkpoint ${prev.checkpoint.name}`);
+  else say('info', 'no previous restore point of this chain: full backup');
+  const incremental = prev !== null && o.full !== true;
+
+  const view = await o.hypervisor.beginBackup(vmInfo.id, {
+    mode: o.mode ?? 'online',
+    requireGuestProcessing: o.requireGuestProcessing ?? false,
+    chainId,
+    previous: prev?.checkpoint ?? null,
+    ...(o.disks ? { disks: o.disks } : {}),
+    ...(o.full ? { full: true } : {}),
+    ...(o.freezeTimeoutMs !== undefined ? { freezeTimeoutMs: o.freezeTimeoutMs } : {}),
+  });
+  let writer: RestorePointWriter | null = null;
+  try {
+    say(
+      'info',
+      view.consistency === 'application'
+        ? `point in time taken, application-consistent (file systems frozen ${view.freezeWindowMs ?? 0} ms)`
+        : `point in time taken, crash-consistent${view.pauseWindowMs !== null ? ` (VM paused ${view.pauseWindowMs} ms)` : ''}`,
+    );
+    for (const w of view.warnings) say('warning', w);
+    for (const d of view.disks) say('info', describeChanges(d.disk.name, d.changes), d.disk.name);
+    if (o.onView) await o.onView(view);
+    o.signal?.throwIfAborted();
+
+    const meta = encodePointMetadata({
+      format: POINT_METADATA_FORMAT,
+      hypervisor: o.hypervisor.kind,
+      vm: { name: view.vm.name, id: view.vm.id, uuid: view.vm.uuid },
+      configuration: view.vm.configuration,
+      checkpoint: view.checkpoint,
+      consistency: view.consistency,
+      freezeWindowMs: view.freezeWindowMs,
+      warnings: view.warnings,
+    });
+    writer = await o.repository.startRestorePoint({
+      job: o.job,
+      vm: vmName,
+      kind: incremental ? 'incremental' : 'full',
+      ...(incremental ? { parent: prev.point.id } : {}),
+      ...(!incremental && o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
+      ...(!incremental && o.compression !== undefined ? { compression: o.compression } : {}),
+      ...(!incremental && o.password !== undefined ? { encryption: { password: o.password } } : {}),
+      ...(incremental && o.password !== undefined ? { password: o.password } : {}),
+      ...(o.threads !== undefined ? { threads: o.threads } : {}),
+      vmConfig: meta,
+      disks: view.disks.map((d) => ({ name: d.disk.name, size: d.size })),
+    });
+    const blockSize = incremental ? prev.point.blockSize : (o.blockSize ?? 1048576);
+
+    const progress: Record<string, DiskBackupProgress> = {};
+    for (const d of view.disks) progress[d.disk.name] = { bytesProcessed: 0, bytesRead: 0, bytesStored: 0, size: d.size, done: false };
+    const readStart = Date.now();
+    const report = () => {
+      if (!o.onProgress) return;
+      const all = Object.values(progress);
+      const sum = (f: (p: DiskBackupProgress) => number) => all.reduce((a, p) => a + f(p), 0);
+      const bytesRead = sum((p) => p.bytesRead);
+      const secs = (Date.now() - readStart) / 1000;
+      o.onProgress({
+        disks: progress,
+        bytesProcessed: sum((p) => p.bytesProcessed),
+        bytesRead,
+        bytesStored: sum((p) => p.bytesStored),
+        size: sum((p) => p.size),
+        rate: secs > 0 ? bytesRead / secs : 0,
+      });
+    };
+
+    const summaries: DiskBackupSummary[] = [];
+    for (const d of view.disks) {
+      summaries.push(await backupDisk(d, writer, { blockSize, incremental, progress: progress[d.disk.name]!, report, say, o }));
+    }
+    const point = await writer.commit();
+    writer = null;
+    say('info', `restore point ${point.id} committed (${incremental ? 'incremental' : 'full'}, ${point.fileBytes} bytes)`);
+    const warnings = [...view.warnings];
+    try {
+      await view.commit();
+    } catch (err) {
+      // The point is stored; the next backup finds the bitmaps unrotated and reads in full with digests.
+      const w = `the restore point is stored, but ending the hypervisor backup failed (the next backup may read in full): ${describeError(err)}`;
+      warnings.push(w);
+      say('warning', w);
+    }
+    return {
+      pointId: point.id,
+      point,
+      kind: incremental ? 'incremental' : 'full',
+      vm: vmName,
+      chainId,
+      checkpoint: view.checkpoint,
+      consistency: view.consistency,
+      freezeWindowMs: view.freezeWindowMs,
+      pauseWindowMs: view.pauseWindowMs,
+      disks: summaries,
+      warnings,
+      durationMs: Date.now() - started,
+    };
+  } catch (err) {
+    say('error', `backup of VM ${vmName} failed: ${describeError(err)}`);
+    if (writer) await writer.abort().catch((e: unknown) => log.error({ vm: vmName, err: describeError(e) }, 'aborting the restore point writer failed'));
+    await view.abort(err);
+    throw err;
+  }
+}
+
+async function backupDisk(
+  d: BackupDiskView,
+  writer: RestorePointWriter,
+  ctx: {
+    blockSize: number;
+    incremental: boolean;
+    progress: DiskBackupProgress;
+    report: () => void;
+    say: (level: BackupLogLevel, message: string, disk?: string) => void;
+    o: BackupVmOptions;
+  },
+): Promise<DiskBackupSummary> {
+  const { o, progress } = ctx;
+  const name = d.disk.name;
+  let stats: ChangedBlockStats | undefined;
+  let source: AsyncIterable<DiskBlock> = readBackupDisk(d, {
+    blockSize: ctx.blockSize,
+    ...(o.concurrency !== undefined ? { concurrency: o.concurrency } : {}),
+    ...(o.connections !== undefined ? { connections: o.connections } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    onStats: (s) => (stats = s),
+  });
+  const full = d.changes.kind === 'full';
+  // Full read into an increment: explicit zeroes, and digests compared with the parent's blocks
+  // when the disk was in it at the same size (a resized disk is stored whole).
+  const compare = ctx.incremental && d.changes.kind === 'full' && d.changes.compareDigests && d.changes.reason !== 'disk-resized';
+  if (ctx.incremental && full) source = withExplicitZeroes(source, Math.ceil(d.size / ctx.blockSize));
+  source = checkedSignal(source, o.signal);
+  let lastReport = 0;
+  const ws = await writer.writeDisk(name, source, {
+    compareWithParent: compare,
+    onProgress: () => {
+      if (stats) {
+        progress.bytesProcessed = stats.bytesMapped;
+        progress.bytesRead = stats.bytesRead;
+      }
+      const now = Date.now();
+      if (now - lastReport >= 250) {
+        lastReport = now;
+        ctx.report();
+      }
+    },
+  }).catch((err: unknown) => {
+    throw new BulwarkError(`disk ${name}: ${describeError(err)}`, { kind: err instanceof BulwarkError ? err.kind : 'internal', context: { disk: name, vm: o.vm }, cause: err });
+  });
+  progress.bytesProcessed = d.size;
+  progress.bytesRead = stats?.bytesRead ?? 0;
+  progress.bytesStored = ws.storedBytes;
+  progress.done = true;
+  ctx.report();
+  const summary: DiskBackupSummary = {
+    name,
+    size: d.size,
+    read: d.changes.kind,
+    fullReason: d.changes.kind === 'full' ? d.changes.reason : undefined,
+    comparedWithParent: compare,
+    bytesRead: stats?.bytesRead ?? 0,
+    bytesChanged: d.changes.kind === 'bitmap' ? (stats?.bytesDirty ?? 0) : d.size,
+    bytesStored: ws.storedBytes,
+    storedBlocks: ws.storedBlocks,
+    unchangedBlocks: ws.unchangedBlocks,
+  };
+  ctx.say(
+    'info',
+    `${name}: read ${summary.bytesRead} bytes${d.changes.kind === 'bitmap' ? ` (${summary.bytesChanged} changed)` : ''}, stored ${summary.bytesStored} bytes in ${summary.storedBlocks} blocks` +
+      (compare ? `, ${summary.unchangedBlocks} blocks equal to the previous point` : ''),
+    name,
+  );
+  return summary;
+}
