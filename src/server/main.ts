@@ -79,7 +79,7 @@ export function parseListen(listen: string): { host: string; port: number } {
   if (!m || port > 65535) {
     throw new BulwarkError(`--listen "${listen}" is not HOST:PORT`, { kind: 'invalid', context: { field: 'listen' }, hint: 'e.g. 127.0.0.1:9392, 0.0.0.0:9392 or [::1]:9392' });
   }
-  const host = m[1] ?? (m[2] || '127.0.0.1');
+  const host = m[1] || m[2] || '127.0.0.1';
   return { host, port };
 }
 
