@@ -6,7 +6,7 @@
 // map (qemu:dirty-bitmap + base:allocation) + read time. Prints medians of --runs.
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, rename, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -60,22 +60,42 @@ async function readRanges(disk: NbdExport, ranges: readonly Range[]): Promise<nu
   return bytes;
 }
 
-async function clientFull(qsd: QsdFixture): Promise<{ seconds: number; bytes: number }> {
+/** CPU seconds (user + system) a process has used so far, from /proc. */
+function cpuOf(pid: number): number {
+  const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100; // clock ticks (USER_HZ = 100 on Linux)
+}
+
+interface FullRun {
+  seconds: number;
+  /** CPU seconds of the reader (client process or nbdcopy) and of qemu-storage-daemon. */
+  readerCpu: number;
+  qsdCpu: number;
+}
+
+async function clientFull(qsd: QsdFixture): Promise<FullRun & { bytes: number }> {
+  const q0 = cpuOf(qsd.pid);
+  const c0 = process.cpuUsage();
   const t0 = performance.now();
   const disk = await NbdExport.open({ endpoint: qsd.nbdEndpoint, exportName: 'full', connections: CONNECTIONS, maxInFlight: PER_CONNECTION, noFragment: true });
   try {
     const data = (await disk.extents(0, disk.size)).filter((e) => e.kind === 'data');
     const bytes = await readRanges(disk, data);
-    return { seconds: (performance.now() - t0) / 1000, bytes };
+    const c = process.cpuUsage(c0);
+    return { seconds: (performance.now() - t0) / 1000, bytes, readerCpu: (c.user + c.system) / 1e6, qsdCpu: cpuOf(qsd.pid) - q0 };
   } finally {
     await disk.close();
   }
 }
 
-async function nbdcopyFull(qsd: QsdFixture): Promise<number> {
+async function nbdcopyFull(qsd: QsdFixture): Promise<FullRun> {
+  const q0 = cpuOf(qsd.pid);
   const t0 = performance.now();
-  await exec('nbdcopy', [qsd.nbdUri('full'), 'null:']);
-  return (performance.now() - t0) / 1000;
+  const { stderr } = await exec('/usr/bin/time', ['-f', 'cpu %U %S', 'nbdcopy', qsd.nbdUri('full'), 'null:']);
+  const seconds = (performance.now() - t0) / 1000;
+  const m = /cpu ([\d.]+) ([\d.]+)/.exec(stderr);
+  return { seconds, readerCpu: m ? Number(m[1]) + Number(m[2]) : NaN, qsdCpu: cpuOf(qsd.pid) - q0 };
 }
 
 /** Dirty ∩ allocated-data ranges. */
@@ -174,8 +194,8 @@ async function main(): Promise<void> {
     }
     await nbdcopyFull(qsd); // warm the page cache for both
 
-    const nc: number[] = [];
-    const cl: number[] = [];
+    const nc: FullRun[] = [];
+    const cl: FullRun[] = [];
     const inc: Array<Awaited<ReturnType<typeof clientIncremental>>> = [];
     let dataBytes = 0;
     for (let r = 0; r < RUNS; r++) {
@@ -183,18 +203,18 @@ async function main(): Promise<void> {
       if (r % 2 === 0) {
         nc.push(await nbdcopyFull(qsd));
         const c = await clientFull(qsd);
-        cl.push(c.seconds);
+        cl.push(c);
         dataBytes = c.bytes;
       } else {
         const c = await clientFull(qsd);
-        cl.push(c.seconds);
+        cl.push(c);
         nc.push(await nbdcopyFull(qsd));
       }
       inc.push(await clientIncremental(qsd));
-      console.log(`run ${r + 1}: nbdcopy ${nc[r]!.toFixed(2)} s, client ${cl[r]!.toFixed(2)} s, incremental ${inc[r]!.seconds.toFixed(3)} s (map ${inc[r]!.mapSeconds.toFixed(3)} s)`);
+      console.log(`run ${r + 1}: nbdcopy ${nc[r]!.seconds.toFixed(2)} s, client ${cl[r]!.seconds.toFixed(2)} s, incremental ${inc[r]!.seconds.toFixed(3)} s (map ${inc[r]!.mapSeconds.toFixed(3)} s)`);
     }
-    const ncm = median(nc);
-    const clm = median(cl);
+    const ncm = median(nc.map((x) => x.seconds));
+    const clm = median(cl.map((x) => x.seconds));
     const im = median(inc.map((i) => i.seconds));
     const imap = median(inc.map((i) => i.mapSeconds));
     const iconn = median(inc.map((i) => i.connectSeconds));
@@ -202,6 +222,10 @@ async function main(): Promise<void> {
     console.log('');
     console.log(`disk ${SIZE / GiB} GiB qcow2, allocated data ${(dataBytes / MiB).toFixed(0)} MiB; client: ${CONNECTIONS} connections, ${DEPTH} x ${CHUNK / 1024} KiB reads in flight`);
     console.log(`full read   nbdcopy ${ncm.toFixed(2)} s (${mbps(SIZE, ncm)} MB/s of disk)   client ${clm.toFixed(2)} s (${mbps(SIZE, clm)} MB/s of disk, ${mbps(dataBytes, clm)} MB/s of data)   ratio ${(ncm / clm).toFixed(2)}x nbdcopy (target >= 0.8)`);
+    // CPU seconds do not depend on how busy the machine is; wall seconds do.
+    console.log(
+      `cpu (median s) nbdcopy ${median(nc.map((x) => x.readerCpu)).toFixed(2)} + qsd ${median(nc.map((x) => x.qsdCpu)).toFixed(2)}   client ${median(cl.map((x) => x.readerCpu)).toFixed(2)} + qsd ${median(cl.map((x) => x.qsdCpu)).toFixed(2)}`,
+    );
     console.log(`incremental ${last.runs} dirty runs, ${(last.bytes / MiB).toFixed(1)} MiB: connect ${iconn.toFixed(3)} s + map ${imap.toFixed(3)} s + read = ${im.toFixed(3)} s median (target <= 0.5 s)`);
   } finally {
     await qsd.stop();

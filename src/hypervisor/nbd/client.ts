@@ -601,7 +601,8 @@ export class NbdConnection implements RandomAccessDisk {
         this.#socket.end();
       }
     }
-    if (this.#failure) this.#socket.destroy();
+    // Nothing to say goodbye on (failed, or still in the handshake): just drop the socket.
+    if (this.#failure || !this.#transmitting) this.#socket.destroy();
     const t = setTimeout(() => this.#socket.destroy(), 5000);
     await this.#closed;
     clearTimeout(t);
