@@ -1,0 +1,166 @@
+// The one-host data path on a running test guest (TCG): backupVm into a temporary repository —
+// full, then incremental after guest writes — and restoreDisk of each point, bit-exact (qemu-img
+// compare) to nbdcopy's copy of the same fleecing view taken during the backup, e2fsck clean, the
+// guest's files right (debugfs). A failure mid-backup (the NBD export removed, or the abort
+// signal) leaves no visible restore point and the next backup still has every change.
+import { execFile } from 'node:child_process';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { backupVm, type BackupVmOptions, type BackupVmSummary } from '../../src/agent/backup/disk-backup.js';
+import { QemuHypervisor } from '../../src/hypervisor/qemu/adapter.js';
+import type { BackupView } from '../../src/hypervisor/types.js';
+import { openRepository, type Repository } from '../../src/repository/index.js';
+import { restoreDisk } from '../../src/restore/disk/restore-disk.js';
+import { assertIdenticalImages, e2fsckClean, nbdcopyReference, sha256InImage, startTestGuest, type TestGuest } from '../fixtures/guest.js';
+
+const run = promisify(execFile);
+let guest: TestGuest;
+let work: string;
+let hv: QemuHypervisor;
+let repo: Repository;
+const VM = 'datapath-vm';
+const JOB = 'nightly';
+
+beforeAll(async () => {
+  work = await mkdtemp(path.join(os.tmpdir(), 'bulwark-datapath-'));
+  guest = await startTestGuest({ name: VM });
+  await guest.waitForAgent();
+  hv = new QemuHypervisor({ qmpGlob: path.join(guest.dir, 'qmp.sock'), workDir: path.join(work, 'adapter') });
+  repo = await openRepository(path.join(work, 'repo'), { create: true });
+});
+
+afterAll(async () => {
+  await hv?.close();
+  await guest?.stop();
+  if (work) await rm(work, { recursive: true, force: true });
+});
+
+async function guestWrite(file: string, kib: number): Promise<string> {
+  const out = await guest.sh(`mkdir -p /srv/data && dd if=/dev/urandom of=${file} bs=1k count=${kib} 2>/dev/null && sync && sha256sum ${file}`);
+  return out.split(' ')[0]!;
+}
+
+/** Runs a backup and keeps nbdcopy's copy of each disk's view (the reference at that instant). */
+async function backup(label: string, extra: Partial<BackupVmOptions> = {}): Promise<{ summary: BackupVmSummary; refs: Record<string, string>; logs: string[] }> {
+  const refs: Record<string, string> = {};
+  const logs: string[] = [];
+  const summary = await backupVm({
+    hypervisor: hv,
+    repository: repo,
+    job: JOB,
+    vm: VM,
+    requireGuestProcessing: true,
+    threads: 1,
+    onLog: (level, message) => logs.push(`${level}: ${message}`),
+    onView: async (view: BackupView) => {
+      for (const d of view.disks) {
+        refs[d.disk.name] = path.join(work, `${label}-${d.disk.name}.ref.raw`);
+        await nbdcopyReference(d, refs[d.disk.name]!);
+      }
+    },
+    ...extra,
+  });
+  return { summary, refs, logs };
+}
+
+async function restoreAndCheck(pointId: string, refs: Record<string, string>, files: Record<string, string | undefined>): Promise<void> {
+  for (const [disk, ref] of Object.entries(refs)) {
+    const to = path.join(work, `${pointId}-${disk}.raw`);
+    const r = await restoreDisk({ repository: repo, pointId, disk, to });
+    await assertIdenticalImages(to, ref);
+    const { stdout } = await run('sha256sum', [ref]);
+    expect(r.sha256).toBe(stdout.split(' ')[0]);
+    await e2fsckClean(to);
+    for (const [file, sum] of Object.entries(files)) expect(await sha256InImage(to, file), file).toBe(sum);
+    for (const [file, sum] of Object.entries(guest.image.manifest.testdata)) {
+      expect(await sha256InImage(to, `${guest.image.manifest.testdataDir}/${file}`), file).toBe(sum);
+    }
+    await rm(to);
+  }
+}
+
+async function visibleFilesOfRepo(): Promise<string[]> {
+  const out: string[] = [];
+  const walk = async (d: string): Promise<void> => {
+    for (const e of await readdir(d, { withFileTypes: true })) {
+      if (e.isDirectory()) await walk(path.join(d, e.name));
+      else out.push(e.name);
+    }
+  };
+  await walk(repo.root);
+  return out.sort();
+}
+
+describe('backupVm + restoreDisk on a running guest', () => {
+  const files: Record<string, string | undefined> = {};
+  const points: string[] = [];
+
+  it('full backup: application-consistent, restored bit-exact', async () => {
+    files['/srv/data/a.bin'] = await guestWrite('/srv/data/a.bin', 1536);
+    const progress: number[] = [];
+    const { summary, refs, logs } = await backup('p0', { onProgress: (p) => progress.push(p.bytesRead) });
+    expect(summary.kind).toBe('full');
+    expect(summary.consistency).toBe('application');
+    expect(summary.freezeWindowMs).not.toBeNull();
+    expect(summary.disks.map((d) => [d.name, d.read, d.fullReason])).toEqual([['vda', 'full', 'no-checkpoint']]);
+    expect(summary.disks[0]!.bytesRead).toBeGreaterThan(0);
+    expect(summary.disks[0]!.bytesStored).toBeGreaterThan(0);
+    expect(progress.at(-1)).toBe(summary.disks[0]!.bytesRead);
+    expect(logs.join('\n')).toMatch(/committed/);
+    expect((await repo.listRestorePoints({ job: JOB, vm: VM })).map((p) => p.id)).toEqual([summary.pointId]);
+    points.push(summary.pointId);
+    console.log(`full: read ${summary.disks[0]!.bytesRead} stored ${summary.disks[0]!.bytesStored} in ${summary.durationMs} ms, freeze ${summary.freezeWindowMs} ms`);
+    await restoreAndCheck(summary.pointId, refs, files);
+  });
+
+  it('incremental after guest writes: only changed blocks, restored bit-exact (raw and qcow2)', async () => {
+    files['/srv/data/b.bin'] = await guestWrite('/srv/data/b.bin', 900);
+    files['/srv/data/a.bin'] = (await guest.sh('dd if=/dev/urandom of=/srv/data/a.bin bs=1k seek=128 count=64 conv=notrunc 2>/dev/null && sync && sha256sum /srv/data/a.bin')).split(' ')[0]!;
+    const { summary, refs } = await backup('p1');
+    expect(summary.kind).toBe('incremental');
+    const d = summary.disks[0]!;
+    expect(d.read).toBe('bitmap');
+    expect(d.bytesRead).toBeLessThan(d.size / 4);
+    expect(d.bytesChanged).toBeGreaterThan(0);
+    points.push(summary.pointId);
+    console.log(`incremental: read ${d.bytesRead} changed ${d.bytesChanged} stored ${d.bytesStored} in ${summary.durationMs} ms`);
+    await restoreAndCheck(summary.pointId, refs, files);
+    const q = path.join(work, 'p1.qcow2');
+    const r = await restoreDisk({ repository: repo, pointId: summary.pointId, disk: 'vda', to: q, format: 'qcow2' });
+    expect(r.format).toBe('qcow2');
+    await run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', q, refs.vda!]);
+    expect((await run('qemu-img', ['info', '--output=json', q])).stdout).toMatch(/"format": "qcow2"/);
+    await expect(restoreDisk({ repository: repo, pointId: summary.pointId, disk: 'vda', to: q })).rejects.toThrow(/already exists/);
+    await rm(q);
+  });
+
+  it('a failure mid-backup leaves no restore point; the next backup has every change', async () => {
+    const before = await visibleFilesOfRepo();
+    files['/srv/data/c.bin'] = await guestWrite('/srv/data/c.bin', 700);
+    // 1. The NBD export disappears while the backup reads.
+    const qmp = await guest.control();
+    try {
+      await expect(
+        backup('fail1', {
+          onView: async (view) => {
+            await qmp.execute('block-export-del', { id: view.disks[0]!.nbd.exportName, mode: 'hard' });
+          },
+        }),
+      ).rejects.toThrow();
+    } finally {
+      await qmp.close();
+    }
+    // 2. The session is stopped (abort signal) once the view exists.
+    const stop = new AbortController();
+    await expect(backup('fail2', { signal: stop.signal, onView: async () => stop.abort(new Error('session stopped')) })).rejects.toThrow(/stopped/);
+    expect((await repo.listRestorePoints({ job: JOB, vm: VM })).map((p) => p.id)).toEqual(points);
+    expect(await visibleFilesOfRepo()).toEqual(before);
+    const { summary, refs } = await backup('p2');
+    expect(summary.kind).toBe('incremental');
+    expect(summary.disks[0]!.read).toBe('bitmap');
+    await restoreAndCheck(summary.pointId, refs, files);
+  });
+});
