@@ -2,15 +2,16 @@
 // server) and the console's own configuration directory (credentials saved by `bulwark login`).
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { resolveDataDir } from '../server/data-dir.js';
 
 export type Env = Readonly<Record<string, string | undefined>>;
 
-/** `--data DIR`, else $BULWARK_DATA, else /var/lib/bulwark (root) or ~/.local/share/bulwark. */
+/**
+ * `--data DIR`, else $BULWARK_DATA, else /var/lib/bulwark (root) or ~/.local/share/bulwark:
+ * the server's own rule, so console and server always meet at the same socket.
+ */
 export function dataDirectory(flag: string | undefined, env: Env = process.env): string {
-  if (flag) return resolve(flag);
-  if (env.BULWARK_DATA) return resolve(env.BULWARK_DATA);
-  if (process.getuid?.() === 0) return '/var/lib/bulwark';
-  return join(env.XDG_DATA_HOME || join(homedir(), '.local', 'share'), 'bulwark');
+  return resolveDataDir({ flag, env });
 }
 
 /** $BULWARK_CONFIG, else ~/.config/bulwark. */

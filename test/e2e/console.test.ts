@@ -1,12 +1,13 @@
 // The console end to end: the real `bulwark` program against a real `bulwark server` (fake task
 // executor until the data path lands), locally over the unix socket and remotely after
 // `bulwark login` over TCP+TLS from another data and config directory.
+import { spawn } from 'node:child_process';
 import { request } from 'node:https';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
+import { bulwark, ensureBuilt, program, startServerProcess, type ServerProcess } from './program.js';
 
 let tmp: string;
 let server: ServerProcess;
@@ -124,10 +125,34 @@ describe('bulwark console, local (unix socket)', () => {
     expect((await bulwark(['job', 'frobnicate'], local)).code).toBe(2);
   });
 
-  it('creates agent tokens and configuration backups', async () => {
-    const token = await bulwark(['agent', 'token', '--json'], local);
+  it('enrolls an agent with a one-time token; the agent runs until SIGTERM and closes cleanly', async () => {
+    const token = await bulwark(['agent', 'token', '--name', 'remote1', '--json'], local);
     expect(token.code).toBe(0);
-    expect(json<{ token: string }>(token.stdout).token.length).toBeGreaterThan(10);
+    const { token: secret } = json<{ token: string }>(token.stdout);
+    const agent = spawn(process.execPath, [program, '--data', join(tmp, 'agent-data'), 'agent', '--server', server.url, '--enroll', secret, '--name', 'remote1'], {
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', BULWARK_LOG_LEVEL: 'warn', HOME: tmp },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let agentErr = '';
+    agent.stderr.on('data', (c: Buffer) => (agentErr += c.toString()));
+    const exited = new Promise<number | null>((resolve) => agent.once('exit', (code) => resolve(code)));
+    try {
+      let agents: Array<{ name: string; state: string }> = [];
+      for (let i = 0; i < 60 && !agents.some((a) => a.name === 'remote1' && a.state === 'online'); i++) {
+        if (agent.exitCode !== null) break;
+        await new Promise((r) => setTimeout(r, 500));
+        agents = json((await bulwark(['agent', 'list', '--json'], local)).stdout);
+      }
+      expect(agents, agentErr).toContainEqual(expect.objectContaining({ name: 'remote1', state: 'online' }));
+      expect((await bulwark(['agent', 'list'], local)).stdout).toMatch(/remote1\s+online/);
+    } finally {
+      agent.kill('SIGTERM');
+    }
+    expect(await exited).toBe(0);
+    expect(agentErr).toContain('closing');
+  });
+
+  it('writes configuration backups', async () => {
     const backup = await bulwark(['config', 'backup', '--repo', 'main', '--json'], local);
     expect(backup.code).toBe(0);
     const { path } = json<{ path: string }>(backup.stdout);

@@ -123,16 +123,19 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
   agent
     .command('token')
     .description('create a one-time enrollment token for a new agent')
+    .option('--name <name>', 'the only name the agent may enroll under')
+    .option('--ttl <seconds>', 'how long the token stays valid (default: the server\'s)', positiveInt('--ttl'))
     .addOption(jsonOption())
-    .action(async (o: { json?: boolean }, cmd: Command) => {
+    .action(async (o: { name?: string; ttl?: number; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
-      const reply = await client.post<{ token: string; expiresAt?: string }>('/agents/tokens', {});
+      const body = { ...(o.name ? { name: o.name } : {}), ...(o.ttl ? { ttlSeconds: o.ttl } : {}) };
+      const reply = await client.post<{ token: string; expiresAt?: string; name?: string }>('/agents/tokens', body);
       if (o.json) return printJson(ctx.output, reply);
       const server = client.address.kind === 'tcp' ? client.address.origin : 'https://THIS-SERVER:9392';
       ctx.output.out(
         `${reply.token}\n` +
           `one-time token${reply.expiresAt ? `, valid until ${localTime(reply.expiresAt)}` : ''}; on the new agent's host run:\n` +
-          `  bulwark agent --server ${server} --enroll ${reply.token}\n`,
+          `  bulwark agent --server ${server} --enroll ${reply.token}${reply.name ? ` --name ${reply.name}` : ''}\n`,
       );
     });
 
@@ -190,27 +193,6 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
 }
 
 // ---- repositories
-
-/** The offline repository tools (format engineer's module), loaded only when used. */
-interface RepoOffline {
-  repoInspectCommand(path: string, opts: { json: boolean }): Promise<number>;
-  repoVerifyCommand(path: string, opts: { json: boolean }): Promise<number>;
-}
-
-async function loadRepoOffline(): Promise<RepoOffline> {
-  // A computed specifier: the module is written by another engineer and may not exist yet.
-  const specifier = new URL('./repo-offline.js', import.meta.url).href;
-  let mod: Partial<RepoOffline>;
-  try {
-    mod = (await import(specifier)) as Partial<RepoOffline>;
-  } catch (err) {
-    throw new BulwarkError('offline repository tools are not part of this build yet', { kind: 'unavailable', cause: err });
-  }
-  if (typeof mod.repoInspectCommand !== 'function' || typeof mod.repoVerifyCommand !== 'function') {
-    throw new BulwarkError('offline repository tools are incomplete in this build', { kind: 'internal' });
-  }
-  return mod as RepoOffline;
-}
 
 interface RepoOptions {
   path?: string;
@@ -346,7 +328,8 @@ export function repoCommand(ctx: CliContext): Command {
     .argument('<path>', 'the repository folder')
     .addOption(jsonOption())
     .action(async (path: string, o: { json?: boolean }) => {
-      ctx.exitCode = await (await loadRepoOffline()).repoInspectCommand(path, { json: o.json ?? false });
+      const { repoInspectCommand } = await import('./repo-offline.js');
+      ctx.exitCode = await repoInspectCommand(path, { json: o.json ?? false }, ctx.output);
     });
 
   repo
@@ -367,7 +350,8 @@ export function repoCommand(ctx: CliContext): Command {
         }
         path = r.path;
       }
-      ctx.exitCode = await (await loadRepoOffline()).repoVerifyCommand(path, { json: o.json ?? false });
+      const { repoVerifyCommand } = await import('./repo-offline.js');
+      ctx.exitCode = await repoVerifyCommand(path, { json: o.json ?? false }, ctx.output);
     });
 
   return repo;

@@ -1,7 +1,7 @@
 // `bulwark server` and `bulwark agent [run]`: the roles of the one program. Both run in the
 // foreground until SIGINT or SIGTERM, then close cleanly (a second signal exits at once).
+// Their modules load only when the role starts, so the console's own commands start fast.
 import { Command, Option } from 'commander';
-import { BulwarkError } from '../../common/errors.js';
 import { globals, type CliContext } from '../context.js';
 import { dataDirectory } from '../paths.js';
 import { addAgentAdminCommands } from './infrastructure.js';
@@ -9,26 +9,6 @@ import { addAgentAdminCommands } from './infrastructure.js';
 /** Something running that stops with close(). */
 interface Running {
   close(): Promise<void>;
-}
-
-/**
- * Loads a role's module by a computed specifier: the role modules are written by other
- * engineers and land at their own pace; a build without one says so instead of failing to load.
- */
-async function loadRole<T>(relative: string, exported: string): Promise<T> {
-  const specifier = new URL(relative, import.meta.url).href;
-  let mod: Record<string, unknown>;
-  try {
-    mod = (await import(specifier)) as Record<string, unknown>;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND' && String((err as Error).message).includes(relative.replace(/^(\.\.\/)+/, ''))) {
-      throw new BulwarkError(`this build has no ${relative.replace(/^(\.\.\/)+/, 'src/')} yet`, { kind: 'unavailable', cause: err });
-    }
-    throw err;
-  }
-  const fn = mod[exported];
-  if (typeof fn !== 'function') throw new BulwarkError(`${relative} does not export ${exported}`, { kind: 'internal' });
-  return fn as T;
 }
 
 /** Runs until the first SIGINT/SIGTERM, then awaits close(); a second signal exits at once. */
@@ -47,9 +27,6 @@ export async function runUntilSignal(ctx: CliContext, what: string, running: Run
   await running.close();
 }
 
-type StartServer = (options: { dataDir: string; listen?: string; db?: string }) => Promise<Running>;
-type RunAgent = (options: { server: string; enrollToken?: string; dataDir: string }) => Promise<Running>;
-
 export function serverCommand(ctx: CliContext): Command {
   return new Command('server')
     .description('run the backup server (with its local agent and default repository) in the foreground')
@@ -57,8 +34,9 @@ export function serverCommand(ctx: CliContext): Command {
     .option('--db <url>', 'configuration database: postgres://… (default: SQLite in the data directory)')
     .action(async (o: { listen: string; db?: string }, cmd: Command) => {
       const dataDir = dataDirectory(globals(cmd).data, ctx.env);
-      const startServer = await loadRole<StartServer>('../../server/main.js', 'startServer');
-      const running = await startServer({ dataDir, listen: o.listen, ...(o.db ? { db: o.db } : {}) });
+      // Loaded on use: the server's modules (Fastify, the database) are not a console's business.
+      const { startServer } = await import('../../server/main.js');
+      const running = await startServer({ dataDir, listen: o.listen, db: o.db });
       await runUntilSignal(ctx, 'server', running);
     });
 }
@@ -68,13 +46,15 @@ export function agentCommand(ctx: CliContext): Command {
   agent
     .command('run', { isDefault: true })
     .description('run an agent here in the foreground; the first start enrolls it with a one-time token')
-    .option('--enroll <token>', 'one-time enrollment token from `bulwark agent token` (first start only)')
-    .action(async (o: { enroll?: string }, cmd: Command) => {
+    .option('--enroll <token>', 'one-time enrollment token from `bulwark agent token` (first start only; needs --server URL)')
+    .option('--name <name>', 'name to enroll under (default: this host\'s name)')
+    .action(async (o: { enroll?: string; name?: string }, cmd: Command) => {
       const g = globals(cmd);
-      if (!g.server) cmd.error('error: required option \'--server <url>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
+      if (o.enroll && !g.server) cmd.error('error: --enroll needs --server <url> (the server to enroll with)', { exitCode: 2, code: 'bulwark.usage' });
       const dataDir = dataDirectory(g.data, ctx.env);
-      const runAgent = await loadRole<RunAgent>('../../agent/main.js', 'runAgent');
-      const running = await runAgent({ server: g.server, dataDir, ...(o.enroll ? { enrollToken: o.enroll } : {}) });
+      const { runAgent } = await import('../../agent/main.js');
+      const running = await runAgent({ server: g.server, dataDir, enrollToken: o.enroll, name: o.name });
+      ctx.output.err(`agent ${running.name} running (data ${dataDir}); Ctrl-C stops it\n`);
       await runUntilSignal(ctx, 'agent', running);
     });
   addAgentAdminCommands(agent, ctx);
