@@ -281,10 +281,11 @@ class MountSession implements Mount {
     }
     for (const [i, dir] of [...this.#state.fuseDirs].entries()) {
       if (mountedPaths().has(dir)) {
-        await runTool('fusermount3', ['-u', dir], `unmounting FUSE view ${dir}`).catch(async (err: unknown) => {
+        try {
+          await unmountFuse(dir);
+        } catch (err) {
           problems.push(describeError(err));
-          await runTool('fusermount3', ['-uz', dir], 'lazy FUSE unmount').catch(() => undefined);
-        });
+        }
       }
       const child = this.#nbdfuse[i];
       if (child) await waitExit(child);
@@ -356,6 +357,34 @@ async function unmountPath(path: string): Promise<void> {
 }
 
 /** Removes a directory only when empty; never throws (exit paths). */
+/**
+ * Unmounts a FUSE view. The kernel frees a loop device asynchronously after its umount, and
+ * until then the loop still holds the FUSE file open (EBUSY), so wait for the loops to go first;
+ * a view still busy after that is detached lazily (it goes once the loop lets go).
+ */
+async function unmountFuse(dir: string): Promise<void> {
+  const image = join(dir, 'nbd');
+  for (let i = 0; i < 50; i++) {
+    const loops = await runTool('losetup', ['-j', image], 'listing loop devices').catch(() => '');
+    if (loops.trim() === '') break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await runTool('fusermount3', ['-u', dir], `unmounting FUSE view ${dir}`);
+      return;
+    } catch (err) {
+      if (attempt < 3) {
+        await new Promise((r) => setTimeout(r, 100 * (attempt + 1)));
+        continue;
+      }
+      await runTool('fusermount3', ['-uz', dir], `lazy unmount of FUSE view ${dir}`);
+      log.warn({ dir, err: describeError(err) }, 'FUSE view was busy; detached lazily');
+      return;
+    }
+  }
+}
+
 function rmSyncQuietly(dir: string): void {
   try {
     rmdirSync(dir);
