@@ -101,7 +101,7 @@ describe('repository round trip', () => {
   it('a source may reuse its buffer after yielding (worker threads copy before the next pull)', async () => {
     const repo = await openRepository(root);
     const m = new DiskModel(12 * BS + 5, BS);
-    const blocks = m.change(Array.from({ length: 13 }, (_, i) => [i, 'data', 500 + i] as [number, 'data']));
+    const blocks = m.change(Array.from({ length: 13 }, (_, i) => [i, "data", 500 + i] as [number, "data", number]));
     const shared = Buffer.alloc(BS);
     const w = await repo.startRestorePoint({ job: 'reuse', vm: 'v', kind: 'full', blockSize: BS, threads: 2, disks: [{ name: 'vda', size: m.size }] });
     await w.writeDisk('vda', (async function* () {
@@ -188,11 +188,15 @@ describe('repository round trip', () => {
   it('open sweeps temporaries of dead writers and uncommitted files', async () => {
     const dir = path.join(root, 'nightly', 'web%201');
     await writeFile(path.join(dir, 'x.vbk.tmp-999999999-abcd'), 'junk');
-    await writeFile(path.join(dir, '20990101T000000Z-deadbeef.vib'), 'orphan');
+    const orphan = Buffer.alloc(4096);
+    Buffer.from('7532a6b8f157bb6c', 'hex').copy(orphan); // a Bulwark increment nobody committed
+    await writeFile(path.join(dir, '20990101T000000Z-deadbeef.vib'), orphan);
+    await writeFile(path.join(dir, 'foreign.vbk'), 'another product uses this extension');
     const repo = await openRepository(root);
     expect((await repo.sweep()).removed).toEqual([]);
     const names = await readdir(dir);
     expect(names.some((n) => n.includes('.tmp-'))).toBe(false);
     expect(names).not.toContain('20990101T000000Z-deadbeef.vib');
+    expect(names).toContain('foreign.vbk');
   });
 });

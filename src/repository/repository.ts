@@ -2,7 +2,7 @@
 // new restore points (writer), opens existing ones (reader), and sweeps what crashes left.
 // docs/formats/backup-files.md section 2 describes the tree and the commit order.
 import { randomUUID } from 'node:crypto';
-import { readdir, readFile, rm, stat } from 'node:fs/promises';
+import { open, readdir, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError } from '../common/errors.js';
 import { logger } from '../common/log.js';
@@ -10,6 +10,7 @@ import type { DiskBlock } from '../disk/types.js';
 import {
   decodeChainMetadata,
   encodeChainMetadata,
+  fileKindOfMagic,
   FormatError,
   isBlockSize,
   NIL_UUID,
@@ -237,6 +238,21 @@ export async function readChainMetadata(vbmPath: string): Promise<{ generation: 
   }
 }
 
+async function isBulwarkBackupFile(p: string): Promise<boolean> {
+  try {
+    const fh = await open(p, 'r');
+    try {
+      const magic = Buffer.alloc(8);
+      const { bytesRead } = await fh.read(magic, 0, 8, 0);
+      return bytesRead === 8 && fileKindOfMagic(magic) !== null;
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return false;
+  }
+}
+
 async function sweepFolder(f: VmFolder): Promise<string[]> {
   const removed = (await sweepTemporaries(f.dir)).map((n) => path.join(f.dir, n));
   let meta: Awaited<ReturnType<typeof readChainMetadata>>;
@@ -247,7 +263,8 @@ async function sweepFolder(f: VmFolder): Promise<string[]> {
   }
   const named = new Set(meta?.body.chains.flatMap((c) => c.points.map((p) => p.file)) ?? []);
   for (const name of await readdir(f.dir)) {
-    if (BACKUP_FILE_RE.test(name) && !named.has(name)) {
+    // Only files that are ours (Bulwark magic): other products use the same extensions.
+    if (BACKUP_FILE_RE.test(name) && !named.has(name) && (await isBulwarkBackupFile(path.join(f.dir, name)))) {
       await rm(path.join(f.dir, name), { force: true });
       removed.push(path.join(f.dir, name));
     }
