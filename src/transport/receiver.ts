@@ -9,6 +9,7 @@ import tls from 'node:tls';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { logger, type Logger } from '../common/log.js';
 import { FramedConnection, serverTlsOptions, type TlsIdentity } from './connection.js';
+import { ReadServer, type RestoreSource } from './read-serve.js';
 import { DEFAULT_RESUME_WINDOW_MS } from './sender.js';
 import {
   FLAG_RESUME,
@@ -47,11 +48,13 @@ export interface TransferSink {
   abort(reason: string): Promise<void>;
 }
 
-/** What the server told this agent about a task it will receive. */
+/** What the server told this agent about a task: a backup it will receive, or a restore it will serve. */
 export interface TransferTaskGrant {
   readonly secret: string;
-  /** Opens the sink when the first stream of the task arrives. */
-  openSink(info: { sessionId: string; peerCertificate: tls.PeerCertificate }): Promise<TransferSink>;
+  /** Backup: opens the sink when the first stream of the task arrives. */
+  openSink?(info: { sessionId: string; peerCertificate: tls.PeerCertificate }): Promise<TransferSink>;
+  /** Restore: opens the restore point for one reader stream (closed when the stream ends). */
+  openSource?(info: { peerCertificate: tls.PeerCertificate }): Promise<RestoreSource>;
 }
 
 export type SessionOutcome = 'committed' | 'aborted' | 'failed';
@@ -127,6 +130,14 @@ class ReceiverSession {
   }
 }
 
+function isReadHello(f: Frame): boolean {
+  try {
+    return f.type === MessageType.hello && decodeHello(f.payload).role === 'read';
+  } catch {
+    return false;
+  }
+}
+
 function digest(secret: string): Buffer {
   return createHash('sha256').update(secret, 'utf8').digest();
 }
@@ -183,8 +194,10 @@ export class TransferReceiver {
   #accept(socket: tls.TLSSocket): void {
     // A stream is first unauthenticated (expects HELLO), then handshaking (no frames expected
     // until we sent WELCOME), then attached to its session.
-    let phase: 'hello' | 'handshaking' | 'attached' = 'hello';
+    let phase: 'hello' | 'handshaking' | 'attached' | 'reading' = 'hello';
     let session: ReceiverSession | undefined;
+    let reads: ReadServer | undefined;
+    let source: RestoreSource | undefined;
     let stream = 0;
     const conn: FramedConnection = new FramedConnection(socket, {
       keepaliveMs: this.#o.keepaliveMs,
@@ -193,6 +206,25 @@ export class TransferReceiver {
         switch (phase) {
           case 'hello':
             phase = 'handshaking';
+            if (isReadHello(f)) {
+              this.#helloRead(conn, socket, f).then(
+                (r) => {
+                  reads = r.server;
+                  source = r.source;
+                  phase = 'reading';
+                  if (conn.closed) {
+                    r.server.close();
+                    void r.source.close().catch(() => undefined);
+                  }
+                },
+                (err: unknown) => {
+                  const e = err instanceof BulwarkError ? err : new BulwarkError(describeError(err), { kind: 'internal', cause: err });
+                  this.#log.warn({ err: describeError(e), remote: socket.remoteAddress }, 'refused a restore stream');
+                  conn.send(MessageType.error, encodeJson({ kind: e.kind, message: e.message })).finally(() => conn.close()).catch(() => undefined);
+                },
+              );
+              return;
+            }
             this.#hello(conn, socket, f).then(
               (s) => {
                 session = s;
@@ -213,21 +245,46 @@ export class TransferReceiver {
           case 'attached':
             this.#onFrame(session!, conn, stream, f);
             return;
+          case 'reading':
+            reads!.onFrame(f);
+            return;
         }
       },
       onClose: () => {
         this.#conns.delete(conn);
         if (session) this.#detach(session, conn);
+        reads?.close();
+        void source?.close().catch(() => undefined);
       },
     });
     this.#conns.add(conn);
+  }
+
+  async #helloRead(conn: FramedConnection, socket: tls.TLSSocket, f: Frame): Promise<{ server: ReadServer; source: RestoreSource }> {
+    const hello = decodeHello(f.payload);
+    if (hello.protocol !== PROTOCOL_VERSION) throw new BulwarkError(`unsupported data-mover protocol ${hello.protocol}`, { kind: 'invalid' });
+    const grant = this.#o.grant(hello.taskId);
+    if (!grant || !timingSafeEqual(digest(grant.secret), digest(hello.taskSecret))) {
+      throw new BulwarkError(`task ${hello.taskId} was not granted to this agent, or its secret is wrong`, { kind: 'unauthorized', context: { task: hello.taskId } });
+    }
+    if (!grant.openSource) throw new BulwarkError(`task ${hello.taskId} is not a restore`, { kind: 'invalid', context: { task: hello.taskId } });
+    const source = await grant.openSource({ peerCertificate: socket.getPeerCertificate() });
+    const server = new ReadServer(conn, source, this.#window);
+    try {
+      await server.start();
+      await conn.send(MessageType.welcome, encodeJson({ sessionId: hello.sessionId, window: this.#window, resumeWindowMs: this.#resumeWindowMs, durableBelow: 0, durable: [] }), { stream: f.stream });
+    } catch (cause) {
+      server.close();
+      await source.close().catch(() => undefined);
+      throw new BulwarkError('restore stream closed during the handshake', { kind: 'unavailable', cause });
+    }
+    return { server, source };
   }
 
   async #hello(conn: FramedConnection, socket: tls.TLSSocket, f: Frame): Promise<ReceiverSession> {
     if (f.type !== MessageType.hello) throw new BulwarkError(`expected HELLO, got ${messageTypeName(f.type)}`, { kind: 'invalid' });
     const hello = decodeHello(f.payload);
     if (hello.protocol !== PROTOCOL_VERSION) throw new BulwarkError(`unsupported data-mover protocol ${hello.protocol}`, { kind: 'invalid' });
-    if (hello.role !== 'send') throw new BulwarkError('this target agent does not serve restores over the data-mover protocol yet', { kind: 'invalid' });
     const ctx = { task: hello.taskId, session: hello.sessionId };
     const secret = digest(hello.taskSecret);
     let s = this.#sessions.get(hello.sessionId);
@@ -239,6 +296,7 @@ export class TransferReceiver {
       if (!grant || !timingSafeEqual(digest(grant.secret), secret)) {
         throw new BulwarkError(`task ${hello.taskId} was not granted to this agent, or its secret is wrong`, { kind: 'unauthorized', context: ctx });
       }
+      if (!grant.openSink) throw new BulwarkError(`task ${hello.taskId} is not a backup`, { kind: 'invalid', context: ctx });
       s = new ReceiverSession(hello.sessionId, hello.taskId, secret);
       this.#sessions.set(s.id, s);
       s.sinkOpening = grant.openSink({ sessionId: s.id, peerCertificate: socket.getPeerCertificate() });
