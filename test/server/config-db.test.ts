@@ -158,7 +158,10 @@ describe.each(engines)('configuration database on %s', (engine) => {
   });
 
   it('hosts and agents reference each other by name', async () => {
-    await infra.registerAgent(ctx, { name: 'proxy1', hostname: 'proxy1.lan', agentVersion: '0.1.0', cores: 8, certFingerprint: 'AB:CD' });
+    const agent = await infra.registerAgent(ctx, { name: 'proxy1', hostname: 'proxy1.lan', agentVersion: '0.1.0', cores: 8, certFingerprint: 'AB:CD' });
+    expect(agent).toMatchObject({ state: 'online', cores: 8, repositories: [], uptimeSeconds: null });
+    t.clock.advance(infra.agentOfflineAfterMs + 1);
+    expect((await infra.getAgent(ctx, 'proxy1')).state).toBe('offline');
     const host = await infra.createHost(ctx, { name: 'kvm1', kind: 'qemu', uri: '/run/vms/*.qmp', agent: 'proxy1' });
     expect(host).toMatchObject({ kind: 'qemu', agent: 'proxy1' });
     const bad = await rejects(infra.createHost(ctx, { name: 'kvm2', kind: 'libvirt', uri: 'nope' }));

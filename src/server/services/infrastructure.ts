@@ -99,7 +99,11 @@ export async function deleteHost(ctx: ServiceContext, name: string): Promise<voi
 }
 
 // ---- agents (created by enrollment, see agent-link; here: list, show, edit state, delete)
-function toAgent(r: Selectable<AgentTable>): Agent {
+/** An online agent not heard from for this long (3 missed heartbeats of 30 s) shows as offline. */
+export const agentOfflineAfterMs = 90_000;
+
+function toAgent(r: Selectable<AgentTable>, now: Date): Agent {
+  const silent = r.last_seen_at === null || now.getTime() - new Date(r.last_seen_at).getTime() > agentOfflineAfterMs;
   const health = parseJson<{ uptimeSeconds?: number; repositories?: Agent['repositories'] }>(r.health, 'agent health');
   return {
     ...configFields(r),
@@ -108,20 +112,21 @@ function toAgent(r: Selectable<AgentTable>): Agent {
     cores: r.cores,
     lastSeenAt: r.last_seen_at,
     certFingerprint: r.cert_fingerprint,
-    state: r.state,
+    state: r.state === 'online' && silent ? 'offline' : r.state,
     uptimeSeconds: health?.uptimeSeconds ?? null,
     repositories: health?.repositories ?? [],
   };
 }
 
 export async function listAgents(ctx: ServiceContext): Promise<Agent[]> {
-  return (await ctx.db.selectFrom('agents').selectAll().orderBy('name').execute()).map(toAgent);
+  const now = ctx.clock.now();
+  return (await ctx.db.selectFrom('agents').selectAll().orderBy('name').execute()).map((r) => toAgent(r, now));
 }
 
 export async function getAgent(ctx: ServiceContext, name: string): Promise<Agent> {
   const r = await findByNameOrId(ctx, 'agents', name);
   if (!r) throw notFound('agent', name);
-  return toAgent(r);
+  return toAgent(r, ctx.clock.now());
 }
 
 export interface AgentRegistration {
