@@ -343,9 +343,11 @@ export function repoCommand(ctx: CliContext): Command {
         if (target.includes('/')) throw new BulwarkError(`${target} is not a folder`, { kind: 'not-found', hint: 'give the repository folder or a repository name' });
         const r = await (await clientFor(ctx, cmd)).get<Repository>(at('/repositories', target));
         if (!existsSync(r.path)) {
-          throw new BulwarkError(`repository ${r.name} is at ${r.path}, which is not on this host`, {
-            kind: 'unavailable',
-            hint: `run \`bulwark repo verify ${r.path}\` on the host of agent ${r.agent ?? '(local)'}`,
+          throw new BulwarkError(`the folder ${r.path} of repository ${r.name} does not exist on this host`, {
+            kind: 'not-found',
+            hint: r.agent
+              ? `it lives on the host of agent ${r.agent}: run \`bulwark repo verify ${r.path}\` there`
+              : 'nothing has been written to it yet, or it is on another host',
           });
         }
         path = r.path;
