@@ -66,6 +66,7 @@ describe('REST API', () => {
     expect(denied.statusCode).toBe(401);
     expect(denied.json().error.kind).toBe('unauthorized');
     expect((await json(tcpApp, 'GET', '/jobs', undefined, 'not-a-token')).statusCode).toBe(401);
+    expect((await json(tcpApp, 'GET', '/no-such-route')).statusCode).toBe(401);
     // The socket is the local administrator.
     expect((await json(socketApp, 'GET', '/auth/whoami')).json()).toEqual({ user: 'local-administrator', role: 'administrator', via: 'socket' });
   });

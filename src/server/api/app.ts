@@ -103,7 +103,8 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
   app.addHook('onRequest', async (req) => {
     const permission = req.routeOptions.config?.permission;
     const isDocs = req.url.startsWith('/api/docs');
-    if (permission === 'public' || isDocs || req.routeOptions.url === undefined) return;
+    // Unknown routes are not exempt: over TCP they answer 401 too, so nothing is probed without a token.
+    if (permission === 'public' || isDocs) return;
     if (opts.transport === 'socket') {
       req.principal = localAdmin;
     } else {
