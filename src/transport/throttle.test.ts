@@ -1,7 +1,7 @@
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { describe, expect, it } from 'vitest';
-import { RateLimiter, TokenBucket, allOf, throttleStream } from './throttle.js';
+import { RateLimiter, SharedLimiters, TokenBucket, allOf, throttleStream } from './throttle.js';
 
 describe('TokenBucket (pure, time passed in)', () => {
   it('lets a burst through, then makes callers wait in proportion to the debt', () => {
@@ -84,5 +84,34 @@ describe('RateLimiter shared by many callers', () => {
     );
     expect(Buffer.concat(out)).toEqual(Buffer.concat(input));
     expect(waited).toBeGreaterThan(0);
+  });
+});
+
+describe('SharedLimiters', () => {
+  it('one limiter per rule, shared by every throttle that selects it; rates follow updates', async () => {
+    let t = 0;
+    const shared = new SharedLimiters({ now: () => t });
+    const a = shared.throttleFor(() => [{ name: 'rule-1', bytesPerSecond: 1_000_000 }]);
+    const b = shared.throttleFor(() => [{ name: 'rule-1', bytesPerSecond: 1_000_000 }]);
+    expect(shared.limiter({ name: 'rule-1', bytesPerSecond: 1_000_000 })).toBe(shared.limiter({ name: 'rule-1', bytesPerSecond: 1_000_000 }));
+    // the burst (1/8 s of the rate) is used up by the first task: the second one's bytes queue behind
+    expect(await a.acquire(125_000)).toBe(0);
+    expect(await b.acquire(1000)).toBeCloseTo(1);
+    t = 1000;
+    shared.limiter({ name: 'rule-1', bytesPerSecond: 2_000_000 });
+    expect(shared.limiter({ name: 'rule-1', bytesPerSecond: 2_000_000 }).bytesPerSecond).toBe(2_000_000);
+  });
+
+  it('re-selects the applicable limits after the refresh interval (a rule window ends)', async () => {
+    let t = 0;
+    let active = true;
+    const shared = new SharedLimiters({ now: () => t });
+    const throttle = shared.throttleFor(() => (active ? [{ name: 'night', bytesPerSecond: 1_000_000 }] : []), 5000);
+    await throttle.acquire(125_000);
+    expect(await throttle.acquire(2000)).toBeCloseTo(2);
+    active = false;
+    expect(await throttle.acquire(2000)).toBeGreaterThan(0); // not re-evaluated yet
+    t = 5000;
+    expect(await throttle.acquire(10_000_000)).toBe(0);
   });
 });

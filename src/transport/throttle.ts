@@ -137,3 +137,53 @@ export function throttleStream(throttle: Throttle, onWait?: (ms: number) => void
     },
   });
 }
+
+/** A limit to enforce: a throttling rule (by name) or a repository share, in bytes per second. */
+export interface NamedLimit {
+  readonly name: string;
+  readonly bytesPerSecond: number;
+}
+
+/**
+ * The agent's shared limiters: one RateLimiter per name (throttling rule, repository share), the
+ * same instance for every stream and task it covers, so a rule's limit is its total. Which limits
+ * apply can change while a task runs (a rule's hours begin or end; a repository share changes):
+ * `throttleFor` re-asks `select` at most every `refreshMs`.
+ */
+export class SharedLimiters {
+  readonly #limiters = new Map<string, RateLimiter>();
+  readonly #clock: Clock;
+
+  constructor(clock: Clock = systemClock) {
+    this.#clock = clock;
+  }
+
+  /** The limiter for a name, created on first use; its rate follows the latest value given. */
+  limiter(limit: NamedLimit): RateLimiter {
+    let l = this.#limiters.get(limit.name);
+    if (!l) {
+      l = new RateLimiter(limit.name, { bytesPerSecond: limit.bytesPerSecond }, this.#clock);
+      this.#limiters.set(limit.name, l);
+    } else if (normalizeRate(limit.bytesPerSecond) !== l.bytesPerSecond) {
+      l.setRate(limit.bytesPerSecond);
+    }
+    return l;
+  }
+
+  /** A Throttle over the limits `select` returns now, re-evaluated at most every `refreshMs`. */
+  throttleFor(select: () => readonly NamedLimit[], refreshMs = 10_000): Throttle {
+    let current: readonly RateLimiter[] = [];
+    let selectedAt = -Infinity;
+    return {
+      acquire: async (bytes: number): Promise<number> => {
+        const now = this.#clock.now();
+        if (now - selectedAt >= refreshMs) {
+          current = select().map((l) => this.limiter(l));
+          selectedAt = now;
+        }
+        if (current.length === 0) return 0;
+        return allOf(current).acquire(bytes);
+      },
+    };
+  }
+}
