@@ -10,6 +10,9 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupVm, type BackupVmOptions, type BackupVmSummary } from '../../src/agent/backup/disk-backup.js';
+import { LocalDataPathExecutor } from '../../src/agent/backup/executor.js';
+import { JobEngine } from '../../src/server/jobs/engine.js';
+import { InMemoryJobEngineStore } from '../../src/server/jobs/memory-store.js';
 import { QemuHypervisor } from '../../src/hypervisor/qemu/adapter.js';
 import type { BackupView } from '../../src/hypervisor/types.js';
 import { openRepository, type Repository } from '../../src/repository/index.js';
@@ -162,5 +165,57 @@ describe('backupVm + restoreDisk on a running guest', () => {
     expect(summary.kind).toBe('incremental');
     expect(summary.disks[0]!.read).toBe('bitmap');
     await restoreAndCheck(summary.pointId, refs, files);
+  });
+
+  it('the job engine through LocalDataPathExecutor: a VM with two disks, one task per disk, one restore point', async () => {
+    // A second disk, hot-added: it is new to the chain (full read into the increment), vda stays incremental.
+    const vdb = path.join(work, 'vdb.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', vdb, String(24 * 1024 * 1024)]);
+    const qmp = await guest.control();
+    try {
+      await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'vdb-fmt', file: { driver: 'file', filename: vdb } });
+      await qmp.execute('device_add', { driver: 'virtio-blk-pci', drive: 'vdb-fmt', id: 'vdb' });
+    } finally {
+      await qmp.close();
+    }
+    const vdbSum = (
+      await guest.sh('i=0; while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; dd if=/dev/urandom of=/dev/vdb bs=64k seek=5 count=20 2>/dev/null && sync && sha256sum /dev/vdb')
+    ).split(' ')[0]!;
+    files['/srv/data/d.bin'] = await guestWrite('/srv/data/d.bin', 300);
+
+    const executor = new LocalDataPathExecutor({
+      hosts: async () => [{ kind: 'qemu', qmpGlob: path.join(guest.dir, 'qmp.sock'), workDir: path.join(work, 'adapter') }],
+      repositoryPath: async () => repo.root,
+    });
+    const store = new InMemoryJobEngineStore();
+    store.putJob({ id: 'j1', name: JOB, vms: [VM], repository: 'local', retry: { count: 0, waitSeconds: 0 }, settings: { requireGuestProcessing: true } });
+    const engine = new JobEngine({ store, executor, disks: executor, progressIntervalMs: 0 });
+    try {
+      const { sessionId } = await engine.runNow(JOB);
+      const state = await engine.waitForEnd(sessionId);
+      const logs = (store.logs.get(sessionId) ?? []).map((l) => `${l.level}: ${l.message}`).join('\n');
+      expect(state, logs).toBe('success');
+      const tasks = await store.listTasks(sessionId);
+      expect(tasks.map((t) => [t.disk, t.state]).sort()).toEqual([['vda', 'success'], ['vdb', 'success']]);
+      for (const t of tasks) expect(t.progress.bytesRead, t.disk).toBeGreaterThan(0);
+      expect(logs).toMatch(/vdb: full read \(disk-new/);
+      const all = await repo.listRestorePoints({ job: JOB, vm: VM });
+      expect(all).toHaveLength(points.length + 2); // + p2 of the previous case, + this one
+      const point = all.at(-1)!;
+      expect(point.kind).toBe('incremental');
+      expect(point.disks.map((d) => d.name)).toEqual(['vda', 'vdb']);
+      const toB = path.join(work, 'engine-vdb.raw');
+      const rb = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vdb', to: toB });
+      expect(rb.sha256).toBe(vdbSum);
+      const toA = path.join(work, 'engine-vda.raw');
+      await restoreDisk({ repository: repo, pointId: point.id, disk: 'vda', to: toA });
+      await e2fsckClean(toA);
+      for (const [file, sum] of Object.entries(files)) expect(await sha256InImage(toA, file), file).toBe(sum);
+      await rm(toA);
+      await rm(toB);
+    } finally {
+      await engine.shutdown();
+      await executor.close();
+    }
   });
 });
