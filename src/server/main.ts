@@ -24,7 +24,7 @@ import type { ServiceContext } from './services/common.js';
 import { DatabaseAgentLinkStore, DatabaseJobEngineStore, DatabaseSchedulerStore, EngineJobRunner } from './services/engine-stores.js';
 import { setScheduleValidator } from './services/jobs.js';
 import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfiguration } from './services/config-backup.js';
-import { listRepositories } from './services/infrastructure.js';
+import { createRepository, listRepositories } from './services/infrastructure.js';
 import { SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 
@@ -53,6 +53,8 @@ export interface StartServerOptions {
   disks?: DiskResolver | undefined;
   /** Time zone of schedules and windows that name none (default: the server's). */
   timeZone?: string | undefined;
+  /** First start of the one-host install: create repository `default` at `<data>/repository` (default true). */
+  defaultRepository?: boolean | undefined;
 }
 
 export interface RunningServer {
@@ -262,6 +264,12 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
 
     // First start: an administrator with a random password, told once.
     const password = await ensureInitialAdmin(ctx);
+    if (password && opts.defaultRepository !== false && (await listRepositories(ctx)).length === 0) {
+      const path = join(dataDir, 'repository');
+      await mkdir(path, { recursive: true, mode: 0o700 });
+      await createRepository(ctx, { name: 'default', path });
+      log.info({ path }, 'default repository created');
+    }
     if (password) {
       const file = join(dataDir, dataFiles.initialAdminPassword);
       await writeFile(file, `${password}\n`, { mode: 0o600 });
@@ -274,6 +282,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
           `  user: admin   password: ${password}`,
           `  (also in ${file}, readable by this user only; change it with: bulwark user edit admin --password)`,
           `  local console: works as administrator through ${socketPath}`,
+          ...(opts.defaultRepository !== false ? [`  repository "default": ${join(dataDir, 'repository')}`] : []),
           `  remote console: bulwark login ${where}   (CA fingerprint ${pki.caFingerprint})`,
         ].join('\n'),
       );

@@ -43,6 +43,10 @@ describe('startServer over the real transports', () => {
     expect(statSync(file).mode & 0o777).toBe(0o600);
     expect(statSync(server.socketPath).mode & 0o777).toBe(0o600);
     expect(existsSync(join(dataDir, 'bulwark.db'))).toBe(true);
+    // The one-host install's default repository.
+    const repos = (await call({ socketPath: server.socketPath }, 'GET', '/api/v1/repositories')).json<{ items: Array<{ name: string; path: string }> }>().items;
+    expect(repos).toMatchObject([{ name: 'default', path: join(dataDir, 'repository') }]);
+    expect(statSync(join(dataDir, 'repository')).isDirectory()).toBe(true);
   });
 
   it('the unix socket is the local administrator; TLS TCP needs a token', async () => {
@@ -69,7 +73,7 @@ describe('startServer over the real transports', () => {
 
   it('config backup writes a consistent copy into the repository; restore brings the database back', async () => {
     const sock = { socketPath: server.socketPath };
-    const b = await call(sock, 'POST', '/api/v1/config/backup', {});
+    const b = await call(sock, 'POST', '/api/v1/config/backup', { repository: 'main' });
     expect(b.status).toBe(200);
     const path = b.json<{ path: string }>().path;
     expect(path.startsWith(join(tmp, 'repo', 'config-backup', 'bulwark-config-'))).toBe(true);
@@ -82,7 +86,7 @@ describe('startServer over the real transports', () => {
     const jobs = (await call(sock, 'GET', '/api/v1/jobs')).json<{ items: Array<{ name: string; enabled: boolean }> }>().items;
     expect(jobs.map((j) => [j.name, j.enabled])).toEqual([['nightly', false]]);
     const repos = (await call(sock, 'GET', '/api/v1/repositories')).json<{ items: Array<{ name: string }> }>().items;
-    expect(repos.map((x) => x.name)).toEqual(['main']);
+    expect(repos.map((x) => x.name)).toEqual(['default', 'main']);
     const bad = await call(sock, 'POST', '/api/v1/config/restore', { path: join(tmp, 'nope.sqlite') });
     expect(bad.status).toBe(400);
     expect(bad.json().error.field).toBe('path');
