@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { backupVm, type BackupVmOptions, type BackupVmSummary } from '../../src/agent/backup/disk-backup.js';
+import { backupVm, chainIdFor, previousCheckpoint, type BackupVmOptions, type BackupVmSummary } from '../../src/agent/backup/disk-backup.js';
 import { LocalDataPathExecutor } from '../../src/agent/backup/executor.js';
 import { JobEngine } from '../../src/server/jobs/engine.js';
 import { InMemoryJobEngineStore } from '../../src/server/jobs/memory-store.js';
@@ -217,5 +217,31 @@ describe('backupVm + restoreDisk on a running guest', () => {
       await engine.shutdown();
       await executor.close();
     }
+  });
+
+  it('a deleted bitmap: the disk is read in full into an increment, unchanged blocks are not stored, bit-exact', async () => {
+    const prev = (await previousCheckpoint(repo, JOB, VM, chainIdFor(JOB, VM)))!;
+    const qmp = await guest.control();
+    try {
+      await qmp.execute('block-dirty-bitmap-remove', { node: 'vda-fmt', name: prev.checkpoint.name });
+    } finally {
+      await qmp.close();
+    }
+    files['/srv/data/e.bin'] = await guestWrite('/srv/data/e.bin', 400);
+    await guest.sh('rm -f /srv/data/b.bin && sync && fstrim / 2>/dev/null; true');
+    files['/srv/data/b.bin'] = undefined;
+    const { summary, refs } = await backup('p-deleted');
+    expect(summary.kind).toBe('incremental');
+    const byName = Object.fromEntries(summary.disks.map((d) => [d.name, d]));
+    expect(byName.vda).toMatchObject({ read: 'full', fullReason: 'bitmap-missing', comparedWithParent: true });
+    expect(byName.vdb).toMatchObject({ read: 'bitmap' });
+    expect(byName.vda!.unchangedBlocks).toBeGreaterThan(0);
+    expect(summary.warnings.join('\n')).toMatch(/bitmap-missing|missing/);
+    console.log(`bitmap missing: vda read ${byName.vda!.bytesRead}, stored ${byName.vda!.bytesStored}, ${byName.vda!.unchangedBlocks} blocks unchanged`);
+    await restoreAndCheck(summary.pointId, { vda: refs.vda! }, files);
+    const to = path.join(work, 'deleted-vdb.raw');
+    await restoreDisk({ repository: repo, pointId: summary.pointId, disk: 'vdb', to });
+    await assertIdenticalImages(to, refs.vdb!);
+    await rm(to);
   });
 });
