@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import type { FastifyPluginAsync } from 'fastify';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { logger } from '../common/log.js';
+import { runLocalAgent } from '../agent/local.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
 import { openDatabase, type ConfigDatabase } from './db/connect.js';
@@ -55,6 +56,11 @@ export interface StartServerOptions {
   timeZone?: string | undefined;
   /** First start of the one-host install: create repository `default` at `<data>/repository` (default true). */
   defaultRepository?: boolean | undefined;
+  /**
+   * Run the one-host install's local agent (`local`, in `<data>/agent/`) inside this process; it
+   * enrolls and sends heartbeats over the TLS port like any agent (default true; needs `listen`).
+   */
+  localAgent?: boolean | undefined;
 }
 
 export interface RunningServer {
@@ -289,6 +295,19 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     }
 
     const url = tcp ? `https://${tcp.host.includes(':') ? `[${tcp.host}]` : tcp.host}:${tcp.port}` : undefined;
+    if (url && opts.localAgent !== false) {
+      // Not fatal: the server is useful without it, and the agent list shows it missing.
+      try {
+        const agent = await runLocalAgent({
+          serverUrl: url.replace('://0.0.0.0:', '://127.0.0.1:').replace('://[::]:', '://[::1]:'),
+          dataDir,
+          createToken: async (name) => (await enrollmentTokens({ name, ttlSeconds: 600 })).token,
+        });
+        cleanups.push(() => agent.close());
+      } catch (err) {
+        log.error({ err: describeError(err) }, 'the local agent did not start');
+      }
+    }
     log.info({ socket: socketPath, url, database: cdb.location }, 'server started');
     let closing: Promise<void> | undefined;
     return {

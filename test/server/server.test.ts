@@ -47,6 +47,10 @@ describe('startServer over the real transports', () => {
     const repos = (await call({ socketPath: server.socketPath }, 'GET', '/api/v1/repositories')).json<{ items: Array<{ name: string; path: string }> }>().items;
     expect(repos).toMatchObject([{ name: 'default', path: join(dataDir, 'repository') }]);
     expect(statSync(join(dataDir, 'repository')).isDirectory()).toBe(true);
+    // The one-host install's local agent enrolled through the agent link and is online.
+    const agents = (await call({ socketPath: server.socketPath }, 'GET', '/api/v1/agents')).json<{ items: Array<{ name: string; state: string; certFingerprint: string | null }> }>().items;
+    expect(agents).toMatchObject([{ name: 'local', state: 'online' }]);
+    expect(agents[0]!.certFingerprint).toMatch(/^[0-9A-F:]{95}$/);
   });
 
   it('the unix socket is the local administrator; TLS TCP needs a token', async () => {
