@@ -1,0 +1,441 @@
+// Instant VM recovery: boot a VM straight from a restore point. Each disk of the point is served
+// read-only by the TypeScript NBD server (through a block cache) on a private unix socket; QEMU
+// opens it as an `nbd` node and runs the VM on a local qcow2 overlay whose backing is that node,
+// so every guest write lands in the overlay and the backup is never written. `migrate()` mirrors
+// each overlay (sync=full, i.e. overlay + backing) into a new local qcow2 while the VM runs and
+// pivots the VM onto it; after that the backup side (NBD nodes, server, restore point) is closed.
+// `stop()` quits QEMU and removes everything the session created except migrated disks.
+// See docs/instant-recovery.md.
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import { decodePointMetadata } from '../../agent/backup/point-metadata.js';
+import { QgaClient } from '../../hypervisor/qga/client.js';
+import { QmpClient, type QmpEvent } from '../../hypervisor/qmp/client.js';
+import type { Repository, RestorePoint } from '../../repository/index.js';
+import { withBlockCache } from '../nbd-server/block-cache.js';
+import { startNbdServer, type NbdServer } from '../nbd-server/server.js';
+
+const run = promisify(execFile);
+const log = logger('instant-recovery');
+
+/** How to boot the VM (direct kernel boot; the disks are attached by the session). */
+export interface InstantLaunch {
+  readonly kernel: string;
+  readonly initrd?: string;
+  readonly append?: string;
+  /** Default 256. */
+  readonly memoryMiB?: number;
+  /** Default 1. */
+  readonly cpus?: number;
+  /** Default 'tcg' (KVM cannot boot a stock kernel on this kind of host). */
+  readonly accel?: 'tcg' | 'kvm';
+  /** Default 'qemu-system-x86_64'. */
+  readonly qemuBinary?: string;
+}
+
+export interface StartInstantRecoveryOptions {
+  readonly repository: Repository;
+  /** The restore point; or give `vm` (and optionally `job`) for that VM's latest point. */
+  readonly pointId?: string;
+  readonly vm?: string;
+  readonly job?: string;
+  /** Password of an encrypted chain. */
+  readonly password?: string;
+  /** Parent folder; the session uses (and on stop removes) `workDir/<name>`. Keep it short: unix socket paths are limited to 107 bytes. */
+  readonly workDir: string;
+  /** Name of the recovered VM (QEMU -name, folder name). */
+  readonly name: string;
+  /** Boot settings; when absent they are taken from the point's recorded QEMU command line. */
+  readonly launch?: InstantLaunch;
+  /** Block cache per disk in bytes (default 256 MiB). */
+  readonly cacheBytes?: number;
+}
+
+export type InstantRecoveryState = 'running-from-backup' | 'migrating' | 'migrated' | 'stopped';
+
+export interface InstantDisk {
+  /** Disk name in the restore point and device id in the VM ('vda'). */
+  readonly name: string;
+  readonly size: number;
+  /** NBD export name on the session's server. */
+  readonly exportName: string;
+  /** The local qcow2 that takes the VM's writes while it runs from backup. */
+  readonly overlay: string;
+  /** The VM's own disk after migrate(). */
+  target?: string;
+}
+
+export interface InstantRecoverySession {
+  readonly name: string;
+  readonly pointId: string;
+  readonly vm: string;
+  readonly dir: string;
+  readonly disks: readonly InstantDisk[];
+  readonly qmpSocket: string;
+  readonly agentSocket: string;
+  readonly nbdSocket: string;
+  readonly consoleLog: string;
+  /** Date.now() just before QEMU was spawned. */
+  readonly launchedAt: number;
+  readonly state: InstantRecoveryState;
+  readonly pid: number | undefined;
+  /** Whether the NBD server (the backup side) is still open. */
+  readonly servingBackup: boolean;
+  /** Waits until the guest agent answers guest-ping. */
+  waitForAgent(timeoutMs?: number): Promise<void>;
+  /**
+   * Mirrors each disk to `targetDir/<disk>.qcow2` while the VM runs, pivots the VM onto it, then
+   * closes the backup side. Returns the new disk paths by disk name.
+   */
+  migrate(targetDir: string, opts?: { timeoutMs?: number }): Promise<Record<string, string>>;
+  /** Quits the VM, closes the backup side, removes the session folder (migrated disks stay). */
+  stop(): Promise<void>;
+}
+
+/** Boot settings from a restore point's stored configuration (QEMU command line only). */
+export function launchFromPoint(point: RestorePoint): InstantLaunch | null {
+  let meta;
+  try {
+    meta = decodePointMetadata(point.vmConfig);
+  } catch {
+    return null;
+  }
+  if (!meta || meta.configuration.kind !== 'qemu') return null;
+  const argv = meta.configuration.commandLine;
+  const opt = (name: string): string | undefined => {
+    const i = argv.indexOf(name);
+    return i >= 0 ? argv[i + 1] : undefined;
+  };
+  const kernel = opt('-kernel');
+  if (!kernel) return null;
+  const mem = opt('-m');
+  const memoryMiB = mem && /^\d+$/.test(mem) ? Number(mem) : undefined;
+  const initrd = opt('-initrd');
+  const append = opt('-append');
+  return { kernel, ...(initrd ? { initrd } : {}), ...(append ? { append } : {}), ...(memoryMiB ? { memoryMiB } : {}) };
+}
+
+async function resolvePointId(o: StartInstantRecoveryOptions): Promise<string> {
+  if (o.pointId) return o.pointId;
+  if (!o.vm) throw new BulwarkError('instant recovery needs a restore point id or a VM name', { kind: 'invalid' });
+  const points = await o.repository.listRestorePoints({ vm: o.vm, ...(o.job ? { job: o.job } : {}) });
+  const latest = [...points].sort((a, b) => a.time.getTime() - b.time.getTime()).at(-1);
+  if (!latest) {
+    throw new BulwarkError(`no restore point of VM ${o.vm} in repository ${o.repository.root}`, {
+      kind: 'not-found',
+      context: { vm: o.vm, repository: o.repository.root },
+    });
+  }
+  return latest.id;
+}
+
+const nodeName = (disk: string, role: 'backup' | 'overlay' | 'target'): string => `${disk}-${role}`;
+
+async function canConnect(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ path: socketPath });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Boots the VM of a restore point from the backup. Everything is closed again if a step fails. */
+export async function startInstantRecovery(o: StartInstantRecoveryOptions): Promise<InstantRecoverySession> {
+  if (!/^[A-Za-z0-9._-]+$/.test(o.name)) {
+    throw new BulwarkError(`instant recovery name "${o.name}" may only use letters, digits, '.', '_' and '-'`, { kind: 'invalid' });
+  }
+  const pointId = await resolvePointId(o);
+  const dir = path.join(o.workDir, o.name);
+  try {
+    await stat(dir);
+    throw new BulwarkError(`an instant recovery session named ${o.name} already exists in ${o.workDir}`, { kind: 'conflict', context: { dir } });
+  } catch (err) {
+    if (err instanceof BulwarkError) throw err;
+  }
+  const session = new Session(o, pointId, dir);
+  try {
+    await session.start();
+    return session;
+  } catch (err) {
+    await session.stop().catch((e: unknown) => log.warn({ err: describeError(e), session: o.name }, 'cleanup after failed start'));
+    throw err;
+  }
+}
+
+class Session implements InstantRecoverySession {
+  readonly name: string;
+  readonly pointId: string;
+  vm = '';
+  readonly dir: string;
+  disks: InstantDisk[] = [];
+  readonly qmpSocket: string;
+  readonly agentSocket: string;
+  readonly nbdSocket: string;
+  readonly consoleLog: string;
+  readonly qemuLog: string;
+  launchedAt = 0;
+  state: InstantRecoveryState = 'running-from-backup';
+  readonly #o: StartInstantRecoveryOptions;
+  #point: RestorePoint | undefined;
+  #server: NbdServer | undefined;
+  #child: ChildProcess | undefined;
+  #exited: Promise<void> = Promise.resolve();
+  #qmp: QmpClient | undefined;
+
+  constructor(o: StartInstantRecoveryOptions, pointId: string, dir: string) {
+    this.#o = o;
+    this.name = o.name;
+    this.pointId = pointId;
+    this.dir = dir;
+    this.qmpSocket = path.join(dir, 'qmp.sock');
+    this.agentSocket = path.join(dir, 'qga.sock');
+    this.nbdSocket = path.join(dir, 'nbd.sock');
+    this.consoleLog = path.join(dir, 'console.log');
+    this.qemuLog = path.join(dir, 'qemu.log');
+  }
+
+  get pid(): number | undefined {
+    const c = this.#child;
+    return c && c.exitCode === null && c.signalCode === null ? c.pid : undefined;
+  }
+
+  get servingBackup(): boolean {
+    return this.#server !== undefined;
+  }
+
+  async start(): Promise<void> {
+    await mkdir(this.dir, { recursive: true });
+    this.#point = await this.#o.repository.openRestorePoint(this.pointId, this.#o.password !== undefined ? { password: this.#o.password } : {});
+    const point = this.#point;
+    this.vm = point.info.vm;
+    const launch = this.#o.launch ?? launchFromPoint(point);
+    if (!launch) {
+      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records no QEMU kernel to boot; pass launch settings`, {
+        kind: 'invalid',
+        context: { point: this.pointId, vm: this.vm },
+        hint: 'libvirt configurations are not booted by instant recovery yet',
+      });
+    }
+    const exports = point.disks.map((d) => ({
+      name: d.name,
+      disk: withBlockCache(point.openDisk(d.name), { maxBytes: this.#o.cacheBytes ?? 256 * 1024 * 1024 }),
+      description: `restore point ${this.pointId} of VM ${this.vm}, disk ${d.name} (read-only)`,
+    }));
+    try {
+      this.#server = await startNbdServer({ exports, listen: { socketPath: this.nbdSocket } });
+    } catch (err) {
+      await Promise.all(exports.map((e) => e.disk.close()));
+      throw err;
+    }
+    this.#exportDisks = exports.map((e) => e.disk);
+    for (const d of point.disks) {
+      const overlay = path.join(this.dir, `${d.name}.overlay.qcow2`);
+      // No backing in the header: QEMU is given the backing node explicitly (an NBD socket path
+      // in a file header would outlive the session).
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', overlay, String(d.size)]);
+      this.disks.push({ name: d.name, size: d.size, exportName: d.name, overlay });
+    }
+    const args = this.#args(launch);
+    const logFd = openSync(this.qemuLog, 'a');
+    this.launchedAt = Date.now();
+    let child: ChildProcess;
+    try {
+      child = spawn(launch.qemuBinary ?? 'qemu-system-x86_64', args, { stdio: ['ignore', logFd, logFd] });
+    } finally {
+      closeSync(logFd);
+    }
+    this.#child = child;
+    this.#exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    child.once('error', () => undefined);
+    const deadline = Date.now() + 30_000;
+    while (!(await canConnect(this.qmpSocket))) {
+      if (child.exitCode !== null || child.signalCode !== null) {
+        throw new BulwarkError(`QEMU of instant recovery ${this.name} exited at start: ${await this.#tail()}`, {
+          kind: 'internal',
+          context: { vm: this.vm, point: this.pointId, log: this.qemuLog },
+        });
+      }
+      if (Date.now() > deadline) throw new BulwarkError(`QEMU of instant recovery ${this.name} did not open its monitor within 30 s`, { kind: 'unavailable' });
+      await sleep(10);
+    }
+    this.#qmp = await QmpClient.connect({ endpoint: { socketPath: this.qmpSocket }, label: `instant recovery ${this.name}` });
+    log.info({ session: this.name, vm: this.vm, point: this.pointId, disks: this.disks.map((d) => d.name), pid: child.pid }, 'VM started from backup');
+  }
+
+  #exportDisks: { close(): Promise<void> }[] = [];
+
+  #args(l: InstantLaunch): string[] {
+    const a = [
+      '-name', this.name,
+      '-accel', l.accel ?? 'tcg', '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
+      '-nodefaults', '-display', 'none', '-no-user-config', '-no-reboot',
+      '-kernel', l.kernel,
+      ...(l.initrd ? ['-initrd', l.initrd] : []),
+      ...(l.append ? ['-append', l.append] : []),
+      '-serial', `file:${this.consoleLog}`,
+    ];
+    for (const d of this.disks) {
+      a.push('-blockdev', JSON.stringify({
+        driver: 'nbd', 'node-name': nodeName(d.name, 'backup'), 'read-only': true,
+        server: { type: 'unix', path: this.nbdSocket }, export: d.exportName,
+      }));
+      a.push('-blockdev', JSON.stringify({
+        driver: 'qcow2', 'node-name': nodeName(d.name, 'overlay'),
+        file: { driver: 'file', filename: d.overlay }, backing: nodeName(d.name, 'backup'),
+      }));
+      a.push('-device', `virtio-blk-pci,drive=${nodeName(d.name, 'overlay')},id=${d.name}`);
+    }
+    a.push(
+      '-device', 'virtio-serial-pci',
+      '-chardev', `socket,id=qga0,path=${this.agentSocket},server=on,wait=off`,
+      '-device', 'virtserialport,chardev=qga0,name=org.qemu.guest_agent.0',
+      '-device', 'virtio-rng-pci',
+      '-chardev', `socket,id=qmp0,path=${this.qmpSocket},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
+    );
+    return a;
+  }
+
+  async #tail(): Promise<string> {
+    return (await readFile(this.qemuLog, 'utf8').catch(() => '(no output)')).slice(-2000);
+  }
+
+  async waitForAgent(timeoutMs = 120_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (this.pid === undefined) throw new BulwarkError(`VM ${this.name} stopped while booting`, { kind: 'internal', context: { log: this.qemuLog } });
+      try {
+        const qga = await QgaClient.connect({ socketPath: this.agentSocket, timeoutMs: 2000, label: this.name });
+        try {
+          await qga.ping();
+          return;
+        } finally {
+          await qga.close();
+        }
+      } catch (err) {
+        if (Date.now() > deadline) {
+          throw new BulwarkError(`guest agent of instant recovery ${this.name} did not answer within ${timeoutMs} ms`, { kind: 'unavailable', cause: err });
+        }
+        await sleep(200);
+      }
+    }
+  }
+
+  async migrate(targetDir: string, opts: { timeoutMs?: number } = {}): Promise<Record<string, string>> {
+    if (this.state !== 'running-from-backup') {
+      throw new BulwarkError(`instant recovery ${this.name} cannot migrate: it is ${this.state}`, { kind: 'conflict' });
+    }
+    const qmp = this.#qmp;
+    if (!qmp || this.pid === undefined) throw new BulwarkError(`instant recovery ${this.name} is not running`, { kind: 'conflict' });
+    const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
+    this.state = 'migrating';
+    await mkdir(targetDir, { recursive: true });
+    const out: Record<string, string> = {};
+    const created: string[] = [];
+    try {
+      for (const d of this.disks) {
+        const target = path.join(targetDir, `${d.name}.qcow2`);
+        try {
+          await stat(target);
+          throw new BulwarkError(`target disk ${target} already exists`, { kind: 'conflict', context: { disk: d.name, target } });
+        } catch (err) {
+          if (err instanceof BulwarkError) throw err;
+        }
+        await run('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(d.size)]);
+        created.push(target);
+        await qmp.execute('blockdev-add', {
+          driver: 'qcow2', 'node-name': nodeName(d.name, 'target'),
+          file: { driver: 'file', filename: target },
+        });
+        await this.#mirror(qmp, d, timeoutMs);
+        d.target = target;
+        out[d.name] = target;
+      }
+    } catch (err) {
+      for (const d of this.disks) {
+        if (d.target) continue;
+        await qmp.execute('block-job-cancel', { device: `mirror-${d.name}`, force: true }).catch(() => undefined);
+        await qmp.execute('blockdev-del', { 'node-name': nodeName(d.name, 'target') }).catch(() => undefined);
+      }
+      for (const f of created) if (!Object.values(out).includes(f)) await rm(f, { force: true });
+      this.state = Object.keys(out).length === 0 ? 'running-from-backup' : 'migrating';
+      throw new BulwarkError(`migration of instant recovery ${this.name} failed`, { kind: 'internal', cause: err, context: { vm: this.vm, targetDir } });
+    }
+    // The VM now runs on its own disks: drop the overlay and NBD nodes, then the backup side.
+    for (const d of this.disks) {
+      await qmp.execute('blockdev-del', { 'node-name': nodeName(d.name, 'overlay') });
+      await qmp.execute('blockdev-del', { 'node-name': nodeName(d.name, 'backup') });
+      await rm(d.overlay, { force: true });
+    }
+    await this.#closeBackupSide();
+    this.state = 'migrated';
+    log.info({ session: this.name, vm: this.vm, disks: out }, 'VM migrated off the backup');
+    return out;
+  }
+
+  async #mirror(qmp: QmpClient, d: InstantDisk, timeoutMs: number): Promise<void> {
+    const job = `mirror-${d.name}`;
+    const isJob = (e: QmpEvent): boolean => (e.data as { device?: string }).device === job;
+    const ready = qmp.waitForEvent('BLOCK_JOB_READY', isJob, timeoutMs);
+    const failed = qmp.waitForEvent('BLOCK_JOB_COMPLETED', isJob, timeoutMs);
+    ready.catch(() => undefined);
+    failed.catch(() => undefined);
+    await qmp.execute('blockdev-mirror', {
+      'job-id': job, device: nodeName(d.name, 'overlay'), target: nodeName(d.name, 'target'), sync: 'full', 'auto-dismiss': true,
+    });
+    // A job that fails before READY ends with BLOCK_JOB_COMPLETED carrying an error.
+    const first = await Promise.race([ready.then(() => 'ready' as const), failed.then((e) => e)]);
+    if (first !== 'ready') {
+      throw new BulwarkError(`mirror of disk ${d.name} ended before it was ready: ${(first.data as { error?: string }).error ?? 'no error given'}`, { kind: 'internal' });
+    }
+    const completed = qmp.waitForEvent('BLOCK_JOB_COMPLETED', isJob, timeoutMs);
+    await qmp.execute('block-job-complete', { device: job });
+    const ev = await completed;
+    const error = (ev.data as { error?: string }).error;
+    if (error) throw new BulwarkError(`mirror of disk ${d.name} failed at completion: ${error}`, { kind: 'internal', context: { disk: d.name } });
+  }
+
+  async #closeBackupSide(): Promise<void> {
+    const server = this.#server;
+    this.#server = undefined;
+    if (server) await server.close();
+    const disks = this.#exportDisks;
+    this.#exportDisks = [];
+    await Promise.all(disks.map((x) => x.close()));
+    const point = this.#point;
+    this.#point = undefined;
+    if (point) await point.close();
+  }
+
+  async stop(): Promise<void> {
+    const errors: unknown[] = [];
+    if (this.#qmp && !this.#qmp.isClosed && this.pid !== undefined) {
+      await this.#qmp.execute('quit', {}, { timeoutMs: 5000 }).catch(() => undefined);
+    }
+    if (this.pid !== undefined) {
+      const exited = await Promise.race([this.#exited.then(() => true), sleep(10_000).then(() => false)]);
+      if (!exited) {
+        this.#child?.kill('SIGKILL');
+        await this.#exited;
+      }
+    }
+    await this.#qmp?.close().catch((e: unknown) => errors.push(e));
+    this.#qmp = undefined;
+    await this.#closeBackupSide().catch((e: unknown) => errors.push(e));
+    await rm(this.dir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
+    this.state = 'stopped';
+    if (errors.length > 0) {
+      throw new BulwarkError(`stopping instant recovery ${this.name} left errors`, { kind: 'internal', cause: errors[0] });
+    }
+  }
+}
