@@ -2,6 +2,7 @@
 // executor until the data path lands), locally over the unix socket and remotely after
 // `bulwark login` over TCP+TLS from another data and config directory.
 import { spawn } from 'node:child_process';
+import { connect, createServer, type Socket } from 'node:net';
 import { request } from 'node:https';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -201,7 +202,7 @@ describe('bulwark console, remote (TCP+TLS after login)', () => {
     expect(json<{ user: string; role: string; via: string }>(whoami.stdout)).toEqual({ user: 'admin', role: 'administrator', via: 'token' });
 
     const repos = await bulwark(['repo', 'list', '--json'], remote);
-    expect(json<Named[]>(repos.stdout).map((r) => r.name)).toEqual(['main']);
+    expect(json<Named[]>(repos.stdout).map((r) => r.name)).toContain('main');
     const created = await bulwark(['job', 'create', 'remote-job', '--vm', 'app', '--repo', 'main'], remote);
     expect(created.code).toBe(0);
     const jobs = json<Named[]>((await bulwark(['job', 'list', '--json'], remote)).stdout);
@@ -218,5 +219,55 @@ describe('bulwark console, remote (TCP+TLS after login)', () => {
     const after = await bulwark(['job', 'list'], remote);
     expect(after.code).toBe(1);
     expect(after.stderr).toContain('bulwark login');
+  });
+});
+
+describe('bulwark console, losing the server', () => {
+  it('job run --wait rides out a lost connection and reports how the session ended', async () => {
+    // The console reaches the server through a relay on a unix socket that the test cuts for
+    // 3 s while the session runs: every connection is dropped and the socket disappears.
+    await bulwark(['repo', 'add', 'relay-repo', '--path', join(tmp, 'relay-repo')], local);
+    expect((await bulwark(['job', 'create', 'relayed', '--vm', 'r1', 'r2', '--repo', 'relay-repo'], local)).code).toBe(0);
+    const relayPath = join(tmp, 'relay.sock');
+    const open = new Set<Socket>();
+    const relay = createServer((client) => {
+      const upstream = connect(join(server.dataDir, 'bulwark.sock'));
+      open.add(client).add(upstream);
+      const drop = (): void => {
+        client.destroy();
+        upstream.destroy();
+      };
+      client.on('error', drop).on('close', drop).pipe(upstream);
+      upstream.on('error', drop).on('close', drop).pipe(client);
+    });
+    const listen = (): Promise<void> => new Promise((r) => relay.listen(relayPath, r));
+    await listen();
+
+    const waiting = spawn(process.execPath, [program, '--server', `unix:${relayPath}`, 'job', 'run', 'relayed', '--wait'], {
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin', ...local },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    waiting.stdout.on('data', (c: Buffer) => (out += c.toString()));
+    waiting.stderr.on('data', (c: Buffer) => (err += c.toString()));
+    const exited = new Promise<number | null>((resolve) => waiting.once('exit', (code) => resolve(code)));
+    try {
+      for (let i = 0; i < 300 && !/\): running/.test(out); i++) await new Promise((r) => setTimeout(r, 20));
+      expect(out, err).toMatch(/\): running/);
+      const closed = new Promise<void>((r) => relay.close(() => r())); // stop accepting…
+      for (const s of open) s.destroy(); // …and drop every connection
+      await closed;
+      await new Promise((r) => setTimeout(r, 3000));
+      await listen();
+      expect(await exited, `stdout:\n${out}\nstderr:\n${err}`).toBe(0);
+    } finally {
+      waiting.kill('SIGKILL');
+      for (const s of open) s.destroy();
+      relay.close();
+    }
+    expect(err).toContain('lost the server');
+    expect(err).toContain('connected to the server again');
+    expect(out).toMatch(/\(job relayed\): success after/);
   });
 });

@@ -78,9 +78,14 @@ export interface ServerProcess {
   stop(): Promise<number | null>;
 }
 
-/** Starts `bulwark --data DIR server --listen 127.0.0.1:0` and waits for its first-start message. */
-export async function startServerProcess(dataDir: string, timeoutMs = 60_000): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [program, '--data', dataDir, 'server', '--listen', '127.0.0.1:0'], {
+/**
+ * Starts `bulwark --data DIR server --listen 127.0.0.1:0` and waits for its first-start message
+ * (URL and CA fingerprint); with `restart`, the data directory has been used before: it starts
+ * with `--listen none` and waits for the socket.
+ */
+export async function startServerProcess(dataDir: string, opts: { restart?: boolean; timeoutMs?: number } = {}): Promise<ServerProcess> {
+  const timeoutMs = opts.timeoutMs ?? 60_000;
+  const child = spawn(process.execPath, [program, '--data', dataDir, 'server', '--listen', opts.restart ? 'none' : '127.0.0.1:0'], {
     env: { PATH: process.env.PATH ?? '/usr/bin:/bin', BULWARK_LOG_LEVEL: 'warn', HOME: dataDir },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -100,8 +105,8 @@ export async function startServerProcess(dataDir: string, timeoutMs = 60_000): P
   const started = Date.now();
   for (;;) {
     const m = /bulwark login (https:\/\/\S+)\s+\(CA fingerprint ([0-9A-F:]+)\)/.exec(out);
-    if (m && existsSync(join(dataDir, 'bulwark.sock'))) {
-      return { child, dataDir, url: m[1]!, caFingerprint: m[2]!, output: () => out, stop };
+    if ((m || opts.restart) && existsSync(join(dataDir, 'bulwark.sock'))) {
+      return { child, dataDir, url: m?.[1] ?? '', caFingerprint: m?.[2] ?? '', output: () => out, stop };
     }
     if (child.exitCode !== null || Date.now() - started > timeoutMs) {
       await stop();
