@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BulwarkError } from '../../src/common/errors.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
+import { ManualClock } from '../../src/server/scheduler/clock.js';
 import { call } from './http.js';
 
 const tmp = mkdtempSync(join(tmpdir(), 'bulwark-server-'));
@@ -137,6 +138,27 @@ describe('startServer over the real transports', () => {
     expect(err.hint).toContain('another bulwark server');
     // The running server still answers on its socket.
     expect((await call({ socketPath: server.socketPath }, 'GET', '/api/v1/health')).status).toBe(200);
+  });
+});
+
+describe('the daily configuration backup', () => {
+  it('runs at the configured time on the scheduler clock into the first repository', async () => {
+    const clock = new ManualClock('2026-11-25T03:00:00Z');
+    const dataDir = join(tmp, 'daily');
+    const server = await startServer({ dataDir, listen: 'none', clock, timeZone: 'UTC', configBackupAt: '03:30', print: () => undefined });
+    try {
+      const folder = join(dataDir, 'repository', 'config-backup');
+      await clock.advanceTo('2026-11-25T03:29:00Z');
+      expect(existsSync(folder)).toBe(false);
+      await clock.advanceTo('2026-11-25T03:31:00Z');
+      // The backup itself is real file I/O: wait for its outcome (not for a time).
+      for (let i = 0; i < 100 && !(existsSync(folder) && readdirSync(folder).some((n) => n.endsWith('.sqlite'))); i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      expect(readdirSync(folder)).toEqual(['bulwark-config-2026-11-25T03-30-00-000Z.sqlite']);
+    } finally {
+      await server.close();
+    }
   });
 });
 
