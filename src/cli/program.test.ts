@@ -1,7 +1,7 @@
 // The console's command tree against a stand-in API on a unix socket: exit codes, --json,
 // messages for bad fields, unknown names and stale edits, and following a session through a
 // dropped connection. The real server is exercised end to end in test/e2e/console.test.ts.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -80,6 +80,8 @@ async function run(...argv: string[]): Promise<{ code: number; out: string; err:
 describe('exit codes and usage errors', () => {
   it('help is 0; unknown options, missing subcommands and bad option values are 2', async () => {
     expect((await run('--help')).code).toBe(0);
+    const v = await run('--version');
+    expect(v).toMatchObject({ code: 0, out: `${(JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version}\n` });
     expect((await run('help', 'job')).code).toBe(0);
     expect((await run('job')).code).toBe(2);
     expect((await run('job', 'list', '--bogus')).code).toBe(2);

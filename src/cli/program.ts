@@ -1,6 +1,7 @@
 // The command tree of the console (ARCHITECTURE.md, "The console") and how a run ends: exit 0 on
 // success, 1 on failure, 2 on a usage error; errors print the server's message and hint, never a
 // stack trace unless BULWARK_DEBUG=1.
+import { readFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { ApiError } from './client.js';
@@ -11,7 +12,14 @@ import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs
 import { agentCommand, serverCommand } from './commands/roles.js';
 import type { CliContext } from './context.js';
 
-export const version = '0.1.0';
+/** The program's version: package.json's, two levels up from src/cli/ and from dist/cli/. */
+export const version = ((): string => {
+  try {
+    return (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: string }).version ?? '0.0.0';
+  } catch {
+    return '0.0.0';
+  }
+})();
 
 export function buildProgram(ctx: CliContext): Command {
   const program = new Command('bulwark')
