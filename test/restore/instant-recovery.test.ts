@@ -137,6 +137,17 @@ describe('instant VM recovery of the test guest', () => {
     expect(sums).not.toMatch(/FAILED/);
   });
 
+  it('a failed start closes everything it opened (QEMU cannot load the kernel; unknown point)', async () => {
+    const workDir = path.join(work, 'ir-fail');
+    await expect(
+      startInstantRecovery({ repository: repo, pointId, workDir, name: 'bad', launch: { kernel: path.join(work, 'no-such-kernel') } }),
+    ).rejects.toThrow(/exited at start/);
+    expect(await readdir(workDir)).toEqual([]);
+    await expect(startInstantRecovery({ repository: repo, pointId: 'nope', workDir, name: 'bad2' })).rejects.toThrow(/no restore point nope/);
+    expect(await readdir(workDir)).toEqual([]);
+    await expect(startInstantRecovery({ repository: repo, vm: VM, workDir: path.join(work, 'ir'), name: 'ir1', launch: { kernel: image.vmlinux } })).rejects.toThrow(/already exists/);
+  });
+
   it('(b) writes inside the recovered VM never change the repository', async () => {
     const s = session!;
     const written = (await sh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=2048 2>/dev/null && sync && sha256sum /srv/ir-written.bin')).split(' ')[0]!;

@@ -269,7 +269,18 @@ class Session implements InstantRecoverySession {
       if (Date.now() > deadline) throw new BulwarkError(`QEMU of instant recovery ${this.name} did not open its monitor within 30 s`, { kind: 'unavailable' });
       await sleep(10);
     }
-    this.#qmp = await QmpClient.connect({ endpoint: { socketPath: this.qmpSocket }, label: `instant recovery ${this.name}` });
+    try {
+      this.#qmp = await QmpClient.connect({ endpoint: { socketPath: this.qmpSocket }, label: `instant recovery ${this.name}` });
+    } catch (err) {
+      // QEMU opens its monitor before it loads the kernel and disks: a bad one ends it right here.
+      const exited = await Promise.race([this.#exited.then(() => true), sleep(2000).then(() => false)]);
+      if (!exited) throw err;
+      throw new BulwarkError(`QEMU of instant recovery ${this.name} exited at start: ${await this.#tail()}`, {
+        kind: 'internal',
+        context: { vm: this.vm, point: this.pointId, log: this.qemuLog },
+        cause: err,
+      });
+    }
     log.info({ session: this.name, vm: this.vm, point: this.pointId, disks: this.disks.map((d) => d.name), pid: child.pid }, 'VM started from backup');
   }
 
