@@ -159,6 +159,21 @@ describe('backupVm + restoreDisk on a running guest', () => {
     // 2. The session is stopped (abort signal) once the view exists.
     const stop = new AbortController();
     await expect(backup('fail2', { signal: stop.signal, onView: async () => stop.abort(new Error('session stopped')) })).rejects.toThrow(/stopped/);
+    // 3. Stopped in the middle of streaming an active full (after its first blocks were written).
+    const midway = new AbortController();
+    let progressCalls = 0;
+    await expect(
+      backup('fail3', {
+        full: true,
+        concurrency: 2,
+        signal: midway.signal,
+        onProgress: (p) => {
+          progressCalls++;
+          if (p.bytesRead > 0) midway.abort(new Error('session stopped midway'));
+        },
+      }),
+    ).rejects.toThrow(/stopped midway/);
+    expect(progressCalls).toBeGreaterThan(0);
     expect((await repo.listRestorePoints({ job: JOB, vm: VM })).map((p) => p.id)).toEqual(points);
     expect(await visibleFilesOfRepo()).toEqual(before);
     const { summary, refs } = await backup('p2');
