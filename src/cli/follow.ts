@@ -121,6 +121,8 @@ export class BarView implements SessionView {
 
   finish(s: Session): void {
     this.update(s);
+    // Log lines wait for the next redraw; draw now so the last ones are not lost on stop.
+    this.#bars.update();
     this.#bars.stop();
     this.#output.out(sessionSummary(s) + '\n');
   }
