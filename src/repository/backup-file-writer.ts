@@ -3,7 +3,7 @@
 // commit slot A, then fsync. docs/formats/backup-files.md section 3. The caller publishes the
 // file (rename) and the .vbm; this module never makes anything visible.
 import { open, rm, type FileHandle } from 'node:fs/promises';
-import { BulwarkError } from '../common/errors.js';
+import { BulwarkError, describeError } from '../common/errors.js';
 import type { DiskBlock } from '../disk/types.js';
 import {
   blockCountOf,
@@ -78,6 +78,7 @@ export class BackupFileWriter {
   #end = HEADER_PAGE_SIZE;
   #sinceSync = 0;
   #syncing: Promise<void> | null = null;
+  #syncError: BulwarkError | null = null;
   #done = false;
 
   private constructor(path: string, header: FileHeader, fh: FileHandle, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit: number) {
@@ -110,6 +111,7 @@ export class BackupFileWriter {
 
   /** Appends `buf` at the end of the file; the position is reserved synchronously. */
   async #append(buf: Buffer): Promise<number> {
+    if (this.#syncError) throw this.#syncError;
     const pos = this.#end;
     this.#end += buf.length;
     let done = 0;
@@ -121,7 +123,14 @@ export class BackupFileWriter {
     // Start writeback early so the final fsync does not wait for gigabytes of dirty pages.
     if (this.#sinceSync >= SYNC_EVERY && !this.#syncing) {
       this.#sinceSync = 0;
-      this.#syncing = this.#fh.datasync().finally(() => (this.#syncing = null));
+      // A failed early writeback (ENOSPC, EIO) is kept and thrown by the next append or commit;
+      // left unawaited it would be an unhandled rejection that ends the whole process.
+      this.#syncing = this.#fh
+        .datasync()
+        .catch((err: unknown) => {
+          this.#syncError ??= new BulwarkError(`cannot write backup file ${this.path}: ${describeError(err)}`, { kind: 'unavailable', cause: err });
+        })
+        .finally(() => (this.#syncing = null));
     }
     return pos;
   }
@@ -295,6 +304,7 @@ export class BackupFileWriter {
       const slot = encodeCommitSlot({ generation: 1, indexOffset, indexLength: index.length, fileLength: this.#end, indexCrc: crc32c(index) });
       await this.#fh.write(slot, 0, slot.length, COMMIT_SLOT_OFFSETS[0]);
       await this.#syncing;
+      if (this.#syncError) throw this.#syncError;
       await this.#fh.sync();
       return { fileLength: this.#end };
     } finally {

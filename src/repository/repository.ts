@@ -4,7 +4,7 @@
 import { randomUUID } from 'node:crypto';
 import { open, readdir, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { BulwarkError } from '../common/errors.js';
+import { BulwarkError, describeError } from '../common/errors.js';
 import { logger } from '../common/log.js';
 import type { DiskBlock } from '../disk/types.js';
 import {
@@ -24,7 +24,6 @@ import {
 } from '../format/index.js';
 import {
   ensureDirectory,
-  folderIsLocked,
   publish,
   sweepTemporaries,
   temporaryNameFor,
@@ -116,8 +115,15 @@ export class Repository {
   async sweep(): Promise<SweepReport> {
     const removed: string[] = [];
     for (const f of await this.#vmFolders()) {
-      if (await folderIsLocked(f.dir)) continue;
-      removed.push(...(await sweepFolder(f)));
+      // Under the folder's writer lock: a writer between publishing its backup file and
+      // committing the .vbm must never see that file swept.
+      const lock = await tryLockFolder(f.dir);
+      if (!lock) continue;
+      try {
+        removed.push(...(await sweepFolder(f)));
+      } finally {
+        await lock.release();
+      }
     }
     if (removed.length > 0) log.info({ repository: this.root, removed }, 'swept leftovers of interrupted writes');
     return { removed };
@@ -127,7 +133,15 @@ export class Repository {
   async listChains(filter: { job?: string; vm?: string } = {}): Promise<BackupChain[]> {
     const out: BackupChain[] = [];
     for (const f of await this.#vmFolders()) {
-      const meta = await readChainMetadata(f.vbmPath);
+      // Read only the folders asked for: a damaged .vbm of one VM must not hide the others.
+      if (filter.job !== undefined && filter.vm !== undefined && f.dir !== vmFolder(this.root, filter.job, filter.vm)) continue;
+      let meta: Awaited<ReturnType<typeof readChainMetadata>>;
+      try {
+        meta = await readChainMetadata(f.vbmPath);
+      } catch (err) {
+        log.warn({ repository: this.root, file: f.vbmPath, err: describeError(err) }, 'skipping a VM folder whose chain metadata is damaged; run repo verify');
+        continue;
+      }
       if (!meta) continue;
       const { body } = meta;
       if ((filter.job !== undefined && body.job !== filter.job) || (filter.vm !== undefined && body.vm !== filter.vm)) continue;
@@ -261,7 +275,10 @@ async function sweepFolder(f: VmFolder): Promise<string[]> {
   } catch {
     return removed; // a damaged .vbm: remove nothing else, verify will report it
   }
-  const named = new Set(meta?.body.chains.flatMap((c) => c.points.map((p) => p.file)) ?? []);
+  // No .vbm at all (renamed by hand, or copied in before its backup files' metadata): keep every
+  // backup file, since each may be a restorable point that a rescan can still find.
+  if (!meta) return removed;
+  const named = new Set(meta.body.chains.flatMap((c) => c.points.map((p) => p.file)));
   for (const name of await readdir(f.dir)) {
     // Only files that are ours (Bulwark magic): other products use the same extensions.
     if (BACKUP_FILE_RE.test(name) && !named.has(name) && (await isBulwarkBackupFile(path.join(f.dir, name)))) {

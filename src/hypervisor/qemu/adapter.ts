@@ -5,7 +5,7 @@
 // new one), and exported read-only over NBD with the previous bitmap. The guest is frozen through
 // its agent around the transaction only (or paused, offline mode).
 import { createHash } from 'node:crypto';
-import { mkdir, rm } from 'node:fs/promises';
+import { lstat, mkdir, rm } from 'node:fs/promises';
 import { execFile } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
@@ -61,6 +61,31 @@ interface QemuVm {
   readonly instance: string;
 }
 
+/**
+ * Where fleecing images and the NBD socket go by default: a folder only this process's user owns,
+ * never a shared /tmp path another user could create first (and never a service's private /tmp,
+ * which QEMU, in its own mount namespace, would not see).
+ */
+export function defaultWorkDir(): string {
+  if (process.getuid?.() === 0) return '/run/bulwark/qemu';
+  const runtime = process.env.XDG_RUNTIME_DIR;
+  return runtime ? path.join(runtime, 'bulwark-qemu') : path.join(os.homedir(), '.cache', 'bulwark', 'qemu');
+}
+
+/** Creates `dir` (mode 0700) or checks that an existing one is a real folder of ours that others cannot write. */
+async function ensurePrivateDir(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const st = await lstat(dir);
+  const uid = process.getuid?.();
+  if (!st.isDirectory() || (uid !== undefined && st.uid !== uid) || (st.mode & 0o022) !== 0) {
+    throw new BulwarkError(`work folder ${dir} is not a private folder of this user (a link, another owner, or writable by others)`, {
+      kind: 'forbidden',
+      context: { path: dir },
+      hint: 'remove it, or set another work folder for the qemu adapter',
+    });
+  }
+}
+
 /** Names of everything one chain's backup creates on one disk (node names must stay < 32 chars). */
 function tempNames(chainId: string, disk: string): { node: string; job: string; exportId: string; file: string } {
   const h = createHash('sha256').update(`${chainId}\0${disk}`).digest('hex').slice(0, 12);
@@ -75,7 +100,7 @@ export class QemuHypervisor implements Hypervisor {
 
   constructor(options: QemuHypervisorOptions) {
     this.#opts = options;
-    this.#workDir = options.workDir ?? path.join(os.tmpdir(), 'bulwark-qemu');
+    this.#workDir = options.workDir ?? defaultWorkDir();
     this.#log = logger('hypervisor-qemu');
   }
 
@@ -237,7 +262,8 @@ class QemuBackup {
     const vmName = this.#vm.info.name;
     const disks = this.#selectedDisks();
     if (disks.length === 0) throw new BulwarkError(`VM ${vmName} has no disks to back up`, { kind: 'invalid', context: { vm: vmName } });
-    await mkdir(this.#vmDir, { recursive: true, mode: 0o700 });
+    await ensurePrivateDir(path.dirname(this.#vmDir));
+    await ensurePrivateDir(this.#vmDir);
     await this.#sweepLeftovers(disks);
     const bitmaps = await queryBitmaps(this.#qmp);
     const warnings: string[] = [];
@@ -395,15 +421,21 @@ class QemuBackup {
     for (const disk of disks) {
       const list = bitmaps.get(disk.nodeName) ?? [];
       const prev = prevName ? list.find((b) => b.name === prevName) : undefined;
+      let prevRecording = prev?.recording ?? false;
       for (const b of list) {
         if (b.name === prevName || !isCheckpointOf(this.#options.chainId, b.name)) continue;
+        // Enable, merge and remove atomically (see #end): no write may fall between them.
+        const actions: Array<{ type: string; data: Record<string, unknown> }> = [];
         if (prev && !prev.inconsistent && !b.inconsistent) {
-          await this.#qmp.execute('block-dirty-bitmap-merge', { node: disk.nodeName, target: prev.name, bitmaps: [b.name] });
+          if (!prevRecording) actions.push({ type: 'block-dirty-bitmap-enable', data: { node: disk.nodeName, name: prev.name } });
+          actions.push({ type: 'block-dirty-bitmap-merge', data: { node: disk.nodeName, target: prev.name, bitmaps: [b.name] } });
         }
-        await this.#qmp.execute('block-dirty-bitmap-remove', { node: disk.nodeName, name: b.name });
+        actions.push({ type: 'block-dirty-bitmap-remove', data: { node: disk.nodeName, name: b.name } });
+        await this.#qmp.execute('transaction', { actions });
+        if (actions.length > 1) prevRecording = true;
         this.#log.warn({ disk: disk.name, bitmap: b.name }, 'removed a bitmap left by an unfinished backup of this chain');
       }
-      if (prev && !prev.inconsistent && !prev.recording) {
+      if (prev && !prev.inconsistent && !prevRecording) {
         await this.#qmp.execute('block-dirty-bitmap-enable', { node: disk.nodeName, name: prev.name });
       }
     }
@@ -467,11 +499,18 @@ class QemuBackup {
           if (d.previousBitmap) await step(`remove bitmap ${d.previousBitmap.name}`, () => this.#qmp.execute('block-dirty-bitmap-remove', { node, name: d.previousBitmap!.name }));
         } else if (d.changes.kind === 'bitmap') {
           // Changes since the snapshot are in the new bitmap; put them back into the previous one.
-          await step(`merge bitmap ${fresh} back into ${d.changes.bitmap}`, async () => {
-            await this.#qmp.execute('block-dirty-bitmap-merge', { node, target: d.changes.kind === 'bitmap' ? d.changes.bitmap : '', bitmaps: [fresh] });
-            await this.#qmp.execute('block-dirty-bitmap-enable', { node, name: d.previousBitmap!.name });
-            await this.#qmp.execute('block-dirty-bitmap-remove', { node, name: fresh });
-          });
+          // One transaction, previous bitmap enabled first: a guest write landing between separate
+          // commands would otherwise be recorded only in the bitmap that is then removed.
+          const previous = d.changes.bitmap;
+          await step(`merge bitmap ${fresh} back into ${previous}`, () =>
+            this.#qmp.execute('transaction', {
+              actions: [
+                { type: 'block-dirty-bitmap-enable', data: { node, name: previous } },
+                { type: 'block-dirty-bitmap-merge', data: { node, target: previous, bitmaps: [fresh] } },
+                { type: 'block-dirty-bitmap-remove', data: { node, name: fresh } },
+              ],
+            }),
+          );
         } else {
           // No usable previous bitmap: the next backup reads this disk in full anyway.
           await step(`remove bitmap ${fresh}`, () => this.#qmp.execute('block-dirty-bitmap-remove', { node, name: fresh }));
