@@ -18,7 +18,7 @@ import { QemuHypervisor } from '../../src/hypervisor/qemu/adapter.js';
 import { QgaClient } from '../../src/hypervisor/qga/client.js';
 import { openRepository, verifyRepository, type Repository } from '../../src/repository/index.js';
 import { restoreDisk } from '../../src/restore/disk/restore-disk.js';
-import { launchFromPoint, startInstantRecovery, type InstantRecoverySession } from '../../src/restore/instant/instant-recovery.js';
+import { InstantRecoverySessions, launchFromPoint, startInstantRecovery, type InstantRecoverySession } from '../../src/restore/instant/index.js';
 import { sha256InImage, startTestGuest, TestGuest, type TestGuestImage } from '../fixtures/guest.js';
 
 const run = promisify(execFile);
@@ -29,6 +29,8 @@ let pointId: string;
 let image: TestGuestImage;
 let pointSha: string;
 let repoHashes: Record<string, string>;
+const sessions = new InstantRecoverySessions();
+let sessionId = '';
 let session: InstantRecoverySession | undefined;
 let own: TestGuest | undefined;
 
@@ -95,7 +97,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  await session?.stop();
+  await sessions.stopAll();
   await own?.stop();
   if (work) await rm(work, { recursive: true, force: true });
 });
@@ -123,7 +125,8 @@ describe('instant VM recovery of the test guest', () => {
     own = undefined;
 
     t0 = Date.now();
-    session = await startInstantRecovery({ repository: repo, pointId, workDir: path.join(work, 'ir'), name: 'ir1' });
+    sessionId = (await sessions.start({ repository: repo, pointId, workDir: path.join(work, 'ir'), name: 'ir1' })).id;
+    session = sessions.get(sessionId);
     await waitForConsole(session.consoleLog, 'bulwark-guest: ready');
     await session.waitForAgent();
     const instantMs = Date.now() - t0;
@@ -131,6 +134,7 @@ describe('instant VM recovery of the test guest', () => {
     expect(session.state).toBe('running-from-backup');
     expect(session.servingBackup).toBe(true);
     expect(session.pid).toBeGreaterThan(0);
+    expect(sessions.list()).toMatchObject([{ id: sessionId, name: 'ir1', vm: VM, pointId, state: 'running-from-backup', runningFromBackup: true }]);
     // The guest sees the backed-up files.
     const sums = await sh(session.agentSocket, `cd ${image.manifest.testdataDir} && sha256sum -c SHA256SUMS`);
     expect(sums).toMatch(/OK/);
@@ -168,11 +172,12 @@ describe('instant VM recovery of the test guest', () => {
     const prod = path.join(work, 'prod');
     const nbdSocket = s.nbdSocket;
     const t0 = Date.now();
-    const targets = await s.migrate(prod);
+    const targets = await sessions.migrate(sessionId, prod);
     console.log(`migrate (mirror sync=full of ${s.disks[0]!.size} bytes, pivot, close backup side): ${Date.now() - t0} ms`);
     expect(targets).toEqual({ vda: path.join(prod, 'vda.qcow2') });
     expect(s.state).toBe('migrated');
     expect(s.servingBackup).toBe(false);
+    expect(sessions.list()).toMatchObject([{ id: sessionId, state: 'migrated', runningFromBackup: false, disks: [{ name: 'vda', target: targets.vda }] }]);
     expect(existsSync(nbdSocket)).toBe(false);
     expect(existsSync(s.disks[0]!.overlay)).toBe(false);
 
@@ -186,8 +191,9 @@ describe('instant VM recovery of the test guest', () => {
 
     const pid = s.pid!;
     const dir = s.dir;
-    await s.stop();
+    await sessions.stop(sessionId);
     session = undefined;
+    expect(sessions.list()).toEqual([]);
     expect(() => process.kill(pid, 0)).toThrow();
     expect(existsSync(dir)).toBe(false);
     expect(await readdir(path.join(work, 'ir'))).toEqual([]);
