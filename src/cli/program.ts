@@ -9,6 +9,7 @@ import { loginCommands, userCommand } from './commands/auth.js';
 import { configCommand } from './commands/config.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
+import { restoreCommand } from './commands/restore.js';
 import { agentCommand, serverCommand } from './commands/roles.js';
 import type { CliContext } from './context.js';
 
@@ -44,6 +45,7 @@ export function buildProgram(ctx: CliContext): Command {
     jobCommand(ctx),
     sessionCommand(ctx),
     restorePointCommand(ctx),
+    restoreCommand(ctx),
     configCommand(ctx),
     userCommand(ctx),
   ];

@@ -9,9 +9,12 @@ import { join } from 'node:path';
 import type { FastifyPluginAsync } from 'fastify';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { logger } from '../common/log.js';
+import { LocalDataPathExecutor } from '../agent/backup/executor.js';
 import { runLocalAgent } from '../agent/local.js';
+import type { HypervisorConnection } from '../hypervisor/index.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
+import { restorePlugin } from './api/restore.js';
 import { openDatabase, type ConfigDatabase } from './db/connect.js';
 import { dataFiles } from './data-dir.js';
 import { ensureServerPki } from './pki/index.js';
@@ -25,8 +28,8 @@ import type { ServiceContext } from './services/common.js';
 import { DatabaseAgentLinkStore, DatabaseJobEngineStore, DatabaseSchedulerStore, EngineJobRunner } from './services/engine-stores.js';
 import { setScheduleValidator } from './services/jobs.js';
 import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfiguration } from './services/config-backup.js';
-import { createRepository, listRepositories } from './services/infrastructure.js';
-import { SessionEvents } from './services/sessions.js';
+import { createRepository, getRepository, listHosts, listRepositories } from './services/infrastructure.js';
+import { recordRestorePoint, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 
 const log = logger('server');
@@ -49,9 +52,14 @@ export interface StartServerOptions {
   clock?: Clock | undefined;
   /** Extra plugins registered under /api/v1 on both transports. */
   plugins?: FastifyPluginAsync[] | undefined;
-  /** The data path's task executor and disk resolver; default: the fake ones (no data moved). */
+  /** The data path's task executor and disk resolver; default: the one-host data path. */
   executor?: TaskExecutor | undefined;
   disks?: DiskResolver | undefined;
+  /**
+   * Simulation mode: jobs run the fake executor and move no data (for trying the console and for
+   * its tests). Default: the environment variable BULWARK_SIMULATE_DATA_PATH=1.
+   */
+  simulate?: boolean | undefined;
   /** Time zone of schedules and windows that name none (default: the server's). */
   timeZone?: string | undefined;
   /** First start of the one-host install: create repository `default` at `<data>/repository` (default true). */
@@ -182,13 +190,45 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const version = await readVersion();
     const events = new SessionEvents();
 
-    // The job engine over the database. Until the data path is wired, the fake executor runs and
-    // every session says so in its log.
-    const simulated = opts.executor === undefined;
+    // The job engine over the database, driving the one-host data path (the local agent's hypervisor
+    // adapters and repositories, in this process). Simulation mode (opts.simulate or
+    // BULWARK_SIMULATE_DATA_PATH=1) runs the fake executor instead, and every session says so.
+    const simulated = opts.executor === undefined && (opts.simulate ?? process.env.BULWARK_SIMULATE_DATA_PATH === '1');
+    let executor = opts.executor;
+    let disks = opts.disks;
+    if (simulated) {
+      executor = new FakeTaskExecutor({ clock, durationMs: 1000 });
+      disks = new FakeDiskResolver();
+    } else if (executor === undefined || disks === undefined) {
+      const dataPath = new LocalDataPathExecutor({
+        hosts: async () => (await listHosts(ctx)).map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
+        repositoryPath: async (job) => (await getRepository(ctx, job.repository)).path,
+        onRestorePoint: async (job, task, summary) => {
+          const repository = await getRepository(ctx, job.repository);
+          const p = summary.point;
+          await recordRestorePoint(ctx, {
+            id: p.id,
+            vm: task.vm,
+            disks: p.disks.map((d) => ({ name: d.name, size: d.size })),
+            time: p.time.toISOString(),
+            type: summary.kind,
+            chainId: p.chainId,
+            size: p.fileBytes,
+            repositoryId: repository.id,
+            jobId: job.id,
+            sessionId: task.sessionId,
+          });
+          events.changed(task.sessionId);
+        },
+      });
+      cleanups.push(() => dataPath.close());
+      executor ??= dataPath;
+      disks ??= dataPath;
+    }
     const engine = new JobEngine({
-      store: new DatabaseJobEngineStore(ctx, simulated ? 'simulated: no data moved (this server runs the fake task executor; the data path is not wired in yet)' : undefined),
-      executor: opts.executor ?? new FakeTaskExecutor({ clock, durationMs: 1000 }),
-      disks: opts.disks ?? new FakeDiskResolver(),
+      store: new DatabaseJobEngineStore(ctx, simulated ? 'simulated: no data moved (simulation mode: the fake task executor runs instead of the data path)' : undefined),
+      executor,
+      disks,
       clock,
       timeZone: opts.timeZone,
     });
@@ -243,7 +283,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     };
     const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: opts.plugins });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -255,7 +295,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), restorePlugin(ctx), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

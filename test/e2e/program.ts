@@ -83,10 +83,11 @@ export interface ServerProcess {
  * (URL and CA fingerprint); with `restart`, the data directory has been used before: it starts
  * with `--listen none` and waits for the socket.
  */
-export async function startServerProcess(dataDir: string, opts: { restart?: boolean; timeoutMs?: number } = {}): Promise<ServerProcess> {
+export async function startServerProcess(dataDir: string, opts: { restart?: boolean; timeoutMs?: number; simulate?: boolean } = {}): Promise<ServerProcess> {
   const timeoutMs = opts.timeoutMs ?? 60_000;
   const child = spawn(process.execPath, [program, '--data', dataDir, 'server', '--listen', opts.restart ? 'none' : '127.0.0.1:0'], {
-    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', BULWARK_LOG_LEVEL: 'warn', HOME: dataDir },
+    // Console tests run jobs in simulation mode (no VMs); the one-host backup test runs the real data path.
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', BULWARK_LOG_LEVEL: 'warn', HOME: dataDir, BULWARK_SIMULATE_DATA_PATH: opts.simulate === false ? '0' : '1' },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';

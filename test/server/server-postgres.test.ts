@@ -14,7 +14,7 @@ describe('server on PostgreSQL', () => {
   let server: RunningServer;
   beforeAll(async () => {
     const db = await createTestDatabase(inject('postgresUrl'));
-    server = await startServer({ dataDir: join(tmp, 'data'), db, listen: 'none', configBackupAt: false, print: () => undefined });
+    server = await startServer({ dataDir: join(tmp, 'data'), db, listen: 'none', configBackupAt: false, simulate: true, print: () => undefined });
   });
   afterAll(async () => {
     await server?.close();

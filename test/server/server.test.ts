@@ -29,7 +29,7 @@ describe('startServer over the real transports', () => {
   const printed: string[] = [];
   const dataDir = join(tmp, 'data');
   beforeAll(async () => {
-    server = await startServer({ dataDir, listen: '127.0.0.1:0', print: (l) => printed.push(l), configBackupAt: false });
+    server = await startServer({ dataDir, listen: '127.0.0.1:0', print: (l) => printed.push(l), configBackupAt: false, simulate: true });
   });
   afterAll(async () => {
     await server?.close();

@@ -21,6 +21,12 @@ export interface LocalDataPathOptions {
   repositoryPath(job: JobDefinition): Promise<string>;
   /** Password of the job's encrypted chains, if any. */
   password?(job: JobDefinition): Promise<string | undefined>;
+  /**
+   * Called once per VM backup after its restore point is committed in the repository (server:
+   * records it in the catalog). A failure here is logged; the point stays in the repository,
+   * where a rescan finds it.
+   */
+  onRestorePoint?(job: JobDefinition, task: TaskSpec, summary: BackupVmSummary): Promise<void>;
 }
 
 /** One VM's backup within a session attempt, shared by its disk tasks. */
@@ -138,7 +144,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
         const blockSize = setting(job, 'blockSize', isNumber);
         const compression = setting(job, 'compression', isCompression);
         const mode = setting(job, 'mode', isMode);
-        return backupVm({
+        const summary = await backupVm({
           hypervisor,
           repository,
           job: job.name,
@@ -156,6 +162,15 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
           },
           onLog: (level, message, disk) => emit({ kind: 'log', level, message, disk }),
         });
+        if (this.#opts.onRestorePoint) {
+          try {
+            await this.#opts.onRestorePoint(job, task, summary);
+          } catch (err) {
+            log.error({ vm: task.vm, point: summary.pointId, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
+            emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`, disk: undefined });
+          }
+        }
+        return summary;
       })(),
     };
     run.result.then(

@@ -262,6 +262,8 @@ export async function getRestorePoint(ctx: ServiceContext, id: string): Promise<
 }
 
 export interface NewRestorePoint {
+  /** The point's id in its repository (default: a new id). */
+  id?: string;
   vm: string;
   disks: RestorePoint['disks'];
   time: string;
@@ -275,7 +277,7 @@ export interface NewRestorePoint {
 }
 
 export async function recordRestorePoint(ctx: ServiceContext, p: NewRestorePoint): Promise<string> {
-  const id = newId();
+  const id = p.id ?? newId();
   await ctx.db
     .insertInto('restore_points')
     .values({
