@@ -84,7 +84,7 @@ describe.each(engines)('engine stores on %s', (engine) => {
     expect(await s.markEnrollmentTokenUsed('0123456789abcdef', now)).toBe(true);
     expect(await s.markEnrollmentTokenUsed('0123456789abcdef', now)).toBe(false);
     expect(await s.findAgent('proxy1')).toBeUndefined();
-    await s.saveEnrolledAgent({ name: 'proxy1', certFingerprint: 'AA:BB', certSerial: '01', hostname: 'p1', version: '0.1.0', cores: 4, enrolledAt: now });
+    await s.saveEnrolledAgent({ name: 'proxy1', certFingerprint: 'AA:BB', certSerial: '01', hostname: 'p1', version: '0.1.0', cores: 4, enrolledAt: now, replaceExisting: false });
     expect(await s.findAgent('proxy1')).toEqual({ name: 'proxy1', certFingerprint: 'AA:BB', state: 'online' });
     await infra.updateRepository(t.ctx, 'main', { version: 1, agent: 'proxy1' });
     expect(await s.repositoryPathsOf('proxy1')).toEqual(['/srv/main']);
@@ -97,8 +97,13 @@ describe.each(engines)('engine stores on %s', (engine) => {
       repositories: [{ path: '/srv/main', freeBytes: 5e12, totalBytes: 8e12 }],
       version: 1, // heartbeats are not edits
     });
+    // A token not bound to this name cannot take an existing agent's place (two enrollments racing).
+    await expect(
+      s.saveEnrolledAgent({ name: 'proxy1', certFingerprint: 'EE:FF', certSerial: '03', hostname: 'p2', version: '0.1.0', cores: 2, enrolledAt: now, replaceExisting: false }),
+    ).rejects.toThrow(/already registered/);
+    expect(await infra.getAgent(t.ctx, 'proxy1')).toMatchObject({ certFingerprint: 'AA:BB' });
     // Re-enrollment replaces the certificate and counts as an edit.
-    await s.saveEnrolledAgent({ name: 'proxy1', certFingerprint: 'CC:DD', certSerial: '02', hostname: 'p1', version: '0.1.1', cores: 6, enrolledAt: now });
+    await s.saveEnrolledAgent({ name: 'proxy1', certFingerprint: 'CC:DD', certSerial: '02', hostname: 'p1', version: '0.1.1', cores: 6, enrolledAt: now, replaceExisting: true });
     expect(await infra.getAgent(t.ctx, 'proxy1')).toMatchObject({ certFingerprint: 'CC:DD', version: 2 });
   });
 });

@@ -150,7 +150,8 @@ describe('the daily configuration backup', () => {
       const folder = join(dataDir, 'repository', 'config-backup');
       await clock.advanceTo('2026-11-25T03:29:00Z');
       expect(existsSync(folder)).toBe(false);
-      await clock.advanceTo('2026-11-25T03:31:00Z');
+      // To the due time exactly: the file is stamped with the clock's time when the backup runs.
+      await clock.advanceTo('2026-11-25T03:30:00Z');
       // The backup itself is real file I/O: wait for its outcome (not for a time).
       for (let i = 0; i < 100 && !(existsSync(folder) && readdirSync(folder).some((n) => n.endsWith('.sqlite'))); i++) {
         await new Promise((r) => setTimeout(r, 50));

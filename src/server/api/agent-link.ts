@@ -43,6 +43,21 @@ export interface EnrolledAgent {
   version: string;
   cores: number;
   enrolledAt: Date;
+  /**
+   * True when the token was made for this agent's name (re-enrollment): an existing agent of that
+   * name is replaced. Otherwise the store must refuse a name that exists (two agents enrolling one
+   * new name at once: the second is refused, never silently takes the first one's place).
+   */
+  replaceExisting: boolean;
+}
+
+/** The error a store throws when an unbound enrollment meets an existing agent name. */
+export function agentNameTaken(name: string): BulwarkError {
+  return new BulwarkError(`an agent named ${name} is already registered`, {
+    kind: 'conflict',
+    context: { agent: name },
+    hint: `choose another name, or re-enroll it with a token made by \`bulwark agent token --name ${name}\``,
+  });
 }
 
 export interface RepositorySpace {
@@ -255,13 +270,7 @@ export function agentLinkPlugin(opts: AgentLinkOptions): FastifyPluginAsync {
           });
         }
         const existing = await store.findAgent(body.name);
-        if (existing !== undefined && record.agentName !== body.name) {
-          throw new BulwarkError(`an agent named ${body.name} is already registered`, {
-            kind: 'conflict',
-            context: { agent: body.name },
-            hint: `choose another name, or re-enroll it with a token made by \`bulwark agent token --name ${body.name}\``,
-          });
-        }
+        if (existing !== undefined && record.agentName !== body.name) throw agentNameTaken(body.name);
         // Validate the CSR before spending the token, so a typo does not burn it.
         const issued = await issueAgentCertificate(pki, body.csr, body.name, { now: at });
         if (!(await store.markEnrollmentTokenUsed(record.id, at))) {
@@ -275,6 +284,7 @@ export function agentLinkPlugin(opts: AgentLinkOptions): FastifyPluginAsync {
           version: body.version ?? '',
           cores: body.cores ?? 0,
           enrolledAt: at,
+          replaceExisting: record.agentName === body.name,
         });
         log.info({ agent: body.name, hostname: body.hostname, reenrolled: existing !== undefined }, 'agent enrolled');
         return { name: body.name, certificate: issued.certPem, caCertificate: pki.caCertPem, caFingerprint: pki.caFingerprint, heartbeatSeconds };
@@ -375,6 +385,7 @@ export class InMemoryAgentLinkStore implements AgentLinkStore {
     return a === undefined ? undefined : { name: a.name, certFingerprint: a.certFingerprint, state: a.state };
   }
   async saveEnrolledAgent(agent: EnrolledAgent): Promise<void> {
+    if (this.agents.has(agent.name) && !agent.replaceExisting) throw agentNameTaken(agent.name);
     this.agents.set(agent.name, { ...agent, state: 'online' });
   }
   async recordHeartbeat(name: string, report: AgentHealthReport, seenAt: Date): Promise<void> {

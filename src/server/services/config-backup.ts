@@ -3,7 +3,7 @@
 // pg_dump (`.sql`). Restore replaces the live database's contents from such a file while the
 // server runs, inside one transaction (see docs/configuration-database.md).
 import { execFile } from 'node:child_process';
-import { copyFile, mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
@@ -15,6 +15,34 @@ import { invalid, type Clock } from './common.js';
 import { listRepositories } from './infrastructure.js';
 
 const run = promisify(execFile);
+
+/**
+ * Runs pg_dump / psql against `url` without putting its password on the command line (where any
+ * local user could read it with ps): the password goes in PGPASSWORD, the URL without it.
+ */
+async function runPg(cmd: 'pg_dump' | 'psql', args: string[], url: string): Promise<void> {
+  let dbname = url;
+  let password = '';
+  try {
+    const u = new URL(url);
+    password = decodeURIComponent(u.password);
+    u.password = '';
+    dbname = u.toString();
+  } catch {
+    // A form URL cannot parse (e.g. a socket folder in ?host= with no host): libpq reads it as is.
+  }
+  await run(cmd, [...args, '--dbname', dbname], { env: { ...process.env, ...(password ? { PGPASSWORD: password } : {}) } });
+}
+
+/** fsyncs a file (or folder) by path. */
+async function fsyncPath(p: string): Promise<void> {
+  const fh = await open(p, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
 
 export const configBackupDir = 'config-backup';
 
@@ -55,9 +83,13 @@ export async function backupConfiguration(o: ConfigBackupOptions, repository?: s
       if (!o.cdb.sqlite) throw new BulwarkError('SQLite handle missing');
       await o.cdb.sqlite.backup(tmp);
     } else {
-      await run('pg_dump', ['--no-owner', '--no-privileges', '--clean', '--if-exists', '--file', tmp, '--dbname', o.cdb.postgresUrl ?? '']);
+      await runPg('pg_dump', ['--no-owner', '--no-privileges', '--clean', '--if-exists', '--file', tmp], o.cdb.postgresUrl ?? '');
     }
+    // Durable before it counts: pruning keeps only the newest backups, so an empty newest file
+    // after a crash must not be possible.
+    await fsyncPath(tmp);
     await rename(tmp, final);
+    await fsyncPath(dir);
   } catch (cause) {
     await rm(tmp, { force: true });
     throw new BulwarkError(`configuration backup to ${final} failed`, { cause, context: { file: final } });
@@ -90,7 +122,7 @@ export async function restoreConfiguration(o: ConfigBackupOptions, path: string)
 
   if (cdb.engine === 'postgres') {
     try {
-      await run('psql', ['--quiet', '--no-psqlrc', '-v', 'ON_ERROR_STOP=1', '--single-transaction', '--file', path, '--dbname', cdb.postgresUrl ?? '']);
+      await runPg('psql', ['--quiet', '--no-psqlrc', '-v', 'ON_ERROR_STOP=1', '--single-transaction', '--file', path], cdb.postgresUrl ?? '');
     } catch (cause) {
       throw new BulwarkError(`restoring the configuration from ${path} failed; the database is unchanged`, { cause, context: { file: path } });
     }
@@ -99,7 +131,8 @@ export async function restoreConfiguration(o: ConfigBackupOptions, path: string)
   }
 
   // SQLite: migrate a private copy first, so an older backup fits this build's schema.
-  const work = join(tmpdir(), `bulwark-restore-${process.pid}-${Date.now()}.sqlite`);
+  const workDir = await mkdtemp(join(tmpdir(), 'bulwark-config-restore-'));
+  const work = join(workDir, 'restore.sqlite');
   try {
     await copyFile(path, work);
     const copy = await openDatabase({ target: work });
@@ -126,7 +159,7 @@ export async function restoreConfiguration(o: ConfigBackupOptions, path: string)
   } catch (cause) {
     throw new BulwarkError(`restoring the configuration from ${path} failed; the database is unchanged`, { cause, context: { file: path } });
   } finally {
-    await rm(work, { force: true });
+    await rm(workDir, { recursive: true, force: true });
     await rm(`${work}-wal`, { force: true });
     await rm(`${work}-shm`, { force: true });
   }

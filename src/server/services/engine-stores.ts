@@ -10,6 +10,7 @@ import type {
   EnrollmentTokenRecord,
   RegisteredAgent,
 } from '../api/agent-link.js';
+import { agentNameTaken } from '../api/agent-link.js';
 import type { SessionTable, SessionTaskTable } from '../db/schema.js';
 import type { JobEngine } from '../jobs/engine.js';
 import type {
@@ -306,6 +307,7 @@ export class DatabaseAgentLinkStore implements AgentLinkStore {
   async saveEnrolledAgent(a: EnrolledAgent): Promise<void> {
     const now = a.enrolledAt.toISOString();
     const existing = await this.#ctx.db.selectFrom('agents').select('id').where('name', '=', a.name).executeTakeFirst();
+    if (existing && !a.replaceExisting) throw agentNameTaken(a.name);
     if (existing) {
       await this.#ctx.db
         .updateTable('agents')
