@@ -200,3 +200,30 @@ describe('repository round trip', () => {
     expect(names).toContain('foreign.vbk');
   });
 });
+
+describe('a disk that grew between points', () => {
+  it('reads the inherited short last block of the smaller disk padded with zeroes', async () => {
+    const repo = await openRepository(root);
+    const small = BS + 1000;
+    const big = 3 * BS;
+    const first = Buffer.alloc(small, 0x5a);
+    const full = await repo.startRestorePoint({ job: 'grow', vm: 'vm', kind: 'full', blockSize: BS, compression: 'none', disks: [{ name: 'vda', size: small }], threads: 0 });
+    await full.writeDisk('vda', iterate([{ index: 0, data: first.subarray(0, BS) }, { index: 1, data: first.subarray(BS) }]));
+    const p1 = await full.commit();
+    const third = Buffer.alloc(BS, 0x77);
+    const incr = await repo.startRestorePoint({ job: 'grow', vm: 'vm', kind: 'incremental', parent: p1.id, blockSize: BS, compression: 'none', disks: [{ name: 'vda', size: big }], threads: 0 });
+    await incr.writeDisk('vda', iterate([{ index: 2, data: third }]));
+    const p2 = await incr.commit();
+    const point = await repo.openRestorePoint(p2.id);
+    try {
+      const disk = point.openDisk('vda');
+      const expected = Buffer.concat([first, Buffer.alloc(2 * BS - small), third]);
+      expect((await disk.read(0, big)).equals(expected)).toBe(true);
+      const streamed: Buffer[] = [];
+      for await (const b of disk.stream()) streamed.push(b.data ?? Buffer.alloc(Math.min(BS, big - b.index * BS)));
+      expect(Buffer.concat(streamed).equals(expected)).toBe(true);
+    } finally {
+      await point.close();
+    }
+  });
+});

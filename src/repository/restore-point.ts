@@ -120,6 +120,28 @@ export class RestorePointDisk implements RandomAccessDisk {
   }
 
   #fetch(r: ResolvedBlock & { kind: 'stored' }, i: number): Promise<Buffer> {
+    // The block's length must fit this disk's geometry: a block inherited from a point whose disk
+    // was smaller is padded with zeroes (the disk grew: the new bytes read as zeroes); a longer
+    // one is damage, never silently cut or passed on.
+    const offset = i * this.blockSize;
+    const expected = Math.min(this.blockSize, this.size - offset);
+    if (r.entry.plainLength > expected) {
+      return Promise.reject(
+        corrupt(
+          `damaged block table in ${path.basename(r.file.path)}: disk ${this.name}, block ${i} (disk offset ${offset}) holds ${r.entry.plainLength} bytes, more than the ${expected} the disk has there (restore point ${this.point.info.id})`,
+          { file: r.file.path, disk: this.name, block: i, offset, point: this.point.info.id },
+        ),
+      );
+    }
+    return this.#read(r, i).then((data) => {
+      if (data.length >= expected) return data;
+      const padded = Buffer.alloc(expected);
+      data.copy(padded);
+      return padded;
+    });
+  }
+
+  #read(r: ResolvedBlock & { kind: 'stored' }, i: number): Promise<Buffer> {
     return r.file.readBlock(r.entry, this.point.keys).catch((err: unknown) => {
       if (err instanceof BulwarkError) throw err;
       const offset = i * this.blockSize;
