@@ -57,6 +57,13 @@ describe('one-host install: back up a running VM and restore its disk', () => {
     const second = await bulwark(['job', 'run', 'guests', '--wait'], env);
     expect(second.code, second.stdout + second.stderr).toBe(0);
 
+    // An incremental reads a fraction of the disk; a finished session still shows 100%.
+    const sessions = JSON.parse((await bulwark(['session', 'list', '--job', 'guests', '--json'], env)).stdout) as Array<{ state: string; progress: { percent: number } }>;
+    expect(sessions.map((x) => [x.state, x.progress.percent])).toEqual([
+      ['success', 100],
+      ['success', 100],
+    ]);
+
     const list = await bulwark(['restore-point', 'list', '--vm', VM, '--json'], env);
     expect(list.code).toBe(0);
     const points = (JSON.parse(list.stdout) as PointJson[]).sort((a, b) => a.time.localeCompare(b.time));

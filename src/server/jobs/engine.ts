@@ -461,16 +461,20 @@ export class JobEngine {
     let bytesRead = 0;
     let bytesTransferred = 0;
     let bytesStored = 0;
-    let total = 0;
+    // Each task weighs as much as its disk; a finished task counts whole, a running one by its own
+    // estimate of what it has left (with changed block tracking it reads far less than the disk).
+    let weight = 0;
+    let done = 0;
     for (const t of active.tasks) {
       const p = t.record.progress;
       bytesRead += p.bytesRead;
       bytesTransferred += p.bytesTransferred;
       bytesStored += p.bytesStored;
-      total += Math.max(p.total, t.disk.sizeBytes ?? 0);
+      const w = Math.max(1, t.disk.sizeBytes ?? p.total);
+      weight += w;
+      done += w * (isFinalState(t.record.state) ? 1 : p.total > 0 ? Math.min(1, p.bytesRead / p.total) : 0);
     }
-    const allDone = active.tasks.length > 0 && active.tasks.every((t) => isFinalState(t.record.state));
-    const percent = total > 0 ? Math.min(100, Math.floor((bytesRead * 100) / total)) : allDone ? 100 : 0;
+    const percent = weight > 0 ? Math.min(100, Math.floor((done * 100) / weight)) : 0;
     const seconds = Math.max(1, (this.#clock.now().getTime() - active.startedAt.getTime()) / 1000);
     return { percent, bytesRead, bytesTransferred, bytesStored, processingRate: Math.round(bytesRead / seconds) };
   }
