@@ -124,9 +124,16 @@ class ReceiverSession {
     return seq < this.durableBelow || this.durableAbove.has(seq);
   }
 
+  /** A sequence number already taken in (durable, or queued for the sink). */
+  hasReceived(seq: number): boolean {
+    return seq < this.durableBelow || this.received.has(seq);
+  }
+
   markDurable(seq: number): void {
     this.durableAbove.add(seq);
-    while (this.durableAbove.delete(this.durableBelow)) this.durableBelow++;
+    // Below durableBelow the watermark answers for `received`: memory stays one window, not one
+    // entry per block of the disk.
+    while (this.durableAbove.delete(this.durableBelow)) this.received.delete(this.durableBelow++);
   }
 }
 
@@ -348,7 +355,7 @@ export class TransferReceiver {
           conn.close(new BulwarkError(`${messageTypeName(f.type)} without a sequence number`, { kind: 'invalid' }));
           return;
         }
-        if (s.received.has(f.sequence)) {
+        if (s.hasReceived(f.sequence)) {
           s.stats.duplicates++;
           if (s.isDurable(f.sequence)) this.#ack(s, conn, f.sequence);
           return;
@@ -486,6 +493,7 @@ export class TransferReceiver {
     const to = !conn.closed ? conn : [...s.conns].find((c) => !c.closed);
     await to?.send(MessageType.committed, encodeJson({}), { stream }).catch(() => undefined);
     this.#o.onSessionEnd?.({ sessionId: s.id, taskId: s.taskId, outcome: 'committed' });
+    if (s.conns.size === 0) this.#forgetLater(s);
   }
 
   async #abort(s: ReceiverSession, outcome: SessionOutcome, reason: string): Promise<void> {
@@ -508,7 +516,11 @@ export class TransferReceiver {
     s.pendingAcks.delete(conn);
     s.stats.connections = s.conns.size;
     if (s.conns.size > 0) return;
-    if (s.state === 'open' || s.state === 'committing') {
+    // Only an open session expires: one that is committing finishes its commit (a long fsync on a
+    // slow repository) and is then remembered for a resume; aborting it there would report
+    // "failed" for a point that the commit then makes visible.
+    if (s.state === 'committing') return;
+    if (s.state === 'open') {
       clearTimeout(s.expiry);
       s.expiry = setTimeout(() => {
         void this.#abort(s, 'failed', `all streams of the task were down for more than ${Math.round(this.#resumeWindowMs / 1000)} s`);
