@@ -3,7 +3,7 @@
 // CPU cores, free space of its repository folders). Protocol: docs/formats/agent-link.md.
 import { X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, open, readFile, rename, rm, statfs } from 'node:fs/promises';
+import { mkdir, readFile, statfs } from 'node:fs/promises';
 import https from 'node:https';
 import os from 'node:os';
 import path from 'node:path';
@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { BulwarkError, describeError, type ErrorKind } from '../common/errors.js';
 import { logger } from '../common/log.js';
 import { createAgentKey, createCsr, fingerprintOfPem } from './identity.js';
+import { writeFileAtomic as writeAtomically } from '../storage/local-fs.js';
 
 const log = logger('agent');
 
@@ -369,24 +370,9 @@ function agentVersion(): string {
 }
 
 async function writeFileAtomic(file: string, data: string, mode: number): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
   try {
-    const fh = await open(tmp, 'w', mode);
-    try {
-      await fh.writeFile(data);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, file);
-    const d = await open(path.dirname(file), 'r');
-    try {
-      await d.sync();
-    } finally {
-      await d.close();
-    }
+    await writeAtomically(file, data, { mode });
   } catch (cause) {
-    await rm(tmp, { force: true }).catch(() => undefined);
     throw new BulwarkError(`cannot write ${file}`, { kind: 'unavailable', context: { path: file }, cause });
   }
 }

@@ -44,12 +44,18 @@ export async function publish(tmpPath: string, finalPath: string): Promise<void>
   await fsyncDirectory(path.dirname(finalPath));
 }
 
-/** Writes `data` to `finalPath` atomically and durably (temp, fsync, rename, fsync dir). */
-export async function writeFileAtomic(finalPath: string, data: Buffer): Promise<void> {
+/**
+ * Writes `data` to `finalPath` atomically and durably (temp, fsync, rename, fsync dir): a crash
+ * leaves the old file or the new one, never half of one. `mode` (default 0640) is set exactly,
+ * whatever the umask, before the file gets its name (keys are never readable, not even briefly).
+ */
+export async function writeFileAtomic(finalPath: string, data: Buffer | string, opts: { mode?: number } = {}): Promise<void> {
+  const mode = opts.mode ?? 0o640;
   const tmp = temporaryNameFor(finalPath);
-  const fh = await open(tmp, 'wx', 0o640);
+  const fh = await open(tmp, 'wx', mode);
   try {
     await fh.writeFile(data);
+    await fh.chmod(mode);
     await fh.sync();
   } catch (err) {
     await fh.close();

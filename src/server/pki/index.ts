@@ -2,12 +2,13 @@
 // certificate and the client certificates of enrolled agents, so the server and its agents trust
 // each other without any outside PKI. Everything lives in `<data>/pki/`, created once and reused.
 import { createHash, webcrypto, X509Certificate as NodeX509Certificate } from 'node:crypto';
-import { chmod, mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import * as x509 from '@peculiar/x509';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
+import { writeFileAtomic as writeAtomically } from '../../storage/local-fs.js';
 
 type CryptoKey = webcrypto.CryptoKey;
 type CryptoKeyPair = webcrypto.CryptoKeyPair;
@@ -310,25 +311,9 @@ async function readOptional(file: string): Promise<string | undefined> {
 
 /** Temp file, fsync, rename, fsync the directory: a crash never leaves half a key. */
 async function writeFileAtomic(file: string, data: string, mode: number): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
   try {
-    const fh = await open(tmp, 'w', mode);
-    try {
-      await fh.writeFile(data);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await chmod(tmp, mode);
-    await rename(tmp, file);
-    const dirHandle = await open(path.dirname(file), 'r');
-    try {
-      await dirHandle.sync();
-    } finally {
-      await dirHandle.close();
-    }
+    await writeAtomically(file, data, { mode });
   } catch (cause) {
-    await rm(tmp, { force: true }).catch(() => undefined);
     throw new BulwarkError(`cannot write ${file}`, { kind: 'unavailable', context: { path: file }, cause });
   }
 }
