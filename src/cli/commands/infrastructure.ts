@@ -14,7 +14,7 @@ import {
   type CliContext,
   type ItemList,
 } from '../context.js';
-import { formatFields, formatTable, localTime, printJson } from '../output.js';
+import { formatFields, formatTable, humanSize, localTime, printJson } from '../output.js';
 import { editWithVersion } from './edit.js';
 
 const jsonOption = (): Option => new Option('--json', 'print the API object(s) as JSON');
@@ -154,6 +154,8 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
           { header: 'version', value: (a) => a.agentVersion },
           { header: 'cores', value: (a) => a.cores, align: 'right' },
           { header: 'last seen', value: (a) => localTime(a.lastSeenAt) },
+          // Free space of the agent's repositories, from its last heartbeat.
+          { header: 'repository free', value: (a) => a.repositories.map((r) => `${r.path} ${r.freeBytes === undefined ? (r.error ?? '?') : humanSize(r.freeBytes)}`).join(', ') },
         ]),
       );
     });

@@ -1,7 +1,7 @@
-// Restore routes of the one-host install: the server's local agent restores a disk of a restore
-// point from the repository to a path on this host. (Remote agents will take these as tasks over
-// the data-mover protocol.)
-import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+// Routes the one-host install's local agent serves from the server process: restore a disk of a
+// restore point to a path on this host, and rescan a repository folder into the restore-point
+// catalog. (Remote agents will take these as tasks over the data-mover protocol.)
+import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { FastifyPluginAsync } from 'fastify';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
@@ -9,7 +9,7 @@ import { openRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository } from '../services/infrastructure.js';
-import { getRestorePoint } from '../services/sessions.js';
+import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
 
 const RestoreDiskBody = Type.Object(
   {
@@ -32,9 +32,58 @@ const RestoreDiskReply = Type.Object({
   durationMs: Type.Number(),
 });
 
+const RescanReply = Type.Object({
+  repository: Type.String(),
+  points: Type.Integer({ description: 'restore points found in the folder' }),
+  added: Type.Integer({ description: 'points found that the catalog did not have' }),
+  removed: Type.Integer({ description: 'catalog entries whose point is no longer in the folder' }),
+});
+
+/**
+ * Brings the catalog in line with a repository folder, read from its chain metadata alone (the
+ * folder may come from another server, or the database may have been restored from an older
+ * configuration backup).
+ */
+export async function rescanRepository(ctx: ServiceContext, name: string): Promise<Static<typeof RescanReply>> {
+  const repo = await getRepository(ctx, name);
+  const repository = await openRepository(repo.path);
+  const points = await repository.listRestorePoints();
+  const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
+  const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
+  let added = 0;
+  for (const p of points) {
+    if (known.has(p.id)) continue;
+    await recordRestorePoint(ctx, {
+      id: p.id,
+      vm: p.vm,
+      disks: p.disks.map((d) => ({ name: d.name, size: d.size })),
+      time: p.time.toISOString(),
+      type: p.kind === 'full' ? 'full' : 'incremental',
+      chainId: p.chainId,
+      size: p.fileBytes,
+      repositoryId: repo.id,
+      jobId: jobIds.get(p.job) ?? null,
+    });
+    added++;
+  }
+  const found = new Set(points.map((p) => p.id));
+  let removed = 0;
+  for (const id of known) {
+    if (found.has(id)) continue;
+    await deleteRestorePoint(ctx, id);
+    removed++;
+  }
+  return { repository: repo.name, points: points.length, added, removed };
+}
+
 export function restorePlugin(ctx: ServiceContext): FastifyPluginAsync {
   return async (api) => {
     const r = api.withTypeProvider<TypeBoxTypeProvider>();
+    r.post(
+      '/repositories/:name/rescan',
+      { config: { permission: 'configure' }, schema: { tags: ['repositories'], params: Type.Object({ name: Type.String() }), response: { 200: RescanReply } } },
+      async (req) => rescanRepository(ctx, req.params.name),
+    );
     r.post(
       '/restore-points/:id/restore-disk',
       {
