@@ -8,7 +8,7 @@ import https from 'node:https';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { BulwarkError, describeError, type ErrorKind } from '../common/errors.js';
+import { BulwarkError, describeError, errorKindOfStatus } from '../common/errors.js';
 import { logger } from '../common/log.js';
 import { createAgentKey, createCsr, fingerprintOfPem } from './identity.js';
 import { writeFileAtomic as writeAtomically } from '../storage/local-fs.js';
@@ -310,7 +310,7 @@ async function requestJson<T>(serverUrl: string, method: 'GET' | 'POST', route: 
           const error = (json as { error?: { kind?: string; message?: string; hint?: string } } | undefined)?.error;
           reject(
             new BulwarkError(`the server refused ${method} ${route}: ${error?.message ?? `HTTP ${status}`}`, {
-              kind: kindOfStatus(status),
+              kind: errorKindOfStatus(status),
               context: { server: serverUrl, status },
               hint: error?.hint,
             }),
@@ -326,22 +326,6 @@ async function requestJson<T>(serverUrl: string, method: 'GET' | 'POST', route: 
   });
 }
 
-function kindOfStatus(status: number): ErrorKind {
-  switch (status) {
-    case 400:
-      return 'invalid';
-    case 401:
-      return 'unauthorized';
-    case 403:
-      return 'forbidden';
-    case 404:
-      return 'not-found';
-    case 409:
-      return 'conflict';
-    default:
-      return status >= 500 ? 'unavailable' : 'internal';
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Small things

@@ -8,7 +8,7 @@ import http from 'node:http';
 import https from 'node:https';
 import { isIP } from 'node:net';
 import tls from 'node:tls';
-import { BulwarkError, describeError, type ErrorKind } from '../common/errors.js';
+import { BulwarkError, describeError, errorKindOfStatus, type ErrorKind } from '../common/errors.js';
 import { loadLogin, type SavedLogin } from './credentials.js';
 import { caPath, configDirectory, credentialsPath, dataDirectory, socketPath, type Env } from './paths.js';
 import { SseParser, type ServerSentEvent } from './sse.js';
@@ -109,25 +109,6 @@ export class ApiError extends BulwarkError {
 
 const kinds: readonly ErrorKind[] = ['invalid', 'unauthorized', 'forbidden', 'not-found', 'conflict', 'unavailable', 'corrupt', 'internal'];
 
-function kindOfStatus(status: number): ErrorKind {
-  switch (status) {
-    case 400:
-    case 422:
-      return 'invalid';
-    case 401:
-      return 'unauthorized';
-    case 403:
-      return 'forbidden';
-    case 404:
-      return 'not-found';
-    case 409:
-      return 'conflict';
-    case 503:
-      return 'unavailable';
-    default:
-      return 'internal';
-  }
-}
 
 const connectionCodes = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOENT', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ECONNABORTED', 'UND_ERR_SOCKET']);
 
@@ -316,7 +297,7 @@ export function errorOfReply(status: number, text: string, method: string, path:
   }
   const e = body.error;
   const claimed = e?.kind as ErrorKind | undefined;
-  const kind = claimed && kinds.includes(claimed) ? claimed : kindOfStatus(status);
+  const kind = claimed && kinds.includes(claimed) ? claimed : errorKindOfStatus(status);
   const message = e?.message ?? body.message ?? (text.trim().slice(0, 200) || `${method} ${path} failed with HTTP ${status}`);
   let hint = e?.hint;
   if (status === 401) hint ??= 'log in with `bulwark login URL` (sessions expire; log in again when yours has)';

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { BulwarkError, describeError } from './errors.js';
+import { BulwarkError, describeError, errorKindOfStatus } from './errors.js';
 
 describe('describeError', () => {
   it('joins the cause chain and the hint', () => {
@@ -18,5 +18,23 @@ describe('describeError', () => {
   });
   it('describes non-errors', () => {
     expect(describeError('boom')).toBe('boom');
+  });
+});
+
+describe('errorKindOfStatus', () => {
+  it.each([
+    [400, 'invalid'],
+    [422, 'invalid'],
+    [401, 'unauthorized'],
+    [403, 'forbidden'],
+    [404, 'not-found'],
+    [409, 'conflict'],
+    [502, 'unavailable'],
+    [503, 'unavailable'],
+    [504, 'unavailable'],
+    [500, 'internal'],
+    [418, 'internal'],
+  ] as const)('%i is %s', (status, kind) => {
+    expect(errorKindOfStatus(status)).toBe(kind);
   });
 });

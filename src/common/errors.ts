@@ -35,6 +35,32 @@ export class BulwarkError extends Error {
   }
 }
 
+/**
+ * The kind of an HTTP error status from a Bulwark server: the inverse of the API edge's mapping,
+ * for clients (console, agent) that got a status without a readable error body.
+ */
+export function errorKindOfStatus(status: number): ErrorKind {
+  switch (status) {
+    case 400:
+    case 422:
+      return 'invalid';
+    case 401:
+      return 'unauthorized';
+    case 403:
+      return 'forbidden';
+    case 404:
+      return 'not-found';
+    case 409:
+      return 'conflict';
+    case 502:
+    case 503:
+    case 504:
+      return 'unavailable';
+    default:
+      return 'internal';
+  }
+}
+
 /** The message of any thrown value, with the chain of causes, for logs and console output. */
 export function describeError(err: unknown): string {
   const parts: string[] = [];

@@ -3,9 +3,9 @@
 import path from 'node:path';
 import { describeError } from '../common/errors.js';
 import { BackupFile } from './backup-file.js';
-import { chainsOfFolder, listVmFolders } from './folders.js';
+import { chainsOfFolder, listVmFolders, type BackupChain } from './folders.js';
 import { readChainMetadata } from './repository.js';
-import type { Compression, PointKind } from '../format/index.js';
+import type { PointKind } from '../format/index.js';
 
 export interface InspectDisk {
   readonly name: string;
@@ -36,16 +36,8 @@ export interface InspectPoint {
   readonly problem?: string;
 }
 
-export interface InspectChain {
-  readonly id: string;
-  readonly job: string;
-  readonly vm: string;
-  readonly method: 'forward' | 'reverse';
-  readonly blockSize: number;
-  readonly compression: Compression;
-  readonly encrypted: boolean;
-  readonly passwordHint: string | null;
-  readonly folder: string;
+/** A chain as `BackupChain` describes it, with each point's sizes and the chain's file bytes. */
+export interface InspectChain extends Omit<BackupChain, 'points'> {
   readonly points: readonly InspectPoint[];
   readonly fileBytes: number;
 }
