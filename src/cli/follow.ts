@@ -2,24 +2,12 @@
 // `GET /sessions/{id}/events`, shows progress (a bar with percent, rate and ETA on a terminal,
 // plain lines otherwise, JSON lines with --json), and rides out a lost server for 5 minutes.
 import cliProgress from 'cli-progress';
+import { isFinalState } from '../server/jobs/ports.js';
 import type { Session } from '../server/services/model.js';
 import { ApiClient, Reconnect } from './client.js';
 import { humanDuration, humanRate, humanSize, localTime, type Output } from './output.js';
 
 export type SessionState = Session['state'];
-
-export function isFinished(state: SessionState): boolean {
-  switch (state) {
-    case 'queued':
-    case 'running':
-      return false;
-    case 'success':
-    case 'warning':
-    case 'failed':
-    case 'stopped':
-      return true;
-  }
-}
 
 /** 0 for success and warning, 1 for failed and stopped (and for a session still running). */
 export function exitCodeOf(state: SessionState): number {
@@ -186,18 +174,18 @@ export async function followSession(client: ApiClient, id: string, opts: FollowO
         wasLost = false;
         reconnect.reachable();
         seen(current);
-        if (isFinished(current.state)) break;
+        if (isFinalState(current.state)) break;
       }
       await client.events(`${path}/events`, (event) => {
         if (event.event !== 'session') return;
         reconnect.reachable();
         seen(JSON.parse(event.data) as Session);
       });
-      if (last && isFinished(last.state)) break;
+      if (last && isFinalState(last.state)) break;
       // The stream ended although the session did not: read it again, then re-subscribe.
       const current = await client.get<Session>(path);
       seen(current);
-      if (isFinished(current.state)) break;
+      if (isFinalState(current.state)) break;
       await sleep(1000);
     } catch (err) {
       wasLost = true;

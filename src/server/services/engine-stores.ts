@@ -30,6 +30,7 @@ import type {
 import type { ScheduledJob, SchedulerStore } from '../scheduler/scheduler.js';
 import type { Schedule } from '../scheduler/schedule.js';
 import { findByNameOrId, newId, nowIso, parseJson, type ServiceContext } from './common.js';
+import { registerAgent } from './infrastructure.js';
 import type { BackupWindow, Retention } from './model.js';
 import type { JobRunner } from './runner.js';
 
@@ -326,24 +327,16 @@ export class DatabaseAgentLinkStore implements AgentLinkStore {
         .execute();
       return;
     }
-    await this.#ctx.db
-      .insertInto('agents')
-      .values({
-        id: newId(),
-        name: a.name,
-        version: 1,
-        created_at: now,
-        updated_at: now,
-        hostname: a.hostname,
-        agent_version: a.version,
-        cores: a.cores,
-        last_seen_at: now,
-        cert_fingerprint: a.certFingerprint,
-        cert_serial: a.certSerial,
-        state: 'online',
-        health: null,
-      })
-      .execute();
+    // Insert-only: two enrollments racing for one new name meet the unique name, and the second
+    // gets a conflict instead of replacing the first.
+    await registerAgent(this.#ctx, {
+      name: a.name,
+      hostname: a.hostname,
+      agentVersion: a.version,
+      cores: a.cores,
+      certFingerprint: a.certFingerprint,
+      certSerial: a.certSerial,
+    });
   }
 
   async recordHeartbeat(name: string, report: AgentHealthReport, seenAt: Date): Promise<void> {

@@ -135,6 +135,7 @@ export interface AgentRegistration {
   agentVersion: string;
   cores: number;
   certFingerprint: string | null;
+  certSerial?: string | null;
   state?: Agent['state'];
 }
 
@@ -156,6 +157,7 @@ export async function registerAgent(ctx: ServiceContext, a: AgentRegistration): 
         cores: a.cores,
         last_seen_at: now,
         cert_fingerprint: a.certFingerprint,
+        cert_serial: a.certSerial ?? null,
         state: a.state ?? 'online',
       })
       .execute(),

@@ -3,12 +3,13 @@
 import { EventEmitter } from 'node:events';
 import type { Selectable, Updateable } from 'kysely';
 import { BulwarkError } from '../../common/errors.js';
+import { isFinalState } from '../jobs/ports.js';
 import type { RestorePointTable, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
 import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
 import type { LogLevelT, Progress, RestorePoint, Session, SessionTask } from './model.js';
 
-export const finalStates: readonly SessionState[] = ['success', 'warning', 'failed', 'stopped'];
-export const isFinal = (s: SessionState): boolean => finalStates.includes(s);
+/** A session or task state that is never left (the job engine's definition). */
+export const isFinal = (s: SessionState): boolean => isFinalState(s);
 
 /** In-process notifications of session changes (by session id). */
 export class SessionEvents {
