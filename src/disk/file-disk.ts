@@ -2,13 +2,10 @@
 // comes from SEEK_DATA/SEEK_HOLE, which Node cannot call, so it is taken once at open time from
 // `xfs_io -c 'seek -a -r 0'` (xfsprogs; works on any file system with lseek support); without
 // xfs_io the whole disk is reported as data, which is always correct, only slower to copy.
-import { execFile } from 'node:child_process';
 import { open, type FileHandle } from 'node:fs/promises';
-import { promisify } from 'node:util';
 import { BulwarkError } from '../common/errors.js';
+import { runTool } from '../common/process.js';
 import type { Extent, RandomAccessDisk } from './types.js';
-
-const execFileP = promisify(execFile);
 
 export interface FileDiskOptions {
   /** Ask the file system for holes (default true). False: report everything as data. */
@@ -41,7 +38,7 @@ export async function openFileDisk(path: string, options: FileDiskOptions = {}):
 async function dataRanges(path: string, size: number): Promise<Array<[number, number]> | null> {
   let out: string;
   try {
-    ({ stdout: out } = await execFileP('xfs_io', ['-r', '-c', 'seek -a -r 0', path], { maxBuffer: 64 << 20 }));
+    out = await runTool('xfs_io', ['-r', '-c', 'seek -a -r 0', path], `allocation map of ${path}`, { timeoutMs: 60_000 });
   } catch {
     return null;
   }

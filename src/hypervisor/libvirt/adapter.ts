@@ -5,10 +5,8 @@
 // mode. libvirt keeps every checkpoint's bitmap recording, so a failed backup only has to delete
 // the checkpoint it created; a successful one deletes the previous checkpoint.
 import { chown, mkdir, rm, writeFile } from 'node:fs/promises';
-import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger, type Logger } from '../../common/log.js';
 import { describeChanges, planDiskChanges, type BitmapState } from '../cbt/policy.js';
@@ -29,9 +27,9 @@ import {
   type VmInfo,
   type VmRunState,
 } from '../types.js';
-import { attr, elements, escapeXml, startTag, text, Virsh, VirshError } from './virsh.js';
+import { attr, elements, escapeXml, startTag, text, Virsh } from './virsh.js';
+import { runTool, ToolError } from '../../common/process.js';
 
-const run = promisify(execFile);
 
 export interface LibvirtHypervisorOptions {
   /** libvirt connection URI. Default qemu:///system. */
@@ -79,7 +77,7 @@ export class LibvirtHypervisor implements Hypervisor {
       try {
         out.push((await this.#describe(n)).info);
       } catch (err) {
-        if (err instanceof VirshError && err.kind === 'not-found') continue; // went away meanwhile
+        if (err instanceof ToolError && err.kind === 'not-found') continue; // went away meanwhile
         throw err;
       }
     }
@@ -95,7 +93,7 @@ export class LibvirtHypervisor implements Hypervisor {
     try {
       liveXml = await this.#virsh.run(['dumpxml', nameOrId]);
     } catch (err) {
-      if (err instanceof VirshError && err.kind === 'not-found') {
+      if (err instanceof ToolError && err.kind === 'not-found') {
         throw new BulwarkError(`no libvirt domain ${nameOrId} on ${this.#virsh.uri}`, { kind: 'not-found', context: { vm: nameOrId }, cause: err });
       }
       throw err;
@@ -118,7 +116,7 @@ export class LibvirtHypervisor implements Hypervisor {
         const info = await this.#virsh.run(['domblkinfo', name, target]);
         size = Number(info.match(/Capacity:\s+(\d+)/)?.[1] ?? 0);
       } else {
-        const { stdout } = await run('qemu-img', ['info', '--output=json', '-U', file]);
+        const stdout = await runTool('qemu-img', ['info', '--output=json', '-U', file], `qemu-img info of disk ${target} of VM ${name}`, { context: { vm: name, disk: target, file } });
         size = (JSON.parse(stdout) as { 'virtual-size': number })['virtual-size'];
       }
       disks.push({
@@ -352,8 +350,8 @@ export class LibvirtHypervisor implements Hypervisor {
 
   async #chownToQemu(dir: string): Promise<void> {
     try {
-      const { stdout: uid } = await run('id', ['-u', this.#qemuUser]);
-      const { stdout: gid } = await run('id', ['-g', this.#qemuUser]);
+      const uid = await runTool('id', ['-u', this.#qemuUser], `looking up user ${this.#qemuUser}`);
+      const gid = await runTool('id', ['-g', this.#qemuUser], `looking up group of ${this.#qemuUser}`);
       await chown(dir, Number(uid), Number(gid));
     } catch (err) {
       this.#log.debug({ dir, err: describeError(err) }, `cannot give ${dir} to ${this.#qemuUser}; QEMU may not reach it`);
@@ -365,7 +363,7 @@ export class LibvirtHypervisor implements Hypervisor {
     try {
       await this.#virsh.run(['domjobabort', vm]);
     } catch (err) {
-      if (err instanceof VirshError && /no job is active|not active/i.test(err.stderr)) return;
+      if (err instanceof ToolError && /no job is active|not active/i.test(err.stderr)) return;
       throw err;
     }
     // Wait until libvirt reports no job (it removes scratch files and the NBD server then).
@@ -382,7 +380,7 @@ export class LibvirtHypervisor implements Hypervisor {
     try {
       await this.#virsh.run(['checkpoint-delete', vm, name]);
     } catch (err) {
-      if (err instanceof VirshError && /not found|no domain checkpoint/i.test(err.stderr)) return;
+      if (err instanceof ToolError && /not found|no domain checkpoint/i.test(err.stderr)) return;
       throw err;
     }
   }

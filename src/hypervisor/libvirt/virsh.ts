@@ -1,18 +1,7 @@
 // Runs `virsh` (child_process, no shell) against one libvirt connection URI, with a deadline, and
 // turns failures into errors that carry virsh's own message. Also small readers for the bits of
 // libvirt XML the adapter needs (no XML library: libvirt's output is regular and attribute-quoted).
-import { execFile } from 'node:child_process';
-import { BulwarkError } from '../../common/errors.js';
-
-export class VirshError extends BulwarkError {
-  /** virsh's stderr, trimmed (e.g. "error: Requested operation is not valid: no job is active on the domain"). */
-  readonly stderr: string;
-  constructor(message: string, stderr: string, cause: unknown, context: Record<string, string>) {
-    super(message, { kind: /not found|no domain|failed to get domain/i.test(stderr) ? 'not-found' : 'unavailable', context, cause });
-    this.name = 'VirshError';
-    this.stderr = stderr;
-  }
-}
+import { runTool, ToolError } from '../../common/process.js';
 
 export class Virsh {
   readonly uri: string;
@@ -20,15 +9,22 @@ export class Virsh {
     this.uri = uri;
   }
 
-  /** Runs `virsh -c URI ARGS…` and resolves with stdout. */
+  /**
+   * Runs `virsh -c URI ARGS…` and resolves with stdout. Fails with a ToolError whose `stderr` holds
+   * virsh's own words ("error: Requested operation is not valid: no job is active on the domain").
+   */
   async run(args: readonly string[], timeoutMs = 60_000): Promise<string> {
-    return new Promise((resolve, reject) => {
-      execFile('virsh', ['-q', '-c', this.uri, ...args], { timeout: timeoutMs, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
-        if (!err) return resolve(stdout);
-        const msg = stderr.trim() || (err.killed ? `no answer within ${timeoutMs} ms` : err.message);
-        reject(new VirshError(`virsh ${args[0]} ${args[1] ?? ''} failed: ${msg}`.replace(/ +/g, ' '), msg, err, { uri: this.uri, command: args[0] ?? '' }));
+    try {
+      return await runTool('virsh', ['-q', '-c', this.uri, ...args], `virsh ${args[0] ?? ''} ${args[1] ?? ''}`.trim(), {
+        timeoutMs,
+        context: { uri: this.uri },
       });
-    });
+    } catch (err) {
+      if (!(err instanceof ToolError)) throw err;
+      // A missing domain is "not found"; anything else from libvirt means it cannot do it now.
+      const kind = /not found|no domain|failed to get domain/i.test(err.stderr) ? 'not-found' : 'unavailable';
+      throw new ToolError(err.message, { stderr: err.stderr, exitCode: err.exitCode, timedOut: err.timedOut, kind, context: { ...err.context }, cause: err.cause });
+    }
   }
 }
 

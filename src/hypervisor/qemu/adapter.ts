@@ -6,12 +6,11 @@
 // its agent around the transaction only (or paused, offline mode).
 import { createHash } from 'node:crypto';
 import { lstat, mkdir, rm } from 'node:fs/promises';
-import { execFile } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger, type Logger } from '../../common/log.js';
+import { runTool } from '../../common/process.js';
 import { QmpClient, QmpError } from '../qmp/client.js';
 import { describeChanges, planDiskChanges, type BitmapState } from '../cbt/policy.js';
 import {
@@ -39,8 +38,6 @@ import {
 } from './discovery.js';
 import { withFrozenGuest, type FileSystemFreezer } from './freeze.js';
 import { openAgentFreezer } from './agent.js';
-
-const run = promisify(execFile);
 
 export interface QemuHypervisorOptions {
   /** Glob of QMP sockets, one per VM, e.g. `/run/vms/*\/qmp.sock`. */
@@ -362,7 +359,9 @@ class QemuBackup {
 
   async #addFleeceNode(d: DiskState): Promise<void> {
     await rm(d.fleecePath, { force: true });
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', d.fleecePath, String(d.disk.virtualSize)]);
+    await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', d.fleecePath, String(d.disk.virtualSize)], `creating the fleecing image of disk ${d.disk.name}`, {
+      context: { file: d.fleecePath },
+    });
     d.fileCreated = true;
     await this.#qmp.execute('blockdev-add', {
       driver: 'qcow2',

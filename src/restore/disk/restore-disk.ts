@@ -5,15 +5,13 @@
 // raw image, whatever the output format) is computed on the way. The result appears under its
 // name only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { createHash } from 'node:crypto';
-import { execFile } from 'node:child_process';
 import { lstat, open, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { promisify } from 'node:util';
-import { BulwarkError, describeError } from '../../common/errors.js';
+import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
+import { runTool } from '../../common/process.js';
 import type { Repository } from '../../repository/index.js';
 
-const run = promisify(execFile);
 const log = logger('restore-disk');
 
 export type RestoreDiskFormat = 'raw' | 'qcow2';
@@ -108,12 +106,9 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
       await fh.close();
     }
     if (format === 'qcow2') {
-      try {
-        await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], { maxBuffer: 1 << 20 });
-      } catch (err) {
-        const e = err as { stderr?: string };
-        throw new BulwarkError(`qemu-img convert to qcow2 failed for ${target}: ${e.stderr?.trim() ?? describeError(err)}`, { context: { file: target }, cause: err });
-      }
+      await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], `qemu-img convert to qcow2 for ${target}`, {
+        context: { file: target },
+      });
       const q = await open(outTmp, 'r');
       try {
         await q.sync();

@@ -2,19 +2,16 @@
 // into a repository folder: SQLite through the online backup API (`.sqlite`), PostgreSQL through
 // pg_dump (`.sql`). Restore replaces the live database's contents from such a file while the
 // server runs, inside one transaction (see docs/configuration-database.md).
-import { execFile } from 'node:child_process';
 import { copyFile, mkdir, mkdtemp, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
-import { promisify } from 'node:util';
 import { BulwarkError } from '../../common/errors.js';
+import { runTool } from '../../common/process.js';
 import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { migrate } from '../db/migrations.js';
 import { dataTables } from '../db/schema.js';
 import { invalid, type Clock } from './common.js';
 import { listRepositories } from './infrastructure.js';
-
-const run = promisify(execFile);
 
 /**
  * Runs pg_dump / psql against `url` without putting its password on the command line (where any
@@ -31,7 +28,10 @@ async function runPg(cmd: 'pg_dump' | 'psql', args: string[], url: string): Prom
   } catch {
     // A form URL cannot parse (e.g. a socket folder in ?host= with no host): libpq reads it as is.
   }
-  await run(cmd, [...args, '--dbname', dbname], { env: { ...process.env, ...(password ? { PGPASSWORD: password } : {}) } });
+  await runTool(cmd, [...args, '--dbname', dbname], `${cmd} of the configuration database`, {
+    env: { ...process.env, ...(password ? { PGPASSWORD: password } : {}) },
+    kind: 'unavailable',
+  });
 }
 
 /** fsyncs a file (or folder) by path. */
