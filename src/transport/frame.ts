@@ -33,6 +33,7 @@ export const MessageType = {
   error: 12,
   keepalive: 13,
   read: 14,
+  beginPoint: 15,
 } as const;
 export type MessageTypeName = keyof typeof MessageType;
 export type MessageTypeCode = (typeof MessageType)[MessageTypeName];
@@ -75,6 +76,20 @@ export interface OpenDiskMessage {
   name: string;
   size: number;
   blockSize: number;
+  /** Full read into an increment: the target stores only blocks whose digest differs from the parent's. */
+  compareWithParent?: boolean;
+}
+/** BEGIN_POINT: what restore point the task's data goes into (section 4 of the spec). */
+export interface BeginPointMessage {
+  kind: 'full' | 'incremental';
+  /** Incremental: the parent restore point id. */
+  parent?: string;
+  /** Full (new chain): repository block size and compression. */
+  blockSize?: number;
+  compression?: 'none' | 'zstd' | 'lz4';
+  /** The point's VM configuration (point metadata), base64. */
+  vmConfig: string;
+  disks: Array<{ name: string; size: number }>;
 }
 export interface EndDiskMessage {
   disk: number;
@@ -284,12 +299,48 @@ export function decodeOpenDisk(payload: Buffer): OpenDiskMessage {
   const o = parseJsonObject(payload, 'OPEN_DISK');
   const blockSize = uint(o, 'blockSize', 'OPEN_DISK');
   if (blockSize === 0) throw protocolError('OPEN_DISK.blockSize must be positive');
+  const compare = o.compareWithParent;
+  if (compare !== undefined && typeof compare !== 'boolean') throw protocolError('OPEN_DISK.compareWithParent must be a boolean');
   return {
     disk: uint(o, 'disk', 'OPEN_DISK'),
     name: str(o, 'name', 'OPEN_DISK'),
     size: uint(o, 'size', 'OPEN_DISK'),
     blockSize,
+    ...(compare !== undefined ? { compareWithParent: compare } : {}),
   };
+}
+
+export function decodeBeginPoint(payload: Buffer): BeginPointMessage {
+  const o = parseJsonObject(payload, 'BEGIN_POINT');
+  const kind = o.kind;
+  if (kind !== 'full' && kind !== 'incremental') throw protocolError('BEGIN_POINT.kind must be "full" or "incremental"');
+  const disks = o.disks;
+  if (!Array.isArray(disks) || disks.length === 0 || disks.length > 256) throw protocolError('BEGIN_POINT.disks must be a non-empty list');
+  const compression = o.compression;
+  if (compression !== undefined && compression !== 'none' && compression !== 'zstd' && compression !== 'lz4') throw protocolError('BEGIN_POINT.compression is unknown');
+  const vmConfig = str(o, 'vmConfig', 'BEGIN_POINT', MAX_CONTROL_PAYLOAD);
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(vmConfig)) throw protocolError('BEGIN_POINT.vmConfig must be base64');
+  return {
+    kind,
+    ...(o.parent !== undefined ? { parent: str(o, 'parent', 'BEGIN_POINT', 256) } : {}),
+    ...(o.blockSize !== undefined ? { blockSize: uint(o, 'blockSize', 'BEGIN_POINT') } : {}),
+    ...(compression !== undefined ? { compression } : {}),
+    vmConfig,
+    disks: disks.map((d: unknown) => {
+      if (typeof d !== 'object' || d === null) throw protocolError('BEGIN_POINT.disks[] must be objects');
+      const r = d as Record<string, unknown>;
+      return { name: str(r, 'name', 'BEGIN_POINT.disks[]', 255), size: uint(r, 'size', 'BEGIN_POINT.disks[]') };
+    }),
+  };
+}
+
+/** COMMITTED: `{}` or `{ point }`, the committed restore point as the target's repository describes it. */
+export function decodeCommitted(payload: Buffer): { point?: Record<string, unknown> } {
+  const o = parseJsonObject(payload, 'COMMITTED');
+  const point = o.point;
+  if (point === undefined) return {};
+  if (typeof point !== 'object' || point === null || Array.isArray(point)) throw protocolError('COMMITTED.point must be an object');
+  return { point: point as Record<string, unknown> };
 }
 
 export function decodeEndDisk(payload: Buffer): EndDiskMessage {

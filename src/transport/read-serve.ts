@@ -97,6 +97,7 @@ export class ReadServer {
       case MessageType.abort:
       case MessageType.error:
       case MessageType.keepalive:
+      case MessageType.beginPoint:
         this.#conn.close(new BulwarkError(`unexpected ${messageTypeName(f.type)} on a restore stream`, { kind: 'invalid' }));
         return;
     }

@@ -17,6 +17,7 @@ import {
   NackReason,
   PROTOCOL_VERSION,
   decodeAbort,
+  decodeBeginPoint,
   decodeBlock,
   decodeEndDisk,
   decodeHello,
@@ -26,6 +27,7 @@ import {
   encodeJson,
   encodeNack,
   messageTypeName,
+  type BeginPointMessage,
   type EndDiskMessage,
   type Frame,
   type OpenDiskMessage,
@@ -37,13 +39,15 @@ export const DEFAULT_WINDOW = 64 * 1024 * 1024;
 
 /** Where a task's data goes on the target (the repository writer). Each call resolves once durable. */
 export interface TransferSink {
+  /** BEGIN_POINT: the restore point the task's disks go into (senders that name one send it first). */
+  beginPoint?(point: BeginPointMessage): Promise<void>;
   openDisk(disk: OpenDiskMessage): Promise<void>;
   /** A block whose CRC was verified; `data` is stored bytes (`compression`), `sha256` of the plain block. */
   writeBlock(block: ReceivedBlockMessage): Promise<void>;
   writeZeroRun(run: ZeroRunMessage): Promise<void>;
   endDisk(summary: EndDiskMessage): Promise<void>;
-  /** Make the restore point visible (fsync, rename). */
-  commit(): Promise<void>;
+  /** Make the restore point visible (fsync, rename); what it returns goes to the source in COMMITTED as `point`. */
+  commit(): Promise<void | Record<string, unknown>>;
   /** Discard everything of the task; nothing becomes visible. */
   abort(reason: string): Promise<void>;
 }
@@ -100,13 +104,18 @@ class ReceiverSession {
   readonly secretDigest: Buffer;
   readonly stats: ReceiverSessionStats;
   state: SessionState = 'open';
+  /** The COMMITTED payload, repeated to a source that resumes and asks again. */
+  committedReply: Buffer = encodeJson({});
   sink: TransferSink | undefined;
   sinkOpening: Promise<TransferSink> | undefined;
   readonly conns = new Set<FramedConnection>();
   readonly received = new Set<number>();
   durableBelow = 1;
   readonly durableAbove = new Set<number>();
-  readonly queue: Queued[] = [];
+  /** Verified messages waiting for the sink, by sequence: the sink takes them in sequence order. */
+  readonly queue = new Map<number, Queued>();
+  /** The sequence the sink takes next. */
+  nextToSink = 1;
   working = false;
   current: Promise<void> | undefined;
   expiry: NodeJS.Timeout | undefined;
@@ -335,7 +344,7 @@ export class TransferReceiver {
         encodeJson({ sessionId: session.id, window: this.#window, resumeWindowMs: this.#resumeWindowMs, durableBelow: session.durableBelow, durable }),
         { stream: f.stream },
       );
-      if (session.state === 'committed') await conn.send(MessageType.committed, encodeJson({}), { stream: f.stream });
+      if (session.state === 'committed') await conn.send(MessageType.committed, session.committedReply, { stream: f.stream });
     } catch (cause) {
       this.#detach(session, conn);
       throw new BulwarkError('stream closed during the handshake', { kind: 'unavailable', context: ctx, cause });
@@ -346,6 +355,7 @@ export class TransferReceiver {
   #onFrame(s: ReceiverSession, conn: FramedConnection, stream: number, f: Frame): void {
     s.stats.framesByStream[stream] = (s.stats.framesByStream[stream] ?? 0) + 1;
     switch (f.type) {
+      case MessageType.beginPoint:
       case MessageType.openDisk:
       case MessageType.zeroRun:
       case MessageType.endDisk:
@@ -383,13 +393,13 @@ export class TransferReceiver {
           void this.#abort(s, 'failed', 'source agent ignored the credit window');
           return;
         }
-        s.queue.push({ frame: f, conn, block });
+        s.queue.set(f.sequence, { frame: f, conn, block });
         void this.#work(s);
         return;
       }
       case MessageType.commit:
         if (s.state === 'committed') {
-          conn.send(MessageType.committed, encodeJson({}), { stream }).catch(() => undefined);
+          conn.send(MessageType.committed, s.committedReply, { stream }).catch(() => undefined);
           return;
         }
         if (s.state !== 'open') return;
@@ -414,17 +424,26 @@ export class TransferReceiver {
     }
   }
 
-  /** Feeds queued messages to the sink one at a time, acknowledging each once durable. */
+  /**
+   * Feeds queued messages to the sink one at a time in sequence order (streams deliver out of
+   * order; the sender numbers messages in the order the sink needs them), acknowledging each once
+   * durable. A gap waits for its message: the sender's credit window bounds what waits behind it.
+   */
   async #work(s: ReceiverSession): Promise<void> {
     if (s.working) return;
     s.working = true;
     try {
-      while (s.queue.length > 0 && s.state !== 'aborted') {
-        const q = s.queue.shift()!;
+      while (s.queue.has(s.nextToSink) && s.state !== 'aborted') {
+        const q = s.queue.get(s.nextToSink)!;
+        s.queue.delete(s.nextToSink);
+        s.nextToSink++;
         const sink = s.sink!;
         const f = q.frame;
         const run = async (): Promise<void> => {
           switch (f.type) {
+            case MessageType.beginPoint:
+              if (!sink.beginPoint) throw new BulwarkError('this target does not take BEGIN_POINT', { kind: 'invalid' });
+              return sink.beginPoint(decodeBeginPoint(f.payload));
             case MessageType.openDisk:
               return sink.openDisk(decodeOpenDisk(f.payload));
             case MessageType.block:
@@ -444,7 +463,7 @@ export class TransferReceiver {
         } catch (cause) {
           const e = new BulwarkError(`target agent failed to store the task's data: ${describeError(cause)}`, { kind: 'internal', cause, context: { task: s.taskId } });
           for (const c of s.conns) c.send(MessageType.error, encodeJson({ kind: e.kind, message: e.message })).catch(() => undefined);
-          s.queue.length = 0;
+          s.queue.clear();
           s.stats.queuedBytes = 0;
           s.current = undefined;
           s.working = false;
@@ -477,9 +496,10 @@ export class TransferReceiver {
   }
 
   async #commit(s: ReceiverSession, conn: FramedConnection, stream: number): Promise<void> {
-    while (s.working || s.queue.length > 0) await new Promise((r) => setImmediate(r));
+    while (s.working || s.queue.size > 0) await new Promise((r) => setImmediate(r));
+    let point: void | Record<string, unknown>;
     try {
-      await s.sink!.commit();
+      point = await s.sink!.commit();
     } catch (cause) {
       const e = new BulwarkError(`target agent could not commit the task: ${describeError(cause)}`, { kind: 'internal', cause, context: { task: s.taskId } });
       for (const c of s.conns) c.send(MessageType.error, encodeJson({ kind: e.kind, message: e.message })).catch(() => undefined);
@@ -491,7 +511,8 @@ export class TransferReceiver {
     // Tell the source before anyone else hears of it (a listener may shut this agent down); a
     // lost COMMITTED is sent again when the source resumes and repeats COMMIT.
     const to = !conn.closed ? conn : [...s.conns].find((c) => !c.closed);
-    await to?.send(MessageType.committed, encodeJson({}), { stream }).catch(() => undefined);
+    s.committedReply = encodeJson(point ? { point } : {});
+    await to?.send(MessageType.committed, s.committedReply, { stream }).catch(() => undefined);
     this.#o.onSessionEnd?.({ sessionId: s.id, taskId: s.taskId, outcome: 'committed' });
     if (s.conns.size === 0) this.#forgetLater(s);
   }
@@ -500,7 +521,7 @@ export class TransferReceiver {
     if (s.state === 'aborted' || s.state === 'committed') return;
     s.state = 'aborted';
     clearTimeout(s.expiry);
-    s.queue.length = 0;
+    s.queue.clear();
     s.stats.queuedBytes = 0;
     this.#log.warn({ task: s.taskId, session: s.id, reason }, 'transfer session aborted; nothing of it becomes visible');
     await s.current?.catch(() => undefined);

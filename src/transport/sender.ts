@@ -15,6 +15,7 @@ import {
   PROTOCOL_VERSION,
   decodeAck,
   decodeAbort,
+  decodeCommitted,
   decodeError,
   decodeNack,
   decodeWelcome,
@@ -23,6 +24,7 @@ import {
   encodeJson,
   encodeZeroRun,
   messageTypeName,
+  type BeginPointMessage,
   type BlockMessage,
   type CompressionName,
   type Frame,
@@ -54,6 +56,8 @@ export interface DiskToSend {
   readonly name: string;
   readonly size: number;
   readonly blockSize: number;
+  /** Full read into an increment: the target keeps only blocks that differ from the parent point. */
+  readonly compareWithParent?: boolean;
 }
 
 export interface DiskSendSummary {
@@ -145,6 +149,7 @@ export class TransferSender {
   #failure: Error | undefined;
   #closing = false;
   #committed: ReturnType<typeof deferred> | undefined;
+  #committedPoint: Record<string, unknown> | undefined;
   #waiters: Array<() => void> = [];
 
   private constructor(options: TransferSenderOptions) {
@@ -190,7 +195,9 @@ export class TransferSender {
   async sendDisk(disk: DiskToSend, items: AsyncIterable<OutgoingItem>): Promise<DiskSendSummary> {
     const diskNo = this.#nextDisk++;
     const ctx = { disk: disk.name };
-    const open = await this.#sequenced(MessageType.openDisk, [encodeJson({ disk: diskNo, name: disk.name, size: disk.size, blockSize: disk.blockSize })]);
+    const open = await this.#sequenced(MessageType.openDisk, [
+      encodeJson({ disk: diskNo, name: disk.name, size: disk.size, blockSize: disk.blockSize, ...(disk.compareWithParent ? { compareWithParent: true } : {}) }),
+    ]);
     await this.#race(open.acked.promise);
     let blocks = 0;
     let zeroBlocks = 0;
@@ -224,12 +231,22 @@ export class TransferSender {
     return { disk: diskNo, blocks, zeroBlocks, bytes };
   }
 
-  /** Asks the target to commit; resolves when the restore point data is committed there. */
-  async commit(): Promise<void> {
+  /** Names the restore point the task's disks go into (BEGIN_POINT); resolves once the target opened it. */
+  async beginPoint(point: BeginPointMessage): Promise<void> {
+    const p = await this.#sequenced(MessageType.beginPoint, [encodeJson(point)]);
+    await this.#race(p.acked.promise);
+  }
+
+  /**
+   * Asks the target to commit; resolves when the restore point data is committed there, with the
+   * point as the target described it in COMMITTED (undefined when it sent none).
+   */
+  async commit(): Promise<Record<string, unknown> | undefined> {
     await this.#allAcked();
     this.#committed = deferred();
     await this.#sendCommit();
     await this.#race(this.#committed.promise);
+    return this.#committedPoint;
   }
 
   /** Tells the target to discard the task; nothing of it becomes visible. */
@@ -370,6 +387,11 @@ export class TransferSender {
         break;
       }
       case MessageType.committed:
+        try {
+          this.#committedPoint = decodeCommitted(f.payload).point;
+        } catch {
+          this.#committedPoint = undefined;
+        }
         this.#committed?.resolve();
         break;
       case MessageType.error: {
@@ -389,6 +411,7 @@ export class TransferSender {
       case MessageType.commit:
       case MessageType.keepalive:
       case MessageType.read:
+      case MessageType.beginPoint:
         slot.conn?.close(new BulwarkError(`unexpected ${messageTypeName(f.type)} from target agent`, { kind: 'invalid' }));
         break;
     }
