@@ -1,7 +1,7 @@
 // `bulwark job …`, `bulwark session …`, `bulwark restore-point list`: what to back up, the runs
 // (sessions) and what they produced (restore points).
-import { Command, Option } from 'commander';
-import type { Job, RestorePoint, Session } from '../../server/services/model.js';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import type { Job, PeriodicDays, RestorePoint, Session } from '../../server/services/model.js';
 import {
   at,
   clientFor,
@@ -41,6 +41,42 @@ interface JobOptions {
   disabled?: boolean;
   expectVersion?: number;
   json?: boolean;
+  activeFull?: PeriodicDays | null;
+  syntheticFull?: PeriodicDays | null;
+  healthCheck?: PeriodicDays | null;
+  wholeChain?: boolean;
+  compact?: PeriodicDays | null;
+  excludeDisk?: string[];
+  removedVmRetention?: number;
+  fileIndex?: boolean;
+}
+
+const weekdays = ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'] as const;
+const fullWeekdays = ['monday', 'tuesday', 'wednesday', 'thursday', 'friday', 'saturday', 'sunday'];
+
+/** "sat", "mon,thu", "1,15", "last", "sun 1" -> { weekdays, monthDays }; "none" -> null. */
+export function parseDays(name: string) {
+  return (value: string): PeriodicDays | null => {
+    const text = value.trim().toLowerCase();
+    if (text === 'none' || text === 'off') return null;
+    const days: { weekdays: (typeof weekdays)[number][]; monthDays: number[] } = { weekdays: [], monthDays: [] };
+    for (const token of text.split(/[\s,]+/).filter((t) => t !== '')) {
+      const wd = weekdays.find((d, i) => token === d || token === fullWeekdays[i]);
+      if (wd) days.weekdays.push(wd);
+      else if (token === 'last') days.monthDays.push(-1);
+      else if (/^\d{1,2}$/.test(token) && Number(token) >= 1 && Number(token) <= 31) days.monthDays.push(Number(token));
+      else throw new InvalidArgumentError(`${name}: "${token}" is not a weekday (mon…sun), a day of the month (1-31) or "last"; e.g. "sat", "mon,thu", "1,15", "last", or none`);
+    }
+    if (days.weekdays.length === 0 && days.monthDays.length === 0) throw new InvalidArgumentError(`${name} names no day: e.g. "sat", "1,15", "last", or none`);
+    return { ...(days.weekdays.length > 0 ? { weekdays: days.weekdays } : {}), ...(days.monthDays.length > 0 ? { monthDays: days.monthDays } : {}) };
+  };
+}
+
+/** { weekdays, monthDays } -> "sat, day 1, last day"; null -> "never". */
+export function daysText(d: PeriodicDays | null | undefined): string {
+  if (!d) return 'never';
+  const parts = [...(d.weekdays ?? []), ...(d.monthDays ?? []).map((n) => (n === -1 ? 'last day of the month' : `day ${n}`))];
+  return parts.join(', ');
 }
 
 function jobFields(o: JobOptions): Record<string, unknown> {
@@ -59,6 +95,13 @@ function jobFields(o: JobOptions): Record<string, unknown> {
   }
   if (o.requireGuestProcessing !== undefined) body.requireGuestProcessing = o.requireGuestProcessing;
   if (o.disabled) body.enabled = false;
+  if (o.activeFull !== undefined) body.activeFull = o.activeFull;
+  if (o.syntheticFull !== undefined) body.syntheticFull = o.syntheticFull;
+  if (o.healthCheck !== undefined) body.healthCheck = o.healthCheck === null ? null : { ...o.healthCheck, ...(o.wholeChain ? { wholeChain: true } : {}) };
+  if (o.compact !== undefined) body.compact = o.compact;
+  if (o.excludeDisk !== undefined) body.excludeDisks = o.excludeDisk.includes('none') ? [] : o.excludeDisk;
+  if (o.removedVmRetention !== undefined) body.removedVmRetentionDays = o.removedVmRetention;
+  if (o.fileIndex !== undefined) body.fileIndex = o.fileIndex;
   return body;
 }
 
@@ -90,6 +133,15 @@ export function jobCommand(ctx: CliContext): Command {
       .option('--retry-wait <minutes>', 'minutes between retries', nonNegativeInt('--retry-wait'))
       .option('--window <[days ]HH:MM-HH:MM>', 'hours the job may run, e.g. "mon,tue 22:00-06:00" (repeatable; a run still going at the end is stopped), or none', collect)
       .option('--require-guest-processing', 'fail instead of falling back to crash-consistent when the guest cannot be quiesced')
+      .option('--active-full <days>', 'read everything from the source again on these days: "sat", "mon,thu", "1,15", "last" (day of month), or none', parseDays('--active-full'))
+      .option('--synthetic-full <days>', 'forward method: build a full in the repository from the chain on these days (same forms), or none', parseDays('--synthetic-full'))
+      .option('--health-check <days>', 'verify the latest restore point\'s blocks and metadata on these days (same forms), or none', parseDays('--health-check'))
+      .option('--whole-chain', 'with --health-check: verify every restore point of the chain, not only the latest')
+      .option('--compact <days>', 'rewrite the full without blocks nothing references on these days (same forms), or none', parseDays('--compact'))
+      .option('--exclude-disk <VM:DISK|DISK...>', 'do not back up this disk (of one VM, or of every VM); repeatable; none = back up all', collect)
+      .option('--removed-vm-retention <days>', 'days a VM removed from the job keeps its restore points (default 14)', nonNegativeInt('--removed-vm-retention'))
+      .option('--file-index', 'index the guest\'s files after each backup (for search and file restore)')
+      .option('--no-file-index', 'do not index guest files')
       .addOption(jsonOption());
 
   withJobOptions(
@@ -149,6 +201,13 @@ export function jobCommand(ctx: CliContext): Command {
           ['window', windowText(j.window)],
           ['retries', `${j.retries.count} (every ${j.retries.waitMinutes} min)`],
           ['guest processing', j.requireGuestProcessing ? 'required' : 'when possible'],
+          ['active full', daysText(j.activeFull)],
+          ['synthetic full', daysText(j.syntheticFull)],
+          ['health check', j.healthCheck ? `${daysText(j.healthCheck)}${j.healthCheck.wholeChain ? ' (whole chain)' : ' (latest point)'}` : 'never'],
+          ['compact full', daysText(j.compact)],
+          ['excluded disks', j.excludeDisks.length > 0 ? j.excludeDisks : '(none)'],
+          ['removed VMs kept', `${j.removedVmRetentionDays} days`],
+          ['file index', j.fileIndex],
           ['enabled', j.enabled],
           ['running', j.running],
           ['version', j.version],

@@ -161,6 +161,52 @@ export const migrations: readonly Migration[] = [
         .execute();
     },
   },
+  {
+    name: '202611250100_job_backup_options_and_exports',
+    async up(kdb) {
+      const db = kdb as AnyDb;
+      await db.schema.alterTable('jobs').addColumn('backup_options', 'text').execute();
+      await db.schema
+        .createTable('exports')
+        .addColumn('id', 'text', (c) => c.primaryKey())
+        .addColumn('vm', 'text', (c) => c.notNull())
+        .addColumn('repository_id', 'text', (c) => c.notNull().references('repositories.id'))
+        .addColumn('folder', 'text', (c) => c.notNull())
+        .addColumn('point_id', 'text', (c) => c.notNull())
+        .addColumn('encrypted', 'integer', (c) => c.notNull().defaultTo(0))
+        .addColumn('created_at', 'text', (c) => c.notNull())
+        .addColumn('expires_at', 'text')
+        .execute();
+    },
+  },
+  {
+    // Resource scheduling (docs/resource-scheduling.md): an agent's task limit (null = its CPU
+    // cores), global server settings (processing mode), network throttling rules, and each task's
+    // busy time per stage for the bottleneck statistics. A repository's max_tasks 0 = the cores
+    // of its agent.
+    name: '202611250200_resources',
+    async up(kdb) {
+      const db = kdb as AnyDb;
+      await db.schema.alterTable('agents').addColumn('max_tasks', 'integer').execute();
+      await db.schema.alterTable('session_tasks').addColumn('stage_busy', 'text').execute();
+      await db.schema
+        .createTable('server_settings')
+        .addColumn('key', 'text', (c) => c.primaryKey())
+        .addColumn('value', 'text', (c) => c.notNull())
+        .addColumn('version', 'integer', (c) => c.notNull().defaultTo(1))
+        .addColumn('updated_at', 'text', (c) => c.notNull())
+        .execute();
+      await configColumns(db.schema.createTable('throttling_rules'))
+        .addColumn('source', 'text', (c) => c.notNull())
+        .addColumn('target', 'text', (c) => c.notNull())
+        .addColumn('mbps', real, (c) => c.notNull())
+        .addColumn('days', 'text')
+        .addColumn('from_time', 'text')
+        .addColumn('to_time', 'text')
+        .addColumn('enabled', 'integer', (c) => c.notNull().defaultTo(1))
+        .execute();
+    },
+  },
 ];
 
 /** Advisory-lock key of the migration runner on PostgreSQL ("BULWARK1" as an int64). */

@@ -31,6 +31,8 @@ export interface AgentTable extends ConfigColumns {
   state: AgentState;
   /** JSON of the last heartbeat's health report (uptime, repository free space). */
   health: ColumnType<string | null, string | null | undefined, string | null>;
+  /** Most concurrent tasks as a proxy; null = its CPU cores (migration 202611250200). */
+  max_tasks: ColumnType<number | null, number | null | undefined, number | null>;
 }
 
 export interface RepositoryTable extends ConfigColumns {
@@ -63,6 +65,22 @@ export interface JobTable extends ConfigColumns {
   require_guest_processing: number;
   /** When the job was created or last enabled: the scheduler's origin for missed runs. */
   scheduled_since: string;
+  /** JSON of the backup-method options (activeFull, syntheticFull, healthCheck, compact, excludeDisks, …); null = defaults. */
+  backup_options: ColumnType<string | null, string | null | undefined, string | null>;
+}
+
+/** An ad-hoc export (`bulwark export`): a standalone full in its own folder of a repository. */
+export interface ExportTable {
+  id: string;
+  vm: string;
+  repository_id: string;
+  /** The export's folder, relative to the repository root. */
+  folder: string;
+  point_id: string;
+  encrypted: number;
+  created_at: string;
+  /** When the server's sweep deletes it; null = kept until deleted by hand. */
+  expires_at: string | null;
 }
 
 export type SessionState = 'queued' | 'running' | 'success' | 'warning' | 'failed' | 'stopped';
@@ -103,6 +121,29 @@ export interface SessionTaskTable {
   bytes_stored: number;
   processing_rate: number;
   message: string | null;
+  /** JSON StageBusy: busy milliseconds per stage, reported by the executor (bottleneck statistics). */
+  stage_busy: ColumnType<string | null, string | null | undefined, string | null>;
+}
+
+/** Global server settings (key -> JSON value), e.g. `processing` = "parallel" | "sequential". */
+export interface ServerSettingTable {
+  key: string;
+  value: string;
+  version: number;
+  updated_at: string;
+}
+
+/** Network throttling rules (src/server/resources/throttling-rules.ts). */
+export interface ThrottlingRuleTable extends ConfigColumns {
+  source: string;
+  target: string;
+  /** Mbit/s. */
+  mbps: number;
+  /** JSON array of weekdays, or null = always. */
+  days: string | null;
+  from_time: string | null;
+  to_time: string | null;
+  enabled: number;
 }
 
 export type LogLevel = 'info' | 'warning' | 'error';
@@ -175,7 +216,10 @@ export interface Database {
   users: UserTable;
   api_tokens: ApiTokenTable;
   enrollment_tokens: EnrollmentTokenTable;
+  server_settings: ServerSettingTable;
+  throttling_rules: ThrottlingRuleTable;
   bulwark_migrations: MigrationTable;
+  exports: ExportTable;
 }
 
 /** Tables in dependency order (parents first): used by restore and by tests. */
@@ -191,6 +235,9 @@ export const dataTables = [
   'users',
   'api_tokens',
   'enrollment_tokens',
+  'server_settings',
+  'throttling_rules',
+  'exports',
 ] as const satisfies ReadonlyArray<keyof Database>;
 
 export type HostRow = Selectable<HostTable>;

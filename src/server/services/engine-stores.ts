@@ -31,6 +31,7 @@ import type { ScheduledJob, SchedulerStore } from '../scheduler/scheduler.js';
 import type { Schedule } from '../scheduler/schedule.js';
 import { findByNameOrId, newId, nowIso, parseJson, type ServiceContext } from './common.js';
 import { registerAgent } from './infrastructure.js';
+import { backupOptionsOf } from './jobs.js';
 import type { BackupWindow, Retention } from './model.js';
 import type { JobRunner } from './runner.js';
 
@@ -103,6 +104,8 @@ export class DatabaseJobEngineStore implements JobEngineStore {
         compression: r.compression,
         retention: parseJson<Retention>(r.retention, 'job retention'),
         requireGuestProcessing: r.require_guest_processing === 1,
+        // activeFull, syntheticFull, healthCheck, compact, excludeDisks, removedVmRetentionDays, fileIndex
+        ...backupOptionsOf(r),
       },
     };
   }

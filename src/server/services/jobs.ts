@@ -1,7 +1,7 @@
 // Backup jobs: what to back up (VMs), where (repository), how (method, retention, block size,
 // compression) and when (schedule, window, retries). A job with an open session is "running" and
 // cannot be deleted.
-import type { Selectable } from 'kysely';
+import type { Selectable, Updateable } from 'kysely';
 import { BulwarkError } from '../../common/errors.js';
 import type { JobTable } from '../db/schema.js';
 import {
@@ -18,7 +18,19 @@ import {
   type ServiceContext,
 } from './common.js';
 import { checkName } from './infrastructure.js';
-import { blockSizes, type BackupWindow, type Schedule, type Job, type JobCreate, type JobPatch, type Retention } from './model.js';
+import {
+  blockSizes,
+  defaultJobBackupOptions,
+  type BackupMethod,
+  type BackupWindow,
+  type Job,
+  type JobBackupOptionValues,
+  type JobCreate,
+  type JobPatch,
+  type PeriodicDays,
+  type Retention,
+  type Schedule,
+} from './model.js';
 
 /** Checks a schedule beyond its shape (time zones, cron syntax); the scheduler's validator is installed at start. */
 export type ScheduleValidator = (schedule: Schedule) => void;
@@ -30,6 +42,58 @@ export function setScheduleValidator(v: ScheduleValidator): void {
 async function runningJobIds(ctx: ServiceContext): Promise<Set<string>> {
   const rows = await ctx.db.selectFrom('sessions').select('job_id').where('state', 'in', ['queued', 'running']).execute();
   return new Set(rows.flatMap((r) => (r.job_id ? [r.job_id] : [])));
+}
+
+/** The stored backup-method options of a job, with defaults for what was never set. */
+export function backupOptionsOf(r: Pick<Selectable<JobTable>, 'backup_options'>): JobBackupOptionValues {
+  const stored = parseJson<Partial<JobBackupOptionValues>>(r.backup_options, 'job backup options') ?? {};
+  return { ...defaultJobBackupOptions, ...stored };
+}
+
+const optionKeys = Object.keys(defaultJobBackupOptions) as (keyof JobBackupOptionValues)[];
+
+function pickOptions(input: Partial<JobBackupOptionValues>): Partial<JobBackupOptionValues> {
+  const out: Partial<JobBackupOptionValues> = {};
+  for (const k of optionKeys) if (input[k] !== undefined) (out as Record<string, unknown>)[k] = input[k];
+  return out;
+}
+
+function checkDays(field: string, d: PeriodicDays | null): void {
+  if (d === null) return;
+  if ((d.weekdays?.length ?? 0) === 0 && (d.monthDays?.length ?? 0) === 0) {
+    throw invalid(field, 'names no day: give weekdays (e.g. ["sat"]) and/or monthDays (1-31, -1 = the last day), or null to turn it off');
+  }
+  for (const [i, day] of (d.monthDays ?? []).entries()) {
+    if (day === 0 || day < -1 || day > 31) throw invalid(`${field}.monthDays[${i}]`, `${day} is not a day of the month: use 1-31, or -1 for the last day`);
+  }
+}
+
+/** Checks the backup-method options against each other, the method and the job's VMs. */
+function checkBackupOptions(o: JobBackupOptionValues, method: BackupMethod, vms: readonly string[]): void {
+  checkDays('activeFull', o.activeFull);
+  checkDays('syntheticFull', o.syntheticFull);
+  checkDays('healthCheck', o.healthCheck);
+  checkDays('compact', o.compact);
+  if (o.syntheticFull !== null && method !== 'forward') {
+    throw invalid('syntheticFull', `a synthetic full is built for the forward method only (this job uses ${method}): set method to forward, or syntheticFull to null`);
+  }
+  if (o.activeFull !== null && method === 'forever-forward') {
+    throw invalid('activeFull', 'forever-forward keeps one full and never takes another on a schedule: set method to forward (or reverse), or activeFull to null');
+  }
+  const seen = new Set<string>();
+  for (const [i, entry] of o.excludeDisks.entries()) {
+    const field = `excludeDisks[${i}]`;
+    const colon = entry.lastIndexOf(':');
+    const vm = colon >= 0 ? entry.slice(0, colon) : undefined;
+    const disk = colon >= 0 ? entry.slice(colon + 1) : entry;
+    if (disk.trim() === '' || /\s/.test(disk)) throw invalid(field, `"${entry}" names no disk: write VM:DISK (e.g. db1:vdb) or DISK (e.g. vdb) for every VM`);
+    if (vm !== undefined && !vms.includes(vm)) throw invalid(field, `VM "${vm}" is not one of the job's VMs (${vms.join(', ')}): add it to vms, or fix the name`);
+    if (seen.has(entry)) throw invalid(field, `"${entry}" is listed twice`);
+    seen.add(entry);
+  }
+  if (o.removedVmRetentionDays < 0 || !Number.isInteger(o.removedVmRetentionDays)) {
+    throw invalid('removedVmRetentionDays', `${o.removedVmRetentionDays} is not a whole number of days (0 or more)`);
+  }
 }
 
 function toJob(r: Selectable<JobTable>, repoName: string, running: boolean): Job {
@@ -46,6 +110,7 @@ function toJob(r: Selectable<JobTable>, repoName: string, running: boolean): Job
     retries: { count: r.retry_count, waitMinutes: r.retry_wait_minutes },
     window: parseJson<BackupWindow>(r.window, 'job window'),
     requireGuestProcessing: r.require_guest_processing === 1,
+    ...backupOptionsOf(r),
     running,
   };
 }
@@ -111,6 +176,8 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
   if (schedule !== null) scheduleValidator(schedule);
   const window = input.window ?? null;
   checkWindow(window);
+  const options = { ...defaultJobBackupOptions, ...pickOptions(input) };
+  checkBackupOptions(options, input.method ?? 'forever-forward', input.vms);
   const repositoryId = await repoId(ctx, input.repository);
   const now = nowIso(ctx);
   try {
@@ -135,6 +202,7 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
         window: window === null ? null : JSON.stringify(window),
         require_guest_processing: input.requireGuestProcessing ? 1 : 0,
         scheduled_since: now,
+        backup_options: JSON.stringify(options),
       })
       .execute();
   } catch (err) {
@@ -146,7 +214,7 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
 
 export async function updateJob(ctx: ServiceContext, name: string, patch: JobPatch): Promise<Job> {
   const r = await getJobRow(ctx, name);
-  const values: Partial<JobTable> = {};
+  const values: Updateable<JobTable> = {};
   if (patch.vms !== undefined) {
     checkVms(patch.vms);
     values.objects = JSON.stringify(patch.vms);
@@ -176,6 +244,12 @@ export async function updateJob(ctx: ServiceContext, name: string, patch: JobPat
     values.window = patch.window === null ? null : JSON.stringify(patch.window);
   }
   if (patch.requireGuestProcessing !== undefined) values.require_guest_processing = patch.requireGuestProcessing ? 1 : 0;
+  const changedOptions = pickOptions(patch);
+  if (Object.keys(changedOptions).length > 0 || patch.method !== undefined || patch.vms !== undefined) {
+    const options = { ...backupOptionsOf(r), ...changedOptions };
+    checkBackupOptions(options, patch.method ?? r.method, patch.vms ?? parseJson<string[]>(r.objects, 'job objects') ?? []);
+    values.backup_options = JSON.stringify(options);
+  }
   await updateVersioned(ctx, 'jobs', 'job', r, patch.version, values);
   return getJob(ctx, r.id);
 }
@@ -204,6 +278,7 @@ export async function cloneJob(ctx: ServiceContext, name: string, newName: strin
     retries: j.retries,
     window: j.window,
     requireGuestProcessing: j.requireGuestProcessing,
+    ...pickOptions(j),
   });
 }
 

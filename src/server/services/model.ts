@@ -47,6 +47,9 @@ export const Agent = Type.Object({
   lastSeenAt: Nullable(Type.String()),
   certFingerprint: Nullable(Type.String()),
   state: AgentState,
+  /** Most concurrent tasks as a proxy: `maxTasksSetting`, or its CPU cores. */
+  maxTasks: Type.Integer(),
+  maxTasksSetting: Nullable(Type.Integer({ description: 'null = its CPU cores' })),
   /** From the last heartbeat: uptime and the free space of the agent's repositories. */
   uptimeSeconds: Nullable(Type.Number()),
   repositories: Type.Array(
@@ -54,7 +57,14 @@ export const Agent = Type.Object({
   ),
 });
 export type Agent = Static<typeof Agent>;
-export const AgentPatch = Type.Object({ ...VersionField, state: Type.Optional(AgentState) }, { additionalProperties: false });
+export const AgentPatch = Type.Object(
+  {
+    ...VersionField,
+    state: Type.Optional(AgentState),
+    maxTasks: Type.Optional(Nullable(Type.Integer({ minimum: 1, maximum: 1024, description: 'most concurrent tasks; null = its CPU cores' }))),
+  },
+  { additionalProperties: false },
+);
 export type AgentPatch = Static<typeof AgentPatch>;
 
 // Repositories
@@ -62,7 +72,9 @@ export const Repository = Type.Object({
   ...ConfigFields,
   path: Type.String(),
   agent: Nullable(Type.String()),
+  /** Most concurrent tasks: `maxTasksSetting`, or the CPU cores of its agent. */
   maxTasks: Type.Integer(),
+  maxTasksSetting: Nullable(Type.Integer({ description: 'null = the CPU cores of its agent' })),
   readRateMBps: Nullable(Type.Number()),
   writeRateMBps: Nullable(Type.Number()),
 });
@@ -70,7 +82,7 @@ export type Repository = Static<typeof Repository>;
 const RepositoryEditable = {
   path: Type.String({ minLength: 1, description: 'absolute folder path on the agent' }),
   agent: Nullable(Type.String()),
-  maxTasks: Type.Integer({ minimum: 1, maximum: 1024 }),
+  maxTasks: Nullable(Type.Integer({ minimum: 1, maximum: 1024, description: 'null = the CPU cores of its agent' })),
   readRateMBps: Nullable(Type.Number({ exclusiveMinimum: 0 })),
   writeRateMBps: Nullable(Type.Number({ exclusiveMinimum: 0 })),
 };
@@ -94,6 +106,7 @@ export type RepositoryPatch = Static<typeof RepositoryPatch>;
 
 // Jobs
 export const BackupMethod = Type.Union([Type.Literal('forever-forward'), Type.Literal('forward'), Type.Literal('reverse')]);
+export type BackupMethod = Static<typeof BackupMethod>;
 export const Compression = Type.Union([Type.Literal('zstd'), Type.Literal('lz4'), Type.Literal('none')]);
 export const Retention = Type.Union([
   Type.Object({ points: Type.Integer({ minimum: 1 }) }, { additionalProperties: false }),
@@ -155,6 +168,46 @@ export const Schedule = Type.Union([
 ]);
 export type Schedule = Static<typeof Schedule>;
 export const blockSizes = [256 * 1024, 512 * 1024, 1024 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024];
+/** Days of the week and/or of the month (1-31, -1 = the last day) a periodic operation runs on. */
+const OnDays = {
+  weekdays: Type.Optional(Type.Array(Weekday, { description: 'days of the week, e.g. ["sat"]' })),
+  monthDays: Type.Optional(Type.Array(Type.Integer({ minimum: -1, maximum: 31 }), { description: 'days of the month 1-31; -1 = the last day' })),
+};
+export const PeriodicDays = Type.Object(OnDays, { additionalProperties: false });
+export type PeriodicDays = Static<typeof PeriodicDays>;
+export const HealthCheckSchedule = Type.Object(
+  { ...OnDays, wholeChain: Type.Optional(Type.Boolean({ description: 'check every point of the chain, not only the latest' })) },
+  { additionalProperties: false },
+);
+export type HealthCheckSchedule = Static<typeof HealthCheckSchedule>;
+/** The backup-method options of a job (issue 6); the engine hands them to the executor in JobDefinition.settings. */
+export const JobBackupOptions = {
+  activeFull: Nullable(PeriodicDays),
+  syntheticFull: Nullable(PeriodicDays),
+  healthCheck: Nullable(HealthCheckSchedule),
+  compact: Nullable(PeriodicDays),
+  excludeDisks: Type.Array(Type.String({ minLength: 1 }), { description: 'disks not backed up: "VM:DISK", or "DISK" for every VM of the job' }),
+  removedVmRetentionDays: Type.Integer({ minimum: 0, maximum: 36500, description: 'days a VM removed from the job keeps its restore points (counted from its last point)' }),
+  fileIndex: Type.Boolean({ description: 'index guest files after each backup' }),
+};
+export interface JobBackupOptionValues {
+  activeFull: PeriodicDays | null;
+  syntheticFull: PeriodicDays | null;
+  healthCheck: HealthCheckSchedule | null;
+  compact: PeriodicDays | null;
+  excludeDisks: string[];
+  removedVmRetentionDays: number;
+  fileIndex: boolean;
+}
+export const defaultJobBackupOptions: JobBackupOptionValues = {
+  activeFull: null,
+  syntheticFull: null,
+  healthCheck: null,
+  compact: null,
+  excludeDisks: [],
+  removedVmRetentionDays: 14,
+  fileIndex: false,
+};
 const JobEditable = {
   vms: Type.Array(Type.String({ minLength: 1 }), { minItems: 1, description: 'VM names (the job objects)' }),
   repository: Type.String({ description: 'repository name' }),
@@ -167,6 +220,7 @@ const JobEditable = {
   retries: Retries,
   window: Nullable(BackupWindow),
   requireGuestProcessing: Type.Boolean(),
+  ...JobBackupOptions,
 };
 export const Job = Type.Object({ ...ConfigFields, ...JobEditable, running: Type.Boolean() });
 export type Job = Static<typeof Job>;
@@ -200,6 +254,15 @@ export const Progress = Type.Object({
   processingRate: Type.Number({ description: 'bytes/s' }),
 });
 export type Progress = Static<typeof Progress>;
+/** Bottleneck statistics: busy time per stage, its share of the running time, the busiest stage. */
+const StageFigures = Type.Object({ source: Type.Number(), proxy: Type.Number(), network: Type.Number(), target: Type.Number(), throttling: Type.Number() });
+export const StageStats = Type.Object({
+  busyMs: StageFigures,
+  shares: StageFigures,
+  bottleneck: Nullable(Type.Union([Type.Literal('source'), Type.Literal('proxy'), Type.Literal('network'), Type.Literal('target'), Type.Literal('throttling')])),
+  summary: Type.String({ description: 'e.g. "Source 30% > Proxy 10% > Network 20% > Target 90%; bottleneck: Target"' }),
+});
+export type StageStats = Static<typeof StageStats>;
 export const SessionTask = Type.Object({
   id: Type.String(),
   vm: Type.String(),
@@ -209,6 +272,9 @@ export const SessionTask = Type.Object({
   endedAt: Type.Optional(Type.String()),
   progress: Progress,
   message: Type.Optional(Type.String()),
+  /** The proxy (agent) that ran it. */
+  proxy: Type.Optional(Type.String()),
+  stages: Type.Optional(StageStats),
 });
 export type SessionTask = Static<typeof SessionTask>;
 export const LogLevel = Type.Union([Type.Literal('info'), Type.Literal('warning'), Type.Literal('error')]);
@@ -227,6 +293,8 @@ export const Session = Type.Object({
   progress: Progress,
   tasks: Type.Array(SessionTask),
   log: Type.Array(SessionLogLine),
+  /** The session's busy shares per stage (its tasks' busy time over their running time). */
+  stages: Type.Optional(StageStats),
 });
 export type Session = Static<typeof Session>;
 
