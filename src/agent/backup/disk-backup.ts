@@ -11,7 +11,7 @@ import { describeChanges } from '../../hypervisor/cbt/policy.js';
 import { readBackupDisk, type ChangedBlockStats } from '../../hypervisor/cbt/reader.js';
 import type { BackupDiskView, BackupView, Checkpoint, Consistency, Hypervisor } from '../../hypervisor/types.js';
 import { validChainId } from '../../hypervisor/types.js';
-import type { Repository, RestorePointInfo, RestorePointWriter } from '../../repository/index.js';
+import type { DiskWriteStats, Repository, RestorePointInfo, RestorePointWriter, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
 import { decodePointMetadata, encodePointMetadata, POINT_METADATA_FORMAT } from './point-metadata.js';
 
 const log = logger('agent-backup');
@@ -41,9 +41,36 @@ export interface BackupProgress {
   readonly rate: number;
 }
 
+/**
+ * Where a backup's restore point is written: a repository on this machine (`repositoryTarget`),
+ * or a repository agent across the network (src/agent/remote: the data-mover transport).
+ */
+export interface RestorePointTarget {
+  /** The latest point of the job's VM and its checkpoint when it continues `chainId` (see `previousCheckpoint`). */
+  previousCheckpoint(job: string, vm: string, chainId: string, password?: string): Promise<{ point: RestorePointInfo; checkpoint: Checkpoint } | null>;
+  startRestorePoint(opts: StartRestorePointOptions): Promise<RestorePointSink>;
+}
+
+/** The part of a RestorePointWriter a backup uses. */
+export interface RestorePointSink {
+  writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts?: WriteDiskOptions): Promise<Pick<DiskWriteStats, 'storedBytes' | 'storedBlocks' | 'unchangedBlocks'>>;
+  commit(): Promise<RestorePointInfo>;
+  abort(): Promise<void>;
+}
+
+/** A repository on this machine as a backup's target. */
+export function repositoryTarget(repository: Repository): RestorePointTarget {
+  return {
+    previousCheckpoint: (job, vm, chainId, password) => previousCheckpoint(repository, job, vm, chainId, password),
+    startRestorePoint: (opts) => repository.startRestorePoint(opts),
+  };
+}
+
 export interface BackupVmOptions {
   readonly hypervisor: Hypervisor;
-  readonly repository: Repository;
+  /** The repository on this machine; or give `target` (a remote repository agent) instead. */
+  readonly repository?: Repository;
+  readonly target?: RestorePointTarget;
   /** Job name: keys the repository folder together with the VM name. */
   readonly job: string;
   /** VM name or adapter id. */
@@ -176,7 +203,9 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
   if (!validChainId(chainId)) throw new BulwarkError(`chain id ${chainId} is not valid in bitmap names`, { kind: 'invalid', context: { chainId } });
   o.signal?.throwIfAborted();
 
-  const prev = await previousCheckpoint(o.repository, o.job, vmName, chainId, o.password);
+  const target = o.target ?? (o.repository ? repositoryTarget(o.repository) : undefined);
+  if (!target) throw new BulwarkError('backupVm needs a repository or a target', { kind: 'invalid' });
+  const prev = await target.previousCheckpoint(o.job, vmName, chainId, o.password);
   if (prev) say('info', `previous restore point ${prev.point.id} (${prev.point.kind}, ${prev.point.time.toISOString()}), checkpoint ${prev.checkpoint.name}`);
   else say('info', 'no previous restore point of this chain: full backup');
   const incremental = prev !== null && o.full !== true;
@@ -190,7 +219,7 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
     ...(o.full ? { full: true } : {}),
     ...(o.freezeTimeoutMs !== undefined ? { freezeTimeoutMs: o.freezeTimeoutMs } : {}),
   });
-  let writer: RestorePointWriter | null = null;
+  let writer: RestorePointSink | null = null;
   try {
     say(
       'info',
@@ -213,7 +242,7 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
       freezeWindowMs: view.freezeWindowMs,
       warnings: view.warnings,
     });
-    writer = await o.repository.startRestorePoint({
+    writer = await target.startRestorePoint({
       job: o.job,
       vm: vmName,
       kind: incremental ? 'incremental' : 'full',
@@ -287,7 +316,7 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
 
 async function backupDisk(
   d: BackupDiskView,
-  writer: RestorePointWriter,
+  writer: RestorePointSink,
   ctx: {
     blockSize: number;
     incremental: boolean;
