@@ -41,6 +41,11 @@ export interface PointRecord {
   readonly generation: number;
   readonly disks: readonly { readonly name: string; readonly size: number }[];
   readonly fileBytes: number;
+  /**
+   * Ids of increment files merged into this file that a newer point's header still names as its
+   * base file (section 5, merge). Absent when none.
+   */
+  readonly mergedFileIds?: readonly string[];
 }
 
 export interface ChainRecord {
@@ -61,12 +66,24 @@ export interface TransformJournal {
   readonly step: string;
 }
 
+/** Blocks a health check found damaged, for the next backup to store fresh (section 4). */
+export interface PendingRepairRecord {
+  readonly detectedAt: string;
+  /** The point found damaged. */
+  readonly point: string;
+  /** Damage an increment cannot repair (header, index, table pages): an active full is needed. */
+  readonly metadataDamaged: boolean;
+  readonly disks: readonly { readonly disk: string; readonly blocks: readonly number[] }[];
+}
+
 export interface ChainMetadata {
   readonly version: 1;
   readonly job: string;
   readonly vm: string;
   readonly chains: readonly ChainRecord[];
   readonly journal: TransformJournal | null;
+  /** Absent or null when no repair is pending. */
+  readonly pendingRepair?: PendingRepairRecord | null;
 }
 
 export interface ChainMetadataFile {
@@ -187,6 +204,9 @@ export function validateChainMetadata(v: unknown): asserts v is ChainMetadata {
       else check(typeof po.base === 'string' && isUuid(po.base), S, `${pw}.base must be a point id`);
       int(po, 'generation', pw, 1);
       int(po, 'fileBytes', pw);
+      if (po.mergedFileIds !== undefined) {
+        check(Array.isArray(po.mergedFileIds) && po.mergedFileIds.every((x) => typeof x === 'string' && isUuid(x)), S, `${pw}.mergedFileIds must be file ids`);
+      }
       arr(po, 'disks', pw).forEach((d, di) => {
         const dw = `${pw}.disks[${di}]`;
         const dobj = obj(d, dw);
@@ -199,6 +219,18 @@ export function validateChainMetadata(v: unknown): asserts v is ChainMetadata {
       if (typeof p.base === 'string') check(chainPoints.has(p.base), S, `${w}: point ${String(p.id)} has base ${p.base} outside its chain`);
     }
   });
+  if (o.pendingRepair !== undefined && o.pendingRepair !== null) {
+    const r = obj(o.pendingRepair, 'pendingRepair');
+    check(!Number.isNaN(Date.parse(str(r, 'detectedAt', 'pendingRepair'))), S, 'pendingRepair.detectedAt is not a date');
+    str(r, 'point', 'pendingRepair');
+    check(typeof r.metadataDamaged === 'boolean', S, 'pendingRepair.metadataDamaged must be a boolean');
+    arr(r, 'disks', 'pendingRepair').forEach((d, i) => {
+      const dw = `pendingRepair.disks[${i}]`;
+      const dobj = obj(d, dw);
+      str(dobj, 'disk', dw);
+      arr(dobj, 'blocks', dw).forEach((b, j) => check(typeof b === 'number' && Number.isSafeInteger(b) && b >= 0, S, `${dw}.blocks[${j}] must be a block index`));
+    });
+  }
   if (o.journal !== null) {
     const j = obj(o.journal, 'journal');
     oneOf(j, 'kind', ['merge', 'synthetic-full', 'reverse-inject', 'compact'], 'journal');

@@ -11,3 +11,12 @@ export { verifyRepository } from './verify.js';
 export type { VerifyReport, VerifyOptions, Damage } from './verify.js';
 export { inspectRepository } from './inspect.js';
 export type { InspectReport, InspectChain, InspectPoint, InspectDisk } from './inspect.js';
+// Backup methods and chain maintenance (issue 6): pure planning + Repository#applyRetention,
+// #synthesizeFull, #compactFull, #healthCheck, #pendingRepair, #chainState, and
+// startRestorePoint({ kind: 'reverse' }) for reverse injection.
+export { planRun, latestChain } from './plan/plan-run.js';
+export { planRetention, keptPoints, retentionCutoff } from './plan/plan-retention.js';
+export type {
+  BackupMethod, Weekday, DaySchedule, Retention, MethodPolicy, VmChainState, RunKind, RunPlan, RetentionAction, RetentionReport,
+  PendingRepair, PendingRepairRecord, DamagedBlock, HealthReport, SynthesizeFullOptions,
+} from './plan/types.js';

@@ -39,6 +39,8 @@ import { EncodePool } from './encode-pool.js';
 import { BACKUP_FILE_RE, backupFileName, chainMetadataName, unescapeName, vmFolder } from './layout.js';
 import { RestorePoint, type RestorePointInfo } from './restore-point.js';
 import { chainsOfFolder, listVmFolders, type VmFolder } from './folders.js';
+import type { HealthReport, MethodPolicy, PendingRepair, RetentionReport, SynthesizeFullOptions, VmChainState } from './plan/types.js';
+import * as transforms from './transforms/maintenance.js';
 
 const log = logger('repository');
 
@@ -48,8 +50,14 @@ import type { BackupChain } from './folders.js';
 export interface StartRestorePointOptions {
   readonly job: string;
   readonly vm: string;
-  /** full starts a new chain; incremental continues the parent's chain. */
-  readonly kind: 'full' | 'incremental';
+  /**
+   * full starts a new chain; incremental continues the parent's forward chain; reverse injects
+   * the new point into the full of the latest reverse chain and moves the blocks it replaces into
+   * a new reverse increment (.vrb) of the point the full held (docs/formats/backup-files.md §5).
+   */
+  readonly kind: 'full' | 'incremental' | 'reverse';
+  /** Full only: the method of the new chain (default forward; reverse for the reverse-incremental method). */
+  readonly chainMethod?: 'forward' | 'reverse';
   /** Full only (an increment uses its chain's): 262144, 524288, 1048576 (default) or 4194304. */
   readonly blockSize?: number;
   /** Full only: default zstd. */
@@ -58,7 +66,7 @@ export interface StartRestorePointOptions {
   readonly encryption?: { readonly password: string; readonly hint?: string; /** scrypt cost, default 15 */ readonly log2N?: number };
   /** Incremental into an encrypted chain: its password. */
   readonly password?: string;
-  /** Incremental: the point to continue from (default: the VM's latest point). Must be the tip of its chain. */
+  /** Incremental / reverse: the point to continue from (default: the VM's latest point). Must be the tip of its chain. */
   readonly parent?: string;
   /** Point-in-time of the backup (default now). */
   readonly time?: Date;
@@ -221,6 +229,74 @@ export class Repository {
       throw err;
     }
   }
+  /** Chains and pending repair of one VM folder: the input of planRun and planRetention. */
+  async chainState(job: string, vm: string): Promise<VmChainState> {
+    const dir = vmFolder(this.root, job, vm);
+    const meta = await readChainMetadata(path.join(dir, chainMetadataName(vm)));
+    if (!meta) return { chains: [], repair: null };
+    return { chains: chainsOfFolder(meta.body, dir), repair: meta.body.pendingRepair ?? null };
+  }
+
+  /**
+   * Applies the job's retention to one VM folder (planRetention, then each merge, chain and point
+   * deletion, crash-safe and journaled). Holds the VM folder's writer lock meanwhile.
+   */
+  async applyRetention(job: string, vm: string, policy: MethodPolicy, opts: { now?: Date; password?: string } = {}): Promise<RetentionReport> {
+    return this.#withFolder(job, vm, (f) => transforms.applyRetention(f, job, vm, policy, opts.now ?? new Date(), opts.password));
+  }
+
+  /**
+   * Turns the tip of a forward chain (default: the VM's latest point) into a full backup file of a
+   * new chain built from the repository alone (no source read); the point keeps its id and time,
+   * its increment file is deleted, and the old chain ends at the point before.
+   */
+  async synthesizeFull(job: string, vm: string, opts: SynthesizeFullOptions = {}): Promise<RestorePointInfo> {
+    return this.#withFolder(job, vm, (f) => transforms.synthesizeFull(this, f, job, vm, opts));
+  }
+
+  /**
+   * Rewrites the full backup file of the VM's latest chain without the records nothing references
+   * any more (left by merges and reverse injections), in place of the old one, crash-safe.
+   */
+  async compactFull(job: string, vm: string, opts: { chain?: string } = {}): Promise<{ file: string; bytesBefore: number; bytesAfter: number }> {
+    return this.#withFolder(job, vm, (f) => transforms.compactFull(f, opts.chain));
+  }
+
+  /**
+   * Verifies every block and the metadata of the VM's latest point (every point of its chain with
+   * `wholeChain`). Damaged blocks are recorded in the .vbm as a pending repair (see pendingRepair);
+   * damaged metadata makes the next planRun an active full.
+   */
+  async healthCheck(job: string, vm: string, opts: { wholeChain?: boolean; password?: string } = {}): Promise<HealthReport> {
+    return this.#withFolder(job, vm, (f) => transforms.healthCheck(this, f, job, vm, opts));
+  }
+
+  /**
+   * Blocks the next backup of this VM must read from the source and pass to writeDisk (they are
+   * stored fresh, never inherited). Cleared for each block the next committed point stores.
+   */
+  async pendingRepair(job: string, vm: string): Promise<PendingRepair[]> {
+    return [...((await this.chainState(job, vm)).repair?.disks ?? [])];
+  }
+
+  /** Runs `fn` under the VM folder's writer lock, after finishing or undoing any interrupted transform. */
+  async #withFolder<T>(job: string, vm: string, fn: (f: VmFolder) => Promise<T>): Promise<T> {
+    const dir = vmFolder(this.root, job, vm);
+    const folder = { dir, vbmPath: path.join(dir, chainMetadataName(vm)) };
+    const lock = await tryLockFolder(dir).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BulwarkError(`VM ${vm} of job ${job} has no restore points in repository ${this.root}`, { kind: 'not-found', context: { job, vm } });
+      throw err;
+    });
+    if (!lock) {
+      throw new BulwarkError(`another writer holds VM ${vm} (job ${job})`, { kind: 'conflict', context: { job, vm, folder: dir } });
+    }
+    try {
+      await sweepFolder(folder);
+      return await fn(folder);
+    } finally {
+      await lock.release();
+    }
+  }
 }
 
 /** Checks that a backup file is the one the .vbm names (ids, kind, base link). */
@@ -334,6 +410,7 @@ export class RestorePointWriter {
 
   /** @internal used by Repository.startRestorePoint */
   static async start(repo: Repository, opts: StartRestorePointOptions, folder: VmFolder, body: ChainMetadata, lock: FolderLock): Promise<RestorePointWriter> {
+    if (opts.kind === 'reverse') throw new BulwarkError('reverse injection is not implemented yet', { kind: 'internal' });
     const time = opts.time ?? new Date();
     const pointId = randomUUID();
     const fileId = randomUUID();
@@ -355,7 +432,7 @@ export class RestorePointWriter {
           salt: kdf.salt.toString('hex'), keyCheck: kdf.keyCheck.toString('hex'), hint: opts.encryption.hint ?? '',
         };
       }
-      chain = { id: randomUUID(), method: 'forward', blockSize, compression: opts.compression ?? 'zstd', encryption, points: [] };
+      chain = { id: randomUUID(), method: opts.chainMethod ?? 'forward', blockSize, compression: opts.compression ?? 'zstd', encryption, points: [] };
     } else {
       const chains = chainsOfFolder(body, folder.dir);
       const all = chains.flatMap((c) => c.points);
