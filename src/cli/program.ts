@@ -10,6 +10,7 @@ import { configCommand } from './commands/config.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
 import { restoreCommand } from './commands/restore.js';
+import { instantRecoveryCommand } from './commands/recovery.js';
 import { agentCommand, serverCommand } from './commands/roles.js';
 import type { CliContext } from './context.js';
 
@@ -46,6 +47,7 @@ export function buildProgram(ctx: CliContext): Command {
     sessionCommand(ctx),
     restorePointCommand(ctx),
     restoreCommand(ctx),
+    instantRecoveryCommand(ctx),
     configCommand(ctx),
     userCommand(ctx),
   ];

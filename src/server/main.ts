@@ -15,6 +15,7 @@ import type { HypervisorConnection } from '../hypervisor/index.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
 import { restorePlugin } from './api/restore.js';
+import { recoveryPlugin, startRecoveryService } from './api/recovery.js';
 import { openDatabase, type ConfigDatabase } from './db/connect.js';
 import { dataFiles } from './data-dir.js';
 import { ensureServerPki } from './pki/index.js';
@@ -283,7 +284,11 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     };
     const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), ...(opts.plugins ?? [])] });
+    // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).
+    const recovery = await startRecoveryService({ ctx, dataDir });
+    cleanups.push(() => recovery.close());
+
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -295,7 +300,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), restorePlugin(ctx), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), restorePlugin(ctx), recoveryPlugin(recovery), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

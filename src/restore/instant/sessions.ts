@@ -14,6 +14,11 @@ export interface InstantSessionInfo {
   readonly runningFromBackup: boolean;
   readonly startedAt: Date;
   readonly pid: number | undefined;
+  /** The session folder and the VM's sockets and console log in it. */
+  readonly dir: string;
+  readonly qmpSocket: string;
+  readonly agentSocket: string;
+  readonly consoleLog: string;
   readonly disks: readonly { readonly name: string; readonly size: number; readonly overlay: string; readonly target: string | null }[];
 }
 
@@ -47,6 +52,10 @@ export class InstantRecoverySessions {
       runningFromBackup: s.servingBackup,
       startedAt: new Date(s.launchedAt),
       pid: s.pid,
+      dir: s.dir,
+      qmpSocket: s.qmpSocket,
+      agentSocket: s.agentSocket,
+      consoleLog: s.consoleLog,
       disks: s.disks.map((d) => ({ name: d.name, size: d.size, overlay: d.overlay, target: d.target ?? null })),
     };
   }

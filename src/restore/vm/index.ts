@@ -1,0 +1,5 @@
+// Full VM restore (docs/restore-vm.md).
+export { restoreVm, qmpSocketFor, globMatches, processesHolding, launchDetached } from './restore-vm.js';
+export type { RestoreVmHost, RestoreVmOptions, RestoreVmProgress, RestoreVmResult, RestoredDisk } from './restore-vm.js';
+export { recordedDisks, rewriteQemuCommandLine } from './qemu-config.js';
+export { domainDisks, rewriteDomainXml } from './libvirt-config.js';

@@ -1,0 +1,87 @@
+import { describe, expect, it } from 'vitest';
+import { randomMac, recordedDisks, rewriteQemuCommandLine, setOpt, shellQuote, splitOpts } from './qemu-config.js';
+
+// The test guest's command line (test/fixtures/guest.ts), as /proc/PID/cmdline records it.
+const dir = '/tmp/vms/web1';
+const argv = [
+  'qemu-system-x86_64', '-name', 'web1', '-accel', 'tcg', '-m', '256',
+  '-kernel', '/cache/vmlinux', '-initrd', '/cache/initrd.img', '-append', 'console=ttyS0 quiet',
+  '-serial', `file:${dir}/console.log`,
+  '-blockdev', `driver=file,node-name=vda-file,filename=${dir}/vda.qcow2`,
+  '-blockdev', 'driver=qcow2,node-name=vda-fmt,file=vda-file',
+  '-device', 'virtio-blk-pci,drive=vda-fmt,id=vda',
+  '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'vdb-fmt', file: { driver: 'file', filename: '/data/web1-b.img' } }),
+  '-device', 'virtio-blk-pci,drive=vdb-fmt,id=vdb',
+  '-netdev', 'user,id=n0', '-device', 'virtio-net-pci,netdev=n0,mac=52:54:00:11:22:33',
+  '-chardev', `socket,id=qga0,path=${dir}/qga.sock,server=on,wait=off`,
+  '-chardev', `socket,id=qmp0,path=${dir}/qmp.sock,server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
+];
+const graph = [
+  { 'node-name': 'vda-fmt', drv: 'qcow2', file: `${dir}/vda.qcow2`, image: { filename: `${dir}/vda.qcow2`, format: 'qcow2' } },
+  { 'node-name': 'vda-file', drv: 'file', file: `${dir}/vda.qcow2`, image: { filename: `${dir}/vda.qcow2`, format: 'file' } },
+];
+
+describe('QemuOpts', () => {
+  it('splits with escaped commas and sets keys', () => {
+    expect(splitOpts('file=a,,b,format=raw')).toEqual(['file=a,b', 'format=raw']);
+    expect(setOpt('virtio-net-pci,netdev=n0', 'mac', 'x')).toBe('virtio-net-pci,netdev=n0,mac=x');
+    expect(setOpt('file=a,,b,format=raw', 'format', 'qcow2')).toBe('file=a,,b,format=qcow2');
+  });
+});
+
+describe('recordedDisks', () => {
+  it('names disks by device id, with image file and format from the graph or the command line', () => {
+    expect(recordedDisks(argv, graph)).toEqual([
+      { name: 'vda', imagePath: `${dir}/vda.qcow2`, format: 'qcow2', node: 'vda-fmt' },
+      { name: 'vdb', imagePath: '/data/web1-b.img', format: 'raw', node: 'vdb-fmt' },
+    ]);
+  });
+  it('reads -drive disks', () => {
+    const a = ['qemu', '-drive', 'file=/v/a,,b.img,format=raw,if=none,id=disk0', '-device', 'virtio-blk-pci,drive=disk0'];
+    expect(recordedDisks(a, [])).toEqual([{ name: 'disk0', imagePath: '/v/a,b.img', format: 'raw', node: 'disk0' }]);
+  });
+});
+
+describe('rewriteQemuCommandLine', () => {
+  const disks = new Map([
+    ['vda', { path: '/new/copy/vda.raw', format: 'raw' }],
+    ['vdb', { path: '/new/copy/vdb.qcow2', format: 'qcow2' }],
+  ]);
+  const out = rewriteQemuCommandLine(argv, recordedDisks(argv, graph), {
+    name: 'copy', disks, fromDir: dir, toDir: '/tmp/vms/copy', qmpSocket: { from: `${dir}/qmp.sock`, to: '/tmp/vms/copy/qmp.sock' },
+    uuid: '11111111-2222-3333-4444-555555555555', newMac: () => '52:54:00:aa:bb:cc',
+  });
+  const after = (opt: string, n = 0) => out.filter((_, i) => out[i - 1] === opt)[n];
+  it('renames the VM, adds a pid file in the new folder', () => {
+    expect(after('-name')).toBe('copy');
+    expect(out.slice(-2)).toEqual(['-pidfile', '/tmp/vms/copy/qemu.pid']);
+  });
+  it('points disks at the new images in the new formats', () => {
+    expect(after('-blockdev', 0)).toBe('driver=file,node-name=vda-file,filename=/new/copy/vda.raw');
+    expect(after('-blockdev', 1)).toBe('driver=raw,node-name=vda-fmt,file=vda-file');
+    expect(JSON.parse(after('-blockdev', 2)!)).toEqual({ driver: 'qcow2', 'node-name': 'vdb-fmt', file: { driver: 'file', filename: '/new/copy/vdb.qcow2' } });
+  });
+  it('moves sockets and logs into the new folder, keeps the kernel, and gives NICs a new MAC', () => {
+    expect(after('-serial')).toBe('file:/tmp/vms/copy/console.log');
+    expect(after('-chardev', 0)).toBe('socket,id=qga0,path=/tmp/vms/copy/qga.sock,server=on,wait=off');
+    expect(after('-chardev', 1)).toBe('socket,id=qmp0,path=/tmp/vms/copy/qmp.sock,server=on,wait=off');
+    expect(after('-kernel')).toBe('/cache/vmlinux');
+    expect(after('-device', 2)).toBe('virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc');
+    expect(out.join(' ')).not.toContain(dir + '/');
+  });
+  it('refuses a format change it cannot express', () => {
+    const a = ['qemu', '-device', 'virtio-blk-pci,drive=d0,id=vda'];
+    expect(() =>
+      rewriteQemuCommandLine(a, [{ name: 'vda', imagePath: '/x.img', format: 'raw', node: 'd0' }], {
+        name: 'n', disks: new Map([['vda', { path: '/y.qcow2', format: 'qcow2' }]]), fromDir: '/a', toDir: '/b', uuid: 'u', newMac: () => 'm',
+      }),
+    ).toThrow(/format/);
+  });
+});
+
+describe('helpers', () => {
+  it('makes locally administered MACs and shell-quotes', () => {
+    expect(randomMac(() => Buffer.from([1, 0xab, 0xff]))).toBe('52:54:00:01:ab:ff');
+    expect(shellQuote(['qemu', '-append', "console=ttyS0 it's", 'a,b=c'])).toBe(`qemu -append 'console=ttyS0 it'\\''s' a,b=c`);
+  });
+});

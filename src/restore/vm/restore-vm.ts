@@ -1,0 +1,444 @@
+// Full VM restore: brings a whole VM back from a restore point, from the VM configuration stored
+// with it, either over the original VM (which must be off; its disks are overwritten in place) or
+// as a new VM with a new name, on the same or another host:
+// - libvirt: a domain defined from the saved XML with new disk paths, a new UUID and new MACs;
+// - plain QEMU: the disks plus the recorded command line rewritten for them, written as
+//   `start-vm.sh` into the new VM's folder, which the host's QMP glob places (docs/restore-vm.md).
+// Disks are written sparse (raw) or as qcow2 by restoreDisk; `powerOn` starts the VM afterwards.
+import { execFile, spawn } from 'node:child_process';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { closeSync, openSync } from 'node:fs';
+import { chmod, mkdir, readdir, readFile, readlink, realpath, rm, stat, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
+import type { Repository } from '../../repository/index.js';
+import { restoreDisk, type RestoreDiskFormat } from '../disk/restore-disk.js';
+import { domainDisks, domainName, rewriteDomainXml } from './libvirt-config.js';
+import { randomMac, recordedDisks, rewriteQemuCommandLine, shellQuote } from './qemu-config.js';
+
+const run = promisify(execFile);
+const log = logger('restore-vm');
+
+/** The host the VM is restored to (what `bulwark host add` records). */
+export type RestoreVmHost = { readonly kind: 'qemu'; readonly qmpGlob: string } | { readonly kind: 'libvirt'; readonly uri: string };
+
+export interface RestoreVmOptions {
+  readonly repository: Repository;
+  readonly pointId: string;
+  readonly password?: string;
+  readonly host: RestoreVmHost;
+  /** A new VM with this name; absent (or the original's name): restore over the original VM. */
+  readonly name?: string;
+  /** Folder for the new VM's disks (default: the host's convention, see docs/restore-vm.md). */
+  readonly storage?: string;
+  /** Disk format (default: each disk's original format when it is qcow2 or raw, else qcow2). */
+  readonly format?: RestoreDiskFormat;
+  readonly powerOn?: boolean;
+  /** Where new plain-QEMU VMs go when the host's QMP glob does not say (`<data>/vms`). */
+  readonly defaultVmRoot: string;
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (p: RestoreVmProgress) => void;
+}
+
+export interface RestoreVmProgress {
+  readonly disk: string;
+  readonly bytesDone: number;
+  readonly total: number;
+}
+
+export interface RestoredDisk {
+  readonly name: string;
+  readonly path: string;
+  readonly format: RestoreDiskFormat;
+  readonly size: number;
+  /** SHA-256 of the disk's contents (raw image). */
+  readonly sha256: string;
+}
+
+export interface RestoreVmResult {
+  readonly point: string;
+  readonly vm: string;
+  readonly toOriginal: boolean;
+  readonly hypervisor: 'qemu' | 'libvirt';
+  readonly disks: readonly RestoredDisk[];
+  /** plain QEMU: the VM's folder, start script and QMP socket. */
+  readonly vmDir?: string;
+  readonly startScript?: string;
+  readonly qmpSocket?: string;
+  /** libvirt: the domain's UUID. */
+  readonly uuid?: string;
+  readonly poweredOn: boolean;
+  readonly warnings: readonly string[];
+  readonly durationMs: number;
+}
+
+/** Whether something accepts connections on a unix socket. */
+async function answers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ path: socketPath });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+/** Processes that hold one of `files` open (pid and command name). */
+export async function processesHolding(files: readonly string[]): Promise<{ pid: number; comm: string; file: string }[]> {
+  const wanted = new Map<string, string>();
+  for (const f of files) wanted.set(await realpath(f).catch(() => path.resolve(f)), f);
+  const out: { pid: number; comm: string; file: string }[] = [];
+  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
+    if (Number(pid) === process.pid) continue;
+    let fds: string[];
+    try {
+      fds = await readdir(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      const f = wanted.get(target);
+      if (f) {
+        out.push({ pid: Number(pid), comm: (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '?')).trim(), file: f });
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+async function virsh(uri: string, args: readonly string[], timeoutMs = 120_000): Promise<string> {
+  try {
+    const { stdout } = await run('virsh', ['-q', '-c', uri, ...args], { timeout: timeoutMs, maxBuffer: 16 << 20 });
+    return stdout;
+  } catch (err) {
+    const e = err as { stderr?: string };
+    const msg = (e.stderr ?? '').trim() || describeError(err);
+    throw new BulwarkError(`virsh ${args[0] ?? ''} failed on ${uri}: ${msg}`, {
+      kind: /not found|no domain|failed to get domain/i.test(msg) ? 'not-found' : 'unavailable',
+      context: { uri },
+      cause: err,
+    });
+  }
+}
+
+/** The state of a libvirt domain, or null when there is none of that name. */
+async function domainState(uri: string, name: string): Promise<string | null> {
+  try {
+    return (await virsh(uri, ['domstate', name])).trim();
+  } catch (err) {
+    if (err instanceof BulwarkError && err.kind === 'not-found') return null;
+    throw err;
+  }
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
+/**
+ * Where a new plain-QEMU VM's QMP socket goes so that the host's glob finds it: the glob with its
+ * first `*` replaced by the VM's name. Null when the glob has no `*` (it names one VM only).
+ */
+export function qmpSocketFor(glob: string, name: string): string | null {
+  const i = glob.indexOf('*');
+  if (i < 0) return null;
+  return glob.slice(0, i) + name + glob.slice(i + 1);
+}
+
+/** Whether `file` matches the host's QMP glob (`*` within one path component). */
+export function globMatches(glob: string, file: string): boolean {
+  const re = new RegExp(`^${glob.split('*').map((p) => p.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('[^/]*')}$`);
+  return re.test(file);
+}
+
+function diskFormat(original: string, wanted: RestoreDiskFormat | undefined): RestoreDiskFormat {
+  if (wanted) return wanted;
+  return original === 'raw' ? 'raw' : 'qcow2';
+}
+
+async function isEmptyOrMissing(dir: string): Promise<boolean> {
+  try {
+    return (await readdir(dir)).length === 0;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return true;
+    throw err;
+  }
+}
+
+/** Starts `argv` detached from this process (it outlives the server), output to `logFile`. */
+export async function launchDetached(argv: readonly string[], logFile: string, qmpSocket: string | undefined): Promise<number> {
+  const fd = openSync(logFile, 'a');
+  let child;
+  try {
+    child = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ['ignore', fd, fd] });
+  } finally {
+    closeSync(fd);
+  }
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  child.once('error', () => undefined);
+  child.unref();
+  if (!qmpSocket) return child.pid ?? 0;
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    if (await answers(qmpSocket)) return child.pid ?? 0;
+    const done = await Promise.race([exited.then((c) => ({ code: c })), new Promise<null>((r) => setTimeout(() => r(null), 100))]);
+    // A -daemonize'd QEMU exits 0 once its child runs; anything else is a failed start.
+    if (done && done.code !== 0) {
+      const tail = (await readFile(logFile, 'utf8').catch(() => '')).slice(-1500);
+      throw new BulwarkError(`the restored VM did not start (exit ${done.code}): ${tail.trim() || 'no output'}`, { kind: 'internal', context: { log: logFile } });
+    }
+    if (Date.now() > deadline) throw new BulwarkError(`the restored VM did not open its monitor ${qmpSocket} within 30 s`, { kind: 'unavailable', context: { log: logFile } });
+  }
+}
+
+/** Restores a whole VM; see the file comment. */
+export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
+  const started = Date.now();
+  const point = await o.repository.openRestorePoint(o.pointId, o.password === undefined ? {} : { password: o.password });
+  let meta: PointMetadata | null;
+  let sizes: { name: string; size: number }[];
+  try {
+    meta = decodePointMetadata(point.vmConfig);
+    sizes = point.disks.map((d) => ({ name: d.name, size: d.size }));
+  } finally {
+    await point.close();
+  }
+  if (!meta) {
+    throw new BulwarkError(`restore point ${o.pointId} stores no VM configuration`, {
+      kind: 'invalid',
+      context: { point: o.pointId },
+      hint: 'restore its disks one by one with `bulwark restore disk`',
+    });
+  }
+  if (meta.configuration.kind !== o.host.kind) {
+    throw new BulwarkError(`restore point ${o.pointId} holds a ${meta.configuration.kind} VM; host is ${o.host.kind}`, {
+      kind: 'invalid',
+      hint: `choose a ${meta.configuration.kind} host with --host`,
+    });
+  }
+  const original = meta.vm.name;
+  const toOriginal = o.name === undefined || o.name === original;
+  if (!toOriginal && !NAME_RE.test(o.name)) {
+    throw new BulwarkError(`name "${o.name}" may only use letters, digits, '.', '_' and '-' (at most 63)`, { kind: 'invalid', context: { field: 'name' } });
+  }
+  const name = toOriginal ? original : o.name;
+  const total = sizes.reduce((a, d) => a + d.size, 0);
+  let doneBefore = 0;
+  const restoreOne = async (disk: string, to: string, format: RestoreDiskFormat, overwrite: boolean): Promise<RestoredDisk> => {
+    const size = sizes.find((d) => d.name === disk)?.size ?? 0;
+    const r = await restoreDisk({
+      repository: o.repository,
+      pointId: o.pointId,
+      disk,
+      to,
+      format,
+      overwrite,
+      ...(o.password !== undefined ? { password: o.password } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+      onProgress: (p) => o.onProgress?.({ disk, bytesDone: doneBefore + p.bytesDone, total }),
+    });
+    doneBefore += size;
+    return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 };
+  };
+  const warnings: string[] = [];
+  const base = { point: o.pointId, vm: name, toOriginal, warnings };
+
+  switch (meta.configuration.kind) {
+    case 'qemu': {
+      if (o.host.kind !== 'qemu') throw new BulwarkError('unreachable', { kind: 'internal' });
+      const argv = meta.configuration.commandLine;
+      if (argv.length === 0) throw new BulwarkError(`restore point ${o.pointId} recorded no QEMU command line for VM ${original}`, { kind: 'invalid' });
+      const recorded = recordedDisks(argv, meta.configuration.blockGraph);
+      for (const d of sizes) {
+        if (!recorded.some((r) => r.name === d.name)) {
+          throw new BulwarkError(`the recorded command line of VM ${original} has no disk ${d.name}`, { kind: 'corrupt', context: { point: o.pointId, disk: d.name } });
+        }
+      }
+      const oldQmp = meta.vm.id;
+      if (toOriginal) {
+        if (await answers(oldQmp)) {
+          throw new BulwarkError(`VM ${original} is running (its QMP socket ${oldQmp} answers): shut it down before restoring over it`, {
+            kind: 'conflict',
+            context: { vm: original },
+            hint: 'or restore it as a new VM with --name NEW',
+          });
+        }
+        const targets = sizes.map((d) => recorded.find((r) => r.name === d.name)!);
+        for (const t of targets) {
+          if (o.format && o.format !== diskFormat(t.format, undefined)) {
+            throw new BulwarkError(`--format ${o.format}: the original VM ${original} uses ${t.format} for disk ${t.name}`, { kind: 'invalid', context: { field: 'format' }, hint: 'leave out --format, or restore as a new VM with --name' });
+          }
+        }
+        const holders = await processesHolding(targets.map((t) => t.imagePath));
+        if (holders.length > 0) {
+          const h = holders[0]!;
+          throw new BulwarkError(`VM ${original} is not off: ${h.file} is open in process ${h.pid} (${h.comm})`, { kind: 'conflict', context: { vm: original, pid: h.pid } });
+        }
+        const disks: RestoredDisk[] = [];
+        for (const t of targets) disks.push(await restoreOne(t.name, t.imagePath, diskFormat(t.format, undefined), true));
+        let poweredOn = false;
+        if (o.powerOn) {
+          await launchDetached(argv, path.join(path.dirname(oldQmp), 'qemu-restore.log'), oldQmp);
+          poweredOn = true;
+        }
+        log.info({ point: o.pointId, vm: original, disks: disks.map((d) => d.path) }, 'VM restored over the original');
+        return { ...base, hypervisor: 'qemu', disks, qmpSocket: oldQmp, poweredOn, durationMs: Date.now() - started };
+      }
+      // A new VM: its folder is where the host's glob expects its QMP socket.
+      let newQmp = qmpSocketFor(o.host.qmpGlob, name);
+      let vmDir: string;
+      if (newQmp && path.dirname(newQmp) !== path.dirname(o.host.qmpGlob)) vmDir = path.dirname(newQmp);
+      else vmDir = path.join(o.defaultVmRoot, name);
+      if (!newQmp) {
+        newQmp = path.join(vmDir, 'qmp.sock');
+        warnings.push(`host QMP glob ${o.host.qmpGlob} has no '*': the new VM's socket ${newQmp} is not behind it (add a host for it to back it up)`);
+      }
+      const storage = o.storage ?? vmDir;
+      if (await answers(newQmp)) throw new BulwarkError(`a VM already answers on ${newQmp}`, { kind: 'conflict', context: { vm: name } });
+      if (!(await isEmptyOrMissing(vmDir))) {
+        throw new BulwarkError(`the new VM's folder ${vmDir} already exists and is not empty`, { kind: 'conflict', context: { vm: name, dir: vmDir }, hint: 'choose another --name' });
+      }
+      await mkdir(vmDir, { recursive: true, mode: 0o750 });
+      await mkdir(storage, { recursive: true, mode: 0o750 });
+      const created: string[] = [];
+      try {
+        const disks: RestoredDisk[] = [];
+        const plan = new Map<string, { path: string; format: string }>();
+        for (const d of sizes) {
+          const r = recorded.find((x) => x.name === d.name)!;
+          const format = diskFormat(r.format, o.format);
+          plan.set(d.name, { path: path.join(storage, `${d.name}.${format}`), format });
+        }
+        const newArgv = rewriteQemuCommandLine(argv, recorded, {
+          name,
+          disks: plan,
+          fromDir: path.dirname(oldQmp),
+          toDir: vmDir,
+          qmpSocket: { from: oldQmp, to: newQmp },
+          uuid: randomUUID(),
+          newMac: () => randomMac(randomBytes),
+        });
+        for (const d of sizes) {
+          const p = plan.get(d.name)!;
+          created.push(p.path);
+          disks.push(await restoreOne(d.name, p.path, p.format as RestoreDiskFormat, false));
+        }
+        const startScript = path.join(vmDir, 'start-vm.sh');
+        await writeFile(
+          path.join(vmDir, 'vm.json'),
+          `${JSON.stringify({ format: 'bulwark-restored-vm/1', name, restoredFrom: { point: o.pointId, vm: original }, qmpSocket: newQmp, commandLine: newArgv, disks }, null, 2)}\n`,
+        );
+        await writeFile(startScript, `#!/bin/sh\n# VM ${name}, restored by Bulwark from restore point ${o.pointId} of VM ${original}.\nexec ${shellQuote(newArgv)}\n`);
+        await chmod(startScript, 0o755);
+        let poweredOn = false;
+        if (o.powerOn) {
+          await launchDetached(['/bin/sh', startScript], path.join(vmDir, 'qemu.log'), newQmp);
+          poweredOn = true;
+        }
+        log.info({ point: o.pointId, vm: name, from: original, dir: vmDir }, 'VM restored as a new VM');
+        return { ...base, hypervisor: 'qemu', disks, vmDir, startScript, qmpSocket: newQmp, poweredOn, durationMs: Date.now() - started };
+      } catch (err) {
+        for (const f of created) await rm(f, { force: true });
+        if (await isEmptyOrMissing(vmDir).catch(() => false)) await rm(vmDir, { recursive: true, force: true });
+        else for (const f of ['vm.json', 'start-vm.sh']) await rm(path.join(vmDir, f), { force: true });
+        throw err;
+      }
+    }
+    case 'libvirt': {
+      if (o.host.kind !== 'libvirt') throw new BulwarkError('unreachable', { kind: 'internal' });
+      const uri = o.host.uri;
+      const xml = meta.configuration.domainXml;
+      const recorded = domainDisks(xml);
+      for (const d of sizes) {
+        if (!recorded.some((r) => r.name === d.name)) throw new BulwarkError(`the stored domain XML of VM ${original} has no disk ${d.name}`, { kind: 'corrupt' });
+      }
+      const state = await domainState(uri, name);
+      if (toOriginal) {
+        if (state !== null && state !== 'shut off') {
+          throw new BulwarkError(`VM ${original} is ${state}: shut it down before restoring over it`, { kind: 'conflict', context: { vm: original }, hint: 'or restore it as a new VM with --name NEW' });
+        }
+        const targets = sizes.map((d) => recorded.find((r) => r.name === d.name)!);
+        for (const t of targets) {
+          if (o.format && o.format !== diskFormat(t.format, undefined)) {
+            throw new BulwarkError(`--format ${o.format}: the original VM ${original} uses ${t.format} for disk ${t.name}`, { kind: 'invalid', context: { field: 'format' } });
+          }
+        }
+        const holders = await processesHolding(targets.map((t) => t.imagePath));
+        if (holders.length > 0) {
+          const h = holders[0]!;
+          throw new BulwarkError(`VM ${original} is not off: ${h.file} is open in process ${h.pid} (${h.comm})`, { kind: 'conflict' });
+        }
+        const disks: RestoredDisk[] = [];
+        for (const t of targets) {
+          await mkdir(path.dirname(t.imagePath), { recursive: true });
+          disks.push(await restoreOne(t.name, t.imagePath, diskFormat(t.format, undefined), true));
+        }
+        if (state === null) await defineDomain(uri, xml, path.dirname(targets[0]?.imagePath ?? '/tmp'));
+        if (o.powerOn) await virsh(uri, ['start', name]);
+        return { ...base, hypervisor: 'libvirt', disks, ...(meta.vm.uuid ? { uuid: meta.vm.uuid } : {}), poweredOn: o.powerOn === true, durationMs: Date.now() - started };
+      }
+      if (state !== null) throw new BulwarkError(`a libvirt domain named ${name} already exists on ${uri}`, { kind: 'conflict', context: { vm: name }, hint: 'choose another --name' });
+      const storage = o.storage ?? path.join('/var/lib/libvirt/images', name);
+      if (!(await isEmptyOrMissing(storage))) throw new BulwarkError(`storage folder ${storage} is not empty`, { kind: 'conflict', hint: 'choose another --storage' });
+      await mkdir(storage, { recursive: true, mode: 0o755 });
+      const created: string[] = [];
+      try {
+        const plan = new Map<string, { path: string; format: string }>();
+        for (const d of sizes) {
+          const r = recorded.find((x) => x.name === d.name)!;
+          const format = diskFormat(r.format, o.format);
+          plan.set(d.name, { path: path.join(storage, `${d.name}.${format}`), format });
+        }
+        const uuid = randomUUID();
+        const firstDir = path.dirname(recorded[0]?.imagePath ?? '/nonexistent/x');
+        const newXml = rewriteDomainXml(xml, { name, uuid, disks: plan, fromDir: firstDir, toDir: storage, newMac: () => randomMac(randomBytes) });
+        if (domainName(newXml) !== name) throw new BulwarkError('rewritten domain XML lost its name', { kind: 'internal' });
+        const disks: RestoredDisk[] = [];
+        for (const d of sizes) {
+          const p = plan.get(d.name)!;
+          created.push(p.path);
+          disks.push(await restoreOne(d.name, p.path, p.format as RestoreDiskFormat, false));
+        }
+        await copyBootFiles(newXml, firstDir, storage);
+        await defineDomain(uri, newXml, storage);
+        if (o.powerOn) await virsh(uri, ['start', name]);
+        return { ...base, hypervisor: 'libvirt', disks, uuid, poweredOn: o.powerOn === true, durationMs: Date.now() - started };
+      } catch (err) {
+        for (const f of created) await rm(f, { force: true });
+        await rm(storage, { recursive: true, force: true }).catch(() => undefined);
+        throw err;
+      }
+    }
+    default:
+      throw new BulwarkError('unknown VM configuration kind', { kind: 'corrupt' });
+  }
+}
+
+/**
+ * Kernel/initrd files that the original kept next to its disks were moved into the new folder by
+ * the XML rewrite: copy them there when the original's are still present.
+ */
+async function copyBootFiles(xml: string, fromDir: string, toDir: string): Promise<void> {
+  for (const tag of ['kernel', 'initrd', 'loader', 'nvram']) {
+    const m = xml.match(new RegExp(`<${tag}(?:\\s[^>]*)?>([^<]+)</${tag}>`));
+    const p = m?.[1];
+    if (!p || !p.startsWith(`${toDir}/`)) continue;
+    const src = path.join(fromDir, path.relative(toDir, p));
+    if (await stat(src).then(() => true, () => false)) await run('cp', ['--reflink=auto', '--sparse=always', src, p]);
+  }
+}
+
+async function defineDomain(uri: string, xml: string, dir: string): Promise<void> {
+  const file = path.join(dir, `.bulwark-define-${process.pid}-${Date.now()}.xml`);
+  await writeFile(file, xml);
+  try {
+    await virsh(uri, ['define', file]);
+  } finally {
+    await rm(file, { force: true });
+  }
+}
