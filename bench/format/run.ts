@@ -2,10 +2,13 @@
 // back. Reports input GB/s for the write, GB/s for a sequential restore read, peak RSS per phase,
 // and CPU seconds (user+sys over all threads) so results on a loaded machine can be judged.
 //   npx tsx bench/format/run.ts [--runs 3] [--block-size 1048576] [--compression zstd] [--image PATH]
-// Each phase runs in its own process so its peak RSS is its own.
+//                               [--repo-dir DIR]   (where the repository is made; default os.tmpdir())
+// Each phase runs in its own process so its peak RSS is its own, from JavaScript compiled the way
+// the product ships it (esbuild into .cache/bench-format/, no tsx loader threads in the process).
 import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { mkdtemp, open, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import type { DiskBlock } from '../../src/disk/types.js';
@@ -35,12 +38,20 @@ async function* readImage(file: string, blockSize: number, onData: (b: Buffer) =
   const fh = await open(file, 'r');
   try {
     const size = (await fh.stat()).size;
-    // Two reused buffers: the writer copies each block before asking for the next one.
-    const ring = [Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize)];
-    for (let i = 0; i * blockSize < size; i++) {
-      const b = ring[i % 2]!.subarray(0, Math.min(blockSize, size - i * blockSize));
+    const count = Math.ceil(size / blockSize);
+    // Three reused buffers, one read ahead (as a real source pipelines its reads): the writer
+    // copies each block before asking for the next one, so buffer i % 3 is free again by then.
+    const ring = [Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize)];
+    const read = async (i: number) => {
+      const b = ring[i % 3]!.subarray(0, Math.min(blockSize, size - i * blockSize));
       const { bytesRead } = await fh.read(b, 0, b.length, i * blockSize);
       if (bytesRead !== b.length) throw new Error('short read');
+      return b;
+    };
+    let ahead = count > 0 ? read(0) : null;
+    for (let i = 0; i < count; i++) {
+      const b = await ahead!;
+      ahead = i + 1 < count ? read(i + 1) : null;
       onData(b);
       yield { index: i, data: b };
     }
@@ -49,14 +60,14 @@ async function* readImage(file: string, blockSize: number, onData: (b: Buffer) =
   }
 }
 
-async function phaseWrite(image: string, repoDir: string, blockSize: number, compression: Compression): Promise<PhaseResult> {
+async function phaseWrite(image: string, repoDir: string, blockSize: number, compression: Compression, threads?: number): Promise<PhaseResult> {
   const fh = await open(image, 'r');
   const size = (await fh.stat()).size;
   await fh.close();
   const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   const repo = await openRepository(repoDir, { create: true });
-  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind: 'full', blockSize, compression, disks: [{ name: 'vda', size }] });
+  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind: 'full', blockSize, compression, threads, disks: [{ name: 'vda', size }] });
   let crc = 0;
   let n = 0;
   // The check covers every 8th block (both sides), so the bench measures the product, not itself.
@@ -97,8 +108,22 @@ async function phaseRawRead(image: string): Promise<PhaseResult> {
   return { phase: 'raw-read', seconds, cpuSeconds: (cpu.user + cpu.system) / 1e6, bytes, maxRssMiB: process.resourceUsage().maxRSS / 1024 };
 }
 
+let compiled: string | null = null;
+/** Compiles this bench and the encoder worker as the product ships (plain JS, no loader threads). */
+async function compile(): Promise<string> {
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+  const outdir = path.join(root, '.cache', 'bench-format');
+  const { build } = await import('esbuild');
+  await build({
+    entryPoints: [fileURLToPath(import.meta.url), path.join(root, 'src/repository/block-worker.ts')],
+    bundle: true, platform: 'node', format: 'esm', target: 'node20', outdir, entryNames: '[name]', packages: 'external', logLevel: 'warning',
+  });
+  return path.join(outdir, 'run.js');
+}
+
 function child(...a: string[]): PhaseResult {
-  const out = execFileSync(process.execPath, [...process.execArgv, new URL(import.meta.url).pathname, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
+  const entry = compiled ?? fileURLToPath(import.meta.url);
+  const out = execFileSync(process.execPath, [...(compiled ? [] : process.execArgv), entry, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
   return JSON.parse(out.trim().split('\n').pop()!) as PhaseResult;
 }
 
@@ -108,27 +133,31 @@ async function main(): Promise<void> {
   const phase = opt('phase', '');
   const blockSize = Number(opt('block-size', '1048576'));
   const compression = opt('compression', 'zstd') as Compression;
-  if (phase === 'write') return void console.log(JSON.stringify(await phaseWrite(opt('image', ''), opt('repo', ''), blockSize, compression)));
+  if (phase === 'write') return void console.log(JSON.stringify(await phaseWrite(opt('image', ''), opt('repo', ''), blockSize, compression, args.includes('--threads') ? Number(opt('threads', '2')) : undefined)));
   if (phase === 'read') return void console.log(JSON.stringify(await phaseRead(opt('repo', ''), opt('point', ''))));
   if (phase === 'raw-read') return void console.log(JSON.stringify(await phaseRawRead(opt('image', ''))));
 
   const runs = Number(opt('runs', '3'));
+  compiled = await compile();
+  const loads: string[] = [];
   const image = await ensureMixedDiskImage(opt('image', path.join(tmpdir(), 'bulwark-bench', 'mixed-4g.raw')));
   console.log(`image ${image}: composition ${JSON.stringify(mixedDiskComposition())}, block size ${blockSize}, ${compression}`);
   const results: PhaseResult[] = [];
   for (let r = 0; r < runs; r++) {
-    const repo = await mkdtemp(path.join(tmpdir(), 'bulwark-bench-repo-'));
+    const repo = await mkdtemp(path.join(opt('repo-dir', tmpdir()), 'bulwark-bench-repo-'));
     try {
       const raw = child('--phase', 'raw-read', '--image', image);
       const w = child('--phase', 'write', '--image', image, '--repo', repo, '--block-size', String(blockSize), '--compression', compression);
       const rd = child('--phase', 'read', '--repo', repo, '--point', w.pointId!);
       if (rd.crc !== w.crc) throw new Error(`read back differs: crc ${rd.crc} != ${w.crc}`);
       results.push(raw, w, rd);
+      loads.push(loadavg().map((l) => l.toFixed(1)).join(' '));
       for (const x of [raw, w, rd]) {
         console.log(
           `run ${r + 1} ${x.phase.padEnd(8)} ${(x.bytes / x.seconds / GB).toFixed(2)} GB/s wall (${x.seconds.toFixed(2)} s), cpu ${x.cpuSeconds.toFixed(2)} s` +
             ` (${(x.bytes / x.cpuSeconds / GB).toFixed(2)} GB per cpu-s), peak RSS ${x.maxRssMiB.toFixed(0)} MiB` +
-            (x.fileBytes ? `, file ${(x.fileBytes / 2 ** 20).toFixed(0)} MiB (${(x.bytes / x.fileBytes).toFixed(2)}x)` : ''),
+            (x.fileBytes ? `, file ${(x.fileBytes / 2 ** 20).toFixed(0)} MiB (${(x.bytes / x.fileBytes).toFixed(2)}x)` : '') +
+            `, load ${loads.at(-1)}`,
         );
       }
     } finally {
@@ -141,7 +170,7 @@ async function main(): Promise<void> {
       `median ${ph.padEnd(8)} ${median(xs.map((x) => x.bytes / x.seconds / GB)).toFixed(2)} GB/s, ${median(xs.map((x) => x.cpuSeconds)).toFixed(2)} cpu-s, peak RSS ${median(xs.map((x) => x.maxRssMiB)).toFixed(0)} MiB`,
     );
   }
-  console.log(`load average during the run: ${(await import('node:os')).loadavg().map((l) => l.toFixed(1)).join(' ')}`);
+  console.log(`repository in ${opt('repo-dir', tmpdir())}; load average after each run: ${loads.join(' | ')}`);
 }
 
 await main();

@@ -2,6 +2,12 @@
 // records as blocks stream in (in block order, encoded on worker threads), then the index, then
 // commit slot A, then fsync. docs/formats/backup-files.md section 3. The caller publishes the
 // file (rename) and the .vbm; this module never makes anything visible.
+//
+// Pipeline (docs/decisions/0004): the calling thread only detects zero blocks, copies each data
+// block once into an encoder slot, and keeps the tables; records are gathered in file order and
+// written with one pwritev per batch (straight from the encoder slots), up to two batches in
+// flight, while the encoders keep working; writeback is started every SYNC_EVERY bytes so the
+// final fsync is short.
 import { open, rm, type FileHandle } from 'node:fs/promises';
 import { BulwarkError, describeError } from '../common/errors.js';
 import type { DiskBlock } from '../disk/types.js';
@@ -53,7 +59,12 @@ export interface DiskWriteStats extends DiskStats {
 }
 
 const DEDUP_LIMIT = 131072;
-const SYNC_EVERY = 512 * 1024 * 1024;
+const SYNC_EVERY = 256 * 1024 * 1024;
+/** A write batch is issued when it reaches this many bytes (or holds a quarter of the slots). */
+const BATCH_BYTES = 4 * 1024 * 1024;
+/** pwritev takes at most IOV_MAX (1024) buffers. */
+const BATCH_BUFFERS = 512;
+const WRITES_IN_FLIGHT = 2;
 
 type Pending =
   | { readonly index: number; readonly kind: 'hole' | 'zero'; readonly length: number }
@@ -80,6 +91,12 @@ export class BackupFileWriter {
   #syncing: Promise<void> | null = null;
   #syncError: BulwarkError | null = null;
   #done = false;
+  // The batch being gathered: contiguous bytes from #batchAt, and the slots to release once written.
+  #batch: Buffer[] = [];
+  #batchAt = HEADER_PAGE_SIZE;
+  #batchBytes = 0;
+  #batchSlots: number[] = [];
+  readonly #writes: Promise<void>[] = [];
 
   private constructor(path: string, header: FileHeader, fh: FileHandle, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit: number) {
     this.path = path;
@@ -97,11 +114,11 @@ export class BackupFileWriter {
   }
 
   /** Creates the file (exclusively) at `path` and writes its header page. */
-  static async create(path: string, header: FileHeader, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit = 10): Promise<BackupFileWriter> {
+  static async create(path: string, header: FileHeader, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit?: number): Promise<BackupFileWriter> {
     const fh = await open(path, 'wx', 0o640);
     try {
       await fh.write(encodeHeader(header), 0, HEADER_PAGE_SIZE, 0);
-      return new BackupFileWriter(path, header, fh, pool, disks, inflightLimit);
+      return new BackupFileWriter(path, header, fh, pool, disks, inflightLimit ?? pool.slots + 2);
     } catch (err) {
       await fh.close();
       await rm(path, { force: true });
@@ -109,17 +126,50 @@ export class BackupFileWriter {
     }
   }
 
-  /** Appends `buf` at the end of the file; the position is reserved synchronously. */
-  async #append(buf: Buffer): Promise<number> {
+  #fail(err: unknown): void {
+    this.#syncError ??= new BulwarkError(`cannot write backup file ${this.path}: ${describeError(err)}`, { kind: 'unavailable', cause: err });
+  }
+
+  /**
+   * Reserves the next bytes of the file for `bufs` and adds them to the write batch; returns the
+   * offset. `slot` is released once they are written. Await the result of flushIfFull() after.
+   */
+  #append(bufs: readonly Buffer[], slot?: number): number {
     if (this.#syncError) throw this.#syncError;
     const pos = this.#end;
-    this.#end += buf.length;
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesWritten } = await this.#fh.write(buf, done, buf.length - done, pos + done);
-      done += bytesWritten;
+    for (const b of bufs) {
+      this.#batch.push(b);
+      this.#end += b.length;
+      this.#batchBytes += b.length;
     }
-    this.#sinceSync += buf.length;
+    if (slot !== undefined) this.#batchSlots.push(slot);
+    return pos;
+  }
+
+  async #flushIfFull(): Promise<void> {
+    if (this.#batchBytes >= BATCH_BYTES || this.#batch.length >= BATCH_BUFFERS || this.#batchSlots.length * 4 >= this.#pool.slots) await this.#flush();
+  }
+
+  /** Issues the batch as one positioned gather write; waits while WRITES_IN_FLIGHT are running. */
+  async #flush(): Promise<void> {
+    if (this.#batch.length === 0) return;
+    const bufs = this.#batch;
+    const at = this.#batchAt;
+    const bytes = this.#batchBytes;
+    const slots = this.#batchSlots;
+    this.#batch = [];
+    this.#batchSlots = [];
+    this.#batchAt += bytes;
+    this.#batchBytes = 0;
+    while (this.#writes.length >= WRITES_IN_FLIGHT) await this.#writes[0];
+    const w = this.#writeAll(bufs, at, bytes)
+      .catch((err: unknown) => this.#fail(err))
+      .finally(() => {
+        for (const s of slots) this.#pool.release(s);
+        void this.#writes.splice(this.#writes.indexOf(w), 1);
+      });
+    this.#writes.push(w);
+    this.#sinceSync += bytes;
     // Start writeback early so the final fsync does not wait for gigabytes of dirty pages.
     if (this.#sinceSync >= SYNC_EVERY && !this.#syncing) {
       this.#sinceSync = 0;
@@ -127,12 +177,39 @@ export class BackupFileWriter {
       // left unawaited it would be an unhandled rejection that ends the whole process.
       this.#syncing = this.#fh
         .datasync()
-        .catch((err: unknown) => {
-          this.#syncError ??= new BulwarkError(`cannot write backup file ${this.path}: ${describeError(err)}`, { kind: 'unavailable', cause: err });
-        })
+        .catch((err: unknown) => this.#fail(err))
         .finally(() => (this.#syncing = null));
     }
-    return pos;
+    if (this.#syncError) throw this.#syncError;
+  }
+
+  async #writeAll(bufs: Buffer[], at: number, bytes: number): Promise<void> {
+    let done = 0;
+    let rest = bufs;
+    for (;;) {
+      const { bytesWritten } = await this.#fh.writev(rest, at + done);
+      done += bytesWritten;
+      if (done >= bytes) return;
+      if (bytesWritten === 0) throw new Error(`short write at offset ${at + done}`);
+      // Partial write: drop what was written and continue with the rest.
+      let skip = bytesWritten;
+      const next: Buffer[] = [];
+      for (const b of rest) {
+        if (skip >= b.length) skip -= b.length;
+        else {
+          next.push(skip > 0 ? b.subarray(skip) : b);
+          skip = 0;
+        }
+      }
+      rest = next;
+    }
+  }
+
+  /** Writes everything gathered and waits for it. */
+  async #drain(): Promise<void> {
+    await this.#flush();
+    while (this.#writes.length > 0) await this.#writes[0];
+    if (this.#syncError) throw this.#syncError;
   }
 
   async writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> } = {}): Promise<DiskWriteStats> {
@@ -171,13 +248,11 @@ export class BackupFileWriter {
     const flushPage = async () => {
       const payload = encodeTablePage(page);
       const crc = crc32c(payload);
-      const rec = Buffer.concat([
-        encodeRecordHeader({ type: 'table-page', compression: 'none', encrypted: false, storedLength: payload.length, plainLength: payload.length, payloadCrc: crc }),
-        payload,
-      ]);
-      const offset = await this.#append(rec);
+      const head = encodeRecordHeader({ type: 'table-page', compression: 'none', encrypted: false, storedLength: payload.length, plainLength: payload.length, payloadCrc: crc });
+      const offset = this.#append([head, payload]);
       pages.push({ offset, entryCount: page.length, crc });
       page = [];
+      await this.#flushIfFull();
     };
     const setEntry = async (index: number, e: BlockEntry) => {
       while (next < index) {
@@ -206,6 +281,7 @@ export class BackupFileWriter {
         return;
       }
       const enc = await p.encoded;
+      let written = false;
       try {
         if (opts.compareWithParent) {
           const parent = await opts.parentBlock!(p.index);
@@ -224,18 +300,21 @@ export class BackupFileWriter {
         }
         encodeRecordHeaderInto(
           { type: 'block', compression: enc.compression, encrypted: this.header.encryption !== null, storedLength: enc.storedLength, plainLength: p.length, payloadCrc: enc.crc },
-          enc.record,
+          enc.header,
           0,
         );
-        const recordOffset = await this.#append(enc.record);
+        // The slot is released once the batch holding the record is written.
+        const recordOffset = this.#append([enc.header, enc.payload], enc.slot);
+        written = true;
         stats.storedBytes += enc.storedLength;
         stats.plainBytes += p.length;
         const target = { recordOffset, storedLength: enc.storedLength, plainLength: p.length, crc: enc.crc };
         if (this.#dedup.size >= DEDUP_LIMIT) this.#dedup.delete(this.#dedup.keys().next().value!);
         this.#dedup.set(key, target);
         await setEntry(p.index, { kind: 'stored', digest: enc.digest, ...target });
+        await this.#flushIfFull();
       } finally {
-        this.#pool.release(enc.slot);
+        if (!written) this.#pool.release(enc.slot);
       }
     };
 
@@ -266,6 +345,8 @@ export class BackupFileWriter {
             await Promise.race([acquiring, queue[0]!.kind === 'data' ? queue[0]!.encoded : Promise.resolve()]);
             if (slot === null) await retire(queue.shift()!);
           }
+          // Every slot may sit in the gathered batch: write it, or nothing would free one.
+          if (slot === null) await this.#flush();
           await acquiring;
           const encoded = this.#pool.submit(slot!, b.data);
           encoded.catch(() => undefined); // observed when retired; avoid an unhandled rejection meanwhile
@@ -279,6 +360,7 @@ export class BackupFileWriter {
         await setEntry(blockCount - 1, this.#gapEntry);
       }
       if (page.length > 0) await flushPage();
+      await this.#flush();
     } catch (err) {
       // Release every slot still held so the pool stays usable for abort().
       for (const p of queue) if (p.kind === 'data') await p.encoded.then((e) => this.#pool.release(e.slot), () => undefined);
@@ -298,9 +380,9 @@ export class BackupFileWriter {
     }
     this.#done = true;
     try {
-      await this.#syncing;
       const index = encodeIndex({ config, disks: [...this.#disks.values()].map((d) => d.descriptor!) });
-      const indexOffset = await this.#append(index);
+      const indexOffset = this.#append([index]);
+      await this.#drain();
       const slot = encodeCommitSlot({ generation: 1, indexOffset, indexLength: index.length, fileLength: this.#end, indexCrc: crc32c(index) });
       await this.#fh.write(slot, 0, slot.length, COMMIT_SLOT_OFFSETS[0]);
       await this.#syncing;
@@ -308,15 +390,25 @@ export class BackupFileWriter {
       await this.#fh.sync();
       return { fileLength: this.#end };
     } finally {
+      await this.#settle();
       await this.#fh.close();
     }
+  }
+
+  /** Waits for every write and writeback started (their errors are kept, not thrown). */
+  async #settle(): Promise<void> {
+    while (this.#writes.length > 0) await this.#writes[0];
+    await this.#syncing;
+    for (const s of this.#batchSlots) this.#pool.release(s);
+    this.#batch = [];
+    this.#batchSlots = [];
   }
 
   /** Stops writing and removes the file. */
   async abort(): Promise<void> {
     if (!this.#done) {
       this.#done = true;
-      await this.#syncing?.catch(() => undefined);
+      await this.#settle();
       await this.#fh.close().catch(() => undefined);
     }
     await rm(this.path, { force: true });

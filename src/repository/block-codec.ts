@@ -18,7 +18,37 @@ const zstd = createRequire(import.meta.url)('zstd-napi/binding') as ZstdBinding;
 
 export const GCM_NONCE = 12;
 export const GCM_TAG = 16;
+/**
+ * zstd level of the default codec, chosen by measurement (docs/decisions/0004): on the bench's
+ * text-like blocks level 1 is as fast per core as the negative levels and compresses 4.3x.
+ */
 export const ZSTD_LEVEL = 1;
+
+/**
+ * Incompressibility probe: the order-0 entropy of PROBE_BYTES bytes sampled across the block.
+ * Random, compressed and encrypted data measure ~7.95 bits per byte on such a sample; text,
+ * code, zero-padded and structured data far less. Costs a few microseconds per block.
+ */
+const PROBE_SLICES = 16;
+const PROBE_SLICE = 256;
+const PROBE_BITS = 7.85;
+const LOG2 = new Float64Array(PROBE_SLICES * PROBE_SLICE + 1).map((_, i) => (i > 0 ? i * Math.log2(i) : 0));
+
+/** True when a sample of `plain` looks like random bytes (zstd would not shrink the block). */
+export function looksIncompressible(plain: Uint8Array, counts = new Uint32Array(256)): boolean {
+  if (plain.length < 64 * 1024) return false;
+  counts.fill(0);
+  const step = Math.floor((plain.length - PROBE_SLICE) / (PROBE_SLICES - 1));
+  for (let s = 0; s < PROBE_SLICES; s++) {
+    const at = s * step;
+    for (let i = at; i < at + PROBE_SLICE; i++) counts[plain[i]!]!++;
+  }
+  const n = PROBE_SLICES * PROBE_SLICE;
+  // H = log2(n) - sum(c log2 c) / n
+  let sum = 0;
+  for (let b = 0; b < 256; b++) sum += LOG2[counts[b]!]!;
+  return Math.log2(n) - sum / n >= PROBE_BITS;
+}
 
 /** Bytes a payload may need beyond the plain length (compression bound + GCM overhead). */
 export function payloadBound(blockSize: number): number {
@@ -34,12 +64,18 @@ export interface EncodedBlock {
   readonly compression: Compression;
   readonly crc: number;
   readonly digest: Buffer;
+  /**
+   * True when the payload is the plain data itself (stored uncompressed, not encrypted) and was
+   * NOT copied into `out`: the caller writes the plain bytes as the payload.
+   */
+  readonly raw: boolean;
 }
 
 /** Reusable per-thread state (zstd contexts are expensive to create). */
 export class BlockEncoder {
   #cctx = new zstd.CCtx();
   #scratch: Buffer;
+  #counts = new Uint32Array(256);
 
   constructor(
     readonly compression: Compression,
@@ -50,7 +86,10 @@ export class BlockEncoder {
     this.#scratch = Buffer.allocUnsafe(payloadBound(blockSize));
   }
 
-  /** Encodes `plain` into `out` (payload only; `out` must hold payloadBound bytes). */
+  /**
+   * Encodes `plain` into `out` (payload only; `out` must hold payloadBound bytes). When the
+   * result is `raw`, nothing was written to `out`: the payload is `plain` itself.
+   */
   encodeInto(plain: Buffer, out: Buffer): EncodedBlock {
     const digest = blockDigest(plain, this.keys);
     const enc = this.keys !== null;
@@ -58,6 +97,7 @@ export class BlockEncoder {
     const target = enc ? this.#scratch : out;
     let compression: Compression = this.compression;
     let len = 0;
+    if (compression !== 'none' && looksIncompressible(plain, this.#counts)) compression = 'none';
     switch (compression) {
       case 'zstd':
         len = this.#cctx.compress(target, plain, ZSTD_LEVEL);
@@ -72,16 +112,12 @@ export class BlockEncoder {
         len = plain.length;
         break;
     }
-    let body: Buffer;
     if (compression === 'none' || len >= plain.length) {
+      if (!enc) return { storedLength: plain.length, compression: 'none', crc: crc32c(plain), digest, raw: true };
       compression = 'none';
       len = plain.length;
-      if (enc) body = plain;
-      else {
-        plain.copy(out, 0);
-        body = out.subarray(0, len);
-      }
-    } else body = target.subarray(0, len);
+    }
+    const body = compression === 'none' ? plain : target.subarray(0, len);
     let storedLength = len;
     if (enc) {
       const nonce = randomBytes(GCM_NONCE);
@@ -95,7 +131,7 @@ export class BlockEncoder {
       cipher.getAuthTag().copy(out, at);
       storedLength = at + GCM_TAG;
     }
-    return { storedLength, compression, crc: crc32c(out.subarray(0, storedLength)), digest };
+    return { storedLength, compression, crc: crc32c(out.subarray(0, storedLength)), digest, raw: false };
   }
 }
 

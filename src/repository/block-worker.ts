@@ -13,7 +13,7 @@ parentPort!.on('message', (job: WorkerJob) => {
   const out = Buffer.from(init.output, job.slot * init.outputStride + init.payloadAt, init.outputStride - init.payloadAt);
   try {
     const e = encoder.encodeInto(plain, out);
-    const result: WorkerResult = { id: job.id, ok: true, storedLength: e.storedLength, compression: e.compression, crc: e.crc, digest: e.digest };
+    const result: WorkerResult = { id: job.id, ok: true, storedLength: e.storedLength, compression: e.compression, crc: e.crc, digest: e.digest, raw: e.raw };
     parentPort!.postMessage(result);
   } catch (err) {
     const result: WorkerResult = { id: job.id, ok: false, error: (err as Error).message };

@@ -1,7 +1,9 @@
-// A bounded pool of block encoders on worker threads. Plain blocks are copied into shared input
-// slots; workers write payloads into shared output slots; the caller writes the output slot to
-// the file and releases the slot. Memory is slots x (block size + payload bound), whatever the
-// disk size; when all slots are busy, encode() waits (back-pressure on the block source).
+// A bounded pool of block encoders on worker threads. Plain blocks are copied once, into shared
+// input slots (SharedArrayBuffer: the workers read them in place, nothing is cloned or
+// transferred per block); workers write payloads into shared output slots; the caller writes the
+// record straight from the slots (an incompressible block's payload is its input slot: no second
+// copy) and releases the slot once written. Memory is slots x (block size + payload bound),
+// whatever the disk size; when all slots are busy, acquire() waits (back-pressure on the source).
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { pathToFileURL } from 'node:url';
@@ -31,14 +33,16 @@ export interface WorkerJob {
   readonly length: number;
 }
 export type WorkerResult =
-  | { readonly id: number; readonly ok: true; readonly storedLength: number; readonly compression: Compression; readonly crc: number; readonly digest: Uint8Array }
+  | { readonly id: number; readonly ok: true; readonly storedLength: number; readonly compression: Compression; readonly crc: number; readonly digest: Uint8Array; readonly raw: boolean }
   | { readonly id: number; readonly ok: false; readonly error: string };
 
-/** An encoded block sitting in an output slot: `record` = header space + payload. */
+/** An encoded block sitting in a slot: the caller fills `header` and writes header + payload. */
 export interface EncodedSlot extends EncodedBlock {
   readonly slot: number;
-  /** RECORD_HEADER_SIZE bytes for the caller to fill, then the payload. */
-  readonly record: Buffer;
+  /** RECORD_HEADER_SIZE bytes (in the output slot) for the caller to fill. */
+  readonly header: Buffer;
+  /** The stored payload: in the output slot, or the input slot itself when `raw`. */
+  readonly payload: Buffer;
 }
 
 export interface EncodePoolOptions {
@@ -48,17 +52,19 @@ export interface EncodePoolOptions {
   readonly aad: Buffer;
   /** Worker threads; 0 encodes on the calling thread. Default: min(2, cores). */
   readonly threads?: number;
-  /** Blocks in flight; default 8 (4 for 4 MiB blocks). */
+  /** Blocks in flight (encoding, or encoded and waiting to be written); default 12 MiB of blocks, at least 6. */
   readonly slots?: number;
 }
 
 /** Starts the worker: compiled .js directly, or from sources (.ts under tsx/vitest) through tsx. */
 function startWorker(init: WorkerInit): Worker {
-  if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./block-worker.js', import.meta.url), { workerData: init });
+  // An encoder allocates almost nothing per block: a small young generation keeps its RSS low.
+  const resourceLimits = { maxYoungGenerationSizeMb: 4 };
+  if (!import.meta.url.endsWith('.ts')) return new Worker(new URL('./block-worker.js', import.meta.url), { workerData: init, resourceLimits });
   const src = new URL('./block-worker.ts', import.meta.url).href;
   const tsxApi = pathToFileURL(createRequire(import.meta.url).resolve('tsx/esm/api').replace(/\.cjs$/, '.mjs')).href;
   const boot = `import { register } from ${JSON.stringify(tsxApi)}; register(); await import(${JSON.stringify(src)});`;
-  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`), { workerData: init });
+  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`), { workerData: init, resourceLimits });
 }
 
 export class EncodePool {
@@ -72,13 +78,15 @@ export class EncodePool {
   readonly #outstanding: number[] = [];
   readonly #pending = new Map<number, { resolve: (r: WorkerResult) => void; reject: (e: Error) => void; worker: number }>();
   readonly #local: BlockEncoder | null;
+  readonly #slotCount: number;
   #nextId = 1;
   #closed = false;
   #failure: Error | null = null;
 
   constructor(opts: EncodePoolOptions) {
     const threads = opts.threads ?? Math.min(2, availableParallelism());
-    const slots = opts.slots ?? (opts.blockSize >= 4 * 1024 * 1024 ? 4 : 8);
+    const slots = opts.slots ?? Math.max(6, Math.floor((12 * 1024 * 1024) / opts.blockSize));
+    this.#slotCount = slots;
     this.#inputStride = opts.blockSize;
     this.#outputStride = RECORD_HEADER_SIZE + payloadBound(opts.blockSize);
     this.#input = new SharedArrayBuffer(this.#inputStride * slots);
@@ -136,6 +144,11 @@ export class EncodePool {
     }
   }
 
+  /** Number of slots (blocks that can be in flight at once). */
+  get slots(): number {
+    return this.#slotCount;
+  }
+
   release(slot: number): void {
     this.#free.push(slot);
     this.#waiters.shift()?.();
@@ -155,17 +168,23 @@ export class EncodePool {
       this.release(slot);
       return Promise.reject(new BulwarkError(`block of ${plain.length} bytes exceeds the block size`, { kind: 'invalid' }));
     }
-    const record = Buffer.from(this.#output, slot * this.#outputStride, this.#outputStride);
+    const input = Buffer.from(this.#input, slot * this.#inputStride, plain.length);
+    const output = Buffer.from(this.#output, slot * this.#outputStride, this.#outputStride);
+    plain.copy(input);
+    const done = (e: EncodedBlock): EncodedSlot => ({
+      ...e,
+      slot,
+      header: output.subarray(0, RECORD_HEADER_SIZE),
+      payload: e.raw ? input : output.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + e.storedLength),
+    });
     if (this.#local) {
       try {
-        const e = this.#local.encodeInto(plain, record.subarray(RECORD_HEADER_SIZE));
-        return Promise.resolve({ ...e, slot, record: record.subarray(0, RECORD_HEADER_SIZE + e.storedLength) });
+        return Promise.resolve(done(this.#local.encodeInto(input, output.subarray(RECORD_HEADER_SIZE))));
       } catch (err) {
         this.release(slot);
         return Promise.reject(err instanceof Error ? err : new Error(String(err)));
       }
     }
-    plain.copy(Buffer.from(this.#input, slot * this.#inputStride, plain.length));
     let worker = 0;
     for (let w = 1; w < this.#workers.length; w++) if (this.#outstanding[w]! < this.#outstanding[worker]!) worker = w;
     const id = this.#nextId++;
@@ -175,22 +194,15 @@ export class EncodePool {
       this.#outstanding[worker]! += 1;
       const job: WorkerJob = { id, slot, length: plain.length };
       this.#workers[worker]!.postMessage(job);
-    }).then(
-      (r) => {
+    })
+      .then((r) => {
         if (!r.ok) throw new Error(`block encoder: ${r.error}`);
-        return {
-          slot,
-          record: record.subarray(0, RECORD_HEADER_SIZE + r.storedLength),
-          storedLength: r.storedLength,
-          compression: r.compression,
-          crc: r.crc,
-          digest: Buffer.from(r.digest),
-        };
-      },
-    ).catch((err: unknown) => {
-      this.release(slot);
-      throw err;
-    });
+        return done({ storedLength: r.storedLength, compression: r.compression, crc: r.crc, digest: Buffer.from(r.digest.buffer, r.digest.byteOffset, r.digest.length), raw: r.raw });
+      })
+      .catch((err: unknown) => {
+        this.release(slot);
+        throw err;
+      });
   }
 
   /** acquire() + submit(). */
