@@ -8,7 +8,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, readlink, realpath, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, readlink, realpath, rm, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -405,6 +405,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           disks.push(await restoreOne(d.name, p.path, p.format as RestoreDiskFormat, false));
         }
         await copyBootFiles(newXml, firstDir, storage);
+        await giveToQemuUser(storage);
         await defineDomain(uri, newXml, storage);
         if (o.powerOn) await virsh(uri, ['start', name]);
         return { ...base, hypervisor: 'libvirt', disks, uuid, poweredOn: o.powerOn === true, durationMs: Date.now() - started };
@@ -430,6 +431,20 @@ async function copyBootFiles(xml: string, fromDir: string, toDir: string): Promi
     if (!p || !p.startsWith(`${toDir}/`)) continue;
     const src = path.join(fromDir, path.relative(toDir, p));
     if (await stat(src).then(() => true, () => false)) await run('cp', ['--reflink=auto', '--sparse=always', src, p]);
+  }
+}
+
+/**
+ * libvirt's QEMU runs as its own user (libvirt-qemu on Debian) and creates files next to the disks
+ * (serial logs): the new VM's folder is handed to it. libvirt relabels the disks themselves at start.
+ */
+async function giveToQemuUser(dir: string): Promise<void> {
+  try {
+    const uid = Number((await run('id', ['-u', 'libvirt-qemu'])).stdout.trim());
+    const gid = Number((await run('id', ['-g', 'libvirt-qemu'])).stdout.trim());
+    await chown(dir, uid, gid);
+  } catch (err) {
+    log.debug({ dir, err: describeError(err) }, 'no libvirt-qemu user: folder left as it is');
   }
 }
 
