@@ -10,6 +10,8 @@ import { configCommand } from './commands/config.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
 import { restoreCommand } from './commands/restore.js';
+import { settingsCommand } from './commands/settings.js';
+import { throttlingCommand } from './commands/throttling.js';
 import { instantRecoveryCommand } from './commands/recovery.js';
 import { agentCommand, serverCommand } from './commands/roles.js';
 import type { CliContext } from './context.js';
@@ -49,6 +51,8 @@ export function buildProgram(ctx: CliContext): Command {
     restoreCommand(ctx),
     instantRecoveryCommand(ctx),
     configCommand(ctx),
+    settingsCommand(ctx),
+    throttlingCommand(ctx),
     userCommand(ctx),
   ];
   for (const sub of subcommands) program.addCommand(sub);

@@ -5,6 +5,7 @@
 import { constants } from 'node:fs';
 import { access, chmod, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { connect, createServer } from 'node:net';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyPluginAsync } from 'fastify';
 import { BulwarkError, describeError } from '../common/errors.js';
@@ -15,6 +16,8 @@ import type { HypervisorConnection } from '../hypervisor/index.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
 import { restorePlugin } from './api/restore.js';
+import { resourcesPlugin } from './api/resources.js';
+import { DatabaseTaskSlots } from './resources/database-slots.js';
 import { recoveryPlugin, startRecoveryService } from './api/recovery.js';
 import { openDatabase, type ConfigDatabase } from './db/connect.js';
 import { dataFiles } from './data-dir.js';
@@ -226,7 +229,15 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       executor ??= dataPath;
       disks ??= dataPath;
     }
+    // The resource scheduler: task slots per proxy and repository, processing mode and rate
+    // shares from the configuration database (docs/resource-scheduling.md). The data path runs in
+    // this process, so the local agent's slots are available whenever the server is.
+    const slots = new DatabaseTaskSlots(ctx, { local: { name: 'local', cores: availableParallelism(), inProcess: true } });
+    cleanups.push(async () => slots.close());
+    await slots.refresh();
     const engine = new JobEngine({
+      slots,
+      sequential: () => slots.mode() === 'sequential',
       store: new DatabaseJobEngineStore(ctx, simulated ? 'simulated: no data moved (simulation mode: the fake task executor runs instead of the data path)' : undefined),
       executor,
       disks,
@@ -282,13 +293,14 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       const t = await createEnrollmentToken(agentStore, pki, { ...o, now: clock.now() });
       return { token: t.token, expiresAt: t.expiresAt.toISOString(), ...(t.name ? { name: t.name } : {}) };
     };
+    const resources = resourcesPlugin(ctx, () => slots.refresh());
     const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
 
     // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).
     const recovery = await startRecoveryService({ ctx, dataDir });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -300,7 +312,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), restorePlugin(ctx), recoveryPlugin(recovery), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), restorePlugin(ctx), resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

@@ -16,6 +16,7 @@ import {
 } from '../context.js';
 import { formatFields, formatTable, humanSize, localTime, printJson } from '../output.js';
 import { editWithVersion } from './edit.js';
+import { addAgentEditCommand, rateMBps, taskLimit } from './settings.js';
 
 const jsonOption = (): Option => new Option('--json', 'print the API object(s) as JSON');
 
@@ -153,6 +154,7 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
           { header: 'hostname', value: (a) => a.hostname },
           { header: 'version', value: (a) => a.agentVersion },
           { header: 'cores', value: (a) => a.cores, align: 'right' },
+          { header: 'max tasks', value: (a) => a.maxTasks, align: 'right' },
           { header: 'last seen', value: (a) => localTime(a.lastSeenAt) },
           // Free space of the agent's repositories, from its last heartbeat.
           { header: 'repository free', value: (a) => a.repositories.map((r) => `${r.path} ${r.freeBytes === undefined ? (r.error ?? '?') : humanSize(r.freeBytes)}`).join(', ') },
@@ -176,12 +178,15 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
           ['hostname', a.hostname],
           ['version', a.agentVersion],
           ['cores', a.cores],
+          ['max tasks', `${a.maxTasks}${a.maxTasksSetting === null ? ' (its CPU cores)' : ''}`],
           ['last seen', localTime(a.lastSeenAt)],
           ['certificate', a.certFingerprint],
           ['created', localTime(a.createdAt)],
         ]),
       );
     });
+
+  addAgentEditCommand(agent, ctx);
 
   agent
     .command('remove')
@@ -199,8 +204,9 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
 interface RepoOptions {
   path?: string;
   agent?: string;
-  maxTasks?: number;
+  maxTasks?: number | null;
   rate?: number;
+  rateLimit?: number | null;
   readRate?: number;
   writeRate?: number;
   expectVersion?: number;
@@ -213,6 +219,7 @@ function repoFields(o: RepoOptions): Record<string, unknown> {
   if (o.agent !== undefined) body.agent = o.agent;
   if (o.maxTasks !== undefined) body.maxTasks = o.maxTasks;
   if (o.rate !== undefined) Object.assign(body, { readRateMBps: o.rate, writeRateMBps: o.rate });
+  if (o.rateLimit !== undefined) Object.assign(body, { readRateMBps: o.rateLimit, writeRateMBps: o.rateLimit });
   if (o.readRate !== undefined) body.readRateMBps = o.readRate;
   if (o.writeRate !== undefined) body.writeRateMBps = o.writeRate;
   return body;
@@ -226,7 +233,8 @@ export function repoCommand(ctx: CliContext): Command {
   const withRepoOptions = (c: Command): Command =>
     c
       .option('--agent <name>', 'the agent that owns the folder (default: the local agent)')
-      .option('--max-tasks <n>', 'most tasks writing at once', positiveInt('--max-tasks'))
+      .option('--max-tasks <n>', 'most tasks writing at once, or "default" (the CPU cores of its agent)', taskLimit('--max-tasks'))
+      .option('--rate-limit <rate>', 'read and write rate limit shared by its tasks, e.g. 200MB/s, or "none"', rateMBps('--rate-limit'))
       .option('--rate <MBps>', 'read and write rate limit in MB/s', positiveNumber('--rate'))
       .option('--read-rate <MBps>', 'read rate limit in MB/s', positiveNumber('--read-rate'))
       .option('--write-rate <MBps>', 'write rate limit in MB/s', positiveNumber('--write-rate'))
@@ -277,7 +285,7 @@ export function repoCommand(ctx: CliContext): Command {
           ['id', r.id],
           ['path', r.path],
           ['agent', r.agent ?? '(local)'],
-          ['max tasks', r.maxTasks],
+          ['max tasks', `${r.maxTasks}${r.maxTasksSetting === null ? ' (the CPU cores of its agent)' : ''}`],
           ['read rate', rate(r.readRateMBps)],
           ['write rate', rate(r.writeRateMBps)],
           ['version', r.version],
@@ -296,7 +304,7 @@ export function repoCommand(ctx: CliContext): Command {
       .option('--expect-version <n>', 'refuse the edit unless the repository still has this version', positiveInt('--expect-version')),
   ).action(async (name: string, o: RepoOptions, cmd: Command) => {
     const patch = repoFields(o);
-    if (Object.keys(patch).length === 0) throw nothingToDo(`repo edit ${name}`, '--path, --agent, --max-tasks, --rate, --read-rate, --write-rate');
+    if (Object.keys(patch).length === 0) throw nothingToDo(`repo edit ${name}`, '--path, --agent, --max-tasks, --rate, --rate-limit, --read-rate, --write-rate');
     const r = await editWithVersion<Repository>(await clientFor(ctx, cmd), at('/repositories', name), patch, o.expectVersion);
     if (o.json) printJson(ctx.output, r);
     else ctx.output.out(`repository ${r.name} changed (version ${r.version})\n`);

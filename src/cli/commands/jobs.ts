@@ -350,6 +350,8 @@ export function sessionCommand(ctx: CliContext): Command {
           ['stored', humanSize(s.progress.bytesStored)],
           ['rate', humanRate(s.progress.processingRate)],
           ['reason', s.reason],
+          // Bottleneck statistics (docs/resource-scheduling.md): busy share per stage, the busiest named.
+          ['stages', s.stages?.summary ?? 'not measured'],
         ]),
       );
       ctx.output.out('\ntasks:\n');
@@ -361,6 +363,8 @@ export function sessionCommand(ctx: CliContext): Command {
           { header: 'progress', value: (t) => `${t.progress.percent.toFixed(0)}%`, align: 'right' },
           { header: 'read', value: (t) => humanSize(t.progress.bytesRead), align: 'right' },
           { header: 'duration', value: duration, align: 'right' },
+          { header: 'proxy', value: (t) => t.proxy },
+          { header: 'bottleneck', value: (t) => (t.stages?.bottleneck ? `${t.stages.bottleneck.charAt(0).toUpperCase()}${t.stages.bottleneck.slice(1)} ${Math.round(t.stages.shares[t.stages.bottleneck] * 100)}%` : undefined) },
           { header: 'message', value: (t) => t.message },
         ]),
       );

@@ -293,6 +293,7 @@ export class JobEngine {
           for (const t of again) {
             this.#setTask(active, t, 'queued', {
               attempt: t.record.attempt + 1,
+              stageBusy: undefined,
               message: undefined,
               startedAt: undefined,
               endedAt: undefined,
@@ -417,10 +418,16 @@ export class JobEngine {
         attempt: rt.record.attempt,
         proxy: lease.proxy,
       };
+      const grant = lease;
       const outcome = await this.#executor.execute(spec, {
         signal,
         progress: (p) => this.#onProgress(active, rt, p),
         log: (level, message) => this.#log(active, level, `${what}: ${message}`, rt.record.id),
+        rateLimit: () => grant.rateLimit?.(),
+        watchRate: (listener) => grant.watchRate?.(listener) ?? (() => undefined),
+        stageTimes: (busy) => {
+          if (rt.record.state === 'running') rt.record.stageBusy = { ...busy };
+        },
       });
       const messages = outcome.messages ?? [];
       for (const m of messages) this.#log(active, outcome.state === 'warning' ? 'warning' : 'info', `${what}: ${m}`, rt.record.id);
@@ -428,15 +435,16 @@ export class JobEngine {
         endedAt: this.#clock.now(),
         message: messages.length > 0 ? messages.join('; ') : undefined,
         progress: rt.record.progress,
+        stageBusy: rt.record.stageBusy,
       });
       this.#log(active, 'info', `${what}: ${outcome.state === 'success' ? 'done' : 'done with warnings'}`, rt.record.id);
     } catch (err) {
       if (signal.aborted) {
-        this.#setTask(active, rt, 'stopped', { endedAt: this.#clock.now(), message: active.stopReason, progress: rt.record.progress });
+        this.#setTask(active, rt, 'stopped', { endedAt: this.#clock.now(), message: active.stopReason, progress: rt.record.progress, stageBusy: rt.record.stageBusy });
         this.#log(active, 'warning', `${what}: ${active.stopReason ?? 'stopped'}`, rt.record.id);
       } else {
         const message = describeError(err);
-        this.#setTask(active, rt, 'failed', { endedAt: this.#clock.now(), message, progress: rt.record.progress });
+        this.#setTask(active, rt, 'failed', { endedAt: this.#clock.now(), message, progress: rt.record.progress, stageBusy: rt.record.stageBusy });
         this.#log(active, 'error', `${what}: failed: ${message}`, rt.record.id);
       }
     } finally {

@@ -1,6 +1,7 @@
 // The job engine's contracts: the session/task state machine, and the ports it is driven
 // through — a store (the configuration database), a disk resolver and a task executor (the data
 // path), and task slots (the resource scheduler). The engine itself is in engine.ts.
+import type { StageBusy } from '../../transport/stage-times.js';
 import type { BackupWindow } from '../scheduler/schedule.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -129,6 +130,8 @@ export interface TaskRecord {
   message?: string | undefined;
   /** Proxy (agent) that ran the task, as granted by the task slots. */
   proxy?: string | undefined;
+  /** Busy milliseconds per stage as last reported by the executor (bottleneck statistics). */
+  stageBusy?: StageBusy | undefined;
 }
 
 export type LogLevel = 'info' | 'warning' | 'error';
@@ -144,7 +147,7 @@ export interface SessionLogLine {
 export type NewSession = Omit<SessionRecord, 'id'>;
 export type NewTask = Omit<TaskRecord, 'id' | 'sessionId'>;
 export type SessionPatch = Partial<Pick<SessionRecord, 'state' | 'endedAt' | 'progress' | 'reason' | 'startedAt'>>;
-export type TaskPatch = Partial<Pick<TaskRecord, 'state' | 'attempt' | 'startedAt' | 'endedAt' | 'progress' | 'message' | 'proxy'>>;
+export type TaskPatch = Partial<Pick<TaskRecord, 'state' | 'attempt' | 'startedAt' | 'endedAt' | 'progress' | 'message' | 'proxy' | 'stageBusy'>>;
 
 // ---------------------------------------------------------------------------------------------
 // Ports
@@ -200,6 +203,10 @@ export interface SlotRequest {
 export interface SlotLease {
   /** The proxy (agent) chosen to run the task; undefined when the grant names none. */
   proxy?: string | undefined;
+  /** The task's current share of its repository's rate limit (bytes/s); undefined = unlimited. */
+  rateLimit?(): number | undefined;
+  /** Called when the share changes (tasks start or end on the same repository); returns an unsubscribe. */
+  watchRate?(listener: (bytesPerSecond: number | undefined) => void): () => void;
   release(): void;
 }
 
@@ -232,6 +239,18 @@ export interface TaskContext {
   progress(progress: TransferProgress): void;
   /** A line for the session log, attributed to this task. */
   log(level: LogLevel, message: string): void;
+  /**
+   * The task's current share of its repository's read/write rate limit in bytes/s (undefined =
+   * unlimited), from the slot grant; it changes as tasks start and end on the same repository.
+   */
+  rateLimit?(): number | undefined;
+  /** Called with the new share whenever it changes; returns an unsubscribe. */
+  watchRate?(listener: (bytesPerSecond: number | undefined) => void): () => void;
+  /**
+   * Busy milliseconds per stage so far (src/transport/stage-times.ts, cumulative: each report
+   * replaces the last). Stored with the task; `session show` names the bottleneck from them.
+   */
+  stageTimes?(busy: StageBusy): void;
 }
 
 /** A task that did not throw: success, or success with warnings (e.g. guest not quiesced). */

@@ -40,3 +40,39 @@ export function sumStageBusy(tasks: readonly StageBusy[]): StageBusy {
   for (const t of tasks) for (const s of STAGES) total[s] += t[s];
   return total;
 }
+
+/** What the API shows of a task's or session's stages: busy ms, shares, the bottleneck, the summary line. */
+export interface StageStatsView {
+  busyMs: StageBusy;
+  shares: StageBusy;
+  bottleneck: Stage | null;
+  summary: string;
+}
+
+export function stageStatsView(busy: StageBusy, elapsedMs: number): StageStatsView {
+  const v = bottleneckVerdict(busy, elapsedMs);
+  return { busyMs: { ...busy }, shares: { ...v.shares }, bottleneck: v.bottleneck ?? null, summary: v.summary };
+}
+
+/** Reads a stored StageBusy (JSON); undefined when absent or not one. */
+export function parseStageBusy(text: string | null | undefined): StageBusy | undefined {
+  if (text === null || text === undefined) return undefined;
+  try {
+    const v = JSON.parse(text) as Record<string, unknown>;
+    const busy = {} as StageBusy;
+    for (const s of STAGES) busy[s] = typeof v[s] === 'number' && Number.isFinite(v[s]) ? v[s] : 0;
+    return busy;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * A session's stages from its tasks': busy times summed, over the tasks' running times summed (a
+ * session of parallel tasks is judged by what its tasks waited on, not by its wall time).
+ */
+export function sessionStageStats(tasks: ReadonlyArray<{ busy: StageBusy | undefined; elapsedMs: number }>): StageStatsView | undefined {
+  const measured = tasks.filter((t): t is { busy: StageBusy; elapsedMs: number } => t.busy !== undefined);
+  if (measured.length === 0) return undefined;
+  return stageStatsView(sumStageBusy(measured.map((t) => t.busy)), measured.reduce((a, t) => a + Math.max(0, t.elapsedMs), 0));
+}

@@ -7,6 +7,8 @@ export interface ProxyCandidate {
   readonly name: string;
   /** The hypervisor host the agent runs on. */
   readonly host: string;
+  /** Further hypervisor hosts it reads disks of as an on-host proxy (the hosts it serves). */
+  readonly hosts?: readonly string[] | undefined;
   readonly online: boolean;
   /** Concurrent task limit (default: the agent's CPU cores, see `defaultMaxTasks`). */
   readonly maxTasks: number;
@@ -41,7 +43,11 @@ export function defaultMaxTasks(cpuCores: number): number {
 }
 
 function canReach(p: ProxyCandidate, need: ProxyNeed): boolean {
-  return p.host === need.vmHost || (need.storage !== undefined && p.reaches.includes(need.storage));
+  return onHost(p, need) || (need.storage !== undefined && p.reaches.includes(need.storage));
+}
+
+function onHost(p: ProxyCandidate, need: ProxyNeed): boolean {
+  return p.host === need.vmHost || (p.hosts?.includes(need.vmHost) ?? false);
 }
 
 function full(p: ProxyCandidate): boolean {
@@ -75,8 +81,8 @@ export function selectProxy(need: ProxyNeed, candidates: readonly ProxyCandidate
   if (candidates.length === 0) reasons.push('no agents are registered');
   if (capable.length === 0) return { kind: 'none', reasons };
   const free = capable.filter((p) => !full(p));
-  const onHost = free.filter((p) => p.host === need.vmHost).sort(lessBusy);
-  if (onHost[0]) return { kind: 'selected', proxy: onHost[0].name, via: 'on-host' };
+  const local = free.filter((p) => onHost(p, need)).sort(lessBusy);
+  if (local[0]) return { kind: 'selected', proxy: local[0].name, via: 'on-host' };
   const offHost = free.sort(lessBusy);
   if (offHost[0]) return { kind: 'selected', proxy: offHost[0].name, via: 'off-host' };
   return { kind: 'wait', reasons: capable.map((p) => `proxy ${p.name} is at its task limit (${p.running} of ${p.maxTasks})`) };

@@ -194,7 +194,7 @@ export class SchedulerTaskSlots implements TaskSlots {
 
   async acquire(request: SlotRequest, signal: AbortSignal): Promise<SlotLease> {
     const lease = await this.#scheduler.acquire(this.#describe(request), signal);
-    return { proxy: lease.proxy, release: () => lease.release() };
+    return { proxy: lease.proxy, rateLimit: () => lease.rateLimit(), watchRate: (l) => lease.watchRate(l), release: () => lease.release() };
   }
 }
 

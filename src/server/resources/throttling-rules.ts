@@ -148,3 +148,50 @@ export function matchingThrottlingRules<R extends ThrottlingRule>(
 ): R[] {
   return rules.filter((r) => ruleActiveAt(r, connection.at, connection.timeZone) && ruleCovers(r, connection.sourceIp, connection.targetIp));
 }
+
+/** A problem with a rule, naming the field (source, target, mbps, days, from, to) for the API edge. */
+export interface RuleProblem {
+  readonly field: 'source' | 'target' | 'mbps' | 'days' | 'from' | 'to';
+  readonly message: string;
+}
+
+/** Like `validateThrottlingRule`, each problem with the field it is about. */
+export function throttlingRuleProblems(rule: ThrottlingRule): RuleProblem[] {
+  const problems: RuleProblem[] = [
+    ...parseAddressList(rule.source).errors.map((message) => ({ field: 'source' as const, message })),
+    ...parseAddressList(rule.target).errors.map((message) => ({ field: 'target' as const, message })),
+  ];
+  if (!(rule.mbps > 0) || !Number.isFinite(rule.mbps)) problems.push({ field: 'mbps', message: `${String(rule.mbps)} is not a positive number of Mbit/s` });
+  const s = rule.schedule;
+  if (s) {
+    if (!HHMM.test(s.from)) problems.push({ field: 'from', message: `"${s.from}" is not a time (HH:MM)` });
+    if (!HHMM.test(s.to)) problems.push({ field: 'to', message: `"${s.to}" is not a time (HH:MM)` });
+    if (s.days.length === 0) problems.push({ field: 'days', message: 'the schedule names no days' });
+    for (const d of s.days) if (!WEEKDAYS.includes(d)) problems.push({ field: 'days', message: `"${String(d)}" is not a day (mon..sun)` });
+  }
+  return problems;
+}
+
+/** The limit on a connection: the strictest rule that covers it now. */
+export interface ThrottleLimit {
+  /** The rule whose limit applies (the strictest of those that match). */
+  readonly rule: string;
+  readonly mbps: number;
+  readonly bytesPerSecond: number;
+  /** Every rule that matches (each enforced with one bucket shared by all streams it covers). */
+  readonly rules: ReadonlyArray<{ readonly name: string; readonly mbps: number; readonly bytesPerSecond: number }>;
+}
+
+/**
+ * What limits traffic between `sourceIp` and `targetIp` (either direction) at `now`, evaluated in
+ * `zone` (IANA time zone of the server); undefined when no enabled rule covers it at that time.
+ * Pure. The transport enforces every rule in `rules` with its shared bucket; `bytesPerSecond` is
+ * the strictest of them (what one stream alone can get at most).
+ */
+export function limitFor(rules: readonly ThrottlingRule[], sourceIp: string, targetIp: string, now: Date, zone: string): ThrottleLimit | undefined {
+  const matching = matchingThrottlingRules(rules, { sourceIp, targetIp, at: now, timeZone: zone });
+  if (matching.length === 0) return undefined;
+  const all = matching.map((r) => ({ name: r.name, mbps: r.mbps, bytesPerSecond: mbpsToBytesPerSecond(r.mbps) }));
+  const strictest = all.reduce((a, b) => (b.mbps < a.mbps ? b : a));
+  return { rule: strictest.name, mbps: strictest.mbps, bytesPerSecond: strictest.bytesPerSecond, rules: all };
+}

@@ -12,6 +12,7 @@ import type {
 } from '../api/agent-link.js';
 import { agentNameTaken } from '../api/agent-link.js';
 import type { SessionTable, SessionTaskTable } from '../db/schema.js';
+import { parseStageBusy } from '../resources/bottleneck.js';
 import type { JobEngine } from '../jobs/engine.js';
 import type {
   JobDefinition,
@@ -73,6 +74,7 @@ function toTaskRecord(t: Selectable<SessionTaskTable>): TaskRecord {
     progress: { bytesRead: Number(t.bytes_read), bytesTransferred: Number(t.bytes_transferred), bytesStored: Number(t.bytes_stored), total: Number(t.bytes_total) },
     message: t.message ?? undefined,
     proxy: t.proxy ?? undefined,
+    stageBusy: parseStageBusy(t.stage_busy),
   };
 }
 
@@ -190,6 +192,7 @@ export class DatabaseJobEngineStore implements JobEngineStore {
     if (p.endedAt !== undefined) values.ended_at = p.endedAt.toISOString();
     if (p.message !== undefined) values.message = p.message;
     if (p.proxy !== undefined) values.proxy = p.proxy;
+    if (p.stageBusy !== undefined) values.stage_busy = JSON.stringify(p.stageBusy);
     if (p.progress !== undefined) {
       values.percent = percentOf(p.progress);
       values.bytes_read = p.progress.bytesRead;

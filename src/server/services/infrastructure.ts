@@ -18,6 +18,10 @@ import {
 } from './common.js';
 import type { Agent, AgentPatch, Host, HostCreate, HostPatch, Repository, RepositoryCreate, RepositoryPatch } from './model.js';
 import { NamePattern } from './model.js';
+import { availableParallelism } from 'node:os';
+
+/** Default task limit: one task per CPU core (src/server/resources/proxy-selection.ts defaultMaxTasks). */
+const coresLimit = (cores: number): number => Math.max(1, Math.floor(cores));
 
 const nameRe = new RegExp(NamePattern);
 export function checkName(name: string): void {
@@ -113,6 +117,8 @@ function toAgent(r: Selectable<AgentTable>, now: Date): Agent {
     lastSeenAt: r.last_seen_at,
     certFingerprint: r.cert_fingerprint,
     state: r.state === 'online' && silent ? 'offline' : r.state,
+    maxTasks: r.max_tasks ?? coresLimit(r.cores),
+    maxTasksSetting: r.max_tasks,
     uptimeSeconds: health?.uptimeSeconds ?? null,
     repositories: health?.repositories ?? [],
   };
@@ -168,7 +174,10 @@ export async function registerAgent(ctx: ServiceContext, a: AgentRegistration): 
 export async function updateAgent(ctx: ServiceContext, name: string, patch: AgentPatch): Promise<Agent> {
   const r = await findByNameOrId(ctx, 'agents', name);
   if (!r) throw notFound('agent', name);
-  await updateVersioned(ctx, 'agents', 'agent', r, patch.version, patch.state ? { state: patch.state } : {});
+  const values: Record<string, unknown> = {};
+  if (patch.state) values.state = patch.state;
+  if (patch.maxTasks !== undefined) values.max_tasks = patch.maxTasks;
+  await updateVersioned(ctx, 'agents', 'agent', r, patch.version, values);
   return getAgent(ctx, r.id);
 }
 
@@ -183,12 +192,22 @@ export async function deleteAgent(ctx: ServiceContext, name: string): Promise<vo
 }
 
 // ---- repositories
-function toRepository(r: Selectable<RepositoryTable>, agents: Map<string, string>): Repository {
+/** CPU cores by agent id; '' = the local agent's (a repository without agent is the local agent's). */
+async function agentCores(ctx: ServiceContext): Promise<Map<string, number>> {
+  const rows = await ctx.db.selectFrom('agents').select(['id', 'name', 'cores']).execute();
+  const cores = new Map(rows.map((r) => [r.id, r.cores]));
+  cores.set('', rows.find((r) => r.name === 'local')?.cores || availableParallelism());
+  return cores;
+}
+
+function toRepository(r: Selectable<RepositoryTable>, agents: Map<string, string>, cores: Map<string, number>): Repository {
   return {
     ...configFields(r),
     path: r.path,
     agent: r.agent_id ? (agents.get(r.agent_id) ?? null) : null,
-    maxTasks: r.max_tasks,
+    // max_tasks 0: the default, the cores of its agent.
+    maxTasks: r.max_tasks > 0 ? r.max_tasks : coresLimit(cores.get(r.agent_id ?? '') ?? 1),
+    maxTasksSetting: r.max_tasks > 0 ? r.max_tasks : null,
     readRateMBps: r.read_rate_mbps,
     writeRateMBps: r.write_rate_mbps,
   };
@@ -199,14 +218,14 @@ function checkPath(path: string): void {
 }
 
 export async function listRepositories(ctx: ServiceContext): Promise<Repository[]> {
-  const [rows, agents] = await Promise.all([ctx.db.selectFrom('repositories').selectAll().orderBy('name').execute(), agentNames(ctx)]);
-  return rows.map((r) => toRepository(r, agents));
+  const [rows, agents, cores] = await Promise.all([ctx.db.selectFrom('repositories').selectAll().orderBy('name').execute(), agentNames(ctx), agentCores(ctx)]);
+  return rows.map((r) => toRepository(r, agents, cores));
 }
 
 export async function getRepository(ctx: ServiceContext, name: string): Promise<Repository> {
   const r = await findByNameOrId(ctx, 'repositories', name);
   if (!r) throw notFound('repository', name);
-  return toRepository(r, await agentNames(ctx));
+  return toRepository(r, await agentNames(ctx), await agentCores(ctx));
 }
 
 export async function createRepository(ctx: ServiceContext, input: RepositoryCreate): Promise<Repository> {
@@ -225,7 +244,7 @@ export async function createRepository(ctx: ServiceContext, input: RepositoryCre
         updated_at: now,
         path: input.path,
         agent_id: agentId,
-        max_tasks: input.maxTasks ?? 4,
+        max_tasks: input.maxTasks ?? 0,
         read_rate_mbps: input.readRateMBps ?? null,
         write_rate_mbps: input.writeRateMBps ?? null,
       })
@@ -243,7 +262,7 @@ export async function updateRepository(ctx: ServiceContext, name: string, patch:
     values.path = patch.path;
   }
   if (patch.agent !== undefined) values.agent_id = await agentIdByName(ctx, patch.agent);
-  if (patch.maxTasks !== undefined) values.max_tasks = patch.maxTasks;
+  if (patch.maxTasks !== undefined) values.max_tasks = patch.maxTasks ?? 0;
   if (patch.readRateMBps !== undefined) values.read_rate_mbps = patch.readRateMBps;
   if (patch.writeRateMBps !== undefined) values.write_rate_mbps = patch.writeRateMBps;
   await updateVersioned(ctx, 'repositories', 'repository', r, patch.version, values);

@@ -7,6 +7,7 @@ import { isFinalState } from '../jobs/ports.js';
 import type { RestorePointTable, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
 import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
 import type { LogLevelT, Progress, RestorePoint, Session, SessionTask } from './model.js';
+import { parseStageBusy, sessionStageStats, stageStatsView } from '../resources/bottleneck.js';
 
 /** A session or task state that is never left (the job engine's definition). */
 export const isFinal = (s: SessionState): boolean => isFinalState(s);
@@ -47,7 +48,25 @@ function toTask(t: Selectable<SessionTaskTable>): SessionTask {
     ...(t.ended_at ? { endedAt: t.ended_at } : {}),
     progress: progressOf(t),
     ...(t.message ? { message: t.message } : {}),
+    ...(t.proxy ? { proxy: t.proxy } : {}),
+    ...taskStages(t),
   };
+}
+
+/** A task's running time: start to end (or to now while it runs). */
+function taskElapsedMs(t: Selectable<SessionTaskTable>): number {
+  if (!t.started_at) return 0;
+  return (t.ended_at ? Date.parse(t.ended_at) : Date.now()) - Date.parse(t.started_at);
+}
+
+function taskStages(t: Selectable<SessionTaskTable>): Pick<SessionTask, 'stages'> {
+  const busy = parseStageBusy(t.stage_busy);
+  return busy ? { stages: stageStatsView(busy, taskElapsedMs(t)) } : {};
+}
+
+function sessionStages(tasks: ReadonlyArray<Selectable<SessionTaskTable>>): Pick<Session, 'stages'> {
+  const stages = sessionStageStats(tasks.map((t) => ({ busy: parseStageBusy(t.stage_busy), elapsedMs: taskElapsedMs(t) })));
+  return stages ? { stages } : {};
 }
 
 function toSession(r: Selectable<SessionTable>, tasks: SessionTask[], log: Session['log']): Session {
@@ -73,7 +92,7 @@ export async function getSession(ctx: ServiceContext, id: string): Promise<Sessi
     ctx.db.selectFrom('session_tasks').selectAll().where('session_id', '=', id).orderBy('vm').orderBy('disk').execute(),
     ctx.db.selectFrom('session_log').select(['time', 'level', 'message']).where('session_id', '=', id).orderBy('id').execute(),
   ]);
-  return toSession(r, tasks.map(toTask), log);
+  return { ...toSession(r, tasks.map(toTask), log), ...sessionStages(tasks) };
 }
 
 export interface SessionQuery {
