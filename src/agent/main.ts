@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { BulwarkError, describeError, errorKindOfStatus } from '../common/errors.js';
 import { logger } from '../common/log.js';
 import { createAgentKey, createCsr, fingerprintOfPem } from './identity.js';
+import { AgentTaskRunner } from './remote/task-runner.js';
 import { writeFileAtomic as writeAtomically } from '../storage/local-fs.js';
 
 const log = logger('agent');
@@ -31,6 +32,14 @@ export interface RunAgentOptions {
   heartbeatIntervalMs?: number | undefined;
   /** Backoff after a failed heartbeat: first wait and cap (default 1 s, 60 s). */
   backoff?: { initialMs: number; maxMs: number } | undefined;
+  /** Take tasks from the server (long poll; default true). */
+  tasks?: boolean | undefined;
+  /** Data-mover listener for backups this agent receives, `HOST:PORT` (default 0.0.0.0, any free port). */
+  dataListen?: string | undefined;
+  /** Address sources use to reach the data-mover listener (default: the address the server sees). */
+  dataAdvertise?: string | undefined;
+  /** How long a data stream may stay down before a transfer fails (default 30 s). */
+  resumeWindowMs?: number | undefined;
 }
 
 export type HeartbeatOutcome = { ok: true; at: Date } | { ok: false; at: Date; error: BulwarkError };
@@ -87,7 +96,35 @@ export async function runAgent(opts: RunAgentOptions): Promise<RunningAgent> {
   } else if (opts.enrollToken !== undefined) {
     log.info({ agent: identity.state.name }, 'already enrolled; the enrollment token is not used');
   }
-  return startHeartbeats(identity, serverUrl ?? identity.state.serverUrl, opts);
+  const url = serverUrl ?? identity.state.serverUrl;
+  const running = startHeartbeats(identity, url, opts);
+  if (opts.tasks === false) return running;
+  // Tasks use their own connections: a long poll must never hold up a heartbeat.
+  const taskAgent = new https.Agent({ keepAlive: true, maxSockets: 4, key: identity.keyPem, cert: identity.certPem, ca: identity.caCertPem });
+  const runner = new AgentTaskRunner({
+    name: identity.state.name,
+    tls: { key: identity.keyPem, cert: identity.certPem, ca: identity.caCertPem },
+    httpsAgent: taskAgent,
+    request: <T,>(method: 'POST', route: string, body: unknown, agent: https.Agent, timeoutMs: number) => requestJson<T>(url, method, route, body, { agent }, timeoutMs),
+    dataListen: opts.dataListen !== undefined ? parseHostPort(opts.dataListen) : undefined,
+    dataAdvertise: opts.dataAdvertise,
+    resumeWindowMs: opts.resumeWindowMs,
+  });
+  runner.start();
+  return {
+    ...running,
+    async close() {
+      await runner.close();
+      taskAgent.destroy();
+      await running.close();
+    },
+  };
+}
+
+function parseHostPort(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text);
+  if (!m || Number(m[3]) > 65535) throw new BulwarkError(`--data-listen "${text}" is not HOST:PORT`, { kind: 'invalid', context: { field: 'dataListen' } });
+  return { host: m[1] || m[2] || '0.0.0.0', port: Number(m[3]) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,7 +310,7 @@ async function measure(paths: string[]): Promise<Array<{ path: string; freeBytes
 
 type TlsOptions = { rejectUnauthorized: false } | { ca: string } | { agent: https.Agent };
 
-async function requestJson<T>(serverUrl: string, method: 'GET' | 'POST', route: string, body: unknown, tls: TlsOptions): Promise<T> {
+async function requestJson<T>(serverUrl: string, method: 'GET' | 'POST', route: string, body: unknown, tls: TlsOptions, timeoutMs = 30_000): Promise<T> {
   let url: URL;
   try {
     url = new URL(route, serverUrl);
@@ -291,7 +328,7 @@ async function requestJson<T>(serverUrl: string, method: 'GET' | 'POST', route: 
         method,
         ...('agent' in tls ? { agent: tls.agent } : { agent: false, ...tls }),
         headers: { accept: 'application/json', ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
-        timeout: 30_000,
+        timeout: timeoutMs,
       },
       (res) => {
         const chunks: Buffer[] = [];
@@ -318,7 +355,7 @@ async function requestJson<T>(serverUrl: string, method: 'GET' | 'POST', route: 
         });
       },
     );
-    req.on('timeout', () => req.destroy(new Error('no answer within 30 s')));
+    req.on('timeout', () => req.destroy(new Error(`no answer within ${Math.round(timeoutMs / 1000)} s`)));
     req.on('error', (cause) =>
       reject(new BulwarkError(`cannot reach the backup server at ${serverUrl}: ${describeError(cause)}`, { kind: 'unavailable', context: { server: serverUrl }, cause })),
     );

@@ -42,10 +42,11 @@ export interface PointRecord {
   readonly disks: readonly { readonly name: string; readonly size: number }[];
   readonly fileBytes: number;
   /**
-   * Ids of increment files merged into this file that a newer point's header still names as its
-   * base file (section 5, merge). Absent when none.
+   * Other file ids an inheriting point's header may name as its base file when it inherits from
+   * this point: the increment merged into a full (section 5, merge), or the full a reverse
+   * increment's point moved out of (section 5, reverse injection). Absent when none.
    */
-  readonly mergedFileIds?: readonly string[];
+  readonly aliasFileIds?: readonly string[];
 }
 
 export interface ChainRecord {
@@ -64,6 +65,8 @@ export interface TransformJournal {
   readonly points: readonly string[];
   readonly files: readonly { readonly name: string; readonly generationBefore: number }[];
   readonly step: string;
+  /** Reverse injection: the point being injected (id, ISO time), to roll forward after a crash. */
+  readonly newPoint?: { readonly id: string; readonly time: string };
 }
 
 /** Blocks a health check found damaged, for the next backup to store fresh (section 4). */
@@ -204,8 +207,8 @@ export function validateChainMetadata(v: unknown): asserts v is ChainMetadata {
       else check(typeof po.base === 'string' && isUuid(po.base), S, `${pw}.base must be a point id`);
       int(po, 'generation', pw, 1);
       int(po, 'fileBytes', pw);
-      if (po.mergedFileIds !== undefined) {
-        check(Array.isArray(po.mergedFileIds) && po.mergedFileIds.every((x) => typeof x === 'string' && isUuid(x)), S, `${pw}.mergedFileIds must be file ids`);
+      if (po.aliasFileIds !== undefined) {
+        check(Array.isArray(po.aliasFileIds) && po.aliasFileIds.every((x) => typeof x === 'string' && isUuid(x)), S, `${pw}.aliasFileIds must be file ids`);
       }
       arr(po, 'disks', pw).forEach((d, di) => {
         const dw = `${pw}.disks[${di}]`;
@@ -236,6 +239,11 @@ export function validateChainMetadata(v: unknown): asserts v is ChainMetadata {
     oneOf(j, 'kind', ['merge', 'synthetic-full', 'reverse-inject', 'compact'], 'journal');
     str(j, 'startedAt', 'journal');
     str(j, 'step', 'journal');
+    if (j.newPoint !== undefined) {
+      const np = obj(j.newPoint, 'journal.newPoint');
+      uuid(np, 'id', 'journal.newPoint');
+      check(!Number.isNaN(Date.parse(str(np, 'time', 'journal.newPoint'))), S, 'journal.newPoint.time is not a date');
+    }
     arr(j, 'points', 'journal').forEach((p, i) => check(typeof p === 'string', S, `journal.points[${i}] must be a string`));
     arr(j, 'files', 'journal').forEach((f, i) => {
       const fo = obj(f, `journal.files[${i}]`);

@@ -7,6 +7,7 @@ import { BulwarkError } from '../common/errors.js';
 import {
   COMMIT_SLOT_OFFSETS,
   COMMIT_SLOT_SIZE,
+  decodeCommitSlot,
   decodeHeader,
   decodeIndex,
   decodeRecordHeader,
@@ -43,6 +44,8 @@ export class BackupFile {
   readonly index: BackupIndex;
   readonly size: number;
   readonly aad: Buffer;
+  /** Opened with `write` (transforms): appends go through this handle. */
+  readonly handle: FileHandle;
   readonly #fh: FileHandle;
   readonly #pages = new Map<string, Promise<BlockEntry[]>>();
   readonly #disks = new Map<string, DiskDescriptor>();
@@ -50,6 +53,7 @@ export class BackupFile {
   private constructor(path: string, fh: FileHandle, size: number, header: FileHeader, slot: CommitSlot, slotIndex: number, index: BackupIndex) {
     this.path = path;
     this.#fh = fh;
+    this.handle = fh;
     this.size = size;
     this.header = header;
     this.slot = slot;
@@ -59,11 +63,16 @@ export class BackupFile {
     for (const d of index.disks) this.#disks.set(d.name, d);
   }
 
-  /** Opens and checks header, commit slot and index. */
-  static async open(path: string): Promise<BackupFile> {
+  /**
+   * Opens and checks header, commit slot and index. With `generation` (the one the .vbm names),
+   * the slot of that generation is used when it is valid, so a reader sees the point the .vbm
+   * names even while an in-place transform has committed a newer generation; otherwise (or
+   * after a compaction, which keeps only its new generation) the highest valid slot.
+   */
+  static async open(path: string, opts: { generation?: number; write?: boolean } = {}): Promise<BackupFile> {
     let fh: FileHandle;
     try {
-      fh = await open(path, 'r');
+      fh = await open(path, opts.write ? 'r+' : 'r');
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       throw new BulwarkError(`cannot open backup file ${path}`, { kind: code === 'ENOENT' ? 'not-found' : 'internal', context: { file: path }, cause: err });
@@ -74,10 +83,22 @@ export class BackupFile {
       const page = Buffer.alloc(HEADER_PAGE_SIZE);
       await readExactly(fh, page, 0);
       const header = decodeHeader(page);
-      const { slot, index: slotIndex } = pickCommitSlot(
-        COMMIT_SLOT_OFFSETS.map((o) => page.subarray(o, o + COMMIT_SLOT_SIZE)),
-        size,
-      );
+      const raws = COMMIT_SLOT_OFFSETS.map((o) => page.subarray(o, o + COMMIT_SLOT_SIZE));
+      let { slot, index: slotIndex } = pickCommitSlot(raws, size);
+      if (opts.generation !== undefined && slot.generation !== opts.generation) {
+        for (const [i, raw] of raws.entries()) {
+          let s: CommitSlot | null = null;
+          try {
+            s = decodeCommitSlot(raw, size);
+          } catch {
+            continue;
+          }
+          if (s?.generation === opts.generation) {
+            slot = s;
+            slotIndex = i;
+          }
+        }
+      }
       const raw = Buffer.alloc(slot.indexLength);
       await readExactly(fh, raw, slot.indexOffset);
       if (crc32c(raw) !== slot.indexCrc) throw new FormatError('index', 'checksum mismatch');

@@ -70,5 +70,8 @@ function pointInfo(body: ChainMetadata, c: ChainRecord, p: PointRecord, dir: str
     blockSize: c.blockSize,
     compression: c.compression,
     encrypted: c.encryption !== null,
+    generation: p.generation,
+    fileId: p.fileId,
+    ...(p.aliasFileIds ? { aliasFileIds: p.aliasFileIds } : {}),
   };
 }

@@ -20,6 +20,7 @@ import {
   type Compression,
   type FileHeader,
   type KdfParams,
+  type PendingRepairRecord,
   type PointRecord,
 } from '../format/index.js';
 import {
@@ -41,6 +42,8 @@ import { RestorePoint, type RestorePointInfo } from './restore-point.js';
 import { chainsOfFolder, listVmFolders, type VmFolder } from './folders.js';
 import type { HealthReport, MethodPolicy, PendingRepair, RetentionReport, SynthesizeFullOptions, VmChainState } from './plan/types.js';
 import * as transforms from './transforms/maintenance.js';
+import { recoverFolder } from './transforms/recover.js';
+import { injectReverse } from './transforms/inplace.js';
 
 const log = logger('repository');
 
@@ -186,7 +189,7 @@ export class Repository {
       while (cur) {
         if (seen.has(cur.id)) throw corrupt(`chain ${chain.id} has a cycle at point ${cur.id}`, { point: cur.id });
         seen.add(cur.id);
-        const f = await BackupFile.open(cur.file);
+        const f = await BackupFile.open(cur.file, cur.generation !== undefined ? { generation: cur.generation } : {});
         files.push(f);
         checkFileMatches(f, chain, cur, files.length > 1 ? files[files.length - 2]! : null);
         cur = cur.base === null ? undefined : byId.get(cur.base);
@@ -283,10 +286,9 @@ export class Repository {
   async #withFolder<T>(job: string, vm: string, fn: (f: VmFolder) => Promise<T>): Promise<T> {
     const dir = vmFolder(this.root, job, vm);
     const folder = { dir, vbmPath: path.join(dir, chainMetadataName(vm)) };
-    const lock = await tryLockFolder(dir).catch((err: unknown) => {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BulwarkError(`VM ${vm} of job ${job} has no restore points in repository ${this.root}`, { kind: 'not-found', context: { job, vm } });
-      throw err;
-    });
+    const exists = await stat(folder.vbmPath).then(() => true, () => false);
+    if (!exists) throw new BulwarkError(`VM ${vm} of job ${job} has no restore points in repository ${this.root}`, { kind: 'not-found', context: { job, vm } });
+    const lock = await tryLockFolder(dir);
     if (!lock) {
       throw new BulwarkError(`another writer holds VM ${vm} (job ${job})`, { kind: 'conflict', context: { job, vm, folder: dir } });
     }
@@ -304,10 +306,15 @@ export function checkFileMatches(f: BackupFile, chain: BackupChain, p: RestorePo
   const h = f.header;
   const problems: string[] = [];
   if (h.chainId !== chain.id) problems.push(`chain id ${h.chainId}, expected ${chain.id}`);
-  if (h.pointId !== p.id) problems.push(`point id ${h.pointId}, expected ${p.id}`);
+  // A file transformed in place (generation > 1: merged into, injected into, compacted) keeps the
+  // header of the point it was created for; the .vbm names the point it holds now, and its file id.
+  if (h.pointId !== p.id && (p.generation ?? 1) <= 1) problems.push(`point id ${h.pointId}, expected ${p.id}`);
+  if (p.fileId !== undefined && h.fileId !== p.fileId) problems.push(`file id ${h.fileId}, expected ${p.fileId}`);
   const expectedKind = p.kind === 'full' ? 'full' : p.kind === 'incremental' ? 'forward' : 'reverse';
   if (h.kind !== expectedKind) problems.push(`file kind ${h.kind}, expected ${expectedKind}`);
-  if (inheritor && inheritor.header.baseFileId !== h.fileId) problems.push(`file id ${h.fileId} is not the base ${inheritor.header.baseFileId} of ${inheritor.path}`);
+  if (inheritor && inheritor.header.baseFileId !== h.fileId && !(p.aliasFileIds ?? []).includes(inheritor.header.baseFileId)) {
+    problems.push(`file id ${h.fileId} is not the base ${inheritor.header.baseFileId} of ${inheritor.path}`);
+  }
   if (problems.length > 0) throw corrupt(`backup file ${f.path} does not match the chain metadata: ${problems.join('; ')}`, { file: f.path, point: p.id });
 }
 
@@ -344,6 +351,12 @@ async function isBulwarkBackupFile(p: string): Promise<boolean> {
 }
 
 async function sweepFolder(f: VmFolder): Promise<string[]> {
+  // An interrupted transform is finished or undone first: it may need files the sweep would remove.
+  try {
+    await recoverFolder(f);
+  } catch {
+    return []; // logged by recoverFolder; remove nothing until it can be recovered
+  }
   const removed = (await sweepTemporaries(f.dir)).map((n) => path.join(f.dir, n));
   let meta: Awaited<ReturnType<typeof readChainMetadata>>;
   try {
@@ -354,7 +367,7 @@ async function sweepFolder(f: VmFolder): Promise<string[]> {
   // No .vbm at all (renamed by hand, or copied in before its backup files' metadata): keep every
   // backup file, since each may be a restorable point that a rescan can still find.
   if (!meta) return removed;
-  const named = new Set(meta.body.chains.flatMap((c) => c.points.map((p) => p.file)));
+  const named = new Set([...meta.body.chains.flatMap((c) => c.points.map((p) => p.file)), ...(meta.body.journal?.files.map((x) => x.name) ?? [])]);
   for (const name of await readdir(f.dir)) {
     // Only files that are ours (Bulwark magic): other products use the same extensions.
     if (BACKUP_FILE_RE.test(name) && !named.has(name) && (await isBulwarkBackupFile(path.join(f.dir, name)))) {
@@ -363,6 +376,32 @@ async function sweepFolder(f: VmFolder): Promise<string[]> {
     }
   }
   return removed;
+}
+
+/** A parent digest no block hashes to: a block pending repair is always stored fresh. */
+const NEVER_EQUAL_DIGEST = Buffer.alloc(32, 0xff);
+
+/**
+ * What is left of a pending repair once the file at `file` (a new point's, committed) is a point:
+ * blocks it stores (or marks zero/hole) are repaired; blocks it inherits stay pending. A full
+ * clears everything, metadata damage included.
+ */
+async function remainingRepair(pending: PendingRepairRecord | null | undefined, file: string, kind: 'full' | 'incremental' | 'reverse'): Promise<PendingRepairRecord | null> {
+  if (!pending) return null;
+  if (kind === 'full') return null;
+  const f = await BackupFile.open(file);
+  try {
+    const disks: PendingRepairRecord['disks'][number][] = [];
+    for (const d of pending.disks) {
+      if (!f.disk(d.disk)) continue;
+      const left: number[] = [];
+      for (const b of d.blocks) if ((await f.entry(d.disk, b)).kind === 'inherit') left.push(b);
+      if (left.length > 0) disks.push({ disk: d.disk, blocks: left });
+    }
+    return disks.length === 0 && !pending.metadataDamaged ? null : { ...pending, disks };
+  } finally {
+    await f.close();
+  }
 }
 
 /**
@@ -387,11 +426,15 @@ export class RestorePointWriter {
   readonly #time: Date;
   #parentPoint: Promise<RestorePoint> | null = null;
   #finished = false;
+  /** Blocks a health check found damaged: never inherited from the parent (compareWithParent). */
+  readonly #repair: Map<string, Set<number>>;
 
   private constructor(init: {
     repo: Repository; folder: VmFolder; lock: FolderLock; file: BackupFileWriter; finalPath: string; untrack: () => void; pool: EncodePool;
     keys: ChainKeys | null; chain: ChainRecord; newChain: boolean; parent: RestorePointInfo | null; opts: StartRestorePointOptions; time: Date; pointId: string;
+    repair: Map<string, Set<number>>;
   }) {
+    this.#repair = init.repair;
     this.#repo = init.repo;
     this.#folder = init.folder;
     this.#lock = init.lock;
@@ -410,7 +453,6 @@ export class RestorePointWriter {
 
   /** @internal used by Repository.startRestorePoint */
   static async start(repo: Repository, opts: StartRestorePointOptions, folder: VmFolder, body: ChainMetadata, lock: FolderLock): Promise<RestorePointWriter> {
-    if (opts.kind === 'reverse') throw new BulwarkError('reverse injection is not implemented yet', { kind: 'internal' });
     const time = opts.time ?? new Date();
     const pointId = randomUUID();
     const fileId = randomUUID();
@@ -445,11 +487,14 @@ export class RestorePointWriter {
       }
       chain = body.chains.find((c) => c.id === parent!.chainId)!;
       const tip = chain.points[chain.points.length - 1]!;
-      if (chain.method !== 'forward' || tip.id !== parent.id) {
-        throw new BulwarkError(`restore point ${parent.id} is not the tip of a forward chain; an increment can only follow the latest point`, {
-          kind: 'conflict',
-          context: { vm: opts.vm, parent: parent.id, tip: tip.id },
-        });
+      const wanted = opts.kind === 'reverse' ? 'reverse' : 'forward';
+      if (chain.method !== wanted || tip.id !== parent.id) {
+        throw new BulwarkError(
+          opts.kind === 'reverse'
+            ? `restore point ${parent.id} is not the full of a reverse chain; reverse injection needs the latest point of a reverse chain (take a full with chainMethod 'reverse' first)`
+            : `restore point ${parent.id} is not the tip of a forward chain; an increment can only follow the latest point`,
+          { kind: 'conflict', context: { vm: opts.vm, parent: parent.id, tip: tip.id } },
+        );
       }
       baseFileId = tip.fileId;
       if (chain.encryption) {
@@ -458,6 +503,8 @@ export class RestorePointWriter {
         keys = await unlockChain(opts.password ?? opts.encryption?.password, kdf, { chain: chain.id, vm: opts.vm }, e.hint);
       }
     }
+    // A reverse point is first written as a forward increment on the full (a temporary staging
+    // file), then injected into the full at commit (docs/formats/backup-files.md section 5).
     const header: FileHeader = {
       kind: opts.kind === 'full' ? 'full' : 'forward',
       formatMinor: 0,
@@ -470,7 +517,7 @@ export class RestorePointWriter {
       compression: chain.compression,
       encryption: kdf,
     };
-    const finalPath = path.join(folder.dir, backupFileName(time, pointId, opts.kind === 'full' ? 'vbk' : 'vib'));
+    const finalPath = path.join(folder.dir, opts.kind === 'reverse' ? `inject-${pointId.slice(0, 8)}.vib` : backupFileName(time, pointId, opts.kind === 'full' ? 'vbk' : 'vib'));
     const tmp = temporaryNameFor(finalPath);
     const untrack = trackTemporary(tmp);
     const pool = new EncodePool({ blockSize: chain.blockSize, compression: chain.compression, keys, aad: uuidToBytes(chain.id), threads: opts.threads });
@@ -482,7 +529,9 @@ export class RestorePointWriter {
       await pool.close();
       throw err;
     }
-    return new RestorePointWriter({ repo, folder, lock, file, finalPath, untrack, pool, keys, chain, newChain: opts.kind === 'full', parent, opts, time, pointId });
+    const repair = new Map<string, Set<number>>();
+    for (const d of body.pendingRepair?.disks ?? []) repair.set(d.disk, new Set(d.blocks));
+    return new RestorePointWriter({ repo, folder, lock, file, finalPath, untrack, pool, keys, chain, newChain: opts.kind === 'full', parent, opts, time, pointId, repair });
   }
 
   #parentOpen(): Promise<RestorePoint> {
@@ -503,8 +552,10 @@ export class RestorePointWriter {
       if (!this.#parent) throw new BulwarkError('compareWithParent applies to incremental restore points only', { kind: 'invalid' });
       const parent = await this.#parentOpen();
       const hasDisk = parent.disks.some((d) => d.name === name);
+      const repair = this.#repair.get(name);
       parentBlock = async (i) => {
         if (!hasDisk) return { kind: 'hole' };
+        if (repair?.has(i)) return { kind: 'stored', digest: NEVER_EQUAL_DIGEST };
         const r = await parent.resolve(name, i);
         return r.kind === 'stored' ? { kind: 'stored', digest: r.entry.digest } : { kind: r.kind };
       };
@@ -519,9 +570,25 @@ export class RestorePointWriter {
     try {
       const config = sealConfig(this.#opts.vmConfig ?? Buffer.alloc(0), this.#keys, uuidToBytes(this.#chain.id));
       const { fileLength } = await this.#file.commit(config);
+      // Re-read under the lock: the .vbm is the only record, never overwrite a newer one blindly.
+      const pending = (await readChainMetadata(this.#folder.vbmPath))?.body.pendingRepair;
+      const repair = await remainingRepair(pending, this.#file.path, this.#opts.kind);
+      if (this.#opts.kind === 'reverse') {
+        try {
+          await injectReverse(
+            this.#folder,
+            { chainId: this.#chain.id, staging: this.#file.path, point: { id: this.pointId, time: this.#time }, repair },
+            { bytesRead: 0, bytesWritten: 0 },
+          );
+        } finally {
+          await rm(this.#file.path, { force: true });
+        }
+        const body = (await readChainMetadata(this.#folder.vbmPath))!.body;
+        const c = body.chains.find((x) => x.id === this.#chain.id)!;
+        return chainsOfFolder({ ...body, chains: [c] }, this.#folder.dir)[0]!.points.at(-1)!;
+      }
       await publish(this.#file.path, this.#finalPath);
       this.#untrack();
-      // Re-read under the lock: the .vbm is the only record, never overwrite a newer one blindly.
       const current = (await readChainMetadata(this.#folder.vbmPath)) ?? {
         generation: 0,
         body: { version: 1 as const, job: this.#opts.job, vm: this.#opts.vm, chains: [], journal: null },
@@ -540,7 +607,7 @@ export class RestorePointWriter {
       const chains = this.#newChain
         ? [...current.body.chains, { ...this.#chain, points: [point] }]
         : current.body.chains.map((c) => (c.id === this.#chain.id ? { ...c, points: [...c.points, point] } : c));
-      const body: ChainMetadata = { ...current.body, chains };
+      const body: ChainMetadata = { ...current.body, chains, pendingRepair: repair };
       await writeFileAtomic(this.#folder.vbmPath, encodeChainMetadata(current.generation + 1, body));
       const c = body.chains.find((x) => x.id === this.#chain.id)!;
       return chainsOfFolder({ ...body, chains: [c] }, this.#folder.dir)[0]!.points.at(-1)!;

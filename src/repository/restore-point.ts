@@ -27,6 +27,12 @@ export interface RestorePointInfo {
   readonly blockSize: number;
   readonly compression: Compression;
   readonly encrypted: boolean;
+  /** Commit-slot generation of the file at which this point is valid (absent: the highest). */
+  readonly generation?: number;
+  /** Other file ids an inheriting point may name as its base (docs/formats/backup-files.md §4). */
+  readonly aliasFileIds?: readonly string[];
+  /** File id the .vbm names for the point's file. */
+  readonly fileId?: string;
 }
 
 export type ResolvedBlock =

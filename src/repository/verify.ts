@@ -9,7 +9,12 @@ import {
   COMMIT_SLOT_SIZE,
   decodeCommitSlot,
   decodeRecordHeader,
+  DISK_DESCRIPTOR_SIZE,
   HEADER_PAGE_SIZE,
+  INDEX_HEADER_SIZE,
+  INDEX_MAGIC,
+  MAX_DISKS,
+  TABLE_PAGE_REF_SIZE,
   RECORD_HEADER_SIZE,
   type StoredBlockEntry,
 } from '../format/index.js';
@@ -108,7 +113,7 @@ export async function verifyRepository(root: string, opts: VerifyOptions = {}): 
           damage.push({ file: p.file, point: p.id, affectedPoints: affected, ...d });
         let file: BackupFile;
         try {
-          file = await BackupFile.open(p.file);
+          file = await BackupFile.open(p.file, p.generation !== undefined ? { generation: p.generation } : {});
         } catch (err) {
           add({ problem: describeError(err) });
           continue;
@@ -121,7 +126,7 @@ export async function verifyRepository(root: string, opts: VerifyOptions = {}): 
             if (base) {
               const bf = await BackupFile.open(base.file).catch(() => null);
               if (bf) {
-                if (bf.header.fileId !== file.header.baseFileId) add({ problem: `base file id ${file.header.baseFileId} is not the id of ${base.file}` });
+                if (bf.header.fileId !== file.header.baseFileId && !(base.aliasFileIds ?? []).includes(file.header.baseFileId)) add({ problem: `base file id ${file.header.baseFileId} is not the id of ${base.file}` });
                 await bf.close();
               }
             }
@@ -178,6 +183,11 @@ async function verifyFile(file: BackupFile, keys: ChainKeys | null, add: AddDama
     try {
       if (pos + RECORD_HEADER_SIZE > file.slot.indexOffset) throw new Error('record header crosses the index');
       await file.readAt(hdr, pos);
+      if (hdr.subarray(0, 8).equals(INDEX_MAGIC)) {
+        // The index of an earlier generation (a file transformed in place, section 5).
+        pos += await oldIndexLength(file, pos, file.slot.indexOffset);
+        continue;
+      }
       const h = decodeRecordHeader(hdr);
       if (pos + RECORD_HEADER_SIZE + h.storedLength > file.slot.indexOffset) throw new Error('record payload crosses the index');
       records.set(pos, h.storedLength);
@@ -239,6 +249,24 @@ async function verifyFile(file: BackupFile, keys: ChainKeys | null, add: AddDama
     if (crc32c(buf.subarray(RECORD_HEADER_SIZE)) !== h.payloadCrc) add({ problem: 'unreferenced record fails its CRC32C', fileOffset: offset });
   }
   return { blocks, bytes };
+}
+
+/** Length of the earlier index at `pos` (section 3.4 layout), checked to end inside the data area. */
+async function oldIndexLength(file: BackupFile, pos: number, limit: number): Promise<number> {
+  const head = Buffer.alloc(INDEX_HEADER_SIZE);
+  await file.readAt(head, pos);
+  const disks = head.readUInt32LE(8);
+  const configLength = head.readUInt32LE(12);
+  if (disks > MAX_DISKS) throw new Error(`earlier index at ${pos} has ${disks} disks`);
+  let len = INDEX_HEADER_SIZE + ((configLength + 7) & ~7);
+  const d = Buffer.alloc(DISK_DESCRIPTOR_SIZE);
+  for (let i = 0; i < disks; i++) {
+    if (pos + len + DISK_DESCRIPTOR_SIZE > limit) throw new Error(`earlier index at ${pos} crosses the current index`);
+    await file.readAt(d, pos + len);
+    len += DISK_DESCRIPTOR_SIZE + d.readUInt32LE(80) * TABLE_PAGE_REF_SIZE;
+  }
+  if (pos + len > limit) throw new Error(`earlier index at ${pos} crosses the current index`);
+  return len;
 }
 
 function isPage(file: BackupFile, offset: number): boolean {

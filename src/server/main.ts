@@ -10,10 +10,11 @@ import { join } from 'node:path';
 import type { FastifyPluginAsync } from 'fastify';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { logger } from '../common/log.js';
-import { LocalDataPathExecutor } from '../agent/backup/executor.js';
+import { LocalDataPathExecutor, type LocalDataPathOptions } from '../agent/backup/executor.js';
 import { runLocalAgent } from '../agent/local.js';
 import type { HypervisorConnection } from '../hypervisor/index.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
+import { createDispatch, type DispatchOptions } from './dispatch/index.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
 import { restorePlugin } from './api/restore.js';
 import { resourcesPlugin } from './api/resources.js';
@@ -73,6 +74,8 @@ export interface StartServerOptions {
    * enrolls and sends heartbeats over the TLS port like any agent (default true; needs `listen`).
    */
   localAgent?: boolean | undefined;
+  /** Task dispatch to agents: agent-lost timeout, data-stream resume window, throttling rules. */
+  dispatch?: DispatchOptions | undefined;
 }
 
 export interface RunningServer {
@@ -200,12 +203,16 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const simulated = opts.executor === undefined && (opts.simulate ?? process.env.BULWARK_SIMULATE_DATA_PATH === '1');
     let executor = opts.executor;
     let disks = opts.disks;
+    // Tasks for agents (multi-host data path): agents long-poll the TLS listener for them.
+    const dispatch = createDispatch(ctx, opts.dispatch);
+    cleanups.push(async () => dispatch.close());
     if (simulated) {
       executor = new FakeTaskExecutor({ clock, durationMs: 1000 });
       disks = new FakeDiskResolver();
     } else if (executor === undefined || disks === undefined) {
-      const dataPath = new LocalDataPathExecutor({
-        hosts: async () => (await listHosts(ctx)).map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
+      const localOptions: LocalDataPathOptions = {
+        // Hosts served by another agent are reached through that agent (dispatch), not from here.
+        hosts: async () => (await listHosts(ctx)).filter((h) => h.agent === null || h.agent === 'local').map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
         repositoryPath: async (job) => (await getRepository(ctx, job.repository)).path,
         onRestorePoint: async (job, task, summary) => {
           const repository = await getRepository(ctx, job.repository);
@@ -224,10 +231,12 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
           });
           events.changed(task.sessionId);
         },
-      });
+      };
+      const dataPath = new LocalDataPathExecutor(localOptions);
       cleanups.push(() => dataPath.close());
-      executor ??= dataPath;
-      disks ??= dataPath;
+      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint);
+      executor ??= dispatched;
+      disks ??= dispatched;
     }
     // The resource scheduler: task slots per proxy and repository, processing mode and rate
     // shares from the configuration database (docs/resource-scheduling.md). The data path runs in
@@ -312,7 +321,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), restorePlugin(ctx), resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx), resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

@@ -199,6 +199,11 @@ export class TransferReceiver {
     return this.#sessions.get(sessionId)?.stats;
   }
 
+  /** Aborts the sessions of a task (the server stopped it): nothing of them becomes visible. */
+  abortTask(taskId: string, reason: string): void {
+    for (const s of this.#sessions.values()) if (s.taskId === taskId) void this.#abort(s, 'aborted', reason);
+  }
+
   /** Stops listening, drops every connection and aborts every session that was not committed. */
   async close(): Promise<void> {
     const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()));

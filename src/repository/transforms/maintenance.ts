@@ -1,26 +1,278 @@
-// Chain maintenance of one VM folder, called by Repository under the folder's writer lock:
-// retention (merge, chain and point deletion), synthetic full, compaction, health check.
-// docs/formats/backup-files.md section 5.
-import { BulwarkError } from '../../common/errors.js';
-import type { VmFolder } from '../folders.js';
-import type { HealthReport, MethodPolicy, RetentionReport, SynthesizeFullOptions } from '../plan/types.js';
+// Chain maintenance of one VM folder, called by Repository under the folder's writer lock (after
+// recovery of any interrupted transform): retention (merges, chain and point deletion), synthetic
+// full, compaction, health check. docs/formats/backup-files.md section 5.
+import { randomUUID } from 'node:crypto';
+import path from 'node:path';
+import { rm } from 'node:fs/promises';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import { NIL_UUID, type BlockEntry, type ChainMetadata, type DiskDescriptor, type PointRecord, type StoredBlockEntry } from '../../format/index.js';
+import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
+import { BackupFile } from '../backup-file.js';
+import { blockDigest } from '../block-codec.js';
+import { chainsOfFolder, type VmFolder } from '../folders.js';
+import { backupFileName } from '../layout.js';
+import { planRetention } from '../plan/plan-retention.js';
+import { latestChain } from '../plan/plan-run.js';
+import type { DamagedBlock, HealthReport, MethodPolicy, PendingRepairRecord, RetentionAction, RetentionReport, SynthesizeFullOptions } from '../plan/types.js';
 import type { Repository } from '../repository.js';
-import type { RestorePointInfo } from '../restore-point.js';
+import type { RestorePoint, RestorePointInfo } from '../restore-point.js';
+import { crashPoint } from './crash-points.js';
+import { RecordSink } from './file-ops.js';
+import { mergeOldest, type TransformIo } from './inplace.js';
+import { findChain, readBody, removeFiles, replaceChain, updateBody } from './metadata.js';
 
-const notYet = (what: string) => new BulwarkError(`${what} is not implemented yet`, { kind: 'internal' });
+const log = logger('repository');
 
-export async function applyRetention(_f: VmFolder, _job: string, _vm: string, _policy: MethodPolicy, _now: Date, _password?: string): Promise<RetentionReport> {
-  throw notYet('applyRetention');
+export async function applyRetention(f: VmFolder, job: string, vm: string, policy: MethodPolicy, now: Date, _password?: string): Promise<RetentionReport & { io: TransformIo }> {
+  const io: TransformIo = { bytesRead: 0, bytesWritten: 0 };
+  const body = await readBody(f).catch((err: unknown) => {
+    if (err instanceof BulwarkError && err.kind === 'not-found') return null;
+    throw err;
+  });
+  if (!body) return { job, vm, actions: [], removedPoints: [], deletedFiles: [], io };
+  const actions = planRetention({ chains: chainsOfFolder(body, f.dir), repair: body.pendingRepair ?? null }, policy, now);
+  const removedPoints: string[] = [];
+  const deletedFiles: string[] = [];
+  for (const a of actions) {
+    switch (a.kind) {
+      case 'merge': {
+        const r = await mergeOldest(f, a.chain, io);
+        removedPoints.push(r.removed);
+        deletedFiles.push(r.deletedFile);
+        break;
+      }
+      case 'delete-chain': {
+        // The .vbm first: a crash before the files go leaves unnamed files the next sweep removes.
+        await updateBody(f, (b) => ({ ...b, chains: b.chains.filter((c) => c.id !== a.chain) }));
+        crashPoint('chain-deleted');
+        deletedFiles.push(...(await removeFiles(f, a.files)));
+        removedPoints.push(...a.points);
+        break;
+      }
+      case 'delete-point': {
+        await updateBody(f, (b) => {
+          const c = findChain(b, a.chain, f);
+          return replaceChain(b, { ...c, points: c.points.filter((p) => p.id !== a.point) });
+        });
+        crashPoint('point-deleted');
+        deletedFiles.push(...(await removeFiles(f, a.files)));
+        removedPoints.push(a.point);
+        break;
+      }
+      case 'none':
+        break;
+    }
+  }
+  if (removedPoints.length > 0) log.info({ job, vm, removedPoints, actions: actions.map(describeAction) }, 'retention applied');
+  return { job, vm, actions, removedPoints, deletedFiles, io };
 }
 
-export async function synthesizeFull(_repo: Repository, _f: VmFolder, _job: string, _vm: string, _opts: SynthesizeFullOptions): Promise<RestorePointInfo> {
-  throw notYet('synthesizeFull');
+function describeAction(a: RetentionAction): string {
+  return `${a.kind}: ${a.reason}`;
 }
 
-export async function compactFull(_f: VmFolder, _chain?: string): Promise<{ file: string; bytesBefore: number; bytesAfter: number }> {
-  throw notYet('compactFull');
+/** Tip of the chain holding `pointId` (or the VM's latest point). */
+function pickPoint(body: ChainMetadata, f: VmFolder, pointId: string | undefined): { chain: ChainMetadata['chains'][number]; point: PointRecord } {
+  const chains = chainsOfFolder(body, f.dir);
+  const id = pointId ?? latestChain(chains)?.points.at(-1)?.id;
+  for (const c of body.chains) {
+    const p = c.points.find((x) => x.id === id);
+    if (p) return { chain: c, point: p };
+  }
+  throw new BulwarkError(id ? `no restore point ${id} of VM ${body.vm}` : `VM ${body.vm} has no restore point`, { kind: 'not-found', context: { point: id, vm: body.vm } });
 }
 
-export async function healthCheck(_repo: Repository, _f: VmFolder, _job: string, _vm: string, _opts: { wholeChain?: boolean; password?: string }): Promise<HealthReport> {
-  throw notYet('healthCheck');
+export async function synthesizeFull(repo: Repository, f: VmFolder, _job: string, _vm: string, opts: SynthesizeFullOptions): Promise<RestorePointInfo & { io: TransformIo }> {
+  const io: TransformIo = { bytesRead: 0, bytesWritten: 0 };
+  const body = await readBody(f);
+  const { chain, point } = pickPoint(body, f, opts.point);
+  if (chain.method !== 'forward' || point.kind !== 'incremental' || chain.points.at(-1)!.id !== point.id) {
+    throw new BulwarkError(`restore point ${point.id} is not an increment at the tip of a forward chain; a synthetic full is built from one`, {
+      kind: 'invalid', context: { point: point.id, chain: chain.id },
+    });
+  }
+  if (chain.encryption) {
+    throw new BulwarkError(`synthetic full of an encrypted chain (${chain.id}) is not supported yet: take an active full`, { kind: 'invalid', context: { chain: chain.id } });
+  }
+  const rp = await repo.openRestorePoint(point.id, opts.password !== undefined ? { password: opts.password } : {});
+  const newChain = randomUUID();
+  const fileId = randomUUID();
+  const name = backupFileName(new Date(point.time), point.id, 'vbk');
+  const finalPath = path.join(f.dir, name);
+  const tmp = temporaryNameFor(finalPath);
+  const untrack = trackTemporary(tmp);
+  let fileLength = 0;
+  try {
+    const top = rp.files[0]!;
+    const sink = await RecordSink.create(tmp, { ...top.header, kind: 'full', fileId, chainId: newChain, pointId: point.id, baseFileId: NIL_UUID, timeMs: Date.parse(point.time) });
+    try {
+      const disks: DiskDescriptor[] = [];
+      for (const d of top.index.disks) {
+        const source = async (p: number, count: number): Promise<BlockEntry[]> => {
+          const resolved = [];
+          for (let k = 0; k < count; k++) resolved.push(await rp.resolve(d.name, p * d.entriesPerPage + k));
+          const byFile = new Map<BackupFile, StoredBlockEntry[]>();
+          for (const r of resolved) if (r.kind === 'stored') byFile.set(r.file, [...(byFile.get(r.file) ?? []), r.entry]);
+          for (const [file, entries] of byFile) await sink.copyRecords(file, entries);
+          crashPoint('synthetic-page');
+          return resolved.map((r) => (r.kind === 'stored' ? sink.mapped(r.file, r.entry) : r.kind === 'zero' ? { kind: 'zero' } : { kind: 'hole' }));
+        };
+        disks.push(await sink.writeTable(d.name, d.size, top.header.blockSize, source));
+      }
+      ({ fileLength } = await sink.commit(top.index.config, disks, 1, 0));
+    } finally {
+      io.bytesRead += sink.bytesRead;
+      io.bytesWritten += sink.bytesWritten;
+      await sink.close();
+    }
+    crashPoint('synthetic-written');
+    await publish(tmp, finalPath);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  } finally {
+    untrack();
+    await rp.close();
+  }
+  crashPoint('synthetic-published');
+  // One .vbm commit moves the point into the new chain; a crash before it leaves an unnamed file
+  // (swept), after it the old increment is unnamed (swept if its removal did not happen).
+  await updateBody(f, (b) => {
+    const old = findChain(b, chain.id, f);
+    const moved: PointRecord = { id: point.id, time: point.time, kind: 'full', file: name, fileId, base: null, generation: 1, disks: point.disks, fileBytes: fileLength };
+    const rest = replaceChain(b, { ...old, points: old.points.filter((p) => p.id !== point.id) });
+    return { ...rest, chains: [...rest.chains, { ...old, id: newChain, points: [moved] }] };
+  });
+  crashPoint('synthetic-committed');
+  await removeFiles(f, [point.file]);
+  const after = chainsOfFolder(await readBody(f), f.dir).find((c) => c.id === newChain)!;
+  return { ...after.points[0]!, io };
+}
+
+export async function compactFull(f: VmFolder, chainId?: string): Promise<{ file: string; bytesBefore: number; bytesAfter: number; io: TransformIo }> {
+  const io: TransformIo = { bytesRead: 0, bytesWritten: 0 };
+  const body = await readBody(f);
+  const chain = chainId ? findChain(body, chainId, f) : body.chains.find((c) => c.id === latestChain(chainsOfFolder(body, f.dir))?.id);
+  const fp = chain?.points.find((p) => p.kind === 'full');
+  if (!chain || !fp) throw new BulwarkError(`VM ${body.vm} has no full backup file to compact`, { kind: 'not-found', context: { vm: body.vm, chain: chainId } });
+  const filePath = path.join(f.dir, fp.file);
+  const full = await BackupFile.open(filePath, { generation: fp.generation });
+  const tmp = temporaryNameFor(filePath);
+  const untrack = trackTemporary(tmp);
+  let fileLength = 0;
+  const generation = full.slot.generation + 1;
+  try {
+    // Same header (file id, point, chain), a fresh data area with only referenced records.
+    const sink = await RecordSink.create(tmp, full.header);
+    try {
+      const disks: DiskDescriptor[] = [];
+      for (const d of full.index.disks) {
+        const source = async (p: number): Promise<BlockEntry[]> => {
+          const entries = await full.page(d, p);
+          await sink.copyRecords(full, entries.filter((e): e is StoredBlockEntry => e.kind === 'stored'));
+          crashPoint('compact-page');
+          return entries.map((e) => (e.kind === 'stored' ? sink.mapped(full, e) : e));
+        };
+        disks.push(await sink.writeTable(d.name, d.size, full.header.blockSize, source));
+      }
+      ({ fileLength } = await sink.commit(full.index.config, disks, generation, 0));
+    } finally {
+      io.bytesRead += sink.bytesRead;
+      io.bytesWritten += sink.bytesWritten;
+      await sink.close();
+    }
+    crashPoint('compact-written');
+    // Atomic: either the old file or the new one has the name. Readers that opened the old one
+    // keep reading it; the .vbm's generation falls back to the highest slot until it is updated.
+    await publish(tmp, filePath);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  } finally {
+    untrack();
+    await full.close();
+  }
+  crashPoint('compact-published');
+  await updateBody(f, (b) => {
+    const c = findChain(b, chain.id, f);
+    return replaceChain(b, { ...c, points: c.points.map((p) => (p.id === fp.id ? { ...p, generation, fileBytes: fileLength } : p)) });
+  });
+  return { file: filePath, bytesBefore: full.size, bytesAfter: fileLength, io };
+}
+
+export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm: string, opts: { wholeChain?: boolean; password?: string }): Promise<HealthReport> {
+  let body: ChainMetadata;
+  try {
+    body = await readBody(f);
+  } catch (err) {
+    if (err instanceof BulwarkError && err.kind === 'corrupt') {
+      return { job, vm, points: [], blocksChecked: 0, ok: false, damaged: [], metadataDamaged: true, metadataProblems: [describeError(err)], repair: null };
+    }
+    throw err;
+  }
+  const chain = latestChain(chainsOfFolder(body, f.dir));
+  const tip = chain?.points.at(-1);
+  if (!chain || !tip) throw new BulwarkError(`VM ${vm} of job ${job} has no restore point to check`, { kind: 'not-found', context: { job, vm } });
+  const points = opts.wholeChain ? chain.points : [tip];
+  const damaged: DamagedBlock[] = [];
+  const metadataProblems: string[] = [];
+  let blocksChecked = 0;
+  const checked = new Map<string, string | null>(); // file:offset -> problem (null = good)
+  for (const p of points) {
+    let rp: RestorePoint;
+    try {
+      rp = await repo.openRestorePoint(p.id, opts.password !== undefined ? { password: opts.password } : {});
+    } catch (err) {
+      if (err instanceof BulwarkError && err.kind === 'corrupt') {
+        metadataProblems.push(`point ${p.id}: ${describeError(err)}`);
+        continue;
+      }
+      throw err;
+    }
+    try {
+      for (const d of rp.disks) {
+        const count = Math.ceil(d.size / rp.info.blockSize);
+        for (let i = 0; i < count; i++) {
+          let r;
+          try {
+            r = await rp.resolve(d.name, i);
+          } catch (err) {
+            metadataProblems.push(`point ${p.id}, disk ${d.name}, block ${i}: ${describeError(err)}`);
+            i = (Math.floor(i / 1024) + 1) * 1024 - 1; // the rest of this table page is unknown too
+            continue;
+          }
+          if (r.kind !== 'stored') continue;
+          blocksChecked++;
+          const key = `${r.file.path}:${r.entry.recordOffset}`;
+          let problem = checked.get(key);
+          if (problem === undefined) {
+            try {
+              const plain = await r.file.readBlock(r.entry, rp.keys);
+              problem = blockDigest(plain, rp.keys).equals(r.entry.digest) ? null : 'the digest of the plain data does not match the block table';
+            } catch (err) {
+              problem = (err as Error).message;
+            }
+            checked.set(key, problem);
+          }
+          if (problem !== null) {
+            damaged.push({ file: r.file.path, point: p.id, disk: d.name, block: i, diskOffset: i * rp.info.blockSize, reason: problem });
+          }
+        }
+      }
+    } finally {
+      await rp.close();
+    }
+  }
+  const metadataDamaged = metadataProblems.length > 0;
+  const byDisk = new Map<string, number[]>();
+  for (const d of damaged) if (d.point === tip.id) byDisk.set(d.disk, [...(byDisk.get(d.disk) ?? []), d.block]);
+  const repair: PendingRepairRecord | null =
+    metadataDamaged || byDisk.size > 0
+      ? { detectedAt: new Date().toISOString(), point: tip.id, metadataDamaged, disks: [...byDisk].map(([disk, blocks]) => ({ disk, blocks })) }
+      : null;
+  await updateBody(f, (b) => ({ ...b, pendingRepair: repair }));
+  const ok = damaged.length === 0 && !metadataDamaged;
+  if (!ok) log.warn({ job, vm, damaged: damaged.length, metadataProblems }, 'health check found damage; the next run repairs it');
+  return { job, vm, points: points.map((p) => p.id), blocksChecked, ok, damaged, metadataDamaged, metadataProblems, repair };
 }

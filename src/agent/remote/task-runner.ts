@@ -1,0 +1,337 @@
+// The agent's task loop (docs/formats/agent-link.md, "Tasks"): long-polls the server for tasks
+// over the mutually authenticated link, runs them, and posts their events back (progress with
+// stage times, log lines, readiness, the result). Three kinds: list a VM's disks; receive a
+// backup into a repository on this host (the data-mover listener, repository-sink.ts); read a VM
+// next to this agent and send it to a repository agent (remote-target.ts). A task the server
+// cancels is stopped through its abort signal.
+import { randomBytes } from 'node:crypto';
+import type https from 'node:https';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
+import type { Checkpoint, Hypervisor, VmInfo } from '../../hypervisor/types.js';
+import { openRepository, type Repository } from '../../repository/index.js';
+import type { AgentTask, BackupSourceTask, BackupTargetTask, PollReply, ResolveDisksTask, TaskEvent, WireDisk, WirePrevious } from '../../transport/agent-tasks.js';
+import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
+import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
+import { RemoteRestorePointTarget } from './remote-target.js';
+import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
+
+const log = logger('agent-tasks');
+
+/** How the task loop talks to the server: the agent's JSON request over its TLS agent. */
+export type LinkRequest = <T>(method: 'POST', route: string, body: unknown, agent: https.Agent, timeoutMs: number) => Promise<T>;
+
+export interface AgentTaskRunnerOptions {
+  readonly name: string;
+  readonly tls: TlsIdentity;
+  /** An https.Agent with the agent's client certificate, for the poll and event requests. */
+  readonly httpsAgent: https.Agent;
+  readonly request: LinkRequest;
+  /** Where the data-mover listener binds when this agent receives a backup (default 0.0.0.0, any free port). */
+  readonly dataListen?: { readonly host: string; readonly port: number } | undefined;
+  /** Host name or address sources use to reach the listener (default: the address the server sees). */
+  readonly dataAdvertise?: string | undefined;
+  readonly resumeWindowMs?: number | undefined;
+}
+
+interface RunningTask {
+  readonly task: AgentTask;
+  readonly abort: AbortController;
+  readonly outbox: TaskEvent[];
+  progress: TaskEvent | undefined;
+  /** The result is queued: the task leaves `running` once it is delivered. */
+  ended: boolean;
+}
+
+export class AgentTaskRunner {
+  readonly #o: AgentTaskRunnerOptions;
+  readonly #bootId = randomBytes(12).toString('hex');
+  readonly #running = new Map<string, RunningTask>();
+  readonly #grants = new Map<string, TransferTaskGrant>();
+  readonly #targetEnds = new Map<string, (outcome: { ok: true } | { ok: false; reason: string }) => void>();
+  readonly #limiters = new SharedLimiters();
+  readonly #repositories = new Map<string, Promise<Repository>>();
+  readonly #adapters = new Map<string, Hypervisor>();
+  #receiver: Promise<TransferReceiver> | undefined;
+  #closed = false;
+  #loop: Promise<void> | undefined;
+  #flusher: NodeJS.Timeout | undefined;
+  #flushing: Promise<void> | undefined;
+
+  constructor(options: AgentTaskRunnerOptions) {
+    this.#o = options;
+  }
+
+  start(): void {
+    this.#loop = this.#pollLoop();
+    this.#flusher = setInterval(() => void this.#flush(), 200);
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearInterval(this.#flusher);
+    for (const r of this.#running.values()) r.abort.abort(new BulwarkError('the agent is shutting down', { kind: 'unavailable' }));
+    const receiver = await this.#receiver?.catch(() => undefined);
+    await receiver?.close();
+    await this.#flush().catch(() => undefined);
+    await Promise.allSettled([...this.#adapters.values()].map((a) => a.close()));
+    // The poll may be held open by the server for a while; the https agent's destroy ends it.
+    void this.#loop;
+  }
+
+  // ---- the link ----
+
+  async #pollLoop(): Promise<void> {
+    let failures = 0;
+    while (!this.#closed) {
+      let reply: PollReply;
+      try {
+        reply = await this.#o.request<PollReply>('POST', '/api/v1/agents/tasks/poll', { bootId: this.#bootId, running: [...this.#running.keys()] }, this.#o.httpsAgent, 60_000);
+        failures = 0;
+      } catch (err) {
+        if (this.#closed) return;
+        failures++;
+        log.warn({ err: describeError(err), failures }, 'task poll failed');
+        await sleep(Math.min(10_000, 500 * 2 ** Math.min(failures, 5)));
+        continue;
+      }
+      for (const c of reply.cancel) {
+        const r = this.#running.get(c.taskId);
+        if (r && !r.ended) {
+          log.info({ task: c.taskId, reason: c.reason }, 'server stopped the task');
+          r.abort.abort(new BulwarkError(`stopped by the server: ${c.reason}`, { kind: 'internal' }));
+          this.#targetEnds.get(c.taskId)?.({ ok: false, reason: c.reason });
+        }
+      }
+      for (const t of reply.tasks) this.#start(t);
+    }
+  }
+
+  #emit(taskId: string, e: TaskEvent): void {
+    const r = this.#running.get(taskId);
+    if (!r) return;
+    if (e.type === 'progress') r.progress = e;
+    else {
+      if (r.progress) {
+        r.outbox.push(r.progress);
+        r.progress = undefined;
+      }
+      r.outbox.push(e);
+    }
+    if (e.type === 'result' || e.type === 'ready') void this.#flush();
+  }
+
+  async #flush(): Promise<void> {
+    if (this.#flushing) return this.#flushing;
+    this.#flushing = (async () => {
+      for (const [taskId, r] of [...this.#running]) {
+        if (r.progress) {
+          r.outbox.push(r.progress);
+          r.progress = undefined;
+        }
+        if (r.outbox.length === 0) continue;
+        const events = r.outbox.splice(0);
+        try {
+          const reply = await this.#o.request<{ cancel: boolean }>('POST', `/api/v1/agents/tasks/${taskId}/events`, { events }, this.#o.httpsAgent, 30_000);
+          if (reply.cancel && !r.ended && !r.abort.signal.aborted) r.abort.abort(new BulwarkError('stopped by the server', { kind: 'internal' }));
+          if (events.some((e) => e.type === 'result')) this.#running.delete(taskId);
+        } catch (err) {
+          r.outbox.unshift(...events);
+          log.warn({ task: taskId, err: describeError(err) }, 'could not send task events; will retry');
+        }
+      }
+    })().finally(() => (this.#flushing = undefined));
+    return this.#flushing;
+  }
+
+  // ---- tasks ----
+
+  #start(task: AgentTask): void {
+    if (this.#running.has(task.taskId)) return;
+    const r: RunningTask = { task, abort: new AbortController(), outbox: [], progress: undefined, ended: false };
+    this.#running.set(task.taskId, r);
+    log.info({ task: task.taskId, kind: task.kind }, 'task started');
+    const run = async (): Promise<unknown> => {
+      switch (task.kind) {
+        case 'resolve-disks':
+          return this.#resolveDisks(task);
+        case 'backup-target':
+          return this.#backupTarget(task, r.abort.signal);
+        case 'backup-source':
+          return this.#backupSource(task, r.abort.signal);
+      }
+    };
+    run().then(
+      (value) => {
+        r.ended = true;
+        this.#emit(task.taskId, { type: 'result', ok: true, value });
+      },
+      (err: unknown) => {
+        r.ended = true;
+        const e = err instanceof BulwarkError ? err : new BulwarkError(describeError(err), { kind: 'internal', cause: err });
+        log.warn({ task: task.taskId, kind: task.kind, err: describeError(e) }, 'task failed');
+        this.#emit(task.taskId, { type: 'result', ok: false, error: { kind: e.kind, message: describeError(e), ...(e.hint ? { hint: e.hint } : {}) } });
+      },
+    );
+  }
+
+  #adapter(c: HypervisorConnection): Hypervisor {
+    const key = JSON.stringify(c);
+    let a = this.#adapters.get(key);
+    if (!a) {
+      a = openHypervisor(c);
+      this.#adapters.set(key, a);
+    }
+    return a;
+  }
+
+  async #locate(hosts: readonly HypervisorConnection[], vm: string): Promise<{ hypervisor: Hypervisor; vm: VmInfo; connection: HypervisorConnection }> {
+    for (const connection of hosts) {
+      const hypervisor = this.#adapter(connection);
+      try {
+        return { hypervisor, vm: await hypervisor.getVm(vm), connection };
+      } catch (err) {
+        if (err instanceof BulwarkError && err.kind === 'not-found') continue;
+        throw err;
+      }
+    }
+    throw new BulwarkError(`VM ${vm} was not found on the hosts of agent ${this.#o.name}`, { kind: 'not-found', context: { vm, agent: this.#o.name } });
+  }
+
+  async #resolveDisks(task: ResolveDisksTask): Promise<WireDisk[]> {
+    const { vm, connection } = await this.#locate(task.hosts, task.vm);
+    return vm.disks.map((d) => ({
+      name: d.name,
+      sizeBytes: d.virtualSize,
+      location: { hypervisor: connection.kind, vm: vm.id, image: d.imagePath, format: d.format, agent: this.#o.name, ...(d.nodeName ? { node: d.nodeName } : {}) },
+    }));
+  }
+
+  #repository(path: string): Promise<Repository> {
+    let r = this.#repositories.get(path);
+    if (!r) {
+      r = openRepository(path, { create: true });
+      r.catch(() => this.#repositories.delete(path));
+      this.#repositories.set(path, r);
+    }
+    return r;
+  }
+
+  #listener(): Promise<TransferReceiver> {
+    this.#receiver ??= TransferReceiver.listen({
+      tls: this.#o.tls,
+      host: this.#o.dataListen?.host ?? '0.0.0.0',
+      port: this.#o.dataListen?.port ?? 0,
+      ...(this.#o.resumeWindowMs !== undefined ? { resumeWindowMs: this.#o.resumeWindowMs } : {}),
+      grant: (taskId) => this.#grants.get(taskId),
+      onSessionEnd: (info) => this.#targetEnds.get(info.taskId)?.(info.outcome === 'committed' ? { ok: true } : { ok: false, reason: info.reason ?? info.outcome }),
+    });
+    this.#receiver.catch(() => (this.#receiver = undefined));
+    return this.#receiver;
+  }
+
+  /** Receives one VM's restore point; resolves with the committed point once the source committed. */
+  async #backupTarget(task: BackupTargetTask, signal: AbortSignal): Promise<{ point: Record<string, unknown> }> {
+    const repository = await this.#repository(task.repositoryPath);
+    const prev = await previousCheckpoint(repository, task.job, task.vm, task.chainId, task.password);
+    const receiver = await this.#listener();
+    let sink: RepositorySink | undefined;
+    const ended = new Promise<{ ok: true } | { ok: false; reason: string }>((resolve) => this.#targetEnds.set(task.taskId, resolve));
+    this.#grants.set(task.taskId, {
+      secret: task.secret,
+      openSink: async ({ peerCertificate }) => {
+        const cn = peerCertificate.subject?.CN;
+        const peer = Array.isArray(cn) ? cn[0] : cn;
+        if (peer !== task.sourceAgent) {
+          throw new BulwarkError(`agent ${String(peer)} may not send task ${task.taskId} (it was given to ${task.sourceAgent})`, { kind: 'forbidden' });
+        }
+        sink = new RepositorySink({ repository, job: task.job, vm: task.vm, password: task.password });
+        return sink;
+      },
+    });
+    try {
+      const previous: WirePrevious | null = prev ? { point: pointToWire(prev.point), checkpoint: prev.checkpoint as unknown as Record<string, unknown> } : null;
+      this.#emit(task.taskId, { type: 'ready', port: receiver.address.port, ...(this.#o.dataAdvertise ? { host: this.#o.dataAdvertise } : {}), previous });
+      const onAbort = (): void => {
+        receiver.abortTask(task.taskId, 'stopped by the server');
+        this.#targetEnds.get(task.taskId)?.({ ok: false, reason: 'stopped by the server' });
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      try {
+        const outcome = await ended;
+        if (!outcome.ok) throw new BulwarkError(`the backup was not committed: ${outcome.reason}`, { kind: 'unavailable', context: { task: task.taskId } });
+      } finally {
+        signal.removeEventListener('abort', onAbort);
+      }
+      if (!sink?.point) throw new BulwarkError('the session ended without a restore point', { kind: 'internal' });
+      this.#emit(task.taskId, { type: 'log', level: 'info', message: `restore point ${sink.point.id} committed in ${task.repositoryPath}` });
+      return { point: pointToWire(sink.point) };
+    } finally {
+      this.#grants.delete(task.taskId);
+      this.#targetEnds.delete(task.taskId);
+    }
+  }
+
+  /** Reads the VM here and sends it to the repository agent; resolves with the backup summary. */
+  async #backupSource(task: BackupSourceTask, signal: AbortSignal): Promise<Record<string, unknown>> {
+    const { hypervisor, vm } = await this.#locate(task.hosts, task.vm);
+    const stageTimes = new StageTimes();
+    const limits = task.limits;
+    const throttle = limits.length > 0 ? this.#limiters.throttleFor(() => limits) : undefined;
+    const corruptEvery = Number(process.env.BULWARK_TEST_CORRUPT_EVERY ?? 0);
+    const previous = task.previous ? { point: pointFromWire(task.previous.point), checkpoint: task.previous.checkpoint as unknown as Checkpoint } : null;
+    const target = new RemoteRestorePointTarget({
+      previous,
+      sender: {
+        target: { host: task.target.host, port: task.target.port, servername: task.target.agent },
+        tls: this.#o.tls,
+        taskId: task.transferId,
+        taskSecret: task.secret,
+        streams: task.streams,
+        resumeWindowMs: task.resumeWindowMs,
+        stageTimes,
+        ...(throttle ? { throttle } : {}),
+        // Test hook (multi-host tests): damage the first transmission of every Nth block on the wire.
+        ...(corruptEvery > 0 ? { corruptInTransit: (b: { sequence: number; attempt: number }) => b.attempt === 1 && b.sequence % corruptEvery === 0 } : {}),
+      },
+    });
+    if (limits.length > 0) this.#emit(task.taskId, { type: 'log', level: 'info', message: `data streams limited: ${limits.map((l) => `${l.name} ${((l.bytesPerSecond * 8) / 1e6).toFixed(1)} Mbit/s`).join(', ')}` });
+    const started = performance.now();
+    const summary = await backupVm({
+      hypervisor,
+      target,
+      job: task.job,
+      vm: vm.id,
+      full: task.full,
+      requireGuestProcessing: task.requireGuestProcessing ?? false,
+      ...(task.mode ? { mode: task.mode } : {}),
+      ...(task.blockSize !== undefined ? { blockSize: task.blockSize } : {}),
+      ...(task.compression ? { compression: task.compression } : {}),
+      signal,
+      onProgress: (progress) => this.#emit(task.taskId, { type: 'progress', progress: { ...progress }, stageTimes: stageTimes.snapshot() }),
+      onLog: (level, message, disk) => this.#emit(task.taskId, { type: 'log', level, message, ...(disk ? { disk } : {}) }),
+    });
+    const stats = target.sender?.stats;
+    if (stats) {
+      this.#emit(task.taskId, {
+        type: 'log',
+        level: 'info',
+        message: `transfer: sent ${stats.bytesSent} bytes in ${Math.round(target.transferMs)} ms over ${task.streams} stream(s), ${stats.blocks} blocks, ${stats.reconnects} reconnects`,
+      });
+      if (stats.resends > 0) this.#emit(task.taskId, { type: 'log', level: 'info', message: `${stats.resends} block(s) arrived damaged at the repository agent (CRC) and were sent again` });
+    }
+    this.#emit(task.taskId, { type: 'log', level: 'info', message: `source agent ${this.#o.name}: peak RSS ${Math.round(process.resourceUsage().maxRSS / 1024)} MiB` });
+    const elapsedMs = performance.now() - started;
+    this.#emit(task.taskId, { type: 'progress', progress: {}, stageTimes: stageTimes.snapshot() });
+    return {
+      ...summary,
+      point: pointToWire(summary.point),
+      transfer: stats ? { bytesSent: stats.bytesSent, blocks: stats.blocks, resends: stats.resends, nacks: stats.nacks, reconnects: stats.reconnects, streams: task.streams } : undefined,
+      stageTimes: stageTimes.snapshot(),
+      elapsedMs,
+      agentPeakRssBytes: process.resourceUsage().maxRSS * 1024,
+    };
+  }
+}

@@ -1,0 +1,216 @@
+// Building block of every transform (docs/formats/backup-files.md section 5): a RecordSink
+// appends to a backup file — a new one (reverse increment, synthetic full, compacted full) or an
+// existing one beyond its committed length (merge, reverse injection) — copying block records
+// from other files as stored bytes (no recompression), writing table pages and an index, and
+// committing through a commit slot. Nothing here decides what a file means; the callers do.
+import { open, type FileHandle } from 'node:fs/promises';
+import { crc32c } from '@node-rs/crc32';
+import { BulwarkError } from '../../common/errors.js';
+import {
+  blockCountOf,
+  COMMIT_SLOT_OFFSETS,
+  decodeRecordHeader,
+  encodeCommitSlot,
+  encodeHeader,
+  encodeIndex,
+  encodeRecordHeader,
+  encodeTablePage,
+  ENTRIES_PER_PAGE,
+  HEADER_PAGE_SIZE,
+  RECORD_HEADER_SIZE,
+  type BlockEntry,
+  type DiskDescriptor,
+  type DiskStats,
+  type FileHeader,
+  type StoredBlockEntry,
+  type TablePageRef,
+} from '../../format/index.js';
+import { corrupt, type BackupFile } from '../backup-file.js';
+
+/** Largest read when copying runs of adjacent records. */
+const CHUNK = 8 * 1024 * 1024;
+
+/** Source of a disk's entries, one table page at a time (bounded memory whatever the disk size). */
+export type PageSource = (page: number, entryCount: number) => Promise<readonly BlockEntry[]>;
+
+export class RecordSink {
+  readonly path: string;
+  readonly fh: FileHandle;
+  /** Next append position. */
+  end: number;
+  bytesWritten = 0;
+  bytesRead = 0;
+  readonly #copied = new Map<string, StoredBlockEntry>();
+
+  private constructor(path: string, fh: FileHandle, end: number) {
+    this.path = path;
+    this.fh = fh;
+    this.end = end;
+  }
+
+  /** A new file at `path` (exclusive create) with `header`'s page and empty commit slots. */
+  static async create(path: string, header: FileHeader): Promise<RecordSink> {
+    const fh = await open(path, 'wx', 0o640);
+    const sink = new RecordSink(path, fh, 0);
+    await sink.append(encodeHeader(header));
+    return sink;
+  }
+
+  /**
+   * An existing committed file opened for an in-place transform: everything beyond the current
+   * commit's file length (leftovers of an interrupted transform) is cut, then appends follow.
+   */
+  static async reopen(file: BackupFile): Promise<RecordSink> {
+    const fh = await open(file.path, 'r+');
+    await fh.truncate(file.slot.fileLength);
+    return new RecordSink(file.path, fh, file.slot.fileLength);
+  }
+
+  async append(buf: Buffer): Promise<number> {
+    const pos = this.end;
+    this.end += buf.length;
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, pos + done);
+      done += bytesWritten;
+    }
+    this.bytesWritten += buf.length;
+    return pos;
+  }
+
+  /** The entry of a record copied from `src` (after copyRecords). */
+  mapped(src: BackupFile, e: StoredBlockEntry): StoredBlockEntry {
+    const m = this.#copied.get(`${src.header.fileId}:${e.recordOffset}`);
+    if (!m) throw new BulwarkError(`record at ${e.recordOffset} of ${src.path} was not copied`, { kind: 'internal' });
+    return m;
+  }
+
+  /**
+   * Copies the records of `entries` from `src` (each once, adjacent records in one read), checking
+   * every record header and payload CRC on the way: damage is never copied.
+   */
+  async copyRecords(src: BackupFile, entries: readonly StoredBlockEntry[]): Promise<void> {
+    const key = (e: StoredBlockEntry) => `${src.header.fileId}:${e.recordOffset}`;
+    const todo = new Map<number, StoredBlockEntry>();
+    for (const e of entries) if (!this.#copied.has(key(e))) todo.set(e.recordOffset, e);
+    const sorted = [...todo.values()].sort((a, b) => a.recordOffset - b.recordOffset);
+    let i = 0;
+    while (i < sorted.length) {
+      const start = sorted[i]!.recordOffset;
+      let end = start + RECORD_HEADER_SIZE + sorted[i]!.storedLength;
+      let j = i + 1;
+      while (j < sorted.length && sorted[j]!.recordOffset === end && end - start < CHUNK) {
+        end += RECORD_HEADER_SIZE + sorted[j]!.storedLength;
+        j++;
+      }
+      const buf = Buffer.allocUnsafe(end - start);
+      await src.readAt(buf, start);
+      this.bytesRead += buf.length;
+      for (let k = i; k < j; k++) {
+        const e = sorted[k]!;
+        const at = e.recordOffset - start;
+        try {
+          const h = decodeRecordHeader(buf, at);
+          const payload = buf.subarray(at + RECORD_HEADER_SIZE, at + RECORD_HEADER_SIZE + e.storedLength);
+          if (h.type !== 'block' || h.storedLength !== e.storedLength || h.plainLength !== e.plainLength || h.payloadCrc !== e.crc || crc32c(payload) !== e.crc) {
+            throw new Error('record header or CRC32C does not match the block table');
+          }
+        } catch (err) {
+          throw corrupt(`damaged block record in ${src.path} at file offset ${e.recordOffset}: ${(err as Error).message}`, { file: src.path, fileOffset: e.recordOffset }, err);
+        }
+      }
+      const pos = await this.append(buf);
+      for (let k = i; k < j; k++) {
+        const e = sorted[k]!;
+        this.#copied.set(key(e), { ...e, recordOffset: pos + (e.recordOffset - start) });
+      }
+      i = j;
+    }
+  }
+
+  /**
+   * Writes the block table of one disk from `source` (page by page). `reuse(p)` may return the
+   * ref of an identical page already in this file (in-place transforms), which is then not
+   * rewritten. Returns the disk's descriptor with statistics over the live entries.
+   */
+  async writeTable(name: string, size: number, blockSize: number, source: PageSource, reuse?: (page: number, entryCount: number) => TablePageRef | null): Promise<DiskDescriptor> {
+    const blockCount = blockCountOf(size, blockSize);
+    const pageCount = Math.ceil(blockCount / ENTRIES_PER_PAGE);
+    const stats: DiskStats = { storedBytes: 0, plainBytes: 0, storedBlocks: 0, dedupBlocks: 0, zeroBlocks: 0, holeBlocks: 0, inheritBlocks: 0 };
+    const seen = new Set<number>();
+    const pages: TablePageRef[] = [];
+    for (let p = 0; p < pageCount; p++) {
+      const count = Math.min(ENTRIES_PER_PAGE, blockCount - p * ENTRIES_PER_PAGE);
+      const entries = await source(p, count);
+      if (entries.length !== count) throw new BulwarkError(`disk ${name} page ${p}: ${entries.length} entries, expected ${count}`, { kind: 'internal' });
+      for (const e of entries) {
+        switch (e.kind) {
+          case 'hole':
+            stats.holeBlocks++;
+            break;
+          case 'zero':
+            stats.zeroBlocks++;
+            break;
+          case 'inherit':
+            stats.inheritBlocks++;
+            break;
+          case 'stored':
+            stats.storedBlocks++;
+            if (seen.has(e.recordOffset)) stats.dedupBlocks++;
+            else {
+              seen.add(e.recordOffset);
+              stats.storedBytes += e.storedLength;
+              stats.plainBytes += e.plainLength;
+            }
+            break;
+        }
+      }
+      const old = reuse?.(p, count) ?? null;
+      if (old) {
+        pages.push(old);
+        continue;
+      }
+      const payload = encodeTablePage(entries);
+      const crc = crc32c(payload);
+      const rec = Buffer.concat([
+        encodeRecordHeader({ type: 'table-page', compression: 'none', encrypted: false, storedLength: payload.length, plainLength: payload.length, payloadCrc: crc }),
+        payload,
+      ]);
+      pages.push({ offset: await this.append(rec), entryCount: count, crc });
+    }
+    return { name, size, blockCount, entriesPerPage: ENTRIES_PER_PAGE, stats, pages };
+  }
+
+  /**
+   * Appends the index, fsyncs, writes commit slot `slotIndex` with `generation`, fsyncs, closes.
+   * Until the slot write the file's previous commit (if any) is untouched and current.
+   */
+  async commit(config: Buffer, disks: readonly DiskDescriptor[], generation: number, slotIndex: number, beforeSlot?: () => Promise<void>): Promise<{ fileLength: number }> {
+    try {
+      const index = encodeIndex({ config, disks });
+      const indexOffset = await this.append(index);
+      await this.fh.sync();
+      await beforeSlot?.();
+      const slot = encodeCommitSlot({ generation, indexOffset, indexLength: index.length, fileLength: this.end, indexCrc: crc32c(index) });
+      await this.fh.write(slot, 0, slot.length, COMMIT_SLOT_OFFSETS[slotIndex]);
+      await this.fh.sync();
+      return { fileLength: this.end };
+    } finally {
+      await this.close();
+    }
+  }
+
+  #closed = false;
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.fh.close();
+  }
+}
+
+/** The index of the slot an in-place transform overwrites: the one not current. */
+export function otherSlot(file: BackupFile): number {
+  return file.slotIndex === 0 ? 1 : 0;
+}
+
+export { HEADER_PAGE_SIZE };

@@ -1,0 +1,71 @@
+// Task dispatch to agents (issue 5, multi-host data path): the broker that hands tasks to agents
+// over the agent link, its routes, and the executor that runs a job's tasks in process or on
+// agents. `createDispatch` is what the composition root (src/server/main.ts) wires.
+import type { FastifyPluginAsync } from 'fastify';
+import type { BackupVmSummary } from '../../agent/backup/disk-backup.js';
+import type { AgentLinkStore } from '../api/agent-link.js';
+import type { DiskResolver, JobDefinition, TaskExecutor, TaskSpec } from '../jobs/ports.js';
+import type { ThrottlingRule } from '../resources/throttling-rules.js';
+import type { ServiceContext } from '../services/common.js';
+import { getRepository, listHosts } from '../services/infrastructure.js';
+import { AgentTaskBroker } from './broker.js';
+import { RemoteDataPathExecutor } from './remote-executor.js';
+import { agentTaskPlugin } from './routes.js';
+
+export { AgentTaskBroker } from './broker.js';
+export { RemoteDataPathExecutor } from './remote-executor.js';
+export type { DispatchHost, DispatchRepository, RemoteDataPathOptions } from './remote-executor.js';
+
+export interface DispatchOptions {
+  /** An agent silent this long while running a task is lost and the task fails (default 60 s). */
+  readonly agentLostMs?: number | undefined;
+  /** Longest a task poll is held open (default 20 s). */
+  readonly pollWaitMs?: number | undefined;
+  /** How long a data stream may stay down before a transfer fails (default 30 s). */
+  readonly resumeWindowMs?: number | undefined;
+  /** Network throttling rules and the time zone they are evaluated in. */
+  readonly throttling?: (() => Promise<{ rules: readonly ThrottlingRule[]; timeZone: string }>) | undefined;
+}
+
+export interface Dispatch {
+  readonly broker: AgentTaskBroker;
+  /** The task routes for the TLS listener (next to agentLinkPlugin). */
+  plugin(store: Pick<AgentLinkStore, 'findAgent'>): FastifyPluginAsync;
+  /** The job engine's executor: in process when proxy and repository are local, else on agents. */
+  executor(
+    local: TaskExecutor & DiskResolver,
+    onRestorePoint?: (job: JobDefinition, task: TaskSpec, summary: BackupVmSummary) => Promise<void>,
+  ): RemoteDataPathExecutor;
+  close(): void;
+}
+
+export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}): Dispatch {
+  const broker = new AgentTaskBroker({
+    ...(opts.agentLostMs !== undefined ? { agentLostMs: opts.agentLostMs } : {}),
+    ...(opts.pollWaitMs !== undefined ? { pollWaitMs: opts.pollWaitMs } : {}),
+  });
+  return {
+    broker,
+    plugin: (store) => agentTaskPlugin({ store, broker }),
+    executor: (local, onRestorePoint) =>
+      new RemoteDataPathExecutor({
+        broker,
+        local,
+        hosts: async () =>
+          (await listHosts(ctx)).map((h) => ({
+            name: h.name,
+            agent: h.agent,
+            connection: h.kind === 'qemu' ? { kind: 'qemu' as const, qmpGlob: h.uri } : { kind: 'libvirt' as const, uri: h.uri },
+          })),
+        repository: async (job) => {
+          const r = await getRepository(ctx, job.repository);
+          return { name: r.name, path: r.path, agent: r.agent };
+        },
+        ...(onRestorePoint ? { onRestorePoint } : {}),
+        ...(opts.throttling ? { throttling: opts.throttling } : {}),
+        ...(opts.resumeWindowMs !== undefined ? { resumeWindowMs: opts.resumeWindowMs } : {}),
+        now: () => ctx.clock.now(),
+      }),
+    close: () => broker.close(),
+  };
+}

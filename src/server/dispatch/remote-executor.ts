@@ -1,0 +1,327 @@
+// The job engine's executor for every install: a task runs in this process (the one-host data
+// path, LocalDataPathExecutor) when both its proxy and its repository are this server's own local
+// agent; otherwise it goes over the agent link. Then the repository's agent receives the VM's
+// restore point (backup-target) and the proxy next to the VM reads and sends it (backup-source)
+// straight to it over the data-mover transport; VM data never passes through the server. As on
+// the one-host path, the first disk task of a VM runs the VM's backup and its other disk tasks
+// report their disk from that one run.
+import { randomBytes } from 'node:crypto';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { BackupProgress, BackupVmSummary } from '../../agent/backup/disk-backup.js';
+import { chainIdFor } from '../../agent/backup/disk-backup.js';
+import { pointFromWire } from '../../agent/remote/repository-sink.js';
+import type { HypervisorConnection } from '../../hypervisor/index.js';
+import type { TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
+import type { StageBusy } from '../../transport/stage-times.js';
+import type { NamedLimit } from '../../transport/throttle.js';
+import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec, TransferProgress } from '../jobs/ports.js';
+import { matchingThrottlingRules, mbpsToBytesPerSecond, type ThrottlingRule } from '../resources/throttling-rules.js';
+import type { AgentTaskBroker } from './broker.js';
+
+const log = logger('remote-data-path');
+
+export interface DispatchHost {
+  readonly name: string;
+  readonly connection: HypervisorConnection;
+  /** The agent next to the host's VMs; null: this server's local agent. */
+  readonly agent: string | null;
+}
+
+export interface DispatchRepository {
+  readonly name: string;
+  readonly path: string;
+  /** The agent that owns the folder; null: this server's local agent. */
+  readonly agent: string | null;
+}
+
+export interface RemoteDataPathOptions {
+  readonly broker: AgentTaskBroker;
+  /** The in-process data path (one-host install), for tasks whose proxy and repository are local. */
+  readonly local: TaskExecutor & DiskResolver;
+  /** Name of this server's own agent (default `local`). */
+  readonly localAgent?: string;
+  hosts(): Promise<readonly DispatchHost[]>;
+  repository(job: JobDefinition): Promise<DispatchRepository>;
+  password?(job: JobDefinition): Promise<string | undefined>;
+  /** Records a committed point in the catalog (as the local path's onRestorePoint). */
+  onRestorePoint?(job: JobDefinition, task: TaskSpec, summary: BackupVmSummary): Promise<void>;
+  /** Network throttling rules (SCHED's store) and the server's time zone. */
+  throttling?(): Promise<{ rules: readonly ThrottlingRule[]; timeZone: string }>;
+  /** How long a data stream may stay down before the transfer fails (default 30 s). */
+  readonly resumeWindowMs?: number;
+  readonly now?: () => Date;
+}
+
+type RunEvent = { kind: 'progress'; progress: BackupProgress | null; stageTimes?: StageBusy | undefined } | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined };
+
+interface VmRun {
+  readonly result: Promise<BackupVmSummary & { stageTimes?: StageBusy }>;
+  readonly listeners: Set<(e: RunEvent) => void>;
+  progress: BackupProgress | null;
+  stageTimes: StageBusy | undefined;
+  settledAt: number | null;
+}
+
+const KEEP_SETTLED_MS = 60 * 60 * 1000;
+
+function diskProgress(p: BackupProgress, disk: string): TransferProgress {
+  const d = p.disks[disk];
+  if (!d) return { bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 };
+  const total = d.done ? d.bytesRead : d.bytesRead + (d.size - d.bytesProcessed);
+  return { bytesRead: d.bytesRead, bytesTransferred: d.bytesRead, bytesStored: d.bytesStored, total };
+}
+
+function setting<T>(job: JobDefinition, key: string, check: (v: unknown) => v is T): T | undefined {
+  const v = job.settings?.[key];
+  return check(v) ? v : undefined;
+}
+const isNumber = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v);
+const isBoolean = (v: unknown): v is boolean => typeof v === 'boolean';
+const isCompression = (v: unknown): v is 'none' | 'zstd' | 'lz4' => v === 'none' || v === 'zstd' || v === 'lz4';
+const isMode = (v: unknown): v is 'online' | 'offline' => v === 'online' || v === 'offline';
+
+/** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
+type StageTimesContext = TaskContext & { stageTimes?: (busy: StageBusy) => void; rateLimit?: () => number | undefined };
+
+export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
+  readonly #o: RemoteDataPathOptions;
+  readonly #runs = new Map<string, VmRun>();
+  readonly #localAgent: string;
+
+  constructor(options: RemoteDataPathOptions) {
+    this.#o = options;
+    this.#localAgent = options.localAgent ?? 'local';
+  }
+
+  #isLocal(agent: string | null | undefined): boolean {
+    return agent === null || agent === undefined || agent === this.#localAgent;
+  }
+
+  async resolveDisks(job: JobDefinition, vm: string, signal: AbortSignal): Promise<DiskRef[]> {
+    const hosts = await this.#o.hosts();
+    // The server's own hosts first (in process), then each remote agent's hosts through the agent.
+    let firstError: unknown;
+    if (hosts.some((h) => this.#isLocal(h.agent))) {
+      try {
+        return await this.#o.local.resolveDisks(job, vm, signal);
+      } catch (err) {
+        if (!(err instanceof BulwarkError && err.kind === 'not-found')) firstError = err;
+      }
+    }
+    const byAgent = new Map<string, HypervisorConnection[]>();
+    for (const h of hosts) if (!this.#isLocal(h.agent)) byAgent.set(h.agent!, [...(byAgent.get(h.agent!) ?? []), h.connection]);
+    for (const [agent, connections] of byAgent) {
+      signal.throwIfAborted();
+      const handle = this.#o.broker.run(agent, { kind: 'resolve-disks', hosts: connections, vm });
+      const onAbort = () => handle.cancel('stopped');
+      signal.addEventListener('abort', onAbort, { once: true });
+      try {
+        const disks = (await handle.result) as WireDisk[];
+        return disks.map((d) => ({ name: d.name, sizeBytes: d.sizeBytes, location: { ...d.location, agent } }));
+      } catch (err) {
+        if (err instanceof BulwarkError && err.kind === 'not-found') continue;
+        firstError ??= err;
+      } finally {
+        signal.removeEventListener('abort', onAbort);
+      }
+    }
+    if (firstError) throw firstError;
+    throw new BulwarkError(`VM ${vm} was not found on any host`, { kind: 'not-found', context: { vm, job: job.name } });
+  }
+
+  /** The source agent of a task: the granted proxy, the job's pinned proxy, the VM's host agent, or the repository's agent. */
+  #sourceAgent(task: TaskSpec, repository: DispatchRepository): string {
+    const hostAgent = task.disk.location?.agent;
+    const chosen = task.proxy ?? task.job.proxy ?? hostAgent ?? repository.agent ?? this.#localAgent;
+    // The server's own agent cannot reach a host that another agent serves.
+    return this.#isLocal(chosen) && hostAgent !== undefined && !this.#isLocal(hostAgent) ? hostAgent : chosen;
+  }
+
+  async execute(task: TaskSpec, context: TaskContext): Promise<TaskOutcome> {
+    const repository = await this.#o.repository(task.job);
+    const source = this.#sourceAgent(task, repository);
+    if (this.#isLocal(source) && this.#isLocal(repository.agent)) return this.#o.local.execute(task, context);
+
+    const now = Date.now();
+    for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
+    const key = `${task.sessionId}\0${task.vm}\0${task.attempt}`;
+    let run = this.#runs.get(key);
+    const owner = run === undefined;
+    if (!run) {
+      run = this.#startRun(task, context as StageTimesContext, source, repository);
+      this.#runs.set(key, run);
+      context.log('info', `backing up VM ${task.vm} on agent ${source} into repository ${repository.name} (agent ${repository.agent ?? this.#localAgent})`);
+    } else {
+      context.log('info', `disk ${task.disk.name} is backed up by the VM's backup already running in this session`);
+    }
+    const ctx = context as StageTimesContext;
+    const listener = (e: RunEvent): void => {
+      switch (e.kind) {
+        case 'progress':
+          if (e.progress) context.progress(diskProgress(e.progress, task.disk.name));
+          if (e.stageTimes && owner) ctx.stageTimes?.(e.stageTimes);
+          break;
+        case 'log':
+          if (e.disk === undefined ? owner : e.disk === task.disk.name) context.log(e.level, e.message);
+          break;
+      }
+    };
+    run.listeners.add(listener);
+    if (run.progress) context.progress(diskProgress(run.progress, task.disk.name));
+    try {
+      const summary = await run.result;
+      const disk = summary.disks.find((d) => d.name === task.disk.name);
+      if (!disk) {
+        throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in restore point ${summary.pointId}`, { kind: 'not-found', context: { vm: task.vm, disk: task.disk.name } });
+      }
+      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: disk.bytesStored, bytesStored: disk.bytesStored, total: disk.bytesRead });
+      if (owner && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
+      const messages = [...summary.warnings];
+      if (summary.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
+      return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
+    } finally {
+      run.listeners.delete(listener);
+    }
+  }
+
+  #startRun(task: TaskSpec, context: StageTimesContext, sourceAgent: string, repository: DispatchRepository): VmRun {
+    const listeners = new Set<(e: RunEvent) => void>();
+    const emit = (e: RunEvent): void => {
+      for (const l of listeners) l(e);
+    };
+    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, result: Promise.resolve() as never };
+    const { job } = task;
+    const broker = this.#o.broker;
+    const targetAgent = repository.agent ?? this.#localAgent;
+    const signal = context.signal;
+    const onEvent = (e: TaskEvent): void => {
+      switch (e.type) {
+        case 'progress':
+          if (Object.keys(e.progress).length > 0) run.progress = e.progress as unknown as BackupProgress;
+          if (e.stageTimes) run.stageTimes = e.stageTimes;
+          emit({ kind: 'progress', progress: run.progress, stageTimes: e.stageTimes });
+          break;
+        case 'log':
+          emit({ kind: 'log', level: e.level, message: e.message, disk: e.disk });
+          break;
+        case 'ready':
+        case 'result':
+          break;
+      }
+    };
+    (run as { result: VmRun['result'] }).result = (async () => {
+      signal.throwIfAborted();
+      const secret = randomBytes(32).toString('hex');
+      const password = await this.#o.password?.(job);
+      const chainId = chainIdFor(job.name, task.vm);
+      let ready: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
+      const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (ready = resolve));
+      // 1. The repository agent opens the point's receiving end and tells where it listens.
+      const target = broker.run(
+        targetAgent,
+        { kind: 'backup-target', secret, repositoryPath: repository.path, job: job.name, vm: task.vm, chainId, password, sourceAgent },
+        (e) => {
+          if (e.type === 'ready') ready?.(e);
+          else onEvent(e);
+        },
+      );
+      const stopTarget = () => target.cancel('the job was stopped');
+      signal.addEventListener('abort', stopTarget, { once: true });
+      let sourceHandle: ReturnType<AgentTaskBroker['run']> | undefined;
+      const stopSource = () => sourceHandle?.cancel('the job was stopped');
+      signal.addEventListener('abort', stopSource, { once: true });
+      try {
+        const readyOrFailed = await Promise.race([readyEvent, target.result.then(() => undefined)]);
+        if (!readyOrFailed) throw new BulwarkError(`repository agent ${targetAgent} ended the task before it was ready`, { kind: 'internal' });
+        const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
+        const sourceIp = broker.addressOf(sourceAgent) ?? '127.0.0.1';
+        const limits = await this.#limits(task, context, sourceIp, targetHost);
+        const hosts = await this.#o.hosts();
+        const mine = hosts.filter((h) => (h.agent ?? this.#localAgent) === sourceAgent).map((h) => h.connection);
+        const streams = setting(job, 'multithreadedTransfer', isBoolean) === false ? 1 : (setting(job, 'streams', isNumber) ?? 5);
+        const mode = setting(job, 'mode', isMode);
+        const blockSize = setting(job, 'blockSize', isNumber);
+        const compression = setting(job, 'compression', isCompression);
+        // 2. The source agent reads the VM and sends it straight to the repository agent.
+        sourceHandle = broker.run(
+          sourceAgent,
+          {
+            kind: 'backup-source',
+            transferId: target.taskId,
+            secret,
+            target: { host: targetHost, port: readyOrFailed.port, agent: targetAgent },
+            hosts: mine.length > 0 ? mine : hosts.map((h) => h.connection),
+            job: job.name,
+            vm: task.vm,
+            full: task.full,
+            previous: readyOrFailed.previous,
+            mode,
+            requireGuestProcessing: setting(job, 'requireGuestProcessing', isBoolean),
+            blockSize,
+            compression,
+            streams,
+            resumeWindowMs: this.#o.resumeWindowMs ?? 30_000,
+            limits,
+          },
+          onEvent,
+        );
+        if (signal.aborted) stopSource();
+        // Whichever side fails first fails the run; the other side is stopped.
+        const sourceDone = sourceHandle.result;
+        const targetFailed = target.result.then(
+          () => new Promise<never>(() => undefined),
+          (err: unknown) => {
+            throw err;
+          },
+        );
+        let raw: Record<string, unknown>;
+        try {
+          raw = (await Promise.race([sourceDone, targetFailed])) as Record<string, unknown>;
+        } catch (err) {
+          sourceHandle.cancel(`the repository side failed: ${describeError(err)}`);
+          target.cancel('the backup failed');
+          throw err;
+        }
+        await target.result;
+        const summary = { ...(raw as unknown as BackupVmSummary), point: pointFromWire(raw.point as Record<string, unknown>) } as BackupVmSummary & { stageTimes?: StageBusy };
+        if (this.#o.onRestorePoint) {
+          try {
+            await this.#o.onRestorePoint(job, task, summary);
+          } catch (err) {
+            log.error({ vm: task.vm, point: summary.pointId, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
+            emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`, disk: undefined });
+          }
+        }
+        return summary;
+      } catch (err) {
+        target.cancel('the backup failed');
+        sourceHandle?.cancel('the backup failed');
+        throw err;
+      } finally {
+        signal.removeEventListener('abort', stopTarget);
+        signal.removeEventListener('abort', stopSource);
+      }
+    })();
+    run.result.then(
+      () => (run.settledAt = Date.now()),
+      () => (run.settledAt = Date.now()),
+    );
+    return run;
+  }
+
+  /** The rate limits of a transfer: each matching throttling rule (shared by name) and the task's repository share. */
+  async #limits(task: TaskSpec, context: StageTimesContext, sourceIp: string, targetIp: string): Promise<NamedLimit[]> {
+    const limits: NamedLimit[] = [];
+    if (this.#o.throttling) {
+      const { rules, timeZone } = await this.#o.throttling();
+      const at = this.#o.now?.() ?? new Date();
+      for (const r of matchingThrottlingRules(rules, { sourceIp, targetIp, at, timeZone })) {
+        limits.push({ name: `rule:${r.name}`, bytesPerSecond: mbpsToBytesPerSecond(r.mbps) });
+      }
+    }
+    const share = context.rateLimit?.();
+    if (share !== undefined && share > 0) limits.push({ name: `task:${task.taskId}`, bytesPerSecond: share });
+    return limits;
+  }
+}

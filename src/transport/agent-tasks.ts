@@ -1,0 +1,103 @@
+// The task part of the agent link (docs/formats/agent-link.md, "Tasks"): what the server hands an
+// agent and what the agent reports back, as JSON over the agent's long poll. Shapes only; the
+// server side is src/server/dispatch/, the agent side src/agent/remote/.
+import type { HypervisorConnection } from '../hypervisor/index.js';
+import type { StageBusy } from './stage-times.js';
+import type { NamedLimit } from './throttle.js';
+
+/** A restore point as JSON (RestorePointInfo with `time` as an ISO string). */
+export type WirePoint = Record<string, unknown>;
+
+/** The previous point of a chain and the hypervisor checkpoint stored with it. */
+export interface WirePrevious {
+  readonly point: WirePoint;
+  readonly checkpoint: Record<string, unknown>;
+}
+
+/** Lists a VM's disks through the agent's hypervisor connections. Result: `WireDisk[]`. */
+export interface ResolveDisksTask {
+  readonly kind: 'resolve-disks';
+  readonly taskId: string;
+  readonly hosts: readonly HypervisorConnection[];
+  readonly vm: string;
+}
+
+export interface WireDisk {
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly location: Record<string, string>;
+}
+
+/** Repository side of a backup: receive one VM's restore point from a source agent. */
+export interface BackupTargetTask {
+  readonly kind: 'backup-target';
+  readonly taskId: string;
+  /** 64 hex: proves to the data-mover listener that a stream belongs to this task. */
+  readonly secret: string;
+  readonly repositoryPath: string;
+  readonly job: string;
+  readonly vm: string;
+  /** Hypervisor chain id: the previous point counts only when its checkpoint is of this chain. */
+  readonly chainId: string;
+  readonly password?: string | undefined;
+  /** The agent allowed to send (the certificate's CN must be this name). */
+  readonly sourceAgent: string;
+}
+
+/** Source side of a backup: read the VM next to this agent and send it to the repository agent. */
+export interface BackupSourceTask {
+  readonly kind: 'backup-source';
+  readonly taskId: string;
+  /** The data-mover task id: the backup-target task's id (what the repository agent's grant is keyed by). */
+  readonly transferId: string;
+  readonly secret: string;
+  /** The repository agent's data-mover listener and its agent name (its certificate's CN). */
+  readonly target: { readonly host: string; readonly port: number; readonly agent: string };
+  readonly hosts: readonly HypervisorConnection[];
+  readonly job: string;
+  readonly vm: string;
+  readonly full: boolean;
+  readonly previous: WirePrevious | null;
+  readonly mode?: 'online' | 'offline' | undefined;
+  readonly requireGuestProcessing?: boolean | undefined;
+  readonly blockSize?: number | undefined;
+  readonly compression?: 'none' | 'zstd' | 'lz4' | undefined;
+  /** Parallel TCP streams (5; 1 when the job's multithreaded transfer is off). */
+  readonly streams: number;
+  readonly resumeWindowMs: number;
+  /** Rate limits to enforce on the data streams: throttling rules (shared by name) and the repository share. */
+  readonly limits: readonly NamedLimit[];
+}
+
+export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask;
+
+/** `POST /agents/tasks/poll` body. */
+export interface PollRequest {
+  /** Random per agent process: a new one tells the server the agent restarted (its old tasks are gone). */
+  readonly bootId: string;
+  /** Task ids the agent is running now. */
+  readonly running: readonly string[];
+}
+
+/** `POST /agents/tasks/poll` reply: new tasks and tasks to stop. */
+export interface PollReply {
+  readonly tasks: readonly AgentTask[];
+  readonly cancel: ReadonlyArray<{ readonly taskId: string; readonly reason: string }>;
+}
+
+export type TaskEvent =
+  | { readonly type: 'progress'; readonly progress: Record<string, unknown>; readonly stageTimes?: StageBusy | undefined }
+  | { readonly type: 'log'; readonly level: 'info' | 'warning' | 'error'; readonly message: string; readonly disk?: string | undefined }
+  /** backup-target: listening for the source; `previous` found in the repository. */
+  | { readonly type: 'ready'; readonly port: number; readonly host?: string | undefined; readonly previous: WirePrevious | null }
+  | { readonly type: 'result'; readonly ok: true; readonly value: unknown; readonly stageTimes?: StageBusy | undefined }
+  | { readonly type: 'result'; readonly ok: false; readonly error: { readonly kind: string; readonly message: string; readonly hint?: string | undefined } };
+
+/** `POST /agents/tasks/:taskId/events` body and reply. */
+export interface EventsRequest {
+  readonly events: readonly TaskEvent[];
+}
+export interface EventsReply {
+  /** The server wants the task stopped (or no longer knows it). */
+  readonly cancel: boolean;
+}
