@@ -2,8 +2,14 @@
 // fsync, rename, fsync the directory; sweep temporaries left by a crash; a per-folder writer lock.
 import { randomBytes } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
-import { link, mkdir, open, readdir, readFile, rename, rm, unlink, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { mkdir, open, readdir, readFile, rename, rm, stat, truncate, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import path from 'node:path';
+import { BulwarkError } from '../common/errors.js';
+import { logger } from '../common/log.js';
+
+const log = logger('local-fs');
 
 /** Marker inside temporary names: `<final>.tmp-<pid>-<random>`. */
 export const TMP_MARKER = '.tmp-';
@@ -96,62 +102,128 @@ export function trackTemporary(p: string): () => void {
 }
 
 /**
- * An exclusive lock on a folder held through `<dir>/writer.lock` (O_EXCL, content: pid). A lock
- * left by a dead process is stale and replaced. Returns null when a live process holds it.
+ * An exclusive lock on a folder: flock(2) on `<dir>/writer.lock` (docs/formats/backup-files.md
+ * section 2). The kernel holds it for a small `flock` helper process whose stdin is a pipe from
+ * this process: when this process ends in any way (even SIGKILL) the pipe closes, the helper
+ * exits and the kernel drops the lock. So a lock is never stale, pid reuse cannot fake a holder,
+ * and of two processes racing for a free lock exactly one wins. Node has no flock() of its own.
+ * The file itself stays (deleting a flock'ed file would let two holders lock two inodes); while
+ * held it names its holder (pid, boot id, process start time, host) for humans and `inspect`.
+ * Returns null when another holder (another process, or another lock in this one) has it.
  */
 export async function tryLockFolder(dir: string): Promise<FolderLock | null> {
   const lockPath = path.join(dir, 'writer.lock');
-  // The pid is written to a temporary and hard-linked into place, so a lock file is never seen
-  // empty: link() is atomic and fails with EEXIST when the lock is held.
-  const tmp = temporaryNameFor(lockPath);
-  await writeFile(tmp, String(process.pid), { mode: 0o640 });
-  try {
-    for (let attempt = 0; attempt < 3; attempt++) {
-      try {
-        await link(tmp, lockPath);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-        if (await folderIsLocked(dir)) return null;
-        await unlink(lockPath).catch(() => undefined); // stale: its process is gone
-        continue;
-      }
-      heldLocks.add(lockPath);
-      return {
-        path: lockPath,
-        release: async () => {
-          heldLocks.delete(lockPath);
-          await unlink(lockPath).catch(() => undefined);
-        },
-      };
-    }
-    return null;
-  } finally {
-    await unlink(tmp).catch(() => undefined);
+  // flock(1) creates the file if needed, takes the lock without waiting (exit 75 when held),
+  // says so on stdout, then holds it until its stdin ends.
+  const helper = spawn('flock', ['--nonblock', '--conflict-exit-code', String(LOCK_BUSY), lockPath, 'sh', '-c', 'echo locked; exec cat >/dev/null'], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  helper.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => helper.once('close', (code) => resolve(code)));
+  const spawned = await new Promise<'locked' | 'ended' | Error>((resolve) => {
+    helper.once('error', (err) => resolve(err));
+    helper.stdout.once('data', () => resolve('locked'));
+    void exited.then(() => resolve('ended'));
+  });
+  if (spawned instanceof Error) {
+    throw new BulwarkError(`cannot lock folder ${dir}: cannot run flock: ${spawned.message}`, { kind: 'unavailable', context: { folder: dir }, cause: spawned, hint: 'install util-linux (flock)' });
   }
+  if (spawned === 'ended') {
+    const code = await exited;
+    if (code === LOCK_BUSY) return null;
+    throw new BulwarkError(`cannot lock folder ${dir}: flock exited with ${code}: ${stderr.trim()}`, { kind: 'unavailable', context: { folder: dir, file: lockPath } });
+  }
+  // Held. The helper must not keep this process alive, nor outlive it.
+  const handles = [helper, helper.stdin, helper.stdout, helper.stderr] as unknown as { ref?: () => void; unref?: () => void }[];
+  for (const h of handles) h.unref?.();
+  helper.stdin.on('error', () => undefined);
+  let released = false;
+  void exited.then((code) => {
+    if (!released) log.error({ folder: dir, code }, 'the flock helper holding a folder lock ended: the lock is lost');
+  });
+  try {
+    await writeFile(lockPath, `${await describeHolder()}\n`, { mode: 0o640 });
+  } catch (err) {
+    released = true;
+    helper.stdin.end();
+    await exited;
+    throw err;
+  }
+  return {
+    path: lockPath,
+    release: async () => {
+      if (released) return;
+      released = true;
+      // Emptied while still held: an empty lock file names no holder.
+      await truncate(lockPath, 0).catch(() => undefined);
+      // Waiting for the helper to end must keep this process alive until the lock is dropped.
+      for (const h of handles) h.ref?.();
+      helper.stdin.end();
+      await exited;
+    },
+  };
 }
 
-const heldLocks = new Set<string>();
+const LOCK_BUSY = 75;
 
 export interface FolderLock {
   readonly path: string;
   release(): Promise<void>;
 }
 
-/** The pid in a lock file, or null if it cannot be read (being written, or garbage). */
-export async function readLockHolder(lockPath: string): Promise<number | null> {
+/** Who holds a lock, as written into writer.lock. */
+export interface LockHolder {
+  readonly pid: number;
+  readonly bootId: string;
+  /** Process start time in clock ticks since boot (/proc/PID/stat field 22). */
+  readonly startTicks: number;
+  readonly host: string;
+}
+
+async function describeHolder(): Promise<string> {
+  const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8').catch(() => 'unknown')).trim();
+  return `pid=${process.pid} boot=${bootId} start=${await processStartTicks(process.pid)} host=${hostname()}`;
+}
+
+/** Start time of a process in clock ticks since boot, or -1 when it cannot be read. */
+async function processStartTicks(pid: number): Promise<number> {
   try {
-    const n = Number((await readFile(lockPath, 'utf8')).trim());
-    return Number.isSafeInteger(n) && n > 0 ? n : null;
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may hold spaces and parentheses): state is field 3.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(fields[19]);
+  } catch {
+    return -1;
+  }
+}
+
+/** The holder named in a lock file, or null (free, or written by an older Bulwark: a bare pid). */
+export async function readLockHolder(lockPath: string): Promise<LockHolder | null> {
+  try {
+    const text = (await readFile(lockPath, 'utf8')).trim();
+    const m = /^pid=(\d+) boot=(\S+) start=(-?\d+) host=(\S*)$/.exec(text);
+    return m ? { pid: Number(m[1]), bootId: m[2]!, startTicks: Number(m[3]), host: m[4]! } : null;
   } catch {
     return null;
   }
 }
 
-/** True when `dir` has a writer lock held by a live process (other than a stale one). */
+/**
+ * True when `dir`'s writer lock is held by some process (this one included). Looks at the
+ * kernel's lock table, so it never takes the lock itself, not even briefly.
+ */
 export async function folderIsLocked(dir: string): Promise<boolean> {
-  const lockPath = path.join(dir, 'writer.lock');
-  const holder = await readLockHolder(lockPath);
-  if (holder === null) return false; // no lock file, or garbage that cannot name a holder
-  if (holder === process.pid) return heldLocks.has(lockPath);
-  return processIsAlive(holder);
+  let st: Awaited<ReturnType<typeof stat>>;
+  try {
+    st = await stat(path.join(dir, 'writer.lock'));
+  } catch {
+    return false;
+  }
+  const dev = Number(st.dev);
+  const major = ((dev >> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
+  const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+  const id = `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${st.ino}`;
+  const table = await readFile('/proc/locks', 'utf8');
+  return table.split('\n').some((line) => line.includes(' FLOCK ') && line.split(/\s+/).includes(id));
 }
