@@ -118,7 +118,6 @@ let rulesFile = '';
 let repoDir = '';
 let vmDir = '';
 let repoAgent: ChildProcess | undefined;
-let sourceAgent: ChildProcess | undefined;
 
 async function startRepoAgent(token: string): Promise<ChildProcess> {
   const { child } = await startInNs('repository agent', ns.repo, 'agent.ts', [path.join(tmp, 'repo-agent'), `https://${ip.server}:9392`, token, 'repo1', `${ip.repo}:9393`]);
@@ -199,11 +198,9 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     socketPath = server.info.socket as string;
     const token = async (name: string) => (await api<{ token: string }>('POST', '/agents/tokens', { name })).token;
     const [tSrc, tRepo] = [await token('src1'), await token('repo1')];
-    sourceAgent = (
-      await startInNs('source agent', ns.source, 'agent.ts', [path.join(tmp, 'src-agent'), `https://${ip.server}:9392`, tSrc, 'src1', `${ip.source}:9393`], {
-        BULWARK_TEST_CORRUPT_EVERY: '7',
-      })
-    ).child;
+    await startInNs('source agent', ns.source, 'agent.ts', [path.join(tmp, 'src-agent'), `https://${ip.server}:9392`, tSrc, 'src1', `${ip.source}:9393`], {
+      BULWARK_TEST_CORRUPT_EVERY: '7',
+    });
     repoAgent = await startRepoAgent(tRepo);
     repoDir = path.join(tmp, 'repository');
     await api('POST', '/hosts', { name: 'kvm-a', kind: 'qemu', uri: path.join(vmDir, 'qmp.sock'), agent: 'src1' });

@@ -126,7 +126,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         signal.removeEventListener('abort', onAbort);
       }
     }
-    if (firstError) throw firstError;
+    if (firstError !== undefined) throw firstError instanceof Error ? firstError : new BulwarkError(describeError(firstError), { kind: 'internal' });
     throw new BulwarkError(`VM ${vm} was not found on any host`, { kind: 'not-found', context: { vm, job: job.name } });
   }
 
@@ -149,7 +149,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     let run = this.#runs.get(key);
     const owner = run === undefined;
     if (!run) {
-      run = this.#startRun(task, context as StageTimesContext, source, repository);
+      run = this.#startRun(task, context, source, repository);
       this.#runs.set(key, run);
       context.log('info', `backing up VM ${task.vm} on agent ${source} into repository ${repository.name} (agent ${repository.agent ?? this.#localAgent})`);
     } else {
