@@ -1,0 +1,101 @@
+// Full VM restore on a libvirt host, through the product: a real `bulwark server`, libvirt
+// (started once for the file; about 60 s the first time), the test guest as a transient TCG domain
+// added as host `lv`, one backup with `job run --wait`; then
+// (a) `restore vm VM@latest --name NEW --power-on`: a persistent domain defined from the saved XML
+//     with a new UUID and disk path, that boots, whose guest agent answers and whose test files
+//     match their checksums (a file written after the backup is absent);
+// (b) over the original: refused while it runs; once it is destroyed (a transient domain is then
+//     gone) the saved XML is defined again over the restored disk and the VM boots the backed-up files.
+// Three boots (original, new, original restored).
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ensureTestGuest, type TestGuestImage } from '../fixtures/guest.js';
+import { ensureLibvirtd, startTestDomain, TestDomain, virsh, type LibvirtDaemon } from '../fixtures/libvirt.js';
+import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
+
+let tmp: string;
+let daemon: LibvirtDaemon | undefined;
+let dom: TestDomain | undefined;
+let server: ServerProcess | undefined;
+let env: Record<string, string>;
+let image: TestGuestImage;
+const VM = `e2e-lv-${process.pid}`;
+const COPY = `e2e-lv-copy-${process.pid}`;
+const copyDir = `/var/lib/libvirt/images/${COPY}`;
+
+async function expectTestData(d: TestDomain): Promise<void> {
+  const m = image.manifest;
+  for (const [file, sum] of Object.entries(m.testdata)) {
+    expect((await d.sh(`sha256sum '${m.testdataDir}/${file}'`)).split(' ')[0], file).toBe(sum);
+  }
+  expect(await d.sh('test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
+}
+
+async function removeDomain(name: string): Promise<void> {
+  await virsh(['destroy', name]).catch(() => undefined);
+  await virsh(['undefine', name]).catch(() => undefined);
+}
+
+beforeAll(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'bulwark-e2e-rec-lv-'));
+  image = await ensureTestGuest();
+  await ensureBuilt();
+  daemon = await ensureLibvirtd();
+  dom = await startTestDomain({ name: VM });
+  await dom.waitForAgent(180_000);
+  server = await startServerProcess(join(tmp, 'data'), { simulate: false });
+  env = { BULWARK_DATA: server.dataDir, BULWARK_CONFIG: join(tmp, 'config'), HOME: tmp };
+  expect((await bulwark(['host', 'add', 'lv', '--libvirt', 'qemu:///system'], env)).code).toBe(0);
+  expect((await bulwark(['job', 'create', 'lvjob', '--vm', VM, '--repo', 'default'], env)).code).toBe(0);
+  const run = await bulwark(['job', 'run', 'lvjob', '--wait'], env);
+  expect(run.code, run.stdout + run.stderr).toBe(0);
+  await dom.sh('echo after-backup > /srv/after-backup.txt && sync');
+}, 600_000);
+
+afterAll(async () => {
+  await removeDomain(COPY);
+  await rm(copyDir, { recursive: true, force: true });
+  await removeDomain(VM);
+  await server?.stop();
+  await dom?.stop();
+  await daemon?.stop();
+  if (tmp) await rm(tmp, { recursive: true, force: true });
+});
+
+describe('full VM restore (libvirt host)', () => {
+  it('(a) restores the domain as a new persistent domain that boots with the backed-up files', async () => {
+    const r = await bulwark(['restore', 'vm', `${VM}@latest`, '--name', COPY, '--power-on', '--json'], env);
+    expect(r.code, r.stderr).toBe(0);
+    const task = JSON.parse(r.stdout) as { vm: string; toOriginal: boolean; result: { uuid: string; poweredOn: boolean; disks: { path: string; format: string }[] } };
+    expect(task).toMatchObject({ vm: COPY, toOriginal: false, result: { poweredOn: true } });
+    expect(task.result.disks).toEqual([expect.objectContaining({ path: join(copyDir, 'vda.qcow2'), format: 'qcow2' })]);
+    const xml = await virsh(['dumpxml', COPY]);
+    expect(xml).toContain(`<uuid>${task.result.uuid}</uuid>`);
+    expect(xml).toContain(join(copyDir, 'vda.qcow2'));
+    expect(xml).not.toContain(dom!.dir);
+    expect((await virsh(['dominfo', COPY])).match(/Persistent:\s+(\w+)/)?.[1]).toBe('yes');
+    const copy = new TestDomain(COPY, copyDir);
+    await copy.waitForAgent(180_000);
+    await expectTestData(copy);
+    // The original runs on with its own data.
+    expect((await dom!.sh('cat /srv/after-backup.txt')).trim()).toBe('after-backup');
+    await removeDomain(COPY);
+  });
+
+  it('(b) restores over the original only when it is off, defining it again from the saved XML', async () => {
+    const refused = await bulwark(['restore', 'vm', `${VM}@latest`], env);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(new RegExp(`${VM} is running: shut it down`));
+
+    await virsh(['destroy', VM]);
+    expect(existsSync(dom!.diskPath)).toBe(true);
+    const r = await bulwark(['restore', 'vm', `${VM}@latest`, '--power-on', '--json'], env);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ vm: VM, toOriginal: true, result: { poweredOn: true, disks: [{ path: dom!.diskPath }] } });
+    await dom!.waitForAgent(180_000);
+    await expectTestData(dom!);
+  });
+});
