@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { localTime, matchingThrottlingRules, mbpsToBytesPerSecond, ruleActiveAt, ruleCovers, validateThrottlingRule, type ThrottlingRule } from './throttling-rules.js';
+import { limitFor, localTime, matchingThrottlingRules, mbpsToBytesPerSecond, ruleActiveAt, ruleCovers, throttlingRuleProblems, validateThrottlingRule, type ThrottlingRule } from './throttling-rules.js';
 
 const rule = (extra: Partial<ThrottlingRule> = {}): ThrottlingRule => ({ name: 'wan', source: '10.1.0.0/16', target: '10.2.0.0/24, 192.168.5.10-192.168.5.20', mbps: 100, ...extra });
 
@@ -72,5 +72,54 @@ describe('matchingThrottlingRules and validation', () => {
     ['bad schedule', { schedule: { days: [], from: '25:00', to: '8:00' } }, ['"25:00" is not a time (HH:MM)', '"8:00" is not a time (HH:MM)', 'the schedule names no days']],
   ])('validate: %s', (_n, extra, errors) => {
     expect(validateThrottlingRule(rule(extra))).toEqual(errors);
+  });
+});
+
+describe('limitFor (the strictest rule covering a connection now)', () => {
+  // 2026-11-23 is a Monday; Europe/Berlin is UTC+1 in November.
+  const rules: ThrottlingRule[] = [
+    { name: 'wan', source: '10.1.0.0/16', target: '10.2.0.0/16', mbps: 100 },
+    { name: 'office-hours', source: '10.1.0.0/16', target: '10.2.5.0/24', mbps: 20, schedule: { days: ['mon', 'tue', 'wed', 'thu', 'fri'], from: '08:00', to: '18:00' } },
+    { name: 'night', source: '10.3.0.1-10.3.0.9', target: '10.2.0.0/16', mbps: 500, schedule: { days: ['mon'], from: '22:00', to: '06:00' } },
+    { name: 'off', source: '0.0.0.0/0', target: '0.0.0.0/0', mbps: 1, enabled: false },
+  ];
+  it.each<[string, string, string, string, string | undefined, number | undefined]>([
+    ['no rule covers it', '10.9.0.1', '10.2.0.1', '2026-11-23T10:00:00Z', undefined, undefined],
+    ['one rule, either direction', '10.2.0.1', '10.1.0.1', '2026-11-23T03:00:00Z', 'wan', 100],
+    ['two rules: the stricter wins in office hours', '10.1.0.1', '10.2.5.7', '2026-11-23T10:00:00Z', 'office-hours', 20],
+    ['office hours end at 18:00 Berlin (17:00 UTC)', '10.1.0.1', '10.2.5.7', '2026-11-23T17:00:00Z', 'wan', 100],
+    ['not on Saturday', '10.1.0.1', '10.2.5.7', '2026-11-28T10:00:00Z', 'wan', 100],
+    ['a night window runs past midnight into Tuesday', '10.3.0.5', '10.2.0.1', '2026-11-24T04:00:00Z', 'night', 500],
+    ['but not into Wednesday', '10.3.0.5', '10.2.0.1', '2026-11-25T04:00:00Z', undefined, undefined],
+    ['a disabled rule never applies', '1.2.3.4', '5.6.7.8', '2026-11-23T10:00:00Z', undefined, undefined],
+  ])('%s', (_what, a, b, at, rule, mbps) => {
+    const limit = limitFor(rules, a, b, new Date(at), 'Europe/Berlin');
+    expect(limit?.rule).toBe(rule);
+    expect(limit?.mbps).toBe(mbps);
+    if (limit) {
+      expect(limit.bytesPerSecond).toBe(mbpsToBytesPerSecond(limit.mbps));
+      expect(limit.rules.map((r) => r.name)).toContain(limit.rule);
+    }
+  });
+
+  it('lists every matching rule (each has its own shared bucket)', () => {
+    const limit = limitFor(rules, '10.1.0.1', '10.2.5.7', new Date('2026-11-23T10:00:00Z'), 'Europe/Berlin');
+    expect(limit?.rules.map((r) => r.name).sort()).toEqual(['office-hours', 'wan']);
+  });
+});
+
+describe('throttlingRuleProblems names the field', () => {
+  it.each<[string, Partial<ThrottlingRule>, string]>([
+    ['bad source CIDR', { source: '10.0.0.0/33' }, 'source'],
+    ['empty target', { target: ' , ' }, 'target'],
+    ['zero limit', { mbps: 0 }, 'mbps'],
+    ['bad from', { schedule: { days: ['mon'], from: '8am', to: '18:00' } }, 'from'],
+    ['bad to', { schedule: { days: ['mon'], from: '08:00', to: '24:00' } }, 'to'],
+    ['no days', { schedule: { days: [], from: '08:00', to: '18:00' } }, 'days'],
+  ])('%s', (_what, change, field) => {
+    expect(throttlingRuleProblems(rule(change)).map((p) => p.field)).toEqual([field]);
+  });
+  it('a valid rule has none', () => {
+    expect(throttlingRuleProblems(rule({ schedule: { days: ['sat', 'sun'], from: '00:00', to: '00:00' } }))).toEqual([]);
   });
 });
