@@ -40,6 +40,7 @@ import { EncodePool } from './encode-pool.js';
 import { BACKUP_FILE_RE, backupFileName, chainMetadataName, unescapeName, vmFolder } from './layout.js';
 import { RestorePoint, type RestorePointInfo } from './restore-point.js';
 import { chainsOfFolder, listVmFolders, type VmFolder } from './folders.js';
+import { ALL_VMS, checkAllVmsDisks } from './single-file.js';
 import type { HealthReport, MethodPolicy, PendingRepair, RetentionReport, SynthesizeFullOptions, VmChainState } from './plan/types.js';
 import * as transforms from './transforms/maintenance.js';
 import { recoverFolder } from './transforms/recover.js';
@@ -210,6 +211,7 @@ export class Repository {
    */
   async startRestorePoint(opts: StartRestorePointOptions): Promise<RestorePointWriter> {
     if (opts.job.length === 0 || opts.vm.length === 0) throw new BulwarkError('job and VM names must not be empty', { kind: 'invalid' });
+    if (opts.vm === ALL_VMS) checkAllVmsDisks(opts.disks); // single-file mode (single-file.ts)
     const dir = vmFolder(this.root, opts.job, opts.vm);
     await ensureDirectory(dir);
     const lock = await tryLockFolder(dir);
