@@ -19,6 +19,7 @@ import type { CliContext } from '../../src/cli/context.js';
 import { runConsole } from '../../src/cli/program.js';
 import type { DiskRef, DiskResolver, JobDefinition, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../src/server/jobs/ports.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
+import { registerAgent } from '../../src/server/services/infrastructure.js';
 import { StageTimes } from '../../src/transport/stage-times.js';
 import { call } from './http.js';
 
@@ -26,11 +27,13 @@ const tmp = mkdtempSync(join(tmpdir(), 'bulwark-scheduling-'));
 const DISK_BYTES = 4 << 20;
 
 /** VMs and their disk images: `vm4` has 4 disks, `a` and `b` 2 each. */
-const vms: Record<string, string[]> = { vm4: ['vda', 'vdb', 'vdc', 'vdd'], a: ['vda', 'vdb'], b: ['vda', 'vdb'] };
+const vms: Record<string, string[]> = { vm4: ['vda', 'vdb', 'vdc', 'vdd'], a: ['vda', 'vdb'], b: ['vda', 'vdb'], far: ['vda'] };
 
+/** Every VM runs on host h1, except `far` on h2 (served by agent p2). */
 class Disks implements DiskResolver {
   async resolveDisks(_job: JobDefinition, vm: string): Promise<DiskRef[]> {
-    return (vms[vm] ?? []).map((name) => ({ name, sizeBytes: DISK_BYTES, location: { host: 'h1', image: join(tmp, 'images', `${vm}-${name}.img`) } }));
+    const host = vm === 'far' ? 'h2' : 'h1';
+    return (vms[vm] ?? []).map((name) => ({ name, sizeBytes: DISK_BYTES, location: { host, image: join(tmp, 'images', `${vm}-${name}.img`) } }));
   }
 }
 
@@ -137,13 +140,15 @@ async function runJobs(...jobs: string[]): Promise<SessionView[]> {
     ids.push(r.json<{ sessionId: string }>().sessionId);
   }
   const sessions: SessionView[] = [];
+  const deadline = Date.now() + 60_000;
   for (const id of ids) {
     for (;;) {
-      const s = (await call({ socketPath: server.socketPath }, 'GET', `/api/v1/sessions/${id}`)).json<SessionView>();
+      const s = (await call({ socketPath: server.socketPath }, 'GET', `/api/v1/sessions/${id}`)).json<SessionView & { log: unknown[] }>();
       if (!['queued', 'running'].includes(s.state)) {
         sessions.push(s);
         break;
       }
+      if (Date.now() > deadline) throw new Error(`session ${id} did not end: ${JSON.stringify(s)}`);
       await new Promise((r) => setTimeout(r, 50));
     }
   }
@@ -171,8 +176,11 @@ beforeAll(async () => {
   }
   server = await startServer({ dataDir: join(tmp, 'data'), listen: '127.0.0.1:0', print: () => undefined, configBackupAt: false, executor, disks: new Disks() });
   await ok('host', 'add', 'h1', '--qemu', join(tmp, 'qmp', '*.qmp'));
-  for (const [job, vm] of [['four', 'vm4'], ['ja', 'a'], ['jb', 'b']] as const) {
-    expect((await call({ socketPath: server.socketPath }, 'POST', '/api/v1/jobs', { name: job, vms: [vm], repository: 'default' })).status).toBe(201);
+  // A second agent, as enrollment records it, serving host h2.
+  await registerAgent(server.context, { name: 'p2', hostname: 'p2.example', agentVersion: '0', cores: 8, certFingerprint: null });
+  await ok('host', 'add', 'h2', '--qemu', join(tmp, 'qmp2', '*.qmp'), '--agent', 'p2');
+  for (const [job, vm] of [['four', 'vm4'], ['ja', 'a'], ['jb', 'b'], ['remote', 'far']] as const) {
+    expect((await call({ socketPath: server.socketPath }, 'POST', '/api/v1/jobs', { name: job, vms: [vm], repository: 'default', retries: { count: 0, waitMinutes: 0 } })).status).toBe(201);
   }
 });
 
@@ -245,5 +253,19 @@ describe('task limits through the real server', () => {
     expect(r.json<{ error: { field?: string } }>().error.field).toMatch(/processing/);
     await ok('agent', 'edit', 'local', '--max-tasks', 'default');
     expect(await ok('agent', 'show', 'local')).toMatch(/max tasks:\s+\d+ \(its CPU cores\)/);
+  });
+
+  it('a VM on another host goes to the agent on that host; when that agent goes silent its task fails with the reasons', async () => {
+    executor.expect(1, 1);
+    const [s] = await runJobs('remote');
+    expect(s!.state).toBe('success');
+    expect(s!.tasks.map((t) => t.proxy)).toEqual(['p2']);
+    // Three missed heartbeats: p2 shows offline, and no other agent is on h2.
+    await server.context.db.updateTable('agents').set({ last_seen_at: new Date(Date.now() - 10 * 60_000).toISOString() }).where('name', '=', 'p2').execute();
+    expect(await ok('agent', 'show', 'p2')).toMatch(/state:\s+offline/);
+    const [failed] = await runJobs('remote');
+    expect(failed!.state).toBe('failed');
+    expect(failed!.tasks[0]!.message).toContain('proxy p2 is offline');
+    expect(failed!.tasks[0]!.message).toContain('proxy local is not on host h2');
   });
 });
