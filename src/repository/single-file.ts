@@ -71,7 +71,7 @@ export function decodeAllVmsConfig(raw: Buffer): AllVmsConfigEntry[] {
     if (typeof e.name !== 'string' || e.name.length === 0) throw bad(`vms[${i}].name`);
     if (typeof e.config !== 'string') throw bad(`vms[${i}].config`);
     if (!Array.isArray(e.disks) || !e.disks.every((d) => typeof d === 'string')) throw bad(`vms[${i}].disks`);
-    return { name: e.name, config: Buffer.from(e.config, 'base64'), disks: e.disks as string[] };
+    return { name: e.name, config: Buffer.from(e.config, 'base64'), disks: e.disks };
   });
 }
 
