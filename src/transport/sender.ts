@@ -100,6 +100,9 @@ export interface TransferSenderStats {
   maxInFlightBytes: number;
   creditWaits: number;
   framesByStream: number[];
+  /** performance.now() when the first sequenced message started its way out (before any rate limit), and when the last one was written. */
+  firstTransmitAt: number | undefined;
+  lastWrittenAt: number | undefined;
 }
 
 interface Pending {
@@ -170,6 +173,8 @@ export class TransferSender {
       maxInFlightBytes: 0,
       creditWaits: 0,
       framesByStream: new Array<number>(n).fill(0),
+      firstTransmitAt: undefined,
+      lastWrittenAt: undefined,
     };
     this.#log = options.log ?? logger('transport', { task: options.taskId, session: this.sessionId });
   }
@@ -300,6 +305,7 @@ export class TransferSender {
     const run = async (): Promise<void> => {
       const resend = p.attempts > 0;
       p.attempts++;
+      this.stats.firstTransmitAt ??= performance.now();
       if (this.#o.throttle) {
         const throttle = this.#o.throttle;
         const waited = await throttle.acquire(p.bytes + 32);
@@ -320,6 +326,7 @@ export class TransferSender {
       try {
         if (this.#o.stageTimes) await this.#o.stageTimes.measure('network', () => write);
         else await write;
+        this.stats.lastWrittenAt = performance.now();
       } catch {
         // The stream died. If it died before this message was assigned to it, its re-queue
         // missed this message: send it again here. Otherwise the re-queue already did.

@@ -318,7 +318,9 @@ export class AgentTaskRunner {
       this.#emit(task.taskId, {
         type: 'log',
         level: 'info',
-        message: `transfer: sent ${stats.bytesSent} bytes in ${Math.round(target.transferMs)} ms over ${task.streams} stream(s), ${stats.blocks} blocks, ${stats.reconnects} reconnects`,
+        message:
+          `transfer: sent ${stats.bytesSent} bytes in ${Math.round(target.transferMs)} ms over ${task.streams} stream(s) ` +
+          `(on the wire for ${Math.round((stats.lastWrittenAt ?? 0) - (stats.firstTransmitAt ?? 0))} ms), ${stats.blocks} blocks, ${stats.reconnects} reconnects`,
       });
       if (stats.resends > 0) this.#emit(task.taskId, { type: 'log', level: 'info', message: `${stats.resends} block(s) arrived damaged at the repository agent (CRC) and were sent again` });
     }
