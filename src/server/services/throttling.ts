@@ -160,3 +160,11 @@ export async function deleteThrottlingRule(ctx: ServiceContext, name: string): P
   if (!row) throw notFound('throttling rule', name);
   await ctx.db.deleteFrom('throttling_rules').where('id', '=', row.id).execute();
 }
+
+/**
+ * The rules as the data path applies them (`limitFor`, `matchingThrottlingRules`), with the time
+ * zone they are evaluated in (default: the server's).
+ */
+export async function loadThrottlingPolicy(ctx: ServiceContext, timeZone?: string): Promise<{ rules: PolicyRule[]; timeZone: string }> {
+  return { rules: (await listThrottlingRules(ctx)).map(policyRule), timeZone: timeZone ?? Intl.DateTimeFormat().resolvedOptions().timeZone };
+}
