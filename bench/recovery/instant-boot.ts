@@ -44,6 +44,10 @@ async function main(): Promise<void> {
     await restoreDisk({ repository: repo, pointId, disk: 'vda', to: ownDisk, format: 'qcow2' });
     const own: number[] = [];
     const instant: number[] = [];
+    /** CPU time this process (NBD server, repository reads) spent during each instant boot. */
+    const serverCpu: number[] = [];
+    /** From the call to QEMU's spawn: opening the point, the NBD server, the overlays. */
+    const prelaunch: number[] = [];
     for (let i = 0; i < runs; i++) {
       const dir = path.join(work, `own-${i}`);
       await mkdir(dir);
@@ -57,16 +61,20 @@ async function main(): Promise<void> {
         await g.stop();
       }
       t0 = Date.now();
+      const cpu0 = process.cpuUsage();
       const s = await startInstantRecovery({ repository: repo, pointId, workDir: path.join(work, 'ir'), name: `bench-ir-${i}` });
       try {
         // As the own-disk guest does: ask the agent once the guest says it started it.
         while (!(await readFile(s.consoleLog, 'utf8').catch(() => '')).includes('bulwark-guest: ready')) await new Promise((r) => setTimeout(r, 50));
         await s.waitForAgent();
         instant.push(Date.now() - t0);
+        const cpu = process.cpuUsage(cpu0);
+        serverCpu.push(Math.round((cpu.user + cpu.system) / 1000));
+        prelaunch.push(s.launchedAt - t0);
       } finally {
         await s.stop();
       }
-      console.log(`run ${i + 1}: own disk ${own.at(-1)} ms, instant recovery ${instant.at(-1)} ms`);
+      console.log(`run ${i + 1}: own disk ${own.at(-1)} ms, instant recovery ${instant.at(-1)} ms (of which before QEMU's launch ${prelaunch.at(-1)} ms; NBD server side CPU ${serverCpu.at(-1)} ms)`);
     }
     const mo = median(own);
     const mi = median(instant);

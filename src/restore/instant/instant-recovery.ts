@@ -17,6 +17,7 @@ import { logger } from '../../common/log.js';
 import { decodePointMetadata } from '../../agent/backup/point-metadata.js';
 import { QgaClient } from '../../hypervisor/qga/client.js';
 import { QmpClient, type QmpEvent } from '../../hypervisor/qmp/client.js';
+import type { VmConfiguration } from '../../hypervisor/types.js';
 import type { Repository, RestorePoint } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
 import { startNbdServer, type NbdServer } from '../nbd-server/server.js';
@@ -98,7 +99,11 @@ export interface InstantRecoverySession {
   stop(): Promise<void>;
 }
 
-/** Boot settings from a restore point's stored configuration (QEMU command line only). */
+/**
+ * Boot settings from a restore point's stored configuration: the `-kernel`, `-initrd`, `-append`
+ * and `-m` of a recorded QEMU command line, or the `<kernel>`, `<initrd>`, `<cmdline>`, `<memory>`
+ * and `<vcpu>` of a libvirt domain XML (direct kernel boot only; the VM then runs under plain QEMU).
+ */
 export function launchFromPoint(point: RestorePoint): InstantLaunch | null {
   let meta;
   try {
@@ -106,19 +111,53 @@ export function launchFromPoint(point: RestorePoint): InstantLaunch | null {
   } catch {
     return null;
   }
-  if (!meta || meta.configuration.kind !== 'qemu') return null;
-  const argv = meta.configuration.commandLine;
-  const opt = (name: string): string | undefined => {
-    const i = argv.indexOf(name);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
-  const kernel = opt('-kernel');
-  if (!kernel) return null;
-  const mem = opt('-m');
-  const memoryMiB = mem && /^\d+$/.test(mem) ? Number(mem) : undefined;
-  const initrd = opt('-initrd');
-  const append = opt('-append');
-  return { kernel, ...(initrd ? { initrd } : {}), ...(append ? { append } : {}), ...(memoryMiB ? { memoryMiB } : {}) };
+  return meta ? launchFromConfiguration(meta.configuration) : null;
+}
+
+const xmlText = (xml: string, tag: string): string | undefined => {
+  const m = xml.match(new RegExp(`<${tag}(?:\\s[^>]*)?>([^<]*)</${tag}>`));
+  return m?.[1] === undefined ? undefined : m[1].replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&apos;/g, "'").replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+};
+
+const MEMORY_UNITS: Record<string, number> = { b: 1, bytes: 1, k: 1024, kib: 1024, kb: 1000, m: 1024 ** 2, mib: 1024 ** 2, mb: 1e6, g: 1024 ** 3, gib: 1024 ** 3, gb: 1e9 };
+
+export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | null {
+  switch (c.kind) {
+    case 'qemu': {
+      const argv = c.commandLine;
+      const opt = (name: string): string | undefined => {
+        const i = argv.indexOf(name);
+        return i >= 0 ? argv[i + 1] : undefined;
+      };
+      const kernel = opt('-kernel');
+      if (!kernel) return null;
+      const mem = opt('-m');
+      const memoryMiB = mem && /^\d+$/.test(mem) ? Number(mem) : undefined;
+      const initrd = opt('-initrd');
+      const append = opt('-append');
+      return { kernel, ...(initrd ? { initrd } : {}), ...(append ? { append } : {}), ...(memoryMiB ? { memoryMiB } : {}) };
+    }
+    case 'libvirt': {
+      const xml = c.domainXml;
+      const kernel = xmlText(xml, 'kernel');
+      if (!kernel) return null;
+      const initrd = xmlText(xml, 'initrd');
+      const append = xmlText(xml, 'cmdline');
+      const memTag = xml.match(/<memory(?:\s+unit=['"]([^'"]+)['"])?\s*>(\d+)<\/memory>/);
+      const memBytes = memTag ? Number(memTag[2]) * (MEMORY_UNITS[(memTag[1] ?? 'KiB').toLowerCase()] ?? 1024) : undefined;
+      const memoryMiB = memBytes ? Math.max(1, Math.round(memBytes / 1024 ** 2)) : undefined;
+      const vcpu = Number(xmlText(xml, 'vcpu') ?? '');
+      return {
+        kernel,
+        ...(initrd ? { initrd } : {}),
+        ...(append ? { append } : {}),
+        ...(memoryMiB ? { memoryMiB } : {}),
+        ...(Number.isInteger(vcpu) && vcpu > 0 ? { cpus: vcpu } : {}),
+      };
+    }
+    default:
+      return null;
+  }
 }
 
 async function resolvePointId(o: StartInstantRecoveryOptions): Promise<string> {
@@ -224,7 +263,7 @@ class Session implements InstantRecoverySession {
       throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records no QEMU kernel to boot; pass launch settings`, {
         kind: 'invalid',
         context: { point: this.pointId, vm: this.vm },
-        hint: 'libvirt configurations are not booted by instant recovery yet',
+        hint: 'only VMs that boot a kernel directly (QEMU -kernel, libvirt <kernel>) are booted from their stored configuration',
       });
     }
     const exports = point.disks.map((d) => ({
