@@ -6,6 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { ApiError } from './client.js';
 import { loginCommands, userCommand } from './commands/auth.js';
+import { backupCommand, exportCommand } from './commands/backup.js';
 import { configCommand } from './commands/config.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
@@ -49,6 +50,8 @@ export function buildProgram(ctx: CliContext): Command {
     sessionCommand(ctx),
     restorePointCommand(ctx),
     restoreCommand(ctx),
+    backupCommand(ctx),
+    exportCommand(ctx),
     instantRecoveryCommand(ctx),
     configCommand(ctx),
     settingsCommand(ctx),

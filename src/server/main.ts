@@ -10,13 +10,15 @@ import { join } from 'node:path';
 import type { FastifyPluginAsync } from 'fastify';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { logger } from '../common/log.js';
-import { LocalDataPathExecutor, type LocalDataPathOptions } from '../agent/backup/executor.js';
+import { LocalDataPathExecutor, type ExportVmOptions, type ExportVmResult, type LocalDataPathOptions } from '../agent/backup/executor.js';
 import { runLocalAgent } from '../agent/local.js';
 import type { HypervisorConnection } from '../hypervisor/index.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { createDispatch, type DispatchOptions } from './dispatch/index.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
 import { restorePlugin } from './api/restore.js';
+import { backupPlugin } from './api/backup.js';
+import { sweepExpired, syncVmPoints } from './services/backup-methods.js';
 import { resourcesPlugin } from './api/resources.js';
 import { DatabaseTaskSlots } from './resources/database-slots.js';
 import { recoveryPlugin, startRecoveryService } from './api/recovery.js';
@@ -206,6 +208,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     // Tasks for agents (multi-host data path): agents long-poll the TLS listener for them.
     const dispatch = createDispatch(ctx, opts.dispatch);
     cleanups.push(async () => dispatch.close());
+    let exportVm: ((o: ExportVmOptions) => Promise<ExportVmResult>) | undefined;
     if (simulated) {
       executor = new FakeTaskExecutor({ clock, durationMs: 1000 });
       disks = new FakeDiskResolver();
@@ -214,6 +217,13 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         // Hosts served by another agent are reached through that agent (dispatch), not from here.
         hosts: async () => (await listHosts(ctx)).filter((h) => h.agent === null || h.agent === 'local').map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
         repositoryPath: async (job) => (await getRepository(ctx, job.repository)).path,
+        now: () => clock.now(),
+        // After retention, merges and synthetic fulls: the catalog follows the VM's folder.
+        onVmPoints: async (job, task, points) => {
+          const repository = await getRepository(ctx, job.repository);
+          await syncVmPoints(ctx, { repositoryId: repository.id, jobId: job.id, job: job.name, vm: task.vm, points, sessionId: task.sessionId });
+          events.changed(task.sessionId);
+        },
         onRestorePoint: async (job, task, summary) => {
           const repository = await getRepository(ctx, job.repository);
           const p = summary.point;
@@ -234,6 +244,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       };
       const dataPath = new LocalDataPathExecutor(localOptions);
       cleanups.push(() => dataPath.close());
+      exportVm = (o) => dataPath.exportVm(o);
       const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint);
       executor ??= dispatched;
       disks ??= dispatched;
@@ -259,6 +270,13 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     if (interrupted > 0) log.warn({ sessions: interrupted }, 'sessions left running by the previous server run were marked failed');
     const runner = new EngineJobRunner(engine);
     cleanups.push(() => runner.close());
+    // Expired exports and the points of VMs removed from their jobs: at start, then every 10 minutes.
+    const sweep = () => void sweepExpired(ctx).catch((err: unknown) => log.error({ err: describeError(err) }, 'backup-method sweep failed'));
+    const sweepTimer = setInterval(sweep, 10 * 60 * 1000);
+    sweepTimer.unref();
+    cleanups.push(async () => clearInterval(sweepTimer));
+    if (!simulated) sweep();
+    const backupApi = backupPlugin({ ctx, engine, exportVm });
 
     const backupOpts = { cdb, clock };
     const scheduler = new Scheduler({
@@ -309,7 +327,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const recovery = await startRecoveryService({ ctx, dataDir });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), backupApi, resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -321,7 +339,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx), resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx), backupApi, resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

@@ -260,6 +260,23 @@ describe('task limits through the real server', () => {
     const [s] = await runJobs('remote');
     expect(s!.state).toBe('success');
     expect(s!.tasks.map((t) => t.proxy)).toEqual(['p2']);
+    // Pinned by the job: an agent that is not on the VM's host and cannot reach its disk fails the task with the reason.
+    await ok('job', 'edit', 'ja', '--proxy', 'p2');
+    expect(await ok('job', 'show', 'ja')).toMatch(/proxy:\s+p2\n/);
+    executor.expect(1, 2);
+    const [pinned] = await runJobs('ja');
+    expect(pinned!.state).toBe('failed');
+    expect(pinned!.tasks[0]!.message).toContain('proxy p2 pinned by the job is not on host h1');
+    await ok('job', 'edit', 'ja', '--proxy', 'local');
+    executor.expect(1, 2);
+    const [onLocal] = await runJobs('ja');
+    expect(onLocal!.state).toBe('success');
+    expect(onLocal!.tasks.map((t) => t.proxy)).toEqual(['local', 'local']);
+    const unknown = await bulwark('job', 'edit', 'ja', '--proxy', 'nobody');
+    expect(unknown.code).toBe(1);
+    expect(unknown.err).toContain('proxy: agent "nobody" not found');
+    await ok('job', 'edit', 'ja', '--proxy', 'auto');
+    expect(await ok('job', 'show', 'ja')).toMatch(/proxy:\s+automatic\n/);
     // Three missed heartbeats: p2 shows offline, and no other agent is on h2.
     await server.context.db.updateTable('agents').set({ last_seen_at: new Date(Date.now() - 10 * 60_000).toISOString() }).where('name', '=', 'p2').execute();
     expect(await ok('agent', 'show', 'p2')).toMatch(/state:\s+offline/);

@@ -11,7 +11,7 @@ import { describeChanges } from '../../hypervisor/cbt/policy.js';
 import { readBackupDisk, type ChangedBlockStats } from '../../hypervisor/cbt/reader.js';
 import type { BackupDiskView, BackupView, Checkpoint, Consistency, Hypervisor } from '../../hypervisor/types.js';
 import { validChainId } from '../../hypervisor/types.js';
-import type { DiskWriteStats, Repository, RestorePointInfo, RestorePointWriter, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
+import type { DiskWriteStats, Repository, RestorePointInfo, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
 import { decodePointMetadata, encodePointMetadata, POINT_METADATA_FORMAT } from './point-metadata.js';
 
 const log = logger('agent-backup');
@@ -89,6 +89,20 @@ export interface BackupVmOptions {
   readonly password?: string;
   /** Back up only these disks. Default: all. */
   readonly disks?: readonly string[];
+  /** New chains only: the chain's method (default forward; reverse for the reverse-incremental method). */
+  readonly chainMethod?: 'forward' | 'reverse';
+  /**
+   * Blocks a health check found damaged: read from the source and stored fresh even when the
+   * bitmap does not mark them (the repair of the chain).
+   */
+  readonly repair?: readonly { readonly disk: string; readonly blocks: readonly number[] }[];
+  /**
+   * Keep change tracking for the next backup of this chain (default true). False for a
+   * standalone full (export): the view is ended without leaving a checkpoint behind.
+   */
+  readonly keepTracking?: boolean;
+  /** Point-in-time recorded for the restore point (default: now). */
+  readonly time?: Date;
   /** NBD connections per disk (default 4) and blocks in flight per disk (default 8). */
   readonly connections?: number;
   readonly concurrency?: number;
@@ -155,7 +169,7 @@ export async function previousCheckpoint(
   const points = await repository.listRestorePoints({ job, vm });
   // The tip of the newest chain (points are oldest first per chain; chains in creation order).
   const point = points.at(-1);
-  if (!point || point.method !== 'forward') return null;
+  if (!point) return null;
   const opened = await repository.openRestorePoint(point.id, password === undefined ? {} : { password });
   try {
     const meta = decodePointMetadata(opened.vmConfig);
@@ -245,7 +259,10 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
     writer = await target.startRestorePoint({
       job: o.job,
       vm: vmName,
-      kind: incremental ? 'incremental' : 'full',
+      // Reverse chains take the changes as a reverse injection into their full.
+      kind: incremental ? (prev.point.method === 'reverse' ? 'reverse' : 'incremental') : 'full',
+      ...(!incremental && o.chainMethod !== undefined ? { chainMethod: o.chainMethod } : {}),
+      ...(o.time !== undefined ? { time: o.time } : {}),
       ...(incremental ? { parent: prev.point.id } : {}),
       ...(!incremental && o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
       ...(!incremental && o.compression !== undefined ? { compression: o.compression } : {}),
@@ -285,7 +302,8 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
     say('info', `restore point ${point.id} committed (${incremental ? 'incremental' : 'full'}, ${point.fileBytes} bytes)`);
     const warnings = [...view.warnings];
     try {
-      await view.commit();
+      if (o.keepTracking === false) await view.abort();
+      else await view.commit();
     } catch (err) {
       // The point is stored; the next backup finds the bitmaps unrotated and reads in full with digests.
       const w = `the restore point is stored, but ending the hypervisor backup failed (the next backup may read in full): ${describeError(err)}`;
@@ -329,8 +347,11 @@ async function backupDisk(
   const { o, progress } = ctx;
   const name = d.disk.name;
   let stats: ChangedBlockStats | undefined;
+  const repair = ctx.incremental ? o.repair?.find((r) => r.disk === name)?.blocks ?? [] : [];
+  if (repair.length > 0) ctx.say('info', `${name}: re-reading ${repair.length} block(s) a health check found damaged (repair)`, name);
   let source: AsyncIterable<DiskBlock> = readBackupDisk(d, {
     blockSize: ctx.blockSize,
+    ...(repair.length > 0 ? { extraBlocks: new Set(repair) } : {}),
     ...(o.concurrency !== undefined ? { concurrency: o.concurrency } : {}),
     ...(o.connections !== undefined ? { connections: o.connections } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
@@ -339,7 +360,8 @@ async function backupDisk(
   const full = d.changes.kind === 'full';
   // Full read into an increment: explicit zeroes, and digests compared with the parent's blocks
   // when the disk was in it at the same size (a resized disk is stored whole).
-  const compare = ctx.incremental && d.changes.kind === 'full' && d.changes.compareDigests && d.changes.reason !== 'disk-resized';
+  // A repair never compares with the parent: the parent's copy of a damaged block is what it replaces.
+  const compare = ctx.incremental && d.changes.kind === 'full' && d.changes.compareDigests && d.changes.reason !== 'disk-resized' && repair.length === 0;
   if (ctx.incremental && full) source = withExplicitZeroes(source, Math.ceil(d.size / ctx.blockSize));
   source = checkedSignal(source, o.signal);
   let lastReport = 0;

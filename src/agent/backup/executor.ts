@@ -2,14 +2,21 @@
 // hypervisor adapters of the configured hosts and a repository folder on this machine (data moves
 // in-process; the multi-host path sends it through src/transport). The engine runs one task per VM
 // disk, but a restore point holds all disks of a VM: the first task of a VM (per session and
-// attempt) runs the VM's backup (`backupVm`), and every disk task of that VM reports its own disk's
-// progress and result from that one run.
+// attempt) runs the VM's work, and every disk task of that VM reports its own disk's progress and
+// result from that one run. A VM's work is, by the session's operation (chain-policy.ts):
+// - backup / quick: plan the run (full, incremental, synthetic full, reverse injection), back up
+//   (re-reading blocks a health check found damaged), then retention, and compaction and health
+//   check on their days; each step is a line in the session log, the catalog follows;
+// - health-check: verify the chain and record damaged blocks for the next run's repair.
+// Disks the job excludes get no task and are named in the log.
+import { randomBytes } from 'node:crypto';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
-import type { Hypervisor, VmInfo } from '../../hypervisor/types.js';
-import { openRepository, type Repository } from '../../repository/index.js';
+import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
+import { openRepository, planRetention, type Repository, type RestorePointInfo, type RetentionAction } from '../../repository/index.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec, TransferProgress } from '../../server/jobs/ports.js';
+import { dueOn, methodPolicy, methodSettings, planVmRun, splitDisks, type JobMethodSettings } from './chain-policy.js';
 import { backupVm, type BackupProgress, type BackupVmSummary } from './disk-backup.js';
 
 const log = logger('local-data-path');
@@ -27,11 +34,37 @@ export interface LocalDataPathOptions {
    * where a rescan finds it.
    */
   onRestorePoint?(job: JobDefinition, task: TaskSpec, summary: BackupVmSummary): Promise<void>;
+  /**
+   * Called after a VM's transforms (synthetic full, retention, merges) with the VM's restore points
+   * as the repository now holds them (server: the catalog follows: removed points disappear,
+   * merged and synthesized points change kind). A failure is a warning (rescan repairs it).
+   */
+  onVmPoints?(job: JobDefinition, task: TaskSpec, points: readonly RestorePointInfo[]): Promise<void>;
+  /** The time transforms and maintenance days are judged by, and the points' time (default: the system clock). */
+  now?(): Date;
+  /** Test hook: called with each VM's point-in-time view before any block is read (e.g. a reference copy). */
+  onView?(task: TaskSpec, view: BackupView): Promise<void>;
 }
 
-/** One VM's backup within a session attempt, shared by its disk tasks. */
+/** Per-disk result of a VM's work, for its disk tasks. */
+interface VmDiskResult {
+  readonly name: string;
+  readonly bytesRead: number;
+  readonly bytesStored: number;
+}
+
+/** The result of a VM's work in one session attempt. */
+interface VmResult {
+  readonly pointId: string | null;
+  readonly disks: readonly VmDiskResult[];
+  /** Warnings for the task outcome (the VM's owner task reports them). */
+  readonly warnings: readonly string[];
+  readonly consistency: 'application' | 'crash' | null;
+}
+
+/** One VM's work within a session attempt, shared by its disk tasks. */
 interface VmRun {
-  readonly result: Promise<BackupVmSummary>;
+  readonly result: Promise<VmResult>;
   readonly listeners: Set<(e: RunEvent) => void>;
   /** Latest progress, for tasks that join late. */
   progress: BackupProgress | null;
@@ -39,6 +72,30 @@ interface VmRun {
 }
 
 type RunEvent = { kind: 'progress'; progress: BackupProgress } | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined };
+
+/** What `exportVm` writes: a standalone full outside any job's chain. */
+export interface ExportVmOptions {
+  /** Where the VM's hosts are looked up (the server passes every host). */
+  readonly hosts: readonly HypervisorConnection[];
+  readonly repositoryPath: string;
+  readonly vm: string;
+  /** Encrypt the export with this password. */
+  readonly password?: string;
+  readonly blockSize?: number;
+  readonly compression?: 'none' | 'zstd' | 'lz4';
+  readonly requireGuestProcessing?: boolean;
+  readonly now?: Date;
+  readonly signal?: AbortSignal;
+  readonly onLog?: (level: LogLevel, message: string) => void;
+}
+
+export interface ExportVmResult {
+  /** The export's own job name in its .vbm (`_export-<vm>-<UTC time>`), also its folder's name. */
+  readonly exportName: string;
+  /** The export's folder, relative to the repository root. */
+  readonly folder: string;
+  readonly summary: BackupVmSummary;
+}
 
 const KEEP_SETTLED_MS = 60 * 60 * 1000;
 
@@ -64,6 +121,26 @@ const isBoolean = (v: unknown): v is boolean => typeof v === 'boolean';
 const isCompression = (v: unknown): v is 'none' | 'zstd' | 'lz4' => v === 'none' || v === 'zstd' || v === 'lz4';
 const isMode = (v: unknown): v is 'online' | 'offline' => v === 'online' || v === 'offline';
 
+/** One retention step as a session log line. */
+export function describeRetentionAction(a: RetentionAction): string {
+  switch (a.kind) {
+    case 'merge':
+      return `retention: merged increment ${a.point} into the full (point ${a.removes} removed): ${a.reason}`;
+    case 'delete-chain':
+      return `retention: deleted chain ${a.chain} (${a.points.length} point(s), ${a.files.length} file(s)): ${a.reason}`;
+    case 'delete-point':
+      return `retention: deleted reverse point ${a.point}: ${a.reason}`;
+    case 'none':
+      return `retention: kept ${a.points.length > 0 ? `point(s) ${a.points.join(', ')}` : 'everything'} in chain ${a.chain}: ${a.reason}`;
+  }
+}
+
+/** `_export-web1-20261125T170000Z`: the export's own job name (API job names never start with `_`). */
+export function exportName(vm: string, time: Date): string {
+  const stamp = time.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  return `_export-${vm}-${stamp}`;
+}
+
 /** TaskExecutor + DiskResolver of the one-host install; `close()` when the server stops. */
 export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #opts: LocalDataPathOptions;
@@ -73,6 +150,10 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
 
   constructor(options: LocalDataPathOptions) {
     this.#opts = options;
+  }
+
+  #now(): Date {
+    return this.#opts.now?.() ?? new Date();
   }
 
   #adapter(c: HypervisorConnection): Hypervisor {
@@ -86,8 +167,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   }
 
   /** The adapter whose hosts run `vm`, with the VM. */
-  async #locate(job: JobDefinition, vm: string): Promise<{ hypervisor: Hypervisor; vm: VmInfo; connection: HypervisorConnection }> {
-    const hosts = await this.#opts.hosts(job);
+  async #locateIn(hosts: readonly HypervisorConnection[], vm: string, job: string): Promise<{ hypervisor: Hypervisor; vm: VmInfo; connection: HypervisorConnection }> {
     const misses: string[] = [];
     for (const connection of hosts) {
       const hypervisor = this.#adapter(connection);
@@ -103,8 +183,12 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     }
     throw new BulwarkError(`VM ${vm} was not found on any host${misses.length > 0 ? ` (looked behind ${misses.join(', ')})` : ''}`, {
       kind: 'not-found',
-      context: { vm, job: job.name },
+      context: { vm, job },
     });
+  }
+
+  async #locate(job: JobDefinition, vm: string): Promise<{ hypervisor: Hypervisor; vm: VmInfo; connection: HypervisorConnection }> {
+    return this.#locateIn(await this.#opts.hosts(job), vm, job.name);
   }
 
   #repository(path: string): Promise<Repository> {
@@ -117,14 +201,19 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     return r;
   }
 
+  /** The VM's disks as tasks: every disk but those the job excludes. */
   async resolveDisks(job: JobDefinition, vm: string, signal: AbortSignal): Promise<DiskRef[]> {
     signal.throwIfAborted();
     const { vm: info, connection } = await this.#locate(job, vm);
-    return info.disks.map((d) => ({
-      name: d.name,
-      sizeBytes: d.virtualSize,
-      location: { hypervisor: connection.kind, vm: info.id, image: d.imagePath, format: d.format, ...(d.nodeName ? { node: d.nodeName } : {}) },
-    }));
+    const { excludeDisks } = methodSettings(job.settings);
+    const { included } = splitDisks(excludeDisks, vm, info.disks.map((d) => d.name));
+    return info.disks
+      .filter((d) => included.includes(d.name))
+      .map((d) => ({
+        name: d.name,
+        sizeBytes: d.virtualSize,
+        location: { hypervisor: connection.kind, vm: info.id, image: d.imagePath, format: d.format, ...(d.nodeName ? { node: d.nodeName } : {}) },
+      }));
   }
 
   #startRun(task: TaskSpec, signal: AbortSignal): VmRun {
@@ -137,40 +226,14 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       progress: null,
       settledAt: null,
       result: (async () => {
-        const { job } = task;
-        const { hypervisor, vm } = await this.#locate(job, task.vm);
-        const repository = await this.#repository(await this.#opts.repositoryPath(job));
-        const password = await this.#opts.password?.(job);
-        const blockSize = setting(job, 'blockSize', isNumber);
-        const compression = setting(job, 'compression', isCompression);
-        const mode = setting(job, 'mode', isMode);
-        const summary = await backupVm({
-          hypervisor,
-          repository,
-          job: job.name,
-          vm: vm.id,
-          full: task.full,
-          requireGuestProcessing: setting(job, 'requireGuestProcessing', isBoolean) ?? false,
-          ...(mode ? { mode } : {}),
-          ...(blockSize !== undefined ? { blockSize } : {}),
-          ...(compression ? { compression } : {}),
-          ...(password !== undefined ? { password } : {}),
-          signal,
-          onProgress: (progress) => {
-            run.progress = progress;
-            emit({ kind: 'progress', progress });
-          },
-          onLog: (level, message, disk) => emit({ kind: 'log', level, message, disk }),
-        });
-        if (this.#opts.onRestorePoint) {
-          try {
-            await this.#opts.onRestorePoint(job, task, summary);
-          } catch (err) {
-            log.error({ vm: task.vm, point: summary.pointId, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
-            emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`, disk: undefined });
-          }
-        }
-        return summary;
+        const settings = methodSettings(task.job.settings);
+        const say = (level: LogLevel, message: string, disk?: string) => emit({ kind: 'log', level, message, disk });
+        return settings.operation === 'health-check'
+          ? this.#healthCheckVm(task, settings, say)
+          : this.#backupVm(task, settings, signal, say, (progress) => {
+              run.progress = progress;
+              emit({ kind: 'progress', progress });
+            });
       })(),
     };
     run.result.then(
@@ -178,6 +241,165 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       () => (run.settledAt = Date.now()),
     );
     return run;
+  }
+
+  async #backupVm(
+    task: TaskSpec,
+    settings: JobMethodSettings,
+    signal: AbortSignal,
+    say: (level: LogLevel, message: string, disk?: string) => void,
+    onProgress: (p: BackupProgress) => void,
+  ): Promise<VmResult> {
+    const { job } = task;
+    const { hypervisor, vm } = await this.#locate(job, task.vm);
+    const repository = await this.#repository(await this.#opts.repositoryPath(job));
+    const password = await this.#opts.password?.(job);
+    const blockSize = setting(job, 'blockSize', isNumber);
+    const compression = setting(job, 'compression', isCompression);
+    const mode = setting(job, 'mode', isMode);
+    const now = this.#now();
+
+    if (settings.operation === 'quick') say('info', `quick backup of VM ${vm.name}: an incremental in job ${job.name}'s chain, outside the schedule`);
+    const { included, excluded } = splitDisks(settings.excludeDisks, task.vm, vm.disks.map((d) => d.name));
+    if (excluded.length > 0) say('info', `disk(s) ${excluded.join(', ')} of VM ${vm.name} excluded by the job (not backed up)`);
+    if (included.length === 0) {
+      throw new BulwarkError(`every disk of VM ${vm.name} is excluded by job ${job.name}`, { kind: 'invalid', context: { vm: vm.name, job: job.name } });
+    }
+
+    const state = await repository.chainState(job.name, vm.name);
+    const plan = planVmRun(state, settings, now, task.full);
+    say('info', `this run: ${plan.kind} (${plan.reason})`);
+    const repair = plan.kind === 'full' ? [] : (state.repair?.disks ?? []).filter((r) => included.includes(r.disk) && r.blocks.length > 0);
+    if (repair.length > 0) {
+      say('info', `repair: re-reading ${repair.map((r) => `${r.disk} blocks ${r.blocks.join(', ')}`).join('; ')} from the source (damaged in the repository)`);
+    }
+
+    const summary = await backupVm({
+      hypervisor,
+      repository,
+      job: job.name,
+      vm: vm.id,
+      full: plan.kind === 'full',
+      chainMethod: plan.chainMethod,
+      disks: included,
+      ...(repair.length > 0 ? { repair } : {}),
+      requireGuestProcessing: setting(job, 'requireGuestProcessing', isBoolean) ?? false,
+      ...(mode ? { mode } : {}),
+      ...(blockSize !== undefined ? { blockSize } : {}),
+      ...(compression ? { compression } : {}),
+      ...(password !== undefined ? { password } : {}),
+      signal,
+      time: now,
+      onProgress,
+      onLog: (level, message, disk) => say(level, message, disk),
+      ...(this.#opts.onView ? { onView: (view: BackupView) => this.#opts.onView!(task, view) } : {}),
+    });
+    if (this.#opts.onRestorePoint) {
+      try {
+        await this.#opts.onRestorePoint(job, task, summary);
+      } catch (err) {
+        log.error({ vm: task.vm, point: summary.pointId, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
+        say('warning', `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`);
+      }
+    }
+
+    // After the commit: the point is safe whatever happens below; a failed step is a warning.
+    const warnings: string[] = [...summary.warnings];
+    const step = async (what: string, fn: () => Promise<void>): Promise<void> => {
+      try {
+        await fn();
+      } catch (err) {
+        const w = `${what} failed: ${describeError(err)} (the new restore point ${summary.pointId} is kept)`;
+        warnings.push(w);
+        say('warning', w);
+      }
+    };
+    const pw = password === undefined ? {} : { password };
+    if (plan.kind === 'synthetic-full') {
+      await step('synthetic full', async () => {
+        const p = await repository.synthesizeFull(job.name, vm.name, { point: summary.pointId, ...pw });
+        say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)`);
+      });
+    }
+    await step('retention', async () => {
+      // Only a folder retention changes is locked and rewritten.
+      const planned = planRetention(await repository.chainState(job.name, vm.name), methodPolicy(settings), now);
+      if (planned.every((a) => a.kind === 'none')) {
+        for (const a of planned) if (a.points.length > 0) say('info', describeRetentionAction(a));
+        return;
+      }
+      const report = await repository.applyRetention(job.name, vm.name, methodPolicy(settings), { now, ...pw });
+      for (const a of report.actions) say('info', describeRetentionAction(a));
+      if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}`);
+    });
+    if (settings.operation === 'backup' && dueOn(settings.compact, now, settings.timeZone)) {
+      await step('compact full', async () => {
+        const c = await repository.compactFull(job.name, vm.name);
+        say('info', `compacted the full ${c.file}: ${c.bytesBefore} -> ${c.bytesAfter} bytes`);
+      });
+    }
+    if (settings.operation === 'backup' && settings.healthCheck && dueOn(settings.healthCheck, now, settings.timeZone)) {
+      await step('health check', async () => {
+        warnings.push(...(await this.#runHealthCheck(repository, job.name, vm.name, settings.healthCheck?.wholeChain === true, password, say)));
+      });
+    }
+    await this.#syncPoints(repository, task, say, warnings);
+    return {
+      pointId: summary.pointId,
+      disks: summary.disks.map((d) => ({ name: d.name, bytesRead: d.bytesRead, bytesStored: d.bytesStored })),
+      warnings,
+      consistency: summary.consistency,
+    };
+  }
+
+  /** Tells the catalog the VM's points as the repository now holds them. */
+  async #syncPoints(repository: Repository, task: TaskSpec, say: (level: LogLevel, message: string) => void, warnings: string[]): Promise<void> {
+    if (!this.#opts.onVmPoints) return;
+    try {
+      const points = await repository.listRestorePoints({ job: task.job.name, vm: task.vm });
+      await this.#opts.onVmPoints(task.job, task, points);
+    } catch (err) {
+      const w = `the catalog could not follow the repository's points of VM ${task.vm}: ${describeError(err)} (rescan the repository)`;
+      warnings.push(w);
+      say('warning', w);
+    }
+  }
+
+  /** Verifies a VM's chain; logs every damaged block; returns the warnings for the task. */
+  async #runHealthCheck(
+    repository: Repository,
+    job: string,
+    vm: string,
+    wholeChain: boolean,
+    password: string | undefined,
+    say: (level: LogLevel, message: string) => void,
+  ): Promise<string[]> {
+    const report = await repository.healthCheck(job, vm, { wholeChain, ...(password === undefined ? {} : { password }) });
+    const scope = wholeChain ? `the whole chain (${report.points.length} point(s))` : `the latest point ${report.points[0] ?? ''}`;
+    if (report.ok) {
+      say('info', `health check of VM ${vm}: ${scope} verified, ${report.blocksChecked} block(s), no damage`);
+      return [];
+    }
+    for (const d of report.damaged) {
+      say('error', `health check: damaged block ${d.block} of disk ${d.disk} (disk offset ${d.diskOffset}) in ${d.file}, read by point ${d.point}: ${d.reason}`);
+    }
+    for (const p of report.metadataProblems) say('error', `health check: damaged metadata: ${p}`);
+    const next = report.metadataDamaged ? 'the next run takes an active full' : 'the next run re-reads these blocks from the source (repair)';
+    const w = `health check of VM ${vm} found ${report.damaged.length} damaged block(s)${report.metadataDamaged ? ' and damaged metadata' : ''} in ${scope}: ${next}`;
+    say('warning', w);
+    return [w];
+  }
+
+  async #healthCheckVm(task: TaskSpec, settings: JobMethodSettings, say: (level: LogLevel, message: string) => void): Promise<VmResult> {
+    const { job } = task;
+    const repository = await this.#repository(await this.#opts.repositoryPath(job));
+    const password = await this.#opts.password?.(job);
+    const wholeChain = settings.wholeChain || settings.healthCheck?.wholeChain === true;
+    say('info', `health check of VM ${task.vm} in job ${job.name} (${wholeChain ? 'whole chain' : 'latest restore point'})`);
+    const warnings = await this.#runHealthCheck(repository, job.name, task.vm, wholeChain, password, say);
+    const points = await repository.listRestorePoints({ job: job.name, vm: task.vm });
+    const disks = points.at(-1)?.disks.map((d) => ({ name: d.name, bytesRead: 0, bytesStored: 0 })) ?? [];
+    return { pointId: null, disks, warnings, consistency: null };
   }
 
   #sweepRuns(): void {
@@ -190,12 +412,13 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const key = `${task.sessionId}\0${task.vm}\0${task.attempt}`;
     let run = this.#runs.get(key);
     const owner = run === undefined;
+    const healthCheck = methodSettings(task.job.settings).operation === 'health-check';
     if (!run) {
       run = this.#startRun(task, context.signal);
       this.#runs.set(key, run);
-      context.log('info', `backing up VM ${task.vm} (all its disks in one restore point)`);
+      context.log('info', healthCheck ? `checking VM ${task.vm} (all its disks)` : `backing up VM ${task.vm} (all its disks in one restore point)`);
     } else {
-      context.log('info', `disk ${task.disk.name} is backed up by the VM's backup already running in this session`);
+      context.log('info', `disk ${task.disk.name} is handled by the VM's run already going in this session`);
     }
     const listener = (e: RunEvent) => {
       switch (e.kind) {
@@ -203,7 +426,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
           context.progress(diskProgress(e.progress, task.disk.name));
           break;
         case 'log':
-          // VM-wide lines go to the task that runs the VM's backup; disk lines to their disk's task.
+          // VM-wide lines go to the task that runs the VM's work; disk lines to their disk's task.
           if (e.disk === undefined ? owner : e.disk === task.disk.name) context.log(e.level, e.message);
           break;
       }
@@ -211,25 +434,56 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     run.listeners.add(listener);
     if (run.progress) context.progress(diskProgress(run.progress, task.disk.name));
     try {
-      const summary = await run.result;
-      const disk = summary.disks.find((d) => d.name === task.disk.name);
-      if (!disk) {
-        throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in restore point ${summary.pointId} (removed from the VM?)`, {
+      const result = await run.result;
+      const disk = result.disks.find((d) => d.name === task.disk.name);
+      if (!disk && !healthCheck) {
+        throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in restore point ${result.pointId ?? '-'} (removed from the VM?)`, {
           kind: 'not-found',
-          context: { vm: task.vm, disk: task.disk.name, point: summary.pointId },
+          context: { vm: task.vm, disk: task.disk.name, point: result.pointId ?? '' },
         });
       }
-      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: disk.bytesRead, bytesStored: disk.bytesStored, total: disk.bytesRead });
-      if (!owner) context.log('info', `disk ${disk.name} is in restore point ${summary.pointId}`);
-      const messages = [...summary.warnings];
-      if (summary.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
+      const read = disk?.bytesRead ?? 0;
+      context.progress({ bytesRead: read, bytesTransferred: read, bytesStored: disk?.bytesStored ?? 0, total: read });
+      if (!owner && result.pointId) context.log('info', `disk ${task.disk.name} is in restore point ${result.pointId}`);
+      const messages = owner ? [...result.warnings] : [];
+      if (owner && result.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
       return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
     } catch (err) {
-      if (!owner) log.debug({ vm: task.vm, disk: task.disk.name, err: describeError(err) }, 'the VM backup this disk task joined failed');
+      if (!owner) log.debug({ vm: task.vm, disk: task.disk.name, err: describeError(err) }, 'the VM run this disk task joined failed');
       throw err;
     } finally {
       run.listeners.delete(listener);
     }
+  }
+
+  /**
+   * Writes a standalone full of a VM (`bulwark export`) into its own folder of the repository,
+   * `<repository>/_export-<vm>-<UTC time>/<vm>/` with its own .vbm (docs/formats/backup-files.md
+   * section 2): outside every job's chain and retention, importable anywhere with a rescan. No
+   * change tracking is left behind on the VM.
+   */
+  async exportVm(o: ExportVmOptions): Promise<ExportVmResult> {
+    const { hypervisor, vm } = await this.#locateIn(o.hosts, o.vm, '(export)');
+    const repository = await this.#repository(o.repositoryPath);
+    const name = exportName(vm.name, o.now ?? this.#now());
+    const summary = await backupVm({
+      hypervisor,
+      repository,
+      job: name,
+      vm: vm.id,
+      full: true,
+      // A chain id of its own: the job chains' bitmaps are not touched, and this one is removed at the end.
+      chainId: `bw-x-${randomBytes(8).toString('hex')}`,
+      keepTracking: false,
+      requireGuestProcessing: o.requireGuestProcessing ?? false,
+      ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
+      ...(o.compression ? { compression: o.compression } : {}),
+      ...(o.password !== undefined ? { password: o.password } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+      onLog: (level, message) => o.onLog?.(level, message),
+    });
+    const folder = summary.point.file.slice(repository.root.length + 1).split('/').slice(0, 1)[0]!;
+    return { exportName: name, folder, summary };
   }
 
   /** Closes the hypervisor connections. */

@@ -49,6 +49,7 @@ interface JobOptions {
   excludeDisk?: string[];
   removedVmRetention?: number;
   fileIndex?: boolean;
+  proxy?: string;
 }
 
 const weekdays = ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'] as const;
@@ -102,6 +103,7 @@ function jobFields(o: JobOptions): Record<string, unknown> {
   if (o.excludeDisk !== undefined) body.excludeDisks = o.excludeDisk.includes('none') ? [] : o.excludeDisk;
   if (o.removedVmRetention !== undefined) body.removedVmRetentionDays = o.removedVmRetention;
   if (o.fileIndex !== undefined) body.fileIndex = o.fileIndex;
+  if (o.proxy !== undefined) body.proxy = o.proxy === 'auto' ? null : o.proxy;
   return body;
 }
 
@@ -127,6 +129,7 @@ export function jobCommand(ctx: CliContext): Command {
       .addOption(new Option('--keep-days <d>', 'keep restore points this many days').argParser(positiveInt('--keep-days')))
       .option('--schedule <when>', 'cron expression, "daily HH:MM [mon,…]", "monthly HH:MM day N|last|first WEEKDAY", "every 30m|4h", "after JOB", or none')
       .option('--timezone <tz>', 'IANA time zone of the schedule and window (default: the server\'s)')
+      .option('--proxy <agent>', 'the agent that moves the data (pinned proxy), or "auto": an agent on the VM host, else the least busy one')
       .option('--block-size <size>', 'block size: 256K, 512K, 1M, 4M or 8M', parseSize('--block-size'))
       .addOption(new Option('--compress <codec>', 'compression').argParser(oneOf('--compress', compressions)))
       .option('--retries <n>', 'retry a failed run this many times', nonNegativeInt('--retries'))
@@ -201,6 +204,7 @@ export function jobCommand(ctx: CliContext): Command {
           ['window', windowText(j.window)],
           ['retries', `${j.retries.count} (every ${j.retries.waitMinutes} min)`],
           ['guest processing', j.requireGuestProcessing ? 'required' : 'when possible'],
+          ['proxy', j.proxy ?? 'automatic'],
           ['active full', daysText(j.activeFull)],
           ['synthetic full', daysText(j.syntheticFull)],
           ['health check', j.healthCheck ? `${daysText(j.healthCheck)}${j.healthCheck.wholeChain ? ' (whole chain)' : ' (latest point)'}` : 'never'],
@@ -286,6 +290,26 @@ export function jobCommand(ctx: CliContext): Command {
         return;
       }
       if (!o.json) ctx.output.out(`job ${name} started: session ${sessionId}\n`);
+      const s = await followSession(client, sessionId, { view: viewFor(ctx, o.json ?? false, false), reconnectLimitMs: ctx.reconnectLimitMs });
+      ctx.exitCode = exitCodeOf(s.state);
+    });
+
+  job
+    .command('health-check')
+    .description('verify the job\'s restore points now, as a session: damaged blocks are named in its log and repaired by the next run')
+    .argument('<name>')
+    .option('--whole-chain', 'verify every restore point of each chain, not only the latest')
+    .option('--wait', 'follow the session until it ends')
+    .addOption(jsonOption())
+    .action(async (name: string, o: { wholeChain?: boolean; wait?: boolean; json?: boolean }, cmd: Command) => {
+      const client = await clientFor(ctx, cmd);
+      const { sessionId } = await client.post<{ sessionId: string }>(at('/jobs', name, 'health-check'), o.wholeChain ? { wholeChain: true } : {});
+      if (!o.wait) {
+        if (o.json) printJson(ctx.output, { sessionId });
+        else ctx.output.out(`health check of job ${name} started: session ${sessionId}\n  follow it with: bulwark session show ${sessionId} --follow\n`);
+        return;
+      }
+      if (!o.json) ctx.output.out(`health check of job ${name} started: session ${sessionId}\n`);
       const s = await followSession(client, sessionId, { view: viewFor(ctx, o.json ?? false, false), reconnectLimitMs: ctx.reconnectLimitMs });
       ctx.exitCode = exitCodeOf(s.state);
     });

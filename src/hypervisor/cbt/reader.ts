@@ -31,6 +31,11 @@ export interface ChangedBlockReaderOptions {
    * changes say the target should compare digests with the previous restore point.
    */
   readonly digests?: boolean;
+  /**
+   * Incremental reads: blocks (by index) to read even when the bitmap does not mark them, e.g.
+   * blocks a health check found damaged in the repository (a repair re-reads them from the source).
+   */
+  readonly extraBlocks?: ReadonlySet<number>;
 }
 
 /** A block as the reader yields it: with its SHA-256 when digests are on (data blocks only). */
@@ -70,6 +75,7 @@ export function planBlocks(
   end: number,
   allocation: readonly Extent[],
   dirty: readonly DirtyExtent[] | null,
+  extra?: ReadonlySet<number>,
 ): BlockPlan[] {
   const out: BlockPlan[] = [];
   let ai = 0;
@@ -85,7 +91,7 @@ export function planBlocks(
           break;
         }
       }
-      if (!touched) continue;
+      if (!touched && !extra?.has(off / blockSize)) continue;
     }
     while (ai < allocation.length && allocation[ai]!.offset + allocation[ai]!.length <= off) ai++;
     const data: Array<readonly [number, number]> = [];
@@ -123,6 +129,7 @@ export class ChangedBlockReader {
   readonly #window: number;
   readonly #signal: AbortSignal | undefined;
   readonly #digests: boolean;
+  readonly #extra: ReadonlySet<number> | undefined;
   readonly stats: ChangedBlockStats = { bytesMapped: 0, bytesRead: 0, dataBlocks: 0, zeroBlocks: 0, bytesDirty: 0 };
 
   constructor(source: BlockSource, changes: DiskChanges, options: ChangedBlockReaderOptions) {
@@ -138,6 +145,7 @@ export class ChangedBlockReader {
     this.#window = Math.max(bs, Math.floor(window / bs) * bs);
     this.#signal = options.signal;
     this.#digests = options.digests ?? (changes.kind === 'full' && changes.compareDigests);
+    this.#extra = options.extraBlocks && options.extraBlocks.size > 0 ? options.extraBlocks : undefined;
   }
 
   /** Whether blocks that are not yielded read as zeroes (full) or are unchanged (incremental). */
@@ -173,15 +181,21 @@ export class ChangedBlockReader {
       if (context) {
         dirty = await this.#source.dirtyExtents(context, start, end - start);
         for (const d of dirty) if (d.dirty) this.stats.bytesDirty += d.length;
-        if (!dirty.some((d) => d.dirty)) {
+        if (!dirty.some((d) => d.dirty) && !this.#extraIn(start, end)) {
           this.stats.bytesMapped = end;
           continue;
         }
       }
       const allocation = await this.#source.extents(start, end - start);
       this.stats.bytesMapped = end;
-      yield* planBlocks(this.#blockSize, start, end, allocation, dirty);
+      yield* planBlocks(this.#blockSize, start, end, allocation, dirty, this.#extra);
     }
+  }
+
+  #extraIn(start: number, end: number): boolean {
+    if (!this.#extra) return false;
+    for (const i of this.#extra) if (i * this.#blockSize >= start && i * this.#blockSize < end) return true;
+    return false;
   }
 
   async #read(plan: BlockPlan): Promise<ChangedBlock> {

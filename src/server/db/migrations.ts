@@ -207,6 +207,13 @@ export const migrations: readonly Migration[] = [
         .execute();
     },
   },
+  {
+    // A job may pin the agent that moves its data (the proxy); null = automatic selection.
+    name: '202611250201_job_proxy',
+    async up(kdb) {
+      await (kdb as AnyDb).schema.alterTable('jobs').addColumn('proxy', 'text').execute();
+    },
+  },
 ];
 
 /** Advisory-lock key of the migration runner on PostgreSQL ("BULWARK1" as an int64). */

@@ -65,6 +65,8 @@ export interface JobTable extends ConfigColumns {
   require_guest_processing: number;
   /** When the job was created or last enabled: the scheduler's origin for missed runs. */
   scheduled_since: string;
+  /** Agent name pinned as the job's proxy; null = automatic selection (migration 202611250201). */
+  proxy: ColumnType<string | null, string | null | undefined, string | null>;
   /** JSON of the backup-method options (activeFull, syntheticFull, healthCheck, compact, excludeDisks, …); null = defaults. */
   backup_options: ColumnType<string | null, string | null | undefined, string | null>;
 }

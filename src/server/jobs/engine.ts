@@ -55,6 +55,12 @@ export interface RunOptions {
    * the running session; `coalesce` returns the running session instead (the scheduler's choice).
    */
   ifRunning?: 'refuse' | 'coalesce' | undefined;
+  /** Only these VMs of the job (a quick backup of one VM); default: all of the job's VMs. */
+  vms?: string[] | undefined;
+  /** Merged over the job's settings for this session only (e.g. `operation: 'health-check'`). */
+  settings?: Readonly<Record<string, unknown>> | undefined;
+  /** No automatic retry of failed tasks in this session (e.g. a health check). */
+  noRetries?: boolean | undefined;
 }
 
 export interface RunResult {
@@ -156,10 +162,16 @@ export class JobEngine {
 
   /** Starts a session of the job (id or name) now. */
   async runNow(jobIdOrName: string, opts: RunOptions = {}): Promise<RunResult> {
-    const job = await this.#store.loadJob(jobIdOrName);
-    if (job === undefined) {
+    const loaded = await this.#store.loadJob(jobIdOrName);
+    if (loaded === undefined) {
       throw new BulwarkError(`there is no job ${jobIdOrName}`, { kind: 'not-found', context: { job: jobIdOrName } });
     }
+    const job: JobDefinition = {
+      ...loaded,
+      ...(opts.vms ? { vms: opts.vms } : {}),
+      ...(opts.settings ? { settings: { ...loaded.settings, ...opts.settings } } : {}),
+      ...(opts.noRetries ? { retry: { count: 0, waitSeconds: 0 } } : {}),
+    };
     const running = this.#byJob.get(job.id);
     if (running !== undefined) {
       const active = await running;

@@ -100,6 +100,7 @@ export class DatabaseJobEngineStore implements JobEngineStore {
       repository: repo?.name ?? r.repository_id,
       retry: { count: r.retry_count, waitSeconds: r.retry_wait_minutes * 60 },
       window: window ?? undefined,
+      proxy: r.proxy ?? undefined,
       settings: {
         method: r.method,
         blockSize: r.block_size,

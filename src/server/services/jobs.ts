@@ -110,9 +110,18 @@ function toJob(r: Selectable<JobTable>, repoName: string, running: boolean): Job
     retries: { count: r.retry_count, waitMinutes: r.retry_wait_minutes },
     window: parseJson<BackupWindow>(r.window, 'job window'),
     requireGuestProcessing: r.require_guest_processing === 1,
+    proxy: r.proxy ?? null,
     ...backupOptionsOf(r),
     running,
   };
+}
+
+/** A pinned proxy must be an agent; null/undefined = automatic selection. */
+async function proxyName(ctx: ServiceContext, name: string | null | undefined): Promise<string | null> {
+  if (name === null || name === undefined || name === '') return null;
+  const a = await ctx.db.selectFrom('agents').select('name').where('name', '=', name).executeTakeFirst();
+  if (!a) throw new BulwarkError(`proxy: agent "${name}" not found`, { kind: 'not-found', context: { field: 'proxy', agent: name }, hint: 'bulwark agent list shows the agents' });
+  return a.name;
 }
 
 async function repoNames(ctx: ServiceContext): Promise<Map<string, string>> {
@@ -179,6 +188,7 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
   const options = { ...defaultJobBackupOptions, ...pickOptions(input) };
   checkBackupOptions(options, input.method ?? 'forever-forward', input.vms);
   const repositoryId = await repoId(ctx, input.repository);
+  const proxy = await proxyName(ctx, input.proxy);
   const now = nowIso(ctx);
   try {
     await ctx.db
@@ -203,6 +213,7 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
         require_guest_processing: input.requireGuestProcessing ? 1 : 0,
         scheduled_since: now,
         backup_options: JSON.stringify(options),
+        proxy,
       })
       .execute();
   } catch (err) {
@@ -244,6 +255,7 @@ export async function updateJob(ctx: ServiceContext, name: string, patch: JobPat
     values.window = patch.window === null ? null : JSON.stringify(patch.window);
   }
   if (patch.requireGuestProcessing !== undefined) values.require_guest_processing = patch.requireGuestProcessing ? 1 : 0;
+  if (patch.proxy !== undefined) values.proxy = await proxyName(ctx, patch.proxy);
   const changedOptions = pickOptions(patch);
   if (Object.keys(changedOptions).length > 0 || patch.method !== undefined || patch.vms !== undefined) {
     const options = { ...backupOptionsOf(r), ...changedOptions };
@@ -278,6 +290,7 @@ export async function cloneJob(ctx: ServiceContext, name: string, newName: strin
     retries: j.retries,
     window: j.window,
     requireGuestProcessing: j.requireGuestProcessing,
+    proxy: j.proxy,
     ...pickOptions(j),
   });
 }

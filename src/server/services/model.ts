@@ -220,6 +220,8 @@ const JobEditable = {
   retries: Retries,
   window: Nullable(BackupWindow),
   requireGuestProcessing: Type.Boolean(),
+  // Null first: the API's type coercion would turn null into "" for a string tried first.
+  proxy: Type.Union([Type.Null(), Type.String({ description: 'the agent that moves the data of this job (pinned proxy); null = automatic: an agent on the VM host, else the least busy one that reaches the disk' })]),
   ...JobBackupOptions,
 };
 export const Job = Type.Object({ ...ConfigFields, ...JobEditable, running: Type.Boolean() });

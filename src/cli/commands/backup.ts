@@ -1,0 +1,117 @@
+// `bulwark backup quick VM` (an incremental of one VM inside its job's chain, outside the
+// schedule) and `bulwark export VM --repo REPO` (a standalone full with its own metadata, outside
+// every job's chain and retention, importable anywhere with `repo rescan`).
+import { Command, Option } from 'commander';
+import { BulwarkError } from '../../common/errors.js';
+import { at, clientFor, type CliContext, type ItemList } from '../context.js';
+import { BarView, exitCodeOf, followSession, JsonView, PlainView, type SessionView } from '../follow.js';
+import { formatFields, formatTable, localTime, printJson } from '../output.js';
+import { askPassword, readStdin } from '../prompt.js';
+
+interface ExportRecord {
+  id: string;
+  vm: string;
+  repository: string;
+  folder: string;
+  pointId: string;
+  encrypted: boolean;
+  createdAt: string;
+  expiresAt: string | null;
+}
+
+function viewFor(ctx: CliContext, json: boolean): SessionView {
+  if (json) return new JsonView(ctx.output, false);
+  return ctx.tty ? new BarView(ctx.output) : new PlainView(ctx.output);
+}
+
+export function backupCommand(ctx: CliContext): Command {
+  const backup = new Command('backup').description('backups outside a job\'s schedule');
+  backup
+    .command('quick')
+    .description('back up one VM now: an incremental in the chain of its job (a session of that job with only this VM)')
+    .argument('<vm>')
+    .option('--job <name>', 'the job whose chain to continue (needed when the VM is in several jobs)')
+    .option('--wait', 'follow the session until it ends (exit 0 on success or warning, 1 otherwise)')
+    .addOption(new Option('--json', 'print the reply (or with --wait the final session) as JSON'))
+    .action(async (vm: string, o: { job?: string; wait?: boolean; json?: boolean }, cmd: Command) => {
+      const client = await clientFor(ctx, cmd);
+      const { sessionId, job } = await client.post<{ sessionId: string; job: string }>('/backup/quick', { vm, ...(o.job ? { job: o.job } : {}) });
+      if (!o.wait) {
+        if (o.json) printJson(ctx.output, { sessionId, job });
+        else ctx.output.out(`quick backup of ${vm} started in job ${job}: session ${sessionId}\n  follow it with: bulwark session show ${sessionId} --follow\n`);
+        return;
+      }
+      if (!o.json) ctx.output.out(`quick backup of ${vm} started in job ${job}: session ${sessionId}\n`);
+      const s = await followSession(client, sessionId, { view: viewFor(ctx, o.json ?? false), reconnectLimitMs: ctx.reconnectLimitMs });
+      ctx.exitCode = exitCodeOf(s.state);
+    });
+  return backup;
+}
+
+export function exportCommand(ctx: CliContext): Command {
+  const exp = new Command('export')
+    .description('write a standalone full backup of a VM (own metadata, outside every job\'s chain and retention); `export list` shows them')
+    .argument('<vm>', 'the VM to export, or `list`')
+    .option('--repo <name>', 'the repository to write it into')
+    .option('--encrypt', 'encrypt it with a password (asked, or --password-stdin)')
+    .option('--password-stdin', 'with --encrypt: read the password from standard input')
+    .option('--delete-after <time>', 'the server deletes the export after this long: 30d, 12h, 2w')
+    .addOption(new Option('--compress <codec>', 'compression').choices(['zstd', 'lz4', 'none']))
+    .addOption(new Option('--json', 'print the export as JSON'))
+    .action(async (vm: string, o: { repo?: string; encrypt?: boolean; passwordStdin?: boolean; deleteAfter?: string; compress?: string; json?: boolean }, cmd: Command) => {
+      const client = await clientFor(ctx, cmd);
+      if (vm === 'list') {
+        const { items } = await client.get<ItemList<ExportRecord>>('/exports');
+        if (o.json) return printJson(ctx.output, items);
+        ctx.output.out(
+          formatTable(items, [
+            { header: 'vm', value: (e) => e.vm },
+            { header: 'created', value: (e) => localTime(e.createdAt) },
+            { header: 'expires', value: (e) => (e.expiresAt ? localTime(e.expiresAt) : 'never') },
+            { header: 'repository', value: (e) => e.repository },
+            { header: 'folder', value: (e) => e.folder },
+            { header: 'point', value: (e) => e.pointId },
+            { header: 'encrypted', value: (e) => e.encrypted },
+          ]),
+        );
+        return;
+      }
+      if (!o.repo) cmd.error('error: required option \'--repo <name>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
+      let password: string | undefined;
+      if (o.encrypt) {
+        password = o.passwordStdin ? await readStdin() : await askPassword('Password for the export: ', '--password-stdin');
+        if (!o.passwordStdin && (await askPassword('Again: ', '--password-stdin')) !== password) throw new BulwarkError('the two passwords differ', { kind: 'invalid' });
+        if (password === '') throw new BulwarkError('--encrypt: the password is empty', { kind: 'invalid' });
+      } else if (o.passwordStdin) {
+        cmd.error('error: --password-stdin goes with --encrypt', { exitCode: 2, code: 'bulwark.usage' });
+      }
+      if (!o.json) ctx.output.err(`exporting ${vm} into repository ${o.repo} …\n`);
+      const e = await client.post<ExportRecord>('/exports', {
+        vm,
+        repository: o.repo,
+        ...(password !== undefined ? { password } : {}),
+        ...(o.deleteAfter !== undefined ? { deleteAfter: o.deleteAfter } : {}),
+        ...(o.compress !== undefined ? { compression: o.compress } : {}),
+      });
+      if (o.json) return printJson(ctx.output, e);
+      ctx.output.out(
+        formatFields([
+          ['export', e.folder],
+          ['vm', e.vm],
+          ['repository', e.repository],
+          ['restore point', e.pointId],
+          ['encrypted', e.encrypted],
+          ['deleted', e.expiresAt ? localTime(e.expiresAt) : 'never (delete it with: bulwark export delete …)'],
+        ]),
+      );
+    });
+  exp
+    .command('delete')
+    .description('delete an export (by id or folder name)')
+    .argument('<export>')
+    .action(async (id: string, _o: unknown, cmd: Command) => {
+      await (await clientFor(ctx, cmd)).delete(at('/exports', id));
+      ctx.output.out(`export ${id} deleted\n`);
+    });
+  return exp;
+}
