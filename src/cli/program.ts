@@ -8,6 +8,7 @@ import { ApiError } from './client.js';
 import { loginCommands, userCommand } from './commands/auth.js';
 import { backupCommand, exportCommand } from './commands/backup.js';
 import { configCommand } from './commands/config.js';
+import { indexCommand, mountCommand, searchCommand } from './commands/files.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
 import { restoreCommand } from './commands/restore.js';
@@ -52,6 +53,9 @@ export function buildProgram(ctx: CliContext): Command {
     restoreCommand(ctx),
     backupCommand(ctx),
     exportCommand(ctx),
+    mountCommand(ctx),
+    searchCommand(ctx),
+    indexCommand(ctx),
     instantRecoveryCommand(ctx),
     configCommand(ctx),
     settingsCommand(ctx),

@@ -38,6 +38,9 @@ import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfig
 import { createRepository, getRepository, listHosts, listRepositories } from './services/infrastructure.js';
 import { recordRestorePoint, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
+import { filesPlugin, indexAfterBackup } from './api/files.js';
+import { MountSessions } from '../restore/mount/sessions.js';
+import { sweepStaleMounts } from '../restore/mount/mount.js';
 
 const log = logger('server');
 
@@ -240,6 +243,8 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
             sessionId: task.sessionId,
           });
           events.changed(task.sessionId);
+          // Guest file index (job setting fileIndex): part of the job, never fails it.
+          if (job.settings?.fileIndex === true) await indexAfterBackup(ctx, p.id, task.sessionId);
         },
       };
       const dataPath = new LocalDataPathExecutor(localOptions);
@@ -323,11 +328,16 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const resources = resourcesPlugin(ctx, () => slots.refresh());
     const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
 
+    // File-level restore mounts (one-host install: in this process); a crashed run's are swept.
+    await sweepStaleMounts().catch((err: unknown) => log.warn({ err: describeError(err) }, 'sweeping stale file-restore mounts failed'));
+    const fileMounts = new MountSessions({ defaultRoot: join(dataDir, 'mounts') });
+    cleanups.push(() => fileMounts.closeAll());
+
     // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).
     const recovery = await startRecoveryService({ ctx, dataDir });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), backupApi, resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), backupApi, resources, filesPlugin(ctx, fileMounts), recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -339,7 +349,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx), backupApi, resources, recoveryPlugin(recovery), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

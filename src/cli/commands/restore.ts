@@ -7,6 +7,7 @@ import type { RestorePoint } from '../../server/services/model.js';
 import { at, clientFor, oneOf, type CliContext, type ItemList } from '../context.js';
 import type { ApiClient } from '../client.js';
 import { formatFields, humanDuration, humanSize, printJson } from '../output.js';
+import { registerRestoreFiles } from './files.js';
 import { registerRestoreVm } from './recovery.js';
 
 interface RestoreDiskReply {
@@ -75,5 +76,6 @@ export function restoreCommand(ctx: CliContext): Command {
     });
 
   registerRestoreVm(restore, ctx);
+  registerRestoreFiles(restore, ctx);
   return restore;
 }

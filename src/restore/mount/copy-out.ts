@@ -70,6 +70,9 @@ async function copyEntry(src: string, dest: string, report: CopyReport, asRoot: 
     }
   } catch (cause) {
     if (cause instanceof BulwarkError) throw cause;
+    if ((cause as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new BulwarkError(`${dest} already exists`, { kind: 'conflict', context: { path: src, to: dest }, cause, hint: 'restore to another folder, or allow overwriting (--overwrite)' });
+    }
     throw new BulwarkError(`cannot copy ${src} to ${dest}`, { context: { path: src, to: dest }, cause });
   }
 }

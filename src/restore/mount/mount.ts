@@ -48,6 +48,8 @@ export interface MountedFileSystem {
   /** Byte offset and size of the volume on the disk. */
   readonly offset: number;
   readonly size: number;
+  /** Read in user space (vfat through mtools on a kernel without the driver): a copy, not a live view. */
+  readonly userspace?: boolean;
 }
 
 /** A volume found but not mounted, and why (LVM without device-mapper, swap, unknown, ...). */
@@ -92,6 +94,8 @@ const MOUNT_OPTIONS: Partial<Record<FileSystemType, string>> = {
 const KERNEL_TYPE: Partial<Record<FileSystemType, string>> = { ntfs: 'ntfs3' };
 /** MBR extended containers hold logical partitions, not a file system. */
 const CONTAINER_TYPES = new Set(['0x05', '0x0f', '0x85']);
+/** Largest vfat volume copied out with mtools when the kernel has no vfat driver. */
+const USERSPACE_VFAT_MAX = 4 * 2 ** 30;
 
 /** What the state file in the run dir records, so a sweeper can undo a crashed process's mounts. */
 interface MountState {
@@ -179,6 +183,10 @@ class MountSession implements Mount {
           this.skipped.push({ disk: d.name, partition: v.partition, type: 'unknown', reason: 'no recognised file system' });
           continue;
         }
+        if (v.fs.type === 'vfat' && !kernelTypes.has('vfat')) {
+          await this.#userspaceVfat(d.name, v.partition, v.offset, v.size, v.fs, fuse.image, onMounted);
+          continue;
+        }
         const reason = unmountableReason(v.fs.type, kernelTypes);
         if (reason !== null) {
           this.skipped.push({ disk: d.name, partition: v.partition, type: v.fs.type, reason });
@@ -216,6 +224,61 @@ class MountSession implements Mount {
         onMounted?.(mounted);
       }
     }
+  }
+
+  /**
+   * vfat on a kernel without the driver: read in user space with mtools (mcopy), copied into the
+   * run dir and shown read-only through a bind mount at the usual place. A copy, not a live view:
+   * fine for the small FAT volumes (EFI system partitions) guests have; larger ones are skipped.
+   * mtools keeps file times but not folder times, and shows FAT attributes as fixed modes.
+   */
+  async #userspaceVfat(disk: string, partition: number | null, offset: number, size: number, fs: DetectedFileSystem, image: string, onMounted: MountOptions['onMounted']): Promise<void> {
+    const skip = (reason: string): void => {
+      this.skipped.push({ disk, partition, type: 'vfat', reason });
+    };
+    if (size > USERSPACE_VFAT_MAX) {
+      skip(`vfat file system: this kernel has no vfat driver, and at ${Math.round(size / 2 ** 30)} GiB it is too large to copy out with mtools (limit ${USERSPACE_VFAT_MAX / 2 ** 30} GiB); restore the disk instead`);
+      return;
+    }
+    const leaf = `${partition === null ? 'whole' : `part${partition}`}-vfat`;
+    const copy = join(this.#dir, `vfat-${disk}-${leaf}`);
+    await mkdir(copy);
+    const env = { ...process.env, MTOOLS_SKIP_CHECK: '1', MTOOLS_NO_VFAT: '0' };
+    const source = `${image}@@${offset}`;
+    try {
+      const listing = await runTool('mdir', ['-b', '-i', source, '::/'], `listing the vfat file system of ${disk} ${leaf}`, env);
+      if (listing.trim() !== '') await runTool('mcopy', ['-s', '-p', '-m', '-n', '-Q', '-i', source, '::/*', `${copy}/`], `copying the vfat file system of ${disk} ${leaf} (mtools)`, env);
+    } catch (err) {
+      skip(`vfat file system: this kernel has no vfat driver and reading it with mtools failed: ${describeError(err)}`);
+      return;
+    }
+    const path = join(this.at, disk, leaf);
+    await this.#mkdirTracked(join(this.at, disk));
+    await this.#mkdirTracked(path);
+    try {
+      this.#state.mountpoints.push(path);
+      this.#save();
+      await runTool('mount', ['--bind', copy, path], `bind-mounting the vfat copy of ${disk} ${leaf}`);
+      await runTool('mount', ['-o', 'remount,bind,ro,nodev,nosuid,noexec', path], `making the vfat copy of ${disk} ${leaf} read-only`);
+    } catch (err) {
+      skip(`vfat file system: ${describeError(err)}`);
+      return;
+    }
+    const mounted: MountedFileSystem = {
+      disk,
+      partition,
+      type: 'vfat',
+      ...(fs.label !== undefined ? { label: fs.label } : {}),
+      ...(fs.uuid !== undefined ? { uuid: fs.uuid } : {}),
+      path,
+      offset,
+      size,
+      userspace: true,
+    };
+    this.filesystems.push(mounted);
+    this.warnings.push(`${disk}: ${leaf} was read with mtools (this kernel has no vfat driver): a read-only copy; folder times are not kept`);
+    log.info({ disk, partition, path }, 'vfat read in user space (mtools) and shown read-only');
+    onMounted?.(mounted);
   }
 
   /** The volumes of a disk: a whole-disk file system, or the partitions of its table. */

@@ -10,9 +10,9 @@ import { BulwarkError } from '../../common/errors.js';
 const execFileP = promisify(execFile);
 
 /** Runs a tool; rejects with its stderr in the message. */
-export async function runTool(cmd: string, args: readonly string[], what: string): Promise<string> {
+export async function runTool(cmd: string, args: readonly string[], what: string, env?: NodeJS.ProcessEnv): Promise<string> {
   try {
-    const { stdout } = await execFileP(cmd, [...args], { maxBuffer: 16 << 20 });
+    const { stdout } = await execFileP(cmd, [...args], { maxBuffer: 16 << 20, ...(env ? { env } : {}) });
     return stdout;
   } catch (cause) {
     const stderr = (cause as { stderr?: string }).stderr?.trim();

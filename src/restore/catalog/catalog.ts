@@ -1,0 +1,319 @@
+// The guest file index (docs/formats/file-index.md): after a backup, the new restore point is
+// mounted read-only, every recognised file system is walked, and the list (path, type, size,
+// mtime) is written as gzip NDJSON next to the point's backup file. Searches read these files.
+import { createReadStream, createWriteStream } from 'node:fs';
+import { lstat, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join, posix } from 'node:path';
+import { createInterface } from 'node:readline';
+import { pipeline } from 'node:stream/promises';
+import { Readable } from 'node:stream';
+import { createGunzip, createGzip } from 'node:zlib';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { Repository, RestorePointInfo } from '../../repository/index.js';
+import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
+import { fsName, mountpointOf } from '../mount/guest-paths.js';
+import { describeFileSystems, mountRestorePoint, type FileSystemView, type PointMount } from '../mount/point-mount.js';
+
+const log = logger('file-index');
+
+export const FILE_INDEX_FORMAT = 'bulwark file index v1';
+export const FILE_INDEX_SUFFIX = '.files.gz';
+
+export type EntryType = 'f' | 'd' | 'l' | 'o';
+
+export interface FileIndexEntry {
+  /** Guest path, or `NAME:/path` when the file system's guest mount point is unknown. */
+  readonly p: string;
+  readonly t: EntryType;
+  readonly s: number;
+  /** Modification time, whole seconds since the epoch. */
+  readonly m: number;
+}
+
+export interface FileIndexHeader {
+  readonly format: typeof FILE_INDEX_FORMAT;
+  readonly point: string;
+  readonly job: string;
+  readonly vm: string;
+  readonly pointTime: string;
+  readonly created: string;
+  readonly filesystems: Array<Omit<FileSystemView, 'path' | 'disk' | 'partition'>>;
+  readonly skipped: Array<{ name: string; type: string; reason: string }>;
+}
+
+/** Where the index of a point lives: beside its backup file. */
+export function fileIndexPath(point: Pick<RestorePointInfo, 'id' | 'file'>): string {
+  return join(dirname(point.file), `${point.id}${FILE_INDEX_SUFFIX}`);
+}
+
+export interface IndexResult {
+  readonly point: string;
+  readonly file: string;
+  readonly entries: number;
+  readonly filesystems: number;
+  readonly durationMs: number;
+}
+
+/**
+ * Builds the file index of one restore point: mounts it (under a private temp folder), walks
+ * every mounted file system, writes `<point id>.files.gz` beside the point (atomically), unmounts,
+ * and removes indexes of points no longer in that VM folder's chain metadata.
+ */
+export async function indexRestorePoint(o: { repository: Repository; pointId: string; runDir?: string }): Promise<IndexResult> {
+  const started = Date.now();
+  const work = await mkdtemp(join(tmpdir(), 'bulwark-index-'));
+  try {
+    const m = await mountRestorePoint({ repository: o.repository, pointId: o.pointId, at: join(work, 'mnt'), ...(o.runDir !== undefined ? { runDir: o.runDir } : {}) });
+    try {
+      const point = m.point;
+      const header: FileIndexHeader = {
+        format: FILE_INDEX_FORMAT,
+        point: point.id,
+        job: point.job,
+        vm: point.vm,
+        pointTime: point.time.toISOString(),
+        created: new Date().toISOString(),
+        filesystems: describeFileSystems(m).map(({ path: _p, disk: _d, partition: _n, ...rest }) => rest),
+        skipped: m.mount.skipped.map((s) => ({ name: s.partition === null ? s.disk : `${s.disk}${s.partition}`, type: s.type, reason: s.reason })),
+      };
+      const target = fileIndexPath(point);
+      const count = await writeIndex(target, header, indexEntries(m));
+      await removeOrphanIndexes(o.repository, point);
+      const result = { point: point.id, file: target, entries: count, filesystems: m.mount.filesystems.length, durationMs: Date.now() - started };
+      log.info(result, 'guest file index written');
+      return result;
+    } finally {
+      await m.close();
+    }
+  } finally {
+    await rm(work, { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
+/**
+ * Every object of every mounted file system, as index entries: guest paths where the file
+ * system's guest mount point is known (an inner mount point such as /srv is listed from its own
+ * file system, not from the empty folder on the root), `NAME:/path` otherwise.
+ */
+export async function* indexEntries(m: Pick<PointMount, 'mount' | 'layout'>): AsyncGenerator<FileIndexEntry> {
+  for (const f of m.mount.filesystems) yield* walk(f.path, mountpointOf(m.layout, f) ?? `${fsName(f)}:/`);
+}
+
+async function* walk(hostDir: string, guestDir: string): AsyncGenerator<FileIndexEntry> {
+  let names: string[];
+  try {
+    names = (await readdir(hostDir)).sort();
+  } catch (err) {
+    log.warn({ dir: hostDir, err: describeError(err) }, 'folder cannot be listed; index skips it');
+    return;
+  }
+  const dirs: Array<[string, string]> = [];
+  for (const name of names) {
+    const host = join(hostDir, name);
+    const guest = guestDir.endsWith('/') ? `${guestDir}${name}` : `${guestDir}/${name}`;
+    let st;
+    try {
+      st = await lstat(host);
+    } catch {
+      continue;
+    }
+    const t: EntryType = st.isFile() ? 'f' : st.isDirectory() ? 'd' : st.isSymbolicLink() ? 'l' : 'o';
+    yield { p: guest, t, s: t === 'f' ? st.size : 0, m: Math.floor(st.mtimeMs / 1000) };
+    if (t === 'd') dirs.push([host, guest]);
+  }
+  for (const [h, g] of dirs) yield* walk(h, g);
+}
+
+/** Writes header, entries and trailer as gzip NDJSON to a temporary, then renames it into place. */
+export async function writeIndex(target: string, header: FileIndexHeader, entries: AsyncIterable<FileIndexEntry> | Iterable<FileIndexEntry>): Promise<number> {
+  const tmp = temporaryNameFor(target);
+  const untrack = trackTemporary(tmp);
+  let count = 0;
+  async function* lines(): AsyncGenerator<string> {
+    yield `${JSON.stringify(header)}\n`;
+    let batch = '';
+    for await (const e of entries) {
+      batch += `${JSON.stringify({ p: e.p, t: e.t, s: e.s, m: e.m })}\n`;
+      count++;
+      if (batch.length > 65536) {
+        yield batch;
+        batch = '';
+      }
+    }
+    yield `${batch}${JSON.stringify({ end: true, entries: count })}\n`;
+  }
+  try {
+    await pipeline(Readable.from(lines()), createGzip(), createWriteStream(tmp, { mode: 0o600, flush: true }));
+    await publish(tmp, target);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw new BulwarkError(`cannot write the file index ${target}`, { context: { file: target }, cause: err });
+  } finally {
+    untrack();
+  }
+  return count;
+}
+
+/** Reads an index: the header, then each entry through `onEntry`. Throws when it is incomplete. */
+export async function readIndex(file: string, onEntry: (e: FileIndexEntry) => void): Promise<FileIndexHeader> {
+  const source = createReadStream(file);
+  const gunzip = createGunzip();
+  source.on('error', (err) => gunzip.destroy(err));
+  const rl = createInterface({ input: source.pipe(gunzip), crlfDelay: Infinity });
+  let header: FileIndexHeader | undefined;
+  let trailer: { end: true; entries: number } | undefined;
+  let count = 0;
+  try {
+    for await (const line of rl) {
+      if (line === '') continue;
+      const obj = JSON.parse(line) as Record<string, unknown>;
+      if (!header) {
+        if (obj.format !== FILE_INDEX_FORMAT) throw new BulwarkError(`${file} is a file index of a format this version does not read (${String(obj.format)})`, { kind: 'corrupt', context: { file } });
+        header = obj as unknown as FileIndexHeader;
+        continue;
+      }
+      if (obj.end === true) {
+        trailer = obj as { end: true; entries: number };
+        continue;
+      }
+      count++;
+      onEntry(obj as unknown as FileIndexEntry);
+    }
+  } catch (err) {
+    if (err instanceof BulwarkError) throw err;
+    throw new BulwarkError(`the file index ${file} cannot be read`, { kind: 'corrupt', context: { file }, cause: err });
+  }
+  if (!header) throw new BulwarkError(`the file index ${file} is empty`, { kind: 'corrupt', context: { file } });
+  if (!trailer || trailer.entries !== count) throw new BulwarkError(`the file index ${file} is incomplete (${count} entries${trailer ? `, trailer says ${trailer.entries}` : ', no trailer'})`, { kind: 'corrupt', context: { file } });
+  return header;
+}
+
+/** Removes indexes in a point's VM folder whose point is no longer in the chain metadata. */
+async function removeOrphanIndexes(repository: Repository, point: RestorePointInfo): Promise<void> {
+  const dir = dirname(point.file);
+  const live = new Set((await repository.listRestorePoints({ job: point.job, vm: point.vm })).map((p) => p.id));
+  for (const name of await readdir(dir)) {
+    if (!name.endsWith(FILE_INDEX_SUFFIX)) continue;
+    const id = name.slice(0, -FILE_INDEX_SUFFIX.length);
+    if (!live.has(id)) {
+      await rm(join(dir, name), { force: true });
+      log.info({ file: join(dir, name) }, 'removed the file index of a point that no longer exists');
+    }
+  }
+}
+
+// ---- search -------------------------------------------------------------------------------------
+
+/** A glob (`*`, `?`, `[...]`) as a case-insensitive regular expression over the whole string. */
+export function globToRegExp(glob: string): RegExp {
+  let re = '';
+  for (let i = 0; i < glob.length; i++) {
+    const c = glob[i]!;
+    if (c === '*') re += '.*';
+    else if (c === '?') re += '.';
+    else if (c === '[') {
+      const end = glob.indexOf(']', i + 2);
+      if (end < 0) re += '\\[';
+      else {
+        let set = glob.slice(i + 1, end).replace(/\\/g, '\\\\');
+        if (set.startsWith('!')) set = `^${set.slice(1)}`;
+        re += `[${set}]`;
+        i = end;
+      }
+    } else re += c.replace(/[.+^${}()|\\/]/g, '\\$&');
+  }
+  return new RegExp(`^${re}$`, 'i');
+}
+
+export interface SearchPoint {
+  readonly id: string;
+  readonly time: string;
+}
+
+export interface SearchVersion {
+  readonly type: EntryType;
+  readonly size: number;
+  /** ISO time of the modification time. */
+  readonly mtime: string;
+  /** Points holding this version, oldest first. */
+  readonly points: SearchPoint[];
+}
+
+export interface SearchMatch {
+  readonly vm: string;
+  readonly path: string;
+  readonly versions: SearchVersion[];
+}
+
+export interface SearchResult {
+  readonly pattern: string;
+  readonly matches: SearchMatch[];
+  /** Points searched (those with an index). */
+  readonly pointsSearched: number;
+  /** Points without an index (indexing off at the time, or failed), or with a damaged one. */
+  readonly pointsWithoutIndex: Array<SearchPoint & { vm: string; reason: string }>;
+  /** True when more paths matched than `limit`. */
+  readonly truncated: boolean;
+}
+
+export interface SearchablePoint extends SearchPoint {
+  readonly vm: string;
+  /** The index file (fileIndexPath), or null when the point's folder was not found. */
+  readonly indexFile: string | null;
+}
+
+/** Searches the indexes of the given points for PATTERN; see docs/formats/file-index.md. */
+export async function searchIndexes(points: readonly SearchablePoint[], pattern: string, opts: { limit?: number } = {}): Promise<SearchResult> {
+  if (pattern.trim() === '') throw new BulwarkError('the search pattern is empty', { kind: 'invalid' });
+  const limit = opts.limit ?? 1000;
+  const re = globToRegExp(pattern);
+  const onPath = pattern.includes('/');
+  const byPath = new Map<string, { vm: string; path: string; versions: Map<string, { type: EntryType; size: number; m: number; points: SearchPoint[] }> }>();
+  const without: SearchResult['pointsWithoutIndex'] = [];
+  let searched = 0;
+  let truncated = false;
+  const ordered = [...points].sort((a, b) => a.time.localeCompare(b.time));
+  for (const p of ordered) {
+    if (p.indexFile === null) {
+      without.push({ id: p.id, time: p.time, vm: p.vm, reason: 'the restore point was not found in its repository' });
+      continue;
+    }
+    try {
+      await readIndex(p.indexFile, (e) => {
+        const name = onPath ? e.p.replace(/^[A-Za-z0-9._-]+:/, '') : posix.basename(e.p);
+        if (!re.test(name)) return;
+        const key = `${p.vm}\0${e.p}`;
+        let match = byPath.get(key);
+        if (!match) {
+          if (byPath.size >= limit) {
+            truncated = true;
+            return;
+          }
+          match = { vm: p.vm, path: e.p, versions: new Map() };
+          byPath.set(key, match);
+        }
+        const vkey = `${e.t}/${e.s}/${e.m}`;
+        let v = match.versions.get(vkey);
+        if (!v) {
+          v = { type: e.t, size: e.s, m: e.m, points: [] };
+          match.versions.set(vkey, v);
+        }
+        v.points.push({ id: p.id, time: p.time });
+      });
+      searched++;
+    } catch (err) {
+      const missing = (err instanceof BulwarkError ? err.cause : err) as NodeJS.ErrnoException | undefined;
+      without.push({ id: p.id, time: p.time, vm: p.vm, reason: missing?.code === 'ENOENT' ? 'no file index (indexing was off or failed)' : describeError(err) });
+    }
+  }
+  const matches = [...byPath.values()]
+    .sort((a, b) => a.vm.localeCompare(b.vm) || a.path.localeCompare(b.path))
+    .map((m) => ({
+      vm: m.vm,
+      path: m.path,
+      versions: [...m.versions.values()].map((v) => ({ type: v.type, size: v.size, mtime: new Date(v.m * 1000).toISOString(), points: v.points })),
+    }));
+  return { pattern, matches, pointsSearched: searched, pointsWithoutIndex: without, truncated };
+}

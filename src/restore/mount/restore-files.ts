@@ -1,0 +1,199 @@
+// `restore files`: copies guest paths out of a mounted restore point, either to a folder on this
+// host (copyOut: modes, times, symlinks, owners as root) or back into the running original VM
+// through its guest agent (guest-file-open/write for contents; one guest shell script per batch
+// for folders, symlinks, modes, owners and times, which the file API cannot set).
+import { lstat, open, readdir, readlink } from 'node:fs/promises';
+import { join, posix } from 'node:path';
+import { BulwarkError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { QgaClient } from '../../hypervisor/qga/client.js';
+import type { CopyReport } from './copy-out.js';
+import { resolveGuestPath, fsName, type ResolvedGuestPath } from './guest-paths.js';
+import type { PointMount } from './point-mount.js';
+
+const log = logger('restore-files');
+
+export type GuestConflict = 'overwrite' | 'keep-both' | 'fail';
+
+export interface RestoredItem {
+  /** As asked (`/etc/hostname`, `vdb2:/srv`). */
+  readonly path: string;
+  /** File system it came from (`vda`, `vdb2`) and the path inside it. */
+  readonly filesystem: string;
+  readonly inside: string;
+  /** Where it was written: a host path (--to) or a guest path (--to-guest). */
+  readonly to: string;
+}
+
+export interface RestoreFilesResult extends CopyReport {
+  readonly items: RestoredItem[];
+}
+
+function resolveAll(m: PointMount, paths: readonly string[]): ResolvedGuestPath[] {
+  if (paths.length === 0) throw new BulwarkError('no path to restore was given', { kind: 'invalid', hint: 'name one or more guest paths with --path' });
+  return paths.map((p) => resolveGuestPath(m.layout, m.mount.filesystems, p));
+}
+
+/** Copies guest paths into a host folder, each under its own name. */
+export async function restoreFilesToDir(m: PointMount, paths: readonly string[], toDir: string, opts: { overwrite?: boolean } = {}): Promise<RestoreFilesResult> {
+  const resolved = resolveAll(m, paths);
+  for (const r of resolved) await assertExists(r);
+  const report = await m.mount.copyOut(
+    resolved.map((r) => r.hostPath),
+    toDir,
+    { overwrite: opts.overwrite ?? false },
+  );
+  const items = resolved.map((r) => ({ path: r.spec, filesystem: fsName(r.fs), inside: r.inside, to: join(toDir, posix.basename(r.inside) || fsName(r.fs)) }));
+  return { ...report, items };
+}
+
+async function assertExists(r: ResolvedGuestPath): Promise<void> {
+  try {
+    await lstat(r.hostPath);
+  } catch {
+    throw new BulwarkError(`${r.spec} does not exist in the restore point (looked in ${fsName(r.fs)} at ${r.inside})`, {
+      kind: 'not-found',
+      context: { path: r.spec, filesystem: fsName(r.fs) },
+    });
+  }
+}
+
+/** Shell single-quoting. */
+export function shq(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+/** Runs shell lines in the guest in batches (a guest-exec argument stays well under 128 KiB). */
+async function runGuestScript(qga: QgaClient, lines: readonly string[], what: string): Promise<string> {
+  let out = '';
+  let batch: string[] = [];
+  let size = 0;
+  const flush = async (): Promise<void> => {
+    if (batch.length === 0) return;
+    const script = `set -e\n${batch.join('\n')}\n`;
+    batch = [];
+    size = 0;
+    const r = await qga.exec('/bin/sh', ['-c', script], { timeoutMs: 120_000 });
+    if (r.exitCode !== 0) {
+      throw new BulwarkError(`${what} in the guest failed (exit ${r.exitCode}): ${r.stderr.toString('utf8').trim() || r.stdout.toString('utf8').trim()}`, { kind: 'internal' });
+    }
+    out += r.stdout.toString('utf8');
+  };
+  for (const l of lines) {
+    if (size + l.length > 60_000) await flush();
+    batch.push(l);
+    size += l.length + 1;
+  }
+  await flush();
+  return out;
+}
+
+/** The name a restored item gets beside an existing one (keep-both): `name.restored-<point time>`. */
+export function keepBothName(guestPath: string, pointTime: Date, n = 0): string {
+  const stamp = pointTime.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  return `${guestPath}.restored-${stamp}${n > 0 ? `-${n}` : ''}`;
+}
+
+interface GuestPlan {
+  pre: string[];
+  files: Array<{ host: string; guest: string; size: number }>;
+  post: string[];
+  report: CopyReport;
+}
+
+async function planEntry(host: string, guest: string, plan: GuestPlan): Promise<void> {
+  const st = await lstat(host);
+  const meta = [`chown -h ${st.uid}:${st.gid} ${shq(guest)}`];
+  const time = `touch -h -d @${Math.floor(st.mtimeMs / 1000)} ${shq(guest)}`;
+  if (st.isSymbolicLink()) {
+    plan.post.push(`rm -rf ${shq(guest)}`, `ln -s ${shq(await readlink(host))} ${shq(guest)}`, ...meta, time);
+    plan.report.symlinks++;
+  } else if (st.isDirectory()) {
+    plan.pre.push(`if [ -L ${shq(guest)} ] || { [ -e ${shq(guest)} ] && [ ! -d ${shq(guest)} ]; }; then rm -f ${shq(guest)}; fi`, `mkdir -p ${shq(guest)}`);
+    for (const name of (await readdir(host)).sort()) await planEntry(join(host, name), posix.join(guest, name), plan);
+    // Folders last (after their contents), deepest first, so writing children does not change their times.
+    plan.post.push(...meta, `chmod ${(st.mode & 0o7777).toString(8)} ${shq(guest)}`, time);
+    plan.report.directories++;
+  } else if (st.isFile()) {
+    plan.pre.push(`if [ -L ${shq(guest)} ] || [ -d ${shq(guest)} ]; then rm -rf ${shq(guest)}; fi`);
+    plan.files.push({ host, guest, size: st.size });
+    // chown before chmod: chown clears set-id bits.
+    plan.post.push(...meta, `chmod ${(st.mode & 0o7777).toString(8)} ${shq(guest)}`, time);
+    plan.report.files++;
+    plan.report.bytes += st.size;
+  } else {
+    plan.report.skipped.push({ path: guest, reason: 'special file (device, FIFO or socket) not restored' });
+  }
+}
+
+/**
+ * Writes guest paths of the restore point back into the running VM at their original guest
+ * paths. `conflict`: overwrite (replace files, merge folders), keep-both (an existing item stays;
+ * the restored one is written beside it as `NAME.restored-<point time>`), fail (default).
+ */
+export async function restoreFilesToGuest(
+  m: PointMount,
+  paths: readonly string[],
+  qga: QgaClient,
+  opts: { conflict?: GuestConflict } = {},
+): Promise<RestoreFilesResult> {
+  const conflict = opts.conflict ?? 'fail';
+  const resolved = resolveAll(m, paths);
+  for (const r of resolved) {
+    await assertExists(r);
+    if (r.guestPath === '/') throw new BulwarkError(`${r.spec}: restoring a whole root file system into the running guest is refused`, { kind: 'invalid', hint: 'restore the disk or the VM instead, or name folders inside it' });
+  }
+  // Which targets exist in the guest now (one round trip).
+  const probe = (p: string): string => `if [ -e ${shq(p)} ] || [ -L ${shq(p)} ]; then printf '%s\\0' ${shq(p)}; fi`;
+  const candidates = resolved.flatMap((r) => [r.guestPath, ...[0, 1, 2, 3].map((n) => keepBothName(r.guestPath, m.point.time, n))]);
+  const existing = new Set((await runGuestScript(qga, candidates.map(probe), 'checking what exists')).split('\0').filter(Boolean));
+  const items: RestoredItem[] = [];
+  const plan: GuestPlan = { pre: [], files: [], post: [], report: { files: 0, directories: 0, symlinks: 0, bytes: 0, skipped: [] } };
+  for (const r of resolved) {
+    let dest = r.guestPath;
+    if (existing.has(dest)) {
+      if (conflict === 'fail') {
+        throw new BulwarkError(`${dest} exists in the guest`, { kind: 'conflict', context: { path: dest }, hint: 'choose --conflict overwrite or --conflict keep-both' });
+      }
+      if (conflict === 'keep-both') {
+        const free = [0, 1, 2, 3].map((n) => keepBothName(r.guestPath, m.point.time, n)).find((c) => !existing.has(c));
+        if (!free) throw new BulwarkError(`${dest} was restored beside itself too often already`, { kind: 'conflict', context: { path: dest } });
+        dest = free;
+      }
+    }
+    plan.pre.push(`mkdir -p ${shq(posix.dirname(dest))}`);
+    await planEntry(r.hostPath, dest, plan);
+    items.push({ path: r.spec, filesystem: fsName(r.fs), inside: r.inside, to: dest });
+  }
+  await runGuestScript(qga, plan.pre, 'creating folders');
+  for (const f of plan.files) await writeGuestFile(qga, f.host, f.guest);
+  await runGuestScript(qga, plan.post, 'setting links, owners, modes and times');
+  log.info({ point: m.point.id, vm: m.point.vm, items: items.map((i) => i.to), files: plan.report.files, bytes: plan.report.bytes }, 'files restored into the guest');
+  return { ...plan.report, items };
+}
+
+const CHUNK = 1024 * 1024;
+
+/** Streams one host file into the guest with guest-file-open/write (created or truncated). */
+async function writeGuestFile(qga: QgaClient, host: string, guest: string): Promise<void> {
+  const h = await qga.fileOpen(guest, 'w');
+  const src = await open(host, 'r');
+  try {
+    const buf = Buffer.alloc(CHUNK);
+    let pos = 0;
+    for (;;) {
+      const { bytesRead } = await src.read(buf, 0, CHUNK, pos);
+      if (bytesRead === 0) break;
+      const n = await qga.fileWrite(h, buf.subarray(0, bytesRead));
+      if (n !== bytesRead) throw new BulwarkError(`short write to guest file ${guest}: ${n} of ${bytesRead} bytes at ${pos}`, { context: { path: guest, offset: pos } });
+      pos += bytesRead;
+    }
+    await qga.execute('guest-file-flush', { handle: h });
+  } catch (err) {
+    throw new BulwarkError(`cannot write ${guest} in the guest`, { context: { path: guest }, cause: err });
+  } finally {
+    await src.close();
+    await qga.fileClose(h).catch(() => undefined);
+  }
+}
+

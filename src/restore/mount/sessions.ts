@@ -1,0 +1,161 @@
+// The mount server's sessions: restore points mounted for browsing, by id. A mount is held by
+// the console that asked for it (a `hold` stream) and undone when the last holder goes, unless it
+// was detached (then it lives until `unmount ID` or server stop). A held mount that nobody comes
+// to hold within the grace time is undone too, so a console killed right after asking leaves
+// nothing. closeAll() runs at server stop.
+import { randomUUID } from 'node:crypto';
+import { readdir, rmdir } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { Repository } from '../../repository/index.js';
+import { describeFileSystems, mountRestorePoint, type FileSystemView, type PointMount } from './point-mount.js';
+
+const log = logger('mount-sessions');
+
+export interface MountSessionInfo {
+  readonly id: string;
+  readonly point: string;
+  readonly vm: string;
+  /** Time of the restore point. */
+  readonly time: string;
+  readonly at: string;
+  readonly detached: boolean;
+  readonly createdAt: string;
+  readonly filesystems: FileSystemView[];
+  readonly skipped: Array<{ name: string; type: string; reason: string }>;
+  readonly warnings: string[];
+  /** How guest paths were placed (root recognised or not, fstab lines that matched nothing). */
+  readonly notes: string[];
+}
+
+export interface OpenMountOptions {
+  readonly repository: Repository;
+  readonly pointId: string;
+  /** Folder to mount under; default `<defaultRoot>/<vm>-<time>-<short id>`. */
+  readonly at?: string;
+  readonly detached?: boolean;
+}
+
+interface Entry {
+  info: MountSessionInfo;
+  mount: PointMount;
+  holders: number;
+  graceTimer: NodeJS.Timeout | undefined;
+}
+
+export class MountSessions {
+  readonly #entries = new Map<string, Entry>();
+  readonly #defaultRoot: string;
+  readonly #runDir: string | undefined;
+  readonly #graceMs: number;
+
+  constructor(opts: { defaultRoot: string; runDir?: string; graceMs?: number }) {
+    this.#defaultRoot = opts.defaultRoot;
+    this.#runDir = opts.runDir;
+    this.#graceMs = opts.graceMs ?? 60_000;
+  }
+
+  async open(o: OpenMountOptions): Promise<MountSessionInfo> {
+    const id = randomUUID();
+    const info0 = (await o.repository.findRestorePoint(o.pointId)).point;
+    const stamp = info0.time.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+    const at = resolve(o.at ?? join(this.#defaultRoot, `${info0.vm.replace(/[^A-Za-z0-9._-]/g, '_')}-${stamp}-${id.slice(0, 8)}`));
+    await assertEmptyOrMissing(at);
+    const mount = await mountRestorePoint({ repository: o.repository, pointId: o.pointId, at, ...(this.#runDir !== undefined ? { runDir: this.#runDir } : {}) });
+    const info: MountSessionInfo = {
+      id,
+      point: mount.point.id,
+      vm: mount.point.vm,
+      time: mount.point.time.toISOString(),
+      at,
+      detached: o.detached ?? false,
+      createdAt: new Date().toISOString(),
+      filesystems: describeFileSystems(mount),
+      skipped: mount.mount.skipped.map((s) => ({ name: s.partition === null ? s.disk : `${s.disk}${s.partition}`, type: s.type, reason: s.reason })),
+      warnings: [...mount.mount.warnings],
+      notes: [...mount.layout.notes],
+    };
+    const entry: Entry = { info, mount, holders: 0, graceTimer: undefined };
+    this.#entries.set(id, entry);
+    if (!info.detached) {
+      entry.graceTimer = setTimeout(() => {
+        if (entry.holders === 0) {
+          log.warn({ id, at }, 'nobody held the mount in time; unmounting');
+          void this.close(id).catch(() => undefined);
+        }
+      }, this.#graceMs);
+      entry.graceTimer.unref();
+    }
+    log.info({ id, point: info.point, vm: info.vm, at, filesystems: info.filesystems.length }, 'restore point mounted');
+    return info;
+  }
+
+  list(): MountSessionInfo[] {
+    return [...this.#entries.values()].map((e) => e.info);
+  }
+
+  get(id: string): MountSessionInfo {
+    return this.#entry(id).info;
+  }
+
+  /** The live mount (for copying out). */
+  pointMount(id: string): PointMount {
+    return this.#entry(id).mount;
+  }
+
+  /**
+   * Registers a holder (a console waiting on the mount); the returned function releases it.
+   * When the last holder of a mount that is not detached lets go, the mount is undone.
+   */
+  hold(id: string): () => void {
+    const e = this.#entry(id);
+    e.holders++;
+    clearTimeout(e.graceTimer);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      e.holders--;
+      if (e.holders === 0 && !e.info.detached && this.#entries.get(e.info.id) === e) {
+        log.info({ id, at: e.info.at }, 'the console holding the mount went away; unmounting');
+        void this.close(e.info.id).catch((err: unknown) => log.error({ id, err: describeError(err) }, 'unmount failed'));
+      }
+    };
+  }
+
+  /** Unmounts and forgets a mount. */
+  async close(id: string): Promise<MountSessionInfo> {
+    const e = this.#entry(id);
+    this.#entries.delete(e.info.id);
+    clearTimeout(e.graceTimer);
+    await e.mount.close();
+    log.info({ id, at: e.info.at }, 'restore point unmounted');
+    return e.info;
+  }
+
+  /** Unmounts everything (server stop). */
+  async closeAll(): Promise<void> {
+    for (const id of [...this.#entries.keys()]) {
+      await this.close(id).catch((err: unknown) => log.error({ id, err: describeError(err) }, 'unmount at server stop failed'));
+    }
+    await rmdir(this.#defaultRoot).catch(() => undefined);
+  }
+
+  #entry(id: string): Entry {
+    const e = this.#entries.get(id) ?? [...this.#entries.values()].find((x) => x.info.id.startsWith(id) && id.length >= 8);
+    if (!e) throw new BulwarkError(`no mount ${id}`, { kind: 'not-found', context: { mount: id }, hint: 'list them with `bulwark mount list`' });
+    return e;
+  }
+}
+
+async function assertEmptyOrMissing(dir: string): Promise<void> {
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new BulwarkError(`cannot mount under ${dir}`, { kind: 'invalid', context: { at: dir }, cause: err });
+  }
+  if (names.length > 0) throw new BulwarkError(`${dir} is not empty`, { kind: 'conflict', context: { at: dir }, hint: 'mount under a new or empty folder' });
+}

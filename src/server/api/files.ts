@@ -1,0 +1,308 @@
+// File-level restore routes (the mount server role; in the server process on the one-host
+// install): mount a restore point for browsing (held by the console, or detached), list and
+// unmount mounts, copy guest paths out to a host folder or back into the running VM through its
+// guest agent, build a point's guest file index, and search the indexes.
+import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import type { FastifyPluginAsync } from 'fastify';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import { QemuHypervisor } from '../../hypervisor/qemu/adapter.js';
+import { findAgentSocket } from '../../hypervisor/qemu/discovery.js';
+import { QgaClient } from '../../hypervisor/qga/client.js';
+import { QmpClient } from '../../hypervisor/qmp/client.js';
+import { openRepository, type Repository } from '../../repository/index.js';
+import { fileIndexPath, indexRestorePoint, searchIndexes, type IndexResult, type SearchablePoint } from '../../restore/catalog/catalog.js';
+import { mountRestorePoint } from '../../restore/mount/point-mount.js';
+import { restoreFilesToDir, restoreFilesToGuest, type RestoreFilesResult } from '../../restore/mount/restore-files.js';
+import type { MountSessions } from '../../restore/mount/sessions.js';
+import type { ServiceContext } from '../services/common.js';
+import { getRepository, listHosts } from '../services/infrastructure.js';
+import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessions.js';
+
+const log = logger('files-api');
+
+const IdParam = Type.Object({ id: Type.String({ minLength: 1 }) });
+
+const FileSystemView = Type.Object({
+  name: Type.String({ description: 'device-like name: vda (whole disk) or vdb2 (partition 2 of vdb)' }),
+  disk: Type.String(),
+  partition: Type.Union([Type.Integer(), Type.Null()]),
+  type: Type.String(),
+  label: Type.Optional(Type.String()),
+  uuid: Type.Optional(Type.String()),
+  path: Type.String({ description: 'host folder where it is mounted read-only' }),
+  mountpoint: Type.Optional(Type.String({ description: 'where the guest mounts it (root, or its /etc/fstab)' })),
+});
+
+const MountInfo = Type.Object({
+  id: Type.String(),
+  point: Type.String(),
+  vm: Type.String(),
+  time: Type.String(),
+  at: Type.String(),
+  detached: Type.Boolean(),
+  createdAt: Type.String(),
+  filesystems: Type.Array(FileSystemView),
+  skipped: Type.Array(Type.Object({ name: Type.String(), type: Type.String(), reason: Type.String() })),
+  warnings: Type.Array(Type.String()),
+  notes: Type.Array(Type.String()),
+});
+
+const MountBody = Type.Object(
+  {
+    point: Type.String({ minLength: 1, description: 'restore point id' }),
+    at: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder on the server host to mount under (new or empty)' })),
+    detached: Type.Optional(Type.Boolean({ description: 'keep the mount until it is unmounted by id (default: held by the caller through /mounts/{id}/hold)' })),
+  },
+  { additionalProperties: false },
+);
+
+const RestoreFilesBody = Type.Object(
+  {
+    paths: Type.Array(Type.String({ minLength: 1 }), { minItems: 1, description: 'guest paths (/etc/hostname) or NAME:/path (vdb2:/srv)' }),
+    to: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder on the server host to copy into' })),
+    toGuest: Type.Optional(Type.Boolean({ description: 'write back into the running original VM through its guest agent' })),
+    overwrite: Type.Optional(Type.Boolean({ description: 'with to: replace existing files' })),
+    conflict: Type.Optional(Type.Union([Type.Literal('overwrite'), Type.Literal('keep-both'), Type.Literal('fail')], { description: 'with toGuest: what to do when a path exists (default fail)' })),
+  },
+  { additionalProperties: false },
+);
+
+const RestoreFilesReply = Type.Object({
+  point: Type.String(),
+  vm: Type.String(),
+  target: Type.String({ description: 'the host folder, or "guest VM"' }),
+  items: Type.Array(Type.Object({ path: Type.String(), filesystem: Type.String(), inside: Type.String(), to: Type.String() })),
+  files: Type.Integer(),
+  directories: Type.Integer(),
+  symlinks: Type.Integer(),
+  bytes: Type.Number(),
+  skipped: Type.Array(Type.Object({ path: Type.String(), reason: Type.String() })),
+});
+
+const IndexReply = Type.Object({ point: Type.String(), file: Type.String(), entries: Type.Integer(), filesystems: Type.Integer(), durationMs: Type.Number() });
+
+const PointRef = { id: Type.String(), time: Type.String() };
+const SearchReply = Type.Object({
+  pattern: Type.String(),
+  matches: Type.Array(
+    Type.Object({
+      vm: Type.String(),
+      path: Type.String(),
+      versions: Type.Array(
+        Type.Object({
+          type: Type.Union([Type.Literal('f'), Type.Literal('d'), Type.Literal('l'), Type.Literal('o')]),
+          size: Type.Number(),
+          mtime: Type.String(),
+          points: Type.Array(Type.Object(PointRef)),
+        }),
+      ),
+    }),
+  ),
+  pointsSearched: Type.Integer(),
+  pointsWithoutIndex: Type.Array(Type.Object({ ...PointRef, vm: Type.String(), reason: Type.String() })),
+  truncated: Type.Boolean(),
+});
+
+async function repositoryOfPoint(ctx: ServiceContext, pointId: string): Promise<{ repository: Repository; vm: string }> {
+  const point = await getRestorePoint(ctx, pointId);
+  if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
+  const repo = await getRepository(ctx, point.repository);
+  return { repository: await openRepository(repo.path), vm: point.vm };
+}
+
+/** Connects to the guest agent of a running VM, found on the configured QEMU hosts. */
+async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<QgaClient> {
+  const hosts = await listHosts(ctx);
+  const reasons: string[] = [];
+  for (const h of hosts) {
+    if (h.kind !== 'qemu') {
+      reasons.push(`host ${h.name} is ${h.kind}: writing into its guests through the agent is not supported yet`);
+      continue;
+    }
+    const hv = new QemuHypervisor({ qmpGlob: h.uri });
+    try {
+      const info = await hv.getVm(vm).catch(() => undefined);
+      if (!info) continue;
+      if (info.state !== 'running') throw new BulwarkError(`VM ${vm} is ${info.state}, not running`, { kind: 'conflict', context: { vm }, hint: 'start the VM, or restore to a folder with --to' });
+      const qmp = await QmpClient.connect({ endpoint: { socketPath: info.id }, label: vm });
+      let socket: string | undefined;
+      try {
+        socket = await findAgentSocket(qmp);
+      } finally {
+        await qmp.close();
+      }
+      if (!socket) throw new BulwarkError(`VM ${vm} has no guest agent channel (org.qemu.guest_agent.0)`, { kind: 'unavailable', context: { vm } });
+      const qga = await QgaClient.connect({ socketPath: socket, label: vm, timeoutMs: 30_000 });
+      try {
+        await qga.ping({ timeoutMs: 5000 });
+      } catch (err) {
+        await qga.close();
+        throw new BulwarkError(`the guest agent of VM ${vm} does not answer`, { kind: 'unavailable', context: { vm }, cause: err, hint: 'is qemu-guest-agent running in the guest?' });
+      }
+      return qga;
+    } finally {
+      await hv.close();
+    }
+  }
+  throw new BulwarkError(`VM ${vm} is not running on any configured host`, {
+    kind: 'not-found',
+    context: { vm },
+    hint: reasons.length ? reasons.join('; ') : 'add its host with `bulwark host add`, or restore to a folder with --to',
+  });
+}
+
+/** Restores guest paths of a point to a host folder or into the running VM (a private mount for the duration). */
+export async function restoreFiles(
+  ctx: ServiceContext,
+  pointId: string,
+  body: { paths: string[]; to?: string | undefined; toGuest?: boolean | undefined; overwrite?: boolean | undefined; conflict?: 'overwrite' | 'keep-both' | 'fail' | undefined },
+  runDir?: string,
+): Promise<RestoreFilesResult & { point: string; vm: string; target: string }> {
+  if ((body.to === undefined) === (body.toGuest !== true)) {
+    throw new BulwarkError('say where to restore: either to (a folder) or toGuest', { kind: 'invalid', hint: 'bulwark restore files POINT --path P --to DIR, or --to-guest' });
+  }
+  if (body.to !== undefined && !path.isAbsolute(body.to)) throw new BulwarkError(`to: ${body.to} is not an absolute path`, { kind: 'invalid' });
+  const { repository, vm } = await repositoryOfPoint(ctx, pointId);
+  const qga = body.toGuest ? await connectGuestAgent(ctx, vm) : undefined;
+  const work = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-files-'));
+  try {
+    const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}) });
+    try {
+      const result = qga
+        ? await restoreFilesToGuest(m, body.paths, qga, { conflict: body.conflict ?? 'fail' })
+        : await restoreFilesToDir(m, body.paths, body.to!, { overwrite: body.overwrite ?? false });
+      return { ...result, point: m.point.id, vm, target: qga ? `guest ${vm}` : body.to! };
+    } finally {
+      await m.close();
+    }
+  } finally {
+    await qga?.close();
+    await rm(work, { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
+/** Builds (or rebuilds) the file index of one restore point. */
+export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: string): Promise<IndexResult> {
+  const { repository } = await repositoryOfPoint(ctx, pointId);
+  return indexRestorePoint({ repository, pointId, ...(runDir !== undefined ? { runDir } : {}) });
+}
+
+/**
+ * The executor's hook after a point is committed and recorded, for jobs with `fileIndex` on:
+ * builds the point's guest file index and logs the outcome in the session. Never throws: a
+ * backup whose index failed is still a good backup (the session gets a warning).
+ */
+export async function indexAfterBackup(ctx: ServiceContext, pointId: string, sessionId: string | undefined, runDir?: string): Promise<void> {
+  try {
+    const r = await indexPoint(ctx, pointId, runDir);
+    if (sessionId) await appendLog(ctx, sessionId, 'info', `guest file index of restore point ${pointId}: ${r.entries} entries from ${r.filesystems} file systems`);
+  } catch (err) {
+    log.warn({ point: pointId, err: describeError(err) }, 'guest file index failed');
+    if (sessionId) await appendLog(ctx, sessionId, 'warning', `guest file index of restore point ${pointId} failed: ${describeError(err)} (search will not find its files; rebuild with \`bulwark index ${pointId}\`)`).catch(() => undefined);
+  }
+}
+
+/** Searches the file indexes of every ready point (of one VM). */
+export async function searchFiles(ctx: ServiceContext, pattern: string, vm?: string, limit?: number): Promise<Awaited<ReturnType<typeof searchIndexes>>> {
+  const points = (await listRestorePoints(ctx, vm !== undefined ? { vm } : {})).filter((p) => p.state === 'ready');
+  const files = new Map<string, string>();
+  for (const repoName of new Set(points.map((p) => p.repository))) {
+    try {
+      const repo = await getRepository(ctx, repoName);
+      for (const p of await (await openRepository(repo.path)).listRestorePoints()) files.set(p.id, fileIndexPath(p));
+    } catch (err) {
+      log.warn({ repository: repoName, err: describeError(err) }, 'repository cannot be read for a search');
+    }
+  }
+  const searchable: SearchablePoint[] = points.map((p) => ({ id: p.id, time: p.time, vm: p.vm, indexFile: files.get(p.id) ?? null }));
+  return searchIndexes(searchable, pattern, limit !== undefined ? { limit } : {});
+}
+
+export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { runDir?: string } = {}): FastifyPluginAsync {
+  return async (api) => {
+    const r = api.withTypeProvider<TypeBoxTypeProvider>();
+    r.post(
+      '/mounts',
+      { config: { permission: 'restore' }, schema: { tags: ['file restore'], body: MountBody, response: { 201: MountInfo } } },
+      async (req, reply) => {
+        const { point, at, detached } = req.body;
+        if (at !== undefined && !path.isAbsolute(at)) throw new BulwarkError(`at: ${at} is not an absolute path`, { kind: 'invalid' });
+        const { repository } = await repositoryOfPoint(ctx, point);
+        const info = await mounts.open({ repository, pointId: point, ...(at !== undefined ? { at } : {}), detached: detached ?? false });
+        return reply.code(201).send(info);
+      },
+    );
+    r.get('/mounts', { config: { permission: 'read-restore-points' }, schema: { tags: ['file restore'], response: { 200: Type.Object({ items: Type.Array(MountInfo) }) } } }, async () => ({
+      items: mounts.list(),
+    }));
+    r.get('/mounts/:id', { config: { permission: 'read-restore-points' }, schema: { tags: ['file restore'], params: IdParam, response: { 200: MountInfo } } }, async (req) =>
+      mounts.get(req.params.id),
+    );
+    r.delete('/mounts/:id', { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, response: { 200: MountInfo } } }, async (req) =>
+      mounts.close(req.params.id),
+    );
+    r.get(
+      '/mounts/:id/hold',
+      {
+        config: { permission: 'restore' },
+        schema: {
+          tags: ['file restore'],
+          params: IdParam,
+          description: 'Server-sent events: `event: mount` (the mount) at once, then comments as keep-alive. A mount that is not detached is undone when the last such stream closes.',
+          produces: ['text/event-stream'],
+        },
+      },
+      async (req, reply) => {
+        const info = mounts.get(req.params.id); // 404 before the stream starts
+        const release = mounts.hold(info.id);
+        reply.hijack();
+        const res = reply.raw;
+        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
+        res.write(`event: mount\ndata: ${JSON.stringify(info)}\n\n`);
+        const keepAlive = setInterval(() => {
+          // The mount may have been undone (unmount ID, server stop): end the stream then.
+          if (!mounts.list().some((x) => x.id === info.id)) {
+            res.write(`event: unmounted\ndata: ${JSON.stringify({ id: info.id })}\n\n`);
+            res.end();
+            return;
+          }
+          res.write(': held\n\n');
+        }, 1000);
+        res.on('close', () => {
+          clearInterval(keepAlive);
+          release();
+        });
+      },
+    );
+    r.post(
+      '/restore-points/:id/restore-files',
+      { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: RestoreFilesBody, response: { 200: RestoreFilesReply } } },
+      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir),
+    );
+    r.post(
+      '/restore-points/:id/file-index',
+      { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, response: { 200: IndexReply } } },
+      async (req) => indexPoint(ctx, req.params.id, opts.runDir),
+    );
+    r.get(
+      '/file-index/search',
+      {
+        config: { permission: 'read-restore-points' },
+        schema: {
+          tags: ['file restore'],
+          querystring: Type.Object({
+            pattern: Type.String({ minLength: 1, description: 'glob on the file name, or on the whole path when it holds a /' }),
+            vm: Type.Optional(Type.String()),
+            limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 100000 })),
+          }),
+          response: { 200: SearchReply },
+        },
+      },
+      async (req) => searchFiles(ctx, req.query.pattern, req.query.vm, req.query.limit),
+    );
+  };
+}
