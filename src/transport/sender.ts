@@ -100,7 +100,7 @@ export interface TransferSenderStats {
   maxInFlightBytes: number;
   creditWaits: number;
   framesByStream: number[];
-  /** performance.now() when the first sequenced message started its way out (before any rate limit), and when the last one was written. */
+  /** performance.now() when the first block started its way out (before any rate limit), and when the last message was written. */
   firstTransmitAt: number | undefined;
   lastWrittenAt: number | undefined;
 }
@@ -305,7 +305,7 @@ export class TransferSender {
     const run = async (): Promise<void> => {
       const resend = p.attempts > 0;
       p.attempts++;
-      this.stats.firstTransmitAt ??= performance.now();
+      if (p.block) this.stats.firstTransmitAt ??= performance.now();
       if (this.#o.throttle) {
         const throttle = this.#o.throttle;
         const waited = await throttle.acquire(p.bytes + 32);

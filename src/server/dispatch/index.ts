@@ -8,6 +8,7 @@ import type { DiskResolver, JobDefinition, TaskExecutor, TaskSpec } from '../job
 import type { ThrottlingRule } from '../resources/throttling-rules.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository, listHosts } from '../services/infrastructure.js';
+import { listThrottlingRules, policyRule } from '../services/throttling.js';
 import { AgentTaskBroker } from './broker.js';
 import { RemoteDataPathExecutor } from './remote-executor.js';
 import { agentTaskPlugin } from './routes.js';
@@ -23,8 +24,10 @@ export interface DispatchOptions {
   readonly pollWaitMs?: number | undefined;
   /** How long a data stream may stay down before a transfer fails (default 30 s). */
   readonly resumeWindowMs?: number | undefined;
-  /** Network throttling rules and the time zone they are evaluated in. */
+  /** Network throttling rules and the time zone they are evaluated in (default: the rules in the configuration database). */
   readonly throttling?: (() => Promise<{ rules: readonly ThrottlingRule[]; timeZone: string }>) | undefined;
+  /** Time zone of rules' hours (default: the server's). */
+  readonly timeZone?: string | undefined;
 }
 
 export interface Dispatch {
@@ -62,7 +65,9 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
           return { name: r.name, path: r.path, agent: r.agent };
         },
         ...(onRestorePoint ? { onRestorePoint } : {}),
-        ...(opts.throttling ? { throttling: opts.throttling } : {}),
+        throttling:
+          opts.throttling ??
+          (async () => ({ rules: (await listThrottlingRules(ctx)).map(policyRule), timeZone: opts.timeZone ?? Intl.DateTimeFormat().resolvedOptions().timeZone })),
         ...(opts.resumeWindowMs !== undefined ? { resumeWindowMs: opts.resumeWindowMs } : {}),
         now: () => ctx.clock.now(),
       }),
