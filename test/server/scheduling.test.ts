@@ -27,13 +27,13 @@ const tmp = mkdtempSync(join(tmpdir(), 'bulwark-scheduling-'));
 const DISK_BYTES = 4 << 20;
 
 /** VMs and their disk images: `vm4` has 4 disks, `a` and `b` 2 each. */
-const vms: Record<string, string[]> = { vm4: ['vda', 'vdb', 'vdc', 'vdd'], a: ['vda', 'vdb'], b: ['vda', 'vdb'], far: ['vda'] };
+const vms: Record<string, string[]> = { vm4: ['vda', 'vdb', 'vdc', 'vdd'], a: ['vda', 'vdb'], b: ['vda', 'vdb'], far: ['vda'], found: ['vda'] };
 
-/** Every VM runs on host h1, except `far` on h2 (served by agent p2). */
+/** Every VM runs on host h1, except `far` on h2 (served by agent p2) and `found`, found by agent p2 (host name unknown). */
 class Disks implements DiskResolver {
   async resolveDisks(_job: JobDefinition, vm: string): Promise<DiskRef[]> {
-    const host = vm === 'far' ? 'h2' : 'h1';
-    return (vms[vm] ?? []).map((name) => ({ name, sizeBytes: DISK_BYTES, location: { host, image: join(tmp, 'images', `${vm}-${name}.img`) } }));
+    const where: Record<string, string> = vm === 'found' ? { agent: 'p2' } : { host: vm === 'far' ? 'h2' : 'h1' };
+    return (vms[vm] ?? []).map((name) => ({ name, sizeBytes: DISK_BYTES, location: { ...where, image: join(tmp, 'images', `${vm}-${name}.img`) } }));
   }
 }
 
@@ -179,7 +179,7 @@ beforeAll(async () => {
   // A second agent, as enrollment records it, serving host h2.
   await registerAgent(server.context, { name: 'p2', hostname: 'p2.example', agentVersion: '0', cores: 8, certFingerprint: null });
   await ok('host', 'add', 'h2', '--qemu', join(tmp, 'qmp2', '*.qmp'), '--agent', 'p2');
-  for (const [job, vm] of [['four', 'vm4'], ['ja', 'a'], ['jb', 'b'], ['remote', 'far']] as const) {
+  for (const [job, vm] of [['four', 'vm4'], ['ja', 'a'], ['jb', 'b'], ['remote', 'far'], ['found', 'found']] as const) {
     expect((await call({ socketPath: server.socketPath }, 'POST', '/api/v1/jobs', { name: job, vms: [vm], repository: 'default', retries: { count: 0, waitMinutes: 0 } })).status).toBe(201);
   }
 });
@@ -260,6 +260,10 @@ describe('task limits through the real server', () => {
     const [s] = await runJobs('remote');
     expect(s!.state).toBe('success');
     expect(s!.tasks.map((t) => t.proxy)).toEqual(['p2']);
+    // A disk an agent found, whose host name the resolver does not give, stays on that agent.
+    executor.expect(1, 1);
+    const [found] = await runJobs('found');
+    expect(found!.tasks.map((t) => t.proxy)).toEqual(['p2']);
     // Pinned by the job: an agent that is not on the VM's host and cannot reach its disk fails the task with the reason.
     await ok('job', 'edit', 'ja', '--proxy', 'p2');
     expect(await ok('job', 'show', 'ja')).toMatch(/proxy:\s+p2\n/);

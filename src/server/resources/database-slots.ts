@@ -30,6 +30,9 @@ export interface LocalProxy {
   readonly inProcess: boolean;
 }
 
+/** The host of a disk that an agent found (`location.agent`) when the host's name is not known. */
+export const agentHost = (agent: string): string => `agent:${agent}`;
+
 export interface ResourceConfig {
   readonly proxies: ProxyConfig[];
   readonly repositories: RepositoryLimits[];
@@ -50,14 +53,14 @@ export async function loadResourceConfig(ctx: ServiceContext, local: LocalProxy)
   const proxies: ProxyConfig[] = agents.map((a) => ({
     name: a.name,
     host: a.hostname,
-    hosts: a.name === local.name ? [...hostsOf(a.name), ...hostsOf(null), ''] : hostsOf(a.name),
+    hosts: a.name === local.name ? [...hostsOf(a.name), ...hostsOf(null), agentHost(a.name), ''] : [...hostsOf(a.name), agentHost(a.name)],
     online: a.state === 'online' || (a.name === local.name && local.inProcess && a.state !== 'revoked'),
     maxTasks: a.maxTasks,
     reaches: [],
   }));
   const localRow = agents.find((a) => a.name === local.name);
   if (!localRow && local.inProcess) {
-    proxies.push({ name: local.name, host: '', hosts: [...hostsOf(local.name), ...hostsOf(null), ''], online: true, maxTasks: defaultMaxTasks(local.cores), reaches: [] });
+    proxies.push({ name: local.name, host: '', hosts: [...hostsOf(local.name), ...hostsOf(null), agentHost(local.name), ''], online: true, maxTasks: defaultMaxTasks(local.cores), reaches: [] });
   }
   const cores = new Map(agents.map((a) => [a.name, a.cores]));
   const limits: RepositoryLimits[] = repositories.map((r) => ({
@@ -123,10 +126,15 @@ export class DatabaseTaskSlots implements TaskSlots {
     return { proxy: lease.proxy, rateLimit: () => lease.rateLimit(), watchRate: (l) => lease.watchRate(l), release: () => lease.release() };
   }
 
-  /** The VM's host: `location.host` (a host name), else the host whose URI is `location.hostUri`, else unknown (''). */
+  /**
+   * The VM's host: `location.host` (a host name), else the host whose URI is `location.hostUri`,
+   * else "a host of agent X" when `location.agent` names the agent that found the disk, else
+   * unknown ('': the local proxy, whose in-process data path found it).
+   */
   #describe(request: SlotRequest): TaskRequirements {
     const loc = request.disk.location;
-    const vmHost = loc?.host ?? (loc?.hostUri !== undefined ? this.#hostByUri.get(loc.hostUri) : undefined) ?? '';
+    const vmHost =
+      loc?.host ?? (loc?.hostUri !== undefined ? this.#hostByUri.get(loc.hostUri) : undefined) ?? (loc?.agent !== undefined ? agentHost(loc.agent) : '');
     return {
       taskId: request.taskId,
       jobId: request.jobId,
