@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { bottleneckVerdict, sumStageBusy } from './bottleneck.js';
+import { bottleneckVerdict, parseStageBusy, sessionStageStats, sumStageBusy } from './bottleneck.js';
 import { defaultMaxTasks, selectProxy, type ProxyCandidate, type ProxyNeed } from './proxy-selection.js';
 import { splitRepositoryRates } from './rate-split.js';
 import { planTaskSlots, type ProxyConfig, type RepositoryLimits, type TaskRequirements } from './task-slots.js';
@@ -135,5 +135,29 @@ describe('bottleneckVerdict', () => {
 
   it('session busy time is the sum of its tasks', () => {
     expect(sumStageBusy([{ source: 1, proxy: 2, network: 3, target: 4, throttling: 5 }, { source: 10, proxy: 0, network: 0, target: 0, throttling: 1 }])).toEqual({ source: 11, proxy: 2, network: 3, target: 4, throttling: 6 });
+  });
+});
+
+describe('session and stored stage statistics', () => {
+  const busy = (source: number, target: number) => ({ source, proxy: 0, network: 0, target, throttling: 0 });
+  it('a session of parallel tasks is judged over its tasks\' running time, not its wall time', () => {
+    // Two tasks of 1000 ms side by side: Target busy 900 + 700 of 2000 task-ms = 80%.
+    const s = sessionStageStats([
+      { busy: busy(100, 900), elapsedMs: 1000 },
+      { busy: busy(300, 700), elapsedMs: 1000 },
+      { busy: undefined, elapsedMs: 5000 }, // not measured: left out
+    ]);
+    expect(s).toMatchObject({ bottleneck: 'target', shares: { source: 0.2, target: 0.8 }, busyMs: { source: 400, target: 1600 } });
+    expect(s?.summary).toBe('Source 20% > Proxy 0% > Network 0% > Target 80%; bottleneck: Target');
+  });
+  it('nothing measured: no statistics', () => {
+    expect(sessionStageStats([{ busy: undefined, elapsedMs: 10 }])).toBeUndefined();
+  });
+  it.each<[string | null, ReturnType<typeof parseStageBusy>]>([
+    [null, undefined],
+    ['not json', undefined],
+    ['{"source":5,"target":"x"}', { source: 5, proxy: 0, network: 0, target: 0, throttling: 0 }],
+  ])('parseStageBusy(%s)', (text, expected) => {
+    expect(parseStageBusy(text)).toEqual(expected);
   });
 });
