@@ -1,0 +1,151 @@
+// Shared by bench/backup and bench/restore (run by hand): Bulwark's data path phases (run in a
+// child process compiled as shipped), the peers (restic, borg) driven the same way, and helpers.
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { rename, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { dirtyBitmapContext } from '../../src/hypervisor/nbd/protocol.js';
+import { readBackupDisk } from '../../src/hypervisor/cbt/reader.js';
+import type { DiskChanges } from '../../src/hypervisor/types.js';
+import { openRepository } from '../../src/repository/index.js';
+import { restoreDisk } from '../../src/restore/disk/index.js';
+import { ensureMixedDiskImage, MIXED_DISK_SIZE } from './mixed-disk.js';
+
+const exec = promisify(execFile);
+export const BENCH_DIR = path.join(tmpdir(), 'bulwark-bench');
+export const PASSWORD = 'bench';
+
+export interface Phase {
+  seconds: number;
+  cpuSeconds: number;
+  maxRssMiB: number;
+  bytesRead?: number;
+  pointId?: string;
+  sha256?: string;
+}
+
+// ---- Bulwark phases (child process) ----
+export async function bulwarkBackup(repoDir: string, socketPath: string, exportName: string, kind: 'full' | 'incremental'): Promise<Phase> {
+  const c0 = process.cpuUsage();
+  const t0 = performance.now();
+  const repo = await openRepository(repoDir, { create: true });
+  const changes: DiskChanges =
+    kind === 'full' ? { kind: 'full', reason: 'no-checkpoint', detail: 'bench', compareDigests: false } : { kind: 'bitmap', bitmap: 'bm0', context: dirtyBitmapContext('bm0') };
+  const view = { disk: { name: 'vda', targetDev: 'vda', imagePath: '', format: 'qcow2', virtualSize: MIXED_DISK_SIZE }, nbd: { socketPath, exportName }, size: MIXED_DISK_SIZE, changes };
+  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind, disks: [{ name: 'vda', size: MIXED_DISK_SIZE }] });
+  let bytesRead = 0;
+  try {
+    await w.writeDisk('vda', readBackupDisk(view as Parameters<typeof readBackupDisk>[0], { blockSize: 1 << 20, onStats: (s) => void (bytesRead = s.bytesRead) }));
+  } catch (err) {
+    await w.abort();
+    throw err;
+  }
+  const info = await w.commit();
+  const cpu = process.cpuUsage(c0);
+  return { seconds: (performance.now() - t0) / 1000, cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssMiB: process.resourceUsage().maxRSS / 1024, bytesRead, pointId: info.id };
+}
+
+export async function bulwarkRestore(repoDir: string, pointId: string, to: string): Promise<Phase> {
+  const c0 = process.cpuUsage();
+  const t0 = performance.now();
+  const repo = await openRepository(repoDir);
+  const r = await restoreDisk({ repository: repo, pointId, disk: 'vda', to, overwrite: true });
+  const cpu = process.cpuUsage(c0);
+  return { seconds: (performance.now() - t0) / 1000, cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssMiB: process.resourceUsage().maxRSS / 1024, sha256: r.sha256 };
+}
+
+// ---- running Bulwark compiled, as shipped ----
+export async function compileBench(entry: string, outName: string): Promise<string> {
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+  const outdir = path.join(root, '.cache', outName);
+  const { build } = await import('esbuild');
+  await build({
+    entryPoints: [entry, path.join(root, 'src/repository/block-worker.ts')],
+    bundle: true, platform: 'node', format: 'esm', target: 'node20', outdir, entryNames: '[name]', packages: 'external', logLevel: 'warning',
+  });
+  return path.join(outdir, `${path.basename(entry, '.ts')}.js`);
+}
+
+/** Runs a phase in a child process of the compiled bench `entry`; its last stdout line is a Phase. */
+export function runPhase(entry: string, ...a: string[]): Phase {
+  const out = execFileSync(process.execPath, [entry, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20, env: { ...process.env, BULWARK_LOG_LEVEL: 'warn' } });
+  return JSON.parse(out.trim().split('\n').pop()!) as Phase;
+}
+
+// ---- peers ----
+/** Runs a shell pipeline under /usr/bin/time; CPU and peak RSS of the peer (the last command). */
+export async function timed(script: string, env: Record<string, string> = {}): Promise<Phase> {
+  const t0 = performance.now();
+  const { stderr } = await exec('bash', ['-o', 'pipefail', '-c', script.replace(/^(.*\|\s*)?(\S+)/, (_m, pipe: string | undefined, cmd: string) => `${pipe ?? ''}/usr/bin/time -f 'BENCHTIME %U %S %M' ${cmd}`)], {
+    env: { ...process.env, ...env },
+    maxBuffer: 16 << 20,
+  });
+  const m = /BENCHTIME (\S+) (\S+) (\d+)/.exec(stderr);
+  return { seconds: (performance.now() - t0) / 1000, cpuSeconds: m ? Number(m[1]) + Number(m[2]) : NaN, maxRssMiB: m ? Number(m[3]) / 1024 : NaN };
+}
+
+export interface Peer {
+  readonly name: string;
+  init(repo: string): Promise<void>;
+  /** Backs up the NBD export `uri` (read with nbdcopy) as snapshot `tag`. */
+  backup(repo: string, uri: string, tag: string): Promise<Phase>;
+  restore(repo: string, tag: string, to: string): Promise<Phase>;
+}
+
+const q = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
+export const PEERS: Record<string, Peer> = {
+  restic: {
+    name: 'restic',
+    init: async (repo) => void (await exec('restic', ['init', '--repo', repo], { env: { ...process.env, RESTIC_PASSWORD: PASSWORD } })),
+    backup: (repo, uri, tag) => timed(`nbdcopy ${q(uri)} - | restic backup --quiet --repo ${q(repo)} --stdin --stdin-filename vda.raw --tag ${tag}`, { RESTIC_PASSWORD: PASSWORD }),
+    restore: async (repo, tag, to) => {
+      const dir = `${to}.d`;
+      const r = await timed(`restic restore --quiet --repo ${q(repo)} latest --tag ${tag} --target ${q(dir)}`, { RESTIC_PASSWORD: PASSWORD });
+      await rename(path.join(dir, 'vda.raw'), to);
+      await rm(dir, { recursive: true, force: true });
+      return r;
+    },
+  },
+  borg: {
+    name: 'borg',
+    init: async (repo) => void (await exec('borg', ['init', '--encryption', 'repokey', repo], { env: { ...process.env, BORG_PASSPHRASE: PASSWORD } })),
+    backup: (repo, uri, tag) => timed(`nbdcopy ${q(uri)} - | borg create ${q(`${repo}::${tag}`)} -`, { BORG_PASSPHRASE: PASSWORD }),
+    restore: (repo, tag, to) => timed(`borg extract --stdout ${q(`${repo}::${tag}`)} > ${q(to)}`, { BORG_PASSPHRASE: PASSWORD }),
+  },
+};
+
+export async function sha256OfFile(file: string): Promise<string> {
+  const { stdout } = await exec('sha256sum', [file], { maxBuffer: 1 << 20 });
+  return stdout.split(' ')[0]!;
+}
+
+export async function sha256OfExport(uri: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const h = createHash('sha256');
+    const child = spawn('nbdcopy', [uri, '-'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    child.stdout.on('data', (d: Buffer) => h.update(d));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(h.digest('hex')) : reject(new Error(`nbdcopy exited with ${code}`))));
+  });
+}
+
+export async function duBytes(dir: string): Promise<number> {
+  const { stdout } = await exec('du', ['-sb', dir]);
+  return Number(stdout.split('\t')[0]);
+}
+
+/** The mixed disk as a qcow2 (zero extents unallocated), made once from the raw image. */
+export async function ensureMixedQcow2(): Promise<string> {
+  const raw = await ensureMixedDiskImage(path.join(BENCH_DIR, 'mixed-4g.raw'));
+  const qcow = path.join(BENCH_DIR, 'mixed-4g.qcow2');
+  if (!existsSync(qcow)) {
+    await exec('qemu-img', ['convert', '-O', 'qcow2', raw, `${qcow}.tmp`]);
+    await rename(`${qcow}.tmp`, qcow);
+  }
+  return qcow;
+}
+
