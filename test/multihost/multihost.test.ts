@@ -114,6 +114,7 @@ async function runJob(job: string, body: { full?: boolean } = {}, during?: (sess
 let repoDir = '';
 let vmDir = '';
 let repoAgent: ChildProcess | undefined;
+let sourceAgentPid: number | undefined;
 
 async function startRepoAgent(token: string): Promise<ChildProcess> {
   const { child } = await startInNs('repository agent', ns.repo, 'agent.ts', [path.join(tmp, 'repo-agent'), `https://${ip.server}:9392`, token, 'repo1', `${ip.repo}:9393`]);
@@ -134,6 +135,24 @@ async function restoredSha(pointId: string): Promise<string> {
     return r.sha256;
   } finally {
     rmSync(to, { force: true });
+  }
+}
+
+async function untilDataFlows(sessionId: string): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    const cur = await api<{ progress: { bytesRead: number } }>('GET', `/sessions/${sessionId}`);
+    if (cur.progress.bytesRead > 0) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Peak resident memory of a process (VmHWM), in MiB. */
+function peakRssMiB(pid: number | undefined): number | undefined {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Math.round(Number(m[1]) / 1024) : undefined;
+  } catch {
+    return undefined;
   }
 }
 
@@ -190,9 +209,10 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     socketPath = server.info.socket as string;
     const token = async (name: string) => (await api<{ token: string }>('POST', '/agents/tokens', { name })).token;
     const [tSrc, tRepo] = [await token('src1'), await token('repo1')];
-    await startInNs('source agent', ns.source, 'agent.ts', [path.join(tmp, 'src-agent'), `https://${ip.server}:9392`, tSrc, 'src1', `${ip.source}:9393`], {
+    const src = await startInNs('source agent', ns.source, 'agent.ts', [path.join(tmp, 'src-agent'), `https://${ip.server}:9392`, tSrc, 'src1', `${ip.source}:9393`], {
       BULWARK_TEST_CORRUPT_EVERY: '7',
     });
+    sourceAgentPid = src.child.pid;
     repoAgent = await startRepoAgent(tRepo);
     repoDir = path.join(tmp, 'repository');
     await api('POST', '/hosts', { name: 'kvm-a', kind: 'qemu', uri: path.join(vmDir, 'qmp.sock'), agent: 'src1' });
@@ -253,11 +273,7 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     expected.fill(0x44, 9 << 20, (9 << 20) + 65536);
     const nft = (...args: string[]) => run('ip', ['netns', 'exec', ns.source, 'nft', ...args]);
     const s = await runJob('mh', { full: true }, async (sessionId) => {
-      for (let i = 0; i < 200; i++) {
-        const cur = await api<{ progress: { bytesRead: number } }>('GET', `/sessions/${sessionId}`);
-        if (cur.progress.bytesRead > 0) break;
-        await new Promise((r) => setTimeout(r, 50));
-      }
+      await untilDataFlows(sessionId);
       // Every packet to the repository agent's data port is answered with a reset for a second.
       nft('add', 'table', 'inet', 'bwcut');
       nft('add', 'chain', 'inet', 'bwcut', 'out', '{ type filter hook output priority 0; }');
@@ -273,16 +289,24 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     expect(await restoredSha(points.at(-1)!)).toBe(sourceImageSha());
   }, 60_000);
 
+  it('stopping the session mid-transfer stops both agents: no point becomes visible', async () => {
+    const before = await visiblePoints();
+    await api('POST', '/throttling-rules', { name: 'wan', source: ip.source, target: ip.repo, mbps: LIMIT_MBPS });
+    const s = await runJob('mh', { full: true }, async (sessionId) => {
+      await untilDataFlows(sessionId);
+      await api('POST', `/sessions/${sessionId}/stop`, {});
+    });
+    await api('DELETE', '/throttling-rules/wan');
+    expect(s.state).toBe('stopped');
+    expect(await visiblePoints()).toEqual(before);
+  }, 60_000);
+
   it('the repository agent killed mid-task fails the session cleanly; the next run succeeds', async () => {
     const before = await visiblePoints();
     await api('POST', '/throttling-rules', { name: 'wan', source: ip.source, target: ip.repo, mbps: LIMIT_MBPS });
     const s = await runJob('mh', { full: true }, async (sessionId) => {
-      // Wait until data flows, then kill the repository agent's process outright.
-      for (let i = 0; i < 200; i++) {
-        const cur = await api<{ progress: { bytesRead: number } }>('GET', `/sessions/${sessionId}`);
-        if (cur.progress.bytesRead > 0) break;
-        await new Promise((r) => setTimeout(r, 50));
-      }
+      // Once data flows, kill the repository agent's process outright.
+      await untilDataFlows(sessionId);
       repoAgent!.kill('SIGKILL');
     });
     await api('DELETE', '/throttling-rules/wan');
@@ -303,6 +327,6 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     const leftovers = readdirSync(repoDir, { recursive: true }).map(String).filter((f) => /\.tmp|partial/i.test(f));
     expect(leftovers).toEqual([]);
     const rss = /peak RSS (\d+) MiB/.exec(again.log.map((l) => l.message).join('\n'));
-    console.info(`multi-host: source agent peak RSS ${rss?.[1] ?? '?'} MiB`);
+    console.info(`multi-host: peak RSS of the source agent ${rss?.[1] ?? '?'} MiB (its own report), ${peakRssMiB(sourceAgentPid) ?? '?'} MiB (/proc); repository agent ${peakRssMiB(repoAgent?.pid) ?? '?'} MiB`);
   }, 90_000);
 });
