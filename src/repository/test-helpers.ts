@@ -1,13 +1,26 @@
 // Test data for repository tests: offset-patterned blocks (every 8-byte word names its disk,
 // version and byte offset, so a block read from the wrong place or shifted is caught) and a
 // model of what each disk should read back as.
+import { endianness } from 'node:os';
 import type { DiskBlock } from '../disk/types.js';
+
+const LITTLE_ENDIAN = endianness() === 'LE';
 
 export function patterned(length: number, diskOffset: number, tag: number): Buffer {
   const b = Buffer.alloc(length);
-  for (let i = 0; i + 8 <= length; i += 8) {
-    b.writeUInt32LE((diskOffset + i) >>> 0, i);
-    b.writeUInt32LE((tag * 2654435761) >>> 0, i + 4);
+  const t = (tag * 2654435761) >>> 0;
+  if (LITTLE_ENDIAN && b.byteOffset % 4 === 0) {
+    // Same bytes as the writeUInt32LE loop below, ~10x faster (kill tests build many of these).
+    const u = new Uint32Array(b.buffer, b.byteOffset, Math.floor(length / 8) * 2);
+    for (let i = 0, w = 0; w < u.length; i += 8, w += 2) {
+      u[w] = (diskOffset + i) >>> 0;
+      u[w + 1] = t;
+    }
+  } else {
+    for (let i = 0; i + 8 <= length; i += 8) {
+      b.writeUInt32LE((diskOffset + i) >>> 0, i);
+      b.writeUInt32LE(t, i + 4);
+    }
   }
   for (let i = length - (length % 8); i < length; i++) b[i] = (tag + i) & 0xff;
   // Text-like run so compression has something to do.
