@@ -6,12 +6,14 @@
 //     match their checksums (a file written after the backup is absent);
 // (b) over the original: refused while it runs; once it is destroyed (a transient domain is then
 //     gone) the saved XML is defined again over the restored disk and the VM boots the backed-up files.
-// Three boots (original, new, original restored).
+// (c) instant recovery of the libvirt VM: booted under plain QEMU from the saved XML's kernel.
+// Four boots (original, new, original restored, instant recovery).
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { QgaClient } from '../../src/hypervisor/qga/client.js';
 import { ensureTestGuest, type TestGuestImage } from '../fixtures/guest.js';
 import { ensureLibvirtd, startTestDomain, TestDomain, virsh, type LibvirtDaemon } from '../fixtures/libvirt.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
@@ -26,12 +28,14 @@ const VM = `e2e-lv-${process.pid}`;
 const COPY = `e2e-lv-copy-${process.pid}`;
 const copyDir = `/var/lib/libvirt/images/${COPY}`;
 
+/** The test files match the build's checksums and the file written after the backup is absent (one guest command: each virsh call is a process). */
 async function expectTestData(d: TestDomain): Promise<void> {
   const m = image.manifest;
-  for (const [file, sum] of Object.entries(m.testdata)) {
-    expect((await d.sh(`sha256sum '${m.testdataDir}/${file}'`)).split(' ')[0], file).toBe(sum);
-  }
-  expect(await d.sh('test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
+  const files = Object.keys(m.testdata);
+  const out = await d.sh(`cd '${m.testdataDir}' && sha256sum ${files.map((f) => `'${f}'`).join(' ')} && (test -e /srv/after-backup.txt && echo present || echo absent)`);
+  const lines = out.trim().split('\n');
+  expect(Object.fromEntries(lines.slice(0, -1).map((l) => [l.slice(66), l.slice(0, 64)]))).toEqual(m.testdata);
+  expect(lines.at(-1)).toBe('absent');
 }
 
 async function removeDomain(name: string): Promise<void> {
@@ -97,5 +101,37 @@ describe('full VM restore (libvirt host)', () => {
     expect(JSON.parse(r.stdout)).toMatchObject({ vm: VM, toOriginal: true, result: { poweredOn: true, disks: [{ path: dom!.diskPath }] } });
     await dom!.waitForAgent(180_000);
     await expectTestData(dom!);
+  });
+
+  it('(c) boots the libvirt VM by instant recovery from its saved XML (direct kernel boot under plain QEMU)', async () => {
+    const started = await bulwark(['instant-recovery', 'start', `${VM}@latest`, '--name', 'e2e-lv-ir', '--json'], env);
+    expect(started.code, started.stderr).toBe(0);
+    const s = JSON.parse(started.stdout) as { id: string; dir: string; agentSocket: string; runningFromBackup: boolean };
+    expect(s.runningFromBackup).toBe(true);
+    try {
+      const deadline = Date.now() + 180_000;
+      for (;;) {
+        try {
+          const qga = await QgaClient.connect({ socketPath: s.agentSocket, timeoutMs: 3000 });
+          try {
+            await qga.ping();
+            const m = image.manifest;
+            for (const [file, sum] of Object.entries(m.testdata)) {
+              const r = await qga.exec('sha256sum', [`${m.testdataDir}/${file}`]);
+              expect(r.stdout.toString().split(' ')[0], file).toBe(sum);
+            }
+            break;
+          } finally {
+            await qga.close();
+          }
+        } catch (err) {
+          if (Date.now() > deadline) throw err;
+          await new Promise((r) => setTimeout(r, 500));
+        }
+      }
+    } finally {
+      expect((await bulwark(['instant-recovery', 'stop', s.id], env)).code).toBe(0);
+    }
+    expect(existsSync(s.dir)).toBe(false);
   });
 });

@@ -280,7 +280,11 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           throw new BulwarkError(`VM ${original} is not off: ${h.file} is open in process ${h.pid} (${h.comm})`, { kind: 'conflict', context: { vm: original, pid: h.pid } });
         }
         const disks: RestoredDisk[] = [];
-        for (const t of targets) disks.push(await restoreOne(t.name, t.imagePath, diskFormat(t.format, undefined), true));
+        for (const t of targets) {
+          // The original's folder may be gone with the VM.
+          await mkdir(path.dirname(t.imagePath), { recursive: true });
+          disks.push(await restoreOne(t.name, t.imagePath, diskFormat(t.format, undefined), true));
+        }
         let poweredOn = false;
         if (o.powerOn) {
           await launchDetached(argv, path.join(path.dirname(oldQmp), 'qemu-restore.log'), oldQmp);
