@@ -48,12 +48,14 @@ export function agentCommand(ctx: CliContext): Command {
     .description('run an agent here in the foreground; the first start enrolls it with a one-time token')
     .option('--enroll <token>', 'one-time enrollment token from `bulwark agent token` (first start only; needs --server URL)')
     .option('--name <name>', 'name to enroll under (default: this host\'s name)')
-    .action(async (o: { enroll?: string; name?: string }, cmd: Command) => {
+    .option('--data-listen <addr>', 'HOST:PORT of the data-mover listener for backups this agent receives (default: 0.0.0.0, any free port)')
+    .option('--data-advertise <host>', 'address source agents use to reach the data-mover listener (default: the address the server sees)')
+    .action(async (o: { enroll?: string; name?: string; dataListen?: string; dataAdvertise?: string }, cmd: Command) => {
       const g = globals(cmd);
       if (o.enroll && !g.server) cmd.error('error: --enroll needs --server <url> (the server to enroll with)', { exitCode: 2, code: 'bulwark.usage' });
       const dataDir = dataDirectory(g.data, ctx.env);
       const { runAgent } = await import('../../agent/main.js');
-      const running = await runAgent({ server: g.server, dataDir, enrollToken: o.enroll, name: o.name });
+      const running = await runAgent({ server: g.server, dataDir, enrollToken: o.enroll, name: o.name, dataListen: o.dataListen, dataAdvertise: o.dataAdvertise });
       ctx.output.err(`agent ${running.name} running (data ${dataDir}); Ctrl-C stops it\n`);
       await runUntilSignal(ctx, 'agent', running);
     });
