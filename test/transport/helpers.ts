@@ -128,6 +128,8 @@ export class MemorySink implements TransferSink {
   aborted: string | undefined;
   blocksWritten = 0;
   zeroRuns: ZeroRunMessage[] = [];
+  /** Block indexes and zero-run starts in the order the sink got them. */
+  order: number[] = [];
   readonly #delay: (() => Promise<void>) | undefined;
   onBlock: ((n: number) => void) | undefined;
 
@@ -145,11 +147,13 @@ export class MemorySink implements TransferSink {
     const bs = this.disk!.blockSize;
     if (createHash('sha256').update(block.data).digest().compare(block.sha256) !== 0) throw new Error(`digest mismatch at block ${block.index}`);
     block.data.copy(this.image, block.index * bs);
+    this.order.push(block.index);
     this.blocksWritten++;
     this.onBlock?.(this.blocksWritten);
   }
 
   async writeZeroRun(run: ZeroRunMessage): Promise<void> {
+    this.order.push(run.start);
     this.zeroRuns.push(run);
   }
 

@@ -75,6 +75,9 @@ describe('data-mover transfer over TLS', () => {
     const rs = receiver.sessionStats(sender.sessionId)!;
     expect(rs.framesByStream.filter((n) => n > 0)).toHaveLength(5);
     expect(rs.nacks).toBe(0);
+    // Five streams deliver out of order, yet the sink gets the disk in block order (sequence order).
+    expect(sink.order).toHaveLength(300 - zeroBlocks + sink.zeroRuns.length);
+    expect(sink.order).toEqual([...sink.order].sort((a, b) => a - b));
   });
 
   it('with multithreaded transfer off, one stream carries everything', async () => {
