@@ -12,6 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CliContext } from '../../src/cli/context.js';
 import { runConsole } from '../../src/cli/program.js';
+import { openRepository } from '../../src/repository/index.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
 import { systemClock, type Clock } from '../../src/server/scheduler/clock.js';
 import { sweepExpired } from '../../src/server/services/backup-methods.js';
@@ -164,15 +165,10 @@ describe('backup methods through the console', () => {
     expect(logText(next)).toMatch(/this run: incremental/);
     expect(logText(next)).not.toMatch(/full read|read in full/i);
 
-    // Importable anywhere: the folder copied into another repository, found by a rescan.
-    const other = path.join(tmp, 'other-repo');
-    await cp(path.join(repoPath, e.folder), path.join(other, e.folder), { recursive: true });
-    expect((await bw('repo', 'add', 'other', '--path', other)).code).toBe(0);
-    const rescan = await bwJson<{ added: number; points: number }>('repo', 'rescan', 'other');
-    expect(rescan).toMatchObject({ points: 1, added: 1 });
-    // (the same point id is in both repositories; the catalog holds one row per id)
     const listed = await bwJson<Array<{ folder: string }>>('export', 'list');
     expect(listed.map((x) => x.folder)).toEqual([e.folder]);
+    const other = path.join(tmp, 'other-repo');
+    await cp(path.join(repoPath, e.folder), path.join(other, e.folder), { recursive: true });
 
     // Expired: the server's sweep deletes the folder and the catalog entry.
     offsetMs = 3 * 3600 * 1000;
@@ -180,10 +176,32 @@ describe('backup methods through the console', () => {
     offsetMs = 0;
     expect(swept.exportsDeleted).toEqual([e.folder]);
     await expect(stat(path.join(repoPath, e.folder))).rejects.toThrow(/ENOENT/);
-    expect((await bwJson<Array<unknown>>('export', 'list'))).toEqual([]);
+    expect(await bwJson<Array<unknown>>('export', 'list')).toEqual([]);
+    expect((await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).find((p) => p.id === e.pointId)).toBeUndefined();
+
+    // Importable anywhere: the copy of the folder in another repository, found by a rescan.
+    expect((await bw('repo', 'add', 'other', '--path', other)).code).toBe(0);
+    const rescan = await bwJson<{ added: number; points: number }>('repo', 'rescan', 'other');
+    expect(rescan).toMatchObject({ points: 1, added: 1 });
+    expect((await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).find((p) => p.id === e.pointId)).toMatchObject({ repository: 'other', job: null, type: 'full' });
+    expect((await restoreTo(e.pointId, 'imported')).sha256).toBe(restored.sha256);
+  });
+
+  it('retention through the product: points merged away disappear from restore-point list', async () => {
+    const read = await bwJson<{ version: number }>('job', 'show', 'j1');
+    expect(read.version).toBeGreaterThan(0);
+    expect((await bw('job', 'edit', 'j1', '--keep', '2')).code).toBe(0);
+    const s = await bwJson<SessionJson>('job', 'run', 'j1', '--wait');
+    expect(logText(s), logText(s)).toMatch(/retention: merged increment/);
+    const points = (await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1');
+    expect(points.map((p) => p.type)).toEqual(['incremental', 'full']);
+    const repository = await openRepository(path.join(server.dataDir, 'repository'));
+    expect((await repository.listRestorePoints({ job: 'j1', vm: VM })).map((p) => p.id).sort()).toEqual(points.map((p) => p.id).sort());
   });
 
   it('health check names a flipped byte; the next run repairs it and that point restores bit-exact', async () => {
+    // Keep every point from here on: a merge of the damaged increment into the full would refuse it.
+    expect((await bw('job', 'edit', 'j1', '--keep', '10')).code).toBe(0);
     const points = await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM);
     const latest = points.filter((p) => p.job === 'j1')[0]!;
     // Flip one byte inside the data of the latest point's backup file (past its header page).
@@ -217,5 +235,22 @@ describe('backup methods through the console', () => {
     expect(await sha256InImage(r.path, '/srv/m/b.bin')).toBe(files.b);
     const clean = await bwJson<SessionJson>('job', 'health-check', 'j1', '--wait');
     expect(clean.state, logText(clean)).toBe('success');
+  });
+
+  it('a VM removed from its job keeps its points for removedVmRetentionDays after its last one, then the sweep deletes them', async () => {
+    expect((await bw('job', 'edit', 'j1', '--vm', 'some-other-vm', '--removed-vm-retention', '2', '--exclude-disk', 'none')).code).toBe(0);
+    const before = (await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1');
+    expect(before.length).toBeGreaterThan(1);
+    offsetMs = 1 * 86_400_000;
+    expect((await sweepExpired(server.context)).removedVmPoints).toEqual([]);
+    expect((await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1')).toHaveLength(before.length);
+    offsetMs = 3 * 86_400_000;
+    const swept = await sweepExpired(server.context);
+    offsetMs = 0;
+    expect(swept.errors).toEqual([]);
+    expect(swept.removedVmPoints.sort()).toEqual(before.map((p) => p.id).sort());
+    expect((await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1')).toEqual([]);
+    const repository = await openRepository(path.join(server.dataDir, 'repository'));
+    expect(await repository.listRestorePoints({ job: 'j1', vm: VM })).toEqual([]);
   });
 });
