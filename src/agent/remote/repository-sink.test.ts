@@ -1,0 +1,82 @@
+import { createHash } from 'node:crypto';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { compressSync as lz4Compress } from 'lz4-napi';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { openRepository } from '../../repository/index.js';
+import { pointFromWire, RepositorySink } from './repository-sink.js';
+
+const BS = 262144;
+const SIZE = 10 * BS + 1000; // unaligned last block
+
+function block(index: number, data: Buffer, lz4 = false) {
+  const sha256 = createHash('sha256').update(data).digest();
+  const stored = lz4 ? lz4Compress(data) : data;
+  return { disk: 0, index, plainLength: data.length, compression: lz4 ? ('lz4' as const) : ('none' as const), sha256, data: stored, crc: 0, crcValid: true };
+}
+
+let dir: string;
+beforeEach(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'bulwark-sink-'));
+});
+afterEach(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('RepositorySink', () => {
+  it('writes BEGIN_POINT, a disk of blocks and zero runs, and commits a restore point that reads back', async () => {
+    const repository = await openRepository(dir, { create: true });
+    const sink = new RepositorySink({ repository, job: 'j', vm: 'web1' });
+    const a = Buffer.alloc(BS, 0xab);
+    const b = Buffer.from(Array.from({ length: BS }, (_, i) => i % 251));
+    const last = Buffer.alloc(1000, 0x11);
+    await sink.beginPoint({ kind: 'full', blockSize: BS, vmConfig: Buffer.from('{"x":1}').toString('base64'), disks: [{ name: 'vda', size: SIZE }] });
+    await sink.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+    await sink.writeBlock(block(1, a));
+    await sink.writeZeroRun({ disk: 0, start: 2, count: 3 });
+    await sink.writeBlock(block(5, b, true));
+    await sink.writeBlock(block(10, last));
+    await sink.endDisk({ disk: 0, blocks: 3, zeroBlocks: 3, bytes: 0 });
+    const wire = await sink.commit();
+    const info = pointFromWire(JSON.parse(JSON.stringify(wire)) as Record<string, unknown>);
+    expect(info).toMatchObject({ job: 'j', vm: 'web1', kind: 'full', blockSize: BS, disks: [{ name: 'vda', size: SIZE }] });
+
+    const point = await repository.openRestorePoint(info.id);
+    try {
+      const disk = point.openDisk('vda');
+      const image = await disk.read(0, SIZE);
+      const want = Buffer.alloc(SIZE);
+      a.copy(want, BS);
+      b.copy(want, 5 * BS);
+      last.copy(want, 10 * BS);
+      expect(image.equals(want)).toBe(true);
+      expect(point.vmConfig.toString()).toBe('{"x":1}');
+    } finally {
+      await point.close();
+    }
+  });
+
+  it('abort mid-disk leaves no restore point and no file behind', async () => {
+    const repository = await openRepository(dir, { create: true });
+    const sink = new RepositorySink({ repository, job: 'j', vm: 'web1' });
+    await sink.beginPoint({ kind: 'full', blockSize: BS, vmConfig: '', disks: [{ name: 'vda', size: SIZE }] });
+    await sink.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+    await sink.writeBlock(block(0, Buffer.alloc(BS, 1)));
+    await sink.abort('the source agent went away');
+    expect(await repository.listRestorePoints({ job: 'j', vm: 'web1' })).toEqual([]);
+    const files = (await readdir(dir, { recursive: true })).map(String).filter((f) => /\.(vbk|vib|tmp)/.test(f));
+    expect(files).toEqual([]);
+  });
+
+  it('refuses data for a disk that was not opened, and a block whose size does not decompress right', async () => {
+    const repository = await openRepository(dir, { create: true });
+    const sink = new RepositorySink({ repository, job: 'j', vm: 'web1' });
+    await expect(sink.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS })).rejects.toThrow(/before BEGIN_POINT/);
+    await sink.beginPoint({ kind: 'full', blockSize: BS, vmConfig: '', disks: [{ name: 'vda', size: SIZE }] });
+    await expect(sink.writeBlock(block(0, Buffer.alloc(BS, 1)))).rejects.toThrow(/not opened/);
+    await sink.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+    await expect(sink.writeBlock({ ...block(0, Buffer.alloc(BS, 1), true), plainLength: BS + 1 })).rejects.toThrow(/decompressed to/);
+    await sink.abort('test');
+  });
+});
