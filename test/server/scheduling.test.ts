@@ -200,6 +200,8 @@ describe('task limits through the real server', () => {
     expect(s!.tasks).toHaveLength(4);
     expect(maxOverlap(s!.tasks)).toBe(2);
     expect(s!.tasks.every((t) => t.proxy === 'local')).toBe(true);
+    // Tasks beyond the limit waited in the queue, and the session log says why.
+    expect(JSON.stringify(s)).toContain('waiting for a task slot: proxy local is at its task limit (2 of 2)');
     // The first two ran side by side on a 200 MB/s repository: 100 MB/s each.
     expect(executor.seen.slice(0, 2).map((x) => x.rate)).toEqual([100e6, 100e6]);
     // Real work: every copy equals its image.

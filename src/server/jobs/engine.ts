@@ -404,6 +404,7 @@ export class JobEngine {
           disk: rt.disk,
           repository: active.job.repository,
           proxy: active.job.proxy,
+          onWaiting: (reasons) => this.#log(active, 'info', `${what}: waiting for a task slot: ${reasons.join('; ')}`, rt.record.id),
         },
         signal,
       );

@@ -197,6 +197,8 @@ export interface SlotRequest {
   repository: string;
   /** The proxy pinned by the job, if any. */
   proxy?: string | undefined;
+  /** Called while the task waits in the queue, with why (once per change of the reasons). */
+  onWaiting?: ((reasons: readonly string[]) => void) | undefined;
 }
 
 /** A granted slot. `release` must be called exactly once, when the task ends. */

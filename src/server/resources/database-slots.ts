@@ -122,7 +122,7 @@ export class DatabaseTaskSlots implements TaskSlots {
 
   async acquire(request: SlotRequest, signal: AbortSignal): Promise<SlotLease> {
     await this.refresh();
-    const lease = await this.scheduler.acquire(this.#describe(request), signal);
+    const lease = await this.scheduler.acquire(this.#describe(request), signal, request.onWaiting);
     return { proxy: lease.proxy, rateLimit: () => lease.rateLimit(), watchRate: (l) => lease.watchRate(l), release: () => lease.release() };
   }
 

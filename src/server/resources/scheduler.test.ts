@@ -100,4 +100,17 @@ describe('ResourceScheduler', () => {
     lease.release();
     expect(s.snapshot().running).toEqual([]);
   });
+
+  it('a waiting task is told why, once per change of the reasons', async () => {
+    const s = new ResourceScheduler({ proxies: [{ name: 'p1', host: 'h1', online: true, maxTasks: 1, reaches: [] }], repositories: [{ name: 'repo', maxTasks: 1 }] });
+    const told: string[] = [];
+    const first = await s.acquire(task('a'));
+    const waiting = s.acquire(task('b'), undefined, (reasons) => told.push(reasons.join('; ')));
+    s.setProxies([{ name: 'p1', host: 'h1', online: true, maxTasks: 2, reaches: [] }]);
+    s.setProxies([{ name: 'p1', host: 'h1', online: true, maxTasks: 2, reaches: [] }]);
+    expect(told).toEqual(['repository repo is at its task limit (1 of 1)']);
+    first.release();
+    (await waiting).release();
+    expect(told).toHaveLength(1);
+  });
 });

@@ -34,6 +34,9 @@ export interface ResourceSchedulerOptions {
 
 interface Waiter {
   readonly req: TaskRequirements;
+  readonly onWaiting: ((reasons: readonly string[]) => void) | undefined;
+  /** The reasons last told, so a change is told once. */
+  told: string;
   readonly resolve: (lease: Lease) => void;
   readonly reject: (err: Error) => void;
   readonly cleanup: () => void;
@@ -58,7 +61,7 @@ export class ResourceScheduler {
   }
 
   /** Waits for a slot. Rejects with kind `unavailable` when no proxy or repository can ever take the task, or when `signal` aborts. */
-  acquire(req: TaskRequirements, signal?: AbortSignal): Promise<Lease> {
+  acquire(req: TaskRequirements, signal?: AbortSignal, onWaiting?: (reasons: readonly string[]) => void): Promise<Lease> {
     if (signal?.aborted) return Promise.reject(abortError(req, signal));
     if (this.#running.has(req.taskId) || this.#queue.some((w) => w.req.taskId === req.taskId)) {
       return Promise.reject(new BulwarkError(`task ${req.taskId} already holds or awaits a slot`, { kind: 'conflict' }));
@@ -72,7 +75,7 @@ export class ResourceScheduler {
           this.#pump();
         }
       };
-      const waiter: Waiter = { req, resolve, reject, cleanup: () => signal?.removeEventListener('abort', onAbort) };
+      const waiter: Waiter = { req, onWaiting, told: '', resolve, reject, cleanup: () => signal?.removeEventListener('abort', onAbort) };
       signal?.addEventListener('abort', onAbort, { once: true });
       this.#queue.push(waiter);
       this.#pump();
@@ -128,8 +131,21 @@ export class ResourceScheduler {
         }));
       }
       this.#updateRates();
+      for (const w of plan.waiting) this.#tell(w.taskId, w.reasons);
       // Removing an impossible task can unblock later tasks of its job (sequential mode).
       if (plan.impossible.length === 0) return;
+    }
+  }
+
+  #tell(taskId: string, reasons: readonly string[]): void {
+    const waiter = this.#queue.find((q) => q.req.taskId === taskId);
+    const text = reasons.join('; ');
+    if (!waiter?.onWaiting || waiter.told === text) return;
+    waiter.told = text;
+    try {
+      waiter.onWaiting(reasons);
+    } catch {
+      // A listener's failure must not stop the queue.
     }
   }
 
@@ -193,7 +209,7 @@ export class SchedulerTaskSlots implements TaskSlots {
   }
 
   async acquire(request: SlotRequest, signal: AbortSignal): Promise<SlotLease> {
-    const lease = await this.#scheduler.acquire(this.#describe(request), signal);
+    const lease = await this.#scheduler.acquire(this.#describe(request), signal, request.onWaiting);
     return { proxy: lease.proxy, rateLimit: () => lease.rateLimit(), watchRate: (l) => lease.watchRate(l), release: () => lease.release() };
   }
 }
