@@ -145,7 +145,8 @@ export function mountCommand(ctx: CliContext): Command {
     .addOption(new Option('--json', 'print as JSON'))
     .action(async (o: { json?: boolean }, cmd: Command) => {
       const { items } = await (await clientFor(ctx, cmd)).get<ItemList<MountInfo>>('/mounts');
-      if (o.json) return printJson(ctx.output, items);
+      // `mount` has a --json of its own, which commander gives the parent.
+      if (o.json || cmd.parent?.opts<{ json?: boolean }>().json) return printJson(ctx.output, items);
       ctx.output.out(
         formatTable(items, [
           { header: 'id', value: (m) => m.id },

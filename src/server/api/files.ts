@@ -24,6 +24,26 @@ import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessi
 
 const log = logger('files-api');
 
+/**
+ * File work on in-process mounts (restore files, indexing) blocks a libuv thread per file call
+ * until our own NBD server, which also needs a libuv thread to read the repository, answers.
+ * At most two such jobs at once keep threads free for it (the pool has four by default).
+ */
+const MOUNT_IO_SLOTS = 2;
+let mountIoBusy = 0;
+const mountIoWaiting: Array<() => void> = [];
+async function withMountIoSlot<T>(fn: () => Promise<T>): Promise<T> {
+  if (mountIoBusy >= MOUNT_IO_SLOTS) await new Promise<void>((resolve) => mountIoWaiting.push(resolve));
+  else mountIoBusy++;
+  try {
+    return await fn();
+  } finally {
+    const next = mountIoWaiting.shift();
+    if (next) next();
+    else mountIoBusy--;
+  }
+}
+
 const IdParam = Type.Object({ id: Type.String({ minLength: 1 }) });
 
 const FileSystemView = Type.Object({
@@ -170,15 +190,17 @@ export async function restoreFiles(
   const qga = body.toGuest ? await connectGuestAgent(ctx, vm) : undefined;
   const work = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-files-'));
   try {
-    const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}) });
-    try {
-      const result = qga
-        ? await restoreFilesToGuest(m, body.paths, qga, { conflict: body.conflict ?? 'fail' })
-        : await restoreFilesToDir(m, body.paths, body.to!, { overwrite: body.overwrite ?? false });
-      return { ...result, point: m.point.id, vm, target: qga ? `guest ${vm}` : body.to! };
-    } finally {
-      await m.close();
-    }
+    return await withMountIoSlot(async () => {
+      const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}) });
+      try {
+        const result = qga
+          ? await restoreFilesToGuest(m, body.paths, qga, { conflict: body.conflict ?? 'fail' })
+          : await restoreFilesToDir(m, body.paths, body.to!, { overwrite: body.overwrite ?? false });
+        return { ...result, point: m.point.id, vm, target: qga ? `guest ${vm}` : body.to! };
+      } finally {
+        await m.close();
+      }
+    });
   } finally {
     await qga?.close();
     await rm(work, { recursive: true, force: true }).catch(() => undefined);
@@ -188,7 +210,7 @@ export async function restoreFiles(
 /** Builds (or rebuilds) the file index of one restore point. */
 export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: string): Promise<IndexResult> {
   const { repository } = await repositoryOfPoint(ctx, pointId);
-  return indexRestorePoint({ repository, pointId, ...(runDir !== undefined ? { runDir } : {}) });
+  return withMountIoSlot(() => indexRestorePoint({ repository, pointId, ...(runDir !== undefined ? { runDir } : {}) }));
 }
 
 /**
