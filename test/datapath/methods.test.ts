@@ -3,6 +3,7 @@
 // one (simulated) day apart with guest writes between them; afterwards every kept restore point
 // restores bit-exact (restore disk's SHA-256 = the SHA-256 of the point-in-time view, read by
 // nbdcopy while the backup ran), and the repository holds exactly the files the policy says.
+// Then a health check session names a flipped byte, and the next run repairs it (bit-exact).
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
@@ -163,5 +164,48 @@ describe('backup methods: 10 runs each on a running guest', () => {
       [9, 'full'],
     ]);
     expect(await everyPointBitExact('rev')).toBe(3);
+  });
+
+  it('health check: a flipped byte is named; the next run re-reads that block and its point restores bit-exact', async () => {
+    const hc = job('hc', { method: 'forever-forward', retention: { points: 5 } });
+    store.putJob(hc);
+    const runOnce = async (k: number, opts: Parameters<JobEngine['runNow']>[1] = {}) => {
+      now = new Date(day0.getTime() + (20 + k) * DAY);
+      await guest.sh(`dd if=/dev/urandom of=/srv/m/hc-${k}.bin bs=16k count=2 2>/dev/null; sync`);
+      const { sessionId } = await engine.runNow(hc.id, opts);
+      const state = await engine.waitForEnd(sessionId);
+      return { state, log: (store.logs.get(sessionId) ?? []).map((l) => `${l.level}: ${l.message}`).join('\n') };
+    };
+    expect((await runOnce(0)).state).toBe('success');
+    expect((await runOnce(1)).state).toBe('success');
+    // Flip one byte in the middle of the latest point's file (block data, past the header page).
+    const latest = (await repo.listRestorePoints({ job: 'hc', vm: VM })).at(-1)!;
+    const { open, stat } = await import('node:fs/promises');
+    const size = (await stat(latest.file)).size;
+    const h = await open(latest.file, 'r+');
+    const at = 4096 + Math.floor((size - 8192) / 2);
+    const b = Buffer.alloc(1);
+    await h.read(b, 0, 1, at);
+    b[0] = b[0]! ^ 0x5a;
+    await h.write(b, 0, 1, at);
+    await h.close();
+
+    const check = await engine.runNow(hc.id, { settings: { operation: 'health-check' }, noRetries: true });
+    expect(await engine.waitForEnd(check.sessionId)).toBe('warning');
+    const checkLog = (store.logs.get(check.sessionId) ?? []).map((l) => l.message).join('\n');
+    const named = /damaged block (\d+) of disk vda \(disk offset \d+\) in (\S+), read by point/.exec(checkLog);
+    expect(named, checkLog).not.toBeNull();
+    expect(named![2]).toBe(latest.file);
+
+    const repaired = await runOnce(2);
+    expect(repaired.log).toMatch(new RegExp(`repair: re-reading vda blocks [0-9, ]*\\b${named![1]}\\b`));
+    const point = (await repo.listRestorePoints({ job: 'hc', vm: VM })).at(-1)!;
+    const to = path.join(work, 'repaired.raw');
+    const r = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vda', to });
+    await rm(to);
+    expect(r.sha256).toBe(references.get(point.time.getTime()));
+    // The repair is recorded as done: a second check of the latest point is clean.
+    const again = await engine.runNow(hc.id, { settings: { operation: 'health-check' }, noRetries: true });
+    expect(await engine.waitForEnd(again.sessionId)).toBe('success');
   });
 });
