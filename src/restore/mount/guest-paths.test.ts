@@ -1,0 +1,58 @@
+import { describe, expect, it } from 'vitest';
+import { guestLayout, matchFstabSpec, parseFstab, resolveGuestPath } from './guest-paths.js';
+import type { MountedFileSystem } from './mount.js';
+import { keepBothName, shq } from './restore-files.js';
+
+const fs = (disk: string, partition: number | null, extra: Partial<MountedFileSystem> = {}): MountedFileSystem => ({
+  disk,
+  partition,
+  type: 'ext4',
+  path: `/nonexistent/${disk}${partition ?? ''}`,
+  offset: 0,
+  size: 1,
+  ...extra,
+});
+
+describe('fstab', () => {
+  it('parses entries, skips comments and decodes octal escapes', () => {
+    expect(parseFstab('# c\n\nUUID=ab-cd /  ext4 defaults 0 1\nLABEL=My\\040Data /srv/my\\040data xfs ro 0 2\nproc /proc proc defaults 0 0\nbad\n')).toEqual([
+      { spec: 'UUID=ab-cd', mountpoint: '/', type: 'ext4' },
+      { spec: 'LABEL=My Data', mountpoint: '/srv/my data', type: 'xfs' },
+      { spec: 'proc', mountpoint: '/proc', type: 'proc' },
+    ]);
+  });
+
+  it('matches UUID, LABEL, by-uuid/by-label links and device names (also across sd/vd naming)', () => {
+    const a = fs('vda', 1, { uuid: 'AB-CD', label: 'root' });
+    const b = fs('vdb', null, { uuid: '1111', label: 'data' });
+    const all = [a, b];
+    expect(matchFstabSpec('UUID=ab-cd', all)).toBe(a);
+    expect(matchFstabSpec('LABEL="data"', all)).toBe(b);
+    expect(matchFstabSpec('/dev/disk/by-uuid/1111', all)).toBe(b);
+    expect(matchFstabSpec('/dev/disk/by-label/root', all)).toBe(a);
+    expect(matchFstabSpec('/dev/vda1', all)).toBe(a);
+    expect(matchFstabSpec('/dev/sda1', all)).toBe(a);
+    expect(matchFstabSpec('/dev/sdb', all)).toBe(b);
+    expect(matchFstabSpec('/dev/vda2', all)).toBeUndefined();
+    expect(matchFstabSpec('PARTUUID=x', all)).toBeUndefined();
+  });
+});
+
+describe('guest paths without a recognised root', () => {
+  it('asks for FS:/path and resolves explicit names', async () => {
+    const a = fs('vdb', 1);
+    const layout = await guestLayout([a]);
+    expect(layout.root).toBeNull();
+    expect(() => resolveGuestPath(layout, [a], '/data/x')).toThrow(/root file system was not recognised/);
+    expect(resolveGuestPath(layout, [a], 'vdb1:/data/../x y')).toMatchObject({ inside: '/x y', guestPath: '/x y', hostPath: '/nonexistent/vdb1/x y' });
+  });
+});
+
+describe('restore-files helpers', () => {
+  it('quotes for the shell and names keep-both copies by the point time', () => {
+    expect(shq("it's a \"file\" $HOME")).toBe(`'it'\\''s a "file" $HOME'`);
+    const t = new Date('2026-11-25T14:55:00.123Z');
+    expect(keepBothName('/etc/hosts', t)).toBe('/etc/hosts.restored-20261125T145500Z');
+    expect(keepBothName('/etc/hosts', t, 2)).toBe('/etc/hosts.restored-20261125T145500Z-2');
+  });
+});
