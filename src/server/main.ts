@@ -325,7 +325,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       const t = await createEnrollmentToken(agentStore, pki, { ...o, now: clock.now() });
       return { token: t.token, expiresAt: t.expiresAt.toISOString(), ...(t.name ? { name: t.name } : {}) };
     };
-    const resources = resourcesPlugin(ctx, () => slots.refresh());
+    const resources = resourcesPlugin(ctx, () => slots.refresh(), () => slots.status());
     const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
 
     // File-level restore mounts (one-host install: in this process); a crashed run's are swept.

@@ -71,9 +71,11 @@ afterAll(async () => {
 
 describe('full VM restore (libvirt host)', () => {
   it('(a) restores the domain as a new persistent domain that boots with the backed-up files', async () => {
+    const t0 = Date.now();
     const r = await bulwark(['restore', 'vm', `${VM}@latest`, '--name', COPY, '--power-on', '--json'], env);
     expect(r.code, r.stderr).toBe(0);
-    const task = JSON.parse(r.stdout) as { vm: string; toOriginal: boolean; result: { uuid: string; poweredOn: boolean; disks: { path: string; format: string }[] } };
+    const task = JSON.parse(r.stdout) as { vm: string; toOriginal: boolean; result: { uuid: string; poweredOn: boolean; durationMs: number; disks: { path: string; format: string }[] } };
+    console.log(`restore vm --name: ${Date.now() - t0} ms in the console, ${task.result.durationMs} ms in the server`);
     expect(task).toMatchObject({ vm: COPY, toOriginal: false, result: { poweredOn: true } });
     expect(task.result.disks).toEqual([expect.objectContaining({ path: join(copyDir, 'vda.qcow2'), format: 'qcow2' })]);
     const xml = await virsh(['dumpxml', COPY]);
@@ -82,7 +84,9 @@ describe('full VM restore (libvirt host)', () => {
     expect(xml).not.toContain(dom!.dir);
     expect((await virsh(['dominfo', COPY])).match(/Persistent:\s+(\w+)/)?.[1]).toBe('yes');
     const copy = new TestDomain(COPY, copyDir);
+    const t1 = Date.now();
     await copy.waitForAgent(180_000);
+    console.log(`new domain: start → agent ${Date.now() - t1} ms`);
     await expectTestData(copy);
     // The original runs on with its own data.
     expect((await dom!.sh('cat /srv/after-backup.txt')).trim()).toBe('after-backup');

@@ -50,6 +50,8 @@ class CopyExecutor implements TaskExecutor {
   #running = 0;
   #completed = 0;
   readonly seen: Seen[] = [];
+  /** Runs in every task right after the rendezvous, while it holds its slot. */
+  onGate: (() => Promise<void>) | undefined;
 
   expect(gate: number, total: number): void {
     this.gate = gate;
@@ -62,6 +64,7 @@ class CopyExecutor implements TaskExecutor {
     this.#running++;
     try {
       await this.#rendezvous(context.signal);
+      await this.onGate?.();
       const rate = context.rateLimit?.();
       const stages = new StageTimes();
       const image = task.disk.location?.image ?? '';
@@ -195,7 +198,21 @@ describe('task limits through the real server', () => {
     await ok('repo', 'edit', 'default', '--max-tasks', '8', '--rate-limit', '200MB/s');
     expect(await ok('agent', 'show', 'local')).toMatch(/max tasks:\s+2\n/);
     executor.expect(2, 4);
+    // What the scheduler holds while the first two run: both slots of local in use, two tasks queued.
+    const status: Array<{ proxies: Array<{ name: string; running: number; maxTasks: number }>; queued: string[] }> = [];
+    executor.onGate = async () => {
+      if (status.length > 0) return;
+      // The other two tasks reach the queue once their own configuration read is done.
+      for (let tries = 0; tries < 600 && status.length === 0; tries++) {
+        const now = (await call({ socketPath: server.socketPath }, 'GET', '/api/v1/scheduler')).json<(typeof status)[number]>();
+        if (now.queued.length === 2 || tries === 599) status.push(now);
+        else await new Promise((r) => setTimeout(r, 50));
+      }
+    };
     const [s] = await runJobs('four');
+    executor.onGate = undefined;
+    expect(status[0]!.proxies.find((p) => p.name === 'local')).toMatchObject({ running: 2, maxTasks: 2 });
+    expect(status[0]!.queued).toHaveLength(2);
     expect(s!.state, JSON.stringify(s!.tasks.map((t) => t.message))).toBe('success');
     expect(s!.tasks).toHaveLength(4);
     expect(maxOverlap(s!.tasks)).toBe(2);
@@ -224,7 +241,10 @@ describe('task limits through the real server', () => {
   it('sequential processing: one disk at a time within a job, two jobs still side by side', async () => {
     await ok('repo', 'edit', 'default', '--max-tasks', '8');
     await ok('settings', 'set', 'processing', 'sequential');
-    expect(await ok('settings', 'show')).toMatch(/processing:\s+sequential/);
+    const shown = await ok('settings', 'show');
+    expect(shown).toMatch(/processing:\s+sequential/);
+    expect(shown).toMatch(/proxy\s+local\s+0 of 4/);
+    expect(shown).toMatch(/repository\s+default\s+0 of 8/);
     executor.expect(2, 4);
     const sessions = await runJobs('ja', 'jb');
     for (const s of sessions) {

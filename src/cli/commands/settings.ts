@@ -4,9 +4,10 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { BulwarkError } from '../../common/errors.js';
 import type { Agent } from '../../server/services/model.js';
+import type { SchedulerStatus } from '../../server/resources/database-slots.js';
 import type { ServerSettings } from '../../server/services/settings.js';
 import { at, clientFor, nothingToDo, positiveInt, type CliContext } from '../context.js';
-import { formatFields, localTime, printJson } from '../output.js';
+import { formatFields, formatTable, localTime, printJson } from '../output.js';
 import { editWithVersion } from './edit.js';
 
 const jsonOption = (): Option => new Option('--json', 'print the API object as JSON');
@@ -62,7 +63,8 @@ export function settingsCommand(ctx: CliContext): Command {
     .description('show the server settings')
     .addOption(jsonOption())
     .action(async (o: { json?: boolean }, cmd: Command) => {
-      const s = await (await clientFor(ctx, cmd)).get<ServerSettings>('/settings');
+      const client = await clientFor(ctx, cmd);
+      const s = await client.get<ServerSettings>('/settings');
       if (o.json) return printJson(ctx.output, s);
       ctx.output.out(
         formatFields([
@@ -70,6 +72,23 @@ export function settingsCommand(ctx: CliContext): Command {
           ['version', s.version],
           ['updated', localTime(s.updatedAt ?? undefined)],
         ]),
+      );
+      // Task slots in use now (what the resource scheduler holds).
+      const slots = await client.get<SchedulerStatus>('/scheduler');
+      ctx.output.out(`\ntask slots (${slots.running.length} running, ${slots.queued.length} queued):\n`);
+      ctx.output.out(
+        formatTable(
+          [
+            ...slots.proxies.map((p) => ({ kind: 'proxy', name: p.name, used: `${p.running} of ${p.maxTasks}`, note: p.online ? '' : 'offline' })),
+            ...slots.repositories.map((r) => ({ kind: 'repository', name: r.name, used: `${r.running} of ${r.maxTasks}`, note: r.rateLimit === null ? '' : `${r.rateLimit / 1e6} MB/s shared` })),
+          ],
+          [
+            { header: 'kind', value: (x) => x.kind },
+            { header: 'name', value: (x) => x.name },
+            { header: 'tasks', value: (x) => x.used, align: 'right' },
+            { header: '', value: (x) => x.note },
+          ],
+        ),
       );
     });
 

@@ -71,6 +71,15 @@ export async function loadResourceConfig(ctx: ServiceContext, local: LocalProxy)
   return { proxies, repositories: limits, mode: settings.processing, hostByUri: new Map(hosts.map((h) => [h.uri, h.name])) };
 }
 
+/** What the scheduler holds now, for the API and console. */
+export interface SchedulerStatus {
+  mode: ProcessingMode;
+  proxies: Array<{ name: string; online: boolean; maxTasks: number; running: number }>;
+  repositories: Array<{ name: string; maxTasks: number; running: number; rateLimit: number | null }>;
+  running: Array<{ taskId: string; jobId: string; proxy: string; repository: string }>;
+  queued: string[];
+}
+
 export interface DatabaseTaskSlotsOptions {
   readonly local: LocalProxy;
   /** How often the configuration is read again without a request (default 10 s). */
@@ -85,6 +94,7 @@ export class DatabaseTaskSlots implements TaskSlots {
   readonly #timer: NodeJS.Timeout;
   #mode: ProcessingMode = 'parallel';
   #hostByUri: ReadonlyMap<string, string> = new Map();
+  #config: ResourceConfig | undefined;
   #refreshing: Promise<void> | undefined;
 
   constructor(ctx: ServiceContext, opts: DatabaseTaskSlotsOptions) {
@@ -107,6 +117,7 @@ export class DatabaseTaskSlots implements TaskSlots {
     const run = async (): Promise<void> => {
       const c = await loadResourceConfig(this.#ctx, this.#local);
       this.#mode = c.mode;
+      this.#config = c;
       this.#hostByUri = c.hostByUri;
       this.scheduler.setMode(c.mode);
       this.scheduler.setRepositories(c.repositories);
@@ -140,6 +151,19 @@ export class DatabaseTaskSlots implements TaskSlots {
       jobId: request.jobId,
       repository: request.repository,
       need: { vm: request.vm, disk: request.disk.name, vmHost, storage: loc?.storage, pinned: request.proxy },
+    };
+  }
+
+  /** Slots in use per proxy and repository, running and queued tasks (as of the last read). */
+  status(): SchedulerStatus {
+    const snap = this.scheduler.snapshot();
+    const count = (key: 'proxy' | 'repository', name: string): number => snap.running.filter((r) => r[key] === name).length;
+    return {
+      mode: this.#mode,
+      proxies: (this.#config?.proxies ?? []).map((p) => ({ name: p.name, online: p.online, maxTasks: p.maxTasks, running: count('proxy', p.name) })),
+      repositories: (this.#config?.repositories ?? []).map((r) => ({ name: r.name, maxTasks: r.maxTasks, running: count('repository', r.name), rateLimit: r.rateLimit ?? null })),
+      running: snap.running,
+      queued: snap.queued,
     };
   }
 
