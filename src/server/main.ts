@@ -337,7 +337,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const recovery = await startRecoveryService({ ctx, dataDir });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx), backupApi, resources, filesPlugin(ctx, fileMounts), recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk), backupApi, resources, filesPlugin(ctx, fileMounts), recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -349,7 +349,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

@@ -69,7 +69,30 @@ export interface BackupSourceTask {
   readonly limits: readonly NamedLimit[];
 }
 
-export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask;
+/** Restores one disk of a restore point in a repository on this agent's host to a path on this host. */
+export interface RestoreDiskTask {
+  readonly kind: 'restore-disk';
+  readonly taskId: string;
+  readonly repositoryPath: string;
+  readonly pointId: string;
+  readonly disk: string;
+  readonly to: string;
+  readonly format?: 'raw' | 'qcow2' | undefined;
+  readonly overwrite?: boolean | undefined;
+  readonly password?: string | undefined;
+}
+
+/** Result of a restore-disk task (as restoreDisk returns it). */
+export interface WireRestoredDisk {
+  readonly path: string;
+  readonly format: 'raw' | 'qcow2';
+  readonly size: number;
+  readonly sha256: string;
+  readonly bytesWritten: number;
+  readonly durationMs: number;
+}
+
+export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask;
 
 /** `POST /agents/tasks/poll` body. */
 export interface PollRequest {

@@ -2,11 +2,13 @@
 // server, a source agent next to the VM (a QEMU with no guest, `-machine none`, serving a qcow2
 // disk through the qemu adapter) and a repository agent, each in its own namespace on one bridge.
 // A job run is dispatched over the agent link; blocks go source agent -> repository agent over
-// mutual TLS, never through the server. Checked: the disk restores bit-exact; a throttling rule
-// between the two agents' addresses holds the transfer to within 10% of its limit and the session
-// names Throttling; blocks damaged in transit (sender test hook) are resent and the result is
-// bit-exact; the repository agent SIGKILLed mid-task fails the session cleanly (no visible point,
-// the repository verifies clean) and the next run succeeds. Needs root (ip netns).
+// mutual TLS, never through the server. Checked: the disk restores bit-exact (the repository
+// agent restores it, asked through the server's restore route); a throttling rule between the two
+// agents' addresses holds the transfer to within 10% of its limit and the session names
+// Throttling; blocks damaged in transit (sender test hook) are resent and the result is bit-exact;
+// a short cut resumes; a stop stops both agents; the repository agent SIGKILLed mid-task fails the
+// session cleanly (no visible point, the repository verifies clean) and the next run succeeds.
+// Needs root (ip netns).
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -16,7 +18,6 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openRepository, verifyRepository } from '../../src/repository/index.js';
-import { restoreDisk } from '../../src/restore/disk/restore-disk.js';
 
 const root = process.getuid?.() === 0;
 const hasIp = spawnSync('ip', ['-V']).status === 0;
@@ -127,11 +128,13 @@ function sourceImageSha(): string {
   return createHash('sha256').update(expected).digest('hex');
 }
 
+/** Restores the point's disk through the server, which has the repository agent write it (on its host: here the shared file system). */
 async function restoredSha(pointId: string): Promise<string> {
-  const repository = await openRepository(repoDir);
   const to = path.join(tmp, `restored-${pointId}.raw`);
   try {
-    const r = await restoreDisk({ repository, pointId, disk: 'vda', to, format: 'raw', overwrite: true });
+    const r = await api<{ sha256: string; path: string }>('POST', `/restore-points/${pointId}/restore-disk`, { disk: 'vda', to, format: 'raw', overwrite: true });
+    const written = createHash('sha256').update(readFileSync(to)).digest('hex');
+    expect(written).toBe(r.sha256);
     return r.sha256;
   } finally {
     rmSync(to, { force: true });

@@ -12,7 +12,8 @@ import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { Checkpoint, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { openRepository, type Repository } from '../../repository/index.js';
-import type { AgentTask, BackupSourceTask, BackupTargetTask, PollReply, ResolveDisksTask, TaskEvent, WireDisk, WirePrevious } from '../../transport/agent-tasks.js';
+import { restoreDisk } from '../../restore/disk/restore-disk.js';
+import type { AgentTask, BackupSourceTask, BackupTargetTask, PollReply, ResolveDisksTask, RestoreDiskTask, TaskEvent, WireDisk, WirePrevious, WireRestoredDisk } from '../../transport/agent-tasks.js';
 import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { RemoteRestorePointTarget } from './remote-target.js';
@@ -161,6 +162,8 @@ export class AgentTaskRunner {
           return this.#backupTarget(task, r.abort.signal);
         case 'backup-source':
           return this.#backupSource(task, r.abort.signal);
+        case 'restore-disk':
+          return this.#restoreDisk(task);
       }
     };
     run().then(
@@ -272,6 +275,21 @@ export class AgentTaskRunner {
       this.#grants.delete(task.taskId);
       this.#targetEnds.delete(task.taskId);
     }
+  }
+
+  /** Restores a disk from a repository on this host to a path on this host. */
+  async #restoreDisk(task: RestoreDiskTask): Promise<WireRestoredDisk> {
+    const repository = await this.#repository(task.repositoryPath);
+    const r = await restoreDisk({
+      repository,
+      pointId: task.pointId,
+      disk: task.disk,
+      to: task.to,
+      ...(task.format ? { format: task.format } : {}),
+      ...(task.overwrite ? { overwrite: true } : {}),
+      ...(task.password !== undefined ? { password: task.password } : {}),
+    });
+    return { path: r.path, format: r.format, size: r.size, sha256: r.sha256, bytesWritten: r.bytesWritten, durationMs: r.durationMs };
   }
 
   /** Reads the VM here and sends it to the repository agent; resolves with the backup summary. */

@@ -76,7 +76,16 @@ export async function rescanRepository(ctx: ServiceContext, name: string): Promi
   return { repository: repo.name, points: points.length, added, removed };
 }
 
-export function restorePlugin(ctx: ServiceContext): FastifyPluginAsync {
+/**
+ * Restores a disk on the agent that owns a repository on another host (the dispatch's
+ * `restoreDisk`); undefined when the repository is this server's own.
+ */
+export type RemoteDiskRestore = (
+  repository: { readonly agent: string | null; readonly path: string },
+  args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined },
+) => Promise<{ path: string; format: 'raw' | 'qcow2'; size: number; sha256: string; bytesWritten: number; durationMs: number }> | undefined;
+
+export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore): FastifyPluginAsync {
   return async (api) => {
     const r = api.withTypeProvider<TypeBoxTypeProvider>();
     r.post(
@@ -100,8 +109,9 @@ export function restorePlugin(ctx: ServiceContext): FastifyPluginAsync {
           throw new BulwarkError(`disk: restore point ${point.id} has no disk ${disk} (it has ${point.disks.map((d) => d.name).join(', ')})`, { kind: 'not-found' });
         }
         const repo = await getRepository(ctx, point.repository);
-        const repository = await openRepository(repo.path);
-        const result = await restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}) });
+        // A repository on another agent's host: that agent restores, to a path on its host.
+        const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite });
+        const result = onAgent ? await onAgent : await restoreDisk({ repository: await openRepository(repo.path), pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}) });
         return { point: point.id, disk, path: result.path, format: result.format, size: result.size, sha256: result.sha256, bytesWritten: result.bytesWritten, durationMs: result.durationMs };
       },
     );

@@ -3,6 +3,7 @@
 // agents. `createDispatch` is what the composition root (src/server/main.ts) wires.
 import type { FastifyPluginAsync } from 'fastify';
 import type { BackupVmSummary } from '../../agent/backup/disk-backup.js';
+import type { WireRestoredDisk } from '../../transport/agent-tasks.js';
 import type { AgentLinkStore } from '../api/agent-link.js';
 import type { DiskResolver, JobDefinition, TaskExecutor, TaskSpec } from '../jobs/ports.js';
 import type { ThrottlingRule } from '../resources/throttling-rules.js';
@@ -26,6 +27,8 @@ export interface DispatchOptions {
   readonly resumeWindowMs?: number | undefined;
   /** Network throttling rules and the time zone they are evaluated in (default: the rules in the configuration database). */
   readonly throttling?: (() => Promise<{ rules: readonly ThrottlingRule[]; timeZone: string }>) | undefined;
+  /** Name of this server's own agent (default `local`). */
+  readonly localAgent?: string | undefined;
   /** Time zone of rules' hours (default: the server's). */
   readonly timeZone?: string | undefined;
 }
@@ -39,6 +42,14 @@ export interface Dispatch {
     local: TaskExecutor & DiskResolver,
     onRestorePoint?: (job: JobDefinition, task: TaskSpec, summary: BackupVmSummary) => Promise<void>,
   ): RemoteDataPathExecutor;
+  /**
+   * Restores a disk on the agent that owns the repository (to a path on that agent's host);
+   * undefined when the repository is this server's own (restore in process).
+   */
+  restoreDisk(
+    repository: { readonly agent: string | null; readonly path: string },
+    args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined },
+  ): Promise<WireRestoredDisk> | undefined;
   close(): void;
 }
 
@@ -71,6 +82,11 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
         ...(opts.resumeWindowMs !== undefined ? { resumeWindowMs: opts.resumeWindowMs } : {}),
         now: () => ctx.clock.now(),
       }),
+    restoreDisk: (repository, args) => {
+      if (repository.agent === null || repository.agent === (opts.localAgent ?? 'local')) return undefined;
+      const handle = broker.run(repository.agent, { kind: 'restore-disk', repositoryPath: repository.path, ...args });
+      return handle.result as Promise<WireRestoredDisk>;
+    },
     close: () => broker.close(),
   };
 }
