@@ -8,7 +8,7 @@ import { BulwarkError } from '../../common/errors.js';
 import type { ExportVmOptions, ExportVmResult } from '../../agent/backup/executor.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
 import type { RunOptions, RunResult } from '../jobs/engine.js';
-import { deleteExportFolder, jobForQuickBackup, parseDeleteAfter, recordExport, type ExportRecord } from '../services/backup-methods.js';
+import { deleteExportFolder, isLocalRepository, jobForQuickBackup, parseDeleteAfter, recordExport, type ExportRecord } from '../services/backup-methods.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository, listHosts } from '../services/infrastructure.js';
 import { getJob } from '../services/jobs.js';
@@ -87,6 +87,14 @@ export function backupPlugin(o: BackupApiOptions): FastifyPluginAsync {
       { config: { permission: 'run-jobs' }, schema: { tags: ['jobs'], params: Type.Object({ name: Type.String() }), body: Type.Optional(HealthBody), response: { 202: Started } } },
       async (req, reply) => {
         const job = await getJob(ctx, req.params.name);
+        const repo = await getRepository(ctx, job.repository);
+        if (!isLocalRepository(repo)) {
+          throw new BulwarkError(`job ${job.name} writes to repository ${repo.name} on agent ${repo.agent ?? ''}: health checks run on repositories of the server's host only for now`, {
+            kind: 'invalid',
+            context: { job: job.name },
+            hint: `verify that folder on its host with: bulwark repo verify ${repo.path}`,
+          });
+        }
         const { sessionId } = await o.engine.runNow(job.id, { trigger: 'manual', settings: { operation: 'health-check', wholeChain: req.body?.wholeChain === true }, noRetries: true });
         return reply.status(202).send({ sessionId, job: job.name });
       },
@@ -101,6 +109,13 @@ export function backupPlugin(o: BackupApiOptions): FastifyPluginAsync {
         if (!o.exportVm) throw new BulwarkError('exports are not available on this server (no local data path)', { kind: 'unavailable' });
         const deleteAfterMs = req.body.deleteAfter === undefined ? undefined : parseDeleteAfter(req.body.deleteAfter);
         const repo = await getRepository(ctx, req.body.repository);
+        if (!isLocalRepository(repo)) {
+          throw new BulwarkError(`repository ${repo.name} is on agent ${repo.agent ?? ''}: exports are written into repositories on this server's host only for now`, {
+            kind: 'invalid',
+            context: { field: 'repository' },
+            hint: 'export into a repository of the server\'s host (e.g. default), then copy the _export-… folder',
+          });
+        }
         const hosts = (await listHosts(ctx)).map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri }));
         const result = await o.exportVm({
           hosts,

@@ -2,7 +2,7 @@
 // transforms (retention removes points, merges and synthetic fulls change their kind); quick
 // backups find the one job of a VM; exports are recorded with their expiry; and a periodic sweep
 // deletes expired exports and the points of VMs removed from their jobs once their days are over.
-import { open, readdir, rm } from 'node:fs/promises';
+import { open, readdir, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
@@ -14,6 +14,11 @@ import type { RestorePoint } from './model.js';
 import { recordRestorePoint } from './sessions.js';
 
 const log = logger('backup-methods');
+
+/** Whether a repository folder is on this host (the one-host install's local agent, or none). */
+export function isLocalRepository(r: { agent: string | null }): boolean {
+  return r.agent === null || r.agent === 'local';
+}
 
 /** The catalog's type of a repository point (a reverse increment is an incremental). */
 const typeOf = (p: RestorePointInfo): RestorePoint['type'] => (p.kind === 'full' ? 'full' : 'incremental');
@@ -202,7 +207,9 @@ export async function sweepExpired(ctx: ServiceContext): Promise<SweepResult> {
       const vms = new Set(parseJson<string[]>(j.objects, 'job objects') ?? []);
       const days = backupOptionsOf(j).removedVmRetentionDays;
       const repo = await getRepository(ctx, j.repository_id);
-      const repository = await openRepository(repo.path, { create: true });
+      // Only folders on this host (a remote agent's folder is not here), and only existing ones.
+      if (!isLocalRepository(repo) || !(await stat(repo.path).then((st) => st.isDirectory(), () => false))) continue;
+      const repository = await openRepository(repo.path);
       const byVm = new Map<string, RestorePointInfo[]>();
       for (const p of await repository.listRestorePoints({ job: j.name })) {
         if (vms.has(p.vm)) continue;
