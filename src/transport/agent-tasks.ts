@@ -123,4 +123,6 @@ export interface EventsRequest {
 export interface EventsReply {
   /** The server wants the task stopped (or no longer knows it). */
   readonly cancel: boolean;
+  /** backup-source: the rate limits that apply now (a rule's hours began or ended, the repository share changed). */
+  readonly limits?: readonly NamedLimit[] | undefined;
 }

@@ -13,7 +13,8 @@ import { openHypervisor, type HypervisorConnection } from '../../hypervisor/inde
 import type { Checkpoint, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
-import type { AgentTask, BackupSourceTask, BackupTargetTask, PollReply, ResolveDisksTask, RestoreDiskTask, TaskEvent, WireDisk, WirePrevious, WireRestoredDisk } from '../../transport/agent-tasks.js';
+import type { NamedLimit } from '../../transport/throttle.js';
+import type { AgentTask, BackupSourceTask, EventsReply, BackupTargetTask, PollReply, ResolveDisksTask, RestoreDiskTask, TaskEvent, WireDisk, WirePrevious, WireRestoredDisk } from '../../transport/agent-tasks.js';
 import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { RemoteRestorePointTarget } from './remote-target.js';
@@ -44,6 +45,8 @@ interface RunningTask {
   progress: TaskEvent | undefined;
   /** The result is queued: the task leaves `running` once it is delivered. */
   ended: boolean;
+  /** backup-source: the rate limits the server says apply now. */
+  limits: readonly NamedLimit[] | undefined;
 }
 
 export class AgentTaskRunner {
@@ -135,7 +138,8 @@ export class AgentTaskRunner {
         if (r.outbox.length === 0) continue;
         const events = r.outbox.splice(0);
         try {
-          const reply = await this.#o.request<{ cancel: boolean }>('POST', `/api/v1/agents/tasks/${taskId}/events`, { events }, this.#o.httpsAgent, 30_000);
+          const reply = await this.#o.request<EventsReply>('POST', `/api/v1/agents/tasks/${taskId}/events`, { events }, this.#o.httpsAgent, 30_000);
+          if (reply.limits) r.limits = reply.limits;
           if (reply.cancel && !r.ended && !r.abort.signal.aborted) r.abort.abort(new BulwarkError('stopped by the server', { kind: 'internal' }));
           if (events.some((e) => e.type === 'result')) this.#running.delete(taskId);
         } catch (err) {
@@ -151,7 +155,7 @@ export class AgentTaskRunner {
 
   #start(task: AgentTask): void {
     if (this.#running.has(task.taskId)) return;
-    const r: RunningTask = { task, abort: new AbortController(), outbox: [], progress: undefined, ended: false };
+    const r: RunningTask = { task, abort: new AbortController(), outbox: [], progress: undefined, ended: false, limits: undefined };
     this.#running.set(task.taskId, r);
     log.info({ task: task.taskId, kind: task.kind }, 'task started');
     const run = async (): Promise<unknown> => {
@@ -297,7 +301,8 @@ export class AgentTaskRunner {
     const { hypervisor, vm } = await this.#locate(task.hosts, task.vm);
     const stageTimes = new StageTimes();
     const limits = task.limits;
-    const throttle = limits.length > 0 ? this.#limiters.throttleFor(() => limits) : undefined;
+    // The server may change the limits while the task runs (a rule's hours, the repository share): re-read each second.
+    const throttle = this.#limiters.throttleFor(() => this.#running.get(task.taskId)?.limits ?? limits, 1000);
     const corruptEvery = Number(process.env.BULWARK_TEST_CORRUPT_EVERY ?? 0);
     const previous = task.previous ? { point: pointFromWire(task.previous.point), checkpoint: task.previous.checkpoint as unknown as Checkpoint } : null;
     const target = new RemoteRestorePointTarget({
@@ -310,7 +315,7 @@ export class AgentTaskRunner {
         streams: task.streams,
         resumeWindowMs: task.resumeWindowMs,
         stageTimes,
-        ...(throttle ? { throttle } : {}),
+        throttle,
         // Test hook (multi-host tests): damage the first transmission of every Nth block on the wire.
         ...(corruptEvery > 0 ? { corruptInTransit: (b: { sequence: number; attempt: number }) => b.attempt === 1 && b.sequence % corruptEvery === 0 } : {}),
       },

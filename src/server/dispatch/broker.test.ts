@@ -59,6 +59,21 @@ describe('AgentTaskBroker', () => {
     }
   });
 
+  it('new rate limits reach the agent in its next event reply', async () => {
+    const broker = new AgentTaskBroker({ pollWaitMs: 20 });
+    try {
+      const h = broker.run('a1', resolveDisks);
+      await broker.poll('a1', { bootId: 'boot-0001', running: [] }, never);
+      expect(broker.events('a1', h.taskId, [])).toEqual({ cancel: false });
+      h.setLimits([{ name: 'rule:wan', bytesPerSecond: 1_000_000 }]);
+      expect(broker.events('a1', h.taskId, [])).toEqual({ cancel: false, limits: [{ name: 'rule:wan', bytesPerSecond: 1_000_000 }] });
+      h.setLimits([]);
+      expect(broker.events('a1', h.taskId, [])).toEqual({ cancel: false, limits: [] });
+    } finally {
+      broker.close();
+    }
+  });
+
   it('an agent that restarts (new boot id) fails the tasks its old process had taken', async () => {
     const broker = new AgentTaskBroker({ pollWaitMs: 20 });
     try {

@@ -6,7 +6,8 @@
 import { randomUUID } from 'node:crypto';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import type { AgentTask, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
+import type { AgentTask, EventsReply, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
+import type { NamedLimit } from '../../transport/throttle.js';
 
 const log = logger('dispatch');
 
@@ -19,6 +20,8 @@ export interface AgentTaskHandle {
   readonly result: Promise<unknown>;
   /** Asks the agent to stop the task (its result then reports how it ended). */
   cancel(reason: string): void;
+  /** New rate limits for a backup-source task; the agent gets them in its next event reply. */
+  setLimits(limits: readonly NamedLimit[]): void;
 }
 
 interface Running {
@@ -34,6 +37,7 @@ interface Running {
   pickedInPoll: number | undefined;
   queuedAt: number;
   cancelRequested: boolean;
+  limits: readonly NamedLimit[] | undefined;
 }
 
 interface AgentState {
@@ -109,7 +113,7 @@ export class AgentTaskBroker {
       reject = rej;
     });
     result.catch(() => undefined);
-    const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false };
+    const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined };
     this.#tasks.set(taskId, r);
     const a = this.#agent(agent);
     a.queue.push(task);
@@ -120,6 +124,10 @@ export class AgentTaskBroker {
       agent,
       result,
       cancel: (reason) => this.#cancel(taskId, reason),
+      setLimits: (limits) => {
+        const t = this.#tasks.get(taskId);
+        if (t) t.limits = limits;
+      },
     };
   }
 
@@ -202,7 +210,7 @@ export class AgentTaskBroker {
   }
 
   /** Events an agent posts for a task; returns whether the server wants the task stopped. */
-  events(agent: string, taskId: string, events: readonly TaskEvent[]): { cancel: boolean } {
+  events(agent: string, taskId: string, events: readonly TaskEvent[]): EventsReply {
     const a = this.#agent(agent);
     a.lastContact = this.#now();
     const r = this.#tasks.get(taskId);
@@ -220,7 +228,7 @@ export class AgentTaskBroker {
         log.warn({ task: taskId, err: String(err) }, 'task event handler failed');
       }
     }
-    return { cancel: r.cancelRequested };
+    return { cancel: r.cancelRequested, ...(r.limits ? { limits: r.limits } : {}) };
   }
 
   #sweep(): void {

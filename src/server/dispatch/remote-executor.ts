@@ -82,7 +82,11 @@ const isCompression = (v: unknown): v is 'none' | 'zstd' | 'lz4' => v === 'none'
 const isMode = (v: unknown): v is 'online' | 'offline' => v === 'online' || v === 'offline';
 
 /** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
-type StageTimesContext = TaskContext & { stageTimes?: (busy: StageBusy) => void; rateLimit?: () => number | undefined };
+type StageTimesContext = TaskContext & {
+  stageTimes?: (busy: StageBusy) => void;
+  rateLimit?: () => number | undefined;
+  watchRate?: (listener: (bytesPerSecond: number | undefined) => void) => () => void;
+};
 
 export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #o: RemoteDataPathOptions;
@@ -267,6 +271,22 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           onEvent,
         );
         if (signal.aborted) stopSource();
+        // Rules have hours and the repository share changes as tasks come and go: keep the limits current.
+        const handle = sourceHandle;
+        const refresh = (): void => {
+          this.#limits(task, context, sourceIp, targetHost).then(
+            (l) => handle.setLimits(l),
+            (err: unknown) => log.warn({ err: describeError(err) }, 'could not re-evaluate the rate limits'),
+          );
+        };
+        const limitTimer = setInterval(refresh, 5000);
+        limitTimer.unref();
+        const unwatch = context.watchRate?.(() => refresh());
+        signal.addEventListener('abort', () => clearInterval(limitTimer), { once: true });
+        void sourceHandle.result.finally(() => {
+          clearInterval(limitTimer);
+          unwatch?.();
+        }).catch(() => undefined);
         // Whichever side fails first fails the run; the other side is stopped.
         const sourceDone = sourceHandle.result;
         const targetFailed = target.result.then(

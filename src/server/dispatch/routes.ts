@@ -26,7 +26,10 @@ export const EventsBody = Type.Object(
   { events: Type.Array(Type.Object({ type: Type.Union([Type.Literal('progress'), Type.Literal('log'), Type.Literal('ready'), Type.Literal('result')]) }, { additionalProperties: true }), { maxItems: 1000 }) },
   { additionalProperties: false },
 );
-export const EventsReplyBody = Type.Object({ cancel: Type.Boolean() });
+export const EventsReplyBody = Type.Object({
+  cancel: Type.Boolean(),
+  limits: Type.Optional(Type.Array(Type.Object({ name: Type.String(), bytesPerSecond: Type.Number() }))),
+});
 
 export function agentTaskPlugin(opts: { store: Pick<AgentLinkStore, 'findAgent'>; broker: AgentTaskBroker }): FastifyPluginAsync {
   return async (app) => {
