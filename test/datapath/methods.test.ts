@@ -116,8 +116,11 @@ function job(name: string, settings: Record<string, unknown>): JobDefinition {
 }
 
 describe('backup methods: 10 runs each on a running guest', () => {
-  it('forever forward, keep 3: one full and two increments; the oldest increment merged into the full each run', async () => {
-    const logs = await tenRuns(job('ffwd', { method: 'forever-forward', retention: { points: 3 } }));
+  it('forever forward, keep 3: one full and two increments; the oldest increment merged into the full each run; compaction on its day', async () => {
+    const wd = (k: number) => weekdayNames[new Date(day0.getTime() + k * DAY).getUTCDay()]!;
+    const logs = await tenRuns(job('ffwd', { method: 'forever-forward', retention: { points: 3 }, compact: { weekdays: [wd(5)] } }));
+    expect(logs[5]).toMatch(/compacted the full \S+\.vbk: \d+ -> \d+ bytes/);
+    expect(logs[4]).not.toMatch(/compacted/);
     expect(logs[0]).toMatch(/this run: full/);
     expect(logs[5]).toMatch(/this run: incremental/);
     expect(logs[5]).toMatch(/retention: merged increment/);
@@ -167,7 +170,8 @@ describe('backup methods: 10 runs each on a running guest', () => {
   });
 
   it('health check: a flipped byte is named; the next run re-reads that block and its point restores bit-exact', async () => {
-    const hc = job('hc', { method: 'forever-forward', retention: { points: 5 } });
+    // A health check on every day of the week: each backup run also verifies its new point.
+    const hc = job('hc', { method: 'forever-forward', retention: { points: 5 }, healthCheck: { weekdays: [...weekdayNames] } });
     store.putJob(hc);
     const runOnce = async (k: number, opts: Parameters<JobEngine['runNow']>[1] = {}) => {
       now = new Date(day0.getTime() + (20 + k) * DAY);
@@ -176,7 +180,9 @@ describe('backup methods: 10 runs each on a running guest', () => {
       const state = await engine.waitForEnd(sessionId);
       return { state, log: (store.logs.get(sessionId) ?? []).map((l) => `${l.level}: ${l.message}`).join('\n') };
     };
-    expect((await runOnce(0)).state).toBe('success');
+    const first = await runOnce(0);
+    expect(first.state).toBe('success');
+    expect(first.log).toMatch(/health check of VM methods-dp: the latest point \S+ verified, \d+ block\(s\), no damage/);
     expect((await runOnce(1)).state).toBe('success');
     // Flip one byte in the middle of the latest point's file (block data, past the header page).
     const latest = (await repo.listRestorePoints({ job: 'hc', vm: VM })).at(-1)!;
@@ -204,6 +210,7 @@ describe('backup methods: 10 runs each on a running guest', () => {
     const r = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vda', to });
     await rm(to);
     expect(r.sha256).toBe(references.get(point.time.getTime()));
+    expect(repaired.log).toMatch(/health check of VM methods-dp: the latest point \S+ verified, \d+ block\(s\), no damage/);
     // The repair is recorded as done: a second check of the latest point is clean.
     const again = await engine.runNow(hc.id, { settings: { operation: 'health-check' }, noRetries: true });
     expect(await engine.waitForEnd(again.sessionId)).toBe('success');
