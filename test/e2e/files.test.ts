@@ -108,6 +108,9 @@ describe('file-level restore through the console', () => {
     const list = JSON.parse(await ok(['restore-point', 'list', '--vm', VM, '--json'])) as Array<{ id: string; time: string }>;
     points.push(...list.sort((a, b) => a.time.localeCompare(b.time)));
     expect(points).toHaveLength(3);
+    const sessions = JSON.parse(await ok(['session', 'list', '--job', 'files', '--json'])) as Array<{ id: string }>;
+    const shown = await ok(['session', 'show', sessions[0]!.id]);
+    expect(shown).toMatch(/guest file index of restore point \S+: \d+ entries from 6 file systems/);
 
     const found = JSON.parse(await ok(['search', 'QUARTERLY*.txt', '--vm', VM, '--json'])) as {
       matches: Array<{ vm: string; path: string; versions: Array<{ type: string; size: number; mtime: string; points: Array<{ id: string }> }> }>;
@@ -220,6 +223,27 @@ describe('file-level restore through the console', () => {
     expect(await readFile(join(detached.at, 'vda', 'whole-ext4', 'srv/notes/quarterly report.txt'), 'utf8')).toBe('version one\n');
     expect(await ok(['mount', 'unmount', detached.id.slice(0, 8)])).toContain(`unmounted ${detached.at}`);
     expect(await mountsUnder(detached.at)).toEqual([]);
+
+    // A console killed outright (no Ctrl-C handling) loses its hold stream: the server unmounts.
+    const killedAt = join(tmp, 'view-killed');
+    const killed = spawn(process.execPath, [program, 'mount', `${VM}@latest`, '--at', killedAt], { env: { PATH: process.env.PATH ?? '', BULWARK_LOG_LEVEL: 'warn', ...env }, stdio: ['ignore', 'pipe', 'ignore'] });
+    const killedExit = new Promise<void>((resolve) => killed.once('exit', () => resolve()));
+    let killedOut = '';
+    killed.stdout.on('data', (c: Buffer) => (killedOut += c.toString()));
+    for (let i = 0; i < 600 && !killedOut.includes('Press Ctrl-C') && killed.exitCode === null; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(killedOut).toContain('Press Ctrl-C');
+    killed.kill('SIGKILL');
+    await killedExit;
+    let left: unknown[] = [null];
+    for (let i = 0; i < 100 && left.length > 0; i++) {
+      left = JSON.parse(await ok(['mount', 'list', '--json'])) as unknown[];
+      if (left.length > 0) await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(left).toEqual([]);
+    expect(await mountsUnder(killedAt)).toEqual([]);
+
+    // A detached mount left in place is undone when the server stops (afterAll checks no mount is left).
+    await ok(['mount', points[1]!.id, '--detach']);
   });
 
   it('restores into the running guest through its agent: fail, overwrite, keep-both', async () => {

@@ -42,6 +42,8 @@ interface Entry {
   mount: PointMount;
   holders: number;
   graceTimer: NodeJS.Timeout | undefined;
+  /** Set once unmounting started; the entry stays listed until it is done. */
+  closing: Promise<MountSessionInfo> | undefined;
 }
 
 export class MountSessions {
@@ -76,7 +78,7 @@ export class MountSessions {
       warnings: [...mount.mount.warnings],
       notes: [...mount.layout.notes],
     };
-    const entry: Entry = { info, mount, holders: 0, graceTimer: undefined };
+    const entry: Entry = { info, mount, holders: 0, graceTimer: undefined, closing: undefined };
     this.#entries.set(id, entry);
     if (!info.detached) {
       entry.graceTimer = setTimeout(() => {
@@ -117,21 +119,27 @@ export class MountSessions {
       if (released) return;
       released = true;
       e.holders--;
-      if (e.holders === 0 && !e.info.detached && this.#entries.get(e.info.id) === e) {
+      if (e.holders === 0 && !e.info.detached && this.#entries.get(e.info.id) === e && !e.closing) {
         log.info({ id, at: e.info.at }, 'the console holding the mount went away; unmounting');
         void this.close(e.info.id).catch((err: unknown) => log.error({ id, err: describeError(err) }, 'unmount failed'));
       }
     };
   }
 
-  /** Unmounts and forgets a mount. */
-  async close(id: string): Promise<MountSessionInfo> {
+  /** Unmounts and forgets a mount (listed until the unmount is done). */
+  close(id: string): Promise<MountSessionInfo> {
     const e = this.#entry(id);
-    this.#entries.delete(e.info.id);
     clearTimeout(e.graceTimer);
-    await e.mount.close();
-    log.info({ id, at: e.info.at }, 'restore point unmounted');
-    return e.info;
+    e.closing ??= (async () => {
+      try {
+        await e.mount.close();
+      } finally {
+        this.#entries.delete(e.info.id);
+      }
+      log.info({ id: e.info.id, at: e.info.at }, 'restore point unmounted');
+      return e.info;
+    })();
+    return e.closing;
   }
 
   /** Unmounts everything (server stop). */
