@@ -408,10 +408,16 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           created.push(p.path);
           disks.push(await restoreOne(d.name, p.path, p.format as RestoreDiskFormat, false));
         }
+        let t = Date.now();
         await copyBootFiles(newXml, firstDir, storage);
         await giveToQemuUser(storage);
+        const copyMs = Date.now() - t;
+        t = Date.now();
         await defineDomain(uri, newXml, storage);
+        const defineMs = Date.now() - t;
+        t = Date.now();
         if (o.powerOn) await virsh(uri, ['start', name]);
+        log.info({ vm: name, copyMs, defineMs, startMs: Date.now() - t }, 'libvirt domain defined');
         return { ...base, hypervisor: 'libvirt', disks, uuid, poweredOn: o.powerOn === true, durationMs: Date.now() - started };
       } catch (err) {
         for (const f of created) await rm(f, { force: true });
