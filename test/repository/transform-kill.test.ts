@@ -109,7 +109,12 @@ async function lane(n: number, kills: number, steps: Map<string, number>): Promi
   const seedRepo = await openRepository(root, { create: true });
   for (let r = 0; r < 4; r++) await round(seedRepo, n);
   let seed = 4242 + n;
-  const rnd = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
+  const rnd = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return (seed >>> 0) / 4294967296;
+  };
   const progress: Record<string, number> = {};
   for (let kill = 0; kill < kills; kill++) {
     const byDelay = kill % 10 === 9;
