@@ -93,7 +93,7 @@ interface SessionJson {
   id: string;
   state: string;
   reason?: string;
-  tasks: Array<{ state: string; message?: string; proxy?: string }>;
+  tasks: Array<{ state: string; message?: string; proxy?: string; progress: { bytesStored: number; bytesTransferred: number } }>;
   log: Array<{ level: string; message: string }>;
   stages?: { bottleneck: string | null; summary: string };
 }
@@ -244,6 +244,10 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     expect(s.log.some((l) => /on agent src1 into repository remote-repo/.test(l.message))).toBe(true);
     // The sender's test hook damaged every 7th block once; each was NACKed and sent again.
     expect(s.log.some((l) => /arrived damaged .* sent again/.test(l.message))).toBe(true);
+    // The session counts what the repository stored (after its own compression), not what crossed the wire.
+    const stored = s.tasks[0]!.progress.bytesStored;
+    expect(stored).toBeGreaterThan(RANDOM_BYTES);
+    expect(stored).toBeLessThan(RANDOM_BYTES + (2 << 20));
     const points = await visiblePoints();
     expect(points).toHaveLength(1);
     expect(await restoredSha(points[0]!)).toBe(sourceImageSha());

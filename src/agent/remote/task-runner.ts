@@ -240,11 +240,12 @@ export class AgentTaskRunner {
   }
 
   /** Receives one VM's restore point; resolves with the committed point once the source committed. */
-  async #backupTarget(task: BackupTargetTask, signal: AbortSignal): Promise<{ point: Record<string, unknown> }> {
+  async #backupTarget(task: BackupTargetTask, signal: AbortSignal): Promise<{ point: Record<string, unknown>; disks: Array<{ name: string; storedBytes: number; storedBlocks: number; unchangedBlocks: number }> }> {
     const repository = await this.#repository(task.repositoryPath);
     const prev = await previousCheckpoint(repository, task.job, task.vm, task.chainId, task.password);
     const receiver = await this.#listener();
     let sink: RepositorySink | undefined;
+    const disks: Array<{ name: string; storedBytes: number; storedBlocks: number; unchangedBlocks: number }> = [];
     const ended = new Promise<{ ok: true } | { ok: false; reason: string }>((resolve) => this.#targetEnds.set(task.taskId, resolve));
     this.#grants.set(task.taskId, {
       secret: task.secret,
@@ -254,7 +255,13 @@ export class AgentTaskRunner {
         if (peer !== task.sourceAgent) {
           throw new BulwarkError(`agent ${String(peer)} may not send task ${task.taskId} (it was given to ${task.sourceAgent})`, { kind: 'forbidden' });
         }
-        sink = new RepositorySink({ repository, job: task.job, vm: task.vm, password: task.password });
+        sink = new RepositorySink({
+          repository,
+          job: task.job,
+          vm: task.vm,
+          password: task.password,
+          onDisk: (st) => disks.push({ name: st.name, storedBytes: st.storedBytes, storedBlocks: st.storedBlocks, unchangedBlocks: st.unchangedBlocks }),
+        });
         return sink;
       },
     });
@@ -274,7 +281,7 @@ export class AgentTaskRunner {
       }
       if (!sink?.point) throw new BulwarkError('the session ended without a restore point', { kind: 'internal' });
       this.#emit(task.taskId, { type: 'log', level: 'info', message: `restore point ${sink.point.id} committed in ${task.repositoryPath}` });
-      return { point: pointToWire(sink.point) };
+      return { point: pointToWire(sink.point), disks };
     } finally {
       this.#grants.delete(task.taskId);
       this.#targetEnds.delete(task.taskId);

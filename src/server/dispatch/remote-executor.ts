@@ -179,7 +179,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       if (!disk) {
         throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in restore point ${summary.pointId}`, { kind: 'not-found', context: { vm: task.vm, disk: task.disk.name } });
       }
-      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: disk.bytesStored, bytesStored: disk.bytesStored, total: disk.bytesRead });
+      const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
+      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead });
       if (owner && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
       const messages = [...summary.warnings];
       if (summary.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
@@ -303,8 +304,18 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           target.cancel('the backup failed');
           throw err;
         }
-        await target.result;
-        const summary = { ...(raw as unknown as BackupVmSummary), point: pointFromWire(raw.point as Record<string, unknown>) } as BackupVmSummary & { stageTimes?: StageBusy };
+        // What the repository stored (after its compression and dedup), per disk, from the target side.
+        const stored = ((await target.result) as { disks?: Array<{ name: string; storedBytes: number; storedBlocks: number; unchangedBlocks: number }> }).disks ?? [];
+        const sent = raw as unknown as BackupVmSummary;
+        const summary = {
+          ...sent,
+          disks: sent.disks.map((d) => {
+            const s = stored.find((x) => x.name === d.name);
+            // bytesTransferred: what crossed the network (the source's count of wire bytes).
+            return { ...d, bytesTransferred: d.bytesStored, ...(s ? { bytesStored: s.storedBytes, storedBlocks: s.storedBlocks, unchangedBlocks: s.unchangedBlocks } : {}) };
+          }),
+          point: pointFromWire(raw.point as Record<string, unknown>),
+        } as BackupVmSummary & { stageTimes?: StageBusy };
         if (this.#o.onRestorePoint) {
           try {
             await this.#o.onRestorePoint(job, task, summary);
