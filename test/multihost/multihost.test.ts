@@ -31,8 +31,10 @@ const octet = 16 + (parseInt(tag.slice(0, 2), 16) % 200);
 const ip = { server: `10.214.${octet}.1`, source: `10.214.${octet}.2`, repo: `10.214.${octet}.3` };
 const repoRoot = path.resolve(import.meta.dirname, '../..');
 const VM = 'mh-vm';
-const DISK_SIZE = 24 * 1024 * 1024;
-const RANDOM_BYTES = 6 * 1024 * 1024; // incompressible: what the throttled transfer carries (~6 s at the limit)
+// Incompressible data: what the throttled transfer carries (~6 s at the limit). A larger value
+// (BULWARK_MH_RANDOM_MIB, by hand with -t "restores bit-exact") measures the agents' memory.
+const RANDOM_BYTES = Number(process.env.BULWARK_MH_RANDOM_MIB ?? 6) * 1024 * 1024;
+const DISK_SIZE = RANDOM_BYTES + 18 * 1024 * 1024;
 const LIMIT_MBPS = 8;
 
 function run(cmd: string, args: string[]): string {
@@ -116,6 +118,7 @@ let repoDir = '';
 let vmDir = '';
 let repoAgent: ChildProcess | undefined;
 let sourceAgentPid: number | undefined;
+let idleRss: number | undefined;
 
 async function startRepoAgent(token: string): Promise<ChildProcess> {
   const { child } = await startInNs('repository agent', ns.repo, 'agent.ts', [path.join(tmp, 'repo-agent'), `https://${ip.server}:9392`, token, 'repo1', `${ip.repo}:9393`]);
@@ -216,6 +219,7 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
       BULWARK_TEST_CORRUPT_EVERY: '7',
     });
     sourceAgentPid = src.child.pid;
+    idleRss = peakRssMiB(sourceAgentPid);
     repoAgent = await startRepoAgent(tRepo);
     repoDir = path.join(tmp, 'repository');
     await api('POST', '/hosts', { name: 'kvm-a', kind: 'qemu', uri: path.join(vmDir, 'qmp.sock'), agent: 'src1' });
@@ -251,6 +255,7 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     const points = await visiblePoints();
     expect(points).toHaveLength(1);
     expect(await restoredSha(points[0]!)).toBe(sourceImageSha());
+    console.info(`multi-host: ${RANDOM_BYTES >> 20} MiB of random data; source agent peak RSS ${peakRssMiB(sourceAgentPid) ?? '?'} MiB (${idleRss ?? '?'} MiB after start), repository agent ${peakRssMiB(repoAgent?.pid) ?? '?'} MiB`);
   }, 60_000);
 
   it('a throttling rule between the agents holds the transfer to within 10% and the session names Throttling', async () => {
