@@ -33,7 +33,7 @@ export interface LocalDataPathOptions {
    * records it in the catalog). A failure here is logged; the point stays in the repository,
    * where a rescan finds it.
    */
-  onRestorePoint?(job: JobDefinition, task: TaskSpec, summary: BackupVmSummary): Promise<void>;
+  onRestorePoint?: (job: JobDefinition, task: TaskSpec, summary: BackupVmSummary) => Promise<void>;
   /**
    * Called after a VM's transforms (synthetic full, retention, merges) with the VM's restore points
    * as the repository now holds them (server: the catalog follows: removed points disappear,

@@ -46,10 +46,10 @@ export interface Dispatch {
    * Restores a disk on the agent that owns the repository (to a path on that agent's host);
    * undefined when the repository is this server's own (restore in process).
    */
-  restoreDisk(
+  restoreDisk: (
     repository: { readonly agent: string | null; readonly path: string },
     args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined },
-  ): Promise<WireRestoredDisk> | undefined;
+  ) => Promise<WireRestoredDisk> | undefined;
   close(): void;
 }
 
