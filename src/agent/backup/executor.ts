@@ -15,9 +15,10 @@ import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { openRepository, planRetention, type Repository, type RestorePointInfo, type RetentionAction } from '../../repository/index.js';
-import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec, TransferProgress } from '../../server/jobs/ports.js';
+import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
 import { dueOn, methodPolicy, methodSettings, planVmRun, splitDisks, type JobMethodSettings } from './chain-policy.js';
 import { backupVm, type BackupProgress, type BackupVmSummary } from './disk-backup.js';
+import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from './job-settings.js';
 
 const log = logger('local-data-path');
 
@@ -97,29 +98,9 @@ export interface ExportVmResult {
   readonly summary: BackupVmSummary;
 }
 
-const KEEP_SETTLED_MS = 60 * 60 * 1000;
-
 function connectionKey(c: HypervisorConnection): string {
   return JSON.stringify(c);
 }
-
-function diskProgress(p: BackupProgress, disk: string): TransferProgress {
-  const d = p.disks[disk];
-  if (!d) return { bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 };
-  // total: an upper bound of what is left to read that shrinks to bytesRead when the disk is done
-  // (zero and unchanged extents are never read, so the disk's size would never be reached).
-  const total = d.done ? d.bytesRead : d.bytesRead + (d.size - d.bytesProcessed);
-  return { bytesRead: d.bytesRead, bytesTransferred: d.bytesRead, bytesStored: d.bytesStored, total };
-}
-
-function setting<T>(job: JobDefinition, key: string, check: (v: unknown) => v is T): T | undefined {
-  const v = job.settings?.[key];
-  return check(v) ? v : undefined;
-}
-const isNumber = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v);
-const isBoolean = (v: unknown): v is boolean => typeof v === 'boolean';
-const isCompression = (v: unknown): v is 'none' | 'zstd' | 'lz4' => v === 'none' || v === 'zstd' || v === 'lz4';
-const isMode = (v: unknown): v is 'online' | 'offline' => v === 'online' || v === 'offline';
 
 /** One retention step as a session log line. */
 export function describeRetentionAction(a: RetentionAction): string {

@@ -10,12 +10,13 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { BackupProgress, BackupVmSummary } from '../../agent/backup/disk-backup.js';
 import { chainIdFor } from '../../agent/backup/disk-backup.js';
+import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from '../../agent/backup/job-settings.js';
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
 import type { TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
 import type { StageBusy } from '../../transport/stage-times.js';
 import type { NamedLimit } from '../../transport/throttle.js';
-import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec, TransferProgress } from '../jobs/ports.js';
+import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../jobs/ports.js';
 import { matchingThrottlingRules, mbpsToBytesPerSecond, type ThrottlingRule } from '../resources/throttling-rules.js';
 import type { AgentTaskBroker } from './broker.js';
 
@@ -62,24 +63,6 @@ interface VmRun {
   stageTimes: StageBusy | undefined;
   settledAt: number | null;
 }
-
-const KEEP_SETTLED_MS = 60 * 60 * 1000;
-
-function diskProgress(p: BackupProgress, disk: string): TransferProgress {
-  const d = p.disks[disk];
-  if (!d) return { bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 };
-  const total = d.done ? d.bytesRead : d.bytesRead + (d.size - d.bytesProcessed);
-  return { bytesRead: d.bytesRead, bytesTransferred: d.bytesRead, bytesStored: d.bytesStored, total };
-}
-
-function setting<T>(job: JobDefinition, key: string, check: (v: unknown) => v is T): T | undefined {
-  const v = job.settings?.[key];
-  return check(v) ? v : undefined;
-}
-const isNumber = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v);
-const isBoolean = (v: unknown): v is boolean => typeof v === 'boolean';
-const isCompression = (v: unknown): v is 'none' | 'zstd' | 'lz4' => v === 'none' || v === 'zstd' || v === 'lz4';
-const isMode = (v: unknown): v is 'online' | 'offline' => v === 'online' || v === 'offline';
 
 /** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
 type StageTimesContext = TaskContext & {
