@@ -7,17 +7,8 @@ import { at, clientFor, type CliContext, type ItemList } from '../context.js';
 import { BarView, exitCodeOf, followSession, JsonView, PlainView, type SessionView } from '../follow.js';
 import { formatFields, formatTable, localTime, printJson } from '../output.js';
 import { askPassword, readStdin } from '../prompt.js';
+import type { ExportRecord } from '../../server/services/backup-methods.js';
 
-interface ExportRecord {
-  id: string;
-  vm: string;
-  repository: string;
-  folder: string;
-  pointId: string;
-  encrypted: boolean;
-  createdAt: string;
-  expiresAt: string | null;
-}
 
 function viewFor(ctx: CliContext, json: boolean): SessionView {
   if (json) return new JsonView(ctx.output, false);
