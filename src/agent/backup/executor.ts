@@ -3,7 +3,8 @@
 // in-process; the multi-host path sends it through src/transport). The engine runs one task per VM
 // disk, but a restore point holds all disks of a VM: the first task of a VM (per session and
 // attempt) runs the VM's work, and every disk task of that VM reports its own disk's progress and
-// result from that one run. A VM's work is, by the session's operation (chain-policy.ts):
+// result from that one run. A VM's work is, by the session's operation (chain-policy.ts; the
+// chain steps before and after the backup are chain-run.ts, shared with the repository agents):
 // - backup / quick: plan the run (full, incremental, synthetic full, reverse injection), back up
 //   (re-reading blocks a health check found damaged), then retention, and compaction and health
 //   check on their days; each step is a line in the session log, the catalog follows;
@@ -14,9 +15,10 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
-import { openRepository, planRetention, type Repository, type RestorePointInfo, type RetentionAction } from '../../repository/index.js';
+import { openRepository, type Repository, type RestorePointInfo } from '../../repository/index.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
-import { dueOn, methodPolicy, methodSettings, planVmRun, splitDisks, type JobMethodSettings } from './chain-policy.js';
+import { methodSettings, splitDisks, type JobMethodSettings } from './chain-policy.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, type ChainRunContext } from './chain-run.js';
 import { backupVm, type BackupProgress, type BackupVmSummary } from './disk-backup.js';
 import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from './job-settings.js';
 
@@ -102,19 +104,7 @@ function connectionKey(c: HypervisorConnection): string {
   return JSON.stringify(c);
 }
 
-/** One retention step as a session log line. */
-export function describeRetentionAction(a: RetentionAction): string {
-  switch (a.kind) {
-    case 'merge':
-      return `retention: merged increment ${a.point} into the full (point ${a.removes} removed): ${a.reason}`;
-    case 'delete-chain':
-      return `retention: deleted chain ${a.chain} (${a.points.length} point(s), ${a.files.length} file(s)): ${a.reason}`;
-    case 'delete-point':
-      return `retention: deleted reverse point ${a.point}: ${a.reason}`;
-    case 'none':
-      return `retention: kept ${a.points.length > 0 ? `point(s) ${a.points.join(', ')}` : 'everything'} in chain ${a.chain}: ${a.reason}`;
-  }
-}
+export { describeRetentionAction } from './chain-run.js';
 
 /** `_export-web1-20261125T170000Z`: the export's own job name (API job names never start with `_`). */
 export function exportName(vm: string, time: Date): string {
@@ -240,20 +230,14 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const mode = setting(job, 'mode', isMode);
     const now = this.#now();
 
-    if (settings.operation === 'quick') say('info', `quick backup of VM ${vm.name}: an incremental in job ${job.name}'s chain, outside the schedule`);
     const { included, excluded } = splitDisks(settings.excludeDisks, task.vm, vm.disks.map((d) => d.name));
     if (excluded.length > 0) say('info', `disk(s) ${excluded.join(', ')} of VM ${vm.name} excluded by the job (not backed up)`);
     if (included.length === 0) {
       throw new BulwarkError(`every disk of VM ${vm.name} is excluded by job ${job.name}`, { kind: 'invalid', context: { vm: vm.name, job: job.name } });
     }
 
-    const state = await repository.chainState(job.name, vm.name);
-    const plan = planVmRun(state, settings, now, task.full);
-    say('info', `this run: ${plan.kind} (${plan.reason})`);
-    const repair = plan.kind === 'full' ? [] : (state.repair?.disks ?? []).filter((r) => included.includes(r.disk) && r.blocks.length > 0);
-    if (repair.length > 0) {
-      say('info', `repair: re-reading ${repair.map((r) => `${r.disk} blocks ${r.blocks.join(', ')}`).join('; ')} from the source (damaged in the repository)`);
-    }
+    const chain: ChainRunContext = { repository, job: job.name, vm: vm.name, settings, now, password, say: (level, message) => say(level, message) };
+    const { plan, repair } = await planVmBackup(chain, task.full);
 
     const summary = await backupVm({
       hypervisor,
@@ -285,45 +269,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     }
 
     // After the commit: the point is safe whatever happens below; a failed step is a warning.
-    const warnings: string[] = [...summary.warnings];
-    const step = async (what: string, fn: () => Promise<void>): Promise<void> => {
-      try {
-        await fn();
-      } catch (err) {
-        const w = `${what} failed: ${describeError(err)} (the new restore point ${summary.pointId} is kept)`;
-        warnings.push(w);
-        say('warning', w);
-      }
-    };
-    const pw = password === undefined ? {} : { password };
-    if (plan.kind === 'synthetic-full') {
-      await step('synthetic full', async () => {
-        const p = await repository.synthesizeFull(job.name, vm.name, { point: summary.pointId, ...pw });
-        say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)`);
-      });
-    }
-    await step('retention', async () => {
-      // Only a folder retention changes is locked and rewritten.
-      const planned = planRetention(await repository.chainState(job.name, vm.name), methodPolicy(settings), now);
-      if (planned.every((a) => a.kind === 'none')) {
-        for (const a of planned) if (a.points.length > 0) say('info', describeRetentionAction(a));
-        return;
-      }
-      const report = await repository.applyRetention(job.name, vm.name, methodPolicy(settings), { now, ...pw });
-      for (const a of report.actions) say('info', describeRetentionAction(a));
-      if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}`);
-    });
-    if (settings.operation === 'backup' && dueOn(settings.compact, now, settings.timeZone)) {
-      await step('compact full', async () => {
-        const c = await repository.compactFull(job.name, vm.name);
-        say('info', `compacted the full ${c.file}: ${c.bytesBefore} -> ${c.bytesAfter} bytes`);
-      });
-    }
-    if (settings.operation === 'backup' && settings.healthCheck && dueOn(settings.healthCheck, now, settings.timeZone)) {
-      await step('health check', async () => {
-        warnings.push(...(await this.#runHealthCheck(repository, job.name, vm.name, settings.healthCheck?.wholeChain === true, password, say)));
-      });
-    }
+    const warnings: string[] = [...summary.warnings, ...(await maintainAfterBackup(chain, plan, summary.pointId))];
     await this.#syncPoints(repository, task, say, warnings);
     return {
       pointId: summary.pointId,
@@ -346,38 +292,11 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     }
   }
 
-  /** Verifies a VM's chain; logs every damaged block; returns the warnings for the task. */
-  async #runHealthCheck(
-    repository: Repository,
-    job: string,
-    vm: string,
-    wholeChain: boolean,
-    password: string | undefined,
-    say: (level: LogLevel, message: string) => void,
-  ): Promise<string[]> {
-    const report = await repository.healthCheck(job, vm, { wholeChain, ...(password === undefined ? {} : { password }) });
-    const scope = wholeChain ? `the whole chain (${report.points.length} point(s))` : `the latest point ${report.points[0] ?? ''}`;
-    if (report.ok) {
-      say('info', `health check of VM ${vm}: ${scope} verified, ${report.blocksChecked} block(s), no damage`);
-      return [];
-    }
-    for (const d of report.damaged) {
-      say('error', `health check: damaged block ${d.block} of disk ${d.disk} (disk offset ${d.diskOffset}) in ${d.file}, read by point ${d.point}: ${d.reason}`);
-    }
-    for (const p of report.metadataProblems) say('error', `health check: damaged metadata: ${p}`);
-    const next = report.metadataDamaged ? 'the next run takes an active full' : 'the next run re-reads these blocks from the source (repair)';
-    const w = `health check of VM ${vm} found ${report.damaged.length} damaged block(s)${report.metadataDamaged ? ' and damaged metadata' : ''} in ${scope}: ${next}`;
-    say('warning', w);
-    return [w];
-  }
-
   async #healthCheckVm(task: TaskSpec, settings: JobMethodSettings, say: (level: LogLevel, message: string) => void): Promise<VmResult> {
     const { job } = task;
     const repository = await this.#repository(await this.#opts.repositoryPath(job));
     const password = await this.#opts.password?.(job);
-    const wholeChain = settings.wholeChain || settings.healthCheck?.wholeChain === true;
-    say('info', `health check of VM ${task.vm} in job ${job.name} (${wholeChain ? 'whole chain' : 'latest restore point'})`);
-    const warnings = await this.#runHealthCheck(repository, job.name, task.vm, wholeChain, password, say);
+    const warnings = await healthCheckSession({ repository, job: job.name, vm: task.vm, settings, now: this.#now(), password, say });
     const points = await repository.listRestorePoints({ job: job.name, vm: task.vm });
     const disks = points.at(-1)?.disks.map((d) => ({ name: d.name, bytesRead: 0, bytesStored: 0 })) ?? [];
     return { pointId: null, disks, warnings, consistency: null };

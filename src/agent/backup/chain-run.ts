@@ -1,0 +1,138 @@
+// The chain decisions around one VM's backup, wherever the repository folder is: the one-host
+// executor (executor.ts) calls them in process, the repository agent of a remote repository
+// (agent/remote/task-runner.ts) calls them for the server's backup-target and health-check tasks.
+// "Before" plans what this run writes (full, incremental, synthetic full, reverse injection) and
+// which blocks a health check found damaged must be re-read from the source; "after" builds the
+// synthetic full, applies retention, and compacts and health-checks on their days. Every step is a
+// line in the session log; a failed step after the commit is a warning (the new point is kept).
+import { describeError } from '../../common/errors.js';
+import { planRetention, type PendingRepair, type Repository, type RetentionAction, type RunPlan } from '../../repository/index.js';
+import { dueOn, excludes, methodPolicy, planVmRun, type JobMethodSettings } from './chain-policy.js';
+
+export type ChainLogLevel = 'info' | 'warning' | 'error';
+
+/** One VM folder of a job, and how and when its chain is judged. */
+export interface ChainRunContext {
+  readonly repository: Repository;
+  readonly job: string;
+  /** The VM's name (its folder in the repository). */
+  readonly vm: string;
+  readonly settings: JobMethodSettings;
+  /** The time days and retention are judged by (the server's clock). */
+  readonly now: Date;
+  readonly password?: string | undefined;
+  /** A line for the session log. */
+  readonly say: (level: ChainLogLevel, message: string) => void;
+}
+
+/** What a VM's backup must do, as "before" decided it. */
+export interface VmBackupPlan {
+  readonly plan: RunPlan;
+  /** Blocks to read from the source and store fresh (damaged in the repository); empty for a full. */
+  readonly repair: readonly PendingRepair[];
+}
+
+/** One retention step as a session log line. */
+export function describeRetentionAction(a: RetentionAction): string {
+  switch (a.kind) {
+    case 'merge':
+      return `retention: merged increment ${a.point} into the full (point ${a.removes} removed): ${a.reason}`;
+    case 'delete-chain':
+      return `retention: deleted chain ${a.chain} (${a.points.length} point(s), ${a.files.length} file(s)): ${a.reason}`;
+    case 'delete-point':
+      return `retention: deleted reverse point ${a.point}: ${a.reason}`;
+    case 'none':
+      return `retention: kept ${a.points.length > 0 ? `point(s) ${a.points.join(', ')}` : 'everything'} in chain ${a.chain}: ${a.reason}`;
+  }
+}
+
+/** "Before": what this run writes (`fullRequested`: `job run --full`) and which blocks it repairs. */
+export async function planVmBackup(c: ChainRunContext, fullRequested: boolean): Promise<VmBackupPlan> {
+  if (c.settings.operation === 'quick') c.say('info', `quick backup of VM ${c.vm}: an incremental in job ${c.job}'s chain, outside the schedule`);
+  const state = await c.repository.chainState(c.job, c.vm);
+  const plan = planVmRun(state, c.settings, c.now, fullRequested);
+  c.say('info', `this run: ${plan.kind} (${plan.reason})`);
+  const excluded = (disk: string) => c.settings.excludeDisks.some((e) => excludes(e, c.vm, disk));
+  const repair = plan.kind === 'full' ? [] : (state.repair?.disks ?? []).filter((r) => !excluded(r.disk) && r.blocks.length > 0);
+  if (repair.length > 0) {
+    c.say('info', `repair: re-reading ${repair.map((r) => `${r.disk} blocks ${r.blocks.join(', ')}`).join('; ')} from the source (damaged in the repository)`);
+  }
+  return { plan, repair };
+}
+
+/**
+ * "After" the point `pointId` was committed: synthetic full (when planned), retention, and
+ * compaction and health check on their days. Returns the warnings (failed steps, damage found).
+ */
+export async function maintainAfterBackup(c: ChainRunContext, plan: RunPlan, pointId: string): Promise<string[]> {
+  const { repository, job, vm, settings, now, say } = c;
+  const warnings: string[] = [];
+  const step = async (what: string, fn: () => Promise<void>): Promise<void> => {
+    try {
+      await fn();
+    } catch (err) {
+      const w = `${what} failed: ${describeError(err)} (the new restore point ${pointId} is kept)`;
+      warnings.push(w);
+      say('warning', w);
+    }
+  };
+  const pw = c.password === undefined ? {} : { password: c.password };
+  if (plan.kind === 'synthetic-full') {
+    await step('synthetic full', async () => {
+      const p = await repository.synthesizeFull(job, vm, { point: pointId, ...pw });
+      say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)`);
+    });
+  }
+  await step('retention', async () => {
+    // Only a folder retention changes is locked and rewritten.
+    const planned = planRetention(await repository.chainState(job, vm), methodPolicy(settings), now);
+    if (planned.every((a) => a.kind === 'none')) {
+      for (const a of planned) if (a.points.length > 0) say('info', describeRetentionAction(a));
+      return;
+    }
+    const report = await repository.applyRetention(job, vm, methodPolicy(settings), { now, ...pw });
+    for (const a of report.actions) say('info', describeRetentionAction(a));
+    if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}`);
+  });
+  if (settings.operation === 'backup' && dueOn(settings.compact, now, settings.timeZone)) {
+    await step('compact full', async () => {
+      const r = await repository.compactFull(job, vm);
+      say('info', `compacted the full ${r.file}: ${r.bytesBefore} -> ${r.bytesAfter} bytes`);
+    });
+  }
+  if (settings.operation === 'backup' && settings.healthCheck && dueOn(settings.healthCheck, now, settings.timeZone)) {
+    await step('health check', async () => {
+      warnings.push(...(await checkVmChain(c, settings.healthCheck?.wholeChain === true)));
+    });
+  }
+  return warnings;
+}
+
+/**
+ * Verifies a VM's chain (the latest point, or every point of its chain); logs every damaged block
+ * (recorded in the .vbm for the next run's repair); returns the warnings for the task.
+ */
+export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Promise<string[]> {
+  const { vm, say } = c;
+  const report = await c.repository.healthCheck(c.job, vm, { wholeChain, ...(c.password === undefined ? {} : { password: c.password }) });
+  const scope = wholeChain ? `the whole chain (${report.points.length} point(s))` : `the latest point ${report.points[0] ?? ''}`;
+  if (report.ok) {
+    say('info', `health check of VM ${vm}: ${scope} verified, ${report.blocksChecked} block(s), no damage`);
+    return [];
+  }
+  for (const d of report.damaged) {
+    say('error', `health check: damaged block ${d.block} of disk ${d.disk} (disk offset ${d.diskOffset}) in ${d.file}, read by point ${d.point}: ${d.reason}`);
+  }
+  for (const p of report.metadataProblems) say('error', `health check: damaged metadata: ${p}`);
+  const next = report.metadataDamaged ? 'the next run takes an active full' : 'the next run re-reads these blocks from the source (repair)';
+  const w = `health check of VM ${vm} found ${report.damaged.length} damaged block(s)${report.metadataDamaged ? ' and damaged metadata' : ''} in ${scope}: ${next}`;
+  say('warning', w);
+  return [w];
+}
+
+/** A health-check session's work on one VM: which scope, then the check. */
+export async function healthCheckSession(c: ChainRunContext): Promise<string[]> {
+  const wholeChain = c.settings.wholeChain || c.settings.healthCheck?.wholeChain === true;
+  c.say('info', `health check of VM ${c.vm} in job ${c.job} (${wholeChain ? 'whole chain' : 'latest restore point'})`);
+  return checkVmChain(c, wholeChain);
+}
