@@ -9,6 +9,7 @@ import type { Extent, ExtentKind, RandomAccessDisk } from '../../disk/types.js';
 import { logger } from '../../common/log.js';
 import { NbdError, type NbdErrorContext, type NbdErrorReason } from './errors.js';
 import * as P from './protocol.js';
+import { whenConnected } from '../socket.js';
 
 export { NbdError, type NbdErrorContext, type NbdErrorReason } from './errors.js';
 
@@ -246,16 +247,8 @@ export class NbdConnection implements RandomAccessDisk {
     });
     const timeoutMs = options.connectTimeoutMs ?? 15_000;
     try {
-      await new Promise<void>((resolve, reject) => {
-        const onError = (err: Error): void => reject(err);
-        socket.once('error', onError);
-        socket.once('connect', () => {
-          socket.off('error', onError);
-          resolve();
-        });
-      });
+      await whenConnected(socket);
     } catch (err) {
-      socket.destroy();
       throw new NbdError(`cannot connect to NBD server at ${ctx.endpoint} for export '${exportName}'`, 'connect', ctx, { cause: err });
     }
     if ('host' in options.endpoint) socket.setNoDelay(true);

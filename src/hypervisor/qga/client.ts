@@ -7,6 +7,7 @@ import { randomInt } from 'node:crypto';
 import net from 'node:net';
 import { BulwarkError, type ErrorKind } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
+import { endAndWait, whenConnected } from '../socket.js';
 
 const log = logger('qga-client');
 
@@ -177,15 +178,8 @@ export class QgaClient {
     const label = options.label ?? options.socketPath;
     const socket = net.connect({ path: options.socketPath });
     try {
-      await new Promise<void>((resolve, reject) => {
-        socket.once('error', reject);
-        socket.once('connect', () => {
-          socket.off('error', reject);
-          resolve();
-        });
-      });
+      await whenConnected(socket);
     } catch (err) {
-      socket.destroy();
       throw new QgaError(`cannot connect to the guest agent channel ${label}`, 'connect', { agent: label, cause: err });
     }
     const client = new QgaClient(socket, label, options.timeoutMs ?? 30_000);
@@ -430,10 +424,7 @@ export class QgaClient {
   /** Closes the channel. Idempotent. */
   async close(): Promise<void> {
     this.#closing = true;
-    this.#socket.end();
-    const t = setTimeout(() => this.#socket.destroy(), 2000);
-    await this.#closed;
-    clearTimeout(t);
+    await endAndWait(this.#socket, this.#closed);
   }
 
   async #serialize<T>(fn: () => Promise<T>): Promise<T> {

@@ -5,6 +5,7 @@
 import net from 'node:net';
 import { BulwarkError, type ErrorKind } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
+import { endAndWait, whenConnected } from '../socket.js';
 
 const log = logger('qmp-client');
 
@@ -146,15 +147,8 @@ export class QmpClient {
     const label = options.label ?? ('socketPath' in ep ? ep.socketPath : `${ep.host}:${ep.port}`);
     const socket = 'socketPath' in ep ? net.connect({ path: ep.socketPath }) : net.connect({ host: ep.host, port: ep.port });
     try {
-      await new Promise<void>((resolve, reject) => {
-        socket.once('error', reject);
-        socket.once('connect', () => {
-          socket.off('error', reject);
-          resolve();
-        });
-      });
+      await whenConnected(socket);
     } catch (err) {
-      socket.destroy();
       throw new QmpError(`cannot connect to the QMP monitor at ${label}`, 'connect', {
         monitor: label,
         cause: err,
@@ -333,10 +327,7 @@ export class QmpClient {
   /** Closes the connection; commands still pending fail with reason 'closed'. Idempotent. */
   async close(): Promise<void> {
     this.#closing = true;
-    this.#socket.end();
-    const t = setTimeout(() => this.#socket.destroy(), 2000);
-    await this.#closed;
-    clearTimeout(t);
+    await endAndWait(this.#socket, this.#closed);
   }
 
   #onText(text: string): void {
