@@ -1,7 +1,6 @@
 // The configuration database and its services, the same test bodies on SQLite and PostgreSQL.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sql } from 'kysely';
-import { BulwarkError } from '../../src/common/errors.js';
 import { openDatabase } from '../../src/server/db/connect.js';
 import { migrate, migrations, type Migration } from '../../src/server/db/migrations.js';
 import { dataTables } from '../../src/server/db/schema.js';
@@ -10,17 +9,9 @@ import * as infra from '../../src/server/services/infrastructure.js';
 import * as jobs from '../../src/server/services/jobs.js';
 import * as sessions from '../../src/server/services/sessions.js';
 import * as users from '../../src/server/services/users.js';
-import { engines, freshTarget, openTestContext } from './engines.js';
+import { bulwarkRejection, engines, freshTarget, openTestContext } from './engines.js';
 
-async function rejects(p: Promise<unknown>): Promise<BulwarkError> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof BulwarkError) return err;
-    throw err;
-  }
-  throw new Error('expected a BulwarkError');
-}
+const rejects = bulwarkRejection;
 
 describe.each(engines)('configuration database on %s', (engine) => {
   let t: Awaited<ReturnType<typeof openTestContext>>;

@@ -3,6 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { inject } from 'vitest';
+import { BulwarkError } from '../../src/common/errors.js';
 import { openDatabase, type ConfigDatabase } from '../../src/server/db/connect.js';
 import type { Engine } from '../../src/server/db/migrations.js';
 import type { Clock, ServiceContext } from '../../src/server/services/common.js';
@@ -40,4 +41,15 @@ export async function openTestContext(engine: Engine): Promise<{ cdb: ConfigData
       cleanup();
     },
   };
+}
+
+/** The BulwarkError `p` rejects with; fails the test when it resolves or rejects with another error. */
+export async function bulwarkRejection(p: Promise<unknown>): Promise<BulwarkError> {
+  try {
+    await p;
+  } catch (err) {
+    if (err instanceof BulwarkError) return err;
+    throw err;
+  }
+  throw new Error('expected a BulwarkError');
 }

@@ -2,22 +2,13 @@
 // and repository task limits with their defaults, and what the resource scheduler reads from them
 // (loadResourceConfig): proxies with their hosts and online state, repository limits and rates.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BulwarkError } from '../../src/common/errors.js';
 import { loadResourceConfig, MB } from '../../src/server/resources/database-slots.js';
 import type { ServiceContext } from '../../src/server/services/common.js';
 import * as infra from '../../src/server/services/infrastructure.js';
 import { getSettings, updateSettings } from '../../src/server/services/settings.js';
-import { engines, openTestContext } from './engines.js';
+import { bulwarkRejection, engines, openTestContext } from './engines.js';
 
-async function rejection(p: Promise<unknown>): Promise<BulwarkError> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof BulwarkError) return err;
-    throw err;
-  }
-  throw new Error('expected a BulwarkError');
-}
+const rejection = bulwarkRejection;
 
 describe.each(engines)('scheduling configuration on %s', (engine) => {
   let t: Awaited<ReturnType<typeof openTestContext>>;
