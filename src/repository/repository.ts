@@ -44,7 +44,7 @@ import { ALL_VMS, checkAllVmsDisks } from './single-file.js';
 import type { HealthReport, MethodPolicy, PendingRepair, RetentionReport, SynthesizeFullOptions, VmChainState } from './plan/types.js';
 import * as transforms from './transforms/maintenance.js';
 import { recoverFolder } from './transforms/recover.js';
-import { injectReverse } from './transforms/inplace.js';
+import { InjectWriter } from './transforms/inject-writer.js';
 
 const log = logger('repository');
 
@@ -380,6 +380,20 @@ async function sweepFolder(f: VmFolder): Promise<string[]> {
   return removed;
 }
 
+/** remainingRepair for a point written into the full: `inherits(disk, block)` says what the new point inherits. */
+function remainingRepairOf(
+  pending: PendingRepairRecord | null | undefined, has: (disk: string) => boolean, inherits: (disk: string, block: number) => boolean,
+): PendingRepairRecord | null {
+  if (!pending) return null;
+  const disks: PendingRepairRecord['disks'][number][] = [];
+  for (const d of pending.disks) {
+    if (!has(d.disk)) continue;
+    const left = d.blocks.filter((b) => inherits(d.disk, b));
+    if (left.length > 0) disks.push({ disk: d.disk, blocks: left });
+  }
+  return disks.length === 0 && !pending.metadataDamaged ? null : { ...pending, disks };
+}
+
 /** A parent digest no block hashes to: a block pending repair is always stored fresh. */
 const NEVER_EQUAL_DIGEST = Buffer.alloc(32, 0xff);
 
@@ -416,7 +430,8 @@ export class RestorePointWriter {
   readonly #repo: Repository;
   readonly #folder: VmFolder;
   readonly #lock: FolderLock;
-  readonly #file: BackupFileWriter;
+  /** A new file (full, increment), or the full of a reverse chain written into in place. */
+  readonly #file: BackupFileWriter | InjectWriter;
   readonly #finalPath: string;
   readonly #untrack: () => void;
   readonly #pool: EncodePool;
@@ -432,7 +447,7 @@ export class RestorePointWriter {
   readonly #repair: Map<string, Set<number>>;
 
   private constructor(init: {
-    repo: Repository; folder: VmFolder; lock: FolderLock; file: BackupFileWriter; finalPath: string; untrack: () => void; pool: EncodePool;
+    repo: Repository; folder: VmFolder; lock: FolderLock; file: BackupFileWriter | InjectWriter; finalPath: string; untrack: () => void; pool: EncodePool;
     keys: ChainKeys | null; chain: ChainRecord; newChain: boolean; parent: RestorePointInfo | null; opts: StartRestorePointOptions; time: Date; pointId: string;
     repair: Map<string, Set<number>>;
   }) {
@@ -505,8 +520,8 @@ export class RestorePointWriter {
         keys = await unlockChain(opts.password ?? opts.encryption?.password, kdf, { chain: chain.id, vm: opts.vm }, e.hint);
       }
     }
-    // A reverse point is first written as a forward increment on the full (a temporary staging
-    // file), then injected into the full at commit (docs/formats/backup-files.md section 5).
+    // A reverse point is written straight into the full (beyond its committed length), with the
+    // header a forward increment on the full would have; commit() injects it (docs/formats/backup-files.md section 5).
     const header: FileHeader = {
       kind: opts.kind === 'full' ? 'full' : 'forward',
       formatMinor: 0,
@@ -519,13 +534,16 @@ export class RestorePointWriter {
       compression: chain.compression,
       encryption: kdf,
     };
-    const finalPath = path.join(folder.dir, opts.kind === 'reverse' ? `inject-${pointId.slice(0, 8)}.vib` : backupFileName(time, pointId, opts.kind === 'full' ? 'vbk' : 'vib'));
+    const reverse = opts.kind === 'reverse' ? parent! : null;
+    const finalPath = reverse ? reverse.file : path.join(folder.dir, backupFileName(time, pointId, opts.kind === 'full' ? 'vbk' : 'vib'));
     const tmp = temporaryNameFor(finalPath);
-    const untrack = trackTemporary(tmp);
+    const untrack = reverse ? () => undefined : trackTemporary(tmp);
     const pool = new EncodePool({ blockSize: chain.blockSize, compression: chain.compression, keys, aad: uuidToBytes(chain.id), threads: opts.threads });
-    let file: BackupFileWriter;
+    let file: BackupFileWriter | InjectWriter;
     try {
-      file = await BackupFileWriter.create(tmp, header, pool, opts.disks);
+      file = reverse
+        ? await InjectWriter.open(reverse.file, reverse.generation ?? 1, header, pool, keys, opts.disks)
+        : await BackupFileWriter.create(tmp, header, pool, opts.disks);
     } catch (err) {
       untrack();
       await pool.close();
@@ -571,24 +589,21 @@ export class RestorePointWriter {
     this.#finished = true;
     try {
       const config = sealConfig(this.#opts.vmConfig ?? Buffer.alloc(0), this.#keys, uuidToBytes(this.#chain.id));
-      const { fileLength } = await this.#file.commit(config);
-      // Re-read under the lock: the .vbm is the only record, never overwrite a newer one blindly.
-      const pending = (await readChainMetadata(this.#folder.vbmPath))?.body.pendingRepair;
-      const repair = await remainingRepair(pending, this.#file.path, this.#opts.kind);
-      if (this.#opts.kind === 'reverse') {
-        try {
-          await injectReverse(
-            this.#folder,
-            { chainId: this.#chain.id, staging: this.#file.path, point: { id: this.pointId, time: this.#time }, repair },
-            { bytesRead: 0, bytesWritten: 0 },
-          );
-        } finally {
-          await rm(this.#file.path, { force: true });
-        }
+      if (this.#file instanceof InjectWriter) {
+        const inject = this.#file;
+        const before = (await readChainMetadata(this.#folder.vbmPath))!.body;
+        const fullPoint = before.chains.find((x) => x.id === this.#chain.id)?.points.at(-1);
+        if (!fullPoint || fullPoint.id !== this.#parent?.id) throw new BulwarkError(`the full of chain ${this.#chain.id} changed while point ${this.pointId} was written`, { kind: 'conflict' });
+        const repair = remainingRepairOf(before.pendingRepair, (disk) => this.#opts.disks.some((d) => d.name === disk), (disk, block) => inject.inherits(disk, block));
+        await inject.commit(this.#folder, { chainId: this.#chain.id, fullPoint, point: { id: this.pointId, time: this.#time }, config, repair });
         const body = (await readChainMetadata(this.#folder.vbmPath))!.body;
         const c = body.chains.find((x) => x.id === this.#chain.id)!;
         return chainsOfFolder({ ...body, chains: [c] }, this.#folder.dir)[0]!.points.at(-1)!;
       }
+      const { fileLength } = await this.#file.commit(config);
+      // Re-read under the lock: the .vbm is the only record, never overwrite a newer one blindly.
+      const pending = (await readChainMetadata(this.#folder.vbmPath))?.body.pendingRepair;
+      const repair = await remainingRepair(pending, this.#file.path, this.#opts.kind);
       await publish(this.#file.path, this.#finalPath);
       this.#untrack();
       const current = (await readChainMetadata(this.#folder.vbmPath)) ?? {
@@ -614,7 +629,8 @@ export class RestorePointWriter {
       const c = body.chains.find((x) => x.id === this.#chain.id)!;
       return chainsOfFolder({ ...body, chains: [c] }, this.#folder.dir)[0]!.points.at(-1)!;
     } catch (err) {
-      await rm(this.#file.path, { force: true });
+      // A new file is removed; the full of a reverse chain is never (InjectWriter undid its part).
+      if (this.#file instanceof BackupFileWriter) await rm(this.#file.path, { force: true });
       throw err;
     } finally {
       this.#untrack();

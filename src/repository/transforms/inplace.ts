@@ -1,14 +1,12 @@
 // The in-place transforms of a full backup file (docs/formats/backup-files.md section 5):
-// merging the oldest increment into the full (forever forward) and injecting a new point into
-// the full of a reverse chain. Both append the overlay's records beyond the full's committed
-// length, write the changed table pages and a new index, flip the full's commit slot, and only
-// then commit the .vbm; a journal in the .vbm lets recovery finish or undo them.
-import { randomUUID } from 'node:crypto';
+// merging the oldest increment into the full (forever forward) and the .vbm commit that ends a
+// reverse injection (written by inject-writer.ts). A merge appends the increment's records beyond
+// the full's committed length, writes the changed table pages and a new index, flips the full's
+// commit slot, and only then commits the .vbm; a journal in the .vbm lets recovery finish or undo it.
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import {
   HOLE,
-  INHERIT,
   type BlockEntry,
   type DiskDescriptor,
   type PendingRepairRecord,
@@ -16,14 +14,11 @@ import {
   type StoredBlockEntry,
   type TablePageRef,
 } from '../../format/index.js';
-import { temporaryNameFor, trackTemporary, publish } from '../../storage/local-fs.js';
 import { BackupFile } from '../backup-file.js';
 import type { VmFolder } from '../folders.js';
-import { backupFileName } from '../layout.js';
 import { crashPoint } from './crash-points.js';
 import { otherSlot, RecordSink } from './file-ops.js';
 import { findChain, readBody, removeFiles, replaceChain, updateBody } from './metadata.js';
-import { rm } from 'node:fs/promises';
 
 export interface TransformIo {
   bytesRead: number;
@@ -134,116 +129,6 @@ export async function commitMerge(f: VmFolder, chainId: string, fullPoint: strin
   crashPoint('merge-committed');
   await removeFiles(f, [incFile]);
   crashPoint('merge-removed');
-}
-
-export interface InjectInput {
-  readonly chainId: string;
-  /** The committed staging file holding the new point's changed blocks (kind forward, base = the full). */
-  readonly staging: string;
-  readonly point: { readonly id: string; readonly time: Date };
-  /** Pending repair to leave in the .vbm once the point is committed. */
-  readonly repair: PendingRepairRecord | null;
-}
-
-/**
- * Reverse injection: (1) a .vrb for the full's current point Q with the full's entries of every
- * block the new point P changes (records copied), inheriting the rest from P; (2) journal;
- * (3) P's changed blocks appended into the full and its slot flipped; (4) .vbm: the full holds P,
- * the .vrb holds Q with base P. Returns P's point record.
- */
-export async function injectReverse(f: VmFolder, input: InjectInput, io: TransformIo): Promise<PointRecord> {
-  const body = await readBody(f);
-  const chain = findChain(body, input.chainId, f);
-  const qp = chain.points.at(-1);
-  if (!qp || qp.kind !== 'full' || chain.method !== 'reverse') {
-    throw new BulwarkError(`chain ${input.chainId} is not a reverse chain ending in its full`, { kind: 'conflict', context: { chain: input.chainId } });
-  }
-  const full = await BackupFile.open(path.join(f.dir, qp.file), { generation: qp.generation });
-  const staging = await BackupFile.open(input.staging);
-  let vrbPath: string | null = null;
-  try {
-    if (staging.header.baseFileId !== full.header.fileId) {
-      throw new BulwarkError(`the new point was written on another full than ${qp.file}`, { kind: 'conflict', context: { file: qp.file } });
-    }
-    // (1) the reverse increment of Q.
-    const vrbName = backupFileName(new Date(qp.time), qp.id, 'vrb');
-    vrbPath = path.join(f.dir, vrbName);
-    const vrbFileId = randomUUID();
-    const tmp = temporaryNameFor(vrbPath);
-    const untrack = trackTemporary(tmp);
-    try {
-      const sink = await RecordSink.create(tmp, {
-        ...full.header, kind: 'reverse', fileId: vrbFileId, pointId: qp.id, baseFileId: full.header.fileId, timeMs: Date.parse(qp.time),
-      });
-      try {
-        const disks: DiskDescriptor[] = [];
-        for (const fd of full.index.disks) {
-          const od = staging.disk(fd.name);
-          const source = async (p: number, count: number): Promise<BlockEntry[]> => {
-            const fEntries = await full.page(fd, p);
-            const oEntries = od && p < od.pages.length ? await staging.page(od, p) : [];
-            const entries: BlockEntry[] = [];
-            const copy: StoredBlockEntry[] = [];
-            for (let k = 0; k < count; k++) {
-              const i = p * fd.entriesPerPage + k;
-              const o = oEntries[k];
-              const changed = !od || i >= od.blockCount || !o || o.kind !== 'inherit' || (od.size !== fd.size && (i === fd.blockCount - 1 || i === od.blockCount - 1));
-              const e = fEntries[k]!;
-              if (!changed) entries.push(INHERIT);
-              else {
-                entries.push(e);
-                if (e.kind === 'stored') copy.push(e);
-              }
-            }
-            await sink.copyRecords(full, copy);
-            return entries.map((e) => (e.kind === 'stored' ? sink.mapped(full, e) : e));
-          };
-          disks.push(await sink.writeTable(fd.name, fd.size, full.header.blockSize, source));
-        }
-        crashPoint('vrb-tables');
-        await sink.commit(full.index.config, disks, 1, 0);
-      } finally {
-        io.bytesRead += sink.bytesRead;
-        io.bytesWritten += sink.bytesWritten;
-        await sink.close();
-      }
-      crashPoint('vrb-written');
-      await publish(tmp, vrbPath);
-    } catch (err) {
-      await rm(tmp, { force: true });
-      throw err;
-    } finally {
-      untrack();
-    }
-    crashPoint('vrb-published');
-    // (2) journal: from here a crash after the slot flip rolls forward.
-    await updateBody(f, (b) => ({
-      ...b,
-      journal: {
-        kind: 'reverse-inject', startedAt: new Date().toISOString(), points: [qp.id, input.point.id],
-        files: [{ name: qp.file, generationBefore: full.slot.generation }, { name: vrbName, generationBefore: 0 }], step: 'append',
-        newPoint: { id: input.point.id, time: input.point.time.toISOString() },
-      },
-    }));
-    crashPoint('inject-journal');
-    // (3) the new point into the full.
-    const { generation, fileLength } = await applyOverlay(full, staging, io);
-    // (4)
-    return await commitInjection(f, input.chainId, qp.id, { id: input.point.id, time: input.point.time.toISOString() }, vrbName, generation, fileLength, input.repair);
-  } catch (err) {
-    // Not committed: undo (the .vrb is not named by the .vbm; the full's slot was not flipped).
-    if (vrbPath) await rollbackInjection(f, vrbPath).catch(() => undefined);
-    throw err;
-  } finally {
-    await full.close();
-    await staging.close();
-  }
-}
-
-async function rollbackInjection(f: VmFolder, vrbPath: string): Promise<void> {
-  const body = await readBody(f);
-  if (body.journal?.kind === 'reverse-inject') await updateBody(f, (b) => ({ ...b, journal: null }));
-  await removeFiles(f, [vrbPath]);
 }
 
 /** The .vbm commit that ends a reverse injection (also the roll-forward of recovery). */
