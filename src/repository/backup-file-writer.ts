@@ -1,13 +1,20 @@
 // Writes one backup file (.vbk/.vib/.vrb) append-only: header page, then block and table-page
-// records as blocks stream in (in block order, encoded on worker threads), then the index, then
-// commit slot A, then fsync. docs/formats/backup-files.md section 3. The caller publishes the
-// file (rename) and the .vbm; this module never makes anything visible.
+// records as blocks stream in (encoded on worker threads), then the index, then commit slot A,
+// then fsync. docs/formats/backup-files.md section 3. The caller publishes the file (rename)
+// and the .vbm; this module never makes anything visible.
+//
+// Several disks may be written at once (several writeDisk calls in flight): each has its own
+// lane (blocks in flight, block table, counters); they share the encoder slots, the write
+// batches, the in-file dedup map and the file's end. Records of different disks interleave in
+// the file; a block table addresses its records by offset, so no order is implied.
 //
 // Pipeline (docs/decisions/0004): the calling thread only detects zero blocks, copies each data
-// block once into an encoder slot, and keeps the tables; records are gathered in file order and
-// written with one pwritev per batch (straight from the encoder slots), up to two batches in
-// flight, while the encoders keep working; writeback is started every SYNC_EVERY bytes so the
-// final fsync is short.
+// block once into an encoder slot, and keeps the tables. A lane retires its blocks in block order
+// as soon as each is encoded (not when its source yields the next block, so a slow source holds
+// no slots): the record is appended to the current batch, which is written with one pwritev
+// straight from the encoder slots, up to WRITES_IN_FLIGHT batches at once, while the encoders keep
+// working; a slot is released once its batch is on disk. Writeback is started every SYNC_EVERY
+// bytes so the final fsync is short.
 import { open, rm, type FileHandle } from 'node:fs/promises';
 import { BulwarkError, describeError } from '../common/errors.js';
 import type { DiskBlock } from '../disk/types.js';
@@ -44,7 +51,7 @@ export interface WriteDiskOptions {
    * parent point's block are not stored (the entry inherits). Needs `parentBlock`.
    */
   readonly compareWithParent?: boolean;
-  /** Called after each block is retired, with input bytes so far (for progress). */
+  /** Called after each block is taken from the source, with input bytes so far (for progress). */
   readonly onProgress?: (bytesDone: number) => void;
 }
 
@@ -66,10 +73,6 @@ const BATCH_BYTES = 4 * 1024 * 1024;
 const BATCH_BUFFERS = 512;
 const WRITES_IN_FLIGHT = 2;
 
-type Pending =
-  | { readonly index: number; readonly kind: 'hole' | 'zero'; readonly length: number }
-  | { readonly index: number; readonly kind: 'data'; readonly length: number; readonly encoded: Promise<EncodedSlot> };
-
 interface DedupTarget {
   readonly recordOffset: number;
   readonly storedLength: number;
@@ -77,26 +80,52 @@ interface DedupTarget {
   readonly crc: number;
 }
 
+interface Batch {
+  readonly bufs: Buffer[];
+  readonly at: number;
+  readonly bytes: number;
+  readonly slots: number[];
+}
+
+/** A block taken from the source and not yet given its table entry. */
+interface InFlight {
+  readonly index: number;
+  readonly kind: 'hole' | 'zero' | 'data';
+  readonly length: number;
+  /** Data blocks: the encoded slot once the encoder is done. */
+  enc: EncodedSlot | null;
+  /** compareWithParent: what the parent holds, once looked up. */
+  parent: ParentBlock | null;
+}
+
+type DiskState = { size: number; descriptor: DiskDescriptor | null; busy: boolean };
+
 export class BackupFileWriter {
   readonly path: string;
   readonly header: FileHeader;
   readonly #fh: FileHandle;
   readonly #pool: EncodePool;
   readonly #gapEntry: BlockEntry;
-  readonly #disks = new Map<string, { size: number; descriptor: DiskDescriptor | null; busy: boolean }>();
+  readonly #disks = new Map<string, DiskState>();
   readonly #dedup = new Map<string, DedupTarget>();
   readonly #inflightLimit: number;
   #end = HEADER_PAGE_SIZE;
   #sinceSync = 0;
   #syncing: Promise<void> | null = null;
-  #syncError: BulwarkError | null = null;
+  /** The first failure (a write, a disk, abort): every later step throws it; nothing commits. */
+  #failure: BulwarkError | null = null;
   #done = false;
+  /** writeDisk calls in flight. */
+  readonly #active = new Set<Promise<unknown>>();
   // The batch being gathered: contiguous bytes from #batchAt, and the slots to release once written.
   #batch: Buffer[] = [];
   #batchAt = HEADER_PAGE_SIZE;
   #batchBytes = 0;
   #batchSlots: number[] = [];
-  readonly #writes: Promise<void>[] = [];
+  /** Batches issued but waiting for a write to finish; #running are being written. */
+  readonly #queued: Batch[] = [];
+  #running = 0;
+  #idle: Array<() => void> = [];
 
   private constructor(path: string, header: FileHeader, fh: FileHandle, pool: EncodePool, disks: readonly { name: string; size: number }[], inflightLimit: number) {
     this.path = path;
@@ -127,15 +156,19 @@ export class BackupFileWriter {
   }
 
   #fail(err: unknown): void {
-    this.#syncError ??= new BulwarkError(`cannot write backup file ${this.path}: ${describeError(err)}`, { kind: 'unavailable', cause: err });
+    this.#failure ??= err instanceof BulwarkError ? err : new BulwarkError(`cannot write backup file ${this.path}: ${describeError(err)}`, { kind: 'unavailable', cause: err });
+  }
+
+  #check(): void {
+    if (this.#failure) throw this.#failure;
   }
 
   /**
    * Reserves the next bytes of the file for `bufs` and adds them to the write batch; returns the
-   * offset. `slot` is released once they are written. Await the result of flushIfFull() after.
+   * offset. `slot` is released once they are written.
    */
   #append(bufs: readonly Buffer[], slot?: number): number {
-    if (this.#syncError) throw this.#syncError;
+    this.#check();
     const pos = this.#end;
     for (const b of bufs) {
       this.#batch.push(b);
@@ -143,44 +176,48 @@ export class BackupFileWriter {
       this.#batchBytes += b.length;
     }
     if (slot !== undefined) this.#batchSlots.push(slot);
+    // A batch holds at most a quarter of the slots, so slots held elsewhere (encoding, being
+    // written) always bring it to this size: no slot waits for a flush that never comes.
+    if (this.#batchBytes >= BATCH_BYTES || this.#batch.length >= BATCH_BUFFERS || this.#batchSlots.length * 4 >= this.#pool.slots) this.#flush();
     return pos;
   }
 
-  async #flushIfFull(): Promise<void> {
-    if (this.#batchBytes >= BATCH_BYTES || this.#batch.length >= BATCH_BUFFERS || this.#batchSlots.length * 4 >= this.#pool.slots) await this.#flush();
-  }
-
-  /** Issues the batch as one positioned gather write; waits while WRITES_IN_FLIGHT are running. */
-  async #flush(): Promise<void> {
+  /** Issues the gathered batch: written at once if fewer than WRITES_IN_FLIGHT run, else queued. */
+  #flush(): void {
     if (this.#batch.length === 0) return;
-    const bufs = this.#batch;
-    const at = this.#batchAt;
-    const bytes = this.#batchBytes;
-    const slots = this.#batchSlots;
+    this.#queued.push({ bufs: this.#batch, at: this.#batchAt, bytes: this.#batchBytes, slots: this.#batchSlots });
+    this.#batchAt += this.#batchBytes;
     this.#batch = [];
     this.#batchSlots = [];
-    this.#batchAt += bytes;
     this.#batchBytes = 0;
-    while (this.#writes.length >= WRITES_IN_FLIGHT) await this.#writes[0];
-    const w = this.#writeAll(bufs, at, bytes)
-      .catch((err: unknown) => this.#fail(err))
-      .finally(() => {
-        for (const s of slots) this.#pool.release(s);
-        void this.#writes.splice(this.#writes.indexOf(w), 1);
-      });
-    this.#writes.push(w);
-    this.#sinceSync += bytes;
-    // Start writeback early so the final fsync does not wait for gigabytes of dirty pages.
-    if (this.#sinceSync >= SYNC_EVERY && !this.#syncing) {
-      this.#sinceSync = 0;
-      // A failed early writeback (ENOSPC, EIO) is kept and thrown by the next append or commit;
-      // left unawaited it would be an unhandled rejection that ends the whole process.
-      this.#syncing = this.#fh
-        .datasync()
+    this.#pump();
+  }
+
+  #pump(): void {
+    while (this.#running < WRITES_IN_FLIGHT && this.#queued.length > 0) {
+      const b = this.#queued.shift()!;
+      this.#running++;
+      const written = this.#failure ? Promise.resolve() : this.#writeAll(b.bufs, b.at, b.bytes);
+      void written
         .catch((err: unknown) => this.#fail(err))
-        .finally(() => (this.#syncing = null));
+        .finally(() => {
+          for (const s of b.slots) this.#pool.release(s);
+          this.#running--;
+          this.#sinceSync += b.bytes;
+          // Start writeback early so the final fsync does not wait for gigabytes of dirty pages.
+          if (this.#sinceSync >= SYNC_EVERY && !this.#syncing && !this.#failure) {
+            this.#sinceSync = 0;
+            // A failed early writeback (ENOSPC, EIO) is kept and thrown by the next append or
+            // commit; left unawaited it would be an unhandled rejection that ends the process.
+            this.#syncing = this.#fh
+              .datasync()
+              .catch((err: unknown) => this.#fail(err))
+              .finally(() => (this.#syncing = null));
+          }
+          this.#pump();
+          if (this.#running === 0 && this.#queued.length === 0) for (const w of this.#idle.splice(0)) w();
+        });
     }
-    if (this.#syncError) throw this.#syncError;
   }
 
   async #writeAll(bufs: Buffer[], at: number, bytes: number): Promise<void> {
@@ -205,190 +242,134 @@ export class BackupFileWriter {
     }
   }
 
-  /** Writes everything gathered and waits for it. */
-  async #drain(): Promise<void> {
-    await this.#flush();
-    while (this.#writes.length > 0) await this.#writes[0];
-    if (this.#syncError) throw this.#syncError;
+  /** Waits until every issued batch is written (errors are kept in #failure). */
+  async #writesDone(): Promise<void> {
+    if (this.#running === 0 && this.#queued.length === 0) return;
+    await new Promise<void>((resolve) => this.#idle.push(resolve));
   }
 
-  async writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> } = {}): Promise<DiskWriteStats> {
+  /** Writes everything gathered and waits for it. */
+  async #drain(): Promise<void> {
+    this.#flush();
+    await this.#writesDone();
+    this.#check();
+  }
+
+  /**
+   * Writes the blocks of disk `name` (in increasing index order). Several disks may be written
+   * concurrently; a failing one fails the whole file (commit throws, abort removes it).
+   */
+  writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> } = {}): Promise<DiskWriteStats> {
+    const run = this.#writeDisk(name, blocks, opts);
+    this.#active.add(run);
+    const forget = () => void this.#active.delete(run);
+    run.then(forget, forget);
+    return run;
+  }
+
+  async #writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> }): Promise<DiskWriteStats> {
     if (this.#done) throw new BulwarkError('the restore point is already committed or aborted', { kind: 'invalid' });
     const disk = this.#disks.get(name);
     if (!disk) throw new BulwarkError(`disk ${name} was not declared for this restore point`, { kind: 'invalid', context: { disk: name } });
     if (disk.busy || disk.descriptor) throw new BulwarkError(`disk ${name} is already written`, { kind: 'invalid', context: { disk: name } });
     if (opts.compareWithParent && !opts.parentBlock) throw new BulwarkError('compareWithParent needs a parent restore point', { kind: 'invalid' });
+    this.#check();
     disk.busy = true;
-    const blockSize = this.header.blockSize;
-    const blockCount = blockCountOf(disk.size, blockSize);
-    const lastLength = disk.size - (blockCount - 1) * blockSize;
-    const stats = { storedBytes: 0, plainBytes: 0, storedBlocks: 0, dedupBlocks: 0, zeroBlocks: 0, holeBlocks: 0, inheritBlocks: 0 };
-    let unchangedBlocks = 0;
-    let bytesRead = 0;
-    const pages: TablePageRef[] = [];
-    let page: BlockEntry[] = [];
-    let next = 0; // next block index to be given an entry
-    const zero = Buffer.alloc(blockSize);
-    const count = (e: BlockEntry) => {
-      switch (e.kind) {
-        case 'hole':
-          stats.holeBlocks++;
-          break;
-        case 'zero':
-          stats.zeroBlocks++;
-          break;
-        case 'inherit':
-          stats.inheritBlocks++;
-          break;
-        case 'stored':
-          stats.storedBlocks++;
-          break;
-      }
-    };
-    const flushPage = async () => {
-      const payload = encodeTablePage(page);
-      const crc = crc32c(payload);
-      const head = encodeRecordHeader({ type: 'table-page', compression: 'none', encrypted: false, storedLength: payload.length, plainLength: payload.length, payloadCrc: crc });
-      const offset = this.#append([head, payload]);
-      pages.push({ offset, entryCount: page.length, crc });
-      page = [];
-      await this.#flushIfFull();
-    };
-    const setEntry = async (index: number, e: BlockEntry) => {
-      while (next < index) {
-        page.push(this.#gapEntry);
-        count(this.#gapEntry);
-        next++;
-        if (page.length === ENTRIES_PER_PAGE) await flushPage();
-      }
-      page.push(e);
-      count(e);
-      next++;
-      if (page.length === ENTRIES_PER_PAGE) await flushPage();
-    };
-    const retire = async (p: Pending) => {
-      bytesRead += p.length;
-      if (p.kind !== 'data') {
-        let e: BlockEntry = p.kind === 'zero' ? ZERO : HOLE;
-        if (opts.compareWithParent) {
-          const parent = await opts.parentBlock!(p.index);
-          if (parent.kind === p.kind) {
-            e = INHERIT;
-            unchangedBlocks++;
-          }
-        }
-        await setEntry(p.index, e);
-        return;
-      }
-      const enc = await p.encoded;
-      let written = false;
-      try {
-        if (opts.compareWithParent) {
-          const parent = await opts.parentBlock!(p.index);
-          if (parent.kind === 'stored' && parent.digest.equals(enc.digest)) {
-            unchangedBlocks++;
-            await setEntry(p.index, INHERIT);
-            return;
-          }
-        }
-        const key = enc.digest.toString('latin1');
-        const dup = this.#dedup.get(key);
-        if (dup && dup.plainLength === p.length) {
-          stats.dedupBlocks++;
-          await setEntry(p.index, { kind: 'stored', digest: enc.digest, ...dup });
-          return;
-        }
-        encodeRecordHeaderInto(
-          { type: 'block', compression: enc.compression, encrypted: this.header.encryption !== null, storedLength: enc.storedLength, plainLength: p.length, payloadCrc: enc.crc },
-          enc.header,
-          0,
-        );
-        // The slot is released once the batch holding the record is written.
-        const recordOffset = this.#append([enc.header, enc.payload], enc.slot);
-        written = true;
-        stats.storedBytes += enc.storedLength;
-        stats.plainBytes += p.length;
-        const target = { recordOffset, storedLength: enc.storedLength, plainLength: p.length, crc: enc.crc };
-        if (this.#dedup.size >= DEDUP_LIMIT) this.#dedup.delete(this.#dedup.keys().next().value!);
-        this.#dedup.set(key, target);
-        await setEntry(p.index, { kind: 'stored', digest: enc.digest, ...target });
-        await this.#flushIfFull();
-      } finally {
-        if (!written) this.#pool.release(enc.slot);
-      }
-    };
-
-    const queue: Pending[] = [];
+    const lane = new DiskLane(this, name, disk.size, opts);
     try {
-      let last = -1;
-      for await (const b of blocks) {
-        if (!Number.isSafeInteger(b.index) || b.index <= last || b.index >= blockCount) {
-          throw new BulwarkError(`disk ${name}: block index ${b.index} out of order or beyond the disk (${blockCount} blocks, previous ${last})`, {
-            kind: 'invalid',
-            context: { disk: name, block: b.index },
-          });
-        }
-        last = b.index;
-        const length = b.index === blockCount - 1 ? lastLength : blockSize;
-        if (b.data !== null && b.data.length !== length) {
-          throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
-        }
-        while (queue.length >= this.#inflightLimit) await retire(queue.shift()!);
-        if (b.data === null) queue.push({ index: b.index, kind: 'hole', length });
-        else if (b.data.equals(length === blockSize ? zero : zero.subarray(0, length))) queue.push({ index: b.index, kind: 'zero', length });
-        else {
-          // Wait for a slot, retiring finished blocks meanwhile, so `b.data` is copied before the
-          // source is asked for the next block (sources may reuse their buffers).
-          let slot: number | null = null;
-          const acquiring = this.#pool.acquire().then((s) => (slot = s));
-          while (slot === null && queue.length > 0) {
-            await Promise.race([acquiring, queue[0]!.kind === 'data' ? queue[0]!.encoded : Promise.resolve()]);
-            if (slot === null) await retire(queue.shift()!);
-          }
-          // Every slot may sit in the gathered batch: write it, or nothing would free one.
-          if (slot === null) await this.#flush();
-          await acquiring;
-          const encoded = this.#pool.submit(slot!, b.data);
-          encoded.catch(() => undefined); // observed when retired; avoid an unhandled rejection meanwhile
-          queue.push({ index: b.index, kind: 'data', length, encoded });
-        }
-        opts.onProgress?.(bytesRead);
-      }
-      while (queue.length > 0) await retire(queue.shift()!);
-      if (next < blockCount) {
-        // Fill the tail without a per-entry await.
-        await setEntry(blockCount - 1, this.#gapEntry);
-      }
-      if (page.length > 0) await flushPage();
-      await this.#flush();
+      const stats = await lane.run(blocks);
+      disk.descriptor = lane.descriptor();
+      return stats;
     } catch (err) {
-      // Release every slot still held so the pool stays usable for abort().
-      for (const p of queue) if (p.kind === 'data') await p.encoded.then((e) => this.#pool.release(e.slot), () => undefined);
-      disk.busy = false;
+      lane.releaseSlots();
+      // One failed disk fails the file: the other disks stop, commit refuses.
+      this.#fail(err instanceof BulwarkError ? err : new BulwarkError(`disk ${name}: ${describeError(err)}`, { kind: 'unavailable', cause: err, context: { disk: name } }));
       throw err;
+    } finally {
+      disk.busy = false;
     }
-    opts.onProgress?.(disk.size);
-    disk.descriptor = { name, size: disk.size, blockCount, entriesPerPage: ENTRIES_PER_PAGE, stats, pages };
-    disk.busy = false;
-    return { name, size: disk.size, bytesRead: disk.size, unchangedBlocks, ...stats };
   }
 
-  /** Writes the index and commit slot A, fsyncs and closes. `config` is in stored form. */
-  async commit(config: Buffer): Promise<{ fileLength: number }> {
-    for (const [name, d] of this.#disks) {
-      if (!d.descriptor) throw new BulwarkError(`disk ${name} was declared but not written`, { kind: 'invalid', context: { disk: name } });
+  /** @internal for DiskLane: the entry of a block the source did not give (hole or inherit). */
+  get gapEntry(): BlockEntry {
+    return this.#gapEntry;
+  }
+  /** @internal for DiskLane */
+  get pool(): EncodePool {
+    return this.#pool;
+  }
+  /** @internal for DiskLane */
+  get inflightLimit(): number {
+    return this.#inflightLimit;
+  }
+  /** @internal for DiskLane: the first failure of the file, if any. */
+  get failure(): BulwarkError | null {
+    return this.#failure;
+  }
+  /** @internal for DiskLane: a free slot; issues the gathered batch first if none is free. */
+  async slot(): Promise<number> {
+    const s = this.#pool.tryAcquire();
+    if (s !== undefined) return s;
+    // Every slot may sit in the gathered batch: write it, or nothing would free one.
+    this.#flush();
+    return this.#pool.acquire();
+  }
+  /** @internal for DiskLane: appends a table page; returns its offset. */
+  appendTablePage(head: Buffer, payload: Buffer): number {
+    return this.#append([head, payload]);
+  }
+  /**
+   * @internal for DiskLane: stores an encoded block (or finds it already stored in this file);
+   * the slot is released by this call or once the record is written. Returns the record and
+   * whether it was a duplicate.
+   */
+  storeBlock(enc: EncodedSlot, plainLength: number): { target: DedupTarget; dup: boolean } {
+    let written = false;
+    try {
+      const key = enc.digest.toString('latin1');
+      const dup = this.#dedup.get(key);
+      if (dup && dup.plainLength === plainLength) return { target: dup, dup: true };
+      encodeRecordHeaderInto(
+        { type: 'block', compression: enc.compression, encrypted: this.header.encryption !== null, storedLength: enc.storedLength, plainLength, payloadCrc: enc.crc },
+        enc.header,
+        0,
+      );
+      const recordOffset = this.#append([enc.header, enc.payload], enc.slot);
+      written = true;
+      const target = { recordOffset, storedLength: enc.storedLength, plainLength, crc: enc.crc };
+      if (this.#dedup.size >= DEDUP_LIMIT) this.#dedup.delete(this.#dedup.keys().next().value!);
+      this.#dedup.set(key, target);
+      return { target, dup: false };
+    } finally {
+      if (!written) this.#pool.release(enc.slot);
     }
+  }
+
+  /**
+   * Writes the index and commit slot A, fsyncs and closes. `config` is in stored form. Waits for
+   * every writeDisk in flight first; throws if any failed.
+   */
+  async commit(config: Buffer): Promise<{ fileLength: number }> {
+    if (this.#done) throw new BulwarkError('the restore point is already committed or aborted', { kind: 'invalid' });
     this.#done = true;
     try {
+      await Promise.allSettled([...this.#active]);
+      this.#check();
+      for (const [name, d] of this.#disks) {
+        if (!d.descriptor) throw new BulwarkError(`disk ${name} was declared but not written`, { kind: 'invalid', context: { disk: name } });
+      }
       const index = encodeIndex({ config, disks: [...this.#disks.values()].map((d) => d.descriptor!) });
       const indexOffset = this.#append([index]);
       await this.#drain();
       const slot = encodeCommitSlot({ generation: 1, indexOffset, indexLength: index.length, fileLength: this.#end, indexCrc: crc32c(index) });
       await this.#fh.write(slot, 0, slot.length, COMMIT_SLOT_OFFSETS[0]);
       await this.#syncing;
-      if (this.#syncError) throw this.#syncError;
+      this.#check();
       await this.#fh.sync();
       return { fileLength: this.#end };
+    } catch (err) {
+      this.#fail(err);
+      throw err;
     } finally {
       await this.#settle();
       await this.#fh.close();
@@ -397,20 +378,252 @@ export class BackupFileWriter {
 
   /** Waits for every write and writeback started (their errors are kept, not thrown). */
   async #settle(): Promise<void> {
-    while (this.#writes.length > 0) await this.#writes[0];
+    await this.#writesDone();
     await this.#syncing;
     for (const s of this.#batchSlots) this.#pool.release(s);
     this.#batch = [];
     this.#batchSlots = [];
   }
 
-  /** Stops writing and removes the file. */
+  /**
+   * Stops writing and removes the file. writeDisk calls still in flight fail at their next block
+   * (their slots are released then); abort does not wait for their sources.
+   */
   async abort(): Promise<void> {
+    this.#fail(new BulwarkError(`restore point file ${this.path} was aborted`, { kind: 'invalid' }));
     if (!this.#done) {
       this.#done = true;
       await this.#settle();
       await this.#fh.close().catch(() => undefined);
     }
     await rm(this.path, { force: true });
+  }
+}
+
+/**
+ * One disk being written: its blocks in flight (a ring, retired in block order as soon as the
+ * head is ready), its current table page and its counters.
+ */
+class DiskLane {
+  readonly #w: BackupFileWriter;
+  readonly #name: string;
+  readonly #size: number;
+  readonly #blockSize: number;
+  readonly #blockCount: number;
+  readonly #opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> };
+  readonly #stats = { storedBytes: 0, plainBytes: 0, storedBlocks: 0, dedupBlocks: 0, zeroBlocks: 0, holeBlocks: 0, inheritBlocks: 0 };
+  #unchanged = 0;
+  readonly #pages: TablePageRef[] = [];
+  #page: BlockEntry[] = [];
+  /** Next block index to be given an entry. */
+  #next = 0;
+  readonly #queue: InFlight[] = [];
+  #head = 0;
+  #error: Error | null = null;
+  #wake: (() => void) | null = null;
+
+  constructor(w: BackupFileWriter, name: string, size: number, opts: WriteDiskOptions & { parentBlock?: (index: number) => Promise<ParentBlock> }) {
+    this.#w = w;
+    this.#name = name;
+    this.#size = size;
+    this.#blockSize = w.header.blockSize;
+    this.#blockCount = blockCountOf(size, this.#blockSize);
+    this.#opts = opts;
+  }
+
+  get #pending(): number {
+    return this.#queue.length - this.#head;
+  }
+
+  async run(blocks: AsyncIterable<DiskBlock>): Promise<DiskWriteStats> {
+    const name = this.#name;
+    const blockSize = this.#blockSize;
+    const blockCount = this.#blockCount;
+    const lastLength = this.#size - (blockCount - 1) * blockSize;
+    const zero = Buffer.alloc(blockSize);
+    const limit = this.#w.inflightLimit;
+    const pool = this.#w.pool;
+    let bytesRead = 0;
+    let last = -1;
+    for await (const b of blocks) {
+      this.#check();
+      if (!Number.isSafeInteger(b.index) || b.index <= last || b.index >= blockCount) {
+        throw new BulwarkError(`disk ${name}: block index ${b.index} out of order or beyond the disk (${blockCount} blocks, previous ${last})`, {
+          kind: 'invalid',
+          context: { disk: name, block: b.index },
+        });
+      }
+      last = b.index;
+      const length = b.index === blockCount - 1 ? lastLength : blockSize;
+      if (b.data !== null && b.data.length !== length) {
+        throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
+      }
+      while (this.#pending >= limit) await this.#changed();
+      bytesRead += length;
+      const kind = b.data === null ? 'hole' : b.data.equals(length === blockSize ? zero : zero.subarray(0, length)) ? 'zero' : 'data';
+      const f: InFlight = { index: b.index, kind, length, enc: null, parent: null };
+      if (kind === 'data') {
+        // The block is copied into the slot before the source is asked for the next one
+        // (sources may reuse their buffers).
+        const slot = await this.#w.slot();
+        if (this.#error !== null || this.#w.failure) {
+          pool.release(slot);
+          this.#check();
+        }
+        pool.submit(slot, b.data!).then(
+          (e) => {
+            if (this.#error !== null) return pool.release(e.slot);
+            f.enc = e;
+            this.#advance();
+          },
+          (err: unknown) => this.#setError(err),
+        );
+      }
+      if (this.#opts.compareWithParent) {
+        this.#opts.parentBlock!(b.index).then(
+          (p) => {
+            f.parent = p;
+            this.#advance();
+          },
+          (err: unknown) => this.#setError(err),
+        );
+      }
+      this.#queue.push(f);
+      this.#advance();
+      this.#check();
+      this.#opts.onProgress?.(bytesRead);
+    }
+    while (this.#pending > 0) await this.#changed();
+    this.#check();
+    // Fill the tail with gap entries.
+    if (this.#next < blockCount) this.#setEntry(blockCount - 1, this.#w.gapEntry);
+    if (this.#page.length > 0) this.#flushPage();
+    this.#opts.onProgress?.(this.#size);
+    return { name, size: this.#size, bytesRead: this.#size, unchangedBlocks: this.#unchanged, ...this.#stats };
+  }
+
+  descriptor(): DiskDescriptor {
+    return { name: this.#name, size: this.#size, blockCount: this.#blockCount, entriesPerPage: ENTRIES_PER_PAGE, stats: this.#stats, pages: this.#pages };
+  }
+
+  #check(): void {
+    if (this.#error !== null) throw this.#error;
+    if (this.#w.failure) throw this.#w.failure;
+  }
+
+  #setError(err: unknown): void {
+    this.#error ??= err instanceof Error ? err : new Error(String(err));
+    this.#notify();
+  }
+
+  #notify(): void {
+    const w = this.#wake;
+    this.#wake = null;
+    w?.();
+  }
+
+  /** Resolves at the next retirement or failure. */
+  #changed(): Promise<void> {
+    this.#check();
+    return new Promise<void>((resolve) => (this.#wake = resolve));
+  }
+
+  /** Releases the slots of encoded blocks not retired (after a failure). */
+  releaseSlots(): void {
+    this.#error ??= new Error('disk failed');
+    for (let i = this.#head; i < this.#queue.length; i++) {
+      const f = this.#queue[i]!;
+      if (f.enc) this.#w.pool.release(f.enc.slot);
+      f.enc = null;
+    }
+    this.#head = this.#queue.length;
+  }
+
+  /** Retires ready blocks from the head, in block order. */
+  #advance(): void {
+    if (this.#error !== null) return;
+    let moved = false;
+    try {
+      while (this.#head < this.#queue.length) {
+        const f = this.#queue[this.#head]!;
+        if ((f.kind === 'data' && f.enc === null) || (this.#opts.compareWithParent && f.parent === null)) break;
+        this.#head++;
+        moved = true;
+        this.#retire(f);
+      }
+    } catch (err) {
+      this.#setError(err);
+      return;
+    }
+    if (this.#head > 1024 && this.#head * 2 > this.#queue.length) {
+      this.#queue.splice(0, this.#head);
+      this.#head = 0;
+    }
+    if (moved || this.#error !== null) this.#notify();
+  }
+
+  #retire(f: InFlight): void {
+    const parent = f.parent;
+    if (f.kind !== 'data') {
+      if (parent?.kind === f.kind) {
+        this.#unchanged++;
+        return this.#setEntry(f.index, INHERIT);
+      }
+      return this.#setEntry(f.index, f.kind === 'zero' ? ZERO : HOLE);
+    }
+    const enc = f.enc!;
+    f.enc = null;
+    if (parent?.kind === 'stored' && parent.digest.equals(enc.digest)) {
+      this.#w.pool.release(enc.slot);
+      this.#unchanged++;
+      return this.#setEntry(f.index, INHERIT);
+    }
+    const { target, dup } = this.#w.storeBlock(enc, f.length);
+    if (dup) this.#stats.dedupBlocks++;
+    else {
+      this.#stats.storedBytes += target.storedLength;
+      this.#stats.plainBytes += f.length;
+    }
+    this.#setEntry(f.index, { kind: 'stored', digest: enc.digest, ...target });
+  }
+
+  #count(e: BlockEntry): void {
+    switch (e.kind) {
+      case 'hole':
+        this.#stats.holeBlocks++;
+        break;
+      case 'zero':
+        this.#stats.zeroBlocks++;
+        break;
+      case 'inherit':
+        this.#stats.inheritBlocks++;
+        break;
+      case 'stored':
+        this.#stats.storedBlocks++;
+        break;
+    }
+  }
+
+  #setEntry(index: number, e: BlockEntry): void {
+    const gap = this.#w.gapEntry;
+    while (this.#next < index) {
+      this.#page.push(gap);
+      this.#count(gap);
+      this.#next++;
+      if (this.#page.length === ENTRIES_PER_PAGE) this.#flushPage();
+    }
+    this.#page.push(e);
+    this.#count(e);
+    this.#next++;
+    if (this.#page.length === ENTRIES_PER_PAGE) this.#flushPage();
+  }
+
+  #flushPage(): void {
+    const payload = encodeTablePage(this.#page);
+    const crc = crc32c(payload);
+    const head = encodeRecordHeader({ type: 'table-page', compression: 'none', encrypted: false, storedLength: payload.length, plainLength: payload.length, payloadCrc: crc });
+    const offset = this.#w.appendTablePage(head, payload);
+    this.#pages.push({ offset, entryCount: this.#page.length, crc });
+    this.#page = [];
   }
 }

@@ -73,7 +73,7 @@ export class EncodePool {
   readonly #inputStride: number;
   readonly #outputStride: number;
   readonly #free: number[] = [];
-  readonly #waiters: Array<() => void> = [];
+  readonly #waiters: Array<{ resolve: (slot: number) => void; reject: (err: Error) => void }> = [];
   readonly #workers: Worker[] = [];
   readonly #outstanding: number[] = [];
   readonly #pending = new Map<number, { resolve: (r: WorkerResult) => void; reject: (e: Error) => void; worker: number }>();
@@ -133,15 +133,7 @@ export class EncodePool {
       this.#pending.delete(id);
       p.reject(err);
     }
-  }
-
-  async #acquire(): Promise<number> {
-    for (;;) {
-      if (this.#failure) throw this.#failure;
-      const s = this.#free.pop();
-      if (s !== undefined) return s;
-      await new Promise<void>((resolve) => this.#waiters.push(resolve));
-    }
+    for (const w of this.#waiters.splice(0)) w.reject(err);
   }
 
   /** Number of slots (blocks that can be in flight at once). */
@@ -149,14 +141,25 @@ export class EncodePool {
     return this.#slotCount;
   }
 
+  /** Gives a slot back: to the longest waiting acquire() if any (first come, first served). */
   release(slot: number): void {
-    this.#free.push(slot);
-    this.#waiters.shift()?.();
+    const w = this.#waiters.shift();
+    if (w) w.resolve(slot);
+    else this.#free.push(slot);
+  }
+
+  /** A free slot now, or undefined. */
+  tryAcquire(): number | undefined {
+    if (this.#failure) throw this.#failure;
+    return this.#free.pop();
   }
 
   /** Waits for a free slot (back-pressure). Pass it to submit(). */
-  async acquire(): Promise<number> {
-    return this.#acquire();
+  acquire(): Promise<number> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const s = this.#free.pop();
+    if (s !== undefined) return Promise.resolve(s);
+    return new Promise<number>((resolve, reject) => this.#waiters.push({ resolve, reject }));
   }
 
   /**
@@ -210,8 +213,10 @@ export class EncodePool {
     return this.submit(await this.acquire(), plain);
   }
 
+  /** Stops the encoders; encodes still pending and waiting acquire() calls are rejected. */
   async close(): Promise<void> {
     this.#closed = true;
+    this.#fail(new BulwarkError('the block encoders were closed', { kind: 'invalid' }));
     await Promise.all(this.#workers.map((w) => w.terminate()));
   }
 }
