@@ -12,6 +12,7 @@ import { indexCommand, mountCommand, searchCommand } from './commands/files.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
 import { restoreCommand } from './commands/restore.js';
+import { passwordCommand } from './commands/encryption.js';
 import { settingsCommand } from './commands/settings.js';
 import { throttlingCommand } from './commands/throttling.js';
 import { instantRecoveryCommand } from './commands/recovery.js';
@@ -61,6 +62,7 @@ export function buildProgram(ctx: CliContext): Command {
     settingsCommand(ctx),
     throttlingCommand(ctx),
     userCommand(ctx),
+    passwordCommand(ctx),
   ];
   for (const sub of subcommands) program.addCommand(sub);
   // addCommand does not copy settings made before: exit codes, output and help go everywhere.

@@ -27,4 +27,6 @@ export const dataFiles = {
   socket: 'bulwark.sock',
   initialAdminPassword: 'initial-admin-password',
   pkiDir: 'pki',
+  /** Seals the encryption passwords the server keeps (docs/formats/server-secret-key.md). */
+  secretKey: 'secret.key',
 } as const;

@@ -39,6 +39,8 @@ import { createRepository, getRepository, listHosts, listRepositories } from './
 import { recordRestorePoint, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 import { filesPlugin, indexAfterBackup } from './api/files.js';
+import { encryptionPlugin } from './api/encryption.js';
+import { EncryptionKeys } from './services/encryption.js';
 import { MountSessions } from '../restore/mount/sessions.js';
 import { sweepStaleMounts } from '../restore/mount/mount.js';
 
@@ -194,6 +196,8 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     cleanups.push(() => cdb.close());
     if (cdb.migrations.applied.length > 0) log.info({ applied: cdb.migrations.applied }, 'configuration database migrated');
     const ctx: ServiceContext = { db: cdb.db, engine: cdb.engine, clock };
+    // Encryption passwords of jobs, sealed with <data>/secret.key (docs/encryption.md).
+    const keys = await EncryptionKeys.open(ctx, dataDir);
 
     await claimSocket(socketPath);
     setScheduleValidator(validateSchedule);
@@ -220,6 +224,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         // Hosts served by another agent are reached through that agent (dispatch), not from here.
         hosts: async () => (await listHosts(ctx)).filter((h) => h.agent === null || h.agent === 'local').map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
         repositoryPath: async (job) => (await getRepository(ctx, job.repository)).path,
+        password: async (job) => keys.jobPassword(job.id),
         now: () => clock.now(),
         // After retention, merges and synthetic fulls: the catalog follows the VM's folder.
         onVmPoints: async (job, task, points) => {
@@ -242,9 +247,10 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
             jobId: job.id,
             sessionId: task.sessionId,
           });
+          if (p.encrypted) await keys.recordJobChain(job.id, p.chainId, null);
           events.changed(task.sessionId);
           // Guest file index (job setting fileIndex): part of the job, never fails it.
-          if (job.settings?.fileIndex === true) await indexAfterBackup(ctx, p.id, task.sessionId);
+          if (job.settings?.fileIndex === true) await indexAfterBackup(ctx, p.id, task.sessionId, undefined, keys);
         },
       };
       const dataPath = new LocalDataPathExecutor(localOptions);
@@ -281,7 +287,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     sweepTimer.unref();
     cleanups.push(async () => clearInterval(sweepTimer));
     if (!simulated) sweep();
-    const backupApi = backupPlugin({ ctx, engine, exportVm });
+    const backupApi = backupPlugin({ ctx, engine, exportVm, keys });
 
     const backupOpts = { cdb, clock };
     const scheduler = new Scheduler({
@@ -334,10 +340,10 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     cleanups.push(() => fileMounts.closeAll());
 
     // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).
-    const recovery = await startRecoveryService({ ctx, dataDir });
+    const recovery = await startRecoveryService({ ctx, dataDir, keys });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk), backupApi, resources, filesPlugin(ctx, fileMounts), recoveryPlugin(recovery), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys }), recoveryPlugin(recovery), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -349,7 +355,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys }), encryptionPlugin(keys), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

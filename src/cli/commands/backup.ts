@@ -7,6 +7,7 @@ import { at, clientFor, type CliContext, type ItemList } from '../context.js';
 import { BarView, exitCodeOf, followSession, JsonView, PlainView, type SessionView } from '../follow.js';
 import { formatFields, formatTable, localTime, printJson } from '../output.js';
 import { askPassword, readStdin } from '../prompt.js';
+import { readPasswordFile } from './encryption.js';
 import type { ExportRecord } from '../../server/services/backup-methods.js';
 
 
@@ -46,10 +47,12 @@ export function exportCommand(ctx: CliContext): Command {
     .option('--repo <name>', 'the repository to write it into')
     .option('--encrypt', 'encrypt it with a password (asked, or --password-stdin)')
     .option('--password-stdin', 'with --encrypt: read the password from standard input')
+    .option('--password-file <file>', 'with --encrypt: read the password from the first line of FILE')
+    .option('--password-hint <text>', 'with --encrypt: shown when a wrong password is given at restore (never the password)')
     .option('--delete-after <time>', 'the server deletes the export after this long: 30d, 12h, 2w')
     .addOption(new Option('--compress <codec>', 'compression').choices(['zstd', 'lz4', 'none']))
     .addOption(new Option('--json', 'print the export as JSON'))
-    .action(async (vm: string, o: { repo?: string; encrypt?: boolean; passwordStdin?: boolean; deleteAfter?: string; compress?: string; json?: boolean }, cmd: Command) => {
+    .action(async (vm: string, o: { repo?: string; encrypt?: boolean; passwordStdin?: boolean; passwordFile?: string; passwordHint?: string; deleteAfter?: string; compress?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       if (vm === 'list') {
         const { items } = await client.get<ItemList<ExportRecord>>('/exports');
@@ -70,8 +73,11 @@ export function exportCommand(ctx: CliContext): Command {
       if (!o.repo) cmd.error('error: required option \'--repo <name>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
       let password: string | undefined;
       if (o.encrypt) {
-        password = o.passwordStdin ? await readStdin() : await askPassword('Password for the export: ', '--password-stdin');
-        if (!o.passwordStdin && (await askPassword('Again: ', '--password-stdin')) !== password) throw new BulwarkError('the two passwords differ', { kind: 'invalid' });
+        if (o.passwordFile !== undefined) password = await readPasswordFile(o.passwordFile);
+        else {
+          password = o.passwordStdin ? await readStdin() : await askPassword('Password for the export: ', '--password-stdin');
+          if (!o.passwordStdin && (await askPassword('Again: ', '--password-stdin')) !== password) throw new BulwarkError('the two passwords differ', { kind: 'invalid' });
+        }
         if (password === '') throw new BulwarkError('--encrypt: the password is empty', { kind: 'invalid' });
       } else if (o.passwordStdin) {
         cmd.error('error: --password-stdin goes with --encrypt', { exitCode: 2, code: 'bulwark.usage' });
@@ -81,6 +87,7 @@ export function exportCommand(ctx: CliContext): Command {
         vm,
         repository: o.repo,
         ...(password !== undefined ? { password } : {}),
+        ...(password !== undefined && o.passwordHint !== undefined ? { passwordHint: o.passwordHint } : {}),
         ...(o.deleteAfter !== undefined ? { deleteAfter: o.deleteAfter } : {}),
         ...(o.compress !== undefined ? { compression: o.compress } : {}),
       });

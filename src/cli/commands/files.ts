@@ -9,6 +9,7 @@ import { ApiError } from '../client.js';
 import { at, clientFor, collect, oneOf, positiveInt, type CliContext, type ItemList } from '../context.js';
 import { formatFields, formatTable, humanDuration, humanSize, localTime, printJson } from '../output.js';
 import { resolvePoint } from './restore.js';
+import { passwordFileOption, withPointPassword } from './encryption.js';
 
 interface FileSystemView {
   name: string;
@@ -81,19 +82,23 @@ export function mountCommand(ctx: CliContext): Command {
     .argument('[point]', 'restore point id, VM@latest or VM@<ISO time>')
     .option('--at <dir>', 'folder to mount under (new or empty; on the server host). Default: under the server\'s data directory')
     .option('--detach', 'return at once and keep the mount until `bulwark mount unmount ID`')
+    .addOption(passwordFileOption())
     .addOption(new Option('--json', 'print the mount as JSON'))
-    .action(async (point: string | undefined, o: { at?: string; detach?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (point: string | undefined, o: { at?: string; detach?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       if (point === undefined) {
         cmd.help({ error: true });
         return;
       }
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      const info = await client.post<MountInfo>('/mounts', {
-        point: id,
-        ...(o.at !== undefined ? { at: path.resolve(o.at) } : {}),
-        ...(o.detach ? { detached: true } : {}),
-      });
+      const info = await withPointPassword(ctx, o.passwordFile, (pw) =>
+        client.post<MountInfo>('/mounts', {
+          point: id,
+          ...(o.at !== undefined ? { at: path.resolve(o.at) } : {}),
+          ...(o.detach ? { detached: true } : {}),
+          ...pw,
+        }),
+      );
       if (o.json) printJson(ctx.output, info);
       else ctx.output.out(describeMount(info));
       if (o.detach) {
@@ -181,18 +186,22 @@ export function registerRestoreFiles(restore: Command, ctx: CliContext): void {
     .option('--to-guest', 'write back into the running original VM at the same paths, through its guest agent')
     .addOption(new Option('--conflict <mode>', 'with --to-guest: when a path exists').argParser(oneOf('--conflict', ['fail', 'overwrite', 'keep-both'] as const)).default('fail'))
     .option('--overwrite', 'with --to: replace existing files')
+    .addOption(passwordFileOption())
     .addOption(new Option('--json', 'print the result as JSON'))
-    .action(async (point: string, o: { path: string[]; to?: string; toGuest?: boolean; conflict: 'fail' | 'overwrite' | 'keep-both'; overwrite?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { path: string[]; to?: string; toGuest?: boolean; conflict: 'fail' | 'overwrite' | 'keep-both'; overwrite?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       if ((o.to === undefined) === !o.toGuest) {
         throw new BulwarkError('say where to: --to DIR or --to-guest', { kind: 'invalid', hint: 'e.g. bulwark restore files web01@latest --path /etc/hostname --to /tmp/restored' });
       }
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      const reply = await client.post<RestoreFilesReply>(at('/restore-points', id, 'restore-files'), {
-        paths: o.path,
-        ...(o.to !== undefined ? { to: path.resolve(o.to) } : { toGuest: true, conflict: o.conflict }),
-        ...(o.overwrite ? { overwrite: true } : {}),
-      });
+      const reply = await withPointPassword(ctx, o.passwordFile, (pw) =>
+        client.post<RestoreFilesReply>(at('/restore-points', id, 'restore-files'), {
+          paths: o.path,
+          ...(o.to !== undefined ? { to: path.resolve(o.to) } : { toGuest: true, conflict: o.conflict }),
+          ...(o.overwrite ? { overwrite: true } : {}),
+          ...pw,
+        }),
+      );
       if (o.json) return printJson(ctx.output, reply);
       ctx.output.out(
         formatFields([
@@ -237,11 +246,14 @@ export function indexCommand(ctx: CliContext): Command {
   return new Command('index')
     .description('build (or rebuild) the guest file index of one restore point, for `bulwark search`')
     .argument('<point>', 'restore point id, VM@latest or VM@<ISO time>')
+    .addOption(passwordFileOption())
     .addOption(new Option('--json', 'print the result as JSON'))
-    .action(async (point: string, o: { json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      const r = await client.post<{ point: string; file: string; entries: number; filesystems: number; durationMs: number }>(at('/restore-points', id, 'file-index'), {});
+      const r = await withPointPassword(ctx, o.passwordFile, (pw) =>
+        client.post<{ point: string; file: string; entries: number; filesystems: number; durationMs: number }>(at('/restore-points', id, 'file-index'), pw),
+      );
       if (o.json) return printJson(ctx.output, r);
       ctx.output.out(formatFields([['restore point', r.point], ['entries', r.entries], ['file systems', r.filesystems], ['index', r.file], ['took', humanDuration(r.durationMs / 1000)]]));
     });

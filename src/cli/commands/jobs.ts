@@ -18,6 +18,7 @@ import { BarView, exitCodeOf, followSession, JsonView, PlainView, sessionSummary
 import { formatFields, formatTable, humanDuration, humanRate, humanSize, localTime, printJson } from '../output.js';
 import { parseSchedule, parseWindowPart, scheduleText, windowText } from '../schedule-text.js';
 import { editWithVersion } from './edit.js';
+import { applyJobEncryption, encryptionText, jobPasswordFromOptions, type JobEncryption } from './encryption.js';
 
 const jsonOption = (): Option => new Option('--json', 'print the API object(s) as JSON');
 
@@ -50,6 +51,9 @@ interface JobOptions {
   removedVmRetention?: number;
   fileIndex?: boolean;
   proxy?: string;
+  encrypt?: boolean;
+  passwordHint?: string;
+  passwordFile?: string;
 }
 
 const weekdays = ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'] as const;
@@ -145,6 +149,10 @@ export function jobCommand(ctx: CliContext): Command {
       .option('--removed-vm-retention <days>', 'days a VM removed from the job keeps its restore points (default 14)', nonNegativeInt('--removed-vm-retention'))
       .option('--file-index', 'index the guest\'s files after each backup (for search and file restore)')
       .option('--no-file-index', 'do not index guest files')
+      .option('--encrypt', 'encrypt new chains (from the next full) with a password the server keeps sealed: asked twice, or --password-file')
+      .option('--no-encrypt', 'new chains are not encrypted (older ones keep their password, still known to the server)')
+      .option('--password-hint <text>', 'with --encrypt: shown when a wrong password is given (never the password)')
+      .option('--password-file <file>', 'with --encrypt: read the password from the first line of FILE')
       .addOption(jsonOption());
 
   withJobOptions(
@@ -156,9 +164,11 @@ export function jobCommand(ctx: CliContext): Command {
   ).action(async (name: string, o: JobOptions, cmd: Command) => {
     if (!o.vm || o.vm.length === 0) cmd.error('error: required option \'--vm <vm...>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
     if (!o.repo) cmd.error('error: required option \'--repo <name>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
+    const password = await jobPasswordFromOptions(cmd, name, o);
     const j = await (await clientFor(ctx, cmd)).post<Job>('/jobs', { name, ...jobFields(o) });
+    const enc = await applyJobEncryption(ctx, cmd, j.name, o, password);
     if (o.json) printJson(ctx.output, j);
-    else ctx.output.out(`job ${j.name} created (${j.vms.join(', ')} -> ${j.repository}, ${scheduleText(j.schedule)})\n`);
+    else ctx.output.out(`job ${j.name} created (${j.vms.join(', ')} -> ${j.repository}, ${scheduleText(j.schedule)}${enc?.encrypted ? ', encrypted' : ''})\n`);
   });
 
   job
@@ -188,8 +198,10 @@ export function jobCommand(ctx: CliContext): Command {
     .argument('<name>')
     .addOption(jsonOption())
     .action(async (name: string, o: { json?: boolean }, cmd: Command) => {
-      const j = await (await clientFor(ctx, cmd)).get<Job>(at('/jobs', name));
+      const client = await clientFor(ctx, cmd);
+      const j = await client.get<Job>(at('/jobs', name));
       if (o.json) return printJson(ctx.output, j);
+      const enc = await client.get<JobEncryption>(at('/jobs', name, 'encryption')).catch(() => undefined);
       ctx.output.out(
         formatFields([
           ['name', j.name],
@@ -212,6 +224,7 @@ export function jobCommand(ctx: CliContext): Command {
           ['excluded disks', j.excludeDisks.length > 0 ? j.excludeDisks : '(none)'],
           ['removed VMs kept', `${j.removedVmRetentionDays} days`],
           ['file index', j.fileIndex],
+          ['encryption', encryptionText(enc)],
           ['enabled', j.enabled],
           ['running', j.running],
           ['version', j.version],
@@ -229,10 +242,13 @@ export function jobCommand(ctx: CliContext): Command {
       .option('--expect-version <n>', 'refuse the edit unless the job still has this version (see show --json)', positiveInt('--expect-version')),
   ).action(async (name: string, o: JobOptions, cmd: Command) => {
     const patch = jobFields(o);
-    if (Object.keys(patch).length === 0) throw nothingToDo(`job edit ${name}`, 'the job options (see `bulwark job edit --help`)');
-    const j = await editWithVersion<Job>(await clientFor(ctx, cmd), at('/jobs', name), patch, o.expectVersion);
+    if (Object.keys(patch).length === 0 && o.encrypt === undefined) throw nothingToDo(`job edit ${name}`, 'the job options (see `bulwark job edit --help`)');
+    const password = await jobPasswordFromOptions(cmd, name, o);
+    const client = await clientFor(ctx, cmd);
+    const j = Object.keys(patch).length > 0 ? await editWithVersion<Job>(client, at('/jobs', name), patch, o.expectVersion) : await client.get<Job>(at('/jobs', name));
+    const enc = await applyJobEncryption(ctx, cmd, j.name, o, password);
     if (o.json) printJson(ctx.output, j);
-    else ctx.output.out(`job ${j.name} changed (version ${j.version})\n`);
+    else ctx.output.out(`job ${j.name} changed (version ${j.version})${enc ? `; encryption ${encryptionText(enc)}` : ''}\n`);
   });
 
   job
@@ -441,6 +457,7 @@ export function restorePointCommand(ctx: CliContext): Command {
           { header: 'state', value: (p) => p.state },
           { header: 'repository', value: (p) => p.repository },
           { header: 'job', value: (p) => p.job },
+          { header: 'encrypted', value: (p) => (p.encrypted ? (p.keyKnown ? 'yes' : 'yes, password needed') : 'no') },
         ]),
       );
     });
@@ -464,6 +481,8 @@ export function restorePointCommand(ctx: CliContext): Command {
           ['job', p.job],
           ['session', p.sessionId],
           ['chain', p.chainId],
+          ['encrypted', p.encrypted ? (p.keyKnown ? 'yes (the server knows the password)' : 'yes: the server does not know the password; restores ask for it') : 'no'],
+          ...(p.encrypted ? [['password hint', p.passwordHint ?? '(none)'] as [string, string]] : []),
         ]),
       );
       ctx.output.out(formatTable(p.disks, [

@@ -8,6 +8,7 @@ import type { InstantRecovery, VmRestore } from '../../server/api/recovery.js';
 import { at, clientFor, oneOf, type CliContext, type ItemList } from '../context.js';
 import { formatFields, formatTable, humanDuration, humanSize, localTime, printJson } from '../output.js';
 import { resolvePoint } from './restore.js';
+import { passwordFileOption, withPointPassword } from './encryption.js';
 
 const jsonOption = (): Option => new Option('--json', 'print the API object(s) as JSON');
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -46,17 +47,21 @@ export function registerRestoreVm(restore: Command, ctx: CliContext): void {
     .option('--storage <dir>', 'folder for the new VM\'s disks (on that host)')
     .addOption(new Option('--format <format>', 'disk format (default: as the original)').argParser(oneOf('--format', ['raw', 'qcow2'] as const)))
     .option('--power-on', 'start the VM when its disks are restored')
+    .addOption(passwordFileOption())
     .addOption(jsonOption())
-    .action(async (point: string, o: { name?: string; host?: string; storage?: string; format?: 'raw' | 'qcow2'; powerOn?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { name?: string; host?: string; storage?: string; format?: 'raw' | 'qcow2'; powerOn?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      let task = await client.post<VmRestore>(at('/restore-points', id, 'restore-vm'), {
-        ...(o.name ? { name: o.name } : {}),
-        ...(o.host ? { host: o.host } : {}),
-        ...(o.storage ? { storage: path.resolve(o.storage) } : {}),
-        ...(o.format ? { format: o.format } : {}),
-        ...(o.powerOn ? { powerOn: true } : {}),
-      });
+      let task = await withPointPassword(ctx, o.passwordFile, (pw) =>
+        client.post<VmRestore>(at('/restore-points', id, 'restore-vm'), {
+          ...(o.name ? { name: o.name } : {}),
+          ...(o.host ? { host: o.host } : {}),
+          ...(o.storage ? { storage: path.resolve(o.storage) } : {}),
+          ...(o.format ? { format: o.format } : {}),
+          ...(o.powerOn ? { powerOn: true } : {}),
+          ...pw,
+        }),
+      );
       let lastTenth = -1;
       while (task.state === 'running') {
         const pct = Math.floor(task.progress.percent);
@@ -104,11 +109,12 @@ export function instantRecoveryCommand(ctx: CliContext): Command {
     .description('boot the VM of a restore point from the backup (writes go to a local overlay, never to the backup)')
     .argument('<point>', 'restore point id, VM@latest or VM@<ISO time>')
     .option('--name <name>', 'name of the recovered VM (default: VM-ir)')
+    .addOption(passwordFileOption())
     .addOption(jsonOption())
-    .action(async (point: string, o: { name?: string; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { name?: string; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      const s = await client.post<InstantRecovery>('/instant-recoveries', { point: id, ...(o.name ? { name: o.name } : {}) });
+      const s = await withPointPassword(ctx, o.passwordFile, (pw) => client.post<InstantRecovery>('/instant-recoveries', { point: id, ...(o.name ? { name: o.name } : {}), ...pw }));
       if (o.json) return printJson(ctx.output, s);
       ctx.output.out(formatFields(instantFields(s)));
     });

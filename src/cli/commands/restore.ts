@@ -9,6 +9,7 @@ import type { ApiClient } from '../client.js';
 import { formatFields, humanDuration, humanSize, printJson } from '../output.js';
 import { registerRestoreFiles } from './files.js';
 import { registerRestoreVm } from './recovery.js';
+import { passwordFileOption, withPointPassword } from './encryption.js';
 
 interface RestoreDiskReply {
   point: string;
@@ -50,16 +51,20 @@ export function restoreCommand(ctx: CliContext): Command {
     .requiredOption('--to <path>', 'image file to write (on the server host in the one-host install)')
     .addOption(new Option('--format <format>', 'image format').argParser(oneOf('--format', ['raw', 'qcow2'] as const)).default('raw'))
     .option('--overwrite', 'replace an existing file at --to')
+    .addOption(passwordFileOption())
     .addOption(new Option('--json', 'print the result as JSON'))
-    .action(async (point: string, o: { disk: string; to: string; format: 'raw' | 'qcow2'; overwrite?: boolean; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { disk: string; to: string; format: 'raw' | 'qcow2'; overwrite?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      const reply = await client.post<RestoreDiskReply>(at('/restore-points', id, 'restore-disk'), {
-        disk: o.disk,
-        to: path.resolve(o.to),
-        format: o.format,
-        ...(o.overwrite ? { overwrite: true } : {}),
-      });
+      const reply = await withPointPassword(ctx, o.passwordFile, (pw) =>
+        client.post<RestoreDiskReply>(at('/restore-points', id, 'restore-disk'), {
+          disk: o.disk,
+          to: path.resolve(o.to),
+          format: o.format,
+          ...(o.overwrite ? { overwrite: true } : {}),
+          ...pw,
+        }),
+      );
       if (o.json) return printJson(ctx.output, reply);
       ctx.output.out(
         formatFields([

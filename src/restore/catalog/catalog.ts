@@ -61,11 +61,17 @@ export interface IndexResult {
  * every mounted file system, writes `<point id>.files.gz` beside the point (atomically), unmounts,
  * and removes indexes of points no longer in that VM folder's chain metadata.
  */
-export async function indexRestorePoint(o: { repository: Repository; pointId: string; runDir?: string }): Promise<IndexResult> {
+export async function indexRestorePoint(o: { repository: Repository; pointId: string; runDir?: string; /** of an encrypted point */ password?: string }): Promise<IndexResult> {
   const started = Date.now();
   const work = await mkdtemp(join(tmpdir(), 'bulwark-index-'));
   try {
-    const m = await mountRestorePoint({ repository: o.repository, pointId: o.pointId, at: join(work, 'mnt'), ...(o.runDir !== undefined ? { runDir: o.runDir } : {}) });
+    const m = await mountRestorePoint({
+      repository: o.repository,
+      pointId: o.pointId,
+      at: join(work, 'mnt'),
+      ...(o.runDir !== undefined ? { runDir: o.runDir } : {}),
+      ...(o.password !== undefined ? { password: o.password } : {}),
+    });
     try {
       const point = m.point;
       const header: FileIndexHeader = {

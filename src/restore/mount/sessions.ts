@@ -35,6 +35,8 @@ export interface OpenMountOptions {
   /** Folder to mount under; default `<defaultRoot>/<vm>-<time>-<short id>`. */
   readonly at?: string;
   readonly detached?: boolean;
+  /** Password of an encrypted point (the server resolves it: docs/encryption.md). */
+  readonly password?: string;
 }
 
 interface Entry {
@@ -64,7 +66,13 @@ export class MountSessions {
     const stamp = info0.time.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
     const at = resolve(o.at ?? join(this.#defaultRoot, `${info0.vm.replace(/[^A-Za-z0-9._-]/g, '_')}-${stamp}-${id.slice(0, 8)}`));
     await assertEmptyOrMissing(at);
-    const mount = await mountRestorePoint({ repository: o.repository, pointId: o.pointId, at, ...(this.#runDir !== undefined ? { runDir: this.#runDir } : {}) });
+    const mount = await mountRestorePoint({
+      repository: o.repository,
+      pointId: o.pointId,
+      at,
+      ...(this.#runDir !== undefined ? { runDir: this.#runDir } : {}),
+      ...(o.password !== undefined ? { password: o.password } : {}),
+    });
     const info: MountSessionInfo = {
       id,
       point: mount.point.id,

@@ -10,6 +10,7 @@ import type { HypervisorConnection } from '../../hypervisor/index.js';
 import type { RunOptions, RunResult } from '../jobs/engine.js';
 import { deleteExportFolder, isLocalRepository, jobForQuickBackup, parseDeleteAfter, recordExport, type ExportRecord } from '../services/backup-methods.js';
 import type { ServiceContext } from '../services/common.js';
+import type { EncryptionKeys } from '../services/encryption.js';
 import { getRepository, listHosts } from '../services/infrastructure.js';
 import { getJob } from '../services/jobs.js';
 
@@ -19,6 +20,8 @@ export interface BackupApiOptions {
   engine: { runNow(job: string, opts?: RunOptions): Promise<RunResult> };
   /** The one-host data path's export; absent: exports answer 503. */
   exportVm?: ((o: ExportVmOptions) => Promise<ExportVmResult>) | undefined;
+  /** The server's encryption passwords: an encrypted export is recorded with its hint, its password is not kept. */
+  keys?: EncryptionKeys | undefined;
 }
 
 const QuickBody = Type.Object(
@@ -31,7 +34,8 @@ const ExportBody = Type.Object(
   {
     vm: Type.String({ minLength: 1 }),
     repository: Type.String({ minLength: 1 }),
-    password: Type.Optional(Type.String({ minLength: 1, description: 'encrypt the export with a key derived from this password' })),
+    password: Type.Optional(Type.String({ minLength: 1, description: 'encrypt the export with a key derived from this password (not kept by the server: restores of the export ask for it)' })),
+    passwordHint: Type.Optional(Type.String({ maxLength: 200, description: 'with password: shown when a wrong password is given' })),
     deleteAfter: Type.Optional(Type.String({ description: 'e.g. 30d, 12h, 2w: the server deletes the export after this long' })),
     compression: Type.Optional(Type.Union([Type.Literal('zstd'), Type.Literal('lz4'), Type.Literal('none')])),
   },
@@ -87,14 +91,7 @@ export function backupPlugin(o: BackupApiOptions): FastifyPluginAsync {
       { config: { permission: 'run-jobs' }, schema: { tags: ['jobs'], params: Type.Object({ name: Type.String() }), body: Type.Optional(HealthBody), response: { 202: Started } } },
       async (req, reply) => {
         const job = await getJob(ctx, req.params.name);
-        const repo = await getRepository(ctx, job.repository);
-        if (!isLocalRepository(repo)) {
-          throw new BulwarkError(`job ${job.name} writes to repository ${repo.name} on agent ${repo.agent ?? ''}: health checks run on repositories of the server's host only for now`, {
-            kind: 'invalid',
-            context: { job: job.name },
-            hint: `verify that folder on its host with: bulwark repo verify ${repo.path}`,
-          });
-        }
+        // A repository on another agent is checked there (a health-check task, src/server/dispatch).
         const { sessionId } = await o.engine.runNow(job.id, { trigger: 'manual', settings: { operation: 'health-check', wholeChain: req.body?.wholeChain === true }, noRetries: true });
         return reply.status(202).send({ sessionId, job: job.name });
       },
@@ -125,6 +122,7 @@ export function backupPlugin(o: BackupApiOptions): FastifyPluginAsync {
           ...(req.body.compression !== undefined ? { compression: req.body.compression } : {}),
           now: ctx.clock.now(),
         });
+        if (result.summary.point.encrypted) await o.keys?.recordChain(result.summary.point.chainId, req.body.passwordHint ?? '', null);
         const rec: ExportT = await recordExport(ctx, {
           repository: repo.id,
           vm: result.summary.vm,

@@ -20,6 +20,7 @@ import { restoreFilesToDir, restoreFilesToGuest, type RestoreFilesResult } from 
 import type { MountSessions } from '../../restore/mount/sessions.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository, listHosts } from '../services/infrastructure.js';
+import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessions.js';
 
 const log = logger('files-api');
@@ -76,6 +77,7 @@ const MountBody = Type.Object(
     point: Type.String({ minLength: 1, description: 'restore point id' }),
     at: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder on the server host to mount under (new or empty)' })),
     detached: Type.Optional(Type.Boolean({ description: 'keep the mount until it is unmounted by id (default: held by the caller through /mounts/{id}/hold)' })),
+    password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
   },
   { additionalProperties: false },
 );
@@ -87,6 +89,7 @@ const RestoreFilesBody = Type.Object(
     toGuest: Type.Optional(Type.Boolean({ description: 'write back into the running original VM through its guest agent' })),
     overwrite: Type.Optional(Type.Boolean({ description: 'with to: replace existing files' })),
     conflict: Type.Optional(Type.Union([Type.Literal('overwrite'), Type.Literal('keep-both'), Type.Literal('fail')], { description: 'with toGuest: what to do when a path exists (default fail)' })),
+    password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
   },
   { additionalProperties: false },
 );
@@ -102,6 +105,8 @@ const RestoreFilesReply = Type.Object({
   bytes: Type.Number(),
   skipped: Type.Array(Type.Object({ path: Type.String(), reason: Type.String() })),
 });
+
+const IndexBody = Type.Object({ password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })) }, { additionalProperties: false });
 
 const IndexReply = Type.Object({ point: Type.String(), file: Type.String(), entries: Type.Integer(), filesystems: Type.Integer(), durationMs: Type.Number() });
 
@@ -127,11 +132,16 @@ const SearchReply = Type.Object({
   truncated: Type.Boolean(),
 });
 
-async function repositoryOfPoint(ctx: ServiceContext, pointId: string): Promise<{ repository: Repository; vm: string }> {
+/**
+ * The repository of a ready point and the password option to open it with (the server's for its
+ * encrypted jobs, else `given`, checked: docs/encryption.md).
+ */
+async function repositoryOfPoint(ctx: ServiceContext, pointId: string, keys?: EncryptionKeys, given?: string): Promise<{ repository: Repository; vm: string; password: { password?: string } }> {
   const point = await getRestorePoint(ctx, pointId);
   if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
   const repo = await getRepository(ctx, point.repository);
-  return { repository: await openRepository(repo.path), vm: point.vm };
+  const repository = await openRepository(repo.path);
+  return { repository, vm: point.vm, password: await pointPassword(keys, repository, point, given) };
 }
 
 /** Connects to the guest agent of a running VM, found on the configured QEMU hosts. */
@@ -179,19 +189,27 @@ async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<QgaCl
 export async function restoreFiles(
   ctx: ServiceContext,
   pointId: string,
-  body: { paths: string[]; to?: string | undefined; toGuest?: boolean | undefined; overwrite?: boolean | undefined; conflict?: 'overwrite' | 'keep-both' | 'fail' | undefined },
+  body: {
+    paths: string[];
+    to?: string | undefined;
+    toGuest?: boolean | undefined;
+    overwrite?: boolean | undefined;
+    conflict?: 'overwrite' | 'keep-both' | 'fail' | undefined;
+    password?: string | undefined;
+  },
   runDir?: string,
+  keys?: EncryptionKeys,
 ): Promise<RestoreFilesResult & { point: string; vm: string; target: string }> {
   if ((body.to === undefined) === (body.toGuest !== true)) {
     throw new BulwarkError('say where to restore: either to (a folder) or toGuest', { kind: 'invalid', hint: 'bulwark restore files POINT --path P --to DIR, or --to-guest' });
   }
   if (body.to !== undefined && !path.isAbsolute(body.to)) throw new BulwarkError(`to: ${body.to} is not an absolute path`, { kind: 'invalid' });
-  const { repository, vm } = await repositoryOfPoint(ctx, pointId);
+  const { repository, vm, password } = await repositoryOfPoint(ctx, pointId, keys, body.password);
   const qga = body.toGuest ? await connectGuestAgent(ctx, vm) : undefined;
   const work = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-files-'));
   try {
     return await withMountIoSlot(async () => {
-      const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}) });
+      const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}), ...password });
       try {
         const result = qga
           ? await restoreFilesToGuest(m, body.paths, qga, { conflict: body.conflict ?? 'fail' })
@@ -208,9 +226,9 @@ export async function restoreFiles(
 }
 
 /** Builds (or rebuilds) the file index of one restore point. */
-export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: string): Promise<IndexResult> {
-  const { repository } = await repositoryOfPoint(ctx, pointId);
-  return withMountIoSlot(() => indexRestorePoint({ repository, pointId, ...(runDir !== undefined ? { runDir } : {}) }));
+export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: string, keys?: EncryptionKeys, given?: string): Promise<IndexResult> {
+  const { repository, password } = await repositoryOfPoint(ctx, pointId, keys, given);
+  return withMountIoSlot(() => indexRestorePoint({ repository, pointId, ...(runDir !== undefined ? { runDir } : {}), ...password }));
 }
 
 /**
@@ -218,9 +236,9 @@ export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: 
  * builds the point's guest file index and logs the outcome in the session. Never throws: a
  * backup whose index failed is still a good backup (the session gets a warning).
  */
-export async function indexAfterBackup(ctx: ServiceContext, pointId: string, sessionId: string | undefined, runDir?: string): Promise<void> {
+export async function indexAfterBackup(ctx: ServiceContext, pointId: string, sessionId: string | undefined, runDir?: string, keys?: EncryptionKeys): Promise<void> {
   try {
-    const r = await indexPoint(ctx, pointId, runDir);
+    const r = await indexPoint(ctx, pointId, runDir, keys);
     if (sessionId) await appendLog(ctx, sessionId, 'info', `guest file index of restore point ${pointId}: ${r.entries} entries from ${r.filesystems} file systems`);
   } catch (err) {
     log.warn({ point: pointId, err: describeError(err) }, 'guest file index failed');
@@ -244,7 +262,7 @@ export async function searchFiles(ctx: ServiceContext, pattern: string, vm?: str
   return searchIndexes(searchable, pattern, limit !== undefined ? { limit } : {});
 }
 
-export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { runDir?: string } = {}): FastifyPluginAsync {
+export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { runDir?: string; keys?: EncryptionKeys } = {}): FastifyPluginAsync {
   return async (api) => {
     const r = api.withTypeProvider<TypeBoxTypeProvider>();
     r.post(
@@ -253,8 +271,8 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
       async (req, reply) => {
         const { point, at, detached } = req.body;
         if (at !== undefined && !path.isAbsolute(at)) throw new BulwarkError(`at: ${at} is not an absolute path`, { kind: 'invalid' });
-        const { repository } = await repositoryOfPoint(ctx, point);
-        const info = await mounts.open({ repository, pointId: point, ...(at !== undefined ? { at } : {}), detached: detached ?? false });
+        const { repository, password } = await repositoryOfPoint(ctx, point, opts.keys, req.body.password);
+        const info = await mounts.open({ repository, pointId: point, ...(at !== undefined ? { at } : {}), detached: detached ?? false, ...password });
         return reply.code(201).send(info);
       },
     );
@@ -303,12 +321,12 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
     r.post(
       '/restore-points/:id/restore-files',
       { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: RestoreFilesBody, response: { 200: RestoreFilesReply } } },
-      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir),
+      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys),
     );
     r.post(
       '/restore-points/:id/file-index',
-      { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, response: { 200: IndexReply } } },
-      async (req) => indexPoint(ctx, req.params.id, opts.runDir),
+      { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: Type.Optional(IndexBody), response: { 200: IndexReply } } },
+      async (req) => indexPoint(ctx, req.params.id, opts.runDir, opts.keys, req.body?.password),
     );
     r.get(
       '/file-index/search',

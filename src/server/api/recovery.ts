@@ -18,6 +18,7 @@ import { InstantRecoverySessions, type InstantSessionInfo } from '../../restore/
 import { globMatches, processesHolding, restoreVm, type RestoreVmHost, type RestoreVmResult } from '../../restore/vm/index.js';
 import type { ServiceContext } from '../services/common.js';
 import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
+import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { getRestorePoint } from '../services/sessions.js';
 
 const log = logger('recovery');
@@ -31,6 +32,7 @@ const RestoreVmBody = Type.Object(
     storage: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder for the new VM\'s disks' })),
     format: Type.Optional(Type.Union([Type.Literal('raw'), Type.Literal('qcow2')])),
     powerOn: Type.Optional(Type.Boolean()),
+    password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
   },
   { additionalProperties: false },
 );
@@ -87,6 +89,7 @@ const StartInstantBody = Type.Object(
   {
     point: Type.String({ minLength: 1, description: 'restore point id' }),
     name: Type.Optional(Type.String({ minLength: 1, description: 'name of the recovered VM (default: VM-ir)' })),
+    password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
   },
   { additionalProperties: false },
 );
@@ -108,12 +111,15 @@ function absolute(field: string, p: string): string {
 export interface RecoveryServiceOptions {
   readonly ctx: ServiceContext;
   readonly dataDir: string;
+  /** The server's encryption passwords (points of encrypted jobs need none typed). */
+  readonly keys?: EncryptionKeys | undefined;
 }
 
 /** Restores and instant recovery sessions of this server process. */
 export class RecoveryService {
   readonly #ctx: ServiceContext;
   readonly #dataDir: string;
+  readonly #keys: EncryptionKeys | undefined;
   readonly #instant = new InstantRecoverySessions();
   readonly #restores = new Map<string, VmRestore>();
   readonly #running = new Set<Promise<unknown>>();
@@ -123,6 +129,7 @@ export class RecoveryService {
   constructor(o: RecoveryServiceOptions) {
     this.#ctx = o.ctx;
     this.#dataDir = o.dataDir;
+    this.#keys = o.keys;
   }
 
   /** Where instant recovery sessions keep their sockets and overlays (short: socket paths ≤ 107 bytes). */
@@ -176,21 +183,23 @@ export class RecoveryService {
     return r;
   }
 
-  async #pointRepository(pointId: string): Promise<{ repository: Repository; vm: string }> {
+  /** The point's repository and the password option to open it with (docs/encryption.md). */
+  async #pointRepository(pointId: string, given?: string): Promise<{ repository: Repository; vm: string; password: { password?: string } }> {
     const point = await getRestorePoint(this.#ctx, pointId);
     if (point.state !== 'ready') throw new BulwarkError(`restore point ${pointId} is ${point.state}`, { kind: 'conflict' });
     const repo = await getRepository(this.#ctx, point.repository);
-    return { repository: await this.#repository(repo.path), vm: point.vm };
+    const repository = await this.#repository(repo.path);
+    return { repository, vm: point.vm, password: await pointPassword(this.#keys, repository, point, given) };
   }
 
   /** The host a restore goes to: the named one, or the one whose QMP glob covers the original VM. */
-  async #host(repository: Repository, pointId: string, name: string | undefined): Promise<{ name: string; host: RestoreVmHost }> {
+  async #host(repository: Repository, pointId: string, name: string | undefined, password: { password?: string }): Promise<{ name: string; host: RestoreVmHost }> {
     const toHost = (h: { name: string; kind: 'qemu' | 'libvirt'; uri: string }) => ({
       name: h.name,
       host: h.kind === 'qemu' ? { kind: 'qemu' as const, qmpGlob: h.uri } : { kind: 'libvirt' as const, uri: h.uri },
     });
     if (name) return toHost(await getHost(this.#ctx, name));
-    const point = await repository.openRestorePoint(pointId);
+    const point = await repository.openRestorePoint(pointId, password);
     let meta;
     try {
       meta = decodePointMetadata(point.vmConfig);
@@ -217,8 +226,8 @@ export class RecoveryService {
    */
   async startRestoreVm(pointId: string, body: Static<typeof RestoreVmBody>): Promise<VmRestore> {
     if (body.storage) absolute('storage', body.storage);
-    const { repository, vm } = await this.#pointRepository(pointId);
-    const host = await this.#host(repository, pointId, body.host);
+    const { repository, vm, password } = await this.#pointRepository(pointId, body.password);
+    const host = await this.#host(repository, pointId, body.host, password);
     const id = `vr-${randomBytes(4).toString('hex')}`;
     const task: VmRestore = {
       id,
@@ -244,6 +253,7 @@ export class RecoveryService {
       ...(body.storage ? { storage: body.storage } : {}),
       ...(body.format ? { format: body.format } : {}),
       ...(body.powerOn ? { powerOn: true } : {}),
+      ...password,
       defaultVmRoot: path.join(this.#dataDir, 'vms'),
       signal: this.#abort.signal,
       onProgress: (p) => {
@@ -313,9 +323,9 @@ export class RecoveryService {
   }
 
   async startInstant(body: Static<typeof StartInstantBody>): Promise<InstantRecovery> {
-    const { repository, vm } = await this.#pointRepository(body.point);
+    const { repository, vm, password } = await this.#pointRepository(body.point, body.password);
     const name = body.name ?? `${vm}-ir`;
-    const info = await this.#instant.start({ repository, pointId: body.point, workDir: this.instantDir, name });
+    const info = await this.#instant.start({ repository, pointId: body.point, workDir: this.instantDir, name, ...password });
     return this.#instantInfo(info);
   }
 

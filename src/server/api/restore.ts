@@ -9,6 +9,7 @@ import { openRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository } from '../services/infrastructure.js';
+import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
 
 const RestoreDiskBody = Type.Object(
@@ -17,6 +18,7 @@ const RestoreDiskBody = Type.Object(
     to: Type.String({ minLength: 1, description: 'absolute path of the image to write, on the server host' }),
     format: Type.Optional(Type.Union([Type.Literal('raw'), Type.Literal('qcow2')])),
     overwrite: Type.Optional(Type.Boolean()),
+    password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of (never needed for the points of its encrypted jobs)' })),
   },
   { additionalProperties: false },
 );
@@ -44,13 +46,16 @@ const RescanReply = Type.Object({
  * folder may come from another server, or the database may have been restored from an older
  * configuration backup).
  */
-export async function rescanRepository(ctx: ServiceContext, name: string): Promise<Static<typeof RescanReply>> {
+export async function rescanRepository(ctx: ServiceContext, name: string, keys?: EncryptionKeys): Promise<Static<typeof RescanReply>> {
   const repo = await getRepository(ctx, name);
   const repository = await openRepository(repo.path);
   const points = await repository.listRestorePoints();
   const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
   const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
   let added = 0;
+  // Encrypted chains enter the catalog with their hint; the password that opens one is found (and
+  // remembered) at its first restore, or given then.
+  for (const c of await repository.listChains()) if (c.encrypted) await keys?.recordChain(c.id, c.passwordHint ?? '', null);
   for (const p of points) {
     if (known.has(p.id)) continue;
     await recordRestorePoint(ctx, {
@@ -82,16 +87,16 @@ export async function rescanRepository(ctx: ServiceContext, name: string): Promi
  */
 export type RemoteDiskRestore = (
   repository: { readonly agent: string | null; readonly path: string },
-  args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined },
+  args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; password?: string | undefined },
 ) => Promise<{ path: string; format: 'raw' | 'qcow2'; size: number; sha256: string; bytesWritten: number; durationMs: number }> | undefined;
 
-export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore): FastifyPluginAsync {
+export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, keys?: EncryptionKeys): FastifyPluginAsync {
   return async (api) => {
     const r = api.withTypeProvider<TypeBoxTypeProvider>();
     r.post(
       '/repositories/:name/rescan',
       { config: { permission: 'configure' }, schema: { tags: ['repositories'], params: Type.Object({ name: Type.String() }), response: { 200: RescanReply } } },
-      async (req) => rescanRepository(ctx, req.params.name),
+      async (req) => rescanRepository(ctx, req.params.name, keys),
     );
     r.post(
       '/restore-points/:id/restore-disk',
@@ -100,7 +105,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore): 
         schema: { tags: ['restore'], params: Type.Object({ id: Type.String() }), body: RestoreDiskBody, response: { 200: RestoreDiskReply } },
       },
       async (req) => {
-        const { disk, to, format, overwrite } = req.body;
+        const { disk, to, format, overwrite, password: given } = req.body;
         if (!path.isAbsolute(to)) {
           throw new BulwarkError(`to: ${to} is not an absolute path`, { kind: 'invalid', hint: 'give the full path of the image to write on the server host' });
         }
@@ -110,8 +115,15 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore): 
         }
         const repo = await getRepository(ctx, point.repository);
         // A repository on another agent's host: that agent restores, to a path on its host.
-        const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite });
-        const result = onAgent ? await onAgent : await restoreDisk({ repository: await openRepository(repo.path), pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}) });
+        const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
+        const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
+        let result;
+        if (onAgent) result = await onAgent;
+        else {
+          const repository = await openRepository(repo.path);
+          const pw = await pointPassword(keys, repository, point, given);
+          result = await restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...pw });
+        }
         return { point: point.id, disk, path: result.path, format: result.format, size: result.size, sha256: result.sha256, bytesWritten: result.bytesWritten, durationMs: result.durationMs };
       },
     );

@@ -214,6 +214,32 @@ export const migrations: readonly Migration[] = [
       await (kdb as AnyDb).schema.alterTable('jobs').addColumn('proxy', 'text').execute();
     },
   },
+  {
+    // Encryption of backup chains managed by the server (docs/encryption.md): the passwords it
+    // knows, sealed with the key in <data>/secret.key (never in clear text here), each optionally
+    // the active password of a job; and the encrypted chains it has seen, with their hint and the
+    // password that opens them (null: not known to this server, e.g. an encrypted export).
+    name: '202611250500_encryption_keys',
+    async up(kdb) {
+      const db = kdb as AnyDb;
+      await db.schema
+        .createTable('encryption_keys')
+        .addColumn('id', 'text', (c) => c.primaryKey())
+        .addColumn('job_id', 'text')
+        .addColumn('hint', 'text', (c) => c.notNull())
+        .addColumn('sealed_password', 'text', (c) => c.notNull())
+        .addColumn('created_at', 'text', (c) => c.notNull())
+        .addColumn('retired_at', 'text')
+        .execute();
+      await db.schema
+        .createTable('encrypted_chains')
+        .addColumn('chain_id', 'text', (c) => c.primaryKey())
+        .addColumn('hint', 'text', (c) => c.notNull())
+        .addColumn('key_id', 'text')
+        .addColumn('recorded_at', 'text', (c) => c.notNull())
+        .execute();
+    },
+  },
 ];
 
 /** Advisory-lock key of the migration runner on PostgreSQL ("BULWARK1" as an int64). */

@@ -222,6 +222,30 @@ export interface Database {
   throttling_rules: ThrottlingRuleTable;
   bulwark_migrations: MigrationTable;
   exports: ExportTable;
+  encryption_keys: EncryptionKeyTable;
+  encrypted_chains: EncryptedChainTable;
+}
+
+/** A password the server knows (docs/encryption.md): sealed with <data>/secret.key, never clear. */
+export interface EncryptionKeyTable {
+  id: string;
+  /** The job it encrypts (while retired_at is null, its active password); null = added by hand. */
+  job_id: string | null;
+  hint: string;
+  /** `v1:` + base64(nonce 12 || AES-256-GCM ciphertext || tag 16), AAD = `bulwark sealed password v1 <id>`. */
+  sealed_password: string;
+  created_at: string;
+  /** Replaced or turned off in its job: kept to open that job's older chains. */
+  retired_at: string | null;
+}
+
+/** An encrypted backup chain the catalog has seen. */
+export interface EncryptedChainTable {
+  chain_id: string;
+  hint: string;
+  /** The encryption key that opens it; null = the server does not know its password. */
+  key_id: string | null;
+  recorded_at: string;
 }
 
 /** Tables in dependency order (parents first): used by restore and by tests. */

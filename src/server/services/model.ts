@@ -313,6 +313,10 @@ export const RestorePoint = Type.Object({
   repository: Type.String(),
   job: Nullable(Type.String()),
   sessionId: Nullable(Type.String()),
+  /** Encryption (docs/encryption.md): absent on plain points. */
+  encrypted: Type.Optional(Type.Boolean()),
+  keyKnown: Type.Optional(Type.Boolean({ description: 'the server knows the password of this encrypted point (restores need none typed)' })),
+  passwordHint: Type.Optional(Type.String()),
 });
 export type RestorePoint = Static<typeof RestorePoint>;
 

@@ -238,7 +238,8 @@ export async function failInterruptedSessions(ctx: ServiceContext): Promise<numb
 }
 
 // ---- restore points
-function toRestorePoint(r: Selectable<RestorePointTable>, repo: string, job: string | null): RestorePoint {
+function toRestorePoint(r: Selectable<RestorePointTable> & { enc_hint?: string | null; enc_key?: string | null; enc_chain?: string | null }, repo: string, job: string | null): RestorePoint {
+  const encrypted = r.enc_chain !== null && r.enc_chain !== undefined;
   return {
     id: r.id,
     vm: r.vm,
@@ -251,6 +252,7 @@ function toRestorePoint(r: Selectable<RestorePointTable>, repo: string, job: str
     repository: repo,
     job,
     sessionId: r.session_id,
+    ...(encrypted ? { encrypted: true, keyKnown: r.enc_key !== null && r.enc_key !== undefined, ...(r.enc_hint ? { passwordHint: r.enc_hint } : {}) } : {}),
   };
 }
 
@@ -259,8 +261,9 @@ export async function listRestorePoints(ctx: ServiceContext, q: { vm?: string } 
     .selectFrom('restore_points as p')
     .innerJoin('repositories as r', 'r.id', 'p.repository_id')
     .leftJoin('jobs as j', 'j.id', 'p.job_id')
+    .leftJoin('encrypted_chains as ec', 'ec.chain_id', 'p.chain_id')
     .selectAll('p')
-    .select(['r.name as repo_name', 'j.name as job_name'])
+    .select(['r.name as repo_name', 'j.name as job_name', 'ec.chain_id as enc_chain', 'ec.hint as enc_hint', 'ec.key_id as enc_key'])
     .orderBy('p.vm')
     .orderBy('p.time', 'desc');
   if (q.vm !== undefined) query = query.where('p.vm', '=', q.vm);
@@ -273,8 +276,9 @@ export async function getRestorePoint(ctx: ServiceContext, id: string): Promise<
     .selectFrom('restore_points as p')
     .innerJoin('repositories as r', 'r.id', 'p.repository_id')
     .leftJoin('jobs as j', 'j.id', 'p.job_id')
+    .leftJoin('encrypted_chains as ec', 'ec.chain_id', 'p.chain_id')
     .selectAll('p')
-    .select(['r.name as repo_name', 'j.name as job_name'])
+    .select(['r.name as repo_name', 'j.name as job_name', 'ec.chain_id as enc_chain', 'ec.hint as enc_hint', 'ec.key_id as enc_key'])
     .where('p.id', '=', id)
     .executeTakeFirst();
   if (!all) throw notFound('restore point', id);
