@@ -79,6 +79,19 @@ export interface PendingRepairRecord {
   readonly disks: readonly { readonly disk: string; readonly blocks: readonly number[] }[];
 }
 
+/**
+ * A point a health check found damaged (section 4). Kept while the point exists, after its
+ * repair too: the damaged records stay in their files, and retention never merges a damaged
+ * point into the full (section 5, "Damage and merges").
+ */
+export interface DamagedPointRecord {
+  readonly point: string;
+  readonly detectedAt: string;
+  /** Header, index or table pages of a file of the point's chain. */
+  readonly metadataDamaged: boolean;
+  readonly disks: readonly { readonly disk: string; readonly blocks: readonly number[] }[];
+}
+
 export interface ChainMetadata {
   readonly version: 1;
   readonly job: string;
@@ -87,6 +100,8 @@ export interface ChainMetadata {
   readonly journal: TransformJournal | null;
   /** Absent or null when no repair is pending. */
   readonly pendingRepair?: PendingRepairRecord | null;
+  /** Absent or empty when no health check found a point damaged. */
+  readonly damagedPoints?: readonly DamagedPointRecord[];
 }
 
 export interface ChainMetadataFile {
@@ -232,6 +247,22 @@ export function validateChainMetadata(v: unknown): asserts v is ChainMetadata {
       const dobj = obj(d, dw);
       str(dobj, 'disk', dw);
       arr(dobj, 'blocks', dw).forEach((b, j) => check(typeof b === 'number' && Number.isSafeInteger(b) && b >= 0, S, `${dw}.blocks[${j}] must be a block index`));
+    });
+  }
+  if (o.damagedPoints !== undefined) {
+    check(Array.isArray(o.damagedPoints), S, 'damagedPoints must be an array');
+    (o.damagedPoints as unknown[]).forEach((x, i) => {
+      const w = `damagedPoints[${i}]`;
+      const r = obj(x, w);
+      str(r, 'point', w);
+      check(!Number.isNaN(Date.parse(str(r, 'detectedAt', w))), S, `${w}.detectedAt is not a date`);
+      check(typeof r.metadataDamaged === 'boolean', S, `${w}.metadataDamaged must be a boolean`);
+      arr(r, 'disks', w).forEach((d, k) => {
+        const dw = `${w}.disks[${k}]`;
+        const dobj = obj(d, dw);
+        str(dobj, 'disk', dw);
+        arr(dobj, 'blocks', dw).forEach((b, j) => check(typeof b === 'number' && Number.isSafeInteger(b) && b >= 0, S, `${dw}.blocks[${j}] must be a block index`));
+      });
     });
   }
   if (o.journal !== null) {

@@ -20,5 +20,5 @@ export { planRun, latestChain } from './plan/plan-run.js';
 export { planRetention, keptPoints, retentionCutoff } from './plan/plan-retention.js';
 export type {
   BackupMethod, Weekday, DaySchedule, Retention, MethodPolicy, VmChainState, RunKind, RunPlan, RetentionAction, RetentionReport,
-  PendingRepair, PendingRepairRecord, DamagedBlock, HealthReport, SynthesizeFullOptions,
+  PendingRepair, PendingRepairRecord, DamagedPointRecord, DamagedBlock, HealthReport, SynthesizeFullOptions,
 } from './plan/types.js';

@@ -238,8 +238,8 @@ export class Repository {
   async chainState(job: string, vm: string): Promise<VmChainState> {
     const dir = vmFolder(this.root, job, vm);
     const meta = await readChainMetadata(path.join(dir, chainMetadataName(vm)));
-    if (!meta) return { chains: [], repair: null };
-    return { chains: chainsOfFolder(meta.body, dir), repair: meta.body.pendingRepair ?? null };
+    if (!meta) return { chains: [], repair: null, damaged: [] };
+    return { chains: chainsOfFolder(meta.body, dir), repair: meta.body.pendingRepair ?? null, damaged: meta.body.damagedPoints ?? [] };
   }
 
   /**

@@ -99,6 +99,25 @@ describe('health check and repair', () => {
       expect(chain.damaged.map((d) => d.point)).toEqual([full.id, inc1.id, latest.id]);
       expect(chain.damaged.every((d) => d.block === 3 && d.file === full.file)).toBe(true);
       expect(chain.repair).toBeNull(); // the latest point is clean: nothing for the next run to repair
+      expect((await repo.chainState('h', vm)).damaged?.map((d) => d.point)).toEqual([full.id, inc1.id, latest.id]);
+
+      // Retention never merges a damaged point into the full: refused with a warning, the chain
+      // kept whole, an active full next; the old chain goes whole once none of its points is kept.
+      const ff = { method: 'forever-forward' as const, retention: { points: 2 } };
+      const refused = await repo.applyRetention('h', vm, ff);
+      expect(refused.removedPoints).toEqual([]);
+      expect(refused.actions).toMatchObject([{ kind: 'none', damaged: [full.id, inc1.id] }]);
+      expect(refused.actions[0]!.reason).toMatch(/merge refused: point .* has damaged vda block\(s\) 3/);
+      expect((await repo.listRestorePoints({ job: 'h', vm })).map((p) => p.id)).toEqual([full.id, inc1.id, latest.id, next.id]);
+      const plan = planRun(await repo.chainState('h', vm), ff, new Date());
+      expect(plan.kind).toBe('full');
+      const fresh = await write(vm, m, 'full', allBlocks(m));
+      const fresh2 = await write(vm, m, 'incremental', m.change([[2, 'data', 22]]));
+      const gone = await repo.applyRetention('h', vm, ff);
+      expect(gone.actions.map((a) => a.kind)).toEqual(['delete-chain']);
+      expect((await repo.listRestorePoints({ job: 'h', vm })).map((p) => p.id)).toEqual([fresh.id, fresh2.id]);
+      expect((await repo.chainState('h', vm)).damaged).toEqual([]);
+      expect((await read(fresh2.id)).equals(m.bytes)).toBe(true);
     });
   }
 

@@ -5,7 +5,7 @@
 import type { RestorePointInfo } from '../restore-point.js';
 import type { BackupChain } from '../folders.js';
 import { instantOf, localParts } from './calendar.js';
-import type { MethodPolicy, RetentionAction, VmChainState } from './types.js';
+import type { DamagedPointRecord, MethodPolicy, RetentionAction, VmChainState } from './types.js';
 
 /** The instant before which points fall out of retention by `days` (same wall clock, `days` calendar days ago). */
 export function retentionCutoff(now: Date, days: number, timeZone: string): Date {
@@ -38,6 +38,7 @@ export function keptPoints(chains: readonly BackupChain[], policy: MethodPolicy,
  */
 export function planRetention(state: VmChainState, policy: MethodPolicy, now: Date): RetentionAction[] {
   const kept = keptPoints(state.chains, policy, now);
+  const damaged = damagedPoints(state);
   const out: RetentionAction[] = [];
   const what = 'points' in policy.retention ? `${policy.retention.points} points` : `${policy.retention.days} days`;
   for (const chain of state.chains) {
@@ -67,6 +68,16 @@ export function planRetention(state: VmChainState, policy: MethodPolicy, now: Da
       const full = pts[0]!;
       for (let i = 0; i < outside.length; i++) {
         const inc = pts[i + 1]!;
+        // Never merge damage into the full: neither the point the full holds (its blocks the
+        // increment inherits would stay) nor the increment (its blocks would become the full's).
+        const hurt = [pts[i]!, inc].filter((p) => damaged.has(p.id));
+        if (hurt.length > 0) {
+          out.push({
+            kind: 'none', chain: chain.id, points: outside.slice(i).map((p) => p.id), damaged: hurt.map((p) => p.id),
+            reason: `merge refused: ${hurt.map((p) => `point ${p.id} (${p.time.toISOString()}) has ${describeDamage(damaged.get(p.id)!)}`).join('; ')}; merging would make the damage the full's. ${outside.length - i} point(s) are kept beyond retention (${what}) until an active full starts a new chain (the next run takes one) and this chain is deleted whole`,
+          });
+          break;
+        }
         out.push({
           kind: 'merge', chain: chain.id, point: inc.id, removes: pts[i]!.id, files: { increment: inc.file, full: full.file },
           reason: `point ${pts[i]!.id} (${pts[i]!.time.toISOString()}) is outside retention (${what}): merge increment ${inc.id} into the full`,
@@ -80,6 +91,21 @@ export function planRetention(state: VmChainState, policy: MethodPolicy, now: Da
     }
   }
   return out;
+}
+
+/** Damaged points by id: every point a health check recorded, and the one a repair is pending for. */
+export function damagedPoints(state: VmChainState): Map<string, DamagedPointRecord> {
+  const out = new Map<string, DamagedPointRecord>();
+  for (const d of state.damaged ?? []) out.set(d.point, d);
+  const r = state.repair;
+  if (r && !out.has(r.point) && (r.metadataDamaged || r.disks.some((d) => d.blocks.length > 0))) out.set(r.point, { ...r });
+  return out;
+}
+
+function describeDamage(d: DamagedPointRecord): string {
+  const blocks = d.disks.filter((x) => x.blocks.length > 0).map((x) => `${x.disk} block(s) ${x.blocks.slice(0, 8).join(', ')}${x.blocks.length > 8 ? ', ...' : ''}`);
+  const parts = [...(d.metadataDamaged ? ['damaged metadata'] : []), ...(blocks.length > 0 ? [`damaged ${blocks.join('; ')}`] : [])];
+  return `${parts.join(' and ') || 'damage'} (health check ${d.detectedAt})`;
 }
 
 /** A forward chain the merge can walk: a full, then increments each on the one before. */

@@ -2,6 +2,7 @@
 // docs/formats/backup-files.md section 5 describes the transforms each kind leads to.
 import type { BackupChain } from '../folders.js';
 import { dayMatches, dayName, localDayNumber } from './calendar.js';
+import { planRetention } from './plan-retention.js';
 import type { DaySchedule, MethodPolicy, RunPlan, VmChainState } from './types.js';
 
 /** How far back a missed scheduled full is still caught up (days). */
@@ -33,6 +34,11 @@ export function planRun(state: VmChainState, policy: MethodPolicy, now: Date): R
   const activeDay = scheduledSince(policy.activeFull, chainStart, today);
   if (activeDay !== null) {
     return full(activeDay === today ? `active full scheduled on ${dayName(today)}` : `the active full scheduled on ${dayName(activeDay)} was not taken`);
+  }
+  if (policy.method === 'forever-forward') {
+    // Retention refused to merge a damaged point of this chain into its full: start a new chain.
+    const blocked = planRetention(state, policy, now).find((a) => a.kind === 'none' && a.chain === chain.id && (a.damaged?.length ?? 0) > 0);
+    if (blocked) return full(`retention cannot merge damaged point(s) ${(blocked.kind === 'none' ? blocked.damaged ?? [] : []).join(', ')} into the full: active full (the old chain is deleted once no point of it is kept)`);
   }
   if (chainMethod === 'reverse') return { kind: 'reverse', reason: 'reverse incremental: inject the changes into the full', chainMethod, parent: tip.id };
   if (policy.method === 'forward') {

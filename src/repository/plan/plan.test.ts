@@ -126,6 +126,37 @@ describe('planRetention', () => {
   });
 });
 
+describe('merging with damaged points (health check)', () => {
+  const ff: MethodPolicy = { method: 'forever-forward', retention: { points: 3 } };
+  const at = '2026-11-30T22:00:00Z';
+  const mark = (point: string, blocks: number[], metadataDamaged = false) => ({ point, detectedAt: '2026-11-26T01:00:00Z', metadataDamaged, disks: blocks.length > 0 ? [{ disk: 'vda', blocks }] : [] });
+  const repairOf = (point: string, blocks: number[]) => ({ detectedAt: '2026-11-26T01:00:00Z', point, metadataDamaged: false, disks: [{ disk: 'vda', blocks }] });
+  const a5 = chain('a', 'F I I I I', '2026-11-20T22:00:00Z'); // a-0..a-4; keeping 3 merges a-1 and a-2
+  const b = chain('b', 'F I', '2026-11-29T22:00:00Z');
+  // [name, state, retention (brief), next run (planRun kind)]
+  const cases: Array<[string, VmChainState, string[], string]> = [
+    ['no damage: merges as usual', { chains: [a5], repair: null }, ['merge a-1 (drops a-0)', 'merge a-2 (drops a-1)'], 'incremental'],
+    ['the increment to merge is damaged (recorded): refused, active full next', { chains: [a5], repair: null, damaged: [mark('a-1', [3])] }, ['keep a-0,a-1 (damaged a-1)'], 'full'],
+    ['the full\'s point is damaged: refused (its blocks the increment inherits would stay)', { chains: [a5], repair: null, damaged: [mark('a-0', [7])] }, ['keep a-0,a-1 (damaged a-0)'], 'full'],
+    ['a later increment damaged: earlier merges go on, then refused', { chains: [a5], repair: null, damaged: [mark('a-2', [1, 2])] }, ['merge a-1 (drops a-0)', 'keep a-1 (damaged a-2)'], 'full'],
+    ['a pending repair (not yet run) marks its point too', { chains: [a5], repair: repairOf('a-1', [4]) }, ['keep a-0,a-1 (damaged a-1)'], 'full'],
+    ['damaged metadata of the merged point', { chains: [a5], repair: null, damaged: [mark('a-2', [], true)] }, ['merge a-1 (drops a-0)', 'keep a-1 (damaged a-2)'], 'full'],
+    ['damage in a kept point only: merges go on', { chains: [a5], repair: null, damaged: [mark('a-4', [9])] }, ['merge a-1 (drops a-0)', 'merge a-2 (drops a-1)'], 'incremental'],
+    ['after the active full: the old chain waits, then is deleted whole; no second full', { chains: [chain('a', 'F I I', '2026-11-26T22:00:00Z'), b], repair: null, damaged: [mark('a-0', [3])] }, ['keep a-0,a-1 (damaged a-0)'], 'incremental'],
+    ['old damaged chain out of retention: deleted whole', { chains: [chain('a', 'F I I', '2026-11-20T22:00:00Z'), chain('b', 'F I I', '2026-11-28T22:00:00Z')], repair: null, damaged: [mark('a-1', [3])] }, ['delete-chain a'], 'incremental'],
+    ['forward method (no merges): damage changes nothing', { chains: [chain('a', 'F I I I', '2026-11-20T22:00:00Z'), b], repair: null, damaged: [mark('a-1', [3])] }, ['keep a-0,a-1,a-2'], 'incremental'],
+  ];
+  for (const [name, s, retention, next] of cases) {
+    it(name, () => {
+      const policy: MethodPolicy = name.startsWith('forward method') ? { ...ff, method: 'forward' } : ff;
+      const actions = planRetention(s, policy, new Date(at));
+      expect(actions.map((x) => `${brief(x)}${x.kind === 'none' && x.damaged ? ` (damaged ${x.damaged.join(',')})` : ''}`)).toEqual(retention);
+      for (const x of actions) if (x.kind === 'none' && x.damaged) expect(x.reason).toMatch(/merge refused: point .* has (damaged vda block|damaged metadata).*active full/);
+      expect(planRun(s, policy, new Date(at)).kind).toBe(next);
+    });
+  }
+});
+
 describe('calendar', () => {
   it('matches weekdays, month days and the last day', () => {
     const day = (s: string) => localDayNumber(new Date(`${s}T12:00:00Z`), 'UTC');

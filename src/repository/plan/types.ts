@@ -1,7 +1,7 @@
 // Types of the backup-method planning (pure) and of the chain maintenance the repository does:
 // what a run must be (planRun), what retention removes (planRetention), and the reports of the
 // transforms (docs/formats/backup-files.md section 5). The job engine's executor calls these.
-import type { PendingRepairRecord } from '../../format/chain-metadata.js';
+import type { DamagedPointRecord, PendingRepairRecord } from '../../format/chain-metadata.js';
 import type { BackupChain } from '../folders.js';
 
 /** How a job builds its chains. */
@@ -41,6 +41,8 @@ export interface VmChainState {
   readonly chains: readonly BackupChain[];
   /** Recorded by a health check; the next run must store these blocks fresh. */
   readonly repair: PendingRepairRecord | null;
+  /** Points health checks found damaged (kept after their repair; retention never merges them). */
+  readonly damaged?: readonly DamagedPointRecord[];
 }
 
 /** What one run of a VM must write. */
@@ -99,6 +101,12 @@ export type RetentionAction =
       readonly chain: string;
       readonly points: readonly string[];
       readonly reason: string;
+      /**
+       * Set when a merge was refused because a point it involves is damaged: merging would make
+       * the damaged blocks the full's. The reason is a warning for the session; planRun takes an
+       * active full on the next run, and the old chain is deleted whole once no point of it is kept.
+       */
+      readonly damaged?: readonly string[];
     };
 
 export interface RetentionReport {
@@ -117,7 +125,7 @@ export interface PendingRepair {
 }
 
 /** The repair a health check recorded in the .vbm (docs/formats/backup-files.md section 4). */
-export type { PendingRepairRecord } from '../../format/chain-metadata.js';
+export type { DamagedPointRecord, PendingRepairRecord } from '../../format/chain-metadata.js';
 
 /** One damaged block a health check found. */
 export interface DamagedBlock {

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { NIL_UUID, type BlockEntry, type ChainMetadata, type DiskDescriptor, type PointRecord, type StoredBlockEntry } from '../../format/index.js';
+import { NIL_UUID, type BlockEntry, type ChainMetadata, type DamagedPointRecord, type DiskDescriptor, type PointRecord, type StoredBlockEntry } from '../../format/index.js';
 import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
 import { BackupFile } from '../backup-file.js';
 import { blockDigest } from '../block-codec.js';
@@ -31,7 +31,7 @@ export async function applyRetention(f: VmFolder, job: string, vm: string, polic
     throw err;
   });
   if (!body) return { job, vm, actions: [], removedPoints: [], deletedFiles: [], io };
-  const actions = planRetention({ chains: chainsOfFolder(body, f.dir), repair: body.pendingRepair ?? null }, policy, now);
+  const actions = planRetention({ chains: chainsOfFolder(body, f.dir), repair: body.pendingRepair ?? null, damaged: body.damagedPoints ?? [] }, policy, now);
   const removedPoints: string[] = [];
   const deletedFiles: string[] = [];
   for (const a of actions) {
@@ -64,7 +64,13 @@ export async function applyRetention(f: VmFolder, job: string, vm: string, polic
         break;
     }
   }
-  if (removedPoints.length > 0) log.info({ job, vm, removedPoints, actions: actions.map(describeAction) }, 'retention applied');
+  if (removedPoints.length > 0) {
+    // Marks of damaged points that are gone go with them.
+    const gone = new Set(removedPoints);
+    if ((body.damagedPoints ?? []).some((m) => gone.has(m.point))) await updateBody(f, (b) => ({ ...b, damagedPoints: (b.damagedPoints ?? []).filter((m) => !gone.has(m.point)) }));
+    log.info({ job, vm, removedPoints, actions: actions.map(describeAction) }, 'retention applied');
+  }
+  for (const a of actions) if (a.kind === 'none' && a.damaged) log.warn({ job, vm, points: a.damaged }, a.reason);
   return { job, vm, actions, removedPoints, deletedFiles, io };
 }
 
@@ -217,6 +223,7 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
   const points = opts.wholeChain ? chain.points : [tip];
   const damaged: DamagedBlock[] = [];
   const metadataProblems: string[] = [];
+  const metadataHurt = new Set<string>(); // points whose metadata (or a file's) is damaged
   let blocksChecked = 0;
   const checked = new Map<string, string | null>(); // file:offset -> problem (null = good)
   for (const p of points) {
@@ -226,6 +233,7 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
     } catch (err) {
       if (err instanceof BulwarkError && err.kind === 'corrupt') {
         metadataProblems.push(`point ${p.id}: ${describeError(err)}`);
+        metadataHurt.add(p.id);
         continue;
       }
       throw err;
@@ -239,6 +247,7 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
             r = await rp.resolve(d.name, i);
           } catch (err) {
             metadataProblems.push(`point ${p.id}, disk ${d.name}, block ${i}: ${describeError(err)}`);
+            metadataHurt.add(p.id);
             i = (Math.floor(i / 1024) + 1) * 1024 - 1; // the rest of this table page is unknown too
             continue;
           }
@@ -271,7 +280,21 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
     metadataDamaged || byDisk.size > 0
       ? { detectedAt: new Date().toISOString(), point: tip.id, metadataDamaged, disks: [...byDisk].map(([disk, blocks]) => ({ disk, blocks })) }
       : null;
-  await updateBody(f, (b) => ({ ...b, pendingRepair: repair }));
+  // Every damaged point checked is marked (kept after its repair: retention never merges it);
+  // points checked clean lose an old mark; marks of points no longer in the .vbm go.
+  const detectedAt = new Date().toISOString();
+  const marks: DamagedPointRecord[] = [];
+  for (const p of points) {
+    const blocks = new Map<string, number[]>();
+    for (const d of damaged) if (d.point === p.id) blocks.set(d.disk, [...(blocks.get(d.disk) ?? []), d.block]);
+    if (blocks.size > 0 || metadataHurt.has(p.id)) marks.push({ point: p.id, detectedAt, metadataDamaged: metadataHurt.has(p.id), disks: [...blocks].map(([disk, b]) => ({ disk, blocks: b })) });
+  }
+  await updateBody(f, (b) => {
+    const live = new Set(b.chains.flatMap((c) => c.points.map((p) => p.id)));
+    const checkedIds = new Set(points.map((p) => p.id));
+    const damagedPoints = [...(b.damagedPoints ?? []).filter((m) => live.has(m.point) && !checkedIds.has(m.point)), ...marks];
+    return { ...b, pendingRepair: repair, damagedPoints };
+  });
   const ok = damaged.length === 0 && !metadataDamaged;
   if (!ok) log.warn({ job, vm, damaged: damaged.length, metadataProblems }, 'health check found damage; the next run repairs it');
   return { job, vm, points: points.map((p) => p.id), blocksChecked, ok, damaged, metadataDamaged, metadataProblems, repair };
