@@ -64,7 +64,7 @@ export async function compileBench(entry: string, outName: string): Promise<stri
   const outdir = path.join(root, '.cache', outName);
   const { build } = await import('esbuild');
   await build({
-    entryPoints: [entry, path.join(root, 'src/repository/block-worker.ts')],
+    entryPoints: [entry, path.join(root, 'src/repository/block-worker.ts'), path.join(root, 'src/restore/disk/restore-worker.ts')],
     bundle: true, platform: 'node', format: 'esm', target: 'node20', outdir, entryNames: '[name]', packages: 'external', logLevel: 'warning',
   });
   return path.join(outdir, `${path.basename(entry, '.ts')}.js`);

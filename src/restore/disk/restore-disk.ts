@@ -1,16 +1,22 @@
-// Restores one disk of a restore point to a file: raw (sparse: blocks that read as zeroes are not
-// written, the file is truncated to the disk's size) or qcow2 (the raw sparse image is written to a
-// temporary file next to the target, then converted by `qemu-img convert`, which keeps it sparse).
-// Blocks are read ahead in parallel from the repository; the SHA-256 of the disk's contents (the
-// raw image, whatever the output format) is computed on the way. The result appears under its
-// name only when complete (rename); an existing file is refused unless `overwrite` is set.
-import { createHash } from 'node:crypto';
+// Restores one disk of a restore point to a file: raw (sparse: zero and unallocated blocks are
+// neither read nor written, the file is sized to the disk first) or qcow2 (the raw sparse image
+// is written to a temporary file next to the target, then converted by `qemu-img convert`, which
+// keeps it sparse). The main thread resolves the block tables and hands batches of stored blocks
+// to decoder threads, which read, check (CRC32C always, the table's SHA-256 with `verify`),
+// decode and write them with pwritev (restore-worker.ts); a hash thread computes the SHA-256 of
+// the raw image by following the written file in disk order. The result appears under its name
+// only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { lstat, open, rename, rm } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { runTool } from '../../common/process.js';
 import type { Repository } from '../../repository/index.js';
+import { corrupt } from '../../repository/backup-file.js';
+import type { RestorePoint, RestorePointDisk } from '../../repository/restore-point.js';
+import { RECORD_HEADER_SIZE } from '../../format/index.js';
+import { BlockDecodeError, DecodePool, ImageHasher } from './restore-pool.js';
 
 const log = logger('restore-disk');
 
@@ -24,8 +30,13 @@ export interface RestoreDiskOptions {
   readonly format?: RestoreDiskFormat;
   /** Replace an existing file at `to`. */
   readonly overwrite?: boolean;
-  /** Blocks read ahead in parallel (default 8). */
-  readonly parallel?: number;
+  /** Decoder threads (default: the machine's cores). */
+  readonly threads?: number;
+  /**
+   * Also check every block's plain data against the SHA-256 (HMAC when encrypted) in its block
+   * table (in the decoder threads). The CRC32C of every stored block is always checked.
+   */
+  readonly verify?: boolean;
   /** Password of an encrypted chain. */
   readonly password?: string;
   readonly signal?: AbortSignal;
@@ -53,16 +64,138 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-function isZero(buf: Buffer): boolean {
-  // Compare in 64 KiB slices against one zero buffer.
-  const slice = 65536;
-  for (let off = 0; off < buf.length; off += slice) {
-    const part = buf.subarray(off, Math.min(off + slice, buf.length));
-    if (!part.equals(ZERO.subarray(0, part.length))) return false;
-  }
-  return true;
+/** Stored blocks per decoder batch: about 4 MiB of plain data (one pread, one pwritev). */
+function batchBlocks(blockSize: number): number {
+  return Math.max(1, Math.floor((4 * 1024 * 1024) / blockSize));
 }
-const ZERO = Buffer.alloc(65536);
+/** Blocks resolved per round of table-page reads. */
+const RESOLVE_BLOCKS = 2048;
+
+/** A range of the image, in disk order, handed to the hasher once written. */
+interface Segment {
+  readonly kind: 'data' | 'zero';
+  readonly from: number;
+  readonly to: number;
+  done: boolean;
+}
+
+interface WriteOutcome {
+  readonly bytesWritten: number;
+}
+
+/**
+ * Writes every block of `disk` into the open, sized, empty file `outFd`: batches of stored blocks
+ * to the decoders, holes skipped; feeds the hasher in disk order as ranges complete.
+ */
+async function writeImage(
+  point: RestorePoint,
+  disk: RestorePointDisk,
+  pool: DecodePool,
+  hasher: ImageHasher,
+  o: RestoreDiskOptions,
+): Promise<WriteOutcome> {
+  const bs = disk.blockSize;
+  const perBatch = batchBlocks(bs);
+  const fileIndex = new Map(point.files.map((f, i) => [f, i]));
+  const order: Segment[] = [];
+  let head = 0;
+  let bytesDone = 0;
+  let bytesWritten = 0;
+  let failure: unknown = null;
+  const batches: Promise<void>[] = [];
+  const advance = (): void => {
+    while (head < order.length && order[head]!.done) {
+      const s = order[head++]!;
+      hasher.feed(s.kind, s.from, s.to);
+    }
+    if (head > 4096) {
+      order.splice(0, head);
+      head = 0;
+    }
+  };
+  for (let first = 0; first < disk.blockCount && failure === null; first += RESOLVE_BLOCKS) {
+    const rs = await point.resolveRange(disk.name, first, Math.min(RESOLVE_BLOCKS, disk.blockCount - first));
+    let k = 0;
+    while (k < rs.length && failure === null) {
+      o.signal?.throwIfAborted();
+      const r = rs[k]!;
+      const from = (first + k) * bs;
+      if (r.kind !== 'stored') {
+        let e = k + 1;
+        while (e < rs.length && rs[e]!.kind !== 'stored') e++;
+        const to = Math.min(disk.size, (first + e) * bs);
+        order.push({ kind: 'zero', from, to, done: true });
+        bytesDone += to - from;
+        k = e;
+        advance();
+        continue;
+      }
+      // A batch: stored blocks of one file whose records lie back to back (one pread).
+      const blocks: number[] = [];
+      const digests = new Uint8Array(32 * perBatch);
+      let e = k;
+      let next = r.entry.recordOffset;
+      while (e < rs.length && e - k < perBatch) {
+        const x = rs[e]!;
+        if (x.kind !== 'stored' || x.file !== r.file || x.entry.recordOffset !== next) break;
+        const i = first + e;
+        const expected = Math.min(bs, disk.size - i * bs);
+        // A longer block than the disk has there is damage; a shorter one (the disk grew since)
+        // leaves the rest a hole, which reads as the zeroes it must be.
+        if (x.entry.plainLength > expected) {
+          throw corrupt(
+            `damaged block table in ${path.basename(x.file.path)}: disk ${disk.name}, block ${i} (disk offset ${i * bs}) holds ${x.entry.plainLength} bytes, more than the ${expected} the disk has there (restore point ${point.info.id})`,
+            { file: x.file.path, disk: disk.name, block: i, offset: i * bs, point: point.info.id },
+          );
+        }
+        blocks.push(i, x.entry.recordOffset, x.entry.storedLength, x.entry.plainLength, x.entry.crc);
+        digests.set(x.entry.digest, 32 * (e - k));
+        next = x.entry.recordOffset + RECORD_HEADER_SIZE + x.entry.storedLength;
+        e++;
+      }
+      const seg: Segment = { kind: 'data', from, to: Math.min(disk.size, (first + e) * bs), done: false };
+      order.push(seg);
+      await pool.ready();
+      batches.push(
+        pool.submit({ file: fileIndex.get(r.file)!, blocks, digests: digests.subarray(0, 32 * (e - k)) }).then(
+          (written) => {
+            seg.done = true;
+            bytesWritten += written;
+            bytesDone += seg.to - seg.from;
+            o.onProgress?.({ bytesDone, bytesWritten, size: disk.size });
+            advance();
+          },
+          (err: unknown) => {
+            failure ??= err;
+          },
+        ),
+      );
+      k = e;
+    }
+  }
+  await Promise.all(batches);
+  if (failure !== null) throw describeBatchFailure(failure, point, disk);
+  o.onProgress?.({ bytesDone, bytesWritten, size: disk.size });
+  return { bytesWritten };
+}
+
+function describeBatchFailure(err: unknown, point: RestorePoint, disk: RestorePointDisk): Error {
+  if (err instanceof BlockDecodeError) {
+    const file = point.files[err.file]!.path;
+    const offset = err.block * disk.blockSize;
+    return corrupt(
+      `damaged block in ${path.basename(file)}: disk ${disk.name}, block ${err.block} (disk offset ${offset}), file offset ${err.fileOffset}, restore point ${point.info.id}: ${err.message}`,
+      { file, disk: disk.name, block: err.block, offset, fileOffset: err.fileOffset, point: point.info.id },
+      err,
+    );
+  }
+  if (err instanceof BulwarkError) return err;
+  return new BulwarkError(`restoring disk ${disk.name} of restore point ${point.info.id} failed: ${(err as Error).message}`, {
+    kind: 'internal',
+    context: { disk: disk.name, point: point.info.id },
+    cause: err,
+  });
+}
 
 /** Restores one disk; see the file comment. */
 export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskResult> {
@@ -77,32 +210,34 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
   const rawTmp = `${target}${tag}.raw`;
   const outTmp = `${target}${tag}.${format}`;
   try {
-    const disk = point.openDisk(o.disk, { parallel: o.parallel ?? 8 });
-    const hash = createHash('sha256');
-    let bytesWritten = 0;
-    let bytesDone = 0;
-    const fh = await open(rawTmp, 'wx', 0o600);
+    const disk = point.openDisk(o.disk);
+    let sha256: string;
+    let bytesWritten: number;
+    const fh = await open(rawTmp, 'wx+', 0o600); // read too: the hasher reads the image back
+    let pool: DecodePool | null = null;
+    let hasher: ImageHasher | null = null;
     try {
-      for await (const block of disk.stream()) {
-        o.signal?.throwIfAborted();
-        const offset = block.index * disk.blockSize;
-        const length = Math.min(disk.blockSize, disk.size - offset);
-        if (block.data === null) {
-          for (let left = length; left > 0; left -= ZERO.length) hash.update(ZERO.subarray(0, Math.min(left, ZERO.length)));
-        } else {
-          hash.update(block.data);
-          if (!isZero(block.data)) {
-            let done = 0;
-            while (done < block.data.length) done += (await fh.write(block.data, done, block.data.length - done, offset + done)).bytesWritten;
-            bytesWritten += block.data.length;
-          }
-        }
-        bytesDone += length;
-        o.onProgress?.({ bytesDone, bytesWritten, size: disk.size });
-      }
       await fh.truncate(disk.size);
-      await fh.sync();
+      const keys = point.keys;
+      pool = new DecodePool(
+        {
+          files: point.files.map((f) => ({ fd: f.handle.fd, aad: new Uint8Array(f.aad) })),
+          outFd: fh.fd,
+          blockSize: disk.blockSize,
+          blockKey: keys ? new Uint8Array(keys.blockKey) : null,
+          digestKey: keys ? new Uint8Array(keys.digestKey) : null,
+          verify: o.verify ?? false,
+        },
+        o.threads ?? availableParallelism(),
+      );
+      hasher = new ImageHasher(fh.fd);
+      ({ bytesWritten } = await writeImage(point, disk, pool, hasher, o));
+      // Flush to disk while the hasher finishes reading back the tail.
+      [, sha256] = await Promise.all([fh.datasync(), hasher.digest()]);
     } finally {
+      // Threads first: they use this file's and the backup files' descriptors.
+      await pool?.close();
+      await hasher?.close();
       await fh.close();
     }
     if (format === 'qcow2') {
@@ -121,7 +256,7 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
       throw new BulwarkError(`${target} appeared while restoring`, { kind: 'conflict', context: { file: target } });
     }
     await rename(format === 'qcow2' ? outTmp : rawTmp, target);
-    const result: RestoreDiskResult = { path: target, format, size: disk.size, sha256: hash.digest('hex'), bytesWritten, durationMs: Date.now() - started };
+    const result: RestoreDiskResult = { path: target, format, size: disk.size, sha256, bytesWritten, durationMs: Date.now() - started };
     log.info({ point: o.pointId, disk: o.disk, ...result }, 'disk restored');
     return result;
   } catch (err) {
