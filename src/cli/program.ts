@@ -6,7 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { BulwarkError, describeError } from '../common/errors.js';
 import { ApiError } from './client.js';
 import { loginCommands, userCommand } from './commands/auth.js';
-import { backupCommand, exportCommand } from './commands/backup.js';
+import { backupCommand, exportCommand, exportsCommand } from './commands/backup.js';
 import { configCommand } from './commands/config.js';
 import { indexCommand, mountCommand, searchCommand } from './commands/files.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
@@ -54,6 +54,7 @@ export function buildProgram(ctx: CliContext): Command {
     restoreCommand(ctx),
     backupCommand(ctx),
     exportCommand(ctx),
+    exportsCommand(ctx),
     mountCommand(ctx),
     searchCommand(ctx),
     indexCommand(ctx),

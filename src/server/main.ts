@@ -240,7 +240,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
             vm: task.vm,
             disks: p.disks.map((d) => ({ name: d.name, size: d.size })),
             time: p.time.toISOString(),
-            type: summary.kind,
+            type: p.kind, // the point as the repository holds it (a reverse injection's point is the full)
             chainId: p.chainId,
             size: p.fileBytes,
             repositoryId: repository.id,

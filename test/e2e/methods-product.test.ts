@@ -165,7 +165,7 @@ describe('backup methods through the console', () => {
     expect(logText(next)).toMatch(/this run: incremental/);
     expect(logText(next)).not.toMatch(/full read|read in full/i);
 
-    const listed = await bwJson<Array<{ folder: string }>>('export', 'list');
+    const listed = await bwJson<Array<{ folder: string }>>('exports', 'list');
     expect(listed.map((x) => x.folder)).toEqual([e.folder]);
     const other = path.join(tmp, 'other-repo');
     await cp(path.join(repoPath, e.folder), path.join(other, e.folder), { recursive: true });
@@ -176,7 +176,7 @@ describe('backup methods through the console', () => {
     offsetMs = 0;
     expect(swept.exportsDeleted).toEqual([e.folder]);
     await expect(stat(path.join(repoPath, e.folder))).rejects.toThrow(/ENOENT/);
-    expect(await bwJson<Array<unknown>>('export', 'list')).toEqual([]);
+    expect(await bwJson<Array<unknown>>('exports')).toEqual([]);
     expect((await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).find((p) => p.id === e.pointId)).toBeUndefined();
 
     // Importable anywhere: the copy of the folder in another repository, found by a rescan.

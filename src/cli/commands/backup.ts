@@ -1,6 +1,8 @@
 // `bulwark backup quick VM` (an incremental of one VM inside its job's chain, outside the
-// schedule) and `bulwark export VM --repo REPO` (a standalone full with its own metadata, outside
-// every job's chain and retention, importable anywhere with `repo rescan`).
+// schedule), `bulwark export VM --repo REPO` (a standalone full with its own metadata, outside
+// every job's chain and retention, importable anywhere with `repo rescan`) and `bulwark exports
+// [list]` / `bulwark exports delete ID` (a command of their own, so a VM named `list` or `delete`
+// is exported like any other).
 import { Command, Option } from 'commander';
 import { BulwarkError } from '../../common/errors.js';
 import { at, clientFor, type CliContext, type ItemList } from '../context.js';
@@ -42,8 +44,8 @@ export function backupCommand(ctx: CliContext): Command {
 
 export function exportCommand(ctx: CliContext): Command {
   const exp = new Command('export')
-    .description('write a standalone full backup of a VM (own metadata, outside every job\'s chain and retention); `export list` shows them')
-    .argument('<vm>', 'the VM to export, or `list`')
+    .description('write a standalone full backup of a VM (own metadata, outside every job\'s chain and retention); `bulwark exports` lists them')
+    .argument('<vm>', 'the VM to export (any name: exports are listed and deleted with `bulwark exports`)')
     .option('--repo <name>', 'the repository to write it into')
     .option('--encrypt', 'encrypt it with a password (asked, or --password-stdin)')
     .option('--password-stdin', 'with --encrypt: read the password from standard input')
@@ -53,24 +55,11 @@ export function exportCommand(ctx: CliContext): Command {
     .addOption(new Option('--compress <codec>', 'compression').choices(['zstd', 'lz4', 'none']))
     .addOption(new Option('--json', 'print the export as JSON'))
     .action(async (vm: string, o: { repo?: string; encrypt?: boolean; passwordStdin?: boolean; passwordFile?: string; passwordHint?: string; deleteAfter?: string; compress?: string; json?: boolean }, cmd: Command) => {
-      const client = await clientFor(ctx, cmd);
-      if (vm === 'list') {
-        const { items } = await client.get<ItemList<ExportRecord>>('/exports');
-        if (o.json) return printJson(ctx.output, items);
-        ctx.output.out(
-          formatTable(items, [
-            { header: 'vm', value: (e) => e.vm },
-            { header: 'created', value: (e) => localTime(e.createdAt) },
-            { header: 'expires', value: (e) => (e.expiresAt ? localTime(e.expiresAt) : 'never') },
-            { header: 'repository', value: (e) => e.repository },
-            { header: 'folder', value: (e) => e.folder },
-            { header: 'point', value: (e) => e.pointId },
-            { header: 'encrypted', value: (e) => e.encrypted },
-          ]),
-        );
-        return;
+      if (!o.repo) {
+        const hint = vm === 'list' ? ' (to list exports: bulwark exports)' : vm === 'delete' ? ' (to delete an export: bulwark exports delete ID)' : '';
+        cmd.error(`error: required option '--repo <name>' not specified${hint}`, { exitCode: 2, code: 'bulwark.usage' });
       }
-      if (!o.repo) cmd.error('error: required option \'--repo <name>\' not specified', { exitCode: 2, code: 'bulwark.usage' });
+      const client = await clientFor(ctx, cmd);
       let password: string | undefined;
       if (o.encrypt) {
         if (o.passwordFile !== undefined) password = await readPasswordFile(o.passwordFile);
@@ -99,17 +88,43 @@ export function exportCommand(ctx: CliContext): Command {
           ['repository', e.repository],
           ['restore point', e.pointId],
           ['encrypted', e.encrypted],
-          ['deleted', e.expiresAt ? localTime(e.expiresAt) : 'never (delete it with: bulwark export delete …)'],
+          ['deleted', e.expiresAt ? localTime(e.expiresAt) : `never (delete it with: bulwark exports delete ${e.folder})`],
         ]),
       );
     });
-  exp
+  return exp;
+}
+
+/** `bulwark exports [list]` and `bulwark exports delete ID|FOLDER`. */
+export function exportsCommand(ctx: CliContext): Command {
+  const exps = new Command('exports').description('standalone full backups written by `bulwark export` (list, delete)');
+  const list = async (o: { json?: boolean }, cmd: Command) => {
+    const { items } = await (await clientFor(ctx, cmd)).get<ItemList<ExportRecord>>('/exports');
+    if (o.json) return printJson(ctx.output, items);
+    ctx.output.out(
+      formatTable(items, [
+        { header: 'vm', value: (e) => e.vm },
+        { header: 'created', value: (e) => localTime(e.createdAt) },
+        { header: 'expires', value: (e) => (e.expiresAt ? localTime(e.expiresAt) : 'never') },
+        { header: 'repository', value: (e) => e.repository },
+        { header: 'folder', value: (e) => e.folder },
+        { header: 'point', value: (e) => e.pointId },
+        { header: 'encrypted', value: (e) => e.encrypted },
+      ]),
+    );
+  };
+  exps
+    .command('list', { isDefault: true })
+    .description('exports and their expiry')
+    .addOption(new Option('--json', 'print them as JSON'))
+    .action(async (o: { json?: boolean }, cmd: Command) => list(o, cmd));
+  exps
     .command('delete')
-    .description('delete an export (by id or folder name)')
+    .description('delete an export now (by id or folder name)')
     .argument('<export>')
     .action(async (id: string, _o: unknown, cmd: Command) => {
       await (await clientFor(ctx, cmd)).delete(at('/exports', id));
       ctx.output.out(`export ${id} deleted\n`);
     });
-  return exp;
+  return exps;
 }

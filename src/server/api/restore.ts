@@ -63,7 +63,7 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
       vm: p.vm,
       disks: p.disks.map((d) => ({ name: d.name, size: d.size })),
       time: p.time.toISOString(),
-      type: p.kind === 'full' ? 'full' : 'incremental',
+      type: p.kind,
       chainId: p.chainId,
       size: p.fileBytes,
       repositoryId: repo.id,

@@ -158,7 +158,8 @@ export interface SessionLogTable {
   message: string;
 }
 
-export type RestorePointType = 'full' | 'incremental';
+/** reverse: an older point of a reverse chain (its .vrb); the chain's newest point is its full. */
+export type RestorePointType = 'full' | 'incremental' | 'reverse';
 export type RestorePointState = 'creating' | 'ready' | 'corrupt' | 'deleting';
 export interface RestorePointTable {
   id: string;

@@ -20,8 +20,8 @@ export function isLocalRepository(r: { agent: string | null }): boolean {
   return r.agent === null || r.agent === 'local';
 }
 
-/** The catalog's type of a repository point (a reverse increment is an incremental). */
-const typeOf = (p: RestorePointInfo): RestorePoint['type'] => (p.kind === 'full' ? 'full' : 'incremental');
+/** The catalog's type of a repository point: full, incremental (forward) or reverse. */
+const typeOf = (p: RestorePointInfo): RestorePoint['type'] => p.kind;
 
 /**
  * Makes the catalog's points of one job's VM in one repository equal to `points` (the VM's points

@@ -306,7 +306,7 @@ export const RestorePoint = Type.Object({
   vm: Type.String(),
   disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number() }, { additionalProperties: true })),
   time: Type.String(),
-  type: Type.Union([Type.Literal('full'), Type.Literal('incremental')]),
+  type: Type.Union([Type.Literal('full'), Type.Literal('incremental'), Type.Literal('reverse')], { description: 'reverse: an older point of a reverse-incremental chain (the newest point is the full)' }),
   chainId: Type.String(),
   size: Type.Number(),
   state: Type.Union([Type.Literal('creating'), Type.Literal('ready'), Type.Literal('corrupt'), Type.Literal('deleting')]),
