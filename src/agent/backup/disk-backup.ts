@@ -1,8 +1,10 @@
 // Backs up ONE VM into a repository, all its disks in one restore point (the one-host data path,
-// docs/data-path.md): finds the chain's previous point and its checkpoint, takes the hypervisor's
-// point-in-time view, streams each disk's changed blocks through the CBT reader into the restore
-// point writer (bounded memory: the reader's and the writer's in-flight limits), commits the point
-// and then the view (bitmap rotation). Any failure aborts both: no visible point, tracking kept.
+// docs/data-path.md): the per-VM part (`startVmBackup`) finds the chain's previous point and its
+// checkpoint, takes the hypervisor's point-in-time view and starts the restore point; the per-disk
+// part (`VmBackup.backupDisk`, one task per disk, side by side) streams a disk's changed blocks
+// through the CBT reader into the restore point writer (bounded memory: the reader's and the
+// writer's in-flight limits); then the point is committed and then the view (bitmap rotation).
+// Any failure aborts both: no visible point, tracking kept. `backupVm` does it all in one call.
 import { createHash } from 'node:crypto';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
@@ -12,6 +14,8 @@ import { readBackupDisk, type ChangedBlockStats } from '../../hypervisor/cbt/rea
 import type { BackupDiskView, BackupView, Checkpoint, Consistency, Hypervisor } from '../../hypervisor/types.js';
 import { validChainId } from '../../hypervisor/types.js';
 import type { DiskWriteStats, Repository, RestorePointInfo, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
+import type { StageTimes } from '../../transport/stage-times.js';
+import type { Throttle } from '../../transport/throttle.js';
 import { decodePointMetadata, encodePointMetadata, POINT_METADATA_FORMAT } from './point-metadata.js';
 
 const log = logger('agent-backup');
@@ -49,6 +53,11 @@ export interface RestorePointTarget {
   /** The latest point of the job's VM and its checkpoint when it continues `chainId` (see `previousCheckpoint`). */
   previousCheckpoint(job: string, vm: string, chainId: string, password?: string): Promise<{ point: RestorePointInfo; checkpoint: Checkpoint } | null>;
   startRestorePoint(opts: StartRestorePointOptions): Promise<RestorePointSink>;
+  /**
+   * The sink's writeDisk copies each block's data before it asks for the next block, so the disk
+   * reader may reuse its buffers (a bounded ring instead of one allocation per block).
+   */
+  readonly reusesBlockBuffers?: boolean;
 }
 
 /** The part of a RestorePointWriter a backup uses. */
@@ -63,6 +72,8 @@ export function repositoryTarget(repository: Repository): RestorePointTarget {
   return {
     previousCheckpoint: (job, vm, chainId, password) => previousCheckpoint(repository, job, vm, chainId, password),
     startRestorePoint: (opts) => repository.startRestorePoint(opts),
+    // RestorePointWriter copies a block into an encoder slot before it pulls the next one.
+    reusesBlockBuffers: true,
   };
 }
 
@@ -87,6 +98,8 @@ export interface BackupVmOptions {
   readonly compression?: 'none' | 'zstd' | 'lz4';
   /** New chains only: encrypt with this password. Increments of an encrypted chain: its password. */
   readonly password?: string;
+  /** New encrypted chains only: a hint for the password, stored in the chain's metadata. */
+  readonly passwordHint?: string;
   /** Back up only these disks. Default: all. */
   readonly disks?: readonly string[];
   /** New chains only: the chain's method (default forward; reverse for the reverse-incremental method). */
@@ -201,11 +214,69 @@ async function* checkedSignal(blocks: AsyncIterable<DiskBlock>, signal: AbortSig
   }
 }
 
+/** Counts the time the consumer waits for each next block to Source. */
+async function* timedSource(blocks: AsyncIterable<DiskBlock>, stages: StageTimes): AsyncGenerator<DiskBlock> {
+  const it = blocks[Symbol.asyncIterator]();
+  try {
+    for (;;) {
+      const t = performance.now();
+      const r = await it.next();
+      stages.add('source', performance.now() - t);
+      if (r.done) return;
+      yield r.value;
+    }
+  } finally {
+    await it.return?.();
+  }
+}
+
+/** Holds each data block back until `throttle` lets its bytes pass; the waits count to Throttling. */
+async function* throttled(blocks: AsyncIterable<DiskBlock>, throttle: Throttle, stages: StageTimes | undefined): AsyncGenerator<DiskBlock> {
+  for await (const b of blocks) {
+    if (b.data) {
+      const waited = await throttle.acquire(b.data.length);
+      stages?.add('throttling', waited);
+    }
+    yield b;
+  }
+}
+
+/** What one disk's work is given by the task that runs it. */
+export interface DiskWorkHooks {
+  /** Aborts this disk's reads (default: the VM backup's signal). */
+  readonly signal?: AbortSignal;
+  /** Busy time per stage of this disk's work (Source, Proxy, Target, Throttling). */
+  readonly stages?: StageTimes;
+  /** A rate limit (the task's share of its repository's rate): data blocks wait for it. */
+  readonly throttle?: Throttle;
+}
+
 /**
- * Backs up one VM: see the file comment. Resolves with the summary of the committed point; on
- * failure rejects after aborting the writer (no visible point) and the view (tracking kept).
+ * One VM's backup in progress: its point-in-time view and its restore point writer, shared by the
+ * VM's disks. Each disk is backed up once with `backupDisk` (disks may run concurrently, each in
+ * its own task); then `commit` makes the point visible and rotates the bitmaps. On any failure the
+ * caller calls `abort` (idempotent): no visible point, tracking kept.
  */
-export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
+export interface VmBackup {
+  /** The VM's name. */
+  readonly vm: string;
+  readonly chainId: string;
+  readonly incremental: boolean;
+  readonly view: BackupView;
+  /** The disks of the point, in the view's order. */
+  readonly disks: readonly string[];
+  backupDisk(name: string, hooks?: DiskWorkHooks): Promise<DiskBackupSummary>;
+  /** After every disk is backed up: commits the point, then the view (`keepTracking`). */
+  commit(): Promise<BackupVmSummary>;
+  /** Aborts the writer and the view; `reason` is logged. Safe to call more than once. */
+  abort(reason: unknown): Promise<void>;
+}
+
+/**
+ * The per-VM part of a backup: finds the chain's previous point and checkpoint, takes the
+ * hypervisor's view, starts the restore point. The disks are then backed up with `backupDisk`.
+ */
+export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
   const started = Date.now();
   const say = (level: BackupLogLevel, message: string, disk?: string) => {
     log[level === 'warning' ? 'warn' : level]({ job: o.job, vm: o.vm, disk }, message);
@@ -234,6 +305,14 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
     ...(o.freezeTimeoutMs !== undefined ? { freezeTimeoutMs: o.freezeTimeoutMs } : {}),
   });
   let writer: RestorePointSink | null = null;
+  let ended: 'committed' | 'aborted' | null = null;
+  const abort = async (reason: unknown): Promise<void> => {
+    if (ended !== null) return;
+    ended = 'aborted';
+    say('error', `backup of VM ${vmName} failed: ${describeError(reason)}`);
+    if (writer) await writer.abort().catch((e: unknown) => log.error({ vm: vmName, err: describeError(e) }, 'aborting the restore point writer failed'));
+    await view.abort(reason);
+  };
   try {
     say(
       'info',
@@ -242,7 +321,6 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
         : `point in time taken, crash-consistent${view.pauseWindowMs !== null ? ` (VM paused ${view.pauseWindowMs} ms)` : ''}`,
     );
     for (const w of view.warnings) say('warning', w);
-    for (const d of view.disks) say('info', describeChanges(d.disk.name, d.changes), d.disk.name);
     if (o.onView) await o.onView(view);
     o.signal?.throwIfAborted();
 
@@ -266,68 +344,113 @@ export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
       ...(incremental ? { parent: prev.point.id } : {}),
       ...(!incremental && o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
       ...(!incremental && o.compression !== undefined ? { compression: o.compression } : {}),
-      ...(!incremental && o.password !== undefined ? { encryption: { password: o.password } } : {}),
+      ...(!incremental && o.password !== undefined ? { encryption: { password: o.password, ...(o.passwordHint !== undefined ? { hint: o.passwordHint } : {}) } } : {}),
       ...(incremental && o.password !== undefined ? { password: o.password } : {}),
       ...(o.threads !== undefined ? { threads: o.threads } : {}),
       vmConfig: meta,
       disks: view.disks.map((d) => ({ name: d.disk.name, size: d.size })),
     });
-    const blockSize = incremental ? prev.point.blockSize : (o.blockSize ?? 1048576);
-
-    const progress: Record<string, DiskBackupProgress> = {};
-    for (const d of view.disks) progress[d.disk.name] = { bytesProcessed: 0, bytesRead: 0, bytesStored: 0, size: d.size, done: false };
-    const readStart = Date.now();
-    const report = () => {
-      if (!o.onProgress) return;
-      const all = Object.values(progress);
-      const sum = (f: (p: DiskBackupProgress) => number) => all.reduce((a, p) => a + f(p), 0);
-      const bytesRead = sum((p) => p.bytesRead);
-      const secs = (Date.now() - readStart) / 1000;
-      o.onProgress({
-        disks: progress,
-        bytesProcessed: sum((p) => p.bytesProcessed),
-        bytesRead,
-        bytesStored: sum((p) => p.bytesStored),
-        size: sum((p) => p.size),
-        rate: secs > 0 ? bytesRead / secs : 0,
-      });
-    };
-
-    const summaries: DiskBackupSummary[] = [];
-    for (const d of view.disks) {
-      summaries.push(await backupDisk(d, writer, { blockSize, incremental, progress: progress[d.disk.name]!, report, say, o }));
-    }
-    const point = await writer.commit();
-    writer = null;
-    say('info', `restore point ${point.id} committed (${incremental ? 'incremental' : 'full'}, ${point.fileBytes} bytes)`);
-    const warnings = [...view.warnings];
-    try {
-      if (o.keepTracking === false) await view.abort();
-      else await view.commit();
-    } catch (err) {
-      // The point is stored; the next backup finds the bitmaps unrotated and reads in full with digests.
-      const w = `the restore point is stored, but ending the hypervisor backup failed (the next backup may read in full): ${describeError(err)}`;
-      warnings.push(w);
-      say('warning', w);
-    }
-    return {
-      pointId: point.id,
-      point,
-      kind: incremental ? 'incremental' : 'full',
-      vm: vmName,
-      chainId,
-      checkpoint: view.checkpoint,
-      consistency: view.consistency,
-      freezeWindowMs: view.freezeWindowMs,
-      pauseWindowMs: view.pauseWindowMs,
-      disks: summaries,
-      warnings,
-      durationMs: Date.now() - started,
-    };
   } catch (err) {
-    say('error', `backup of VM ${vmName} failed: ${describeError(err)}`);
-    if (writer) await writer.abort().catch((e: unknown) => log.error({ vm: vmName, err: describeError(e) }, 'aborting the restore point writer failed'));
-    await view.abort(err);
+    await abort(err);
+    throw err;
+  }
+  const sink: RestorePointSink = writer;
+  const blockSize = incremental ? prev.point.blockSize : (o.blockSize ?? 1048576);
+
+  const progress: Record<string, DiskBackupProgress> = {};
+  for (const d of view.disks) progress[d.disk.name] = { bytesProcessed: 0, bytesRead: 0, bytesStored: 0, size: d.size, done: false };
+  const readStart = Date.now();
+  const report = () => {
+    if (!o.onProgress) return;
+    const all = Object.values(progress);
+    const sum = (f: (p: DiskBackupProgress) => number) => all.reduce((a, p) => a + f(p), 0);
+    const bytesRead = sum((p) => p.bytesRead);
+    const secs = (Date.now() - readStart) / 1000;
+    o.onProgress({
+      disks: progress,
+      bytesProcessed: sum((p) => p.bytesProcessed),
+      bytesRead,
+      bytesStored: sum((p) => p.bytesStored),
+      size: sum((p) => p.size),
+      rate: secs > 0 ? bytesRead / secs : 0,
+    });
+  };
+  const summaries = new Map<string, DiskBackupSummary>();
+  const claimed = new Set<string>();
+  const reusable = target.reusesBlockBuffers === true;
+
+  return {
+    vm: vmName,
+    chainId,
+    incremental,
+    view,
+    disks: view.disks.map((d) => d.disk.name),
+    async backupDisk(name, hooks = {}) {
+      const d = view.disks.find((v) => v.disk.name === name);
+      if (!d) {
+        throw new BulwarkError(`disk ${name} is not in the backup of VM ${vmName} (disks: ${view.disks.map((v) => v.disk.name).join(', ')})`, {
+          kind: 'not-found',
+          context: { vm: vmName, disk: name },
+        });
+      }
+      if (claimed.has(name)) throw new BulwarkError(`disk ${name} of VM ${vmName} is already being backed up`, { kind: 'conflict', context: { vm: vmName, disk: name } });
+      if (ended !== null) throw new BulwarkError(`the backup of VM ${vmName} has ${ended === 'aborted' ? 'failed' : 'ended'}`, { kind: 'conflict', context: { vm: vmName, disk: name } });
+      claimed.add(name);
+      // The writer takes several disks at once (records interleave in the file).
+      const summary = await backupDisk(d, sink, { blockSize, incremental, progress: progress[name]!, report, say, o, hooks, reusable });
+      summaries.set(name, summary);
+      return summary;
+    },
+    async commit() {
+      const missing = view.disks.filter((d) => !summaries.has(d.disk.name)).map((d) => d.disk.name);
+      if (missing.length > 0) {
+        throw new BulwarkError(`restore point of VM ${vmName} cannot be committed: disk(s) ${missing.join(', ')} not backed up`, { kind: 'internal', context: { vm: vmName } });
+      }
+      if (ended !== null) throw new BulwarkError(`the backup of VM ${vmName} has already ${ended === 'aborted' ? 'failed' : 'been committed'}`, { kind: 'conflict', context: { vm: vmName } });
+      const point = await sink.commit();
+      ended = 'committed';
+      say('info', `restore point ${point.id} committed (${incremental ? 'incremental' : 'full'}, ${point.fileBytes} bytes)`);
+      const warnings = [...view.warnings];
+      try {
+        if (o.keepTracking === false) await view.abort();
+        else await view.commit();
+      } catch (err) {
+        // The point is stored; the next backup finds the bitmaps unrotated and reads in full with digests.
+        const w = `the restore point is stored, but ending the hypervisor backup failed (the next backup may read in full): ${describeError(err)}`;
+        warnings.push(w);
+        say('warning', w);
+      }
+      return {
+        pointId: point.id,
+        point,
+        kind: incremental ? 'incremental' : 'full',
+        vm: vmName,
+        chainId,
+        checkpoint: view.checkpoint,
+        consistency: view.consistency,
+        freezeWindowMs: view.freezeWindowMs,
+        pauseWindowMs: view.pauseWindowMs,
+        disks: view.disks.map((v) => summaries.get(v.disk.name)!),
+        warnings,
+        durationMs: Date.now() - started,
+      };
+    },
+    abort,
+  };
+}
+
+/**
+ * Backs up one VM, its disks one after another: see the file comment. Resolves with the summary
+ * of the committed point; on failure rejects after aborting the writer (no visible point) and the
+ * view (tracking kept).
+ */
+export async function backupVm(o: BackupVmOptions): Promise<BackupVmSummary> {
+  const b = await startVmBackup(o);
+  try {
+    for (const name of b.disks) await b.backupDisk(name);
+    return await b.commit();
+  } catch (err) {
+    await b.abort(err);
     throw err;
   }
 }
@@ -342,10 +465,16 @@ async function backupDisk(
     report: () => void;
     say: (level: BackupLogLevel, message: string, disk?: string) => void;
     o: BackupVmOptions;
+    hooks: DiskWorkHooks;
+    /** The sink copies each block before it asks for the next: the reader may reuse its buffers. */
+    reusable: boolean;
   },
 ): Promise<DiskBackupSummary> {
-  const { o, progress } = ctx;
+  const { o, progress, hooks } = ctx;
+  const signal = hooks.signal ?? o.signal;
   const name = d.disk.name;
+  signal?.throwIfAborted();
+  ctx.say('info', describeChanges(name, d.changes), name);
   let stats: ChangedBlockStats | undefined;
   const repair = ctx.incremental ? o.repair?.find((r) => r.disk === name)?.blocks ?? [] : [];
   if (repair.length > 0) ctx.say('info', `${name}: re-reading ${repair.length} block(s) a health check found damaged (repair)`, name);
@@ -354,16 +483,19 @@ async function backupDisk(
     ...(repair.length > 0 ? { extraBlocks: new Set(repair) } : {}),
     ...(o.concurrency !== undefined ? { concurrency: o.concurrency } : {}),
     ...(o.connections !== undefined ? { connections: o.connections } : {}),
-    ...(o.signal ? { signal: o.signal } : {}),
+    ...(signal ? { signal } : {}),
+    ...(ctx.reusable ? { reuseBuffers: true } : {}),
     onStats: (s) => (stats = s),
   });
+  if (hooks.stages) source = timedSource(source, hooks.stages);
+  if (hooks.throttle) source = throttled(source, hooks.throttle, hooks.stages);
   const full = d.changes.kind === 'full';
   // Full read into an increment: explicit zeroes, and digests compared with the parent's blocks
   // when the disk was in it at the same size (a resized disk is stored whole).
   // A repair never compares with the parent: the parent's copy of a damaged block is what it replaces.
   const compare = ctx.incremental && d.changes.kind === 'full' && d.changes.compareDigests && d.changes.reason !== 'disk-resized' && repair.length === 0;
   if (ctx.incremental && full) source = withExplicitZeroes(source, Math.ceil(d.size / ctx.blockSize));
-  source = checkedSignal(source, o.signal);
+  source = checkedSignal(source, signal);
   let lastReport = 0;
   const ws = await writer.writeDisk(name, source, {
     compareWithParent: compare,

@@ -170,6 +170,33 @@ describe('ChangedBlockReader', () => {
     await expect(collect(reader.blocks())).rejects.toThrow(/read failed/);
   });
 
+  it('reuseBuffers: a ring of at most `concurrency` buffers; every block right when copied before the next is asked for', async () => {
+    const src = new FakeSource(bytes, alloc, []);
+    // Partial blocks (data and holes in one block) too: a reused buffer must not keep old bytes.
+    const reader = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, {
+      blockSize: 192 * K,
+      mapWindow: 768 * K,
+      concurrency: 3,
+      reuseBuffers: true,
+    });
+    const image = Buffer.alloc(size);
+    const backing = new Set<ArrayBufferLike>();
+    let blocks = 0;
+    for await (const b of reader.blocks()) {
+      backing.add(b.data!.buffer);
+      b.data!.copy(image, b.index * 192 * K);
+      blocks++;
+    }
+    expect(image.equals(bytes)).toBe(true);
+    expect(blocks).toBeGreaterThan(6);
+    expect(backing.size).toBeLessThanOrEqual(3);
+    // Held across next(): the buffer is overwritten (why the option is only for copying consumers).
+    const held: DiskBlock[] = [];
+    const again = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 192 * K, concurrency: 2, reuseBuffers: true });
+    for await (const b of again.blocks()) held.push(b);
+    expect(new Set(held.map((b) => b.data!.buffer)).size).toBeLessThanOrEqual(2);
+  });
+
   it('rejects a block size that is not a multiple of 512', () => {
     const src = new FakeSource(bytes, alloc, []);
     expect(() => new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 1000 })).toThrow(/multiple of 512/);

@@ -36,6 +36,13 @@ export interface ChangedBlockReaderOptions {
    * blocks a health check found damaged in the repository (a repair re-reads them from the source).
    */
   readonly extraBlocks?: ReadonlySet<number>;
+  /**
+   * Read into a bounded ring of `concurrency + 1` reusable buffers instead of a new buffer per
+   * block. A yielded block's data is then valid only until the consumer asks for the next block
+   * (when the buffer goes back to the ring): for consumers that copy each block before they pull
+   * the next one (the repository writer does). Default false.
+   */
+  readonly reuseBuffers?: boolean;
 }
 
 /** A block as the reader yields it: with its SHA-256 when digests are on (data blocks only). */
@@ -130,6 +137,9 @@ export class ChangedBlockReader {
   readonly #signal: AbortSignal | undefined;
   readonly #digests: boolean;
   readonly #extra: ReadonlySet<number> | undefined;
+  readonly #reuse: boolean;
+  /** Buffers of the ring not in use (reuseBuffers): at most concurrency + 1 are ever allocated. */
+  readonly #free: Buffer[] = [];
   readonly stats: ChangedBlockStats = { bytesMapped: 0, bytesRead: 0, dataBlocks: 0, zeroBlocks: 0, bytesDirty: 0 };
 
   constructor(source: BlockSource, changes: DiskChanges, options: ChangedBlockReaderOptions) {
@@ -146,6 +156,7 @@ export class ChangedBlockReader {
     this.#signal = options.signal;
     this.#digests = options.digests ?? (changes.kind === 'full' && changes.compareDigests);
     this.#extra = options.extraBlocks && options.extraBlocks.size > 0 ? options.extraBlocks : undefined;
+    this.#reuse = options.reuseBuffers === true;
   }
 
   /** Whether blocks that are not yielded read as zeroes (full) or are unchanged (incremental). */
@@ -155,19 +166,29 @@ export class ChangedBlockReader {
 
   /** The blocks, in order of index. Throws (after pending reads settle) on the first failed read. */
   async *blocks(): AsyncGenerator<ChangedBlock> {
-    const pending: Array<Promise<ChangedBlock>> = [];
+    const pending: Array<{ read: Promise<ChangedBlock>; buffer: Buffer | null }> = [];
     try {
       for await (const plan of this.#plans()) {
-        const read = this.#read(plan);
+        const buffer = this.#reuse && plan.data.length > 0 ? (this.#free.pop() ?? Buffer.allocUnsafe(this.#blockSize)) : null;
+        const read = this.#read(plan, buffer);
         read.catch(() => undefined); // handled when its turn comes; avoids an unhandled rejection meanwhile
-        pending.push(read);
-        if (pending.length >= this.#concurrency) yield await pending.shift()!;
+        pending.push({ read, buffer });
+        while (pending.length >= this.#concurrency) {
+          const p = pending.shift()!;
+          yield await p.read;
+          // The consumer asked for the next block: it is done with this one's buffer.
+          if (p.buffer) this.#free.push(p.buffer);
+        }
       }
-      while (pending.length > 0) yield await pending.shift()!;
+      while (pending.length > 0) {
+        const p = pending.shift()!;
+        yield await p.read;
+        if (p.buffer) this.#free.push(p.buffer);
+      }
     } finally {
       // A consumer that stops early or a failed read: let the other reads finish so no buffer
       // is still being written into, and swallow their errors (the first one was thrown).
-      await Promise.allSettled(pending);
+      await Promise.allSettled(pending.map((p) => p.read));
     }
   }
 
@@ -198,13 +219,20 @@ export class ChangedBlockReader {
     return false;
   }
 
-  async #read(plan: BlockPlan): Promise<ChangedBlock> {
+  /** Reads a planned block into `ring` (a reusable buffer of blockSize bytes) or a new buffer. */
+  async #read(plan: BlockPlan, ring: Buffer | null): Promise<ChangedBlock> {
     if (plan.data.length === 0) {
       this.stats.zeroBlocks++;
       return { index: plan.index, data: null };
     }
     const single = plan.data.length === 1 && plan.data[0]![0] === 0 && plan.data[0]![1] === plan.length;
-    const buf = single ? Buffer.allocUnsafe(plan.length) : Buffer.alloc(plan.length);
+    let buf: Buffer;
+    if (ring) {
+      buf = ring.subarray(0, plan.length);
+      if (!single) buf.fill(0);
+    } else {
+      buf = single ? Buffer.allocUnsafe(plan.length) : Buffer.alloc(plan.length);
+    }
     await Promise.all(plan.data.map(([s, len]) => this.#source.readInto(plan.offset + s, buf.subarray(s, s + len))));
     for (const [, len] of plan.data) this.stats.bytesRead += len;
     this.stats.dataBlocks++;

@@ -379,18 +379,44 @@ export class JobEngine {
   }
 
   async #runTasks(active: ActiveSession, tasks: TaskRuntime[]): Promise<void> {
+    // The disks of each VM in this round: the executor shares a VM's restore point among them.
+    const vmDisks = new Map<string, string[]>();
+    for (const t of tasks) if (t.record.disk !== '*') vmDisks.set(t.record.vm, [...(vmDisks.get(t.record.vm) ?? []), t.record.disk]);
     if (this.#sequential()) {
-      for (const t of tasks) await this.#runTask(active, t);
+      for (const t of tasks) await this.#runTask(active, t, vmDisks.get(t.record.vm) ?? []);
     } else {
-      await Promise.all(tasks.map((t) => this.#runTask(active, t)));
+      await Promise.all(tasks.map((t) => this.#runTask(active, t, vmDisks.get(t.record.vm) ?? [])));
     }
   }
 
-  async #runTask(active: ActiveSession, rt: TaskRuntime): Promise<void> {
+  #spec(active: ActiveSession, rt: TaskRuntime, vmDisks: readonly string[], proxy: string | undefined): TaskSpec {
+    return {
+      sessionId: active.id,
+      taskId: rt.record.id,
+      job: active.job,
+      vm: rt.record.vm,
+      disk: rt.disk,
+      full: active.full,
+      attempt: rt.record.attempt,
+      proxy,
+      vmDisks,
+    };
+  }
+
+  #skipped(active: ActiveSession, rt: TaskRuntime, vmDisks: readonly string[], reason: string): void {
+    try {
+      this.#executor.taskSkipped?.(this.#spec(active, rt, vmDisks, undefined), reason);
+    } catch (err) {
+      log.error({ session: active.id, err: describeError(err) }, 'the executor failed to note a skipped task');
+    }
+  }
+
+  async #runTask(active: ActiveSession, rt: TaskRuntime, vmDisks: readonly string[]): Promise<void> {
     const signal = active.abort.signal;
     const what = `${rt.record.vm}/${rt.record.disk}`;
     if (signal.aborted) {
       this.#setTask(active, rt, 'stopped', { endedAt: this.#clock.now(), message: active.stopReason });
+      this.#skipped(active, rt, vmDisks, active.stopReason ?? 'stopped');
       return;
     }
     let lease;
@@ -411,26 +437,19 @@ export class JobEngine {
     } catch (err) {
       if (signal.aborted) {
         this.#setTask(active, rt, 'stopped', { endedAt: this.#clock.now(), message: active.stopReason });
+        this.#skipped(active, rt, vmDisks, active.stopReason ?? 'stopped');
       } else {
         const message = `no task slot: ${describeError(err)}`;
         this.#setTask(active, rt, 'failed', { endedAt: this.#clock.now(), message });
         this.#log(active, 'error', `${what}: ${message}`, rt.record.id);
+        this.#skipped(active, rt, vmDisks, `${what}: ${message}`);
       }
       return;
     }
     try {
       this.#setTask(active, rt, 'running', { startedAt: this.#clock.now(), proxy: lease.proxy });
       this.#log(active, 'info', `${what}: started${lease.proxy === undefined ? '' : ` on proxy ${lease.proxy}`}${rt.record.attempt > 1 ? ` (attempt ${rt.record.attempt})` : ''}`, rt.record.id);
-      const spec: TaskSpec = {
-        sessionId: active.id,
-        taskId: rt.record.id,
-        job: active.job,
-        vm: rt.record.vm,
-        disk: rt.disk,
-        full: active.full,
-        attempt: rt.record.attempt,
-        proxy: lease.proxy,
-      };
+      const spec = this.#spec(active, rt, vmDisks, lease.proxy);
       const grant = lease;
       const outcome = await this.#executor.execute(spec, {
         signal,

@@ -232,6 +232,13 @@ export interface TaskSpec {
   attempt: number;
   /** The proxy the slot grant chose. */
   proxy?: string | undefined;
+  /**
+   * The disks of this VM that have a task in this round of the session (first try, or one retry
+   * round: only the failed disks), this task's disk among them. A restore point holds every disk
+   * of a VM, so the executor does the VM's other disks itself within one of these tasks.
+   * Undefined: not known (the executor then does the whole VM in the VM's first task).
+   */
+  vmDisks?: readonly string[] | undefined;
 }
 
 export interface TaskContext {
@@ -264,6 +271,11 @@ export type TaskOutcome = { state: 'success'; messages?: string[] } | { state: '
  */
 export interface TaskExecutor {
   execute(task: TaskSpec, context: TaskContext): Promise<TaskOutcome>;
+  /**
+   * A task of this round that will not be executed (no slot, stopped before it started): an
+   * executor that shares work between the disk tasks of a VM stops waiting for it.
+   */
+  taskSkipped?(task: TaskSpec, reason: string): void;
 }
 
 /** Unlimited slots: every task starts at once. The resource scheduler replaces it (issue 5). */
