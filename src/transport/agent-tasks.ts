@@ -42,6 +42,59 @@ export interface BackupTargetTask {
   readonly password?: string | undefined;
   /** The agent allowed to send (the certificate's CN must be this name). */
   readonly sourceAgent: string;
+  /**
+   * The job's settings as the session runs them (JobDefinition.settings): with them the agent runs
+   * the chain steps around the point (plan in `ready`, retention and maintenance after the commit).
+   */
+  readonly settings?: Readonly<Record<string, unknown>> | undefined;
+  /** `job run --full`. */
+  readonly fullRequested?: boolean | undefined;
+  /** ISO time of the server's clock: days, retention and the point's time are judged by it. */
+  readonly now?: string | undefined;
+}
+
+/** Blocks of one disk to read again and store fresh (damaged in the repository). */
+export interface WireRepair {
+  readonly disk: string;
+  readonly blocks: readonly number[];
+}
+
+/** What a run writes, as the repository agent planned it (RunPlan plus the repair). */
+export interface WireRunPlan {
+  readonly kind: 'full' | 'incremental' | 'synthetic-full' | 'reverse';
+  readonly reason: string;
+  readonly chainMethod: 'forward' | 'reverse';
+  readonly parent: string | null;
+  readonly repair: readonly WireRepair[];
+}
+
+/** Result of a backup-target task. */
+export interface BackupTargetResult {
+  readonly point: WirePoint;
+  readonly disks: ReadonlyArray<{ readonly name: string; readonly storedBytes: number; readonly storedBlocks: number; readonly unchangedBlocks: number }>;
+  /** With `settings`: the VM's points after the chain steps, and their warnings. */
+  readonly points?: readonly WirePoint[] | undefined;
+  readonly warnings?: readonly string[] | undefined;
+}
+
+/** Verifies a VM's chain in a repository on this agent's host (a health-check session). */
+export interface HealthCheckTask {
+  readonly kind: 'health-check';
+  readonly taskId: string;
+  readonly repositoryPath: string;
+  readonly job: string;
+  readonly vm: string;
+  readonly settings: Readonly<Record<string, unknown>>;
+  readonly now: string;
+  readonly password?: string | undefined;
+}
+
+/** Result of a health-check task. */
+export interface HealthCheckResult {
+  readonly warnings: readonly string[];
+  /** Disk names of the VM's latest point. */
+  readonly disks: readonly string[];
+  readonly points: readonly WirePoint[];
 }
 
 /** Source side of a backup: read the VM next to this agent and send it to the repository agent. */
@@ -58,6 +111,12 @@ export interface BackupSourceTask {
   readonly vm: string;
   readonly full: boolean;
   readonly previous: WirePrevious | null;
+  /** A full's new chain: forward (default) or reverse. */
+  readonly chainMethod?: 'forward' | 'reverse' | undefined;
+  /** Blocks to read too and store fresh (the repair of damage a health check found). */
+  readonly repair?: readonly WireRepair[] | undefined;
+  /** Disks the job excludes (`DISK` or `VM:DISK`). */
+  readonly excludeDisks?: readonly string[] | undefined;
   readonly mode?: 'online' | 'offline' | undefined;
   readonly requireGuestProcessing?: boolean | undefined;
   readonly blockSize?: number | undefined;
@@ -92,7 +151,7 @@ export interface WireRestoredDisk {
   readonly durationMs: number;
 }
 
-export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask;
+export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask;
 
 /** `POST /agents/tasks/poll` body. */
 export interface PollRequest {
@@ -112,7 +171,7 @@ export type TaskEvent =
   | { readonly type: 'progress'; readonly progress: Record<string, unknown>; readonly stageTimes?: StageBusy | undefined }
   | { readonly type: 'log'; readonly level: 'info' | 'warning' | 'error'; readonly message: string; readonly disk?: string | undefined }
   /** backup-target: listening for the source; `previous` found in the repository. */
-  | { readonly type: 'ready'; readonly port: number; readonly host?: string | undefined; readonly previous: WirePrevious | null }
+  | { readonly type: 'ready'; readonly port: number; readonly host?: string | undefined; readonly previous: WirePrevious | null; readonly plan?: WireRunPlan | undefined }
   | { readonly type: 'result'; readonly ok: true; readonly value: unknown; readonly stageTimes?: StageBusy | undefined }
   | { readonly type: 'result'; readonly ok: false; readonly error: { readonly kind: string; readonly message: string; readonly hint?: string | undefined } };
 

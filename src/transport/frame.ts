@@ -81,9 +81,12 @@ export interface OpenDiskMessage {
 }
 /** BEGIN_POINT: what restore point the task's data goes into (section 4 of the spec). */
 export interface BeginPointMessage {
-  kind: 'full' | 'incremental';
-  /** Incremental: the parent restore point id. */
+  /** reverse: a reverse injection into `parent`, the full of the latest reverse chain. */
+  kind: 'full' | 'incremental' | 'reverse';
+  /** Incremental / reverse: the parent restore point id. */
   parent?: string;
+  /** Full only: the method of the new chain (default forward). */
+  chainMethod?: 'forward' | 'reverse';
   /** Full (new chain): repository block size and compression. */
   blockSize?: number;
   compression?: 'none' | 'zstd' | 'lz4';
@@ -313,7 +316,9 @@ export function decodeOpenDisk(payload: Buffer): OpenDiskMessage {
 export function decodeBeginPoint(payload: Buffer): BeginPointMessage {
   const o = parseJsonObject(payload, 'BEGIN_POINT');
   const kind = o.kind;
-  if (kind !== 'full' && kind !== 'incremental') throw protocolError('BEGIN_POINT.kind must be "full" or "incremental"');
+  if (kind !== 'full' && kind !== 'incremental' && kind !== 'reverse') throw protocolError('BEGIN_POINT.kind must be "full", "incremental" or "reverse"');
+  const chainMethod = o.chainMethod;
+  if (chainMethod !== undefined && chainMethod !== 'forward' && chainMethod !== 'reverse') throw protocolError('BEGIN_POINT.chainMethod must be "forward" or "reverse"');
   const disks = o.disks;
   if (!Array.isArray(disks) || disks.length === 0 || disks.length > 256) throw protocolError('BEGIN_POINT.disks must be a non-empty list');
   const compression = o.compression;
@@ -323,6 +328,7 @@ export function decodeBeginPoint(payload: Buffer): BeginPointMessage {
   return {
     kind,
     ...(o.parent !== undefined ? { parent: str(o, 'parent', 'BEGIN_POINT', 256) } : {}),
+    ...(chainMethod !== undefined ? { chainMethod } : {}),
     ...(o.blockSize !== undefined ? { blockSize: uint(o, 'blockSize', 'BEGIN_POINT') } : {}),
     ...(compression !== undefined ? { compression } : {}),
     vmConfig,

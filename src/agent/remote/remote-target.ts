@@ -36,17 +36,16 @@ export class RemoteRestorePointTarget implements RestorePointTarget {
 
   async previousCheckpoint(_job: string, _vm: string, chainId: string): Promise<{ point: RestorePointInfo; checkpoint: Checkpoint } | null> {
     const prev = this.#o.previous;
-    if (!prev || prev.checkpoint.chainId !== chainId || prev.point.method !== 'forward') return null;
+    if (!prev || prev.checkpoint.chainId !== chainId) return null;
     return prev;
   }
 
   async startRestorePoint(opts: StartRestorePointOptions): Promise<RestorePointSink> {
-    if (opts.kind === 'reverse') throw new BulwarkError('reverse restore points are not written over the network yet', { kind: 'invalid' });
     const opened = performance.now();
     const sender = await TransferSender.open(this.#o.sender);
     this.sender = sender;
     this.#o.onSender?.(sender);
-    const blockSize = opts.kind === 'incremental' ? (this.#o.previous?.point.blockSize ?? DEFAULT_BLOCK_SIZE) : (opts.blockSize ?? DEFAULT_BLOCK_SIZE);
+    const blockSize = opts.kind !== 'full' ? (this.#o.previous?.point.blockSize ?? DEFAULT_BLOCK_SIZE) : (opts.blockSize ?? DEFAULT_BLOCK_SIZE);
     const sizes = new Map(opts.disks.map((d) => [d.name, d.size]));
     const stageTimes = this.#o.sender.stageTimes;
     const compress = this.#o.compression ?? 'lz4';
@@ -54,6 +53,7 @@ export class RemoteRestorePointTarget implements RestorePointTarget {
       await sender.beginPoint({
         kind: opts.kind,
         ...(opts.parent !== undefined ? { parent: opts.parent } : {}),
+        ...(opts.kind === 'full' && opts.chainMethod !== undefined ? { chainMethod: opts.chainMethod } : {}),
         ...(opts.blockSize !== undefined ? { blockSize: opts.blockSize } : {}),
         ...(opts.compression !== undefined ? { compression: opts.compression } : {}),
         vmConfig: (opts.vmConfig ?? Buffer.alloc(0)).toString('base64'),

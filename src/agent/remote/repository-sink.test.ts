@@ -57,6 +57,42 @@ describe('RepositorySink', () => {
     }
   });
 
+  it('a reverse chain over the wire: a full of method reverse, then a reverse injection (the newest is the full, a .vrb holds the old blocks)', async () => {
+    const repository = await openRepository(dir, { create: true });
+    const time = new Date('2026-11-25T20:00:00Z');
+    const first = new RepositorySink({ repository, job: 'j', vm: 'web1', time });
+    await first.beginPoint({ kind: 'full', chainMethod: 'reverse', blockSize: BS, vmConfig: '', disks: [{ name: 'vda', size: SIZE }] });
+    await first.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+    await first.writeBlock(block(1, Buffer.alloc(BS, 0x01)));
+    await first.writeBlock(block(2, Buffer.alloc(BS, 0x02)));
+    await first.endDisk({ disk: 0, blocks: 2, zeroBlocks: 0, bytes: 0 });
+    const full = pointFromWire(await first.commit());
+    expect(full).toMatchObject({ method: 'reverse', kind: 'full', time });
+
+    const second = new RepositorySink({ repository, job: 'j', vm: 'web1' });
+    await second.beginPoint({ kind: 'reverse', parent: full.id, vmConfig: '', disks: [{ name: 'vda', size: SIZE }] });
+    await second.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+    await second.writeBlock(block(2, Buffer.alloc(BS, 0x22)));
+    await second.endDisk({ disk: 0, blocks: 1, zeroBlocks: 0, bytes: 0 });
+    const newest = pointFromWire(await second.commit());
+
+    const points = await repository.listRestorePoints({ job: 'j', vm: 'web1' });
+    expect(points.map((p) => [p.id, p.kind])).toEqual([
+      [full.id, 'reverse'],
+      [newest.id, 'full'],
+    ]);
+    expect((await readdir(dir, { recursive: true })).map(String).some((f) => f.endsWith('.vrb'))).toBe(true);
+    const want = (b2: number) => Buffer.concat([Buffer.alloc(BS), Buffer.alloc(BS, 0x01), Buffer.alloc(BS, b2)]);
+    for (const [id, b2] of [[full.id, 0x02], [newest.id, 0x22]] as const) {
+      const point = await repository.openRestorePoint(id);
+      try {
+        expect((await point.openDisk('vda').read(0, 3 * BS)).equals(want(b2))).toBe(true);
+      } finally {
+        await point.close();
+      }
+    }
+  });
+
   it('abort mid-disk leaves no restore point and no file behind', async () => {
     const repository = await openRepository(dir, { create: true });
     const sink = new RepositorySink({ repository, job: 'j', vm: 'web1' });

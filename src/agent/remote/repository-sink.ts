@@ -110,6 +110,8 @@ export interface RepositorySinkOptions {
   readonly job: string;
   readonly vm: string;
   readonly password?: string | undefined;
+  /** The point's time (default: now). */
+  readonly time?: Date | undefined;
   /** Called with each disk's result as it ends and with the point at commit. */
   readonly onDisk?: (stats: DiskWriteStats) => void;
 }
@@ -128,12 +130,15 @@ export class RepositorySink implements TransferSink {
   async beginPoint(p: BeginPointMessage): Promise<void> {
     if (this.#writer) throw new BulwarkError('BEGIN_POINT sent twice', { kind: 'invalid' });
     const o = this.#o;
-    const incremental = p.kind === 'incremental';
+    // An increment or a reverse injection continues its chain (block size, compression, keys).
+    const incremental = p.kind !== 'full';
     this.#writer = await o.repository.startRestorePoint({
       job: o.job,
       vm: o.vm,
       kind: p.kind,
       ...(p.parent !== undefined ? { parent: p.parent } : {}),
+      ...(!incremental && p.chainMethod !== undefined ? { chainMethod: p.chainMethod } : {}),
+      ...(o.time !== undefined ? { time: o.time } : {}),
       ...(!incremental && p.blockSize !== undefined ? { blockSize: p.blockSize } : {}),
       ...(!incremental && p.compression !== undefined ? { compression: p.compression } : {}),
       ...(!incremental && o.password !== undefined ? { encryption: { password: o.password } } : {}),

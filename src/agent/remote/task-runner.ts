@@ -1,9 +1,10 @@
 // The agent's task loop (docs/formats/agent-link.md, "Tasks"): long-polls the server for tasks
 // over the mutually authenticated link, runs them, and posts their events back (progress with
-// stage times, log lines, readiness, the result). Three kinds: list a VM's disks; receive a
-// backup into a repository on this host (the data-mover listener, repository-sink.ts); read a VM
-// next to this agent and send it to a repository agent (remote-target.ts). A task the server
-// cancels is stopped through its abort signal.
+// stage times, log lines, readiness, the result). The kinds: list a VM's disks; receive a backup
+// into a repository on this host (the data-mover listener, repository-sink.ts) with the chain
+// steps around it (chain-run.ts: plan, retention, maintenance; this agent owns the folder); read a
+// VM next to this agent and send it to a repository agent (remote-target.ts); health-check a VM's
+// chain here; restore a disk here. A task the server cancels is stopped through its abort signal.
 import { randomBytes } from 'node:crypto';
 import type https from 'node:https';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -14,8 +15,13 @@ import type { Checkpoint, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { NamedLimit } from '../../transport/throttle.js';
-import type { AgentTask, BackupSourceTask, EventsReply, BackupTargetTask, PollReply, ResolveDisksTask, RestoreDiskTask, TaskEvent, WireDisk, WirePrevious, WireRestoredDisk } from '../../transport/agent-tasks.js';
+import type {
+  AgentTask, BackupSourceTask, BackupTargetResult, BackupTargetTask, EventsReply, HealthCheckResult, HealthCheckTask, PollReply, ResolveDisksTask, RestoreDiskTask, TaskEvent, WireDisk,
+  WirePrevious, WireRestoredDisk, WireRunPlan,
+} from '../../transport/agent-tasks.js';
 import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
+import { methodSettings, splitDisks } from '../backup/chain-policy.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { RemoteRestorePointTarget } from './remote-target.js';
 import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
@@ -168,6 +174,8 @@ export class AgentTaskRunner {
           return this.#backupSource(task, r.abort.signal);
         case 'restore-disk':
           return this.#restoreDisk(task);
+        case 'health-check':
+          return this.#healthCheck(task);
       }
     };
     run().then(
@@ -239,9 +247,28 @@ export class AgentTaskRunner {
     return this.#receiver;
   }
 
-  /** Receives one VM's restore point; resolves with the committed point once the source committed. */
-  async #backupTarget(task: BackupTargetTask, signal: AbortSignal): Promise<{ point: Record<string, unknown>; disks: Array<{ name: string; storedBytes: number; storedBlocks: number; unchangedBlocks: number }> }> {
+  /** The chain steps' view of a task's VM folder here; log lines go to the task's session. */
+  #chain(task: BackupTargetTask | HealthCheckTask, repository: Repository, settings: Readonly<Record<string, unknown>>): ChainRunContext {
+    return {
+      repository,
+      job: task.job,
+      vm: task.vm,
+      settings: methodSettings(settings),
+      now: task.now === undefined ? new Date() : new Date(task.now),
+      password: task.password,
+      say: (level, message) => this.#emit(task.taskId, { type: 'log', level, message }),
+    };
+  }
+
+  /**
+   * Receives one VM's restore point; resolves with the committed point once the source committed.
+   * With the job's settings, plans the run first (sent in `ready`) and runs retention and the
+   * maintenance due after the commit (chain-run.ts), as the one-host executor does.
+   */
+  async #backupTarget(task: BackupTargetTask, signal: AbortSignal): Promise<BackupTargetResult> {
     const repository = await this.#repository(task.repositoryPath);
+    const chain = task.settings ? this.#chain(task, repository, task.settings) : undefined;
+    const planned: VmBackupPlan | undefined = chain ? await planVmBackup(chain, task.fullRequested === true) : undefined;
     const prev = await previousCheckpoint(repository, task.job, task.vm, task.chainId, task.password);
     const receiver = await this.#listener();
     let sink: RepositorySink | undefined;
@@ -260,6 +287,7 @@ export class AgentTaskRunner {
           job: task.job,
           vm: task.vm,
           password: task.password,
+          ...(chain ? { time: chain.now } : {}),
           onDisk: (st) => disks.push({ name: st.name, storedBytes: st.storedBytes, storedBlocks: st.storedBlocks, unchangedBlocks: st.unchangedBlocks }),
         });
         return sink;
@@ -267,7 +295,8 @@ export class AgentTaskRunner {
     });
     try {
       const previous: WirePrevious | null = prev ? { point: pointToWire(prev.point), checkpoint: prev.checkpoint as unknown as Record<string, unknown> } : null;
-      this.#emit(task.taskId, { type: 'ready', port: receiver.address.port, ...(this.#o.dataAdvertise ? { host: this.#o.dataAdvertise } : {}), previous });
+      const plan: WireRunPlan | undefined = planned ? { ...planned.plan, repair: planned.repair } : undefined;
+      this.#emit(task.taskId, { type: 'ready', port: receiver.address.port, ...(this.#o.dataAdvertise ? { host: this.#o.dataAdvertise } : {}), previous, ...(plan ? { plan } : {}) });
       const onAbort = (): void => {
         receiver.abortTask(task.taskId, 'stopped by the server');
         this.#targetEnds.get(task.taskId)?.({ ok: false, reason: 'stopped by the server' });
@@ -280,12 +309,25 @@ export class AgentTaskRunner {
         signal.removeEventListener('abort', onAbort);
       }
       if (!sink?.point) throw new BulwarkError('the session ended without a restore point', { kind: 'internal' });
-      this.#emit(task.taskId, { type: 'log', level: 'info', message: `restore point ${sink.point.id} committed in ${task.repositoryPath}` });
-      return { point: pointToWire(sink.point), disks };
+      const point = sink.point;
+      this.#emit(task.taskId, { type: 'log', level: 'info', message: `restore point ${point.id} committed in ${task.repositoryPath}` });
+      if (!chain || !planned) return { point: pointToWire(point), disks };
+      // After the commit: the point is safe whatever happens below; a failed step is a warning.
+      const warnings = await maintainAfterBackup(chain, planned.plan, point.id);
+      const points = await repository.listRestorePoints({ job: task.job, vm: task.vm });
+      return { point: pointToWire(points.find((p) => p.id === point.id) ?? point), disks, points: points.map(pointToWire), warnings };
     } finally {
       this.#grants.delete(task.taskId);
       this.#targetEnds.delete(task.taskId);
     }
+  }
+
+  /** A health-check session's work on one VM whose folder is here. */
+  async #healthCheck(task: HealthCheckTask): Promise<HealthCheckResult> {
+    const repository = await this.#repository(task.repositoryPath);
+    const warnings = await healthCheckSession(this.#chain(task, repository, task.settings));
+    const points = await repository.listRestorePoints({ job: task.job, vm: task.vm });
+    return { warnings, disks: points.at(-1)?.disks.map((d) => d.name) ?? [], points: points.map(pointToWire) };
   }
 
   /** Restores a disk from a repository on this host to a path on this host. */
@@ -306,6 +348,9 @@ export class AgentTaskRunner {
   /** Reads the VM here and sends it to the repository agent; resolves with the backup summary. */
   async #backupSource(task: BackupSourceTask, signal: AbortSignal): Promise<Record<string, unknown>> {
     const { hypervisor, vm } = await this.#locate(task.hosts, task.vm);
+    const { included, excluded } = splitDisks(task.excludeDisks ?? [], task.vm, vm.disks.map((d) => d.name));
+    if (excluded.length > 0) this.#emit(task.taskId, { type: 'log', level: 'info', message: `disk(s) ${excluded.join(', ')} of VM ${vm.name} excluded by the job (not backed up)` });
+    if (included.length === 0) throw new BulwarkError(`every disk of VM ${vm.name} is excluded by job ${task.job}`, { kind: 'invalid', context: { vm: vm.name, job: task.job } });
     const stageTimes = new StageTimes();
     const limits = task.limits;
     // The server may change the limits while the task runs (a rule's hours, the repository share): re-read each second.
@@ -335,6 +380,9 @@ export class AgentTaskRunner {
       job: task.job,
       vm: vm.id,
       full: task.full,
+      ...(task.chainMethod ? { chainMethod: task.chainMethod } : {}),
+      ...(excluded.length > 0 ? { disks: included } : {}),
+      ...(task.repair && task.repair.length > 0 ? { repair: task.repair } : {}),
       requireGuestProcessing: task.requireGuestProcessing ?? false,
       ...(task.mode ? { mode: task.mode } : {}),
       ...(task.blockSize !== undefined ? { blockSize: task.blockSize } : {}),

@@ -3,6 +3,7 @@
 // agents. `createDispatch` is what the composition root (src/server/main.ts) wires.
 import type { FastifyPluginAsync } from 'fastify';
 import type { BackupVmSummary } from '../../agent/backup/disk-backup.js';
+import type { RestorePointInfo } from '../../repository/index.js';
 import type { WireRestoredDisk } from '../../transport/agent-tasks.js';
 import type { AgentLinkStore } from '../api/agent-link.js';
 import type { DiskResolver, JobDefinition, TaskExecutor, TaskSpec } from '../jobs/ports.js';
@@ -41,6 +42,8 @@ export interface Dispatch {
   executor(
     local: TaskExecutor & DiskResolver,
     onRestorePoint?: (job: JobDefinition, task: TaskSpec, summary: BackupVmSummary) => Promise<void>,
+    /** The catalog follows a VM's folder after retention and maintenance on a repository agent. */
+    onVmPoints?: (job: JobDefinition, task: TaskSpec, points: readonly RestorePointInfo[]) => Promise<void>,
   ): RemoteDataPathExecutor;
   /**
    * Restores a disk on the agent that owns the repository (to a path on that agent's host);
@@ -61,7 +64,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
   return {
     broker,
     plugin: (store) => agentTaskPlugin({ store, broker }),
-    executor: (local, onRestorePoint) =>
+    executor: (local, onRestorePoint, onVmPoints) =>
       new RemoteDataPathExecutor({
         broker,
         local,
@@ -76,6 +79,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
           return { name: r.name, path: r.path, agent: r.agent };
         },
         ...(onRestorePoint ? { onRestorePoint } : {}),
+        ...(onVmPoints ? { onVmPoints } : {}),
         throttling:
           opts.throttling ??
           (async () => ({ rules: (await listThrottlingRules(ctx)).map(policyRule), timeZone: opts.timeZone ?? Intl.DateTimeFormat().resolvedOptions().timeZone })),

@@ -2,18 +2,23 @@
 // path, LocalDataPathExecutor) when both its proxy and its repository are this server's own local
 // agent; otherwise it goes over the agent link. Then the repository's agent receives the VM's
 // restore point (backup-target) and the proxy next to the VM reads and sends it (backup-source)
-// straight to it over the data-mover transport; VM data never passes through the server. As on
-// the one-host path, the first disk task of a VM runs the VM's backup and its other disk tasks
-// report their disk from that one run.
+// straight to it over the data-mover transport; VM data never passes through the server. The
+// repository agent owns the folder, so it also makes the chain decisions around the point (plan,
+// repair, retention, synthetic full, compaction, health check: agent/backup/chain-run.ts); the
+// server hands its plan to the source agent and makes the catalog follow the folder afterwards. A
+// health-check session is one task on the repository agent. As on the one-host path, the first
+// disk task of a VM runs the VM's work and its other disk tasks report their disk from that run.
 import { randomBytes } from 'node:crypto';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
+import { methodSettings, splitDisks } from '../../agent/backup/chain-policy.js';
 import type { BackupProgress, BackupVmSummary } from '../../agent/backup/disk-backup.js';
 import { chainIdFor } from '../../agent/backup/disk-backup.js';
 import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from '../../agent/backup/job-settings.js';
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
-import type { TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
+import type { RestorePointInfo } from '../../repository/index.js';
+import type { BackupTargetResult, HealthCheckResult, TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
 import type { StageBusy } from '../../transport/stage-times.js';
 import type { NamedLimit } from '../../transport/throttle.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../jobs/ports.js';
@@ -47,6 +52,8 @@ export interface RemoteDataPathOptions {
   password?(job: JobDefinition): Promise<string | undefined>;
   /** Records a committed point in the catalog (as the local path's onRestorePoint). */
   onRestorePoint?(job: JobDefinition, task: TaskSpec, summary: BackupVmSummary): Promise<void>;
+  /** After the repository agent's chain steps: the VM's points as its folder holds them (as the local path's onVmPoints). */
+  onVmPoints?(job: JobDefinition, task: TaskSpec, points: readonly RestorePointInfo[]): Promise<void>;
   /** Network throttling rules (SCHED's store) and the server's time zone. */
   throttling?(): Promise<{ rules: readonly ThrottlingRule[]; timeZone: string }>;
   /** How long a data stream may stay down before the transfer fails (default 30 s). */
@@ -56,8 +63,13 @@ export interface RemoteDataPathOptions {
 
 type RunEvent = { kind: 'progress'; progress: BackupProgress | null; stageTimes?: StageBusy | undefined } | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined };
 
+/** What a VM's run came to: a backup's summary, or a health check's warnings. */
+type VmRunResult =
+  | { readonly kind: 'backup'; readonly summary: BackupVmSummary & { stageTimes?: StageBusy } }
+  | { readonly kind: 'health-check'; readonly warnings: readonly string[] };
+
 interface VmRun {
-  readonly result: Promise<BackupVmSummary & { stageTimes?: StageBusy }>;
+  readonly result: Promise<VmRunResult>;
   readonly listeners: Set<(e: RunEvent) => void>;
   progress: BackupProgress | null;
   stageTimes: StageBusy | undefined;
@@ -105,7 +117,9 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       signal.addEventListener('abort', onAbort, { once: true });
       try {
         const disks = (await handle.result) as WireDisk[];
-        return disks.map((d) => ({ name: d.name, sizeBytes: d.sizeBytes, location: { ...d.location, agent } }));
+        // Disks the job excludes get no task (as on the one-host path).
+        const { included } = splitDisks(methodSettings(job.settings).excludeDisks, vm, disks.map((d) => d.name));
+        return disks.filter((d) => included.includes(d.name)).map((d) => ({ name: d.name, sizeBytes: d.sizeBytes, location: { ...d.location, agent } }));
       } catch (err) {
         if (err instanceof BulwarkError && err.kind === 'not-found') continue;
         firstError ??= err;
@@ -128,7 +142,9 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   async execute(task: TaskSpec, context: TaskContext): Promise<TaskOutcome> {
     const repository = await this.#o.repository(task.job);
     const source = this.#sourceAgent(task, repository);
-    if (this.#isLocal(source) && this.#isLocal(repository.agent)) return this.#o.local.execute(task, context);
+    const healthCheck = methodSettings(task.job.settings).operation === 'health-check';
+    // A health check needs only the repository: in process when the folder is this server's.
+    if (this.#isLocal(repository.agent) && (healthCheck || this.#isLocal(source))) return this.#o.local.execute(task, context);
 
     const now = Date.now();
     for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
@@ -136,9 +152,14 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     let run = this.#runs.get(key);
     const owner = run === undefined;
     if (!run) {
-      run = this.#startRun(task, context, source, repository);
+      run = healthCheck ? this.#startHealthCheck(task, context, repository) : this.#startRun(task, context, source, repository);
       this.#runs.set(key, run);
-      context.log('info', `backing up VM ${task.vm} on agent ${source} into repository ${repository.name} (agent ${repository.agent ?? this.#localAgent})`);
+      context.log(
+        'info',
+        healthCheck
+          ? `checking VM ${task.vm} in repository ${repository.name} on its agent ${repository.agent ?? this.#localAgent}`
+          : `backing up VM ${task.vm} on agent ${source} into repository ${repository.name} (agent ${repository.agent ?? this.#localAgent})`,
+      );
     } else {
       context.log('info', `disk ${task.disk.name} is backed up by the VM's backup already running in this session`);
     }
@@ -157,7 +178,13 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     run.listeners.add(listener);
     if (run.progress) context.progress(diskProgress(run.progress, task.disk.name));
     try {
-      const summary = await run.result;
+      const result = await run.result;
+      if (result.kind === 'health-check') {
+        context.progress({ bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 });
+        const messages = owner ? [...result.warnings] : [];
+        return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
+      }
+      const { summary } = result;
       const disk = summary.disks.find((d) => d.name === task.disk.name);
       if (!disk) {
         throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in restore point ${summary.pointId}`, { kind: 'not-found', context: { vm: task.vm, disk: task.disk.name } });
@@ -180,6 +207,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     };
     const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, result: Promise.resolve() as never };
     const { job } = task;
+    const settings = methodSettings(job.settings);
     const broker = this.#o.broker;
     const targetAgent = repository.agent ?? this.#localAgent;
     const signal = context.signal;
@@ -198,7 +226,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           break;
       }
     };
-    (run as { result: VmRun['result'] }).result = (async () => {
+    (run as { result: VmRun['result'] }).result = (async (): Promise<VmRunResult> => {
       signal.throwIfAborted();
       const secret = randomBytes(32).toString('hex');
       const password = await this.#o.password?.(job);
@@ -208,7 +236,20 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       // 1. The repository agent opens the point's receiving end and tells where it listens.
       const target = broker.run(
         targetAgent,
-        { kind: 'backup-target', secret, repositoryPath: repository.path, job: job.name, vm: task.vm, chainId, password, sourceAgent },
+        {
+          kind: 'backup-target',
+          secret,
+          repositoryPath: repository.path,
+          job: job.name,
+          vm: task.vm,
+          chainId,
+          password,
+          sourceAgent,
+          // The repository agent plans the run and keeps the chain (retention, maintenance).
+          settings: job.settings ?? {},
+          fullRequested: task.full,
+          now: this.#now().toISOString(),
+        },
         (e) => {
           if (e.type === 'ready') ready?.(e);
           else onEvent(e);
@@ -222,6 +263,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       try {
         const readyOrFailed = await Promise.race([readyEvent, target.result.then(() => undefined)]);
         if (!readyOrFailed) throw new BulwarkError(`repository agent ${targetAgent} ended the task before it was ready`, { kind: 'internal' });
+        const plan = readyOrFailed.plan;
         const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
         const sourceIp = broker.addressOf(sourceAgent) ?? '127.0.0.1';
         const limits = await this.#limits(task, context, sourceIp, targetHost);
@@ -242,8 +284,11 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             hosts: mine.length > 0 ? mine : hosts.map((h) => h.connection),
             job: job.name,
             vm: task.vm,
-            full: task.full,
+            // What the repository agent planned (an agent without chain steps: what was asked).
+            full: plan ? plan.kind === 'full' : task.full,
             previous: readyOrFailed.previous,
+            ...(plan ? { chainMethod: plan.chainMethod, repair: plan.repair } : {}),
+            ...(settings.excludeDisks.length > 0 ? { excludeDisks: settings.excludeDisks } : {}),
             mode,
             requireGuestProcessing: setting(job, 'requireGuestProcessing', isBoolean),
             blockSize,
@@ -288,10 +333,12 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           throw err;
         }
         // What the repository stored (after its compression and dedup), per disk, from the target side.
-        const stored = ((await target.result) as { disks?: Array<{ name: string; storedBytes: number; storedBlocks: number; unchangedBlocks: number }> }).disks ?? [];
+        const targetResult = (await target.result) as Partial<BackupTargetResult>;
+        const stored = targetResult.disks ?? [];
         const sent = raw as unknown as BackupVmSummary;
         const summary = {
           ...sent,
+          warnings: [...sent.warnings, ...(targetResult.warnings ?? [])],
           disks: sent.disks.map((d) => {
             const s = stored.find((x) => x.name === d.name);
             // bytesTransferred: what crossed the network (the source's count of wire bytes).
@@ -307,7 +354,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`, disk: undefined });
           }
         }
-        return summary;
+        if (targetResult.points) await this.#syncPoints(task, targetResult.points, emit);
+        return { kind: 'backup', summary };
       } catch (err) {
         target.cancel('the backup failed');
         sourceHandle?.cancel('the backup failed');
@@ -324,12 +372,62 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     return run;
   }
 
+  #now(): Date {
+    return this.#o.now?.() ?? new Date();
+  }
+
+  /** The catalog follows the VM's folder after the repository agent's chain steps. */
+  async #syncPoints(task: TaskSpec, wire: readonly Record<string, unknown>[], emit: (e: RunEvent) => void): Promise<void> {
+    if (!this.#o.onVmPoints) return;
+    try {
+      await this.#o.onVmPoints(task.job, task, wire.map(pointFromWire));
+    } catch (err) {
+      emit({ kind: 'log', level: 'warning', message: `the catalog could not follow the repository's points of VM ${task.vm}: ${describeError(err)} (rescan the repository)`, disk: undefined });
+    }
+  }
+
+  /** A health-check session's work on one VM: a health-check task on the repository's agent. */
+  #startHealthCheck(task: TaskSpec, context: TaskContext, repository: DispatchRepository): VmRun {
+    const listeners = new Set<(e: RunEvent) => void>();
+    const emit = (e: RunEvent): void => {
+      for (const l of listeners) l(e);
+    };
+    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, result: Promise.resolve() as never };
+    const { job } = task;
+    const agent = repository.agent ?? this.#localAgent;
+    (run as { result: VmRun['result'] }).result = (async (): Promise<VmRunResult> => {
+      context.signal.throwIfAborted();
+      const password = await this.#o.password?.(job);
+      const handle = this.#o.broker.run(
+        agent,
+        { kind: 'health-check', repositoryPath: repository.path, job: job.name, vm: task.vm, settings: job.settings ?? {}, now: this.#now().toISOString(), password },
+        (e) => {
+          if (e.type === 'log') emit({ kind: 'log', level: e.level, message: e.message, disk: e.disk });
+        },
+      );
+      const stop = () => handle.cancel('the job was stopped');
+      context.signal.addEventListener('abort', stop, { once: true });
+      try {
+        const r = (await handle.result) as HealthCheckResult;
+        await this.#syncPoints(task, r.points, emit);
+        return { kind: 'health-check', warnings: r.warnings };
+      } finally {
+        context.signal.removeEventListener('abort', stop);
+      }
+    })();
+    run.result.then(
+      () => (run.settledAt = Date.now()),
+      () => (run.settledAt = Date.now()),
+    );
+    return run;
+  }
+
   /** The rate limits of a transfer: each matching throttling rule (shared by name) and the task's repository share. */
   async #limits(task: TaskSpec, context: StageTimesContext, sourceIp: string, targetIp: string): Promise<NamedLimit[]> {
     const limits: NamedLimit[] = [];
     if (this.#o.throttling) {
       const { rules, timeZone } = await this.#o.throttling();
-      const at = this.#o.now?.() ?? new Date();
+      const at = this.#now();
       for (const r of matchingThrottlingRules(rules, { sourceIp, targetIp, at, timeZone })) {
         limits.push({ name: `rule:${r.name}`, bytesPerSecond: mbpsToBytesPerSecond(r.mbps) });
       }

@@ -1,0 +1,138 @@
+// Backup methods on a repository of ANOTHER host (network namespaces, fixture netns/hosts.ts): the
+// repository agent plans each run, keeps the chain (retention, reverse injection) and health-checks
+// it, as the one-host path does. Checked: forever forward with retention 3 over 5 runs (one a
+// `backup quick`) holds one full + 2 increments (merged), reverse incremental over 3 runs keeps the
+// newest as the full with .vrb files (the oldest deleted by retention), a health check names a
+// flipped byte and the next run repairs it; every kept point restores bit-exact and the catalog
+// follows the folder. Needs root (ip netns).
+import { randomBytes } from 'node:crypto';
+import { open, readdir, stat } from 'node:fs/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openRepository, vmFolder, type RestorePointInfo } from '../../src/repository/index.js';
+import { logText, MultiHost, multiHostSkipReason as skipReason, type SessionJson } from './netns/hosts.js';
+
+const VM = 'mhm-vm';
+const MiB = 1 << 20;
+const allDays = ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'];
+
+let h: MultiHost;
+/** The disk's SHA-256 at each point's backup. */
+const shaOf = new Map<string, string>();
+let writes = 0;
+
+/** The VM's points of a job as its folder holds them, oldest first. */
+async function points(job: string): Promise<RestorePointInfo[]> {
+  const repository = await openRepository(h.repoDir);
+  return (await repository.listRestorePoints({ job, vm: VM })).sort((a, b) => a.time.getTime() - b.time.getTime());
+}
+
+async function files(job: string): Promise<string[]> {
+  return (await readdir(vmFolder(h.repoDir, job, VM))).filter((f) => /\.(vbk|vib|vrb)$/.test(f)).sort();
+}
+
+/** A guest write of 64 KiB somewhere new, then a run; the new point's image is remembered. */
+async function backup(job: string, start: () => Promise<string>): Promise<SessionJson> {
+  writes++;
+  await h.write(4 * MiB + writes * 320 * 1024, 65536, 0x10 + writes);
+  const s = await h.waitSession(await start());
+  expect(s.state, logText(s)).toMatch(/success|warning/);
+  const newest = (await points(job)).at(-1)!;
+  expect(shaOf.has(newest.id), `run ${writes} made no new point\n${logText(s)}`).toBe(false);
+  shaOf.set(newest.id, h.expectedSha());
+  return s;
+}
+
+const run = (job: string) => async () => (await h.api<{ sessionId: string }>('POST', `/jobs/${job}/run`, {})).sessionId;
+
+async function everyPointBitExact(job: string): Promise<number> {
+  const kept = await points(job);
+  for (const p of kept) expect(await h.restoredSha(p.id), `point ${p.id} (${p.kind})`).toBe(shaOf.get(p.id));
+  return kept.length;
+}
+
+/** The catalog's points of the job are the folder's. */
+async function catalogFollows(job: string): Promise<void> {
+  const listed = (await h.api<{ items: Array<{ id: string; job: string | null; type: string }> }>('GET', `/restore-points?vm=${VM}`)).items.filter((p) => p.job === job);
+  expect(listed.map((p) => p.id).sort()).toEqual((await points(job)).map((p) => p.id).sort());
+}
+
+describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
+  beforeAll(async () => {
+    const disk = Buffer.alloc(8 * MiB);
+    disk.fill(0x5a, 0, MiB);
+    randomBytes(2 * MiB).copy(disk, 2 * MiB);
+    h = await MultiHost.start({ vm: VM, disk });
+    const job = (name: string, extra: Record<string, unknown>) =>
+      h.api('POST', '/jobs', { name, vms: [VM], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 }, blockSize: 262144, ...extra });
+    await job('ff', { method: 'forever-forward', retention: { points: 3 } });
+    await job('rev', { method: 'reverse', retention: { points: 2 } });
+    await job('hc', { method: 'forever-forward', retention: { points: 7 }, healthCheck: { weekdays: allDays } });
+  }, 120_000);
+
+  afterAll(() => {
+    if (h) expect(h.close()).toBe('');
+  });
+
+  it('forever forward, retention 3, 5 runs (one a quick backup): one full + 2 increments, merged on the repository agent; all bit-exact', async () => {
+    const logs: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const quick = i === 3;
+      const s = await backup('ff', quick ? async () => (await h.api<{ sessionId: string }>('POST', '/backup/quick', { vm: VM, job: 'ff' })).sessionId : run('ff'));
+      logs.push(logText(s));
+    }
+    expect(logs[0]).toMatch(/this run: full/);
+    expect(logs[1]).toMatch(/this run: incremental/);
+    expect(logs[3]).toMatch(/quick backup of VM mhm-vm/);
+    expect(logs[3]).toMatch(/retention: merged increment/);
+    expect(logs[4]).toMatch(/retention: merged increment/);
+    const kept = await points('ff');
+    expect(kept.map((p) => p.kind)).toEqual(['full', 'incremental', 'incremental']);
+    expect((await files('ff')).map((f) => f.slice(-3))).toEqual(['vbk', 'vib', 'vib']);
+    expect(await everyPointBitExact('ff')).toBe(3);
+    await catalogFollows('ff');
+  }, 120_000);
+
+  it('reverse incremental, 3 runs: the newest is the full, older points are .vrb files (the oldest deleted by retention 2); all bit-exact', async () => {
+    const logs: string[] = [];
+    for (let i = 0; i < 3; i++) logs.push(logText(await backup('rev', run('rev'))));
+    expect(logs[0]).toMatch(/this run: full/);
+    expect(logs[1]).toMatch(/this run: reverse/);
+    expect(logs[2]).toMatch(/retention: deleted reverse point/);
+    const kept = await points('rev');
+    expect(kept.map((p) => p.kind)).toEqual(['reverse', 'full']);
+    expect((await files('rev')).map((f) => f.slice(-3)).sort()).toEqual(['vbk', 'vrb']);
+    expect(await everyPointBitExact('rev')).toBe(2);
+    await catalogFollows('rev');
+  }, 120_000);
+
+  it('a health check on the remote repository names a flipped byte; the next run repairs it and restores bit-exact', async () => {
+    const first = logText(await backup('hc', run('hc')));
+    // The check due on every day runs after the backup, on the repository agent.
+    expect(first).toMatch(/health check of VM mhm-vm: the latest point \S+ verified, \d+ block\(s\), no damage/);
+    const full = (await points('hc')).at(-1)!;
+    const size = (await stat(full.file)).size;
+    const f = await open(full.file, 'r+');
+    try {
+      const at = 4096 + Math.floor((size - 8192) / 2);
+      const b = Buffer.alloc(1);
+      await f.read(b, 0, 1, at);
+      b[0] = b[0]! ^ 0x5a;
+      await f.write(b, 0, 1, at);
+    } finally {
+      await f.close();
+    }
+    const health = async () => h.waitSession((await h.api<{ sessionId: string }>('POST', '/jobs/hc/health-check', {})).sessionId);
+    const check = await health();
+    expect(check.state, logText(check)).toBe('warning');
+    const named = /damaged block (\d+) of disk vda \(disk offset \d+\) in (\S+), read by point/.exec(logText(check));
+    expect(named, logText(check)).not.toBeNull();
+    expect(named![2]).toBe(full.file);
+
+    const repaired = logText(await backup('hc', run('hc')));
+    expect(repaired).toMatch(new RegExp(`repair: re-reading vda blocks [0-9, ]*\\b${named![1]}\\b`));
+    const latest = (await points('hc')).at(-1)!;
+    expect(await h.restoredSha(latest.id)).toBe(shaOf.get(latest.id));
+    const clean = await health();
+    expect(clean.state, logText(clean)).toBe('success');
+  }, 120_000);
+});
