@@ -265,6 +265,8 @@ export const dataTables = [
   'server_settings',
   'throttling_rules',
   'exports',
+  'encryption_keys',
+  'encrypted_chains',
 ] as const satisfies ReadonlyArray<keyof Database>;
 
 export type HostRow = Selectable<HostTable>;

@@ -142,10 +142,14 @@ function hintText(hint: string | null | undefined): string {
   return hint ? `hint: ${hint}` : 'no hint was set';
 }
 
-/** The error of a wrong password: never reported as damage. */
+/**
+ * The error of a wrong password: never reported as damage. `forbidden` (HTTP 403, field
+ * `password`): the request is well formed, the credential does not open the point; not 401, which
+ * clients read as "log in again".
+ */
 export function wrongPassword(pointId: string, hint: string | null | undefined): BulwarkError {
   return new BulwarkError(`wrong password for restore point ${pointId} (${hintText(hint)})`, {
-    kind: 'invalid',
+    kind: 'forbidden',
     context: { field: 'password', point: pointId },
     hint: 'give the password this chain was encrypted with',
   });
@@ -154,7 +158,7 @@ export function wrongPassword(pointId: string, hint: string | null | undefined):
 /** The error of an encrypted point whose password the server does not know and none was given. */
 export function passwordNeeded(pointId: string, hint: string | null | undefined): BulwarkError {
   return new BulwarkError(`restore point ${pointId} is encrypted and this server does not know its password (${hintText(hint)})`, {
-    kind: 'invalid',
+    kind: 'forbidden',
     context: { field: 'password', point: pointId },
     hint: 'give it with --password-file FILE (or at the prompt); `bulwark password add` makes the server remember it',
   });
@@ -354,7 +358,14 @@ export class EncryptionKeys {
     const jobId = point.job === null ? null : ((await this.#ctx.db.selectFrom('jobs').select('id').where('name', '=', point.job).executeTakeFirst())?.id ?? null);
     const rank = (r: (typeof rows)[number]): number => (r.id === known?.key_id ? 0 : jobId !== null && r.job_id === jobId ? (r.retired_at === null ? 1 : 2) : r.job_id === null ? 3 : 4);
     for (const r of [...rows].sort((a, b) => rank(a) - rank(b))) {
-      const password = unsealPassword(this.#key, r.id, r.sealed_password);
+      let password: string;
+      try {
+        password = unsealPassword(this.#key, r.id, r.sealed_password);
+      } catch (err) {
+        // A configuration restored from another server: its passwords need that server's key.
+        log.warn({ key: r.id, err: err instanceof Error ? err.message : String(err) }, 'skipping a password this server cannot unseal');
+        continue;
+      }
       if (await opens(password)) {
         if (known?.key_id !== r.id) await this.recordChain(chain.id, hint ?? '', r.id);
         return password;

@@ -1,0 +1,212 @@
+// Encrypted backups through the product (docs/encryption.md), as a user runs them: a real
+// `bulwark server`, one test guest (TCG), the console. A job created with `--encrypt
+// --password-hint` (password from a file, kept sealed by the server) backs the guest up twice; its
+// repository files hold no plain guest data (a marker written into the guest is not found in them,
+// with compression off so it would be); both points restore with no password typed, bit-exact
+// (each against a plain export taken of the same frozen disk: the guest's vCPUs are paused for
+// the backup and its reference); `mount` and `restore files` of the encrypted point work; an
+// encrypted export (its password not kept by the server) restores with `--password-file`, asks
+// for it otherwise, and a wrong one is answered "wrong password … (hint: …)"; the database holds
+// no password in clear text.
+import { execFile } from 'node:child_process';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { e2fsckClean, sha256InImage, startTestGuest, type TestGuest } from '../fixtures/guest.js';
+import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
+
+const run = promisify(execFile);
+const VM = 'enc-guest';
+const JOB_PASSWORD = 'job-Pa55word-7f3a';
+const EXPORT_PASSWORD = 'export-Pa55word-c21e';
+const MARKER = 'BULWARK-SECURE-E2E-MARKER-4d1f0c';
+
+let tmp: string;
+let server: ServerProcess;
+let guest: TestGuest;
+let env: Record<string, string>;
+
+interface PointJson {
+  id: string;
+  type: string;
+  job: string | null;
+  encrypted?: boolean;
+  keyKnown?: boolean;
+  passwordHint?: string;
+}
+
+async function bw(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return bulwark(args, env);
+}
+
+async function bwJson<T>(args: string[]): Promise<T> {
+  const r = await bw([...args, '--json']);
+  expect(r.code, `${args.join(' ')}: ${r.stderr}${r.stdout}`).toBe(0);
+  return JSON.parse(r.stdout) as T;
+}
+
+/** Runs `fn` with the guest's vCPUs paused: its disks do not change meanwhile. */
+async function paused<T>(fn: () => Promise<T>): Promise<T> {
+  const qmp = await guest.control();
+  try {
+    await qmp.execute('stop');
+    try {
+      return await fn();
+    } finally {
+      await qmp.execute('cont');
+    }
+  } finally {
+    await qmp.close();
+  }
+}
+
+async function restoreDisk(point: string, name: string, ...extra: string[]): Promise<{ path: string; sha256: string }> {
+  const to = join(tmp, `${name}.raw`);
+  const r = await bwJson<{ sha256: string }>(['restore', 'disk', point, '--disk', 'vda', '--to', to, '--overwrite', ...extra]);
+  return { path: to, sha256: r.sha256 };
+}
+
+async function sha256Of(file: string): Promise<string> {
+  const { stdout } = await run('sha256sum', [file]);
+  return stdout.split(' ')[0]!;
+}
+
+beforeAll(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'bulwark-e2e-enc-'));
+  await ensureBuilt();
+  guest = await startTestGuest({ name: VM });
+  await guest.waitForAgent();
+  server = await startServerProcess(join(tmp, 'data'), { simulate: false });
+  env = { BULWARK_DATA: server.dataDir, BULWARK_CONFIG: join(tmp, 'config'), HOME: tmp };
+  await writeFile(join(tmp, 'job.pw'), `${JOB_PASSWORD}\n`, { mode: 0o600 });
+  await writeFile(join(tmp, 'export.pw'), `${EXPORT_PASSWORD}\n`, { mode: 0o600 });
+  await writeFile(join(tmp, 'wrong.pw'), 'not-the-password\n', { mode: 0o600 });
+  expect((await bw(['host', 'add', 'kvm1', '--qemu', guest.qmpSocket])).code).toBe(0);
+}, 300_000);
+
+afterAll(async () => {
+  if (server) await server.stop();
+  await guest?.stop();
+  if (tmp) await rm(tmp, { recursive: true, force: true });
+});
+
+describe('encrypted job, restores and export', () => {
+  const points: Record<string, string> = {};
+  const refs: Record<string, string> = {};
+  const markers: Record<string, string> = {};
+
+  it('an encrypted job backs up twice; the repository holds no plain guest data', async () => {
+    const created = await bw(['job', 'create', 'secure', '--vm', VM, '--repo', 'default', '--compress', 'none', '--retries', '0', '--encrypt', '--password-hint', 'the usual one', '--password-file', join(tmp, 'job.pw')]);
+    expect(created.code, created.stderr).toBe(0);
+    expect(created.stdout).toMatch(/encrypted/);
+    expect((await bw(['job', 'show', 'secure'])).stdout).toMatch(/encryption:\s+on \(hint: the usual one/);
+
+    for (const [i, name] of ['one', 'two'].entries()) {
+      markers[name] = (await guest.sh(`mkdir -p /srv/enc && for i in $(seq 1 2000); do echo "${MARKER} ${name} $i"; done > /srv/enc/${name}.txt && sync && sha256sum /srv/enc/${name}.txt`)).split(' ')[0]!;
+      await paused(async () => {
+        const s = await bwJson<{ state: string; log: Array<{ message: string }> }>(['job', 'run', 'secure', '--wait']);
+        expect(s.state, s.log.map((l) => l.message).join('\n')).toMatch(/success|warning/);
+        const list = (await bwJson<PointJson[]>(['restore-point', 'list', '--vm', VM])).filter((p) => p.job === 'secure');
+        expect(list).toHaveLength(i + 1);
+        points[name] = list[0]!.id;
+        // The reference: a plain export of the same frozen disk.
+        const ref = await bwJson<{ pointId: string }>(['export', VM, '--repo', 'default', '--compress', 'none']);
+        refs[name] = (await restoreDisk(ref.pointId, `ref-${name}`)).sha256;
+        if (name === 'two') {
+          const enc = await bwJson<{ pointId: string; encrypted: boolean }>(['export', VM, '--repo', 'default', '--compress', 'none', '--encrypt', '--password-file', join(tmp, 'export.pw'), '--password-hint', 'the export one']);
+          expect(enc.encrypted).toBe(true);
+          points.export = enc.pointId;
+        }
+      });
+    }
+    const list = await bwJson<PointJson[]>(['restore-point', 'list', '--vm', VM]);
+    const byId = new Map(list.map((p) => [p.id, p]));
+    expect(byId.get(points.one!)).toMatchObject({ type: 'full', job: 'secure', encrypted: true, keyKnown: true, passwordHint: 'the usual one' });
+    expect(byId.get(points.two!)).toMatchObject({ type: 'incremental', job: 'secure', encrypted: true, keyKnown: true });
+    expect(byId.get(points.export!)).toMatchObject({ job: null, encrypted: true, keyKnown: false, passwordHint: 'the export one' });
+    expect(list.filter((p) => !p.encrypted)).toHaveLength(2); // the plain references
+    expect((await bw(['restore-point', 'list', '--vm', VM])).stdout).toMatch(/yes, password needed/);
+
+    // The marker is in the guest disk (a plain export stores it in clear, compression off) but in
+    // no file of the encrypted job's folder nor of the encrypted export's.
+    const repo = join(server.dataDir, 'repository');
+    const folders = await readdir(repo);
+    const plainExport = folders.find((f) => f.startsWith('_export-'))!;
+    expect((await run('grep', ['-rlF', MARKER, join(repo, plainExport)])).stdout).not.toBe('');
+    const encrypted = ['secure'];
+    for (const f of folders.filter((x) => x.startsWith('_export-'))) {
+      const vbm = await readFile(join(repo, f, VM, `${VM}.vbm`));
+      if (vbm.includes(Buffer.from(points.export!))) encrypted.push(f);
+    }
+    expect(encrypted).toHaveLength(2);
+    for (const f of encrypted) {
+      const grep = await run('grep', ['-rlF', MARKER, join(repo, f)]).then(
+        (r) => ({ code: 0, out: r.stdout }),
+        (e: { code?: number; stdout?: string }) => ({ code: e.code ?? -1, out: e.stdout ?? '' }),
+      );
+      expect(grep, `plain guest data in ${f}`).toEqual({ code: 1, out: '' });
+    }
+  });
+
+  it('both points of the job restore bit-exact with no password typed', async () => {
+    const one = await restoreDisk(points.one!, 'one');
+    const two = await restoreDisk(points.two!, 'two');
+    expect(one.sha256).toBe(refs.one);
+    expect(two.sha256).toBe(refs.two);
+    expect(await sha256Of(two.path)).toBe(two.sha256);
+    await e2fsckClean(two.path);
+    expect(await sha256InImage(one.path, '/srv/enc/one.txt')).toBe(markers.one);
+    expect(await sha256InImage(one.path, '/srv/enc/two.txt')).toBeUndefined();
+    expect(await sha256InImage(two.path, '/srv/enc/two.txt')).toBe(markers.two);
+  });
+
+  it('mount and restore files of the encrypted point work with no password typed', async () => {
+    const out = join(tmp, 'files');
+    const r = await bwJson<{ files: number }>(['restore', 'files', points.two!, '--path', '/srv/enc', '--to', out]);
+    expect(r.files).toBe(2);
+    expect(await sha256Of(join(out, 'enc', 'one.txt'))).toBe(markers.one);
+    expect(await sha256Of(join(out, 'enc', 'two.txt'))).toBe(markers.two);
+
+    const m = await bwJson<{ id: string; filesystems: Array<{ path: string; mountpoint?: string }> }>(['mount', points.two!, '--detach']);
+    try {
+      const root = m.filesystems.find((f) => f.mountpoint === '/') ?? m.filesystems[0]!;
+      expect(await sha256Of(join(root.path, 'srv', 'enc', 'two.txt'))).toBe(markers.two);
+    } finally {
+      expect((await bw(['mount', 'unmount', m.id])).code).toBe(0);
+    }
+  });
+
+  it('an encrypted export restores with --password-file; without it the hint is shown; a wrong one is "wrong password (hint: …)"', async () => {
+    const none = await bw(['restore', 'disk', points.export!, '--disk', 'vda', '--to', join(tmp, 'x.raw')]);
+    expect(none.code).toBe(1);
+    expect(none.stderr).toContain(`restore point ${points.export} is encrypted and this server does not know its password (hint: the export one)`);
+    expect(none.stderr).toMatch(/--password-file/);
+
+    const wrong = await bw(['restore', 'disk', points.export!, '--disk', 'vda', '--to', join(tmp, 'x.raw'), '--password-file', join(tmp, 'wrong.pw')]);
+    expect(wrong.code).toBe(1);
+    expect(wrong.stderr).toContain(`wrong password for restore point ${points.export} (hint: the export one)`);
+    expect(wrong.stderr).not.toMatch(/corrupt|damaged/i);
+    const wrongJob = await bw(['mount', points.one!, '--detach', '--password-file', join(tmp, 'wrong.pw')]);
+    expect(wrongJob.code).toBe(1);
+    expect(wrongJob.stderr).toContain(`wrong password for restore point ${points.one} (hint: the usual one)`);
+
+    const ok = await restoreDisk(points.export!, 'export', '--password-file', join(tmp, 'export.pw'));
+    expect(ok.sha256).toBe(refs.two);
+    const files = await bwJson<{ files: number }>(['restore', 'files', points.export!, '--path', '/srv/enc/two.txt', '--to', join(tmp, 'export-files'), '--password-file', join(tmp, 'export.pw')]);
+    expect(files.files).toBe(1);
+    expect(await sha256Of(join(tmp, 'export-files', 'two.txt'))).toBe(markers.two);
+  });
+
+  it('the server keeps no password in clear text: database and server key file', async () => {
+    const data = server.dataDir;
+    expect((await stat(join(data, 'secret.key'))).mode & 0o777).toBe(0o600);
+    for (const f of (await readdir(data)).filter((n) => n.startsWith('bulwark.db'))) {
+      const bytes = await readFile(join(data, f));
+      for (const p of [JOB_PASSWORD, EXPORT_PASSWORD]) expect(bytes.includes(Buffer.from(p)), `${p} in ${f}`).toBe(false);
+    }
+    const keys = await bwJson<Array<{ hint: string; job: string | null; active: boolean; chains: number }>>(['password', 'list']);
+    expect(keys).toEqual([expect.objectContaining({ hint: 'the usual one', job: 'secure', active: true, chains: 1 })]);
+  });
+});
