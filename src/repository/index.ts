@@ -10,7 +10,9 @@ export { escapeName, unescapeName, vmFolder } from './layout.js';
 export { verifyRepository } from './verify.js';
 export type { VerifyReport, VerifyOptions, Damage } from './verify.js';
 export { inspectRepository } from './inspect.js';
-export { ALL_VMS, JobRestorePointWriter, startJobRestorePoint, vmsOfRestorePoint, openVmDisk, listVmRestorePoints, splitAllVmsDiskName } from './single-file.js';
+export {
+  ALL_VMS, JobRestorePointWriter, startJobRestorePoint, vmsOfRestorePoint, openVmDisk, listVmRestorePoints, splitAllVmsDiskName, catalogPoints, vmSliceId, VmSlicePoint,
+} from './single-file.js';
 export type { JobVm, PointVm, StartJobRestorePointOptions } from './single-file.js';
 export type { InspectReport, InspectChain, InspectPoint, InspectDisk } from './inspect.js';
 // Backup methods and chain maintenance (issue 6): pure planning + Repository#applyRetention,

@@ -40,7 +40,7 @@ import { EncodePool } from './encode-pool.js';
 import { BACKUP_FILE_RE, backupFileName, chainMetadataName, unescapeName, vmFolder } from './layout.js';
 import { RestorePoint, type RestorePointInfo } from './restore-point.js';
 import { chainsOfFolder, listVmFolders, type VmFolder } from './folders.js';
-import { ALL_VMS, checkAllVmsDisks } from './single-file.js';
+import { ALL_VMS, checkAllVmsDisks, findVmSlice, vmsOfRestorePoint, VmSlicePoint } from './single-file.js';
 import type { HealthReport, MethodPolicy, PendingRepair, RetentionReport, SynthesizeFullOptions, VmChainState } from './plan/types.js';
 import * as transforms from './transforms/maintenance.js';
 import { recoverFolder } from './transforms/recover.js';
@@ -181,7 +181,24 @@ export class Repository {
    * one is an `unauthorized` error.
    */
   async openRestorePoint(id: string, opts: { password?: string } = {}): Promise<RestorePoint> {
-    const { chain, point } = await this.findRestorePoint(id);
+    const found = await this.findRestorePoint(id).catch(async (err: unknown) => {
+      // A VM's part of a single-file point, by its catalog id (single-file.ts, vmSliceId).
+      const slice = err instanceof BulwarkError && err.kind === 'not-found' ? findVmSlice(await this.listRestorePoints({}), id) : null;
+      if (!slice) throw err;
+      return slice;
+    });
+    if ('vm' in found) {
+      const whole = await this.openRestorePoint(found.point.id, opts);
+      try {
+        const vm = vmsOfRestorePoint(whole).find((v) => v.name === found.vm);
+        if (!vm) throw new BulwarkError(`restore point ${found.point.id} does not hold VM ${found.vm}`, { kind: 'not-found', context: { point: id, vm: found.vm } });
+        return new VmSlicePoint(whole, found.info, vm);
+      } catch (err) {
+        await whole.close();
+        throw err;
+      }
+    }
+    const { chain, point } = found;
     const byId = new Map(chain.points.map((p) => [p.id, p]));
     const files: BackupFile[] = [];
     try {

@@ -3,11 +3,12 @@
 // reserved name `_all`, with disks named `<vm>/<disk>` and a JSON VM configuration listing the
 // VMs; so chains, transforms, sweep, lock, inspect and verify need nothing special. This module
 // writes such points (one writer for all VMs) and reads a VM back out of one.
+import { createHash } from 'node:crypto';
 import { BulwarkError } from '../common/errors.js';
 import type { DiskBlock } from '../disk/types.js';
 import type { DiskWriteStats, WriteDiskOptions } from './backup-file-writer.js';
 import type { Repository, RestorePointWriter, StartRestorePointOptions } from './repository.js';
-import type { OpenDiskOptions, RestorePoint, RestorePointDisk, RestorePointInfo } from './restore-point.js';
+import { RestorePoint, type OpenDiskOptions, type ResolvedBlock, type RestorePointDisk, type RestorePointInfo } from './restore-point.js';
 
 /** The reserved VM name (and folder name) of a job's single-file set. */
 export const ALL_VMS = '_all';
@@ -181,4 +182,102 @@ export async function listVmRestorePoints(repo: Repository, job: string, vm: str
   const own = vm === ALL_VMS ? [] : await repo.listRestorePoints({ job, vm });
   const shared = (await repo.listRestorePoints({ job, vm: ALL_VMS })).filter((p) => p.disks.some((d) => splitAllVmsDiskName(d.name)?.vm === vm));
   return [...own, ...shared].sort((a, b) => a.time.getTime() - b.time.getTime());
+}
+
+/**
+ * The catalog id of VM `vm`'s part of single-file point `pointId`: a UUID derived from both
+ * (SHA-256, version nibble 5-like), so every VM of a job's point has a record of its own and a
+ * rescan finds the same ids again. Repository#openRestorePoint accepts it (a VmSlicePoint).
+ */
+export function vmSliceId(pointId: string, vm: string): string {
+  const h = createHash('sha256').update('bulwark vm slice v1\0').update(pointId).update('\0').update(vm, 'utf8').digest();
+  h[6] = (h[6]! & 0x0f) | 0x50;
+  h[8] = (h[8]! & 0x3f) | 0x80;
+  const x = h.subarray(0, 16).toString('hex');
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20, 32)}`;
+}
+
+/** The VMs (with their disks, names without the prefix) a single-file point's listing names. */
+export function vmsOfPointInfo(p: RestorePointInfo): Map<string, { name: string; size: number }[]> {
+  const out = new Map<string, { name: string; size: number }[]>();
+  for (const d of p.disks) {
+    const s = splitAllVmsDiskName(d.name);
+    if (s) out.set(s.vm, [...(out.get(s.vm) ?? []), { name: s.disk, size: d.size }]);
+  }
+  return out;
+}
+
+/**
+ * Restore points as the catalog records them: a per-VM point as it is; a single-file point as one
+ * point per VM it holds (id vmSliceId, the VM's name and disks; base mapped the same way, file
+ * and size those of the shared file).
+ */
+export function catalogPoints(points: readonly RestorePointInfo[]): RestorePointInfo[] {
+  const out: RestorePointInfo[] = [];
+  for (const p of points) {
+    if (p.vm !== ALL_VMS) {
+      out.push(p);
+      continue;
+    }
+    for (const [vm, disks] of vmsOfPointInfo(p)) {
+      out.push({ ...p, id: vmSliceId(p.id, vm), vm, disks, base: p.base === null ? null : vmSliceId(p.base, vm) });
+    }
+  }
+  return out;
+}
+
+/**
+ * One VM of an opened single-file point, as if it were a per-VM point: its disks under their own
+ * names, its own VM configuration, the catalog id. Reads go to the shared file set.
+ */
+export class VmSlicePoint extends RestorePoint {
+  override readonly vmConfig: Buffer;
+  readonly #vm: string;
+  readonly #disks: { name: string; size: number }[];
+
+  constructor(whole: RestorePoint, info: RestorePointInfo, vm: PointVm) {
+    super(info, whole.files, whole.keys);
+    this.vmConfig = vm.config;
+    this.#vm = vm.name;
+    this.#disks = vm.disks.map((d) => ({ name: d.name, size: d.size }));
+  }
+
+  override get disks(): readonly { name: string; size: number }[] {
+    return this.#disks;
+  }
+
+  override openDisk(name: string, opts: OpenDiskOptions = {}): RestorePointDisk {
+    if (!this.#disks.some((d) => d.name === name)) {
+      throw new BulwarkError(`restore point ${this.info.id} of VM ${this.#vm} has no disk ${name}`, {
+        kind: 'not-found', context: { point: this.info.id, disk: name, vm: this.#vm }, hint: `disks: ${this.#disks.map((d) => d.name).join(', ')}`,
+      });
+    }
+    const disk = super.openDisk(allVmsDiskName(this.#vm, name), opts);
+    // The disk keeps the VM's own name for messages; reads resolve through the prefixed name.
+    Object.defineProperty(disk, 'name', { value: name });
+    return disk;
+  }
+
+  override resolve(name: string, i: number): Promise<ResolvedBlock> {
+    return super.resolve(this.#full(name), i);
+  }
+
+  override resolveRange(name: string, first: number, count: number): Promise<ResolvedBlock[]> {
+    return super.resolveRange(this.#full(name), first, count);
+  }
+
+  #full(name: string): string {
+    return splitAllVmsDiskName(name)?.vm === this.#vm ? name : allVmsDiskName(this.#vm, name);
+  }
+}
+
+/** Finds the single-file point and VM whose catalog id is `id`, or null. */
+export function findVmSlice(points: readonly RestorePointInfo[], id: string): { point: RestorePointInfo; vm: string; info: RestorePointInfo } | null {
+  for (const p of points) {
+    if (p.vm !== ALL_VMS) continue;
+    for (const [vm, disks] of vmsOfPointInfo(p)) {
+      if (vmSliceId(p.id, vm) === id) return { point: p, vm, info: { ...p, id, vm, disks, base: p.base === null ? null : vmSliceId(p.base, vm) } };
+    }
+  }
+  return null;
 }

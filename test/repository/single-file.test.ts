@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import {
-  ALL_VMS, inspectRepository, listVmRestorePoints, openRepository, openVmDisk, startJobRestorePoint, verifyRepository, vmsOfRestorePoint, type Repository,
+  ALL_VMS, catalogPoints, inspectRepository, listVmRestorePoints, openRepository, openVmDisk, startJobRestorePoint, verifyRepository, vmSliceId, vmsOfRestorePoint, type Repository,
 } from '../../src/repository/index.js';
 import { DiskModel, iterate } from '../../src/repository/test-helpers.js';
 
@@ -150,4 +150,58 @@ it('refuses a per-VM point of a VM named like the single-file set, and names too
   await expect(repo.startRestorePoint({ job: 'other', vm: ALL_VMS, kind: 'full', disks: [{ name: 'vda', size: BS }] })).rejects.toThrow(/VM\/DISK/);
   await expect(startJobRestorePoint(repo, { job: 'other', kind: 'full', vms: [{ name: 'v'.repeat(60), disks: [{ name: 'vda1', size: BS }] }] })).rejects.toThrow(/longer than 64 bytes/);
   await expect(startJobRestorePoint(repo, { job: 'other', kind: 'full', vms: [{ name: 'a', disks: [{ name: 'x/y', size: BS }] }] })).rejects.toThrow(/contains '\/'/);
+});
+
+it('catalog: one record per VM of each single-file point, opened by its id like a per-VM point; retention, merges and reverse injection on _all chains', async () => {
+  const job = 'perjob';
+  const sizes = { a: 4 * BS + 77, b: 2 * BS };
+  let ms = { a: new DiskModel(sizes.a, BS), b: new DiskModel(sizes.b, BS) };
+  const write = async (kind: 'full' | 'incremental' | 'reverse', changes: { a: Array<[number, 'data' | 'zero' | 'hole', number?]>; b: Array<[number, 'data' | 'zero' | 'hole', number?]> }, method: 'forward' | 'reverse' = 'forward', jobName = job) => {
+    const w = await startJobRestorePoint(repo, {
+      job: jobName, kind, blockSize: BS, chainMethod: method, threads: 0,
+      vms: (['a', 'b'] as const).map((vm) => ({ name: vm, config: Buffer.from(`cfg ${vm}`), disks: [{ name: 'vda', size: sizes[vm] }] })),
+    });
+    await w.writeDisk('a', 'vda', iterate(ms.a.change(changes.a)));
+    await w.writeDisk('b', 'vda', iterate(ms.b.change(changes.b)));
+    const p = await w.commit();
+    return { id: p.id, a: Buffer.from(ms.a.bytes), b: Buffer.from(ms.b.bytes) };
+  };
+  const check = async (jobName: string, pts: Array<{ id: string; a: Buffer; b: Buffer }>) => {
+    const listed = catalogPoints(await repo.listRestorePoints({ job: jobName, vm: ALL_VMS }));
+    expect(listed.map((p) => p.vm).sort()).toEqual(pts.flatMap(() => ['a', 'b']).sort());
+    expect(new Set(listed.map((p) => p.id)).size).toBe(listed.length); // one id per VM and point
+    for (const p of pts) {
+      for (const vm of ['a', 'b'] as const) {
+        const id = vmSliceId(p.id, vm);
+        const rec = listed.find((x) => x.id === id)!;
+        expect(rec.disks).toEqual([{ name: 'vda', size: sizes[vm] }]);
+        const rp = await repo.openRestorePoint(id);
+        try {
+          expect(rp.info.vm).toBe(vm);
+          expect(rp.vmConfig.toString()).toBe(`cfg ${vm}`);
+          expect(rp.disks).toEqual([{ name: 'vda', size: sizes[vm] }]);
+          expect((await rp.openDisk('vda').read(0, sizes[vm])).equals(p[vm]), `${jobName} ${p.id} ${vm}`).toBe(true);
+          await expect(async () => rp.openDisk('b/vda')).rejects.toThrow(/has no disk/);
+        } finally {
+          await rp.close();
+        }
+      }
+    }
+  };
+  // Forever forward on the job's set: retention merges the oldest increment into the full.
+  const pts = [await write('full', { a: [[0, 'data'], [4, 'data']], b: [[1, 'data']] })];
+  pts.push(await write('incremental', { a: [[0, 'data', 10]], b: [] }));
+  pts.push(await write('incremental', { a: [[4, 'zero']], b: [[0, 'data', 12]] }));
+  const r = await repo.applyRetention(job, ALL_VMS, { method: 'forever-forward', retention: { points: 2 } });
+  expect(r.actions.map((x) => x.kind)).toEqual(['merge']);
+  await check(job, pts.slice(1));
+  // Reverse incremental on a job's set: the newest point is the full, the older ones .vrb.
+  ms = { a: new DiskModel(sizes.a, BS), b: new DiskModel(sizes.b, BS) };
+  const rv = [await write('full', { a: [[1, 'data', 20]], b: [[1, 'data', 21]] }, 'reverse', 'revjob')];
+  rv.push(await write('reverse', { a: [[1, 'data', 22], [2, 'data', 23]], b: [] }, 'reverse', 'revjob'));
+  rv.push(await write('reverse', { a: [], b: [[0, 'hole']] }, 'reverse', 'revjob'));
+  await check('revjob', rv);
+  expect(catalogPoints(await repo.listRestorePoints({ job: 'revjob', vm: ALL_VMS })).map((p) => `${p.vm}:${p.kind}`)).toEqual(['a:reverse', 'b:reverse', 'a:reverse', 'b:reverse', 'a:full', 'b:full']);
+  // A slice id nobody has is not found.
+  await expect(repo.openRestorePoint(vmSliceId(rv[0]!.id, 'nobody'))).rejects.toThrow(/no restore point/);
 });

@@ -5,7 +5,7 @@ import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provi
 import type { FastifyPluginAsync } from 'fastify';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
-import { openRepository } from '../../repository/index.js';
+import { catalogPoints, openRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository } from '../services/infrastructure.js';
@@ -49,7 +49,8 @@ const RescanReply = Type.Object({
 export async function rescanRepository(ctx: ServiceContext, name: string, keys?: EncryptionKeys): Promise<Static<typeof RescanReply>> {
   const repo = await getRepository(ctx, name);
   const repository = await openRepository(repo.path);
-  const points = await repository.listRestorePoints();
+  // A single-file (per-job) point is one record per VM it holds (single-file.ts, catalogPoints).
+  const points = catalogPoints(await repository.listRestorePoints());
   const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
   const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
   let added = 0;
