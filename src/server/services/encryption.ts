@@ -336,7 +336,8 @@ export class EncryptionKeys {
    * `passwordNeeded` when none opens it.
    */
   async unlock(repository: Repository, point: PointRef, given?: string): Promise<string | undefined> {
-    const { chain } = await repository.findRestorePoint(point.id);
+    // By the catalog's chain id: a VM's part of a single-file point has an id of its own.
+    const chain = (await repository.listChains()).find((c) => c.id === point.chainId) ?? (await repository.findRestorePoint(point.id)).chain;
     if (!chain.encrypted) return undefined;
     const known = await this.#ctx.db.selectFrom('encrypted_chains').selectAll().where('chain_id', '=', chain.id).executeTakeFirst();
     const hint = chain.passwordHint || known?.hint || null;
