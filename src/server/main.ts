@@ -282,7 +282,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const runner = new EngineJobRunner(engine);
     cleanups.push(() => runner.close());
     // Expired exports and the points of VMs removed from their jobs: at start, then every 10 minutes.
-    const sweep = () => void sweepExpired(ctx).catch((err: unknown) => log.error({ err: describeError(err) }, 'backup-method sweep failed'));
+    const sweep = () => void sweepExpired(ctx, { remote: dispatch.sweepRemovedVms }).catch((err: unknown) => log.error({ err: describeError(err) }, 'backup-method sweep failed'));
     const sweepTimer = setInterval(sweep, 10 * 60 * 1000);
     sweepTimer.unref();
     cleanups.push(async () => clearInterval(sweepTimer));

@@ -151,7 +151,26 @@ export interface WireRestoredDisk {
   readonly durationMs: number;
 }
 
-export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask;
+/** Deletes the points of VMs no longer in a job once their days are over (the server's periodic sweep). */
+export interface RemovedVmSweepTask {
+  readonly kind: 'removed-vm-sweep';
+  readonly taskId: string;
+  readonly repositoryPath: string;
+  readonly job: string;
+  readonly method: 'forever-forward' | 'forward' | 'reverse';
+  /** The job's VMs now: their folders are untouched. */
+  readonly vms: readonly string[];
+  /** removedVmRetentionDays, counted from a removed VM's newest point. */
+  readonly days: number;
+  readonly now: string;
+}
+
+/** Result of a removed-vm-sweep task. */
+export interface RemovedVmSweepResult {
+  readonly vms: ReadonlyArray<{ readonly vm: string; readonly removedPoints: readonly string[]; readonly points: readonly WirePoint[] }>;
+}
+
+export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask | RemovedVmSweepTask;
 
 /** `POST /agents/tasks/poll` body. */
 export interface PollRequest {

@@ -6,7 +6,7 @@
 // synthetic full, applies retention, and compacts and health-checks on their days. Every step is a
 // line in the session log; a failed step after the commit is a warning (the new point is kept).
 import { describeError } from '../../common/errors.js';
-import { planRetention, type PendingRepair, type Repository, type RetentionAction, type RunPlan } from '../../repository/index.js';
+import { planRetention, type BackupMethod, type PendingRepair, type Repository, type RestorePointInfo, type RetentionAction, type RunPlan } from '../../repository/index.js';
 import { dueOn, excludes, methodPolicy, planVmRun, type JobMethodSettings } from './chain-policy.js';
 
 export type ChainLogLevel = 'info' | 'warning' | 'error';
@@ -135,4 +135,37 @@ export async function healthCheckSession(c: ChainRunContext): Promise<string[]> 
   const wholeChain = c.settings.wholeChain || c.settings.healthCheck?.wholeChain === true;
   c.say('info', `health check of VM ${c.vm} in job ${c.job} (${wholeChain ? 'whole chain' : 'latest restore point'})`);
   return checkVmChain(c, wholeChain);
+}
+
+/** What the removed-VM sweep did to one VM folder of a job. */
+export interface RemovedVmSweep {
+  readonly vm: string;
+  readonly removedPoints: readonly string[];
+  /** The VM's points left in the folder (none once everything is deleted). */
+  readonly points: readonly RestorePointInfo[];
+}
+
+/**
+ * The points of VMs no longer in job `job` (not in `vms`), once `days` have passed since their
+ * newest point, are deleted (a retention of zero days that keeps not even the newest). The job's
+ * current VMs are untouched. Where the folder is: the server for its own repositories, the
+ * repository agent for the others.
+ */
+export async function sweepRemovedVms(
+  repository: Repository,
+  o: { readonly job: string; readonly method: BackupMethod; readonly vms: readonly string[]; readonly days: number; readonly now: Date },
+): Promise<RemovedVmSweep[]> {
+  const keep = new Set(o.vms);
+  const byVm = new Map<string, RestorePointInfo[]>();
+  for (const p of await repository.listRestorePoints({ job: o.job })) {
+    if (!keep.has(p.vm)) byVm.set(p.vm, [...(byVm.get(p.vm) ?? []), p]);
+  }
+  const out: RemovedVmSweep[] = [];
+  for (const [vm, points] of byVm) {
+    const newest = Math.max(...points.map((p) => p.time.getTime()));
+    if (newest + o.days * 86_400_000 > o.now.getTime()) continue;
+    const report = await repository.applyRetention(o.job, vm, { method: o.method, retention: { days: 0 }, keepLatest: false }, { now: o.now });
+    out.push({ vm, removedPoints: report.removedPoints, points: await repository.listRestorePoints({ job: o.job, vm }) });
+  }
+  return out;
 }

@@ -6,6 +6,7 @@
 // VM next to this agent and send it to a repository agent (remote-target.ts); health-check a VM's
 // chain here; restore a disk here. A task the server cancels is stopped through its abort signal.
 import { randomBytes } from 'node:crypto';
+import { stat } from 'node:fs/promises';
 import type https from 'node:https';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BulwarkError, describeError } from '../../common/errors.js';
@@ -16,12 +17,12 @@ import { openRepository, type Repository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { NamedLimit } from '../../transport/throttle.js';
 import type {
-  AgentTask, BackupSourceTask, BackupTargetResult, BackupTargetTask, EventsReply, HealthCheckResult, HealthCheckTask, PollReply, ResolveDisksTask, RestoreDiskTask, TaskEvent, WireDisk,
-  WirePrevious, WireRestoredDisk, WireRunPlan,
+  AgentTask, BackupSourceTask, BackupTargetResult, BackupTargetTask, EventsReply, HealthCheckResult, HealthCheckTask, PollReply, RemovedVmSweepResult, RemovedVmSweepTask, ResolveDisksTask,
+  RestoreDiskTask, TaskEvent, WireDisk, WirePrevious, WireRestoredDisk, WireRunPlan,
 } from '../../transport/agent-tasks.js';
 import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
 import { methodSettings, splitDisks } from '../backup/chain-policy.js';
-import { healthCheckSession, maintainAfterBackup, planVmBackup, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { RemoteRestorePointTarget } from './remote-target.js';
 import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
@@ -176,6 +177,8 @@ export class AgentTaskRunner {
           return this.#restoreDisk(task);
         case 'health-check':
           return this.#healthCheck(task);
+        case 'removed-vm-sweep':
+          return this.#sweepRemovedVms(task);
       }
     };
     run().then(
@@ -328,6 +331,16 @@ export class AgentTaskRunner {
     const warnings = await healthCheckSession(this.#chain(task, repository, task.settings));
     const points = await repository.listRestorePoints({ job: task.job, vm: task.vm });
     return { warnings, disks: points.at(-1)?.disks.map((d) => d.name) ?? [], points: points.map(pointToWire) };
+  }
+
+  /** The removed-VM sweep of one job's folder here (never creates the repository). */
+  async #sweepRemovedVms(task: RemovedVmSweepTask): Promise<RemovedVmSweepResult> {
+    if (!(await stat(task.repositoryPath).then((st) => st.isDirectory(), () => false))) return { vms: [] };
+    const swept = await sweepRemovedVms(await this.#repository(task.repositoryPath), { job: task.job, method: task.method, vms: task.vms, days: task.days, now: new Date(task.now) });
+    for (const v of swept) {
+      log.info({ job: task.job, vm: v.vm, removed: v.removedPoints.length }, 'points of a VM removed from its job deleted');
+    }
+    return { vms: swept.map((v) => ({ vm: v.vm, removedPoints: v.removedPoints, points: v.points.map(pointToWire) })) };
   }
 
   /** Restores a disk from a repository on this host to a path on this host. */

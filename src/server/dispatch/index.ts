@@ -4,7 +4,8 @@
 import type { FastifyPluginAsync } from 'fastify';
 import type { BackupVmSummary } from '../../agent/backup/disk-backup.js';
 import type { RestorePointInfo } from '../../repository/index.js';
-import type { WireRestoredDisk } from '../../transport/agent-tasks.js';
+import { pointFromWire } from '../../agent/remote/repository-sink.js';
+import type { RemovedVmSweepResult, WireRestoredDisk } from '../../transport/agent-tasks.js';
 import type { AgentLinkStore } from '../api/agent-link.js';
 import type { DiskResolver, JobDefinition, TaskExecutor, TaskSpec } from '../jobs/ports.js';
 import type { ThrottlingRule } from '../resources/throttling-rules.js';
@@ -53,6 +54,14 @@ export interface Dispatch {
     repository: { readonly agent: string | null; readonly path: string },
     args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined },
   ) => Promise<WireRestoredDisk> | undefined;
+  /**
+   * The removed-VM sweep of one job's folder on the agent that owns the repository (docs/formats/
+   * agent-link.md, `removed-vm-sweep`); undefined when the repository is this server's own.
+   */
+  sweepRemovedVms: (
+    repository: { readonly agent: string | null; readonly path: string },
+    args: { job: string; method: 'forever-forward' | 'forward' | 'reverse'; vms: readonly string[]; days: number; now: Date },
+  ) => Promise<{ vms: Array<{ vm: string; removedPoints: readonly string[]; points: RestorePointInfo[] }> }> | undefined;
   close(): void;
 }
 
@@ -90,6 +99,11 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
       if (repository.agent === null || repository.agent === (opts.localAgent ?? 'local')) return undefined;
       const handle = broker.run(repository.agent, { kind: 'restore-disk', repositoryPath: repository.path, ...args });
       return handle.result as Promise<WireRestoredDisk>;
+    },
+    sweepRemovedVms: (repository, args) => {
+      if (repository.agent === null || repository.agent === (opts.localAgent ?? 'local')) return undefined;
+      const handle = broker.run(repository.agent, { kind: 'removed-vm-sweep', repositoryPath: repository.path, ...args, now: args.now.toISOString() });
+      return (handle.result as Promise<RemovedVmSweepResult>).then((r) => ({ vms: r.vms.map((v) => ({ vm: v.vm, removedPoints: v.removedPoints, points: v.points.map(pointFromWire) })) }));
     },
     close: () => broker.close(),
   };

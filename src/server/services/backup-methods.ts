@@ -173,6 +173,12 @@ export async function deleteExportFolder(repositoryRoot: string, folder: string)
   await rm(dir, { recursive: true, force: true });
 }
 
+/** The removed-VM sweep of a job's folder in a repository of another agent (src/server/dispatch); undefined: the repository is this server's. */
+export type RemoteVmSweep = (
+  repository: { readonly agent: string | null; readonly path: string },
+  args: { job: string; method: 'forever-forward' | 'forward' | 'reverse'; vms: readonly string[]; days: number; now: Date },
+) => Promise<{ vms: ReadonlyArray<{ vm: string; removedPoints: readonly string[]; points: readonly RestorePointInfo[] }> }> | undefined;
+
 export interface SweepResult {
   exportsDeleted: string[];
   removedVmPoints: string[];
@@ -184,7 +190,7 @@ export interface SweepResult {
  * no longer in their job once `removedVmRetentionDays` have passed since their newest point.
  * Work that fails (a folder locked by a running backup) is retried at the next sweep.
  */
-export async function sweepExpired(ctx: ServiceContext): Promise<SweepResult> {
+export async function sweepExpired(ctx: ServiceContext, opts: { remote?: RemoteVmSweep } = {}): Promise<SweepResult> {
   const now = ctx.clock.now();
   const out: SweepResult = { exportsDeleted: [], removedVmPoints: [], errors: [] };
   const expired = await ctx.db.selectFrom('exports').selectAll().where('expires_at', 'is not', null).where('expires_at', '<=', now.toISOString()).execute();
@@ -207,6 +213,16 @@ export async function sweepExpired(ctx: ServiceContext): Promise<SweepResult> {
       const vms = new Set(parseJson<string[]>(j.objects, 'job objects') ?? []);
       const days = backupOptionsOf(j).removedVmRetentionDays;
       const repo = await getRepository(ctx, j.repository_id);
+      // A remote agent's folder is swept by that agent; the catalog follows what it reports.
+      const remote = isLocalRepository(repo) ? undefined : opts.remote?.(repo, { job: j.name, method: j.method, vms: [...vms], days, now });
+      if (remote) {
+        for (const v of (await remote).vms) {
+          out.removedVmPoints.push(...v.removedPoints);
+          await syncVmPoints(ctx, { repositoryId: repo.id, jobId: j.id, job: j.name, vm: v.vm, points: v.points });
+          log.info({ job: j.name, vm: v.vm, days, removed: v.removedPoints.length, agent: repo.agent }, 'points of a VM removed from its job deleted');
+        }
+        continue;
+      }
       // Only folders on this host (a remote agent's folder is not here), and only existing ones.
       if (!isLocalRepository(repo) || !(await stat(repo.path).then((st) => st.isDirectory(), () => false))) continue;
       const repository = await openRepository(repo.path);

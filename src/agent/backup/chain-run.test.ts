@@ -1,0 +1,73 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { openRepository, type Repository } from '../../repository/index.js';
+import { patterned } from '../../repository/test-helpers.js';
+import { methodSettings } from './chain-policy.js';
+import { maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext } from './chain-run.js';
+
+const BS = 262144;
+const DAY = 86_400_000;
+const t0 = new Date('2026-11-20T10:00:00Z');
+
+let dir: string;
+let repository: Repository;
+beforeEach(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'bulwark-chain-run-'));
+  repository = await openRepository(dir, { create: true });
+});
+afterEach(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** One point of `vm` (a full when the folder is empty, else an increment) with block 0 tagged `tag`. */
+async function point(vm: string, time: Date, tag: number): Promise<string> {
+  const full = (await repository.listRestorePoints({ job: 'j', vm })).length === 0;
+  const w = await repository.startRestorePoint({ job: 'j', vm, kind: full ? 'full' : 'incremental', ...(full ? { blockSize: BS } : {}), time, threads: 0, disks: [{ name: 'vda', size: 2 * BS }] });
+  await w.writeDisk('vda', (async function* () {
+    yield { index: 0, data: patterned(BS, 0, tag) };
+  })());
+  return (await w.commit()).id;
+}
+
+function context(vm: string, settings: Record<string, unknown>, now: Date, lines: string[]): ChainRunContext {
+  return { repository, job: 'j', vm, settings: methodSettings(settings), now, say: (level, message) => lines.push(`${level}: ${message}`) };
+}
+
+describe('chain-run', () => {
+  it('before: a full for an empty folder, then incrementals; a quick backup is named; --full asked for is a full', async () => {
+    const lines: string[] = [];
+    expect((await planVmBackup(context('web1', {}, t0, lines), false)).plan.kind).toBe('full');
+    await point('web1', t0, 1);
+    const next = await planVmBackup(context('web1', { operation: 'quick' }, t0, lines), true);
+    expect(next).toMatchObject({ plan: { kind: 'incremental', chainMethod: 'forward' }, repair: [] });
+    expect((await planVmBackup(context('web1', {}, t0, lines), true)).plan.kind).toBe('full');
+    expect((await planVmBackup(context('web1', { method: 'reverse' }, t0, lines), true)).plan.chainMethod).toBe('reverse');
+    expect(lines.join('\n')).toMatch(/this run: full \(.+\)\n.*quick backup of VM web1.*\n.*this run: incremental/);
+  });
+
+  it('after: retention of 2 points merges the oldest increment into the full and says so', async () => {
+    const ids = [await point('web1', t0, 1), await point('web1', new Date(t0.getTime() + DAY), 2), await point('web1', new Date(t0.getTime() + 2 * DAY), 3)];
+    const lines: string[] = [];
+    const c = context('web1', { retention: { points: 2 } }, new Date(t0.getTime() + 2 * DAY), lines);
+    const warnings = await maintainAfterBackup(c, { kind: 'incremental', reason: 'test', chainMethod: 'forward', parent: ids[1]! }, ids[2]!);
+    expect(warnings).toEqual([]);
+    expect(lines.join('\n')).toContain(`retention: merged increment ${ids[1]} into the full (point ${ids[0]} removed)`);
+    expect((await repository.listRestorePoints({ job: 'j', vm: 'web1' })).map((p) => [p.id, p.kind])).toEqual([
+      [ids[1], 'full'],
+      [ids[2], 'incremental'],
+    ]);
+  });
+
+  it('removed-VM sweep: a VM no longer in the job loses its points once its days after the newest are over; the others keep theirs', async () => {
+    await point('kept', t0, 1);
+    const gone = [await point('gone', t0, 1), await point('gone', new Date(t0.getTime() + DAY), 2)];
+    const o = { job: 'j', method: 'forever-forward' as const, vms: ['kept'], days: 2 };
+    expect(await sweepRemovedVms(repository, { ...o, now: new Date(t0.getTime() + 2 * DAY) })).toEqual([]);
+    const swept = await sweepRemovedVms(repository, { ...o, now: new Date(t0.getTime() + 3 * DAY + 1) });
+    expect(swept).toEqual([{ vm: 'gone', removedPoints: expect.arrayContaining(gone) as unknown, points: [] }]);
+    expect(swept[0]!.removedPoints).toHaveLength(2);
+    expect(await repository.listRestorePoints({ job: 'j', vm: 'kept' })).toHaveLength(1);
+  });
+});
