@@ -14,7 +14,7 @@ runtime_pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit fuse
   btrfs-progs dosfstools mtools socat iproute2 nftables libvirt-clients util-linux)
 # What only the tests and the test guest build need.
 test_pkgs=(postgresql postgresql-client libvirt-daemon-system busybox-static xz-utils cpio parted
-  fdisk kmod iputils-ping sqlite3 curl openssl qemu-guest-agent restic borgbackup)
+  fdisk kmod iputils-ping sqlite3 curl openssl qemu-guest-agent restic borgbackup lvm2)
 
 want=("${runtime_pkgs[@]}")
 [ "$mode" = test ] && want+=("${test_pkgs[@]}")

@@ -82,7 +82,7 @@ export async function indexRestorePoint(o: { repository: Repository; pointId: st
         pointTime: point.time.toISOString(),
         created: new Date().toISOString(),
         filesystems: describeFileSystems(m).map(({ path: _p, disk: _d, partition: _n, ...rest }) => rest),
-        skipped: m.mount.skipped.map((s) => ({ name: s.partition === null ? s.disk : `${s.disk}${s.partition}`, type: s.type, reason: s.reason })),
+        skipped: m.mount.skipped.map((s) => ({ name: fsName(s), type: s.type, reason: s.reason })),
       };
       const target = fileIndexPath(point);
       const count = await writeIndex(target, header, indexEntries(m));

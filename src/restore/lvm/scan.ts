@@ -23,6 +23,8 @@ export interface PvCandidate {
 
 export interface FoundLogicalVolume {
   readonly vg: string;
+  /** The VG's id (two VGs may share a name, e.g. disks of two cloned guests). */
+  readonly vgId: string;
   readonly name: string;
   /** Bytes (0 when refused). */
   readonly size: number;
@@ -31,6 +33,8 @@ export interface FoundLogicalVolume {
   readonly refused: string | null;
   /** The volumes (`vdb2`, ...) holding its extents. */
   readonly on: readonly string[];
+  /** The disks (`vdb`, ...) holding its extents. */
+  readonly disks: readonly string[];
 }
 
 export interface FoundPhysicalVolume {
@@ -114,21 +118,22 @@ export async function scanLvm(candidates: readonly PvCandidate[]): Promise<LvmSc
       }
       areas.set(pv.name, { disk: found.c.disk, diskName: found.c.diskName, offset: found.c.offset + pv.peStart });
     }
-    const volumeOf = (pvName: string): string => {
+    const candidateOf = (pvName: string): PvCandidate | undefined => {
       const uuid = vg.physicalVolumes.find((p) => p.name === pvName)?.uuid;
-      return (uuid !== undefined ? byUuid.get(uuid)?.c.volumeName : undefined) ?? pvName;
+      return uuid !== undefined ? byUuid.get(uuid)?.c : undefined;
     };
     for (const lv of vg.logicalVolumes) {
       const pvs = [...new Set(lv.segments.flatMap((s) => s.stripes.map((st) => st.pv)))];
-      const on = pvs.map(volumeOf);
+      const on = pvs.map((p) => candidateOf(p)?.volumeName ?? p);
+      const disks = [...new Set(pvs.flatMap((p) => candidateOf(p)?.diskName ?? []))];
       let refused = lv.refused;
       const lost = pvs.find((p) => missing.has(p));
       if (refused === null && lost !== undefined) refused = `it has extents on a missing physical volume: ${missing.get(lost)!}`;
       if (refused !== null) {
-        logicalVolumes.push({ vg: vg.name, name: lv.name, size: lv.size, disk: null, refused, on });
+        logicalVolumes.push({ vg: vg.name, vgId: vg.id, name: lv.name, size: lv.size, disk: null, refused, on, disks });
         continue;
       }
-      logicalVolumes.push({ vg: vg.name, name: lv.name, size: lv.size, disk: openLogicalVolume(lv, vg.extentSize, areas), refused: null, on });
+      logicalVolumes.push({ vg: vg.name, vgId: vg.id, name: lv.name, size: lv.size, disk: openLogicalVolume(lv, vg.extentSize, areas), refused: null, on, disks });
     }
   }
 

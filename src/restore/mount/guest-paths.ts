@@ -1,17 +1,21 @@
 // Guest paths on a mounted restore point: which mounted file system is the guest's root, where
 // the others were mounted in the guest (its /etc/fstab), and which host path a guest path such as
 // `/home/u/My Docs` or an explicit `vdb2:/srv/data` is. File systems are named like the guest's
-// block devices: `vda` for a file system on a whole disk, `vdb2` for partition 2 of disk vdb.
+// block devices: `vda` for a file system on a whole disk, `vdb2` for partition 2 of disk vdb,
+// `rhel-root` for LVM logical volume root of volume group rhel (as /dev/mapper/ names it).
 // Never use synchronous file calls on a mount here: the disks may be served by an NBD server in
 // this same process, which a blocked event loop could not answer (deadlock).
 import { lstat, readFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
-import type { MountedFileSystem } from './mount.js';
+import { volumeName, type MountedFileSystem, type VolumeRef } from './mount.js';
 
-/** The file system's device-like name: `vda` (whole disk) or `vdb2` (partition 2 of vdb). */
-export function fsName(fs: Pick<MountedFileSystem, 'disk' | 'partition'>): string {
-  return fs.partition === null ? fs.disk : `${fs.disk}${fs.partition}`;
+/**
+ * The file system's device-like name: `vda` (whole disk), `vdb2` (partition 2 of vdb), or
+ * `rhel-root` for LVM logical volume root of VG rhel (its /dev/mapper name).
+ */
+export function fsName(fs: VolumeRef): string {
+  return volumeName(fs);
 }
 
 export interface GuestMountPoint {
@@ -62,7 +66,10 @@ export function parseFstab(text: string): FstabEntry[] {
   return out;
 }
 
-/** The mounted file system an fstab device spec names (UUID=, LABEL=, /dev/vdb2, by-uuid/by-label links). */
+/**
+ * The mounted file system an fstab device spec names (UUID=, LABEL=, /dev/vdb2, by-uuid/by-label
+ * links, /dev/mapper/VG-LV, /dev/VG/LV).
+ */
 export function matchFstabSpec(spec: string, filesystems: readonly MountedFileSystem[]): MountedFileSystem | undefined {
   const eq = /^(UUID|LABEL)=(.*)$/.exec(spec);
   const byLink = /^\/dev\/disk\/by-(uuid|label)\/(.*)$/.exec(spec);
@@ -70,6 +77,10 @@ export function matchFstabSpec(spec: string, filesystems: readonly MountedFileSy
   const value = (eq ? eq[2]! : byLink ? byLink[2]! : '').replace(/^"(.*)"$/, '$1');
   if (key === 'uuid') return filesystems.find((f) => f.uuid !== undefined && f.uuid.toLowerCase() === value.toLowerCase());
   if (key === 'label') return filesystems.find((f) => f.label === value);
+  const mapper = /^\/dev\/mapper\/([A-Za-z0-9+._-]+)$/.exec(spec);
+  if (mapper) return filesystems.find((f) => f.lv !== undefined && fsName(f) === mapper[1]);
+  const vgLv = /^\/dev\/([A-Za-z0-9+._-]+)\/([A-Za-z0-9+._-]+)$/.exec(spec);
+  if (vgLv) return filesystems.find((f) => f.lv !== undefined && f.lv.vg === vgLv[1] && f.lv.name === vgLv[2]);
   const dev = /^\/dev\/([A-Za-z0-9._-]+)$/.exec(spec);
   if (!dev) return undefined;
   // /dev/sda1 in the guest may be disk vda in the backup (virtio vs SCSI naming): match the name
@@ -80,6 +91,7 @@ export function matchFstabSpec(spec: string, filesystems: readonly MountedFileSy
   const m = /^(?:[shv]d|xvd)([a-z]+)(\d*)$/.exec(name);
   if (!m) return undefined;
   const same = filesystems.filter((f) => {
+    if (f.lv) return false;
     const d = /^(?:[shv]d|xvd)([a-z]+)$/.exec(f.disk);
     return d?.[1] === m[1] && (f.partition === null ? m[2] === '' : String(f.partition) === m[2]);
   });
@@ -146,7 +158,7 @@ export function mountpointOf(layout: GuestLayout, fs: MountedFileSystem): string
  * explicit `NAME:/path` (`vdb2:/srv`, `vda:/etc`), where NAME is a file system's device-like name.
  */
 export function resolveGuestPath(layout: GuestLayout, filesystems: readonly MountedFileSystem[], spec: string): ResolvedGuestPath {
-  const explicit = /^([A-Za-z0-9._-]+):(\/.*)$/.exec(spec);
+  const explicit = /^([A-Za-z0-9+._-]+):(\/.*)$/.exec(spec);
   let fs: MountedFileSystem;
   let inside: string;
   let guestPath: string;

@@ -2,19 +2,22 @@
 // e.g. a restore point's) read-only under a folder. There is no kernel NBD client on our hosts,
 // so the path is: our NBD server on a private unix socket -> nbdfuse (the disk as a FUSE file)
 // -> loop mounts with offset/sizelimit, one per recognised file system (partition tables are
-// read by us: loop devices have no partition support). Everything is undone in reverse order on
-// unmount(), on a failure halfway, at process exit, and by sweepStaleMounts() after a crash.
+// read by us: loop devices have no partition support; so is LVM, whose logical volumes are loop
+// offsets on a disk when contiguous, else NBD exports of their own: no device-mapper here).
+// Everything is undone in reverse order on unmount(), on a failure halfway, at process exit, and
+// by sweepStaleMounts() after a crash.
 import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdir, rm, rmdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { isAbsolute, join, relative, resolve } from 'node:path';
+import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { RandomAccessDisk } from '../../disk/types.js';
 import { detectFileSystem, type DetectedFileSystem, type FileSystemType } from '../fs-detect/fs-detect.js';
 import { startNbdServer, type NbdServer } from '../nbd-server/server.js';
+import { deviceMapperName, scanLvm, type FoundLogicalVolume, type PvCandidate } from '../lvm/scan.js';
 import { readPartitionTable, type Partition } from '../partitions/partitions.js';
 import { copyOut, type CopyOptions, type CopyReport } from './copy-out.js';
 import { kernelFileSystems, mountedPaths, runSyncQuietly, runTool, startNbdfuse, waitExit } from './system.js';
@@ -36,26 +39,37 @@ export interface MountOptions {
   readonly onMounted?: (fs: MountedFileSystem) => void;
 }
 
-export interface MountedFileSystem {
+/** Which volume: a whole disk, a partition, or an LVM logical volume. */
+export interface VolumeRef {
+  /** The disk; for a logical volume, the first disk holding its extents. */
   readonly disk: string;
-  /** Partition index, or null for a file system on the whole disk. */
+  /** Partition index, or null for a file system on the whole disk (or a logical volume). */
   readonly partition: number | null;
+  /** Set for an LVM logical volume (read in user space: docs/formats/lvm2-reading.md). */
+  readonly lv?: { readonly vg: string; readonly name: string };
+}
+
+/** The volume's device-like name: `vda`, `vdb2`, or `<vg>-<lv>` as /dev/mapper shows it. */
+export function volumeName(v: VolumeRef): string {
+  if (v.lv) return deviceMapperName(v.lv.vg, v.lv.name);
+  return v.partition === null ? v.disk : `${v.disk}${v.partition}`;
+}
+
+export interface MountedFileSystem extends VolumeRef {
   readonly type: FileSystemType;
   readonly label?: string;
   readonly uuid?: string;
   /** Where it is mounted. */
   readonly path: string;
-  /** Byte offset and size of the volume on the disk. */
+  /** Byte offset and size of the volume on the disk (on the logical volume's own view when served apart). */
   readonly offset: number;
   readonly size: number;
   /** Read in user space (vfat through mtools on a kernel without the driver): a copy, not a live view. */
   readonly userspace?: boolean;
 }
 
-/** A volume found but not mounted, and why (LVM without device-mapper, swap, unknown, ...). */
-export interface SkippedVolume {
-  readonly disk: string;
-  readonly partition: number | null;
+/** A volume found but not mounted, and why (a thin LV, swap, unknown, ...). */
+export interface SkippedVolume extends VolumeRef {
   readonly type: string;
   readonly reason: string;
 }
@@ -97,6 +111,14 @@ const CONTAINER_TYPES = new Set(['0x05', '0x0f', '0x85']);
 /** Largest vfat volume copied out with mtools when the kernel has no vfat driver. */
 const USERSPACE_VFAT_MAX = 4 * 2 ** 30;
 
+/** A volume of one disk: a partition or the whole disk, and what it holds. */
+interface DiskVolume {
+  readonly partition: number | null;
+  readonly offset: number;
+  readonly size: number;
+  readonly fs: DetectedFileSystem | null;
+}
+
 /** What the state file in the run dir records, so a sweeper can undo a crashed process's mounts. */
 interface MountState {
   pid: number;
@@ -112,7 +134,7 @@ interface MountState {
 /**
  * Mounts every recognised file system of the given disks read-only under `options.at`, at
  * `<at>/<disk>/part<N>-<type>` (or `<at>/<disk>/whole-<type>` for a file system on the whole
- * disk). Throws after undoing everything when a step fails; a single file system that cannot be
+ * disk), and those on LVM logical volumes at `<at>/lvm/<vg>/<lv>-<type>`. Throws after undoing everything when a step fails; a single file system that cannot be
  * mounted is listed in `skipped` instead. The disks stay open: the caller closes them after
  * unmount().
  */
@@ -143,6 +165,8 @@ class MountSession implements Mount {
   readonly #state: MountState;
   #server: NbdServer | null = null;
   readonly #nbdfuse: ChildProcess[] = [];
+  /** FUSE file per NBD export, started on first need. */
+  readonly #views = new Map<string, string>();
   #unmounting: Promise<void> | null = null;
 
   constructor(at: string, runDir: string) {
@@ -164,66 +188,145 @@ class MountSession implements Mount {
     this.#save();
     registerForExit(this);
     await this.#mkdirTracked(this.at);
+    const kernelTypes = await kernelFileSystems();
+    // What each disk holds is read straight through the disks; FUSE views come after, per need.
+    const perDisk: Array<{ d: DiskToMount; volumes: DiskVolume[] }> = [];
+    for (const d of disks) perDisk.push({ d, volumes: await this.#volumes(d) });
+    const lvm = await this.#logicalVolumes(perDisk);
     this.#server = await startNbdServer({
-      exports: disks.map((d) => ({ name: d.name, disk: d.disk })),
+      exports: [...disks.map((d) => ({ name: d.name, disk: d.disk })), ...lvm.exported.map((l) => ({ name: l.exportName, disk: l.disk }))],
       listen: { socketPath: join(this.#dir, 'nbd.sock') },
     });
-    const kernelTypes = await kernelFileSystems();
-    for (const [i, d] of disks.entries()) {
-      const fuseDir = join(this.#dir, `fuse-${i}`);
-      await mkdir(fuseDir);
-      this.#state.fuseDirs.push(fuseDir);
-      this.#save();
-      const fuse = await startNbdfuse(fuseDir, this.#server.uri(d.name), join(this.#dir, `nbdfuse-${i}.pid`));
-      this.#nbdfuse.push(fuse.child);
-      if (fuse.child.pid !== undefined) this.#state.nbdfusePids.push(fuse.child.pid);
-      this.#save();
-      for (const v of await this.#volumes(d)) {
-        if (v.fs === null) {
-          this.skipped.push({ disk: d.name, partition: v.partition, type: 'unknown', reason: 'no recognised file system' });
+    for (const { d, volumes } of perDisk) {
+      const view = (): Promise<string> => this.#fuseView(d.name);
+      for (const v of volumes) {
+        const ref: VolumeRef = { disk: d.name, partition: v.partition };
+        if (v.fs?.type === 'lvm2-pv') {
+          // Its logical volumes are mounted below; only a PV that gives none is listed.
+          const problem = lvm.pvProblems.get(volumeName(ref));
+          if (problem !== undefined) this.skipped.push({ ...ref, type: 'lvm2-pv', reason: `LVM physical volume: ${problem}` });
           continue;
         }
-        if (v.fs.type === 'vfat' && !kernelTypes.has('vfat')) {
-          await this.#userspaceVfat(d.name, v.partition, v.offset, v.size, v.fs, fuse.image, onMounted);
-          continue;
-        }
-        const reason = unmountableReason(v.fs.type, kernelTypes);
-        if (reason !== null) {
-          this.skipped.push({ disk: d.name, partition: v.partition, type: v.fs.type, reason });
-          continue;
-        }
-        const leaf = `${v.partition === null ? 'whole' : `part${v.partition}`}-${v.fs.type}`;
-        const path = join(this.at, d.name, leaf);
-        await this.#mkdirTracked(join(this.at, d.name));
-        await this.#mkdirTracked(path);
-        const kernelType = KERNEL_TYPE[v.fs.type] ?? v.fs.type;
-        const opts = `${MOUNT_OPTIONS[v.fs.type]},nodev,nosuid,noexec,loop,offset=${v.offset},sizelimit=${v.size}`;
-        try {
-          // Recorded before the call: a kill during mount(8) still leaves a trail for the sweeper.
-          this.#state.mountpoints.push(path);
-          this.#save();
-          await runTool('mount', ['-t', kernelType, '-o', opts, fuse.image, path], `mounting ${d.name} ${leaf}`);
-        } catch (err) {
-          this.#state.mountpoints.pop();
-          this.#save();
-          this.skipped.push({ disk: d.name, partition: v.partition, type: v.fs.type, reason: describeError(err) });
-          continue;
-        }
-        const mounted: MountedFileSystem = {
-          disk: d.name,
-          partition: v.partition,
-          type: v.fs.type,
-          ...(v.fs.label !== undefined ? { label: v.fs.label } : {}),
-          ...(v.fs.uuid !== undefined ? { uuid: v.fs.uuid } : {}),
-          path,
-          offset: v.offset,
-          size: v.size,
-        };
-        this.filesystems.push(mounted);
-        log.info({ disk: d.name, partition: v.partition, type: v.fs.type, path }, 'file system mounted read-only');
-        onMounted?.(mounted);
+        const leaf = `${v.partition === null ? 'whole' : `part${v.partition}`}-${v.fs?.type ?? 'unknown'}`;
+        await this.#mountVolume(ref, v.fs, join(this.at, d.name, leaf), view, v.offset, v.size, kernelTypes, onMounted);
       }
     }
+    for (const l of lvm.volumes) {
+      const ref: VolumeRef = { disk: l.found.disks[0] ?? disks[0]?.name ?? '', partition: null, lv: { vg: l.found.vg, name: l.found.name } };
+      if (l.found.refused !== null || l.found.disk === null) {
+        this.skipped.push({ ...ref, type: 'lvm2-lv', reason: `LVM logical volume ${l.found.vg}/${l.found.name} cannot be read: ${l.found.refused ?? 'unknown'}` });
+        continue;
+      }
+      const linear = l.found.disk.linear;
+      const exportName = linear?.diskName ?? l.exportName;
+      const view = (): Promise<string> => {
+        if (exportName === null) throw new BulwarkError(`logical volume ${l.found.vg}/${l.found.name} is not served`, { kind: 'internal' });
+        return this.#fuseView(exportName);
+      };
+      await this.#mountVolume(ref, l.fs, join(this.at, l.dir), view, linear?.offset ?? 0, l.found.size, kernelTypes, onMounted);
+    }
+  }
+
+  /**
+   * The LVM logical volumes on the disks' PVs, each with its file system and a folder under
+   * `lvm/<vg>/`. An LV that is one run on one disk is mounted with a loop offset on that disk's
+   * FUSE view; any other is served as an NBD export of its own (`lvm/<vg>/<lv>`) and gets its own.
+   */
+  async #logicalVolumes(perDisk: ReadonlyArray<{ d: DiskToMount; volumes: DiskVolume[] }>): Promise<{
+    volumes: Array<{ found: FoundLogicalVolume; fs: DetectedFileSystem | null; dir: string; exportName: string | null }>;
+    exported: Array<{ exportName: string; disk: RandomAccessDisk }>;
+    pvProblems: Map<string, string>;
+  }> {
+    const candidates: PvCandidate[] = perDisk.flatMap(({ d, volumes }) =>
+      volumes.filter((v) => v.fs?.type === 'lvm2-pv').map((v) => ({ diskName: d.name, volumeName: volumeName({ disk: d.name, partition: v.partition }), disk: d.disk, offset: v.offset, size: v.size })),
+    );
+    const out = { volumes: [] as Array<{ found: FoundLogicalVolume; fs: DetectedFileSystem | null; dir: string; exportName: string | null }>, exported: [] as Array<{ exportName: string; disk: RandomAccessDisk }>, pvProblems: new Map<string, string>() };
+    if (candidates.length === 0) return out;
+    const scan = await scanLvm(candidates);
+    this.warnings.push(...scan.warnings);
+    for (const pv of scan.physicalVolumes) if (pv.problem !== null) out.pvProblems.set(pv.volumeName, pv.problem);
+    const vgFolders = new Map<string, string>();
+    for (const found of scan.logicalVolumes) {
+      if (![found.vg, found.name].every((n) => /^[A-Za-z0-9+_.-]+$/.test(n) && n !== '.' && n !== '..')) {
+        this.warnings.push(`LVM logical volume ${JSON.stringify(`${found.vg}/${found.name}`)} has a name LVM does not allow; skipped`);
+        continue;
+      }
+      // Two VGs of one name (different ids) must not share a folder.
+      let vgFolder = vgFolders.get(found.vgId);
+      if (vgFolder === undefined) {
+        vgFolder = found.vg;
+        for (let n = 2; [...vgFolders.values()].includes(vgFolder); n++) vgFolder = `${found.vg}.${n}`;
+        vgFolders.set(found.vgId, vgFolder);
+      }
+      const fs = found.disk ? await detectFileSystem(found.disk) : null;
+      const dir = join('lvm', vgFolder, `${found.name}-${fs?.type ?? 'unknown'}`);
+      const exportName = found.disk !== null && fs !== null && found.disk.linear === null ? `lvm/${vgFolder}/${found.name}` : null;
+      if (exportName !== null && found.disk !== null) out.exported.push({ exportName, disk: found.disk });
+      out.volumes.push({ found, fs, dir, exportName });
+    }
+    return out;
+  }
+
+  /** The FUSE file showing an NBD export (a disk, or an LV served on its own); one nbdfuse per export. */
+  async #fuseView(exportName: string): Promise<string> {
+    const known = this.#views.get(exportName);
+    if (known !== undefined) return known;
+    const i = this.#state.fuseDirs.length;
+    const fuseDir = join(this.#dir, `fuse-${i}`);
+    await mkdir(fuseDir);
+    this.#state.fuseDirs.push(fuseDir);
+    this.#save();
+    const fuse = await startNbdfuse(fuseDir, this.#server!.uri(exportName), join(this.#dir, `nbdfuse-${i}.pid`));
+    this.#nbdfuse.push(fuse.child);
+    if (fuse.child.pid !== undefined) this.#state.nbdfusePids.push(fuse.child.pid);
+    this.#save();
+    this.#views.set(exportName, fuse.image);
+    return fuse.image;
+  }
+
+  /** Mounts one volume (bytes [offset, offset + size) of `image`) read-only at `path`, or lists why not. */
+  async #mountVolume(ref: VolumeRef, fs: DetectedFileSystem | null, path: string, view: () => Promise<string>, offset: number, size: number, kernelTypes: ReadonlySet<string>, onMounted: MountOptions['onMounted']): Promise<void> {
+    const name = volumeName(ref);
+    if (fs === null) {
+      this.skipped.push({ ...ref, type: 'unknown', reason: 'no recognised file system' });
+      return;
+    }
+    if (fs.type === 'vfat' && !kernelTypes.has('vfat')) {
+      await this.#userspaceVfat(ref, path, offset, size, fs, await view(), onMounted);
+      return;
+    }
+    const reason = unmountableReason(fs.type, kernelTypes);
+    if (reason !== null) {
+      this.skipped.push({ ...ref, type: fs.type, reason });
+      return;
+    }
+    const image = await view();
+    await this.#mkdirTracked(path);
+    const kernelType = KERNEL_TYPE[fs.type] ?? fs.type;
+    const opts = `${MOUNT_OPTIONS[fs.type]},nodev,nosuid,noexec,loop,offset=${offset},sizelimit=${size}`;
+    try {
+      // Recorded before the call: a kill during mount(8) still leaves a trail for the sweeper.
+      this.#state.mountpoints.push(path);
+      this.#save();
+      await runTool('mount', ['-t', kernelType, '-o', opts, image, path], `mounting ${name} (${fs.type})`);
+    } catch (err) {
+      this.#state.mountpoints.pop();
+      this.#save();
+      this.skipped.push({ ...ref, type: fs.type, reason: describeError(err) });
+      return;
+    }
+    const mounted: MountedFileSystem = {
+      ...ref,
+      type: fs.type,
+      ...(fs.label !== undefined ? { label: fs.label } : {}),
+      ...(fs.uuid !== undefined ? { uuid: fs.uuid } : {}),
+      path,
+      offset,
+      size,
+    };
+    this.filesystems.push(mounted);
+    log.info({ volume: name, type: fs.type, path }, 'file system mounted read-only');
+    onMounted?.(mounted);
   }
 
   /**
@@ -232,41 +335,38 @@ class MountSession implements Mount {
    * fine for the small FAT volumes (EFI system partitions) guests have; larger ones are skipped.
    * mtools keeps file times but not folder times, and shows FAT attributes as fixed modes.
    */
-  async #userspaceVfat(disk: string, partition: number | null, offset: number, size: number, fs: DetectedFileSystem, image: string, onMounted: MountOptions['onMounted']): Promise<void> {
+  async #userspaceVfat(ref: VolumeRef, path: string, offset: number, size: number, fs: DetectedFileSystem, image: string, onMounted: MountOptions['onMounted']): Promise<void> {
+    const name = volumeName(ref);
     const skip = (reason: string): void => {
-      this.skipped.push({ disk, partition, type: 'vfat', reason });
+      this.skipped.push({ ...ref, type: 'vfat', reason });
     };
     if (size > USERSPACE_VFAT_MAX) {
       skip(`vfat file system: this kernel has no vfat driver, and at ${Math.round(size / 2 ** 30)} GiB it is too large to copy out with mtools (limit ${USERSPACE_VFAT_MAX / 2 ** 30} GiB); restore the disk instead`);
       return;
     }
-    const leaf = `${partition === null ? 'whole' : `part${partition}`}-vfat`;
-    const copy = join(this.#dir, `vfat-${disk}-${leaf}`);
+    const copy = join(this.#dir, `vfat-${this.filesystems.length}-${this.skipped.length}`);
     await mkdir(copy);
     const env = { ...process.env, MTOOLS_SKIP_CHECK: '1', MTOOLS_NO_VFAT: '0' };
     const source = `${image}@@${offset}`;
     try {
-      const listing = await runTool('mdir', ['-b', '-i', source, '::/'], `listing the vfat file system of ${disk} ${leaf}`, env);
-      if (listing.trim() !== '') await runTool('mcopy', ['-s', '-p', '-m', '-n', '-Q', '-i', source, '::/*', `${copy}/`], `copying the vfat file system of ${disk} ${leaf} (mtools)`, env);
+      const listing = await runTool('mdir', ['-b', '-i', source, '::/'], `listing the vfat file system ${name}`, env);
+      if (listing.trim() !== '') await runTool('mcopy', ['-s', '-p', '-m', '-n', '-Q', '-i', source, '::/*', `${copy}/`], `copying the vfat file system ${name} (mtools)`, env);
     } catch (err) {
       skip(`vfat file system: this kernel has no vfat driver and reading it with mtools failed: ${describeError(err)}`);
       return;
     }
-    const path = join(this.at, disk, leaf);
-    await this.#mkdirTracked(join(this.at, disk));
     await this.#mkdirTracked(path);
     try {
       this.#state.mountpoints.push(path);
       this.#save();
-      await runTool('mount', ['--bind', copy, path], `bind-mounting the vfat copy of ${disk} ${leaf}`);
-      await runTool('mount', ['-o', 'remount,bind,ro,nodev,nosuid,noexec', path], `making the vfat copy of ${disk} ${leaf} read-only`);
+      await runTool('mount', ['--bind', copy, path], `bind-mounting the vfat copy of ${name}`);
+      await runTool('mount', ['-o', 'remount,bind,ro,nodev,nosuid,noexec', path], `making the vfat copy of ${name} read-only`);
     } catch (err) {
       skip(`vfat file system: ${describeError(err)}`);
       return;
     }
     const mounted: MountedFileSystem = {
-      disk,
-      partition,
+      ...ref,
       type: 'vfat',
       ...(fs.label !== undefined ? { label: fs.label } : {}),
       ...(fs.uuid !== undefined ? { uuid: fs.uuid } : {}),
@@ -276,13 +376,13 @@ class MountSession implements Mount {
       userspace: true,
     };
     this.filesystems.push(mounted);
-    this.warnings.push(`${disk}: ${leaf} was read with mtools (this kernel has no vfat driver): a read-only copy; folder times are not kept`);
-    log.info({ disk, partition, path }, 'vfat read in user space (mtools) and shown read-only');
+    this.warnings.push(`${name}: ${relative(this.at, path)} was read with mtools (this kernel has no vfat driver): a read-only copy; folder times are not kept`);
+    log.info({ volume: name, path }, 'vfat read in user space (mtools) and shown read-only');
     onMounted?.(mounted);
   }
 
   /** The volumes of a disk: a whole-disk file system, or the partitions of its table. */
-  async #volumes(d: DiskToMount): Promise<Array<{ partition: number | null; offset: number; size: number; fs: DetectedFileSystem | null }>> {
+  async #volumes(d: DiskToMount): Promise<DiskVolume[]> {
     const whole = await detectFileSystem(d.disk);
     // A FAT or NTFS boot sector can look like an MBR; any other file system at sector 0 wins.
     if (whole && whole.type !== 'vfat' && whole.type !== 'ntfs') return [{ partition: null, offset: 0, size: d.disk.size, fs: whole }];
@@ -304,11 +404,18 @@ class MountSession implements Mount {
     return out;
   }
 
+  /** Creates `path` and any missing parents, each recorded so that unmount removes it again. */
   async #mkdirTracked(path: string): Promise<void> {
-    if (existsSync(path)) return;
-    await mkdir(path, { recursive: true });
-    this.#state.createdDirs.push(path);
-    this.#save();
+    const missing: string[] = [];
+    for (let p = path; !existsSync(p); p = dirname(p)) {
+      missing.unshift(p);
+      if (dirname(p) === p) break;
+    }
+    for (const p of missing) {
+      await mkdir(p);
+      this.#state.createdDirs.push(p);
+      this.#save();
+    }
   }
 
   #save(): void {
@@ -382,9 +489,8 @@ class MountSession implements Mount {
 function unmountableReason(type: FileSystemType, kernel: ReadonlySet<string>): string | null {
   switch (type) {
     case 'lvm2-pv':
-      return existsSync('/dev/mapper/control')
-        ? 'LVM physical volume: activating its logical volumes is not supported yet; restore the whole disk instead'
-        : 'LVM physical volume: this kernel has no device-mapper, so its logical volumes cannot be activated here; restore the whole disk, or mount on a host with device-mapper';
+      // Physical volumes on partitions and disks are read (their LVs mounted); one inside an LV is not.
+      return 'LVM physical volume inside a logical volume (nested LVM): not read; restore the disk instead';
     case 'swap':
       return 'swap space: holds no files';
     case 'ext2':

@@ -10,6 +10,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { Repository } from '../../repository/index.js';
 import { describeFileSystems, mountRestorePoint, type FileSystemView, type PointMount } from './point-mount.js';
+import { fsName } from './guest-paths.js';
 
 const log = logger('mount-sessions');
 
@@ -82,7 +83,7 @@ export class MountSessions {
       detached: o.detached ?? false,
       createdAt: new Date().toISOString(),
       filesystems: describeFileSystems(mount),
-      skipped: mount.mount.skipped.map((s) => ({ name: s.partition === null ? s.disk : `${s.disk}${s.partition}`, type: s.type, reason: s.reason })),
+      skipped: mount.mount.skipped.map((s) => ({ name: fsName(s), type: s.type, reason: s.reason })),
       warnings: [...mount.mount.warnings],
       notes: [...mount.layout.notes],
     };

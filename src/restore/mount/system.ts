@@ -1,26 +1,15 @@
 // The side effects of the mount pipeline (child processes, the kernel's mount table), behind
 // one interface so the pipeline's bookkeeping reads as logic. The real implementation runs the
 // tools the notes found working here: nbdfuse, mount -o loop, umount, fusermount3.
-import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
-import { promisify } from 'node:util';
 import { BulwarkError } from '../../common/errors.js';
+import { runTool as runCommonTool } from '../../common/process.js';
 
-const execFileP = promisify(execFile);
-
-/** Runs a tool; rejects with its stderr in the message. */
+/** Runs a tool (src/common/process.ts); rejects with its stderr in the message. */
 export async function runTool(cmd: string, args: readonly string[], what: string, env?: NodeJS.ProcessEnv): Promise<string> {
-  try {
-    const { stdout } = await execFileP(cmd, [...args], { maxBuffer: 16 << 20, ...(env ? { env } : {}) });
-    return stdout;
-  } catch (cause) {
-    const stderr = (cause as { stderr?: string }).stderr?.trim();
-    throw new BulwarkError(`${what} failed${stderr ? `: ${stderr}` : ''}`, {
-      context: { command: [cmd, ...args].join(' ') },
-      cause,
-    });
-  }
+  return await runCommonTool(cmd, args, what, env ? { env } : {});
 }
 
 /** Mount points currently in the kernel's table (decoded from /proc/self/mountinfo). */
