@@ -256,7 +256,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       const dataPath = new LocalDataPathExecutor(localOptions);
       cleanups.push(() => dataPath.close());
       exportVm = (o) => dataPath.exportVm(o);
-      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint, async (job, task, points) => localOptions.onVmPoints?.(job, task, points));
+      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint, async (job, task, points) => localOptions.onVmPoints?.(job, task, points), localOptions.password);
       executor ??= dispatched;
       disks ??= dispatched;
     }

@@ -45,6 +45,8 @@ export interface Dispatch {
     onRestorePoint?: (job: JobDefinition, task: TaskSpec, summary: BackupVmSummary) => Promise<void>,
     /** The catalog follows a VM's folder after retention and maintenance on a repository agent. */
     onVmPoints?: (job: JobDefinition, task: TaskSpec, points: readonly RestorePointInfo[]) => Promise<void>,
+    /** The password of an encrypted job (the server's sealed key store, docs/encryption.md). */
+    password?: (job: JobDefinition) => Promise<string | undefined>,
   ): RemoteDataPathExecutor;
   /**
    * Restores a disk on the agent that owns the repository (to a path on that agent's host);
@@ -52,7 +54,7 @@ export interface Dispatch {
    */
   restoreDisk: (
     repository: { readonly agent: string | null; readonly path: string },
-    args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined },
+    args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; password?: string | undefined },
   ) => Promise<WireRestoredDisk> | undefined;
   /**
    * The removed-VM sweep of one job's folder on the agent that owns the repository (docs/formats/
@@ -73,7 +75,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
   return {
     broker,
     plugin: (store) => agentTaskPlugin({ store, broker }),
-    executor: (local, onRestorePoint, onVmPoints) =>
+    executor: (local, onRestorePoint, onVmPoints, password) =>
       new RemoteDataPathExecutor({
         broker,
         local,
@@ -89,6 +91,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
         },
         ...(onRestorePoint ? { onRestorePoint } : {}),
         ...(onVmPoints ? { onVmPoints } : {}),
+        ...(password ? { password } : {}),
         throttling:
           opts.throttling ??
           (async () => ({ rules: (await listThrottlingRules(ctx)).map(policyRule), timeZone: opts.timeZone ?? Intl.DateTimeFormat().resolvedOptions().timeZone })),
