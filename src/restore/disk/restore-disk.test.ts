@@ -33,9 +33,10 @@ describe('restoreDisk (raw)', () => {
     await w1.writeDisk('vda', iterate(m.change([[3, 'hole'], [5, 'data', 99], [40, 'data', 7]])));
     const p1 = await w1.commit();
 
-    for (const [p, bytes] of [[p0, at0], [p1, m.bytes]] as const) {
+    // Decoded on this thread, then by decoder threads.
+    for (const [p, bytes, threads] of [[p0, at0, 0], [p1, m.bytes, 2]] as const) {
       const to = path.join(dir, `${p.id}.raw`);
-      const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to });
+      const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, threads });
       const out = await readFile(to);
       expect(out.equals(bytes)).toBe(true);
       expect(r.sha256).toBe(createHash('sha256').update(bytes).digest('hex'));
@@ -53,10 +54,10 @@ describe('restoreDisk (raw)', () => {
     const p = await w.commit();
     const to = path.join(dir, 'out.raw');
     await writeFile(to, 'keep me');
-    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to })).rejects.toThrow(/already exists/);
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, threads: 0 })).rejects.toThrow(/already exists/);
     expect(await readFile(to, 'utf8')).toBe('keep me');
-    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'nope', to: path.join(dir, 'x.raw') })).rejects.toThrow(/no disk nope/);
-    const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, overwrite: true });
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'nope', to: path.join(dir, 'x.raw'), threads: 0 })).rejects.toThrow(/no disk nope/);
+    const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, overwrite: true, threads: 0 });
     expect((await readFile(to)).equals(m.bytes)).toBe(true);
     expect(r.bytesWritten).toBe(BS);
     expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore-'))).toEqual([]);
@@ -83,7 +84,7 @@ describe('restoreDisk (raw)', () => {
     expect(r.sha256).toBe(createHash('sha256').update(grown).digest('hex'));
     expect(r.bytesWritten).toBe(2 * BS + 1000 + BS);
     const q = path.join(dir, 'p0.qcow2');
-    const rq = await restoreDisk({ repository: repo, pointId: p0.id, disk: 'vda', to: q, format: 'qcow2', password: 'pw', verify: true });
+    const rq = await restoreDisk({ repository: repo, pointId: p0.id, disk: 'vda', to: q, format: 'qcow2', password: 'pw', verify: true, threads: 0 });
     expect(rq.sha256).toBe(createHash('sha256').update(m.bytes).digest('hex'));
     expect((await readFile(q)).subarray(0, 4).toString('latin1')).toBe('QFI\xfb');
   });
@@ -102,7 +103,7 @@ describe('restoreDisk (raw)', () => {
     const fh = await open(file, 'r+');
     await fh.write(Buffer.from([0xff ^ m.bytes[7 * BS + 100]!]), 0, 1, r7.entry.recordOffset + 32 + 100);
     await fh.close();
-    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'bad.raw') })).rejects.toThrow(/damaged block in .*block 7 \(disk offset 1835008\).*CRC32C mismatch/);
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'bad.raw'), threads: 1 })).rejects.toThrow(/damaged block in .*block 7 \(disk offset 1835008\).*CRC32C mismatch/);
     expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore-'))).toEqual([]);
   });
 
@@ -137,7 +138,7 @@ describe('restoreDisk (raw)', () => {
     } finally {
       await fh.close();
     }
-    const ok = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'unverified.raw'), threads: 1 });
+    const ok = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'unverified.raw'), threads: 0 });
     expect(ok.sha256).toBe(createHash('sha256').update(m.bytes).digest('hex'));
     await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'v.raw'), verify: true, threads: 1 })).rejects.toThrow(
       /damaged block in .*block 1 \(disk offset 262144\).*does not match the SHA-256/,

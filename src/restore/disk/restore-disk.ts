@@ -30,7 +30,7 @@ export interface RestoreDiskOptions {
   readonly format?: RestoreDiskFormat;
   /** Replace an existing file at `to`. */
   readonly overwrite?: boolean;
-  /** Decoder threads (default: the machine's cores). */
+  /** Decoder threads (default: the machine's cores; 0 decodes on this thread, for small disks and tests). */
   readonly threads?: number;
   /**
    * Also check every block's plain data against the SHA-256 (HMAC when encrypted) in its block

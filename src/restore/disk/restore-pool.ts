@@ -5,6 +5,7 @@
 import { createRequire } from 'node:module';
 import { pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
+import { createDecoder } from './restore-decoder.js';
 
 export interface DecodeInit {
   readonly role: 'decode';
@@ -75,15 +76,20 @@ export class DecodePool {
   readonly #queued: number[] = [];
   readonly #pending = new Map<number, Pending>();
   readonly #depth: number;
+  readonly #local: ((job: DecodeJob) => DecodeResult) | null = null;
   #waiters: Array<() => void> = [];
   #nextId = 1;
   #failure: Error | null = null;
   #closed = false;
 
-  /** `threads` decoders, each given at most `depth` batches at a time. */
+  /** `threads` decoders, each given at most `depth` batches at a time; 0: on the calling thread. */
   constructor(init: Omit<DecodeInit, 'role'>, threads: number, depth = 2) {
     this.#depth = depth;
-    for (let w = 0; w < Math.max(1, threads); w++) {
+    if (threads <= 0) {
+      this.#local = createDecoder(init);
+      return;
+    }
+    for (let w = 0; w < threads; w++) {
       const worker = startWorker({ role: 'decode', ...init });
       worker.on('message', (r: DecodeResult) => {
         const p = this.#pending.get(r.id);
@@ -126,6 +132,7 @@ export class DecodePool {
 
   /** Resolves when a worker can take another batch (back-pressure on the planner). */
   async ready(): Promise<void> {
+    if (this.#local) return;
     while (!this.#failure && this.#queued[this.#leastBusy()]! >= this.#depth) await new Promise<void>((r) => this.#waiters.push(r));
     if (this.#failure) throw this.#failure;
   }
@@ -133,6 +140,10 @@ export class DecodePool {
   /** Hands a batch to the least busy decoder; resolves with the bytes it wrote. */
   submit(job: Omit<DecodeJob, 'id'>): Promise<number> {
     if (this.#failure) return Promise.reject(this.#failure);
+    if (this.#local) {
+      const r = this.#local({ id: 0, ...job });
+      return r.ok ? Promise.resolve(r.bytesWritten) : Promise.reject(new BlockDecodeError(job.file, r.block, r.fileOffset, r.error));
+    }
     const worker = this.#leastBusy();
     const id = this.#nextId++;
     return new Promise<number>((resolve, reject) => {

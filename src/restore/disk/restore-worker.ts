@@ -1,168 +1,18 @@
 // Worker thread of a disk restore, in one of two roles.
-// - decode: takes a batch of stored blocks whose records lie back to back in one backup file,
-//   reads them with one pread, checks each record (header, lengths, CRC32C: the format's rule),
-//   decodes it (decrypt, decompress), optionally checks the plain data against the SHA-256 (HMAC)
-//   in the block table, and writes the run with pwritev straight into the output file. A block
-//   whose table digest is that of zeroes (checked against the data) is left a hole. No block data
-//   crosses threads; the main thread only plans and counts.
+// - decode: runs batches through restore-decoder.ts (read, check, decode, pwritev into the output);
+//   no block data crosses threads, the main thread only plans and counts.
 // - hash: follows the restore in disk order and computes the SHA-256 of the raw image, reading
 //   back the data ranges the decoders wrote (from the page cache) and feeding zeroes for holes.
-import { createHash, createHmac } from 'node:crypto';
-import { readSync, writevSync } from 'node:fs';
-import { createRequire } from 'node:module';
+import { createHash } from 'node:crypto';
 import { parentPort, workerData } from 'node:worker_threads';
-import { crc32c } from '@node-rs/crc32';
-import { decodeRecordHeader, RECORD_HEADER_SIZE } from '../../format/index.js';
-import { decodePayload } from '../../repository/block-codec.js';
-import type { DecodeInit, DecodeJob, DecodeResult, HashInit, HashMessage, HashResult, RestoreWorkerInit } from './restore-pool.js';
-
-// zstd-napi's low-level binding decompresses into a caller's buffer (no allocation per block).
-interface ZstdBinding {
-  DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number };
-}
-const zstd = createRequire(import.meta.url)('zstd-napi/binding') as ZstdBinding;
+import { createDecoder, readFully } from './restore-decoder.js';
+import type { DecodeJob, HashInit, HashMessage, HashResult, RestoreWorkerInit } from './restore-pool.js';
 
 const init = workerData as RestoreWorkerInit;
-if (init.role === 'decode') startDecoder(init);
-else startHasher(init);
-
-class BlockError extends Error {
-  constructor(
-    readonly block: number,
-    readonly fileOffset: number,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
-function readFully(fd: number, buf: Buffer, position: number): void {
-  let done = 0;
-  while (done < buf.length) {
-    const n = readSync(fd, buf, done, buf.length - done, position + done);
-    if (n === 0) throw new Error(`unexpected end of file at ${position + done} (truncated?)`);
-    done += n;
-  }
-}
-
-function writeFully(fd: number, parts: Buffer[], position: number): void {
-  let total = 0;
-  for (const p of parts) total += p.length;
-  let done = writevSync(fd, parts, position);
-  // A short pwritev (rare: signals, quotas) continues with what is left.
-  while (done < total) {
-    let skip = done;
-    const rest: Buffer[] = [];
-    for (const p of parts) {
-      if (skip >= p.length) skip -= p.length;
-      else {
-        rest.push(skip > 0 ? p.subarray(skip) : p);
-        skip = 0;
-      }
-    }
-    const n = writevSync(fd, rest, position + done);
-    if (n === 0) throw new Error(`write returned 0 at ${position + done}`);
-    done += n;
-  }
-}
-
-function startDecoder(o: DecodeInit): void {
-  const keys = o.blockKey && o.digestKey ? { blockKey: Buffer.from(o.blockKey), digestKey: Buffer.from(o.digestKey) } : null;
-  const aads = o.files.map((f) => Buffer.from(f.aad));
-  const dctx = new zstd.DCtx();
-  const digestOf = (plain: Buffer): Buffer => (keys ? createHmac('sha256', keys.digestKey).update(plain).digest() : createHash('sha256').update(plain).digest());
-  // Digest of an all-zero block, per length (a disk's last block is shorter).
-  const zeroDigests = new Map<number, Buffer>();
-  const zeroDigest = (len: number): Buffer => {
-    let d = zeroDigests.get(len);
-    if (!d) zeroDigests.set(len, (d = digestOf(Buffer.alloc(len))));
-    return d;
-  };
-  let readBuf = Buffer.allocUnsafe(0);
-  let plainBuf = Buffer.allocUnsafe(0);
-  let zeroes = Buffer.alloc(0);
-  const isZero = (b: Buffer): boolean => {
-    if (zeroes.length < b.length) zeroes = Buffer.alloc(b.length);
-    return b.equals(zeroes.subarray(0, b.length));
-  };
-
-  const run = (job: DecodeJob): DecodeResult => {
-    const n = job.blocks.length / 5;
-    const fd = o.files[job.file]!.fd;
-    const first = job.blocks[1]!;
-    const lastAt = (n - 1) * 5;
-    const span = job.blocks[lastAt + 1]! + RECORD_HEADER_SIZE + job.blocks[lastAt + 2]! - first;
-    if (readBuf.length < span) readBuf = Buffer.allocUnsafe(span);
-    if (plainBuf.length < n * o.blockSize) plainBuf = Buffer.allocUnsafe(n * o.blockSize);
-    try {
-      readFully(fd, readBuf.subarray(0, span), first);
-    } catch (err) {
-      throw new BlockError(job.blocks[0]!, first, (err as Error).message);
-    }
-    let bytesWritten = 0;
-    let parts: Buffer[] = [];
-    let partsAt = 0;
-    let partsEnd = -1;
-    const flush = (): void => {
-      if (parts.length === 0) return;
-      writeFully(o.outFd, parts, partsAt);
-      parts = [];
-    };
-    for (let k = 0; k < n; k++) {
-      const index = job.blocks[k * 5]!;
-      const recordOffset = job.blocks[k * 5 + 1]!;
-      const storedLength = job.blocks[k * 5 + 2]!;
-      const plainLength = job.blocks[k * 5 + 3]!;
-      const crc = job.blocks[k * 5 + 4]!;
-      const want = Buffer.from(job.digests.buffer, job.digests.byteOffset + k * 32, 32);
-      const at = recordOffset - first;
-      let plain: Buffer;
-      try {
-        const header = decodeRecordHeader(readBuf, at);
-        if (header.type !== 'block') throw new Error('record is not a block');
-        if (header.storedLength !== storedLength || header.plainLength !== plainLength) throw new Error('lengths disagree with the block table');
-        const payload = readBuf.subarray(at + RECORD_HEADER_SIZE, at + RECORD_HEADER_SIZE + storedLength);
-        if (crc32c(payload) !== crc || header.payloadCrc !== crc) throw new Error('CRC32C mismatch');
-        if (header.compression === 'zstd' && !header.encrypted) {
-          plain = plainBuf.subarray(k * o.blockSize, k * o.blockSize + plainLength);
-          let got: number;
-          try {
-            got = dctx.decompress(plain, payload);
-          } catch (err) {
-            throw new Error(`zstd: ${(err as Error).message}`);
-          }
-          if (got !== plainLength) throw new Error(`decompressed to ${got} bytes, expected ${plainLength}`);
-        } else {
-          plain = decodePayload(payload, header.compression, header.encrypted, plainLength, keys, aads[job.file]!);
-        }
-        if (o.verify && !digestOf(plain).equals(want)) throw new Error('plain data does not match the SHA-256 in the block table');
-      } catch (err) {
-        throw new BlockError(index, recordOffset, (err as Error).message);
-      }
-      // Zero data stays a hole: the table's digest says so in O(1); the data confirms it.
-      if (want.equals(zeroDigest(plainLength)) && isZero(plain)) continue;
-      const pos = index * o.blockSize;
-      if (pos !== partsEnd) flush();
-      if (parts.length === 0) partsAt = pos;
-      parts.push(plain);
-      partsEnd = pos + plainLength;
-      bytesWritten += plainLength;
-    }
-    flush();
-    return { id: job.id, ok: true, bytesWritten };
-  };
-
-  parentPort!.on('message', (job: DecodeJob) => {
-    let result: DecodeResult;
-    try {
-      result = run(job);
-    } catch (err) {
-      const e = err instanceof BlockError ? err : new BlockError(job.blocks[0]!, job.blocks[1]!, (err as Error).message);
-      result = { id: job.id, ok: false, block: e.block, fileOffset: e.fileOffset, error: e.message };
-    }
-    parentPort!.postMessage(result);
-  });
-}
+if (init.role === 'decode') {
+  const decode = createDecoder(init);
+  parentPort!.on('message', (job: DecodeJob) => parentPort!.postMessage(decode(job)));
+} else startHasher(init);
 
 function startHasher(o: HashInit): void {
   const hash = createHash('sha256');
