@@ -53,6 +53,12 @@ export interface WriteDiskOptions {
   readonly compareWithParent?: boolean;
   /** Called after each block is taken from the source, with input bytes so far (for progress). */
   readonly onProgress?: (bytesDone: number) => void;
+  /**
+   * Called with the milliseconds writeDisk waited before it could take the next block (bottleneck
+   * statistics): 'target' when file writes were backed up at the start of the wait, else 'proxy'
+   * (the encoders).
+   */
+  readonly onWait?: (stage: 'proxy' | 'target', ms: number) => void;
 }
 
 /** Counters of one disk, returned by writeDisk. */
@@ -302,6 +308,10 @@ export class BackupFileWriter {
   get inflightLimit(): number {
     return this.#inflightLimit;
   }
+  /** @internal for DiskLane: file writes are backed up (issued batches wait for a write). */
+  get writesBacklogged(): boolean {
+    return this.#queued.length > 0;
+  }
   /** @internal for DiskLane: the first failure of the file, if any. */
   get failure(): BulwarkError | null {
     return this.#failure;
@@ -458,14 +468,20 @@ class DiskLane {
       if (b.data !== null && b.data.length !== length) {
         throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
       }
-      while (this.#pending >= limit) await this.#changed();
+      while (this.#pending >= limit) {
+        const wait = this.#waitStart();
+        await this.#changed();
+        wait();
+      }
       bytesRead += length;
       const kind = b.data === null ? 'hole' : b.data.equals(length === blockSize ? zero : zero.subarray(0, length)) ? 'zero' : 'data';
       const f: InFlight = { index: b.index, kind, length, enc: null, parent: null };
       if (kind === 'data') {
         // The block is copied into the slot before the source is asked for the next one
         // (sources may reuse their buffers).
+        const wait = this.#waitStart();
         const slot = await this.#w.slot();
+        wait();
         if (this.#error !== null || this.#w.failure) {
           pool.release(slot);
           this.#check();
@@ -504,6 +520,15 @@ class DiskLane {
 
   descriptor(): DiskDescriptor {
     return { name: this.#name, size: this.#size, blockCount: this.#blockCount, entriesPerPage: ENTRIES_PER_PAGE, stats: this.#stats, pages: this.#pages };
+  }
+
+  /** Starts timing a wait for the onWait hook; call the result when the wait ends. */
+  #waitStart(): () => void {
+    const onWait = this.#opts.onWait;
+    if (!onWait) return () => undefined;
+    const stage = this.#w.writesBacklogged ? 'target' : 'proxy';
+    const t0 = performance.now();
+    return () => onWait(stage, performance.now() - t0);
   }
 
   #check(): void {

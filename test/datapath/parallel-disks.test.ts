@@ -155,7 +155,7 @@ function maxConcurrent(tasks: readonly TaskRecord[]): number {
 }
 
 /** Checks how the disk tasks ran: 2 at a time, each its own disk within its own run time, stage times. */
-function checkParallel(s: Session): void {
+function checkParallel(s: Session, throttled: boolean): void {
   const text = logText(s);
   // No guest agent: crash-consistent, a warning on the task that committed the point.
   expect(s.tasks.map((t) => [t.disk, t.state === 'warning' ? 'success' : t.state]).sort(), text).toEqual(DISKS.map((d) => [d.name, 'success']));
@@ -191,8 +191,9 @@ function checkParallel(s: Session): void {
   // Two disks' reads overlapped: the work ran side by side, not one disk after the other.
   const [a, b] = [work[order[0]!.disk]!, work[order[1]!.disk]!];
   expect(a.from < b.to && b.from < a.to, JSON.stringify(work)).toBe(true);
-  // The repository rate held data back, and the VM's last task committed (its commit counts to Target).
-  expect(s.tasks.some((t) => t.stageBusy!.throttling > 0)).toBe(true);
+  // The repository rate held data back (a full: more than a burst per disk), and the VM's last
+  // task committed (its commit counts to Target).
+  if (throttled) expect(s.tasks.some((t) => t.stageBusy!.throttling > 0)).toBe(true);
   expect(s.tasks.some((t) => t.stageBusy!.target > 0)).toBe(true);
   expect(s.log.filter((l) => /point in time taken/.test(l.message))).toHaveLength(1);
 }
@@ -228,7 +229,7 @@ describe('one task per VM disk on a proxy of 2 tasks', () => {
   it('full: 2 disks at a time, each task its own disk, one restore point, every disk bit-exact', async () => {
     const s = await runJob();
     expect(s.state, logText(s)).toBe('warning');
-    checkParallel(s);
+    checkParallel(s, true);
     const all = await repo.listRestorePoints({ job: JOB, vm: VM });
     expect(all.map((p) => p.kind)).toEqual(['full']);
     points.push(all[0]!.id);
@@ -241,7 +242,7 @@ describe('one task per VM disk on a proxy of 2 tasks', () => {
     await write('vdc', 0, 2 * MiB, 0x33);
     const s = await runJob();
     expect(s.state, logText(s)).toBe('warning');
-    checkParallel(s);
+    checkParallel(s, false);
     expect(logText(s)).toMatch(/vdc: changes from dirty bitmap/);
     const all = await repo.listRestorePoints({ job: JOB, vm: VM });
     expect(all.map((p) => p.kind)).toEqual(['full', 'incremental']);

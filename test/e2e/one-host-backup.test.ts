@@ -58,11 +58,26 @@ describe('one-host install: back up a running VM and restore its disk', () => {
     expect(second.code, second.stdout + second.stderr).toBe(0);
 
     // An incremental reads a fraction of the disk; a finished session still shows 100%.
-    const sessions = JSON.parse((await bulwark(['session', 'list', '--job', 'guests', '--json'], env)).stdout) as Array<{ state: string; progress: { percent: number } }>;
+    const sessions = JSON.parse((await bulwark(['session', 'list', '--job', 'guests', '--json'], env)).stdout) as Array<{ id: string; state: string; progress: { percent: number } }>;
     expect(sessions.map((x) => [x.state, x.progress.percent])).toEqual([
       ['success', 100],
       ['success', 100],
     ]);
+
+    // Bottleneck statistics of the in-process data path: the stages are measured per task (no
+    // timing thresholds: present, none busier than the task ran), and session show names the busiest.
+    for (const { id } of sessions) {
+      type Stages = { busyMs: Record<string, number>; bottleneck: string | null; summary: string };
+      const shown = JSON.parse((await bulwark(['session', 'show', id, '--json'], env)).stdout) as { stages?: Stages; tasks: Array<{ startedAt: string; endedAt: string; stages?: Stages }> };
+      expect(shown.stages?.bottleneck, JSON.stringify(shown.stages)).toMatch(/^(source|proxy|target|throttling)$/);
+      for (const t of shown.tasks) {
+        const busy = t.stages!.busyMs;
+        expect(busy.source, JSON.stringify(busy)).toBeGreaterThan(0);
+        const ran = Date.parse(t.endedAt) - Date.parse(t.startedAt) + 50;
+        for (const v of Object.values(busy)) expect(v).toBeLessThanOrEqual(ran);
+      }
+      expect((await bulwark(['session', 'show', id], env)).stdout).toMatch(/stages:\s+Source \d+% > Proxy \d+% > Network \d+% > Target \d+%.*; bottleneck: (Source|Proxy|Target|Throttling)\n/);
+    }
 
     const list = await bulwark(['restore-point', 'list', '--vm', VM, '--json'], env);
     expect(list.code).toBe(0);

@@ -497,8 +497,11 @@ async function backupDisk(
   if (ctx.incremental && full) source = withExplicitZeroes(source, Math.ceil(d.size / ctx.blockSize));
   source = checkedSignal(source, signal);
   let lastReport = 0;
+  const stages = hooks.stages;
   const ws = await writer.writeDisk(name, source, {
     compareWithParent: compare,
+    // Proxy (encoders) and Target (file writes) as the writer waits for them.
+    ...(stages ? { onWait: (stage: 'proxy' | 'target', ms: number) => stages.add(stage, ms) } : {}),
     onProgress: () => {
       if (stats) {
         progress.bytesProcessed = stats.bytesMapped;
