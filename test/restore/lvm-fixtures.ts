@@ -143,7 +143,7 @@ export async function makeLvmDisks(work: string, rootTree: string, dataTree: str
       // mkfs.xfs refuses file systems under 300 MB unless it runs under fstests (these variables);
       // the kernel mounts small ones fine, and the test stays small.
       await run('mkfs.xfs', ['-q', '-L', 'lvdata', f], { env: { ...process.env, TEST_DIR: '1', TEST_DEV: '1', QA_CHECK_FS: '1' } });
-      const mnt = join(work, 'xfs-mnt');
+      const mnt = join(work, 'lvm-xfs-mnt');
       await mkdir(mnt, { recursive: true });
       await run('mount', ['-o', 'loop', f, mnt]);
       try {

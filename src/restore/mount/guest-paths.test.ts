@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { guestLayout, matchFstabSpec, parseFstab, resolveGuestPath } from './guest-paths.js';
+import { fsName, guestLayout, matchFstabSpec, parseFstab, resolveGuestPath } from './guest-paths.js';
 import type { MountedFileSystem } from './mount.js';
 import { keepBothName, shq } from './restore-files.js';
 
@@ -35,6 +35,30 @@ describe('fstab', () => {
     expect(matchFstabSpec('/dev/sdb', all)).toBe(b);
     expect(matchFstabSpec('/dev/vda2', all)).toBeUndefined();
     expect(matchFstabSpec('PARTUUID=x', all)).toBeUndefined();
+  });
+});
+
+describe('LVM logical volumes', () => {
+  it('are named like /dev/mapper and matched by /dev/mapper/VG-LV and /dev/VG/LV, never as a whole disk', () => {
+    const root = fs('vda', null, { lv: { vg: 'rhel', name: 'root' } });
+    const data = fs('vdb', null, { lv: { vg: 'my-vg', name: 'my+data' } });
+    const whole = fs('vdc', null);
+    const all = [root, data, whole];
+    expect(all.map(fsName)).toEqual(['rhel-root', 'my--vg-my+data', 'vdc']);
+    expect(matchFstabSpec('/dev/mapper/rhel-root', all)).toBe(root);
+    expect(matchFstabSpec('/dev/rhel/root', all)).toBe(root);
+    expect(matchFstabSpec('/dev/mapper/my--vg-my+data', all)).toBe(data);
+    expect(matchFstabSpec('/dev/my-vg/my+data', all)).toBe(data);
+    expect(matchFstabSpec('/dev/mapper/rhel-swap', all)).toBeUndefined();
+    // The LV's first disk is vda, but /dev/vda is not the LV.
+    expect(matchFstabSpec('/dev/vda', all)).toBeUndefined();
+    expect(matchFstabSpec('/dev/sdc', all)).toBe(whole);
+  });
+
+  it('take explicit NAME:/path with their /dev/mapper name', async () => {
+    const data = fs('vdb', null, { lv: { vg: 'my-vg', name: 'my+data' } });
+    const layout = await guestLayout([data]);
+    expect(resolveGuestPath(layout, [data], 'my--vg-my+data:/a b')).toMatchObject({ inside: '/a b', guestPath: '/a b' });
   });
 });
 
