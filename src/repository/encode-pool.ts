@@ -4,6 +4,13 @@
 // record straight from the slots (an incompressible block's payload is its input slot: no second
 // copy) and releases the slot once written. Memory is slots x (block size + payload bound),
 // whatever the disk size; when all slots are busy, acquire() waits (back-pressure on the source).
+//
+// Jobs and results cross threads through a shared control block, not messages: the caller puts
+// a slot number in a job ring and wakes a worker (Atomics.notify); a worker claims jobs with a
+// compare-and-swap, loops without an event loop (Atomics.wait when the ring is empty), writes the
+// result (lengths, codec, CRC, digest) into the slot's result words and bumps a completion
+// counter the caller waits on with Atomics.waitAsync; one wake-up collects every finished slot.
+// Only an encoder error travels as a message (with its text).
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { pathToFileURL } from 'node:url';
@@ -17,6 +24,9 @@ import type { ChainKeys } from './chain-keys.js';
 export interface WorkerInit {
   readonly input: SharedArrayBuffer;
   readonly output: SharedArrayBuffer;
+  /** Control block: Int32 words, layout in CTL below. */
+  readonly control: SharedArrayBuffer;
+  readonly slots: number;
   readonly inputStride: number;
   readonly outputStride: number;
   /** Where the payload starts inside an output slot (room for the record header before it). */
@@ -27,14 +37,44 @@ export interface WorkerInit {
   readonly digestKey: Uint8Array | null;
   readonly aad: Uint8Array;
 }
-export interface WorkerJob {
-  readonly id: number;
+/** An encoder failure (the only message a worker sends). */
+export interface WorkerError {
   readonly slot: number;
-  readonly length: number;
+  readonly error: string;
 }
-export type WorkerResult =
-  | { readonly id: number; readonly ok: true; readonly storedLength: number; readonly compression: Compression; readonly crc: number; readonly digest: Uint8Array; readonly raw: boolean }
-  | { readonly id: number; readonly ok: false; readonly error: string };
+
+/** Layout of the control block (Int32 words). */
+export const CTL = {
+  /** Jobs put in the ring so far (written by the caller). */
+  TAIL: 0,
+  /** Jobs claimed by workers so far (compare-and-swap). */
+  HEAD: 1,
+  /** Jobs finished so far (the caller waits on it). */
+  DONE: 2,
+  /** Non-zero: workers return. */
+  STOP: 3,
+  /** The job ring (slot numbers), `slots` words. */
+  RING: 8,
+  /** Words per slot in the result area after the ring. */
+  RESULT_WORDS: 16,
+  // Result words of a slot:
+  STATE: 0,
+  LENGTH: 1,
+  STORED: 2,
+  CODEC: 3,
+  CRC: 4,
+  RAW: 5,
+  /** 8 words: the 32-byte digest. */
+  DIGEST: 8,
+} as const;
+export const SLOT_IDLE = 0;
+export const SLOT_QUEUED = 1;
+export const SLOT_DONE = 2;
+export const SLOT_FAILED = 3;
+export const CODECS: readonly Compression[] = ['none', 'zstd', 'lz4'];
+export function resultAt(slots: number, slot: number): number {
+  return CTL.RING + slots + slot * CTL.RESULT_WORDS;
+}
 
 /** An encoded block sitting in a slot: the caller fills `header` and writes header + payload. */
 export interface EncodedSlot extends EncodedBlock {
@@ -67,19 +107,26 @@ function startWorker(init: WorkerInit): Worker {
   return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`), { workerData: init, resourceLimits });
 }
 
+/** Atomics.waitAsync (Node 20 has it; TypeScript's lib here does not declare it). */
+interface AtomicsWaitAsync {
+  waitAsync(a: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> };
+}
+
 export class EncodePool {
   readonly #input: SharedArrayBuffer;
   readonly #output: SharedArrayBuffer;
+  readonly #ctl: Int32Array;
   readonly #inputStride: number;
   readonly #outputStride: number;
   readonly #free: number[] = [];
   readonly #waiters: Array<{ resolve: (slot: number) => void; reject: (err: Error) => void }> = [];
   readonly #workers: Worker[] = [];
-  readonly #outstanding: number[] = [];
-  readonly #pending = new Map<number, { resolve: (r: WorkerResult) => void; reject: (e: Error) => void; worker: number }>();
+  /** Submitted slots (worker path): the EncodedSlot is built when the result is collected. */
+  readonly #pending = new Map<number, { resolve: (r: EncodedSlot) => void; reject: (e: Error) => void; length: number }>();
   readonly #local: BlockEncoder | null;
   readonly #slotCount: number;
-  #nextId = 1;
+  /** A waitAsync on the completion counter is outstanding. */
+  #collecting = false;
   #closed = false;
   #failure: Error | null = null;
 
@@ -91,6 +138,8 @@ export class EncodePool {
     this.#outputStride = RECORD_HEADER_SIZE + payloadBound(opts.blockSize);
     this.#input = new SharedArrayBuffer(this.#inputStride * slots);
     this.#output = new SharedArrayBuffer(this.#outputStride * slots);
+    const control = new SharedArrayBuffer(4 * resultAt(slots, slots));
+    this.#ctl = new Int32Array(control);
     for (let i = 0; i < slots; i++) this.#free.push(i);
     if (threads === 0) {
       this.#local = new BlockEncoder(opts.compression, opts.keys, opts.aad, opts.blockSize);
@@ -100,6 +149,8 @@ export class EncodePool {
     const init: WorkerInit = {
       input: this.#input,
       output: this.#output,
+      control,
+      slots,
       inputStride: this.#inputStride,
       outputStride: this.#outputStride,
       payloadAt: RECORD_HEADER_SIZE,
@@ -111,26 +162,59 @@ export class EncodePool {
     };
     for (let w = 0; w < threads; w++) {
       const worker = startWorker(init);
-      worker.on('message', (r: WorkerResult) => {
-        const p = this.#pending.get(r.id);
+      worker.on('message', (m: WorkerError) => {
+        const p = this.#pending.get(m.slot);
         if (!p) return;
-        this.#pending.delete(r.id);
-        this.#outstanding[p.worker]! -= 1;
-        p.resolve(r);
+        this.#pending.delete(m.slot);
+        Atomics.store(this.#ctl, resultAt(slots, m.slot) + CTL.STATE, SLOT_IDLE);
+        p.reject(new Error(`block encoder: ${m.error}`));
       });
       worker.on('error', (err) => this.#fail(err));
       worker.on('exit', (code) => {
         if (!this.#closed) this.#fail(new Error(`block encoder thread exited with code ${code}`));
       });
       this.#workers.push(worker);
-      this.#outstanding.push(0);
     }
+  }
+
+  /** Collects finished slots whenever the completion counter moves, while any are pending. */
+  #collect(): void {
+    if (this.#collecting || this.#pending.size === 0 || this.#failure) return;
+    const ctl = this.#ctl;
+    const seen = Atomics.load(ctl, CTL.DONE);
+    for (const [slot, p] of this.#pending) {
+      const at = resultAt(this.#slotCount, slot);
+      if (Atomics.load(ctl, at + CTL.STATE) !== SLOT_DONE) continue;
+      Atomics.store(ctl, at + CTL.STATE, SLOT_IDLE);
+      this.#pending.delete(slot);
+      const digest = Buffer.allocUnsafe(32);
+      digest.set(new Uint8Array(ctl.buffer, (at + CTL.DIGEST) * 4, 32));
+      p.resolve(this.#result(slot, p.length, { storedLength: ctl[at + CTL.STORED]!, compression: CODECS[ctl[at + CTL.CODEC]!]!, crc: ctl[at + CTL.CRC]! >>> 0, digest, raw: ctl[at + CTL.RAW] === 1 }));
+    }
+    if (this.#pending.size === 0) return;
+    const w = (Atomics as unknown as AtomicsWaitAsync).waitAsync(ctl, CTL.DONE, seen);
+    if (!w.async) return queueMicrotask(() => this.#collect());
+    this.#collecting = true;
+    void w.value.then(() => {
+      this.#collecting = false;
+      this.#collect();
+    });
+  }
+
+  #result(slot: number, length: number, e: EncodedBlock): EncodedSlot {
+    const output = Buffer.from(this.#output, slot * this.#outputStride, this.#outputStride);
+    return {
+      ...e,
+      slot,
+      header: output.subarray(0, RECORD_HEADER_SIZE),
+      payload: e.raw ? Buffer.from(this.#input, slot * this.#inputStride, length) : output.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + e.storedLength),
+    };
   }
 
   #fail(err: Error): void {
     this.#failure ??= err;
-    for (const [id, p] of this.#pending) {
-      this.#pending.delete(id);
+    for (const [slot, p] of this.#pending) {
+      this.#pending.delete(slot);
       p.reject(err);
     }
     for (const w of this.#waiters.splice(0)) w.reject(err);
@@ -172,40 +256,40 @@ export class EncodePool {
       return Promise.reject(new BulwarkError(`block of ${plain.length} bytes exceeds the block size`, { kind: 'invalid' }));
     }
     const input = Buffer.from(this.#input, slot * this.#inputStride, plain.length);
-    const output = Buffer.from(this.#output, slot * this.#outputStride, this.#outputStride);
     plain.copy(input);
-    const done = (e: EncodedBlock): EncodedSlot => ({
-      ...e,
-      slot,
-      header: output.subarray(0, RECORD_HEADER_SIZE),
-      payload: e.raw ? input : output.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + e.storedLength),
-    });
     if (this.#local) {
       try {
-        return Promise.resolve(done(this.#local.encodeInto(input, output.subarray(RECORD_HEADER_SIZE))));
+        const output = Buffer.from(this.#output, slot * this.#outputStride + RECORD_HEADER_SIZE, this.#outputStride - RECORD_HEADER_SIZE);
+        return Promise.resolve(this.#result(slot, plain.length, this.#local.encodeInto(input, output)));
       } catch (err) {
         this.release(slot);
         return Promise.reject(err instanceof Error ? err : new Error(String(err)));
       }
     }
-    let worker = 0;
-    for (let w = 1; w < this.#workers.length; w++) if (this.#outstanding[w]! < this.#outstanding[worker]!) worker = w;
-    const id = this.#nextId++;
-    return new Promise<WorkerResult>((resolve, reject) => {
-      if (this.#failure) return reject(this.#failure);
-      this.#pending.set(id, { resolve, reject, worker });
-      this.#outstanding[worker]! += 1;
-      const job: WorkerJob = { id, slot, length: plain.length };
-      this.#workers[worker]!.postMessage(job);
-    })
-      .then((r) => {
-        if (!r.ok) throw new Error(`block encoder: ${r.error}`);
-        return done({ storedLength: r.storedLength, compression: r.compression, crc: r.crc, digest: Buffer.from(r.digest.buffer, r.digest.byteOffset, r.digest.length), raw: r.raw });
-      })
-      .catch((err: unknown) => {
-        this.release(slot);
-        throw err;
+    if (this.#failure) {
+      this.release(slot);
+      return Promise.reject(this.#failure);
+    }
+    const ctl = this.#ctl;
+    const at = resultAt(this.#slotCount, slot);
+    ctl[at + CTL.LENGTH] = plain.length;
+    Atomics.store(ctl, at + CTL.STATE, SLOT_QUEUED);
+    const tail = Atomics.load(ctl, CTL.TAIL);
+    // (Counters wrap after 2^31 jobs, far beyond one restore point's blocks.)
+    Atomics.store(ctl, CTL.RING + ((tail >>> 0) % this.#slotCount), slot);
+    Atomics.store(ctl, CTL.TAIL, (tail + 1) | 0);
+    Atomics.notify(ctl, CTL.TAIL, 1);
+    return new Promise<EncodedSlot>((resolve, reject) => {
+      this.#pending.set(slot, {
+        resolve,
+        reject: (err) => {
+          this.release(slot);
+          reject(err);
+        },
+        length: plain.length,
       });
+      this.#collect();
+    });
   }
 
   /** acquire() + submit(). */
@@ -217,6 +301,8 @@ export class EncodePool {
   async close(): Promise<void> {
     this.#closed = true;
     this.#fail(new BulwarkError('the block encoders were closed', { kind: 'invalid' }));
+    Atomics.store(this.#ctl, CTL.STOP, 1);
+    Atomics.notify(this.#ctl, CTL.TAIL);
     await Promise.all(this.#workers.map((w) => w.terminate()));
   }
 }
