@@ -1,11 +1,12 @@
 // Backup methods on a repository of ANOTHER host (network namespaces, fixture netns/hosts.ts): the
-// repository agent plans each run, keeps the chain (retention, reverse injection) and health-checks
-// it, as the one-host path does. Checked: forever forward with retention 3 over 5 runs (one a
-// `backup quick`) holds one full + 2 increments (merged), reverse incremental over 3 runs keeps the
-// newest as the full with .vrb files (the oldest deleted by retention), a health check names a
-// flipped byte and the next run repairs it; every kept point restores bit-exact and the catalog
-// follows the folder. Needs root (ip netns).
-import { randomBytes } from 'node:crypto';
+// repository agent plans each run, keeps the chain (retention, reverse injection, compaction) and
+// health-checks it, as the one-host path does. Checked: forever forward with retention 3 over 5
+// runs (one a `backup quick`) holds one full + 2 increments (merged, compacted); reverse
+// incremental over 3 runs keeps the newest as the full with .vrb files (the oldest deleted by
+// retention); a health check names a flipped byte and the next run repairs it. Every kept point is
+// bit-exact (read from the agent's folder; the newest also restored by the repository agent
+// through the server) and the catalog follows the folder. Needs root (ip netns).
+import { createHash, randomBytes } from 'node:crypto';
 import { open, readdir, stat } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openRepository, vmFolder, type RestorePointInfo } from '../../src/repository/index.js';
@@ -44,9 +45,22 @@ async function backup(job: string, start: () => Promise<string>): Promise<Sessio
 
 const run = (job: string) => async () => (await h.api<{ sessionId: string }>('POST', `/jobs/${job}/run`, {})).sessionId;
 
+/** SHA-256 of a point's disk read from the repository agent's folder (the shared file system here). */
+async function readSha(pointId: string): Promise<string> {
+  const point = await (await openRepository(h.repoDir)).openRestorePoint(pointId);
+  try {
+    const disk = point.openDisk('vda');
+    return createHash('sha256').update(await disk.read(0, h.expected.length)).digest('hex');
+  } finally {
+    await point.close();
+  }
+}
+
+/** Every kept point reads bit-exact; the newest is also restored through the server by the repository agent. */
 async function everyPointBitExact(job: string): Promise<number> {
   const kept = await points(job);
-  for (const p of kept) expect(await h.restoredSha(p.id), `point ${p.id} (${p.kind})`).toBe(shaOf.get(p.id));
+  for (const p of kept) expect(await readSha(p.id), `point ${p.id} (${p.kind})`).toBe(shaOf.get(p.id));
+  expect(await h.restoredSha(kept.at(-1)!.id)).toBe(shaOf.get(kept.at(-1)!.id));
   return kept.length;
 }
 
@@ -64,7 +78,7 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     h = await MultiHost.start({ vm: VM, disk });
     const job = (name: string, extra: Record<string, unknown>) =>
       h.api('POST', '/jobs', { name, vms: [VM], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 }, blockSize: 262144, ...extra });
-    await job('ff', { method: 'forever-forward', retention: { points: 3 } });
+    await job('ff', { method: 'forever-forward', retention: { points: 3 }, compact: { weekdays: allDays } });
     await job('rev', { method: 'reverse', retention: { points: 2 } });
     await job('hc', { method: 'forever-forward', retention: { points: 7 }, healthCheck: { weekdays: allDays } });
   }, 120_000);
@@ -85,6 +99,7 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     expect(logs[3]).toMatch(/quick backup of VM mhm-vm/);
     expect(logs[3]).toMatch(/retention: merged increment/);
     expect(logs[4]).toMatch(/retention: merged increment/);
+    expect(logs[4]).toMatch(/compacted the full \S+\.vbk: \d+ -> \d+ bytes/);
     const kept = await points('ff');
     expect(kept.map((p) => p.kind)).toEqual(['full', 'incremental', 'incremental']);
     expect((await files('ff')).map((f) => f.slice(-3))).toEqual(['vbk', 'vib', 'vib']);
@@ -131,6 +146,7 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     const repaired = logText(await backup('hc', run('hc')));
     expect(repaired).toMatch(new RegExp(`repair: re-reading vda blocks [0-9, ]*\\b${named![1]}\\b`));
     const latest = (await points('hc')).at(-1)!;
+    expect(latest.kind).toBe('incremental');
     expect(await h.restoredSha(latest.id)).toBe(shaOf.get(latest.id));
     const clean = await health();
     expect(clean.state, logText(clean)).toBe('success');
