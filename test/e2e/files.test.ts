@@ -1,6 +1,8 @@
 // File-level restore end to end, as a user runs it: a real `bulwark server` (real data path), one
 // running test guest (TCG) with its ext4 root (vda) plus two data disks filled before the
-// backups: vdb with an MBR table (ext4 + xfs) and vdc with a GPT table (ext4 + vfat + btrfs).
+// backups: vdb with an MBR table (ext4 + xfs), vdc with a GPT table (ext4 + vfat + btrfs), and
+// vdd (MBR) + vde (GPT) whose partitions are the two PVs of one LVM volume group (an ext4 LV in two
+// segments, an xfs LV, an ext4 LV striped over both disks), made by LVM's tools without device-mapper.
 // A job with the guest file index on runs three times (a file changes between runs); then, all
 // through the console: `search` finds the file across the three points and names the points of
 // each version; `restore files` copies from the ext4 root by guest path and from the MBR and GPT
@@ -17,6 +19,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { describeTree, makeGptDisk, makeMbrDisk, makeSourceTree, MiB, mountsUnder, type TreeEntry } from '../restore/fixtures.js';
+import { makeLvmDisks, type LvmDisks } from '../restore/lvm-fixtures.js';
 import { bulwark, ensureBuilt, program, startServerProcess, type ServerProcess } from './program.js';
 
 const run = promisify(execFile);
@@ -38,7 +41,8 @@ beforeAll(async () => {
   sourceTree = await describeTree(src);
   const mbr = join(tmp, 'mbr.raw');
   const gpt = join(tmp, 'gpt.raw');
-  await Promise.all([ensureBuilt(), makeMbrDisk(mbr, src, tmp), makeGptDisk(gpt, src, tmp)]);
+  let lvm: LvmDisks | undefined;
+  await Promise.all([ensureBuilt(), makeMbrDisk(mbr, src, tmp), makeGptDisk(gpt, src, tmp), makeLvmDisks(tmp, src, src).then((l) => (lvm = l))]);
   // The GPT disk's ESP (vfat, p2 at 33 MiB) gets files too: read with mtools where the kernel has no vfat.
   await run('mcopy', ['-s', '-p', '-m', '-i', `${gpt}@@${33 * MiB}`, join(src, 'dir with spaces'), '::/'], { env: { ...process.env, MTOOLS_SKIP_CHECK: '1' } });
   guest = await startTestGuest({
@@ -46,10 +50,12 @@ beforeAll(async () => {
     extraDisks: [
       { name: 'vdb', size: 400 * MiB, format: 'raw' },
       { name: 'vdc', size: 200 * MiB, format: 'raw' },
+      { name: 'vdd', size: 120 * MiB, format: 'raw' },
+      { name: 'vde', size: 40 * MiB, format: 'raw' },
     ],
   });
   // The data disks are filled in place before the guest looks at them (it never mounts them).
-  for (const [name, image] of [['vdb', mbr], ['vdc', gpt]] as const) {
+  for (const [name, image] of [['vdb', mbr], ['vdc', gpt], ['vdd', lvm!.mbr], ['vde', lvm!.gpt]] as const) {
     const disk = guest.disks.find((d) => d.name === name)!;
     await run('dd', [`if=${image}`, `of=${disk.path}`, 'bs=1M', 'conv=sparse,notrunc', 'status=none']);
   }
@@ -110,7 +116,7 @@ describe('file-level restore through the console', () => {
     expect(points).toHaveLength(3);
     const sessions = JSON.parse(await ok(['session', 'list', '--job', 'files', '--json'])) as Array<{ id: string }>;
     const shown = await ok(['session', 'show', sessions[0]!.id]);
-    expect(shown).toMatch(/guest file index of restore point \S+: \d+ entries from 6 file systems/);
+    expect(shown).toMatch(/guest file index of restore point \S+: \d+ entries from 9 file systems/);
 
     const found = JSON.parse(await ok(['search', 'QUARTERLY*.txt', '--vm', VM, '--json'])) as {
       matches: Array<{ vm: string; path: string; versions: Array<{ type: string; size: number; mtime: string; points: Array<{ id: string }> }> }>;
@@ -133,7 +139,7 @@ describe('file-level restore through the console', () => {
     expect(byPath.matches.map((m) => m.path)).toEqual([report]);
     const odd = JSON.parse(await ok(['search', 'odd.bin', '--vm', VM, '--json'])) as { matches: Array<{ path: string }> };
     expect(odd.matches.map((m) => m.path)).toEqual(
-      expect.arrayContaining(['vdb1:/dir with spaces/nested dir/odd.bin', 'vdb2:/dir with spaces/nested dir/odd.bin', 'vdc1:/dir with spaces/nested dir/odd.bin']),
+      expect.arrayContaining(['vdb1:/dir with spaces/nested dir/odd.bin', 'vdb2:/dir with spaces/nested dir/odd.bin', 'vdc1:/dir with spaces/nested dir/odd.bin', 'vgt-data:/dir with spaces/nested dir/odd.bin', 'vgt-striped:/dir with spaces/nested dir/odd.bin']),
     );
     expect((await ok(['search', 'no-such-file-*'])).trim()).toMatch(/^no match; 3 restore points searched$/);
   }, 900_000);
@@ -147,8 +153,9 @@ describe('file-level restore through the console', () => {
     for (const [file, sum] of Object.entries(guest.image.manifest.testdata)) expect(sha(await readFile(join(out, 'testdata', file))), file).toBe(sum);
     expect(await readFile(join(out, 'hostname'), 'utf8')).toBe('bulwark-guest\n');
 
-    // MBR: ext4 (vdb1) and xfs (vdb2); GPT: ext4 (vdc1) and btrfs (vdc3). Each holds the source tree.
-    for (const fs of ['vdb1', 'vdb2', 'vdc1', 'vdc3']) {
+    // MBR: ext4 (vdb1) and xfs (vdb2); GPT: ext4 (vdc1) and btrfs (vdc3); LVM: ext4 striped over vdd
+    // and vde (vgt-striped; every LV kind is restored in test/restore/lvm.test.ts). Each holds the source tree.
+    for (const fs of ['vdb1', 'vdb2', 'vdc1', 'vdc3', 'vgt-striped']) {
       const to = join(tmp, `out-${fs}`);
       const r = JSON.parse(await ok(['restore', 'files', latest, '--path', `${fs}:/dir with spaces`, '--path', `${fs}:/private`, '--path', `${fs}:/link to file`, '--path', `${fs}:/big.bin`, '--to', to, '--json'])) as {
         items: Array<{ filesystem: string; to: string }>;
@@ -202,6 +209,9 @@ describe('file-level restore through the console', () => {
       expect(output).toMatch(/vdb2\s+xfs\s+srv/);
       expect(output).toMatch(/vdc3\s+btrfs\s+pool/);
       expect(output).toMatch(/vdc2\s+vfat\s+ESP/);
+      expect(output).toMatch(/vgt-root\s+ext4\s+lvroot/);
+      expect(output).toMatch(/vgt-data\s+xfs\s+lvdata/);
+      expect(existsSync(join(at, 'lvm', 'vgt', 'striped-ext4', 'dir with spaces', 'file name with spaces.txt'))).toBe(true);
       const root = join(at, 'vda', 'whole-ext4');
       expect(sha(await readFile(join(root, 'srv/testdata/alpha.txt')))).toBe(guest.image.manifest.testdata['alpha.txt']);
       expect(existsSync(join(at, 'vdb', 'part2-xfs', 'dir with spaces', 'file name with spaces.txt'))).toBe(true);
