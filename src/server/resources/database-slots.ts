@@ -150,7 +150,7 @@ export class DatabaseTaskSlots implements TaskSlots {
       taskId: request.taskId,
       jobId: request.jobId,
       repository: request.repository,
-      need: { vm: request.vm, disk: request.disk.name, vmHost, storage: loc?.storage, pinned: request.proxy },
+      need: { vm: request.vm, disk: request.disk.name, vmHost, storage: loc?.storage, pinned: request.proxy, foundBy: loc?.agent },
     };
   }
 

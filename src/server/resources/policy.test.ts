@@ -18,6 +18,8 @@ const need = (vmHost: string, extra: Partial<ProxyNeed> = {}): ProxyNeed => ({ v
 describe('selectProxy', () => {
   it.each<[string, ProxyNeed, ProxyCandidate[], ReturnType<typeof selectProxy>]>([
     ['on-host agent first, even when another is idler', need('h1'), [px('a2', 'h2', 0, 8, { reaches: ['nfs'] }), px('a1', 'h1', 1)], { kind: 'selected', proxy: 'a1', via: 'on-host' }],
+    ['among on-host agents, the one that found the disk first, even when busier', need('h1', { foundBy: 'a2' }), [px('a1', 'h1', 0), px('a2', 'h1', 1)], { kind: 'selected', proxy: 'a2', via: 'on-host' }],
+    ['the agent that found the disk, when full, yields to another on-host agent', need('h1', { foundBy: 'a2' }), [px('a1', 'h1', 0), px('a2', 'h1', 2)], { kind: 'selected', proxy: 'a1', via: 'on-host' }],
     ['off-host when the on-host agent is full', need('h1', { storage: 'nfs' }), [px('a1', 'h1', 2), px('a2', 'h2', 1, 4, { reaches: ['nfs'] })], { kind: 'selected', proxy: 'a2', via: 'off-host' }],
     ['least busy (share of slots) among off-host agents', need('h9', { storage: 'nfs' }), [px('a', 'h1', 1, 2, { reaches: ['nfs'] }), px('b', 'h2', 1, 4, { reaches: ['nfs'] }), px('c', 'h3', 0, 1, { reaches: ['san'] })], { kind: 'selected', proxy: 'b', via: 'off-host' }],
     ['ties go by fewer tasks, then name', need('h9', { storage: 'nfs' }), [px('z', 'h1', 0, 2, { reaches: ['nfs'] }), px('y', 'h2', 0, 2, { reaches: ['nfs'] })], { kind: 'selected', proxy: 'y', via: 'off-host' }],

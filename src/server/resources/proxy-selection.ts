@@ -1,6 +1,6 @@
 // Which agent moves a disk's data (the "proxy"): the one pinned by the job; otherwise an agent on
-// the VM's own host (it reads the disk locally); otherwise the least busy agent that can reach
-// the disk's storage. Pure: the caller passes every agent's state and gets a choice or reasons.
+// the VM's own host (it reads the disk locally; the agent that found the disk first); otherwise
+// the least busy agent that can reach the disk's storage. Pure: the caller passes every agent's state and gets a choice or reasons.
 
 /** An agent as proxy selection sees it. */
 export interface ProxyCandidate {
@@ -28,6 +28,11 @@ export interface ProxyNeed {
   readonly storage?: string | undefined;
   /** A proxy pinned by the job. */
   readonly pinned?: string | undefined;
+  /**
+   * The agent whose hypervisor connection found the disk (`DiskRef.location.agent`): it certainly
+   * reads it locally, so among the on-host agents with a free slot it goes first.
+   */
+  readonly foundBy?: string | undefined;
 }
 
 export type ProxySelection =
@@ -81,7 +86,7 @@ export function selectProxy(need: ProxyNeed, candidates: readonly ProxyCandidate
   if (candidates.length === 0) reasons.push('no agents are registered');
   if (capable.length === 0) return { kind: 'none', reasons };
   const free = capable.filter((p) => !full(p));
-  const local = free.filter((p) => onHost(p, need)).sort(lessBusy);
+  const local = free.filter((p) => onHost(p, need)).sort((a, b) => Number(b.name === need.foundBy) - Number(a.name === need.foundBy) || lessBusy(a, b));
   if (local[0]) return { kind: 'selected', proxy: local[0].name, via: 'on-host' };
   const offHost = free.sort(lessBusy);
   if (offHost[0]) return { kind: 'selected', proxy: offHost[0].name, via: 'off-host' };

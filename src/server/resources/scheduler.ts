@@ -214,7 +214,7 @@ export class SchedulerTaskSlots implements TaskSlots {
   }
 }
 
-/** Default mapping: `disk.location.host` is the VM's host, `disk.location.storage` its shared storage. */
+/** Default mapping: `disk.location.host` is the VM's host, `disk.location.storage` its shared storage, `disk.location.agent` the agent that found it. */
 export function describeSlotRequest(request: SlotRequest): TaskRequirements {
   return {
     taskId: request.taskId,
@@ -226,6 +226,7 @@ export function describeSlotRequest(request: SlotRequest): TaskRequirements {
       vmHost: request.disk.location?.host ?? '',
       storage: request.disk.location?.storage,
       pinned: request.proxy,
+      foundBy: request.disk.location?.agent,
     },
   };
 }
