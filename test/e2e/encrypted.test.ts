@@ -7,7 +7,7 @@
 // the backup and its reference); `mount` and `restore files` of the encrypted point work; an
 // encrypted export (its password not kept by the server) restores with `--password-file`, asks
 // for it otherwise, and a wrong one is answered "wrong password … (hint: …)"; the database holds
-// no password in clear text.
+// no password in clear text; `password add` makes the server remember the export's password.
 import { execFile } from 'node:child_process';
 import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -208,5 +208,16 @@ describe('encrypted job, restores and export', () => {
     }
     const keys = await bwJson<Array<{ hint: string; job: string | null; active: boolean; chains: number }>>(['password', 'list']);
     expect(keys).toEqual([expect.objectContaining({ hint: 'the usual one', job: 'secure', active: true, chains: 1 })]);
+  });
+
+  it('password add: the server remembers the export\'s password and restores it with none typed', async () => {
+    const added = await bwJson<{ id: string; chains: number }>(['password', 'add', '--hint', 'the export one', '--password-file', join(tmp, 'export.pw')]);
+    expect(added.chains).toBe(1);
+    const p = (await bwJson<PointJson[]>(['restore-point', 'list', '--vm', VM])).find((x) => x.id === points.export);
+    expect(p).toMatchObject({ encrypted: true, keyKnown: true });
+    expect((await restoreDisk(points.export!, 'export-known')).sha256).toBe(refs.two);
+    const removed = await bw(['password', 'remove', added.id]);
+    expect(removed.code).toBe(1);
+    expect(removed.stderr).toMatch(/opens 1 encrypted chain/);
   });
 });

@@ -73,7 +73,12 @@ export function encryptionPlugin(keys: EncryptionKeys): FastifyPluginAsync {
           description: 'A password the server tries on encrypted restore points it has no password for (imported repositories, exports).',
         },
       },
-      async (req, reply) => reply.status(201).send(await keys.add(req.body.password, req.body.hint)),
+      async (req, reply) => {
+        const k = await keys.add(req.body.password, req.body.hint);
+        // Encrypted chains the catalog has no password for yet may open with this one.
+        await keys.matchUnknownChains();
+        return reply.status(201).send(await keys.get(k.id));
+      },
     );
     r.delete(
       '/encryption-keys/:id',

@@ -54,8 +54,8 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
   const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
   let added = 0;
-  // Encrypted chains enter the catalog with their hint; the password that opens one is found (and
-  // remembered) at its first restore, or given then.
+  // Encrypted chains enter the catalog with their hint; the password that opens one is found below
+  // among the known ones (and remembered), or given at restore.
   for (const c of await repository.listChains()) if (c.encrypted) await keys?.recordChain(c.id, c.passwordHint ?? '', null);
   for (const p of points) {
     if (known.has(p.id)) continue;
@@ -79,6 +79,8 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
     await deleteRestorePoint(ctx, id);
     removed++;
   }
+  // Passwords the server knows (its jobs', added ones) may open the encrypted chains just found.
+  await keys?.matchUnknownChains();
   return { repository: repo.name, points: points.length, added, removed };
 }
 

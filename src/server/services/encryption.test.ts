@@ -105,8 +105,9 @@ describe('passwords of jobs and points', () => {
     await expect(keys.unlock(repo, pb)).rejects.toThrow(`restore point ${b.id} is encrypted and this server does not know its password (hint: the export one)`);
     expect(await keys.unlock(repo, pb, OTHER_PASSWORD)).toBe(OTHER_PASSWORD);
     const added = await keys.add(OTHER_PASSWORD, 'export password');
-    expect(await keys.unlock(repo, pb)).toBe(OTHER_PASSWORD);
+    expect(await keys.matchUnknownChains()).toBe(1);
     expect((await getRestorePoint(ctx, b.id)).keyKnown).toBe(true);
+    expect(await keys.unlock(repo, pb)).toBe(OTHER_PASSWORD);
     expect((await keys.get(added.id)).chains).toBe(1);
 
     // Changing the job's password keeps the old one for the old chain.

@@ -8,7 +8,7 @@ import { chmod, link, open, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import type { Repository } from '../../repository/index.js';
+import { openRepository, type Repository } from '../../repository/index.js';
 import { dataFiles } from '../data-dir.js';
 import { newId, notFound, nowIso, type ServiceContext } from './common.js';
 
@@ -313,6 +313,36 @@ export class EncryptionKeys {
   async recordJobChain(jobId: string, chainId: string, hint: string | null): Promise<void> {
     const k = await this.#activeRow(jobId);
     await this.recordChain(chainId, hint ?? k?.hint ?? '', k?.id ?? null);
+  }
+
+  /**
+   * Tries the known passwords on the encrypted chains of the catalog whose password is not known
+   * yet (after `password add`, after a rescan), in repositories of this server's host; a match is
+   * remembered. Returns how many chains became known.
+   */
+  async matchUnknownChains(): Promise<number> {
+    const rows = await this.#ctx.db
+      .selectFrom('encrypted_chains as c')
+      .innerJoin('restore_points as p', 'p.chain_id', 'c.chain_id')
+      .innerJoin('repositories as r', 'r.id', 'p.repository_id')
+      .leftJoin('jobs as j', 'j.id', 'p.job_id')
+      .leftJoin('agents as a', 'a.id', 'r.agent_id')
+      .select(['c.chain_id', 'p.id as point_id', 'r.path', 'a.name as agent', 'j.name as job_name'])
+      .where('c.key_id', 'is', null)
+      .execute();
+    const seen = new Set<string>();
+    let matched = 0;
+    for (const r of rows) {
+      if (seen.has(r.chain_id) || (r.agent !== null && r.agent !== 'local')) continue;
+      seen.add(r.chain_id);
+      try {
+        await this.unlock(await openRepository(r.path), { id: r.point_id, job: r.job_name ?? null, chainId: r.chain_id });
+        matched++;
+      } catch (err) {
+        if (!(err instanceof BulwarkError && err.kind === 'forbidden')) log.warn({ chain: r.chain_id, err: err instanceof Error ? err.message : String(err) }, 'could not try the known passwords on a chain');
+      }
+    }
+    return matched;
   }
 
   /**
