@@ -1,0 +1,105 @@
+// The server's side of a backup into a repository on another agent, with scripted agents on the
+// broker (the real agents are tested in test/multihost): what the repository agent's plan makes
+// of the source task, the chain steps' results reaching the catalog, health-check sessions as a
+// task on the repository agent, and excluded disks getting no task.
+import { describe, expect, it } from 'vitest';
+import type { RestorePointInfo } from '../../repository/index.js';
+import type { AgentTask, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
+import type { JobDefinition, LogLevel, TaskContext, TaskSpec } from '../jobs/ports.js';
+import { AgentTaskBroker } from './broker.js';
+import { RemoteDataPathExecutor } from './remote-executor.js';
+
+const never = new Promise<void>(() => undefined);
+const wirePoint = (id: string, kind: string) => ({
+  id, job: 'j', vm: 'web1', chainId: 'c1', method: 'reverse', kind, time: '2026-11-25T20:00:00.000Z', file: `/repo/j/web1/${id}.vbk`, fileBytes: 10, base: null,
+  disks: [{ name: 'vda', size: 4096 }], blockSize: 262144, compression: 'zstd', encrypted: false,
+});
+
+function setup(settings: Record<string, unknown>) {
+  const broker = new AgentTaskBroker({ pollWaitMs: 5000 });
+  const synced: RestorePointInfo[][] = [];
+  const recorded: string[] = [];
+  const executor = new RemoteDataPathExecutor({
+    broker,
+    local: {
+      execute: () => Promise.reject(new Error('not local')),
+      resolveDisks: () => Promise.reject(new Error('not local')),
+    },
+    hosts: async () => [{ name: 'kvm-a', agent: 'src1', connection: { kind: 'qemu', qmpGlob: '/run/*.qmp' } }],
+    repository: async () => ({ name: 'remote-repo', path: '/repo', agent: 'repo1' }),
+    onRestorePoint: async (_job, _task, summary) => void recorded.push(summary.pointId),
+    onVmPoints: async (_job, _task, points) => void synced.push([...points]),
+    now: () => new Date('2026-11-25T21:00:00Z'),
+  });
+  const job: JobDefinition = { id: 'j-id', name: 'j', vms: ['web1'], repository: 'remote-repo', retry: { count: 0, waitSeconds: 0 }, settings };
+  const task: TaskSpec = { sessionId: 's1', taskId: 't1', job, vm: 'web1', disk: { name: 'vda', location: { agent: 'src1' } }, full: false, attempt: 1 };
+  const lines: string[] = [];
+  const context: TaskContext = { signal: new AbortController().signal, progress: () => undefined, log: (level: LogLevel, m: string) => lines.push(`${level}: ${m}`) };
+  /** The next task the agent is given. */
+  const next = async (agent: string): Promise<AgentTask> => {
+    const reply: PollReply = await broker.poll(agent, { bootId: `boot-${agent}`, running: [] }, never);
+    expect(reply.tasks).toHaveLength(1);
+    return reply.tasks[0]!;
+  };
+  const send = (agent: string, taskId: string, ...events: TaskEvent[]) => broker.events(agent, taskId, events);
+  return { broker, executor, task, context, lines, synced, recorded, next, send };
+}
+
+describe('RemoteDataPathExecutor with chain steps on the repository agent', () => {
+  it('hands the repository agent settings and time, the source agent its plan; the catalog follows the points it reports', async () => {
+    const t = setup({ method: 'reverse', retention: { points: 2 }, excludeDisks: ['vdb'] });
+    try {
+      const outcome = t.executor.execute(t.task, t.context);
+      const target = await t.next('repo1');
+      expect(target).toMatchObject({ kind: 'backup-target', job: 'j', vm: 'web1', fullRequested: false, now: '2026-11-25T21:00:00.000Z', settings: { method: 'reverse', retention: { points: 2 } } });
+      t.send('repo1', target.taskId, { type: 'log', level: 'info', message: 'this run: reverse (reverse injection)' }, {
+        type: 'ready', port: 9393, host: '10.0.0.3', previous: null,
+        plan: { kind: 'reverse', reason: 'reverse injection', chainMethod: 'reverse', parent: 'p1', repair: [{ disk: 'vda', blocks: [3, 7] }] },
+      });
+      const source = await t.next('src1');
+      expect(source).toMatchObject({ kind: 'backup-source', full: false, chainMethod: 'reverse', repair: [{ disk: 'vda', blocks: [3, 7] }], excludeDisks: ['vdb'], target: { host: '10.0.0.3', port: 9393 } });
+      const summary = { pointId: 'p2', point: wirePoint('p2', 'incremental'), kind: 'incremental', warnings: [], consistency: 'application', disks: [{ name: 'vda', bytesRead: 10, bytesStored: 5 }] };
+      t.send('src1', source.taskId, { type: 'result', ok: true, value: summary });
+      t.send('repo1', target.taskId, { type: 'log', level: 'info', message: 'retention: deleted reverse point p0: outside retention' }, {
+        type: 'result', ok: true,
+        value: { point: wirePoint('p2', 'full'), disks: [{ name: 'vda', storedBytes: 4, storedBlocks: 1, unchangedBlocks: 0 }], points: [wirePoint('p1', 'reverse'), wirePoint('p2', 'full')], warnings: ['compact full failed: disk full (the new restore point p2 is kept)'] },
+      });
+      await expect(outcome).resolves.toEqual({ state: 'warning', messages: ['compact full failed: disk full (the new restore point p2 is kept)'] });
+      expect(t.recorded).toEqual(['p2']);
+      expect(t.synced.map((ps) => ps.map((p) => `${p.id}:${p.kind}`))).toEqual([['p1:reverse', 'p2:full']]);
+      expect(t.lines.join('\n')).toMatch(/this run: reverse[\s\S]*retention: deleted reverse point p0/);
+    } finally {
+      t.broker.close();
+    }
+  });
+
+  it('a health-check session is one health-check task on the repository agent', async () => {
+    const t = setup({ operation: 'health-check', wholeChain: true });
+    try {
+      const outcome = t.executor.execute(t.task, t.context);
+      const check = await t.next('repo1');
+      expect(check).toMatchObject({ kind: 'health-check', repositoryPath: '/repo', job: 'j', vm: 'web1', settings: { operation: 'health-check', wholeChain: true } });
+      t.send('repo1', check.taskId, { type: 'log', level: 'error', message: 'health check: damaged block 3 of disk vda' }, {
+        type: 'result', ok: true, value: { warnings: ['health check of VM web1 found 1 damaged block(s)'], disks: ['vda'], points: [wirePoint('p1', 'full')] },
+      });
+      await expect(outcome).resolves.toEqual({ state: 'warning', messages: ['health check of VM web1 found 1 damaged block(s)'] });
+      expect(t.lines.join('\n')).toMatch(/checking VM web1 in repository remote-repo on its agent repo1[\s\S]*error: health check: damaged block 3 of disk vda/);
+      expect(t.synced).toHaveLength(1);
+    } finally {
+      t.broker.close();
+    }
+  });
+
+  it('disks the job excludes get no task on a remote host', async () => {
+    const t = setup({ excludeDisks: ['web1:vdb'] });
+    try {
+      const disks = t.executor.resolveDisks(t.task.job, 'web1', new AbortController().signal);
+      const resolve = await t.next('src1');
+      const location = { hypervisor: 'qemu', vm: 'web1', image: '/img', format: 'qcow2', agent: 'src1' };
+      t.send('src1', resolve.taskId, { type: 'result', ok: true, value: [{ name: 'vda', sizeBytes: 1, location }, { name: 'vdb', sizeBytes: 1, location }] });
+      expect((await disks).map((d) => d.name)).toEqual(['vda']);
+    } finally {
+      t.broker.close();
+    }
+  });
+});
