@@ -147,6 +147,8 @@ describe('volume group metadata', () => {
       { name: 'snapshot0', hidden: true, segments: [{ start: 0, count: 15, type: 'snapshot', extra: 'chunk_size = 8\norigin = "root"\ncow_store = "snap"' }] },
       { name: 'gappy', segments: [{ start: 0, count: 1, stripes: [['pv0', 60]] }, { start: 2, count: 1, stripes: [['pv0', 61]] }] },
       { name: 'toolong', segments: [{ start: 0, count: 10, stripes: [['pv1', 45]] }] },
+      { name: 'moving', segments: [{ start: 0, count: 2, stripes: [['pvmove0', 0]] }] },
+      { name: 'pvmove0', hidden: true, segments: [{ start: 0, count: 2, type: 'mirror', extra: 'mirror_count = 2' }] },
     ],
   };
 
@@ -159,7 +161,7 @@ describe('volume group metadata', () => {
       ['pv1', U2, MiB, 50, '/dev/vdb2'],
     ]);
     const lvs = Object.fromEntries(vg.logicalVolumes.map((l) => [l.name, l]));
-    expect(Object.keys(lvs)).toEqual(['root', 'data', 'pool', 'mirror', 'snap', 'gappy', 'toolong']);
+    expect(Object.keys(lvs)).toEqual(['root', 'data', 'pool', 'mirror', 'snap', 'gappy', 'toolong', 'moving']);
     expect(lvs.root!.refused).toBeNull();
     expect(lvs.root!.size).toBe(15 * 4096);
     expect(lvs.data!.segments[0]!.stripeSize).toBe(1024);
@@ -168,6 +170,7 @@ describe('volume group metadata', () => {
     expect(lvs.snap!.refused).toMatch(/snapshot of root/);
     expect(lvs.gappy!.refused).toMatch(/gap at extent 1/);
     expect(lvs.toolong!.refused).toMatch(/extents 45–54 of pv1, which has only 50/);
+    expect(lvs.moving!.refused).toMatch(/extents are on pvmove0.*pvmove was in progress/);
   });
 
   it('rejects metadata without the fields every VG has', () => {

@@ -149,7 +149,7 @@ export function volumeGroupFromConfig(name: string, vg: ConfigSection): VolumeGr
       continue;
     }
     try {
-      const segments = readSegments(lv, `${where}, logical volume ${lvName}`, pvByName, extentSize);
+      const segments = readSegments(lv, `${where}, logical volume ${lvName}`, pvByName, new Set(lvSection!.order), extentSize);
       const extents = segments.reduce((n, s) => n + s.extentCount, 0);
       const size = extents * extentSize;
       if (!Number.isSafeInteger(size)) throw corrupt(`LVM metadata: logical volume ${lvName} is too large`);
@@ -165,7 +165,7 @@ export function volumeGroupFromConfig(name: string, vg: ConfigSection): VolumeGr
 /** A reason an LV cannot be read, as opposed to metadata that makes no sense at all. */
 class Refusal extends Error {}
 
-function readSegments(lv: ConfigSection, where: string, pvs: ReadonlyMap<string, PhysicalVolumeInfo>, extentSize: number): Segment[] {
+function readSegments(lv: ConfigSection, where: string, pvs: ReadonlyMap<string, PhysicalVolumeInfo>, lvNames: ReadonlySet<string>, extentSize: number): Segment[] {
   const raw = lv.order.filter((n) => /^segment\d+$/.test(n)).map((n) => ({ name: n, s: lv.sections.get(n)! }));
   if (raw.length === 0) throw new Refusal('it has no segments');
   const segments: Segment[] = [];
@@ -189,7 +189,11 @@ function readSegments(lv: ConfigSection, where: string, pvs: ReadonlyMap<string,
       const start: ConfigScalar | undefined = (list as readonly ConfigScalar[])[2 * i + 1];
       if (typeof pvName !== 'string' || typeof start !== 'number' || !Number.isSafeInteger(start) || start < 0) throw new Refusal(`${name}: stripe ${i + 1} is not "pvN", extent`);
       const pv = pvs.get(pvName);
-      if (!pv) throw new Refusal(`${name} uses physical volume ${pvName}, which the volume group does not list`);
+      if (!pv) {
+        // During pvmove an LV's segments point at the hidden mirror LV `pvmoveN` instead of a PV.
+        if (lvNames.has(pvName)) throw new Refusal(`its extents are on ${pvName}, not on a physical volume (a pvmove was in progress); not supported`);
+        throw new Refusal(`${name} uses physical volume ${pvName}, which the volume group does not list`);
+      }
       if (start + perStripe > pv.peCount) throw new Refusal(`${name} uses extents ${start}–${start + perStripe - 1} of ${pvName}, which has only ${pv.peCount}`);
       stripes.push({ pv: pvName, startExtent: start });
     }
