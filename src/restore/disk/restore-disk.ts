@@ -68,9 +68,9 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-/** Stored blocks per decoder batch: about 4 MiB of plain data (one pread, one pwritev). */
+/** Stored blocks per decoder batch: about 2 MiB of plain data (one pread, one pwritev). */
 function batchBlocks(blockSize: number): number {
-  return Math.max(1, Math.floor((4 * 1024 * 1024) / blockSize));
+  return Math.max(1, Math.floor((2 * 1024 * 1024) / blockSize));
 }
 /** Blocks resolved per round of table-page reads. */
 const RESOLVE_BLOCKS = 2048;
@@ -279,7 +279,12 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
       ({ bytesWritten } = await writeImage(point, disk, pool, hasher, flusher, o));
       timings.written = Date.now() - started;
       // Flush to disk while the hasher finishes reading back the tail.
-      [, sha256] = await Promise.all([flusher.finish().then(() => void (timings.synced = Date.now() - started)), hasher ? hasher.digest() : '']);
+      const digest = hasher
+        ? hasher.digest().catch((err: unknown) => {
+            throw new BulwarkError(`computing the SHA-256 of ${rawTmp} failed: ${(err as Error).message}`, { kind: 'internal', context: { file: rawTmp }, cause: err });
+          })
+        : Promise.resolve('');
+      [, sha256] = await Promise.all([flusher.finish().then(() => void (timings.synced = Date.now() - started)), digest]);
       timings.hashed = Date.now() - started;
     } finally {
       // Threads first: they use this file's and the backup files' descriptors.

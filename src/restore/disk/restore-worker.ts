@@ -16,7 +16,7 @@ if (init.role === 'decode') {
 
 function startHasher(o: HashInit): void {
   const hash = createHash('sha256');
-  const CHUNK = 4 * 1024 * 1024;
+  const CHUNK = 1024 * 1024;
   const buf = Buffer.allocUnsafe(CHUNK);
   const zeroes = Buffer.alloc(CHUNK);
   let failed = false;
