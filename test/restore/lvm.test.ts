@@ -6,7 +6,8 @@
 // /dev/vgt/data), the guest file index finds a file on an LV, and without the second disk the
 // striped LV is refused with the reason. Nothing stays mounted.
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, open as openFile, rm, stat, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, open as openFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -136,6 +137,19 @@ describe('LVM logical volumes of a restore point', () => {
       } finally {
         await m.unmount();
       }
+      // A failure after an LV served on its own was mounted undoes it all: loop, its FUSE view, the server.
+      const failAt = join(dir, 'fail');
+      await expect(
+        mountDisks([{ name: 'vda', disk: vda }], {
+          at: failAt,
+          runDir: join(dir, 'run-fail'),
+          onMounted: (f) => {
+            if (f.lv?.name === 'root') throw new Error('stop after the served LV');
+          },
+        }),
+      ).rejects.toThrow(/stop after the served LV/);
+      expect(existsSync(failAt)).toBe(false);
+      expect(await readdir(join(dir, 'run-fail'))).toEqual([]);
     } finally {
       await vda.close();
     }
