@@ -2,7 +2,7 @@
 // boundaries and sent to the disks that hold the physical volumes (docs/formats/lvm2-reading.md
 // §6). The PV disks are not owned: close() does nothing; the caller closes them.
 import { BulwarkError } from '../../common/errors.js';
-import type { RandomAccessDisk } from '../../disk/types.js';
+import type { Extent, RandomAccessDisk } from '../../disk/types.js';
 import type { LogicalVolumeInfo } from './volume-group.js';
 
 /** Where a PV's extent 0 lies: on which disk, at which byte. */
@@ -96,16 +96,41 @@ export function openLogicalVolume(lv: LogicalVolumeInfo, extentSize: number, are
     if (contiguous) linear = { diskName: first.area.diskName, disk: first.area.disk, offset: first.offset, size };
   }
 
+  const check = (offset: number, length: number): void => {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+      throw new BulwarkError(`read of ${length} bytes at ${offset} is outside logical volume ${lv.name} (${size} bytes)`, { kind: 'invalid', context: { lv: lv.name, offset, length } });
+    }
+  };
+
   return {
     size,
     linear,
     async read(offset: number, length: number): Promise<Buffer> {
-      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
-        throw new BulwarkError(`read of ${length} bytes at ${offset} is outside logical volume ${lv.name} (${size} bytes)`, { kind: 'invalid', context: { lv: lv.name, offset, length } });
-      }
+      check(offset, length);
       if (length === 0) return Buffer.alloc(0);
       const parts = await Promise.all(pieces(offset, length).map((p) => p.area.disk.read(p.at, p.length)));
       return parts.length === 1 ? parts[0]! : Buffer.concat(parts, length);
+    },
+    /** The allocation map, from the PV disks' own maps (data where a disk has none). */
+    async extents(offset: number, length: number): Promise<Extent[]> {
+      check(offset, length);
+      const out: Extent[] = [];
+      let at = offset;
+      for (const p of pieces(offset, length)) {
+        const sub = p.area.disk.extents ? await p.area.disk.extents(p.at, p.length) : [{ offset: p.at, length: p.length, kind: 'data' as const }];
+        for (const e of sub) {
+          // Clipped to the piece, in case a disk answers with a wider extent.
+          const start = Math.max(e.offset, p.at);
+          const end = Math.min(e.offset + e.length, p.at + p.length);
+          if (end <= start) continue;
+          const x: Extent = { offset: at + (start - p.at), length: end - start, kind: e.kind };
+          const last = out[out.length - 1];
+          if (last && last.kind === x.kind && last.offset + last.length === x.offset) out[out.length - 1] = { ...last, length: last.length + x.length };
+          else out.push(x);
+        }
+        at += p.length;
+      }
+      return out;
     },
     async close(): Promise<void> {
       /* the PV disks belong to the caller */

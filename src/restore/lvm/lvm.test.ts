@@ -238,6 +238,31 @@ describe('logical volumes as disks', () => {
     }
     await expect(root.read(6 * E - 1, 2)).rejects.toThrow(/outside logical volume root/);
 
+    // The allocation map comes from the PV disks' maps: here disk 2 has a hole where root's last extent is.
+    const holey = Object.assign(memoryDisk(d2), {
+      extents: (o: number, n: number) =>
+        Promise.resolve(
+          [
+            { offset: 0, length: MiB + 7 * E, kind: 'data' as const },
+            { offset: MiB + 7 * E, length: E, kind: 'hole' as const },
+            { offset: MiB + 8 * E, length: d2.length - MiB - 8 * E, kind: 'data' as const },
+          ].filter((e) => e.offset < o + n && e.offset + e.length > o),
+        ),
+    });
+    const rescan = await scanLvm([
+      { diskName: 'vda', volumeName: 'vda2', disk: disk1, offset: 64 * KiB, size: 2 * MiB - 64 * KiB },
+      { diskName: 'vdb', volumeName: 'vdb', disk: holey, offset: 0, size: 3 * MiB },
+    ]);
+    const root2 = rescan.logicalVolumes.find((l) => l.name === 'root')!.disk!;
+    expect(await root2.extents!(0, root2.size)).toEqual([
+      { offset: 0, length: 5 * E, kind: 'data' },
+      { offset: 5 * E, length: E, kind: 'hole' },
+    ]);
+    expect(await root2.extents!(4 * E + 3, E + 10)).toEqual([
+      { offset: 4 * E + 3, length: E - 3, kind: 'data' },
+      { offset: 5 * E, length: 13, kind: 'hole' },
+    ]);
+
     // Only an LV that is one run on one disk is "linear" (a loop offset is enough).
     expect(root.linear).toBeNull();
     expect(striped.linear).toBeNull();
