@@ -225,6 +225,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         hosts: async () => (await listHosts(ctx)).filter((h) => h.agent === null || h.agent === 'local').map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
         repositoryPath: async (job) => (await getRepository(ctx, job.repository)).path,
         password: async (job) => keys.jobPassword(job.id),
+        passwordHint: async (job) => keys.jobHint(job.id),
         now: () => clock.now(),
         // After retention, merges and synthetic fulls: the catalog follows the VM's folder.
         onVmPoints: async (job, task, points) => {
@@ -256,7 +257,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       const dataPath = new LocalDataPathExecutor(localOptions);
       cleanups.push(() => dataPath.close());
       exportVm = (o) => dataPath.exportVm(o);
-      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint, async (job, task, points) => localOptions.onVmPoints?.(job, task, points), localOptions.password);
+      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint, async (job, task, points) => localOptions.onVmPoints?.(job, task, points), async (job) => keys.jobPassword(job.id));
       executor ??= dispatched;
       disks ??= dispatched;
     }

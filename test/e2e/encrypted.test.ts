@@ -141,6 +141,9 @@ describe('encrypted job, restores and export', () => {
       if (vbm.includes(Buffer.from(points.export!))) encrypted.push(f);
     }
     expect(encrypted).toHaveLength(2);
+    // The hints travel with the chains (their .vbm), for a repository imported elsewhere.
+    expect((await readFile(join(repo, 'secure', VM, `${VM}.vbm`))).includes(Buffer.from('the usual one'))).toBe(true);
+    expect((await readFile(join(repo, encrypted[1]!, VM, `${VM}.vbm`))).includes(Buffer.from('the export one'))).toBe(true);
     for (const f of encrypted) {
       const grep = await run('grep', ['-rlF', MARKER, join(repo, f)]).then(
         (r) => ({ code: 0, out: r.stdout }),

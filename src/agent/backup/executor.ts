@@ -36,6 +36,8 @@ export interface LocalDataPathOptions {
   repositoryPath(job: JobDefinition): Promise<string>;
   /** Password of the job's encrypted chains, if any. */
   password?(job: JobDefinition): Promise<string | undefined>;
+  /** The hint of that password, stored in the .vbm of the job's new encrypted chains (docs/encryption.md). */
+  passwordHint?(job: JobDefinition): Promise<string | undefined>;
   /**
    * Called once per VM backup after its restore point is committed in the repository (server:
    * records it in the catalog). A failure here is logged; the point stays in the repository,
@@ -154,6 +156,8 @@ export interface ExportVmOptions {
   readonly vm: string;
   /** Encrypt the export with this password. */
   readonly password?: string;
+  /** With password: its hint, stored in the export's .vbm. */
+  readonly passwordHint?: string;
   readonly blockSize?: number;
   readonly compression?: 'none' | 'zstd' | 'lz4';
   readonly requireGuestProcessing?: boolean;
@@ -270,6 +274,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const { hypervisor, vm } = await this.#locate(job, task.vm);
     const repository = await this.#repository(await this.#opts.repositoryPath(job));
     const password = await this.#opts.password?.(job);
+    const passwordHint = password === undefined ? undefined : await this.#opts.passwordHint?.(job);
     const blockSize = setting(job, 'blockSize', isNumber);
     const compression = setting(job, 'compression', isCompression);
     const mode = setting(job, 'mode', isMode);
@@ -298,6 +303,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       ...(blockSize !== undefined ? { blockSize } : {}),
       ...(compression ? { compression } : {}),
       ...(password !== undefined ? { password } : {}),
+      ...(passwordHint ? { passwordHint } : {}),
       signal: run.stop.signal,
       time: now,
       onProgress: (p) => run.progressed(p),
@@ -553,6 +559,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
       ...(o.compression ? { compression: o.compression } : {}),
       ...(o.password !== undefined ? { password: o.password } : {}),
+      ...(o.password !== undefined && o.passwordHint ? { passwordHint: o.passwordHint } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
       onLog: (level, message) => o.onLog?.(level, message),
     });

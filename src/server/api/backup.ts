@@ -118,7 +118,7 @@ export function backupPlugin(o: BackupApiOptions): FastifyPluginAsync {
           hosts,
           repositoryPath: repo.path,
           vm: req.body.vm,
-          ...(req.body.password !== undefined ? { password: req.body.password } : {}),
+          ...(req.body.password !== undefined ? { password: req.body.password, ...(req.body.passwordHint ? { passwordHint: req.body.passwordHint } : {}) } : {}),
           ...(req.body.compression !== undefined ? { compression: req.body.compression } : {}),
           now: ctx.clock.now(),
         });
