@@ -15,18 +15,20 @@ const wirePoint = (id: string, kind: string) => ({
   disks: [{ name: 'vda', size: 4096 }], blockSize: 262144, compression: 'zstd', encrypted: false,
 });
 
-function setup(settings: Record<string, unknown>) {
+function setup(settings: Record<string, unknown>, repositoryAgent = 'repo1') {
   const broker = new AgentTaskBroker({ pollWaitMs: 5000 });
   const synced: RestorePointInfo[][] = [];
   const recorded: string[] = [];
+  const skipped: string[] = [];
   const executor = new RemoteDataPathExecutor({
     broker,
     local: {
       execute: () => Promise.reject(new Error('not local')),
       resolveDisks: () => Promise.reject(new Error('not local')),
+      taskSkipped: (task, reason) => void skipped.push(`${task.vm}/${task.disk.name}: ${reason}`),
     },
     hosts: async () => [{ name: 'kvm-a', agent: 'src1', connection: { kind: 'qemu', qmpGlob: '/run/*.qmp' } }],
-    repository: async () => ({ name: 'remote-repo', path: '/repo', agent: 'repo1' }),
+    repository: async () => ({ name: 'remote-repo', path: '/repo', agent: repositoryAgent }),
     onRestorePoint: async (_job, _task, summary) => void recorded.push(summary.pointId),
     onVmPoints: async (_job, _task, points) => void synced.push([...points]),
     now: () => new Date('2026-11-25T21:00:00Z'),
@@ -42,7 +44,7 @@ function setup(settings: Record<string, unknown>) {
     return reply.tasks[0]!;
   };
   const send = (agent: string, taskId: string, ...events: TaskEvent[]) => broker.events(agent, taskId, events);
-  return { broker, executor, task, context, lines, synced, recorded, next, send };
+  return { broker, executor, task, context, lines, synced, recorded, skipped, next, send };
 }
 
 describe('RemoteDataPathExecutor with chain steps on the repository agent', () => {
@@ -87,6 +89,23 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
       expect(t.synced).toHaveLength(1);
     } finally {
       t.broker.close();
+    }
+  });
+
+  it('a skipped task reaches the in-process path only when the task would run there', async () => {
+    const remote = setup({});
+    const local = setup({}, 'local');
+    try {
+      remote.executor.taskSkipped(remote.task, 'stopped');
+      // A health check of the server's own repository runs in process whatever the VM's host.
+      const check = { ...local.task, job: { ...local.task.job, settings: { operation: 'health-check' } } };
+      local.executor.taskSkipped(check, 'no slot');
+      await new Promise((r) => setTimeout(r, 10));
+      expect(remote.skipped).toEqual([]);
+      expect(local.skipped).toEqual(['web1/vda: no slot']);
+    } finally {
+      remote.broker.close();
+      local.broker.close();
     }
   });
 

@@ -139,12 +139,28 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     return this.#isLocal(chosen) && hostAgent !== undefined && !this.#isLocal(hostAgent) ? hostAgent : chosen;
   }
 
+  /** Whether the task runs in process (LocalDataPathExecutor): its repository is this server's and so is its proxy (a health check needs only the repository). */
+  #runsLocally(task: TaskSpec, repository: DispatchRepository): boolean {
+    const healthCheck = methodSettings(task.job.settings).operation === 'health-check';
+    return this.#isLocal(repository.agent) && (healthCheck || this.#isLocal(this.#sourceAgent(task, repository)));
+  }
+
+  /** A task of the round will not run: the in-process path stops waiting for it (its VM's other disk tasks share one run). */
+  taskSkipped(task: TaskSpec, reason: string): void {
+    if (!this.#o.local.taskSkipped) return;
+    this.#o.repository(task.job).then(
+      (repository) => {
+        if (this.#runsLocally(task, repository)) this.#o.local.taskSkipped?.(task, reason);
+      },
+      (err: unknown) => log.warn({ task: task.taskId, err: describeError(err) }, 'a skipped task could not be routed'),
+    );
+  }
+
   async execute(task: TaskSpec, context: TaskContext): Promise<TaskOutcome> {
     const repository = await this.#o.repository(task.job);
     const source = this.#sourceAgent(task, repository);
     const healthCheck = methodSettings(task.job.settings).operation === 'health-check';
-    // A health check needs only the repository: in process when the folder is this server's.
-    if (this.#isLocal(repository.agent) && (healthCheck || this.#isLocal(source))) return this.#o.local.execute(task, context);
+    if (this.#runsLocally(task, repository)) return this.#o.local.execute(task, context);
 
     const now = Date.now();
     for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
