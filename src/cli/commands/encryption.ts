@@ -97,7 +97,7 @@ export async function jobPasswordFromOptions(cmd: Command, job: string, o: { enc
 /** "on (hint: …)" / "off". */
 export function encryptionText(e: JobEncryption | undefined): string {
   if (!e) return 'unknown';
-  return e.encrypted ? `on (hint: ${e.hint ?? ''}; since ${localTime(e.since ?? '')}; new chains from the next full)` : 'off';
+  return e.encrypted ? `on (hint: ${e.hint ?? ''}; since ${localTime(e.since ?? '')}; from the next full: run \`bulwark job run ${e.job} --full\` after a change)` : 'off';
 }
 
 export function passwordCommand(ctx: CliContext): Command {
