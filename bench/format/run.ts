@@ -3,6 +3,9 @@
 // and CPU seconds (user+sys over all threads) so results on a loaded machine can be judged.
 //   npx tsx bench/format/run.ts [--runs 3] [--block-size 1048576] [--compression zstd] [--image PATH]
 //                               [--repo-dir DIR]   (where the repository is made; default os.tmpdir())
+//                               [--copy-source]    (the source reads into its own buffers, copied
+//                                                   into the encoder slots; default: it reads
+//                                                   straight into buffers the writer lends)
 // Each phase runs in its own process so its peak RSS is its own, from JavaScript compiled the way
 // the product ships it (esbuild into .cache/bench-format/, no tsx loader threads in the process).
 import { execFileSync } from 'node:child_process';
@@ -34,21 +37,27 @@ interface PhaseResult {
   pointId?: string;
 }
 
-async function* readImage(file: string, blockSize: number, onData: (b: Buffer) => void): AsyncGenerator<DiskBlock> {
+/**
+ * The image as blocks, one read ahead (as a real source pipelines its reads). With `lend`, each
+ * block is read straight into a buffer the writer lends (an encoder slot: no copy); else into
+ * three reused buffers (the writer copies each block before asking for the next one, so buffer
+ * i % 3 is free again by then).
+ */
+async function* readImage(file: string, blockSize: number, onData: (b: Buffer) => void, lend?: { take(): Promise<Buffer>; giveBack(b: Buffer): void }): AsyncGenerator<DiskBlock> {
   const fh = await open(file, 'r');
+  let ahead: Promise<Buffer> | null = null;
   try {
     const size = (await fh.stat()).size;
     const count = Math.ceil(size / blockSize);
-    // Three reused buffers, one read ahead (as a real source pipelines its reads): the writer
-    // copies each block before asking for the next one, so buffer i % 3 is free again by then.
-    const ring = [Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize)];
+    const ring = lend ? [] : [Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize), Buffer.allocUnsafe(blockSize)];
     const read = async (i: number) => {
-      const b = ring[i % 3]!.subarray(0, Math.min(blockSize, size - i * blockSize));
+      const into = lend ? await lend.take() : ring[i % 3]!;
+      const b = into.subarray(0, Math.min(blockSize, size - i * blockSize));
       const { bytesRead } = await fh.read(b, 0, b.length, i * blockSize);
       if (bytesRead !== b.length) throw new Error('short read');
       return b;
     };
-    let ahead = count > 0 ? read(0) : null;
+    ahead = count > 0 ? read(0) : null;
     for (let i = 0; i < count; i++) {
       const b = await ahead!;
       ahead = i + 1 < count ? read(i + 1) : null;
@@ -56,11 +65,12 @@ async function* readImage(file: string, blockSize: number, onData: (b: Buffer) =
       yield { index: i, data: b };
     }
   } finally {
+    if (ahead) await ahead.then((b) => lend?.giveBack(b), () => undefined);
     await fh.close();
   }
 }
 
-async function phaseWrite(image: string, repoDir: string, blockSize: number, compression: Compression, threads?: number): Promise<PhaseResult> {
+async function phaseWrite(image: string, repoDir: string, blockSize: number, compression: Compression, threads?: number, copySource = false): Promise<PhaseResult> {
   const fh = await open(image, 'r');
   const size = (await fh.stat()).size;
   await fh.close();
@@ -71,7 +81,8 @@ async function phaseWrite(image: string, repoDir: string, blockSize: number, com
   let crc = 0;
   let n = 0;
   // The check covers every 8th block (both sides), so the bench measures the product, not itself.
-  await w.writeDisk('vda', readImage(image, blockSize, (b) => (crc = n++ % 8 === 0 ? crc32c(b, crc) : crc)));
+  const lend = copySource ? undefined : { take: () => w.lendBuffer(), giveBack: (b: Buffer) => w.giveBackBuffer(b) };
+  await w.writeDisk('vda', readImage(image, blockSize, (b) => (crc = n++ % 8 === 0 ? crc32c(b, crc) : crc), lend));
   const info = await w.commit();
   const seconds = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpu0);
@@ -133,7 +144,10 @@ async function main(): Promise<void> {
   const phase = opt('phase', '');
   const blockSize = Number(opt('block-size', '1048576'));
   const compression = opt('compression', 'zstd') as Compression;
-  if (phase === 'write') return void console.log(JSON.stringify(await phaseWrite(opt('image', ''), opt('repo', ''), blockSize, compression, args.includes('--threads') ? Number(opt('threads', '2')) : undefined)));
+  if (phase === 'write') {
+    const threads = args.includes('--threads') ? Number(opt('threads', '2')) : undefined;
+    return void console.log(JSON.stringify(await phaseWrite(opt('image', ''), opt('repo', ''), blockSize, compression, threads, args.includes('--copy-source'))));
+  }
   if (phase === 'read') return void console.log(JSON.stringify(await phaseRead(opt('repo', ''), opt('point', ''))));
   if (phase === 'raw-read') return void console.log(JSON.stringify(await phaseRawRead(opt('image', ''))));
 
@@ -147,7 +161,7 @@ async function main(): Promise<void> {
     const repo = await mkdtemp(path.join(opt('repo-dir', tmpdir()), 'bulwark-bench-repo-'));
     try {
       const raw = child('--phase', 'raw-read', '--image', image);
-      const w = child('--phase', 'write', '--image', image, '--repo', repo, '--block-size', String(blockSize), '--compression', compression);
+      const w = child('--phase', 'write', '--image', image, '--repo', repo, '--block-size', String(blockSize), '--compression', compression, ...(args.includes('--copy-source') ? ['--copy-source'] : []));
       const rd = child('--phase', 'read', '--repo', repo, '--point', w.pointId!);
       if (rd.crc !== w.crc) throw new Error(`read back differs: crc ${rd.crc} != ${w.crc}`);
       results.push(raw, w, rd);

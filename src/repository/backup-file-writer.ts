@@ -316,6 +316,24 @@ export class BackupFileWriter {
   get failure(): BulwarkError | null {
     return this.#failure;
   }
+  /**
+   * A block-size buffer inside a free encoder slot, for a source to read its next block into and
+   * yield (a view from its start) to writeDisk: the block is encoded in place, not copied. Waits
+   * for a free slot. A buffer not yielded goes back with giveBackBuffer(). Lend a few at most
+   * (they hold slots): e.g. one being read, one read ahead.
+   */
+  async lendBuffer(): Promise<Buffer> {
+    this.#check();
+    // Every slot may sit in the gathered batch: write it, or nothing would free one.
+    if (this.#pool.freeSlots === 0) this.#flush();
+    return this.#pool.lend();
+  }
+
+  /** Gives back a buffer from lendBuffer() that was not yielded to writeDisk. */
+  giveBackBuffer(buf: Buffer): void {
+    this.#pool.giveBack(buf);
+  }
+
   /** @internal for DiskLane: a free slot; issues the gathered batch first if none is free. */
   async slot(): Promise<number> {
     const s = this.#pool.tryAcquire();
@@ -476,12 +494,17 @@ class DiskLane {
       bytesRead += length;
       const kind = b.data === null ? 'hole' : b.data.equals(length === blockSize ? zero : zero.subarray(0, length)) ? 'zero' : 'data';
       const f: InFlight = { index: b.index, kind, length, enc: null, parent: null };
-      if (kind === 'data') {
-        // The block is copied into the slot before the source is asked for the next one
-        // (sources may reuse their buffers).
-        const wait = this.#waitStart();
-        const slot = await this.#w.slot();
-        wait();
+      // A block read straight into a lent slot (RestorePointWriter.lendBuffer) is encoded in
+      // place; any other is copied into a slot before the source is asked for the next one
+      // (sources may reuse their buffers).
+      let slot = b.data === null ? undefined : pool.takeLent(b.data);
+      if (slot !== undefined && kind !== 'data') pool.release(slot);
+      else if (kind === 'data') {
+        if (slot === undefined) {
+          const wait = this.#waitStart();
+          slot = await this.#w.slot();
+          wait();
+        }
         if (this.#error !== null || this.#w.failure) {
           pool.release(slot);
           this.#check();

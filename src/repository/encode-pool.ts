@@ -119,6 +119,8 @@ export class EncodePool {
   readonly #inputStride: number;
   readonly #outputStride: number;
   readonly #free: number[] = [];
+  /** Slots whose input buffer is lent to a source (lend()). */
+  readonly #lent = new Set<number>();
   readonly #waiters: Array<{ resolve: (slot: number) => void; reject: (err: Error) => void }> = [];
   readonly #workers: Worker[] = [];
   /** Submitted slots (worker path): the EncodedSlot is built when the result is collected. */
@@ -232,6 +234,11 @@ export class EncodePool {
     else this.#free.push(slot);
   }
 
+  /** Slots free right now. */
+  get freeSlots(): number {
+    return this.#free.length;
+  }
+
   /** A free slot now, or undefined. */
   tryAcquire(): number | undefined {
     if (this.#failure) throw this.#failure;
@@ -256,7 +263,8 @@ export class EncodePool {
       return Promise.reject(new BulwarkError(`block of ${plain.length} bytes exceeds the block size`, { kind: 'invalid' }));
     }
     const input = Buffer.from(this.#input, slot * this.#inputStride, plain.length);
-    plain.copy(input);
+    // A lent buffer already holds the block: nothing to copy.
+    if (plain.buffer !== this.#input || plain.byteOffset !== input.byteOffset) plain.copy(input);
     if (this.#local) {
       try {
         const output = Buffer.from(this.#output, slot * this.#outputStride + RECORD_HEADER_SIZE, this.#outputStride - RECORD_HEADER_SIZE);
@@ -290,6 +298,32 @@ export class EncodePool {
       });
       this.#collect();
     });
+  }
+
+  /**
+   * Lends a free slot's input buffer (block-size bytes) to a source, which reads the next block
+   * straight into it and yields a view of it from offset 0 as the block's data: submit() then
+   * encodes it in place, with no copy (a zero block's slot is released). A buffer the source does
+   * not use goes back with giveBack(). Lent slots count against the pool: lend a few at most.
+   */
+  async lend(): Promise<Buffer> {
+    const slot = await this.acquire();
+    this.#lent.add(slot);
+    return Buffer.from(this.#input, slot * this.#inputStride, this.#inputStride);
+  }
+
+  /** The slot of a lent buffer (or a view of it from its start), taking it back; else undefined. */
+  takeLent(buf: Uint8Array): number | undefined {
+    if (buf.buffer !== this.#input || buf.byteOffset % this.#inputStride !== 0) return undefined;
+    const slot = buf.byteOffset / this.#inputStride;
+    if (!this.#lent.delete(slot)) return undefined;
+    return slot;
+  }
+
+  /** Returns a lent buffer that was not used. */
+  giveBack(buf: Uint8Array): void {
+    const slot = this.takeLent(buf);
+    if (slot !== undefined) this.release(slot);
   }
 
   /** acquire() + submit(). */

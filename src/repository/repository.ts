@@ -600,6 +600,21 @@ export class RestorePointWriter {
     return this.#file.writeDisk(name, blocks, { ...opts, parentBlock });
   }
 
+  /**
+   * A block-size buffer in a free encoder slot: a source that reads its next block into it and
+   * yields a view of it from its start has it encoded in place, without a copy (WRITER,
+   * backup-file-writer.ts). Waits for a free slot; lend a few at most. Unused: giveBackBuffer().
+   */
+  lendBuffer(): Promise<Buffer> {
+    // Reverse injection writes through its own writer: a plain buffer there (copied as before).
+    return this.#file instanceof BackupFileWriter ? this.#file.lendBuffer() : Promise.resolve(Buffer.allocUnsafe(this.#chain.blockSize));
+  }
+
+  /** Gives back a buffer from lendBuffer() that was not yielded to writeDisk. */
+  giveBackBuffer(buf: Buffer): void {
+    if (this.#file instanceof BackupFileWriter) this.#file.giveBackBuffer(buf);
+  }
+
   /** Commits: the file is fsynced and renamed, then the .vbm names the new point. */
   async commit(): Promise<RestorePointInfo> {
     if (this.#finished) throw new BulwarkError('restore point already committed or aborted', { kind: 'invalid' });
