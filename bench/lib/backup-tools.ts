@@ -41,8 +41,10 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
   const t2 = performance.now();
   let stats: { bytesRead: number } = { bytesRead: 0 };
   try {
-    // As the product's backupDisk into a local repository: the reader reuses a ring of buffers.
-    await w.writeDisk('vda', readBackupDisk(view as Parameters<typeof readBackupDisk>[0], { blockSize: 1 << 20, reuseBuffers: true, onStats: (s) => void (stats = s) }));
+    // As the product's backupDisk into a local repository: the reader reuses a ring of buffers
+    // (BULWARK_BENCH_FRESH_BUFFERS=1: a new buffer per block, to compare peak RSS).
+    const reuseBuffers = process.env.BULWARK_BENCH_FRESH_BUFFERS !== '1';
+    await w.writeDisk('vda', readBackupDisk(view as Parameters<typeof readBackupDisk>[0], { blockSize: 1 << 20, reuseBuffers, onStats: (s) => void (stats = s) }));
   } catch (err) {
     await w.abort();
     throw err;
