@@ -86,13 +86,14 @@ class Flusher {
   #error: Error | null = null;
   #mark = 0;
 
+  /** `every` 0: never sync (a temporary raw image that qemu-img converts). */
   constructor(fh: FileHandle, every: number) {
     this.#fh = fh;
     this.#every = every;
   }
 
   written(total: number): void {
-    if (this.#pending || total - this.#mark < this.#every) return;
+    if (this.#every === 0 || this.#pending || total - this.#mark < this.#every) return;
     this.#mark = total;
     this.#pending = this.#fh.datasync().then(
       () => void (this.#pending = null),
@@ -106,7 +107,7 @@ class Flusher {
   async finish(): Promise<void> {
     if (this.#pending) await this.#pending;
     if (this.#error !== null) throw this.#error;
-    await this.#fh.datasync();
+    if (this.#every > 0) await this.#fh.datasync();
   }
 }
 const FLUSH_EVERY = 256 * 1024 * 1024;
@@ -275,7 +276,8 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
         o.threads ?? availableParallelism(),
       );
       hasher = o.imageDigest === false ? null : new ImageHasher(fh.fd);
-      const flusher = new Flusher(fh, FLUSH_EVERY);
+      // The raw image of a qcow2 restore is a temporary: only the converted file is synced.
+      const flusher = new Flusher(fh, format === 'raw' ? FLUSH_EVERY : 0);
       ({ bytesWritten } = await writeImage(point, disk, pool, hasher, flusher, o));
       timings.written = Date.now() - started;
       // Flush to disk while the hasher finishes reading back the tail.

@@ -82,8 +82,11 @@ export class DecodePool {
   #failure: Error | null = null;
   #closed = false;
 
-  /** `threads` decoders, each given at most `depth` batches at a time; 0: on the calling thread. */
-  constructor(init: Omit<DecodeInit, 'role'>, threads: number, depth = 2) {
+  /**
+   * `threads` decoders, each given at most `depth` batches at a time (deep enough that a decoder
+   * has work while the main thread waits for a core); 0: on the calling thread.
+   */
+  constructor(init: Omit<DecodeInit, 'role'>, threads: number, depth = 6) {
     this.#depth = depth;
     if (threads <= 0) {
       this.#local = createDecoder(init);
