@@ -14,6 +14,7 @@ import {
   NACK_SIZE,
   ZERO_RUN_SIZE,
   decodeAck,
+  decodeBeginPoint,
   decodeBlock,
   decodeEndDisk,
   decodeHeader,
@@ -157,6 +158,14 @@ describe('rejects malformed input', () => {
     expect(() => decodeHello(encodeJson({ protocol: 1, role: 'write' }))).toThrow(/role/);
     expect(() => decodeWelcome(encodeJson({ sessionId: 's', window: 1, resumeWindowMs: 1, durableBelow: 0, durable: ['x'] }))).toThrow(/durable/);
     expect(() => decodeOpenDisk(Buffer.from('[]'))).toThrow(/object/);
+  });
+
+  it('BEGIN_POINT: a reverse injection and a reverse chain\'s full are taken; other kinds and methods are refused', () => {
+    const disks = [{ name: 'vda', size: 4096 }];
+    expect(decodeBeginPoint(encodeJson({ kind: 'reverse', parent: 'p1', vmConfig: '', disks }))).toEqual({ kind: 'reverse', parent: 'p1', vmConfig: '', disks });
+    expect(decodeBeginPoint(encodeJson({ kind: 'full', chainMethod: 'reverse', vmConfig: '', disks }))).toMatchObject({ kind: 'full', chainMethod: 'reverse' });
+    expect(() => decodeBeginPoint(encodeJson({ kind: 'synthetic', vmConfig: '', disks }))).toThrow(/kind/);
+    expect(() => decodeBeginPoint(encodeJson({ kind: 'full', chainMethod: 'sideways', vmConfig: '', disks }))).toThrow(/chainMethod/);
   });
 });
 
