@@ -5,7 +5,8 @@
 // with compression off so it would be); both points restore with no password typed, bit-exact
 // (each against a plain export taken of the same frozen disk: the guest's vCPUs are paused for
 // the backup and its reference); `mount` and `restore files` of the encrypted point work; an
-// encrypted export (its password not kept by the server) restores with `--password-file`, asks
+// encrypted export (its password not kept by the server) restores with `--password-file` (disk,
+// files, whole VM; instant recovery of the job's point starts with none), asks
 // for it otherwise, and a wrong one is answered "wrong password … (hint: …)"; the database holds
 // no password in clear text; `password add` makes the server remember the export's password.
 import { execFile } from 'node:child_process';
@@ -200,6 +201,27 @@ describe('encrypted job, restores and export', () => {
     const files = await bwJson<{ files: number }>(['restore', 'files', points.export!, '--path', '/srv/enc/two.txt', '--to', join(tmp, 'export-files'), '--password-file', join(tmp, 'export.pw')]);
     expect(files.files).toBe(1);
     expect(await sha256Of(join(tmp, 'export-files', 'two.txt'))).toBe(markers.two);
+  });
+
+  it('restore vm and instant recovery of encrypted points: the job\'s with no password, the export\'s with --password-file', async () => {
+    const vmr = await bwJson<{ state: string; result: { disks: Array<{ name: string; sha256: string }> } }>(['restore', 'vm', points.two!, '--name', 'enc-copy', '--format', 'raw', '--storage', join(tmp, 'enc-copy')]);
+    expect(vmr.state).toBe('success');
+    expect(vmr.result.disks).toEqual([expect.objectContaining({ name: 'vda', sha256: refs.two })]);
+    const none = await bw(['restore', 'vm', points.export!, '--name', 'enc-copy2', '--format', 'raw', '--storage', join(tmp, 'enc-copy2')]);
+    expect(none.code).toBe(1);
+    expect(none.stderr).toContain('(hint: the export one)');
+    const vme = await bwJson<{ state: string; result: { disks: Array<{ sha256: string }> } }>(['restore', 'vm', points.export!, '--name', 'enc-copy2', '--format', 'raw', '--storage', join(tmp, 'enc-copy2'), '--password-file', join(tmp, 'export.pw')]);
+    expect(vme.result.disks[0]!.sha256).toBe(refs.two);
+
+    const ir = await bwJson<{ id: string; runningFromBackup: boolean; point: string }>(['instant-recovery', 'start', points.one!, '--name', 'enc-ir']);
+    try {
+      expect(ir).toMatchObject({ runningFromBackup: true, point: points.one });
+    } finally {
+      expect((await bw(['instant-recovery', 'stop', ir.id])).code).toBe(0);
+    }
+    const irWrong = await bw(['instant-recovery', 'start', points.export!, '--name', 'enc-ir2', '--password-file', join(tmp, 'wrong.pw')]);
+    expect(irWrong.code).toBe(1);
+    expect(irWrong.stderr).toContain(`wrong password for restore point ${points.export} (hint: the export one)`);
   });
 
   it('the server keeps no password in clear text: database and server key file', async () => {
