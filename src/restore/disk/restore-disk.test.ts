@@ -144,4 +144,16 @@ describe('restoreDisk (raw)', () => {
       /damaged block in .*block 1 \(disk offset 262144\).*does not match the SHA-256/,
     );
   });
+
+  it('stops when aborted and leaves no temporary', async () => {
+    const size = 8 * BS;
+    const m = new DiskModel(size, BS);
+    const w = await repo.startRestorePoint({ job: 'a', vm: 'v', kind: 'full', blockSize: BS, disks: [{ name: 'vda', size }], threads: 0 });
+    await w.writeDisk('vda', iterate(m.change(Array.from({ length: 8 }, (_, i) => [i, 'data'] as [number, 'data']))));
+    const p = await w.commit();
+    const ac = new AbortController();
+    ac.abort(new Error('user cancelled'));
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'a.raw'), signal: ac.signal, threads: 0 })).rejects.toThrow(/user cancelled/);
+    expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore-') || f === 'a.raw')).toEqual([]);
+  });
 });
