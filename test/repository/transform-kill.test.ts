@@ -12,6 +12,7 @@ import { build } from 'esbuild';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { openRepository, readChainMetadata, verifyRepository, vmFolder, type Repository } from '../../src/repository/index.js';
 import { patterned } from '../../src/repository/test-helpers.js';
+import { tryLockFolder } from '../../src/storage/local-fs.js';
 import { KILL_BLOCK_SIZE, KILL_DISK_SIZE, modelAt, pointChanges } from './fixtures/kill-model.js';
 import { JOB } from './fixtures/method-runner.js';
 import { nextRun, round, WORKER_POLICIES } from './fixtures/transform-worker.js';
@@ -75,6 +76,26 @@ function runAndKill(root: string, crashAt: number, delayMs: number, start: numbe
   });
 }
 
+/**
+ * Waits until the killed worker's folder locks are free: the kernel drops a flock once the
+ * worker's lock helper has read EOF and exited, a moment after the worker itself died (on a
+ * loaded machine, after openRepository may already have looked, found the folder busy and left
+ * its journal for the next open).
+ */
+async function locksReleased(root: string): Promise<void> {
+  for (const vm of Object.keys(WORKER_POLICIES)) {
+    for (let tries = 0; ; tries++) {
+      const lock = await tryLockFolder(vmFolder(root, JOB, vm)).catch(() => null);
+      if (lock) {
+        await lock.release();
+        break;
+      }
+      if (tries > 200) throw new Error(`the folder of ${vm} stays locked after its writer was killed`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  }
+}
+
 /** Checks a VM folder; with `read`, every point is read back and compared (else its run number only). */
 async function checkVm(repo: Repository, root: string, vm: string, read = true): Promise<number> {
   const meta = await readChainMetadata(path.join(vmFolder(root, JOB, vm), `${vm}.vbm`));
@@ -120,6 +141,7 @@ async function lane(n: number, kills: number, steps: Map<string, number>): Promi
     const byDelay = kill % 10 === 9;
     const step = await runAndKill(root, byDelay ? 0 : 1 + Math.floor(rnd() * 12), Math.floor(rnd() * 300), kill % 3);
     if (step) steps.set(step, (steps.get(step) ?? 0) + 1);
+    await locksReleased(root);
     const repo = await openRepository(root); // recovers and sweeps
     // Every point is read back every 4th kill (damage would persist until then) and at the end.
     for (const vm of Object.keys(WORKER_POLICIES)) progress[vm] = await checkVm(repo, root, vm, kill % 4 === 0);
@@ -151,6 +173,7 @@ it(`SIGKILL at >= ${KILLS} transform steps never loses or damages a committed po
   for (let extra = 0; extra < 60 && wanted.some(([re, n]) => byTransform(re) < n); extra++) {
     const step = await runAndKill(laneZero.root, 1 + ((extra * 7) % 48), 0, extra % 3);
     if (step) steps.set(step, (steps.get(step) ?? 0) + 1);
+    await locksReleased(laneZero.root);
     const repo = await openRepository(laneZero.root); // recovers and sweeps
     for (const vm of Object.keys(WORKER_POLICIES)) laneZero.progress[vm] = await checkVm(repo, laneZero.root, vm, extra % 4 === 0);
   }
