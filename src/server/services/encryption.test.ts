@@ -10,12 +10,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BulwarkError } from '../../common/errors.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { DiskModel, iterate } from '../../repository/test-helpers.js';
+import { buildApi } from '../api/app.js';
+import { encryptionPlugin } from '../api/encryption.js';
+import { restorePlugin } from '../api/restore.js';
 import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { systemClock, type ServiceContext } from './common.js';
 import { EncryptionKeys, loadServerKey, sealPassword, unsealPassword } from './encryption.js';
 import { createRepository } from './infrastructure.js';
 import { createJob } from './jobs.js';
-import { getRestorePoint, listRestorePoints, recordRestorePoint } from './sessions.js';
+import { getRestorePoint, listRestorePoints, recordRestorePoint, SessionEvents } from './sessions.js';
 
 const BS = 262144;
 const JOB_PASSWORD = 'job-secret-Zq81';
@@ -125,12 +128,41 @@ describe('passwords of jobs and points', () => {
     expect(await keys.jobPassword(job.id)).toBeUndefined();
   });
 
+  it('through the API: job encryption and the password list never answer a password; a restore with a wrong one is 403 field password', async () => {
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'socket', version: 't', plugins: [encryptionPlugin(keys), restorePlugin(ctx, undefined, keys)] });
+    try {
+      const short = await app.inject({ method: 'POST', url: '/api/v1/jobs/nightly/encryption', payload: { password: 'short', hint: 'h' } });
+      expect(short.statusCode).toBe(400);
+      const set = await app.inject({ method: 'POST', url: '/api/v1/jobs/nightly/encryption', payload: { password: JOB_PASSWORD, hint: 'via the API' } });
+      expect(set.statusCode).toBe(200);
+      expect(set.json()).toMatchObject({ job: 'nightly', encrypted: true, hint: 'via the API' });
+      const list = await app.inject({ method: 'GET', url: '/api/v1/encryption-keys' });
+      expect(list.statusCode).toBe(200);
+      for (const body of [set.body, list.body]) {
+        expect(body).not.toContain(JOB_PASSWORD);
+        expect(body).not.toMatch(/sealed|"password"/);
+      }
+      const point = (await listRestorePoints(ctx)).find((p) => p.job === 'nightly')!;
+      const to = path.join(dir, 'api-restore.raw');
+      const wrong = await app.inject({ method: 'POST', url: `/api/v1/restore-points/${point.id}/restore-disk`, payload: { disk: 'vda', to, password: 'not-it-at-all' } });
+      expect(wrong.statusCode).toBe(403);
+      expect(wrong.json()).toMatchObject({ error: { kind: 'forbidden', field: 'password', message: `wrong password for restore point ${point.id} (hint: the usual one)` } });
+      const ok = await app.inject({ method: 'POST', url: `/api/v1/restore-points/${point.id}/restore-disk`, payload: { disk: 'vda', to } });
+      expect(ok.statusCode, ok.body).toBe(200);
+      expect(ok.json<{ size: number }>().size).toBe(BS + 5);
+      expect((await app.inject({ method: 'DELETE', url: '/api/v1/jobs/nightly/encryption' })).json()).toMatchObject({ encrypted: false });
+    } finally {
+      await app.close();
+    }
+  });
+
   it('the database holds no password in clear text', async () => {
     await cdb.close();
     const bytes = await readFile(path.join(dir, 'bulwark.db'));
     for (const p of [JOB_PASSWORD, OTHER_PASSWORD, 'a-new-password-2']) expect(bytes.includes(Buffer.from(p))).toBe(false);
     cdb = await openDatabase({ target: path.join(dir, 'bulwark.db') });
     const rows = await sql<{ n: number }>`select count(*) as n from encryption_keys`.execute(cdb.db);
-    expect(Number(rows.rows[0]?.n)).toBe(2);
+    expect(Number(rows.rows[0]?.n)).toBe(3);
   });
 });
