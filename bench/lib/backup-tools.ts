@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { dirtyBitmapContext } from '../../src/hypervisor/nbd/protocol.js';
 import { readBackupDisk } from '../../src/hypervisor/cbt/reader.js';
+import type { DiskBlock } from '../../src/disk/types.js';
 import type { DiskChanges } from '../../src/hypervisor/types.js';
 import { openRepository } from '../../src/repository/index.js';
 import { restoreDisk } from '../../src/restore/disk/index.js';
@@ -44,7 +45,20 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
     // As the product's backupDisk into a local repository: the reader reuses a ring of buffers
     // (BULWARK_BENCH_FRESH_BUFFERS=1: a new buffer per block, to compare peak RSS).
     const reuseBuffers = process.env.BULWARK_BENCH_FRESH_BUFFERS !== '1';
-    await w.writeDisk('vda', readBackupDisk(view as Parameters<typeof readBackupDisk>[0], { blockSize: 1 << 20, reuseBuffers, onStats: (s) => void (stats = s) }));
+    const source = readBackupDisk(view as Parameters<typeof readBackupDisk>[0], { blockSize: 1 << 20, reuseBuffers, onStats: (s) => void (stats = s) });
+    // Stage waits as the product measures them: the writer waiting for the reader (source), for its encoders (proxy), for file writes (target).
+    const waits = { source: 0, proxy: 0, target: 0 };
+    async function* timed(): AsyncGenerator<DiskBlock> {
+      for (;;) {
+        const t = performance.now();
+        const r = await source.next();
+        waits.source += performance.now() - t;
+        if (r.done) return;
+        yield r.value;
+      }
+    }
+    await w.writeDisk('vda', timed(), { onWait: (stage, ms) => void (waits[stage] += ms) });
+    console.error(`  ${kind}: writer waited for source ${Math.round(waits.source)} ms, proxy ${Math.round(waits.proxy)} ms, target ${Math.round(waits.target)} ms`);
   } catch (err) {
     await w.abort();
     throw err;
