@@ -91,7 +91,10 @@ export async function jobPasswordFromOptions(cmd: Command, job: string, o: { enc
     return undefined;
   }
   if (o.passwordHint === undefined) cmd.error('error: --encrypt needs --password-hint TEXT (shown when a wrong password is given; never the password)', { exitCode: 2, code: 'bulwark.usage' });
-  return newPassword(o.passwordFile, `the backups of job ${job}`);
+  const password = await newPassword(o.passwordFile, `the backups of job ${job}`);
+  // Checked before the job is created or changed, so a refused password leaves nothing half done.
+  if (password.length < 8) throw new BulwarkError('the encryption password needs at least 8 characters', { kind: 'invalid', context: { field: 'password' } });
+  return password;
 }
 
 /** "on (hint: …)" / "off". */
