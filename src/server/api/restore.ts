@@ -9,7 +9,7 @@ import { catalogPoints, openRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository } from '../services/infrastructure.js';
-import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
+import { passwordNeeded, pointPassword, wrongPassword, type EncryptionKeys } from '../services/encryption.js';
 import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
 
 const RestoreDiskBody = Type.Object(
@@ -121,7 +121,16 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
         const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
         let result;
-        if (onAgent) result = await onAgent;
+        if (onAgent) {
+          try {
+            result = await onAgent;
+          } catch (err) {
+            // The agent's repository says so as `unauthorized`: answer as on this host (403, field password, hint).
+            if (!(err instanceof BulwarkError && err.kind === 'unauthorized' && keys)) throw err;
+            const hint = await keys.chainHint(point.chainId);
+            throw remotePassword === undefined ? passwordNeeded(point.id, hint) : wrongPassword(point.id, hint);
+          }
+        }
         else {
           const repository = await openRepository(repo.path);
           const pw = await pointPassword(keys, repository, point, given);

@@ -345,6 +345,11 @@ export class EncryptionKeys {
     return matched;
   }
 
+  /** The hint the catalog knows for a chain ('' when none). */
+  async chainHint(chainId: string): Promise<string> {
+    return (await this.#ctx.db.selectFrom('encrypted_chains').select('hint').where('chain_id', '=', chainId).executeTakeFirst())?.hint ?? '';
+  }
+
   /**
    * For a repository on another agent's host (the server cannot open it to check): the given
    * password, else the one the server knows for the point's chain, else its job's active one.
