@@ -3,7 +3,8 @@
 // health-checks it, as the one-host path does. Checked: forever forward with retention 3 over 5
 // runs (one a `backup quick`) holds one full + 2 increments (merged, compacted); reverse
 // incremental over 3 runs keeps the newest as the full with .vrb files (the oldest deleted by
-// retention); a health check names a flipped byte and the next run repairs it. Every kept point is
+// retention); a health check names a flipped byte and the next run repairs it; forward on the
+// server's days (its clock moved on) builds a synthetic full and takes an active full. Every kept point is
 // bit-exact (read from the agent's folder; the newest also restored by the repository agent
 // through the server) and the catalog follows the folder. Needs root (ip netns).
 import { createHash, randomBytes } from 'node:crypto';
@@ -34,7 +35,7 @@ async function files(job: string): Promise<string[]> {
 /** A guest write of 64 KiB somewhere new, then a run; the new point's image is remembered. */
 async function backup(job: string, start: () => Promise<string>): Promise<SessionJson> {
   writes++;
-  await h.write(4 * MiB + writes * 320 * 1024, 65536, 0x10 + writes);
+  await h.write(4 * MiB + writes * 256 * 1024, 65536, 0x10 + writes);
   const s = await h.waitSession(await start());
   expect(s.state, logText(s)).toMatch(/success|warning/);
   const newest = (await points(job)).at(-1)!;
@@ -81,6 +82,9 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     await job('ff', { method: 'forever-forward', retention: { points: 3 }, compact: { weekdays: allDays } });
     await job('rev', { method: 'reverse', retention: { points: 2 } });
     await job('hc', { method: 'forever-forward', retention: { points: 7 }, healthCheck: { weekdays: allDays } });
+    // Forward: a synthetic full on the server's tomorrow, an active full the day after (the test moves the server's clock).
+    const weekday = (days: number) => allDays[(h.serverNow().getUTCDay() + 6 + days) % 7]!;
+    await job('fwd', { method: 'forward', retention: { points: 7 }, syntheticFull: { weekdays: [weekday(1)] }, activeFull: { weekdays: [weekday(2)] } });
   }, 120_000);
 
   afterAll(() => {
@@ -150,5 +154,20 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     expect(await h.restoredSha(latest.id)).toBe(shaOf.get(latest.id));
     const clean = await health();
     expect(clean.state, logText(clean)).toBe('success');
+  }, 120_000);
+
+  it('forward on the server\'s days: a synthetic full built on the repository agent, then an active full; all bit-exact', async () => {
+    const logs = [logText(await backup('fwd', run('fwd')))];
+    await h.advanceDays(1);
+    logs.push(logText(await backup('fwd', run('fwd'))));
+    await h.advanceDays(1);
+    logs.push(logText(await backup('fwd', run('fwd'))));
+    expect(logs[0]).toMatch(/this run: full/);
+    expect(logs[1]).toMatch(/this run: synthetic-full \(synthetic full scheduled on/);
+    expect(logs[1]).toMatch(/synthetic full built from the chain: point \S+ is now a full \(\d+ bytes, nothing read from the source\)/);
+    expect(logs[2]).toMatch(/this run: full \(active full/);
+    expect((await points('fwd')).map((p) => p.kind)).toEqual(['full', 'full', 'full']);
+    expect(await everyPointBitExact('fwd')).toBe(3);
+    await catalogFollows('fwd');
   }, 120_000);
 });

@@ -59,6 +59,8 @@ export class MultiHost {
   readonly children: ChildProcess[] = [];
   readonly stderrOf = new Map<ChildProcess, string[]>();
   socketPath = '';
+  readonly #clockFile = path.join(this.tmp, 'clock-offset-ms');
+  #offsetMs = 0;
   sourceAgent: ChildProcess | undefined;
   repoAgent: ChildProcess | undefined;
   /** The disk's contents as the test wrote them (the image file itself lags behind QEMU's cache). */
@@ -108,7 +110,7 @@ export class MultiHost {
       '-qmp', `unix:${path.join(this.vmDir, 'qmp.sock')},server=on,wait=off`, '-pidfile', path.join(this.vmDir, 'qemu.pid'), '-daemonize',
     ]);
 
-    const server = await this.startInNs('server', ns.server, 'server.ts', [path.join(this.tmp, 'server'), `${ip.server}:9392`]);
+    const server = await this.startInNs('server', ns.server, 'server.ts', [path.join(this.tmp, 'server'), `${ip.server}:9392`], { BULWARK_TEST_CLOCK_FILE: this.#clockFile });
     this.socketPath = server.info.socket as string;
     const token = async (name: string) => (await this.api<{ token: string }>('POST', '/agents/tokens', { name })).token;
     const [tSrc, tRepo] = [await token('src1'), await token('repo1')];
@@ -117,6 +119,28 @@ export class MultiHost {
     this.repoAgent = await this.startRepoAgent(tRepo);
     await this.api('POST', '/hosts', { name: 'kvm-a', kind: 'qemu', uri: path.join(this.vmDir, 'qmp.sock'), agent: 'src1' });
     await this.api('POST', '/repositories', { name: 'remote-repo', path: this.repoDir, agent: 'repo1' });
+  }
+
+  /**
+   * Moves the server's clock `days` on (what the jobs' days and retention are judged by); resolves
+   * once both agents count as online again (their last heartbeat is then judged by the new time).
+   */
+  async advanceDays(days: number): Promise<void> {
+    this.#offsetMs += days * 86_400_000;
+    writeFileSync(this.#clockFile, String(this.#offsetMs));
+    const since = this.serverNow().getTime();
+    for (let i = 0; i < 200; i++) {
+      const agents = await this.api<{ items: Array<{ name: string; state: string; lastSeenAt?: string | null }> }>('GET', '/agents');
+      const fresh = (name: string) => agents.items.some((a) => a.name === name && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= since);
+      if (fresh('src1') && fresh('repo1')) return;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new Error('the agents did not send a heartbeat after the clock moved on');
+  }
+
+  /** The server's time now. */
+  serverNow(): Date {
+    return new Date(Date.now() + this.#offsetMs);
   }
 
   /** Starts a test script in a namespace; resolves with its first JSON line. */

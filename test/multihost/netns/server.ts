@@ -1,7 +1,19 @@
 // Child process of the multi-host test: the backup server in its own network namespace, with the
 // dispatch timings the test needs (short agent-lost and resume windows). Prints one JSON line when
-// it listens; SIGTERM closes it.
+// it listens; SIGTERM closes it. BULWARK_TEST_CLOCK_FILE: the server's clock runs that many ms
+// ahead of the real one (the file's number, re-read at each reading), so tests can move days on.
+import { readFileSync } from 'node:fs';
 import { startServer } from '../../../src/server/main.js';
+import { systemClock } from '../../../src/server/scheduler/clock.js';
+
+const clockFile = process.env.BULWARK_TEST_CLOCK_FILE;
+const offset = (): number => {
+  try {
+    return Number(readFileSync(clockFile!, 'utf8')) || 0;
+  } catch {
+    return 0;
+  }
+};
 
 const [dataDir = '', listen = ''] = process.argv.slice(2);
 const server = await startServer({
@@ -12,6 +24,7 @@ const server = await startServer({
   defaultRepository: false,
   localAgent: false,
   print: () => undefined,
+  ...(clockFile ? { clock: { now: () => new Date(Date.now() + offset()), setTimer: (ms: number, fn: () => void) => systemClock.setTimer(ms, fn) } } : {}),
   dispatch: {
     agentLostMs: 3000,
     pollWaitMs: 2000,
