@@ -29,6 +29,12 @@ import { corrupt, type BackupFile } from '../backup-file.js';
 
 /** Largest read when copying runs of adjacent records. */
 const CHUNK = 8 * 1024 * 1024;
+/**
+ * Writeback of appended bytes is started every this many bytes (a datasync in the background),
+ * so the commit's fsync does not wait for the whole copy to reach the disk: the disk writes while
+ * the next records are read and copied.
+ */
+const SYNC_EVERY = 32 * 1024 * 1024;
 
 /** Source of a disk's entries, one table page at a time (bounded memory whatever the disk size). */
 export type PageSource = (page: number, entryCount: number) => Promise<readonly BlockEntry[]>;
@@ -41,6 +47,9 @@ export class RecordSink {
   bytesWritten = 0;
   bytesRead = 0;
   readonly #copied = new Map<string, StoredBlockEntry>();
+  #sinceSync = 0;
+  #syncing: Promise<void> | null = null;
+  #syncError: unknown = null;
 
   private constructor(path: string, fh: FileHandle, end: number) {
     this.path = path;
@@ -67,15 +76,37 @@ export class RecordSink {
   }
 
   async append(buf: Buffer): Promise<number> {
+    const { pos, written } = this.#startAppend(buf);
+    await written;
+    return pos;
+  }
+
+  /** Reserves the next bytes for `buf` now (pos) and writes them (written). */
+  #startAppend(buf: Buffer): { pos: number; written: Promise<void> } {
+    if (this.#syncError) throw this.#syncError as Error;
     const pos = this.end;
     this.end += buf.length;
+    return { pos, written: this.#write(buf, pos) };
+  }
+
+  async #write(buf: Buffer, pos: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
       const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, pos + done);
       done += bytesWritten;
     }
     this.bytesWritten += buf.length;
-    return pos;
+    this.#sinceSync += buf.length;
+    if (this.#sinceSync >= SYNC_EVERY && !this.#syncing) {
+      this.#sinceSync = 0;
+      // An error is kept and thrown by the next append or the commit (never unhandled).
+      this.#syncing = this.fh
+        .datasync()
+        .catch((err: unknown) => {
+          this.#syncError ??= err;
+        })
+        .finally(() => (this.#syncing = null));
+    }
   }
 
   /** The entry of a record copied from `src` (after copyRecords). */
@@ -94,8 +125,10 @@ export class RecordSink {
     const todo = new Map<number, StoredBlockEntry>();
     for (const e of entries) if (!this.#copied.has(key(e))) todo.set(e.recordOffset, e);
     const sorted = [...todo.values()].sort((a, b) => a.recordOffset - b.recordOffset);
-    let i = 0;
-    while (i < sorted.length) {
+    // Runs of adjacent records, each read in one piece; the next run is read while this one is
+    // checked and written.
+    const runs: Array<[number, number, number, number]> = []; // [first, past, start, end]
+    for (let i = 0; i < sorted.length; ) {
       const start = sorted[i]!.recordOffset;
       let end = start + RECORD_HEADER_SIZE + sorted[i]!.storedLength;
       let j = i + 1;
@@ -103,29 +136,51 @@ export class RecordSink {
         end += RECORD_HEADER_SIZE + sorted[j]!.storedLength;
         j++;
       }
-      const buf = Buffer.allocUnsafe(end - start);
-      await src.readAt(buf, start);
-      this.bytesRead += buf.length;
-      for (let k = i; k < j; k++) {
-        const e = sorted[k]!;
-        const at = e.recordOffset - start;
-        try {
-          const h = decodeRecordHeader(buf, at);
-          const payload = buf.subarray(at + RECORD_HEADER_SIZE, at + RECORD_HEADER_SIZE + e.storedLength);
-          if (h.type !== 'block' || h.storedLength !== e.storedLength || h.plainLength !== e.plainLength || h.payloadCrc !== e.crc || crc32c(payload) !== e.crc) {
-            throw new Error('record header or CRC32C does not match the block table');
-          }
-        } catch (err) {
-          throw corrupt(`damaged block record in ${src.path} at file offset ${e.recordOffset}: ${(err as Error).message}`, { file: src.path, fileOffset: e.recordOffset }, err);
-        }
-      }
-      const pos = await this.append(buf);
-      for (let k = i; k < j; k++) {
-        const e = sorted[k]!;
-        this.#copied.set(key(e), { ...e, recordOffset: pos + (e.recordOffset - start) });
-      }
+      runs.push([i, j, start, end]);
       i = j;
     }
+    const read = (r: [number, number, number, number]) => {
+      const buf = Buffer.allocUnsafe(r[3] - r[2]);
+      const p = src.readAt(buf, r[2]).then(() => buf);
+      p.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
+      return p;
+    };
+    let next = runs.length > 0 ? read(runs[0]!) : null;
+    // One write in flight while the next run is checked: the CRC work overlaps the write.
+    let writing: Promise<void> = Promise.resolve();
+    try {
+      for (let r = 0; r < runs.length; r++) {
+        const [i, j, start] = runs[r]!;
+        const buf = await next!;
+        next = r + 1 < runs.length ? read(runs[r + 1]!) : null;
+        this.bytesRead += buf.length;
+        for (let k = i; k < j; k++) {
+          const e = sorted[k]!;
+          const at = e.recordOffset - start;
+          try {
+            const h = decodeRecordHeader(buf, at);
+            const payload = buf.subarray(at + RECORD_HEADER_SIZE, at + RECORD_HEADER_SIZE + e.storedLength);
+            if (h.type !== 'block' || h.storedLength !== e.storedLength || h.plainLength !== e.plainLength || h.payloadCrc !== e.crc || crc32c(payload) !== e.crc) {
+              throw new Error('record header or CRC32C does not match the block table');
+            }
+          } catch (err) {
+            throw corrupt(`damaged block record in ${src.path} at file offset ${e.recordOffset}: ${(err as Error).message}`, { file: src.path, fileOffset: e.recordOffset }, err);
+          }
+        }
+        await writing;
+        const { pos, written } = this.#startAppend(buf);
+        written.catch(() => undefined); // awaited before the next write or at the end
+        writing = written;
+        for (let k = i; k < j; k++) {
+          const e = sorted[k]!;
+          this.#copied.set(key(e), { ...e, recordOffset: pos + (e.recordOffset - start) });
+        }
+      }
+    } catch (err) {
+      await writing.catch(() => undefined);
+      throw err;
+    }
+    await writing;
   }
 
   /**
@@ -189,6 +244,8 @@ export class RecordSink {
     try {
       const index = encodeIndex({ config, disks });
       const indexOffset = await this.append(index);
+      await this.#syncing;
+      if (this.#syncError) throw this.#syncError as Error;
       await this.fh.sync();
       await beforeSlot?.();
       const slot = encodeCommitSlot({ generation, indexOffset, indexLength: index.length, fileLength: this.end, indexCrc: crc32c(index) });
@@ -204,6 +261,7 @@ export class RecordSink {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    await this.#syncing;
     await this.fh.close();
   }
 }

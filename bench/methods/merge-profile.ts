@@ -1,0 +1,56 @@
+// Profile of one forever-forward merge (run by hand): a full of --size-gib (default 1) of
+// incompressible blocks, an increment of --change of the 4 GiB disk (default 5% = 205 blocks),
+// then applyRetention merges it; prints the time of each step of the merge.
+//   npx tsx bench/methods/merge-profile.ts [--size-gib 1] [--blocks 205] [--runs 3]
+import { randomFillSync } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { loadavg, tmpdir } from 'node:os';
+import path from 'node:path';
+import type { DiskBlock } from '../../src/disk/types.js';
+import { openRepository } from '../../src/repository/index.js';
+
+const args = process.argv.slice(2);
+const opt = (name: string, def: string) => (args.includes(`--${name}`) ? args[args.indexOf(`--${name}`) + 1]! : def);
+const BS = 1048576;
+const SIZE = Math.round(Number(opt('size-gib', '1')) * 1024 ** 3);
+const BLOCKS = Math.ceil(SIZE / BS);
+const CHANGED = Number(opt('blocks', '205'));
+const RUNS = Number(opt('runs', '3'));
+
+async function* blocks(indices: Iterable<number>): AsyncGenerator<DiskBlock> {
+  const buf = Buffer.allocUnsafe(BS);
+  for (const i of indices) {
+    randomFillSync(buf);
+    yield { index: i, data: buf };
+  }
+}
+const dir = await mkdtemp(path.join(tmpdir(), 'bulwark-merge-profile-'));
+try {
+  const repo = await openRepository(dir);
+  const point = async (kind: 'full' | 'incremental', which: number[]) => {
+    const w = await repo.startRestorePoint({ job: 'p', vm: 'v', kind, blockSize: BS, disks: [{ name: 'vda', size: SIZE }] });
+    await w.writeDisk('vda', blocks(which));
+    return w.commit();
+  };
+  await point('full', Array.from({ length: BLOCKS }, (_, i) => i));
+  let seed = 11;
+  const pick = () => {
+    const s = new Set<number>();
+    while (s.size < CHANGED) {
+      seed ^= seed << 13;
+      seed ^= seed >>> 17;
+      seed ^= seed << 5;
+      s.add((seed >>> 0) % BLOCKS);
+    }
+    return [...s].sort((a, b) => a - b);
+  };
+  await point('incremental', pick());
+  for (let r = 0; r < RUNS; r++) {
+    await point('incremental', pick());
+    const t0 = performance.now();
+    await repo.applyRetention('p', 'v', { method: 'forever-forward', retention: { points: 2 } });
+    console.log(`merge of ${CHANGED} MiB into a ${(SIZE / 1024 ** 3).toFixed(1)} GiB full: ${((performance.now() - t0) / 1000).toFixed(2)} s (load ${loadavg()[0]!.toFixed(1)})`);
+  }
+} finally {
+  await rm(dir, { recursive: true, force: true });
+}
