@@ -16,9 +16,10 @@ import type { DiskBlock } from '../../src/disk/types.js';
 import { openFileDisk } from '../../src/disk/file-disk.js';
 import { openRepository, type Repository } from '../../src/repository/index.js';
 import { fileIndexPath, indexRestorePoint, searchIndexes } from '../../src/restore/catalog/catalog.js';
-import { fsName } from '../../src/restore/mount/guest-paths.js';
+import { BulwarkError } from '../../src/common/errors.js';
+import { fsName, resolveGuestPath } from '../../src/restore/mount/guest-paths.js';
 import { mountDisks } from '../../src/restore/mount/mount.js';
-import { describeFileSystems, mountRestorePoint } from '../../src/restore/mount/point-mount.js';
+import { describeFileSystems, mountRestorePoint, type PointMount } from '../../src/restore/mount/point-mount.js';
 import { restoreFilesToDir } from '../../src/restore/mount/restore-files.js';
 import { describeTree, makeSourceTree, mountsUnder, type TreeEntry } from './fixtures.js';
 import { makeLvmDisks, MiB, type LvmDisks } from './lvm-fixtures.js';
@@ -108,6 +109,46 @@ describe('LVM logical volumes of a restore point', () => {
       await m.close();
     }
     expect(await mountsUnder(at)).toEqual([]);
+  });
+
+  it('restore files mounts only the file systems its paths are on: the root first for guest paths, a named one alone', async () => {
+    const base = { repository: repo, pointId, runDir: join(dir, 'run') };
+    const mounted = async (paths: string[], placeInGuest: boolean, check: (m: PointMount) => Promise<void>): Promise<string[]> => {
+      const at = join(dir, `only-${paths.length}-${String(placeInGuest)}`);
+      const m = await mountRestorePoint({ ...base, at, paths, placeInGuest });
+      try {
+        await check(m);
+        return m.mount.filesystems.map(fsName);
+      } finally {
+        await m.close();
+        expect(await mountsUnder(at)).toEqual([]);
+      }
+    };
+    // A guest path: the root (its fstab places /srv), then the /srv LV; not the striped LV.
+    const out = join(dir, 'out-only');
+    expect(
+      await mounted(['/srv/big.bin', '/etc/hostname'], false, async (m) => {
+        const r = await restoreFilesToDir(m, ['/srv/big.bin', '/etc/hostname'], out);
+        expect(r.items.map((i) => [i.filesystem, i.inside])).toEqual([['vgt-data', '/big.bin'], ['vgt-root', '/etc/hostname']]);
+      }),
+    ).toEqual(['vgt-root', 'vgt-data']);
+    const got = await describeTree(out);
+    expect(got['big.bin']).toEqual(sourceTree['big.bin']);
+    // A named file system to a folder: that one alone (no root needed).
+    expect(await mounted(['vgt-striped:/big.bin'], false, async () => undefined)).toEqual(['vgt-striped']);
+    // Placed in the guest (--to-guest): the root too, for its mount point.
+    expect(
+      await mounted(['vgt-striped:/big.bin'], true, async (m) => {
+        expect(resolveGuestPath(m.layout, m.mount.filesystems, 'vgt-striped:/big.bin').guestPath).toBe('/var/lib/stripes/big.bin');
+      }),
+    ).toEqual(['vgt-root', 'vgt-striped']);
+    // An unknown name: the path named and every file system listed; nothing left mounted or open.
+    const err = await mountRestorePoint({ ...base, at: join(dir, 'only-unknown'), paths: ['/etc/hostname', 'vgt-nope:/x'] }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(BulwarkError);
+    expect((err as BulwarkError).message).toBe('vgt-nope:/x: the restore point has no mounted file system vgt-nope');
+    expect((err as BulwarkError).hint).toBe('file systems: vgt-root, vgt-data, vgt-striped');
+    expect(existsSync(join(dir, 'only-unknown'))).toBe(false);
+    expect(await mountsUnder(dir)).toEqual([]);
   });
 
   it('indexes the LVs by guest path and search finds a file on an LV', async () => {

@@ -70,7 +70,7 @@ export function parseFstab(text: string): FstabEntry[] {
  * The mounted file system an fstab device spec names (UUID=, LABEL=, /dev/vdb2, by-uuid/by-label
  * links, /dev/mapper/VG-LV, /dev/VG/LV).
  */
-export function matchFstabSpec(spec: string, filesystems: readonly MountedFileSystem[]): MountedFileSystem | undefined {
+export function matchFstabSpec<F extends VolumeRef & { readonly uuid?: string; readonly label?: string }>(spec: string, filesystems: readonly F[]): F | undefined {
   const eq = /^(UUID|LABEL)=(.*)$/.exec(spec);
   const byLink = /^\/dev\/disk\/by-(uuid|label)\/(.*)$/.exec(spec);
   const key = eq ? eq[1]!.toLowerCase() : byLink ? byLink[1]! : undefined;
@@ -153,12 +153,15 @@ export function mountpointOf(layout: GuestLayout, fs: MountedFileSystem): string
   return layout.mounts.find((m) => m.fs === fs)?.mountpoint;
 }
 
+/** `NAME:/path`: a path inside the file system NAME (`vdb2:/srv`). */
+export const EXPLICIT_PATH = /^([A-Za-z0-9+._-]+):(\/.*)$/;
+
 /**
  * Resolves `spec`: a guest path (`/etc/hostname`, through the guest's mount points) or an
  * explicit `NAME:/path` (`vdb2:/srv`, `vda:/etc`), where NAME is a file system's device-like name.
  */
-export function resolveGuestPath(layout: GuestLayout, filesystems: readonly MountedFileSystem[], spec: string): ResolvedGuestPath {
-  const explicit = /^([A-Za-z0-9+._-]+):(\/.*)$/.exec(spec);
+export function resolveGuestPath(layout: GuestLayout, filesystems: readonly MountedFileSystem[], spec: string, known: readonly VolumeRef[] = filesystems): ResolvedGuestPath {
+  const explicit = EXPLICIT_PATH.exec(spec);
   let fs: MountedFileSystem;
   let inside: string;
   let guestPath: string;
@@ -169,7 +172,7 @@ export function resolveGuestPath(layout: GuestLayout, filesystems: readonly Moun
       throw new BulwarkError(`${spec}: the restore point has no mounted file system ${name}`, {
         kind: 'not-found',
         context: { path: spec },
-        hint: `file systems: ${filesystems.map(fsName).join(', ') || 'none'}`,
+        hint: `file systems: ${known.map(fsName).join(', ') || 'none'}`,
       });
     }
     fs = found;

@@ -35,7 +35,10 @@ export interface MountOptions {
   readonly at: string;
   /** Where sockets, FUSE views and state files live (default: see defaultRunDir()). */
   readonly runDir?: string;
-  /** Called after each file system is mounted (progress); if it throws, everything is undone. */
+  /**
+   * Called for each file system mounted, once the file systems mounted side by side with it are
+   * (progress); if it throws, everything is undone.
+   */
   readonly onMounted?: (fs: MountedFileSystem) => void;
 }
 
@@ -68,6 +71,13 @@ export interface MountedFileSystem extends VolumeRef {
   readonly userspace?: boolean;
 }
 
+/** A volume found on the disks with the file system it holds (before any mount). */
+export interface FoundVolume extends VolumeRef {
+  readonly type: FileSystemType;
+  readonly label?: string;
+  readonly uuid?: string;
+}
+
 /** A volume found but not mounted, and why (a thin LV, swap, unknown, ...). */
 export interface SkippedVolume extends VolumeRef {
   readonly type: string;
@@ -81,6 +91,13 @@ export interface Mount {
   readonly skipped: readonly SkippedVolume[];
   /** Partition-table warnings (damaged primary GPT, ...), prefixed with the disk name. */
   readonly warnings: readonly string[];
+  /** Every volume found on the disks that holds a file system (mounted or not yet). */
+  readonly volumes: readonly FoundVolume[];
+  /**
+   * Mounts the found volumes named (`volumeName`) that are not mounted yet, side by side; those
+   * that cannot be mounted go to `skipped`. Returns the file systems mounted by this call.
+   */
+  mountVolumes(names: readonly string[]): Promise<MountedFileSystem[]>;
   /** Copies paths (relative to `at`, or absolute inside it) into toDir. */
   copyOut(paths: readonly string[], toDir: string, options?: CopyOptions): Promise<CopyReport>;
   /** Unmounts everything in reverse order, stops nbdfuse and the NBD server. Idempotent. */
@@ -119,6 +136,16 @@ interface DiskVolume {
   readonly fs: DetectedFileSystem | null;
 }
 
+/** A found volume with a file system, and how to mount it. */
+interface PlannedVolume {
+  readonly ref: VolumeRef;
+  readonly fs: DetectedFileSystem;
+  readonly path: string;
+  readonly view: () => Promise<string>;
+  readonly offset: number;
+  readonly size: number;
+}
+
 /** What the state file in the run dir records, so a sweeper can undo a crashed process's mounts. */
 interface MountState {
   pid: number;
@@ -139,14 +166,32 @@ interface MountState {
  * unmount().
  */
 export async function mountDisks(disks: readonly DiskToMount[], options: MountOptions): Promise<Mount> {
+  const m = await openDisks(disks, options);
+  try {
+    await m.mountVolumes(m.volumes.map(volumeName));
+  } catch (err) {
+    await m.unmount().catch((cleanupErr: unknown) =>
+      log.error({ err: describeError(cleanupErr) }, 'cleanup after a failed mount was incomplete'),
+    );
+    throw err;
+  }
+  return m;
+}
+
+/**
+ * Reads what the disks hold (partition tables, file systems, LVM) and serves them, but mounts
+ * nothing yet: `mountVolumes` then mounts the volumes a caller needs (restore files mounts only
+ * the file systems its paths are on). Paths and the rest as mountDisks; unmount() undoes it all.
+ */
+export async function openDisks(disks: readonly DiskToMount[], options: MountOptions): Promise<Mount> {
   for (const d of disks) {
     if (!/^[A-Za-z0-9._-]+$/.test(d.name) || d.name.startsWith('.')) {
       throw new BulwarkError(`disk name "${d.name}" cannot be a folder name`, { kind: 'invalid' });
     }
   }
-  const m = new MountSession(resolve(options.at), options.runDir ?? defaultRunDir());
+  const m = new MountSession(resolve(options.at), options.runDir ?? defaultRunDir(), options.onMounted);
   try {
-    await m.setUp(disks, options.onMounted);
+    await m.setUp(disks);
   } catch (err) {
     await m.unmount().catch((cleanupErr: unknown) =>
       log.error({ err: describeError(cleanupErr) }, 'cleanup after a failed mount was incomplete'),
@@ -161,16 +206,28 @@ class MountSession implements Mount {
   readonly filesystems: MountedFileSystem[] = [];
   readonly skipped: SkippedVolume[] = [];
   readonly warnings: string[] = [];
+  readonly volumes: FoundVolume[] = [];
   readonly #dir: string;
   readonly #state: MountState;
+  readonly #onMounted: MountOptions['onMounted'];
   #server: NbdServer | null = null;
-  readonly #nbdfuse: ChildProcess[] = [];
-  /** FUSE file per NBD export, started on first need. */
-  readonly #views = new Map<string, string>();
+  #kernelTypes: ReadonlySet<string> = new Set();
+  /** nbdfuse per FUSE dir. */
+  readonly #nbdfuse = new Map<string, ChildProcess>();
+  /** FUSE file per NBD export, started on first need (once, however many mounts ask at once). */
+  readonly #views = new Map<string, Promise<string>>();
+  /** Found volumes with a file system, by volume name, in the order found; and those tried already. */
+  readonly #planned = new Map<string, PlannedVolume>();
+  readonly #tried = new Set<string>();
+  /** Position of each volume in the order found: filesystems and skipped are listed in it. */
+  readonly #order = new Map<string, number>();
+  #mkdirs: Promise<void> = Promise.resolve();
+  #copies = 0;
   #unmounting: Promise<void> | null = null;
 
-  constructor(at: string, runDir: string) {
+  constructor(at: string, runDir: string, onMounted: MountOptions['onMounted']) {
     this.at = at;
+    this.#onMounted = onMounted;
     this.#dir = join(runDir, randomUUID());
     this.#state = {
       pid: process.pid,
@@ -183,12 +240,12 @@ class MountSession implements Mount {
     };
   }
 
-  async setUp(disks: readonly DiskToMount[], onMounted: MountOptions['onMounted']): Promise<void> {
+  async setUp(disks: readonly DiskToMount[]): Promise<void> {
     mkdirSync(this.#dir, { recursive: true, mode: 0o700 });
     this.#save();
     registerForExit(this);
     await this.#mkdirTracked(this.at);
-    const kernelTypes = await kernelFileSystems();
+    this.#kernelTypes = await kernelFileSystems();
     // What each disk holds is read straight through the disks; FUSE views come after, per need.
     const perDisk: Array<{ d: DiskToMount; volumes: DiskVolume[] }> = [];
     for (const d of disks) perDisk.push({ d, volumes: await this.#volumes(d) });
@@ -201,6 +258,7 @@ class MountSession implements Mount {
       const view = (): Promise<string> => this.#fuseView(d.name);
       for (const v of volumes) {
         const ref: VolumeRef = { disk: d.name, partition: v.partition };
+        this.#order.set(volumeName(ref), this.#order.size);
         if (v.fs?.type === 'lvm2-pv') {
           // Its logical volumes are mounted below; only a PV that gives none is listed.
           const problem = lvm.pvProblems.get(volumeName(ref));
@@ -208,11 +266,12 @@ class MountSession implements Mount {
           continue;
         }
         const leaf = `${v.partition === null ? 'whole' : `part${v.partition}`}-${v.fs?.type ?? 'unknown'}`;
-        await this.#mountVolume(ref, v.fs, join(this.at, d.name, leaf), view, v.offset, v.size, kernelTypes, onMounted);
+        this.#plan(ref, v.fs, join(this.at, d.name, leaf), view, v.offset, v.size);
       }
     }
     for (const l of lvm.volumes) {
       const ref: VolumeRef = { disk: l.found.disks[0] ?? disks[0]?.name ?? '', partition: null, lv: { vg: l.found.vg, name: l.found.name } };
+      this.#order.set(volumeName(ref), this.#order.size);
       if (l.found.refused !== null || l.found.disk === null) {
         this.skipped.push({ ...ref, type: 'lvm2-lv', reason: `LVM logical volume ${l.found.vg}/${l.found.name} cannot be read: ${l.found.refused ?? 'unknown'}` });
         continue;
@@ -223,8 +282,40 @@ class MountSession implements Mount {
         if (exportName === null) throw new BulwarkError(`logical volume ${l.found.vg}/${l.found.name} is not served`, { kind: 'internal' });
         return this.#fuseView(exportName);
       };
-      await this.#mountVolume(ref, l.fs, join(this.at, l.dir), view, linear?.offset ?? 0, l.found.size, kernelTypes, onMounted);
+      this.#plan(ref, l.fs, join(this.at, l.dir), view, linear?.offset ?? 0, l.found.size);
     }
+  }
+
+  /** Records a found volume: one without a recognised file system is skipped at once. */
+  #plan(ref: VolumeRef, fs: DetectedFileSystem | null, path: string, view: () => Promise<string>, offset: number, size: number): void {
+    if (fs === null) {
+      this.skipped.push({ ...ref, type: 'unknown', reason: 'no recognised file system' });
+      return;
+    }
+    this.#planned.set(volumeName(ref), { ref, fs, path, view, offset, size });
+    this.volumes.push({ ...ref, type: fs.type, ...(fs.label !== undefined ? { label: fs.label } : {}), ...(fs.uuid !== undefined ? { uuid: fs.uuid } : {}) });
+  }
+
+  async mountVolumes(names: readonly string[]): Promise<MountedFileSystem[]> {
+    const todo: PlannedVolume[] = [];
+    for (const name of names) {
+      const p = this.#planned.get(name);
+      if (p === undefined) throw new BulwarkError(`no volume ${name} was found on the disks`, { kind: 'not-found', context: { volume: name } });
+      if (this.#tried.has(name)) continue;
+      this.#tried.add(name);
+      todo.push(p);
+    }
+    const before = new Set(this.filesystems);
+    // Side by side: each waits mostly on its own mount(8) and nbdfuse start.
+    const results = await Promise.allSettled(todo.map((p) => this.#mountVolume(p.ref, p.fs, p.path, p.view, p.offset, p.size)));
+    const rank = (v: VolumeRef): number => this.#order.get(volumeName(v)) ?? Number.MAX_SAFE_INTEGER;
+    this.filesystems.sort((a, b) => rank(a) - rank(b));
+    this.skipped.sort((a, b) => rank(a) - rank(b));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    const added = this.filesystems.filter((f) => !before.has(f));
+    for (const f of added) this.#onMounted?.(f);
+    return added;
   }
 
   /**
@@ -268,34 +359,35 @@ class MountSession implements Mount {
   }
 
   /** The FUSE file showing an NBD export (a disk, or an LV served on its own); one nbdfuse per export. */
-  async #fuseView(exportName: string): Promise<string> {
-    const known = this.#views.get(exportName);
-    if (known !== undefined) return known;
-    const i = this.#state.fuseDirs.length;
+  #fuseView(exportName: string): Promise<string> {
+    let view = this.#views.get(exportName);
+    if (view === undefined) {
+      view = this.#startFuseView(exportName, this.#views.size);
+      this.#views.set(exportName, view);
+    }
+    return view;
+  }
+
+  async #startFuseView(exportName: string, i: number): Promise<string> {
     const fuseDir = join(this.#dir, `fuse-${i}`);
     await mkdir(fuseDir);
     this.#state.fuseDirs.push(fuseDir);
     this.#save();
     const fuse = await startNbdfuse(fuseDir, this.#server!.uri(exportName), join(this.#dir, `nbdfuse-${i}.pid`));
-    this.#nbdfuse.push(fuse.child);
+    this.#nbdfuse.set(fuseDir, fuse.child);
     if (fuse.child.pid !== undefined) this.#state.nbdfusePids.push(fuse.child.pid);
     this.#save();
-    this.#views.set(exportName, fuse.image);
     return fuse.image;
   }
 
   /** Mounts one volume (bytes [offset, offset + size) of `image`) read-only at `path`, or lists why not. */
-  async #mountVolume(ref: VolumeRef, fs: DetectedFileSystem | null, path: string, view: () => Promise<string>, offset: number, size: number, kernelTypes: ReadonlySet<string>, onMounted: MountOptions['onMounted']): Promise<void> {
+  async #mountVolume(ref: VolumeRef, fs: DetectedFileSystem, path: string, view: () => Promise<string>, offset: number, size: number): Promise<void> {
     const name = volumeName(ref);
-    if (fs === null) {
-      this.skipped.push({ ...ref, type: 'unknown', reason: 'no recognised file system' });
+    if (fs.type === 'vfat' && !this.#kernelTypes.has('vfat')) {
+      await this.#userspaceVfat(ref, path, offset, size, fs, await view());
       return;
     }
-    if (fs.type === 'vfat' && !kernelTypes.has('vfat')) {
-      await this.#userspaceVfat(ref, path, offset, size, fs, await view(), onMounted);
-      return;
-    }
-    const reason = unmountableReason(fs.type, kernelTypes);
+    const reason = unmountableReason(fs.type, this.#kernelTypes);
     if (reason !== null) {
       this.skipped.push({ ...ref, type: fs.type, reason });
       return;
@@ -310,7 +402,7 @@ class MountSession implements Mount {
       this.#save();
       await runTool('mount', ['-t', kernelType, '-o', opts, image, path], `mounting ${name} (${fs.type})`);
     } catch (err) {
-      this.#state.mountpoints.pop();
+      this.#state.mountpoints = this.#state.mountpoints.filter((p) => p !== path);
       this.#save();
       this.skipped.push({ ...ref, type: fs.type, reason: describeError(err) });
       return;
@@ -326,7 +418,6 @@ class MountSession implements Mount {
     };
     this.filesystems.push(mounted);
     log.info({ volume: name, type: fs.type, path }, 'file system mounted read-only');
-    onMounted?.(mounted);
   }
 
   /**
@@ -335,7 +426,7 @@ class MountSession implements Mount {
    * fine for the small FAT volumes (EFI system partitions) guests have; larger ones are skipped.
    * mtools keeps file times but not folder times, and shows FAT attributes as fixed modes.
    */
-  async #userspaceVfat(ref: VolumeRef, path: string, offset: number, size: number, fs: DetectedFileSystem, image: string, onMounted: MountOptions['onMounted']): Promise<void> {
+  async #userspaceVfat(ref: VolumeRef, path: string, offset: number, size: number, fs: DetectedFileSystem, image: string): Promise<void> {
     const name = volumeName(ref);
     const skip = (reason: string): void => {
       this.skipped.push({ ...ref, type: 'vfat', reason });
@@ -344,7 +435,7 @@ class MountSession implements Mount {
       skip(`vfat file system: this kernel has no vfat driver, and at ${Math.round(size / 2 ** 30)} GiB it is too large to copy out with mtools (limit ${USERSPACE_VFAT_MAX / 2 ** 30} GiB); restore the disk instead`);
       return;
     }
-    const copy = join(this.#dir, `vfat-${this.filesystems.length}-${this.skipped.length}`);
+    const copy = join(this.#dir, `vfat-${this.#copies++}`);
     await mkdir(copy);
     const env = { ...process.env, MTOOLS_SKIP_CHECK: '1', MTOOLS_NO_VFAT: '0' };
     const source = `${image}@@${offset}`;
@@ -378,7 +469,6 @@ class MountSession implements Mount {
     this.filesystems.push(mounted);
     this.warnings.push(`${name}: ${relative(this.at, path)} was read with mtools (this kernel has no vfat driver): a read-only copy; folder times are not kept`);
     log.info({ volume: name, path }, 'vfat read in user space (mtools) and shown read-only');
-    onMounted?.(mounted);
   }
 
   /** The volumes of a disk: a whole-disk file system, or the partitions of its table. */
@@ -405,7 +495,14 @@ class MountSession implements Mount {
   }
 
   /** Creates `path` and any missing parents, each recorded so that unmount removes it again. */
-  async #mkdirTracked(path: string): Promise<void> {
+  #mkdirTracked(path: string): Promise<void> {
+    // One at a time: mounts side by side share parents (`<at>/vdb`).
+    const next = this.#mkdirs.then(() => this.#mkdirNow(path));
+    this.#mkdirs = next.catch(() => undefined);
+    return next;
+  }
+
+  async #mkdirNow(path: string): Promise<void> {
     const missing: string[] = [];
     for (let p = path; !existsSync(p); p = dirname(p)) {
       missing.unshift(p);
@@ -441,25 +538,32 @@ class MountSession implements Mount {
 
   async #teardown(): Promise<void> {
     const problems: string[] = [];
-    for (const path of [...this.#state.mountpoints].reverse()) {
-      try {
-        await unmountPath(path);
-        this.#state.mountpoints = this.#state.mountpoints.filter((p) => p !== path);
-      } catch (err) {
-        problems.push(describeError(err));
-      }
-    }
-    for (const [i, dir] of [...this.#state.fuseDirs].entries()) {
-      if (mountedPaths().has(dir)) {
+    // The mounts are side by side (none inside another): undone side by side, then their FUSE views.
+    // A view still starting is waited for first, so its nbdfuse is not left behind.
+    await Promise.allSettled(this.#views.values());
+    await Promise.all(
+      [...this.#state.mountpoints].reverse().map(async (path) => {
         try {
-          await unmountFuse(dir);
+          await unmountPath(path);
+          this.#state.mountpoints = this.#state.mountpoints.filter((p) => p !== path);
         } catch (err) {
           problems.push(describeError(err));
         }
-      }
-      const child = this.#nbdfuse[i];
-      if (child) await waitExit(child);
-    }
+      }),
+    );
+    await Promise.all(
+      this.#state.fuseDirs.map(async (dir) => {
+        if (mountedPaths().has(dir)) {
+          try {
+            await unmountFuse(dir);
+          } catch (err) {
+            problems.push(describeError(err));
+          }
+        }
+        const child = this.#nbdfuse.get(dir);
+        if (child) await waitExit(child);
+      }),
+    );
     await this.#server?.close();
     for (const dir of [...this.#state.createdDirs].reverse()) {
       if (!mountedPaths().has(dir)) await rmdir(dir).catch(() => undefined);
@@ -480,7 +584,7 @@ class MountSession implements Mount {
   exitCleanup(): void {
     for (const p of [...this.#state.mountpoints].reverse()) runSyncQuietly('umount', ['-l', p]);
     for (const d of this.#state.fuseDirs) runSyncQuietly('fusermount3', ['-uz', d]);
-    for (const c of this.#nbdfuse) c.kill('SIGTERM');
+    for (const c of this.#nbdfuse.values()) c.kill('SIGTERM');
     for (const dir of [...this.#state.createdDirs].reverse()) rmSyncQuietly(dir);
     rmSync(this.#dir, { recursive: true, force: true });
   }

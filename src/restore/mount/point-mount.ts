@@ -1,12 +1,15 @@
 // One restore point mounted for file-level restore: the point opened from its repository, each
-// disk read through a block cache, every recognised file system mounted read-only (mountDisks),
-// and the guest's layout worked out (root, fstab mount points). close() undoes it all.
-import { describeError } from '../../common/errors.js';
+// disk read through a block cache, every recognised file system mounted read-only (mountDisks) —
+// or, for `restore files`, only those its paths are on — and the guest's layout worked out (root,
+// fstab mount points). close() undoes it all.
+import { readFile } from 'node:fs/promises';
+import { join, posix } from 'node:path';
+import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { Repository, RestorePointInfo } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
-import { fsName, guestLayout, mountpointOf, type GuestLayout } from './guest-paths.js';
-import { mountDisks, type Mount, type MountedFileSystem } from './mount.js';
+import { EXPLICIT_PATH, fsName, guestLayout, matchFstabSpec, mountpointOf, parseFstab, type GuestLayout } from './guest-paths.js';
+import { mountDisks, openDisks, volumeName, type FoundVolume, type Mount, type MountedFileSystem } from './mount.js';
 
 const log = logger('point-mount');
 
@@ -57,6 +60,14 @@ export interface MountPointOptions {
   readonly password?: string;
   /** Block cache per disk (default 64 MiB). */
   readonly cacheBytes?: number;
+  /**
+   * Mount only the file systems these paths are on (as `restore files` takes them: a guest path
+   * `/etc/hostname`, or `vdb2:/srv` naming its file system), not all of them. A guest path needs
+   * the guest's mount points: the root is mounted first, then those its fstab places the paths on.
+   */
+  readonly paths?: readonly string[];
+  /** With `paths`: named file systems must be placed in the guest too (its root is read; --to-guest). */
+  readonly placeInGuest?: boolean;
 }
 
 /** Mounts a restore point's file systems; on failure nothing is left mounted or open. */
@@ -69,8 +80,16 @@ export async function mountRestorePoint(o: MountPointOptions): Promise<PointMoun
   };
   let mount: Mount;
   try {
-    mount = await mountDisks(disks, { at: o.at, ...(o.runDir !== undefined ? { runDir: o.runDir } : {}) });
+    const mountOptions = { at: o.at, ...(o.runDir !== undefined ? { runDir: o.runDir } : {}) };
+    mount = o.paths === undefined ? await mountDisks(disks, mountOptions) : await openDisks(disks, mountOptions);
   } catch (err) {
+    await closeDisks();
+    throw err;
+  }
+  try {
+    if (o.paths !== undefined) await mountForPaths(mount, o.paths, o.placeInGuest ?? false);
+  } catch (err) {
+    await mount.unmount().catch((cleanupErr: unknown) => log.error({ err: describeError(cleanupErr) }, 'unmounting after a failed mount was incomplete'));
     await closeDisks();
     throw err;
   }
@@ -96,4 +115,77 @@ export async function mountRestorePoint(o: MountPointOptions): Promise<PointMoun
         }
       })()),
   };
+}
+
+/** File system types a Linux guest's root can be (with an /etc/fstab). */
+const ROOT_TYPES = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs']);
+
+/**
+ * Mounts what `paths` need: each named file system, and for guest paths (or placeInGuest) the
+ * guest's root plus the file systems its fstab mounts on a prefix of a path. The root is the first
+ * found whose /etc/fstab mounts itself on `/`; when none does, everything is mounted (the layout
+ * then falls back to the one file system that looks like a root, as for a full mount).
+ */
+async function mountForPaths(mount: Mount, paths: readonly string[], placeInGuest: boolean): Promise<void> {
+  const names = new Map<string, string>();
+  const guestPaths: string[] = [];
+  for (const p of paths) {
+    const explicit = EXPLICIT_PATH.exec(p);
+    if (explicit === null) {
+      // Not starting with /: refused with its reason when resolved.
+      if (p.startsWith('/')) guestPaths.push(posix.normalize(p));
+      continue;
+    }
+    const name = explicit[1]!;
+    if (!mount.volumes.some((v) => volumeName(v) === name)) {
+      throw new BulwarkError(`${p}: the restore point has no mounted file system ${name}`, {
+        kind: 'not-found',
+        context: { path: p },
+        hint: `file systems: ${mount.volumes.map(fsName).join(', ') || 'none'}`,
+      });
+    }
+    names.set(name, p);
+  }
+  if (guestPaths.length > 0 || (placeInGuest && names.size > 0)) {
+    const root = await mountGuestRoot(mount);
+    if (root === null) {
+      await mount.mountVolumes(mount.volumes.map(volumeName));
+      return;
+    }
+    const placed = root.fstab
+      .filter((e) => e.mountpoint !== '/')
+      .map((e) => ({ mountpoint: e.mountpoint, volume: matchFstabSpec(e.spec, mount.volumes) }))
+      .filter((e): e is { mountpoint: string; volume: FoundVolume } => e.volume !== undefined && volumeName(e.volume) !== volumeName(root.fs))
+      .sort((a, b) => b.mountpoint.length - a.mountpoint.length);
+    for (const g of guestPaths) {
+      const on = placed.find((e) => g === e.mountpoint || g.startsWith(`${e.mountpoint}/`));
+      if (on) names.set(volumeName(on.volume), g);
+    }
+  }
+  await mount.mountVolumes([...names.keys()]);
+  for (const [name, p] of names) {
+    const skipped = mount.skipped.find((s) => volumeName(s) === name);
+    if (skipped && !mount.filesystems.some((f) => volumeName(f) === name)) {
+      throw new BulwarkError(`${p}: file system ${name} cannot be mounted: ${skipped.reason}`, { kind: 'unavailable', context: { path: p, filesystem: name } });
+    }
+  }
+}
+
+/** Mounts candidates for the guest root one by one until one's /etc/fstab mounts itself on `/`. */
+async function mountGuestRoot(mount: Mount): Promise<{ fs: MountedFileSystem; fstab: ReturnType<typeof parseFstab> } | null> {
+  for (const v of mount.volumes) {
+    if (!ROOT_TYPES.has(v.type)) continue;
+    const [fs] = await mount.mountVolumes([volumeName(v)]);
+    if (fs === undefined) continue;
+    let fstab: ReturnType<typeof parseFstab>;
+    try {
+      fstab = parseFstab(await readFile(join(fs.path, 'etc', 'fstab'), 'utf8'));
+    } catch {
+      continue;
+    }
+    const rootEntry = fstab.find((e) => e.mountpoint === '/');
+    const self = rootEntry === undefined ? undefined : matchFstabSpec(rootEntry.spec, mount.volumes);
+    if (self !== undefined && volumeName(self) === volumeName(fs)) return { fs, fstab };
+  }
+  return null;
 }

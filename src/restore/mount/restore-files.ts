@@ -31,7 +31,7 @@ export interface RestoreFilesResult extends CopyReport {
 
 function resolveAll(m: PointMount, paths: readonly string[]): ResolvedGuestPath[] {
   if (paths.length === 0) throw new BulwarkError('no path to restore was given', { kind: 'invalid', hint: 'name one or more guest paths with --path' });
-  return paths.map((p) => resolveGuestPath(m.layout, m.mount.filesystems, p));
+  return paths.map((p) => resolveGuestPath(m.layout, m.mount.filesystems, p, m.mount.volumes));
 }
 
 /** Copies guest paths into a host folder, each under its own name. */

@@ -209,7 +209,7 @@ export async function restoreFiles(
   const work = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-files-'));
   try {
     return await withMountIoSlot(async () => {
-      const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}), ...password });
+      const m = await mountRestorePoint({ repository, pointId, at: path.join(work, 'mnt'), ...(runDir !== undefined ? { runDir } : {}), ...password, paths: body.paths, placeInGuest: qga !== undefined });
       try {
         const result = qga
           ? await restoreFilesToGuest(m, body.paths, qga, { conflict: body.conflict ?? 'fail' })
