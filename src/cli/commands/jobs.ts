@@ -50,6 +50,7 @@ interface JobOptions {
   excludeDisk?: string[];
   removedVmRetention?: number;
   fileIndex?: boolean;
+  storage?: 'per-vm' | 'per-job';
   proxy?: string;
   encrypt?: boolean;
   passwordHint?: string;
@@ -107,6 +108,7 @@ function jobFields(o: JobOptions): Record<string, unknown> {
   if (o.excludeDisk !== undefined) body.excludeDisks = o.excludeDisk.includes('none') ? [] : o.excludeDisk;
   if (o.removedVmRetention !== undefined) body.removedVmRetentionDays = o.removedVmRetention;
   if (o.fileIndex !== undefined) body.fileIndex = o.fileIndex;
+  if (o.storage !== undefined) body.storage = o.storage;
   if (o.proxy !== undefined) body.proxy = o.proxy === 'auto' ? null : o.proxy;
   return body;
 }
@@ -149,6 +151,7 @@ export function jobCommand(ctx: CliContext): Command {
       .option('--removed-vm-retention <days>', 'days a VM removed from the job keeps its restore points (default 14)', nonNegativeInt('--removed-vm-retention'))
       .option('--file-index', 'index the guest\'s files after each backup (for search and file restore)')
       .option('--no-file-index', 'do not index guest files')
+      .addOption(new Option('--storage <mode>', 'per-vm: a chain per VM (default); per-job: all VMs of the job in one file set per restore point').choices(['per-vm', 'per-job']))
       .option('--encrypt', 'encrypt new chains (from the next full) with a password the server keeps sealed: asked twice, or --password-file')
       .option('--no-encrypt', 'new chains are not encrypted (older ones keep their password, still known to the server)')
       .option('--password-hint <text>', 'with --encrypt: shown when a wrong password is given (never the password)')
@@ -224,6 +227,7 @@ export function jobCommand(ctx: CliContext): Command {
           ['excluded disks', j.excludeDisks.length > 0 ? j.excludeDisks : '(none)'],
           ['removed VMs kept', `${j.removedVmRetentionDays} days`],
           ['file index', j.fileIndex],
+          ['storage', j.storage === 'per-job' ? 'one file set per job' : 'one chain per VM'],
           ['encryption', encryptionText(enc)],
           ['enabled', j.enabled],
           ['running', j.running],

@@ -48,6 +48,7 @@ describe('job backup-method options', () => {
       excludeDisks: [],
       removedVmRetentionDays: 14,
       fileIndex: false,
+      storage: 'per-vm',
     });
 
     const r = await call('POST', '/jobs', {
@@ -62,6 +63,7 @@ describe('job backup-method options', () => {
       excludeDisks: ['db1:vdb', 'vdc'],
       removedVmRetentionDays: 3,
       fileIndex: true,
+      storage: 'per-job',
     });
     expect(r.statusCode, r.body).toBe(201);
     const job = r.json<{ version: number }>();
@@ -75,6 +77,7 @@ describe('job backup-method options', () => {
       excludeDisks: ['db1:vdb', 'vdc'],
       removedVmRetentionDays: 3,
       fileIndex: true,
+      storage: 'per-job',
     });
 
     // An edit changes only what it names; clone copies the options.

@@ -189,6 +189,9 @@ export const JobBackupOptions = {
   excludeDisks: Type.Array(Type.String({ minLength: 1 }), { description: 'disks not backed up: "VM:DISK", or "DISK" for every VM of the job' }),
   removedVmRetentionDays: Type.Integer({ minimum: 0, maximum: 36500, description: 'days a VM removed from the job keeps its restore points (counted from its last point)' }),
   fileIndex: Type.Boolean({ description: 'index guest files after each backup' }),
+  storage: Type.Union([Type.Literal('per-vm'), Type.Literal('per-job')], {
+    description: 'per-vm (default): one chain per VM; per-job: all VMs of the job in one file set per point (the `_all` folder, docs/formats/backup-files.md section 2)',
+  }),
 };
 export interface JobBackupOptionValues {
   activeFull: PeriodicDays | null;
@@ -198,6 +201,7 @@ export interface JobBackupOptionValues {
   excludeDisks: string[];
   removedVmRetentionDays: number;
   fileIndex: boolean;
+  storage: 'per-vm' | 'per-job';
 }
 export const defaultJobBackupOptions: JobBackupOptionValues = {
   activeFull: null,
@@ -207,6 +211,7 @@ export const defaultJobBackupOptions: JobBackupOptionValues = {
   excludeDisks: [],
   removedVmRetentionDays: 14,
   fileIndex: false,
+  storage: 'per-vm',
 };
 const JobEditable = {
   vms: Type.Array(Type.String({ minLength: 1 }), { minItems: 1, description: 'VM names (the job objects)' }),
