@@ -83,15 +83,22 @@ export async function maintainAfterBackup(c: ChainRunContext, plan: RunPlan, poi
       say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)`);
     });
   }
+  // A merge refused because of damaged points is a warning: the session says what and why.
+  const retentionSays = (a: RetentionAction): void => {
+    if (a.kind === 'none' && (a.damaged?.length ?? 0) > 0) {
+      warnings.push(describeRetentionAction(a));
+      say('warning', describeRetentionAction(a));
+    } else say('info', describeRetentionAction(a));
+  };
   await step('retention', async () => {
     // Only a folder retention changes is locked and rewritten.
     const planned = planRetention(await repository.chainState(job, vm), methodPolicy(settings), now);
     if (planned.every((a) => a.kind === 'none')) {
-      for (const a of planned) if (a.points.length > 0) say('info', describeRetentionAction(a));
+      for (const a of planned) if (a.points.length > 0) retentionSays(a);
       return;
     }
     const report = await repository.applyRetention(job, vm, methodPolicy(settings), { now, ...pw });
-    for (const a of report.actions) say('info', describeRetentionAction(a));
+    for (const a of report.actions) retentionSays(a);
     if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}`);
   });
   if (settings.operation === 'backup' && dueOn(settings.compact, now, settings.timeZone)) {
