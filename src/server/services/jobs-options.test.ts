@@ -63,7 +63,6 @@ describe('job backup-method options', () => {
       excludeDisks: ['db1:vdb', 'vdc'],
       removedVmRetentionDays: 3,
       fileIndex: true,
-      storage: 'per-job',
     });
     expect(r.statusCode, r.body).toBe(201);
     const job = r.json<{ version: number }>();
@@ -77,7 +76,7 @@ describe('job backup-method options', () => {
       excludeDisks: ['db1:vdb', 'vdc'],
       removedVmRetentionDays: 3,
       fileIndex: true,
-      storage: 'per-job',
+      storage: 'per-vm',
     });
 
     // An edit changes only what it names; clone copies the options.
@@ -104,6 +103,7 @@ describe('job backup-method options', () => {
     await bad({ excludeDisks: ['web1:'] }, 'excludeDisks[0]', /names no disk: write VM:DISK/);
     await bad({ removedVmRetentionDays: -1 }, 'removedVmRetentionDays', /must be >= 0/);
     await bad({ healthCheck: { weekdays: ['someday'] } }, 'healthCheck.weekdays.0', /./);
+    await bad({ storage: 'per-job' }, 'storage', /not written by backups yet.*use per-vm/);
 
     // A method change that leaves a synthetic full without its method is refused too.
     const j = (await call('POST', '/jobs', { name: 'fwd', vms: ['web1'], repository: 'main', method: 'forward', syntheticFull: { weekdays: ['sat'] } })).json<{ version: number }>();

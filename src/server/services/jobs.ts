@@ -80,6 +80,11 @@ function checkBackupOptions(o: JobBackupOptionValues, method: BackupMethod, vms:
   if (o.activeFull !== null && method === 'forever-forward') {
     throw invalid('activeFull', 'forever-forward keeps one full and never takes another on a schedule: set method to forward (or reverse), or activeFull to null');
   }
+  if (o.storage === 'per-job') {
+    // The repository reads, lists, rescans and maintains per-job file sets (the `_all` folder),
+    // but the data path still writes one chain per VM: refuse rather than silently ignore it.
+    throw invalid('storage', 'per-job file sets are not written by backups yet (the repository can read and import them): use per-vm');
+  }
   const seen = new Set<string>();
   for (const [i, entry] of o.excludeDisks.entries()) {
     const field = `excludeDisks[${i}]`;
