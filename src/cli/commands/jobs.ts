@@ -50,6 +50,7 @@ interface JobOptions {
   excludeDisk?: string[];
   removedVmRetention?: number;
   fileIndex?: boolean;
+  multithreadedTransfer?: boolean;
   storage?: 'per-vm' | 'per-job';
   proxy?: string;
   encrypt?: boolean;
@@ -108,6 +109,7 @@ function jobFields(o: JobOptions): Record<string, unknown> {
   if (o.excludeDisk !== undefined) body.excludeDisks = o.excludeDisk.includes('none') ? [] : o.excludeDisk;
   if (o.removedVmRetention !== undefined) body.removedVmRetentionDays = o.removedVmRetention;
   if (o.fileIndex !== undefined) body.fileIndex = o.fileIndex;
+  if (o.multithreadedTransfer !== undefined) body.multithreadedTransfer = o.multithreadedTransfer;
   if (o.storage !== undefined) body.storage = o.storage;
   if (o.proxy !== undefined) body.proxy = o.proxy === 'auto' ? null : o.proxy;
   return body;
@@ -151,6 +153,8 @@ export function jobCommand(ctx: CliContext): Command {
       .option('--removed-vm-retention <days>', 'days a VM removed from the job keeps its restore points (default 14)', nonNegativeInt('--removed-vm-retention'))
       .option('--file-index', 'index the guest\'s files after each backup (for search and file restore)')
       .option('--no-file-index', 'do not index guest files')
+      .option('--multithreaded-transfer', 'between agents, send each task over several parallel TCP streams (5, the default)')
+      .option('--no-multithreaded-transfer', 'between agents, one TCP stream per task')
       .addOption(new Option('--storage <mode>', 'per-vm: a chain per VM (default); per-job: all VMs of the job in one file set per restore point').choices(['per-vm', 'per-job']))
       .option('--encrypt', 'encrypt new chains (from the next full) with a password the server keeps sealed: asked twice, or --password-file')
       .option('--no-encrypt', 'new chains are not encrypted (older ones keep their password, still known to the server)')
@@ -227,6 +231,7 @@ export function jobCommand(ctx: CliContext): Command {
           ['excluded disks', j.excludeDisks.length > 0 ? j.excludeDisks : '(none)'],
           ['removed VMs kept', `${j.removedVmRetentionDays} days`],
           ['file index', j.fileIndex],
+          ['multithreaded transfer', j.multithreadedTransfer ? 'on (5 streams per task between agents)' : 'off (1 stream per task)'],
           ['storage', j.storage === 'per-job' ? 'one file set per job' : 'one chain per VM'],
           ['encryption', encryptionText(enc)],
           ['enabled', j.enabled],

@@ -75,6 +75,26 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
     }
   });
 
+  it('sends over 5 parallel streams, or 1 when the job turns multithreaded transfer off', async () => {
+    for (const [settings, streams] of [[{}, 5], [{ multithreadedTransfer: true }, 5], [{ multithreadedTransfer: false }, 1]] as const) {
+      const t = setup({ method: 'forever-forward', retention: { points: 3 }, ...settings });
+      try {
+        const outcome = t.executor.execute(t.task, t.context);
+        const target = await t.next('repo1');
+        t.send('repo1', target.taskId, {
+          type: 'ready', port: 9393, host: '10.0.0.3', previous: null,
+          plan: { kind: 'full', reason: 'first backup', chainMethod: 'forward', parent: null, repair: [] },
+        });
+        const source = await t.next('src1');
+        expect(source, JSON.stringify(settings)).toMatchObject({ kind: 'backup-source', streams });
+        t.broker.close();
+        await outcome.catch(() => undefined);
+      } finally {
+        t.broker.close();
+      }
+    }
+  });
+
   it('a health-check session is one health-check task on the repository agent', async () => {
     const t = setup({ operation: 'health-check', wholeChain: true });
     try {

@@ -107,7 +107,8 @@ export class DatabaseJobEngineStore implements JobEngineStore {
         compression: r.compression,
         retention: parseJson<Retention>(r.retention, 'job retention'),
         requireGuestProcessing: r.require_guest_processing === 1,
-        // activeFull, syntheticFull, healthCheck, compact, excludeDisks, removedVmRetentionDays, fileIndex
+        // activeFull, syntheticFull, healthCheck, compact, excludeDisks, removedVmRetentionDays, fileIndex,
+        // multithreadedTransfer, storage
         ...backupOptionsOf(r),
       },
     };

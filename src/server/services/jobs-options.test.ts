@@ -48,6 +48,7 @@ describe('job backup-method options', () => {
       excludeDisks: [],
       removedVmRetentionDays: 14,
       fileIndex: false,
+      multithreadedTransfer: true,
       storage: 'per-vm',
     });
 
@@ -63,6 +64,7 @@ describe('job backup-method options', () => {
       excludeDisks: ['db1:vdb', 'vdc'],
       removedVmRetentionDays: 3,
       fileIndex: true,
+      multithreadedTransfer: false,
     });
     expect(r.statusCode, r.body).toBe(201);
     const job = r.json<{ version: number }>();
@@ -76,6 +78,7 @@ describe('job backup-method options', () => {
       excludeDisks: ['db1:vdb', 'vdc'],
       removedVmRetentionDays: 3,
       fileIndex: true,
+      multithreadedTransfer: false,
       storage: 'per-vm',
     });
 

@@ -189,6 +189,9 @@ export const JobBackupOptions = {
   excludeDisks: Type.Array(Type.String({ minLength: 1 }), { description: 'disks not backed up: "VM:DISK", or "DISK" for every VM of the job' }),
   removedVmRetentionDays: Type.Integer({ minimum: 0, maximum: 36500, description: 'days a VM removed from the job keeps its restore points (counted from its last point)' }),
   fileIndex: Type.Boolean({ description: 'index guest files after each backup' }),
+  multithreadedTransfer: Type.Boolean({
+    description: 'several parallel TCP streams per task between agents (5; default on); off: one stream (for links that punish parallel connections)',
+  }),
   storage: Type.Union([Type.Literal('per-vm'), Type.Literal('per-job')], {
     description: 'per-vm (default): one chain per VM; per-job: all VMs of the job in one file set per point (the `_all` folder, docs/formats/backup-files.md section 2)',
   }),
@@ -201,6 +204,7 @@ export interface JobBackupOptionValues {
   excludeDisks: string[];
   removedVmRetentionDays: number;
   fileIndex: boolean;
+  multithreadedTransfer: boolean;
   storage: 'per-vm' | 'per-job';
 }
 export const defaultJobBackupOptions: JobBackupOptionValues = {
@@ -211,6 +215,7 @@ export const defaultJobBackupOptions: JobBackupOptionValues = {
   excludeDisks: [],
   removedVmRetentionDays: 14,
   fileIndex: false,
+  multithreadedTransfer: true,
   storage: 'per-vm',
 };
 const JobEditable = {
