@@ -40,6 +40,7 @@ import {
   type TablePageRef,
 } from '../format/index.js';
 import { crc32c } from '@node-rs/crc32';
+import { writevAll } from '../storage/writev.js';
 import type { EncodedSlot, EncodePool } from './encode-pool.js';
 
 /** What the parent point holds at a block, for `compareWithParent`. */
@@ -203,7 +204,7 @@ export class BackupFileWriter {
     while (this.#running < WRITES_IN_FLIGHT && this.#queued.length > 0) {
       const b = this.#queued.shift()!;
       this.#running++;
-      const written = this.#failure ? Promise.resolve() : this.#writeAll(b.bufs, b.at, b.bytes);
+      const written = this.#failure ? Promise.resolve() : writevAll(this.#fh, b.bufs, b.at, b.bytes);
       void written
         .catch((err: unknown) => this.#fail(err))
         .finally(() => {
@@ -223,28 +224,6 @@ export class BackupFileWriter {
           this.#pump();
           if (this.#running === 0 && this.#queued.length === 0) for (const w of this.#idle.splice(0)) w();
         });
-    }
-  }
-
-  async #writeAll(bufs: Buffer[], at: number, bytes: number): Promise<void> {
-    let done = 0;
-    let rest = bufs;
-    for (;;) {
-      const { bytesWritten } = await this.#fh.writev(rest, at + done);
-      done += bytesWritten;
-      if (done >= bytes) return;
-      if (bytesWritten === 0) throw new Error(`short write at offset ${at + done}`);
-      // Partial write: drop what was written and continue with the rest.
-      let skip = bytesWritten;
-      const next: Buffer[] = [];
-      for (const b of rest) {
-        if (skip >= b.length) skip -= b.length;
-        else {
-          next.push(skip > 0 ? b.subarray(skip) : b);
-          skip = 0;
-        }
-      }
-      rest = next;
     }
   }
 

@@ -34,6 +34,7 @@ import {
   type TablePageRef,
 } from '../../format/index.js';
 import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
+import { writevAll } from '../../storage/writev.js';
 import { BackupFile } from '../backup-file.js';
 import type { DiskWriteStats, ParentBlock, WriteDiskOptions } from '../backup-file-writer.js';
 import type { ChainKeys } from '../chain-keys.js';
@@ -198,7 +199,7 @@ export class InjectWriter {
     this.#batchBytes = 0;
     const prev = this.#writing;
     const w = prev
-      .then(() => writeAll(this.#fh, bufs, at, bytes))
+      .then(() => writevAll(this.#fh, bufs, at, bytes))
       .then(() => {
         this.io.bytesWritten += bytes;
       })
@@ -452,7 +453,7 @@ export class InjectWriter {
       const generation = full.slot.generation + 1;
       const index = encodeIndex({ config: input.config, disks: [...this.#disks.values()].map((d) => d.descriptor!) });
       const indexOffset = this.#end;
-      await writeAll(this.#fh, [index], indexOffset, index.length);
+      await writevAll(this.#fh, [index], indexOffset, index.length);
       this.#end += index.length;
       this.io.bytesWritten += index.length;
       await this.#fh.sync();
@@ -502,23 +503,3 @@ async function flippedBeyond(file: string, generation: number): Promise<boolean>
   return s !== null && s.generation > generation;
 }
 
-async function writeAll(fh: FileHandle, bufs: Buffer[], at: number, bytes: number): Promise<void> {
-  let done = 0;
-  let rest = bufs;
-  for (;;) {
-    const { bytesWritten } = await fh.writev(rest, at + done);
-    done += bytesWritten;
-    if (done >= bytes) return;
-    if (bytesWritten === 0) throw new Error(`short write at offset ${at + done}`);
-    let skip = bytesWritten;
-    const next: Buffer[] = [];
-    for (const b of rest) {
-      if (skip >= b.length) skip -= b.length;
-      else {
-        next.push(skip > 0 ? b.subarray(skip) : b);
-        skip = 0;
-      }
-    }
-    rest = next;
-  }
-}

@@ -5,11 +5,12 @@
 // whose table digest is that of zeroes (and whose data confirms it) stays a hole. Synchronous:
 // called in the decoder threads (restore-worker.ts), or on the calling thread for threads: 0.
 import { createHash, createHmac } from 'node:crypto';
-import { readSync, writevSync } from 'node:fs';
+import { readSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { crc32c } from '@node-rs/crc32';
 import { decodeRecordHeader, RECORD_HEADER_SIZE } from '../../format/index.js';
 import { decodePayload } from '../../repository/block-codec.js';
+import { writevAllSync } from '../../storage/writev.js';
 import type { DecodeInit, DecodeJob, DecodeResult } from './restore-pool.js';
 
 // zstd-napi's low-level binding decompresses into a caller's buffer (no allocation per block).
@@ -33,27 +34,6 @@ export function readFully(fd: number, buf: Buffer, position: number): void {
   while (done < buf.length) {
     const n = readSync(fd, buf, done, buf.length - done, position + done);
     if (n === 0) throw new Error(`unexpected end of file at ${position + done} (truncated?)`);
-    done += n;
-  }
-}
-
-function writeFully(fd: number, parts: Buffer[], position: number): void {
-  let total = 0;
-  for (const p of parts) total += p.length;
-  let done = writevSync(fd, parts, position);
-  // A short pwritev (rare: signals, quotas) continues with what is left.
-  while (done < total) {
-    let skip = done;
-    const rest: Buffer[] = [];
-    for (const p of parts) {
-      if (skip >= p.length) skip -= p.length;
-      else {
-        rest.push(skip > 0 ? p.subarray(skip) : p);
-        skip = 0;
-      }
-    }
-    const n = writevSync(fd, rest, position + done);
-    if (n === 0) throw new Error(`write returned 0 at ${position + done}`);
     done += n;
   }
 }
@@ -98,7 +78,7 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
     let partsEnd = -1;
     const flush = (): void => {
       if (parts.length === 0) return;
-      writeFully(o.outFd, parts, partsAt);
+      writevAllSync(o.outFd, parts, partsAt);
       parts = [];
     };
     for (let k = 0; k < n; k++) {
