@@ -43,6 +43,24 @@ import { crc32c } from '@node-rs/crc32';
 import { writevAll } from '../storage/writev.js';
 import type { EncodedSlot, EncodePool } from './encode-pool.js';
 
+/**
+ * Checks a block a source hands to a writer: its index follows `last` and lies on the disk, its
+ * data (if any) is as long as the block. Returns that length.
+ */
+export function checkIncomingBlock(name: string, b: DiskBlock, last: number, blockCount: number, blockSize: number, lastLength: number): number {
+  if (!Number.isSafeInteger(b.index) || b.index <= last || b.index >= blockCount) {
+    throw new BulwarkError(`disk ${name}: block index ${b.index} out of order or beyond the disk (${blockCount} blocks, previous ${last})`, {
+      kind: 'invalid',
+      context: { disk: name, block: b.index },
+    });
+  }
+  const length = b.index === blockCount - 1 ? lastLength : blockSize;
+  if (b.data !== null && b.data.length !== length) {
+    throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
+  }
+  return length;
+}
+
 /** What the parent point holds at a block, for `compareWithParent`. */
 export type ParentBlock = { readonly kind: 'zero' | 'hole' } | { readonly kind: 'stored'; readonly digest: Buffer };
 
@@ -454,17 +472,8 @@ class DiskLane {
     let last = -1;
     for await (const b of blocks) {
       this.#check();
-      if (!Number.isSafeInteger(b.index) || b.index <= last || b.index >= blockCount) {
-        throw new BulwarkError(`disk ${name}: block index ${b.index} out of order or beyond the disk (${blockCount} blocks, previous ${last})`, {
-          kind: 'invalid',
-          context: { disk: name, block: b.index },
-        });
-      }
+      const length = checkIncomingBlock(name, b, last, blockCount, blockSize, lastLength);
       last = b.index;
-      const length = b.index === blockCount - 1 ? lastLength : blockSize;
-      if (b.data !== null && b.data.length !== length) {
-        throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
-      }
       while (this.#pending >= limit) {
         const wait = this.#waitStart();
         await this.#changed();

@@ -36,7 +36,7 @@ import {
 import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
 import { writevAll } from '../../storage/writev.js';
 import { BackupFile } from '../backup-file.js';
-import type { DiskWriteStats, ParentBlock, WriteDiskOptions } from '../backup-file-writer.js';
+import { checkIncomingBlock, type DiskWriteStats, type ParentBlock, type WriteDiskOptions } from '../backup-file-writer.js';
 import type { ChainKeys } from '../chain-keys.js';
 import type { EncodedSlot, EncodePool } from '../encode-pool.js';
 import type { VmFolder } from '../folders.js';
@@ -337,17 +337,8 @@ export class InjectWriter {
     try {
       let last = -1;
       for await (const b of blocks) {
-        if (!Number.isSafeInteger(b.index) || b.index <= last || b.index >= blockCount) {
-          throw new BulwarkError(`disk ${name}: block index ${b.index} out of order or beyond the disk (${blockCount} blocks, previous ${last})`, {
-            kind: 'invalid',
-            context: { disk: name, block: b.index },
-          });
-        }
+        const length = checkIncomingBlock(name, b, last, blockCount, blockSize, lastLength);
         last = b.index;
-        const length = b.index === blockCount - 1 ? lastLength : blockSize;
-        if (b.data !== null && b.data.length !== length) {
-          throw new BulwarkError(`disk ${name}: block ${b.index} has ${b.data.length} bytes, expected ${length}`, { kind: 'invalid', context: { disk: name, block: b.index } });
-        }
         while (queue.length >= inflight) await retire(queue.shift()!);
         if (b.data === null) queue.push({ index: b.index, kind: 'hole', length });
         else if (b.data.equals(length === blockSize ? zero : zero.subarray(0, length))) queue.push({ index: b.index, kind: 'zero', length });
