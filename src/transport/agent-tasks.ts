@@ -138,6 +138,8 @@ export interface RestoreDiskTask {
   readonly to: string;
   readonly format?: 'raw' | 'qcow2' | undefined;
   readonly overwrite?: boolean | undefined;
+  /** Also compute the SHA-256 of the whole image (result `sha256`). */
+  readonly digest?: boolean | undefined;
   readonly password?: string | undefined;
 }
 
@@ -146,7 +148,8 @@ export interface WireRestoredDisk {
   readonly path: string;
   readonly format: 'raw' | 'qcow2';
   readonly size: number;
-  readonly sha256: string;
+  /** Only when the task asked for `digest`. */
+  readonly sha256?: string | undefined;
   readonly bytesWritten: number;
   readonly durationMs: number;
 }

@@ -72,7 +72,7 @@ async function backup(label: string, extra: Partial<BackupVmOptions> = {}): Prom
 async function restoreAndCheck(pointId: string, refs: Record<string, string>, files: Record<string, string | undefined>): Promise<void> {
   for (const [disk, ref] of Object.entries(refs)) {
     const to = path.join(work, `${pointId}-${disk}.raw`);
-    const r = await restoreDisk({ repository: repo, pointId, disk, to });
+    const r = await restoreDisk({ repository: repo, pointId, disk, to, imageDigest: true });
     await assertIdenticalImages(to, ref);
     const { stdout } = await run('sha256sum', [ref]);
     expect(r.sha256).toBe(stdout.split(' ')[0]);
@@ -220,7 +220,7 @@ describe('backupVm + restoreDisk on a running guest', () => {
       expect(point.kind).toBe('incremental');
       expect(point.disks.map((d) => d.name)).toEqual(['vda', 'vdb']);
       const toB = path.join(work, 'engine-vdb.raw');
-      const rb = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vdb', to: toB });
+      const rb = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vdb', to: toB, imageDigest: true });
       expect(rb.sha256).toBe(vdbSum);
       const toA = path.join(work, 'engine-vda.raw');
       await restoreDisk({ repository: repo, pointId: point.id, disk: 'vda', to: toA });

@@ -104,7 +104,7 @@ async function everyPointBitExact(job: string): Promise<number> {
     const want = references.get(p.time.getTime());
     expect(want, `reference of point ${p.id} (${p.time.toISOString()})`).toBeDefined();
     const to = path.join(work, `${p.id}.raw`);
-    const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to });
+    const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, imageDigest: true });
     await rm(to);
     expect(r.sha256, `point ${p.id} (${p.kind}, ${p.time.toISOString()}) of ${job}`).toBe(want);
   }
@@ -207,7 +207,7 @@ describe('backup methods: 10 runs each on a running guest', () => {
     expect(repaired.log).toMatch(new RegExp(`repair: re-reading vda blocks [0-9, ]*\\b${named![1]}\\b`));
     const point = (await repo.listRestorePoints({ job: 'hc', vm: VM })).at(-1)!;
     const to = path.join(work, 'repaired.raw');
-    const r = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vda', to });
+    const r = await restoreDisk({ repository: repo, pointId: point.id, disk: 'vda', to, imageDigest: true });
     await rm(to);
     expect(r.sha256).toBe(references.get(point.time.getTime()));
     expect(repaired.log).toMatch(/health check of VM methods-dp: the latest point \S+ verified, \d+ block\(s\), no damage/);

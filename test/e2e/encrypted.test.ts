@@ -65,7 +65,7 @@ async function paused<T>(fn: () => Promise<T>): Promise<T> {
 
 async function restoreDisk(point: string, name: string, ...extra: string[]): Promise<{ path: string; sha256: string }> {
   const to = join(tmp, `${name}.raw`);
-  const r = await bwJson<{ sha256: string }>(['restore', 'disk', point, '--disk', 'vda', '--to', to, '--overwrite', ...extra]);
+  const r = await bwJson<{ sha256: string }>(['restore', 'disk', point, '--disk', 'vda', '--to', to, '--overwrite', '--digest', ...extra]);
   return { path: to, sha256: r.sha256 };
 }
 

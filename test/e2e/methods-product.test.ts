@@ -83,7 +83,7 @@ async function guestWrite(file: string, kib: number): Promise<string> {
 
 async function restoreTo(point: string, name: string): Promise<{ path: string; sha256: string }> {
   const to = path.join(tmp, `${name}.raw`);
-  const r = await bwJson<{ sha256: string }>('restore', 'disk', point, '--disk', 'vda', '--to', to, '--overwrite');
+  const r = await bwJson<{ sha256: string }>('restore', 'disk', point, '--disk', 'vda', '--to', to, '--overwrite', '--digest');
   return { path: to, sha256: r.sha256 };
 }
 

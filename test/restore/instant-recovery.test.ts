@@ -50,7 +50,7 @@ async function hashTree(root: string): Promise<Record<string, string>> {
 async function pointDiskSha(): Promise<string> {
   const to = path.join(work, `sha-${Date.now()}.raw`);
   try {
-    return (await restoreDisk({ repository: repo, pointId, disk: 'vda', to })).sha256;
+    return (await restoreDisk({ repository: repo, pointId, disk: 'vda', to, imageDigest: true })).sha256!;
   } finally {
     await rm(to, { force: true });
   }

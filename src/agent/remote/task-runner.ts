@@ -353,9 +353,10 @@ export class AgentTaskRunner {
       to: task.to,
       ...(task.format ? { format: task.format } : {}),
       ...(task.overwrite ? { overwrite: true } : {}),
+      ...(task.digest ? { imageDigest: true } : {}),
       ...(task.password !== undefined ? { password: task.password } : {}),
     });
-    return { path: r.path, format: r.format, size: r.size, sha256: r.sha256, bytesWritten: r.bytesWritten, durationMs: r.durationMs };
+    return { path: r.path, format: r.format, size: r.size, ...(r.sha256 !== undefined ? { sha256: r.sha256 } : {}), bytesWritten: r.bytesWritten, durationMs: r.durationMs };
   }
 
   /** Reads the VM here and sends it to the repository agent; resolves with the backup summary. */

@@ -36,7 +36,7 @@ describe('restoreDisk (raw)', () => {
     // Decoded on this thread, then by decoder threads.
     for (const [p, bytes, threads] of [[p0, at0, 0], [p1, m.bytes, 2]] as const) {
       const to = path.join(dir, `${p.id}.raw`);
-      const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, threads });
+      const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, threads, imageDigest: true });
       const out = await readFile(to);
       expect(out.equals(bytes)).toBe(true);
       expect(r.sha256).toBe(createHash('sha256').update(bytes).digest('hex'));
@@ -59,6 +59,9 @@ describe('restoreDisk (raw)', () => {
     await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'nope', to: path.join(dir, 'x.raw'), threads: 0 })).rejects.toThrow(/no disk nope/);
     const r = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, overwrite: true, threads: 0 });
     expect((await readFile(to)).equals(m.bytes)).toBe(true);
+    // The image digest is opt-in: absent unless asked for.
+    expect(r.sha256).toBeUndefined();
+    expect('sha256' in r).toBe(false);
     expect(r.bytesWritten).toBe(BS);
     expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore-'))).toEqual([]);
   });
@@ -79,12 +82,12 @@ describe('restoreDisk (raw)', () => {
     await w1.writeDisk('vda', iterate([{ index: 8, data: b8 }]));
     const p1 = await w1.commit();
     const to = path.join(dir, 'grown.raw');
-    const r = await restoreDisk({ repository: repo, pointId: p1.id, disk: 'vda', to, password: 'pw', verify: true, threads: 2 });
+    const r = await restoreDisk({ repository: repo, pointId: p1.id, disk: 'vda', to, password: 'pw', verify: true, threads: 2, imageDigest: true });
     expect((await readFile(to)).equals(grown)).toBe(true);
     expect(r.sha256).toBe(createHash('sha256').update(grown).digest('hex'));
     expect(r.bytesWritten).toBe(2 * BS + 1000 + BS);
     const q = path.join(dir, 'p0.qcow2');
-    const rq = await restoreDisk({ repository: repo, pointId: p0.id, disk: 'vda', to: q, format: 'qcow2', password: 'pw', verify: true, threads: 0 });
+    const rq = await restoreDisk({ repository: repo, pointId: p0.id, disk: 'vda', to: q, format: 'qcow2', password: 'pw', verify: true, threads: 0, imageDigest: true });
     expect(rq.sha256).toBe(createHash('sha256').update(m.bytes).digest('hex'));
     expect((await readFile(q)).subarray(0, 4).toString('latin1')).toBe('QFI\xfb');
   });
@@ -138,7 +141,7 @@ describe('restoreDisk (raw)', () => {
     } finally {
       await fh.close();
     }
-    const ok = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'unverified.raw'), threads: 0 });
+    const ok = await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'unverified.raw'), threads: 0, imageDigest: true });
     expect(ok.sha256).toBe(createHash('sha256').update(m.bytes).digest('hex'));
     await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'v.raw'), verify: true, threads: 1 })).rejects.toThrow(
       /damaged block in .*block 1 \(disk offset 262144\).*does not match the SHA-256/,

@@ -3,8 +3,9 @@
 // is written to a temporary file next to the target, then converted by `qemu-img convert`, which
 // keeps it sparse). The main thread resolves the block tables and hands batches of stored blocks
 // to decoder threads, which read, check (CRC32C always, the table's SHA-256 with `verify`),
-// decode and write them with pwritev (restore-worker.ts); a hash thread computes the SHA-256 of
-// the raw image by following the written file in disk order. The result appears under its name
+// decode and write them with pwritev (restore-worker.ts); with `imageDigest` (opt-in,
+// docs/decisions/0006-restore-image-digest.md) a hash thread computes the SHA-256 of the raw image
+// by following the written file in disk order. The result appears under its name
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { lstat, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
@@ -37,7 +38,11 @@ export interface RestoreDiskOptions {
    * table (in the decoder threads). The CRC32C of every stored block is always checked.
    */
   readonly verify?: boolean;
-  /** Compute the SHA-256 of the whole raw image (default true). */
+  /**
+   * Also compute the SHA-256 of the whole raw image (result `sha256`; default false: it costs a
+   * core for the whole restore, docs/decisions/0006-restore-image-digest.md). The blocks are
+   * checked without it: CRC32C always, their SHA-256 with `verify`.
+   */
   readonly imageDigest?: boolean;
   /** Password of an encrypted chain. */
   readonly password?: string;
@@ -49,8 +54,8 @@ export interface RestoreDiskResult {
   readonly path: string;
   readonly format: RestoreDiskFormat;
   readonly size: number;
-  /** SHA-256 (hex) of the disk's contents, i.e. of the raw image. */
-  readonly sha256: string;
+  /** SHA-256 (hex) of the disk's contents, i.e. of the raw image; only with `imageDigest`. */
+  readonly sha256?: string;
   /** Bytes of data written (blocks that do not read as zeroes). */
   readonly bytesWritten: number;
   readonly durationMs: number;
@@ -254,7 +259,7 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
   const outTmp = `${target}${tag}.${format}`;
   try {
     const disk = point.openDisk(o.disk);
-    let sha256: string;
+    let sha256 = '';
     let bytesWritten: number;
     // Milliseconds from the start until all blocks were written, synced, hashed (for the log).
     const timings = { written: 0, synced: 0, hashed: 0 };
@@ -275,7 +280,7 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
         },
         o.threads ?? availableParallelism(),
       );
-      hasher = o.imageDigest === false ? null : new ImageHasher(fh.fd);
+      hasher = o.imageDigest === true ? new ImageHasher(fh.fd) : null;
       // The raw image of a qcow2 restore is a temporary: only the converted file is synced.
       const flusher = new Flusher(fh, format === 'raw' ? FLUSH_EVERY : 0);
       ({ bytesWritten } = await writeImage(point, disk, pool, hasher, flusher, o));
@@ -310,7 +315,7 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
       throw new BulwarkError(`${target} appeared while restoring`, { kind: 'conflict', context: { file: target } });
     }
     await rename(format === 'qcow2' ? outTmp : rawTmp, target);
-    const result: RestoreDiskResult = { path: target, format, size: disk.size, sha256, bytesWritten, durationMs: Date.now() - started, timings };
+    const result: RestoreDiskResult = { path: target, format, size: disk.size, ...(o.imageDigest === true ? { sha256 } : {}), bytesWritten, durationMs: Date.now() - started, timings };
     log.info({ point: o.pointId, disk: o.disk, ...result }, 'disk restored');
     return result;
   } catch (err) {

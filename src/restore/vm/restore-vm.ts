@@ -238,12 +238,14 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       to,
       format,
       overwrite,
+      // A VM restore reports each disk's SHA-256 (RestoredDisk.sha256): asked for explicitly.
+      imageDigest: true,
       ...(o.password !== undefined ? { password: o.password } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
       onProgress: (p) => o.onProgress?.({ disk, bytesDone: doneBefore + p.bytesDone, total }),
     });
     doneBefore += size;
-    return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 };
+    return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 ?? '' };
   };
   const warnings: string[] = [];
   const base = { point: o.pointId, vm: name, toOriginal, warnings };

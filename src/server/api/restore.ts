@@ -18,6 +18,12 @@ const RestoreDiskBody = Type.Object(
     to: Type.String({ minLength: 1, description: 'absolute path of the image to write, on the server host' }),
     format: Type.Optional(Type.Union([Type.Literal('raw'), Type.Literal('qcow2')])),
     overwrite: Type.Optional(Type.Boolean()),
+    digest: Type.Optional(
+      Type.Boolean({
+        description:
+          'also compute the SHA-256 of the whole restored image (reply field sha256; costs about a core for the whole restore). Every block is checked either way (CRC32C).',
+      }),
+    ),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of (never needed for the points of its encrypted jobs)' })),
   },
   { additionalProperties: false },
@@ -29,7 +35,7 @@ const RestoreDiskReply = Type.Object({
   path: Type.String(),
   format: Type.Union([Type.Literal('raw'), Type.Literal('qcow2')]),
   size: Type.Number(),
-  sha256: Type.String(),
+  sha256: Type.Optional(Type.String({ description: 'SHA-256 (hex) of the raw image; only when the request asked for digest' })),
   bytesWritten: Type.Number(),
   durationMs: Type.Number(),
 });
@@ -90,8 +96,8 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
  */
 export type RemoteDiskRestore = (
   repository: { readonly agent: string | null; readonly path: string },
-  args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; password?: string | undefined },
-) => Promise<{ path: string; format: 'raw' | 'qcow2'; size: number; sha256: string; bytesWritten: number; durationMs: number }> | undefined;
+  args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; digest?: boolean | undefined; password?: string | undefined },
+) => Promise<{ path: string; format: 'raw' | 'qcow2'; size: number; sha256?: string | undefined; bytesWritten: number; durationMs: number }> | undefined;
 
 export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, keys?: EncryptionKeys): FastifyPluginAsync {
   return async (api) => {
@@ -108,7 +114,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         schema: { tags: ['restore'], params: Type.Object({ id: Type.String() }), body: RestoreDiskBody, response: { 200: RestoreDiskReply } },
       },
       async (req) => {
-        const { disk, to, format, overwrite, password: given } = req.body;
+        const { disk, to, format, overwrite, digest, password: given } = req.body;
         if (!path.isAbsolute(to)) {
           throw new BulwarkError(`to: ${to} is not an absolute path`, { kind: 'invalid', hint: 'give the full path of the image to write on the server host' });
         }
@@ -119,7 +125,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         const repo = await getRepository(ctx, point.repository);
         // A repository on another agent's host: that agent restores, to a path on its host.
         const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
-        const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
+        const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
         let result;
         if (onAgent) {
           try {
@@ -134,9 +140,18 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         else {
           const repository = await openRepository(repo.path);
           const pw = await pointPassword(keys, repository, point, given);
-          result = await restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...pw });
+          result = await restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw });
         }
-        return { point: point.id, disk, path: result.path, format: result.format, size: result.size, sha256: result.sha256, bytesWritten: result.bytesWritten, durationMs: result.durationMs };
+        return {
+          point: point.id,
+          disk,
+          path: result.path,
+          format: result.format,
+          size: result.size,
+          ...(digest && result.sha256 !== undefined ? { sha256: result.sha256 } : {}),
+          bytesWritten: result.bytesWritten,
+          durationMs: result.durationMs,
+        };
       },
     );
   };

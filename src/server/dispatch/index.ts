@@ -54,7 +54,7 @@ export interface Dispatch {
    */
   restoreDisk: (
     repository: { readonly agent: string | null; readonly path: string },
-    args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; password?: string | undefined },
+    args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; digest?: boolean | undefined; password?: string | undefined },
   ) => Promise<WireRestoredDisk> | undefined;
   /**
    * The removed-VM sweep of one job's folder on the agent that owns the repository (docs/formats/

@@ -231,7 +231,7 @@ export class MultiHost {
   async restoredSha(pointId: string, disk = 'vda'): Promise<string> {
     const to = path.join(this.tmp, `restored-${pointId}.raw`);
     try {
-      const r = await this.api<{ sha256: string; path: string }>('POST', `/restore-points/${pointId}/restore-disk`, { disk, to, format: 'raw', overwrite: true });
+      const r = await this.api<{ sha256: string; path: string }>('POST', `/restore-points/${pointId}/restore-disk`, { disk, to, format: 'raw', overwrite: true, digest: true });
       const written = createHash('sha256').update(readFileSync(to)).digest('hex');
       if (written !== r.sha256) throw new Error(`restored file ${to} has SHA-256 ${written}, the restore said ${r.sha256}`);
       return r.sha256;

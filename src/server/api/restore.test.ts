@@ -1,0 +1,65 @@
+// The restore-disk route: the image SHA-256 is opt-in (`digest: true` computes it and answers
+// `sha256`; without it the reply has no such field), and the file is the disk either way.
+// Real SQLite, real repository, the route through Fastify's inject.
+import { createHash } from 'node:crypto';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openRepository } from '../../repository/index.js';
+import { DiskModel, iterate } from '../../repository/test-helpers.js';
+import { openDatabase, type ConfigDatabase } from '../db/connect.js';
+import { systemClock, type ServiceContext } from '../services/common.js';
+import { createRepository } from '../services/infrastructure.js';
+import { recordRestorePoint, SessionEvents } from '../services/sessions.js';
+import { buildApi } from './app.js';
+import { restorePlugin } from './restore.js';
+
+const BS = 262144;
+let dir: string;
+let cdb: ConfigDatabase;
+let ctx: ServiceContext;
+let pointId: string;
+let image: Buffer;
+
+beforeAll(async () => {
+  dir = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-api-'));
+  cdb = await openDatabase({ target: path.join(dir, 'bulwark.db') });
+  ctx = { db: cdb.db, engine: cdb.engine, clock: systemClock };
+  const repo = await openRepository(path.join(dir, 'repo'), { create: true });
+  const repositoryId = (await createRepository(ctx, { name: 'main', path: repo.root })).id;
+  const m = new DiskModel(3 * BS + 100, BS);
+  const w = await repo.startRestorePoint({ job: 'j', vm: 'vm1', kind: 'full', blockSize: BS, threads: 0, disks: [{ name: 'vda', size: m.size }] });
+  await w.writeDisk('vda', iterate(m.change([[0, 'data'], [2, 'zero'], [3, 'data']])));
+  const p = await w.commit();
+  image = Buffer.from(m.bytes);
+  pointId = p.id;
+  await recordRestorePoint(ctx, { id: p.id, vm: 'vm1', disks: [{ name: 'vda', size: m.size }], time: p.time.toISOString(), type: 'full', chainId: p.chainId, size: p.fileBytes, repositoryId, jobId: null });
+});
+afterAll(async () => {
+  await cdb?.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('POST /restore-points/:id/restore-disk', () => {
+  it('answers the image SHA-256 only when asked for with digest', async () => {
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'socket', version: 't', plugins: [restorePlugin(ctx)] });
+    try {
+      const plain = path.join(dir, 'plain.raw');
+      const r1 = await app.inject({ method: 'POST', url: `/api/v1/restore-points/${pointId}/restore-disk`, payload: { disk: 'vda', to: plain } });
+      expect(r1.statusCode, r1.body).toBe(200);
+      expect(r1.json()).toMatchObject({ point: pointId, disk: 'vda', path: plain, format: 'raw', size: image.length });
+      expect(r1.json()).not.toHaveProperty('sha256');
+      expect((await readFile(plain)).equals(image)).toBe(true);
+
+      const digested = path.join(dir, 'digested.raw');
+      const r2 = await app.inject({ method: 'POST', url: `/api/v1/restore-points/${pointId}/restore-disk`, payload: { disk: 'vda', to: digested, digest: true } });
+      expect(r2.statusCode, r2.body).toBe(200);
+      expect(r2.json<{ sha256: string }>().sha256).toBe(createHash('sha256').update(image).digest('hex'));
+      expect((await readFile(digested)).equals(image)).toBe(true);
+    } finally {
+      await app.close();
+    }
+  });
+});
