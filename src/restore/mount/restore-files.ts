@@ -6,7 +6,7 @@ import { lstat, open, readdir, readlink } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import type { QgaClient } from '../../hypervisor/qga/client.js';
+import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
 import type { CopyReport } from './copy-out.js';
 import { resolveGuestPath, fsName, type ResolvedGuestPath } from './guest-paths.js';
 import type { PointMount } from './point-mount.js';
@@ -64,7 +64,7 @@ export function shq(s: string): string {
 }
 
 /** Runs shell lines in the guest in batches (a guest-exec argument stays well under 128 KiB). */
-async function runGuestScript(qga: QgaClient, lines: readonly string[], what: string): Promise<string> {
+async function runGuestScript(qga: GuestAgent, lines: readonly string[], what: string): Promise<string> {
   let out = '';
   let batch: string[] = [];
   let size = 0;
@@ -134,7 +134,7 @@ async function planEntry(host: string, guest: string, plan: GuestPlan): Promise<
 export async function restoreFilesToGuest(
   m: PointMount,
   paths: readonly string[],
-  qga: QgaClient,
+  qga: GuestAgent,
   opts: { conflict?: GuestConflict } = {},
 ): Promise<RestoreFilesResult> {
   const conflict = opts.conflict ?? 'fail';
@@ -172,17 +172,16 @@ export async function restoreFilesToGuest(
   return { ...plan.report, items };
 }
 
-const CHUNK = 1024 * 1024;
-
-/** Streams one host file into the guest with guest-file-open/write (created or truncated). */
-async function writeGuestFile(qga: QgaClient, host: string, guest: string): Promise<void> {
+/** Streams one host file into the guest with guest-file-open/write (created or truncated), in the channel's largest writes. */
+async function writeGuestFile(qga: GuestAgent, host: string, guest: string): Promise<void> {
   const h = await qga.fileOpen(guest, 'w');
   const src = await open(host, 'r');
   try {
-    const buf = Buffer.alloc(CHUNK);
+    const chunk = qga.maxWriteBytes;
+    const buf = Buffer.alloc(chunk);
     let pos = 0;
     for (;;) {
-      const { bytesRead } = await src.read(buf, 0, CHUNK, pos);
+      const { bytesRead } = await src.read(buf, 0, chunk, pos);
       if (bytesRead === 0) break;
       const n = await qga.fileWrite(h, buf.subarray(0, bytesRead));
       if (n !== bytesRead) throw new BulwarkError(`short write to guest file ${guest}: ${n} of ${bytesRead} bytes at ${pos}`, { context: { path: guest, offset: pos } });

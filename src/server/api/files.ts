@@ -12,6 +12,8 @@ import { logger } from '../../common/log.js';
 import { QemuHypervisor } from '../../hypervisor/qemu/adapter.js';
 import { findAgentSocket } from '../../hypervisor/qemu/discovery.js';
 import { QgaClient } from '../../hypervisor/qga/client.js';
+import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
+import { connectLibvirtGuestAgent } from '../../hypervisor/qga/libvirt.js';
 import { QmpClient } from '../../hypervisor/qmp/client.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { fileIndexPath, indexRestorePoint, searchIndexes, type IndexResult, type SearchablePoint } from '../../restore/catalog/catalog.js';
@@ -144,13 +146,17 @@ async function repositoryOfPoint(ctx: ServiceContext, pointId: string, keys?: En
   return { repository, vm: point.vm, password: await pointPassword(keys, repository, point, given) };
 }
 
-/** Connects to the guest agent of a running VM, found on the configured QEMU hosts. */
-async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<QgaClient> {
+/**
+ * Connects to the guest agent of a running VM, found on the configured hosts: on a QEMU host
+ * through the agent's own socket (found through QMP), on a libvirt host through libvirt
+ * (`virsh qemu-agent-command`: libvirtd holds the socket).
+ */
+async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<GuestAgent> {
   const hosts = await listHosts(ctx);
-  const reasons: string[] = [];
   for (const h of hosts) {
-    if (h.kind !== 'qemu') {
-      reasons.push(`host ${h.name} is ${h.kind}: writing into its guests through the agent is not supported yet`);
+    if (h.kind === 'libvirt') {
+      const agent = await connectLibvirtGuestAgent({ uri: h.uri, domain: vm, host: h.name, timeoutMs: 30_000 });
+      if (agent) return agent;
       continue;
     }
     const hv = new QemuHypervisor({ qmpGlob: h.uri });
@@ -181,7 +187,7 @@ async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<QgaCl
   throw new BulwarkError(`VM ${vm} is not running on any configured host`, {
     kind: 'not-found',
     context: { vm },
-    hint: reasons.length ? reasons.join('; ') : 'add its host with `bulwark host add`, or restore to a folder with --to',
+    hint: hosts.length ? `it is on none of the hosts ${hosts.map((h) => h.name).join(', ')}: add its host with \`bulwark host add\`, or restore to a folder with --to` : 'add its host with `bulwark host add`, or restore to a folder with --to',
   });
 }
 
