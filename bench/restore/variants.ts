@@ -1,5 +1,9 @@
 // Scratch bench (by hand): restoreDisk variants on the mixed disk, compiled, in child processes.
 //   npx tsx bench/restore/variants.ts [--runs 3] [--variants digest+verify,digest,verify,none] [--threads N]
+//                                     [--to-dir DIR]  (where the restored image goes; default the bench folder
+//                                                      under os.tmpdir(); /dev/shm takes the disk out)
+// --runs 0 only compiles (.cache/bench-restore-variants/variants.js; run a phase of it by hand:
+// `node .cache/bench-restore-variants/variants.js --phase restore --variant none --to FILE`).
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { loadavg } from 'node:os';
@@ -36,8 +40,9 @@ async function main(): Promise<void> {
   }
   const compiled = await compileBench(fileURLToPath(import.meta.url), 'bench-restore-variants');
   const runs = Number(opt('runs', '3'));
+  if (runs === 0) return;
   const variants = opt('variants', 'digest+verify,digest,verify,none').split(',');
-  const to = path.join(BENCH_DIR, 'restoreperf-out.raw');
+  const to = path.join(opt('to-dir', BENCH_DIR), 'restoreperf-out.raw');
   const rows = new Map<string, Phase[]>(variants.map((v) => [v, []]));
   for (let r = 0; r < runs; r++) {
     for (const v of variants) {

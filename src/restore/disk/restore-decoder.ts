@@ -4,6 +4,13 @@
 // (HMAC) in the block table; then the run is written with pwritev at the disk offsets. A block
 // whose table digest is that of zeroes (and whose data confirms it) stays a hole. Synchronous:
 // called in the decoder threads (restore-worker.ts), or on the calling thread for threads: 0.
+//
+// Direct I/O: given `directFd` (the output opened O_DIRECT), runs of whole, aligned blocks are
+// written through it from page-aligned memory, bypassing the page cache (no kernel copy, no
+// writeback later: docs/decisions/0006-restore-image-digest.md, "After"). Such memory comes from a
+// WebAssembly memory, whose buffer starts on a page boundary (Node has no aligned allocator);
+// stored (raw) and lz4 / encrypted blocks are copied into it. Anything else (a short last block),
+// or a file system that refuses an aligned direct write (EINVAL), goes through `outFd`.
 import { createHash, createHmac } from 'node:crypto';
 import { readSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -18,6 +25,19 @@ interface ZstdBinding {
   DCtx: new () => { decompress(dst: Uint8Array, src: Uint8Array): number };
 }
 const zstd = createRequire(import.meta.url)('zstd-napi/binding') as ZstdBinding;
+
+/** Alignment of direct writes: offset, length and memory (a page: what every Linux file system accepts). */
+export const DIRECT_ALIGN = 4096;
+interface WasmMemoryCtor {
+  new (d: { initial: number; maximum?: number }): { readonly buffer: ArrayBuffer };
+}
+const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: WasmMemoryCtor } }).WebAssembly.Memory;
+
+/** `bytes` of page-aligned memory (a WebAssembly memory's buffer, 64 KiB pages). */
+export function alignedBuffer(bytes: number): Buffer {
+  const pages = Math.max(1, Math.ceil(bytes / 65536));
+  return Buffer.from(new WasmMemory({ initial: pages, maximum: pages }).buffer, 0, bytes);
+}
 
 class BlockError extends Error {
   constructor(
@@ -52,7 +72,21 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
     return d;
   };
   let readBuf = Buffer.allocUnsafe(0);
-  let plainBuf = Buffer.allocUnsafe(0);
+  let plainBuf: Buffer = Buffer.allocUnsafe(0);
+  // -1 once a direct write was refused: from then on, everything goes through the page cache.
+  let directFd = o.directFd ?? -1;
+  const writeRun = (parts: Buffer[], at: number, length: number): void => {
+    if (directFd >= 0 && at % DIRECT_ALIGN === 0 && length % DIRECT_ALIGN === 0) {
+      try {
+        writevAllSync(directFd, parts, at);
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+        directFd = -1;
+      }
+    }
+    writevAllSync(o.outFd, parts, at);
+  };
   let zeroes = Buffer.alloc(0);
   const isZero = (b: Buffer): boolean => {
     if (zeroes.length < b.length) zeroes = Buffer.alloc(b.length);
@@ -66,7 +100,7 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
     const lastAt = (n - 1) * 5;
     const span = job.blocks[lastAt + 1]! + RECORD_HEADER_SIZE + job.blocks[lastAt + 2]! - first;
     if (readBuf.length < span) readBuf = Buffer.allocUnsafe(span);
-    if (plainBuf.length < n * o.blockSize) plainBuf = Buffer.allocUnsafe(n * o.blockSize);
+    if (plainBuf.length < n * o.blockSize) plainBuf = directFd >= 0 ? alignedBuffer(n * o.blockSize) : Buffer.allocUnsafe(n * o.blockSize);
     try {
       readFully(fd, readBuf.subarray(0, span), first);
     } catch (err) {
@@ -78,7 +112,7 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
     let partsEnd = -1;
     const flush = (): void => {
       if (parts.length === 0) return;
-      writevAllSync(o.outFd, parts, partsAt);
+      writeRun(parts, partsAt, partsEnd - partsAt);
       parts = [];
     };
     for (let k = 0; k < n; k++) {
@@ -114,6 +148,10 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
       }
       // Zero data stays a hole: the table's digest says so in O(1); the data confirms it.
       if (want.equals(zeroDigest(plainLength)) && isZero(plain)) continue;
+      // Direct writes need aligned memory: a block decoded elsewhere is copied into its slot.
+      if (directFd >= 0 && plain.buffer !== plainBuf.buffer && plainLength % DIRECT_ALIGN === 0) {
+        plain = plainBuf.subarray(k * o.blockSize, k * o.blockSize + plain.copy(plainBuf, k * o.blockSize));
+      }
       const pos = index * o.blockSize;
       if (pos !== partsEnd) flush();
       if (parts.length === 0) partsAt = pos;

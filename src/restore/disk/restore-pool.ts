@@ -12,6 +12,8 @@ export interface DecodeInit {
   /** The chain's backup files, as open descriptors of this process (threads share them). */
   readonly files: readonly { readonly fd: number; readonly aad: Uint8Array }[];
   readonly outFd: number;
+  /** The output opened with O_DIRECT (whole aligned runs are written through it), or null. */
+  readonly directFd?: number | null;
   readonly blockSize: number;
   readonly blockKey: Uint8Array | null;
   readonly digestKey: Uint8Array | null;
