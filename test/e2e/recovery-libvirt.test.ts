@@ -95,6 +95,43 @@ describe('full VM restore (libvirt host)', () => {
     await removeDomain(COPY);
   });
 
+  it('(a2) restore files --to-guest writes into the running domain through libvirt: fail, overwrite, keep-both; paused is refused', async () => {
+    // (added by GUEST; (b) restores the whole disk afterwards, so these changes do not leak)
+    const td = image.manifest.testdataDir;
+    await dom!.sh(`rm -rf '${td}/dir with spaces' && echo changed > ${td}/alpha.txt && echo changed > ${td}/random-1m.bin`);
+    const conflict = await bulwark(['restore', 'files', `${VM}@latest`, '--path', `${td}/alpha.txt`, '--to-guest'], env);
+    expect(conflict.code).toBe(1);
+    expect(conflict.stderr).toMatch(/alpha\.txt exists in the guest/);
+
+    // random-1m.bin (1 MiB + 123 bytes) goes in several writes: one virsh argument carries 90 KiB.
+    const over = await bulwark(['restore', 'files', `${VM}@latest`, '--path', `${td}/alpha.txt`, '--path', `${td}/random-1m.bin`, '--path', `${td}/dir with spaces`, '--to-guest', '--conflict', 'overwrite', '--json'], env);
+    expect(over.code, over.stderr).toBe(0);
+    const written = JSON.parse(over.stdout) as { files: number; directories: number; bytes: number };
+    expect([written.files, written.directories]).toEqual([3, 1]);
+    expect(written.bytes).toBeGreaterThan(1024 * 1024 + 123);
+    expect(await dom!.sh(`cd ${td} && sha256sum -c SHA256SUMS 2>&1`)).not.toMatch(/FAILED/);
+
+    const [point] = JSON.parse((await bulwark(['restore-point', 'list', '--vm', VM, '--json'], env)).stdout) as Array<{ time: string }>;
+    const stamp = new Date(point!.time).toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+    await dom!.sh(`echo newer > ${td}/alpha.txt`);
+    const kept = await bulwark(['restore', 'files', `${VM}@latest`, '--path', `${td}/alpha.txt`, '--to-guest', '--conflict', 'keep-both', '--json'], env);
+    expect(kept.code, kept.stderr).toBe(0);
+    expect((JSON.parse(kept.stdout) as { items: Array<{ to: string }> }).items.map((i) => i.to)).toEqual([`${td}/alpha.txt.restored-${stamp}`]);
+    const sums = await dom!.sh(`cat ${td}/alpha.txt && sha256sum '${td}/alpha.txt.restored-${stamp}'`);
+    expect(sums.split('\n')[0]).toBe('newer');
+    expect(sums.split('\n')[1]!.split(' ')[0]).toBe(image.manifest.testdata['alpha.txt']);
+
+    await virsh(['suspend', VM]);
+    try {
+      const paused = await bulwark(['restore', 'files', `${VM}@latest`, '--path', `${td}/alpha.txt`, '--to-guest', '--conflict', 'overwrite'], env);
+      expect(paused.code).toBe(1);
+      expect(paused.stderr).toMatch(new RegExp(`VM ${VM} on host lv \\(qemu:///system\\) is paused, not running`));
+      expect(paused.stderr).toContain(`virsh resume ${VM}`);
+    } finally {
+      await virsh(['resume', VM]);
+    }
+  });
+
   it('(b) restores over the original only when it is off, defining it again from the saved XML', async () => {
     const refused = await bulwark(['restore', 'vm', `${VM}@latest`], env);
     expect(refused.code).toBe(1);
