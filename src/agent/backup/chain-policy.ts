@@ -33,6 +33,8 @@ export interface JobMethodSettings {
   readonly operation: Operation;
   /** Health-check sessions: verify every point of the chain. */
   readonly wholeChain: boolean;
+  /** per-vm (default): a chain per VM; per-job: every VM of the job in one restore point (the `_all` folder). */
+  readonly storage: 'per-vm' | 'per-job';
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -71,6 +73,7 @@ export function methodSettings(settings: Readonly<Record<string, unknown>> | und
     timeZone: typeof s.timeZone === 'string' ? s.timeZone : 'UTC',
     operation,
     wholeChain: s.wholeChain === true,
+    storage: s.storage === 'per-job' ? 'per-job' : 'per-vm',
   };
 }
 

@@ -5,8 +5,8 @@
 // which blocks a health check found damaged must be re-read from the source; "after" builds the
 // synthetic full, applies retention, and compacts and health-checks on their days. Every step is a
 // line in the session log; a failed step after the commit is a warning (the new point is kept).
-import { describeError } from '../../common/errors.js';
-import { planRetention, type BackupMethod, type PendingRepair, type Repository, type RestorePointInfo, type RetentionAction, type RunPlan } from '../../repository/index.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { ALL_VMS, planRetention, splitAllVmsDiskName, type BackupMethod, type PendingRepair, type Repository, type RestorePointInfo, type RetentionAction, type RunPlan } from '../../repository/index.js';
 import { dueOn, excludes, methodPolicy, planVmRun, type JobMethodSettings } from './chain-policy.js';
 
 export type ChainLogLevel = 'info' | 'warning' | 'error';
@@ -20,7 +20,10 @@ export interface ChainRunContext {
   readonly settings: JobMethodSettings;
   /** The time days and retention are judged by (the server's clock). */
   readonly now: Date;
+  /** The password of the folder's latest chain (the one the run continues or reads). */
   readonly password?: string | undefined;
+  /** The password a new chain gets (the job's current one); after a full, the steps use it. Default: `password`. */
+  readonly newChainPassword?: string | undefined;
   /** A line for the session log. */
   readonly say: (level: ChainLogLevel, message: string) => void;
 }
@@ -52,7 +55,11 @@ export async function planVmBackup(c: ChainRunContext, fullRequested: boolean): 
   const state = await c.repository.chainState(c.job, c.vm);
   const plan = planVmRun(state, c.settings, c.now, fullRequested);
   c.say('info', `this run: ${plan.kind} (${plan.reason})`);
-  const excluded = (disk: string) => c.settings.excludeDisks.some((e) => excludes(e, c.vm, disk));
+  // A per-job chain (`_all`) names its disks VM/DISK.
+  const excluded = (disk: string) => {
+    const split = c.vm === ALL_VMS ? splitAllVmsDiskName(disk) : null;
+    return c.settings.excludeDisks.some((e) => (split ? excludes(e, split.vm, split.disk) : excludes(e, c.vm, disk)));
+  };
   const repair = plan.kind === 'full' ? [] : (state.repair?.disks ?? []).filter((r) => !excluded(r.disk) && r.blocks.length > 0);
   if (repair.length > 0) {
     c.say('info', `repair: re-reading ${repair.map((r) => `${r.disk} blocks ${r.blocks.join(', ')}`).join('; ')} from the source (damaged in the repository)`);
@@ -64,7 +71,9 @@ export async function planVmBackup(c: ChainRunContext, fullRequested: boolean): 
  * "After" the point `pointId` was committed: synthetic full (when planned), retention, and
  * compaction and health check on their days. Returns the warnings (failed steps, damage found).
  */
-export async function maintainAfterBackup(c: ChainRunContext, plan: RunPlan, pointId: string): Promise<string[]> {
+export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan, pointId: string): Promise<string[]> {
+  // A full started a new chain: the steps below work on it.
+  const c: ChainRunContext = plan.kind === 'full' ? { ...chain, password: chain.newChainPassword ?? chain.password } : chain;
   const { repository, job, vm, settings, now, say } = c;
   const warnings: string[] = [];
   const step = async (what: string, fn: () => Promise<void>): Promise<void> => {
@@ -144,6 +153,33 @@ export async function healthCheckSession(c: ChainRunContext): Promise<string[]> 
   return checkVmChain(c, wholeChain);
 }
 
+/**
+ * The password of VM folder `vm`'s latest chain — the chain an increment, a synthetic full, a
+ * health check continue or read: the first of `candidates` (the job's current password first,
+ * then its older ones) that opens the chain's latest point. A chain keeps the key it was created
+ * with; a changed job password applies from the next full (docs/encryption.md). Returns
+ * `candidates[0]` when the folder has no chain, undefined when its latest chain is plain, and
+ * `null` when it is encrypted and no candidate opens it.
+ */
+export async function latestChainPassword(repository: Repository, job: string, vm: string, candidates: readonly string[]): Promise<string | undefined | null> {
+  const latest = (await repository.listChains({ job, vm })).at(-1);
+  const tip = latest?.points.at(-1);
+  if (!latest || !tip) return candidates[0];
+  if (!latest.encrypted) return undefined;
+  for (const password of new Set(candidates)) {
+    try {
+      const opened = await repository.openRestorePoint(tip.id, { password });
+      await opened.close();
+      return password;
+    } catch (err) {
+      if (err instanceof BulwarkError && err.kind === 'unauthorized') continue;
+      // Damaged or unreadable: the step that reads it reports that (a health check names the damage).
+      return candidates[0];
+    }
+  }
+  return null;
+}
+
 /** What the removed-VM sweep did to one VM folder of a job. */
 export interface RemovedVmSweep {
   readonly vm: string;
@@ -165,6 +201,9 @@ export async function sweepRemovedVms(
   const keep = new Set(o.vms);
   const byVm = new Map<string, RestorePointInfo[]>();
   for (const p of await repository.listRestorePoints({ job: o.job })) {
+    // The job's per-job set (`_all`) is no VM: its points go by the job's own retention (a VM
+    // removed from a per-job job leaves with the points that held it).
+    if (p.vm === ALL_VMS) continue;
     if (!keep.has(p.vm)) byVm.set(p.vm, [...(byVm.get(p.vm) ?? []), p]);
   }
   const out: RemovedVmSweep[] = [];

@@ -96,8 +96,13 @@ export interface BackupVmOptions {
   /** New chains only: repository block size (default 1 MiB) and compression (default zstd). */
   readonly blockSize?: number;
   readonly compression?: 'none' | 'zstd' | 'lz4';
-  /** New chains only: encrypt with this password. Increments of an encrypted chain: its password. */
+  /** New chains only: encrypt with this password. Increments of an encrypted chain: its password (unless `chainPassword`). */
   readonly password?: string;
+  /**
+   * The password of the encrypted chain an increment continues, when it is not `password` (the
+   * job's password changed: the chain keeps the key it was created with until the next full).
+   */
+  readonly chainPassword?: string;
   /** New encrypted chains only: a hint for the password, stored in the chain's metadata. */
   readonly passwordHint?: string;
   /** Back up only these disks. Default: all. */
@@ -114,6 +119,12 @@ export interface BackupVmOptions {
    * standalone full (export): the view is ended without leaving a checkpoint behind.
    */
   readonly keepTracking?: boolean;
+  /**
+   * The VM is written into an increment even when it has no previous checkpoint of its own (a
+   * per-job point: the job's increment, a VM new to it): blocks not read are given as explicit
+   * zeroes, never left to inherit. `blockSize` must then be the chain's.
+   */
+  readonly intoIncrement?: boolean;
   /** Point-in-time recorded for the restore point (default: now). */
   readonly time?: Date;
   /** NBD connections per disk (default 4) and blocks in flight per disk (default 8). */
@@ -290,7 +301,8 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
 
   const target = o.target ?? (o.repository ? repositoryTarget(o.repository) : undefined);
   if (!target) throw new BulwarkError('backupVm needs a repository or a target', { kind: 'invalid' });
-  const prev = await target.previousCheckpoint(o.job, vmName, chainId, o.password);
+  const chainPassword = o.chainPassword ?? o.password;
+  const prev = await target.previousCheckpoint(o.job, vmName, chainId, chainPassword);
   if (prev) say('info', `previous restore point ${prev.point.id} (${prev.point.kind}, ${prev.point.time.toISOString()}), checkpoint ${prev.checkpoint.name}`);
   else say('info', 'no previous restore point of this chain: full backup');
   const incremental = prev !== null && o.full !== true;
@@ -345,7 +357,7 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
       ...(!incremental && o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
       ...(!incremental && o.compression !== undefined ? { compression: o.compression } : {}),
       ...(!incremental && o.password !== undefined ? { encryption: { password: o.password, ...(o.passwordHint !== undefined ? { hint: o.passwordHint } : {}) } } : {}),
-      ...(incremental && o.password !== undefined ? { password: o.password } : {}),
+      ...(incremental && chainPassword !== undefined ? { password: chainPassword } : {}),
       ...(o.threads !== undefined ? { threads: o.threads } : {}),
       vmConfig: meta,
       disks: view.disks.map((d) => ({ name: d.disk.name, size: d.size })),
@@ -397,7 +409,7 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
       if (ended !== null) throw new BulwarkError(`the backup of VM ${vmName} has ${ended === 'aborted' ? 'failed' : 'ended'}`, { kind: 'conflict', context: { vm: vmName, disk: name } });
       claimed.add(name);
       // The writer takes several disks at once (records interleave in the file).
-      const summary = await backupDisk(d, sink, { blockSize, incremental, progress: progress[name]!, report, say, o, hooks, reusable });
+      const summary = await backupDisk(d, sink, { blockSize, incremental: incremental || o.intoIncrement === true, progress: progress[name]!, report, say, o, hooks, reusable });
       summaries.set(name, summary);
       return summary;
     },

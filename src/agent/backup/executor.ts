@@ -18,11 +18,12 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
-import { openRepository, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
+import { ALL_VMS, catalogPoints, openRepository, splitAllVmsDiskName, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
 import { methodSettings, splitDisks, type JobMethodSettings } from './chain-policy.js';
-import { healthCheckSession, maintainAfterBackup, planVmBackup, type ChainRunContext } from './chain-run.js';
+import { healthCheckSession, latestChainPassword, maintainAfterBackup, planVmBackup, type ChainRunContext } from './chain-run.js';
 import { backupVm, startVmBackup, type BackupProgress, type BackupVmSummary, type DiskBackupSummary, type VmBackup } from './disk-backup.js';
+import { jobPointFailed, JobPointTarget } from './job-target.js';
 import { RateLimiter } from '../../transport/throttle.js';
 import { StageTimes } from '../../transport/stage-times.js';
 import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from './job-settings.js';
@@ -34,8 +35,15 @@ export interface LocalDataPathOptions {
   hosts(job: JobDefinition): Promise<readonly HypervisorConnection[]>;
   /** The repository folder of a job (server: the `path` of the repository named by `job.repository`). */
   repositoryPath(job: JobDefinition): Promise<string>;
-  /** Password of the job's encrypted chains, if any. */
+  /** The job's current password (its new chains are encrypted with it), if encryption is on. */
   password?(job: JobDefinition): Promise<string | undefined>;
+  /**
+   * Every password that may open the job's existing chains, newest first (server: the job's
+   * current and earlier passwords, then those added by hand). A chain keeps the password it was
+   * created with: its increments and maintenance use the one that opens it (docs/encryption.md).
+   * Default: `password` alone.
+   */
+  passwords?(job: JobDefinition): Promise<readonly string[]>;
   /** The hint of that password, stored in the .vbm of the job's new encrypted chains (docs/encryption.md). */
   passwordHint?(job: JobDefinition): Promise<string | undefined>;
   /**
@@ -70,6 +78,8 @@ interface VmResult {
   /** Warnings for the task outcome (the VM's owner task reports them). */
   readonly warnings: readonly string[];
   readonly consistency: 'application' | 'crash' | null;
+  /** Per-job storage: each VM's catalog id of the job's point (its slice). */
+  readonly pointOf?: ReadonlyMap<string, string>;
 }
 
 /** A disk task attached to its VM's run: hears its disk's log lines, the VM's progress, and VM-wide lines when it is the oldest. */
@@ -78,7 +88,7 @@ interface RunListener {
   hear(e: RunEvent): void;
 }
 
-type RunEvent = { kind: 'progress'; progress: BackupProgress } | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined };
+type RunEvent = { kind: 'progress'; progress: BackupProgress; vm?: string | undefined } | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined };
 
 /** The per-VM part of a backup, made by the VM's first disk task and shared by the others. */
 interface SharedVm {
@@ -88,8 +98,22 @@ interface SharedVm {
   readonly repository: Repository;
 }
 
+/** Per-job storage: the job's part of a backup, made by its first disk task and shared by all its disk tasks. */
+interface SharedJob {
+  /** Each VM's backup (view, its part of the point), in the job's VM order. */
+  readonly backups: readonly VmBackup[];
+  readonly target: JobPointTarget;
+  /** The `_all` chain. */
+  readonly chain: ChainRunContext;
+  readonly plan: RunPlan;
+  readonly repository: Repository;
+  /** Every disk of the point as `VM/DISK`. */
+  readonly disks: readonly string[];
+}
+
 /**
- * One VM's work within a session round (attempt), shared by its disk tasks. A backup: the first
+ * One VM's work within a session round (attempt), shared by its disk tasks (per-job storage: the
+ * job's work, shared by the disk tasks of all its VMs; disks are then keyed `VM/DISK`). A backup: the first
  * task makes the per-VM part (`shared`); each task backs up its own disk in its own slot (the
  * first one also the VM's disks that have no task in this round); the task that finishes the last
  * disk commits. The first failure aborts the view and the writer and fails the rest (`failure`).
@@ -98,9 +122,11 @@ interface SharedVm {
 class VmRun {
   readonly result: Promise<VmResult>;
   shared: Promise<SharedVm> | null = null;
+  jobShared: Promise<SharedJob> | null = null;
   readonly listeners = new Set<RunListener>();
-  /** Latest progress, for tasks that join late. */
+  /** Latest progress, for tasks that join late (per-job: by VM, in `vmProgress`). */
   progress: BackupProgress | null = null;
+  readonly vmProgress = new Map<string, BackupProgress>();
   settledAt: number | null = null;
   /** Disks whose work a task has taken, and those done. */
   readonly claimed = new Set<string>();
@@ -142,9 +168,10 @@ class VmRun {
     else this.#backlog.push(e);
   }
 
-  progressed(progress: BackupProgress): void {
-    this.progress = progress;
-    for (const l of this.listeners) l.hear({ kind: 'progress', progress });
+  progressed(progress: BackupProgress, vm?: string): void {
+    if (vm === undefined) this.progress = progress;
+    else this.vmProgress.set(vm, progress);
+    for (const l of this.listeners) l.hear({ kind: 'progress', progress, vm });
   }
 }
 
@@ -267,14 +294,36 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       }));
   }
 
+  /**
+   * The passwords of a run on VM folder `folder`: `password`, the job's current one (a new
+   * chain), with its hint; `chainPassword`, the one the folder's latest chain was created with
+   * (its increments and maintenance): a changed job password applies from the next full.
+   */
+  async #passwords(
+    job: JobDefinition,
+    repository: Repository,
+    folder: string,
+    say: (level: LogLevel, message: string) => void,
+  ): Promise<{ password: string | undefined; chainPassword: string | undefined; passwordHint: string | undefined }> {
+    const password = await this.#opts.password?.(job);
+    const passwordHint = password === undefined ? undefined : await this.#opts.passwordHint?.(job);
+    const candidates = [...(password === undefined ? [] : [password]), ...((await this.#opts.passwords?.(job)) ?? [])];
+    const found = await latestChainPassword(repository, job.name, folder, candidates);
+    if (found === null) {
+      say('warning', `the latest chain of ${folder === ALL_VMS ? `job ${job.name}` : `VM ${folder}`} is encrypted with a password this server does not know: an increment of it fails; the next full starts a new chain (bulwark job run ${job.name} --full), or add the password (bulwark password add)`);
+    } else if (found !== password) {
+      say('info', `the latest chain of ${folder === ALL_VMS ? `job ${job.name}` : `VM ${folder}`} is ${found === undefined ? 'not encrypted' : "encrypted with the job's earlier password"}: its increments keep that; the job's current setting applies from the next full`);
+    }
+    return { password, chainPassword: found === null ? password : found, passwordHint };
+  }
+
   /** The per-VM part of a backup: plan the run, take the view, start the restore point. */
   async #startShared(task: TaskSpec, settings: JobMethodSettings, run: VmRun): Promise<SharedVm> {
     const { job } = task;
     const say = (level: LogLevel, message: string, disk?: string) => run.say(level, message, disk);
     const { hypervisor, vm } = await this.#locate(job, task.vm);
     const repository = await this.#repository(await this.#opts.repositoryPath(job));
-    const password = await this.#opts.password?.(job);
-    const passwordHint = password === undefined ? undefined : await this.#opts.passwordHint?.(job);
+    const { password, chainPassword, passwordHint } = await this.#passwords(job, repository, vm.name, say);
     const blockSize = setting(job, 'blockSize', isNumber);
     const compression = setting(job, 'compression', isCompression);
     const mode = setting(job, 'mode', isMode);
@@ -286,7 +335,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       throw new BulwarkError(`every disk of VM ${vm.name} is excluded by job ${job.name}`, { kind: 'invalid', context: { vm: vm.name, job: job.name } });
     }
 
-    const chain: ChainRunContext = { repository, job: job.name, vm: vm.name, settings, now, password, say: (level, message) => say(level, message) };
+    const chain: ChainRunContext = { repository, job: job.name, vm: vm.name, settings, now, password: chainPassword, newChainPassword: password, say: (level, message) => say(level, message) };
     const { plan, repair } = await planVmBackup(chain, task.full);
 
     const backup = await startVmBackup({
@@ -303,6 +352,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       ...(blockSize !== undefined ? { blockSize } : {}),
       ...(compression ? { compression } : {}),
       ...(password !== undefined ? { password } : {}),
+      ...(chainPassword !== undefined ? { chainPassword } : {}),
       ...(passwordHint ? { passwordHint } : {}),
       signal: run.stop.signal,
       time: now,
@@ -347,27 +397,38 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     run.settle({ error: err });
     const shared = await run.shared?.catch(() => null);
     await shared?.backup.abort(err);
+    const job = await run.jobShared?.catch(() => null);
+    if (job) {
+      await job.target.abort(err);
+      await Promise.all(job.backups.map((b) => b.abort(err)));
+    }
   }
 
-  /** Tells the catalog the VM's points as the repository now holds them. */
-  async #syncPoints(repository: Repository, task: TaskSpec, say: (level: LogLevel, message: string) => void, warnings: string[]): Promise<void> {
+  /**
+   * Tells the catalog VM `vm`'s points as the repository now holds them: its own folder's and its
+   * parts of the job's per-job points (either may hold some after the job's storage changed).
+   */
+  async #syncPoints(repository: Repository, task: TaskSpec, say: (level: LogLevel, message: string) => void, warnings: string[], vm = task.vm): Promise<void> {
     if (!this.#opts.onVmPoints) return;
     try {
-      const points = await repository.listRestorePoints({ job: task.job.name, vm: task.vm });
-      await this.#opts.onVmPoints(task.job, task, points);
+      const own = await repository.listRestorePoints({ job: task.job.name, vm });
+      const shared = await repository.listRestorePoints({ job: task.job.name, vm: ALL_VMS });
+      const points = catalogPoints([...own, ...shared]).filter((p) => p.vm === vm);
+      await this.#opts.onVmPoints(task.job, { ...task, vm }, points);
     } catch (err) {
-      const w = `the catalog could not follow the repository's points of VM ${task.vm}: ${describeError(err)} (rescan the repository)`;
+      const w = `the catalog could not follow the repository's points of VM ${vm}: ${describeError(err)} (rescan the repository)`;
       warnings.push(w);
       say('warning', w);
     }
   }
 
-  async #healthCheckVm(task: TaskSpec, settings: JobMethodSettings, say: (level: LogLevel, message: string) => void): Promise<VmResult> {
+  /** A health check of VM `folder`'s chain (per-job storage: the job's `_all` chain). */
+  async #healthCheckVm(task: TaskSpec, settings: JobMethodSettings, say: (level: LogLevel, message: string) => void, folder = task.vm): Promise<VmResult> {
     const { job } = task;
     const repository = await this.#repository(await this.#opts.repositoryPath(job));
-    const password = await this.#opts.password?.(job);
-    const warnings = await healthCheckSession({ repository, job: job.name, vm: task.vm, settings, now: this.#now(), password, say });
-    const points = await repository.listRestorePoints({ job: job.name, vm: task.vm });
+    const { chainPassword } = await this.#passwords(job, repository, folder, say);
+    const warnings = await healthCheckSession({ repository, job: job.name, vm: folder, settings, now: this.#now(), password: chainPassword, say });
+    const points = await repository.listRestorePoints({ job: job.name, vm: folder });
     const disks = points.at(-1)?.disks.map((d) => ({ name: d.name, bytesRead: 0, bytesStored: 0 })) ?? [];
     return { pointId: null, disks, warnings, consistency: null };
   }
@@ -377,9 +438,12 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
   }
 
+  /** The VM's run in this session round; per-job storage: the job's (one run for all its VMs). */
   #run(task: TaskSpec): { run: VmRun; first: boolean } {
     this.#sweepRuns();
-    const key = `${task.sessionId}\0${task.vm}\0${task.attempt}`;
+    const perJob = methodSettings(task.job.settings).storage === 'per-job';
+    // VM names are never empty: the empty name keys the job's run.
+    const key = `${task.sessionId}\0${perJob ? '' : task.vm}\0${task.attempt}`;
     const found = this.#runs.get(key);
     if (found) return { run: found, first: false };
     const run = new VmRun();
@@ -390,7 +454,8 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   async execute(task: TaskSpec, context: TaskContext): Promise<TaskOutcome> {
     const settings = methodSettings(task.job.settings);
     const { run, first } = this.#run(task);
-    return settings.operation === 'health-check' ? this.#executeHealthCheck(task, context, settings, run, first) : this.#executeBackup(task, context, settings, run, first);
+    if (settings.operation === 'health-check') return this.#executeHealthCheck(task, context, settings, run, first);
+    return settings.storage === 'per-job' ? this.#executeJobBackup(task, context, settings, run, first) : this.#executeBackup(task, context, settings, run, first);
   }
 
   /**
@@ -398,8 +463,19 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
    * cannot be complete. The VM's backup fails (its other tasks with this reason) instead of waiting.
    */
   taskSkipped(task: TaskSpec, reason: string): void {
-    if (methodSettings(task.job.settings).operation === 'health-check') return;
+    const settings = methodSettings(task.job.settings);
+    if (settings.operation === 'health-check') return;
     const { run } = this.#run(task);
+    if (settings.storage === 'per-job') {
+      void this.#failVm(
+        run,
+        new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} did not run (${reason}), so job ${task.job.name}'s restore point (all its VMs in one) cannot be complete`, {
+          kind: 'unavailable',
+          context: { job: task.job.name, vm: task.vm, disk: task.disk.name },
+        }),
+      );
+      return;
+    }
     void this.#failVm(
       run,
       new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} did not run (${reason}), so the VM's restore point cannot be complete`, {
@@ -506,20 +582,286 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     }
   }
 
+  /**
+   * Per-job storage: the job's part of a backup — plan the `_all` chain, take every VM's view,
+   * start the one restore point holding all of them (job-target.ts). Every VM of the job is in
+   * the point; a VM that cannot be found or fails fails the job's point (docs/decisions/0007).
+   */
+  async #startJob(task: TaskSpec, settings: JobMethodSettings, run: VmRun): Promise<SharedJob> {
+    const { job } = task;
+    const say = (level: LogLevel, message: string, disk?: string) => run.say(level, message, disk);
+    if (settings.operation === 'quick') {
+      throw new BulwarkError(`quick backup of VM ${task.vm}: job ${job.name} keeps all its VMs in one restore point (storage per-job), so a point of one VM alone is not written`, {
+        kind: 'invalid',
+        context: { job: job.name, vm: task.vm },
+        hint: `run the whole job instead: bulwark job run ${job.name}`,
+      });
+    }
+    const repository = await this.#repository(await this.#opts.repositoryPath(job));
+    const blockSize = setting(job, 'blockSize', isNumber);
+    const compression = setting(job, 'compression', isCompression);
+    const mode = setting(job, 'mode', isMode);
+    const now = this.#now();
+
+    // Every VM of the job (not only those of this round's tasks: the point holds them all).
+    const located: { hypervisor: Hypervisor; vm: VmInfo; included: string[] }[] = [];
+    for (const name of job.vms) {
+      run.stop.signal.throwIfAborted();
+      const { hypervisor, vm } = await this.#locate(job, name).catch((err: unknown) => {
+        throw new BulwarkError(`VM ${name}: ${describeError(err)}; job ${job.name} keeps all its VMs in one restore point, so none is written`, {
+          kind: err instanceof BulwarkError ? err.kind : 'internal',
+          context: { job: job.name, vm: name },
+          cause: err,
+          hint: `remove VM ${name} from the job, or set the job's storage to per-vm`,
+        });
+      });
+      const { included, excluded } = splitDisks(settings.excludeDisks, vm.name, vm.disks.map((d) => d.name));
+      if (excluded.length > 0) say('info', `disk(s) ${excluded.join(', ')} of VM ${vm.name} excluded by the job (not backed up)`);
+      if (included.length === 0) {
+        throw new BulwarkError(`every disk of VM ${vm.name} is excluded by job ${job.name}`, { kind: 'invalid', context: { vm: vm.name, job: job.name } });
+      }
+      located.push({ hypervisor, vm, included });
+    }
+    const { password, chainPassword, passwordHint } = await this.#passwords(job, repository, ALL_VMS, say);
+    say('info', `job ${job.name} keeps its VMs in one restore point (storage per-job): ${located.map((l) => l.vm.name).join(', ')}`);
+    const chain: ChainRunContext = { repository, job: job.name, vm: ALL_VMS, settings, now, password: chainPassword, newChainPassword: password, say: (level, message) => say(level, message) };
+    const { plan, repair } = await planVmBackup(chain, task.full);
+    const parent = plan.kind === 'full' ? undefined : (await repository.listRestorePoints({ job: job.name, vm: ALL_VMS })).find((p) => p.id === plan.parent);
+    if (plan.kind !== 'full' && !parent) {
+      throw new BulwarkError(`job ${job.name}: the point ${plan.parent ?? '(none)'} this run continues is not in the repository`, { kind: 'conflict', context: { job: job.name } });
+    }
+    const target = new JobPointTarget({
+      repository,
+      job: job.name,
+      vms: located.map((l) => l.vm.name),
+      kind: plan.kind === 'full' ? 'full' : parent!.method === 'reverse' ? 'reverse' : 'incremental',
+      parent,
+      chainMethod: plan.chainMethod,
+      blockSize,
+      compression,
+      ...(password !== undefined ? { encryption: { password, hint: passwordHint } } : {}),
+      password: chainPassword,
+      time: now,
+    });
+    const starts = located.map(({ hypervisor, vm, included }) => {
+      const vmRepair = repair.flatMap((r) => {
+        const split = splitAllVmsDiskName(r.disk);
+        return split?.vm === vm.name ? [{ disk: split.disk, blocks: r.blocks }] : [];
+      });
+      return startVmBackup({
+        hypervisor,
+        target,
+        job: job.name,
+        vm: vm.id,
+        full: plan.kind === 'full',
+        intoIncrement: plan.kind !== 'full',
+        chainMethod: plan.chainMethod,
+        disks: included,
+        ...(vmRepair.length > 0 ? { repair: vmRepair } : {}),
+        requireGuestProcessing: setting(job, 'requireGuestProcessing', isBoolean) ?? false,
+        ...(mode ? { mode } : {}),
+        // An increment's blocks are the chain's size.
+        ...((parent?.blockSize ?? blockSize) !== undefined ? { blockSize: parent?.blockSize ?? blockSize } : {}),
+        ...(compression ? { compression } : {}),
+        ...(password !== undefined ? { password } : {}),
+        ...(chainPassword !== undefined ? { chainPassword } : {}),
+        signal: run.stop.signal,
+        time: now,
+        onProgress: (p) => run.progressed(p, vm.name),
+        onLog: (level, message, disk) => say(level, disk === undefined ? `VM ${vm.name}: ${message}` : message, disk === undefined ? undefined : `${vm.name}/${disk}`),
+        ...(this.#opts.onView ? { onView: (view: BackupView) => this.#opts.onView!({ ...task, vm: vm.name }, view) } : {}),
+      }).catch((err: unknown) => {
+        const named = new BulwarkError(`VM ${vm.name}: ${describeError(err)}`, { kind: err instanceof BulwarkError ? err.kind : 'internal', context: { job: job.name, vm: vm.name }, cause: err });
+        target.fail(named);
+        throw named;
+      });
+    });
+    const settled = await Promise.allSettled(starts);
+    const backups = settled.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
+      await target.abort(failed.reason);
+      await Promise.all(backups.map((b) => b.abort(failed.reason)));
+      throw failed.reason;
+    }
+    return { backups, target, chain, plan, repository, disks: backups.flatMap((b) => b.disks.map((d) => `${b.vm}/${d}`)) };
+  }
+
+  /**
+   * Per-job storage: every disk of every VM is written: commit the one point (then each VM's
+   * view), record each VM's part in the catalog, then the chain steps on the `_all` chain.
+   */
+  async #commitJob(task: TaskSpec, shared: SharedJob, run: VmRun): Promise<VmResult> {
+    const { job } = task;
+    const { chain, plan, repository } = shared;
+    const say = (level: LogLevel, message: string) => run.say(level, message);
+    // Every VM's commit waits for the others; the last one commits the point for all.
+    const summaries = await Promise.all(shared.backups.map((b) => b.commit()));
+    const point = summaries[0]!.point;
+    const slices = catalogPoints([point]);
+    const pointOf = new Map<string, string>();
+    const warnings: string[] = [];
+    let consistency: 'application' | 'crash' = 'application';
+    for (const s of summaries) {
+      const slice = slices.find((p) => p.vm === s.vm);
+      if (!slice) throw new BulwarkError(`restore point ${point.id} of job ${job.name} does not hold VM ${s.vm}`, { kind: 'internal', context: { job: job.name, vm: s.vm, point: point.id } });
+      pointOf.set(s.vm, slice.id);
+      if (s.consistency === 'crash') consistency = 'crash';
+      warnings.push(...s.warnings.map((w) => `VM ${s.vm}: ${w}`));
+      if (s.consistency === 'crash') warnings.push(`VM ${s.vm}: crash-consistent (guest not quiesced)`);
+      if (!this.#opts.onRestorePoint) continue;
+      try {
+        await this.#opts.onRestorePoint(job, { ...task, vm: s.vm }, { ...s, pointId: slice.id, point: slice });
+      } catch (err) {
+        log.error({ vm: s.vm, point: slice.id, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
+        say('warning', `restore point ${slice.id} of VM ${s.vm} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`);
+      }
+    }
+    say('info', `restore point ${point.id} of job ${job.name} holds ${summaries.length} VM(s): ${summaries.map((s) => `${s.vm} (${pointOf.get(s.vm)})`).join(', ')}`);
+
+    // After the commit: the point is safe whatever happens below; a failed step is a warning.
+    const before = await repository.listRestorePoints({ job: job.name, vm: ALL_VMS }).catch(() => []);
+    warnings.push(...(await maintainAfterBackup(chain, plan, point.id)));
+    // The catalog follows every VM the job's points held (a VM removed from the job leaves with them).
+    const vms = new Set([...summaries.map((s) => s.vm), ...catalogPoints(before).map((p) => p.vm)]);
+    for (const vm of vms) await this.#syncPoints(repository, task, say, warnings, vm);
+    return {
+      pointId: point.id,
+      disks: summaries.flatMap((s) => s.disks.map((d) => ({ name: `${s.vm}/${d.name}`, bytesRead: d.bytesRead, bytesStored: d.bytesStored }))),
+      warnings,
+      consistency,
+      pointOf,
+    };
+  }
+
+  /**
+   * One disk task of a per-job backup: like `#executeBackup` for the whole job. The job's first
+   * task makes the shared part; each task backs up its own disk (the first one of a retry round
+   * also every disk no task of the round has: the point holds every VM); the task that finishes
+   * the job's last disk commits; the first failure aborts every view and the writer.
+   */
+  async #executeJobBackup(task: TaskSpec, context: TaskContext, settings: JobMethodSettings, run: VmRun, first: boolean): Promise<TaskOutcome> {
+    const key = `${task.vm}/${task.disk.name}`;
+    const stages = new StageTimes();
+    const reportStages = () => context.stageTimes?.(stages.snapshot());
+    const limiter = context.rateLimit ? new RateLimiter(`repo:${task.taskId}`, { bytesPerSecond: context.rateLimit() ?? 0 }) : undefined;
+    const unwatch = limiter && context.watchRate ? context.watchRate((r) => limiter.setRate(r ?? 0)) : undefined;
+    const listener: RunListener = {
+      disk: key,
+      hear: (e) => {
+        switch (e.kind) {
+          case 'progress':
+            if (e.vm !== task.vm) break;
+            context.progress(diskProgress(e.progress, task.disk.name));
+            reportStages();
+            break;
+          case 'log':
+            context.log(e.level, e.message);
+            break;
+        }
+      },
+    };
+    if (first) {
+      context.log('info', `backing up job ${task.job.name} into one restore point for all its VMs (storage per-job): this task makes the views and the point`);
+      const signal = context.signal;
+      const onAbort = () => void this.#failVm(run, signal.reason);
+      signal.addEventListener('abort', onAbort, { once: true });
+      void run.result.then(
+        () => signal.removeEventListener('abort', onAbort),
+        () => signal.removeEventListener('abort', onAbort),
+      );
+      run.jobShared = this.#startJob(task, settings, run);
+      run.jobShared.catch((err: unknown) => {
+        run.failure ??= err;
+        run.settle({ error: err });
+      });
+    }
+    run.attach(listener);
+    const p = run.vmProgress.get(task.vm);
+    if (p) context.progress(diskProgress(p, task.disk.name));
+    const failedHere = (cause: unknown) => jobPointFailed(task.job.name, cause);
+    try {
+      if (!run.jobShared) throw failedHere(run.failure ?? new BulwarkError('it did not start', { kind: 'internal' }));
+      const shared = await run.jobShared;
+      if (run.failure !== undefined) throw failedHere(run.failure);
+      if (!shared.disks.includes(key)) {
+        throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in job ${task.job.name}'s backup (removed from the VM?; its disks: ${shared.disks.join(', ')})`, {
+          kind: 'not-found',
+          context: { vm: task.vm, disk: task.disk.name },
+        });
+      }
+      if (run.claimed.has(key)) {
+        context.log('info', `disk ${task.disk.name} is backed up by another task of this round (the job's first)`);
+        return this.#outcome(task, context, await run.result, false);
+      }
+      // The first task of the round also does the disks with no task of their own: its VM's
+      // (task.vmDisks) and, in a retry round (only failed tasks run again), every other VM's.
+      const orphans = first
+        ? shared.disks.filter((d) => d !== key && (d.startsWith(`${task.vm}/`) ? task.vmDisks !== undefined && !task.vmDisks.includes(d.slice(task.vm.length + 1)) : task.attempt > 1))
+        : [];
+      if (orphans.length > 0) context.log('info', `this task also backs up disk(s) ${orphans.join(', ')} (no task of their own in this round; the job's point holds every VM)`);
+      let own: DiskBackupSummary | undefined;
+      for (const d of [key, ...orphans]) {
+        if (run.claimed.has(d)) continue; // another task of the round took it meanwhile
+        run.claimed.add(d);
+        const split = splitAllVmsDiskName(d)!;
+        const backup = shared.backups.find((b) => b.vm === split.vm)!;
+        try {
+          const s = await backup.backupDisk(split.disk, { signal: run.stop.signal, stages, ...(limiter ? { throttle: limiter } : {}) });
+          if (d === key) own = s;
+          run.done.add(d);
+        } catch (err) {
+          const named = new BulwarkError(`VM ${split.vm}: ${describeError(err)}`, {
+            kind: err instanceof BulwarkError ? err.kind : 'internal',
+            context: { job: task.job.name, vm: split.vm, disk: split.disk },
+            cause: err,
+          });
+          const cause = run.failure ?? named;
+          await this.#failVm(run, named);
+          throw failedHere(cause);
+        }
+      }
+      if (run.failure !== undefined) throw failedHere(run.failure);
+      const read = own?.bytesRead ?? 0;
+      context.progress({ bytesRead: read, bytesTransferred: read, bytesStored: own?.bytesStored ?? 0, total: read });
+      if (run.done.size < shared.disks.length || run.committing) {
+        context.log('info', `disk ${task.disk.name} is written; job ${task.job.name}'s restore point is committed when the job's other disks are done`);
+        return { state: 'success' };
+      }
+      run.committing = true;
+      let result: VmResult;
+      try {
+        result = await stages.measure('target', () => this.#commitJob(task, shared, run));
+      } catch (err) {
+        run.committing = false;
+        await this.#failVm(run, err);
+        throw err;
+      }
+      run.settle({ ok: result });
+      return this.#outcome(task, context, result, true);
+    } finally {
+      run.listeners.delete(listener);
+      unwatch?.();
+      reportStages();
+    }
+  }
+
   /** The outcome of a disk task from the VM's result; `vmWide`: this task reports the VM's warnings. */
   #outcome(task: TaskSpec, context: TaskContext, result: VmResult, vmWide: boolean): TaskOutcome {
-    if (result.pointId) context.log('info', `disk ${task.disk.name} is in restore point ${result.pointId}`);
+    const pointId = result.pointOf?.get(task.vm) ?? result.pointId;
+    if (pointId) context.log('info', `disk ${task.disk.name} is in restore point ${pointId}${result.pointOf ? ` (VM ${task.vm}'s part of job point ${result.pointId})` : ''}`);
     const messages = vmWide ? [...result.warnings] : [];
     if (vmWide && result.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
     return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
   }
 
-  /** A health check: the VM's first task runs it for the whole VM, its other tasks wait for it. */
+  /** A health check: the VM's first task runs it for the whole VM (per-job: the job's first task, the job's chain), its other tasks wait for it. */
   async #executeHealthCheck(task: TaskSpec, context: TaskContext, settings: JobMethodSettings, run: VmRun, first: boolean): Promise<TaskOutcome> {
     const listener: RunListener = { disk: task.disk.name, hear: (e) => e.kind === 'log' && context.log(e.level, e.message) };
+    const perJob = settings.storage === 'per-job';
     if (first) {
-      context.log('info', `checking VM ${task.vm} (all its disks)`);
-      this.#healthCheckVm(task, settings, (level, message) => run.say(level, message)).then(
+      context.log('info', perJob ? `checking job ${task.job.name}'s restore points (every VM in one file set per point)` : `checking VM ${task.vm} (all its disks)`);
+      this.#healthCheckVm(task, settings, (level, message) => run.say(level, message), perJob ? ALL_VMS : task.vm).then(
         (ok) => run.settle({ ok }),
         (error: unknown) => run.settle({ error }),
       );

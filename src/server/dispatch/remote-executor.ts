@@ -161,6 +161,14 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const source = this.#sourceAgent(task, repository);
     const healthCheck = methodSettings(task.job.settings).operation === 'health-check';
     if (this.#runsLocally(task, repository)) return this.#o.local.execute(task, context);
+    // Per-job storage is written by the in-process path only (PERJOB): refused, never silently per VM.
+    if (methodSettings(task.job.settings).storage === 'per-job') {
+      throw new BulwarkError(`job ${task.job.name} keeps all its VMs in one restore point (storage per-job), which only the server's own host writes; VM ${task.vm} would go through agent ${source} into repository ${repository.name}`, {
+        kind: 'invalid',
+        context: { job: task.job.name, vm: task.vm, repository: repository.name },
+        hint: "set the job's storage to per-vm, or use the server's own proxy and a repository of its host",
+      });
+    }
 
     const now = Date.now();
     for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);

@@ -10,7 +10,7 @@ import { daysText, parseDays } from '../../cli/commands/jobs.js';
 import { buildApi } from '../api/app.js';
 import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { DatabaseJobEngineStore } from './engine-stores.js';
-import { createRepository } from './infrastructure.js';
+import { createRepository, registerAgent } from './infrastructure.js';
 import { SessionEvents } from './sessions.js';
 import { systemClock, type ServiceContext } from './common.js';
 
@@ -65,6 +65,7 @@ describe('job backup-method options', () => {
       removedVmRetentionDays: 3,
       fileIndex: true,
       multithreadedTransfer: false,
+      storage: 'per-job',
     });
     expect(r.statusCode, r.body).toBe(201);
     const job = r.json<{ version: number }>();
@@ -79,7 +80,7 @@ describe('job backup-method options', () => {
       removedVmRetentionDays: 3,
       fileIndex: true,
       multithreadedTransfer: false,
-      storage: 'per-vm',
+      storage: 'per-job',
     });
 
     // An edit changes only what it names; clone copies the options.
@@ -106,7 +107,14 @@ describe('job backup-method options', () => {
     await bad({ excludeDisks: ['web1:'] }, 'excludeDisks[0]', /names no disk: write VM:DISK/);
     await bad({ removedVmRetentionDays: -1 }, 'removedVmRetentionDays', /must be >= 0/);
     await bad({ healthCheck: { weekdays: ['someday'] } }, 'healthCheck.weekdays.0', /./);
-    await bad({ storage: 'per-job' }, 'storage', /not written by backups yet.*use per-vm/);
+    // Per-job storage is written on the server's own host only: refused for an agent's repository, named.
+    await registerAgent(ctx, { name: 'store1', hostname: 'store1', agentVersion: 't', cores: 2, certFingerprint: null });
+    await createRepository(ctx, { name: 'far', path: join(dir, 'far'), agent: 'store1' });
+    await bad({ storage: 'per-job', repository: 'far' }, 'storage', /repository far is on agent store1: use per-vm/);
+    const pv = (await call('POST', '/jobs', { name: 'pv', vms: ['web1'], repository: 'far' })).json<{ version: number }>();
+    const moved = await call('PATCH', '/jobs/pv', { version: pv.version, storage: 'per-job' });
+    expect(moved.statusCode, moved.body).toBe(400);
+    expect(moved.json<{ error: { field: string } }>().error.field).toBe('storage');
 
     // A method change that leaves a synthetic full without its method is refused too.
     const j = (await call('POST', '/jobs', { name: 'fwd', vms: ['web1'], repository: 'main', method: 'forward', syntheticFull: { weekdays: ['sat'] } })).json<{ version: number }>();
