@@ -109,6 +109,7 @@ export async function runAgent(opts: RunAgentOptions): Promise<RunningAgent> {
     dataListen: opts.dataListen !== undefined ? parseHostPort(opts.dataListen) : undefined,
     dataAdvertise: opts.dataAdvertise,
     resumeWindowMs: opts.resumeWindowMs,
+    dataDir: opts.dataDir,
   });
   runner.start();
   return {

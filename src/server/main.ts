@@ -22,6 +22,7 @@ import { sweepExpired, syncVmPoints } from './services/backup-methods.js';
 import { resourcesPlugin } from './api/resources.js';
 import { DatabaseTaskSlots } from './resources/database-slots.js';
 import { recoveryPlugin, startRecoveryService } from './api/recovery.js';
+import { RemoteRecovery } from './dispatch/recovery.js';
 import { openDatabase, type ConfigDatabase } from './db/connect.js';
 import { dataFiles } from './data-dir.js';
 import { ensureServerPki } from './pki/index.js';
@@ -341,7 +342,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     cleanups.push(() => fileMounts.closeAll());
 
     // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).
-    const recovery = await startRecoveryService({ ctx, dataDir, keys });
+    const recovery = await startRecoveryService({ ctx, dataDir, keys, remote: new RemoteRecovery(dispatch.broker, opts.dispatch?.localAgent) });
     cleanups.push(() => recovery.close());
 
     const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys }), recoveryPlugin(recovery), encryptionPlugin(keys), ...(opts.plugins ?? [])] });

@@ -119,11 +119,20 @@ export class TransferReader {
   async readDisk(disk: number, consumer: RestoreConsumer): Promise<void> {
     const d = this.#disks.find((x) => x.disk === disk);
     if (!d) throw new BulwarkError(`the restore point has no disk ${disk}`, { kind: 'not-found', context: { task: this.#o.taskId } });
+    return this.readBlocks(disk, 0, Math.ceil(d.size / d.blockSize), consumer);
+  }
+
+  /**
+   * Reads blocks `first` .. `first + count - 1` of `disk` over all streams into `consumer` (random
+   * access, e.g. instant recovery's on-demand reads). One call at a time per reader.
+   */
+  async readBlocks(disk: number, first: number, count: number, consumer: RestoreConsumer): Promise<void> {
+    if (!this.#disks.some((x) => x.disk === disk)) throw new BulwarkError(`the restore point has no disk ${disk}`, { kind: 'not-found', context: { task: this.#o.taskId } });
     this.#consumer = consumer;
-    const total = Math.ceil(d.size / d.blockSize);
+    const total = first + count;
     const per = this.#o.chunkBlocks ?? 256;
     const queue: Chunk[] = [];
-    for (let start = 0; start < total; start += per) queue.push({ disk, start, count: Math.min(per, total - start) });
+    for (let start = first; start < total; start += per) queue.push({ disk, start, count: Math.min(per, total - start) });
     await Promise.all(this.#streams.map((s) => this.#worker(s, queue)));
     if (this.#failure) throw this.#failure;
   }

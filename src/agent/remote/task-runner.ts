@@ -7,6 +7,8 @@
 // chain here; restore a disk here. A task the server cancels is stopped through its abort signal.
 import { randomBytes } from 'node:crypto';
 import { stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import type https from 'node:https';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BulwarkError, describeError } from '../../common/errors.js';
@@ -25,6 +27,7 @@ import { methodSettings, splitDisks } from '../backup/chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { RemoteRestorePointTarget } from './remote-target.js';
+import { RestoreTasks } from './restore-tasks.js';
 import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
 
 const log = logger('agent-tasks');
@@ -43,6 +46,8 @@ export interface AgentTaskRunnerOptions {
   /** Host name or address sources use to reach the listener (default: the address the server sees). */
   readonly dataAdvertise?: string | undefined;
   readonly resumeWindowMs?: number | undefined;
+  /** The agent's data folder (restored VMs, instant recovery sessions; default a folder in the temp dir). */
+  readonly dataDir?: string | undefined;
 }
 
 interface RunningTask {
@@ -66,6 +71,8 @@ export class AgentTaskRunner {
   readonly #repositories = new Map<string, Promise<Repository>>();
   readonly #adapters = new Map<string, Hypervisor>();
   #receiver: Promise<TransferReceiver> | undefined;
+  /** Restore tasks (restore-tasks.ts): VM restore, instant recovery, serving points to other agents. */
+  readonly #restore: RestoreTasks;
   #closed = false;
   #loop: Promise<void> | undefined;
   #flusher: NodeJS.Timeout | undefined;
@@ -73,6 +80,16 @@ export class AgentTaskRunner {
 
   constructor(options: AgentTaskRunnerOptions) {
     this.#o = options;
+    this.#restore = new RestoreTasks({
+      name: options.name,
+      tls: options.tls,
+      dataDir: options.dataDir ?? path.join(tmpdir(), `bulwark-agent-${options.name}`),
+      dataAdvertise: options.dataAdvertise,
+      repository: (p) => this.#repository(p),
+      listener: () => this.#listener(),
+      grant: (taskId, grant) => (grant ? this.#grants.set(taskId, grant) : this.#grants.delete(taskId)),
+      emit: (taskId, e) => this.#emit(taskId, e),
+    });
   }
 
   start(): void {
@@ -84,6 +101,7 @@ export class AgentTaskRunner {
     this.#closed = true;
     clearInterval(this.#flusher);
     for (const r of this.#running.values()) r.abort.abort(new BulwarkError('the agent is shutting down', { kind: 'unavailable' }));
+    await this.#restore.close().catch((err: unknown) => log.warn({ err: describeError(err) }, 'stopping instant recovery sessions failed'));
     const receiver = await this.#receiver?.catch(() => undefined);
     await receiver?.close();
     await this.#flush().catch(() => undefined);
@@ -179,6 +197,11 @@ export class AgentTaskRunner {
           return this.#healthCheck(task);
         case 'removed-vm-sweep':
           return this.#sweepRemovedVms(task);
+        case 'restore-point-config':
+        case 'restore-serve':
+        case 'restore-vm':
+        case 'instant-recovery':
+          return this.#restore.run(task, r.abort.signal);
       }
     };
     run().then(

@@ -20,6 +20,7 @@ function restoreFields(t: VmRestore): [string, unknown][] {
     ['restore point', t.point],
     ['VM', t.toOriginal ? `${t.vm} (over the original)` : `${t.vm} (new, from ${t.sourceVm})`],
     ['host', t.host],
+    ...(t.agent ? [['agent', t.agent] as [string, unknown]] : []),
     ['state', t.state],
     ...(r
       ? ([
@@ -91,6 +92,7 @@ function instantFields(s: InstantRecovery): [string, unknown][] {
     ['name', s.name],
     ['VM', s.vm],
     ['restore point', s.point],
+    ...(s.agent ? [['runs on', `${s.host ? `host ${s.host}, ` : ''}agent ${s.agent}`] as [string, unknown]] : []),
     ['state', s.state],
     ['running from backup', s.runningFromBackup ? 'yes' : 'no'],
     ['pid', s.pid ?? '-'],
@@ -109,12 +111,15 @@ export function instantRecoveryCommand(ctx: CliContext): Command {
     .description('boot the VM of a restore point from the backup (writes go to a local overlay, never to the backup)')
     .argument('<point>', 'restore point id, VM@latest or VM@<ISO time>')
     .option('--name <name>', 'name of the recovered VM (default: VM-ir)')
+    .option('--host <host>', 'run the VM on this host (its agent; default: the server, or the repository\'s agent)')
     .addOption(passwordFileOption())
     .addOption(jsonOption())
-    .action(async (point: string, o: { name?: string; passwordFile?: string; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { name?: string; host?: string; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
-      const s = await withPointPassword(ctx, o.passwordFile, (pw) => client.post<InstantRecovery>('/instant-recoveries', { point: id, ...(o.name ? { name: o.name } : {}), ...pw }));
+      const s = await withPointPassword(ctx, o.passwordFile, (pw) =>
+        client.post<InstantRecovery>('/instant-recoveries', { point: id, ...(o.name ? { name: o.name } : {}), ...(o.host ? { host: o.host } : {}), ...pw }),
+      );
       if (o.json) return printJson(ctx.output, s);
       ctx.output.out(formatFields(instantFields(s)));
     });
@@ -136,6 +141,7 @@ export function instantRecoveryCommand(ctx: CliContext): Command {
           { header: 'from backup', value: (s) => (s.runningFromBackup ? 'yes' : 'no') },
           { header: 'pid', value: (s) => s.pid ?? '-' },
           { header: 'started', value: (s) => localTime(s.startedAt) },
+          { header: 'agent', value: (s) => s.agent ?? '(server)' },
         ]),
       );
     });

@@ -17,6 +17,7 @@ import { logger } from '../../common/log.js';
 import { decodePointMetadata } from '../../agent/backup/point-metadata.js';
 import { QgaClient } from '../../hypervisor/qga/client.js';
 import { QmpClient, type QmpEvent } from '../../hypervisor/qmp/client.js';
+import type { RandomAccessDisk } from '../../disk/types.js';
 import type { VmConfiguration } from '../../hypervisor/types.js';
 import type { Repository, RestorePoint } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
@@ -40,8 +41,24 @@ export interface InstantLaunch {
   readonly qemuBinary?: string;
 }
 
+/**
+ * The restore point a session serves: a point in a repository on this host, or one read from
+ * another agent through the data mover (src/agent/remote/restore-reader.ts).
+ */
+export interface InstantPointSource {
+  readonly pointId: string;
+  readonly vm: string;
+  /** The stored VM configuration (point metadata). */
+  readonly config: Buffer;
+  readonly disks: readonly { readonly name: string; readonly size: number }[];
+  openDisk(name: string): RandomAccessDisk;
+  close(): Promise<void>;
+}
+
 export interface StartInstantRecoveryOptions {
-  readonly repository: Repository;
+  /** The point's repository on this host; or give `source` (with its point id). */
+  readonly repository?: Repository;
+  readonly source?: InstantPointSource;
   /** The restore point; or give `vm` (and optionally `job`) for that VM's latest point. */
   readonly pointId?: string;
   readonly vm?: string;
@@ -105,13 +122,32 @@ export interface InstantRecoverySession {
  * and `<vcpu>` of a libvirt domain XML (direct kernel boot only; the VM then runs under plain QEMU).
  */
 export function launchFromPoint(point: RestorePoint): InstantLaunch | null {
+  return launchFromConfig(point.vmConfig);
+}
+
+/** launchFromPoint of a point's stored VM configuration (point metadata). */
+export function launchFromConfig(config: Buffer): InstantLaunch | null {
   let meta;
   try {
-    meta = decodePointMetadata(point.vmConfig);
+    meta = decodePointMetadata(config);
   } catch {
     return null;
   }
   return meta ? launchFromConfiguration(meta.configuration) : null;
+}
+
+/** A point of a repository on this host as a session's source. */
+async function openRepositoryPoint(o: StartInstantRecoveryOptions, pointId: string): Promise<InstantPointSource> {
+  if (!o.repository) throw new BulwarkError('instant recovery needs a repository or a point source', { kind: 'internal' });
+  const point = await o.repository.openRestorePoint(pointId, o.password !== undefined ? { password: o.password } : {});
+  return {
+    pointId,
+    vm: point.info.vm,
+    config: point.vmConfig,
+    disks: point.disks,
+    openDisk: (name) => point.openDisk(name),
+    close: () => point.close(),
+  };
 }
 
 const xmlText = (xml: string, tag: string): string | undefined => {
@@ -161,14 +197,17 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
 }
 
 async function resolvePointId(o: StartInstantRecoveryOptions): Promise<string> {
+  if (o.source) return o.source.pointId;
   if (o.pointId) return o.pointId;
+  if (!o.repository) throw new BulwarkError('instant recovery needs a repository or a point source', { kind: 'internal' });
   if (!o.vm) throw new BulwarkError('instant recovery needs a restore point id or a VM name', { kind: 'invalid' });
-  const points = await o.repository.listRestorePoints({ vm: o.vm, ...(o.job ? { job: o.job } : {}) });
+  const repository = o.repository;
+  const points = await repository.listRestorePoints({ vm: o.vm, ...(o.job ? { job: o.job } : {}) });
   const latest = [...points].sort((a, b) => a.time.getTime() - b.time.getTime()).at(-1);
   if (!latest) {
-    throw new BulwarkError(`no restore point of VM ${o.vm} in repository ${o.repository.root}`, {
+    throw new BulwarkError(`no restore point of VM ${o.vm} in repository ${repository.root}`, {
       kind: 'not-found',
-      context: { vm: o.vm, repository: o.repository.root },
+      context: { vm: o.vm, repository: repository.root },
     });
   }
   return latest.id;
@@ -226,7 +265,7 @@ class Session implements InstantRecoverySession {
   launchedAt = 0;
   state: InstantRecoveryState = 'running-from-backup';
   readonly #o: StartInstantRecoveryOptions;
-  #point: RestorePoint | undefined;
+  #point: InstantPointSource | undefined;
   #server: NbdServer | undefined;
   #child: ChildProcess | undefined;
   #exited: Promise<void> = Promise.resolve();
@@ -255,10 +294,10 @@ class Session implements InstantRecoverySession {
 
   async start(): Promise<void> {
     await mkdir(this.dir, { recursive: true });
-    this.#point = await this.#o.repository.openRestorePoint(this.pointId, this.#o.password !== undefined ? { password: this.#o.password } : {});
+    this.#point = this.#o.source ?? (await openRepositoryPoint(this.#o, this.pointId));
     const point = this.#point;
-    this.vm = point.info.vm;
-    const launch = this.#o.launch ?? launchFromPoint(point);
+    this.vm = point.vm;
+    const launch = this.#o.launch ?? launchFromConfig(point.config);
     if (!launch) {
       throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records no QEMU kernel to boot; pass launch settings`, {
         kind: 'invalid',

@@ -3,3 +3,5 @@ export { restoreVm, qmpSocketFor, globMatches, processesHolding, launchDetached 
 export type { RestoreVmHost, RestoreVmOptions, RestoreVmProgress, RestoreVmResult, RestoredDisk } from './restore-vm.js';
 export { recordedDisks, rewriteQemuCommandLine } from './qemu-config.js';
 export { domainDisks, rewriteDomainXml } from './libvirt-config.js';
+export { repositoryPointSource } from './point-source.js';
+export type { PointDiskWrite, VmPointSource, WrittenDisk } from './point-source.js';

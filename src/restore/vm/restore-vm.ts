@@ -16,8 +16,9 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
 import type { Repository } from '../../repository/index.js';
-import { restoreDisk, type RestoreDiskFormat } from '../disk/restore-disk.js';
+import type { RestoreDiskFormat } from '../disk/restore-disk.js';
 import { domainDisks, domainName, rewriteDomainXml } from './libvirt-config.js';
+import { repositoryPointSource, type VmPointSource } from './point-source.js';
 import { randomMac, recordedDisks, rewriteQemuCommandLine, shellQuote } from './qemu-config.js';
 
 const run = promisify(execFile);
@@ -27,7 +28,9 @@ const log = logger('restore-vm');
 export type RestoreVmHost = { readonly kind: 'qemu'; readonly qmpGlob: string } | { readonly kind: 'libvirt'; readonly uri: string };
 
 export interface RestoreVmOptions {
-  readonly repository: Repository;
+  /** The point's repository on this host; or give `source` (e.g. read from another agent). */
+  readonly repository?: Repository;
+  readonly source?: VmPointSource;
   readonly pointId: string;
   readonly password?: string;
   readonly host: RestoreVmHost;
@@ -42,6 +45,8 @@ export interface RestoreVmOptions {
   readonly defaultVmRoot: string;
   readonly signal?: AbortSignal;
   readonly onProgress?: (p: RestoreVmProgress) => void;
+  /** A line for the restore's log (each disk written, the VM defined or started). */
+  readonly onLog?: (message: string) => void;
 }
 
 export interface RestoreVmProgress {
@@ -199,15 +204,11 @@ export async function launchDetached(argv: readonly string[], logFile: string, q
 /** Restores a whole VM; see the file comment. */
 export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
   const started = Date.now();
-  const point = await o.repository.openRestorePoint(o.pointId, o.password === undefined ? {} : { password: o.password });
-  let meta: PointMetadata | null;
-  let sizes: { name: string; size: number }[];
-  try {
-    meta = decodePointMetadata(point.vmConfig);
-    sizes = point.disks.map((d) => ({ name: d.name, size: d.size }));
-  } finally {
-    await point.close();
-  }
+  const source = o.source ?? (o.repository ? repositoryPointSource(o.repository, o.pointId, o.password) : undefined);
+  if (!source) throw new BulwarkError('restoreVm needs a repository or a point source', { kind: 'internal' });
+  const described = await source.describe();
+  const meta: PointMetadata | null = decodePointMetadata(described.config);
+  const sizes = described.disks.map((d) => ({ name: d.name, size: d.size }));
   if (!meta) {
     throw new BulwarkError(`restore point ${o.pointId} stores no VM configuration`, {
       kind: 'invalid',
@@ -231,21 +232,10 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
   let doneBefore = 0;
   const restoreOne = async (disk: string, to: string, format: RestoreDiskFormat, overwrite: boolean): Promise<RestoredDisk> => {
     const size = sizes.find((d) => d.name === disk)?.size ?? 0;
-    const r = await restoreDisk({
-      repository: o.repository,
-      pointId: o.pointId,
-      disk,
-      to,
-      format,
-      overwrite,
-      // A VM restore reports each disk's SHA-256 (RestoredDisk.sha256): asked for explicitly.
-      imageDigest: true,
-      ...(o.password !== undefined ? { password: o.password } : {}),
-      ...(o.signal ? { signal: o.signal } : {}),
-      onProgress: (p) => o.onProgress?.({ disk, bytesDone: doneBefore + p.bytesDone, total }),
-    });
+    const r = await source.writeDisk({ disk, to, format, overwrite, signal: o.signal, onProgress: (done) => o.onProgress?.({ disk, bytesDone: doneBefore + done, total }) });
     doneBefore += size;
-    return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 ?? '' };
+    o.onLog?.(`disk ${disk} restored to ${r.path} (${r.format}, ${r.size} bytes)`);
+    return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 };
   };
   const warnings: string[] = [];
   const base = { point: o.pointId, vm: name, toOriginal, warnings };

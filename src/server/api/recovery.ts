@@ -11,7 +11,11 @@ import { readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { decodePointMetadata } from '../../agent/backup/point-metadata.js';
+import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
+import type { HypervisorConnection } from '../../hypervisor/index.js';
+import type { WireInstantSession } from '../../transport/restore-tasks.js';
+import type { AgentTaskHandle } from '../dispatch/broker.js';
+import type { RemoteRecovery } from '../dispatch/recovery.js';
 import { QmpClient } from '../../hypervisor/qmp/client.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { InstantRecoverySessions, type InstantSessionInfo } from '../../restore/instant/index.js';
@@ -45,6 +49,7 @@ const VmRestore = Type.Object({
   sourceVm: Type.String(),
   vm: Type.String({ description: 'the restored VM\'s name' }),
   host: Type.String(),
+  agent: Type.Optional(Type.String({ description: 'the agent that wrote the VM (absent: this server\'s process)' })),
   toOriginal: Type.Boolean(),
   state: Type.Union([Type.Literal('running'), Type.Literal('success'), Type.Literal('failed')]),
   startedAt: Type.String(),
@@ -65,6 +70,7 @@ const VmRestore = Type.Object({
     Type.Null(),
   ]),
   error: Type.Union([ErrorInfo, Type.Null()]),
+  log: Type.Optional(Type.Array(Type.Object({ time: Type.String(), level: Type.String(), message: Type.String() }), { description: 'lines the restoring agent reported' })),
 });
 export type VmRestore = Static<typeof VmRestore>;
 
@@ -82,6 +88,8 @@ const InstantRecovery = Type.Object({
   agentSocket: Type.String(),
   consoleLog: Type.String(),
   disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number(), overlay: Type.String(), target: Type.Union([Type.String(), Type.Null()]) })),
+  agent: Type.Optional(Type.String({ description: 'the agent whose host runs the VM (absent: this server\'s process)' })),
+  host: Type.Optional(Type.String()),
 });
 export type InstantRecovery = Static<typeof InstantRecovery>;
 
@@ -89,6 +97,7 @@ const StartInstantBody = Type.Object(
   {
     point: Type.String({ minLength: 1, description: 'restore point id' }),
     name: Type.Optional(Type.String({ minLength: 1, description: 'name of the recovered VM (default: VM-ir)' })),
+    host: Type.Optional(Type.String({ minLength: 1, description: 'host whose agent runs the VM (default: this server\'s process, or the repository\'s agent)' })),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
   },
   { additionalProperties: false },
@@ -113,6 +122,16 @@ export interface RecoveryServiceOptions {
   readonly dataDir: string;
   /** The server's encryption passwords (points of encrypted jobs need none typed). */
   readonly keys?: EncryptionKeys | undefined;
+  /** Restores and instant recovery on agents' hosts (docs/formats/agent-link.md, "Restore tasks"). */
+  readonly remote?: RemoteRecovery | undefined;
+}
+
+/** An instant recovery session on an agent's host, as this server knows it. */
+interface RemoteInstant {
+  readonly agent: string;
+  readonly host: string | undefined;
+  serve: AgentTaskHandle | undefined;
+  last: WireInstantSession;
 }
 
 /** Restores and instant recovery sessions of this server process. */
@@ -125,11 +144,14 @@ export class RecoveryService {
   readonly #running = new Set<Promise<unknown>>();
   readonly #abort = new AbortController();
   readonly #repositories = new Map<string, Promise<Repository>>();
+  readonly #remote: RemoteRecovery | undefined;
+  readonly #remoteInstant = new Map<string, RemoteInstant>();
 
   constructor(o: RecoveryServiceOptions) {
     this.#ctx = o.ctx;
     this.#dataDir = o.dataDir;
     this.#keys = o.keys;
+    this.#remote = o.remote;
   }
 
   /** Where instant recovery sessions keep their sockets and overlays (short: socket paths ≤ 107 bytes). */
@@ -183,29 +205,36 @@ export class RecoveryService {
     return r;
   }
 
-  /** The point's repository and the password option to open it with (docs/encryption.md). */
-  async #pointRepository(pointId: string, given?: string): Promise<{ repository: Repository; vm: string; password: { password?: string } }> {
+  /** The catalog's point and its repository (where it is, which agent owns it). */
+  async #point(pointId: string): Promise<{ point: Awaited<ReturnType<typeof getRestorePoint>>; repo: { name: string; path: string; agent: string | null } }> {
     const point = await getRestorePoint(this.#ctx, pointId);
     if (point.state !== 'ready') throw new BulwarkError(`restore point ${pointId} is ${point.state}`, { kind: 'conflict' });
     const repo = await getRepository(this.#ctx, point.repository);
+    return { point, repo: { name: repo.name, path: repo.path, agent: repo.agent } };
+  }
+
+  /** The point's repository and the password option to open it with (docs/encryption.md). */
+  async #pointRepository(pointId: string, given?: string): Promise<{ repository: Repository; vm: string; password: { password?: string } }> {
+    const { point, repo } = await this.#point(pointId);
     const repository = await this.#repository(repo.path);
     return { repository, vm: point.vm, password: await pointPassword(this.#keys, repository, point, given) };
   }
 
+  /** The remote path's tools, or why this server cannot reach agents. */
+  #remoteOrFail(what: string): RemoteRecovery {
+    if (!this.#remote) throw new BulwarkError(`${what} needs an agent, and this server hands no tasks to agents`, { kind: 'unavailable' });
+    return this.#remote;
+  }
+
   /** The host a restore goes to: the named one, or the one whose QMP glob covers the original VM. */
-  async #host(repository: Repository, pointId: string, name: string | undefined, password: { password?: string }): Promise<{ name: string; host: RestoreVmHost }> {
-    const toHost = (h: { name: string; kind: 'qemu' | 'libvirt'; uri: string }) => ({
+  async #host(name: string | undefined, metadata: () => Promise<PointMetadata | null>, pointId: string): Promise<{ name: string; host: RestoreVmHost; agent: string | null }> {
+    const toHost = (h: { name: string; kind: 'qemu' | 'libvirt'; uri: string; agent: string | null }) => ({
       name: h.name,
+      agent: h.agent,
       host: h.kind === 'qemu' ? { kind: 'qemu' as const, qmpGlob: h.uri } : { kind: 'libvirt' as const, uri: h.uri },
     });
     if (name) return toHost(await getHost(this.#ctx, name));
-    const point = await repository.openRestorePoint(pointId, password);
-    let meta;
-    try {
-      meta = decodePointMetadata(point.vmConfig);
-    } finally {
-      await point.close();
-    }
+    const meta = await metadata();
     if (!meta) throw new BulwarkError(`restore point ${pointId} stores no VM configuration`, { kind: 'invalid' });
     const hosts = (await listHosts(this.#ctx)).filter((h) => h.kind === meta.hypervisor);
     const match = meta.hypervisor === 'qemu' ? hosts.filter((h) => globMatches(h.uri, meta.vm.id)) : hosts;
@@ -220,21 +249,65 @@ export class RecoveryService {
     return toHost(pick);
   }
 
+  /** The stored point metadata of a point in this server's repository. */
+  async #localMetadata(repository: Repository, pointId: string, password: { password?: string }): Promise<PointMetadata | null> {
+    const point = await repository.openRestorePoint(pointId, password);
+    try {
+      return decodePointMetadata(point.vmConfig);
+    } finally {
+      await point.close();
+    }
+  }
+
   /**
    * Starts a full VM restore. Resolves with the restore once its disks are being written (checks
-   * that fail first, such as a running original VM, reject here with their reason).
+   * that fail first, such as a running original VM, reject here with their reason). It runs in
+   * this process when both the point's repository and the host are this server's own; otherwise
+   * on the host's agent (src/server/dispatch/recovery.ts).
    */
   async startRestoreVm(pointId: string, body: Static<typeof RestoreVmBody>): Promise<VmRestore> {
     if (body.storage) absolute('storage', body.storage);
-    const { repository, vm, password } = await this.#pointRepository(pointId, body.password);
-    const host = await this.#host(repository, pointId, body.host, password);
+    const { point, repo } = await this.#point(pointId);
+    const vm = point.vm;
+    const remote = this.#remote;
+    let host: { name: string; host: RestoreVmHost; agent: string | null };
+    let work: (onProgress: (p: { disk: string; bytesDone: number; total: number }) => void, onLog: (level: string, message: string) => void) => Promise<RestoreVmResult>;
+    if (remote === undefined || remote.isLocal(repo.agent)) {
+      const repository = await this.#repository(repo.path);
+      const password = await pointPassword(this.#keys, repository, point, body.password);
+      host = await this.#host(body.host, () => this.#localMetadata(repository, pointId, password), pointId);
+      if (remote === undefined || remote.isLocal(host.agent)) {
+        work = (onProgress) =>
+          restoreVm({
+            repository,
+            pointId,
+            host: host.host,
+            ...(body.name ? { name: body.name } : {}),
+            ...(body.storage ? { storage: body.storage } : {}),
+            ...(body.format ? { format: body.format } : {}),
+            ...(body.powerOn ? { powerOn: true } : {}),
+            ...password,
+            defaultVmRoot: path.join(this.#dataDir, 'vms'),
+            signal: this.#abort.signal,
+            onProgress,
+          });
+      } else {
+        work = this.#remoteRestore(remote, repo, host, pointId, body, password.password);
+      }
+    } else {
+      const password = this.#keys ? await this.#keys.remotePassword(point, body.password) : body.password;
+      host = await this.#host(body.host, async () => decodePointMetadata(Buffer.from((await remote.pointConfig(repo, pointId, password)).config, 'base64')), pointId);
+      work = this.#remoteRestore(remote, repo, host, pointId, body, password);
+    }
     const id = `vr-${randomBytes(4).toString('hex')}`;
+    const agent = remote !== undefined && !(remote.isLocal(repo.agent) && remote.isLocal(host.agent)) ? remote.agentOf(host.agent) : undefined;
     const task: VmRestore = {
       id,
       point: pointId,
       sourceVm: vm,
       vm: body.name ?? vm,
       host: host.name,
+      ...(agent ? { agent, log: [] } : {}),
       toOriginal: body.name === undefined || body.name === vm,
       state: 'running',
       startedAt: new Date().toISOString(),
@@ -245,23 +318,14 @@ export class RecoveryService {
     };
     let moving: () => void = () => undefined;
     const firstProgress = new Promise<void>((r) => (moving = r));
-    const work = restoreVm({
-      repository,
-      pointId,
-      host: host.host,
-      ...(body.name ? { name: body.name } : {}),
-      ...(body.storage ? { storage: body.storage } : {}),
-      ...(body.format ? { format: body.format } : {}),
-      ...(body.powerOn ? { powerOn: true } : {}),
-      ...password,
-      defaultVmRoot: path.join(this.#dataDir, 'vms'),
-      signal: this.#abort.signal,
-      onProgress: (p) => {
+    const running = work(
+      (p) => {
         task.progress = { bytesDone: p.bytesDone, total: p.total, percent: p.total > 0 ? Math.min(100, (100 * p.bytesDone) / p.total) : 0, disk: p.disk };
         moving();
       },
-    });
-    const settled = work.then(
+      (level, message) => task.log?.push({ time: new Date().toISOString(), level, message }),
+    );
+    const settled = running.then(
       (r: RestoreVmResult) => {
         task.result = {
           hypervisor: r.hypervisor,
@@ -288,10 +352,52 @@ export class RecoveryService {
     });
     this.#running.add(settled);
     // Refusals (VM running, name taken, bad format) come before any data moves: answer them directly.
-    const first = await Promise.race([work.then(() => 'done' as const, (err: unknown) => ({ err })), firstProgress.then(() => 'moving' as const)]);
+    const first = await Promise.race([running.then(() => 'done' as const, (err: unknown) => ({ err })), firstProgress.then(() => 'moving' as const)]);
     if (typeof first === 'object') throw first.err;
     this.#restores.set(id, task);
     return task;
+  }
+
+  /** The work of a restore on the host's agent: its progress and log lines come back as events. */
+  #remoteRestore(
+    remote: RemoteRecovery,
+    repo: { path: string; agent: string | null },
+    host: { name: string; host: RestoreVmHost; agent: string | null },
+    pointId: string,
+    body: Static<typeof RestoreVmBody>,
+    password: string | undefined,
+  ): (onProgress: (p: { disk: string; bytesDone: number; total: number }) => void, onLog: (level: string, message: string) => void) => Promise<RestoreVmResult> {
+    const hypervisor: HypervisorConnection = host.host.kind === 'qemu' ? { kind: 'qemu', qmpGlob: host.host.qmpGlob } : { kind: 'libvirt', uri: host.host.uri };
+    return async (onProgress, onLog) => {
+      const raw = await remote.restoreVm({
+        repository: repo,
+        hostAgent: host.agent,
+        hypervisor,
+        pointId,
+        password,
+        name: body.name,
+        storage: body.storage,
+        format: body.format,
+        powerOn: body.powerOn,
+        signal: this.#abort.signal,
+        onEvent: (e) => {
+          switch (e.type) {
+            case 'progress': {
+              const p = e.progress as { disk?: unknown; bytesDone?: unknown; total?: unknown };
+              if (typeof p.disk === 'string' && typeof p.bytesDone === 'number' && typeof p.total === 'number') onProgress({ disk: p.disk, bytesDone: p.bytesDone, total: p.total });
+              break;
+            }
+            case 'log':
+              onLog(e.level, e.message);
+              break;
+            case 'ready':
+            case 'result':
+              break;
+          }
+        },
+      });
+      return raw as unknown as RestoreVmResult;
+    };
   }
 
   getRestore(id: string): VmRestore {
@@ -304,7 +410,7 @@ export class RecoveryService {
     return [...this.#restores.values()].reverse();
   }
 
-  #instantInfo(i: InstantSessionInfo): InstantRecovery {
+  #instantInfo(i: InstantSessionInfo | WireInstantSession, where?: { agent: string; host: string | undefined }): InstantRecovery {
     return {
       id: i.id,
       name: i.name,
@@ -312,38 +418,107 @@ export class RecoveryService {
       point: i.pointId,
       state: i.state,
       runningFromBackup: i.runningFromBackup,
-      startedAt: i.startedAt.toISOString(),
+      startedAt: typeof i.startedAt === 'string' ? i.startedAt : i.startedAt.toISOString(),
       pid: i.pid ?? null,
       dir: i.dir,
       qmpSocket: i.qmpSocket,
       agentSocket: i.agentSocket,
       consoleLog: i.consoleLog,
       disks: i.disks.map((d) => ({ ...d })),
+      ...(where ? { agent: where.agent, ...(where.host ? { host: where.host } : {}) } : {}),
     };
   }
 
+  /**
+   * Starts instant recovery: in this process when the point's repository is this server's and no
+   * host of another agent is named; else on the named host's agent (or the repository's agent),
+   * which reads the point directly or through the data mover.
+   */
   async startInstant(body: Static<typeof StartInstantBody>): Promise<InstantRecovery> {
-    const { repository, vm, password } = await this.#pointRepository(body.point, body.password);
-    const name = body.name ?? `${vm}-ir`;
-    const info = await this.#instant.start({ repository, pointId: body.point, workDir: this.instantDir, name, ...password });
-    return this.#instantInfo(info);
+    const { point, repo } = await this.#point(body.point);
+    const name = body.name ?? `${point.vm}-ir`;
+    const host = body.host ? await getHost(this.#ctx, body.host) : undefined;
+    const remote = this.#remote;
+    const hostAgent = host ? host.agent : repo.agent;
+    if (remote === undefined || (remote.isLocal(repo.agent) && remote.isLocal(hostAgent))) {
+      const { repository, password } = await this.#pointRepository(body.point, body.password);
+      const info = await this.#instant.start({ repository, pointId: body.point, workDir: this.instantDir, name, ...password });
+      return this.#instantInfo(info);
+    }
+    for (const r of this.#remoteInstant.values()) {
+      if (r.last.name === name && r.last.state !== 'stopped') throw new BulwarkError(`an instant recovery named ${name} is already running (on agent ${r.agent})`, { kind: 'conflict' });
+    }
+    let password: string | undefined;
+    if (remote.isLocal(repo.agent)) {
+      const repository = await this.#repository(repo.path);
+      password = (await pointPassword(this.#keys, repository, point, body.password)).password;
+    } else {
+      password = this.#keys ? await this.#keys.remotePassword(point, body.password) : body.password;
+    }
+    const started = await remote.instantStart({ repository: repo, hostAgent, pointId: body.point, name, password });
+    const entry: RemoteInstant = { agent: started.agent, host: host?.name, serve: started.serve, last: started.session };
+    this.#remoteInstant.set(started.session.id, entry);
+    // A serve task that ends while the VM reads from the backup: said in the log; the VM's reads fail.
+    void started.serve?.result.catch((err: unknown) => {
+      if (entry.serve) log.error({ session: started.session.id, err: describeError(err) }, 'the repository agent stopped serving an instant recovery session');
+    });
+    return this.#instantInfo(started.session, entry);
   }
 
-  listInstant(): InstantRecovery[] {
-    return this.#instant.list().map((i) => this.#instantInfo(i));
+  async #refresh(id: string, r: RemoteInstant): Promise<InstantRecovery> {
+    try {
+      r.last = await this.#remoteOrFail('instant recovery').instant<WireInstantSession>(r.agent, { action: 'show', session: id });
+    } catch (err) {
+      if (err instanceof BulwarkError && err.kind === 'not-found') {
+        // The agent no longer has it (it restarted): the session is over.
+        r.last = { ...r.last, state: 'stopped', runningFromBackup: false, pid: null };
+        r.serve?.cancel('the instant recovery session is gone');
+        r.serve = undefined;
+      } else {
+        log.warn({ session: id, agent: r.agent, err: describeError(err) }, 'could not refresh an instant recovery session on its agent');
+      }
+    }
+    return this.#instantInfo(r.last, r);
   }
 
-  getInstant(id: string): InstantRecovery {
+  async listInstant(): Promise<InstantRecovery[]> {
+    const remote = await Promise.all([...this.#remoteInstant].map(([id, r]) => this.#refresh(id, r)));
+    return [...this.#instant.list().map((i) => this.#instantInfo(i)), ...remote];
+  }
+
+  async getInstant(id: string): Promise<InstantRecovery> {
+    const r = this.#remoteInstant.get(id);
+    if (r) return this.#refresh(id, r);
     return this.#instantInfo(this.#instant.info(id));
   }
 
   async migrateInstant(id: string, storage: string | undefined): Promise<InstantRecovery> {
+    if (storage) absolute('storage', storage);
+    const r = this.#remoteInstant.get(id);
+    if (r) {
+      r.last = await this.#remoteOrFail('instant recovery').instant<WireInstantSession>(r.agent, { action: 'migrate', session: id, ...(storage ? { storage } : {}) });
+      // The VM runs on its own disks now: the repository agent stops serving the point.
+      r.serve?.cancel('instant recovery migrated');
+      r.serve = undefined;
+      return this.#instantInfo(r.last, r);
+    }
     const info = this.#instant.info(id);
-    await this.#instant.migrate(id, storage ? absolute('storage', storage) : path.join(this.#dataDir, 'vms', info.name));
+    await this.#instant.migrate(id, storage ?? path.join(this.#dataDir, 'vms', info.name));
     return this.getInstant(id);
   }
 
   async stopInstant(id: string): Promise<void> {
+    const r = this.#remoteInstant.get(id);
+    if (r) {
+      try {
+        await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'stop', session: id });
+      } catch (err) {
+        if (!(err instanceof BulwarkError && err.kind === 'not-found')) throw err;
+      }
+      r.serve?.cancel('instant recovery stopped');
+      this.#remoteInstant.delete(id);
+      return;
+    }
     await this.#instant.stop(id);
   }
 
@@ -385,7 +560,7 @@ export function recoveryPlugin(service: RecoveryService): FastifyPluginAsync {
     r.get(
       '/instant-recoveries',
       { config: { permission: 'read-restore-points' }, schema: { tags: ['restore'], response: { 200: Type.Object({ items: Type.Array(InstantRecovery) }) } } },
-      async () => ({ items: service.listInstant() }),
+      async () => ({ items: await service.listInstant() }),
     );
     r.get('/instant-recoveries/:id', { config: { permission: 'read-restore-points' }, schema: { tags: ['restore'], params: IdParam, response: { 200: InstantRecovery } } }, async (req) =>
       service.getInstant(req.params.id),

@@ -57,6 +57,8 @@ export class MultiHost {
   /** The repository folder on the repository agent's "host" (the shared file system here). */
   readonly repoDir = path.join(this.tmp, 'repository');
   readonly children: ChildProcess[] = [];
+  /** Namespaces of agents added with addAgent (deleted by close()). */
+  readonly extraNs: string[] = [];
   readonly stderrOf = new Map<ChildProcess, string[]>();
   socketPath = '';
   readonly #clockFile = path.join(this.tmp, 'clock-offset-ms');
@@ -166,6 +168,29 @@ export class MultiHost {
     return { child, info: JSON.parse(first.value) as Record<string, unknown> };
   }
 
+  /**
+   * One more agent in its own namespace on the bridge (e.g. the host a VM is restored to), address
+   * `10.214.x.(4+n)`; `who` is one letter naming its namespace and interfaces.
+   */
+  async addAgent(name: string, who: string): Promise<{ ns: string; ip: string; child: ChildProcess; dataDir: string }> {
+    const n = `bwm-${this.tag}-${who}`;
+    const ip = `10.214.${this.#octet}.${4 + this.extraNs.length}`;
+    run('ip', ['netns', 'add', n]);
+    this.extraNs.push(n);
+    const inner = `bw${who}${this.tag}`;
+    const outer = `bw${who}${this.tag}p`;
+    run('ip', ['link', 'add', inner, 'netns', n, 'type', 'veth', 'peer', 'name', outer, 'netns', this.ns.server]);
+    run('ip', ['-n', this.ns.server, 'link', 'set', outer, 'master', this.bridge]);
+    run('ip', ['-n', this.ns.server, 'link', 'set', outer, 'up']);
+    run('ip', ['-n', n, 'addr', 'add', `${ip}/24`, 'dev', inner]);
+    run('ip', ['-n', n, 'link', 'set', inner, 'up']);
+    run('ip', ['-n', n, 'link', 'set', 'lo', 'up']);
+    const token = (await this.api<{ token: string }>('POST', '/agents/tokens', { name })).token;
+    const dataDir = path.join(this.tmp, `${name}-agent`);
+    const { child } = await this.startInNs(`agent ${name}`, n, 'agent.ts', [dataDir, `https://${this.ip.server}:9392`, token, name, `${ip}:9393`]);
+    return { ns: n, ip, child, dataDir };
+  }
+
   /** The repository agent `repo1` (token `-`: already enrolled). */
   async startRepoAgent(token: string): Promise<ChildProcess> {
     const { child } = await this.startInNs('repository agent', this.ns.repo, 'agent.ts', [path.join(this.tmp, 'repo-agent'), `https://${this.ip.server}:9392`, token, 'repo1', `${this.ip.repo}:9393`]);
@@ -249,7 +274,7 @@ export class MultiHost {
     } catch {
       // not started
     }
-    for (const n of Object.values(this.ns)) spawnSync('ip', ['netns', 'del', n]);
+    for (const n of [...Object.values(this.ns), ...this.extraNs]) spawnSync('ip', ['netns', 'del', n]);
     rmSync(this.tmp, { recursive: true, force: true });
     return spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(this.tag)).join('\n');
   }

@@ -1,0 +1,169 @@
+// The restore task kinds an agent runs (docs/formats/agent-link.md, "Restore tasks"): read a
+// point's stored VM configuration; serve a point to another agent's reader streams; restore a
+// whole VM onto a host of this agent (restoreVm, reading the point here or from the repository's
+// agent); and instant recovery sessions of VMs that run on this agent's host from a backup.
+import path from 'node:path';
+import { BulwarkError } from '../../common/errors.js';
+import type { Repository } from '../../repository/index.js';
+import { InstantRecoverySessions, type InstantSessionInfo } from '../../restore/instant/index.js';
+import { repositoryPointSource, restoreVm, type RestoreVmResult, type VmPointSource } from '../../restore/vm/index.js';
+import type { TaskEvent } from '../../transport/agent-tasks.js';
+import type { TlsIdentity, TransferReceiver, TransferTaskGrant } from '../../transport/index.js';
+import type {
+  InstantRecoveryTask, RestorePointConfigTask, RestoreServeTask, RestoreTask, RestoreVmTask, WireInstantSession, WirePointConfig, WireRestoreSource,
+} from '../../transport/restore-tasks.js';
+import { pointRestoreSource, RemotePoint } from './restore-reader.js';
+
+/** What the restore tasks need from the agent's task runner. */
+export interface RestoreTaskContext {
+  /** This agent's name (its certificate's CN). */
+  readonly name: string;
+  readonly tls: TlsIdentity;
+  /** The agent's data folder: restored plain-QEMU VMs (`vms/`) and instant recovery sessions (`ir/`). */
+  readonly dataDir: string;
+  /** Address readers use to reach the data-mover listener (default: the one the server sees). */
+  readonly dataAdvertise?: string | undefined;
+  repository(path: string): Promise<Repository>;
+  listener(): Promise<TransferReceiver>;
+  grant(taskId: string, grant: TransferTaskGrant | undefined): void;
+  emit(taskId: string, e: TaskEvent): void;
+}
+
+export function wireSession(i: InstantSessionInfo): WireInstantSession {
+  return { ...i, startedAt: i.startedAt.toISOString(), pid: i.pid ?? null, disks: i.disks.map((d) => ({ ...d })) };
+}
+
+export class RestoreTasks {
+  readonly #c: RestoreTaskContext;
+  readonly #instant = new InstantRecoverySessions();
+
+  constructor(context: RestoreTaskContext) {
+    this.#c = context;
+  }
+
+  run(task: RestoreTask, signal: AbortSignal): Promise<unknown> {
+    switch (task.kind) {
+      case 'restore-point-config':
+        return this.#pointConfig(task);
+      case 'restore-serve':
+        return this.#serve(task, signal);
+      case 'restore-vm':
+        return this.#restoreVm(task, signal);
+      case 'instant-recovery':
+        return this.#instantRecovery(task);
+    }
+  }
+
+  /** Agent shutdown: instant recovery VMs are stopped (their backup side goes with the agent). */
+  async close(): Promise<void> {
+    await this.#instant.stopAll();
+  }
+
+  async #pointConfig(task: RestorePointConfigTask): Promise<WirePointConfig> {
+    const repository = await this.#c.repository(task.repositoryPath);
+    const point = await repository.openRestorePoint(task.pointId, task.password === undefined ? {} : { password: task.password });
+    try {
+      return { vm: point.info.vm, config: point.vmConfig.toString('base64'), disks: point.disks.map((d) => ({ name: d.name, size: d.size })) };
+    } finally {
+      await point.close();
+    }
+  }
+
+  /** Serves the point to the reader agent's streams until the server cancels the task. */
+  async #serve(task: RestoreServeTask, signal: AbortSignal): Promise<{ streams: number }> {
+    const repository = await this.#c.repository(task.repositoryPath);
+    // Open it once first: a missing point or a wrong password fails the task before `ready`.
+    await (await pointRestoreSource(repository, task.pointId, task.password)).close();
+    const receiver = await this.#c.listener();
+    let streams = 0;
+    this.#c.grant(task.taskId, {
+      secret: task.secret,
+      openSource: async ({ peerCertificate }) => {
+        const cn = peerCertificate.subject?.CN;
+        const peer = Array.isArray(cn) ? cn[0] : cn;
+        if (peer !== task.readerAgent) {
+          throw new BulwarkError(`agent ${String(peer)} may not read restore point ${task.pointId} (task ${task.taskId} was given to ${task.readerAgent})`, { kind: 'forbidden' });
+        }
+        streams++;
+        return pointRestoreSource(repository, task.pointId, task.password);
+      },
+    });
+    try {
+      this.#c.emit(task.taskId, { type: 'ready', port: receiver.address.port, ...(this.#c.dataAdvertise ? { host: this.#c.dataAdvertise } : {}), previous: null });
+      if (!signal.aborted) await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+      return { streams };
+    } finally {
+      this.#c.grant(task.taskId, undefined);
+    }
+  }
+
+  /** The point as the task's source says: a repository here, or the repository agent's serve task. */
+  async #remote(pointId: string, source: Extract<WireRestoreSource, { kind: 'agent' }>, streams: number): Promise<RemotePoint> {
+    return RemotePoint.open(pointId, source, this.#c.tls, streams);
+  }
+
+  async #restoreVm(task: RestoreVmTask, signal: AbortSignal): Promise<RestoreVmResult> {
+    let remote: RemotePoint | undefined;
+    let source: VmPointSource;
+    const s = task.source;
+    if (s.kind === 'repository') {
+      source = repositoryPointSource(await this.#c.repository(s.repositoryPath), task.pointId, s.password);
+    } else {
+      remote = await this.#remote(task.pointId, s, 4);
+      source = remote;
+      this.#c.emit(task.taskId, { type: 'log', level: 'info', message: `reading restore point ${task.pointId} from repository agent ${s.agent} (${s.host}:${s.port})` });
+    }
+    try {
+      return await restoreVm({
+        source,
+        pointId: task.pointId,
+        host: task.hypervisor.kind === 'qemu' ? { kind: 'qemu', qmpGlob: task.hypervisor.qmpGlob } : { kind: 'libvirt', uri: task.hypervisor.uri ?? 'qemu:///system' },
+        ...(task.name !== undefined ? { name: task.name } : {}),
+        ...(task.storage !== undefined ? { storage: task.storage } : {}),
+        ...(task.format !== undefined ? { format: task.format } : {}),
+        ...(task.powerOn ? { powerOn: true } : {}),
+        defaultVmRoot: path.join(this.#c.dataDir, 'vms'),
+        signal,
+        onProgress: (p) => this.#c.emit(task.taskId, { type: 'progress', progress: { disk: p.disk, bytesDone: p.bytesDone, total: p.total } }),
+        onLog: (message) => this.#c.emit(task.taskId, { type: 'log', level: 'info', message: `agent ${this.#c.name}: ${message}` }),
+      });
+    } finally {
+      await remote?.close();
+    }
+  }
+
+  async #instantRecovery(task: InstantRecoveryTask): Promise<unknown> {
+    switch (task.action) {
+      case 'start': {
+        const workDir = path.join(this.#c.dataDir, 'ir');
+        const s = task.source;
+        if (s.kind === 'repository') {
+          const repository = await this.#c.repository(s.repositoryPath);
+          return wireSession(
+            await this.#instant.start({ repository, pointId: task.pointId, workDir, name: task.name, ...(s.password !== undefined ? { password: s.password } : {}), ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) }),
+          );
+        }
+        // On-demand reads of a booting VM: a couple of streams are plenty.
+        const remote = await this.#remote(task.pointId, s, 2);
+        try {
+          return wireSession(await this.#instant.start({ source: remote, workDir, name: task.name, ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) }));
+        } catch (err) {
+          await remote.close();
+          throw err;
+        }
+      }
+      case 'show':
+        return wireSession(this.#instant.info(task.session));
+      case 'list':
+        return { sessions: this.#instant.list().map(wireSession) };
+      case 'migrate': {
+        const info = this.#instant.info(task.session);
+        await this.#instant.migrate(task.session, task.storage ?? path.join(this.#c.dataDir, 'vms', info.name));
+        return wireSession(this.#instant.info(task.session));
+      }
+      case 'stop':
+        await this.#instant.stop(task.session);
+        return { stopped: task.session };
+    }
+  }
+}

@@ -1,0 +1,157 @@
+// Full VM restore and instant recovery on another agent's host (docs/formats/agent-link.md,
+// "Restore tasks"): the agent of the host the VM goes to does the work; it reads the point from
+// its own host's repository, or through the data mover from a restore-serve task on the
+// repository's agent, which this module starts first and stops when the reader is done. VM data
+// never passes through the server.
+import { randomBytes } from 'node:crypto';
+import { BulwarkError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+import type { HypervisorConnection } from '../../hypervisor/index.js';
+import type { TaskEvent } from '../../transport/agent-tasks.js';
+import type { InstantRecoveryAction, WireInstantSession, WirePointConfig, WireRestoreSource } from '../../transport/restore-tasks.js';
+import type { AgentTaskBroker, AgentTaskHandle } from './broker.js';
+
+const log = logger('remote-recovery');
+
+export interface RecoveryRepository {
+  readonly path: string;
+  /** The agent that owns the folder; null: this server's own. */
+  readonly agent: string | null;
+}
+
+/** Where a point is read from, and the serve task to stop once the reader is done. */
+export interface PointSourcePlan {
+  readonly source: WireRestoreSource;
+  readonly serve: AgentTaskHandle | undefined;
+}
+
+export interface RemoteVmRestoreArgs {
+  readonly repository: RecoveryRepository;
+  /** The agent of the host the VM is restored to (null: this server's own agent). */
+  readonly hostAgent: string | null;
+  readonly hypervisor: HypervisorConnection;
+  readonly pointId: string;
+  readonly password?: string | undefined;
+  readonly name?: string | undefined;
+  readonly storage?: string | undefined;
+  readonly format?: 'raw' | 'qcow2' | undefined;
+  readonly powerOn?: boolean | undefined;
+  readonly onEvent?: (e: TaskEvent) => void;
+  readonly signal?: AbortSignal | undefined;
+}
+
+export class RemoteRecovery {
+  readonly #broker: AgentTaskBroker;
+  readonly #localAgent: string;
+
+  constructor(broker: AgentTaskBroker, localAgent = 'local') {
+    this.#broker = broker;
+    this.#localAgent = localAgent;
+  }
+
+  /** The agent name that runs work for `agent` (null: this server's own agent). */
+  agentOf(agent: string | null): string {
+    return agent ?? this.#localAgent;
+  }
+
+  isLocal(agent: string | null): boolean {
+    return agent === null || agent === this.#localAgent;
+  }
+
+  /** The point's stored VM configuration and disks, read by the repository's agent. */
+  async pointConfig(repository: RecoveryRepository, pointId: string, password: string | undefined): Promise<WirePointConfig> {
+    const handle = this.#broker.run(this.agentOf(repository.agent), { kind: 'restore-point-config', repositoryPath: repository.path, pointId, password });
+    return (await handle.result) as WirePointConfig;
+  }
+
+  /**
+   * How `readerAgent` reads the point: from the repository folder when the repository is on its
+   * own host; else from a restore-serve task on the repository's agent (started here, ready).
+   */
+  async plan(repository: RecoveryRepository, readerAgent: string, pointId: string, password: string | undefined, config: () => Promise<WirePointConfig>): Promise<PointSourcePlan> {
+    const repoAgent = this.agentOf(repository.agent);
+    if (repoAgent === readerAgent) return { source: { kind: 'repository', repositoryPath: repository.path, password }, serve: undefined };
+    const point = await config();
+    const secret = randomBytes(32).toString('hex');
+    let ready: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
+    const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (ready = resolve));
+    const serve = this.#broker.run(repoAgent, { kind: 'restore-serve', repositoryPath: repository.path, pointId, password, secret, readerAgent }, (e) => {
+      if (e.type === 'ready') ready?.(e);
+    });
+    const first = await Promise.race([readyEvent, serve.result.then(() => undefined)]);
+    if (!first) throw new BulwarkError(`repository agent ${repoAgent} ended the restore-serve task before it was ready`, { kind: 'internal', context: { agent: repoAgent } });
+    const host = first.host ?? this.#broker.addressOf(repoAgent) ?? '127.0.0.1';
+    log.info({ point: pointId, repositoryAgent: repoAgent, reader: readerAgent, host, port: first.port }, 'restore point served to another agent');
+    return {
+      source: { kind: 'agent', agent: repoAgent, host, port: first.port, transferId: serve.taskId, secret, vm: point.vm, config: point.config, disks: point.disks },
+      serve,
+    };
+  }
+
+  /** A full VM restore on the host's agent; resolves with its result (RestoreVmResult as JSON). */
+  async restoreVm(a: RemoteVmRestoreArgs): Promise<Record<string, unknown>> {
+    const hostAgent = this.agentOf(a.hostAgent);
+    let config: Promise<WirePointConfig> | undefined;
+    const { source, serve } = await this.plan(a.repository, hostAgent, a.pointId, a.password, () => (config ??= this.pointConfig(a.repository, a.pointId, a.password)));
+    try {
+      a.signal?.throwIfAborted();
+      const handle = this.#broker.run(
+        hostAgent,
+        {
+          kind: 'restore-vm',
+          hypervisor: a.hypervisor,
+          pointId: a.pointId,
+          name: a.name,
+          storage: a.storage,
+          format: a.format,
+          powerOn: a.powerOn,
+          source,
+        },
+        (e) => a.onEvent?.(e),
+      );
+      const stop = (): void => handle.cancel('the server is stopping');
+      a.signal?.addEventListener('abort', stop, { once: true });
+      // The serve task failing (its agent lost) fails the restore at once.
+      const serveFailed = serve
+        ? serve.result.then(
+            () => new Promise<never>(() => undefined),
+            (err: unknown) => {
+              handle.cancel('the repository agent stopped serving the point');
+              throw err;
+            },
+          )
+        : new Promise<never>(() => undefined);
+      try {
+        return (await Promise.race([handle.result, serveFailed])) as Record<string, unknown>;
+      } finally {
+        a.signal?.removeEventListener('abort', stop);
+      }
+    } finally {
+      serve?.cancel('the VM restore ended');
+    }
+  }
+
+  /** Starts instant recovery on `hostAgent`; the serve task (if any) stays until stop or migrate. */
+  async instantStart(a: {
+    repository: RecoveryRepository;
+    hostAgent: string | null;
+    pointId: string;
+    name: string;
+    password?: string | undefined;
+  }): Promise<{ session: WireInstantSession; agent: string; serve: AgentTaskHandle | undefined }> {
+    const agent = this.agentOf(a.hostAgent);
+    const { source, serve } = await this.plan(a.repository, agent, a.pointId, a.password, () => this.pointConfig(a.repository, a.pointId, a.password));
+    try {
+      const session = (await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source }).result) as WireInstantSession;
+      return { session, agent, serve };
+    } catch (err) {
+      serve?.cancel('instant recovery did not start');
+      throw err;
+    }
+  }
+
+  /** show / list / migrate / stop of a session on an agent. */
+  async instant<T>(agent: string, action: Exclude<InstantRecoveryAction, { action: 'start' }>): Promise<T> {
+    return (await this.#broker.run(agent, { kind: 'instant-recovery', ...action }).result) as T;
+  }
+}

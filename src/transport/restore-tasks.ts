@@ -1,0 +1,90 @@
+// The restore task kinds of the agent link (docs/formats/agent-link.md, "Restore tasks"): a VM
+// restored or instantly recovered on the agent of the host it goes to, reading the point from a
+// repository on its own host or through the data-mover protocol from the repository's agent.
+// Shapes only; agent side src/agent/remote/restore-tasks.ts, server side
+// src/server/dispatch/recovery.ts.
+import type { HypervisorConnection } from '../hypervisor/index.js';
+
+/** A point's stored VM configuration and disks (the restore-point-config result). */
+export interface WirePointConfig {
+  readonly vm: string;
+  /** Base64 of the point-metadata JSON (src/agent/backup/point-metadata.ts). */
+  readonly config: string;
+  readonly disks: ReadonlyArray<{ readonly name: string; readonly size: number }>;
+}
+
+/** Where the agent of the restore's host reads the point from. */
+export type WireRestoreSource =
+  | { readonly kind: 'repository'; readonly repositoryPath: string; readonly password?: string | undefined }
+  | (WirePointConfig & {
+      readonly kind: 'agent';
+      /** The repository's agent (its certificate's CN) and its data-mover listener. */
+      readonly agent: string;
+      readonly host: string;
+      readonly port: number;
+      /** The restore-serve task id (HELLO taskId) and its secret. */
+      readonly transferId: string;
+      readonly secret: string;
+      readonly streams?: number | undefined;
+    });
+
+export interface RestorePointConfigTask {
+  readonly kind: 'restore-point-config';
+  readonly taskId: string;
+  readonly repositoryPath: string;
+  readonly pointId: string;
+  readonly password?: string | undefined;
+}
+
+export interface RestoreServeTask {
+  readonly kind: 'restore-serve';
+  readonly taskId: string;
+  readonly repositoryPath: string;
+  readonly pointId: string;
+  readonly password?: string | undefined;
+  /** 64 hex: a reader stream's HELLO must carry it. */
+  readonly secret: string;
+  /** The agent allowed to read (the certificate's CN must be this name). */
+  readonly readerAgent: string;
+}
+
+export interface RestoreVmTask {
+  readonly kind: 'restore-vm';
+  readonly taskId: string;
+  /** The host the VM is restored to (one of this agent's hypervisor connections). */
+  readonly hypervisor: HypervisorConnection;
+  readonly pointId: string;
+  readonly name?: string | undefined;
+  readonly storage?: string | undefined;
+  readonly format?: 'raw' | 'qcow2' | undefined;
+  readonly powerOn?: boolean | undefined;
+  readonly source: WireRestoreSource;
+}
+
+export type InstantRecoveryAction =
+  | { readonly action: 'start'; readonly pointId: string; readonly name: string; readonly source: WireRestoreSource; readonly cacheBytes?: number | undefined }
+  | { readonly action: 'show'; readonly session: string }
+  | { readonly action: 'list' }
+  | { readonly action: 'migrate'; readonly session: string; readonly storage?: string | undefined }
+  | { readonly action: 'stop'; readonly session: string };
+
+export type InstantRecoveryTask = InstantRecoveryAction & { readonly kind: 'instant-recovery'; readonly taskId: string };
+
+/** An instant recovery session on an agent, as JSON (InstantSessionInfo with startedAt as ISO). */
+export interface WireInstantSession {
+  readonly id: string;
+  readonly name: string;
+  readonly vm: string;
+  readonly pointId: string;
+  readonly state: 'running-from-backup' | 'migrating' | 'migrated' | 'stopped';
+  readonly runningFromBackup: boolean;
+  readonly startedAt: string;
+  readonly pid: number | null;
+  readonly dir: string;
+  readonly qmpSocket: string;
+  readonly agentSocket: string;
+  readonly consoleLog: string;
+  readonly disks: ReadonlyArray<{ readonly name: string; readonly size: number; readonly overlay: string; readonly target: string | null }>;
+}
+
+export type RestoreTask = RestorePointConfigTask | RestoreServeTask | RestoreVmTask | InstantRecoveryTask;
