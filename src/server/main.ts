@@ -226,6 +226,8 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         hosts: async () => (await listHosts(ctx)).filter((h) => h.agent === null || h.agent === 'local').map((h): HypervisorConnection => (h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri })),
         repositoryPath: async (job) => (await getRepository(ctx, job.repository)).path,
         password: async (job) => keys.jobPassword(job.id),
+        // A chain keeps the password it was created with: its increments use the one that opens it.
+        passwords: async (job) => keys.jobPasswords(job.id),
         passwordHint: async (job) => keys.jobHint(job.id),
         now: () => clock.now(),
         // After retention, merges and synthetic fulls: the catalog follows the VM's folder.

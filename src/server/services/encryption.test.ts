@@ -116,6 +116,15 @@ describe('passwords of jobs and points', () => {
     // Changing the job's password keeps the old one for the old chain.
     await keys.setJobPassword('nightly', 'a-new-password-2', 'the new one');
     expect(await keys.unlock(repo, pa)).toBe(JOB_PASSWORD);
+    // The executors get every password that may open the job's chains: active, earlier, added by hand.
+    expect(await keys.jobPasswords(job.id)).toEqual(['a-new-password-2', JOB_PASSWORD, OTHER_PASSWORD]);
+    // An increment of the old chain recorded after the change keeps the chain's key (not the active one).
+    await keys.recordJobChain(job.id, a.chainId, null);
+    expect(await keys.remotePassword({ id: a.id, job: 'nightly', chainId: a.chainId })).toBe(JOB_PASSWORD);
+    // A new chain of the job is recorded with the active password.
+    const c = await writePoint('nightly', 'vm2', 'a-new-password-2', 'the new one');
+    await keys.recordJobChain(job.id, c.chainId, null);
+    expect(await keys.remotePassword({ id: c.id, job: 'nightly', chainId: c.chainId })).toBe('a-new-password-2');
     const list = await keys.list();
     expect(list.filter((k) => k.job === 'nightly').map((k) => k.active).sort()).toEqual([false, true]);
     await expect(keys.remove(list.find((k) => k.job === 'nightly' && k.active)!.id)).rejects.toThrow(/active password of job nightly/);

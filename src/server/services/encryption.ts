@@ -234,6 +234,31 @@ export class EncryptionKeys {
     return k ? unsealPassword(this.#key, k.id, k.sealed_password) : undefined;
   }
 
+  /**
+   * The executors' `passwords(job)`: every password that may open the job's existing chains —
+   * the job's active one, its earlier (retired) ones newest first, then those added by hand. A
+   * chain keeps the password it was created with until the job's next full (docs/encryption.md),
+   * so its increments need the one that opens it, which the executor picks by the chain's key check.
+   */
+  async jobPasswords(jobId: string): Promise<string[]> {
+    const rows = await this.#ctx.db
+      .selectFrom('encryption_keys')
+      .selectAll()
+      .where((eb) => eb.or([eb('job_id', '=', jobId), eb('job_id', 'is', null)]))
+      .orderBy('created_at', 'desc')
+      .execute();
+    const rank = (r: (typeof rows)[number]): number => (r.job_id === jobId ? (r.retired_at === null ? 0 : 1) : 2);
+    const out: string[] = [];
+    for (const r of [...rows].sort((a, b) => rank(a) - rank(b))) {
+      try {
+        out.push(unsealPassword(this.#key, r.id, r.sealed_password));
+      } catch (err) {
+        log.warn({ key: r.id, err: err instanceof Error ? err.message : String(err) }, 'skipping a password this server cannot unseal');
+      }
+    }
+    return out;
+  }
+
   async jobHint(jobId: string): Promise<string | undefined> {
     return (await this.#activeRow(jobId))?.hint;
   }
@@ -309,8 +334,14 @@ export class EncryptionKeys {
     }
   }
 
-  /** Records a chain written by a job's backup with the job's active password. */
+  /**
+   * Records a chain written by a job's backup. A new chain was created with the job's active
+   * password (its full); a chain already recorded keeps the key it has — after a password change
+   * its increments are still written with the chain's own password, not the active one.
+   */
   async recordJobChain(jobId: string, chainId: string, hint: string | null): Promise<void> {
+    const existing = await this.#ctx.db.selectFrom('encrypted_chains').select('chain_id').where('chain_id', '=', chainId).executeTakeFirst();
+    if (existing) return;
     const k = await this.#activeRow(jobId);
     await this.recordChain(chainId, hint ?? k?.hint ?? '', k?.id ?? null);
   }
