@@ -40,12 +40,23 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
   const t1 = performance.now();
   const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind, disks: [{ name: 'vda', size: MIXED_DISK_SIZE }] });
   const t2 = performance.now();
-  let stats: { bytesRead: number } = { bytesRead: 0 };
+  let stats: { bytesRead: number; bufferWaitMs?: number } = { bytesRead: 0 };
   try {
     // As the product's backupDisk into a local repository: the reader reuses a ring of buffers
     // (BULWARK_BENCH_FRESH_BUFFERS=1: a new buffer per block, to compare peak RSS).
     const reuseBuffers = process.env.BULWARK_BENCH_FRESH_BUFFERS !== '1';
-    const source = readBackupDisk(view as Parameters<typeof readBackupDisk>[0], { blockSize: 1 << 20, reuseBuffers, onStats: (s) => void (stats = s) });
+    // BULWARK_BENCH_LEND=1: the reader reads straight into the writer's lent encoder slots instead
+    // of its own ring (no copy; reads then share the writer's 12 slots, see bench/backup/README).
+    // BULWARK_BENCH_READER=cNxM: N blocks in flight over M NBD connections (default: the reader's).
+    const lend = process.env.BULWARK_BENCH_LEND === '1' ? { take: () => w.lendBuffer(), giveBack: (b: Buffer) => w.giveBackBuffer(b) } : undefined;
+    const shape = /^c(\d+)x(\d+)$/.exec(process.env.BULWARK_BENCH_READER ?? '');
+    const source = readBackupDisk(view as Parameters<typeof readBackupDisk>[0], {
+      blockSize: 1 << 20,
+      reuseBuffers,
+      ...(lend ? { lend } : {}),
+      ...(shape ? { concurrency: Number(shape[1]), connections: Number(shape[2]) } : {}),
+      onStats: (s) => void (stats = s),
+    });
     // Stage waits as the product measures them: the writer waiting for the reader (source), for its encoders (proxy), for file writes (target).
     const waits = { source: 0, proxy: 0, target: 0 };
     async function* timed(): AsyncGenerator<DiskBlock> {
@@ -58,6 +69,10 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
       }
     }
     await w.writeDisk('vda', timed(), { onWait: (stage, ms) => void (waits[stage] += ms) });
+    // A reader reading into lent slots waits for them itself: that part of the source wait is the encoders'.
+    const lentWait = stats.bufferWaitMs ?? 0;
+    waits.source -= lentWait;
+    waits.proxy += lentWait;
     console.error(`  ${kind}: writer waited for source ${Math.round(waits.source)} ms, proxy ${Math.round(waits.proxy)} ms, target ${Math.round(waits.target)} ms`);
   } catch (err) {
     await w.abort();

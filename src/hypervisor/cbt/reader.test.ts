@@ -197,6 +197,99 @@ describe('ChangedBlockReader', () => {
     expect(new Set(held.map((b) => b.data!.buffer)).size).toBeLessThanOrEqual(2);
   });
 
+  /** A consumer's pool of `n` block buffers: take() waits for a free one, as the writer's slots do. */
+  class Lender {
+    readonly free: Buffer[];
+    readonly all: Buffer[];
+    readonly waiters: Array<(b: Buffer) => void> = [];
+    maxOut = 0;
+    constructor(n: number, blockSize: number) {
+      this.all = Array.from({ length: n }, () => Buffer.alloc(blockSize, 0xee));
+      this.free = [...this.all];
+    }
+    async take(): Promise<Buffer> {
+      const b = this.free.pop() ?? (await new Promise<Buffer>((r) => this.waiters.push(r)));
+      this.maxOut = Math.max(this.maxOut, this.all.length - this.free.length);
+      return b;
+    }
+    /** The lent buffer `b` is (a view from the start of). */
+    whole(b: Buffer): Buffer | undefined {
+      return this.all.find((x) => x.buffer === b.buffer && x.byteOffset === b.byteOffset);
+    }
+    giveBack(view: Buffer): void {
+      const b = this.whole(view);
+      if (!b || this.free.includes(b)) throw new Error('not a lent buffer');
+      const w = this.waiters.shift();
+      if (w) w(b);
+      else this.free.push(b);
+    }
+  }
+
+  it('lend: reads straight into the consumer\'s buffers, which it keeps and returns later; all come back on a failure', async () => {
+    const bs = 192 * K;
+    const lender = new Lender(4, bs);
+    const src = new FakeSource(bytes, alloc, []);
+    const reader = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, {
+      blockSize: bs,
+      mapWindow: 768 * K,
+      concurrency: 3,
+      lend: { take: () => lender.take(), giveBack: (b) => lender.giveBack(b) },
+    });
+    const image = Buffer.alloc(size);
+    const held: Buffer[] = [];
+    for await (const b of reader.blocks()) {
+      // The buffer is a view from the start of a lent one; the consumer keeps it a while (an
+      // encoder), so the reader must not touch it: copy late, then give it back.
+      expect(lender.whole(b.data!)).toBeDefined();
+      held.push(b.data!);
+      if (held.length === 2) {
+        const old = held.shift()!;
+        await new Promise((r) => setTimeout(r, 2));
+        lender.giveBack(old);
+      }
+      b.data!.copy(image, b.index * bs);
+    }
+    expect(image.equals(bytes)).toBe(true);
+    expect(lender.maxOut).toBeLessThanOrEqual(4);
+
+    // A failed read: the iteration fails and every buffer not yielded goes back.
+    const lender2 = new Lender(5, 64 * K);
+    const failing = new ChangedBlockReader(new FakeSource(bytes, alloc, [], 1300 * K), { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, {
+      blockSize: 64 * K,
+      concurrency: 4,
+      lend: { take: () => lender2.take(), giveBack: (b) => lender2.giveBack(b) },
+    });
+    let yielded = 0;
+    await expect(
+      (async () => {
+        for await (const b of failing.blocks()) {
+          yielded++;
+          lender2.giveBack(b.data!);
+        }
+      })(),
+    ).rejects.toThrow(/read failed/);
+    expect(yielded).toBeGreaterThan(0);
+    expect(lender2.free.length).toBe(5);
+
+    // A consumer that stops while the reader waits for a buffer: the buffer lent later goes back too.
+    const lender3 = new Lender(2, 64 * K);
+    const stopping = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, {
+      blockSize: 64 * K,
+      concurrency: 4,
+      lend: { take: () => lender3.take(), giveBack: (b) => lender3.giveBack(b) },
+    });
+    let kept: Buffer | null = null;
+    for await (const b of stopping.blocks()) {
+      kept = b.data!; // the consumer keeps it: the reader now waits for a buffer
+      break;
+    }
+    await new Promise((r) => setImmediate(r));
+    expect(lender3.free.length).toBe(1); // all but the one the consumer kept
+    lender3.giveBack(kept!);
+    expect(lender3.free.length).toBe(2);
+    expect(lender3.waiters.length).toBe(0);
+  });
+
   it('rejects a block size that is not a multiple of 512', () => {
     const src = new FakeSource(bytes, alloc, []);
     expect(() => new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 1000 })).toThrow(/multiple of 512/);

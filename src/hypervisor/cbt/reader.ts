@@ -37,13 +37,36 @@ export interface ChangedBlockReaderOptions {
    */
   readonly extraBlocks?: ReadonlySet<number>;
   /**
-   * Read into a bounded ring of `concurrency + 1` reusable buffers instead of a new buffer per
+   * Read into a bounded ring of `concurrency` reusable buffers instead of a new buffer per
    * block. A yielded block's data is then valid only until the consumer asks for the next block
    * (when the buffer goes back to the ring): for consumers that copy each block before they pull
    * the next one (the repository writer does). Default false.
    */
   readonly reuseBuffers?: boolean;
+  /**
+   * Read straight into buffers the consumer lends (the repository writer's encoder slots,
+   * `RestorePointWriter.lendBuffer()`), at least blockSize bytes each: a yielded block's data is a
+   * view from the start of a lent buffer and belongs to the consumer from then on; buffers not
+   * yielded (a failed read, an early stop) go back through `giveBack`. Every block in flight holds
+   * one, so `concurrency` must stay below what the consumer can lend. Takes precedence over
+   * `reuseBuffers`.
+   */
+  readonly lend?: BufferLender;
 }
+
+/** Lends block buffers to the reader (see `ChangedBlockReaderOptions.lend`). */
+export interface BufferLender {
+  take(): Promise<Buffer>;
+  giveBack(buffer: Buffer): void;
+}
+
+/** A block being read, in the reader's queue. */
+interface Queued {
+  readonly read: Promise<ChangedBlock>;
+  readonly buffer: Buffer | null;
+}
+
+const STOP = Symbol('stop');
 
 /** A block as the reader yields it: with its SHA-256 when digests are on (data blocks only). */
 export type ChangedBlock = DiskBlock & { readonly digest?: Buffer };
@@ -60,6 +83,11 @@ export interface ChangedBlockStats {
   zeroBlocks: number;
   /** Bytes the bitmap marked dirty (incremental only). */
   bytesDirty: number;
+  /**
+   * Milliseconds the consumer waited for a block while the reader itself waited for a lent buffer
+   * (`lend`): the consumer's own back-pressure (its encoders or writes), not the source's speed.
+   */
+  bufferWaitMs: number;
 }
 
 /** One planned block: read its data ranges (offsets relative to the block), or yield zeroes. */
@@ -138,9 +166,10 @@ export class ChangedBlockReader {
   readonly #digests: boolean;
   readonly #extra: ReadonlySet<number> | undefined;
   readonly #reuse: boolean;
-  /** Buffers of the ring not in use (reuseBuffers): at most concurrency + 1 are ever allocated. */
+  readonly #lend: BufferLender | undefined;
+  /** Buffers of the ring not in use (reuseBuffers): at most concurrency are ever allocated. */
   readonly #free: Buffer[] = [];
-  readonly stats: ChangedBlockStats = { bytesMapped: 0, bytesRead: 0, dataBlocks: 0, zeroBlocks: 0, bytesDirty: 0 };
+  readonly stats: ChangedBlockStats = { bytesMapped: 0, bytesRead: 0, dataBlocks: 0, zeroBlocks: 0, bytesDirty: 0, bufferWaitMs: 0 };
 
   constructor(source: BlockSource, changes: DiskChanges, options: ChangedBlockReaderOptions) {
     const bs = options.blockSize;
@@ -157,6 +186,7 @@ export class ChangedBlockReader {
     this.#digests = options.digests ?? (changes.kind === 'full' && changes.compareDigests);
     this.#extra = options.extraBlocks && options.extraBlocks.size > 0 ? options.extraBlocks : undefined;
     this.#reuse = options.reuseBuffers === true;
+    this.#lend = options.lend;
   }
 
   /** Whether blocks that are not yielded read as zeroes (full) or are unchanged (incremental). */
@@ -164,53 +194,148 @@ export class ChangedBlockReader {
     return this.#changes.kind === 'bitmap';
   }
 
-  /** The blocks, in order of index. Throws (after pending reads settle) on the first failed read. */
+  /**
+   * The blocks, in order of index. Throws (after pending reads settle) on the first failed read.
+   * Reads are issued ahead of the consumer (up to `concurrency` blocks read or being read, the
+   * one the consumer holds included when buffers are reused) by a
+   * producer of their own, so a block that is ready is yielded even while the next one waits for a
+   * buffer (with `lend`, for a free slot of the consumer's).
+   */
   async *blocks(): AsyncGenerator<ChangedBlock> {
-    const pending: Array<{ read: Promise<ChangedBlock>; buffer: Buffer | null }> = [];
+    const queue: Queued[] = [];
+    let producing = true;
+    /** A ring buffer the consumer holds (the block yielded last): it counts against concurrency. */
+    let held = 0;
+    /** The producer waits in #takeBuffer (for the consumer's lent buffer). */
+    let waitingForBuffer = false;
+    const produced: { error: Error | null } = { error: null };
+    let stopped = false;
+    let wakeConsumer: (() => void) | null = null;
+    let wakeProducer: (() => void) | null = null;
+    let onStop: (() => void) | null = null;
+    const stop = new Promise<typeof STOP>((resolve) => (onStop = () => resolve(STOP)));
+    const wake = (w: (() => void) | null) => w?.();
+    const producer = (async () => {
+      try {
+        for await (const plan of this.#plans()) {
+          while (queue.length + held >= this.#concurrency && !stopped) {
+            await new Promise<void>((r) => (wakeProducer = r));
+            wakeProducer = null;
+          }
+          if (stopped) break;
+          let buffer: Buffer | null = null;
+          if (plan.data.length > 0) {
+            const taking = this.#takeBuffer();
+            waitingForBuffer = true;
+            const got = await Promise.race([taking, stop]).finally(() => (waitingForBuffer = false));
+            if (got === STOP) {
+              // The consumer is gone: a buffer lent later goes straight back.
+              void taking.then((b) => this.#dropBuffer(b), () => undefined);
+              break;
+            }
+            buffer = got;
+          }
+          const read = this.#read(plan, buffer);
+          read.catch(() => undefined); // handled when its turn comes; avoids an unhandled rejection meanwhile
+          queue.push({ read, buffer });
+          wake(wakeConsumer);
+        }
+      } catch (err) {
+        produced.error = err instanceof Error ? err : new Error(String(err));
+      } finally {
+        producing = false;
+        wake(wakeConsumer);
+      }
+    })();
     try {
-      for await (const plan of this.#plans()) {
-        const buffer = this.#reuse && plan.data.length > 0 ? (this.#free.pop() ?? Buffer.allocUnsafe(this.#blockSize)) : null;
-        const read = this.#read(plan, buffer);
-        read.catch(() => undefined); // handled when its turn comes; avoids an unhandled rejection meanwhile
-        pending.push({ read, buffer });
-        while (pending.length >= this.#concurrency) {
-          const p = pending.shift()!;
-          yield await p.read;
-          // The consumer asked for the next block: it is done with this one's buffer.
-          if (p.buffer) this.#free.push(p.buffer);
+      for (;;) {
+        if (queue.length === 0) {
+          if (!producing) break;
+          const t0 = waitingForBuffer ? performance.now() : 0;
+          await new Promise<void>((r) => (wakeConsumer = r));
+          wakeConsumer = null;
+          if (t0 > 0) this.stats.bufferWaitMs += performance.now() - t0;
+          continue;
+        }
+        const q = queue.shift()!;
+        held = q.buffer && !this.#lend ? 1 : 0;
+        wake(wakeProducer);
+        let block: ChangedBlock;
+        try {
+          block = await q.read;
+        } catch (err) {
+          if (q.buffer) this.#dropBuffer(q.buffer);
+          throw err;
+        }
+        yield block;
+        // The consumer asked for the next block: a ring buffer is free again (a lent one is the consumer's now).
+        if (held) {
+          this.#free.push(q.buffer!);
+          held = 0;
+          wake(wakeProducer);
         }
       }
-      while (pending.length > 0) {
-        const p = pending.shift()!;
-        yield await p.read;
-        if (p.buffer) this.#free.push(p.buffer);
-      }
+      if (produced.error) throw produced.error;
     } finally {
-      // A consumer that stops early or a failed read: let the other reads finish so no buffer
-      // is still being written into, and swallow their errors (the first one was thrown).
-      await Promise.allSettled(pending.map((p) => p.read));
+      // A consumer that stops early or a failed read: stop the producer, let the other reads
+      // finish so no buffer is still being written into, swallow their errors (the first one was
+      // thrown) and give back the buffers they hold.
+      stopped = true;
+      wake(onStop);
+      wake(wakeProducer);
+      await producer;
+      const rest = queue.splice(0);
+      await Promise.allSettled(rest.map((q) => q.read));
+      for (const q of rest) if (q.buffer) this.#dropBuffer(q.buffer);
     }
   }
 
+  /** A block-size buffer to read the next block into: lent by the consumer, from the ring, or new. */
+  async #takeBuffer(): Promise<Buffer | null> {
+    if (this.#lend) return this.#lend.take();
+    if (this.#reuse) return this.#free.pop() ?? Buffer.allocUnsafe(this.#blockSize);
+    return null;
+  }
+
+  /** A buffer from #takeBuffer that will not be yielded. */
+  #dropBuffer(buffer: Buffer | null): void {
+    if (!buffer) return;
+    if (this.#lend) this.#lend.giveBack(buffer);
+    else if (this.#reuse) this.#free.push(buffer);
+  }
+
+  /**
+   * The planned blocks of the whole disk, window by window; the block-status queries of the next
+   * window run while the blocks of this one are read.
+   */
   async *#plans(): AsyncGenerator<BlockPlan> {
     const size = this.#source.size;
-    const context = this.#changes.kind === 'bitmap' ? this.#changes.context : null;
-    for (let start = 0; start < size; start += this.#window) {
+    const starts: number[] = [];
+    for (let start = 0; start < size; start += this.#window) starts.push(start);
+    let next = starts.length > 0 ? this.#mapWindow(starts[0]!) : null;
+    for (let i = 0; i < starts.length; i++) {
       this.#signal?.throwIfAborted();
-      const end = Math.min(start + this.#window, size);
-      let dirty: DirtyExtent[] | null = null;
-      if (context) {
-        dirty = await this.#source.dirtyExtents(context, start, end - start);
-        for (const d of dirty) if (d.dirty) this.stats.bytesDirty += d.length;
-        if (!dirty.some((d) => d.dirty) && !this.#extraIn(start, end)) {
-          this.stats.bytesMapped = end;
-          continue;
-        }
-      }
-      const allocation = await this.#source.extents(start, end - start);
-      this.stats.bytesMapped = end;
-      yield* planBlocks(this.#blockSize, start, end, allocation, dirty, this.#extra);
+      const current = next!;
+      next = i + 1 < starts.length ? this.#mapWindow(starts[i + 1]!) : null;
+      next?.catch(() => undefined); // awaited in its turn
+      const plans = await current;
+      this.stats.bytesMapped = Math.min(starts[i]! + this.#window, size);
+      yield* plans;
     }
+  }
+
+  /** Block-status queries of one window and its planned blocks. */
+  async #mapWindow(start: number): Promise<BlockPlan[]> {
+    const end = Math.min(start + this.#window, this.#source.size);
+    const context = this.#changes.kind === 'bitmap' ? this.#changes.context : null;
+    let dirty: DirtyExtent[] | null = null;
+    if (context) {
+      dirty = await this.#source.dirtyExtents(context, start, end - start);
+      for (const d of dirty) if (d.dirty) this.stats.bytesDirty += d.length;
+      if (!dirty.some((d) => d.dirty) && !this.#extraIn(start, end)) return [];
+    }
+    const allocation = await this.#source.extents(start, end - start);
+    return planBlocks(this.#blockSize, start, end, allocation, dirty, this.#extra);
   }
 
   #extraIn(start: number, end: number): boolean {
@@ -219,7 +344,7 @@ export class ChangedBlockReader {
     return false;
   }
 
-  /** Reads a planned block into `ring` (a reusable buffer of blockSize bytes) or a new buffer. */
+  /** Reads a planned block into `ring` (a lent or reusable buffer of blockSize bytes) or a new buffer. */
   async #read(plan: BlockPlan, ring: Buffer | null): Promise<ChangedBlock> {
     if (plan.data.length === 0) {
       this.stats.zeroBlocks++;
@@ -229,7 +354,15 @@ export class ChangedBlockReader {
     let buf: Buffer;
     if (ring) {
       buf = ring.subarray(0, plan.length);
-      if (!single) buf.fill(0);
+      // Zero only what the reads do not cover (a reused buffer holds an older block).
+      if (!single) {
+        let at = 0;
+        for (const [s, len] of plan.data) {
+          if (s > at) buf.fill(0, at, s);
+          at = s + len;
+        }
+        if (at < plan.length) buf.fill(0, at, plan.length);
+      }
     } else {
       buf = single ? Buffer.allocUnsafe(plan.length) : Buffer.alloc(plan.length);
     }
@@ -262,6 +395,9 @@ export async function* readBackupDisk(view: BackupDiskView, options: ReadBackupD
     exportName: view.nbd.exportName,
     metaContexts: contextsFor(view.changes),
     connections: options.connections ?? 4,
+    // Only extents base:allocation reports as data are read: ask for each read in one piece, which
+    // spares the server a block-status lookup per read.
+    noFragment: true,
   });
   try {
     if (disk.size !== view.size) {
