@@ -9,7 +9,8 @@ npm run --silent lint
 npm run --silent build
 mkdir -p .cache
 rc=0
-npx vitest run --reporter=default --reporter=json --outputFile.json=.cache/vitest-report.json "$@" || rc=$?
+# test-timings.json: where the time went (files, tests, beforeAll hooks); see test/fixtures/timing-reporter.ts.
+npx vitest run --reporter=default --reporter=json --outputFile.json=.cache/vitest-report.json --reporter=./test/fixtures/timing-reporter.ts "$@" || rc=$?
 node -e '
   const r = JSON.parse(require("fs").readFileSync(".cache/vitest-report.json", "utf8"));
   const skipped = (r.numPendingTests ?? 0) + (r.numTodoTests ?? 0);
