@@ -8,7 +8,7 @@
 // by following the written file in disk order. The result appears under its name
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { constants as fsConstants } from 'node:fs';
-import { lstat, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { lstat, open, rename, rm, statfs, type FileHandle } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
@@ -80,8 +80,15 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-/** The file opened for direct writes, or null where the file system has no O_DIRECT. */
+/** tmpfs: O_DIRECT is accepted but the data lands in memory pages all the same (nothing to bypass). */
+const TMPFS_MAGIC = 0x01021994;
+
+/**
+ * The file opened for direct writes, or null where the file system has no O_DIRECT or nothing to
+ * gain from it (tmpfs: the aligned copies of stored blocks would only add work).
+ */
 async function openDirect(file: string): Promise<FileHandle | null> {
+  if ((await statfs(path.dirname(file))).type === TMPFS_MAGIC) return null;
   try {
     return await open(file, fsConstants.O_WRONLY | fsConstants.O_DIRECT);
   } catch (err) {
