@@ -82,3 +82,13 @@ export function openConfig(stored: Buffer, keys: ChainKeys | null, aad: Buffer):
     throw new Error('VM configuration failed authentication (data altered)');
   }
 }
+
+const FILE_INDEX_KEY_LABEL = 'bulwark file index key v1';
+
+/**
+ * Key that seals the guest file index of the chain's points (docs/formats/file-index.md, "Sealed
+ * form"): derived from the block key, so index frames never share a key or nonce space with blocks.
+ */
+export function fileIndexKeyOf(keys: ChainKeys): Buffer {
+  return createHmac('sha256', keys.blockKey).update(FILE_INDEX_KEY_LABEL).digest();
+}

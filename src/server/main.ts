@@ -216,6 +216,8 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     // Tasks for agents (multi-host data path): agents long-poll the TLS listener for them.
     const dispatch = createDispatch(ctx, opts.dispatch);
     cleanups.push(async () => dispatch.close());
+    // Points in repositories on other agents' hosts are indexed and searched by those agents.
+    const fileIndexAgents = { broker: dispatch.broker, localAgent: opts.dispatch?.localAgent };
     let exportVm: ((o: ExportVmOptions) => Promise<ExportVmResult>) | undefined;
     if (simulated) {
       executor = new FakeTaskExecutor({ clock, durationMs: 1000 });
@@ -254,7 +256,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
           if (p.encrypted) await keys.recordJobChain(job.id, p.chainId, null);
           events.changed(task.sessionId);
           // Guest file index (job setting fileIndex): part of the job, never fails it.
-          if (job.settings?.fileIndex === true) await indexAfterBackup(ctx, p.id, task.sessionId, undefined, keys);
+          if (job.settings?.fileIndex === true) await indexAfterBackup(ctx, p.id, task.sessionId, undefined, keys, fileIndexAgents);
         },
       };
       const dataPath = new LocalDataPathExecutor(localOptions);
@@ -347,7 +349,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const recovery = await startRecoveryService({ ctx, dataDir, keys, remote: new RemoteRecovery(dispatch.broker, opts.dispatch?.localAgent) });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys }), recoveryPlugin(recovery), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), recoveryPlugin(recovery), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -359,7 +361,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys }), encryptionPlugin(keys), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), encryptionPlugin(keys), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

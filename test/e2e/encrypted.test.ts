@@ -14,6 +14,7 @@ import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { e2fsckClean, sha256InImage, startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
@@ -99,7 +100,7 @@ describe('encrypted job, restores and export', () => {
   const markers: Record<string, string> = {};
 
   it('an encrypted job backs up twice; the repository holds no plain guest data', async () => {
-    const created = await bw(['job', 'create', 'secure', '--vm', VM, '--repo', 'default', '--compress', 'none', '--retries', '0', '--encrypt', '--password-hint', 'the usual one', '--password-file', join(tmp, 'job.pw')]);
+    const created = await bw(['job', 'create', 'secure', '--vm', VM, '--repo', 'default', '--compress', 'none', '--retries', '0', '--file-index', '--encrypt', '--password-hint', 'the usual one', '--password-file', join(tmp, 'job.pw')]);
     expect(created.code, created.stderr).toBe(0);
     expect(created.stdout).toMatch(/encrypted/);
     expect((await bw(['job', 'show', 'secure'])).stdout).toMatch(/encryption:\s+on \(hint: the usual one/);
@@ -152,6 +153,24 @@ describe('encrypted job, restores and export', () => {
       );
       expect(grep, `plain guest data in ${f}`).toEqual({ code: 1, out: '' });
     }
+    // The job's guest file indexes are sealed (docs/formats/file-index.md): no guest path name in
+    // clear, yet search finds the file in both points with the password the server keeps.
+    const secure = join(repo, 'secure', VM);
+    expect((await readdir(secure)).filter((n) => n.endsWith('.files.gz')).sort()).toEqual([`${points.one}.files.gz`, `${points.two}.files.gz`].sort());
+    // (a clear index is a gzip stream, where a name need not appear literally: check the form too)
+    for (const id of [points.one!, points.two!]) {
+      const index = await readFile(join(secure, `${id}.files.gz`));
+      expect(index.subarray(0, 2).equals(Buffer.from([0x1f, 0x8b])), `${id}.files.gz is a clear gzip index`).toBe(false);
+      expect(() => gunzipSync(index)).toThrow();
+    }
+    const names = await run('grep', ['-rlF', 'random-3m.bin', join(repo, 'secure')]).then(
+      (r) => r.stdout,
+      (e: { code?: number; stdout?: string }) => (e.code === 1 ? '' : `grep failed: ${e.code}`),
+    );
+    expect(names, 'a guest file name in clear in the encrypted job folder').toBe('');
+    const found = await bwJson<{ matches: Array<{ path: string; versions: Array<{ points: Array<{ id: string }> }> }>; pointsLocked: unknown[] }>(['search', 'one.txt', '--vm', VM]);
+    expect(found.pointsLocked).toEqual([]);
+    expect(found.matches.map((m) => [m.path, m.versions.flatMap((v) => v.points.map((p) => p.id))])).toEqual([['/srv/enc/one.txt', [points.one, points.two]]]);
   });
 
   it('both points of the job restore bit-exact with no password typed', async () => {

@@ -26,6 +26,7 @@ import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type Tr
 import { methodSettings, splitDisks } from '../backup/chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
+import { runFileIndexTask } from './index-task.js';
 import { RemoteRestorePointTarget } from './remote-target.js';
 import { RestoreTasks } from './restore-tasks.js';
 import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
@@ -202,6 +203,8 @@ export class AgentTaskRunner {
         case 'restore-vm':
         case 'instant-recovery':
           return this.#restore.run(task, r.abort.signal);
+        case 'file-index':
+          return runFileIndexTask({ repository: (p) => this.#repository(p) }, task);
       }
     };
     run().then(

@@ -52,6 +52,8 @@ interface SearchReply {
   matches: Array<{ vm: string; path: string; versions: Array<{ type: string; size: number; mtime: string; points: Array<{ id: string; time: string }> }> }>;
   pointsSearched: number;
   pointsWithoutIndex: Array<{ id: string; time: string; vm: string; reason: string }>;
+  /** Points of encrypted chains whose password the server does not know (their index is sealed). */
+  pointsLocked?: Array<{ id: string; time: string; vm: string; reason: string }>;
   truncated: boolean;
 }
 
@@ -235,10 +237,13 @@ export function searchCommand(ctx: CliContext): Command {
         }
       }
       const without = r.pointsWithoutIndex.length;
+      const locked = r.pointsLocked ?? [];
       ctx.output.out(
         `${r.matches.length === 0 ? 'no match' : `${r.matches.length} path${r.matches.length === 1 ? '' : 's'}`}${r.truncated ? ' (more matched: raise --limit)' : ''}; ` +
-          `${r.pointsSearched} restore point${r.pointsSearched === 1 ? '' : 's'} searched${without > 0 ? `, ${without} without a file index` : ''}\n`,
+          `${r.pointsSearched} restore point${r.pointsSearched === 1 ? '' : 's'} searched${without > 0 ? `, ${without} without a file index` : ''}` +
+          `${locked.length > 0 ? `, ${locked.length} not searched (encrypted, password unknown)` : ''}\n`,
       );
+      for (const p of locked) ctx.output.out(`not searched: ${p.vm} ${p.id} (${localTime(p.time)}): ${p.reason}\n`);
     });
 }
 
@@ -252,9 +257,17 @@ export function indexCommand(ctx: CliContext): Command {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
       const r = await withPointPassword(ctx, o.passwordFile, (pw) =>
-        client.post<{ point: string; file: string; entries: number; filesystems: number; durationMs: number }>(at('/restore-points', id, 'file-index'), pw),
+        client.post<{ point: string; file: string; entries: number; filesystems: number; sealed?: boolean; durationMs: number }>(at('/restore-points', id, 'file-index'), pw),
       );
       if (o.json) return printJson(ctx.output, r);
-      ctx.output.out(formatFields([['restore point', r.point], ['entries', r.entries], ['file systems', r.filesystems], ['index', r.file], ['took', humanDuration(r.durationMs / 1000)]]));
+      ctx.output.out(
+        formatFields([
+          ['restore point', r.point],
+          ['entries', r.entries],
+          ['file systems', r.filesystems],
+          ['index', `${r.file}${r.sealed ? ' (sealed with the chain\'s keys)' : ''}`],
+          ['took', humanDuration(r.durationMs / 1000)],
+        ]),
+      );
     });
 }

@@ -1,8 +1,8 @@
 // The guest file index (docs/formats/file-index.md): after a backup, the new restore point is
 // mounted read-only, every recognised file system is walked, and the list (path, type, size,
 // mtime) is written as gzip NDJSON next to the point's backup file. Searches read these files.
-import { createReadStream, createWriteStream } from 'node:fs';
-import { lstat, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { createWriteStream } from 'node:fs';
+import { lstat, mkdtemp, open, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join, posix } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -15,6 +15,8 @@ import type { Repository, RestorePointInfo } from '../../repository/index.js';
 import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
 import { fsName, mountpointOf } from '../mount/guest-paths.js';
 import { describeFileSystems, mountRestorePoint, type FileSystemView, type PointMount } from '../mount/point-mount.js';
+import { isSealedFileIndex } from '../../format/sealed-file-index.js';
+import { sealStage, unsealedBytes, type IndexSeal, type IndexUnlock } from './sealed-index.js';
 
 const log = logger('file-index');
 
@@ -53,6 +55,8 @@ export interface IndexResult {
   readonly file: string;
   readonly entries: number;
   readonly filesystems: number;
+  /** Written in the sealed form (the point's chain is encrypted). */
+  readonly sealed: boolean;
   readonly durationMs: number;
 }
 
@@ -85,9 +89,11 @@ export async function indexRestorePoint(o: { repository: Repository; pointId: st
         skipped: m.mount.skipped.map((s) => ({ name: fsName(s), type: s.type, reason: s.reason })),
       };
       const target = fileIndexPath(point);
-      const count = await writeIndex(target, header, indexEntries(m));
+      // A point of an encrypted chain gets a sealed index: path names are guest data too.
+      const seal = m.encryption ? { kdf: m.encryption.kdf, keys: m.encryption.keys, pointId: point.id } : undefined;
+      const count = await writeIndex(target, header, indexEntries(m), seal ? { seal } : {});
       await removeOrphanIndexes(o.repository, point);
-      const result = { point: point.id, file: target, entries: count, filesystems: m.mount.filesystems.length, durationMs: Date.now() - started };
+      const result = { point: point.id, file: target, entries: count, filesystems: m.mount.filesystems.length, sealed: seal !== undefined, durationMs: Date.now() - started };
       log.info(result, 'guest file index written');
       return result;
     } finally {
@@ -132,8 +138,16 @@ async function* walk(hostDir: string, guestDir: string): AsyncGenerator<FileInde
   for (const [h, g] of dirs) yield* walk(h, g);
 }
 
-/** Writes header, entries and trailer as gzip NDJSON to a temporary, then renames it into place. */
-export async function writeIndex(target: string, header: FileIndexHeader, entries: AsyncIterable<FileIndexEntry> | Iterable<FileIndexEntry>): Promise<number> {
+/**
+ * Writes header, entries and trailer as gzip NDJSON to a temporary, then renames it into place;
+ * with `seal`, in the sealed form (docs/formats/file-index.md).
+ */
+export async function writeIndex(
+  target: string,
+  header: FileIndexHeader,
+  entries: AsyncIterable<FileIndexEntry> | Iterable<FileIndexEntry>,
+  opts: { seal?: IndexSeal } = {},
+): Promise<number> {
   const tmp = temporaryNameFor(target);
   const untrack = trackTemporary(tmp);
   let count = 0;
@@ -151,7 +165,9 @@ export async function writeIndex(target: string, header: FileIndexHeader, entrie
     yield `${batch}${JSON.stringify({ end: true, entries: count })}\n`;
   }
   try {
-    await pipeline(Readable.from(lines()), createGzip(), createWriteStream(tmp, { mode: 0o600, flush: true }));
+    const out = createWriteStream(tmp, { mode: 0o600, flush: true });
+    if (opts.seal) await pipeline(Readable.from(lines()), createGzip(), sealStage(opts.seal), out);
+    else await pipeline(Readable.from(lines()), createGzip(), out);
     await publish(tmp, target);
   } catch (err) {
     await rm(tmp, { force: true });
@@ -162,11 +178,44 @@ export async function writeIndex(target: string, header: FileIndexHeader, entrie
   return count;
 }
 
-/** Reads an index: the header, then each entry through `onEntry`. Throws when it is incomplete. */
-export async function readIndex(file: string, onEntry: (e: FileIndexEntry) => void): Promise<FileIndexHeader> {
-  const source = createReadStream(file);
+export interface ReadIndexOptions {
+  /** Keys for a sealed index (a point of an encrypted chain); without, a sealed index is refused as `unauthorized`. */
+  readonly unlock?: IndexUnlock;
+  /** The point the index belongs to (sealed frames are bound to it). Default: from the file name. */
+  readonly pointId?: string;
+}
+
+/**
+ * Reads an index, clear or sealed (told apart by its first bytes): the header, then each entry
+ * through `onEntry`. Throws when it is incomplete or damaged (`corrupt`), or sealed without the
+ * right keys (`unauthorized`).
+ */
+export async function readIndex(file: string, onEntry: (e: FileIndexEntry) => void, opts: ReadIndexOptions = {}): Promise<FileIndexHeader> {
+  let fh;
+  try {
+    fh = await open(file, 'r');
+  } catch (err) {
+    throw new BulwarkError(`the file index ${file} cannot be read`, { kind: (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'not-found' : 'corrupt', context: { file }, cause: err });
+  }
+  try {
+    const first = Buffer.alloc(8);
+    const { bytesRead } = await fh.read(first, 0, 8, 0);
+    const pointId = opts.pointId ?? posix.basename(file).replace(/\.files\.gz$/, '');
+    if (isSealedFileIndex(first.subarray(0, bytesRead))) return await readIndexLines(file, Readable.from(unsealedBytes(fh, file, pointId, opts.unlock)), onEntry);
+    if (bytesRead >= 2 && first[0] === 0x1f && first[1] === 0x8b) return await readIndexLines(file, fh.createReadStream({ start: 0, autoClose: false }), onEntry);
+    throw new BulwarkError(`${file} is not a file index (neither gzip nor sealed)`, { kind: 'corrupt', context: { file } });
+  } finally {
+    await fh.close();
+  }
+}
+
+async function readIndexLines(file: string, source: Readable, onEntry: (e: FileIndexEntry) => void): Promise<FileIndexHeader> {
   const gunzip = createGunzip();
-  source.on('error', (err) => gunzip.destroy(err));
+  let sourceError: unknown;
+  source.on('error', (err) => {
+    sourceError = err;
+    gunzip.destroy(err);
+  });
   const rl = createInterface({ input: source.pipe(gunzip), crlfDelay: Infinity });
   let header: FileIndexHeader | undefined;
   let trailer: { end: true; entries: number } | undefined;
@@ -188,6 +237,7 @@ export async function readIndex(file: string, onEntry: (e: FileIndexEntry) => vo
       onEntry(obj as unknown as FileIndexEntry);
     }
   } catch (err) {
+    if (sourceError instanceof BulwarkError) throw sourceError;
     if (err instanceof BulwarkError) throw err;
     throw new BulwarkError(`the file index ${file} cannot be read`, { kind: 'corrupt', context: { file }, cause: err });
   }
@@ -260,6 +310,8 @@ export interface SearchResult {
   readonly pointsSearched: number;
   /** Points without an index (indexing off at the time, or failed), or with a damaged one. */
   readonly pointsWithoutIndex: Array<SearchPoint & { vm: string; reason: string }>;
+  /** Points whose index is sealed (encrypted chain) and whose password is not known: not searched. */
+  readonly pointsLocked: Array<SearchPoint & { vm: string; reason: string }>;
   /** True when more paths matched than `limit`. */
   readonly truncated: boolean;
 }
@@ -268,6 +320,8 @@ export interface SearchablePoint extends SearchPoint {
   readonly vm: string;
   /** The index file (fileIndexPath), or null when the point's folder was not found. */
   readonly indexFile: string | null;
+  /** Keys for a sealed index (points of encrypted chains). */
+  readonly unlock?: IndexUnlock;
 }
 
 /** Searches the indexes of the given points for PATTERN; see docs/formats/file-index.md. */
@@ -278,6 +332,7 @@ export async function searchIndexes(points: readonly SearchablePoint[], pattern:
   const onPath = pattern.includes('/');
   const byPath = new Map<string, { vm: string; path: string; versions: Map<string, { type: EntryType; size: number; m: number; points: SearchPoint[] }> }>();
   const without: SearchResult['pointsWithoutIndex'] = [];
+  const locked: SearchResult['pointsLocked'] = [];
   let searched = 0;
   let truncated = false;
   const ordered = [...points].sort((a, b) => a.time.localeCompare(b.time));
@@ -307,9 +362,14 @@ export async function searchIndexes(points: readonly SearchablePoint[], pattern:
           match.versions.set(vkey, v);
         }
         v.points.push({ id: p.id, time: p.time });
-      });
+      }, { ...(p.unlock ? { unlock: p.unlock } : {}), pointId: p.id });
       searched++;
     } catch (err) {
+      if (err instanceof BulwarkError && (err.kind === 'unauthorized' || err.kind === 'forbidden')) {
+        // No password (or a wrong one): refused before any entry was read.
+        locked.push({ id: p.id, time: p.time, vm: p.vm, reason: describeError(err) });
+        continue;
+      }
       const missing = (err instanceof BulwarkError ? err.cause : err) as NodeJS.ErrnoException | undefined;
       without.push({ id: p.id, time: p.time, vm: p.vm, reason: missing?.code === 'ENOENT' ? 'no file index (indexing was off or failed)' : describeError(err) });
     }
@@ -321,5 +381,50 @@ export async function searchIndexes(points: readonly SearchablePoint[], pattern:
       path: m.path,
       versions: [...m.versions.values()].map((v) => ({ type: v.type, size: v.size, mtime: new Date(v.m * 1000).toISOString(), points: v.points })),
     }));
-  return { pattern, matches, pointsSearched: searched, pointsWithoutIndex: without, truncated };
+  return { pattern, matches, pointsSearched: searched, pointsWithoutIndex: without, pointsLocked: locked, truncated };
+}
+
+/**
+ * Joins searches over disjoint sets of points (the server's own repositories and each agent's):
+ * the same path's versions are joined, each version's points kept oldest first; at most `limit`
+ * paths.
+ */
+export function mergeSearchResults(pattern: string, results: readonly SearchResult[], limit = 1000): SearchResult {
+  const byPath = new Map<string, { vm: string; path: string; versions: Map<string, SearchVersion> }>();
+  let truncated = results.some((r) => r.truncated);
+  for (const r of results) {
+    for (const m of r.matches) {
+      const key = `${m.vm}\0${m.path}`;
+      let match = byPath.get(key);
+      if (!match) {
+        if (byPath.size >= limit) {
+          truncated = true;
+          continue;
+        }
+        match = { vm: m.vm, path: m.path, versions: new Map() };
+        byPath.set(key, match);
+      }
+      for (const v of m.versions) {
+        const vkey = `${v.type}/${v.size}/${v.mtime}`;
+        const had = match.versions.get(vkey);
+        match.versions.set(vkey, had ? { ...had, points: [...had.points, ...v.points] } : { ...v, points: [...v.points] });
+      }
+    }
+  }
+  const oldest = (v: SearchVersion): string => v.points.reduce((a, p) => (p.time < a ? p.time : a), '\uffff');
+  const matches = [...byPath.values()]
+    .sort((a, b) => a.vm.localeCompare(b.vm) || a.path.localeCompare(b.path))
+    .map((m) => ({
+      vm: m.vm,
+      path: m.path,
+      versions: [...m.versions.values()].map((v) => ({ ...v, points: [...v.points].sort((a, b) => a.time.localeCompare(b.time)) })).sort((a, b) => oldest(a).localeCompare(oldest(b))),
+    }));
+  return {
+    pattern,
+    matches,
+    pointsSearched: results.reduce((n, r) => n + r.pointsSearched, 0),
+    pointsWithoutIndex: results.flatMap((r) => r.pointsWithoutIndex),
+    pointsLocked: results.flatMap((r) => r.pointsLocked),
+    truncated,
+  };
 }

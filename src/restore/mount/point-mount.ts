@@ -6,6 +6,8 @@ import { readFile } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
+import type { KdfParams } from '../../format/header.js';
+import type { ChainKeys } from '../../repository/chain-keys.js';
 import type { Repository, RestorePointInfo } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
 import { EXPLICIT_PATH, fsName, guestLayout, matchFstabSpec, mountpointOf, parseFstab, type GuestLayout } from './guest-paths.js';
@@ -15,6 +17,8 @@ const log = logger('point-mount');
 
 export interface PointMount {
   readonly point: RestorePointInfo;
+  /** The chain's KDF parameters and keys when it is encrypted (to seal what is derived from the point). */
+  readonly encryption?: { readonly kdf: KdfParams; readonly keys: ChainKeys } | null;
   readonly mount: Mount;
   readonly layout: GuestLayout;
   close(): Promise<void>;
@@ -102,8 +106,10 @@ export async function mountRestorePoint(o: MountPointOptions): Promise<PointMoun
     throw err;
   }
   let closing: Promise<void> | undefined;
+  const kdf = point.files[0]?.header.encryption ?? null;
   return {
     point: point.info,
+    encryption: kdf && point.keys ? { kdf, keys: point.keys } : null,
     mount,
     layout,
     close: () =>

@@ -16,13 +16,16 @@ import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
 import { connectLibvirtGuestAgent } from '../../hypervisor/qga/libvirt.js';
 import { QmpClient } from '../../hypervisor/qmp/client.js';
 import { openRepository, type Repository } from '../../repository/index.js';
-import { fileIndexPath, indexRestorePoint, searchIndexes, type IndexResult, type SearchablePoint } from '../../restore/catalog/catalog.js';
+import { unlockChain, type ChainKeys } from '../../repository/chain-keys.js';
+import { fileIndexPath, indexRestorePoint, mergeSearchResults, searchIndexes, type IndexResult, type SearchablePoint, type SearchResult } from '../../restore/catalog/catalog.js';
+import type { IndexUnlock } from '../../restore/catalog/sealed-index.js';
 import { mountRestorePoint } from '../../restore/mount/point-mount.js';
 import { restoreFilesToDir, restoreFilesToGuest, type RestoreFilesResult } from '../../restore/mount/restore-files.js';
 import type { MountSessions } from '../../restore/mount/sessions.js';
+import type { AgentTaskBroker } from '../dispatch/broker.js';
 import type { ServiceContext } from '../services/common.js';
 import { getRepository, listHosts } from '../services/infrastructure.js';
-import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
+import { passwordNeeded, pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessions.js';
 
 const log = logger('files-api');
@@ -110,7 +113,15 @@ const RestoreFilesReply = Type.Object({
 
 const IndexBody = Type.Object({ password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })) }, { additionalProperties: false });
 
-const IndexReply = Type.Object({ point: Type.String(), file: Type.String(), entries: Type.Integer(), filesystems: Type.Integer(), durationMs: Type.Number() });
+const IndexReply = Type.Object({
+  point: Type.String(),
+  file: Type.String(),
+  entries: Type.Integer(),
+  filesystems: Type.Integer(),
+  sealed: Type.Boolean({ description: 'written sealed with the chain\'s keys (the point is encrypted)' }),
+  agent: Type.Optional(Type.String({ description: 'the repository\'s agent that built it (repositories on other agents\' hosts)' })),
+  durationMs: Type.Number(),
+});
 
 const PointRef = { id: Type.String(), time: Type.String() };
 const SearchReply = Type.Object({
@@ -131,6 +142,9 @@ const SearchReply = Type.Object({
   ),
   pointsSearched: Type.Integer(),
   pointsWithoutIndex: Type.Array(Type.Object({ ...PointRef, vm: Type.String(), reason: Type.String() })),
+  pointsLocked: Type.Array(Type.Object({ ...PointRef, vm: Type.String(), reason: Type.String() }), {
+    description: 'points of encrypted chains whose password the server does not know: their sealed index was not searched',
+  }),
   truncated: Type.Boolean(),
 });
 
@@ -231,8 +245,35 @@ export async function restoreFiles(
   }
 }
 
-/** Builds (or rebuilds) the file index of one restore point. */
-export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: string, keys?: EncryptionKeys, given?: string): Promise<IndexResult> {
+/**
+ * Repositories on other agents' hosts: their points are indexed and searched by that agent
+ * (`file-index` task), where the repository folder is.
+ */
+export interface FileIndexAgents {
+  /** The dispatch broker (runs a task on an agent). */
+  readonly broker: Pick<AgentTaskBroker, 'run'>;
+  /** The server's own agent (its repositories are indexed in this process). Default `local`. */
+  readonly localAgent?: string | undefined;
+}
+
+/** The agent that indexes a repository's points, or undefined for this process. */
+function indexingAgent(agents: FileIndexAgents | undefined, repositoryAgent: string | null): string | undefined {
+  if (!agents || repositoryAgent === null || repositoryAgent === (agents.localAgent ?? 'local')) return undefined;
+  return repositoryAgent;
+}
+
+/** Builds (or rebuilds) the file index of one restore point (on the repository's agent when it has one). */
+export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: string, keys?: EncryptionKeys, given?: string, agents?: FileIndexAgents): Promise<IndexResult & { agent?: string }> {
+  const point = await getRestorePoint(ctx, pointId);
+  const repo = await getRepository(ctx, point.repository);
+  const agent = indexingAgent(agents, repo.agent);
+  if (agent && agents) {
+    if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
+    const password = point.encrypted && keys ? await keys.remotePassword(point, given) : given;
+    const handle = agents.broker.run(agent, { kind: 'file-index', action: 'build', repositoryPath: repo.path, pointId, password });
+    const r = (await handle.result) as IndexResult;
+    return { ...r, agent };
+  }
   const { repository, password } = await repositoryOfPoint(ctx, pointId, keys, given);
   return withMountIoSlot(() => indexRestorePoint({ repository, pointId, ...(runDir !== undefined ? { runDir } : {}), ...password }));
 }
@@ -242,33 +283,112 @@ export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: 
  * builds the point's guest file index and logs the outcome in the session. Never throws: a
  * backup whose index failed is still a good backup (the session gets a warning).
  */
-export async function indexAfterBackup(ctx: ServiceContext, pointId: string, sessionId: string | undefined, runDir?: string, keys?: EncryptionKeys): Promise<void> {
+export async function indexAfterBackup(ctx: ServiceContext, pointId: string, sessionId: string | undefined, runDir?: string, keys?: EncryptionKeys, agents?: FileIndexAgents): Promise<void> {
   try {
-    const r = await indexPoint(ctx, pointId, runDir, keys);
-    if (sessionId) await appendLog(ctx, sessionId, 'info', `guest file index of restore point ${pointId}: ${r.entries} entries from ${r.filesystems} file systems`);
+    const r = await indexPoint(ctx, pointId, runDir, keys, undefined, agents);
+    const where = r.agent !== undefined ? ` (built by agent ${r.agent})` : '';
+    if (sessionId) await appendLog(ctx, sessionId, 'info', `guest file index of restore point ${pointId}${where}: ${r.entries} entries from ${r.filesystems} file systems${r.sealed ? ', sealed' : ''}`);
   } catch (err) {
     log.warn({ point: pointId, err: describeError(err) }, 'guest file index failed');
     if (sessionId) await appendLog(ctx, sessionId, 'warning', `guest file index of restore point ${pointId} failed: ${describeError(err)} (search will not find its files; rebuild with \`bulwark index ${pointId}\`)`).catch(() => undefined);
   }
 }
 
-/** Searches the file indexes of every ready point (of one VM). */
-export async function searchFiles(ctx: ServiceContext, pattern: string, vm?: string, limit?: number): Promise<Awaited<ReturnType<typeof searchIndexes>>> {
+/**
+ * Searches the file indexes of every ready point (of one VM): those of the server's own
+ * repositories here, those of repositories on other agents' hosts by that agent (one `file-index`
+ * search task per repository), joined. Sealed indexes (encrypted chains) open with the password
+ * the server keeps for the chain; points whose password it does not know are listed as locked,
+ * with the hint.
+ */
+export async function searchFiles(ctx: ServiceContext, pattern: string, vm?: string, limit?: number, keys?: EncryptionKeys, agents?: FileIndexAgents): Promise<SearchResult> {
+  const max = limit ?? 1000;
   const points = (await listRestorePoints(ctx, vm !== undefined ? { vm } : {})).filter((p) => p.state === 'ready');
+  const byRepository = new Map<string, typeof points>();
+  for (const p of points) byRepository.set(p.repository, [...(byRepository.get(p.repository) ?? []), p]);
+  const local: typeof points = [];
   const files = new Map<string, string>();
-  for (const repoName of new Set(points.map((p) => p.repository))) {
+  const repositories = new Map<string, Repository>();
+  const remote: Array<Promise<SearchResult>> = [];
+  for (const [repoName, its] of byRepository) {
+    let repo;
     try {
-      const repo = await getRepository(ctx, repoName);
-      for (const p of await (await openRepository(repo.path)).listRestorePoints()) files.set(p.id, fileIndexPath(p));
+      repo = await getRepository(ctx, repoName);
+    } catch (err) {
+      log.warn({ repository: repoName, err: describeError(err) }, 'repository cannot be read for a search');
+      local.push(...its);
+      continue;
+    }
+    const agent = indexingAgent(agents, repo.agent);
+    if (agent && agents) {
+      remote.push(searchOnAgent(agents, agent, repo.path, its, pattern, max, keys));
+      continue;
+    }
+    local.push(...its);
+    try {
+      const repository = await openRepository(repo.path);
+      repositories.set(repoName, repository);
+      for (const p of await repository.listRestorePoints()) files.set(p.id, fileIndexPath(p));
     } catch (err) {
       log.warn({ repository: repoName, err: describeError(err) }, 'repository cannot be read for a search');
     }
   }
-  const searchable: SearchablePoint[] = points.map((p) => ({ id: p.id, time: p.time, vm: p.vm, indexFile: files.get(p.id) ?? null }));
-  return searchIndexes(searchable, pattern, limit !== undefined ? { limit } : {});
+  // One key derivation per chain (scrypt), whatever the number of its points.
+  const chainKeys = new Map<string, Promise<ChainKeys>>();
+  const unlockFor = (p: (typeof points)[number]): IndexUnlock => async (kdf) => {
+    const salt = kdf.salt.toString('hex');
+    let k = chainKeys.get(salt);
+    if (!k) {
+      k = (async () => {
+        const ref = { id: p.id, job: p.job, chainId: p.chainId };
+        const repository = repositories.get(p.repository);
+        if (!keys || !repository) throw passwordNeeded(p.id, p.passwordHint);
+        const known = await keys.remotePassword(ref);
+        if (known !== undefined) {
+          try {
+            return await unlockChain(known, kdf, { point: p.id });
+          } catch {
+            // not this chain's password (the job's password changed since): try them all below
+          }
+        }
+        const password = await keys.unlock(repository, ref);
+        if (password === undefined) throw passwordNeeded(p.id, p.passwordHint);
+        return unlockChain(password, kdf, { point: p.id });
+      })();
+      chainKeys.set(salt, k);
+    }
+    return k;
+  };
+  const searchable: SearchablePoint[] = local.map((p) => ({ id: p.id, time: p.time, vm: p.vm, indexFile: files.get(p.id) ?? null, unlock: unlockFor(p) }));
+  const results = [await searchIndexes(searchable, pattern, { limit: max }), ...(await Promise.all(remote))];
+  return mergeSearchResults(pattern, results, max);
 }
 
-export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { runDir?: string; keys?: EncryptionKeys } = {}): FastifyPluginAsync {
+/** One repository's points searched by its agent; an agent that fails leaves them listed as not searched, with the reason. */
+async function searchOnAgent(
+  agents: FileIndexAgents,
+  agent: string,
+  repositoryPath: string,
+  points: ReadonlyArray<{ id: string; time: string; vm: string; job: string | null; chainId: string; encrypted?: boolean }>,
+  pattern: string,
+  limit: number,
+  keys: EncryptionKeys | undefined,
+): Promise<SearchResult> {
+  try {
+    const wire = [];
+    for (const p of points) {
+      const password = p.encrypted && keys ? await keys.remotePassword(p) : undefined;
+      wire.push({ id: p.id, time: p.time, vm: p.vm, ...(password !== undefined ? { password } : {}) });
+    }
+    return (await agents.broker.run(agent, { kind: 'file-index', action: 'search', repositoryPath, pattern, limit, points: wire }).result) as SearchResult;
+  } catch (err) {
+    log.warn({ agent, repository: repositoryPath, err: describeError(err) }, 'search on a repository agent failed');
+    const reason = `repository agent ${agent} could not search: ${describeError(err)}`;
+    return { pattern, matches: [], pointsSearched: 0, pointsWithoutIndex: points.map((p) => ({ id: p.id, time: p.time, vm: p.vm, reason })), pointsLocked: [], truncated: false };
+  }
+}
+
+export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { runDir?: string; keys?: EncryptionKeys; agents?: FileIndexAgents } = {}): FastifyPluginAsync {
   return async (api) => {
     const r = api.withTypeProvider<TypeBoxTypeProvider>();
     r.post(
@@ -332,7 +452,7 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
     r.post(
       '/restore-points/:id/file-index',
       { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: Type.Optional(IndexBody), response: { 200: IndexReply } } },
-      async (req) => indexPoint(ctx, req.params.id, opts.runDir, opts.keys, req.body?.password),
+      async (req) => indexPoint(ctx, req.params.id, opts.runDir, opts.keys, req.body?.password, opts.agents),
     );
     r.get(
       '/file-index/search',
@@ -348,7 +468,7 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
           response: { 200: SearchReply },
         },
       },
-      async (req) => searchFiles(ctx, req.query.pattern, req.query.vm, req.query.limit),
+      async (req) => searchFiles(ctx, req.query.pattern, req.query.vm, req.query.limit, opts.keys, opts.agents),
     );
   };
 }
