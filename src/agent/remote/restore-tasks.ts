@@ -29,6 +29,9 @@ export interface RestoreTaskContext {
   emit(taskId: string, e: TaskEvent): void;
 }
 
+/** How often a restore-serve task reports (and learns whether the server still wants it). */
+const SERVE_PROGRESS_MS = 10_000;
+
 export function wireSession(i: InstantSessionInfo): WireInstantSession {
   return { ...i, startedAt: i.startedAt.toISOString(), pid: i.pid ?? null, disks: i.disks.map((d) => ({ ...d })) };
 }
@@ -70,12 +73,13 @@ export class RestoreTasks {
   }
 
   /** Serves the point to the reader agent's streams until the server cancels the task. */
-  async #serve(task: RestoreServeTask, signal: AbortSignal): Promise<{ streams: number }> {
+  async #serve(task: RestoreServeTask, signal: AbortSignal): Promise<{ streams: number; blocks: number }> {
     const repository = await this.#c.repository(task.repositoryPath);
     // Open it once first: a missing point or a wrong password fails the task before `ready`.
     await (await pointRestoreSource(repository, task.pointId, task.password)).close();
     const receiver = await this.#c.listener();
     let streams = 0;
+    let blocks = 0;
     this.#c.grant(task.taskId, {
       secret: task.secret,
       openSource: async ({ peerCertificate }) => {
@@ -85,14 +89,26 @@ export class RestoreTasks {
           throw new BulwarkError(`agent ${String(peer)} may not read restore point ${task.pointId} (task ${task.taskId} was given to ${task.readerAgent})`, { kind: 'forbidden' });
         }
         streams++;
-        return pointRestoreSource(repository, task.pointId, task.password);
+        const source = await pointRestoreSource(repository, task.pointId, task.password);
+        return {
+          disks: source.disks,
+          readBlock: (disk, index) => {
+            blocks++;
+            return source.readBlock(disk, index);
+          },
+          close: () => source.close(),
+        };
       },
     });
+    // A progress event now and then: the server's reply says `cancel` once it no longer knows the
+    // task (it restarted), so a serve task whose server forgot it does not serve forever.
+    const alive = setInterval(() => this.#c.emit(task.taskId, { type: 'progress', progress: { streams, blocks } }), SERVE_PROGRESS_MS);
     try {
       this.#c.emit(task.taskId, { type: 'ready', port: receiver.address.port, ...(this.#c.dataAdvertise ? { host: this.#c.dataAdvertise } : {}), previous: null });
       if (!signal.aborted) await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
-      return { streams };
+      return { streams, blocks };
     } finally {
+      clearInterval(alive);
       this.#c.grant(task.taskId, undefined);
     }
   }
