@@ -10,6 +10,7 @@
 //     with its test files, its writes stay in the overlay, migrate moves it to its own disk (the
 //     repository agent stops serving), stop cleans up; the repository is verified unchanged;
 // (c) a host whose agent is gone: the restore fails with the agent named.
+// Also: a restore onto the repository agent's own host (it reads its folder directly).
 // Two guest boots besides the original (the restored VM, the instant recovery).
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
@@ -197,6 +198,14 @@ describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
     expect(await refused('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-lv', host: 'lv-b' })).toMatch(/400.*holds a qemu VM; host is libvirt/);
     // ... and the same name again.
     expect(await refused('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-copy', host: 'kvm-b' })).toMatch(/409.*(already exists|answers)/);
+
+    // Onto the repository agent's own host: repo1 reads its folder directly (no serve task), same disk.
+    await api('POST', '/hosts', { name: 'kvm-r', kind: 'qemu', uri: path.join(h.tmp, 'r-vms', '*', 'qmp.sock'), agent: 'repo1' });
+    const local = await waitRestore((await api<VmRestore>('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-local', host: 'kvm-r', format: 'raw' })).id);
+    expect(local.state, JSON.stringify(local)).toBe('success');
+    expect(local.agent).toBe('repo1');
+    expect(local.result!.disks[0]!.sha256).toBe(t.result!.disks[0]!.sha256);
+    expect((local.log ?? []).map((l) => l.message).join('\n')).not.toMatch(/from repository agent/);
     expect(await hashTree(h.repoDir)).toEqual(before);
   }, 300_000);
 
@@ -233,6 +242,6 @@ describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
     await new Promise<void>((r) => (dst.child.exitCode !== null ? r() : dst.child.once('exit', () => r())));
     const msg = await refused('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-gone', host: 'kvm-b' });
     expect(msg).toMatch(/dst1/);
-    expect(msg).toMatch(/did not pick up|lost agent|not heard/);
+    expect(msg).toMatch(/did not pick up|lost agent|not heard|not connected/);
   }, 60_000);
 });

@@ -34,8 +34,17 @@ async function take<K extends AgentTask['kind']>(poll: ReturnType<typeof setup>[
 const config = { vm: 'web1', config: Buffer.from('{}').toString('base64'), disks: [{ name: 'vda', size: 1 << 20 }] };
 
 describe('RemoteRecovery', () => {
+  it('refuses at once when an agent it needs is not connected, naming it', async () => {
+    const { recovery, poll } = setup();
+    await poll('repo1');
+    const err = await recovery.plan({ path: '/srv/repo', agent: 'repo1' }, 'dst1', 'p1', undefined, async () => config).catch((e: unknown) => e);
+    expect(err).toMatchObject({ kind: 'unavailable', message: "agent dst1 (the host's agent) is not connected", hint: expect.stringMatching(/agent list/) });
+    expect((await poll('repo1')).tasks).toEqual([]);
+  });
+
   it('reads from the repository folder when the host agent owns the repository (no serve task)', async () => {
     const { recovery, poll } = setup();
+    await poll('dst1');
     const plan = await recovery.plan({ path: '/srv/repo', agent: 'dst1' }, 'dst1', 'p1', 'pw', async () => {
       throw new Error('not asked');
     });
@@ -46,6 +55,7 @@ describe('RemoteRecovery', () => {
   it('a repository of another agent: restore-serve there, the host agent reads from its listener', async () => {
     const { broker, recovery, poll } = setup();
     await poll('repo1'); // the server learns the agent's address
+    await poll('dst1');
     const planned = recovery.plan({ path: '/srv/repo', agent: 'repo1' }, 'dst1', 'p1', undefined, async () => config);
     const serve = await take(poll, 'repo1', 'restore-serve');
     expect(serve).toMatchObject<Partial<RestoreServeTask>>({ repositoryPath: '/srv/repo', pointId: 'p1', readerAgent: 'dst1' });
@@ -58,6 +68,7 @@ describe('RemoteRecovery', () => {
 
   it('a serve task that fails before it is ready fails the plan with its reason', async () => {
     const { broker, recovery, poll } = setup();
+    await Promise.all([poll('repo1'), poll('dst1')]);
     const planned = recovery.plan({ path: '/srv/repo', agent: 'repo1' }, 'dst1', 'p1', 'bad', async () => config);
     const serve = await take(poll, 'repo1', 'restore-serve');
     broker.events('repo1', serve.taskId, [{ type: 'result', ok: false, error: { kind: 'unauthorized', message: 'wrong password for restore point p1' } }]);
@@ -77,6 +88,7 @@ describe('RemoteRecovery', () => {
         powerOn: true,
         onEvent: (e) => events.push(e.type === 'log' ? e.message : e.type),
       });
+    await Promise.all([poll('local'), poll('dst1')]);
     // The server's own repository is read by its local agent, which serves it to dst1.
     const ok = run('web1-copy');
     const cfg = await take(poll, 'local', 'restore-point-config');

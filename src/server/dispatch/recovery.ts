@@ -58,8 +58,19 @@ export class RemoteRecovery {
     return agent === null || agent === this.#localAgent;
   }
 
+  /** Refuses at once when an agent the work needs is not connected (rather than after the pickup time). */
+  #connected(agent: string, role: string): void {
+    if (this.#broker.isConnected(agent)) return;
+    throw new BulwarkError(`agent ${agent} (${role}) is not connected`, {
+      kind: 'unavailable',
+      context: { agent },
+      hint: 'check `bulwark agent list` and the agent host; the restore starts once it is back',
+    });
+  }
+
   /** The point's stored VM configuration and disks, read by the repository's agent. */
   async pointConfig(repository: RecoveryRepository, pointId: string, password: string | undefined): Promise<WirePointConfig> {
+    this.#connected(this.agentOf(repository.agent), 'the repository\'s agent');
     const handle = this.#broker.run(this.agentOf(repository.agent), { kind: 'restore-point-config', repositoryPath: repository.path, pointId, password });
     return (await handle.result) as WirePointConfig;
   }
@@ -70,6 +81,8 @@ export class RemoteRecovery {
    */
   async plan(repository: RecoveryRepository, readerAgent: string, pointId: string, password: string | undefined, config: () => Promise<WirePointConfig>): Promise<PointSourcePlan> {
     const repoAgent = this.agentOf(repository.agent);
+    this.#connected(readerAgent, 'the host\'s agent');
+    this.#connected(repoAgent, 'the repository\'s agent');
     if (repoAgent === readerAgent) return { source: { kind: 'repository', repositoryPath: repository.path, password }, serve: undefined };
     const point = await config();
     const secret = randomBytes(32).toString('hex');
