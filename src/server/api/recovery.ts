@@ -1,9 +1,11 @@
-// Full VM restore and instant VM recovery, served by the one-host install's server process (its
-// local agent's role, docs/decisions/0003): `POST /restore-points/{id}/restore-vm` runs a restore
+// Full VM restore and instant VM recovery: `POST /restore-points/{id}/restore-vm` runs a restore
 // in the background with progress (`GET /vm-restores/{id}`); `/instant-recoveries` starts, lists,
-// migrates and stops VMs that run straight from a restore point. Instant recovery sessions live in
-// this process: they end when the server stops, and a start sweeps what a killed server left in
-// `<data>/ir/`. See docs/restore-vm.md and docs/instant-recovery.md.
+// migrates and stops VMs that run straight from a restore point. When the point's repository and
+// the host are this server's own, the work runs in this process (the one-host install's local
+// agent role, docs/decisions/0003): its instant recovery sessions end when the server stops, and a
+// start sweeps what a killed server left in `<data>/ir/`. Otherwise the host's agent does it
+// (src/server/dispatch/recovery.ts, docs/formats/agent-link.md "Restore tasks"). See
+// docs/restore-vm.md and docs/instant-recovery.md.
 import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { FastifyPluginAsync } from 'fastify';
 import { randomBytes } from 'node:crypto';
