@@ -9,6 +9,9 @@
 // files, whole VM; instant recovery of the job's point starts with none), asks
 // for it otherwise, and a wrong one is answered "wrong password … (hint: …)"; the database holds
 // no password in clear text; `password add` makes the server remember the export's password.
+// The job has the guest file index on: its indexes are sealed (no path name in clear) and search
+// finds files with the server's password; the export's index (built with --password-file) is
+// listed as not searched, with its hint, until `password add`.
 import { execFile } from 'node:child_process';
 import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -38,6 +41,14 @@ interface PointJson {
   keyKnown?: boolean;
   passwordHint?: string;
 }
+
+interface SearchJson {
+  matches: Array<{ path: string; versions: Array<{ points: Array<{ id: string }> }> }>;
+  pointsLocked: Array<{ id: string; reason: string }>;
+}
+
+/** The points holding /srv/enc/two.txt in a search answer. */
+const pointsOf = (r: SearchJson): string[] => r.matches.filter((m) => m.path === '/srv/enc/two.txt').flatMap((m) => m.versions.flatMap((v) => v.points.map((p) => p.id)));
 
 async function bw(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return bulwark(args, env);
@@ -220,6 +231,14 @@ describe('encrypted job, restores and export', () => {
     const files = await bwJson<{ files: number }>(['restore', 'files', points.export!, '--path', '/srv/enc/two.txt', '--to', join(tmp, 'export-files'), '--password-file', join(tmp, 'export.pw')]);
     expect(files.files).toBe(1);
     expect(await sha256Of(join(tmp, 'export-files', 'two.txt'))).toBe(markers.two);
+
+    // Its guest file index, built with the password given, is sealed; search cannot open it (the
+    // server does not know the password) and names the point with the hint instead.
+    expect(await bwJson<{ sealed: boolean }>(['index', points.export!, '--password-file', join(tmp, 'export.pw')])).toMatchObject({ sealed: true });
+    const locked = await bwJson<SearchJson>(['search', 'two.txt', '--vm', VM]);
+    expect(locked.pointsLocked).toEqual([expect.objectContaining({ id: points.export, reason: expect.stringContaining('(hint: the export one)') })]);
+    expect(pointsOf(locked)).toEqual([points.two]);
+    expect((await bw(['search', 'two.txt', '--vm', VM])).stdout).toContain(`not searched: ${VM} ${points.export}`);
   });
 
   it('restore vm and instant recovery of encrypted points: the job\'s with no password, the export\'s with --password-file', async () => {
@@ -260,6 +279,9 @@ describe('encrypted job, restores and export', () => {
     const p = (await bwJson<PointJson[]>(['restore-point', 'list', '--vm', VM])).find((x) => x.id === points.export);
     expect(p).toMatchObject({ encrypted: true, keyKnown: true });
     expect((await restoreDisk(points.export!, 'export-known')).sha256).toBe(refs.two);
+    const found = await bwJson<SearchJson>(['search', 'two.txt', '--vm', VM]);
+    expect(found.pointsLocked).toEqual([]);
+    expect(pointsOf(found).sort()).toEqual([points.two, points.export].sort());
     const removed = await bw(['password', 'remove', added.id]);
     expect(removed.code).toBe(1);
     expect(removed.stderr).toMatch(/opens 1 encrypted chain/);

@@ -369,7 +369,7 @@ async function searchOnAgent(
   agents: FileIndexAgents,
   agent: string,
   repositoryPath: string,
-  points: ReadonlyArray<{ id: string; time: string; vm: string; job: string | null; chainId: string; encrypted?: boolean }>,
+  points: ReadonlyArray<{ id: string; time: string; vm: string; job: string | null; chainId: string; encrypted?: boolean; passwordHint?: string }>,
   pattern: string,
   limit: number,
   keys: EncryptionKeys | undefined,
@@ -380,7 +380,10 @@ async function searchOnAgent(
       const password = p.encrypted && keys ? await keys.remotePassword(p) : undefined;
       wire.push({ id: p.id, time: p.time, vm: p.vm, ...(password !== undefined ? { password } : {}) });
     }
-    return (await agents.broker.run(agent, { kind: 'file-index', action: 'search', repositoryPath, pattern, limit, points: wire }).result) as SearchResult;
+    const r = (await agents.broker.run(agent, { kind: 'file-index', action: 'search', repositoryPath, pattern, limit, points: wire }).result) as SearchResult;
+    // The agent knows no hints: name the point as the server's own search does.
+    const hints = new Map(points.map((p) => [p.id, p.passwordHint]));
+    return { ...r, pointsLocked: r.pointsLocked.map((l) => ({ ...l, reason: passwordNeeded(l.id, hints.get(l.id)).message })) };
   } catch (err) {
     log.warn({ agent, repository: repositoryPath, err: describeError(err) }, 'search on a repository agent failed');
     const reason = `repository agent ${agent} could not search: ${describeError(err)}`;
