@@ -22,6 +22,7 @@ function restoreFields(t: VmRestore): [string, unknown][] {
     ['host', t.host],
     ...(t.agent ? [['agent', t.agent] as [string, unknown]] : []),
     ['state', t.state],
+    ...(t.log ?? []).map((l): [string, unknown] => [l.level === 'info' ? 'log' : l.level, l.message]),
     ...(r
       ? ([
           ...r.disks.map((d): [string, unknown] => [`disk ${d.name}`, `${d.path} (${d.format}, ${humanSize(d.size)}, sha256 ${d.sha256})`]),
