@@ -24,6 +24,7 @@ import { restoreDisk } from '../../src/restore/disk/restore-disk.js';
 import { JobEngine } from '../../src/server/jobs/engine.js';
 import { InMemoryJobEngineStore } from '../../src/server/jobs/memory-store.js';
 import type { JobDefinition, TaskRecord } from '../../src/server/jobs/ports.js';
+import { RECORD_HEADER_SIZE } from '../../src/format/record.js';
 import { nbdcopyReference } from '../fixtures/guest.js';
 
 const run = promisify(execFile);
@@ -265,15 +266,74 @@ describe('per-job storage: one restore point for all VMs of a job', () => {
       expect(retried.state === 'warning' || retried.state === 'success', retried.log).toBe(true);
       expect(retried.tasks.find((t) => t.vm === 'pj-db')!.attempt, retried.log).toBe(2);
       expect(retried.log).toMatch(/this run: incremental/);
-      // pj-web's tasks ended well in the first round, so have no task in the retry round: pj-db's did their disks.
-      expect(retried.tasks.filter((t) => t.attempt === 1).map((t) => `${t.vm}/${t.disk}`).sort()).toEqual(['pj-web/vda', 'pj-web/vdb']);
-      expect(retried.log).toMatch(/also backs up disk\(s\) pj-web\/vda, pj-web\/vdb/);
+      // The retry round's first task backs up every disk with no task of its own in the round (tasks
+      // that ended well in the first round, unless the engine failed them with the point) and, the
+      // round being a retry, the other VMs' disks: the point again holds every VM.
+      const round = retried.tasks.filter((t) => t.attempt === 2).map((t) => `${t.vm}/${t.disk}`);
+      const first = round[0]!;
+      const vmOf = (d: string) => d.slice(0, d.indexOf('/'));
+      const others = ['pj-web/vda', 'pj-web/vdb', 'pj-db/vda'].filter((d) => d !== first && (vmOf(d) !== vmOf(first) || !round.includes(d)));
+      expect(retried.log).toMatch(new RegExp(`${first}: this task also backs up disk\\(s\\) ${others.join(', ')}`));
+      expect(retried.tasks.every((t) => t.state === 'success' || t.state === 'warning'), retried.log).toBe(true);
       const points = await repo.listRestorePoints({ job: 'pj', vm: ALL_VMS });
       expect(points.map((p) => (p.time.getTime() - day0.getTime()) / DAY)).toEqual([3, 5]);
       expect(backupExts(await jobFiles('pj'))).toEqual(['_all:vbk', '_all:vib']);
       expect(await everyVmPointBitExact('pj')).toBe(4);
     } finally {
       onView = null;
+    }
+  });
+
+  it('health check of the job chain names a flipped byte as VM/DISK; the next run re-reads that block from that VM and its point restores bit-exact', async () => {
+    // Flip one byte inside the record of a block the latest point stored for pj-web/vda (written by writeAll(4)).
+    const latest = (await repo.listRestorePoints({ job: 'pj', vm: ALL_VMS })).at(-1)!;
+    const opened = await repo.openRestorePoint(latest.id);
+    const block = Math.floor((4 * MiB + 4096) / (256 * 1024));
+    const resolved = await opened.resolve('pj-web/vda', block);
+    await opened.close();
+    expect(resolved.kind === 'stored' && resolved.file.path === latest.file, `block ${block} of pj-web/vda is in ${latest.file}`).toBe(true);
+    const entry = (resolved as Extract<typeof resolved, { kind: 'stored' }>).entry;
+    const { open } = await import('node:fs/promises');
+    const h = await open(latest.file, 'r+');
+    const at = entry.recordOffset + RECORD_HEADER_SIZE + Math.floor(entry.storedLength / 2);
+    const b = Buffer.alloc(1);
+    await h.read(b, 0, 1, at);
+    b[0] = b[0]! ^ 0x5a;
+    await h.write(b, 0, 1, at);
+    await h.close();
+
+    const store = new InMemoryJobEngineStore();
+    store.putJob(job);
+    const engine = new JobEngine({ store, executor, disks: executor, progressIntervalMs: 0 });
+    let checkLog: string;
+    try {
+      const check = await engine.runNow(job.id, { settings: { operation: 'health-check' }, noRetries: true });
+      const state = await engine.waitForEnd(check.sessionId);
+      checkLog = (store.logs.get(check.sessionId) ?? []).map((l) => l.message).join('\n');
+      expect(state, checkLog).toBe('warning');
+    } finally {
+      await engine.shutdown();
+    }
+    const named = /damaged block (\d+) of disk (pj-web|pj-db)\/(vda|vdb) \(disk offset \d+\) in (\S+), read by point/.exec(checkLog);
+    expect(named, checkLog).not.toBeNull();
+    expect(named!.slice(1)).toEqual([String(block), 'pj-web', 'vda', latest.file]);
+
+    now = new Date(day0.getTime() + 6 * DAY);
+    await writeAll(6);
+    const repaired = await runJob(job);
+    expect(repaired.state === 'warning' || repaired.state === 'success', repaired.log).toBe(true);
+    expect(repaired.log).toMatch(new RegExp(`repair: re-reading ${named![2]}/${named![3]} blocks [0-9, ]*\\b${named![1]}\\b`));
+    expect(repaired.log).toMatch(new RegExp(`${named![3]}: re-reading \\d+ block\\(s\\) a health check found damaged`));
+    // The new point of every VM restores bit-exact (the damaged increment before it stays damaged).
+    const point = (await repo.listRestorePoints({ job: 'pj', vm: ALL_VMS })).at(-1)!;
+    expect(point.time.getTime()).toBe(now.getTime());
+    for (const slice of catalogPoints([point])) {
+      for (const d of VMS.find((v) => v.name === slice.vm)!.disks) {
+        const to = path.join(work, `repaired-${slice.vm}-${d.name}.raw`);
+        const r = await restoreDisk({ repository: repo, pointId: slice.id, disk: d.name, to, imageDigest: true });
+        await rm(to);
+        expect(r.sha256, `${slice.vm}/${d.name}`).toBe(references.get(point.time.getTime())?.get(`${slice.vm}/${d.name}`));
+      }
     }
   });
 
