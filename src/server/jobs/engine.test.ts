@@ -99,8 +99,92 @@ describe('JobEngine', () => {
     await clock.advance(60_000);
     expect(await engine.waitForEnd(sessionId)).toBe('failed');
     const s = (await store.loadSession(sessionId))!;
-    expect(s.reason).toBe('1 of 3 task(s) failed; db/vdb: read error at offset 4096');
-    expect(await tasksOf(store, sessionId)).toContain('db/vdb failed #3 read error at offset 4096');
+    // db/vda wrote its disk into db's restore point each time, but the point was never committed.
+    expect(s.reason).toBe('2 of 3 task(s) failed; db/vdb: read error at offset 4096');
+    expect(await tasksOf(store, sessionId)).toEqual([
+      'db/vda failed #3 restore point of VM db not committed: disk vdb failed',
+      'db/vdb failed #3 read error at offset 4096',
+      'web/vda success #1',
+    ]);
+  });
+
+  describe('a disk task whose sibling of the same restore point failed does not stay success', () => {
+    const vdbFails = (t: { vm: string; disk: { name: string }; attempt: number }) => (t.vm === 'db' && t.disk.name === 'vdb' ? 'read error at offset 4096' : undefined);
+    const cases: Array<{
+      name: string;
+      settings?: Record<string, unknown>;
+      vms?: string[];
+      retry?: number;
+      fail?: (t: { vm: string; disk: { name: string }; attempt: number }) => string | undefined;
+      warn?: (t: { vm: string; disk: { name: string } }) => string | undefined;
+      state: string;
+      reason: string;
+      tasks: string[];
+    }> = [
+      {
+        name: 'per VM: the failed disk fails its VM\'s other disk, not the other VM',
+        fail: vdbFails,
+        state: 'failed',
+        reason: '2 of 3 task(s) failed; db/vdb: read error at offset 4096',
+        tasks: ['db/vda failed #1 restore point of VM db not committed: disk vdb failed', 'db/vdb failed #1 read error at offset 4096', 'web/vda success #1'],
+      },
+      {
+        name: 'per VM: a sibling that ended with a warning fails too',
+        fail: vdbFails,
+        warn: (t) => (t.vm === 'db' && t.disk.name === 'vda' ? 'guest not quiesced' : undefined),
+        state: 'failed',
+        reason: '2 of 3 task(s) failed; db/vdb: read error at offset 4096',
+        tasks: ['db/vda failed #1 restore point of VM db not committed: disk vdb failed', 'db/vdb failed #1 read error at offset 4096', 'web/vda success #1'],
+      },
+      {
+        name: 'per job: one point holds every VM, so every other task fails',
+        settings: { storage: 'per-job' },
+        fail: vdbFails,
+        state: 'failed',
+        reason: '3 of 3 task(s) failed; db/vdb: read error at offset 4096',
+        tasks: [
+          'db/vda failed #1 restore point of job nightly (all its VMs) not committed: VM db disk vdb failed',
+          'db/vdb failed #1 read error at offset 4096',
+          'web/vda failed #1 restore point of job nightly (all its VMs) not committed: VM db disk vdb failed',
+        ],
+      },
+      {
+        name: 'a retry round runs the whole VM again; its success is every disk\'s',
+        retry: 1,
+        fail: (t) => (vdbFails(t) !== undefined && t.attempt === 1 ? 'read error at offset 4096' : undefined),
+        state: 'success',
+        reason: '',
+        tasks: ['db/vda success #2', 'db/vdb success #2', 'web/vda success #1'],
+      },
+      {
+        name: 'health checks check each disk on its own',
+        settings: { operation: 'health-check' },
+        fail: vdbFails,
+        state: 'failed',
+        reason: '1 of 3 task(s) failed; db/vdb: read error at offset 4096',
+        tasks: ['db/vda success #1', 'db/vdb failed #1 read error at offset 4096', 'web/vda success #1'],
+      },
+      {
+        name: 'nothing failed: nothing changes',
+        state: 'success',
+        reason: '',
+        tasks: ['db/vda success #1', 'db/vdb success #1', 'web/vda success #1'],
+      },
+    ];
+    for (const c of cases) {
+      it(c.name, async () => {
+        const base = job();
+        const { clock, store, engine } = setup(
+          job({ ...(c.vms ? { vms: c.vms } : {}), retry: { count: c.retry ?? 0, waitSeconds: 1 }, settings: { ...base.settings, ...(c.settings ?? {}) } }),
+          { fail: c.fail, warn: c.warn },
+        );
+        const { sessionId } = await engine.runNow('nightly');
+        await clock.advance(10_000);
+        expect(await engine.waitForEnd(sessionId)).toBe(c.state);
+        expect((await store.loadSession(sessionId))!.reason ?? '').toBe(c.reason);
+        expect(await tasksOf(store, sessionId)).toEqual(c.tasks);
+      });
+    }
   });
 
   it('ends in warning when a task warns', async () => {

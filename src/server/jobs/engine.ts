@@ -85,6 +85,8 @@ interface TaskRuntime {
   record: TaskRecord;
   disk: DiskRef;
   lastProgressWrite: number;
+  /** Failed only because a sibling task of its restore point failed (see #failUncommitted). */
+  revoked?: boolean;
 }
 
 interface ActiveSession {
@@ -303,6 +305,7 @@ export class JobEngine {
             break;
           }
           for (const t of again) {
+            t.revoked = false;
             this.#setTask(active, t, 'queued', {
               attempt: t.record.attempt + 1,
               stageBusy: undefined,
@@ -386,6 +389,44 @@ export class JobEngine {
       for (const t of tasks) await this.#runTask(active, t, vmDisks.get(t.record.vm) ?? []);
     } else {
       await Promise.all(tasks.map((t) => this.#runTask(active, t, vmDisks.get(t.record.vm) ?? [])));
+    }
+    this.#failUncommitted(active, tasks);
+  }
+
+  /**
+   * The disk tasks of one restore point (a VM's; with storage per-job, every VM's of the job) stand
+   * or fall together: the point is committed only when all of them are done. A task of this round
+   * that ended success or warning while a sibling failed or was stopped wrote its disk into a point
+   * that was never committed: it fails too, naming the sibling (and a retry round runs it again).
+   * Health checks check each disk on its own and are left alone.
+   */
+  #failUncommitted(active: ActiveSession, tasks: readonly TaskRuntime[]): void {
+    const settings = active.job.settings ?? {};
+    if (settings.operation === 'health-check') return;
+    const perJob = settings.storage === 'per-job';
+    const groups = new Map<string, TaskRuntime[]>();
+    for (const t of tasks) {
+      const key = perJob ? '' : t.record.vm;
+      groups.set(key, [...(groups.get(key) ?? []), t]);
+    }
+    for (const group of groups.values()) {
+      const candidates = group.filter((t) => (t.record.state === 'failed' || t.record.state === 'stopped') && !t.revoked);
+      // A failure that names another failed disk of the point is a consequence of that one: name the cause.
+      const broken = candidates.find((c) => !candidates.some((o) => o !== c && (c.record.message ?? '').includes(`disk ${o.record.disk}`))) ?? candidates[0];
+      if (!broken) continue;
+      const { vm, disk } = broken.record;
+      const point = perJob ? `restore point of job ${active.job.name} (all its VMs)` : `restore point of VM ${vm}`;
+      const cause =
+        disk === '*'
+          ? `the disks of VM ${vm} could not be listed`
+          : `${perJob ? `VM ${vm} disk ${disk}` : `disk ${disk}`} ${broken.record.state === 'stopped' ? 'was stopped' : 'failed'}`;
+      const message = `${point} not committed: ${cause}`;
+      for (const t of group) {
+        if (t.record.state !== 'success' && t.record.state !== 'warning') continue;
+        t.revoked = true;
+        this.#setTask(active, t, 'failed', { message, endedAt: t.record.endedAt, progress: t.record.progress, stageBusy: t.record.stageBusy });
+        this.#log(active, 'error', `${t.record.vm}/${t.record.disk}: ${message}`, t.record.id);
+      }
     }
   }
 
@@ -542,7 +583,8 @@ export class JobEngine {
 
   async #finish(active: ActiveSession, failure: string | undefined): Promise<SessionState> {
     const tasks = active.tasks.map((t) => t.record);
-    const failed = tasks.filter((t) => t.state === 'failed');
+    // A task failed only because a sibling did comes after the sibling (the cause) in the reason.
+    const failed = active.tasks.filter((t) => t.record.state === 'failed' && !t.revoked).concat(active.tasks.filter((t) => t.record.state === 'failed' && t.revoked)).map((t) => t.record);
     const warned = tasks.filter((t) => t.state === 'warning');
     let state: SessionState;
     let reason: string | undefined;

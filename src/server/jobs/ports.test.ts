@@ -10,7 +10,7 @@ const sessionTable: Record<RunState, string> = {
   failed: '. . . . . .',
   stopped: '. . . . . .',
 };
-const taskTable: Record<RunState, string> = { ...sessionTable, failed: 'Q . . . . .' };
+const taskTable: Record<RunState, string> = { ...sessionTable, success: '. . . . F .', warning: '. . . . F .', failed: 'Q . . . . .' };
 
 describe('run state machine', () => {
   for (const [subject, table] of [['session', sessionTable], ['task', taskTable]] as const) {

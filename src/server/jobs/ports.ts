@@ -34,6 +34,8 @@ export function isFinalState(state: RunState): boolean {
  * - queued -> running (started), failed (could not start, or the server crashed), stopped.
  * - running -> success, warning, failed, stopped.
  * - a task only: failed -> queued, when the engine retries it within the same session.
+ * - a task only: success/warning -> failed, when a sibling disk task of the same restore point
+ *   failed, so the point the task wrote its disk into was never committed.
  * Everything else — including staying in the same state — is illegal.
  */
 export function canTransition(subject: 'session' | 'task', from: RunState, to: RunState): boolean {
@@ -46,6 +48,7 @@ export function canTransition(subject: 'session' | 'task', from: RunState, to: R
       return subject === 'task' && to === 'queued';
     case 'success':
     case 'warning':
+      return subject === 'task' && to === 'failed';
     case 'stopped':
       return false;
   }
