@@ -483,9 +483,35 @@ export class RecoveryService {
     return this.#instantInfo(r.last, r);
   }
 
+  /**
+   * Every session: this process's, and those of the agents of the configured hosts (and of the
+   * sessions this server started), asked once per agent; sessions an agent runs that this server
+   * did not start (it restarted since) are listed too, so they can be stopped.
+   */
   async listInstant(): Promise<InstantRecovery[]> {
-    const remote = await Promise.all([...this.#remoteInstant].map(([id, r]) => this.#refresh(id, r)));
-    return [...this.#instant.list().map((i) => this.#instantInfo(i)), ...remote];
+    const remote = this.#remote;
+    if (remote) {
+      const agents = new Set<string>([...this.#remoteInstant.values()].map((r) => r.agent));
+      for (const h of await listHosts(this.#ctx)) agents.add(remote.agentOf(h.agent));
+      await Promise.all(
+        [...agents].map(async (agent) => {
+          const sessions = await remote.sessionsOn(agent);
+          if (!sessions) return; // not connected or no answer: keep what is known
+          for (const s of sessions) {
+            const known = this.#remoteInstant.get(s.id);
+            if (known) known.last = s;
+            else this.#remoteInstant.set(s.id, { agent, host: undefined, serve: undefined, last: s });
+          }
+          for (const [id, r] of this.#remoteInstant) {
+            if (r.agent !== agent || sessions.some((s) => s.id === id)) continue;
+            // The agent no longer runs it (it restarted): the session is over.
+            r.serve?.cancel('the instant recovery session is gone');
+            this.#remoteInstant.delete(id);
+          }
+        }),
+      );
+    }
+    return [...this.#instant.list().map((i) => this.#instantInfo(i)), ...[...this.#remoteInstant.values()].map((r) => this.#instantInfo(r.last, r))];
   }
 
   async getInstant(id: string): Promise<InstantRecovery> {

@@ -34,6 +34,21 @@ async function take<K extends AgentTask['kind']>(poll: ReturnType<typeof setup>[
 const config = { vm: 'web1', config: Buffer.from('{}').toString('base64'), disks: [{ name: 'vda', size: 1 << 20 }] };
 
 describe('RemoteRecovery', () => {
+  it('lists an agent\'s instant recovery sessions; undefined when it is not connected or silent (its task cancelled)', async () => {
+    const { broker, recovery, poll } = setup();
+    expect(await recovery.sessionsOn('dst1', 100)).toBeUndefined();
+    await poll('dst1');
+    const listed = recovery.sessionsOn('dst1', 5000);
+    const t = await take(poll, 'dst1', 'instant-recovery');
+    expect(t).toMatchObject({ action: 'list' });
+    const session = { id: 'ir-1', name: 'web1-ir' };
+    broker.events('dst1', t.taskId, [{ type: 'result', ok: true, value: { sessions: [session] } }]);
+    expect(await listed).toEqual([session]);
+    const silent = recovery.sessionsOn('dst1', 100);
+    const t2 = await take(poll, 'dst1', 'instant-recovery');
+    expect(await silent).toBeUndefined();
+    expect((await poll('dst1', [t2.taskId])).cancel).toEqual([expect.objectContaining({ taskId: t2.taskId })]);
+  });
   it('refuses at once when an agent it needs is not connected, naming it', async () => {
     const { recovery, poll } = setup();
     await poll('repo1');

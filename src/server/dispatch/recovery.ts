@@ -163,6 +163,24 @@ export class RemoteRecovery {
     }
   }
 
+  /**
+   * The instant recovery sessions an agent runs, or undefined when it is not connected or does not
+   * answer within `timeoutMs` (a listing must not wait for the agent-lost time).
+   */
+  async sessionsOn(agent: string, timeoutMs = 5000): Promise<WireInstantSession[] | undefined> {
+    if (!this.#broker.isConnected(agent)) return undefined;
+    const handle = this.#broker.run(agent, { kind: 'instant-recovery', action: 'list' });
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), timeoutMs)));
+    try {
+      const r = await Promise.race([handle.result.then((v) => v as { sessions: WireInstantSession[] }, () => undefined), late]);
+      if (r === undefined) handle.cancel('the session list was not answered in time');
+      return r?.sessions;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   /** show / list / migrate / stop of a session on an agent. */
   async instant<T>(agent: string, action: Exclude<InstantRecoveryAction, { action: 'start' }>): Promise<T> {
     return (await this.#broker.run(agent, { kind: 'instant-recovery', ...action }).result) as T;
