@@ -14,16 +14,27 @@ export interface FileIndexTaskContext {
   readonly runDir?: string | undefined;
 }
 
+/**
+ * Builds run one at a time per agent: walking an in-process mount blocks a libuv thread per file
+ * call until this process's own NBD server (which needs one too) answers (see files.ts on the server).
+ */
+let building: Promise<unknown> = Promise.resolve();
+
 export async function runFileIndexTask(c: FileIndexTaskContext, task: FileIndexTask): Promise<IndexResult | SearchResult> {
   const repository = await c.repository(task.repositoryPath);
   switch (task.action) {
-    case 'build':
-      return indexRestorePoint({
-        repository,
-        pointId: task.pointId,
-        ...(c.runDir !== undefined ? { runDir: c.runDir } : {}),
-        ...(task.password !== undefined ? { password: task.password } : {}),
-      });
+    case 'build': {
+      const run = building.then(() =>
+        indexRestorePoint({
+          repository,
+          pointId: task.pointId,
+          ...(c.runDir !== undefined ? { runDir: c.runDir } : {}),
+          ...(task.password !== undefined ? { password: task.password } : {}),
+        }),
+      );
+      building = run.catch(() => undefined);
+      return run;
+    }
     case 'search': {
       const files = new Map((await repository.listRestorePoints()).map((p) => [p.id, fileIndexPath(p)]));
       const points: SearchablePoint[] = task.points.map((p) => ({
