@@ -75,6 +75,18 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
   let plainBuf: Buffer = Buffer.allocUnsafe(0);
   // -1 once a direct write was refused: from then on, everything goes through the page cache.
   let directFd = o.directFd ?? -1;
+  // Aligned memory for direct writes; where it cannot be had (a WebAssembly memory reserves
+  // address space: a ulimit -v may refuse it), the page cache instead.
+  const decodeBuffer = (bytes: number): Buffer => {
+    if (directFd >= 0) {
+      try {
+        return alignedBuffer(bytes);
+      } catch {
+        directFd = -1;
+      }
+    }
+    return Buffer.allocUnsafe(bytes);
+  };
   const writeRun = (parts: Buffer[], at: number, length: number): void => {
     if (directFd >= 0 && at % DIRECT_ALIGN === 0 && length % DIRECT_ALIGN === 0) {
       try {
@@ -100,7 +112,7 @@ export function createDecoder(o: Omit<DecodeInit, 'role'>): (job: DecodeJob) => 
     const lastAt = (n - 1) * 5;
     const span = job.blocks[lastAt + 1]! + RECORD_HEADER_SIZE + job.blocks[lastAt + 2]! - first;
     if (readBuf.length < span) readBuf = Buffer.allocUnsafe(span);
-    if (plainBuf.length < n * o.blockSize) plainBuf = directFd >= 0 ? alignedBuffer(n * o.blockSize) : Buffer.allocUnsafe(n * o.blockSize);
+    if (plainBuf.length < n * o.blockSize) plainBuf = decodeBuffer(n * o.blockSize);
     try {
       readFully(fd, readBuf.subarray(0, span), first);
     } catch (err) {
