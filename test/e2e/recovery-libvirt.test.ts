@@ -1,5 +1,5 @@
 // Full VM restore on a libvirt host, through the product: a real `bulwark server`, libvirt
-// (started once for the file; about 60 s the first time), the test guest as a transient TCG domain
+// (started once for the run, see test/fixtures/libvirt.ts), the test guest as a transient TCG domain
 // added as host `lv`, one backup with `job run --wait`; then
 // (a) `restore vm VM@latest --name NEW --power-on`: a persistent domain defined from the saved XML
 //     with a new UUID and disk path, that boots, whose guest agent answers and whose test files
@@ -7,9 +7,9 @@
 // (b) over the original: refused while it runs; once it is destroyed (a transient domain is then
 //     gone) the saved XML is defined again over the restored disk and the VM boots the backed-up files.
 // (c) instant recovery of the libvirt VM: booted under plain QEMU from the saved XML's kernel.
-// Four boots (original, new, original restored, instant recovery). About 8 minutes on the loaded
-// 2-core machine, most of it libvirtd: its start, and `virsh define` (35-63 s each, see
-// docs/restore-vm.md) in (a) and (b).
+// Four boots (original, new, original restored, instant recovery). `virsh define` in (a) and (b)
+// took 35-63 s each until the fixture gave /dev/kvm Debian's owner and mode (libvirtd had thrown
+// its QEMU capabilities away on every lookup); now about 1 s.
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
