@@ -782,7 +782,9 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const failedHere = (cause: unknown) => jobPointFailed(task.job.name, cause);
     try {
       if (!run.jobShared) throw failedHere(run.failure ?? new BulwarkError('it did not start', { kind: 'internal' }));
-      const shared = await run.jobShared;
+      const shared = await run.jobShared.catch((err: unknown) => {
+        throw failedHere(err);
+      });
       if (run.failure !== undefined) throw failedHere(run.failure);
       if (!shared.disks.includes(key)) {
         throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in job ${task.job.name}'s backup (removed from the VM?; its disks: ${shared.disks.join(', ')})`, {
