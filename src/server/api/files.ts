@@ -8,6 +8,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
+import { ToolError } from '../../common/process.js';
 import { logger } from '../../common/log.js';
 import { QemuHypervisor } from '../../hypervisor/qemu/adapter.js';
 import { findAgentSocket } from '../../hypervisor/qemu/discovery.js';
@@ -165,11 +166,25 @@ async function repositoryOfPoint(ctx: ServiceContext, pointId: string, keys?: En
  * through the agent's own socket (found through QMP), on a libvirt host through libvirt
  * (`virsh qemu-agent-command`: libvirtd holds the socket).
  */
-async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<GuestAgent> {
+async function connectGuestAgent(ctx: ServiceContext, vm: string, agents?: FileIndexAgents): Promise<GuestAgent> {
   const hosts = await listHosts(ctx);
+  const reasons: string[] = [];
   for (const h of hosts) {
+    if (h.agent !== null && h.agent !== (agents?.localAgent ?? 'local')) {
+      // Its URI or socket glob is on that agent's host, not reachable from here.
+      reasons.push(`host ${h.name} is served by agent ${h.agent}: --to-guest reaches only hosts of the server's own agent`);
+      continue;
+    }
     if (h.kind === 'libvirt') {
-      const agent = await connectLibvirtGuestAgent({ uri: h.uri, domain: vm, host: h.name, timeoutMs: 30_000 });
+      let agent;
+      try {
+        agent = await connectLibvirtGuestAgent({ uri: h.uri, domain: vm, host: h.name, timeoutMs: 30_000 });
+      } catch (err) {
+        // libvirt itself did not answer (daemon down): the VM may be on another host.
+        if (!(err instanceof ToolError)) throw err;
+        reasons.push(`host ${h.name}: ${describeError(err)}`);
+        continue;
+      }
       if (agent) return agent;
       continue;
     }
@@ -198,7 +213,7 @@ async function connectGuestAgent(ctx: ServiceContext, vm: string): Promise<Guest
       await hv.close();
     }
   }
-  throw new BulwarkError(`VM ${vm} is not running on any configured host`, {
+  throw new BulwarkError(`VM ${vm} is not running on any configured host${reasons.length ? ` (${reasons.join('; ')})` : ''}`, {
     kind: 'not-found',
     context: { vm },
     hint: hosts.length ? `it is on none of the hosts ${hosts.map((h) => h.name).join(', ')}: add its host with \`bulwark host add\`, or restore to a folder with --to` : 'add its host with `bulwark host add`, or restore to a folder with --to',
@@ -219,13 +234,14 @@ export async function restoreFiles(
   },
   runDir?: string,
   keys?: EncryptionKeys,
+  agents?: FileIndexAgents,
 ): Promise<RestoreFilesResult & { point: string; vm: string; target: string }> {
   if ((body.to === undefined) === (body.toGuest !== true)) {
     throw new BulwarkError('say where to restore: either to (a folder) or toGuest', { kind: 'invalid', hint: 'bulwark restore files POINT --path P --to DIR, or --to-guest' });
   }
   if (body.to !== undefined && !path.isAbsolute(body.to)) throw new BulwarkError(`to: ${body.to} is not an absolute path`, { kind: 'invalid' });
   const { repository, vm, password } = await repositoryOfPoint(ctx, pointId, keys, body.password);
-  const qga = body.toGuest ? await connectGuestAgent(ctx, vm) : undefined;
+  const qga = body.toGuest ? await connectGuestAgent(ctx, vm, agents) : undefined;
   const work = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-files-'));
   try {
     return await withMountIoSlot(async () => {
@@ -450,7 +466,7 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
     r.post(
       '/restore-points/:id/restore-files',
       { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: RestoreFilesBody, response: { 200: RestoreFilesReply } } },
-      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys),
+      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys, opts.agents),
     );
     r.post(
       '/restore-points/:id/file-index',
