@@ -128,6 +128,12 @@ export interface BackupSourceTask {
   readonly resumeWindowMs: number;
   /** Rate limits to enforce on the data streams: throttling rules (shared by name) and the repository share. */
   readonly limits: readonly NamedLimit[];
+  /**
+   * The VM's disks that have a task of their own on the server (one task per disk): each is backed
+   * up once the server names it in an events reply (`disks`: its task has its slot); the VM's other
+   * disks at once. Commit when all are done. Absent: every disk at once, one after another.
+   */
+  readonly diskTasks?: readonly string[] | undefined;
 }
 
 /** Restores one disk of a restore point in a repository on this agent's host to a path on this host. */
@@ -208,4 +214,6 @@ export interface EventsReply {
   readonly cancel: boolean;
   /** backup-source: the rate limits that apply now (a rule's hours began or ended, the repository share changed). */
   readonly limits?: readonly NamedLimit[] | undefined;
+  /** backup-source with `diskTasks`: the disks whose task has its slot now (cumulative: it only grows). */
+  readonly disks?: readonly string[] | undefined;
 }

@@ -8,8 +8,11 @@
 // Throttling; blocks damaged in transit (sender test hook) are resent and the result is bit-exact;
 // a short cut resumes; a stop stops both agents; the repository agent SIGKILLed mid-task fails the
 // session cleanly (no visible point, the repository verifies clean) and the next run succeeds.
+// The VM has a second, small disk: one task per disk on the remote path too — each disk task
+// backs up its own disk while it holds its task slot (the proxy limited to 1 task: one after the
+// other), the last one commits, and both disks restore bit-exact.
 // Needs root (ip netns); the hosts are the fixture netns/hosts.ts.
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, readdirSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openRepository, verifyRepository } from '../../src/repository/index.js';
@@ -21,6 +24,10 @@ const VM = 'mh-vm';
 const RANDOM_BYTES = Number(process.env.BULWARK_MH_RANDOM_MIB ?? 6) * 1024 * 1024;
 const DISK_SIZE = RANDOM_BYTES + 18 * 1024 * 1024;
 const LIMIT_MBPS = 8;
+// The second disk: a pattern and a little random data.
+const VDB = Buffer.alloc(3 * 1024 * 1024, 0x6b);
+randomBytes(256 * 1024).copy(VDB, 1 << 20);
+const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
 let h: MultiHost;
 let repoDir = '';
@@ -62,7 +69,7 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     raw.fill(0x5a, 0, 1 << 20);
     randomBytes(RANDOM_BYTES).copy(raw, 3 << 20);
     for (let off = 12 << 20; off < 14 << 20; off += 4096) raw.writeUInt32LE(off, off);
-    h = await MultiHost.start({ vm: VM, disk: raw, sourceEnv: { BULWARK_TEST_CORRUPT_EVERY: '7' } });
+    h = await MultiHost.start({ vm: VM, disk: raw, extraDisks: [{ name: 'vdb', data: VDB }], sourceEnv: { BULWARK_TEST_CORRUPT_EVERY: '7' } });
     repoDir = h.repoDir;
     sourceAgentPid = h.sourceAgent?.pid;
     idleRss = peakRssMiB(sourceAgentPid);
@@ -73,20 +80,36 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     if (h) expect(h.close()).toBe('');
   });
 
-  it('backs up over the agents (blocks damaged in transit are resent) and the disk restores bit-exact', async () => {
-    const s = await runJob('mh');
-    expect(s.state, `${s.reason ?? ''}\n${s.log.map((l) => l.message).join('\n')}`).toMatch(/success|warning/);
-    expect(s.tasks.map((t) => t.state)).toEqual([expect.stringMatching(/success|warning/)]);
+  it('backs up over the agents, one task per disk within the proxy\'s slots (blocks damaged in transit are resent); both disks restore bit-exact', async () => {
+    // The proxy runs one task at a time: the two disk tasks of the VM must take turns.
+    const maxTasks = async (n: number | null) => api('PATCH', '/agents/src1', { version: (await api<{ version: number }>('GET', '/agents/src1')).version, maxTasks: n });
+    await maxTasks(1);
+    let s: Awaited<ReturnType<typeof runJob>>;
+    try {
+      s = await runJob('mh');
+    } finally {
+      await maxTasks(null);
+    }
+    const text = `${s.reason ?? ''}\n${s.log.map((l) => l.message).join('\n')}`;
+    expect(s.state, text).toMatch(/success|warning/);
+    type Task = (typeof s.tasks)[number] & { disk: string; startedAt: string; endedAt: string };
+    const tasks = s.tasks as Task[];
+    expect(tasks.map((t) => `${t.disk} ${t.state}`).sort(), text).toEqual([expect.stringMatching(/^vda (success|warning)$/), expect.stringMatching(/^vdb (success|warning)$/)]);
+    // Each disk task ran its own disk while it held the proxy's one slot: one after the other.
+    const [first, second] = [...tasks].sort((a, b) => Date.parse(a.startedAt) - Date.parse(b.startedAt));
+    expect(Date.parse(second!.startedAt), text).toBeGreaterThanOrEqual(Date.parse(first!.endedAt));
+    expect(text).toMatch(/disk vd[ab] is written; the VM's restore point is committed when its other disks are done/);
     expect(s.log.some((l) => /on agent src1 into repository remote-repo/.test(l.message))).toBe(true);
     // The sender's test hook damaged every 7th block once; each was NACKed and sent again.
     expect(s.log.some((l) => /arrived damaged .* sent again/.test(l.message))).toBe(true);
     // The session counts what the repository stored (after its own compression), not what crossed the wire.
-    const stored = s.tasks[0]!.progress.bytesStored;
+    const stored = tasks.find((t) => t.disk === 'vda')!.progress.bytesStored;
     expect(stored).toBeGreaterThan(RANDOM_BYTES);
     expect(stored).toBeLessThan(RANDOM_BYTES + (2 << 20));
     const points = await visiblePoints();
     expect(points).toHaveLength(1);
     expect(await restoredSha(points[0]!)).toBe(sourceImageSha());
+    expect(await h.restoredSha(points[0]!, 'vdb')).toBe(sha256(VDB));
     console.info(`multi-host: ${RANDOM_BYTES >> 20} MiB of random data; source agent peak RSS ${peakRssMiB(sourceAgentPid) ?? '?'} MiB (${idleRss ?? '?'} MiB after start), repository agent ${peakRssMiB(h.repoAgent?.pid) ?? '?'} MiB`);
   }, 60_000);
 
@@ -153,7 +176,7 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     });
     await api('DELETE', '/throttling-rules/wan');
     expect(s.state).toBe('failed');
-    expect(s.tasks[0]?.message ?? '').toMatch(/repo1|target agent|connection/);
+    expect(s.tasks.map((t) => t.message ?? '').join('\n')).toMatch(/repo1|target agent|connection/);
     expect(await visiblePoints()).toEqual(before);
     const report = await verifyRepository(repoDir);
     expect(report.damage).toEqual([]);

@@ -9,7 +9,7 @@ import type { DiskBlock } from '../../disk/types.js';
 import type { Checkpoint } from '../../hypervisor/types.js';
 import type { RestorePointInfo, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
 import { prepareBlocks, TransferSender, type TransferSenderOptions } from '../../transport/index.js';
-import type { RestorePointSink, RestorePointTarget } from '../backup/disk-backup.js';
+import { startVmBackup, type BackupVmOptions, type BackupVmSummary, type RestorePointSink, type RestorePointTarget } from '../backup/disk-backup.js';
 import { pointFromWire } from './repository-sink.js';
 
 export interface RemoteTargetOptions {
@@ -104,6 +104,73 @@ export class RemoteRestorePointTarget implements RestorePointTarget {
         sender.close();
       },
     };
+  }
+}
+
+/** How the server paces the disks of a backup-source task with `diskTasks` (agent-link.md). */
+export interface DiskPacing {
+  /** The disks that have a task of their own on the server: each waits for its go. */
+  readonly diskTasks: readonly string[];
+  /** The disks the server has said go for so far (its latest events reply). */
+  go(): readonly string[];
+  /** Called while disks wait for their go, every `pollMs`: the agent sends an event, whose reply brings news. */
+  waiting(): void;
+  readonly pollMs?: number;
+}
+
+/**
+ * One VM backed up disk by disk as the server's disk tasks get their slots: the view and the
+ * restore point are taken once; each disk starts when the server names it (the disks without a task
+ * of their own start at once) and runs beside the others on the same transfer; the point is
+ * committed when every disk is done. On any failure the point and the view are aborted.
+ */
+export async function backupVmByDisks(o: BackupVmOptions, pacing: DiskPacing): Promise<BackupVmSummary> {
+  const b = await startVmBackup(o);
+  const running = new Map<string, Promise<unknown>>();
+  let finished = 0;
+  let failed: { error: unknown } | null = null;
+  let wake: (() => void) | null = null;
+  const start = (name: string): void => {
+    const done = b.backupDisk(name).then(
+      () => {
+        finished++;
+        wake?.();
+      },
+      (err: unknown) => {
+        failed ??= { error: err };
+        wake?.();
+      },
+    );
+    running.set(name, done);
+  };
+  const sleep = (ms: number) =>
+    new Promise<void>((resolve) => {
+      const t = setTimeout(resolve, ms);
+      wake = () => {
+        clearTimeout(t);
+        resolve();
+      };
+    }).finally(() => (wake = null));
+  try {
+    const own = new Set(pacing.diskTasks);
+    const orphans = b.disks.filter((d) => !own.has(d));
+    if (orphans.length > 0) o.onLog?.('info', `disk(s) ${orphans.join(', ')} of VM ${b.vm} have no task of their own in this round: backed up at once`);
+    for (const d of orphans) start(d);
+    // Until every disk is done or one failed: start the disks the server lets go.
+    while (finished < b.disks.length) {
+      const f = failed as { error: unknown } | null;
+      if (f) throw f.error;
+      o.signal?.throwIfAborted();
+      for (const d of pacing.go()) if (b.disks.includes(d) && !running.has(d)) start(d);
+      await sleep(pacing.pollMs ?? 200);
+      if (running.size < b.disks.length) pacing.waiting();
+    }
+    return await b.commit();
+  } catch (err) {
+    // Abort first (the disks still running then fail fast), then let them settle.
+    await b.abort(err);
+    await Promise.allSettled(running.values());
+    throw err;
   }
 }
 

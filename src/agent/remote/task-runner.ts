@@ -27,7 +27,7 @@ import { methodSettings, splitDisks } from '../backup/chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { runFileIndexTask } from './index-task.js';
-import { RemoteRestorePointTarget } from './remote-target.js';
+import { backupVmByDisks, RemoteRestorePointTarget } from './remote-target.js';
 import { RestoreTasks } from './restore-tasks.js';
 import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
 
@@ -60,6 +60,8 @@ interface RunningTask {
   ended: boolean;
   /** backup-source: the rate limits the server says apply now. */
   limits: readonly NamedLimit[] | undefined;
+  /** backup-source with diskTasks: the disks the server let go so far. */
+  disks?: readonly string[] | undefined;
 }
 
 export class AgentTaskRunner {
@@ -166,6 +168,7 @@ export class AgentTaskRunner {
         try {
           const reply = await this.#o.request<EventsReply>('POST', `/api/v1/agents/tasks/${taskId}/events`, { events }, this.#o.httpsAgent, 30_000);
           if (reply.limits) r.limits = reply.limits;
+          if (reply.disks) r.disks = reply.disks;
           if (reply.cancel && !r.ended && !r.abort.signal.aborted) r.abort.abort(new BulwarkError('stopped by the server', { kind: 'internal' }));
           if (events.some((e) => e.type === 'result')) this.#running.delete(taskId);
         } catch (err) {
@@ -414,7 +417,11 @@ export class AgentTaskRunner {
     });
     if (limits.length > 0) this.#emit(task.taskId, { type: 'log', level: 'info', message: `data streams limited: ${limits.map((l) => `${l.name} ${((l.bytesPerSecond * 8) / 1e6).toFixed(1)} Mbit/s`).join(', ')}` });
     const started = performance.now();
-    const summary = await backupVm({
+    // One task per disk on the server: each disk waits for its task's go (INCR).
+    const pacing = task.diskTasks
+      ? { diskTasks: task.diskTasks, go: () => this.#running.get(task.taskId)?.disks ?? [], waiting: () => this.#emit(task.taskId, { type: 'progress', progress: {} }) }
+      : null;
+    const summary = await (pacing ? (o: Parameters<typeof backupVm>[0]) => backupVmByDisks(o, pacing) : backupVm)({
       hypervisor,
       target,
       job: task.job,

@@ -22,6 +22,8 @@ export interface AgentTaskHandle {
   cancel(reason: string): void;
   /** New rate limits for a backup-source task; the agent gets them in its next event reply. */
   setLimits(limits: readonly NamedLimit[]): void;
+  /** The disks a backup-source task with `diskTasks` may back up now; the agent gets them in its next event reply. */
+  setDisks(disks: readonly string[]): void;
 }
 
 interface Running {
@@ -38,6 +40,7 @@ interface Running {
   queuedAt: number;
   cancelRequested: boolean;
   limits: readonly NamedLimit[] | undefined;
+  disks: readonly string[] | undefined;
 }
 
 interface AgentState {
@@ -113,7 +116,7 @@ export class AgentTaskBroker {
       reject = rej;
     });
     result.catch(() => undefined);
-    const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined };
+    const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined };
     this.#tasks.set(taskId, r);
     const a = this.#agent(agent);
     a.queue.push(task);
@@ -127,6 +130,10 @@ export class AgentTaskBroker {
       setLimits: (limits) => {
         const t = this.#tasks.get(taskId);
         if (t) t.limits = limits;
+      },
+      setDisks: (disks) => {
+        const t = this.#tasks.get(taskId);
+        if (t) t.disks = [...disks];
       },
     };
   }
@@ -228,7 +235,7 @@ export class AgentTaskBroker {
         log.warn({ task: taskId, err: String(err) }, 'task event handler failed');
       }
     }
-    return { cancel: r.cancelRequested, ...(r.limits ? { limits: r.limits } : {}) };
+    return { cancel: r.cancelRequested, ...(r.limits ? { limits: r.limits } : {}), ...(r.disks ? { disks: r.disks } : {}) };
   }
 
   #sweep(): void {

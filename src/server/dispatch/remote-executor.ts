@@ -74,6 +74,14 @@ interface VmRun {
   progress: BackupProgress | null;
   stageTimes: StageBusy | undefined;
   settledAt: number | null;
+  /** One task per disk (TaskSpec.vmDisks): the disks whose task has its slot, told to the source agent. */
+  readonly go: Set<string>;
+  /** Sends `go` to the source agent (set once its task exists). */
+  pushGo?: (() => void) | undefined;
+  /** Fails the run: both agents' tasks are cancelled. */
+  cancel?: ((reason: string) => void) | undefined;
+  /** The disk tasks listening, in arrival order: the first takes the VM-wide log lines and stage times. */
+  readonly tasks: Array<(e: RunEvent) => void>;
 }
 
 /** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
@@ -86,6 +94,8 @@ type StageTimesContext = TaskContext & {
 export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #o: RemoteDataPathOptions;
   readonly #runs = new Map<string, VmRun>();
+  /** Disk tasks of a round that will not run (taskSkipped), by run key: the VM's run fails. */
+  readonly #skipped = new Map<string, string>();
   readonly #localAgent: string;
 
   constructor(options: RemoteDataPathOptions) {
@@ -147,10 +157,17 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
 
   /** A task of the round will not run: the in-process path stops waiting for it (its VM's other disk tasks share one run). */
   taskSkipped(task: TaskSpec, reason: string): void {
-    if (!this.#o.local.taskSkipped) return;
     this.#o.repository(task.job).then(
       (repository) => {
-        if (this.#runsLocally(task, repository)) this.#o.local.taskSkipped?.(task, reason);
+        if (this.#runsLocally(task, repository)) {
+          this.#o.local.taskSkipped?.(task, reason);
+          return;
+        }
+        // Remote: the VM's point cannot be complete without this disk; its run fails (or will, when it starts).
+        const why = `disk ${task.disk.name} of VM ${task.vm} did not run (${reason}), so the VM's restore point cannot be complete`;
+        const key = this.#runKey(task);
+        this.#skipped.set(key, why);
+        this.#runs.get(key)?.cancel?.(why);
       },
       (err: unknown) => log.warn({ task: task.taskId, err: describeError(err) }, 'a skipped task could not be routed'),
     );
@@ -172,11 +189,15 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
 
     const now = Date.now();
     for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
-    const key = `${task.sessionId}\0${task.vm}\0${task.attempt}`;
+    const key = this.#runKey(task);
     let run = this.#runs.get(key);
     const owner = run === undefined;
+    const skipped = this.#skipped.get(key);
+    if (skipped !== undefined) throw new BulwarkError(skipped, { kind: 'unavailable', context: { vm: task.vm, disk: task.disk.name } });
+    // One task per disk: this task's disk is backed up while this task holds its slot.
+    const paced = !healthCheck && task.vmDisks !== undefined && task.vmDisks.includes(task.disk.name);
     if (!run) {
-      run = healthCheck ? this.#startHealthCheck(task, context, repository) : this.#startRun(task, context, source, repository);
+      run = healthCheck ? this.#startHealthCheck(task, context, repository) : this.#startRun(task, context, source, repository, paced ? task.vmDisks! : undefined);
       this.#runs.set(key, run);
       context.log(
         'info',
@@ -184,24 +205,44 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           ? `checking VM ${task.vm} in repository ${repository.name} on its agent ${repository.agent ?? this.#localAgent}`
           : `backing up VM ${task.vm} on agent ${source} into repository ${repository.name} (agent ${repository.agent ?? this.#localAgent})`,
       );
-    } else {
+    } else if (!paced) {
       context.log('info', `disk ${task.disk.name} is backed up by the VM's backup already running in this session`);
     }
+    if (paced) {
+      run.go.add(task.disk.name);
+      run.pushGo?.();
+      if (!owner) context.log('info', `disk ${task.disk.name}: backed up now by the VM's backup on agent ${source} (its view and restore point are shared by its disk tasks)`);
+    }
     const ctx = context as StageTimesContext;
+    const r = run;
+    // The VM-wide lines and stage times go to one task: the first still listening (the owner, or
+    // with one task per disk, whichever disk task runs on after the owner ended).
+    const general = (): boolean => r.tasks[0] === listener;
     const listener = (e: RunEvent): void => {
       switch (e.kind) {
         case 'progress':
           if (e.progress) context.progress(diskProgress(e.progress, task.disk.name));
-          if (e.stageTimes && owner) ctx.stageTimes?.(e.stageTimes);
+          if (e.stageTimes && general()) ctx.stageTimes?.(e.stageTimes);
           break;
         case 'log':
-          if (e.disk === undefined ? owner : e.disk === task.disk.name) context.log(e.level, e.message);
+          if (e.disk === undefined ? general() : e.disk === task.disk.name) context.log(e.level, e.message);
           break;
       }
     };
     run.listeners.add(listener);
+    run.tasks.push(listener);
     if (run.progress) context.progress(diskProgress(run.progress, task.disk.name));
     try {
+      if (paced) {
+        // This disk done while another still runs: its task ends here (the last disk's task waits
+        // for the commit; if the point is not committed the engine fails this task too).
+        const early = await this.#diskDone(run, task.disk.name);
+        if (early) {
+          context.progress({ bytesRead: early.bytesRead, bytesTransferred: early.bytesRead, bytesStored: early.bytesStored, total: early.bytesRead });
+          context.log('info', `disk ${task.disk.name} is written; the VM's restore point is committed when its other disks are done`);
+          return { state: 'success' };
+        }
+      }
       const result = await run.result;
       if (result.kind === 'health-check') {
         context.progress({ bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 });
@@ -215,21 +256,56 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       }
       const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
       context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead });
-      if (owner && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
+      if (general() && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
       const messages = [...summary.warnings];
       if (summary.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
       return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
     } finally {
       run.listeners.delete(listener);
+      run.tasks.splice(run.tasks.indexOf(listener), 1);
     }
   }
 
-  #startRun(task: TaskSpec, context: StageTimesContext, sourceAgent: string, repository: DispatchRepository): VmRun {
+  #runKey(task: TaskSpec): string {
+    return `${task.sessionId}\0${task.vm}\0${task.attempt}`;
+  }
+
+  /**
+   * Waits until the source agent reports disk `name` done. Resolves with its counters when other
+   * disks of the run are still going; with null when every disk is done (this task waits for the
+   * commit) or the run ended first. Rejects when the run fails.
+   */
+  async #diskDone(run: VmRun, name: string): Promise<{ bytesRead: number; bytesStored: number } | null> {
+    const check = (): { bytesRead: number; bytesStored: number } | null | undefined => {
+      const disks = run.progress?.disks;
+      const mine = disks?.[name];
+      if (!disks || !mine?.done) return undefined;
+      return Object.values(disks).every((d) => d.done) ? null : { bytesRead: mine.bytesRead, bytesStored: mine.bytesStored };
+    };
+    const now = check();
+    if (now !== undefined) return now;
+    let listener: ((e: RunEvent) => void) | undefined;
+    const done = new Promise<{ bytesRead: number; bytesStored: number } | null>((resolve) => {
+      listener = (e) => {
+        if (e.kind !== 'progress') return;
+        const c = check();
+        if (c !== undefined) resolve(c);
+      };
+      run.listeners.add(listener);
+    });
+    try {
+      return await Promise.race([done, run.result.then(() => null)]);
+    } finally {
+      if (listener) run.listeners.delete(listener);
+    }
+  }
+
+  #startRun(task: TaskSpec, context: StageTimesContext, sourceAgent: string, repository: DispatchRepository, diskTasks?: readonly string[]): VmRun {
     const listeners = new Set<(e: RunEvent) => void>();
     const emit = (e: RunEvent): void => {
       for (const l of listeners) l(e);
     };
-    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, result: Promise.resolve() as never };
+    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, go: new Set(), tasks: [], result: Promise.resolve() as never };
     const { job } = task;
     const settings = methodSettings(job.settings);
     const broker = this.#o.broker;
@@ -279,6 +355,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           else onEvent(e);
         },
       );
+      run.cancel = (reason) => {
+        target.cancel(reason);
+        sourceHandle?.cancel(reason);
+      };
       const stopTarget = () => target.cancel('the job was stopped');
       signal.addEventListener('abort', stopTarget, { once: true });
       let sourceHandle: ReturnType<AgentTaskBroker['run']> | undefined;
@@ -320,9 +400,15 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             streams,
             resumeWindowMs: this.#o.resumeWindowMs ?? 30_000,
             limits,
+            ...(diskTasks ? { diskTasks } : {}),
           },
           onEvent,
         );
+        if (diskTasks) {
+          const h = sourceHandle;
+          run.pushGo = () => h.setDisks([...run.go]);
+          run.pushGo();
+        }
         if (signal.aborted) stopSource();
         // Rules have hours and the repository share changes as tasks come and go: keep the limits current.
         const handle = sourceHandle;
@@ -416,7 +502,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const emit = (e: RunEvent): void => {
       for (const l of listeners) l(e);
     };
-    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, result: Promise.resolve() as never };
+    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, go: new Set(), tasks: [], result: Promise.resolve() as never };
     const { job } = task;
     const agent = repository.agent ?? this.#localAgent;
     (run as { result: VmRun['result'] }).result = (async (): Promise<VmRunResult> => {

@@ -29,6 +29,7 @@ export const EventsBody = Type.Object(
 export const EventsReplyBody = Type.Object({
   cancel: Type.Boolean(),
   limits: Type.Optional(Type.Array(Type.Object({ name: Type.String(), bytesPerSecond: Type.Number() }))),
+  disks: Type.Optional(Type.Array(Type.String())),
 });
 
 export function agentTaskPlugin(opts: { store: Pick<AgentLinkStore, 'findAgent'>; broker: AgentTaskBroker }): FastifyPluginAsync {

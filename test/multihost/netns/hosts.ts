@@ -44,6 +44,8 @@ export interface MultiHostOptions {
   readonly disk: Buffer;
   /** Extra environment of the source agent (test hooks). */
   readonly sourceEnv?: Record<string, string>;
+  /** More disks of the VM (drive id = name, node name = name + '0'), written as qcow2 like `disk`. */
+  readonly extraDisks?: ReadonlyArray<{ readonly name: string; readonly data: Buffer }>;
 }
 
 export class MultiHost {
@@ -106,9 +108,17 @@ export class MultiHost {
     writeFileSync(path.join(this.vmDir, 'disk.raw'), this.o.disk);
     run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', path.join(this.vmDir, 'disk.raw'), path.join(this.vmDir, 'disk.qcow2')]);
     rmSync(path.join(this.vmDir, 'disk.raw'));
+    const extraDrives: string[] = [];
+    for (const d of this.o.extraDisks ?? []) {
+      writeFileSync(path.join(this.vmDir, `${d.name}.raw`), d.data);
+      run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', path.join(this.vmDir, `${d.name}.raw`), path.join(this.vmDir, `${d.name}.qcow2`)]);
+      rmSync(path.join(this.vmDir, `${d.name}.raw`));
+      extraDrives.push('-drive', `if=none,id=${d.name},node-name=${d.name}0,format=qcow2,file=${path.join(this.vmDir, `${d.name}.qcow2`)}`);
+    }
     run('ip', [
       'netns', 'exec', ns.source, 'qemu-system-x86_64', '-machine', 'none', '-nodefaults', '-display', 'none', '-name', this.o.vm,
       '-drive', `if=none,id=vda,node-name=vda0,format=qcow2,file=${path.join(this.vmDir, 'disk.qcow2')}`,
+      ...extraDrives,
       '-qmp', `unix:${path.join(this.vmDir, 'qmp.sock')},server=on,wait=off`, '-pidfile', path.join(this.vmDir, 'qemu.pid'), '-daemonize',
     ]);
 
