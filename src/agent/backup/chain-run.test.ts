@@ -2,10 +2,10 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { openRepository, type Repository } from '../../repository/index.js';
+import { ALL_VMS, openRepository, startJobRestorePoint, type Repository } from '../../repository/index.js';
 import { patterned } from '../../repository/test-helpers.js';
 import { methodSettings } from './chain-policy.js';
-import { maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext } from './chain-run.js';
+import { latestChainPassword, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext } from './chain-run.js';
 
 const BS = 262144;
 const DAY = 86_400_000;
@@ -69,5 +69,30 @@ describe('chain-run', () => {
     expect(swept).toEqual([{ vm: 'gone', removedPoints: expect.arrayContaining(gone) as unknown, points: [] }]);
     expect(swept[0]!.removedPoints).toHaveLength(2);
     expect(await repository.listRestorePoints({ job: 'j', vm: 'kept' })).toHaveLength(1);
+  });
+
+  it("removed-VM sweep leaves the job's per-job set (_all) alone, however old its newest point", async () => {
+    const w = await startJobRestorePoint(repository, { job: 'j', kind: 'full', blockSize: BS, time: t0, threads: 0, vms: [{ name: 'web1', disks: [{ name: 'vda', size: BS }] }] });
+    await w.writeDisk('web1', 'vda', (async function* () {
+      yield { index: 0, data: patterned(BS, 0, 1) };
+    })());
+    await w.commit();
+    expect(await sweepRemovedVms(repository, { job: 'j', method: 'forever-forward', vms: ['web1'], days: 0, now: new Date(t0.getTime() + 100 * DAY) })).toEqual([]);
+    expect(await repository.listRestorePoints({ job: 'j', vm: ALL_VMS })).toHaveLength(1);
+  });
+
+  it("latest chain's password: the candidate that opens the latest chain (a changed job password keeps the chain's); undefined for a plain chain, null when none opens it", async () => {
+    expect(await latestChainPassword(repository, 'j', 'web1', ['new-pw-22'])).toBe('new-pw-22'); // no chain yet: the current one
+    await point('plain', t0, 1);
+    expect(await latestChainPassword(repository, 'j', 'plain', ['new-pw-22'])).toBeUndefined();
+    const w = await repository.startRestorePoint({ job: 'j', vm: 'enc', kind: 'full', blockSize: BS, time: t0, threads: 0, encryption: { password: 'old-pw-11', log2N: 10 }, disks: [{ name: 'vda', size: BS }] });
+    await w.writeDisk('vda', (async function* () {
+      yield { index: 0, data: patterned(BS, 0, 1) };
+    })());
+    await w.commit();
+    expect(await latestChainPassword(repository, 'j', 'enc', ['new-pw-22', 'old-pw-11'])).toBe('old-pw-11');
+    expect(await latestChainPassword(repository, 'j', 'enc', ['old-pw-11'])).toBe('old-pw-11');
+    expect(await latestChainPassword(repository, 'j', 'enc', ['new-pw-22'])).toBeNull();
+    expect(await latestChainPassword(repository, 'j', 'enc', [])).toBeNull();
   });
 });
