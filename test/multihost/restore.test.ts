@@ -20,7 +20,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QgaClient } from '../../src/hypervisor/qga/client.js';
 import { verifyRepository } from '../../src/repository/index.js';
 import { startTestGuest, type TestGuest } from '../fixtures/guest.js';
-import { MultiHost, multiHostSkipReason as skipReason, logText } from './netns/hosts.js';
+import { MultiHost, multiHostSkipReason as skipReason, logText, type SessionJson } from './netns/hosts.js';
 
 const VM = 'rst-g';
 let h: MultiHost;
@@ -152,7 +152,13 @@ describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
     await api('POST', '/hosts', { name: 'kvm-g', kind: 'qemu', uri: path.join(h.tmp, 'guests', '*', 'qmp.sock'), agent: 'src1' });
     await api('POST', '/hosts', { name: 'kvm-b', kind: 'qemu', uri: path.join(bVms, '*', 'qmp.sock'), agent: 'dst1' });
     await api('POST', '/jobs', { name: 'rst', vms: [VM], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 } });
-    const s = await h.runJob('rst');
+    // A real guest under TCG on a shared machine: give the backup more than waitSession's 45 s.
+    const { sessionId } = await api<{ sessionId: string }>('POST', '/jobs/rst/run', {});
+    let s = await api<SessionJson>('GET', `/sessions/${sessionId}`);
+    for (let i = 0; i < 1800 && ['queued', 'running'].includes(s.state); i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      s = await api<SessionJson>('GET', `/sessions/${sessionId}`);
+    }
     expect(s.state, logText(s)).toMatch(/success|warning/);
     const points = await api<{ items: Array<{ id: string; vm: string }> }>('GET', `/restore-points?vm=${VM}`);
     pointId = points.items.find((p) => p.vm === VM)!.id;
