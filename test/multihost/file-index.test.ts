@@ -3,7 +3,8 @@
 // with no guest, serving an ext4 disk made here) and the repository agent repo1. An encrypted job
 // with the file index on backs the VM up into repo1's repository; then
 // - the index was built by repo1 (the session's log line names it), beside the point, sealed;
-// - search finds the file through repo1 (a `file-index` search task) with the server's password.
+// - search finds the file through repo1 (a `file-index` search task) with the server's password;
+// - with repo1 gone, search names its point as not searched, with the reason.
 // No guest boots: the disk is an ext4 image made with mkfs.ext4 -d.
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
@@ -62,5 +63,11 @@ describe.skipIf(skipReason !== '')('file index of points on a repository agent',
     // `bulwark index POINT` (the API) rebuilds it on the agent too.
     const again = await h.api<{ point: string; agent?: string; sealed: boolean; entries: number }>('POST', `/restore-points/${pointId}/file-index`, {});
     expect(again).toMatchObject({ point: pointId, agent: 'repo1', sealed: true });
+
+    // The repository agent gone: its points are listed as not searched, with the reason.
+    h.repoAgent!.kill('SIGKILL');
+    const gone = await h.api<{ matches: unknown[]; pointsSearched: number; pointsWithoutIndex: Array<{ id: string; reason: string }> }>('GET', `/file-index/search?pattern=${encodeURIComponent('QUARTERLY*')}`);
+    expect(gone).toMatchObject({ matches: [], pointsSearched: 0 });
+    expect(gone.pointsWithoutIndex).toEqual([{ id: pointId, time: expect.any(String), vm: VM, reason: expect.stringMatching(/^repository agent repo1 could not search: /) }]);
   }, 120_000);
 });
