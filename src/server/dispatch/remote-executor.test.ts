@@ -129,6 +129,53 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
     }
   });
 
+  it('one task per disk: each disk goes when its task runs, a disk done early ends its task, the last one reports the point; a skipped disk fails the run', async () => {
+    const t = setup({ method: 'forever-forward', retention: { points: 3 } });
+    try {
+      const vda = { ...t.task, vmDisks: ['vda', 'vdb'] };
+      const vdb = { ...vda, taskId: 't2', disk: { name: 'vdb', location: { agent: 'src1' } } };
+      const lines2: string[] = [];
+      const ctx2: TaskContext = { ...t.context, log: (level: LogLevel, m: string) => lines2.push(`${level}: ${m}`) };
+      const first = t.executor.execute(vda, t.context);
+      const target = await t.next('repo1');
+      t.send('repo1', target.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null });
+      const source = await t.next('src1');
+      expect(source).toMatchObject({ kind: 'backup-source', diskTasks: ['vda', 'vdb'] });
+      // Only vda's task runs so far: the source agent hears that vda may go.
+      expect(t.send('src1', source.taskId, { type: 'log', level: 'info', message: 'view taken' }).disks).toEqual(['vda']);
+      const second = t.executor.execute(vdb, ctx2);
+      await new Promise((r) => setTimeout(r, 10));
+      expect(t.send('src1', source.taskId, { type: 'progress', progress: {} }).disks).toEqual(['vda', 'vdb']);
+      const disk = (done: boolean, read: number) => ({ bytesProcessed: read, bytesRead: read, bytesStored: read / 2, size: 100, done });
+      t.send('src1', source.taskId, { type: 'progress', progress: { disks: { vda: disk(true, 100), vdb: disk(false, 10) }, bytesProcessed: 110, bytesRead: 110, bytesStored: 55, size: 200, rate: 1 } });
+      await expect(first).resolves.toEqual({ state: 'success' });
+      expect(t.lines.join('\n')).toContain("disk vda is written; the VM's restore point is committed when its other disks are done");
+      const summary = { pointId: 'p9', point: wirePoint('p9', 'full'), kind: 'full', warnings: [], consistency: 'application', disks: [{ name: 'vda', bytesRead: 100, bytesStored: 50 }, { name: 'vdb', bytesRead: 100, bytesStored: 50 }] };
+      t.send('src1', source.taskId, { type: 'progress', progress: { disks: { vda: disk(true, 100), vdb: disk(true, 100) }, bytesProcessed: 200, bytesRead: 200, bytesStored: 100, size: 200, rate: 1 } });
+      t.send('src1', source.taskId, { type: 'log', level: 'info', message: 'transfer: sent 200 bytes' }, { type: 'result', ok: true, value: summary });
+      t.send('repo1', target.taskId, { type: 'result', ok: true, value: { point: wirePoint('p9', 'full'), disks: [] } });
+      await expect(second).resolves.toEqual({ state: 'success' });
+      expect(t.recorded).toEqual(['p9']);
+      // The VM-wide lines go to the task still running (vda's ended).
+      expect(lines2.join('\n')).toContain('transfer: sent 200 bytes');
+
+      // Next attempt: vdb gets no slot; the run is cancelled and vda's task fails with the reason.
+      const again = t.executor.execute({ ...vda, attempt: 2 }, t.context);
+      const target2 = await t.next('repo1');
+      t.send('repo1', target2.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null });
+      const source2 = await t.next('src1');
+      t.executor.taskSkipped({ ...vdb, attempt: 2 }, 'no task slot: proxy src1 is offline');
+      await new Promise((r) => setTimeout(r, 10));
+      expect(t.send('src1', source2.taskId, { type: 'progress', progress: {} }).cancel).toBe(true);
+      t.send('src1', source2.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: 'stopped by the server' } });
+      t.send('repo1', target2.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: 'aborted' } });
+      await expect(again).rejects.toThrow(/stopped by the server|aborted/);
+      await expect(t.executor.execute({ ...vdb, attempt: 2 }, ctx2)).rejects.toThrow("disk vdb of VM web1 did not run (no task slot: proxy src1 is offline), so the VM's restore point cannot be complete");
+    } finally {
+      t.broker.close();
+    }
+  });
+
   it('disks the job excludes get no task on a remote host', async () => {
     const t = setup({ excludeDisks: ['web1:vdb'] });
     try {

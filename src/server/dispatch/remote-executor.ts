@@ -95,7 +95,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #o: RemoteDataPathOptions;
   readonly #runs = new Map<string, VmRun>();
   /** Disk tasks of a round that will not run (taskSkipped), by run key: the VM's run fails. */
-  readonly #skipped = new Map<string, string>();
+  readonly #skipped = new Map<string, { why: string; at: number }>();
   readonly #localAgent: string;
 
   constructor(options: RemoteDataPathOptions) {
@@ -166,7 +166,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         // Remote: the VM's point cannot be complete without this disk; its run fails (or will, when it starts).
         const why = `disk ${task.disk.name} of VM ${task.vm} did not run (${reason}), so the VM's restore point cannot be complete`;
         const key = this.#runKey(task);
-        this.#skipped.set(key, why);
+        this.#skipped.set(key, { why, at: Date.now() });
         this.#runs.get(key)?.cancel?.(why);
       },
       (err: unknown) => log.warn({ task: task.taskId, err: describeError(err) }, 'a skipped task could not be routed'),
@@ -189,11 +189,12 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
 
     const now = Date.now();
     for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
+    for (const [k, sk] of this.#skipped) if (now - sk.at > KEEP_SETTLED_MS) this.#skipped.delete(k);
     const key = this.#runKey(task);
     let run = this.#runs.get(key);
     const owner = run === undefined;
     const skipped = this.#skipped.get(key);
-    if (skipped !== undefined) throw new BulwarkError(skipped, { kind: 'unavailable', context: { vm: task.vm, disk: task.disk.name } });
+    if (skipped !== undefined) throw new BulwarkError(skipped.why, { kind: 'unavailable', context: { vm: task.vm, disk: task.disk.name } });
     // One task per disk: this task's disk is backed up while this task holds its slot.
     const paced = !healthCheck && task.vmDisks !== undefined && task.vmDisks.includes(task.disk.name);
     if (!run) {
