@@ -557,24 +557,11 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
         }
       }
       if (run.failure !== undefined) throw vmFailed(task, run.failure);
-      const read = own?.bytesRead ?? 0;
-      context.progress({ bytesRead: read, bytesTransferred: read, bytesStored: own?.bytesStored ?? 0, total: read });
-      if (run.done.size < backup.disks.length || run.committing) {
-        context.log('info', `disk ${disk} is written; the VM's restore point is committed when its other disks are done`);
-        return { state: 'success' };
-      }
-      // The last disk of the VM: this task commits.
-      run.committing = true;
-      let result: VmResult;
-      try {
-        result = await stages.measure('target', () => this.#commitVm(task, shared, run));
-      } catch (err) {
-        run.committing = false;
-        await this.#failVm(run, err);
-        throw err;
-      }
-      run.settle({ ok: result });
-      return this.#outcome(task, context, result, true);
+      return await this.#diskWritten(task, context, run, own, stages, {
+        disks: backup.disks.length,
+        waiting: `disk ${disk} is written; the VM's restore point is committed when its other disks are done`,
+        commit: () => this.#commitVm(task, shared, run),
+      });
     } finally {
       run.listeners.delete(listener);
       unwatch?.();
@@ -824,28 +811,47 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
         }
       }
       if (run.failure !== undefined) throw failedHere(run.failure);
-      const read = own?.bytesRead ?? 0;
-      context.progress({ bytesRead: read, bytesTransferred: read, bytesStored: own?.bytesStored ?? 0, total: read });
-      if (run.done.size < shared.disks.length || run.committing) {
-        context.log('info', `disk ${task.disk.name} is written; job ${task.job.name}'s restore point is committed when the job's other disks are done`);
-        return { state: 'success' };
-      }
-      run.committing = true;
-      let result: VmResult;
-      try {
-        result = await stages.measure('target', () => this.#commitJob(task, shared, run));
-      } catch (err) {
-        run.committing = false;
-        await this.#failVm(run, err);
-        throw err;
-      }
-      run.settle({ ok: result });
-      return this.#outcome(task, context, result, true);
+      return await this.#diskWritten(task, context, run, own, stages, {
+        disks: shared.disks.length,
+        waiting: `disk ${task.disk.name} is written; job ${task.job.name}'s restore point is committed when the job's other disks are done`,
+        commit: () => this.#commitJob(task, shared, run),
+      });
     } finally {
       run.listeners.delete(listener);
       unwatch?.();
       reportStages();
     }
+  }
+
+  /**
+   * A disk task's disk is written: report its bytes; the task that writes the point's last disk
+   * commits it (per VM, or the job's point), the others end and leave the commit to it.
+   */
+  async #diskWritten(
+    task: TaskSpec,
+    context: TaskContext,
+    run: VmRun,
+    own: DiskBackupSummary | undefined,
+    stages: StageTimes,
+    point: { disks: number; waiting: string; commit: () => Promise<VmResult> },
+  ): Promise<TaskOutcome> {
+    const read = own?.bytesRead ?? 0;
+    context.progress({ bytesRead: read, bytesTransferred: read, bytesStored: own?.bytesStored ?? 0, total: read });
+    if (run.done.size < point.disks || run.committing) {
+      context.log('info', point.waiting);
+      return { state: 'success' };
+    }
+    run.committing = true;
+    let result: VmResult;
+    try {
+      result = await stages.measure('target', point.commit);
+    } catch (err) {
+      run.committing = false;
+      await this.#failVm(run, err);
+      throw err;
+    }
+    run.settle({ ok: result });
+    return this.#outcome(task, context, result, true);
   }
 
   /** The outcome of a disk task from the VM's result; `vmWide`: this task reports the VM's warnings. */
