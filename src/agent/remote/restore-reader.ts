@@ -5,14 +5,14 @@
 // block ranges on demand for instant recovery's NBD exports (InstantPointSource).
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { lstat, open, rename, rm } from 'node:fs/promises';
+import { lstat, open, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { runTool } from '../../common/process.js';
 import type { RandomAccessDisk } from '../../disk/types.js';
 import type { Repository } from '../../repository/index.js';
+import { placeRestoredImage } from '../../restore/disk/index.js';
 import type { InstantPointSource } from '../../restore/instant/index.js';
 import type { PointDiskWrite, VmPointSource, WrittenDisk } from '../../restore/vm/index.js';
 import { TransferReader, type RestoreSource, type TlsIdentity } from '../../transport/index.js';
@@ -156,18 +156,7 @@ export class RemotePoint implements VmPointSource, InstantPointSource {
       const hash = createHash('sha256');
       await pipeline(createReadStream(rawTmp), hash);
       const sha256 = hash.digest('hex');
-      if (w.format === 'qcow2') {
-        await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], `qemu-img convert to qcow2 for ${target}`, { context: { file: target } });
-        const q = await open(outTmp, 'r');
-        try {
-          await q.sync();
-        } finally {
-          await q.close();
-        }
-        await rm(rawTmp, { force: true });
-      }
-      if (!w.overwrite && (await exists(target))) throw new BulwarkError(`${target} appeared while restoring`, { kind: 'conflict', context: { file: target } });
-      await rename(w.format === 'qcow2' ? outTmp : rawTmp, target);
+      await placeRestoredImage({ rawTmp, outTmp, target, format: w.format, overwrite: w.overwrite });
       log.info({ point: this.pointId, disk: w.disk, path: target, from: this.#source.agent }, 'disk restored from a repository agent');
       return { path: target, format: w.format, size: d.size, sha256 };
     } catch (err) {

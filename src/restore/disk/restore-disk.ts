@@ -270,6 +270,31 @@ function describeBatchFailure(err: unknown, point: RestorePoint, disk: RestorePo
 }
 
 /** Restores one disk; see the file comment. */
+/**
+ * The last step of every disk restore: the synced raw image `rawTmp` becomes `target` — converted
+ * to qcow2 through `outTmp` (synced) when asked — without replacing a file that appeared meanwhile
+ * unless `overwrite`. The temporaries are the caller's to remove on failure.
+ */
+export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; target: string; format: RestoreDiskFormat; overwrite: boolean }): Promise<void> {
+  const { rawTmp, outTmp, target } = o;
+  if (o.format === 'qcow2') {
+    await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], `qemu-img convert to qcow2 for ${target}`, {
+      context: { file: target },
+    });
+    const q = await open(outTmp, 'r');
+    try {
+      await q.sync();
+    } finally {
+      await q.close();
+    }
+    await rm(rawTmp, { force: true });
+  }
+  if (!o.overwrite && (await exists(target))) {
+    throw new BulwarkError(`${target} appeared while restoring`, { kind: 'conflict', context: { file: target } });
+  }
+  await rename(o.format === 'qcow2' ? outTmp : rawTmp, target);
+}
+
 export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskResult> {
   const started = Date.now();
   const format = o.format ?? 'raw';
@@ -328,22 +353,7 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
       await direct?.close();
       await fh.close();
     }
-    if (format === 'qcow2') {
-      await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], `qemu-img convert to qcow2 for ${target}`, {
-        context: { file: target },
-      });
-      const q = await open(outTmp, 'r');
-      try {
-        await q.sync();
-      } finally {
-        await q.close();
-      }
-      await rm(rawTmp, { force: true });
-    }
-    if (!o.overwrite && (await exists(target))) {
-      throw new BulwarkError(`${target} appeared while restoring`, { kind: 'conflict', context: { file: target } });
-    }
-    await rename(format === 'qcow2' ? outTmp : rawTmp, target);
+    await placeRestoredImage({ rawTmp, outTmp, target, format, overwrite: o.overwrite === true });
     const result: RestoreDiskResult = { path: target, format, size: disk.size, ...(o.imageDigest === true ? { sha256 } : {}), bytesWritten, durationMs: Date.now() - started, timings };
     log.info({ point: o.pointId, disk: o.disk, ...result }, 'disk restored');
     return result;
