@@ -121,6 +121,12 @@ class ReceiverSession {
   expiry: NodeJS.Timeout | undefined;
   readonly pendingAcks = new Map<FramedConnection, number[]>();
   ackFlush: NodeJS.Immediate | undefined;
+  /**
+   * Where to acknowledge a message sent again (on a resumed stream) while its first copy still
+   * waits for the sink: the first copy's stream may be dead without this side knowing (a reset
+   * seen only by the source), so the ACK goes to the stream the source sent it on last.
+   */
+  readonly ackTo = new Map<number, FramedConnection>();
 
   constructor(id: string, taskId: string, secretDigest: Buffer) {
     this.id = id;
@@ -373,6 +379,7 @@ export class TransferReceiver {
         if (s.hasReceived(f.sequence)) {
           s.stats.duplicates++;
           if (s.isDurable(f.sequence)) this.#ack(s, conn, f.sequence);
+          else s.ackTo.set(f.sequence, conn);
           return;
         }
         let block: ReceivedBlockMessage | undefined;
@@ -478,7 +485,9 @@ export class TransferReceiver {
         s.current = undefined;
         s.stats.queuedBytes -= f.payload.length;
         s.markDurable(f.sequence);
-        this.#ack(s, q.conn, f.sequence);
+        const to = s.ackTo.get(f.sequence) ?? q.conn;
+        s.ackTo.delete(f.sequence);
+        this.#ack(s, to, f.sequence);
       }
     } finally {
       s.working = false;
