@@ -34,6 +34,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# /dev/kvm as Debian's udev rule leaves it (root:kvm 0660). A host without udev keeps it
+# root:root 0600, and libvirtd then throws its QEMU capabilities cache away on every lookup
+# (each `virsh define` took 35-63 s instead of about 1 s; docs/restore-vm.md).
+if [ -c /dev/kvm ] && kvm_gid=$(getent group kvm | cut -d: -f3) && [ -n "$kvm_gid" ] \
+   && [ "$(stat -c '%g %a' /dev/kvm)" != "$kvm_gid 660" ] && [ "$(id -u)" -eq 0 ]; then
+  chown root:kvm /dev/kvm && chmod 0660 /dev/kvm || echo "setup: could not set /dev/kvm to root:kvm 0660" >&2
+fi
+
 # npm modules: reinstall only when the lock changed since the last install.
 # Native modules (better-sqlite3, zstd-napi) build from source here (about 3 minutes), so a built
 # node_modules is kept per lock hash in a machine-wide cache and reused when it still loads.
