@@ -11,16 +11,15 @@
 //     the backup side while it keeps running, stop cleans up;
 // (d) a server killed with a session running: the next start sweeps the leftover (QEMU, folder).
 // Four guest boots in all (original, new VM, original restored, instant recovery).
-import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, relative } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { QgaClient } from '../../src/hypervisor/qga/client.js';
 import { QmpClient } from '../../src/hypervisor/qmp/client.js';
 import { startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
+import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
 
 let tmp: string;
 let vms: string;
@@ -30,57 +29,11 @@ let env: Record<string, string>;
 const VM = 'e2e-rec';
 const pidFiles: string[] = [];
 
-async function hashTree(root: string): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  const walk = async (d: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const p = join(d, e.name);
-      if (e.isDirectory()) await walk(p);
-      else out[relative(root, p)] = createHash('sha256').update(await readFile(p)).digest('hex');
-    }
-  };
-  await walk(root);
-  return out;
-}
-
-async function waitForAgent(socketPath: string, consoleLog: string, timeoutMs = 180_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(existsSync(consoleLog) && readFileSync(consoleLog, 'utf8').includes('bulwark-guest: ready'))) {
-    if (Date.now() > deadline) throw new Error(`guest with console ${consoleLog} did not boot within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  for (;;) {
-    try {
-      const qga = await QgaClient.connect({ socketPath, timeoutMs: 3000 });
-      try {
-        await qga.ping();
-        return;
-      } finally {
-        await qga.close();
-      }
-    } catch (err) {
-      if (Date.now() > deadline) throw new Error(`guest agent on ${socketPath} did not answer`, { cause: err });
-      await new Promise((r) => setTimeout(r, 200));
-    }
-  }
-}
-
-async function sh(agentSocket: string, command: string): Promise<string> {
-  const qga = await QgaClient.connect({ socketPath: agentSocket, timeoutMs: 60_000 });
-  try {
-    const r = await qga.exec('/bin/sh', ['-c', command]);
-    if (r.exitCode !== 0) throw new Error(`guest command failed (exit ${r.exitCode}): ${command}\n${r.stderr.toString()}${r.stdout.toString()}`);
-    return r.stdout.toString('utf8');
-  } finally {
-    await qga.close();
-  }
-}
-
 /** The test files inside a running guest match the checksums the guest build recorded. */
 async function expectTestData(agentSocket: string): Promise<void> {
   const m = guest.image.manifest;
   for (const [file, sum] of Object.entries(m.testdata)) {
-    expect((await sh(agentSocket, `sha256sum '${m.testdataDir}/${file}'`)).split(' ')[0], file).toBe(sum);
+    expect((await guestSh(agentSocket, `sha256sum '${m.testdataDir}/${file}'`)).split(' ')[0], file).toBe(sum);
   }
 }
 
@@ -147,9 +100,9 @@ describe('full VM restore (plain QEMU host)', () => {
     } finally {
       await qmp.close();
     }
-    await waitForAgent(join(dir, 'qga.sock'), join(dir, 'console.log'));
+    await waitForGuestAgent(join(dir, 'qga.sock'), join(dir, 'console.log'));
     await expectTestData(join(dir, 'qga.sock'));
-    expect(await sh(join(dir, 'qga.sock'), 'test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
+    expect(await guestSh(join(dir, 'qga.sock'), 'test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
     // The original runs on, untouched.
     expect((await guest.sh('cat /srv/after-backup.txt')).trim()).toBe('after-backup');
     killPidFile(join(dir, 'qemu.pid'));
@@ -172,9 +125,9 @@ describe('full VM restore (plain QEMU host)', () => {
     const task = JSON.parse(r.stdout) as { vm: string; toOriginal: boolean; result: { disks: { path: string; format: string }[]; poweredOn: boolean } };
     expect(task).toMatchObject({ vm: VM, toOriginal: true, result: { poweredOn: true } });
     expect(task.result.disks).toEqual([expect.objectContaining({ path: guest.disks[0]!.path, format: 'qcow2' })]);
-    await waitForAgent(guest.agentSocket, guest.consoleLog);
+    await waitForGuestAgent(guest.agentSocket, guest.consoleLog);
     await expectTestData(guest.agentSocket);
-    expect(await sh(guest.agentSocket, 'test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
+    expect(await guestSh(guest.agentSocket, 'test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
   });
 });
 
@@ -186,9 +139,9 @@ describe('instant recovery through the console', () => {
     expect(started.code, started.stderr).toBe(0);
     const s = JSON.parse(started.stdout) as { id: string; dir: string; agentSocket: string; consoleLog: string; pid: number; runningFromBackup: boolean };
     expect(s.runningFromBackup).toBe(true);
-    await waitForAgent(s.agentSocket, s.consoleLog);
+    await waitForGuestAgent(s.agentSocket, s.consoleLog);
     await expectTestData(s.agentSocket);
-    const written = (await sh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=2048 2>/dev/null && sync && sha256sum /srv/ir-written.bin')).split(' ')[0]!;
+    const written = (await guestSh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=2048 2>/dev/null && sync && sha256sum /srv/ir-written.bin')).split(' ')[0]!;
 
     const list = await bulwark(['instant-recovery', 'list'], env);
     expect(list.code).toBe(0);
@@ -202,7 +155,7 @@ describe('instant recovery through the console', () => {
     expect(migrated.code, migrated.stderr).toBe(0);
     expect(JSON.parse(migrated.stdout)).toMatchObject({ state: 'migrated', runningFromBackup: false, disks: [{ name: 'vda', target: join(storage, 'vda.qcow2') }] });
     // The VM runs on its own disk: the written file is there, data never read before comes from the new disk.
-    expect((await sh(s.agentSocket, 'sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /srv/ir-written.bin')).split(' ')[0]).toBe(written);
+    expect((await guestSh(s.agentSocket, 'sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /srv/ir-written.bin')).split(' ')[0]).toBe(written);
     await expectTestData(s.agentSocket);
     expect(await hashTree(repoDir)).toEqual(before);
 

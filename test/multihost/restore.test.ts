@@ -14,13 +14,12 @@
 // Two guest boots besides the original (the restored VM, the instant recovery).
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
-import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { QgaClient } from '../../src/hypervisor/qga/client.js';
 import { verifyRepository } from '../../src/repository/index.js';
 import { startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { MultiHost, multiHostSkipReason as skipReason, logText, type SessionJson } from './netns/hosts.js';
+import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
 
 const VM = 'rst-g';
 let h: MultiHost;
@@ -57,56 +56,10 @@ interface Instant {
 
 const api = <T>(method: string, route: string, body?: unknown): Promise<T> => h.api<T>(method, route, body);
 
-async function hashTree(root: string): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  const walk = async (d: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) await walk(p);
-      else out[path.relative(root, p)] = createHash('sha256').update(await readFile(p)).digest('hex');
-    }
-  };
-  await walk(root);
-  return out;
-}
-
-async function waitForGuestAgent(agentSocket: string, consoleLog: string, timeoutMs = 180_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(existsSync(consoleLog) && readFileSync(consoleLog, 'utf8').includes('bulwark-guest: ready'))) {
-    if (Date.now() > deadline) throw new Error(`guest with console ${consoleLog} did not boot within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  for (;;) {
-    try {
-      const qga = await QgaClient.connect({ socketPath: agentSocket, timeoutMs: 3000 });
-      try {
-        await qga.ping();
-        return;
-      } finally {
-        await qga.close();
-      }
-    } catch (err) {
-      if (Date.now() > deadline) throw new Error(`guest agent on ${agentSocket} did not answer`, { cause: err });
-      await new Promise((r) => setTimeout(r, 200));
-    }
-  }
-}
-
-async function sh(agentSocket: string, command: string): Promise<string> {
-  const qga = await QgaClient.connect({ socketPath: agentSocket, timeoutMs: 60_000 });
-  try {
-    const r = await qga.exec('/bin/sh', ['-c', command]);
-    if (r.exitCode !== 0) throw new Error(`guest command failed (exit ${r.exitCode}): ${command}\n${r.stderr.toString()}${r.stdout.toString()}`);
-    return r.stdout.toString('utf8');
-  } finally {
-    await qga.close();
-  }
-}
-
 async function expectTestData(agentSocket: string): Promise<void> {
   const m = guest!.image.manifest;
   for (const [file, sum] of Object.entries(m.testdata)) {
-    expect((await sh(agentSocket, `sha256sum '${m.testdataDir}/${file}'`)).split(' ')[0], file).toBe(sum);
+    expect((await guestSh(agentSocket, `sha256sum '${m.testdataDir}/${file}'`)).split(' ')[0], file).toBe(sum);
   }
 }
 
@@ -194,7 +147,7 @@ describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
     expect(ns).toBe(dst.ns);
     await waitForGuestAgent(path.join(dir, 'qga.sock'), path.join(dir, 'console.log'));
     await expectTestData(path.join(dir, 'qga.sock'));
-    expect(await sh(path.join(dir, 'qga.sock'), 'test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
+    expect(await guestSh(path.join(dir, 'qga.sock'), 'test -e /srv/after-backup.txt && echo present || echo absent')).toBe('absent\n');
     kill(pid);
 
     // Refusals keep their reasons: the original runs on kvm-g (src1 reads through repo1 too) ...
@@ -223,7 +176,7 @@ describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
     expect(s.dir.startsWith(path.join(dst.dataDir, 'ir'))).toBe(true);
     await waitForGuestAgent(s.agentSocket, s.consoleLog);
     await expectTestData(s.agentSocket);
-    await sh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=1024 2>/dev/null && sync');
+    await guestSh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=1024 2>/dev/null && sync');
     const listed = await api<{ items: Instant[] }>('GET', '/instant-recoveries');
     expect(listed.items.find((i) => i.id === s.id)).toMatchObject({ agent: 'dst1', runningFromBackup: true });
     expect(await hashTree(h.repoDir)).toEqual(before);
@@ -233,7 +186,7 @@ describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
     expect(m).toMatchObject({ state: 'migrated', runningFromBackup: false });
     expect(m.disks).toEqual([expect.objectContaining({ name: 'vda', target: path.join(storage, 'vda.qcow2') })]);
     // It runs on its own disk now, the guest's writes with it.
-    expect(await sh(s.agentSocket, 'test -e /srv/ir-written.bin && echo present')).toBe('present\n');
+    expect(await guestSh(s.agentSocket, 'test -e /srv/ir-written.bin && echo present')).toBe('present\n');
     await api('POST', `/instant-recoveries/${s.id}/stop`, {});
     expect((await api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
     expect(existsSync(s.dir)).toBe(false);

@@ -15,11 +15,11 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupVm } from '../../src/agent/backup/disk-backup.js';
 import { QemuHypervisor } from '../../src/hypervisor/qemu/adapter.js';
-import { QgaClient } from '../../src/hypervisor/qga/client.js';
 import { openRepository, verifyRepository, type Repository } from '../../src/repository/index.js';
 import { restoreDisk } from '../../src/restore/disk/restore-disk.js';
 import { InstantRecoverySessions, launchFromPoint, startInstantRecovery, type InstantRecoverySession } from '../../src/restore/instant/index.js';
 import { sha256InImage, startTestGuest, TestGuest, type TestGuestImage } from '../fixtures/guest.js';
+import { guestSh, hashTree } from '../fixtures/guest-agent.js';
 
 const run = promisify(execFile);
 const VM = 'ir-vm';
@@ -34,36 +34,12 @@ let sessionId = '';
 let session: InstantRecoverySession | undefined;
 let own: TestGuest | undefined;
 
-async function hashTree(root: string): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  const walk = async (d: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) await walk(p);
-      else out[path.relative(root, p)] = createHash('sha256').update(await readFile(p)).digest('hex');
-    }
-  };
-  await walk(root);
-  return out;
-}
-
 async function pointDiskSha(): Promise<string> {
   const to = path.join(work, `sha-${Date.now()}.raw`);
   try {
     return (await restoreDisk({ repository: repo, pointId, disk: 'vda', to, imageDigest: true })).sha256!;
   } finally {
     await rm(to, { force: true });
-  }
-}
-
-async function sh(agentSocket: string, command: string): Promise<string> {
-  const qga = await QgaClient.connect({ socketPath: agentSocket, timeoutMs: 60_000 });
-  try {
-    const r = await qga.exec('/bin/sh', ['-c', command]);
-    if (r.exitCode !== 0) throw new Error(`guest command failed (exit ${r.exitCode}): ${command}\n${r.stderr.toString()}`);
-    return r.stdout.toString('utf8');
-  } finally {
-    await qga.close();
   }
 }
 
@@ -136,7 +112,7 @@ describe('instant VM recovery of the test guest', () => {
     expect(session.pid).toBeGreaterThan(0);
     expect(sessions.list()).toMatchObject([{ id: sessionId, name: 'ir1', vm: VM, pointId, state: 'running-from-backup', runningFromBackup: true }]);
     // The guest sees the backed-up files.
-    const sums = await sh(session.agentSocket, `cd ${image.manifest.testdataDir} && sha256sum -c SHA256SUMS`);
+    const sums = await guestSh(session.agentSocket, `cd ${image.manifest.testdataDir} && sha256sum -c SHA256SUMS`);
     expect(sums).toMatch(/OK/);
     expect(sums).not.toMatch(/FAILED/);
   });
@@ -154,7 +130,7 @@ describe('instant VM recovery of the test guest', () => {
 
   it('(b) writes inside the recovered VM never change the repository', async () => {
     const s = session!;
-    const written = (await sh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=2048 2>/dev/null && sync && sha256sum /srv/ir-written.bin')).split(' ')[0]!;
+    const written = (await guestSh(s.agentSocket, 'dd if=/dev/urandom of=/srv/ir-written.bin bs=1k count=2048 2>/dev/null && sync && sha256sum /srv/ir-written.bin')).split(' ')[0]!;
     expect(written).toMatch(/^[0-9a-f]{64}$/);
     const overlay = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', s.disks[0]!.overlay])).stdout) as { 'actual-size': number };
     expect(overlay['actual-size']).toBeGreaterThan(2 * 1024 * 1024);
@@ -182,12 +158,12 @@ describe('instant VM recovery of the test guest', () => {
     expect(existsSync(s.disks[0]!.overlay)).toBe(false);
 
     await s.waitForAgent(10_000);
-    expect((await sh(s.agentSocket, 'sha256sum /srv/ir-written.bin')).split(' ')[0]).toBe(written);
+    expect((await guestSh(s.agentSocket, 'sha256sum /srv/ir-written.bin')).split(' ')[0]).toBe(written);
     // Reads that never went through the overlay (testdata from the backup) now come from the new disk.
     const alpha = Object.keys(image.manifest.testdata).find((f) => f !== 'SHA256SUMS' && !f.includes(' '))!;
-    await sh(s.agentSocket, 'sync && echo 3 > /proc/sys/vm/drop_caches');
-    expect((await sh(s.agentSocket, `sha256sum '${image.manifest.testdataDir}/${alpha}'`)).split(' ')[0]).toBe(image.manifest.testdata[alpha]);
-    await sh(s.agentSocket, 'echo after-migrate > /srv/after.txt && sync');
+    await guestSh(s.agentSocket, 'sync && echo 3 > /proc/sys/vm/drop_caches');
+    expect((await guestSh(s.agentSocket, `sha256sum '${image.manifest.testdataDir}/${alpha}'`)).split(' ')[0]).toBe(image.manifest.testdata[alpha]);
+    await guestSh(s.agentSocket, 'echo after-migrate > /srv/after.txt && sync');
 
     const pid = s.pid!;
     const dir = s.dir;
