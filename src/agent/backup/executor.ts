@@ -509,13 +509,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     };
     if (first) {
       context.log('info', `backing up VM ${task.vm}: its view and restore point are shared by its disk tasks; this task makes them`);
-      const signal = context.signal;
-      const onAbort = () => void this.#failVm(run, signal.reason);
-      signal.addEventListener('abort', onAbort, { once: true });
-      void run.result.then(
-        () => signal.removeEventListener('abort', onAbort),
-        () => signal.removeEventListener('abort', onAbort),
-      );
+      this.#failOnAbort(run, context.signal);
       run.shared = this.#startShared(task, settings, run);
       run.shared.catch((err: unknown) => run.settle({ error: err }));
     }
@@ -750,13 +744,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     };
     if (first) {
       context.log('info', `backing up job ${task.job.name} into one restore point for all its VMs (storage per-job): this task makes the views and the point`);
-      const signal = context.signal;
-      const onAbort = () => void this.#failVm(run, signal.reason);
-      signal.addEventListener('abort', onAbort, { once: true });
-      void run.result.then(
-        () => signal.removeEventListener('abort', onAbort),
-        () => signal.removeEventListener('abort', onAbort),
-      );
+      this.#failOnAbort(run, context.signal);
       run.jobShared = this.#startJob(task, settings, run);
       run.jobShared.catch((err: unknown) => {
         run.failure ??= err;
@@ -821,6 +809,16 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       unwatch?.();
       reportStages();
     }
+  }
+
+  /** The run fails when the task that started it is aborted, until the run settles. */
+  #failOnAbort(run: VmRun, signal: AbortSignal): void {
+    const onAbort = () => void this.#failVm(run, signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    void run.result.then(
+      () => signal.removeEventListener('abort', onAbort),
+      () => signal.removeEventListener('abort', onAbort),
+    );
   }
 
   /**
