@@ -11,7 +11,8 @@ mode=runtime
 # What the product itself runs: QEMU and its tools, NBD peers, FUSE and file-system tools for
 # file-level restore, libvirt's client.
 runtime_pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs
-  btrfs-progs dosfstools mtools socat iproute2 nftables libvirt-clients util-linux)
+  btrfs-progs dosfstools mtools socat iproute2 nftables libvirt-clients util-linux
+  ovmf)  # UEFI firmware: restore and instant recovery of VMs that boot OVMF
 # What only the tests and the test guest build need.
 test_pkgs=(postgresql postgresql-client libvirt-daemon-system busybox-static xz-utils cpio parted
   fdisk kmod iputils-ping sqlite3 curl openssl qemu-guest-agent restic borgbackup lvm2)
