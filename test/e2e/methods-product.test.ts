@@ -10,8 +10,7 @@ import { cp, mkdtemp, open, readdir, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { CliContext } from '../../src/cli/context.js';
-import { runConsole } from '../../src/cli/program.js';
+import { inProcessConsole } from '../fixtures/console.js';
 import { openRepository } from '../../src/repository/index.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
 import { systemClock, type Clock } from '../../src/server/scheduler/clock.js';
@@ -38,25 +37,9 @@ afterAll(async () => {
   if (tmp) await rm(tmp, { recursive: true, force: true });
 });
 
-async function bw(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const ctx: CliContext = {
-    output: { out: (s) => (out += s), err: (s) => (err += s) },
-    env: { BULWARK_DATA: server.dataDir, BULWARK_CONFIG: path.join(tmp, 'cli') },
-    tty: false,
-    reconnectLimitMs: 5000,
-    exitCode: 0,
-  };
-  const code = await runConsole(ctx, argv);
-  return { code, out, err };
-}
-
-async function bwJson<T>(...argv: string[]): Promise<T> {
-  const r = await bw(...argv, '--json');
-  expect(r.code, `${argv.join(' ')}: ${r.err}${r.out}`).toBe(0);
-  return JSON.parse(r.out) as T;
-}
+const cli = inProcessConsole(() => ({ env: { BULWARK_DATA: server.dataDir, BULWARK_CONFIG: path.join(tmp, 'cli') } }));
+const bw = cli.run;
+const bwJson = cli.json;
 
 interface SessionJson {
   id: string;

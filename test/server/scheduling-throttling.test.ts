@@ -4,8 +4,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { CliContext } from '../../src/cli/context.js';
-import { runConsole } from '../../src/cli/program.js';
+import { inProcessConsole } from '../fixtures/console.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
 import { limitFor } from '../../src/server/resources/throttling-rules.js';
 import { listThrottlingRules, policyRule } from '../../src/server/services/throttling.js';
@@ -14,13 +13,7 @@ import { call } from './http.js';
 const tmp = mkdtempSync(join(tmpdir(), 'bulwark-throttling-'));
 let server: RunningServer;
 
-async function bulwark(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const ctx: CliContext = { output: { out: (s) => (out += s), err: (s) => (err += s) }, env: { BULWARK_CONFIG: join(tmp, 'cli') }, tty: false, reconnectLimitMs: 5000, exitCode: 0 };
-  const code = await runConsole(ctx, ['--server', `unix:${server.socketPath}`, ...argv]);
-  return { code, out, err };
-}
+const bulwark = inProcessConsole(() => ({ env: { BULWARK_CONFIG: join(tmp, 'cli') }, prefix: ['--server', `unix:${server.socketPath}`] })).run;
 
 beforeAll(async () => {
   server = await startServer({ dataDir: join(tmp, 'data'), listen: 'none', print: () => undefined, configBackupAt: false, simulate: true });

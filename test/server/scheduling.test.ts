@@ -15,8 +15,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { CliContext } from '../../src/cli/context.js';
-import { runConsole } from '../../src/cli/program.js';
+import { inProcessConsole } from '../fixtures/console.js';
 import type { DiskRef, DiskResolver, JobDefinition, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../src/server/jobs/ports.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
 import { registerAgent } from '../../src/server/services/infrastructure.js';
@@ -96,19 +95,7 @@ class CopyExecutor implements TaskExecutor {
 const executor = new CopyExecutor();
 let server: RunningServer;
 
-async function bulwark(...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '';
-  let err = '';
-  const ctx: CliContext = {
-    output: { out: (s) => (out += s), err: (s) => (err += s) },
-    env: { BULWARK_CONFIG: join(tmp, 'cli-config') },
-    tty: false,
-    reconnectLimitMs: 5000,
-    exitCode: 0,
-  };
-  const code = await runConsole(ctx, ['--server', `unix:${server.socketPath}`, ...argv]);
-  return { code, out, err };
-}
+const bulwark = inProcessConsole(() => ({ env: { BULWARK_CONFIG: join(tmp, 'cli-config') }, prefix: ['--server', `unix:${server.socketPath}`] })).run;
 
 async function ok(...argv: string[]): Promise<string> {
   const r = await bulwark(...argv);
