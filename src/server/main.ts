@@ -262,7 +262,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       const dataPath = new LocalDataPathExecutor(localOptions);
       cleanups.push(() => dataPath.close());
       exportVm = (o) => dataPath.exportVm(o);
-      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint, async (job, task, points) => localOptions.onVmPoints?.(job, task, points), async (job) => keys.jobPassword(job.id));
+      const dispatched = dispatch.executor(dataPath, localOptions.onRestorePoint, async (job, task, points) => localOptions.onVmPoints?.(job, task, points), async (job) => keys.jobPassword(job.id), async (job) => keys.jobPasswords(job.id));
       executor ??= dispatched;
       disks ??= dispatched;
     }

@@ -41,7 +41,15 @@ export interface BackupTargetTask {
   readonly vm: string;
   /** Hypervisor chain id: the previous point counts only when its checkpoint is of this chain. */
   readonly chainId: string;
+  /** The job's current password: a full (a new chain) is encrypted with it. */
   readonly password?: string | undefined;
+  /**
+   * Every other password that may open the job's existing chains, newest first (its earlier ones,
+   * then those added by hand): the agent continues the latest chain with the one that opens it
+   * (latestChainPassword), so a changed password applies from the next full. Like `password`, only
+   * ever sent over the agent link's mutual TLS and never logged.
+   */
+  readonly passwords?: readonly string[] | undefined;
   /** The agent allowed to send (the certificate's CN must be this name). */
   readonly sourceAgent: string;
   /**
@@ -89,6 +97,8 @@ export interface HealthCheckTask {
   readonly settings: Readonly<Record<string, unknown>>;
   readonly now: string;
   readonly password?: string | undefined;
+  /** As for backup-target: the check reads the chain with whichever of `password` and these opens it. */
+  readonly passwords?: readonly string[] | undefined;
 }
 
 /** Result of a health-check task. */

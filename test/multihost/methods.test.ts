@@ -47,8 +47,8 @@ async function backup(job: string, start: () => Promise<string>): Promise<Sessio
 const run = (job: string) => async () => (await h.api<{ sessionId: string }>('POST', `/jobs/${job}/run`, {})).sessionId;
 
 /** SHA-256 of a point's disk read from the repository agent's folder (the shared file system here). */
-async function readSha(pointId: string): Promise<string> {
-  const point = await (await openRepository(h.repoDir)).openRestorePoint(pointId);
+async function readSha(pointId: string, password?: string): Promise<string> {
+  const point = await (await openRepository(h.repoDir)).openRestorePoint(pointId, password === undefined ? {} : { password });
   try {
     const disk = point.openDisk('vda');
     return createHash('sha256').update(await disk.read(0, h.expected.length)).digest('hex');
@@ -154,6 +154,38 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     expect(await h.restoredSha(latest.id)).toBe(shaOf.get(latest.id));
     const clean = await health();
     expect(clean.state, logText(clean)).toBe('success');
+  }, 120_000);
+
+  it('a changed job password: the next increment continues the old chain with its password, --full starts one with the new; each point restores bit-exact with its own', async () => {
+    const A = 'first-password-Aa1';
+    const B = 'second-password-Bb2';
+    await h.api('POST', '/jobs', { name: 'pw', vms: [VM], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 }, blockSize: 262144, method: 'forever-forward', retention: { points: 7 } });
+    await h.api('POST', '/jobs/pw/encryption', { password: A, hint: 'the first' });
+    const first = logText(await backup('pw', run('pw')));
+    expect(first).toMatch(/this run: full/);
+    await h.api('POST', '/jobs/pw/encryption', { password: B, hint: 'the second' });
+    // The repository agent finds A (sent among the job's known passwords) opens the chain: an increment of it.
+    const second = logText(await backup('pw', run('pw')));
+    expect(second).toMatch(/the latest chain of VM mhm-vm is encrypted with the job's earlier password: its increments keep that/);
+    expect(second).toMatch(/this run: incremental/);
+    // A health check on the repository agent reads A's chain with A too.
+    const check = await h.waitSession((await h.api<{ sessionId: string }>('POST', '/jobs/pw/health-check', {})).sessionId);
+    expect(check.state, logText(check)).toBe('success');
+    expect(logText(check)).toMatch(/health check of VM mhm-vm: the latest point \S+ verified/);
+    const third = logText(await backup('pw', async () => (await h.api<{ sessionId: string }>('POST', '/jobs/pw/run', { full: true })).sessionId));
+    expect(third).toMatch(/this run: full/);
+    const kept = await points('pw');
+    expect(kept.map((p) => [p.kind, p.encrypted])).toEqual([['full', true], ['incremental', true], ['full', true]]);
+    expect(kept[1]!.chainId).toBe(kept[0]!.chainId);
+    expect(kept[2]!.chainId).not.toBe(kept[0]!.chainId);
+    const repository = await openRepository(h.repoDir);
+    for (const [p, own, other] of [[kept[0]!, A, B], [kept[1]!, A, B], [kept[2]!, B, A]] as const) {
+      expect(await readSha(p.id, own), `point ${p.id} with its password`).toBe(shaOf.get(p.id));
+      await expect(repository.openRestorePoint(p.id, { password: other })).rejects.toMatchObject({ kind: 'unauthorized' });
+    }
+    // Restored by the repository agent through the server: it knows each chain's password.
+    expect(await h.restoredSha(kept[1]!.id)).toBe(shaOf.get(kept[1]!.id));
+    expect(await h.restoredSha(kept[2]!.id)).toBe(shaOf.get(kept[2]!.id));
   }, 120_000);
 
   it('forward on the server\'s days: a synthetic full built on the repository agent, then an active full; all bit-exact', async () => {

@@ -180,6 +180,41 @@ export async function latestChainPassword(repository: Repository, job: string, v
   return null;
 }
 
+/** The passwords of a run on one folder: the job's current one (a new chain's) and the one its latest chain keeps. */
+export interface RunPasswords {
+  /** The job's current password: a full (a new chain) is encrypted with it. */
+  readonly password: string | undefined;
+  /** The password the folder's latest chain was created with (its increments, synthetic full, merges, health check). */
+  readonly chainPassword: string | undefined;
+}
+
+/**
+ * Picks the passwords of a run on folder `folder` (a VM's, or the job's `_all`): `current` is the
+ * job's active password, `known` every other password that may open its chains (newest first,
+ * then those added by hand). Says in the session log when the latest chain keeps another password
+ * than the current one, or one nobody knows (then its increment fails as a wrong password and the
+ * line says what to do). Where the folder is: the server for its own repositories, the repository
+ * agent for the others (the server sends the candidates in the task).
+ */
+export async function runPasswords(
+  repository: Repository,
+  job: string,
+  folder: string,
+  current: string | undefined,
+  known: readonly string[],
+  say: (level: ChainLogLevel, message: string) => void,
+): Promise<RunPasswords> {
+  const candidates = [...(current === undefined ? [] : [current]), ...known];
+  const found = await latestChainPassword(repository, job, folder, candidates);
+  const what = folder === ALL_VMS ? `job ${job}` : `VM ${folder}`;
+  if (found === null) {
+    say('warning', `the latest chain of ${what} is encrypted with a password this server does not know: an increment of it fails; the next full starts a new chain (bulwark job run ${job} --full), or add the password (bulwark password add)`);
+  } else if (found !== current) {
+    say('info', `the latest chain of ${what} is ${found === undefined ? 'not encrypted' : "encrypted with the job's earlier password"}: its increments keep that; the job's current setting applies from the next full`);
+  }
+  return { password: current, chainPassword: found === null ? current : found };
+}
+
 /** What the removed-VM sweep did to one VM folder of a job. */
 export interface RemovedVmSweep {
   readonly vm: string;

@@ -21,7 +21,7 @@ import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { ALL_VMS, catalogPoints, openRepository, splitAllVmsDiskName, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
 import { methodSettings, splitDisks, type JobMethodSettings } from './chain-policy.js';
-import { healthCheckSession, latestChainPassword, maintainAfterBackup, planVmBackup, type ChainRunContext } from './chain-run.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext } from './chain-run.js';
 import { backupVm, startVmBackup, type BackupProgress, type BackupVmSummary, type DiskBackupSummary, type VmBackup } from './disk-backup.js';
 import { jobPointFailed, JobPointTarget } from './job-target.js';
 import { RateLimiter } from '../../transport/throttle.js';
@@ -307,14 +307,8 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   ): Promise<{ password: string | undefined; chainPassword: string | undefined; passwordHint: string | undefined }> {
     const password = await this.#opts.password?.(job);
     const passwordHint = password === undefined ? undefined : await this.#opts.passwordHint?.(job);
-    const candidates = [...(password === undefined ? [] : [password]), ...((await this.#opts.passwords?.(job)) ?? [])];
-    const found = await latestChainPassword(repository, job.name, folder, candidates);
-    if (found === null) {
-      say('warning', `the latest chain of ${folder === ALL_VMS ? `job ${job.name}` : `VM ${folder}`} is encrypted with a password this server does not know: an increment of it fails; the next full starts a new chain (bulwark job run ${job.name} --full), or add the password (bulwark password add)`);
-    } else if (found !== password) {
-      say('info', `the latest chain of ${folder === ALL_VMS ? `job ${job.name}` : `VM ${folder}`} is ${found === undefined ? 'not encrypted' : "encrypted with the job's earlier password"}: its increments keep that; the job's current setting applies from the next full`);
-    }
-    return { password, chainPassword: found === null ? password : found, passwordHint };
+    const { chainPassword } = await runPasswords(repository, job.name, folder, password, (await this.#opts.passwords?.(job)) ?? [], say);
+    return { password, chainPassword, passwordHint };
   }
 
   /** The per-VM part of a backup: plan the run, take the view, start the restore point. */

@@ -109,7 +109,10 @@ export interface RepositorySinkOptions {
   readonly repository: Repository;
   readonly job: string;
   readonly vm: string;
+  /** A full's (a new chain's) password. */
   readonly password?: string | undefined;
+  /** An increment's or reverse injection's: the password of the chain it continues (default `password`). */
+  readonly chainPassword?: string | undefined;
   /** The point's time (default: now). */
   readonly time?: Date | undefined;
   /** Called with each disk's result as it ends and with the point at commit. */
@@ -142,7 +145,7 @@ export class RepositorySink implements TransferSink {
       ...(!incremental && p.blockSize !== undefined ? { blockSize: p.blockSize } : {}),
       ...(!incremental && p.compression !== undefined ? { compression: p.compression } : {}),
       ...(!incremental && o.password !== undefined ? { encryption: { password: o.password } } : {}),
-      ...(incremental && o.password !== undefined ? { password: o.password } : {}),
+      ...(incremental && (o.chainPassword ?? o.password) !== undefined ? { password: o.chainPassword ?? o.password } : {}),
       vmConfig: Buffer.from(p.vmConfig, 'base64'),
       disks: p.disks,
     });

@@ -24,7 +24,7 @@ import type {
 } from '../../transport/agent-tasks.js';
 import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
 import { methodSettings, splitDisks } from '../backup/chain-policy.js';
-import { healthCheckSession, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { runFileIndexTask } from './index-task.js';
 import { backupVmByDisks, RemoteRestorePointTarget } from './remote-target.js';
@@ -280,16 +280,24 @@ export class AgentTaskRunner {
   }
 
   /** The chain steps' view of a task's VM folder here; log lines go to the task's session. */
-  #chain(task: BackupTargetTask | HealthCheckTask, repository: Repository, settings: Readonly<Record<string, unknown>>): ChainRunContext {
+  #chain(task: BackupTargetTask | HealthCheckTask, repository: Repository, settings: Readonly<Record<string, unknown>>, chainPassword: string | undefined): ChainRunContext {
     return {
       repository,
       job: task.job,
       vm: task.vm,
       settings: methodSettings(settings),
       now: task.now === undefined ? new Date() : new Date(task.now),
-      password: task.password,
+      // The latest chain's own password (REMOTEJOB: runPasswords); a new chain gets the job's current one.
+      password: chainPassword,
+      newChainPassword: task.password,
       say: (level, message) => this.#emit(task.taskId, { type: 'log', level, message }),
     };
+  }
+
+  /** The password the task's folder's latest chain keeps, among the job's current and known ones (said in the session log when not the current one). */
+  async #chainPassword(task: BackupTargetTask | HealthCheckTask, repository: Repository): Promise<string | undefined> {
+    const say = (level: 'info' | 'warning' | 'error', message: string) => this.#emit(task.taskId, { type: 'log', level, message });
+    return (await runPasswords(repository, task.job, task.vm, task.password, task.passwords ?? [], say)).chainPassword;
   }
 
   /**
@@ -299,9 +307,14 @@ export class AgentTaskRunner {
    */
   async #backupTarget(task: BackupTargetTask, signal: AbortSignal): Promise<BackupTargetResult> {
     const repository = await this.#repository(task.repositoryPath);
-    const chain = task.settings ? this.#chain(task, repository, task.settings) : undefined;
+    const chainPassword = await this.#chainPassword(task, repository);
+    const chain = task.settings ? this.#chain(task, repository, task.settings, chainPassword) : undefined;
     const planned: VmBackupPlan | undefined = chain ? await planVmBackup(chain, task.fullRequested === true) : undefined;
-    const prev = await previousCheckpoint(repository, task.job, task.vm, task.chainId, task.password);
+    // A full starts a new chain: an old one it cannot read (its password unknown by now) does not stop it.
+    const prev = await previousCheckpoint(repository, task.job, task.vm, task.chainId, chainPassword).catch((err: unknown) => {
+      if (planned?.plan.kind === 'full') return null;
+      throw err;
+    });
     const receiver = await this.#listener();
     let sink: RepositorySink | undefined;
     const disks: Array<{ name: string; storedBytes: number; storedBlocks: number; unchangedBlocks: number }> = [];
@@ -319,6 +332,7 @@ export class AgentTaskRunner {
           job: task.job,
           vm: task.vm,
           password: task.password,
+          chainPassword,
           ...(chain ? { time: chain.now } : {}),
           onDisk: (st) => disks.push({ name: st.name, storedBytes: st.storedBytes, storedBlocks: st.storedBlocks, unchangedBlocks: st.unchangedBlocks }),
         });
@@ -357,7 +371,7 @@ export class AgentTaskRunner {
   /** A health-check session's work on one VM whose folder is here. */
   async #healthCheck(task: HealthCheckTask): Promise<HealthCheckResult> {
     const repository = await this.#repository(task.repositoryPath);
-    const warnings = await healthCheckSession(this.#chain(task, repository, task.settings));
+    const warnings = await healthCheckSession(this.#chain(task, repository, task.settings, await this.#chainPassword(task, repository)));
     const points = await repository.listRestorePoints({ job: task.job, vm: task.vm });
     return { warnings, disks: points.at(-1)?.disks.map((d) => d.name) ?? [], points: points.map(pointToWire) };
   }

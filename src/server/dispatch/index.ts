@@ -47,6 +47,8 @@ export interface Dispatch {
     onVmPoints?: (job: JobDefinition, task: TaskSpec, points: readonly RestorePointInfo[]) => Promise<void>,
     /** The password of an encrypted job (the server's sealed key store, docs/encryption.md). */
     password?: (job: JobDefinition) => Promise<string | undefined>,
+    /** Every password that may open the job's existing chains (the repository agent picks its chain's). */
+    passwords?: (job: JobDefinition) => Promise<readonly string[]>,
   ): RemoteDataPathExecutor;
   /**
    * Restores a disk on the agent that owns the repository (to a path on that agent's host);
@@ -75,7 +77,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
   return {
     broker,
     plugin: (store) => agentTaskPlugin({ store, broker }),
-    executor: (local, onRestorePoint, onVmPoints, password) =>
+    executor: (local, onRestorePoint, onVmPoints, password, passwords) =>
       new RemoteDataPathExecutor({
         broker,
         local,
@@ -92,6 +94,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
         ...(onRestorePoint ? { onRestorePoint } : {}),
         ...(onVmPoints ? { onVmPoints } : {}),
         ...(password ? { password } : {}),
+        ...(passwords ? { passwords } : {}),
         throttling:
           opts.throttling ??
           (async () => ({ rules: (await listThrottlingRules(ctx)).map(policyRule), timeZone: opts.timeZone ?? Intl.DateTimeFormat().resolvedOptions().timeZone })),

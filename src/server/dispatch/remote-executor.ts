@@ -50,6 +50,12 @@ export interface RemoteDataPathOptions {
   hosts(): Promise<readonly DispatchHost[]>;
   repository(job: JobDefinition): Promise<DispatchRepository>;
   password?(job: JobDefinition): Promise<string | undefined>;
+  /**
+   * Every password that may open the job's existing chains, newest first (server: its current and
+   * earlier ones, then those added by hand): sent to the repository agent, which continues the
+   * latest chain with the one that opens it (a changed password applies from the next full).
+   */
+  passwords?(job: JobDefinition): Promise<readonly string[]>;
   /** Records a committed point in the catalog (as the local path's onRestorePoint). */
   onRestorePoint?(job: JobDefinition, task: TaskSpec, summary: BackupVmSummary): Promise<void>;
   /** After the repository agent's chain steps: the VM's points as its folder holds them (as the local path's onVmPoints). */
@@ -331,6 +337,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       signal.throwIfAborted();
       const secret = randomBytes(32).toString('hex');
       const password = await this.#o.password?.(job);
+      const passwords = await this.#knownPasswords(job, password);
       const chainId = chainIdFor(job.name, task.vm);
       let ready: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
       const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (ready = resolve));
@@ -345,6 +352,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           vm: task.vm,
           chainId,
           password,
+          ...(passwords.length > 0 ? { passwords } : {}),
           sourceAgent,
           // The repository agent plans the run and keeps the chain (retention, maintenance).
           settings: job.settings ?? {},
@@ -487,6 +495,11 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     return this.#o.now?.() ?? new Date();
   }
 
+  /** The job's passwords other than the current one, for the repository agent to find its chains' own. */
+  async #knownPasswords(job: JobDefinition, current: string | undefined): Promise<string[]> {
+    return [...new Set((await this.#o.passwords?.(job)) ?? [])].filter((p) => p !== current);
+  }
+
   /** The catalog follows the VM's folder after the repository agent's chain steps. */
   async #syncPoints(task: TaskSpec, wire: readonly Record<string, unknown>[], emit: (e: RunEvent) => void): Promise<void> {
     if (!this.#o.onVmPoints) return;
@@ -509,9 +522,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     (run as { result: VmRun['result'] }).result = (async (): Promise<VmRunResult> => {
       context.signal.throwIfAborted();
       const password = await this.#o.password?.(job);
+      const passwords = await this.#knownPasswords(job, password);
       const handle = this.#o.broker.run(
         agent,
-        { kind: 'health-check', repositoryPath: repository.path, job: job.name, vm: task.vm, settings: job.settings ?? {}, now: this.#now().toISOString(), password },
+        { kind: 'health-check', repositoryPath: repository.path, job: job.name, vm: task.vm, settings: job.settings ?? {}, now: this.#now().toISOString(), password, ...(passwords.length > 0 ? { passwords } : {}) },
         (e) => {
           if (e.type === 'log') emit({ kind: 'log', level: e.level, message: e.message, disk: e.disk });
         },
