@@ -1,5 +1,6 @@
 // The restore-disk route: the image SHA-256 is opt-in (`digest: true` computes it and answers
-// `sha256`; without it the reply has no such field), and the file is the disk either way.
+// `sha256`; without it the reply has no such field), and the file is the disk either way. The
+// rescan route refuses a repository on another agent's host (its folder is not on this host).
 // Real SQLite, real repository, the route through Fastify's inject.
 import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -11,7 +12,7 @@ import { DiskModel, iterate } from '../../repository/test-helpers.js';
 import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { systemClock, type ServiceContext } from '../services/common.js';
 import { createRepository } from '../services/infrastructure.js';
-import { recordRestorePoint, SessionEvents } from '../services/sessions.js';
+import { listRestorePoints, recordRestorePoint, SessionEvents } from '../services/sessions.js';
 import { buildApi } from './app.js';
 import { restorePlugin } from './restore.js';
 
@@ -58,6 +59,34 @@ describe('POST /restore-points/:id/restore-disk', () => {
       expect(r2.statusCode, r2.body).toBe(200);
       expect(r2.json<{ sha256: string }>().sha256).toBe(createHash('sha256').update(image).digest('hex'));
       expect((await readFile(digested)).equals(image)).toBe(true);
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('POST /repositories/:name/rescan', () => {
+  it('refuses a repository on another agent\'s host, naming the agent, and leaves its catalog alone', async () => {
+    // The worst case: a folder of the same path exists on the server host (here: the local repository's).
+    const now = new Date().toISOString();
+    await ctx.db
+      .insertInto('agents')
+      .values({ id: 'a-kvm07', name: 'kvm-07', version: 1, created_at: now, updated_at: now, hostname: 'kvm-07', agent_version: 't', cores: 2, last_seen_at: null, cert_fingerprint: null, state: 'online' })
+      .execute();
+    const remoteRepo = await createRepository(ctx, { name: 'offsite', path: path.join(dir, 'repo'), agent: 'kvm-07' });
+    const pointOnAgent = 'p-on-agent';
+    await recordRestorePoint(ctx, { id: pointOnAgent, vm: 'vm2', disks: [{ name: 'vda', size: BS }], time: new Date().toISOString(), type: 'full', chainId: 'c-agent', size: BS, repositoryId: remoteRepo.id, jobId: null });
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'socket', version: 't', plugins: [restorePlugin(ctx)] });
+    try {
+      const r = await app.inject({ method: 'POST', url: '/api/v1/repositories/offsite/rescan', payload: {} });
+      expect(r.statusCode, r.body).toBe(400);
+      expect(r.json<{ error: { message: string; hint: string } }>().error.message).toBe('repository offsite is on the host of agent kvm-07: rescan reads repository folders on this server\'s host only');
+      expect((await listRestorePoints(ctx, { vm: 'vm2' })).map((p) => p.id)).toEqual([pointOnAgent]);
+      // The same folder as this host's repository rescans fine.
+      const local = await app.inject({ method: 'POST', url: '/api/v1/repositories/main/rescan', payload: {} });
+      expect(local.statusCode, local.body).toBe(200);
+      expect(local.json()).toMatchObject({ repository: 'main', points: 1, added: 0, removed: 0 });
     } finally {
       await app.close();
     }

@@ -8,6 +8,7 @@ import { BulwarkError } from '../../common/errors.js';
 import { catalogPoints, openRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
+import { isLocalRepository } from '../services/backup-methods.js';
 import { getRepository } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, wrongPassword, type EncryptionKeys } from '../services/encryption.js';
 import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
@@ -54,6 +55,15 @@ const RescanReply = Type.Object({
  */
 export async function rescanRepository(ctx: ServiceContext, name: string, keys?: EncryptionKeys): Promise<Static<typeof RescanReply>> {
   const repo = await getRepository(ctx, name);
+  // The folder is read on this host: a repository on another agent's host is not here (and a
+  // folder of the same path here would replace its catalog with the wrong points).
+  if (!isLocalRepository(repo)) {
+    throw new BulwarkError(`repository ${repo.name} is on the host of agent ${repo.agent ?? ''}: rescan reads repository folders on this server's host only`, {
+      kind: 'invalid',
+      context: { repository: repo.name, agent: repo.agent ?? undefined },
+      hint: `its catalog follows the agent's chain after every run of its jobs; to import a copied folder, add it as a repository of this host (bulwark repo add NAME --path DIR) and rescan that`,
+    });
+  }
   const repository = await openRepository(repo.path);
   // A single-file (per-job) point is one record per VM it holds (single-file.ts, catalogPoints).
   const points = catalogPoints(await repository.listRestorePoints());
