@@ -11,6 +11,7 @@ import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { migrate } from '../db/migrations.js';
 import { dataTables } from '../db/schema.js';
 import { invalid, type Clock } from './common.js';
+import { isLocalRepository } from './backup-methods.js';
 import { listRepositories } from './infrastructure.js';
 
 /**
@@ -55,14 +56,31 @@ function stamp(d: Date): string {
   return d.toISOString().replace(/[:.]/g, '-');
 }
 
-/** Picks the named repository, or the first one by name; errors say what to do when none exists. */
+/**
+ * Picks the named repository, or the first one by name of this server's host; errors say what to
+ * do when none fits. The copy is written by this process, so a repository on another agent's host
+ * (its folder is not here) is refused rather than a folder of that path made on this host.
+ */
 async function targetFolder(o: ConfigBackupOptions, repository: string | undefined): Promise<string> {
   const ctx = { db: o.cdb.db, engine: o.cdb.engine, clock: o.clock };
   const repos = await listRepositories(ctx);
-  const repo = repository === undefined ? repos[0] : repos.find((r) => r.name === repository || r.id === repository);
+  const local = repos.filter(isLocalRepository);
+  if (repository !== undefined) {
+    const repo = repos.find((r) => r.name === repository || r.id === repository);
+    if (!repo) throw new BulwarkError(`repository: repository "${repository}" not found`, { kind: 'not-found', context: { field: 'repository', repository } });
+    if (!isLocalRepository(repo)) {
+      throw new BulwarkError(`repository: repository ${repo.name} is on the host of agent ${repo.agent ?? ''}; configuration backups are written into repositories of this server's host`, {
+        kind: 'invalid',
+        context: { field: 'repository', repository: repo.name, agent: repo.agent ?? undefined },
+        hint: local[0] ? `choose one of this host: ${local.map((r) => r.name).join(', ')}` : 'add one on this host: bulwark repo add NAME --path DIR',
+      });
+    }
+    return join(repo.path, configBackupDir);
+  }
+  const repo = local[0];
   if (!repo) {
-    if (repository !== undefined) throw new BulwarkError(`repository: repository "${repository}" not found`, { kind: 'not-found', context: { field: 'repository', repository } });
-    throw new BulwarkError('there is no repository to write the configuration backup into', { kind: 'invalid', hint: 'add one first: bulwark repo add NAME --path DIR' });
+    const elsewhere = repos.length > 0 ? ` (${repos.map((r) => `${r.name} is on agent ${r.agent ?? ''}`).join(', ')})` : '';
+    throw new BulwarkError(`there is no repository on this server's host to write the configuration backup into${elsewhere}`, { kind: 'invalid', hint: 'add one first: bulwark repo add NAME --path DIR' });
   }
   return join(repo.path, configBackupDir);
 }
