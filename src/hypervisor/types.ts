@@ -38,12 +38,44 @@ export interface VmDisk {
 export type VmRunState = 'running' | 'paused' | 'shut-off' | 'other';
 
 /**
+ * A UEFI VM's variable store (NVRAM): plain QEMU's second flash device (pflash1), libvirt's
+ * `<nvram>` file. It belongs to the VM (boot entries, Secure Boot keys), so a backup saves it.
+ */
+export interface VmNvram {
+  /** The file on the host. */
+  readonly path: string;
+  /** Its image format ('raw', 'qcow2'). */
+  readonly format: string;
+  /**
+   * Its raw contents at the backup: base64 and SHA-256 (hex). Present in a backup's configuration
+   * (`BackupView.vm`), not in what `listVms` reports.
+   */
+  readonly contents?: { readonly base64: string; readonly sha256: string; readonly size: number };
+}
+
+/**
+ * UEFI firmware of a VM (OVMF): the read-only code flash is the host's file (a package such as
+ * Debian's `ovmf` provides it) and is never backed up; only its path is recorded.
+ */
+export interface VmFirmware {
+  /** The firmware code on the host (plain QEMU: pflash0; libvirt: `<loader>`). */
+  readonly code: string;
+  /** Its image format (plain QEMU's pflash0 node; 'raw' for libvirt). */
+  readonly codeFormat: string;
+  /** The VM's variable store, when it has one. */
+  readonly nvram?: VmNvram;
+  /** libvirt: `<nvram template=…>`, the store a fresh VM starts from. */
+  readonly nvramTemplate?: string;
+}
+
+/**
  * What the backup stores so the VM can be recreated: libvirt's domain XML, or for plain QEMU its
- * command line (from /proc/PID/cmdline) and its block graph (QMP query-named-block-nodes).
+ * command line (from /proc/PID/cmdline) and its block graph (QMP query-named-block-nodes); and,
+ * for a UEFI VM, its firmware and saved variable store (`firmware`).
  */
 export type VmConfiguration =
-  | { readonly kind: 'libvirt'; readonly domainXml: string }
-  | { readonly kind: 'qemu'; readonly commandLine: readonly string[]; readonly blockGraph: unknown };
+  | { readonly kind: 'libvirt'; readonly domainXml: string; readonly firmware?: VmFirmware }
+  | { readonly kind: 'qemu'; readonly commandLine: readonly string[]; readonly blockGraph: unknown; readonly firmware?: VmFirmware };
 
 /** A VM an adapter can back up. */
 export interface VmInfo {

@@ -1,6 +1,7 @@
 // What a backup stores in a restore point's "VM configuration" field (docs/data-path.md, "Point
 // metadata"): the VM's configuration as the adapter reported it, plus the hypervisor checkpoint
 // the next backup of the chain continues from. Plain JSON, UTF-8.
+import { createHash } from 'node:crypto';
 import { BulwarkError } from '../../common/errors.js';
 import type { Checkpoint, Consistency, HypervisorKind, VmConfiguration } from '../../hypervisor/types.js';
 
@@ -37,4 +38,25 @@ export function decodePointMetadata(raw: Buffer): PointMetadata | null {
     throw new BulwarkError('restore point metadata has no valid checkpoint', { kind: 'corrupt' });
   }
   return v as PointMetadata;
+}
+
+/**
+ * The UEFI variable store saved with a point (configuration.firmware.nvram.contents), checked
+ * against its recorded size and SHA-256; undefined when the VM has none saved (a BIOS VM, or a
+ * point written before stores were saved). A mismatch fails, naming the point and the file.
+ */
+export function savedNvram(meta: PointMetadata, pointId: string): Buffer | undefined {
+  const nvram = meta.configuration.firmware?.nvram;
+  const c = nvram?.contents;
+  if (!nvram || !c) return undefined;
+  const data = Buffer.from(c.base64, 'base64');
+  const sha256 = createHash('sha256').update(data).digest('hex');
+  if (data.length !== c.size || sha256 !== c.sha256) {
+    throw new BulwarkError(`the UEFI variable store (${nvram.path}) saved with restore point ${pointId} of VM ${meta.vm.name} is damaged: ${data.length} bytes, SHA-256 ${sha256}; recorded ${c.size} bytes, ${c.sha256}`, {
+      kind: 'corrupt',
+      context: { point: pointId, vm: meta.vm.name, file: nvram.path },
+      hint: 'restore from another restore point of this VM',
+    });
+  }
+  return data;
 }

@@ -11,7 +11,8 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger, type Logger } from '../../common/log.js';
 import { describeChanges, planDiskChanges, type BitmapState } from '../cbt/policy.js';
 import { dirtyBitmapContext } from '../nbd/protocol.js';
-import { processInfo } from '../qemu/discovery.js';
+import { processInfo, withSavedNvram } from '../qemu/discovery.js';
+import { domainFirmware } from './firmware.js';
 import { withFrozenGuest, type FileSystemFreezer } from '../qemu/freeze.js';
 import {
   checkpointName,
@@ -130,7 +131,9 @@ export class LibvirtHypervisor implements Hypervisor {
       });
     }
     const domainXml = await this.#virsh.run(['dumpxml', '--inactive', '--security-info', name]).catch(() => liveXml);
-    const info: VmInfo = { id: uuid ?? name, name, ...(uuid ? { uuid } : {}), state, disks, configuration: { kind: 'libvirt', domainXml } };
+    // The live XML names the firmware libvirt resolved (e.g. from `<os firmware='efi'>`).
+    const firmware = domainFirmware(liveXml) ?? domainFirmware(domainXml);
+    const info: VmInfo = { id: uuid ?? name, name, ...(uuid ? { uuid } : {}), state, disks, configuration: { kind: 'libvirt', domainXml, ...(firmware ? { firmware } : {}) } };
     return { info, disks, liveXml };
   }
 
@@ -309,6 +312,8 @@ export class LibvirtHypervisor implements Hypervisor {
         freezeWindowMs = r.freezeWindowMs;
         warnings.push(...r.warnings);
       }
+      // A UEFI domain's variable store is saved with its configuration, read right after the point in time.
+      const vmInfo = await withSavedNvram(info);
       const dumped = await this.#virsh.run(['backup-dumpxml', vm]);
       const views: BackupDiskView[] = plans.map(({ disk, changes }) => {
         const el = elements(dumped, 'disk').find((e) => attr(startTag(e, 'disk') ?? '', 'name') === disk.name);
@@ -324,7 +329,7 @@ export class LibvirtHypervisor implements Hypervisor {
       });
       let ended = false;
       return {
-        vm: info,
+        vm: vmInfo,
         checkpoint,
         consistency,
         freezeWindowMs,

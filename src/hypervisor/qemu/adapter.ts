@@ -26,15 +26,17 @@ import {
   type VmInfo,
 } from '../types.js';
 import {
+  disksFromQueryBlock,
   findAgentSocket,
   globFiles,
   processInfo,
   queryBitmaps,
-  queryDisks,
   queryRunState,
   socketOwnerPid,
+  withSavedNvram,
   type BitmapInfo,
   type QemuDisk,
+  type QueryBlockEntry,
 } from './discovery.js';
 import { withFrozenGuest, type FileSystemFreezer } from './freeze.js';
 import { openAgentFreezer } from './agent.js';
@@ -56,6 +58,8 @@ interface QemuVm {
   readonly qmpSocket: string;
   readonly disks: QemuDisk[];
   readonly instance: string;
+  /** What the backup should say about the VM's flash devices (firmware not saved). */
+  readonly firmwareWarnings: readonly string[];
 }
 
 /**
@@ -114,7 +118,7 @@ export class QemuHypervisor implements Hypervisor {
     const name = (await qmp.execute<{ name?: string }>('query-name')).name ?? path.basename(path.dirname(qmpSocket));
     const uuid = (await qmp.execute<{ UUID: string }>('query-uuid')).UUID;
     const state = await queryRunState(qmp);
-    const disks = await queryDisks(qmp);
+    const { disks, firmware, warnings: firmwareWarnings } = disksFromQueryBlock(await qmp.execute<QueryBlockEntry[]>('query-block'));
     const blockGraph = await qmp.execute('query-named-block-nodes', { flat: true });
     const pid = await socketOwnerPid(qmpSocket);
     const proc = pid === undefined ? { commandLine: [] as string[], instance: 'unknown' } : await processInfo(pid);
@@ -124,9 +128,9 @@ export class QemuHypervisor implements Hypervisor {
       ...(uuid && uuid !== '00000000-0000-0000-0000-000000000000' ? { uuid } : {}),
       state,
       disks,
-      configuration: { kind: 'qemu', commandLine: proc.commandLine, blockGraph },
+      configuration: { kind: 'qemu', commandLine: proc.commandLine, blockGraph, ...(firmware ? { firmware } : {}) },
     };
-    return { info, qmpSocket, disks, instance: proc.instance };
+    return { info, qmpSocket, disks, instance: proc.instance, firmwareWarnings };
   }
 
   async listVms(): Promise<VmInfo[]> {
@@ -324,6 +328,9 @@ class QemuBackup {
         warnings.push(...result.warnings);
       }
       await this.#startNbdServer();
+      // A UEFI VM's variable store is saved with its configuration, read right after the point in time.
+      const vmInfo = await withSavedNvram(this.#vm.info);
+      warnings.push(...this.#vm.firmwareWarnings);
       const views: BackupDiskView[] = [];
       for (const d of this.#disks) {
         const bitmaps = d.changes.kind === 'bitmap' ? [{ node: d.disk.nodeName, name: d.changes.bitmap }] : [];
@@ -339,7 +346,7 @@ class QemuBackup {
         views.push({ disk: d.disk, nbd: { socketPath: this.#nbdSocket, exportName: d.names.exportId }, size: d.disk.virtualSize, changes: d.changes });
       }
       return {
-        vm: this.#vm.info,
+        vm: vmInfo,
         checkpoint: this.#checkpoint,
         consistency,
         freezeWindowMs,

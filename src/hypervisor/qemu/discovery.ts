@@ -1,10 +1,14 @@
 // Finding plain QEMU VMs: QMP sockets matched by a glob, the QEMU process behind a socket (its PID
 // from /proc/net/unix + /proc/PID/fd, its command line from /proc/PID/cmdline), and what QMP says
 // about the VM's disks and block graph.
-import { readdir, readFile, readlink, stat } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { mkdtemp, readdir, readFile, readlink, rm, stat } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
+import { BulwarkError } from '../../common/errors.js';
+import { runTool } from '../../common/process.js';
 import type { QmpClient } from '../qmp/client.js';
-import type { VmDisk, VmRunState } from '../types.js';
+import type { VmDisk, VmFirmware, VmInfo, VmNvram, VmRunState } from '../types.js';
 
 /** Files matching a glob with `*` and `?` inside path segments (no `**`), sorted. */
 export async function globFiles(pattern: string): Promise<string[]> {
@@ -88,13 +92,15 @@ export async function processInfo(pid: number): Promise<{ commandLine: string[];
   return { commandLine, instance: `${pid}@${fields[19] ?? '0'}` };
 }
 
-interface QueryBlockEntry {
+/** One entry of QMP `query-block`. */
+export interface QueryBlockEntry {
   device: string;
   qdev?: string;
   inserted?: {
     'node-name'?: string;
     file: string;
     drv: string;
+    ro?: boolean;
     image: { filename: string; format: string; 'virtual-size': number };
   };
 }
@@ -104,13 +110,34 @@ export interface QemuDisk extends VmDisk {
   readonly nodeName: string;
 }
 
-/** The VM's disks from query-block: named by device id, else backend name, else node name. */
-export async function queryDisks(qmp: QmpClient): Promise<QemuDisk[]> {
-  const blocks = await qmp.execute<QueryBlockEntry[]>('query-block');
+/**
+ * Which system flash device a query-block entry is, or undefined for a disk: `-drive if=pflash`
+ * devices are named `pflash0`/`pflash1`; `-machine pflash0=NODE` (libvirt's style) has no device
+ * name, but both sit at the qdev path `/machine/system.flash0|1`.
+ */
+export function flashUnit(b: Pick<QueryBlockEntry, 'device' | 'qdev'>): number | undefined {
+  const m = b.qdev?.match(/^\/machine\/system\.flash(\d+)$/) ?? b.device.match(/^pflash(\d+)$/);
+  return m ? Number(m[1]) : undefined;
+}
+
+/**
+ * The VM's disks and its UEFI firmware from a query-block answer. Flash devices are never disks:
+ * unit 0 is the firmware code (the host's file, recorded by path), unit 1 the VM's variable store
+ * (saved with the configuration, not as a disk). Disks are named by device id, else backend name,
+ * else node name.
+ */
+export function disksFromQueryBlock(blocks: readonly QueryBlockEntry[]): { disks: QemuDisk[]; firmware: VmFirmware | undefined; warnings: string[] } {
   const disks: QemuDisk[] = [];
+  const flash = new Map<number, NonNullable<QueryBlockEntry['inserted']>>();
+  const warnings: string[] = [];
   for (const b of blocks) {
     const ins = b.inserted;
     if (!ins || !ins['node-name']) continue;
+    const unit = flashUnit(b);
+    if (unit !== undefined) {
+      flash.set(unit, ins);
+      continue;
+    }
     const qdevId = b.qdev?.match(/^\/machine\/peripheral\/([^/]+)/)?.[1];
     const name = qdevId ?? (b.device || ins['node-name']);
     disks.push({
@@ -123,7 +150,79 @@ export async function queryDisks(qmp: QmpClient): Promise<QemuDisk[]> {
       persistentBitmaps: ins.image.format === 'qcow2',
     });
   }
-  return disks;
+  const code = flash.get(0);
+  if (!code) {
+    if (flash.size > 0) warnings.push(`flash device(s) ${[...flash.keys()].map((u) => `pflash${u}`).join(', ')} without firmware code in pflash0: not saved`);
+    return { disks, firmware: undefined, warnings };
+  }
+  if (code.ro === false && !flash.has(1)) {
+    warnings.push(`firmware ${code.image.filename} is one writable flash (code and variables together): its variables are not saved; only its path is recorded`);
+  }
+  const vars = flash.get(1);
+  const nvram: VmNvram | undefined = vars ? { path: vars.image.filename, format: vars.image.format } : undefined;
+  return { disks, firmware: { code: code.image.filename, codeFormat: code.image.format, ...(nvram ? { nvram } : {}) }, warnings };
+}
+
+/** The VM's disks from query-block (flash devices are firmware, not disks: see disksFromQueryBlock). */
+export async function queryDisks(qmp: QmpClient): Promise<QemuDisk[]> {
+  return disksFromQueryBlock(await qmp.execute<QueryBlockEntry[]>('query-block')).disks;
+}
+
+/** Largest UEFI variable store saved with a point (OVMF's are 128 KiB or 528 KiB). */
+export const MAX_NVRAM_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Reads a VM's variable store as raw bytes (a qcow2 store through `qemu-img convert -U`, which
+ * reads while QEMU holds the file), for the configuration a backup saves. Fails, naming the VM
+ * and the file, when it is missing or larger than MAX_NVRAM_BYTES.
+ */
+export async function readNvram(nvram: VmNvram, vm: string): Promise<VmNvram> {
+  const context = { vm, file: nvram.path };
+  const tooBig = (size: number): BulwarkError =>
+    new BulwarkError(`the UEFI variable store ${nvram.path} of VM ${vm} is ${size} bytes, more than the ${MAX_NVRAM_BYTES} bytes a backup saves with the VM configuration`, {
+      kind: 'invalid',
+      context,
+      hint: 'a UEFI variable store is normally 128-528 KiB: check that this flash device really is the VM\'s NVRAM',
+    });
+  let data: Buffer;
+  try {
+    if (nvram.format === 'raw') {
+      const st = await stat(nvram.path);
+      if (st.size > MAX_NVRAM_BYTES) throw tooBig(st.size);
+      data = await readFile(nvram.path);
+    } else {
+      const info = JSON.parse(await runTool('qemu-img', ['info', '--output=json', '-U', '-f', nvram.format, nvram.path], `qemu-img info of the UEFI variable store of VM ${vm}`, { context })) as { 'virtual-size': number };
+      if (info['virtual-size'] > MAX_NVRAM_BYTES) throw tooBig(info['virtual-size']);
+      const dir = await mkdtemp(path.join(os.tmpdir(), 'bulwark-nvram-'));
+      try {
+        const raw = path.join(dir, 'nvram.raw');
+        await runTool('qemu-img', ['convert', '-U', '-f', nvram.format, '-O', 'raw', nvram.path, raw], `qemu-img convert of the UEFI variable store of VM ${vm}`, { context });
+        data = await readFile(raw);
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+  } catch (err) {
+    if (err instanceof BulwarkError) throw err;
+    throw new BulwarkError(`cannot read the UEFI variable store ${nvram.path} of VM ${vm}: ${(err as Error).message}`, {
+      kind: (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'not-found' : 'unavailable',
+      context,
+      hint: 'the backup saves the VM\'s NVRAM with its configuration; the agent must be able to read the file',
+      cause: err,
+    });
+  }
+  return { path: nvram.path, format: nvram.format, contents: { base64: data.toString('base64'), sha256: createHash('sha256').update(data).digest('hex'), size: data.length } };
+}
+
+/**
+ * The VM as a backup stores it: when it has a UEFI variable store, the store's contents read now
+ * (the point in time of the backup) go into its configuration. Other VMs are returned unchanged.
+ */
+export async function withSavedNvram(vm: VmInfo): Promise<VmInfo> {
+  const fw = vm.configuration.firmware;
+  if (!fw?.nvram) return vm;
+  const firmware: VmFirmware = { ...fw, nvram: await readNvram(fw.nvram, vm.name) };
+  return { ...vm, configuration: { ...vm.configuration, firmware } };
 }
 
 /** What QEMU reports about one dirty bitmap. */
