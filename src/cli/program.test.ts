@@ -6,13 +6,14 @@ import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { defaultJobBackupOptions, type Job } from '../server/services/model.js';
 import type { CliContext } from './context.js';
 import { runConsole } from './program.js';
 
 let dir: string;
 let server: http.Server;
 let eventCalls = 0;
-const job = { id: 'j1', name: 'nightly', version: 2, vms: ['web'], repository: 'main', method: 'forever-forward', retention: { points: 7 }, blockSize: 1048576, compression: 'zstd', schedule: null, enabled: true, retries: { count: 0, waitMinutes: 10 }, window: null, requireGuestProcessing: false, running: false, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' };
+const job: Job = { id: 'j1', name: 'nightly', version: 2, vms: ['web'], repository: 'main', method: 'forever-forward', retention: { points: 7 }, blockSize: 1048576, compression: 'zstd', schedule: null, enabled: true, retries: { count: 0, waitMinutes: 10 }, window: null, requireGuestProcessing: false, proxy: null, ...defaultJobBackupOptions, running: false, createdAt: '2026-01-01T00:00:00Z', updatedAt: '2026-01-01T00:00:00Z' };
 const session = (state: string, percent: number): object => ({
   id: 's1', jobName: 'nightly', jobId: 'j1', state, full: false, startedAt: new Date(Date.now() - 5000).toISOString(),
   ...(state === 'success' ? { endedAt: new Date().toISOString() } : {}),
@@ -34,6 +35,7 @@ beforeAll(async () => {
       const route = `${req.method} ${req.url}`;
       if (route === 'GET /api/v1/jobs') return reply(res, 200, { items: [job] });
       if (route === 'GET /api/v1/jobs/nightly') return reply(res, 200, job);
+      if (route === 'GET /api/v1/jobs/nightly/encryption') return reply(res, 500, { error: { kind: 'internal', message: 'the password store is unreadable' } });
       if (route === 'GET /api/v1/jobs/nope') return reply(res, 404, { error: { kind: 'not-found', message: 'job "nope" not found' } });
       if (route === 'PATCH /api/v1/jobs/nightly') {
         if (body.version !== job.version) return reply(res, 409, { error: { kind: 'conflict', message: 'job "nightly" was changed by someone else since you read it: reload' } });
@@ -104,6 +106,10 @@ describe('against the API', () => {
   });
 
   it('names the unknown job, the bad field, and says to reload after a stale edit', async () => {
+    // A part that cannot be read is shown as unknown with the server's reason, not hidden.
+    const shown = await run('job', 'show', 'nightly');
+    expect(shown.code, shown.err).toBe(0);
+    expect(shown.out).toMatch(/^encryption:\s+unknown \(the password store is unreadable\)$/m);
     const missing = await run('job', 'show', 'nope');
     expect(missing).toMatchObject({ code: 1, out: '' });
     expect(missing.err).toBe('bulwark: job "nope" not found\n');

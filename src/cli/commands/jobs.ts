@@ -1,6 +1,7 @@
 // `bulwark job …`, `bulwark session …`, `bulwark restore-point list`: what to back up, the runs
 // (sessions) and what they produced (restore points).
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { describeError } from '../../common/errors.js';
 import type { Job, PeriodicDays, RestorePoint, Session } from '../../server/services/model.js';
 import {
   at,
@@ -208,7 +209,11 @@ export function jobCommand(ctx: CliContext): Command {
       const client = await clientFor(ctx, cmd);
       const j = await client.get<Job>(at('/jobs', name));
       if (o.json) return printJson(ctx.output, j);
-      const enc = await client.get<JobEncryption>(at('/jobs', name, 'encryption')).catch(() => undefined);
+      // The job is shown even when its encryption setting cannot be read; the reason is shown with it.
+      const enc = await client.get<JobEncryption>(at('/jobs', name, 'encryption')).then(
+        (e) => encryptionText(e),
+        (err: unknown) => `unknown (${describeError(err)})`,
+      );
       ctx.output.out(
         formatFields([
           ['name', j.name],
@@ -233,7 +238,7 @@ export function jobCommand(ctx: CliContext): Command {
           ['file index', j.fileIndex],
           ['multithreaded transfer', j.multithreadedTransfer ? 'on (5 streams per task between agents)' : 'off (1 stream per task)'],
           ['storage', j.storage === 'per-job' ? 'one file set per job' : 'one chain per VM'],
-          ['encryption', encryptionText(enc)],
+          ['encryption', enc],
           ['enabled', j.enabled],
           ['running', j.running],
           ['version', j.version],
