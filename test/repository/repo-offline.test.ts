@@ -1,10 +1,12 @@
 // The offline console tools on a bare folder: `repo inspect` and `repo verify` (tables, JSON,
-// exit codes 0 clean / 1 damage).
+// exit codes 0 clean / 1 damage; an encrypted chain's password from $BULWARK_REPO_PASSWORD of the
+// console's environment).
 import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { repoInspectCommand, repoVerifyCommand } from '../../src/cli/commands/repo-offline.js';
+import { runConsole } from '../../src/cli/program.js';
 import { openRepository } from '../../src/repository/index.js';
 import { DiskModel, iterate } from '../../src/repository/test-helpers.js';
 
@@ -62,4 +64,33 @@ it('verify: 0 when clean, 1 with the damaged file named after a flipped byte', a
   }
   const d = capture();
   expect(await repoVerifyCommand(path.join(root, 'missing'), { json: false }, d.output)).toBe(1);
+});
+
+it('verify through the console: an encrypted chain is checked with $BULWARK_REPO_PASSWORD, CRCs only without it', async () => {
+  const encRoot = await mkdtemp(path.join(tmpdir(), 'bulwark-offline-enc-'));
+  try {
+    const repo = await openRepository(encRoot);
+    const m = new DiskModel(2 * BS + 5, BS);
+    const w = await repo.startRestorePoint({ job: 'nightly', vm: 'db', kind: 'full', blockSize: BS, threads: 0, encryption: { password: 'right horse', hint: 'the horse', log2N: 10 }, disks: [{ name: 'vda', size: m.size }] });
+    await w.writeDisk('vda', iterate(m.change([[0, 'data'], [2, 'data']])));
+    await w.commit();
+    const verify = async (env: Record<string, string>) => {
+      const o = { out: '', err: '' };
+      const ctx = { output: { out: (t: string) => void (o.out += t), err: (t: string) => void (o.err += t) }, env: { HOME: encRoot, ...env }, tty: false, reconnectLimitMs: 1000, exitCode: 0 };
+      const code = await runConsole(ctx, ['repo', 'verify', encRoot]);
+      return { code, ...o };
+    };
+    const withPassword = await verify({ BULWARK_REPO_PASSWORD: 'right horse' });
+    expect(withPassword.code, withPassword.err).toBe(0);
+    expect(withPassword.out).toMatch(/OK: no damage/);
+    expect(withPassword.out).not.toMatch(/warning/);
+    const without = await verify({});
+    expect(without.code).toBe(0);
+    expect(without.out).toMatch(/warning: chain \S+ of VM db is encrypted: no password given, so only CRCs were checked/);
+    const wrong = await verify({ BULWARK_REPO_PASSWORD: 'wrong horse' });
+    expect(wrong.code).toBe(0);
+    expect(wrong.out).toMatch(/warning: chain \S+ of VM db: .*; only CRCs were checked/);
+  } finally {
+    await rm(encRoot, { recursive: true, force: true });
+  }
 });

@@ -344,7 +344,9 @@ export function repoCommand(ctx: CliContext): Command {
 
   repo
     .command('verify')
-    .description('check every block of a repository folder (PATH), or of a repository by NAME whose folder is on this host')
+    .description(
+      'check every block of a repository folder (PATH), or of a repository by NAME whose folder is on this host; encrypted chains: the plain data\'s digests too with their password in $BULWARK_REPO_PASSWORD (CRCs only without it)',
+    )
     .argument('<path-or-name>')
     .addOption(jsonOption())
     .action(async (target: string, o: { json?: boolean }, cmd: Command) => {
@@ -363,7 +365,7 @@ export function repoCommand(ctx: CliContext): Command {
         path = r.path;
       }
       const { repoVerifyCommand } = await import('./repo-offline.js');
-      ctx.exitCode = await repoVerifyCommand(path, { json: o.json ?? false }, ctx.output);
+      ctx.exitCode = await repoVerifyCommand(path, { json: o.json ?? false, password: ctx.env.BULWARK_REPO_PASSWORD }, ctx.output);
     });
 
   return repo;

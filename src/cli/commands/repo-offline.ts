@@ -1,6 +1,7 @@
 // `bulwark repo inspect PATH` and `bulwark repo verify PATH`: offline tools that work on a bare
 // repository folder with no server. Thin glue over src/repository (inspect/verify reports).
-// Encrypted chains: the password comes from $BULWARK_REPO_PASSWORD (verify checks CRCs without it).
+// Encrypted chains: the password comes from $BULWARK_REPO_PASSWORD, passed in by the command
+// (verify checks CRCs without it).
 import path from 'node:path';
 import { describeError } from '../../common/errors.js';
 import { inspectRepository, verifyRepository, type InspectPoint } from '../../repository/index.js';
@@ -52,10 +53,10 @@ export async function repoInspectCommand(repoPath: string, opts: { json: boolean
 }
 
 /** Checks every block of every point; prints where damage is; 0 when clean, 1 when damaged. */
-export async function repoVerifyCommand(repoPath: string, opts: { json: boolean }, output: Output = processOutput): Promise<number> {
+export async function repoVerifyCommand(repoPath: string, opts: { json: boolean; password?: string | undefined }, output: Output = processOutput): Promise<number> {
   let report;
   try {
-    report = await verifyRepository(repoPath, { password: process.env.BULWARK_REPO_PASSWORD });
+    report = await verifyRepository(repoPath, { password: opts.password });
   } catch (err) {
     output.err(`error: ${describeError(err)}\n`);
     return 1;
