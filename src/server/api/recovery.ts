@@ -7,6 +7,7 @@
 // (src/server/dispatch/recovery.ts, docs/formats/agent-link.md "Restore tasks"). See
 // docs/restore-vm.md and docs/instant-recovery.md.
 import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { Value } from '@sinclair/typebox/value';
 import type { FastifyPluginAsync } from 'fastify';
 import { randomBytes } from 'node:crypto';
 import { readdir, rm } from 'node:fs/promises';
@@ -108,6 +109,39 @@ const MigrateBody = Type.Object(
   { storage: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder for the VM\'s own disks (default <data>/vms/NAME)' })) },
   { additionalProperties: false },
 );
+
+/** What a host agent answers a restore-vm task with: RestoreVmResult as JSON, checked before use. */
+const RemoteRestoreVmResult = Type.Object({
+  point: Type.String(),
+  vm: Type.String(),
+  toOriginal: Type.Boolean(),
+  hypervisor: Type.Union([Type.Literal('qemu'), Type.Literal('libvirt')]),
+  disks: Type.Array(
+    Type.Object({ name: Type.String(), path: Type.String(), format: Type.Union([Type.Literal('raw'), Type.Literal('qcow2')]), size: Type.Number(), sha256: Type.String() }),
+  ),
+  vmDir: Type.Optional(Type.String()),
+  startScript: Type.Optional(Type.String()),
+  qmpSocket: Type.Optional(Type.String()),
+  uuid: Type.Optional(Type.String()),
+  poweredOn: Type.Boolean(),
+  warnings: Type.Array(Type.String()),
+  durationMs: Type.Number(),
+});
+
+/**
+ * The result of a VM restore an agent reports, or an error naming the agent, the point and the
+ * first field that is not as expected (an agent of another version, a damaged reply).
+ */
+export function remoteRestoreVmResult(raw: unknown, agent: string, pointId: string): RestoreVmResult {
+  if (Value.Check(RemoteRestoreVmResult, raw)) return raw;
+  const first = Value.Errors(RemoteRestoreVmResult, raw).First();
+  const where = first ? `${first.path || 'the result'}: ${first.message}` : 'unexpected shape';
+  throw new BulwarkError(`agent ${agent} reported the restore of point ${pointId} with a result this server cannot read (${where})`, {
+    kind: 'internal',
+    context: { agent, point: pointId },
+    hint: 'the agent may run another Bulwark version than the server: update it',
+  });
+}
 
 function errorInfo(err: unknown): Static<typeof ErrorInfo> {
   if (err instanceof BulwarkError) return { kind: err.kind, message: err.message, ...(err.hint ? { hint: err.hint } : {}) };
@@ -398,7 +432,7 @@ export class RecoveryService {
           }
         },
       });
-      return raw as unknown as RestoreVmResult;
+      return remoteRestoreVmResult(raw, remote.agentOf(host.agent), pointId);
     };
   }
 
