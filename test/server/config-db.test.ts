@@ -143,6 +143,8 @@ describe.each(engines)('configuration database on %s', (engine) => {
     const refused = await rejects(infra.deleteRepository(ctx, 'main'));
     expect(refused.kind).toBe('conflict');
     expect(refused.message).toContain('holds 1 restore point');
+    // No command deletes a point: the hint says how points leave the catalog.
+    expect(refused.hint).toBe('points leave the catalog through their job\'s retention or `bulwark exports delete` (exports), or when their folder is gone from the repository and `bulwark repo rescan main` runs');
     await sessions.deleteRestorePoint(ctx, points[0]!.id);
     await infra.deleteRepository(ctx, 'main');
     expect(await infra.listRepositories(ctx)).toEqual([]);

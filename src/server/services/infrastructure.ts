@@ -278,9 +278,14 @@ export async function deleteRepository(ctx: ServiceContext, name: string): Promi
     .where('repository_id', '=', r.id)
     .executeTakeFirstOrThrow();
   if (Number(points.n) > 0) {
-    throw new BulwarkError(`repository "${r.name}" holds ${Number(points.n)} restore point(s): delete them first`, {
+    // There is no command that deletes a restore point: say how points leave the catalog (a rescan
+    // reads folders on this host only).
+    const agent = r.agent_id === null ? null : ((await agentNames(ctx)).get(r.agent_id) ?? r.agent_id);
+    const rescan = agent === null || agent === 'local' ? `, or when their folder is gone from the repository and \`bulwark repo rescan ${r.name}\` runs` : '';
+    throw new BulwarkError(`repository "${r.name}" holds ${Number(points.n)} restore point(s)`, {
       kind: 'conflict',
       context: { repository: r.name, restorePoints: Number(points.n) },
+      hint: `points leave the catalog through their job's retention or \`bulwark exports delete\` (exports)${rescan}`,
     });
   }
   const job = await ctx.db.selectFrom('jobs').select('name').where('repository_id', '=', r.id).executeTakeFirst();
