@@ -18,7 +18,7 @@ const VM = 'mhidx-vm';
 const FILE = 'quarterly report.txt';
 let h: MultiHost;
 
-describe.skipIf(skipReason !== '')('file index of points on a repository agent', () => {
+describe.skipIf(skipReason !== '')(`file index of points on a repository agent${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
   beforeAll(async () => {
     const work = mkdtempSync(path.join(tmpdir(), 'bulwark-mh-index-'));
     try {

@@ -91,7 +91,7 @@ function kill(pid: number | null | undefined): void {
   }
 }
 
-describe.skipIf(skipReason !== '')('restore onto another agent\'s host', () => {
+describe.skipIf(skipReason !== '')(`restore onto another agent's host${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
   beforeAll(async () => {
     h = await MultiHost.start({ vm: 'rst-none', disk: Buffer.alloc(1024 * 1024) });
     dst = await h.addAgent('dst1', 'd');
