@@ -5,6 +5,7 @@ import type { HypervisorConnection } from '../hypervisor/index.js';
 import type { StageBusy } from './stage-times.js';
 import type { NamedLimit } from './throttle.js';
 import type { FileIndexTask } from './file-index-task.js';
+import type { MountTask } from './mount-tasks.js';
 import type { RestoreTask } from './restore-tasks.js';
 
 /** A restore point as JSON (RestorePointInfo with `time` as an ISO string). */
@@ -191,7 +192,7 @@ export interface RemovedVmSweepResult {
   readonly vms: ReadonlyArray<{ readonly vm: string; readonly removedPoints: readonly string[]; readonly points: readonly WirePoint[] }>;
 }
 
-export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask | RemovedVmSweepTask | RestoreTask | FileIndexTask;
+export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask | RemovedVmSweepTask | RestoreTask | FileIndexTask | MountTask;
 
 /** `POST /agents/tasks/poll` body. */
 export interface PollRequest {

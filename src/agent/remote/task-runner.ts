@@ -27,6 +27,7 @@ import { methodSettings, splitDisks } from '../backup/chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { runFileIndexTask } from './index-task.js';
+import { MountTasks } from './mount-tasks.js';
 import { backupVmByDisks, RemoteRestorePointTarget } from './remote-target.js';
 import { RestoreTasks } from './restore-tasks.js';
 import { pointFromWire, pointToWire, RepositorySink } from './repository-sink.js';
@@ -76,6 +77,8 @@ export class AgentTaskRunner {
   #receiver: Promise<TransferReceiver> | undefined;
   /** Restore tasks (restore-tasks.ts): VM restore, instant recovery, serving points to other agents. */
   readonly #restore: RestoreTasks;
+  /** Mount tasks (mount-tasks.ts): this agent as mount server for file-level restore. */
+  readonly #mounts: MountTasks;
   #closed = false;
   #loop: Promise<void> | undefined;
   #flusher: NodeJS.Timeout | undefined;
@@ -93,6 +96,13 @@ export class AgentTaskRunner {
       grant: (taskId, grant) => (grant ? this.#grants.set(taskId, grant) : this.#grants.delete(taskId)),
       emit: (taskId, e) => this.#emit(taskId, e),
     });
+    this.#mounts = new MountTasks({
+      name: options.name,
+      tls: options.tls,
+      dataDir: options.dataDir ?? path.join(tmpdir(), `bulwark-agent-${options.name}`),
+      repository: (p) => this.#repository(p),
+      emit: (taskId, e) => this.#emit(taskId, e),
+    });
   }
 
   start(): void {
@@ -105,6 +115,7 @@ export class AgentTaskRunner {
     clearInterval(this.#flusher);
     for (const r of this.#running.values()) r.abort.abort(new BulwarkError('the agent is shutting down', { kind: 'unavailable' }));
     await this.#restore.close().catch((err: unknown) => log.warn({ err: describeError(err) }, 'stopping instant recovery sessions failed'));
+    await this.#mounts.close().catch((err: unknown) => log.warn({ err: describeError(err) }, 'undoing file-restore mounts failed'));
     const receiver = await this.#receiver?.catch(() => undefined);
     await receiver?.close();
     await this.#flush().catch(() => undefined);
@@ -208,6 +219,8 @@ export class AgentTaskRunner {
           return this.#restore.run(task, r.abort.signal);
         case 'file-index':
           return runFileIndexTask({ repository: (p) => this.#repository(p) }, task);
+        case 'mount':
+          return this.#mounts.run(task, r.abort.signal);
       }
     };
     run().then(

@@ -33,12 +33,17 @@ interface MountInfo {
   skipped: Array<{ name: string; type: string; reason: string }>;
   warnings: string[];
   notes: string[];
+  /** The agent holding the mount (absent: the server process). */
+  agent?: string;
+  host?: string;
 }
 
 interface RestoreFilesReply {
   point: string;
   vm: string;
   target: string;
+  /** The agent that mounted the point and wrote the files (absent: the server process). */
+  agent?: string;
   items: Array<{ path: string; filesystem: string; inside: string; to: string }>;
   files: number;
   directories: number;
@@ -61,7 +66,7 @@ function describeMount(m: MountInfo): string {
   let s = formatFields([
     ['mount', m.id],
     ['restore point', `${m.point} (VM ${m.vm}, ${localTime(m.time)})`],
-    ['mounted at', m.at],
+    ['mounted at', m.agent !== undefined ? `${m.at} (on agent ${m.agent}'s host${m.host !== undefined ? ` ${m.host}` : ''})` : m.at],
     ['held', m.detached ? 'detached: until `bulwark mount unmount ID`' : 'until this command ends'],
   ]);
   s += '\n';
@@ -82,11 +87,12 @@ export function mountCommand(ctx: CliContext): Command {
   const mount = new Command('mount')
     .description('show the guest file systems of a restore point read-only (held until Ctrl-C, or --detach)')
     .argument('[point]', 'restore point id, VM@latest or VM@<ISO time>')
-    .option('--at <dir>', 'folder to mount under (new or empty; on the server host). Default: under the server\'s data directory')
+    .option('--at <dir>', 'folder to mount under (new or empty; on the mount server\'s host). Default: under its data directory')
+    .option('--host <host>', 'host whose agent mounts the point (default: the agent of the point\'s repository, or the server)')
     .option('--detach', 'return at once and keep the mount until `bulwark mount unmount ID`')
     .addOption(passwordFileOption())
     .addOption(new Option('--json', 'print the mount as JSON'))
-    .action(async (point: string | undefined, o: { at?: string; detach?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
+    .action(async (point: string | undefined, o: { at?: string; host?: string; detach?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       if (point === undefined) {
         cmd.help({ error: true });
         return;
@@ -97,6 +103,7 @@ export function mountCommand(ctx: CliContext): Command {
         client.post<MountInfo>('/mounts', {
           point: id,
           ...(o.at !== undefined ? { at: path.resolve(o.at) } : {}),
+          ...(o.host !== undefined ? { host: o.host } : {}),
           ...(o.detach ? { detached: true } : {}),
           ...pw,
         }),
@@ -162,6 +169,7 @@ export function mountCommand(ctx: CliContext): Command {
           { header: 'held', value: (m) => (m.detached ? 'detached' : 'console') },
           { header: 'file systems', value: (m) => m.filesystems.map((f) => `${f.name}-${f.type}`) },
           { header: 'mounted at', value: (m) => m.at },
+          { header: 'agent', value: (m) => m.agent ?? '(server)' },
         ]),
       );
     });
@@ -184,13 +192,14 @@ export function registerRestoreFiles(restore: Command, ctx: CliContext): void {
     .description('copy files and folders out of a restore point, to a folder or back into the running VM')
     .argument('<point>', 'restore point id, VM@latest or VM@<ISO time>')
     .requiredOption('--path <path>', 'guest path (/etc/hostname, "/home/u/My Docs") or FS:/path (vdb2:/srv); repeat for more', collect)
-    .option('--to <dir>', 'folder to copy into (on the server host); each path lands under its own name')
+    .option('--to <dir>', 'folder to copy into (on the mount server\'s host); each path lands under its own name')
+    .option('--host <host>', 'host whose agent mounts the point and writes the files (default: the agent of the point\'s repository; with --to-guest the VM\'s host)')
     .option('--to-guest', 'write back into the running original VM at the same paths, through its guest agent')
     .addOption(new Option('--conflict <mode>', 'with --to-guest: when a path exists').argParser(oneOf('--conflict', ['fail', 'overwrite', 'keep-both'] as const)).default('fail'))
     .option('--overwrite', 'with --to: replace existing files')
     .addOption(passwordFileOption())
     .addOption(new Option('--json', 'print the result as JSON'))
-    .action(async (point: string, o: { path: string[]; to?: string; toGuest?: boolean; conflict: 'fail' | 'overwrite' | 'keep-both'; overwrite?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { path: string[]; to?: string; host?: string; toGuest?: boolean; conflict: 'fail' | 'overwrite' | 'keep-both'; overwrite?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       if ((o.to === undefined) === !o.toGuest) {
         throw new BulwarkError('say where to: --to DIR or --to-guest', { kind: 'invalid', hint: 'e.g. bulwark restore files web01@latest --path /etc/hostname --to /tmp/restored' });
       }
@@ -200,6 +209,7 @@ export function registerRestoreFiles(restore: Command, ctx: CliContext): void {
         client.post<RestoreFilesReply>(at('/restore-points', id, 'restore-files'), {
           paths: o.path,
           ...(o.to !== undefined ? { to: path.resolve(o.to) } : { toGuest: true, conflict: o.conflict }),
+          ...(o.host !== undefined ? { host: o.host } : {}),
           ...(o.overwrite ? { overwrite: true } : {}),
           ...pw,
         }),
@@ -209,6 +219,7 @@ export function registerRestoreFiles(restore: Command, ctx: CliContext): void {
         formatFields([
           ['restore point', `${reply.point} (VM ${reply.vm})`],
           ['restored to', reply.target],
+          ...(reply.agent !== undefined ? [['by agent', reply.agent] as [string, string]] : []),
           ['copied', `${reply.files} files, ${reply.directories} folders, ${reply.symlinks} links, ${humanSize(reply.bytes)}`],
         ]),
       );

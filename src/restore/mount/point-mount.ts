@@ -11,16 +11,35 @@ import type { ChainKeys } from '../../repository/chain-keys.js';
 import type { Repository, RestorePointInfo } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
 import { EXPLICIT_PATH, fsName, guestLayout, matchFstabSpec, mountpointOf, parseFstab, type GuestLayout } from './guest-paths.js';
-import { mountDisks, openDisks, volumeName, type FoundVolume, type Mount, type MountedFileSystem } from './mount.js';
+import { mountDisks, openDisks, volumeName, type DiskToMount, type FoundVolume, type Mount, type MountedFileSystem } from './mount.js';
 
 const log = logger('point-mount');
 
-export interface PointMount {
-  readonly point: RestorePointInfo;
+/** What a mount needs to know of its point: id, VM and time (a catalog or repository point). */
+export interface PointIdentity {
+  readonly id: string;
+  readonly vm: string;
+  readonly time: Date;
+}
+
+export interface PointMount<P extends PointIdentity = RestorePointInfo> {
+  readonly point: P;
   /** The chain's KDF parameters and keys when it is encrypted (to seal what is derived from the point). */
   readonly encryption?: { readonly kdf: KdfParams; readonly keys: ChainKeys } | null;
   readonly mount: Mount;
   readonly layout: GuestLayout;
+  close(): Promise<void>;
+}
+
+/**
+ * A point's disks ready to be mounted, from wherever they are read (a repository here, or another
+ * agent's repository through the data mover: src/agent/remote/restore-reader.ts). close() closes
+ * the disks and the point; mountPoint calls it when the mount is closed or fails.
+ */
+export interface MountablePoint<P extends PointIdentity = PointIdentity> {
+  readonly point: P;
+  readonly disks: readonly DiskToMount[];
+  readonly encryption?: { readonly kdf: KdfParams; readonly keys: ChainKeys } | null;
   close(): Promise<void>;
 }
 
@@ -39,7 +58,7 @@ export interface FileSystemView {
   readonly mountpoint?: string;
 }
 
-export function describeFileSystems(m: Pick<PointMount, 'mount' | 'layout'>): FileSystemView[] {
+export function describeFileSystems(m: Pick<PointMount<PointIdentity>, 'mount' | 'layout'>): FileSystemView[] {
   return m.mount.filesystems.map((f: MountedFileSystem) => {
     const mp = mountpointOf(m.layout, f);
     return {
@@ -55,15 +74,11 @@ export function describeFileSystems(m: Pick<PointMount, 'mount' | 'layout'>): Fi
   });
 }
 
-export interface MountPointOptions {
-  readonly repository: Repository;
-  readonly pointId: string;
+/** Where and what to mount (mountPoint, mountRestorePoint). */
+export interface MountWhere {
   /** Folder to mount under (created; must not hold anything). */
   readonly at: string;
   readonly runDir?: string;
-  readonly password?: string;
-  /** Block cache per disk (default 64 MiB). */
-  readonly cacheBytes?: number;
   /**
    * Mount only the file systems these paths are on (as `restore files` takes them: a guest path
    * `/etc/hostname`, or `vdb2:/srv` naming its file system), not all of them. A guest path needs
@@ -74,18 +89,47 @@ export interface MountPointOptions {
   readonly placeInGuest?: boolean;
 }
 
+export interface MountPointOptions extends MountWhere {
+  readonly repository: Repository;
+  readonly pointId: string;
+  readonly password?: string;
+  /** Block cache per disk (default 64 MiB). */
+  readonly cacheBytes?: number;
+}
+
+/** Opens a point of a repository on this host for mounting: each disk read through a block cache. */
+export async function openRepositoryPoint(repository: Repository, pointId: string, o: { password?: string; cacheBytes?: number } = {}): Promise<MountablePoint<RestorePointInfo>> {
+  const point = await repository.openRestorePoint(pointId, o.password === undefined ? {} : { password: o.password });
+  const disks = point.disks.map((d) => ({ name: d.name, disk: withBlockCache(point.openDisk(d.name), { maxBytes: o.cacheBytes ?? 64 * 1024 * 1024 }) }));
+  const kdf = point.files[0]?.header.encryption ?? null;
+  return {
+    point: point.info,
+    disks,
+    encryption: kdf && point.keys ? { kdf, keys: point.keys } : null,
+    close: async () => {
+      for (const d of disks) await d.disk.close().catch((err: unknown) => log.warn({ disk: d.name, err: describeError(err) }, 'closing a restore point disk failed'));
+      await point.close();
+    },
+  };
+}
+
 /** Mounts a restore point's file systems; on failure nothing is left mounted or open. */
 export async function mountRestorePoint(o: MountPointOptions): Promise<PointMount> {
-  const point = await o.repository.openRestorePoint(o.pointId, o.password === undefined ? {} : { password: o.password });
-  const disks = point.disks.map((d) => ({ name: d.name, disk: withBlockCache(point.openDisk(d.name), { maxBytes: o.cacheBytes ?? 64 * 1024 * 1024 }) }));
-  const closeDisks = async (): Promise<void> => {
-    for (const d of disks) await d.disk.close().catch((err: unknown) => log.warn({ disk: d.name, err: describeError(err) }, 'closing a restore point disk failed'));
-    await point.close();
-  };
+  const source = await openRepositoryPoint(o.repository, o.pointId, { ...(o.password !== undefined ? { password: o.password } : {}), ...(o.cacheBytes !== undefined ? { cacheBytes: o.cacheBytes } : {}) });
+  return mountPoint(source, o);
+}
+
+/**
+ * Mounts the file systems of a point's disks (all, or those `paths` need) and works out the
+ * guest's layout. Takes over `source`: it is closed with the mount, or at once on failure, when
+ * nothing is left mounted.
+ */
+export async function mountPoint<P extends PointIdentity>(source: MountablePoint<P>, o: MountWhere): Promise<PointMount<P>> {
+  const closeDisks = (): Promise<void> => source.close();
   let mount: Mount;
   try {
     const mountOptions = { at: o.at, ...(o.runDir !== undefined ? { runDir: o.runDir } : {}) };
-    mount = o.paths === undefined ? await mountDisks(disks, mountOptions) : await openDisks(disks, mountOptions);
+    mount = o.paths === undefined ? await mountDisks(source.disks, mountOptions) : await openDisks(source.disks, mountOptions);
   } catch (err) {
     await closeDisks();
     throw err;
@@ -106,10 +150,9 @@ export async function mountRestorePoint(o: MountPointOptions): Promise<PointMoun
     throw err;
   }
   let closing: Promise<void> | undefined;
-  const kdf = point.files[0]?.header.encryption ?? null;
   return {
-    point: point.info,
-    encryption: kdf && point.keys ? { kdf, keys: point.keys } : null,
+    point: source.point,
+    encryption: source.encryption ?? null,
     mount,
     layout,
     close: () =>

@@ -9,7 +9,7 @@ import { logger } from '../../common/log.js';
 import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
 import type { CopyReport } from './copy-out.js';
 import { resolveGuestPath, fsName, type ResolvedGuestPath } from './guest-paths.js';
-import type { PointMount } from './point-mount.js';
+import type { PointIdentity, PointMount } from './point-mount.js';
 
 const log = logger('restore-files');
 
@@ -29,13 +29,13 @@ export interface RestoreFilesResult extends CopyReport {
   readonly items: RestoredItem[];
 }
 
-function resolveAll(m: PointMount, paths: readonly string[]): ResolvedGuestPath[] {
+function resolveAll(m: PointMount<PointIdentity>, paths: readonly string[]): ResolvedGuestPath[] {
   if (paths.length === 0) throw new BulwarkError('no path to restore was given', { kind: 'invalid', hint: 'name one or more guest paths with --path' });
   return paths.map((p) => resolveGuestPath(m.layout, m.mount.filesystems, p, m.mount.volumes));
 }
 
 /** Copies guest paths into a host folder, each under its own name. */
-export async function restoreFilesToDir(m: PointMount, paths: readonly string[], toDir: string, opts: { overwrite?: boolean } = {}): Promise<RestoreFilesResult> {
+export async function restoreFilesToDir(m: PointMount<PointIdentity>, paths: readonly string[], toDir: string, opts: { overwrite?: boolean } = {}): Promise<RestoreFilesResult> {
   const resolved = resolveAll(m, paths);
   for (const r of resolved) await assertExists(r);
   const report = await m.mount.copyOut(
@@ -132,7 +132,7 @@ async function planEntry(host: string, guest: string, plan: GuestPlan): Promise<
  * the restored one is written beside it as `NAME.restored-<point time>`), fail (default).
  */
 export async function restoreFilesToGuest(
-  m: PointMount,
+  m: PointMount<PointIdentity>,
   paths: readonly string[],
   qga: GuestAgent,
   opts: { conflict?: GuestConflict } = {},

@@ -9,7 +9,7 @@ import { join, resolve } from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { Repository } from '../../repository/index.js';
-import { describeFileSystems, mountRestorePoint, type FileSystemView, type PointMount } from './point-mount.js';
+import { describeFileSystems, mountPoint, openRepositoryPoint, type FileSystemView, type MountablePoint, type PointIdentity, type PointMount } from './point-mount.js';
 import { fsName } from './guest-paths.js';
 
 const log = logger('mount-sessions');
@@ -28,11 +28,20 @@ export interface MountSessionInfo {
   readonly warnings: string[];
   /** How guest paths were placed (root recognised or not, fstab lines that matched nothing). */
   readonly notes: string[];
+  /** The agent that holds the mount (the mount server), when it is not this process. */
+  readonly agent?: string;
+  /** The host named with --host, when one was. */
+  readonly host?: string;
 }
 
 export interface OpenMountOptions {
-  readonly repository: Repository;
+  /** The point in a repository here (with pointId and password), or `source`: disks read elsewhere. */
+  readonly repository?: Repository;
   readonly pointId: string;
+  /** The point's disks, read from wherever they are (another agent's repository: restore-reader.ts); taken over. */
+  readonly source?: MountablePoint;
+  /** The mount's id (default a new UUID; an agent uses the server's). */
+  readonly id?: string;
   /** Folder to mount under; default `<defaultRoot>/<vm>-<time>-<short id>`. */
   readonly at?: string;
   readonly detached?: boolean;
@@ -42,7 +51,10 @@ export interface OpenMountOptions {
 
 interface Entry {
   info: MountSessionInfo;
-  mount: PointMount;
+  /** The live mount in this process, or undefined for a mount another process (an agent) holds. */
+  mount: PointMount<PointIdentity> | undefined;
+  /** Undoes a mount held elsewhere (registered with adopt). */
+  closeRemote: (() => Promise<void>) | undefined;
   holders: number;
   graceTimer: NodeJS.Timeout | undefined;
   /** Set once unmounting started; the entry stays listed until it is done. */
@@ -62,18 +74,22 @@ export class MountSessions {
   }
 
   async open(o: OpenMountOptions): Promise<MountSessionInfo> {
-    const id = randomUUID();
-    const info0 = (await o.repository.findRestorePoint(o.pointId)).point;
-    const stamp = info0.time.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
-    const at = resolve(o.at ?? join(this.#defaultRoot, `${info0.vm.replace(/[^A-Za-z0-9._-]/g, '_')}-${stamp}-${id.slice(0, 8)}`));
-    await assertEmptyOrMissing(at);
-    const mount = await mountRestorePoint({
-      repository: o.repository,
-      pointId: o.pointId,
-      at,
-      ...(this.#runDir !== undefined ? { runDir: this.#runDir } : {}),
-      ...(o.password !== undefined ? { password: o.password } : {}),
-    });
+    const id = o.id ?? randomUUID();
+    let source = o.source;
+    if (!source) {
+      if (!o.repository) throw new BulwarkError(`mount of restore point ${o.pointId}: no repository and no source`, { kind: 'internal' });
+      source = await openRepositoryPoint(o.repository, o.pointId, o.password !== undefined ? { password: o.password } : {});
+    }
+    let at: string;
+    try {
+      const stamp = source.point.time.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+      at = resolve(o.at ?? join(this.#defaultRoot, `${source.point.vm.replace(/[^A-Za-z0-9._-]/g, '_')}-${stamp}-${id.slice(0, 8)}`));
+      await assertEmptyOrMissing(at);
+    } catch (err) {
+      await source.close();
+      throw err;
+    }
+    const mount = await mountPoint(source, { at, ...(this.#runDir !== undefined ? { runDir: this.#runDir } : {}) });
     const info: MountSessionInfo = {
       id,
       point: mount.point.id,
@@ -87,9 +103,32 @@ export class MountSessions {
       warnings: [...mount.mount.warnings],
       notes: [...mount.layout.notes],
     };
-    const entry: Entry = { info, mount, holders: 0, graceTimer: undefined, closing: undefined };
+    this.#add({ info, mount, closeRemote: undefined, holders: 0, graceTimer: undefined, closing: undefined });
+    log.info({ id, point: info.point, vm: info.vm, at, filesystems: info.filesystems.length }, 'restore point mounted');
+    return info;
+  }
+
+  /**
+   * Lists (and holds, as open() does) a mount another process holds — an agent's mount server;
+   * `close` undoes it there. When it ends by itself (its agent went away), call forget().
+   */
+  adopt(info: MountSessionInfo, close: () => Promise<void>): MountSessionInfo {
+    this.#add({ info, mount: undefined, closeRemote: close, holders: 0, graceTimer: undefined, closing: undefined });
+    return info;
+  }
+
+  /** Drops a mount that ended by itself (an adopted one whose agent let go); no unmount is tried. */
+  forget(id: string): void {
+    const e = this.#entries.get(id);
+    if (!e) return;
+    clearTimeout(e.graceTimer);
+    this.#entries.delete(id);
+  }
+
+  #add(entry: Entry): void {
+    const { id, at } = entry.info;
     this.#entries.set(id, entry);
-    if (!info.detached) {
+    if (!entry.info.detached) {
       entry.graceTimer = setTimeout(() => {
         if (entry.holders === 0) {
           log.warn({ id, at }, 'nobody held the mount in time; unmounting');
@@ -98,8 +137,6 @@ export class MountSessions {
       }, this.#graceMs);
       entry.graceTimer.unref();
     }
-    log.info({ id, point: info.point, vm: info.vm, at, filesystems: info.filesystems.length }, 'restore point mounted');
-    return info;
   }
 
   list(): MountSessionInfo[] {
@@ -111,8 +148,10 @@ export class MountSessions {
   }
 
   /** The live mount (for copying out). */
-  pointMount(id: string): PointMount {
-    return this.#entry(id).mount;
+  pointMount(id: string): PointMount<PointIdentity> {
+    const e = this.#entry(id);
+    if (!e.mount) throw new BulwarkError(`mount ${id} is held by agent ${e.info.agent ?? '?'}, not by this process`, { kind: 'invalid', context: { mount: id } });
+    return e.mount;
   }
 
   /**
@@ -141,7 +180,8 @@ export class MountSessions {
     clearTimeout(e.graceTimer);
     e.closing ??= (async () => {
       try {
-        await e.mount.close();
+        if (e.mount) await e.mount.close();
+        else await e.closeRemote?.();
       } finally {
         this.#entries.delete(e.info.id);
       }

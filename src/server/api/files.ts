@@ -4,28 +4,28 @@
 // guest agent, build a point's guest file index, and search the indexes.
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { FastifyPluginAsync } from 'fastify';
+import { randomUUID } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
-import { ToolError } from '../../common/process.js';
 import { logger } from '../../common/log.js';
-import { QemuHypervisor } from '../../hypervisor/qemu/adapter.js';
-import { findAgentSocket } from '../../hypervisor/qemu/discovery.js';
-import { QgaClient } from '../../hypervisor/qga/client.js';
+import type { HypervisorConnection } from '../../hypervisor/index.js';
+import { findGuestAgent } from '../../hypervisor/qga/connect.js';
 import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
-import { connectLibvirtGuestAgent } from '../../hypervisor/qga/libvirt.js';
-import { QmpClient } from '../../hypervisor/qmp/client.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { unlockChain, type ChainKeys } from '../../repository/chain-keys.js';
 import { fileIndexPath, indexRestorePoint, mergeSearchResults, searchIndexes, type IndexResult, type SearchablePoint, type SearchResult } from '../../restore/catalog/catalog.js';
 import type { IndexUnlock } from '../../restore/catalog/sealed-index.js';
 import { mountRestorePoint } from '../../restore/mount/point-mount.js';
 import { restoreFilesToDir, restoreFilesToGuest, type RestoreFilesResult } from '../../restore/mount/restore-files.js';
-import type { MountSessions } from '../../restore/mount/sessions.js';
-import type { AgentTaskBroker } from '../dispatch/broker.js';
+import type { MountSessionInfo, MountSessions } from '../../restore/mount/sessions.js';
+import type { TaskEvent } from '../../transport/agent-tasks.js';
+import type { WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
+import type { AgentTaskBroker, AgentTaskHandle } from '../dispatch/broker.js';
+import { RemoteRecovery } from '../dispatch/recovery.js';
 import type { ServiceContext } from '../services/common.js';
-import { getRepository, listHosts } from '../services/infrastructure.js';
+import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessions.js';
 
@@ -76,6 +76,8 @@ const MountInfo = Type.Object({
   skipped: Type.Array(Type.Object({ name: Type.String(), type: Type.String(), reason: Type.String() })),
   warnings: Type.Array(Type.String()),
   notes: Type.Array(Type.String()),
+  agent: Type.Optional(Type.String({ description: 'the agent holding the mount (the mount server; absent: the server process); `at` and the folders are on its host' })),
+  host: Type.Optional(Type.String({ description: 'the host named with host' })),
 });
 
 const MountBody = Type.Object(
@@ -83,6 +85,7 @@ const MountBody = Type.Object(
     point: Type.String({ minLength: 1, description: 'restore point id' }),
     at: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder on the server host to mount under (new or empty)' })),
     detached: Type.Optional(Type.Boolean({ description: 'keep the mount until it is unmounted by id (default: held by the caller through /mounts/{id}/hold)' })),
+    host: Type.Optional(Type.String({ minLength: 1, description: 'host whose agent mounts the point (default: the agent of the point\'s repository; `at` is on that host)' })),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
   },
   { additionalProperties: false },
@@ -93,6 +96,7 @@ const RestoreFilesBody = Type.Object(
     paths: Type.Array(Type.String({ minLength: 1 }), { minItems: 1, description: 'guest paths (/etc/hostname) or NAME:/path (vdb2:/srv)' }),
     to: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder on the server host to copy into' })),
     toGuest: Type.Optional(Type.Boolean({ description: 'write back into the running original VM through its guest agent' })),
+    host: Type.Optional(Type.String({ minLength: 1, description: 'host whose agent mounts the point and writes the files (default: the repository\'s agent for to, the VM\'s host for toGuest); to is a folder on that host' })),
     overwrite: Type.Optional(Type.Boolean({ description: 'with to: replace existing files' })),
     conflict: Type.Optional(Type.Union([Type.Literal('overwrite'), Type.Literal('keep-both'), Type.Literal('fail')], { description: 'with toGuest: what to do when a path exists (default fail)' })),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
@@ -104,6 +108,7 @@ const RestoreFilesReply = Type.Object({
   point: Type.String(),
   vm: Type.String(),
   target: Type.String({ description: 'the host folder, or "guest VM"' }),
+  agent: Type.Optional(Type.String({ description: 'the agent that mounted the point and wrote the files (absent: the server process)' })),
   items: Type.Array(Type.Object({ path: Type.String(), filesystem: Type.String(), inside: Type.String(), to: Type.String() })),
   files: Type.Integer(),
   directories: Type.Integer(),
@@ -161,63 +166,132 @@ async function repositoryOfPoint(ctx: ServiceContext, pointId: string, keys?: En
   return { repository, vm: point.vm, password: await pointPassword(keys, repository, point, given) };
 }
 
+type CatalogHost = Awaited<ReturnType<typeof listHosts>>[number];
+
+function isLocalAgent(agents: FileIndexAgents | undefined, agent: string | null): boolean {
+  return agent === null || agent === (agents?.localAgent ?? 'local');
+}
+
+function connectionOf(h: CatalogHost): HypervisorConnection {
+  return h.kind === 'qemu' ? { kind: 'qemu', qmpGlob: h.uri } : { kind: 'libvirt', uri: h.uri };
+}
+
+/** The guest agent of a running VM on the server's own hosts (`only`: that host alone). */
+async function connectGuestAgent(ctx: ServiceContext, vm: string, agents?: FileIndexAgents, only?: CatalogHost): Promise<GuestAgent> {
+  const hosts = only ? [only] : await listHosts(ctx);
+  const skipped: string[] = [];
+  const mine = hosts.filter((h) => {
+    if (isLocalAgent(agents, h.agent)) return true;
+    // Its URI or socket glob is on that agent's host, not reachable from here.
+    skipped.push(`host ${h.name} is served by agent ${h.agent}: --to-guest reaches only hosts of the server's own agent`);
+    return false;
+  });
+  return findGuestAgent(mine, vm, 'configured host', skipped);
+}
+
+/** Where `restore files` or `mount` runs: the server process, or an agent (the mount server). */
+type MountServer = { readonly agent: undefined; readonly host?: CatalogHost | undefined } | { readonly agent: string; readonly host?: CatalogHost | undefined; readonly guestHosts?: readonly HypervisorConnection[] | undefined };
+
 /**
- * Connects to the guest agent of a running VM, found on the configured hosts: on a QEMU host
- * through the agent's own socket (found through QMP), on a libvirt host through libvirt
- * (`virsh qemu-agent-command`: libvirtd holds the socket).
+ * The agent of the host running VM `vm` among the hosts of other agents (`--to-guest` without
+ * --host, when no host of the server's own has it): each connected agent is asked with a
+ * `resolve-disks` task (10 s each at most); the first that finds it, with its hosts.
  */
-async function connectGuestAgent(ctx: ServiceContext, vm: string, agents?: FileIndexAgents): Promise<GuestAgent> {
-  const hosts = await listHosts(ctx);
-  const reasons: string[] = [];
-  for (const h of hosts) {
-    if (h.agent !== null && h.agent !== (agents?.localAgent ?? 'local')) {
-      // Its URI or socket glob is on that agent's host, not reachable from here.
-      reasons.push(`host ${h.name} is served by agent ${h.agent}: --to-guest reaches only hosts of the server's own agent`);
-      continue;
-    }
-    if (h.kind === 'libvirt') {
-      let agent;
-      try {
-        agent = await connectLibvirtGuestAgent({ uri: h.uri, domain: vm, host: h.name, timeoutMs: 30_000 });
-      } catch (err) {
-        // libvirt itself did not answer (daemon down): the VM may be on another host.
-        if (!(err instanceof ToolError)) throw err;
-        reasons.push(`host ${h.name}: ${describeError(err)}`);
-        continue;
+async function agentRunningVm(ctx: ServiceContext, agents: FileIndexAgents, vm: string, localReason: string): Promise<{ agent: string; hosts: HypervisorConnection[] }> {
+  const byAgent = new Map<string, CatalogHost[]>();
+  for (const h of await listHosts(ctx)) if (!isLocalAgent(agents, h.agent)) byAgent.set(h.agent!, [...(byAgent.get(h.agent!) ?? []), h]);
+  const reasons = [localReason];
+  const found = await Promise.all(
+    [...byAgent].map(async ([agent, hosts]) => {
+      if (!agents.broker.isConnected(agent)) {
+        reasons.push(`agent ${agent} (hosts ${hosts.map((h) => h.name).join(', ')}) is not connected`);
+        return undefined;
       }
-      if (agent) return agent;
-      continue;
-    }
-    const hv = new QemuHypervisor({ qmpGlob: h.uri });
-    try {
-      const info = await hv.getVm(vm).catch(() => undefined);
-      if (!info) continue;
-      if (info.state !== 'running') throw new BulwarkError(`VM ${vm} is ${info.state}, not running`, { kind: 'conflict', context: { vm }, hint: 'start the VM, or restore to a folder with --to' });
-      const qmp = await QmpClient.connect({ endpoint: { socketPath: info.id }, label: vm });
-      let socket: string | undefined;
+      const connections = hosts.map(connectionOf);
+      const handle = agents.broker.run(agent, { kind: 'resolve-disks', hosts: connections, vm });
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), 10_000)));
       try {
-        socket = await findAgentSocket(qmp);
+        const r = await Promise.race([handle.result.then(() => 'found' as const), late]);
+        if (r === 'late') {
+          handle.cancel('no answer in time');
+          reasons.push(`agent ${agent} did not answer within 10 s`);
+          return undefined;
+        }
+        return { agent, hosts: connections };
+      } catch (err) {
+        if (!(err instanceof BulwarkError && err.kind === 'not-found')) reasons.push(`agent ${agent}: ${describeError(err)}`);
+        return undefined;
       } finally {
-        await qmp.close();
+        clearTimeout(timer);
       }
-      if (!socket) throw new BulwarkError(`VM ${vm} has no guest agent channel (org.qemu.guest_agent.0)`, { kind: 'unavailable', context: { vm } });
-      const qga = await QgaClient.connect({ socketPath: socket, label: vm, timeoutMs: 30_000 });
-      try {
-        await qga.ping({ timeoutMs: 5000 });
-      } catch (err) {
-        await qga.close();
-        throw new BulwarkError(`the guest agent of VM ${vm} does not answer`, { kind: 'unavailable', context: { vm }, cause: err, hint: 'is qemu-guest-agent running in the guest?' });
-      }
-      return qga;
-    } finally {
-      await hv.close();
-    }
-  }
-  throw new BulwarkError(`VM ${vm} is not running on any configured host${reasons.length ? ` (${reasons.join('; ')})` : ''}`, {
+    }),
+  );
+  const hit = found.find((f) => f !== undefined);
+  if (hit) return hit;
+  throw new BulwarkError(`VM ${vm} is not running on any configured host (${reasons.join('; ')})`, {
     kind: 'not-found',
     context: { vm },
-    hint: hosts.length ? `it is on none of the hosts ${hosts.map((h) => h.name).join(', ')}: add its host with \`bulwark host add\`, or restore to a folder with --to` : 'add its host with `bulwark host add`, or restore to a folder with --to',
+    hint: 'add its host with `bulwark host add`, name it with --host, or restore to a folder with --to',
   });
+}
+
+/**
+ * Picks the mount server (docs/formats/agent-link.md, "Mount tasks"): the named host's agent;
+ * without one, the repository's agent (where the blocks are), or for --to-guest the agent of the
+ * host the VM runs on. Undefined agent: this process (the server's own host and repository).
+ */
+async function mountServer(ctx: ServiceContext, agents: FileIndexAgents | undefined, repositoryAgent: string | null, o: { host?: string | undefined; guestVm?: string | undefined }): Promise<MountServer> {
+  if (!agents) return { agent: undefined };
+  if (o.host !== undefined) {
+    const host = await getHost(ctx, o.host);
+    if (isLocalAgent(agents, host.agent) && isLocalAgent(agents, repositoryAgent)) return { agent: undefined, host };
+    return { agent: host.agent ?? agents.localAgent ?? 'local', host, ...(o.guestVm !== undefined ? { guestHosts: [connectionOf(host)] } : {}) };
+  }
+  if (o.guestVm !== undefined) {
+    // The VM's host decides: the server's own hosts first (as on the one-host install).
+    try {
+      const qga = await connectGuestAgent(ctx, o.guestVm, agents);
+      await qga.close();
+    } catch (err) {
+      if (!(err instanceof BulwarkError && err.kind === 'not-found')) throw err;
+      const found = await agentRunningVm(ctx, agents, o.guestVm, err.message);
+      return { agent: found.agent, guestHosts: found.hosts };
+    }
+    if (isLocalAgent(agents, repositoryAgent)) return { agent: undefined };
+    return { agent: agents.localAgent ?? 'local', guestHosts: (await listHosts(ctx)).filter((h) => isLocalAgent(agents, h.agent)).map(connectionOf) };
+  }
+  if (isLocalAgent(agents, repositoryAgent)) return { agent: undefined };
+  return { agent: repositoryAgent! };
+}
+
+/** The point's password as the agents get it (docs/encryption.md): the server's for its jobs, else `given`. */
+async function agentPassword(ctx: ServiceContext, point: Awaited<ReturnType<typeof getRestorePoint>>, repo: { path: string; agent: string | null }, agents: FileIndexAgents, keys: EncryptionKeys | undefined, given: string | undefined): Promise<string | undefined> {
+  if (isLocalAgent(agents, repo.agent)) return (await pointPassword(keys, await openRepository(repo.path), point, given)).password;
+  return keys ? keys.remotePassword(point, given) : given;
+}
+
+/** Refuses at once when the mount server is not connected (rather than after the pickup time). */
+function assertConnected(agents: FileIndexAgents, agent: string, what: string): void {
+  if (agents.broker.isConnected(agent)) return;
+  throw new BulwarkError(`agent ${agent} (${what}) is not connected`, {
+    kind: 'unavailable',
+    context: { agent },
+    hint: 'check `bulwark agent list` and that agent\'s host; or name another host with --host',
+  });
+}
+
+/** A task's result, failing at once (and cancelling the task) when the serve task it reads from fails. */
+async function withServe<T>(handle: AgentTaskHandle, serve: AgentTaskHandle | undefined): Promise<T> {
+  if (!serve) return (await handle.result) as T;
+  const serveFailed = serve.result.then(
+    () => new Promise<never>(() => undefined),
+    (err: unknown) => {
+      handle.cancel('the repository agent stopped serving the point');
+      throw new BulwarkError(`repository agent ${serve.agent} stopped serving the restore point: ${describeError(err)}`, { kind: 'unavailable', context: { agent: serve.agent }, cause: err });
+    },
+  );
+  return (await Promise.race([handle.result, serveFailed])) as T;
 }
 
 /** Restores guest paths of a point to a host folder or into the running VM (a private mount for the duration). */
@@ -228,6 +302,7 @@ export async function restoreFiles(
     paths: string[];
     to?: string | undefined;
     toGuest?: boolean | undefined;
+    host?: string | undefined;
     overwrite?: boolean | undefined;
     conflict?: 'overwrite' | 'keep-both' | 'fail' | undefined;
     password?: string | undefined;
@@ -235,13 +310,19 @@ export async function restoreFiles(
   runDir?: string,
   keys?: EncryptionKeys,
   agents?: FileIndexAgents,
-): Promise<RestoreFilesResult & { point: string; vm: string; target: string }> {
+): Promise<RestoreFilesResult & { point: string; vm: string; target: string; agent?: string }> {
   if ((body.to === undefined) === (body.toGuest !== true)) {
     throw new BulwarkError('say where to restore: either to (a folder) or toGuest', { kind: 'invalid', hint: 'bulwark restore files POINT --path P --to DIR, or --to-guest' });
   }
   if (body.to !== undefined && !path.isAbsolute(body.to)) throw new BulwarkError(`to: ${body.to} is not an absolute path`, { kind: 'invalid' });
+  const point = await getRestorePoint(ctx, pointId);
+  if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
+  const repo = await getRepository(ctx, point.repository);
+  const server = await mountServer(ctx, agents, repo.agent, { host: body.host, ...(body.toGuest ? { guestVm: point.vm } : {}) });
+  if (server.agent !== undefined && agents) return restoreFilesOnAgent(ctx, agents, server, point, repo, body, keys);
+  const onlyHost = body.host !== undefined ? server.host : undefined;
   const { repository, vm, password } = await repositoryOfPoint(ctx, pointId, keys, body.password);
-  const qga = body.toGuest ? await connectGuestAgent(ctx, vm, agents) : undefined;
+  const qga = body.toGuest ? await connectGuestAgent(ctx, vm, agents, onlyHost) : undefined;
   const work = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-files-'));
   try {
     return await withMountIoSlot(async () => {
@@ -261,13 +342,114 @@ export async function restoreFiles(
   }
 }
 
+/** `restore files` on the mount server agent: it reads the point here or from the repository's agent. */
+async function restoreFilesOnAgent(
+  ctx: ServiceContext,
+  agents: FileIndexAgents,
+  server: Extract<MountServer, { agent: string }>,
+  point: Awaited<ReturnType<typeof getRestorePoint>>,
+  repo: { path: string; agent: string | null },
+  body: { paths: string[]; to?: string | undefined; toGuest?: boolean | undefined; overwrite?: boolean | undefined; conflict?: 'overwrite' | 'keep-both' | 'fail' | undefined; password?: string | undefined },
+  keys: EncryptionKeys | undefined,
+): Promise<RestoreFilesResult & { point: string; vm: string; target: string; agent: string }> {
+  const agent = server.agent;
+  assertConnected(agents, agent, server.host ? `the mount server of host ${server.host.name}` : body.toGuest ? `the agent of VM ${point.vm}'s host` : 'the mount server of the point\'s repository');
+  const password = await agentPassword(ctx, point, repo, agents, keys, body.password);
+  const remote = new RemoteRecovery(agents.broker, agents.localAgent);
+  const { source, serve } = await remote.plan(repo, agent, point.id, password, () => remote.pointConfig(repo, point.id, password));
+  try {
+    const handle = agents.broker.run(agent, {
+      kind: 'mount',
+      action: 'restore-files',
+      pointId: point.id,
+      point: { vm: point.vm, time: point.time },
+      source,
+      paths: body.paths,
+      ...(body.toGuest ? { guest: { hosts: server.guestHosts ?? [], vm: point.vm, conflict: body.conflict ?? 'fail' } } : { to: body.to, overwrite: body.overwrite ?? false }),
+    });
+    const r = await withServe<WireRestoreFilesResult>(handle, serve);
+    log.info({ point: point.id, agent, files: r.files, bytes: r.bytes, target: r.target }, 'files restored by an agent');
+    return { ...r, items: r.items.map((i) => ({ ...i })), skipped: r.skipped.map((x) => ({ ...x })), target: body.toGuest ? r.target : `${r.target} (on agent ${agent}'s host)` };
+  } finally {
+    serve?.cancel('the file restore ended');
+  }
+}
+
+/**
+ * `mount` on the mount server agent: an `open` task holds it there; the server lists it (and
+ * holds it for the console) through `mounts.adopt`; unmount cancels the task.
+ */
+export async function mountOnAgent(
+  ctx: ServiceContext,
+  agents: FileIndexAgents,
+  mounts: MountSessions,
+  pointId: string,
+  body: { at?: string | undefined; detached?: boolean | undefined; host?: string | undefined; password?: string | undefined },
+  keys: EncryptionKeys | undefined,
+): Promise<MountSessionInfo | undefined> {
+  const point = await getRestorePoint(ctx, pointId);
+  if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
+  const repo = await getRepository(ctx, point.repository);
+  const server = await mountServer(ctx, agents, repo.agent, { host: body.host });
+  if (server.agent === undefined) return undefined;
+  const agent = server.agent;
+  assertConnected(agents, agent, server.host ? `the mount server of host ${server.host.name}` : 'the mount server of the point\'s repository');
+  const password = await agentPassword(ctx, point, repo, agents, keys, body.password);
+  const remote = new RemoteRecovery(agents.broker, agents.localAgent);
+  const { source, serve } = await remote.plan(repo, agent, point.id, password, () => remote.pointConfig(repo, point.id, password));
+  const mountId = randomUUID();
+  let mounted: ((info: WireMountInfo) => void) | undefined;
+  const mountedEvent = new Promise<WireMountInfo>((resolve) => (mounted = resolve));
+  const handle = agents.broker.run(agent, { kind: 'mount', action: 'open', mountId, pointId: point.id, point: { vm: point.vm, time: point.time }, source, ...(body.at !== undefined ? { at: body.at } : {}) }, (e: TaskEvent) => {
+    if (e.type === 'progress' && typeof e.progress.mounted === 'object' && e.progress.mounted !== null) mounted?.(e.progress.mounted as WireMountInfo);
+  });
+  // The mount ends with its task (unmounted, or the agent gone); so does the serve task.
+  const ended = handle.result.finally(() => {
+    serve?.cancel('the mount ended');
+    mounts.forget(mountId);
+  });
+  ended.catch((err: unknown) => log.warn({ mount: mountId, agent, err: describeError(err) }, 'a mount held by an agent ended'));
+  void serve?.result.catch(() => handle.cancel('the repository agent stopped serving the point'));
+  let info: WireMountInfo;
+  try {
+    info = await Promise.race([
+      mountedEvent,
+      withServe<unknown>(handle, serve).then(() => {
+        throw new BulwarkError(`agent ${agent} ended the mount of restore point ${point.id} before it was mounted`, { kind: 'internal', context: { agent, point: point.id } });
+      }),
+    ]);
+  } catch (err) {
+    handle.cancel('the mount failed');
+    serve?.cancel('the mount failed');
+    throw err;
+  }
+  const session: MountSessionInfo = {
+    ...info,
+    filesystems: info.filesystems.map((f) => ({ ...f })),
+    skipped: info.skipped.map((x) => ({ ...x })),
+    warnings: [...info.warnings],
+    notes: [...info.notes],
+    detached: body.detached ?? false,
+    agent,
+    ...(server.host ? { host: server.host.name } : {}),
+  };
+  log.info({ mount: mountId, point: point.id, agent, at: info.at }, 'restore point mounted by an agent');
+  return mounts.adopt(session, async () => {
+    handle.cancel('unmounted');
+    // An agent that went away cannot answer: its mount ends with it (the agent-lost time).
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([ended.catch(() => undefined), new Promise<void>((resolve) => (timer = setTimeout(resolve, 15_000)))]);
+    clearTimeout(timer);
+  });
+}
+
 /**
  * Repositories on other agents' hosts: their points are indexed and searched by that agent
  * (`file-index` task), where the repository folder is.
  */
 export interface FileIndexAgents {
   /** The dispatch broker (runs a task on an agent). */
-  readonly broker: Pick<AgentTaskBroker, 'run'>;
+  readonly broker: AgentTaskBroker;
   /** The server's own agent (its repositories are indexed in this process). Default `local`. */
   readonly localAgent?: string | undefined;
 }
@@ -416,6 +598,10 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
       async (req, reply) => {
         const { point, at, detached } = req.body;
         if (at !== undefined && !path.isAbsolute(at)) throw new BulwarkError(`at: ${at} is not an absolute path`, { kind: 'invalid' });
+        // On an agent (the named host's, or the repository's): held there, listed here.
+        const held = opts.agents ? await mountOnAgent(ctx, opts.agents, mounts, point, req.body, opts.keys) : undefined;
+        if (held) return reply.code(201).send(held);
+        if (req.body.host !== undefined && !opts.agents) throw new BulwarkError(`mount on host ${req.body.host} needs its agent, and this server hands no tasks to agents`, { kind: 'unavailable' });
         const { repository, password } = await repositoryOfPoint(ctx, point, opts.keys, req.body.password);
         const info = await mounts.open({ repository, pointId: point, ...(at !== undefined ? { at } : {}), detached: detached ?? false, ...password });
         return reply.code(201).send(info);

@@ -1,0 +1,200 @@
+// File-level restore through agents (the mount server role), in network namespaces this test
+// creates (and always deletes): the server, src1 next to a VM (a QEMU with no guest, serving an
+// ext4 disk made here with mkfs.ext4 -d), the repository agent repo1, and dst1, the agent of host
+// kvm-b. One backup into repo1's repository serves every case:
+// (a) `restore files --host kvm-b`: dst1 mounts the point, reading it through the data mover from
+//     repo1, and copies the files out: contents, modes, owners, times, symlinks and names with
+//     spaces as in the disk (a tree of lstat facts and hashes); no mount is left in dst1's
+//     namespace; without --host, repo1 (the repository's mount server) does it from its folder;
+// (b) `mount --host kvm-b --at DIR`: held by dst1, listed with its agent, readable in dst1's
+//     mount namespace, undone by `unmount`; a mount the server forgot (server restarted) is undone
+//     by the agent by itself;
+// (c) a host whose agent is gone: refused, naming the agent.
+// No guest boots. Agents run in their own mount namespaces (`ip netns exec`), so their mounts are
+// looked at through /proc/PID/mounts and /proc/PID/root.
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, utimesSync, writeFileSync, chmodSync, lutimesSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MultiHost, multiHostSkipReason as skipReason, logText } from './netns/hosts.js';
+
+const VM = 'mhfiles-vm';
+let h: MultiHost;
+let dst: Awaited<ReturnType<MultiHost['addAgent']>>;
+let src = '';
+let pointId = '';
+const started = Date.now();
+
+/** Every entry under `root`: type, permission bits, owner, mtime (s), and contents' hash or link target. */
+function tree(root: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (dir: string): void => {
+    for (const name of readdirSync(dir).sort()) {
+      const p = path.join(dir, name);
+      const st = lstatSync(p);
+      const rel = path.relative(root, p);
+      const meta = `${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid} ${Math.floor(st.mtimeMs / 1000)}`;
+      if (st.isSymbolicLink()) out[rel] = `link -> ${readlinkSync(p)} ${st.uid}:${st.gid}`;
+      else if (st.isDirectory()) {
+        out[rel] = `dir ${meta}`;
+        walk(p);
+      } else out[rel] = `file ${meta} ${createHash('sha256').update(readFileSync(p)).digest('hex')}`;
+    }
+  };
+  walk(root);
+  return out;
+}
+
+/** Loop and FUSE mounts in a process's mount namespace (the agent's own, under `ip netns exec`). */
+function mountsOf(pid: number): string[] {
+  return readFileSync(`/proc/${pid}/mounts`, 'utf8')
+    .split('\n')
+    .filter((l) => /^\/dev\/loop|fuse|nbdfuse/.test(l));
+}
+
+async function refused(method: string, route: string, body: unknown): Promise<string> {
+  try {
+    await h.api(method, route, body);
+  } catch (err) {
+    return (err as Error).message;
+  }
+  throw new Error(`${method} ${route} was not refused`);
+}
+
+const since = (t: number): string => `${((Date.now() - t) / 1000).toFixed(1)} s`;
+
+describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
+  beforeAll(async () => {
+    const work = mkdtempSync(path.join(tmpdir(), 'bulwark-mh-files-'));
+    src = path.join(work, 'root');
+    try {
+      // What the guest disk holds: modes (set-id too), owners, times, symlinks (one dangling), names with spaces.
+      mkdirSync(path.join(src, 'data/sub dir'), { recursive: true });
+      mkdirSync(path.join(src, 'My Docs'), { recursive: true });
+      writeFileSync(path.join(src, 'data/report.txt'), 'quarterly numbers\n');
+      writeFileSync(path.join(src, 'data/sub dir/odd name (1).bin'), Buffer.from(Array.from({ length: 70_001 }, (_, i) => (i * 7) % 251)));
+      writeFileSync(path.join(src, 'data/tool.sh'), '#!/bin/sh\necho hi\n');
+      chmodSync(path.join(src, 'data/tool.sh'), 0o4750);
+      writeFileSync(path.join(src, 'data/secret'), 'only owner\n');
+      chmodSync(path.join(src, 'data/secret'), 0o600);
+      chownSync(path.join(src, 'data/secret'), 1234, 2345);
+      symlinkSync('report.txt', path.join(src, 'data/latest'));
+      symlinkSync('/nowhere/at/all', path.join(src, 'data/dangling'));
+      writeFileSync(path.join(src, 'My Docs/letter to bank.txt'), 'Dear bank,\n');
+      let t = 1_600_000_000;
+      for (const p of ['data/report.txt', 'data/sub dir/odd name (1).bin', 'data/tool.sh', 'data/secret', 'My Docs/letter to bank.txt', 'data/sub dir', 'My Docs', 'data']) utimesSync(path.join(src, p), t, (t += 86_400));
+      lutimesSync(path.join(src, 'data/latest'), t, t);
+      const image = path.join(work, 'disk.raw');
+      execFileSync('truncate', ['-s', '24M', image]);
+      execFileSync('mkfs.ext4', ['-q', '-F', '-L', 'mhfiles', '-d', src, image]);
+      h = await MultiHost.start({ vm: VM, disk: readFileSync(image) });
+    } catch (err) {
+      rmSync(work, { recursive: true, force: true });
+      throw err;
+    }
+    dst = await h.addAgent('dst1', 'd');
+    await h.api('POST', '/hosts', { name: 'kvm-b', kind: 'qemu', uri: path.join(h.tmp, 'b-vms', '*', 'qmp.sock'), agent: 'dst1' });
+    await h.api('POST', '/jobs', { name: 'mhfiles', vms: [VM], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 } });
+    const s = await h.runJob('mhfiles');
+    expect(s.state, logText(s)).toMatch(/success|warning/); // warning: the VM has no guest agent to freeze
+    pointId = (await h.api<{ items: Array<{ id: string; vm: string }> }>('GET', `/restore-points?vm=${VM}`)).items.find((p) => p.vm === VM)!.id;
+    console.log(`files.test: set-up (namespaces, agents, backup) ${since(started)}`);
+  }, 180_000);
+
+  afterAll(() => {
+    if (src) rmSync(path.dirname(src), { recursive: true, force: true });
+    if (h) expect(h.close()).toBe('');
+    console.log(`files.test: whole file ${since(started)}`);
+  });
+
+  it('(a) restore files through the agent of another host, and through the repository\'s agent: everything preserved, no mount left', async () => {
+    const t0 = Date.now();
+    const before = mountsOf(dst.child.pid!);
+    const to = path.join(h.tmp, 'restored-b');
+    const r = await h.api<{ agent?: string; target: string; files: number; symlinks: number; directories: number; items: Array<{ path: string; to: string }> }>('POST', `/restore-points/${pointId}/restore-files`, {
+      paths: ['vda:/data', 'vda:/My Docs'],
+      to,
+      host: 'kvm-b',
+    });
+    expect(r).toMatchObject({ agent: 'dst1', files: 5, symlinks: 2, directories: 3 });
+    expect(r.target).toContain('dst1');
+    expect(r.items.map((i) => i.to)).toEqual([path.join(to, 'data'), path.join(to, 'My Docs')]);
+    expect(tree(to)).toEqual({ ...prefixed(tree(path.join(src, 'data')), 'data'), ...prefixed(tree(path.join(src, 'My Docs')), 'My Docs'), data: entry(src, 'data'), 'My Docs': entry(src, 'My Docs') });
+    expect(mountsOf(dst.child.pid!)).toEqual(before);
+    expect(readdirSync(path.join(dst.dataDir, 'mounts')).filter((n) => n.startsWith('.restore-'))).toEqual([]);
+    console.log(`files.test: (a) restore files via dst1 reading from repo1 ${since(t0)}`);
+
+    // No --host: the repository's mount server (repo1) reads its own folder.
+    const t1 = Date.now();
+    const repoBefore = mountsOf(h.repoAgent!.pid!);
+    const to2 = path.join(h.tmp, 'restored-r');
+    const r2 = await h.api<{ agent?: string; files: number }>('POST', `/restore-points/${pointId}/restore-files`, { paths: ['vda:/My Docs/letter to bank.txt'], to: to2 });
+    expect(r2).toMatchObject({ agent: 'repo1', files: 1 });
+    expect(tree(to2)).toEqual({ 'letter to bank.txt': entry(src, 'My Docs/letter to bank.txt') });
+    expect(mountsOf(h.repoAgent!.pid!)).toEqual(repoBefore);
+    // A path the point does not hold: refused with the path named, and still nothing left mounted.
+    expect(await refused('POST', `/restore-points/${pointId}/restore-files`, { paths: ['vda:/no such file'], to: to2, host: 'kvm-b' })).toMatch(/404.*vda:\/no such file does not exist in the restore point/);
+    expect(mountsOf(dst.child.pid!)).toEqual(before);
+    console.log(`files.test: (a) restore files via repo1 + refusal ${since(t1)}`);
+  }, 120_000);
+
+  it('(b) mount --host kvm-b: held by dst1, listed, readable there, undone by unmount; a mount the server forgot is undone by the agent', async () => {
+    const t0 = Date.now();
+    const pid = dst.child.pid!;
+    const before = mountsOf(pid);
+    const at = path.join(h.tmp, 'browse');
+    const m = await h.api<{ id: string; agent?: string; host?: string; at: string; filesystems: Array<{ name: string; type: string; path: string }> }>('POST', '/mounts', { point: pointId, host: 'kvm-b', at, detached: true });
+    expect(m).toMatchObject({ agent: 'dst1', host: 'kvm-b', at });
+    expect(m.filesystems).toEqual([expect.objectContaining({ name: 'vda', type: 'ext4' })]);
+    const fs = m.filesystems[0]!.path;
+    // The mount is in dst1's mount namespace: seen through its root.
+    expect(tree(`/proc/${pid}/root${fs}/data`)).toEqual(tree(path.join(src, 'data')));
+    expect(mountsOf(pid).some((l) => l.includes(fs))).toBe(true);
+    const listed = await h.api<{ items: Array<{ id: string; agent?: string }> }>('GET', '/mounts');
+    expect(listed.items).toEqual([expect.objectContaining({ id: m.id, agent: 'dst1' })]);
+    const agentList = await h.api<{ items: Array<{ id: string }> }>('GET', `/mounts/${m.id}`);
+    expect(agentList).toMatchObject({ id: m.id, agent: 'dst1' });
+    await h.api('DELETE', `/mounts/${m.id}`);
+    expect(mountsOf(pid)).toEqual(before);
+    expect((await h.api<{ items: unknown[] }>('GET', '/mounts')).items).toEqual([]);
+    console.log(`files.test: (b) mount, browse, unmount ${since(t0)}`);
+
+    // The server restarts and forgets the mount: dst1 learns it at its next report and unmounts.
+    const t1 = Date.now();
+    const m2 = await h.api<{ id: string; filesystems: Array<{ path: string }> }>('POST', '/mounts', { point: pointId, host: 'kvm-b', detached: true });
+    expect(mountsOf(pid).some((l) => l.includes(m2.filesystems[0]!.path))).toBe(true);
+    const server = h.children[0]!;
+    server.kill('SIGKILL');
+    await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
+    const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
+    h.socketPath = again.info.socket as string;
+    for (let i = 0; i < 400 && !mountsOf(pid).every((l) => before.includes(l)); i++) await new Promise((r) => setTimeout(r, 100));
+    expect(mountsOf(pid)).toEqual(before);
+    expect((await h.api<{ items: unknown[] }>('GET', '/mounts')).items).toEqual([]);
+    console.log(`files.test: (b) forgotten mount undone by the agent ${since(t1)}`);
+  }, 120_000);
+
+  it('(c) a host whose agent is gone: refused, naming the agent', async () => {
+    dst.child.kill('SIGKILL');
+    await new Promise<void>((r) => (dst.child.exitCode !== null || dst.child.signalCode !== null ? r() : dst.child.once('exit', () => r())));
+    const msg = await refused('POST', `/restore-points/${pointId}/restore-files`, { paths: ['vda:/data'], to: path.join(h.tmp, 'restored-gone'), host: 'kvm-b' });
+    expect(msg).toMatch(/dst1/);
+    expect(msg).toMatch(/not connected|did not pick up|lost agent/);
+    const msg2 = await refused('POST', '/mounts', { point: pointId, host: 'kvm-b', detached: true });
+    expect(msg2).toMatch(/dst1.*(not connected|did not pick up|lost agent)/);
+  }, 60_000);
+});
+
+function prefixed(t: Record<string, string>, prefix: string): Record<string, string> {
+  return Object.fromEntries(Object.entries(t).map(([k, v]) => [path.join(prefix, k), v]));
+}
+
+/** One entry of tree() for a path inside `root`. */
+function entry(root: string, rel: string): string {
+  const p = path.join(root, rel);
+  const st = lstatSync(p);
+  const meta = `${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid} ${Math.floor(st.mtimeMs / 1000)}`;
+  return st.isDirectory() ? `dir ${meta}` : `file ${meta} ${createHash('sha256').update(readFileSync(p)).digest('hex')}`;
+}
