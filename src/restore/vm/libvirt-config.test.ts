@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { domainDisks, domainName, rewriteDomainXml } from './libvirt-config.js';
+import { domainDisks, domainName, domainNvramPath, rewriteDomainXml, setDomainNvram } from './libvirt-config.js';
+import { domainFirmware } from '../../hypervisor/libvirt/firmware.js';
 
 const xml = `<domain type='qemu'>
   <name>web1</name>
@@ -56,5 +57,37 @@ describe('libvirt domain XML', () => {
     expect(out).toContain("<source path='/srv/vms/web1-copy/console.log'/>");
     expect(out).toContain('<kernel>/srv/vms/web1-copy/vmlinux</kernel>');
     expect(out).toContain("<source file='/iso/x.iso'/>");
+  });
+});
+
+describe('UEFI domains: <loader> and <nvram>', () => {
+  const uefi = xml.replace(
+    '<kernel>/var/lib/libvirt/images/web1/vmlinux</kernel>',
+    `<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>`,
+  );
+  const rewrite = (x: string) =>
+    rewriteDomainXml(x, {
+      name: 'web1-copy', uuid: 'u', disks: new Map([['vda', { path: '/srv/vms/web1-copy/vda.qcow2', format: 'qcow2' }]]),
+      fromDir: '/var/lib/libvirt/images/web1', toDir: '/srv/vms/web1-copy', newMac: () => '52:54:00:aa:bb:cc', nvram: '/srv/vms/web1-copy/web1-copy_VARS.fd',
+    });
+  it('a new domain boots the same firmware with its own copy of the variable store (template kept)', () => {
+    const out = rewrite(uefi);
+    expect(domainFirmware(out)).toEqual({
+      code: '/usr/share/OVMF/OVMF_CODE_4M.fd', codeFormat: 'raw',
+      nvram: { path: '/srv/vms/web1-copy/web1-copy_VARS.fd', format: 'raw' }, nvramTemplate: '/usr/share/OVMF/OVMF_VARS_4M.fd',
+    });
+    expect(out).not.toContain('/var/lib/libvirt/qemu/nvram/web1_VARS.fd');
+  });
+  it('adds <nvram> after <loader> when the stored XML has none, and handles <source file> and self-closed forms', () => {
+    const noNvram = uefi.replace(/\s*<nvram[^>]*>[^<]*<\/nvram>/, '');
+    expect(domainNvramPath(noNvram)).toBeUndefined();
+    const out = rewrite(noNvram);
+    expect(out).toMatch(/<\/loader>\s*<nvram>\/srv\/vms\/web1-copy\/web1-copy_VARS\.fd<\/nvram>/);
+    const src = `<domain><os><loader type="pflash">/c.fd</loader><nvram type="file" format="qcow2"><source file="/old/v.qcow2"/></nvram></os></domain>`;
+    expect(domainNvramPath(setDomainNvram(src, '/new/v.qcow2'))).toBe('/new/v.qcow2');
+    expect(setDomainNvram(src, '/new/v.qcow2')).toContain('format="qcow2"');
+    expect(domainNvramPath(setDomainNvram(`<domain><os><loader type='pflash'>/c.fd</loader><nvram template='/t.fd'/></os></domain>`, "/n/it's.fd"))).toBe("/n/it's.fd");
+    expect(() => setDomainNvram('<domain/>', '/x')).toThrow(/no <os>/);
   });
 });

@@ -69,6 +69,47 @@ export interface RewriteDomainOptions {
   readonly fromDir: string;
   readonly toDir: string;
   readonly newMac: () => string;
+  /** A UEFI domain's variable store: the new VM's copy (`<nvram>` then names it). */
+  readonly nvram?: string;
+}
+
+/**
+ * The domain XML with `<nvram>` naming `file`: the path of libvirt 9's `<nvram …>PATH</nvram>`
+ * (attributes such as `template` kept), the `<source file>` of newer libvirt's form, or a new
+ * `<nvram>` after `<loader>` when the XML has none (libvirt chose it when the domain started).
+ * Fails when the XML has no `<os>`.
+ */
+export function setDomainNvram(xml: string, file: string): string {
+  const os = xml.match(/<os(?:\s[^>]*)?>[\s\S]*?<\/os>/)?.[0];
+  if (!os) throw new BulwarkError('the stored domain XML has no <os> element for the UEFI variable store', { kind: 'corrupt' });
+  const path = escapeXml(file);
+  let next: string;
+  const full = os.match(/<nvram(\s[^>]*)?>([\s\S]*?)<\/nvram>/);
+  const empty = os.match(/<nvram(\s[^>]*)?\/>/);
+  if (full) {
+    const inner = full[2] ?? '';
+    const source = startTag(inner, 'source');
+    const replaced = source ? `<nvram${full[1] ?? ''}>${inner.replace(source, setAttr(source, 'file', file))}</nvram>` : `<nvram${full[1] ?? ''}>${path}</nvram>`;
+    next = os.replace(full[0], replaced);
+  } else if (empty) {
+    next = os.replace(empty[0], `<nvram${empty[1] ?? ''}>${path}</nvram>`);
+  } else if (/<\/loader>|<loader(\s[^>]*)?\/>/.test(os)) {
+    next = os.replace(/(<\/loader>|<loader(?:\s[^>]*)?\/>)/, `$1\n    <nvram>${path}</nvram>`);
+  } else {
+    next = os.replace(/<\/os>$/, `  <nvram>${path}</nvram>\n  </os>`);
+  }
+  return xml.replace(os, next);
+}
+
+/** The `<nvram>` path of a domain XML (libvirt 9 text or `<source file>`), if any. */
+export function domainNvramPath(xml: string): string | undefined {
+  const os = xml.match(/<os(?:\s[^>]*)?>[\s\S]*?<\/os>/)?.[0] ?? '';
+  const full = os.match(/<nvram(?:\s[^>]*)?>([\s\S]*?)<\/nvram>/);
+  if (!full) return undefined;
+  const inner = full[1] ?? '';
+  const source = startTag(inner, 'source');
+  const p = source ? attr(source, 'file') : unescapeXml(inner.trim());
+  return p || undefined;
 }
 
 /** The domain XML of a new VM restored from `xml` (see the file comment). */
@@ -110,5 +151,6 @@ export function rewriteDomainXml(xml: string, o: RewriteDomainOptions): string {
   const fromDir = escapeXml(o.fromDir.replace(/\/+$/, ''));
   out = out.split(`'${fromDir}/`).join(`'${escapeXml(o.toDir.replace(/\/+$/, ''))}/`);
   out = out.split(`>${fromDir}/`).join(`>${escapeXml(o.toDir.replace(/\/+$/, ''))}/`);
+  if (o.nvram !== undefined) out = setDomainNvram(out, o.nvram);
   return out;
 }

@@ -85,3 +85,33 @@ describe('helpers', () => {
     expect(shellQuote(['qemu', '-append', "console=ttyS0 it's", 'a,b=c'])).toBe(`qemu -append 'console=ttyS0 it'\\''s' a,b=c`);
   });
 });
+
+describe('UEFI VMs: the pflash drives', () => {
+  const code = '/usr/share/OVMF/OVMF_CODE.fd';
+  const opts = (nvram?: { from: string; to: string }) => ({
+    name: 'copy', disks: new Map([['vda', { path: '/new/copy/vda.qcow2', format: 'qcow2' }]]), fromDir: dir, toDir: '/tmp/vms/copy',
+    uuid: 'u', newMac: () => 'm', ...(nvram ? { nvram } : {}),
+  });
+  it('-drive if=pflash: the variable store names the restored copy, the firmware code stays; neither is a disk', () => {
+    const a = ['qemu', '-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${code}`, '-drive', '/data/nv/web1_VARS.fd'.replace(/^/, 'if=pflash,format=raw,unit=1,file='),
+      '-blockdev', `driver=file,node-name=vda-file,filename=${dir}/vda.qcow2`, '-blockdev', 'driver=qcow2,node-name=vda-fmt,file=vda-file', '-device', 'virtio-blk-pci,drive=vda-fmt,id=vda'];
+    const rec = recordedDisks(a, []);
+    expect(rec.map((d) => d.name)).toEqual(['vda']);
+    const out = rewriteQemuCommandLine(a, rec, opts({ from: '/data/nv/web1_VARS.fd', to: '/new/copy/copy_VARS.fd' }));
+    expect(out[2]).toBe(`if=pflash,format=raw,unit=0,readonly=on,file=${code}`);
+    expect(out[4]).toBe('if=pflash,format=raw,unit=1,file=/new/copy/copy_VARS.fd');
+    expect(out[6]).toBe('driver=file,node-name=vda-file,filename=/new/copy/vda.qcow2');
+  });
+  it('-blockdev + -machine pflash1=NODE (libvirt style, JSON or key=value), also when the store sat in the VM folder', () => {
+    const a = ['qemu', '-blockdev', JSON.stringify({ driver: 'file', filename: code, 'node-name': 'fw-code', 'read-only': true }),
+      '-blockdev', `driver=file,node-name=fw-vars,filename=${dir}/vars.fd`, '-machine', 'pc,pflash0=fw-code,pflash1=fw-vars'];
+    const out = rewriteQemuCommandLine(a, [], { ...opts({ from: `${dir}/vars.fd`, to: '/store/copy_VARS.fd' }), disks: new Map() });
+    expect(JSON.parse(out[2]!)).toMatchObject({ filename: code });
+    expect(out[4]).toBe('driver=file,node-name=fw-vars,filename=/store/copy_VARS.fd');
+    expect(out[6]).toBe('pc,pflash0=fw-code,pflash1=fw-vars');
+  });
+  it('refuses when the recorded command line does not name the recorded store', () => {
+    const a = ['qemu', '-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${code}`];
+    expect(() => rewriteQemuCommandLine(a, [], { ...opts({ from: '/elsewhere/vars.fd', to: '/new/copy/copy_VARS.fd' }), disks: new Map() })).toThrow(/does not name the UEFI variable store \/elsewhere\/vars.fd/);
+  });
+});

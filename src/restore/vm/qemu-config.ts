@@ -168,6 +168,11 @@ export interface RewriteQemuOptions {
   readonly uuid: string;
   /** Makes a new MAC address (one per NIC). */
   readonly newMac: () => string;
+  /**
+   * A UEFI VM's variable store: the recorded file and the new VM's copy. The pflash drive (or
+   * `-blockdev` file node) that named the recorded file names the copy; the firmware code stays.
+   */
+  readonly nvram?: { readonly from: string; readonly to: string };
 }
 
 const NIC_DRIVERS = /^(virtio-net(-pci|-device|-ccw)?|e1000e?|rtl8139|vmxnet3|ne2k_pci|pcnet|i82559er|usb-net)$/;
@@ -187,6 +192,7 @@ export function rewriteQemuCommandLine(argv: readonly string[], recorded: readon
     if (n) exact.set(d.imagePath, n.path);
   }
   if (o.qmpSocket) exact.set(o.qmpSocket.from, o.qmpSocket.to);
+  if (o.nvram) exact.set(o.nvram.from, o.nvram.to);
   const escape = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
   const alternatives = [...[...exact.keys()].sort((a, b) => b.length - a.length).map((p) => `${escape(p)}(?=$|[,"'])`), `${escape(fromDir)}/`];
   const re = new RegExp(`(?<=^|[=:,"'])(?:${alternatives.join('|')})`, 'g');
@@ -263,6 +269,13 @@ export function rewriteQemuCommandLine(argv: readonly string[], recorded: readon
         hint: 'restore the disk in its original format (leave out --format)',
       });
     }
+  }
+  if (o.nvram && !out.some((a) => a.includes(o.nvram!.to))) {
+    throw new BulwarkError(`the recorded command line does not name the UEFI variable store ${o.nvram.from}`, {
+      kind: 'corrupt',
+      context: { file: o.nvram.from },
+      hint: 'the VM configuration stored with the point does not match its command line',
+    });
   }
   if (!nameSet) out.push('-name', o.name);
   if (!hasPidfile) out.push('-pidfile', `${toDir}/qemu.pid`);

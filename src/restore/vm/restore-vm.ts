@@ -17,7 +17,8 @@ import { logger } from '../../common/log.js';
 import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
 import type { Repository } from '../../repository/index.js';
 import type { RestoreDiskFormat } from '../disk/restore-disk.js';
-import { domainDisks, domainName, rewriteDomainXml } from './libvirt-config.js';
+import { domainDisks, domainName, domainNvramPath, rewriteDomainXml, setDomainNvram } from './libvirt-config.js';
+import { nvramFileName, pointFirmware, requireFirmwareCode, writeNvram } from './firmware.js';
 import { repositoryPointSource, type VmPointSource } from './point-source.js';
 import { randomMac, recordedDisks, rewriteQemuCommandLine, shellQuote } from './qemu-config.js';
 
@@ -76,6 +77,8 @@ export interface RestoreVmResult {
   readonly qmpSocket?: string;
   /** libvirt: the domain's UUID. */
   readonly uuid?: string;
+  /** A UEFI VM: the firmware code it boots and where its restored variable store (NVRAM) was written. */
+  readonly firmware?: { readonly code: string; readonly nvram?: string };
   readonly poweredOn: boolean;
   readonly warnings: readonly string[];
   readonly durationMs: number;
@@ -228,6 +231,23 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
     throw new BulwarkError(`name "${o.name}" may only use letters, digits, '.', '_' and '-' (at most 63)`, { kind: 'invalid', context: { field: 'name' } });
   }
   const name = toOriginal ? original : o.name;
+  // A UEFI VM: its firmware must be on this host, and its saved variable store is written for it.
+  const fw = pointFirmware(meta, o.pointId);
+  if (fw) await requireFirmwareCode(fw, original, o.pointId, 'this host');
+  const nvramData = (what: string): { data: Buffer; format: string } | undefined => {
+    const nv = fw?.firmware.nvram;
+    if (!fw || !nv) return undefined;
+    if (!fw.nvram) {
+      throw new BulwarkError(`restore point ${o.pointId} of VM ${original} records the UEFI variable store ${nv.path} but did not save it`, {
+        kind: 'corrupt',
+        context: { point: o.pointId, vm: original, file: nv.path },
+        hint: `restore from a newer point of this VM (${what})`,
+      });
+    }
+    return { data: fw.nvram, format: nv.format };
+  };
+  const firmwareResult = (nvram: string | undefined): Pick<RestoreVmResult, 'firmware'> =>
+    fw ? { firmware: { code: fw.firmware.code, ...(nvram ? { nvram } : {}) } } : {};
   const total = sizes.reduce((a, d) => a + d.size, 0);
   let doneBefore = 0;
   const restoreOne = async (disk: string, to: string, format: RestoreDiskFormat, overwrite: boolean): Promise<RestoredDisk> => {
@@ -236,6 +256,10 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
     doneBefore += size;
     o.onLog?.(`disk ${disk} restored to ${r.path} (${r.format}, ${r.size} bytes)`);
     return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 };
+  };
+  const putNvram = async (nv: { data: Buffer; format: string }, to: string, overwrite: boolean): Promise<void> => {
+    await writeNvram(nv.data, to, nv.format, overwrite, { vm: name, point: o.pointId });
+    o.onLog?.(`UEFI variable store restored to ${to} (${nv.format}, ${nv.data.length} bytes)`);
   };
   const warnings: string[] = [];
   const base = { point: o.pointId, vm: name, toOriginal, warnings };
@@ -266,7 +290,9 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
             throw new BulwarkError(`--format ${o.format}: the original VM ${original} uses ${t.format} for disk ${t.name}`, { kind: 'invalid', context: { field: 'format' }, hint: 'leave out --format, or restore as a new VM with --name' });
           }
         }
-        const holders = await processesHolding(targets.map((t) => t.imagePath));
+        const nvram = nvramData('over the original');
+        const nvramPath = fw?.firmware.nvram?.path;
+        const holders = await processesHolding([...targets.map((t) => t.imagePath), ...(nvramPath ? [nvramPath] : [])]);
         if (holders.length > 0) {
           const h = holders[0]!;
           throw new BulwarkError(`VM ${original} is not off: ${h.file} is open in process ${h.pid} (${h.comm})`, { kind: 'conflict', context: { vm: original, pid: h.pid } });
@@ -277,13 +303,14 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           await mkdir(path.dirname(t.imagePath), { recursive: true });
           disks.push(await restoreOne(t.name, t.imagePath, diskFormat(t.format, undefined), true));
         }
+        if (nvram && nvramPath) await putNvram(nvram, nvramPath, true);
         let poweredOn = false;
         if (o.powerOn) {
           await launchDetached(argv, path.join(path.dirname(oldQmp), 'qemu-restore.log'), oldQmp);
           poweredOn = true;
         }
         log.info({ point: o.pointId, vm: original, disks: disks.map((d) => d.path) }, 'VM restored over the original');
-        return { ...base, hypervisor: 'qemu', disks, qmpSocket: oldQmp, poweredOn, durationMs: Date.now() - started };
+        return { ...base, hypervisor: 'qemu', disks, qmpSocket: oldQmp, ...firmwareResult(nvramPath), poweredOn, durationMs: Date.now() - started };
       }
       // A new VM: its folder is where the host's glob expects its QMP socket.
       let newQmp = qmpSocketFor(o.host.qmpGlob, name);
@@ -303,6 +330,9 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       await mkdir(storage, { recursive: true, mode: 0o750 });
       const created: string[] = [];
       try {
+        const nvram = nvramData('as a new VM');
+        const nvramFrom = fw?.firmware.nvram?.path;
+        const nvramTo = nvram ? path.join(storage, nvramFileName(name, nvram.format)) : undefined;
         const disks: RestoredDisk[] = [];
         const plan = new Map<string, { path: string; format: string }>();
         for (const d of sizes) {
@@ -318,16 +348,21 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           qmpSocket: { from: oldQmp, to: newQmp },
           uuid: randomUUID(),
           newMac: () => randomMac(randomBytes),
+          ...(nvramFrom && nvramTo ? { nvram: { from: nvramFrom, to: nvramTo } } : {}),
         });
         for (const d of sizes) {
           const p = plan.get(d.name)!;
           created.push(p.path);
           disks.push(await restoreOne(d.name, p.path, p.format as RestoreDiskFormat, false));
         }
+        if (nvram && nvramTo) {
+          created.push(nvramTo);
+          await putNvram(nvram, nvramTo, false);
+        }
         const startScript = path.join(vmDir, 'start-vm.sh');
         await writeFile(
           path.join(vmDir, 'vm.json'),
-          `${JSON.stringify({ format: 'bulwark-restored-vm/1', name, restoredFrom: { point: o.pointId, vm: original }, qmpSocket: newQmp, commandLine: newArgv, disks }, null, 2)}\n`,
+          `${JSON.stringify({ format: 'bulwark-restored-vm/1', name, restoredFrom: { point: o.pointId, vm: original }, qmpSocket: newQmp, commandLine: newArgv, disks, ...firmwareResult(nvramTo) }, null, 2)}\n`,
         );
         await writeFile(startScript, `#!/bin/sh\n# VM ${name}, restored by Bulwark from restore point ${o.pointId} of VM ${original}.\nexec ${shellQuote(newArgv)}\n`);
         await chmod(startScript, 0o755);
@@ -337,7 +372,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           poweredOn = true;
         }
         log.info({ point: o.pointId, vm: name, from: original, dir: vmDir }, 'VM restored as a new VM');
-        return { ...base, hypervisor: 'qemu', disks, vmDir, startScript, qmpSocket: newQmp, poweredOn, durationMs: Date.now() - started };
+        return { ...base, hypervisor: 'qemu', disks, vmDir, startScript, qmpSocket: newQmp, ...firmwareResult(nvramTo), poweredOn, durationMs: Date.now() - started };
       } catch (err) {
         for (const f of created) await rm(f, { force: true });
         if (await isEmptyOrMissing(vmDir).catch(() => false)) await rm(vmDir, { recursive: true, force: true });
@@ -348,7 +383,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
     case 'libvirt': {
       if (o.host.kind !== 'libvirt') throw new BulwarkError('unreachable', { kind: 'internal' });
       const uri = o.host.uri;
-      const xml = meta.configuration.domainXml;
+      let xml = meta.configuration.domainXml;
       const recorded = domainDisks(xml);
       for (const d of sizes) {
         if (!recorded.some((r) => r.name === d.name)) throw new BulwarkError(`the stored domain XML of VM ${original} has no disk ${d.name}`, { kind: 'corrupt' });
@@ -364,7 +399,12 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
             throw new BulwarkError(`--format ${o.format}: the original VM ${original} uses ${t.format} for disk ${t.name}`, { kind: 'invalid', context: { field: 'format' } });
           }
         }
-        const holders = await processesHolding(targets.map((t) => t.imagePath));
+        const nvram = nvramData('over the original');
+        // The store goes where the domain keeps it: its current definition's, else the recorded one.
+        const nvramPath = nvram
+          ? ((state !== null ? domainNvramPath(await virsh(uri, ['dumpxml', '--inactive', name])) : undefined) ?? fw?.firmware.nvram?.path)
+          : undefined;
+        const holders = await processesHolding([...targets.map((t) => t.imagePath), ...(nvramPath ? [nvramPath] : [])]);
         if (holders.length > 0) {
           const h = holders[0]!;
           throw new BulwarkError(`VM ${original} is not off: ${h.file} is open in process ${h.pid} (${h.comm})`, { kind: 'conflict' });
@@ -374,9 +414,15 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           await mkdir(path.dirname(t.imagePath), { recursive: true });
           disks.push(await restoreOne(t.name, t.imagePath, diskFormat(t.format, undefined), true));
         }
+        if (nvram && nvramPath) {
+          await mkdir(path.dirname(nvramPath), { recursive: true });
+          await putNvram(nvram, nvramPath, true);
+          // A definition without <nvram> (libvirt chose it at start) names the restored store explicitly.
+          if (state === null && domainNvramPath(xml) === undefined) xml = setDomainNvram(xml, nvramPath);
+        }
         if (state === null) await defineDomain(uri, xml, path.dirname(targets[0]?.imagePath ?? '/tmp'));
         if (o.powerOn) await virsh(uri, ['start', name]);
-        return { ...base, hypervisor: 'libvirt', disks, ...(meta.vm.uuid ? { uuid: meta.vm.uuid } : {}), poweredOn: o.powerOn === true, durationMs: Date.now() - started };
+        return { ...base, hypervisor: 'libvirt', disks, ...(meta.vm.uuid ? { uuid: meta.vm.uuid } : {}), ...firmwareResult(nvramPath), poweredOn: o.powerOn === true, durationMs: Date.now() - started };
       }
       if (state !== null) throw new BulwarkError(`a libvirt domain named ${name} already exists on ${uri}`, { kind: 'conflict', context: { vm: name }, hint: 'choose another --name' });
       const storage = o.storage ?? path.join('/var/lib/libvirt/images', name);
@@ -392,7 +438,9 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
         }
         const uuid = randomUUID();
         const firstDir = path.dirname(recorded[0]?.imagePath ?? '/nonexistent/x');
-        const newXml = rewriteDomainXml(xml, { name, uuid, disks: plan, fromDir: firstDir, toDir: storage, newMac: () => randomMac(randomBytes) });
+        const nvram = nvramData('as a new VM');
+        const nvramTo = nvram ? path.join(storage, nvramFileName(name, nvram.format)) : undefined;
+        const newXml = rewriteDomainXml(xml, { name, uuid, disks: plan, fromDir: firstDir, toDir: storage, newMac: () => randomMac(randomBytes), ...(nvramTo ? { nvram: nvramTo } : {}) });
         if (domainName(newXml) !== name) throw new BulwarkError('rewritten domain XML lost its name', { kind: 'internal' });
         const disks: RestoredDisk[] = [];
         for (const d of sizes) {
@@ -402,6 +450,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
         }
         let t = Date.now();
         await copyBootFiles(newXml, firstDir, storage);
+        if (nvram && nvramTo) await putNvram(nvram, nvramTo, false);
         await giveToQemuUser(storage);
         const copyMs = Date.now() - t;
         t = Date.now();
@@ -410,7 +459,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
         t = Date.now();
         if (o.powerOn) await virsh(uri, ['start', name]);
         log.info({ vm: name, copyMs, defineMs, startMs: Date.now() - t }, 'libvirt domain defined');
-        return { ...base, hypervisor: 'libvirt', disks, uuid, poweredOn: o.powerOn === true, durationMs: Date.now() - started };
+        return { ...base, hypervisor: 'libvirt', disks, uuid, ...firmwareResult(nvramTo), poweredOn: o.powerOn === true, durationMs: Date.now() - started };
       } catch (err) {
         for (const f of created) await rm(f, { force: true });
         await rm(storage, { recursive: true, force: true }).catch(() => undefined);
