@@ -159,14 +159,22 @@ export async function updateSession(ctx: ServiceContext, id: string, c: SessionC
   }
   if (c.endedAt !== undefined) values.ended_at = c.endedAt;
   if (c.reason !== undefined) values.reason = c.reason;
-  const p = c.progress;
-  if (p?.percent !== undefined) values.percent = p.percent;
-  if (p?.bytesRead !== undefined) values.bytes_read = p.bytesRead;
-  if (p?.bytesTransferred !== undefined) values.bytes_transferred = p.bytesTransferred;
-  if (p?.bytesStored !== undefined) values.bytes_stored = p.bytesStored;
-  if (p?.processingRate !== undefined) values.processing_rate = p.processingRate;
+  Object.assign(values, progressColumns(c.progress));
   const res = await ctx.db.updateTable('sessions').set(values).where('id', '=', id).executeTakeFirst();
   if (Number(res.numUpdatedRows) === 0) throw notFound('session', id);
+}
+
+type ProgressColumns = Pick<Updateable<SessionTable> & Updateable<SessionTaskTable>, 'percent' | 'bytes_read' | 'bytes_transferred' | 'bytes_stored' | 'processing_rate'>;
+
+/** The progress columns (sessions and their tasks have the same) for the figures given. */
+function progressColumns(p: Partial<Progress> | undefined): ProgressColumns {
+  const v: ProgressColumns = {};
+  if (p?.percent !== undefined) v.percent = p.percent;
+  if (p?.bytesRead !== undefined) v.bytes_read = p.bytesRead;
+  if (p?.bytesTransferred !== undefined) v.bytes_transferred = p.bytesTransferred;
+  if (p?.bytesStored !== undefined) v.bytes_stored = p.bytesStored;
+  if (p?.processingRate !== undefined) v.processing_rate = p.processingRate;
+  return v;
 }
 
 export interface NewTask {
@@ -212,12 +220,7 @@ export async function updateTask(ctx: ServiceContext, taskId: string, c: TaskCha
     if (isFinal(c.state)) values.ended_at = nowIso(ctx);
   }
   if (c.message !== undefined) values.message = c.message;
-  const p = c.progress;
-  if (p?.percent !== undefined) values.percent = p.percent;
-  if (p?.bytesRead !== undefined) values.bytes_read = p.bytesRead;
-  if (p?.bytesTransferred !== undefined) values.bytes_transferred = p.bytesTransferred;
-  if (p?.bytesStored !== undefined) values.bytes_stored = p.bytesStored;
-  if (p?.processingRate !== undefined) values.processing_rate = p.processingRate;
+  Object.assign(values, progressColumns(c.progress));
   if (Object.keys(values).length === 0) return;
   const res = await ctx.db.updateTable('session_tasks').set(values).where('id', '=', taskId).executeTakeFirst();
   if (Number(res.numUpdatedRows) === 0) throw notFound('task', taskId);
@@ -256,33 +259,28 @@ function toRestorePoint(r: Selectable<RestorePointTable> & { enc_hint?: string |
   };
 }
 
-export async function listRestorePoints(ctx: ServiceContext, q: { vm?: string } = {}): Promise<RestorePoint[]> {
-  let query = ctx.db
+/** Restore points with the names of their repository and job and their chain's encryption, one query for list and get. */
+function restorePointRows(ctx: ServiceContext) {
+  return ctx.db
     .selectFrom('restore_points as p')
     .innerJoin('repositories as r', 'r.id', 'p.repository_id')
     .leftJoin('jobs as j', 'j.id', 'p.job_id')
     .leftJoin('encrypted_chains as ec', 'ec.chain_id', 'p.chain_id')
     .selectAll('p')
-    .select(['r.name as repo_name', 'j.name as job_name', 'ec.chain_id as enc_chain', 'ec.hint as enc_hint', 'ec.key_id as enc_key'])
-    .orderBy('p.vm')
-    .orderBy('p.time', 'desc');
+    .select(['r.name as repo_name', 'j.name as job_name', 'ec.chain_id as enc_chain', 'ec.hint as enc_hint', 'ec.key_id as enc_key']);
+}
+
+export async function listRestorePoints(ctx: ServiceContext, q: { vm?: string } = {}): Promise<RestorePoint[]> {
+  let query = restorePointRows(ctx).orderBy('p.vm').orderBy('p.time', 'desc');
   if (q.vm !== undefined) query = query.where('p.vm', '=', q.vm);
   const rows = await query.execute();
   return rows.map((r) => toRestorePoint(r, r.repo_name, r.job_name));
 }
 
 export async function getRestorePoint(ctx: ServiceContext, id: string): Promise<RestorePoint> {
-  const all = await ctx.db
-    .selectFrom('restore_points as p')
-    .innerJoin('repositories as r', 'r.id', 'p.repository_id')
-    .leftJoin('jobs as j', 'j.id', 'p.job_id')
-    .leftJoin('encrypted_chains as ec', 'ec.chain_id', 'p.chain_id')
-    .selectAll('p')
-    .select(['r.name as repo_name', 'j.name as job_name', 'ec.chain_id as enc_chain', 'ec.hint as enc_hint', 'ec.key_id as enc_key'])
-    .where('p.id', '=', id)
-    .executeTakeFirst();
-  if (!all) throw notFound('restore point', id);
-  return toRestorePoint(all, all.repo_name, all.job_name);
+  const row = await restorePointRows(ctx).where('p.id', '=', id).executeTakeFirst();
+  if (!row) throw notFound('restore point', id);
+  return toRestorePoint(row, row.repo_name, row.job_name);
 }
 
 export interface NewRestorePoint {
