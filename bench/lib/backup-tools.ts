@@ -27,6 +27,18 @@ export interface Phase {
   bytesRead?: number;
   pointId?: string;
   sha256?: string;
+  /** Wall seconds of the whole child process (node start, module load, the phase, exit): runPhase. */
+  processSeconds?: number;
+  /** CPU seconds of the whole child process, node start and module load included. */
+  processCpuSeconds?: number;
+}
+
+/**
+ * Block size of the bench's chain: BULWARK_BENCH_BLOCK_SIZE (e.g. 262144), default 1 MiB. The
+ * full creates the chain with it; the incremental's reader must use the same (the chain's).
+ */
+export function benchBlockSize(): number {
+  return Number(process.env.BULWARK_BENCH_BLOCK_SIZE ?? 1 << 20);
 }
 
 // ---- Bulwark phases (child process) ----
@@ -38,8 +50,10 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
     kind === 'full' ? { kind: 'full', reason: 'no-checkpoint', detail: 'bench', compareDigests: false } : { kind: 'bitmap', bitmap: 'bm0', context: dirtyBitmapContext('bm0') };
   const view = { disk: { name: 'vda', targetDev: 'vda', imagePath: '', format: 'qcow2', virtualSize: MIXED_DISK_SIZE }, nbd: { socketPath, exportName }, size: MIXED_DISK_SIZE, changes };
   const t1 = performance.now();
-  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind, disks: [{ name: 'vda', size: MIXED_DISK_SIZE }] });
+  const blockSize = benchBlockSize();
+  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind, ...(kind === 'full' ? { blockSize } : {}), disks: [{ name: 'vda', size: MIXED_DISK_SIZE }] });
   const t2 = performance.now();
+  let firstBlockMs = -1;
   let stats: { bytesRead: number; bufferWaitMs?: number } = { bytesRead: 0 };
   try {
     // As the product's backupDisk into a local repository: the reader reuses a ring of buffers
@@ -51,7 +65,7 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
     const lend = process.env.BULWARK_BENCH_LEND === '1' ? { take: () => w.lendBuffer(), giveBack: (b: Buffer) => w.giveBackBuffer(b) } : undefined;
     const shape = /^c(\d+)x(\d+)$/.exec(process.env.BULWARK_BENCH_READER ?? '');
     const source = readBackupDisk(view as Parameters<typeof readBackupDisk>[0], {
-      blockSize: 1 << 20,
+      blockSize,
       reuseBuffers,
       ...(lend ? { lend } : {}),
       ...(shape ? { concurrency: Number(shape[1]), connections: Number(shape[2]) } : {}),
@@ -64,6 +78,8 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
         const t = performance.now();
         const r = await source.next();
         waits.source += performance.now() - t;
+        // NBD connections, the first window's block-status queries and the first read.
+        if (firstBlockMs < 0) firstBlockMs = performance.now() - t2;
         if (r.done) return;
         yield r.value;
       }
@@ -83,9 +99,14 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
   const info = await w.commit();
   // Where the time goes (stderr): open the repository, start the point, read+write the disk, commit.
   const ms = (a: number, b: number) => Math.round(b - a);
-  console.error(`  ${kind}: open ${ms(t0, t1)} ms, start point ${ms(t1, t2)} ms, read+write ${ms(t2, t3)} ms (${(bytesRead / 2 ** 20).toFixed(0)} MiB read), commit ${ms(t3, performance.now())} ms`);
   const cpu = process.cpuUsage(c0);
-  return { seconds: (performance.now() - t0) / 1000, cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssMiB: process.resourceUsage().maxRSS / 1024, bytesRead, pointId: info.id };
+  const all = process.cpuUsage();
+  console.error(
+    `  ${kind}: node start + module load ${Math.round(t0)} ms (${((all.user + all.system - cpu.user - cpu.system) / 1e6).toFixed(2)} CPU-s), ` +
+      `open ${ms(t0, t1)} ms, start point ${ms(t1, t2)} ms, read+write ${ms(t2, t3)} ms (first block after ${Math.round(firstBlockMs)} ms; ${(bytesRead / 2 ** 20).toFixed(0)} MiB read, block size ${blockSize / 1024} KiB), commit ${ms(t3, performance.now())} ms`,
+  );
+  const processCpuSeconds = (all.user + all.system) / 1e6;
+  return { seconds: (performance.now() - t0) / 1000, cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssMiB: process.resourceUsage().maxRSS / 1024, bytesRead, pointId: info.id, processCpuSeconds };
 }
 
 export async function bulwarkRestore(repoDir: string, pointId: string, to: string): Promise<Phase> {
@@ -112,8 +133,10 @@ export async function compileBench(entry: string, outName: string): Promise<stri
 
 /** Runs a phase in a child process of the compiled bench `entry`; its last stdout line is a Phase. */
 export function runPhase(entry: string, ...a: string[]): Phase {
+  const t0 = performance.now();
   const out = execFileSync(process.execPath, [entry, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20, env: { ...process.env, BULWARK_LOG_LEVEL: 'warn' } });
-  return JSON.parse(out.trim().split('\n').pop()!) as Phase;
+  const processSeconds = (performance.now() - t0) / 1000;
+  return { ...(JSON.parse(out.trim().split('\n').pop()!) as Phase), processSeconds };
 }
 
 // ---- peers ----

@@ -37,18 +37,49 @@ export const ZSTD_LEVEL = 1;
 export const ZSTD_HASH_LOG = 15;
 
 /**
- * Incompressibility probe: the order-0 entropy of PROBE_BYTES bytes sampled across the block.
- * Random, compressed and encrypted data measure ~7.95 bits per byte on such a sample; text,
- * code, zero-padded and structured data far less. Costs a few microseconds per block.
+ * Incompressibility probe (docs/decisions/0004 and 0008). A block is stored raw without running
+ * zstd when BOTH hold:
+ * 1. the order-0 entropy of PROBE_BYTES bytes sampled across the block is at least PROBE_BITS
+ *    (random, compressed and encrypted data measure ~7.95 bits per byte on such a sample; text,
+ *    code, zero-padded and structured data far less);
+ * 2. no two 4 KiB pages of the block begin with the same 6 bytes (a 48-bit key, exact in a
+ *    double). Pages are what guests write and file systems align files to; a repeated or
+ *    zero-filled page between the sampled slices (two copies of a compressed file, a zeroed
+ *    range) is something zstd would find.
+ * Both cost ~10-40 us per 1 MiB block; zstd's own pass over a random block costs ~270 us. A wrong
+ * "incompressible" only costs ratio (the block is stored as it is), never data; a wrong
+ * "compressible" costs a zstd pass, after which a block zstd did not shrink is stored raw anyway.
  */
 const PROBE_SLICES = 16;
 const PROBE_SLICE = 256;
 const PROBE_BITS = 7.85;
+const PAGE = 4096;
 const LOG2 = new Float64Array(PROBE_SLICES * PROBE_SLICE + 1).map((_, i) => (i > 0 ? i * Math.log2(i) : 0));
 
-/** True when a sample of `plain` looks like random bytes (zstd would not shrink the block). */
-export function looksIncompressible(plain: Uint8Array, counts = new Uint32Array(256)): boolean {
-  if (plain.length < 64 * 1024) return false;
+/** Reusable scratch of the probe (one per encoder thread). */
+export interface ProbeScratch {
+  readonly counts: Uint32Array;
+  heads: Float64Array;
+}
+export function probeScratch(): ProbeScratch {
+  return { counts: new Uint32Array(256), heads: new Float64Array(256) };
+}
+
+/** True when two 4 KiB pages of `plain` start with the same PAGE_HEAD bytes. */
+function repeatsPages(plain: Uint8Array, scratch: ProbeScratch): boolean {
+  const pages = Math.floor(plain.length / PAGE);
+  if (scratch.heads.length < pages) scratch.heads = new Float64Array(pages);
+  const heads = scratch.heads.subarray(0, pages);
+  for (let p = 0, at = 0; p < pages; p++, at += PAGE) {
+    heads[p] = plain[at]! + plain[at + 1]! * 0x100 + plain[at + 2]! * 0x10000 + plain[at + 3]! * 0x1000000 + plain[at + 4]! * 0x100000000 + plain[at + 5]! * 0x10000000000;
+  }
+  heads.sort();
+  for (let p = 1; p < pages; p++) if (heads[p] === heads[p - 1]) return true;
+  return false;
+}
+
+/** Order-0 entropy (bits per byte) of PROBE_SLICES slices of PROBE_SLICE bytes spread over `plain`. */
+export function sampleEntropy(plain: Uint8Array, counts: Uint32Array = new Uint32Array(256)): number {
   counts.fill(0);
   const step = Math.floor((plain.length - PROBE_SLICE) / (PROBE_SLICES - 1));
   for (let s = 0; s < PROBE_SLICES; s++) {
@@ -59,7 +90,13 @@ export function looksIncompressible(plain: Uint8Array, counts = new Uint32Array(
   // H = log2(n) - sum(c log2 c) / n
   let sum = 0;
   for (let b = 0; b < 256; b++) sum += LOG2[counts[b]!]!;
-  return Math.log2(n) - sum / n >= PROBE_BITS;
+  return Math.log2(n) - sum / n;
+}
+
+/** True when `plain` looks like random bytes (zstd would not shrink it): see the probe above. */
+export function looksIncompressible(plain: Uint8Array, scratch: ProbeScratch = probeScratch()): boolean {
+  if (plain.length < 64 * 1024) return false;
+  return sampleEntropy(plain, scratch.counts) >= PROBE_BITS && !repeatsPages(plain, scratch);
 }
 
 /** Bytes a payload may need beyond the plain length (compression bound + GCM overhead). */
@@ -94,7 +131,7 @@ function zstdCompressor(): InstanceType<ZstdBinding['CCtx']> {
 export class BlockEncoder {
   #cctx = zstdCompressor();
   #scratch: Buffer;
-  #counts = new Uint32Array(256);
+  #probe = probeScratch();
 
   constructor(
     readonly compression: Compression,
@@ -116,7 +153,7 @@ export class BlockEncoder {
     const target = enc ? this.#scratch : out;
     let compression: Compression = this.compression;
     let len = 0;
-    if (compression !== 'none' && looksIncompressible(plain, this.#counts)) compression = 'none';
+    if (compression !== 'none' && looksIncompressible(plain, this.#probe)) compression = 'none';
     switch (compression) {
       case 'zstd':
         len = this.#cctx.compress2(target, plain);
