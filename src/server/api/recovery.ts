@@ -44,7 +44,23 @@ const RestoreVmBody = Type.Object(
   { additionalProperties: false },
 );
 
-const RestoredDisk = Type.Object({ name: Type.String(), path: Type.String(), format: Type.String(), size: Type.Number(), sha256: Type.String() });
+const RestoredDisk = Type.Object({ name: Type.String(), path: Type.String(), format: Type.Union([Type.Literal('raw'), Type.Literal('qcow2')]), size: Type.Number(), sha256: Type.String() });
+
+/** What a host agent answers a restore-vm task with: RestoreVmResult as JSON, checked before use. */
+const RemoteRestoreVmResult = Type.Object({
+  point: Type.String(),
+  vm: Type.String(),
+  toOriginal: Type.Boolean(),
+  hypervisor: Type.Union([Type.Literal('qemu'), Type.Literal('libvirt')]),
+  disks: Type.Array(RestoredDisk),
+  vmDir: Type.Optional(Type.String()),
+  startScript: Type.Optional(Type.String()),
+  qmpSocket: Type.Optional(Type.String()),
+  uuid: Type.Optional(Type.String()),
+  poweredOn: Type.Boolean(),
+  warnings: Type.Array(Type.String()),
+  durationMs: Type.Number(),
+});
 
 const VmRestore = Type.Object({
   id: Type.String(),
@@ -58,20 +74,7 @@ const VmRestore = Type.Object({
   startedAt: Type.String(),
   endedAt: Type.Union([Type.String(), Type.Null()]),
   progress: Type.Object({ bytesDone: Type.Number(), total: Type.Number(), percent: Type.Number(), disk: Type.Union([Type.String(), Type.Null()]) }),
-  result: Type.Union([
-    Type.Object({
-      hypervisor: Type.String(),
-      disks: Type.Array(RestoredDisk),
-      vmDir: Type.Optional(Type.String()),
-      startScript: Type.Optional(Type.String()),
-      qmpSocket: Type.Optional(Type.String()),
-      uuid: Type.Optional(Type.String()),
-      poweredOn: Type.Boolean(),
-      warnings: Type.Array(Type.String()),
-      durationMs: Type.Number(),
-    }),
-    Type.Null(),
-  ]),
+  result: Type.Union([Type.Omit(RemoteRestoreVmResult, ['point', 'vm', 'toOriginal']), Type.Null()]),
   error: Type.Union([ErrorInfo, Type.Null()]),
   log: Type.Optional(Type.Array(Type.Object({ time: Type.String(), level: Type.String(), message: Type.String() }), { description: 'lines the restoring agent reported' })),
 });
@@ -109,24 +112,6 @@ const MigrateBody = Type.Object(
   { storage: Type.Optional(Type.String({ minLength: 1, description: 'absolute folder for the VM\'s own disks (default <data>/vms/NAME)' })) },
   { additionalProperties: false },
 );
-
-/** What a host agent answers a restore-vm task with: RestoreVmResult as JSON, checked before use. */
-const RemoteRestoreVmResult = Type.Object({
-  point: Type.String(),
-  vm: Type.String(),
-  toOriginal: Type.Boolean(),
-  hypervisor: Type.Union([Type.Literal('qemu'), Type.Literal('libvirt')]),
-  disks: Type.Array(
-    Type.Object({ name: Type.String(), path: Type.String(), format: Type.Union([Type.Literal('raw'), Type.Literal('qcow2')]), size: Type.Number(), sha256: Type.String() }),
-  ),
-  vmDir: Type.Optional(Type.String()),
-  startScript: Type.Optional(Type.String()),
-  qmpSocket: Type.Optional(Type.String()),
-  uuid: Type.Optional(Type.String()),
-  poweredOn: Type.Boolean(),
-  warnings: Type.Array(Type.String()),
-  durationMs: Type.Number(),
-});
 
 /**
  * The result of a VM restore an agent reports, or an error naming the agent, the point and the
