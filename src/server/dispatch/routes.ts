@@ -22,10 +22,34 @@ export const PollReplyBody = Type.Object({
   tasks: Type.Array(Type.Object({ kind: Type.String(), taskId: Type.String() }, { additionalProperties: true })),
   cancel: Type.Array(Type.Object({ taskId: Type.String(), reason: Type.String() })),
 });
-export const EventsBody = Type.Object(
-  { events: Type.Array(Type.Object({ type: Type.Union([Type.Literal('progress'), Type.Literal('log'), Type.Literal('ready'), Type.Literal('result')]) }, { additionalProperties: true }), { maxItems: 1000 }) },
-  { additionalProperties: false },
-);
+// The wire boundary: every event is checked against its type's fields (TaskEvent in
+// src/transport/agent-tasks.ts) before the broker sees it. Payloads that belong to one task kind
+// (progress counters, a result's value, a previous point) are that kind's to read; extra fields are
+// allowed so a newer agent's additions do not break an older server.
+const open = { additionalProperties: true } as const;
+const StageBusyBody = Type.Record(Type.String(), Type.Number());
+const TaskEventBody = Type.Union([
+  Type.Object({ type: Type.Literal('progress'), progress: Type.Record(Type.String(), Type.Unknown()), stageTimes: Type.Optional(StageBusyBody) }, open),
+  Type.Object({ type: Type.Literal('log'), level: Type.Union([Type.Literal('info'), Type.Literal('warning'), Type.Literal('error')]), message: Type.String(), disk: Type.Optional(Type.String()) }, open),
+  Type.Object(
+    {
+      type: Type.Literal('ready'),
+      port: Type.Integer({ minimum: 0, maximum: 65535 }),
+      host: Type.Optional(Type.String()),
+      previous: Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()]),
+      plan: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
+      vms: Type.Optional(Type.Record(Type.String(), Type.Union([Type.Record(Type.String(), Type.Unknown()), Type.Null()]))),
+      blockSize: Type.Optional(Type.Integer({ minimum: 1 })),
+    },
+    open,
+  ),
+  Type.Object({ type: Type.Literal('result'), ok: Type.Literal(true), value: Type.Optional(Type.Unknown()), stageTimes: Type.Optional(StageBusyBody) }, open),
+  Type.Object(
+    { type: Type.Literal('result'), ok: Type.Literal(false), error: Type.Object({ kind: Type.String(), message: Type.String(), hint: Type.Optional(Type.String()) }, open) },
+    open,
+  ),
+]);
+export const EventsBody = Type.Object({ events: Type.Array(TaskEventBody, { maxItems: 1000 }) }, { additionalProperties: false });
 export const EventsReplyBody = Type.Object({
   cancel: Type.Boolean(),
   limits: Type.Optional(Type.Array(Type.Object({ name: Type.String(), bytesPerSecond: Type.Number() }))),
