@@ -61,7 +61,12 @@ export class RecordSink {
   static async create(path: string, header: FileHeader): Promise<RecordSink> {
     const fh = await open(path, 'wx', 0o640);
     const sink = new RecordSink(path, fh, 0);
-    await sink.append(encodeHeader(header));
+    try {
+      await sink.append(encodeHeader(header));
+    } catch (err) {
+      await fh.close(); // the caller removes the temporary file; its handle is ours to close
+      throw err;
+    }
     return sink;
   }
 
@@ -71,7 +76,12 @@ export class RecordSink {
    */
   static async reopen(file: BackupFile): Promise<RecordSink> {
     const fh = await open(file.path, 'r+');
-    await fh.truncate(file.slot.fileLength);
+    try {
+      await fh.truncate(file.slot.fileLength);
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
     return new RecordSink(file.path, fh, file.slot.fileLength);
   }
 
