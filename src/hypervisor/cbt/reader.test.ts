@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import type { DiskBlock, Extent } from '../../disk/types.js';
 import type { DirtyExtent } from '../nbd/client.js';
-import { ChangedBlockReader, planBlocks, type BlockSource } from './reader.js';
+import { ChangedBlockReader, defaultConcurrency, planBlocks, type BlockSource } from './reader.js';
 
 const K = 1024;
 
@@ -162,6 +162,43 @@ describe('ChangedBlockReader', () => {
     for (const b of blocks) expect((b as { digest?: Buffer }).digest).toEqual(createHash('sha256').update(b.data!).digest());
     const plain = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 256 * K });
     for (const b of await collect(plain.blocks())) expect((b as { digest?: Buffer }).digest).toBeUndefined();
+  });
+
+  it.each([
+    [64 * K, 128],
+    [256 * K, 32],
+    [1024 * K, 8],
+    [4096 * K, 8],
+  ])('by default keeps 8 MiB of %i-byte blocks in flight (at least 8 blocks): %i reads at once', async (blockSize, expected) => {
+    expect(defaultConcurrency(blockSize)).toBe(expected);
+    // A source that answers nothing until `expected` reads are waiting (then everything at once):
+    // the reader must issue that many without waiting for the first; never more.
+    const blocks = expected + 4;
+    const waiting: Array<() => void> = [];
+    let open = true;
+    let most = 0;
+    const src: BlockSource = {
+      size: blocks * blockSize,
+      readInto: async (_offset, target) => {
+        if (open) {
+          const go = new Promise<void>((r) => waiting.push(r));
+          most = Math.max(most, waiting.length);
+          if (waiting.length >= expected) {
+            open = false;
+            for (const w of waiting.splice(0)) w();
+          }
+          await go;
+        }
+        return target;
+      },
+      extents: async (offset, length) => [{ offset, length, kind: 'data' }],
+      dirtyExtents: async () => [],
+    };
+    const reader = new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize, reuseBuffers: true });
+    let n = 0;
+    for await (const b of reader.blocks()) expect(b.index).toBe(n++);
+    expect(n).toBe(blocks);
+    expect(most).toBe(expected);
   });
 
   it('a failed read fails the iteration after the other reads settle', async () => {

@@ -21,7 +21,11 @@ export interface BlockSource {
 export interface ChangedBlockReaderOptions {
   /** Block size in bytes: a positive multiple of 512 (Bulwark uses 1 MiB or 4 MiB). */
   readonly blockSize: number;
-  /** Blocks being read at once (= blocks held in memory). Default 8. */
+  /**
+   * Blocks being read at once (= blocks held in memory). Default: 8 MiB of blocks, at least 8
+   * (8 of 1 MiB or 4 MiB, 32 of 256 KiB): scattered reads of an increment wait for the server's
+   * latency, so the bytes in flight, not the block count, keep it busy (docs/decisions/0008).
+   */
   readonly concurrency?: number;
   /** Bytes of the disk mapped per round of block-status queries. Default 1 GiB. */
   readonly mapWindow?: number;
@@ -88,6 +92,11 @@ export interface ChangedBlockStats {
    * (`lend`): the consumer's own back-pressure (its encoders or writes), not the source's speed.
    */
   bufferWaitMs: number;
+}
+
+/** Blocks in flight by default for a block size: 8 MiB of them, at least 8. */
+export function defaultConcurrency(blockSize: number): number {
+  return Math.max(8, Math.floor((8 * 1024 * 1024) / blockSize));
 }
 
 /** One planned block: read its data ranges (offsets relative to the block), or yield zeroes. */
@@ -179,7 +188,7 @@ export class ChangedBlockReader {
     this.#source = source;
     this.#changes = changes;
     this.#blockSize = bs;
-    this.#concurrency = Math.max(1, options.concurrency ?? 8);
+    this.#concurrency = Math.max(1, options.concurrency ?? defaultConcurrency(bs));
     const window = options.mapWindow ?? 1024 * 1024 * 1024;
     this.#window = Math.max(bs, Math.floor(window / bs) * bs);
     this.#signal = options.signal;
