@@ -62,6 +62,13 @@ export interface BackupTargetTask {
   readonly fullRequested?: boolean | undefined;
   /** ISO time of the server's clock: days, retention and the point's time are judged by it. */
   readonly now?: string | undefined;
+  /**
+   * Per-job storage (agent-link.md, "Per-job storage on an agent's repository"): ONE point for
+   * every VM of the job, in its `_all` folder (`vm` is `_all`). Each VM's source agent sends its VM
+   * on transfer id `<taskId>/<vm>`, as `sourceAgent` (its certificate CN); `chainId` is the VM's
+   * hypervisor chain id. In the job's order.
+   */
+  readonly vms?: ReadonlyArray<{ readonly vm: string; readonly sourceAgent: string; readonly chainId: string }> | undefined;
 }
 
 /** Blocks of one disk to read again and store fresh (damaged in the repository). */
@@ -145,6 +152,11 @@ export interface BackupSourceTask {
    * disks at once. Commit when all are done. Absent: every disk at once, one after another.
    */
   readonly diskTasks?: readonly string[] | undefined;
+  /**
+   * Per-job storage: the VM goes into the job's increment even without a checkpoint of its own
+   * (read whole, zero blocks explicit); `blockSize` is then the chain's.
+   */
+  readonly intoIncrement?: boolean | undefined;
 }
 
 /** Restores one disk of a restore point in a repository on this agent's host to a path on this host. */
@@ -212,7 +224,17 @@ export type TaskEvent =
   | { readonly type: 'progress'; readonly progress: Record<string, unknown>; readonly stageTimes?: StageBusy | undefined }
   | { readonly type: 'log'; readonly level: 'info' | 'warning' | 'error'; readonly message: string; readonly disk?: string | undefined }
   /** backup-target: listening for the source; `previous` found in the repository. */
-  | { readonly type: 'ready'; readonly port: number; readonly host?: string | undefined; readonly previous: WirePrevious | null; readonly plan?: WireRunPlan | undefined }
+  | {
+      readonly type: 'ready';
+      readonly port: number;
+      readonly host?: string | undefined;
+      readonly previous: WirePrevious | null;
+      readonly plan?: WireRunPlan | undefined;
+      /** Per-job target: each VM's checkpoint in the point the run continues (null: none). */
+      readonly vms?: Readonly<Record<string, WirePrevious | null>> | undefined;
+      /** Per-job target continuing a chain: the chain's block size. */
+      readonly blockSize?: number | undefined;
+    }
   | { readonly type: 'result'; readonly ok: true; readonly value: unknown; readonly stageTimes?: StageBusy | undefined }
   | { readonly type: 'result'; readonly ok: false; readonly error: { readonly kind: string; readonly message: string; readonly hint?: string | undefined } };
 

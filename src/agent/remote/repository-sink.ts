@@ -7,7 +7,7 @@ import { uncompressSync as lz4Uncompress } from 'lz4-napi';
 import { createRequire } from 'node:module';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import type { DiskBlock } from '../../disk/types.js';
-import type { DiskWriteStats, Repository, RestorePointInfo, RestorePointWriter } from '../../repository/index.js';
+import type { DiskWriteStats, Repository, RestorePointInfo } from '../../repository/index.js';
 import type { BeginPointMessage, EndDiskMessage, OpenDiskMessage, ReceivedBlockMessage, ZeroRunMessage } from '../../transport/frame.js';
 import type { TransferSink } from '../../transport/index.js';
 
@@ -67,7 +67,7 @@ class BlockChannel implements AsyncIterable<DiskBlock> {
 interface OpenDisk {
   readonly message: OpenDiskMessage;
   readonly channel: BlockChannel;
-  readonly done: Promise<DiskWriteStats>;
+  readonly done: Promise<Pick<DiskWriteStats, 'storedBytes' | 'storedBlocks' | 'unchangedBlocks'>>;
 }
 
 /** The committed point as sent back in COMMITTED (dates as ISO strings). */
@@ -115,14 +115,29 @@ export interface RepositorySinkOptions {
   readonly chainPassword?: string | undefined;
   /** The point's time (default: now). */
   readonly time?: Date | undefined;
-  /** Called with each disk's result as it ends and with the point at commit. */
-  readonly onDisk?: (stats: DiskWriteStats) => void;
+  /** Called with each disk's result as it ends. */
+  readonly onDisk?: (stats: SinkDiskStats) => void;
+  /**
+   * Opens the point BEGIN_POINT names (default: a restore point of `vm` in `repository`). A
+   * per-job point gives each VM's part of the one writer (job-target-task.ts).
+   */
+  readonly open?: ((p: BeginPointMessage) => Promise<PointSink>) | undefined;
 }
+
+/** What a sink writes a point through: a RestorePointWriter, or a VM's part of a per-job point. */
+export interface PointSink {
+  writeDisk(name: string, blocks: AsyncIterable<DiskBlock>, opts?: { compareWithParent?: boolean }): Promise<Pick<DiskWriteStats, 'storedBytes' | 'storedBlocks' | 'unchangedBlocks'>>;
+  commit(): Promise<RestorePointInfo>;
+  abort(): Promise<void>;
+}
+
+/** A disk's result as the sink reports it. */
+export type SinkDiskStats = { readonly name: string } & Pick<DiskWriteStats, 'storedBytes' | 'storedBlocks' | 'unchangedBlocks'>;
 
 /** Writes one backup task into a repository on this host. */
 export class RepositorySink implements TransferSink {
   readonly #o: RepositorySinkOptions;
-  #writer: RestorePointWriter | undefined;
+  #writer: PointSink | undefined;
   readonly #disks = new Map<number, OpenDisk>();
   point: RestorePointInfo | undefined;
 
@@ -133,6 +148,10 @@ export class RepositorySink implements TransferSink {
   async beginPoint(p: BeginPointMessage): Promise<void> {
     if (this.#writer) throw new BulwarkError('BEGIN_POINT sent twice', { kind: 'invalid' });
     const o = this.#o;
+    if (o.open) {
+      this.#writer = await o.open(p);
+      return;
+    }
     // An increment or a reverse injection continues its chain (block size, compression, keys).
     const incremental = p.kind !== 'full';
     this.#writer = await o.repository.startRestorePoint({
@@ -195,7 +214,7 @@ export class RepositorySink implements TransferSink {
     const d = this.#disk(summary.disk);
     d.channel.end();
     const stats = await d.done;
-    this.#o.onDisk?.(stats);
+    this.#o.onDisk?.({ name: d.message.name, storedBytes: stats.storedBytes, storedBlocks: stats.storedBlocks, unchangedBlocks: stats.unchangedBlocks });
   }
 
   async commit(): Promise<Record<string, unknown>> {

@@ -27,6 +27,7 @@ import { methodSettings, splitDisks } from '../backup/chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { runFileIndexTask } from './index-task.js';
+import { runJobBackupTarget, type JobTargetContext } from './job-target-task.js';
 import { MountTasks } from './mount-tasks.js';
 import { backupVmByDisks, RemoteRestorePointTarget } from './remote-target.js';
 import { RestoreTasks } from './restore-tasks.js';
@@ -84,8 +85,19 @@ export class AgentTaskRunner {
   #flusher: NodeJS.Timeout | undefined;
   #flushing: Promise<void> | undefined;
 
+  /** What a per-job backup target borrows from this loop. */
+  readonly #jobTargets: JobTargetContext;
+
   constructor(options: AgentTaskRunnerOptions) {
     this.#o = options;
+    this.#jobTargets = {
+      name: options.name,
+      dataAdvertise: options.dataAdvertise,
+      repository: (p) => this.#repository(p),
+      listener: () => this.#listener(),
+      grant: (id, grant) => (grant ? this.#grants.set(id, grant) : this.#grants.delete(id)),
+      emit: (taskId, e) => this.#emit(taskId, e),
+    };
     this.#restore = new RestoreTasks({
       name: options.name,
       tls: options.tls,
@@ -203,7 +215,8 @@ export class AgentTaskRunner {
         case 'resolve-disks':
           return this.#resolveDisks(task);
         case 'backup-target':
-          return this.#backupTarget(task, r.abort.signal);
+          // Per-job storage: every VM of the job into one point (job-target-task.ts).
+          return task.vms ? runJobBackupTarget(this.#jobTargets, task, r.abort.signal) : this.#backupTarget(task, r.abort.signal);
         case 'backup-source':
           return this.#backupSource(task, r.abort.signal);
         case 'restore-disk':
@@ -461,6 +474,7 @@ export class AgentTaskRunner {
       ...(task.mode ? { mode: task.mode } : {}),
       ...(task.blockSize !== undefined ? { blockSize: task.blockSize } : {}),
       ...(task.compression ? { compression: task.compression } : {}),
+      ...(task.intoIncrement ? { intoIncrement: true } : {}),
       signal,
       onProgress: (progress) => this.#emit(task.taskId, { type: 'progress', progress: { ...progress }, stageTimes: stageTimes.snapshot() }),
       onLog: (level, message, disk) => this.#emit(task.taskId, { type: 'log', level, message, ...(disk ? { disk } : {}) }),

@@ -14,10 +14,12 @@ import { logger } from '../../common/log.js';
 import { methodSettings, splitDisks } from '../../agent/backup/chain-policy.js';
 import type { BackupProgress, BackupVmSummary } from '../../agent/backup/disk-backup.js';
 import { chainIdFor } from '../../agent/backup/disk-backup.js';
+import { jobPointFailed } from '../../agent/backup/job-target.js';
+import { jobTransferId } from '../../agent/remote/job-target-task.js';
 import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from '../../agent/backup/job-settings.js';
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
-import type { RestorePointInfo } from '../../repository/index.js';
+import { ALL_VMS, catalogPoints, splitAllVmsDiskName, type RestorePointInfo } from '../../repository/index.js';
 import type { BackupTargetResult, HealthCheckResult, TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
 import type { StageBusy } from '../../transport/stage-times.js';
 import type { NamedLimit } from '../../transport/throttle.js';
@@ -90,6 +92,29 @@ interface VmRun {
   readonly tasks: Array<(e: RunEvent) => void>;
 }
 
+type JobRunEvent =
+  | { kind: 'progress'; vm: string; progress: BackupProgress; stageTimes?: StageBusy | undefined }
+  | { kind: 'log'; level: LogLevel; message: string; /** `VM/DISK` when it is about one disk. */ disk: string | undefined };
+
+/** What a per-job run came to: the job's point, each VM's summary (its slice of the point) and the warnings. */
+interface JobRunResult {
+  readonly pointId: string;
+  readonly summaries: ReadonlyMap<string, BackupVmSummary & { stageTimes?: StageBusy }>;
+  readonly warnings: readonly string[];
+}
+
+/** Per-job storage on an agent's repository: the job's run in one session round (agent-link.md, "Per-job storage"). */
+interface JobRun {
+  readonly result: Promise<JobRunResult>;
+  /** Latest progress of each VM. */
+  readonly progress: Map<string, BackupProgress>;
+  /** The disk tasks listening (`VM/DISK`), in arrival order: the first takes the job-wide lines. */
+  readonly tasks: Array<{ readonly disk: string; hear(e: JobRunEvent): void }>;
+  settledAt: number | null;
+  /** Fails the run: the target and every source task are cancelled. */
+  cancel?: ((reason: string) => void) | undefined;
+}
+
 /** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
 type StageTimesContext = TaskContext & {
   stageTimes?: (busy: StageBusy) => void;
@@ -100,6 +125,8 @@ type StageTimesContext = TaskContext & {
 export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #o: RemoteDataPathOptions;
   readonly #runs = new Map<string, VmRun>();
+  /** Per-job storage: the job's run in a session round, shared by every disk task of the job. */
+  readonly #jobRuns = new Map<string, JobRun>();
   /** Disk tasks of a round that will not run (taskSkipped), by run key: the VM's run fails. */
   readonly #skipped = new Map<string, { why: string; at: number }>();
   readonly #localAgent: string;
@@ -149,8 +176,12 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
 
   /** The source agent of a task: the granted proxy, the job's pinned proxy, the VM's host agent, or the repository's agent. */
   #sourceAgent(task: TaskSpec, repository: DispatchRepository): string {
-    const hostAgent = task.disk.location?.agent;
-    const chosen = task.proxy ?? task.job.proxy ?? hostAgent ?? repository.agent ?? this.#localAgent;
+    return this.#sourceAgentOf(task.proxy ?? task.job.proxy, task.disk.location?.agent, repository);
+  }
+
+  /** The source agent of a VM: the proxy chosen, the VM's host agent, or the repository's agent (never the server's own for another agent's host). */
+  #sourceAgentOf(proxy: string | undefined, hostAgent: string | undefined, repository: DispatchRepository): string {
+    const chosen = proxy ?? hostAgent ?? repository.agent ?? this.#localAgent;
     // The server's own agent cannot reach a host that another agent serves.
     return this.#isLocal(chosen) && hostAgent !== undefined && !this.#isLocal(hostAgent) ? hostAgent : chosen;
   }
@@ -174,6 +205,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         const key = this.#runKey(task);
         this.#skipped.set(key, { why, at: Date.now() });
         this.#runs.get(key)?.cancel?.(why);
+        this.#jobRuns.get(key)?.cancel?.(why);
       },
       (err: unknown) => log.warn({ task: task.taskId, err: describeError(err) }, 'a skipped task could not be routed'),
     );
@@ -184,18 +216,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const source = this.#sourceAgent(task, repository);
     const healthCheck = methodSettings(task.job.settings).operation === 'health-check';
     if (this.#runsLocally(task, repository)) return this.#o.local.execute(task, context);
-    // Per-job storage is written by the in-process path only (PERJOB): refused, never silently per VM.
-    if (methodSettings(task.job.settings).storage === 'per-job') {
-      throw new BulwarkError(`job ${task.job.name} keeps all its VMs in one restore point (storage per-job), which only the server's own host writes; VM ${task.vm} would go through agent ${source} into repository ${repository.name}`, {
-        kind: 'invalid',
-        context: { job: task.job.name, vm: task.vm, repository: repository.name },
-        hint: "set the job's storage to per-vm, or use the server's own proxy and a repository of its host",
-      });
-    }
+    // Per-job storage: one run for all the job's VMs, written by the repository agent (agent-link.md).
+    if (methodSettings(task.job.settings).storage === 'per-job' && !healthCheck) return this.#executeJob(task, context, repository);
 
-    const now = Date.now();
-    for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
-    for (const [k, sk] of this.#skipped) if (now - sk.at > KEEP_SETTLED_MS) this.#skipped.delete(k);
+    this.#sweepRuns();
     const key = this.#runKey(task);
     let run = this.#runs.get(key);
     const owner = run === undefined;
@@ -273,8 +297,17 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     }
   }
 
+  /** The run a task belongs to: its VM's in this session round; per-job storage: the job's (VM names are never empty). */
   #runKey(task: TaskSpec): string {
-    return `${task.sessionId}\0${task.vm}\0${task.attempt}`;
+    const perJob = methodSettings(task.job.settings).storage === 'per-job';
+    return `${task.sessionId}\0${perJob ? '' : task.vm}\0${task.attempt}`;
+  }
+
+  #sweepRuns(): void {
+    const now = Date.now();
+    for (const [k, r] of this.#runs) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#runs.delete(k);
+    for (const [k, r] of this.#jobRuns) if (r.settledAt !== null && now - r.settledAt > KEEP_SETTLED_MS) this.#jobRuns.delete(k);
+    for (const [k, sk] of this.#skipped) if (now - sk.at > KEEP_SETTLED_MS) this.#skipped.delete(k);
   }
 
   /**
@@ -523,9 +556,11 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       context.signal.throwIfAborted();
       const password = await this.#o.password?.(job);
       const passwords = await this.#knownPasswords(job, password);
+      // Per-job storage: the job's `_all` chain (its points do not change: no catalog sync).
+      const perJob = methodSettings(job.settings).storage === 'per-job';
       const handle = this.#o.broker.run(
         agent,
-        { kind: 'health-check', repositoryPath: repository.path, job: job.name, vm: task.vm, settings: job.settings ?? {}, now: this.#now().toISOString(), password, ...(passwords.length > 0 ? { passwords } : {}) },
+        { kind: 'health-check', repositoryPath: repository.path, job: job.name, vm: perJob ? ALL_VMS : task.vm, settings: job.settings ?? {}, now: this.#now().toISOString(), password, ...(passwords.length > 0 ? { passwords } : {}) },
         (e) => {
           if (e.type === 'log') emit({ kind: 'log', level: e.level, message: e.message, disk: e.disk });
         },
@@ -534,10 +569,313 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       context.signal.addEventListener('abort', stop, { once: true });
       try {
         const r = (await handle.result) as HealthCheckResult;
-        await this.#syncPoints(task, r.points, emit);
+        if (!perJob) await this.#syncPoints(task, r.points, emit);
         return { kind: 'health-check', warnings: r.warnings };
       } finally {
         context.signal.removeEventListener('abort', stop);
+      }
+    })();
+    run.result.then(
+      () => (run.settledAt = Date.now()),
+      () => (run.settledAt = Date.now()),
+    );
+    return run;
+  }
+
+  /**
+   * One disk task of a per-job backup whose point an agent writes: the job's first task to run
+   * starts the job's run (every VM, one point) and holds its slot for it; every disk task reports
+   * its disk from the run's result (its VM's slice of the job's point).
+   */
+  async #executeJob(task: TaskSpec, context: TaskContext, repository: DispatchRepository): Promise<TaskOutcome> {
+    this.#sweepRuns();
+    const key = this.#runKey(task);
+    const skipped = this.#skipped.get(key);
+    if (skipped !== undefined) throw jobPointFailed(task.job.name, new BulwarkError(skipped.why, { kind: 'unavailable', context: { vm: task.vm, disk: task.disk.name } }));
+    let run = this.#jobRuns.get(key);
+    const owner = run === undefined;
+    if (!run) {
+      run = this.#startJobRun(task, context, repository);
+      this.#jobRuns.set(key, run);
+      context.log('info', `backing up job ${task.job.name} into one restore point for all its VMs (storage per-job), written by agent ${repository.agent ?? this.#localAgent} into repository ${repository.name}: this task runs it`);
+    } else {
+      context.log('info', `disk ${task.disk.name} of VM ${task.vm} is backed up by the job's run already going in this session (one restore point for all its VMs)`);
+    }
+    const r = run;
+    const ctx = context as StageTimesContext;
+    const mine = `${task.vm}/${task.disk.name}`;
+    const listener = {
+      disk: mine,
+      hear: (e: JobRunEvent): void => {
+        const general = r.tasks[0] === listener;
+        switch (e.kind) {
+          case 'progress':
+            if (e.vm === task.vm) context.progress(diskProgress(e.progress, task.disk.name));
+            if (e.stageTimes && general) ctx.stageTimes?.(e.stageTimes);
+            break;
+          case 'log':
+            // A disk's lines go to its task (the oldest task when that disk's task is not listening).
+            if (e.disk === undefined ? general : e.disk === mine || (general && !r.tasks.some((t) => t.disk === e.disk))) context.log(e.level, e.message);
+            break;
+        }
+      },
+    };
+    r.tasks.push(listener);
+    const p = r.progress.get(task.vm);
+    if (p) context.progress(diskProgress(p, task.disk.name));
+    try {
+      const result = await r.result;
+      const summary = result.summaries.get(task.vm);
+      const disk = summary?.disks.find((d) => d.name === task.disk.name);
+      if (!summary || !disk) {
+        throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in job ${task.job.name}'s restore point ${result.pointId} (removed from the VM?)`, {
+          kind: 'not-found',
+          context: { job: task.job.name, vm: task.vm, disk: task.disk.name },
+        });
+      }
+      const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
+      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead });
+      if (owner && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
+      context.log('info', `disk ${task.disk.name} is in restore point ${summary.pointId} (VM ${task.vm}'s part of job point ${result.pointId})`);
+      const messages = owner ? [...result.warnings] : [];
+      return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
+    } finally {
+      r.tasks.splice(r.tasks.indexOf(listener), 1);
+    }
+  }
+
+  /**
+   * The job's run: the per-job target on the repository agent (plans the `_all` chain, opens the
+   * one writer), then one source task per VM on its source agent, all at once; the point commits
+   * when every VM is in it; the first failure cancels everything (nothing is visible). Then each
+   * VM's slice goes into the catalog and the catalog follows the `_all` chain's steps.
+   */
+  #startJobRun(task: TaskSpec, context: StageTimesContext, repository: DispatchRepository): JobRun {
+    const run: JobRun = { progress: new Map(), tasks: [], settledAt: null, result: Promise.resolve() as never };
+    const emit = (e: JobRunEvent): void => {
+      for (const t of [...run.tasks]) t.hear(e);
+    };
+    const say = (level: LogLevel, message: string, disk?: string) => emit({ kind: 'log', level, message, disk });
+    const { job } = task;
+    const settings = methodSettings(job.settings);
+    const broker = this.#o.broker;
+    const targetAgent = repository.agent ?? this.#localAgent;
+    const signal = context.signal;
+    (run as { result: JobRun['result'] }).result = (async (): Promise<JobRunResult> => {
+      signal.throwIfAborted();
+      if (settings.operation === 'quick') {
+        throw new BulwarkError(`quick backup of VM ${task.vm}: job ${job.name} keeps all its VMs in one restore point (storage per-job), so a point of one VM alone is not written`, {
+          kind: 'invalid',
+          context: { job: job.name, vm: task.vm },
+          hint: `run the whole job instead: bulwark job run ${job.name}`,
+        });
+      }
+      // Every VM of the job (the point holds them all) and the agent that reads it.
+      const vms: Array<{ vm: string; sourceAgent: string; chainId: string }> = [];
+      for (const name of job.vms) {
+        signal.throwIfAborted();
+        let hostAgent: string | undefined = task.disk.location?.agent;
+        if (name !== task.vm) {
+          const disks = await this.resolveDisks(job, name, signal).catch((err: unknown) => {
+            throw new BulwarkError(`VM ${name}: ${describeError(err)}`, { kind: err instanceof BulwarkError ? err.kind : 'internal', context: { job: job.name, vm: name }, cause: err, hint: `remove VM ${name} from the job, or set the job's storage to per-vm` });
+          });
+          hostAgent = disks[0]?.location?.agent;
+        }
+        vms.push({ vm: name, sourceAgent: this.#sourceAgentOf(name === task.vm ? (task.proxy ?? job.proxy) : job.proxy, hostAgent, repository), chainId: chainIdFor(job.name, name) });
+      }
+      const secret = randomBytes(32).toString('hex');
+      const password = await this.#o.password?.(job);
+      const passwords = await this.#knownPasswords(job, password);
+      let ready: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
+      const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (ready = resolve));
+      // 1. The repository agent plans the `_all` chain and opens the one writer.
+      const target = broker.run(
+        targetAgent,
+        {
+          kind: 'backup-target',
+          secret,
+          repositoryPath: repository.path,
+          job: job.name,
+          vm: ALL_VMS,
+          chainId: '',
+          password,
+          ...(passwords.length > 0 ? { passwords } : {}),
+          sourceAgent: vms[0]!.sourceAgent,
+          settings: job.settings ?? {},
+          fullRequested: task.full,
+          now: this.#now().toISOString(),
+          vms,
+        },
+        (e) => {
+          if (e.type === 'ready') ready?.(e);
+          else if (e.type === 'log') say(e.level, e.message, e.disk);
+          else if (e.type === 'progress' && typeof e.progress.failedVm === 'string') failedVm ??= e.progress.failedVm;
+        },
+      );
+      /** The VM whose transfer the target saw end first: where a failure began. */
+      let failedVm: string | undefined;
+      const sources = new Map<string, ReturnType<AgentTaskBroker['run']>>();
+      run.cancel = (reason) => {
+        target.cancel(reason);
+        for (const h of sources.values()) h.cancel(reason);
+      };
+      const onAbort = () => run.cancel?.('the job was stopped');
+      signal.addEventListener('abort', onAbort, { once: true });
+      let limitTimer: NodeJS.Timeout | undefined;
+      try {
+        const readyOrFailed = await Promise.race([readyEvent, target.result.then(() => undefined)]);
+        if (!readyOrFailed) throw new BulwarkError(`repository agent ${targetAgent} ended the task before it was ready`, { kind: 'internal' });
+        const plan = readyOrFailed.plan;
+        if (!plan) throw new BulwarkError(`repository agent ${targetAgent} did not plan job ${job.name}'s run (an older agent: update it)`, { kind: 'unavailable', context: { job: job.name } });
+        const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
+        const hosts = await this.#o.hosts();
+        const streams = setting(job, 'multithreadedTransfer', isBoolean) === false ? 1 : (setting(job, 'streams', isNumber) ?? 5);
+        const blockSize = setting(job, 'blockSize', isNumber);
+        const full = plan.kind === 'full';
+        // 2. Each VM's source agent reads it and sends it to the target, all at once.
+        const refreshers: Array<() => void> = [];
+        for (const v of vms) {
+          const sourceIp = broker.addressOf(v.sourceAgent) ?? '127.0.0.1';
+          const mine = hosts.filter((h) => (h.agent ?? this.#localAgent) === v.sourceAgent).map((h) => h.connection);
+          const repair = plan.repair.flatMap((r) => {
+            const split = splitAllVmsDiskName(r.disk);
+            return split?.vm === v.vm ? [{ disk: split.disk, blocks: r.blocks }] : [];
+          });
+          const chainBlockSize = full ? blockSize : (readyOrFailed.blockSize ?? blockSize);
+          const handle = broker.run(
+            v.sourceAgent,
+            {
+              kind: 'backup-source',
+              transferId: jobTransferId(target.taskId, v.vm),
+              secret,
+              target: { host: targetHost, port: readyOrFailed.port, agent: targetAgent },
+              hosts: mine.length > 0 ? mine : hosts.map((h) => h.connection),
+              job: job.name,
+              vm: v.vm,
+              full,
+              previous: readyOrFailed.vms?.[v.vm] ?? null,
+              chainMethod: plan.chainMethod,
+              ...(repair.length > 0 ? { repair } : {}),
+              ...(settings.excludeDisks.length > 0 ? { excludeDisks: settings.excludeDisks } : {}),
+              mode: setting(job, 'mode', isMode),
+              requireGuestProcessing: setting(job, 'requireGuestProcessing', isBoolean),
+              ...(chainBlockSize !== undefined ? { blockSize: chainBlockSize } : {}),
+              compression: setting(job, 'compression', isCompression),
+              streams,
+              resumeWindowMs: this.#o.resumeWindowMs ?? 30_000,
+              limits: await this.#limits(task, context, sourceIp, targetHost),
+              ...(full ? {} : { intoIncrement: true }),
+            },
+            (e) => {
+              switch (e.type) {
+                case 'progress':
+                  if (Object.keys(e.progress).length > 0) {
+                    const progress = e.progress as unknown as BackupProgress;
+                    run.progress.set(v.vm, progress);
+                    emit({ kind: 'progress', vm: v.vm, progress, stageTimes: e.stageTimes });
+                  }
+                  break;
+                case 'log':
+                  say(e.level, e.disk === undefined ? `VM ${v.vm}: ${e.message}` : e.message, e.disk === undefined ? undefined : `${v.vm}/${e.disk}`);
+                  break;
+                case 'ready':
+                case 'result':
+                  break;
+              }
+            },
+          );
+          sources.set(v.vm, handle);
+          refreshers.push(() => {
+            this.#limits(task, context, sourceIp, targetHost).then(
+              (l) => handle.setLimits(l),
+              (err: unknown) => log.warn({ err: describeError(err) }, 'could not re-evaluate the rate limits'),
+            );
+          });
+        }
+        if (signal.aborted) onAbort();
+        // Rules have hours and the repository share changes as tasks come and go: keep the limits current.
+        limitTimer = setInterval(() => refreshers.forEach((f) => f()), 5000);
+        limitTimer.unref();
+
+        // Every VM or none: the first failure (a source, or the target) stops everything.
+        const failures: Array<{ vm: string | null; err: unknown }> = [];
+        const watched = [...sources].map(([vm, h]) =>
+          h.result.catch((err: unknown) => {
+            failures.push({ vm, err });
+            throw err;
+          }),
+        );
+        const targetFailed = target.result.then(
+          () => new Promise<never>(() => undefined),
+          (err: unknown) => {
+            failures.push({ vm: null, err });
+            throw err;
+          },
+        );
+        let raws: unknown[];
+        try {
+          raws = await Promise.race([Promise.all(watched), targetFailed]);
+        } catch (first) {
+          run.cancel?.(`job ${job.name}'s restore point failed: ${describeError(first)}`);
+          // Where it began (the target names the VM whose transfer ended first; else the first source
+          // to fail): the others fail because of it. Wait a moment for every side to report.
+          await Promise.race([Promise.allSettled([...watched, targetFailed]), new Promise((r) => setTimeout(r, 3000).unref())]);
+          const named = failedVm === undefined ? undefined : (failures.find((f) => f.vm === failedVm) ?? failures.find((f) => f.vm === null));
+          const origin = named ?? failures.find((f) => f.vm !== null) ?? failures[0];
+          const cause = origin?.vm ? new BulwarkError(`VM ${origin.vm} (agent ${sourceAgentOf(vms, origin.vm)}): ${describeError(origin.err)}`, { kind: kindOf(origin.err), context: { job: job.name, vm: origin.vm }, cause: origin.err }) : (origin?.err ?? first);
+          throw jobPointFailed(job.name, cause);
+        }
+        const targetResult = (await target.result) as BackupTargetResult;
+        const point = pointFromWire(targetResult.point);
+        const slices = catalogPoints([point]);
+        const stored = targetResult.disks;
+        const summaries = new Map<string, BackupVmSummary & { stageTimes?: StageBusy }>();
+        const warnings = [...(targetResult.warnings ?? [])];
+        for (const [i, v] of vms.entries()) {
+          const sent = raws[i] as BackupVmSummary & { stageTimes?: StageBusy };
+          const slice = slices.find((p) => p.vm === v.vm);
+          if (!slice) throw new BulwarkError(`restore point ${point.id} of job ${job.name} does not hold VM ${v.vm}`, { kind: 'internal', context: { job: job.name, vm: v.vm, point: point.id } });
+          const summary = {
+            ...sent,
+            pointId: slice.id,
+            point: slice,
+            disks: sent.disks.map((d) => {
+              const st = stored.find((x) => x.name === `${v.vm}/${d.name}`);
+              return { ...d, bytesTransferred: d.bytesStored, ...(st ? { bytesStored: st.storedBytes, storedBlocks: st.storedBlocks, unchangedBlocks: st.unchangedBlocks } : {}) };
+            }),
+          };
+          summaries.set(v.vm, summary);
+          warnings.push(...sent.warnings.map((w) => `VM ${v.vm}: ${w}`));
+          if (sent.consistency === 'crash') warnings.push(`VM ${v.vm}: the restore point is crash-consistent (guest not quiesced)`);
+          if (!this.#o.onRestorePoint) continue;
+          try {
+            await this.#o.onRestorePoint(job, { ...task, vm: v.vm }, summary);
+          } catch (err) {
+            log.error({ vm: v.vm, point: slice.id, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
+            say('warning', `restore point ${slice.id} of VM ${v.vm} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`);
+          }
+        }
+        say('info', `restore point ${point.id} of job ${job.name} holds ${vms.length} VM(s): ${vms.map((v) => `${v.vm} (${summaries.get(v.vm)!.pointId})`).join(', ')}`);
+        // The catalog follows each VM: its slices of the `_all` chain after its steps, and its own folder.
+        if (targetResult.points && this.#o.onVmPoints) {
+          const all = catalogPoints(targetResult.points.map(pointFromWire));
+          for (const vm of new Set([...vms.map((v) => v.vm), ...all.map((p) => p.vm)])) {
+            try {
+              await this.#o.onVmPoints(job, { ...task, vm }, all.filter((p) => p.vm === vm));
+            } catch (err) {
+              const w = `the catalog could not follow the repository's points of VM ${vm}: ${describeError(err)} (rescan the repository)`;
+              warnings.push(w);
+              say('warning', w);
+            }
+          }
+        }
+        return { pointId: point.id, summaries, warnings };
+      } catch (err) {
+        run.cancel?.('the backup failed');
+        throw err;
+      } finally {
+        clearInterval(limitTimer);
+        signal.removeEventListener('abort', onAbort);
       }
     })();
     run.result.then(
@@ -561,4 +899,12 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     if (share !== undefined && share > 0) limits.push({ name: `task:${task.taskId}`, bytesPerSecond: share });
     return limits;
   }
+}
+
+function kindOf(err: unknown): BulwarkError['kind'] {
+  return err instanceof BulwarkError ? err.kind : 'internal';
+}
+
+function sourceAgentOf(vms: ReadonlyArray<{ vm: string; sourceAgent: string }>, vm: string): string {
+  return vms.find((v) => v.vm === vm)?.sourceAgent ?? '?';
 }

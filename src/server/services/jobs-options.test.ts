@@ -107,14 +107,14 @@ describe('job backup-method options', () => {
     await bad({ excludeDisks: ['web1:'] }, 'excludeDisks[0]', /names no disk: write VM:DISK/);
     await bad({ removedVmRetentionDays: -1 }, 'removedVmRetentionDays', /must be >= 0/);
     await bad({ healthCheck: { weekdays: ['someday'] } }, 'healthCheck.weekdays.0', /./);
-    // Per-job storage is written on the server's own host only: refused for an agent's repository, named.
+    // Per-job storage into an agent's repository: the repository agent writes the job's point (agent-link.md).
     await registerAgent(ctx, { name: 'store1', hostname: 'store1', agentVersion: 't', cores: 2, certFingerprint: null });
     await createRepository(ctx, { name: 'far', path: join(dir, 'far'), agent: 'store1' });
-    await bad({ storage: 'per-job', repository: 'far' }, 'storage', /repository far is on agent store1: use per-vm/);
+    const pj = await call('POST', '/jobs', { name: 'pjfar', vms: ['web1'], repository: 'far', storage: 'per-job' });
+    expect(pj.statusCode, pj.body).toBe(201);
     const pv = (await call('POST', '/jobs', { name: 'pv', vms: ['web1'], repository: 'far' })).json<{ version: number }>();
     const moved = await call('PATCH', '/jobs/pv', { version: pv.version, storage: 'per-job' });
-    expect(moved.statusCode, moved.body).toBe(400);
-    expect(moved.json<{ error: { field: string } }>().error.field).toBe('storage');
+    expect(moved.statusCode, moved.body).toBe(200);
 
     // A method change that leaves a synthetic full without its method is refused too.
     const j = (await call('POST', '/jobs', { name: 'fwd', vms: ['web1'], repository: 'main', method: 'forward', syntheticFull: { weekdays: ['sat'] } })).json<{ version: number }>();

@@ -96,24 +96,6 @@ function checkBackupOptions(o: JobBackupOptionValues, method: BackupMethod, vms:
   }
 }
 
-/**
- * Per-job storage (one restore point for all VMs, the `_all` folder) is written by the one-host
- * data path only: refused for a repository on another agent's host (whose backups run the chain
- * steps per VM on that agent), naming the repository.
- */
-async function checkStorage(ctx: ServiceContext, storage: JobBackupOptionValues['storage'], repositoryId: string): Promise<void> {
-  if (storage !== 'per-job') return;
-  const r = await ctx.db
-    .selectFrom('repositories as r')
-    .leftJoin('agents as a', 'a.id', 'r.agent_id')
-    .select(['r.name', 'r.agent_id', 'a.name as agent'])
-    .where('r.id', '=', repositoryId)
-    .executeTakeFirst();
-  if (r && r.agent_id !== null && r.agent !== 'local') {
-    throw invalid('storage', `per-job storage is written into repositories of the server's own host only; repository ${r.name} is on agent ${r.agent ?? r.agent_id}: use per-vm, or a repository of the server's host`);
-  }
-}
-
 function toJob(r: Selectable<JobTable>, repoName: string, running: boolean): Job {
   return {
     ...configFields(r),
@@ -206,7 +188,6 @@ export async function createJob(ctx: ServiceContext, input: JobCreate): Promise<
   const options = { ...defaultJobBackupOptions, ...pickOptions(input) };
   checkBackupOptions(options, input.method ?? 'forever-forward', input.vms);
   const repositoryId = await repoId(ctx, input.repository);
-  await checkStorage(ctx, options.storage, repositoryId);
   const proxy = await proxyName(ctx, input.proxy);
   const now = nowIso(ctx);
   try {
@@ -281,7 +262,6 @@ export async function updateJob(ctx: ServiceContext, name: string, patch: JobPat
     checkBackupOptions(options, patch.method ?? r.method, patch.vms ?? parseJson<string[]>(r.objects, 'job objects') ?? []);
     values.backup_options = JSON.stringify(options);
   }
-  if (patch.repository !== undefined || patch.storage !== undefined) await checkStorage(ctx, { ...backupOptionsOf(r), ...changedOptions }.storage, values.repository_id ?? r.repository_id);
   await updateVersioned(ctx, 'jobs', 'job', r, patch.version, values);
   return getJob(ctx, r.id);
 }
