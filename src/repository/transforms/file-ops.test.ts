@@ -7,7 +7,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { NIL_UUID } from '../../format/index.js';
+import { NIL_UUID, type FileHeader } from '../../format/index.js';
 import { RecordSink } from './file-ops.js';
 
 let dir: string;
@@ -31,7 +31,7 @@ const openBelow = (folder: string): string[] =>
 
 it('create: a header that cannot be encoded fails and leaves the new file closed', async () => {
   const file = path.join(dir, 'bad-header.vbk.tmp');
-  const header = { kind: 'full' as const, formatMinor: 0, blockSize: 262144 as const, fileId: 'not-a-uuid', chainId: randomUUID(), pointId: randomUUID(), baseFileId: NIL_UUID, timeMs: Date.now(), compression: 'zstd' as const };
+  const header: FileHeader = { kind: 'full', formatMinor: 0, blockSize: 262144, fileId: 'not-a-uuid', chainId: randomUUID(), pointId: randomUUID(), baseFileId: NIL_UUID, timeMs: Date.now(), compression: 'zstd', encryption: null };
   await expect(RecordSink.create(file, header)).rejects.toThrow(/uuid/i);
   expect(openBelow(dir)).toEqual([]);
 });
