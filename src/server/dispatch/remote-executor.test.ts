@@ -75,6 +75,23 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
     }
   });
 
+  it('a source agent whose summary has another shape fails the task naming the agent, the VM and the field', async () => {
+    const t = setup({ method: 'forever-forward', retention: { points: 3 } });
+    try {
+      const outcome = t.executor.execute(t.task, t.context);
+      const target = await t.next('repo1');
+      t.send('repo1', target.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null, plan: { kind: 'full', reason: 'first', chainMethod: 'forward', parent: null, repair: [] } });
+      const source = await t.next('src1');
+      // An older agent: no warnings list.
+      t.send('src1', source.taskId, { type: 'result', ok: true, value: { pointId: 'p2', point: wirePoint('p2', 'full'), disks: [{ name: 'vda', bytesRead: 10, bytesStored: 5 }] } });
+      t.send('repo1', target.taskId, { type: 'result', ok: true, value: { point: wirePoint('p2', 'full'), disks: [] } });
+      await expect(outcome).rejects.toThrow(/agent src1 reported the backup of VM web1 without a valid warnings/);
+      expect(t.recorded).toEqual([]);
+    } finally {
+      t.broker.close();
+    }
+  });
+
   it('sends over 5 parallel streams, or 1 when the job turns multithreaded transfer off', async () => {
     for (const [settings, streams] of [[{}, 5], [{ multithreadedTransfer: true }, 5], [{ multithreadedTransfer: false }, 1]] as const) {
       const t = setup({ method: 'forever-forward', retention: { points: 3 }, ...settings });

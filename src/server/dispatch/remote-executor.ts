@@ -487,7 +487,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         // What the repository stored (after its compression and dedup), per disk, from the target side.
         const targetResult = (await target.result) as Partial<BackupTargetResult>;
         const stored = targetResult.disks ?? [];
-        const sent = raw as unknown as BackupVmSummary;
+        const sent = sourceSummary(raw, sourceAgent, task.vm);
         const summary = {
           ...sent,
           warnings: [...sent.warnings, ...(targetResult.warnings ?? [])],
@@ -503,7 +503,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             await this.#o.onRestorePoint(job, task, summary);
           } catch (err) {
             log.error({ vm: task.vm, point: summary.pointId, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
-            emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`, disk: undefined });
+            emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (the job's next run brings the catalog in line with the repository's folder)`, disk: undefined });
           }
         }
         if (targetResult.points) await this.#syncPoints(task, targetResult.points, emit);
@@ -539,7 +539,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     try {
       await this.#o.onVmPoints(task.job, task, wire.map(pointFromWire));
     } catch (err) {
-      emit({ kind: 'log', level: 'warning', message: `the catalog could not follow the repository's points of VM ${task.vm}: ${describeError(err)} (rescan the repository)`, disk: undefined });
+      emit({ kind: 'log', level: 'warning', message: `the catalog could not follow the repository's points of VM ${task.vm}: ${describeError(err)} (the job's next run brings the catalog in line with the repository's folder)`, disk: undefined });
     }
   }
 
@@ -832,7 +832,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         const summaries = new Map<string, BackupVmSummary & { stageTimes?: StageBusy }>();
         const warnings = [...(targetResult.warnings ?? [])];
         for (const [i, v] of vms.entries()) {
-          const sent = raws[i] as BackupVmSummary & { stageTimes?: StageBusy };
+          const sent = sourceSummary(raws[i], v.sourceAgent, v.vm);
           const slice = slices.find((p) => p.vm === v.vm);
           if (!slice) throw new BulwarkError(`restore point ${point.id} of job ${job.name} does not hold VM ${v.vm}`, { kind: 'internal', context: { job: job.name, vm: v.vm, point: point.id } });
           const summary = {
@@ -852,7 +852,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             await this.#o.onRestorePoint(job, { ...task, vm: v.vm }, summary);
           } catch (err) {
             log.error({ vm: v.vm, point: slice.id, err: describeError(err) }, 'restore point committed but not recorded in the catalog');
-            say('warning', `restore point ${slice.id} of VM ${v.vm} is in the repository but could not be recorded in the catalog: ${describeError(err)} (rescan the repository)`);
+            say('warning', `restore point ${slice.id} of VM ${v.vm} is in the repository but could not be recorded in the catalog: ${describeError(err)} (the job's next run brings the catalog in line with the repository's folder)`);
           }
         }
         say('info', `restore point ${point.id} of job ${job.name} holds ${vms.length} VM(s): ${vms.map((v) => `${v.vm} (${summaries.get(v.vm)!.pointId})`).join(', ')}`);
@@ -863,7 +863,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             try {
               await this.#o.onVmPoints(job, { ...task, vm }, all.filter((p) => p.vm === vm));
             } catch (err) {
-              const w = `the catalog could not follow the repository's points of VM ${vm}: ${describeError(err)} (rescan the repository)`;
+              const w = `the catalog could not follow the repository's points of VM ${vm}: ${describeError(err)} (the job's next run brings the catalog in line with the repository's folder)`;
               warnings.push(w);
               say('warning', w);
             }
@@ -907,4 +907,23 @@ function kindOf(err: unknown): BulwarkError['kind'] {
 
 function sourceAgentOf(vms: ReadonlyArray<{ vm: string; sourceAgent: string }>, vm: string): string {
   return vms.find((v) => v.vm === vm)?.sourceAgent ?? '?';
+}
+
+/**
+ * A source agent's backup summary as the server uses it, checked: an agent of another version
+ * that sends another shape fails the run naming the agent, the VM and the field.
+ */
+function sourceSummary(raw: unknown, agent: string, vm: string): BackupVmSummary & { stageTimes?: StageBusy } {
+  const bad = (field: string): BulwarkError =>
+    new BulwarkError(`agent ${agent} reported the backup of VM ${vm} without a valid ${field}`, { kind: 'internal', context: { agent, vm, field }, hint: `run the server's version of bulwark on agent ${agent}` });
+  if (typeof raw !== 'object' || raw === null) throw bad('summary');
+  const o = raw as Record<string, unknown>;
+  if (!Array.isArray(o.warnings) || !o.warnings.every((w) => typeof w === 'string')) throw bad('warnings');
+  if (typeof o.point !== 'object' || o.point === null) throw bad('point');
+  if (!Array.isArray(o.disks)) throw bad('disks');
+  for (const d of o.disks as unknown[]) {
+    const disk = d as Record<string, unknown> | null;
+    if (typeof disk?.name !== 'string' || typeof disk.bytesRead !== 'number' || typeof disk.bytesStored !== 'number') throw bad('disks entry');
+  }
+  return o as unknown as BackupVmSummary & { stageTimes?: StageBusy };
 }
