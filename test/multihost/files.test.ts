@@ -7,10 +7,14 @@
 //     spaces as in the disk (a tree of lstat facts and hashes); no mount is left in dst1's
 //     namespace; without --host, repo1 (the repository's mount server) does it from its folder;
 // (b) `mount --host kvm-b --at DIR`: held by dst1, listed with its agent, readable in dst1's
-//     mount namespace, undone by `unmount`; a mount the server forgot (server restarted) is undone
-//     by the agent by itself;
-// (c) a host whose agent is gone: refused, naming the agent.
-// No guest boots. Agents run in their own mount namespaces (`ip netns exec`), so their mounts are
+//     mount namespace, undone by `unmount`;
+// (c) `restore files --to-guest` into the test guest running under the point's VM name on kvm-b:
+//     dst1 is found as the agent of the VM's host, mounts the point (read from repo1) and writes
+//     through the guest agent: contents, modes, owners, times, symlinks; fail and keep-both;
+// (d) a mount the server forgot (server killed and restarted) is undone by the agent by itself,
+//     and restores through both agents work again;
+// (e) a host whose agent is gone: refused, naming the agent.
+// One guest boot (for (c), overlapped with (a) and (b)). Agents run in their own mount namespaces (`ip netns exec`), so their mounts are
 // looked at through /proc/PID/mounts and /proc/PID/root.
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -18,6 +22,7 @@ import { chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { MultiHost, multiHostSkipReason as skipReason, logText } from './netns/hosts.js';
 
 const VM = 'mhfiles-vm';
@@ -25,6 +30,8 @@ let h: MultiHost;
 let dst: Awaited<ReturnType<MultiHost['addAgent']>>;
 let src = '';
 let pointId = '';
+/** The test guest, running as the point's VM on kvm-b (dst1's host) for --to-guest. */
+let guest: TestGuest | undefined;
 const started = Date.now();
 
 /** Every entry under `root`: type, permission bits, owner, mtime (s), and contents' hash or link target. */
@@ -83,6 +90,9 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
       symlinkSync('report.txt', path.join(src, 'data/latest'));
       symlinkSync('/nowhere/at/all', path.join(src, 'data/dangling'));
       writeFileSync(path.join(src, 'My Docs/letter to bank.txt'), 'Dear bank,\n');
+      // A root file system (its fstab mounts itself on /): guest paths (/data) place into the guest.
+      mkdirSync(path.join(src, 'etc'));
+      writeFileSync(path.join(src, 'etc/fstab'), 'LABEL=mhfiles / ext4 defaults 0 1\n');
       let t = 1_600_000_000;
       for (const p of ['data/report.txt', 'data/sub dir/odd name (1).bin', 'data/tool.sh', 'data/secret', 'My Docs/letter to bank.txt', 'data/sub dir', 'My Docs', 'data']) utimesSync(path.join(src, p), t, (t += 86_400));
       lutimesSync(path.join(src, 'data/latest'), t, t);
@@ -100,10 +110,17 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
     const s = await h.runJob('mhfiles');
     expect(s.state, logText(s)).toMatch(/success|warning/); // warning: the VM has no guest agent to freeze
     pointId = (await h.api<{ items: Array<{ id: string; vm: string }> }>('GET', `/restore-points?vm=${VM}`)).items.find((p) => p.vm === VM)!.id;
+    // The backed-up VM goes; the test guest runs under its name on kvm-b for --to-guest (booting
+    // while (a) and (b) run).
+    process.kill(Number(readFileSync(path.join(h.vmDir, 'qemu.pid'), 'utf8')), 'SIGKILL');
+    const gDir = path.join(h.tmp, 'b-vms', VM);
+    mkdirSync(gDir, { recursive: true });
+    guest = await startTestGuest({ name: VM, dir: gDir, netns: dst.ns });
     console.log(`files.test: set-up (namespaces, agents, backup) ${since(started)}`);
   }, 180_000);
 
-  afterAll(() => {
+  afterAll(async () => {
+    await guest?.stop();
     if (src) rmSync(path.dirname(src), { recursive: true, force: true });
     if (h) expect(h.close()).toBe('');
     console.log(`files.test: whole file ${since(started)}`);
@@ -140,7 +157,7 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
     console.log(`files.test: (a) restore files via repo1 + refusal ${since(t1)}`);
   }, 120_000);
 
-  it('(b) mount --host kvm-b: held by dst1, listed, readable there, undone by unmount; a mount the server forgot is undone by the agent', async () => {
+  it('(b) mount --host kvm-b: held by dst1, listed, readable there, undone by unmount', async () => {
     const t0 = Date.now();
     const pid = dst.child.pid!;
     const before = mountsOf(pid);
@@ -161,6 +178,48 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
     expect((await h.api<{ items: unknown[] }>('GET', '/mounts')).items).toEqual([]);
     console.log(`files.test: (b) mount, browse, unmount ${since(t0)}`);
 
+  }, 120_000);
+
+  it('(c) --to-guest into the VM running on kvm-b: dst1 mounts the point (read from repo1) and writes through the guest agent', async () => {
+    const t0 = Date.now();
+    await guest!.waitForAgent();
+    console.log(`files.test: (c) guest agent answered ${since(started)} after the start`);
+    const t1 = Date.now();
+    const pid = dst.child.pid!;
+    const before = mountsOf(pid);
+    const r = await h.api<{ agent?: string; target: string; files: number; symlinks: number; items: Array<{ to: string }> }>('POST', `/restore-points/${pointId}/restore-files`, {
+      paths: ['/data', '/My Docs/letter to bank.txt'],
+      toGuest: true,
+    });
+    expect(r).toMatchObject({ agent: 'dst1', target: `guest ${VM}`, files: 5, symlinks: 2 });
+    expect(r.items.map((i) => i.to)).toEqual(['/data', '/My Docs/letter to bank.txt']);
+    const inGuest = async (p: string): Promise<string> => (await guest!.sh(`stat -c '%a %u:%g %Y' '${p}'`)).trim();
+    for (const p of ['data', 'data/report.txt', 'data/tool.sh', 'data/secret', 'data/sub dir', 'data/sub dir/odd name (1).bin', 'My Docs/letter to bank.txt']) {
+      const st = lstatSync(path.join(src, p));
+      expect(await inGuest(`/${p}`), p).toBe(`${(st.mode & 0o7777).toString(8)} ${st.uid}:${st.gid} ${Math.floor(st.mtimeMs / 1000)}`);
+    }
+    const sums = await guest!.sh("cd /data && sha256sum report.txt tool.sh secret 'sub dir/odd name (1).bin'");
+    for (const p of ['report.txt', 'tool.sh', 'secret', 'sub dir/odd name (1).bin']) {
+      expect(sums).toContain(`${createHash('sha256').update(readFileSync(path.join(src, 'data', p))).digest('hex')}  ${p}`);
+    }
+    expect(await guest!.sh('readlink /data/latest; readlink /data/dangling')).toBe('report.txt\n/nowhere/at/all\n');
+    expect(mountsOf(pid)).toEqual(before);
+    console.log(`files.test: (c) --to-guest via dst1 ${since(t1)}`);
+
+    // The path exists now: fail (the default) refuses, keep-both writes beside it.
+    expect(await refused('POST', `/restore-points/${pointId}/restore-files`, { paths: ['/My Docs/letter to bank.txt'], toGuest: true })).toMatch(/409.*letter to bank\.txt/);
+    await guest!.sh("echo changed > '/My Docs/letter to bank.txt'");
+    const kb = await h.api<{ agent?: string; items: Array<{ to: string }> }>('POST', `/restore-points/${pointId}/restore-files`, { paths: ['/My Docs/letter to bank.txt'], toGuest: true, conflict: 'keep-both', host: 'kvm-b' });
+    expect(kb.agent).toBe('dst1');
+    expect(kb.items[0]!.to).toMatch(/^\/My Docs\/letter to bank\.txt\.restored-\d{8}T\d{6}Z$/);
+    expect(await guest!.sh(`cat '/My Docs/letter to bank.txt' '${kb.items[0]!.to}'`)).toBe('changed\nDear bank,\n');
+    expect(mountsOf(pid)).toEqual(before);
+    console.log(`files.test: (c) whole case ${since(t0)}`);
+  }, 300_000);
+
+  it('(d) a mount the server forgot (it restarted) is undone by the agent by itself', async () => {
+    const pid = dst.child.pid!;
+    const before = mountsOf(pid);
     // The server restarts and forgets the mount: dst1 learns it at its next report and unmounts.
     const t1 = Date.now();
     const m2 = await h.api<{ id: string; filesystems: Array<{ path: string }> }>('POST', '/mounts', { point: pointId, host: 'kvm-b', detached: true });
@@ -173,10 +232,27 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
     for (let i = 0; i < 400 && !mountsOf(pid).every((l) => before.includes(l)); i++) await new Promise((r) => setTimeout(r, 100));
     expect(mountsOf(pid)).toEqual(before);
     expect((await h.api<{ items: unknown[] }>('GET', '/mounts')).items).toEqual([]);
-    console.log(`files.test: (b) forgotten mount undone by the agent ${since(t1)}`);
+    console.log(`files.test: (d) forgotten mount undone by the agent ${since(t1)}`);
+    // Both agents take tasks from the new server (their polls come back within their backoff, <= 10 s).
+    const t2 = Date.now();
+    let last: unknown;
+    for (let i = 0; i < 60; i++) {
+      try {
+        const r = await h.api<{ agent?: string; files: number }>('POST', `/restore-points/${pointId}/restore-files`, { paths: ['/data/report.txt'], to: path.join(h.tmp, `after-restart-${i}`), host: 'kvm-b' });
+        expect(r).toMatchObject({ agent: 'dst1', files: 1 });
+        last = undefined;
+        break;
+      } catch (err) {
+        last = err;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
+    expect(last).toBeUndefined();
+    expect(mountsOf(pid)).toEqual(before);
+    console.log(`files.test: (d) restore files works again after the restart ${since(t2)}`);
   }, 120_000);
 
-  it('(c) a host whose agent is gone: refused, naming the agent', async () => {
+  it('(e) a host whose agent is gone: refused, naming the agent', async () => {
     dst.child.kill('SIGKILL');
     await new Promise<void>((r) => (dst.child.exitCode !== null || dst.child.signalCode !== null ? r() : dst.child.once('exit', () => r())));
     const msg = await refused('POST', `/restore-points/${pointId}/restore-files`, { paths: ['vda:/data'], to: path.join(h.tmp, 'restored-gone'), host: 'kvm-b' });

@@ -197,10 +197,10 @@ type MountServer = { readonly agent: undefined; readonly host?: CatalogHost | un
  * --host, when no host of the server's own has it): each connected agent is asked with a
  * `resolve-disks` task (10 s each at most); the first that finds it, with its hosts.
  */
-async function agentRunningVm(ctx: ServiceContext, agents: FileIndexAgents, vm: string, localReason: string): Promise<{ agent: string; hosts: HypervisorConnection[] }> {
+async function agentRunningVm(ctx: ServiceContext, agents: FileIndexAgents, vm: string, localReason: string | undefined): Promise<{ agent: string; hosts: HypervisorConnection[] }> {
   const byAgent = new Map<string, CatalogHost[]>();
   for (const h of await listHosts(ctx)) if (!isLocalAgent(agents, h.agent)) byAgent.set(h.agent!, [...(byAgent.get(h.agent!) ?? []), h]);
-  const reasons = [localReason];
+  const reasons = localReason !== undefined ? [localReason] : [];
   const found = await Promise.all(
     [...byAgent].map(async ([agent, hosts]) => {
       if (!agents.broker.isConnected(agent)) {
@@ -220,7 +220,7 @@ async function agentRunningVm(ctx: ServiceContext, agents: FileIndexAgents, vm: 
         }
         return { agent, hosts: connections };
       } catch (err) {
-        if (!(err instanceof BulwarkError && err.kind === 'not-found')) reasons.push(`agent ${agent}: ${describeError(err)}`);
+        reasons.push(err instanceof BulwarkError && err.kind === 'not-found' ? `not on the hosts of agent ${agent} (${hosts.map((h) => h.name).join(', ')})` : `agent ${agent}: ${describeError(err)}`);
         return undefined;
       } finally {
         clearTimeout(timer);
@@ -250,16 +250,17 @@ async function mountServer(ctx: ServiceContext, agents: FileIndexAgents | undefi
   }
   if (o.guestVm !== undefined) {
     // The VM's host decides: the server's own hosts first (as on the one-host install).
+    const own = (await listHosts(ctx)).filter((h) => isLocalAgent(agents, h.agent));
     try {
-      const qga = await connectGuestAgent(ctx, o.guestVm, agents);
+      const qga = await findGuestAgent(own, o.guestVm, 'host of the server\'s own agent');
       await qga.close();
     } catch (err) {
       if (!(err instanceof BulwarkError && err.kind === 'not-found')) throw err;
-      const found = await agentRunningVm(ctx, agents, o.guestVm, err.message);
+      const found = await agentRunningVm(ctx, agents, o.guestVm, own.length > 0 ? `none of the server's own hosts (${own.map((h) => h.name).join(', ')}) runs it` : undefined);
       return { agent: found.agent, guestHosts: found.hosts };
     }
     if (isLocalAgent(agents, repositoryAgent)) return { agent: undefined };
-    return { agent: agents.localAgent ?? 'local', guestHosts: (await listHosts(ctx)).filter((h) => isLocalAgent(agents, h.agent)).map(connectionOf) };
+    return { agent: agents.localAgent ?? 'local', guestHosts: own.map(connectionOf) };
   }
   if (isLocalAgent(agents, repositoryAgent)) return { agent: undefined };
   return { agent: repositoryAgent! };
