@@ -112,6 +112,11 @@ export async function openRepository(root: string, opts: { create?: boolean } = 
   return repo;
 }
 
+export interface ListOptions {
+  /** Told of each VM folder skipped because its chain metadata cannot be read. */
+  readonly onUnreadable?: (vbmPath: string, err: unknown) => void;
+}
+
 export class Repository {
   readonly root: string;
 
@@ -141,17 +146,24 @@ export class Repository {
     return { removed };
   }
 
-  /** Chains of all VMs (or of one job / VM), read from the .vbm files. */
-  async listChains(filter: { job?: string; vm?: string } = {}): Promise<BackupChain[]> {
+  /**
+   * Chains of all VMs (or of one job / VM), read from the .vbm files. A damaged .vbm of one VM
+   * does not hide the others: that folder is skipped (logged, and told to `onUnreadable`). Asked
+   * for one VM (job and vm), its damaged .vbm is an error: an empty answer would read as "this VM
+   * has no points", and callers that follow the folder would drop them from the catalog.
+   */
+  async listChains(filter: { job?: string; vm?: string } = {}, opts: ListOptions = {}): Promise<BackupChain[]> {
     const out: BackupChain[] = [];
+    const oneVm = filter.job !== undefined && filter.vm !== undefined;
     for (const f of await this.#vmFolders()) {
-      // Read only the folders asked for: a damaged .vbm of one VM must not hide the others.
-      if (filter.job !== undefined && filter.vm !== undefined && f.dir !== vmFolder(this.root, filter.job, filter.vm)) continue;
+      if (oneVm && f.dir !== vmFolder(this.root, filter.job!, filter.vm!)) continue;
       let meta: Awaited<ReturnType<typeof readChainMetadata>>;
       try {
         meta = await readChainMetadata(f.vbmPath);
       } catch (err) {
+        if (oneVm) throw err;
         log.warn({ repository: this.root, file: f.vbmPath, err: describeError(err) }, 'skipping a VM folder whose chain metadata is damaged; run repo verify');
+        opts.onUnreadable?.(f.vbmPath, err);
         continue;
       }
       if (!meta) continue;
@@ -163,8 +175,8 @@ export class Repository {
   }
 
   /** Restore points (oldest first within each VM), read from the .vbm files. */
-  async listRestorePoints(filter: { job?: string; vm?: string } = {}): Promise<RestorePointInfo[]> {
-    return (await this.listChains(filter)).flatMap((c) => c.points);
+  async listRestorePoints(filter: { job?: string; vm?: string } = {}, opts: ListOptions = {}): Promise<RestorePointInfo[]> {
+    return (await this.listChains(filter, opts)).flatMap((c) => c.points);
   }
 
   /** Finds a point by id. */
@@ -289,7 +301,7 @@ export class Repository {
    * `wholeChain`). Damaged blocks are recorded in the .vbm as a pending repair (see pendingRepair);
    * damaged metadata makes the next planRun an active full.
    */
-  async healthCheck(job: string, vm: string, opts: { wholeChain?: boolean; password?: string } = {}): Promise<HealthReport> {
+  async healthCheck(job: string, vm: string, opts: transforms.HealthCheckOptions = {}): Promise<HealthReport> {
     return this.#withFolder(job, vm, (f) => transforms.healthCheck(this, f, job, vm, opts));
   }
 

@@ -201,6 +201,14 @@ export function addAgentAdminCommands(agent: Command, ctx: CliContext): void {
 
 // ---- repositories
 
+interface RescanReply {
+  repository: string;
+  points: number;
+  added: number;
+  removed: number;
+  unreadable?: Array<{ file: string; problem: string }>;
+}
+
 interface RepoOptions {
   path?: string;
   agent?: string;
@@ -326,10 +334,20 @@ export function repoCommand(ctx: CliContext): Command {
     .argument('<name>')
     .addOption(jsonOption())
     .action(async (name: string, o: { json?: boolean }, cmd: Command) => {
-      const reply = await (await clientFor(ctx, cmd)).post<unknown>(at('/repositories', name, 'rescan'), {});
+      const reply = await (await clientFor(ctx, cmd)).post<RescanReply>(at('/repositories', name, 'rescan'), {});
+      // Unreadable chain metadata: the catalog could not follow those VMs (exit 1, their files named).
+      if (reply.unreadable && reply.unreadable.length > 0) ctx.exitCode = 1;
       if (o.json) return printJson(ctx.output, reply);
       ctx.output.out(`repository ${name} rescanned\n`);
-      if (reply && typeof reply === 'object') ctx.output.out(formatFields(Object.entries(reply)));
+      ctx.output.out(
+        formatFields([
+          ['restore points', reply.points],
+          ['added', reply.added],
+          ['removed', reply.removed],
+        ]),
+      );
+      for (const u of reply.unreadable ?? []) ctx.output.err(`unreadable: ${u.file}: ${u.problem}\n`);
+      if (reply.unreadable?.length) ctx.output.err('nothing was removed from the catalog while a folder is unreadable; check it with `bulwark repo verify`\n');
     });
 
   repo

@@ -1,13 +1,14 @@
 // The restore-disk route: the image SHA-256 is opt-in (`digest: true` computes it and answers
 // `sha256`; without it the reply has no such field), and the file is the disk either way. The
-// rescan route refuses a repository on another agent's host (its folder is not on this host).
+// rescan route refuses a repository on another agent's host (its folder is not on this host), and
+// removes nothing from the catalog while a VM folder's chain metadata cannot be read.
 // Real SQLite, real repository, the route through Fastify's inject.
 import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openRepository } from '../../repository/index.js';
+import { openRepository, vmFolder } from '../../repository/index.js';
 import { DiskModel, iterate } from '../../repository/test-helpers.js';
 import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { systemClock, type ServiceContext } from '../services/common.js';
@@ -87,6 +88,41 @@ describe('POST /repositories/:name/rescan', () => {
       const local = await app.inject({ method: 'POST', url: '/api/v1/repositories/main/rescan', payload: {} });
       expect(local.statusCode, local.body).toBe(200);
       expect(local.json()).toMatchObject({ repository: 'main', points: 1, added: 0, removed: 0 });
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('POST /repositories/:name/rescan with damaged chain metadata', () => {
+  it('keeps the points of a VM whose .vbm cannot be read, names the file, and removes nothing', async () => {
+    const repo = await openRepository(path.join(dir, 'repo'));
+    const w = await repo.startRestorePoint({ job: 'j', vm: 'vm3', kind: 'full', blockSize: BS, threads: 0, disks: [{ name: 'vda', size: BS }] });
+    await w.writeDisk('vda', iterate([{ index: 0, data: Buffer.alloc(BS, 3) }]));
+    const p3 = await w.commit();
+    const repositoryId = (await ctx.db.selectFrom('repositories').select('id').where('name', '=', 'main').executeTakeFirstOrThrow()).id;
+    await recordRestorePoint(ctx, { id: p3.id, vm: 'vm3', disks: [{ name: 'vda', size: BS }], time: p3.time.toISOString(), type: 'full', chainId: p3.chainId, size: p3.fileBytes, repositoryId, jobId: null });
+    const folder = vmFolder(repo.root, 'j', 'vm3');
+    const vbm = path.join(folder, (await readdir(folder)).find((n) => n.endsWith('.vbm'))!);
+    const original = await readFile(vbm);
+    await writeFile(vbm, Buffer.concat([original.subarray(0, 40), Buffer.from('damage'), original.subarray(46)]));
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'socket', version: 't', plugins: [restorePlugin(ctx)] });
+    try {
+      const r = await app.inject({ method: 'POST', url: '/api/v1/repositories/main/rescan', payload: {} });
+      expect(r.statusCode, r.body).toBe(200);
+      const body = r.json<{ points: number; added: number; removed: number; unreadable: Array<{ file: string; problem: string }> }>();
+      expect(body).toMatchObject({ points: 1, added: 0, removed: 0 });
+      expect(body.unreadable).toHaveLength(1);
+      expect(body.unreadable[0]!.file).toBe(vbm);
+      expect(body.unreadable[0]!.problem).toContain(`damaged chain metadata ${vbm}`);
+      expect((await listRestorePoints(ctx, { vm: 'vm3' })).map((p) => p.id)).toEqual([p3.id]);
+      // Asked for that one VM, the repository says it is damaged instead of "no points".
+      await expect(repo.listRestorePoints({ job: 'j', vm: 'vm3' })).rejects.toThrow(`damaged chain metadata ${vbm}`);
+      // Repaired, the folder is followed again.
+      await writeFile(vbm, original);
+      const again = await app.inject({ method: 'POST', url: '/api/v1/repositories/main/rescan', payload: {} });
+      expect(again.json()).toEqual({ repository: 'main', points: 2, added: 0, removed: 0 });
     } finally {
       await app.close();
     }

@@ -4,7 +4,7 @@
 import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { FastifyPluginAsync } from 'fastify';
 import path from 'node:path';
-import { BulwarkError } from '../../common/errors.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
 import { catalogPoints, openRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
@@ -45,7 +45,12 @@ const RescanReply = Type.Object({
   repository: Type.String(),
   points: Type.Integer({ description: 'restore points found in the folder' }),
   added: Type.Integer({ description: 'points found that the catalog did not have' }),
-  removed: Type.Integer({ description: 'catalog entries whose point is no longer in the folder' }),
+  removed: Type.Integer({ description: 'catalog entries whose point is no longer in the folder (none while a folder is unreadable)' }),
+  unreadable: Type.Optional(
+    Type.Array(Type.Object({ file: Type.String(), problem: Type.String() }), {
+      description: 'chain metadata files that cannot be read: their VMs\' points are neither added nor removed (check the folder with `bulwark repo verify`)',
+    }),
+  ),
 });
 
 /**
@@ -66,7 +71,10 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   }
   const repository = await openRepository(repo.path);
   // A single-file (per-job) point is one record per VM it holds (single-file.ts, catalogPoints).
-  const points = catalogPoints(await repository.listRestorePoints());
+  // A VM folder whose chain metadata cannot be read hides its points: they are not "gone", so
+  // nothing is removed from the catalog while any folder is unreadable (the reply names them).
+  const unreadable: Array<{ file: string; problem: string }> = [];
+  const points = catalogPoints(await repository.listRestorePoints({}, { onUnreadable: (file, err) => unreadable.push({ file, problem: describeError(err) }) }));
   const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
   const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
   let added = 0;
@@ -91,13 +99,13 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   const found = new Set(points.map((p) => p.id));
   let removed = 0;
   for (const id of known) {
-    if (found.has(id)) continue;
+    if (found.has(id) || unreadable.length > 0) continue;
     await deleteRestorePoint(ctx, id);
     removed++;
   }
   // Passwords the server knows (its jobs', added ones) may open the encrypted chains just found.
   await keys?.matchUnknownChains();
-  return { repository: repo.name, points: points.length, added, removed };
+  return { repository: repo.name, points: points.length, added, removed, ...(unreadable.length > 0 ? { unreadable } : {}) };
 }
 
 /**
