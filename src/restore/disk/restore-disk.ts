@@ -8,7 +8,7 @@
 // by following the written file in disk order. The result appears under its name
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { constants as fsConstants } from 'node:fs';
-import { lstat, open, rename, rm, statfs, type FileHandle } from 'node:fs/promises';
+import { lstat, open, rm, statfs, type FileHandle } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
@@ -18,6 +18,7 @@ import type { Repository } from '../../repository/index.js';
 import { corrupt } from '../../repository/backup-file.js';
 import type { RestorePoint, RestorePointDisk } from '../../repository/restore-point.js';
 import { RECORD_HEADER_SIZE } from '../../format/index.js';
+import { publish } from '../../storage/local-fs.js';
 import { BlockDecodeError, DecodePool, ImageHasher } from './restore-pool.js';
 
 const log = logger('restore-disk');
@@ -269,11 +270,11 @@ function describeBatchFailure(err: unknown, point: RestorePoint, disk: RestorePo
   });
 }
 
-/** Restores one disk; see the file comment. */
 /**
  * The last step of every disk restore: the synced raw image `rawTmp` becomes `target` — converted
  * to qcow2 through `outTmp` (synced) when asked — without replacing a file that appeared meanwhile
- * unless `overwrite`. The temporaries are the caller's to remove on failure.
+ * unless `overwrite`; the folder is synced after the rename, so the name survives a crash too.
+ * The temporaries are the caller's to remove on failure.
  */
 export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; target: string; format: RestoreDiskFormat; overwrite: boolean }): Promise<void> {
   const { rawTmp, outTmp, target } = o;
@@ -292,9 +293,10 @@ export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; ta
   if (!o.overwrite && (await exists(target))) {
     throw new BulwarkError(`${target} appeared while restoring`, { kind: 'conflict', context: { file: target } });
   }
-  await rename(o.format === 'qcow2' ? outTmp : rawTmp, target);
+  await publish(o.format === 'qcow2' ? outTmp : rawTmp, target);
 }
 
+/** Restores one disk; see the file comment. */
 export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskResult> {
   const started = Date.now();
   const format = o.format ?? 'raw';
