@@ -321,7 +321,8 @@ export class ChangedBlockReader {
     const size = this.#source.size;
     const starts: number[] = [];
     for (let start = 0; start < size; start += this.#window) starts.push(start);
-    let next = starts.length > 0 ? this.#mapWindow(starts[0]!) : null;
+    // The first window's queries are the only ones the first read waits for: both at once.
+    let next = starts.length > 0 ? this.#mapWindow(starts[0]!, true) : null;
     for (let i = 0; i < starts.length; i++) {
       this.#signal?.throwIfAborted();
       const current = next!;
@@ -333,17 +334,25 @@ export class ChangedBlockReader {
     }
   }
 
-  /** Block-status queries of one window and its planned blocks. */
-  async #mapWindow(start: number): Promise<BlockPlan[]> {
+  /**
+   * Block-status queries of one window and its planned blocks. The allocation query waits for the
+   * dirty one (a window with nothing dirty needs none) unless `eager`: then both run at once.
+   */
+  async #mapWindow(start: number, eager = false): Promise<BlockPlan[]> {
     const end = Math.min(start + this.#window, this.#source.size);
     const context = this.#changes.kind === 'bitmap' ? this.#changes.context : null;
+    let allocating: Promise<Extent[]> | null = null;
+    if (eager) {
+      allocating = this.#source.extents(start, end - start);
+      allocating.catch(() => undefined); // awaited below, unless the window turns out clean
+    }
     let dirty: DirtyExtent[] | null = null;
     if (context) {
       dirty = await this.#source.dirtyExtents(context, start, end - start);
       for (const d of dirty) if (d.dirty) this.stats.bytesDirty += d.length;
       if (!dirty.some((d) => d.dirty) && !this.#extraIn(start, end)) return [];
     }
-    const allocation = await this.#source.extents(start, end - start);
+    const allocation = await (allocating ?? this.#source.extents(start, end - start));
     return planBlocks(this.#blockSize, start, end, allocation, dirty, this.#extra);
   }
 

@@ -902,17 +902,16 @@ export class NbdExport implements RandomAccessDisk {
   /** Opens `connections` connections to the export (all or nothing). */
   static async open(options: NbdExportOptions): Promise<NbdExport> {
     const n = Math.max(1, options.connections ?? 4);
-    const first = await NbdConnection.connect(options);
-    const conns = [first];
-    try {
-      const rest = await Promise.allSettled(Array.from({ length: n - 1 }, () => NbdConnection.connect(options)));
-      for (const r of rest) if (r.status === 'fulfilled') conns.push(r.value);
-      const failed = rest.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason as Error;
-    } catch (err) {
+    // All at once: each handshake is several round trips, and the time to the first read of a
+    // backup waits for them (docs/decisions/0008).
+    const settled = await Promise.allSettled(Array.from({ length: n }, () => NbdConnection.connect(options)));
+    const conns = settled.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
       await Promise.allSettled(conns.map((c) => c.close()));
-      throw err;
+      throw failed.reason as Error;
     }
+    const first = conns[0]!;
     const split = Math.min(options.splitSize ?? 2 * 1024 * 1024, first.info.maximumBlockSize);
     return new NbdExport(conns, Math.max(split, first.info.minimumBlockSize));
   }
