@@ -92,6 +92,10 @@ describe('exit codes and usage errors', () => {
     expect(bad.code).toBe(2);
     expect(bad.err).toContain('--keep');
     expect((await run('job', 'create', 'x', '--repo', 'main')).err).toContain('--vm');
+    // A password option without --encrypt is a usage error, never a silently unencrypted export.
+    const unencrypted = await run('export', 'web', '--repo', 'main', '--password-file', join(dir, 'pw'), '--password-hint', 'usual');
+    expect(unencrypted.code).toBe(2);
+    expect(unencrypted.err).toContain('--password-file, --password-hint goes with --encrypt');
   });
 });
 

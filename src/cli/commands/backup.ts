@@ -68,8 +68,10 @@ export function exportCommand(ctx: CliContext): Command {
           if (!o.passwordStdin && (await askPassword('Again: ', '--password-stdin')) !== password) throw new BulwarkError('the two passwords differ', { kind: 'invalid' });
         }
         if (password === '') throw new BulwarkError('--encrypt: the password is empty', { kind: 'invalid' });
-      } else if (o.passwordStdin) {
-        cmd.error('error: --password-stdin goes with --encrypt', { exitCode: 2, code: 'bulwark.usage' });
+      } else {
+        // A password option without --encrypt would otherwise write an unencrypted export silently.
+        const stray = [o.passwordStdin && '--password-stdin', o.passwordFile !== undefined && '--password-file', o.passwordHint !== undefined && '--password-hint'].filter(Boolean);
+        if (stray.length > 0) cmd.error(`error: ${stray.join(', ')} goes with --encrypt (without it the export is not encrypted)`, { exitCode: 2, code: 'bulwark.usage' });
       }
       if (!o.json) ctx.output.err(`exporting ${vm} into repository ${o.repo} …\n`);
       const e = await client.post<ExportRecord>('/exports', {
