@@ -117,7 +117,8 @@ export const Retries = Type.Object(
   { count: Type.Integer({ minimum: 0, maximum: 100 }), waitMinutes: Type.Integer({ minimum: 0, maximum: 1440 }) },
   { additionalProperties: false },
 );
-const Weekday = Type.Union([
+/** A day of the week (schedules, backup windows, throttling rules). */
+export const Weekday = Type.Union([
   Type.Literal('mon'),
   Type.Literal('tue'),
   Type.Literal('wed'),

@@ -7,21 +7,12 @@ import type { ThrottlingRuleTable } from '../db/schema.js';
 import { throttlingRuleProblems, type ThrottlingRule as PolicyRule, type Weekday } from '../resources/throttling-rules.js';
 import { configFields, duplicate, invalid, isUniqueViolation, newId, notFound, nowIso, parseJson, stale, type ServiceContext } from './common.js';
 import { checkName } from './infrastructure.js';
-import { Name, VersionField } from './model.js';
+import { Name, VersionField, Weekday as WeekdaySchema } from './model.js';
 
-const Day = Type.Union([
-  Type.Literal('mon'),
-  Type.Literal('tue'),
-  Type.Literal('wed'),
-  Type.Literal('thu'),
-  Type.Literal('fri'),
-  Type.Literal('sat'),
-  Type.Literal('sun'),
-]);
 const Hhmm = Type.String({ description: 'HH:MM, server time zone' });
 export const ThrottlingSchedule = Type.Object(
   {
-    days: Type.Array(Day, { description: 'days the window starts on' }),
+    days: Type.Array(WeekdaySchema, { description: 'days the window starts on' }),
     from: Hhmm,
     to: Type.String({ description: 'HH:MM; before `from` = past midnight; equal to `from` = the whole day' }),
   },
