@@ -47,6 +47,24 @@ describe('chain-run', () => {
     expect(lines.join('\n')).toMatch(/this run: full \(.+\)\n.*quick backup of VM web1.*\n.*this run: incremental/);
   });
 
+  it('maintenance reports byte progress: a health check from 0 to every disk byte of its points, a merge its bytes read and written', async () => {
+    const ids = [await point('web1', t0, 1), await point('web1', new Date(t0.getTime() + DAY), 2), await point('web1', new Date(t0.getTime() + 2 * DAY), 3)];
+    const lines: string[] = [];
+    const seen: Array<{ step: string; bytesRead: number; bytesWritten: number; bytesTotal?: number | undefined }> = [];
+    const c = { ...context('web1', { retention: { points: 2 }, healthCheck: { weekdays: ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'], wholeChain: true } }, new Date(t0.getTime() + 2 * DAY), lines), progress: (p: (typeof seen)[number]) => void seen.push(p) };
+    expect(await maintainAfterBackup(c, { kind: 'incremental', reason: 'test', chainMethod: 'forward', parent: ids[1]! }, ids[2]!)).toEqual([]);
+    const merge = seen.filter((p) => p.step === 'retention');
+    expect(merge).toHaveLength(1);
+    expect(merge[0]!.bytesRead).toBeGreaterThan(0);
+    expect(merge[0]!.bytesWritten).toBeGreaterThan(0);
+    expect(lines.join('\n')).toMatch(new RegExp(`retention removed 1 restore point\\(s\\): ${ids[0]}; repository I/O: ${merge[0]!.bytesRead} bytes read, ${merge[0]!.bytesWritten} written`));
+    // The whole chain after the merge: 2 points of 2 blocks each.
+    const check = seen.filter((p) => p.step === 'health check');
+    expect(check[0]).toEqual({ step: 'health check', bytesRead: 0, bytesWritten: 0, bytesTotal: 4 * BS });
+    expect(check.at(-1)).toEqual({ step: 'health check', bytesRead: 4 * BS, bytesWritten: 0, bytesTotal: 4 * BS });
+    for (let i = 1; i < check.length; i++) expect(check[i]!.bytesRead).toBeGreaterThanOrEqual(check[i - 1]!.bytesRead);
+  });
+
   it('after: retention of 2 points merges the oldest increment into the full and says so', async () => {
     const ids = [await point('web1', t0, 1), await point('web1', new Date(t0.getTime() + DAY), 2), await point('web1', new Date(t0.getTime() + 2 * DAY), 3)];
     const lines: string[] = [];

@@ -26,7 +26,27 @@ export interface ChainRunContext {
   readonly newChainPassword?: string | undefined;
   /** A line for the session log. */
   readonly say: (level: ChainLogLevel, message: string) => void;
+  /** Byte progress of the maintenance steps (health check: live; transforms: when each ends). */
+  readonly progress?: ((p: MaintenanceProgress) => void) | undefined;
 }
+
+/** How far a maintenance step on a chain has come, in bytes of the repository. */
+export interface MaintenanceProgress {
+  readonly step: 'health check' | 'retention' | 'synthetic full' | 'compact full';
+  /** Bytes read (health check: disk bytes of the checked points gone through). */
+  readonly bytesRead: number;
+  readonly bytesWritten: number;
+  /** Health check: disk bytes it goes through in all. */
+  readonly bytesTotal?: number | undefined;
+}
+
+/** The bytes a repository transform read and wrote (its result carries them as `io`). */
+function ioOf(result: unknown): { bytesRead: number; bytesWritten: number } | null {
+  const io = (result as { io?: { bytesRead?: unknown; bytesWritten?: unknown } } | null)?.io;
+  return io && typeof io.bytesRead === 'number' && typeof io.bytesWritten === 'number' ? { bytesRead: io.bytesRead, bytesWritten: io.bytesWritten } : null;
+}
+
+const ioText = (io: { bytesRead: number; bytesWritten: number } | null): string => (io ? `; repository I/O: ${io.bytesRead} bytes read, ${io.bytesWritten} written` : '');
 
 /** What a VM's backup must do, as "before" decided it. */
 export interface VmBackupPlan {
@@ -89,7 +109,9 @@ export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan,
   if (plan.kind === 'synthetic-full') {
     await step('synthetic full', async () => {
       const p = await repository.synthesizeFull(job, vm, { point: pointId, ...pw });
-      say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)`);
+      const io = ioOf(p);
+      if (io) c.progress?.({ step: 'synthetic full', ...io });
+      say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)${ioText(io)}`);
     });
   }
   // A merge refused because of damaged points is a warning: the session says what and why.
@@ -107,13 +129,17 @@ export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan,
       return;
     }
     const report = await repository.applyRetention(job, vm, methodPolicy(settings), { now, ...pw });
+    const io = ioOf(report);
+    if (io) c.progress?.({ step: 'retention', ...io });
     for (const a of report.actions) retentionSays(a);
-    if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}`);
+    if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}${ioText(io)}`);
   });
   if (settings.operation === 'backup' && dueOn(settings.compact, now, settings.timeZone)) {
     await step('compact full', async () => {
       const r = await repository.compactFull(job, vm);
-      say('info', `compacted the full ${r.file}: ${r.bytesBefore} -> ${r.bytesAfter} bytes`);
+      const io = ioOf(r);
+      if (io) c.progress?.({ step: 'compact full', ...io });
+      say('info', `compacted the full ${r.file}: ${r.bytesBefore} -> ${r.bytesAfter} bytes${ioText(io)}`);
     });
   }
   if (settings.operation === 'backup' && settings.healthCheck && dueOn(settings.healthCheck, now, settings.timeZone)) {
@@ -130,7 +156,11 @@ export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan,
  */
 export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Promise<string[]> {
   const { vm, say } = c;
-  const report = await c.repository.healthCheck(c.job, vm, { wholeChain, ...(c.password === undefined ? {} : { password: c.password }) });
+  const report = await c.repository.healthCheck(c.job, vm, {
+    wholeChain,
+    ...(c.password === undefined ? {} : { password: c.password }),
+    ...(c.progress ? { onProgress: (p: { bytesDone: number; bytesTotal: number }) => c.progress?.({ step: 'health check', bytesRead: p.bytesDone, bytesWritten: 0, bytesTotal: p.bytesTotal }) } : {}),
+  });
   const scope = wholeChain ? `the whole chain (${report.points.length} point(s))` : `the latest point ${report.points[0] ?? ''}`;
   if (report.ok) {
     say('info', `health check of VM ${vm}: ${scope} verified, ${report.blocksChecked} block(s), no damage`);

@@ -81,7 +81,10 @@ export async function runJobBackupTarget(c: JobTargetContext, task: BackupTarget
   const now = task.now === undefined ? new Date() : new Date(task.now);
   const { password, chainPassword } = await runPasswords(repository, job, ALL_VMS, task.password, task.passwords ?? [], say);
   say('info', `job ${job} keeps its VMs in one restore point (storage per-job): ${vms.map((v) => `${v.vm} (from agent ${v.sourceAgent})`).join(', ')}; agent ${c.name} writes it`);
-  const chain: ChainRunContext = { repository, job, vm: ALL_VMS, settings, now, password: chainPassword, newChainPassword: password, say };
+  const chain: ChainRunContext = {
+    repository, job, vm: ALL_VMS, settings, now, password: chainPassword, newChainPassword: password, say,
+    progress: (p) => c.emit(task.taskId, { type: 'progress', progress: { maintenance: p } }),
+  };
   const { plan, repair } = await planVmBackup(chain, task.fullRequested === true);
   const parent = plan.kind === 'full' ? undefined : (await repository.listRestorePoints({ job, vm: ALL_VMS })).find((p) => p.id === plan.parent);
   if (plan.kind !== 'full' && !parent) {

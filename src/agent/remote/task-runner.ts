@@ -317,6 +317,8 @@ export class AgentTaskRunner {
       password: chainPassword,
       newChainPassword: task.password,
       say: (level, message) => this.#emit(task.taskId, { type: 'log', level, message }),
+      // Byte progress of the maintenance steps (REMOTEJOB): the server shows a health check's.
+      progress: (p) => this.#emit(task.taskId, { type: 'progress', progress: { maintenance: p } }),
     };
   }
 

@@ -207,7 +207,15 @@ export async function compactFull(f: VmFolder, chainId?: string): Promise<{ file
   return { file: filePath, bytesBefore: full.size, bytesAfter: fileLength, io };
 }
 
-export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm: string, opts: { wholeChain?: boolean; password?: string }): Promise<HealthReport> {
+/** What a health check reads: the latest point or the whole chain; the password of an encrypted chain; progress in disk bytes checked. */
+export interface HealthCheckOptions {
+  readonly wholeChain?: boolean;
+  readonly password?: string;
+  /** Told every 250 ms at most and at the end: disk bytes of the checked points gone through, of all. */
+  readonly onProgress?: (p: { bytesDone: number; bytesTotal: number }) => void;
+}
+
+export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm: string, opts: HealthCheckOptions): Promise<HealthReport> {
   let body: ChainMetadata;
   try {
     body = await readBody(f);
@@ -226,6 +234,18 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
   const metadataHurt = new Set<string>(); // points whose metadata (or a file's) is damaged
   let blocksChecked = 0;
   const checked = new Map<string, string | null>(); // file:offset -> problem (null = good)
+  // Progress: the disk bytes of every point checked (what a restore of them would read).
+  const bytesTotal = points.reduce((sum, p) => sum + p.disks.reduce((s, d) => s + d.size, 0), 0);
+  let bytesDone = 0;
+  let lastTold = 0;
+  const tell = (force: boolean): void => {
+    if (!opts.onProgress) return;
+    const now = Date.now();
+    if (!force && now - lastTold < 250) return;
+    lastTold = now;
+    opts.onProgress({ bytesDone: Math.min(bytesDone, bytesTotal), bytesTotal });
+  };
+  tell(true);
   for (const p of points) {
     let rp: RestorePoint;
     try {
@@ -242,6 +262,8 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
       for (const d of rp.disks) {
         const count = Math.ceil(d.size / rp.info.blockSize);
         for (let i = 0; i < count; i++) {
+          bytesDone += Math.min(rp.info.blockSize, d.size - i * rp.info.blockSize);
+          tell(false);
           let r;
           try {
             r = await rp.resolve(d.name, i);
@@ -273,6 +295,8 @@ export async function healthCheck(repo: Repository, f: VmFolder, job: string, vm
       await rp.close();
     }
   }
+  bytesDone = bytesTotal;
+  tell(true);
   const metadataDamaged = metadataProblems.length > 0;
   const byDisk = new Map<string, number[]>();
   for (const d of damaged) if (d.point === tip.id) byDisk.set(d.disk, [...(byDisk.get(d.disk) ?? []), d.block]);

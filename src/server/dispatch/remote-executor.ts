@@ -16,6 +16,7 @@ import type { BackupProgress, BackupVmSummary } from '../../agent/backup/disk-ba
 import { chainIdFor } from '../../agent/backup/disk-backup.js';
 import { jobPointFailed } from '../../agent/backup/job-target.js';
 import { jobTransferId } from '../../agent/remote/job-target-task.js';
+import type { MaintenanceProgress } from '../../agent/backup/chain-run.js';
 import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from '../../agent/backup/job-settings.js';
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
@@ -69,7 +70,17 @@ export interface RemoteDataPathOptions {
   readonly now?: () => Date;
 }
 
-type RunEvent = { kind: 'progress'; progress: BackupProgress | null; stageTimes?: StageBusy | undefined } | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined };
+type RunEvent =
+  | { kind: 'progress'; progress: BackupProgress | null; stageTimes?: StageBusy | undefined }
+  | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined }
+  /** A maintenance step's byte progress on the repository agent (health check: live). */
+  | { kind: 'maintenance'; progress: MaintenanceProgress };
+
+/** The maintenance progress a repository agent sends as `progress { maintenance }` (chain-run.ts). */
+function maintenanceOf(progress: Record<string, unknown>): MaintenanceProgress | null {
+  const m = progress.maintenance as Partial<MaintenanceProgress> | undefined;
+  return m && typeof m.step === 'string' && typeof m.bytesRead === 'number' && typeof m.bytesWritten === 'number' ? (m as MaintenanceProgress) : null;
+}
 
 /** What a VM's run came to: a backup's summary, or a health check's warnings. */
 type VmRunResult =
@@ -90,6 +101,8 @@ interface VmRun {
   cancel?: ((reason: string) => void) | undefined;
   /** The disk tasks listening, in arrival order: the first takes the VM-wide log lines and stage times. */
   readonly tasks: Array<(e: RunEvent) => void>;
+  /** A health check: how far it has come (the repository agent's latest maintenance progress). */
+  checked?: MaintenanceProgress | undefined;
 }
 
 type JobRunEvent =
@@ -258,6 +271,11 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         case 'log':
           if (e.disk === undefined ? general() : e.disk === task.disk.name) context.log(e.level, e.message);
           break;
+        case 'maintenance':
+          // A health-check session's progress is the check's (bytes of the points gone through);
+          // after a backup the task's bytes stay the backup's (the steps' bytes are in their lines).
+          if (healthCheck && general()) context.progress({ bytesRead: e.progress.bytesRead, bytesTransferred: 0, bytesStored: e.progress.bytesWritten, total: e.progress.bytesTotal ?? e.progress.bytesRead });
+          break;
       }
     };
     run.listeners.add(listener);
@@ -276,7 +294,9 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       }
       const result = await run.result;
       if (result.kind === 'health-check') {
-        context.progress({ bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 });
+        // The VM's check is reported whole by the task that ran it.
+        const checked = owner ? (run.checked?.bytesTotal ?? 0) : 0;
+        context.progress({ bytesRead: checked, bytesTransferred: 0, bytesStored: 0, total: checked });
         const messages = owner ? [...result.warnings] : [];
         return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
       }
@@ -354,6 +374,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const onEvent = (e: TaskEvent): void => {
       switch (e.type) {
         case 'progress':
+          if (maintenanceOf(e.progress)) {
+            emit({ kind: 'maintenance', progress: maintenanceOf(e.progress)! });
+            break;
+          }
           if (Object.keys(e.progress).length > 0) run.progress = e.progress as unknown as BackupProgress;
           if (e.stageTimes) run.stageTimes = e.stageTimes;
           emit({ kind: 'progress', progress: run.progress, stageTimes: e.stageTimes });
@@ -563,6 +587,11 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         { kind: 'health-check', repositoryPath: repository.path, job: job.name, vm: perJob ? ALL_VMS : task.vm, settings: job.settings ?? {}, now: this.#now().toISOString(), password, ...(passwords.length > 0 ? { passwords } : {}) },
         (e) => {
           if (e.type === 'log') emit({ kind: 'log', level: e.level, message: e.message, disk: e.disk });
+          const m = e.type === 'progress' ? maintenanceOf(e.progress) : null;
+          if (m) {
+            run.checked = m;
+            emit({ kind: 'maintenance', progress: m });
+          }
         },
       );
       const stop = () => handle.cancel('the job was stopped');
