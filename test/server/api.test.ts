@@ -94,6 +94,10 @@ describe('REST API', () => {
     const badBlock = await json(socketApp, 'POST', '/jobs', { name: 'nightly', vms: ['a'], repository: 'main', blockSize: 12345 });
     expect(badBlock.statusCode).toBe(400);
     expect(badBlock.json().error.field).toBe('blockSize');
+    // 8 MiB was accepted here while the backup file format allows at most 4 MiB: every run failed.
+    const tooBig = await json(socketApp, 'POST', '/jobs', { name: 'nightly', vms: ['a'], repository: 'main', blockSize: 8 * 1024 * 1024 });
+    expect(tooBig.statusCode).toBe(400);
+    expect(tooBig.json().error).toMatchObject({ field: 'blockSize', message: 'blockSize: 8388608 is not supported: use one of 262144, 524288, 1048576, 4194304 bytes' });
 
     const noRepo = await json(socketApp, 'POST', '/jobs', { name: 'nightly', vms: ['a'], repository: 'elsewhere' });
     expect(noRepo.statusCode).toBe(404);

@@ -139,7 +139,7 @@ export function jobCommand(ctx: CliContext): Command {
       .option('--schedule <when>', 'cron expression, "daily HH:MM [mon,…]", "monthly HH:MM day N|last|first WEEKDAY", "every 30m|4h", "after JOB", or none')
       .option('--timezone <tz>', 'IANA time zone of the schedule and window (default: the server\'s)')
       .option('--proxy <agent>', 'the agent that moves the data (pinned proxy), or "auto": an agent on the VM host, else the least busy one')
-      .option('--block-size <size>', 'block size: 256K, 512K, 1M, 4M or 8M', parseSize('--block-size'))
+      .option('--block-size <size>', 'block size: 256K, 512K, 1M or 4M (4M for deduplicating storage)', parseSize('--block-size'))
       .addOption(new Option('--compress <codec>', 'compression').argParser(oneOf('--compress', compressions)))
       .option('--retries <n>', 'retry a failed run this many times', nonNegativeInt('--retries'))
       .option('--retry-wait <minutes>', 'minutes between retries', nonNegativeInt('--retry-wait'))

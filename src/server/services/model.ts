@@ -1,6 +1,7 @@
 // The REST API's resource shapes as TypeBox schemas: one source for validation at the API edge,
 // the OpenAPI document, and the TypeScript types the services return.
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { BLOCK_SIZES } from '../../format/index.js';
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
@@ -168,7 +169,8 @@ export const Schedule = Type.Union([
   Type.Object({ kind: Type.Literal('after-job'), job: Type.String({ minLength: 1 }) }, { additionalProperties: false }),
 ]);
 export type Schedule = Static<typeof Schedule>;
-export const blockSizes = [256 * 1024, 512 * 1024, 1024 * 1024, 4 * 1024 * 1024, 8 * 1024 * 1024];
+/** The block sizes a job may use: exactly those the backup file format allows (docs/formats/backup-files.md). */
+export const blockSizes: readonly number[] = BLOCK_SIZES;
 /** Days of the week and/or of the month (1-31, -1 = the last day) a periodic operation runs on. */
 const OnDays = {
   weekdays: Type.Optional(Type.Array(Weekday, { description: 'days of the week, e.g. ["sat"]' })),
