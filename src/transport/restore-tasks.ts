@@ -58,6 +58,8 @@ export interface RestoreVmTask {
   readonly storage?: string | undefined;
   readonly format?: 'raw' | 'qcow2' | undefined;
   readonly powerOn?: boolean | undefined;
+  /** Report each disk's SHA-256 (added 2026-11-26; absent: no digest, the fast write path). */
+  readonly digest?: boolean | undefined;
   readonly source: WireRestoreSource;
 }
 

@@ -127,7 +127,7 @@ describe.skipIf(skipReason !== '')(`restore onto another agent's host${skipReaso
 
   it('(a) restores the VM as a new VM on kvm-b through its agent; it boots with the backed-up files', async () => {
     const before = await hashTree(h.repoDir);
-    const started = await api<VmRestore>('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-copy', host: 'kvm-b', format: 'raw', powerOn: true });
+    const started = await api<VmRestore>('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-copy', host: 'kvm-b', format: 'raw', powerOn: true, digest: true });
     expect(started.agent).toBe('dst1');
     const t = await waitRestore(started.id);
     const dir = path.join(bVms, 'rst-copy');
@@ -160,7 +160,7 @@ describe.skipIf(skipReason !== '')(`restore onto another agent's host${skipReaso
 
     // Onto the repository agent's own host: repo1 reads its folder directly (no serve task), same disk.
     await api('POST', '/hosts', { name: 'kvm-r', kind: 'qemu', uri: path.join(h.tmp, 'r-vms', '*', 'qmp.sock'), agent: 'repo1' });
-    const local = await waitRestore((await api<VmRestore>('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-local', host: 'kvm-r', format: 'raw' })).id);
+    const local = await waitRestore((await api<VmRestore>('POST', `/restore-points/${pointId}/restore-vm`, { name: 'rst-local', host: 'kvm-r', format: 'raw', digest: true })).id);
     expect(local.state, JSON.stringify(local)).toBe('success');
     expect(local.agent).toBe('repo1');
     expect(local.result!.disks[0]!.sha256).toBe(t.result!.disks[0]!.sha256);

@@ -118,7 +118,7 @@ export class RemotePoint implements VmPointSource, InstantPointSource {
     return { config: this.config, disks: this.disks };
   }
 
-  /** Writes a whole disk: a sparse raw file (qcow2 converted from it), its SHA-256 read back. */
+  /** Writes a whole disk: a sparse raw file (qcow2 converted from it), its SHA-256 read back when asked (`digest`). */
   async writeDisk(w: PointDiskWrite): Promise<WrittenDisk> {
     const d = this.#disk(w.disk);
     const target = path.resolve(w.to);
@@ -153,12 +153,15 @@ export class RemotePoint implements VmPointSource, InstantPointSource {
       } finally {
         await fh.close();
       }
-      const hash = createHash('sha256');
-      await pipeline(createReadStream(rawTmp), hash);
-      const sha256 = hash.digest('hex');
+      let sha256: string | undefined;
+      if (w.digest === true) {
+        const hash = createHash('sha256');
+        await pipeline(createReadStream(rawTmp), hash);
+        sha256 = hash.digest('hex');
+      }
       await placeRestoredImage({ rawTmp, outTmp, target, format: w.format, overwrite: w.overwrite });
       log.info({ point: this.pointId, disk: w.disk, path: target, from: this.#source.agent }, 'disk restored from a repository agent');
-      return { path: target, format: w.format, size: d.size, sha256 };
+      return { path: target, format: w.format, size: d.size, ...(sha256 !== undefined ? { sha256 } : {}) };
     } catch (err) {
       await rm(rawTmp, { force: true });
       await rm(outTmp, { force: true });

@@ -138,6 +138,7 @@ export class RestoreTasks {
         ...(task.storage !== undefined ? { storage: task.storage } : {}),
         ...(task.format !== undefined ? { format: task.format } : {}),
         ...(task.powerOn ? { powerOn: true } : {}),
+        ...(task.digest ? { imageDigest: true } : {}),
         defaultVmRoot: path.join(this.#c.dataDir, 'vms'),
         signal,
         onProgress: (p) => this.#c.emit(task.taskId, { type: 'progress', progress: { disk: p.disk, bytesDone: p.bytesDone, total: p.total } }),

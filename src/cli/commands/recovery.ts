@@ -25,7 +25,7 @@ function restoreFields(t: VmRestore): [string, unknown][] {
     ...(t.log ?? []).map((l): [string, unknown] => [l.level === 'info' ? 'log' : l.level, l.message]),
     ...(r
       ? ([
-          ...r.disks.map((d): [string, unknown] => [`disk ${d.name}`, `${d.path} (${d.format}, ${humanSize(d.size)}, sha256 ${d.sha256})`]),
+          ...r.disks.map((d): [string, unknown] => [`disk ${d.name}`, `${d.path} (${d.format}, ${humanSize(d.size)}${d.sha256 ? `, sha256 ${d.sha256}` : ''})`]),
           ...(r.vmDir ? [['folder', r.vmDir] as [string, unknown]] : []),
           ...(r.startScript ? [['start with', r.startScript] as [string, unknown]] : []),
           ...(r.qmpSocket ? [['QMP socket', r.qmpSocket] as [string, unknown]] : []),
@@ -49,9 +49,10 @@ export function registerRestoreVm(restore: Command, ctx: CliContext): void {
     .option('--storage <dir>', 'folder for the new VM\'s disks (on that host)')
     .addOption(new Option('--format <format>', 'disk format (default: as the original)').argParser(oneOf('--format', ['raw', 'qcow2'] as const)))
     .option('--power-on', 'start the VM when its disks are restored')
+    .option('--digest', "also report each restored disk's SHA-256 (reads every image back: slower)")
     .addOption(passwordFileOption())
     .addOption(jsonOption())
-    .action(async (point: string, o: { name?: string; host?: string; storage?: string; format?: 'raw' | 'qcow2'; powerOn?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { name?: string; host?: string; storage?: string; format?: 'raw' | 'qcow2'; powerOn?: boolean; digest?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
       let task = await withPointPassword(ctx, o.passwordFile, (pw) =>
@@ -61,6 +62,7 @@ export function registerRestoreVm(restore: Command, ctx: CliContext): void {
           ...(o.storage ? { storage: path.resolve(o.storage) } : {}),
           ...(o.format ? { format: o.format } : {}),
           ...(o.powerOn ? { powerOn: true } : {}),
+          ...(o.digest ? { digest: true } : {}),
           ...pw,
         }),
       );

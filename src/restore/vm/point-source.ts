@@ -14,14 +14,16 @@ export interface PointDiskWrite {
   readonly signal?: AbortSignal | undefined;
   /** Bytes of this disk done so far. */
   readonly onProgress?: ((bytesDone: number) => void) | undefined;
+  /** Also compute the SHA-256 of the written raw image (costs the restore's fast path: decision 0006). */
+  readonly digest?: boolean | undefined;
 }
 
 export interface WrittenDisk {
   readonly path: string;
   readonly format: RestoreDiskFormat;
   readonly size: number;
-  /** SHA-256 (hex) of the disk's raw contents. */
-  readonly sha256: string;
+  /** SHA-256 (hex) of the disk's raw contents; only when asked (`digest`). */
+  readonly sha256?: string;
 }
 
 export interface VmPointSource {
@@ -51,13 +53,13 @@ export function repositoryPointSource(repository: Repository, pointId: string, p
         to: w.to,
         format: w.format,
         overwrite: w.overwrite,
-        // A VM restore reports each disk's SHA-256 (RestoredDisk.sha256): asked for explicitly.
-        imageDigest: true,
+        // Only when asked: the digest disables the O_DIRECT write path (decision 0006).
+        imageDigest: w.digest === true,
         ...opts,
         ...(w.signal ? { signal: w.signal } : {}),
         onProgress: (p) => w.onProgress?.(p.bytesDone),
       });
-      return { path: r.path, format: r.format, size: r.size, sha256: r.sha256 ?? '' };
+      return { path: r.path, format: r.format, size: r.size, ...(r.sha256 !== undefined ? { sha256: r.sha256 } : {}) };
     },
   };
 }

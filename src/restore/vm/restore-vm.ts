@@ -42,6 +42,11 @@ export interface RestoreVmOptions {
   /** Disk format (default: each disk's original format when it is qcow2 or raw, else qcow2). */
   readonly format?: RestoreDiskFormat;
   readonly powerOn?: boolean;
+  /**
+   * Report each disk's SHA-256 (`RestoredDisk.sha256`). Off by default: computing it reads every
+   * image back and disables the O_DIRECT write path (docs/decisions/0006-restore-image-digest.md).
+   */
+  readonly imageDigest?: boolean;
   /** Where new plain-QEMU VMs go when the host's QMP glob does not say (`<data>/vms`). */
   readonly defaultVmRoot: string;
   readonly signal?: AbortSignal;
@@ -61,8 +66,8 @@ export interface RestoredDisk {
   readonly path: string;
   readonly format: RestoreDiskFormat;
   readonly size: number;
-  /** SHA-256 of the disk's contents (raw image). */
-  readonly sha256: string;
+  /** SHA-256 of the disk's contents (raw image); only with `imageDigest`. */
+  readonly sha256?: string;
 }
 
 export interface RestoreVmResult {
@@ -252,10 +257,10 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
   let doneBefore = 0;
   const restoreOne = async (disk: string, to: string, format: RestoreDiskFormat, overwrite: boolean): Promise<RestoredDisk> => {
     const size = sizes.find((d) => d.name === disk)?.size ?? 0;
-    const r = await source.writeDisk({ disk, to, format, overwrite, signal: o.signal, onProgress: (done) => o.onProgress?.({ disk, bytesDone: doneBefore + done, total }) });
+    const r = await source.writeDisk({ disk, to, format, overwrite, digest: o.imageDigest === true, signal: o.signal, onProgress: (done) => o.onProgress?.({ disk, bytesDone: doneBefore + done, total }) });
     doneBefore += size;
     o.onLog?.(`disk ${disk} restored to ${r.path} (${r.format}, ${r.size} bytes)`);
-    return { name: disk, path: r.path, format: r.format, size: r.size, sha256: r.sha256 };
+    return { name: disk, path: r.path, format: r.format, size: r.size, ...(r.sha256 !== undefined ? { sha256: r.sha256 } : {}) };
   };
   const putNvram = async (nv: { data: Buffer; format: string }, to: string, overwrite: boolean): Promise<void> => {
     await writeNvram(nv.data, to, nv.format, overwrite, { vm: name, point: o.pointId });

@@ -40,11 +40,12 @@ const RestoreVmBody = Type.Object(
     format: Type.Optional(Type.Union([Type.Literal('raw'), Type.Literal('qcow2')])),
     powerOn: Type.Optional(Type.Boolean()),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
+    digest: Type.Optional(Type.Boolean({ description: "report each restored disk's SHA-256 (reads every image back; slower)" })),
   },
   { additionalProperties: false },
 );
 
-const RestoredDisk = Type.Object({ name: Type.String(), path: Type.String(), format: Type.Union([Type.Literal('raw'), Type.Literal('qcow2')]), size: Type.Number(), sha256: Type.String() });
+const RestoredDisk = Type.Object({ name: Type.String(), path: Type.String(), format: Type.Union([Type.Literal('raw'), Type.Literal('qcow2')]), size: Type.Number(), sha256: Type.Optional(Type.String()) });
 
 /** What a host agent answers a restore-vm task with: RestoreVmResult as JSON, checked before use. */
 const RemoteRestoreVmResult = Type.Object({
@@ -307,6 +308,7 @@ export class RecoveryService {
             ...(body.storage ? { storage: body.storage } : {}),
             ...(body.format ? { format: body.format } : {}),
             ...(body.powerOn ? { powerOn: true } : {}),
+            ...(body.digest ? { imageDigest: true } : {}),
             ...password,
             defaultVmRoot: path.join(this.#dataDir, 'vms'),
             signal: this.#abort.signal,
@@ -400,6 +402,7 @@ export class RecoveryService {
         storage: body.storage,
         format: body.format,
         powerOn: body.powerOn,
+        digest: body.digest,
         signal: this.#abort.signal,
         onEvent: (e) => {
           switch (e.type) {

@@ -36,6 +36,7 @@ export interface RemoteVmRestoreArgs {
   readonly storage?: string | undefined;
   readonly format?: 'raw' | 'qcow2' | undefined;
   readonly powerOn?: boolean | undefined;
+  readonly digest?: boolean | undefined;
   readonly onEvent?: (e: TaskEvent) => void;
   readonly signal?: AbortSignal | undefined;
 }
@@ -118,6 +119,7 @@ export class RemoteRecovery {
           storage: a.storage,
           format: a.format,
           powerOn: a.powerOn,
+          ...(a.digest ? { digest: true } : {}),
           source,
         },
         (e) => a.onEvent?.(e),
