@@ -39,7 +39,7 @@ export const ZSTD_HASH_LOG = 15;
 /**
  * Incompressibility probe (docs/decisions/0004 and 0008). A block is stored raw without running
  * zstd when BOTH hold:
- * 1. the order-0 entropy of PROBE_BYTES bytes sampled across the block is at least PROBE_BITS
+ * 1. the order-0 entropy of PROBE_SLICES × PROBE_SLICE bytes sampled across the block is ≥ PROBE_BITS
  *    (random, compressed and encrypted data measure ~7.95 bits per byte on such a sample; text,
  *    code, zero-padded and structured data far less);
  * 2. no two 4 KiB pages of the block begin with the same 6 bytes (a 48-bit key, exact in a
@@ -65,7 +65,7 @@ export function probeScratch(): ProbeScratch {
   return { counts: new Uint32Array(256), heads: new Float64Array(256) };
 }
 
-/** True when two 4 KiB pages of `plain` start with the same PAGE_HEAD bytes. */
+/** True when two 4 KiB pages of `plain` start with the same 6 bytes. */
 function repeatsPages(plain: Uint8Array, scratch: ProbeScratch): boolean {
   const pages = Math.floor(plain.length / PAGE);
   if (scratch.heads.length < pages) scratch.heads = new Float64Array(pages);
