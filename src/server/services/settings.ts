@@ -2,7 +2,11 @@
 // version read). Today: `processing`, parallel or sequential task processing (see
 // docs/resource-scheduling.md).
 import { Type, type Static } from '@sinclair/typebox';
+import { describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
 import { isUniqueViolation, nowIso, stale, type ServiceContext } from './common.js';
+
+const log = logger('settings');
 
 export const ProcessingMode = Type.Union([Type.Literal('parallel'), Type.Literal('sequential')], {
   description: 'parallel: tasks of a job run side by side as slots allow; sequential: one VM and one disk at a time within a job (jobs still run in parallel)',
@@ -29,7 +33,9 @@ function parse(text: string): Values {
   try {
     const v = JSON.parse(text) as Partial<Values>;
     return { processing: v.processing === 'sequential' ? 'sequential' : 'parallel' };
-  } catch {
+  } catch (err) {
+    // Unreadable settings must not stop the scheduler; they must not change behaviour unseen either.
+    log.error({ table: 'server_settings', key: KEY, err: describeError(err) }, 'the stored server settings cannot be read: using the defaults until they are set again');
     return defaults;
   }
 }
