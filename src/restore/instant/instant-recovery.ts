@@ -8,13 +8,14 @@
 // See docs/instant-recovery.md.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { decodePointMetadata } from '../../agent/backup/point-metadata.js';
+import { decodePointMetadata, savedNvram, type PointMetadata } from '../../agent/backup/point-metadata.js';
+import { requireFirmwareCode, writeNvram } from '../vm/firmware.js';
 import { QgaClient } from '../../hypervisor/qga/client.js';
 import { QmpClient, type QmpEvent } from '../../hypervisor/qmp/client.js';
 import type { RandomAccessDisk } from '../../disk/types.js';
@@ -26,9 +27,17 @@ import { startNbdServer, type NbdServer } from '../nbd-server/server.js';
 const run = promisify(execFile);
 const log = logger('instant-recovery');
 
-/** How to boot the VM (direct kernel boot; the disks are attached by the session). */
+/**
+ * How to boot the VM: direct kernel boot (`kernel`), UEFI firmware (`firmware`), or both (the
+ * kernel loaded by the firmware); the disks are attached by the session.
+ */
 export interface InstantLaunch {
-  readonly kernel: string;
+  readonly kernel?: string;
+  /**
+   * UEFI firmware: `code` is the host's firmware file (read-only flash). The VM's variable store is
+   * a scratch copy in the session folder of the one saved with the point, else of `varsTemplate`.
+   */
+  readonly firmware?: { readonly code: string; readonly varsTemplate?: string };
   readonly initrd?: string;
   readonly append?: string;
   /** Default 256. */
@@ -105,6 +114,10 @@ export interface InstantRecoverySession {
   readonly pid: number | undefined;
   /** Whether the NBD server (the backup side) is still open. */
   readonly servingBackup: boolean;
+  /** A UEFI VM: the scratch copy of its variable store the VM writes (in the session folder). */
+  readonly nvram?: string | undefined;
+  /** A UEFI VM after migrate(): a copy of its variable store next to the migrated disks. */
+  readonly nvramCopy?: string | undefined;
   /** Waits until the guest agent answers guest-ping. */
   waitForAgent(timeoutMs?: number): Promise<void>;
   /**
@@ -125,14 +138,12 @@ export function launchFromPoint(point: RestorePoint): InstantLaunch | null {
   return launchFromConfig(point.vmConfig);
 }
 
-/** launchFromPoint of a point's stored VM configuration (point metadata). */
+/**
+ * launchFromPoint of a point's stored VM configuration (point metadata); null when the point has
+ * none. Damaged metadata fails (kind `corrupt`) rather than reading as "nothing to boot".
+ */
 export function launchFromConfig(config: Buffer): InstantLaunch | null {
-  let meta;
-  try {
-    meta = decodePointMetadata(config);
-  } catch {
-    return null;
-  }
+  const meta = decodePointMetadata(config);
   return meta ? launchFromConfiguration(meta.configuration) : null;
 }
 
@@ -166,17 +177,25 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
         return i >= 0 ? argv[i + 1] : undefined;
       };
       const kernel = opt('-kernel');
-      if (!kernel) return null;
+      const firmware = c.firmware ? { code: c.firmware.code } : undefined;
+      if (!kernel && !firmware) return null;
       const mem = opt('-m');
       const memoryMiB = mem && /^\d+$/.test(mem) ? Number(mem) : undefined;
       const initrd = opt('-initrd');
       const append = opt('-append');
-      return { kernel, ...(initrd ? { initrd } : {}), ...(append ? { append } : {}), ...(memoryMiB ? { memoryMiB } : {}) };
+      return {
+        ...(kernel ? { kernel } : {}),
+        ...(firmware ? { firmware } : {}),
+        ...(initrd ? { initrd } : {}),
+        ...(append ? { append } : {}),
+        ...(memoryMiB ? { memoryMiB } : {}),
+      };
     }
     case 'libvirt': {
       const xml = c.domainXml;
       const kernel = xmlText(xml, 'kernel');
-      if (!kernel) return null;
+      const firmware = c.firmware ? { code: c.firmware.code, ...(c.firmware.nvramTemplate ? { varsTemplate: c.firmware.nvramTemplate } : {}) } : undefined;
+      if (!kernel && !firmware) return null;
       const initrd = xmlText(xml, 'initrd');
       const append = xmlText(xml, 'cmdline');
       const memTag = xml.match(/<memory(?:\s+unit=['"]([^'"]+)['"])?\s*>(\d+)<\/memory>/);
@@ -184,7 +203,8 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
       const memoryMiB = memBytes ? Math.max(1, Math.round(memBytes / 1024 ** 2)) : undefined;
       const vcpu = Number(xmlText(xml, 'vcpu') ?? '');
       return {
-        kernel,
+        ...(kernel ? { kernel } : {}),
+        ...(firmware ? { firmware } : {}),
         ...(initrd ? { initrd } : {}),
         ...(append ? { append } : {}),
         ...(memoryMiB ? { memoryMiB } : {}),
@@ -298,13 +318,14 @@ class Session implements InstantRecoverySession {
     const point = this.#point;
     this.vm = point.vm;
     const launch = this.#o.launch ?? launchFromConfig(point.config);
-    if (!launch) {
-      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records no QEMU kernel to boot; pass launch settings`, {
+    if (!launch || (!launch.kernel && !launch.firmware)) {
+      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records neither a QEMU kernel nor UEFI firmware to boot; pass launch settings`, {
         kind: 'invalid',
         context: { point: this.pointId, vm: this.vm },
-        hint: 'only VMs that boot a kernel directly (QEMU -kernel, libvirt <kernel>) are booted from their stored configuration',
+        hint: 'VMs that boot a kernel directly (QEMU -kernel, libvirt <kernel>) or UEFI firmware (pflash, <loader type=pflash>) are booted from their stored configuration',
       });
     }
+    if (launch.firmware) await this.#prepareFirmware(launch.firmware, point.config);
     const exports = point.disks.map((d) => ({
       name: d.name,
       disk: withBlockCache(point.openDisk(d.name), { maxBytes: this.#o.cacheBytes ?? 256 * 1024 * 1024 }),
@@ -363,15 +384,43 @@ class Session implements InstantRecoverySession {
   }
 
   #exportDisks: { close(): Promise<void> }[] = [];
+  /** The scratch copy of the VM's UEFI variable store (pflash1), when it boots firmware. */
+  nvram: string | undefined;
+  /** After migrate(): the copy of the variable store placed next to the migrated disks. */
+  nvramCopy: string | undefined;
+
+  /**
+   * A UEFI VM: the firmware code must be on this host; the variable store the VM writes is a
+   * scratch copy in the session folder (of the store saved with the point, else of the template),
+   * so the backup is never written.
+   */
+  async #prepareFirmware(fw: NonNullable<InstantLaunch['firmware']>, config: Buffer): Promise<void> {
+    await requireFirmwareCode({ firmware: { code: fw.code, codeFormat: 'raw' }, nvram: undefined }, this.vm, this.pointId, 'this host');
+    const meta: PointMetadata | null = decodePointMetadata(config);
+    const saved = meta ? savedNvram(meta, this.pointId) : undefined;
+    const data = saved ?? (fw.varsTemplate ? await readFile(fw.varsTemplate).catch(() => undefined) : undefined);
+    if (!data) {
+      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} saved no UEFI variable store, and no template to start one from was given`, {
+        kind: 'invalid',
+        context: { point: this.pointId, vm: this.vm, file: fw.code },
+        hint: 'pass launch.firmware.varsTemplate (e.g. /usr/share/OVMF/OVMF_VARS.fd)',
+      });
+    }
+    this.nvram = path.join(this.dir, 'nvram.fd');
+    await writeNvram(data, this.nvram, 'raw', false, { vm: this.vm, point: this.pointId });
+  }
 
   #args(l: InstantLaunch): string[] {
     const a = [
       '-name', this.name,
       '-accel', l.accel ?? 'tcg', '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
       '-nodefaults', '-display', 'none', '-no-user-config', '-no-reboot',
-      '-kernel', l.kernel,
-      ...(l.initrd ? ['-initrd', l.initrd] : []),
-      ...(l.append ? ['-append', l.append] : []),
+      ...(l.firmware && this.nvram
+        ? ['-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${l.firmware.code.replace(/,/g, ',,')}`, '-drive', `if=pflash,format=raw,unit=1,file=${this.nvram.replace(/,/g, ',,')}`]
+        : []),
+      ...(l.kernel ? ['-kernel', l.kernel] : []),
+      ...(l.kernel && l.initrd ? ['-initrd', l.initrd] : []),
+      ...(l.kernel && l.append ? ['-append', l.append] : []),
       '-serial', `file:${this.consoleLog}`,
     ];
     for (const d of this.disks) {
@@ -467,8 +516,15 @@ class Session implements InstantRecoverySession {
       await rm(d.overlay, { force: true });
     }
     await this.#closeBackupSide();
+    // The variable store stays the session's scratch file while the VM runs (QEMU cannot move a
+    // flash device); a copy as it is now goes next to the disks, as a restore would place it.
+    if (this.nvram) {
+      const copy = path.join(targetDir, `${this.name}_VARS.fd`);
+      await copyFile(this.nvram, copy);
+      this.nvramCopy = copy;
+    }
     this.state = 'migrated';
-    log.info({ session: this.name, vm: this.vm, disks: out }, 'VM migrated off the backup');
+    log.info({ session: this.name, vm: this.vm, disks: out, nvram: this.nvramCopy }, 'VM migrated off the backup');
     return out;
   }
 
