@@ -35,7 +35,7 @@ async function files(job: string): Promise<string[]> {
 /** A guest write of 64 KiB somewhere new, then a run; the new point's image is remembered. */
 async function backup(job: string, start: () => Promise<string>): Promise<SessionJson> {
   writes++;
-  await h.write(4 * MiB + writes * 256 * 1024, 65536, 0x10 + writes);
+  await h.write(4 * MiB + (writes % 15) * 256 * 1024, 65536, 0x10 + writes);
   const s = await h.waitSession(await start());
   expect(s.state, logText(s)).toMatch(/success|warning/);
   const newest = (await points(job)).at(-1)!;
@@ -103,7 +103,9 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     expect(logs[3]).toMatch(/quick backup of VM mhm-vm/);
     expect(logs[3]).toMatch(/retention: merged increment/);
     expect(logs[4]).toMatch(/retention: merged increment/);
-    expect(logs[4]).toMatch(/compacted the full \S+\.vbk: \d+ -> \d+ bytes/);
+    expect(logs[4]).toMatch(/compacted the full \S+\.vbk: \d+ -> \d+ bytes; repository I\/O: \d+ bytes read, \d+ written/);
+    // The merge's repository bytes (read, written) are in its line.
+    expect(logs[4]).toMatch(/retention removed 1 restore point\(s\): \S+; repository I\/O: [1-9]\d* bytes read, [1-9]\d* written/);
     const kept = await points('ff');
     expect(kept.map((p) => p.kind)).toEqual(['full', 'incremental', 'incremental']);
     expect((await files('ff')).map((f) => f.slice(-3))).toEqual(['vbk', 'vib', 'vib']);
@@ -154,6 +156,10 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
     expect(await h.restoredSha(latest.id)).toBe(shaOf.get(latest.id));
     const clean = await health();
     expect(clean.state, logText(clean)).toBe('success');
+    // The check's byte progress reached the session from the repository agent: the latest point's disk, whole.
+    const task = clean.tasks[0] as unknown as { progress: { bytesRead: number; percent: number } };
+    expect(task.progress).toMatchObject({ bytesRead: h.expected.length, percent: 100 });
+    expect((clean as unknown as { progress: { percent: number } }).progress.percent).toBe(100);
   }, 120_000);
 
   it('a changed job password: the next increment continues the old chain with its password, --full starts one with the new; each point restores bit-exact with its own', async () => {
