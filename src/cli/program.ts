@@ -30,7 +30,7 @@ export const version = ((): string => {
 
 export function buildProgram(ctx: CliContext): Command {
   const program = new Command('bulwark')
-    .description('Image-level backup and replication for KVM/QEMU virtual machines')
+    .description('Image-level backup and recovery for KVM/QEMU virtual machines')
     .version(version, '-V, --version')
     .addOption(new Option('--server <url>', 'the server: https://HOST:PORT or unix:PATH (default: $BULWARK_SERVER, the data directory\'s socket, then `bulwark login`)'))
     .addOption(new Option('--data <dir>', 'data directory (default: $BULWARK_DATA, /var/lib/bulwark as root, else ~/.local/share/bulwark)'))

@@ -211,8 +211,8 @@ describe.each(engines)('migration runner on %s', (engine) => {
     }
   });
 
-  it('runs concurrent migrations once (the lock)', async () => {
-    if (engine === 'sqlite') return; // one process holds the SQLite file exclusively: see the locked-database test
+  // PostgreSQL only: one process holds a SQLite file exclusively (the locked-database test).
+  if (engine !== 'sqlite') it('runs concurrent migrations once (the lock)', async () => {
     const { target, cleanup } = await freshTarget(engine);
     try {
       const [a, b] = await Promise.all([openDatabase({ target }), openDatabase({ target })]);
