@@ -9,14 +9,17 @@
 // VM whose disk goes away mid-transfer (its NBD export deleted in QEMU while a throttling rule
 // holds its stream) fails the run: nothing is written (files, points and catalog as before), every
 // task fails naming that VM; the next run continues the chain with an incremental holding both
-// VMs, bit-exact. Needs root (ip netns).
+// VMs, bit-exact. A health-check session of the job checks the `_all` chain on the repository
+// agent and names a flipped byte as VM/DISK; the next run re-reads that block from that VM's source
+// agent and restores bit-exact. Needs root (ip netns).
 import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { readdirSync, writeFileSync } from 'node:fs';
-import { rm } from 'node:fs/promises';
+import { open, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ALL_VMS, catalogPoints, openRepository, type RestorePointInfo } from '../../src/repository/index.js';
+import { RECORD_HEADER_SIZE } from '../../src/format/record.js';
 import { restoreDisk } from '../../src/restore/disk/restore-disk.js';
 import { logText, MultiHost, multiHostSkipReason as skipReason, run, type SessionJson } from './netns/hosts.js';
 
@@ -220,5 +223,40 @@ describe.skipIf(skipReason !== '')(`per-job storage on a remote repository${skip
     expect(jobFiles().map((f) => `${path.dirname(f)}:${path.extname(f)}`).sort()).toEqual(['_all:.vbk', '_all:.vbm', '_all:.vib']);
     expect(await everySliceBitExact()).toBe(4);
     for (const p of catalogPoints([kept.at(-1)!])) expect(await h.restoredSha(p.id)).toBe(shaOf.get(p.id));
+  }, 240_000);
+
+  it('a health-check session of the job checks the _all chain on the repository agent, names a flipped byte as VM/DISK; the next run re-reads it from that VM, bit-exact', async () => {
+    // A block the latest point stored for B (written by the run after the failure).
+    const latest = (await allPoints()).at(-1)!;
+    const repository = await openRepository(h.repoDir);
+    const opened = await repository.openRestorePoint(latest.id);
+    const block = Math.floor((512 * 1024 + 4096) / 262144);
+    const resolved = await opened.resolve(`${B}/vda`, block);
+    await opened.close();
+    expect(resolved.kind === 'stored' && resolved.file.path === latest.file, `block ${block} of ${B}/vda is in ${latest.file}`).toBe(true);
+    const entry = (resolved as Extract<typeof resolved, { kind: 'stored' }>).entry;
+    const f = await open(latest.file, 'r+');
+    try {
+      const at = entry.recordOffset + RECORD_HEADER_SIZE + Math.floor(entry.storedLength / 2);
+      const b = Buffer.alloc(1);
+      await f.read(b, 0, 1, at);
+      b[0] = b[0]! ^ 0x5a;
+      await f.write(b, 0, 1, at);
+    } finally {
+      await f.close();
+    }
+    const check = await h.waitSession((await h.api<{ sessionId: string }>('POST', '/jobs/pj/health-check', {})).sessionId);
+    expect(check.state, logText(check)).toBe('warning');
+    const named = /damaged block (\d+) of disk (\S+)\/vda \(disk offset \d+\) in (\S+), read by point/.exec(logText(check));
+    expect(named, logText(check)).not.toBeNull();
+    expect(named!.slice(1)).toEqual([String(block), B, latest.file]);
+
+    await writeBoth(7);
+    const repaired = await runJob();
+    expect(repaired.state, logText(repaired)).toMatch(/success|warning/);
+    expect(logText(repaired)).toMatch(new RegExp(`repair: re-reading ${B}/vda blocks [0-9, ]*\\b${block}\\b`));
+    expect(logText(repaired)).toMatch(/vda: re-reading \d+ block\(s\) a health check found damaged/);
+    // The new point of each VM restores bit-exact through the repository agent (the damaged one before it stays damaged).
+    for (const p of catalogPoints([(await allPoints()).at(-1)!])) expect(await h.restoredSha(p.id), `VM ${p.vm}`).toBe(shaOf.get(p.id));
   }, 240_000);
 });

@@ -156,6 +156,7 @@ export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan,
  */
 export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Promise<string[]> {
   const { vm, say } = c;
+  const what = vm === ALL_VMS ? `job ${c.job} (all its VMs)` : `VM ${vm}`;
   const report = await c.repository.healthCheck(c.job, vm, {
     wholeChain,
     ...(c.password === undefined ? {} : { password: c.password }),
@@ -163,7 +164,7 @@ export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Pro
   });
   const scope = wholeChain ? `the whole chain (${report.points.length} point(s))` : `the latest point ${report.points[0] ?? ''}`;
   if (report.ok) {
-    say('info', `health check of VM ${vm}: ${scope} verified, ${report.blocksChecked} block(s), no damage`);
+    say('info', `health check of ${what}: ${scope} verified, ${report.blocksChecked} block(s), no damage`);
     return [];
   }
   for (const d of report.damaged) {
@@ -171,7 +172,7 @@ export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Pro
   }
   for (const p of report.metadataProblems) say('error', `health check: damaged metadata: ${p}`);
   const next = report.metadataDamaged ? 'the next run takes an active full' : 'the next run re-reads these blocks from the source (repair)';
-  const w = `health check of VM ${vm} found ${report.damaged.length} damaged block(s)${report.metadataDamaged ? ' and damaged metadata' : ''} in ${scope}: ${next}`;
+  const w = `health check of ${what} found ${report.damaged.length} damaged block(s)${report.metadataDamaged ? ' and damaged metadata' : ''} in ${scope}: ${next}`;
   say('warning', w);
   return [w];
 }
@@ -179,7 +180,7 @@ export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Pro
 /** A health-check session's work on one VM: which scope, then the check. */
 export async function healthCheckSession(c: ChainRunContext): Promise<string[]> {
   const wholeChain = c.settings.wholeChain || c.settings.healthCheck?.wholeChain === true;
-  c.say('info', `health check of VM ${c.vm} in job ${c.job} (${wholeChain ? 'whole chain' : 'latest restore point'})`);
+  c.say('info', `health check of ${c.vm === ALL_VMS ? `job ${c.job}'s restore points (all its VMs in one)` : `VM ${c.vm} in job ${c.job}`} (${wholeChain ? 'whole chain' : 'latest restore point'})`);
   return checkVmChain(c, wholeChain);
 }
 
