@@ -19,13 +19,16 @@ const good = {
 };
 
 describe('remoteRestoreVmResult', () => {
-  it('passes a well-formed result through unchanged', () => {
+  it('passes a well-formed result through unchanged (with or without the disks\' digests)', () => {
     expect(remoteRestoreVmResult(structuredClone(good), 'kvm-07', 'p1')).toEqual(good);
+    const noDigest = { ...good, disks: good.disks.map(({ sha256: _, ...d }) => d) };
+    expect(remoteRestoreVmResult(structuredClone(noDigest), 'kvm-07', 'p1')).toEqual(noDigest);
   });
 
   it.each([
     ['no disks', { ...good, disks: undefined }, '/disks'],
-    ['a disk without its digest', { ...good, disks: [{ ...good.disks[0], sha256: undefined }] }, '/disks/0/sha256'],
+    ['a disk of an unknown format', { ...good, disks: [{ ...good.disks[0], format: 'vmdk' }] }, '/disks/0/format'],
+    ['a disk without its size', { ...good, disks: [{ ...good.disks[0], size: undefined }] }, '/disks/0/size'],
     ['an unknown hypervisor', { ...good, hypervisor: 'xen' }, '/hypervisor'],
     ['warnings that are not a list', { ...good, warnings: 'none' }, '/warnings'],
   ])('refuses %s, naming agent, point and field', (_what, raw, field) => {
