@@ -7,7 +7,7 @@ import { crc32c } from '@node-rs/crc32';
 import { COMMIT_SLOT_OFFSETS, decodeRecordHeader, decodeTablePage, encodeCommitSlot, encodeIndex, encodeRecordHeader, encodeTablePage, RECORD_HEADER_SIZE } from '../../format/index.js';
 import { openRepository, type Repository } from '../../repository/index.js';
 import { DiskModel, iterate } from '../../repository/test-helpers.js';
-import { restoreDisk } from './restore-disk.js';
+import { conversionDeadlineMs, restoreDisk } from './restore-disk.js';
 
 let dir: string;
 let repo: Repository;
@@ -177,5 +177,15 @@ describe('restoreDisk (raw)', () => {
     ac.abort(new Error('user cancelled'));
     await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'a.raw'), signal: ac.signal, threads: 0 })).rejects.toThrow(/user cancelled/);
     expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore-') || f === 'a.raw')).toEqual([]);
+  });
+});
+
+describe('conversionDeadlineMs', () => {
+  it('keeps 10 minutes for small disks and grows with the size past them (no kill mid-convert of a large disk)', () => {
+    const GiB = 1024 ** 3;
+    expect(conversionDeadlineMs(0)).toBe(600_000);
+    expect(conversionDeadlineMs(10 * GiB)).toBe(600_000);
+    // 1 TiB at the 20 MiB/s floor rate: 52429 s, not the 600 s that killed such conversions.
+    expect(conversionDeadlineMs(1024 * GiB)).toBe(52_429_000);
   });
 });

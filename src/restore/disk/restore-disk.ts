@@ -8,7 +8,7 @@
 // by following the written file in disk order. The result appears under its name
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { constants as fsConstants } from 'node:fs';
-import { lstat, open, rm, statfs, type FileHandle } from 'node:fs/promises';
+import { lstat, open, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
@@ -271,6 +271,15 @@ function describeBatchFailure(err: unknown, point: RestorePoint, disk: RestorePo
 }
 
 /**
+ * How long `qemu-img convert` of a raw image of `bytes` may take: runTool's 10-minute default
+ * would kill the conversion of any disk past a few hundred GiB, so the deadline grows with the
+ * size, at a floor rate of 20 MiB/s (far below what a disk does; only a hung tool reaches it).
+ */
+export function conversionDeadlineMs(bytes: number): number {
+  return Math.max(600_000, Math.ceil(bytes / (20 * 1024 * 1024)) * 1000);
+}
+
+/**
  * The last step of every disk restore: the synced raw image `rawTmp` becomes `target` — converted
  * to qcow2 through `outTmp` (synced) when asked — without replacing a file that appeared meanwhile
  * unless `overwrite`; the folder is synced after the rename, so the name survives a crash too.
@@ -279,8 +288,10 @@ function describeBatchFailure(err: unknown, point: RestorePoint, disk: RestorePo
 export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; target: string; format: RestoreDiskFormat; overwrite: boolean }): Promise<void> {
   const { rawTmp, outTmp, target } = o;
   if (o.format === 'qcow2') {
+    const { size } = await stat(rawTmp);
     await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], `qemu-img convert to qcow2 for ${target}`, {
       context: { file: target },
+      timeoutMs: conversionDeadlineMs(size),
     });
     const q = await open(outTmp, 'r');
     try {
