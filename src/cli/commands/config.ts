@@ -10,7 +10,7 @@ export function configCommand(ctx: CliContext): Command {
   config
     .command('backup')
     .description('write a consistent copy of the configuration database into a repository')
-    .option('--repo <name>', 'the repository to write into (default: the server\'s default)')
+    .option('--repo <name>', 'the repository to write into, one on the server\'s host (default: the first of those by name)')
     .addOption(new Option('--json', 'print the API reply as JSON'))
     .action(async (o: { repo?: string; json?: boolean }, cmd: Command) => {
       const reply = await (await clientFor(ctx, cmd)).post<{ path: string }>('/config/backup', o.repo ? { repository: o.repo } : {});
