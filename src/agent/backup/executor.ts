@@ -21,7 +21,7 @@ import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { ALL_VMS, catalogPoints, openRepository, splitAllVmsDiskName, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
 import { methodSettings, splitDisks, type JobMethodSettings } from './chain-policy.js';
-import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext } from './chain-run.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext, type MaintenanceProgress } from './chain-run.js';
 import { backupVm, startVmBackup, type BackupProgress, type BackupVmSummary, type DiskBackupSummary, type VmBackup } from './disk-backup.js';
 import { jobPointFailed, JobPointTarget } from './job-target.js';
 import { RateLimiter } from '../../transport/throttle.js';
@@ -417,11 +417,11 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   }
 
   /** A health check of VM `folder`'s chain (per-job storage: the job's `_all` chain). */
-  async #healthCheckVm(task: TaskSpec, settings: JobMethodSettings, say: (level: LogLevel, message: string) => void, folder = task.vm): Promise<VmResult> {
+  async #healthCheckVm(task: TaskSpec, settings: JobMethodSettings, say: (level: LogLevel, message: string) => void, folder = task.vm, progress?: (p: MaintenanceProgress) => void): Promise<VmResult> {
     const { job } = task;
     const repository = await this.#repository(await this.#opts.repositoryPath(job));
     const { chainPassword } = await this.#passwords(job, repository, folder, say);
-    const warnings = await healthCheckSession({ repository, job: job.name, vm: folder, settings, now: this.#now(), password: chainPassword, say });
+    const warnings = await healthCheckSession({ repository, job: job.name, vm: folder, settings, now: this.#now(), password: chainPassword, say, ...(progress ? { progress } : {}) });
     const points = await repository.listRestorePoints({ job: job.name, vm: folder });
     const disks = points.at(-1)?.disks.map((d) => ({ name: d.name, bytesRead: 0, bytesStored: 0 })) ?? [];
     return { pointId: null, disks, warnings, consistency: null };
@@ -859,9 +859,15 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   async #executeHealthCheck(task: TaskSpec, context: TaskContext, settings: JobMethodSettings, run: VmRun, first: boolean): Promise<TaskOutcome> {
     const listener: RunListener = { disk: task.disk.name, hear: (e) => e.kind === 'log' && context.log(e.level, e.message) };
     const perJob = settings.storage === 'per-job';
+    // The check's byte progress (disk bytes of the checked points gone through) is the first task's.
+    let checked = 0;
+    const progress = (p: MaintenanceProgress): void => {
+      checked = p.bytesTotal ?? p.bytesRead;
+      context.progress({ bytesRead: p.bytesRead, bytesTransferred: 0, bytesStored: 0, total: checked });
+    };
     if (first) {
       context.log('info', perJob ? `checking job ${task.job.name}'s restore points (every VM in one file set per point)` : `checking VM ${task.vm} (all its disks)`);
-      this.#healthCheckVm(task, settings, (level, message) => run.say(level, message), perJob ? ALL_VMS : task.vm).then(
+      this.#healthCheckVm(task, settings, (level, message) => run.say(level, message), perJob ? ALL_VMS : task.vm, progress).then(
         (ok) => run.settle({ ok }),
         (error: unknown) => run.settle({ error }),
       );
@@ -871,7 +877,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     run.attach(listener);
     try {
       const result = await run.result;
-      context.progress({ bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 });
+      context.progress({ bytesRead: checked, bytesTransferred: 0, bytesStored: 0, total: checked });
       return this.#outcome(task, context, { ...result, pointId: null }, first);
     } finally {
       run.listeners.delete(listener);
