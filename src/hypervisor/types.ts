@@ -47,10 +47,11 @@ export interface VmNvram {
   /** Its image format ('raw', 'qcow2'). */
   readonly format: string;
   /**
-   * Its raw contents at the backup: base64 and SHA-256 (hex). Present in a backup's configuration
-   * (`BackupView.vm`), not in what `listVms` reports.
+   * Its raw contents at the backup: `gzip` is base64 of their gzip stream (a store is mostly
+   * erased flash, 0xff: 528 KiB compress to about 1-6 KiB), `size` and `sha256` (hex) are of the
+   * raw bytes. Present in a backup's configuration (`BackupView.vm`), not in what `listVms` reports.
    */
-  readonly contents?: { readonly base64: string; readonly sha256: string; readonly size: number };
+  readonly contents?: { readonly gzip: string; readonly sha256: string; readonly size: number };
 }
 
 /**

@@ -18,6 +18,7 @@ import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { copyFile, mkdtemp, readdir, readFile, readlink, rename, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodePointMetadata } from '../../src/agent/backup/point-metadata.js';
 import { QmpClient } from '../../src/hypervisor/qmp/client.js';
@@ -106,7 +107,7 @@ describe('UEFI VM (OVMF) on a plain-QEMU host', () => {
       const meta = decodePointMetadata(point.vmConfig)!;
       const fw = meta.configuration.firmware!;
       expect(fw).toMatchObject({ code: firmwareCode, codeFormat: 'raw', nvram: { path: guest!.nvram, format: 'raw' } });
-      const saved = Buffer.from(fw.nvram!.contents!.base64, 'base64');
+      const saved = gunzipSync(Buffer.from(fw.nvram!.contents!.gzip, 'base64'));
       expect(fw.nvram!.contents).toMatchObject({ size: saved.length, sha256: sha256(saved) });
       // OVMF wrote its variables while booting: the store differs from the template it started as.
       expect(saved.equals(await readFile(OVMF_VARS))).toBe(false);

@@ -1,9 +1,10 @@
 import { createHash } from 'node:crypto';
+import { gzipSync } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import { decodePointMetadata, encodePointMetadata, POINT_METADATA_FORMAT, savedNvram, type PointMetadata } from './point-metadata.js';
 
 const vars = Buffer.from('UEFI variables '.repeat(1000));
-const meta = (contents: { base64: string; sha256: string; size: number } | undefined): PointMetadata => ({
+const meta = (contents: { gzip: string; sha256: string; size: number } | undefined): PointMetadata => ({
   format: POINT_METADATA_FORMAT,
   hypervisor: 'qemu',
   vm: { name: 'web1', id: '/vms/web1/qmp.sock' },
@@ -20,7 +21,7 @@ const meta = (contents: { base64: string; sha256: string; size: number } | undef
 });
 
 describe('the UEFI variable store saved with a point', () => {
-  const good = { base64: vars.toString('base64'), sha256: createHash('sha256').update(vars).digest('hex'), size: vars.length };
+  const good = { gzip: gzipSync(vars).toString('base64'), sha256: createHash('sha256').update(vars).digest('hex'), size: vars.length };
   it('round-trips through the stored field and is checked against its SHA-256', () => {
     const back = decodePointMetadata(encodePointMetadata(meta(good)))!;
     expect(savedNvram(back, 'p1')!.equals(vars)).toBe(true);
@@ -31,7 +32,8 @@ describe('the UEFI variable store saved with a point', () => {
   it('fails, naming the point, VM and file, when the contents do not match', () => {
     const flipped = Buffer.from(vars);
     flipped.writeUInt8(flipped.readUInt8(7) ^ 1, 7);
-    expect(() => savedNvram(meta({ ...good, base64: flipped.toString('base64') }), 'p1')).toThrow(/vars\.fd\) saved with restore point p1 of VM web1 is damaged/);
+    expect(() => savedNvram(meta({ ...good, gzip: gzipSync(flipped).toString('base64') }), 'p1')).toThrow(/vars\.fd\) saved with restore point p1 of VM web1 is damaged/);
+    expect(() => savedNvram(meta({ ...good, gzip: good.gzip.slice(0, 20) }), 'p1')).toThrow(/damaged/);
     expect(() => savedNvram(meta({ ...good, size: good.size + 1 }), 'p1')).toThrow(/damaged/);
   });
 });

@@ -2,6 +2,7 @@
 // metadata"): the VM's configuration as the adapter reported it, plus the hypervisor checkpoint
 // the next backup of the chain continues from. Plain JSON, UTF-8.
 import { createHash } from 'node:crypto';
+import { gunzipSync } from 'node:zlib';
 import { BulwarkError } from '../../common/errors.js';
 import type { Checkpoint, Consistency, HypervisorKind, VmConfiguration } from '../../hypervisor/types.js';
 
@@ -49,7 +50,17 @@ export function savedNvram(meta: PointMetadata, pointId: string): Buffer | undef
   const nvram = meta.configuration.firmware?.nvram;
   const c = nvram?.contents;
   if (!nvram || !c) return undefined;
-  const data = Buffer.from(c.base64, 'base64');
+  let data: Buffer;
+  try {
+    data = gunzipSync(Buffer.from(c.gzip, 'base64'), { maxOutputLength: Math.max(1, c.size + 1) });
+  } catch (err) {
+    throw new BulwarkError(`the UEFI variable store (${nvram.path}) saved with restore point ${pointId} of VM ${meta.vm.name} is damaged: ${(err as Error).message}`, {
+      kind: 'corrupt',
+      context: { point: pointId, vm: meta.vm.name, file: nvram.path },
+      hint: 'restore from another restore point of this VM',
+      cause: err,
+    });
+  }
   const sha256 = createHash('sha256').update(data).digest('hex');
   if (data.length !== c.size || sha256 !== c.sha256) {
     throw new BulwarkError(`the UEFI variable store (${nvram.path}) saved with restore point ${pointId} of VM ${meta.vm.name} is damaged: ${data.length} bytes, SHA-256 ${sha256}; recorded ${c.size} bytes, ${c.sha256}`, {

@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { promisify } from 'node:util';
+import { gunzipSync } from 'node:zlib';
 import { domainFirmware } from '../libvirt/firmware.js';
 import type { VmInfo } from '../types.js';
 import { disksFromQueryBlock, MAX_NVRAM_BYTES, readNvram, withSavedNvram, type QueryBlockEntry } from './discovery.js';
@@ -92,18 +93,24 @@ describe('readNvram / withSavedNvram', () => {
   it('reads a raw store and a qcow2 store as raw bytes with their SHA-256', async () => {
     const raw = path.join(dir, 'web1_VARS.fd');
     await writeFile(raw, vars);
-    expect(await readNvram({ path: raw, format: 'raw' }, 'web1')).toEqual({ path: raw, format: 'raw', contents: { base64: vars.toString('base64'), sha256: sha, size: vars.length } });
+    const r0 = await readNvram({ path: raw, format: 'raw' }, 'web1');
+    expect(r0).toMatchObject({ path: raw, format: 'raw', contents: { sha256: sha, size: vars.length } });
+    expect(gunzipSync(Buffer.from(r0.contents!.gzip, 'base64')).equals(vars)).toBe(true);
+    expect(r0.contents!.gzip.length).toBeLessThan(vars.length / 4);
     const q = path.join(dir, 'web1_VARS.qcow2');
     await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, q]);
     const r = await readNvram({ path: q, format: 'qcow2' }, 'web1');
     expect(r.contents?.sha256).toBe(sha);
-    expect(Buffer.from(r.contents!.base64, 'base64').equals(vars)).toBe(true);
+    expect(gunzipSync(Buffer.from(r.contents!.gzip, 'base64')).equals(vars)).toBe(true);
   });
   it('refuses a missing or oversized store, naming the VM and the file', async () => {
     await expect(readNvram({ path: path.join(dir, 'gone.fd'), format: 'raw' }, 'web1')).rejects.toThrow(/cannot read the UEFI variable store .*gone\.fd of VM web1/);
     const big = path.join(dir, 'big.fd');
     await writeFile(big, Buffer.alloc(MAX_NVRAM_BYTES + 1));
     await expect(readNvram({ path: big, format: 'raw' }, 'web1')).rejects.toThrow(/big\.fd of VM web1 is 4194305 bytes, more than/);
+    const random = path.join(dir, 'random.fd');
+    await writeFile(random, (await import('node:crypto')).randomBytes(512 * 1024));
+    await expect(readNvram({ path: random, format: 'raw' }, 'web1')).rejects.toThrow(/random\.fd of VM web1 compresses to \d+ bytes, more than the 262144/);
   });
   it('puts the store into a UEFI VM\'s configuration and leaves a BIOS VM as it is', async () => {
     const raw = path.join(dir, 'web1_VARS.fd');
@@ -112,7 +119,7 @@ describe('readNvram / withSavedNvram', () => {
     expect(await withSavedNvram(bios)).toBe(bios);
     const uefi: VmInfo = { ...base, configuration: { kind: 'qemu', commandLine: ['qemu'], blockGraph: [], firmware: { code: '/c.fd', codeFormat: 'raw', nvram: { path: raw, format: 'raw' } } } };
     const saved = await withSavedNvram(uefi);
-    expect(saved.configuration.firmware).toEqual({ code: '/c.fd', codeFormat: 'raw', nvram: { path: raw, format: 'raw', contents: { base64: vars.toString('base64'), sha256: sha, size: vars.length } } });
+    expect(saved.configuration.firmware).toMatchObject({ code: '/c.fd', codeFormat: 'raw', nvram: { path: raw, format: 'raw', contents: { sha256: sha, size: vars.length } } });
     expect(uefi.configuration.firmware?.nvram?.contents).toBeUndefined();
   });
 });

@@ -5,6 +5,7 @@ import { createHash } from 'node:crypto';
 import { mkdtemp, readdir, readFile, readlink, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { gzipSync } from 'node:zlib';
 import { BulwarkError } from '../../common/errors.js';
 import { runTool } from '../../common/process.js';
 import type { QmpClient } from '../qmp/client.js';
@@ -170,6 +171,11 @@ export async function queryDisks(qmp: QmpClient): Promise<QemuDisk[]> {
 
 /** Largest UEFI variable store saved with a point (OVMF's are 128 KiB or 528 KiB). */
 export const MAX_NVRAM_BYTES = 4 * 1024 * 1024;
+/**
+ * Largest compressed store: the configuration crosses the data-mover protocol in one control
+ * frame (at most 1 MiB, base64 of the JSON that holds this base64), with room for the rest.
+ */
+export const MAX_NVRAM_GZIP_BYTES = 256 * 1024;
 
 /**
  * Reads a VM's variable store as raw bytes (a qcow2 store through `qemu-img convert -U`, which
@@ -211,7 +217,15 @@ export async function readNvram(nvram: VmNvram, vm: string): Promise<VmNvram> {
       cause: err,
     });
   }
-  return { path: nvram.path, format: nvram.format, contents: { base64: data.toString('base64'), sha256: createHash('sha256').update(data).digest('hex'), size: data.length } };
+  const gz = gzipSync(data, { level: 9 });
+  if (gz.length > MAX_NVRAM_GZIP_BYTES) {
+    throw new BulwarkError(`the UEFI variable store ${nvram.path} of VM ${vm} compresses to ${gz.length} bytes, more than the ${MAX_NVRAM_GZIP_BYTES} bytes a backup saves with the VM configuration`, {
+      kind: 'invalid',
+      context,
+      hint: 'a UEFI variable store is mostly erased flash and compresses to a few KiB: check that this flash device really is the VM\'s NVRAM',
+    });
+  }
+  return { path: nvram.path, format: nvram.format, contents: { gzip: gz.toString('base64'), sha256: createHash('sha256').update(data).digest('hex'), size: data.length } };
 }
 
 /**
