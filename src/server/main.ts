@@ -39,7 +39,7 @@ import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfig
 import { createRepository, getRepository, listHosts, listRepositories } from './services/infrastructure.js';
 import { recordRestorePoint, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
-import { filesPlugin, indexAfterBackup } from './api/files.js';
+import { filesPlugin, indexAfterBackup, readoptAgentMounts } from './api/files.js';
 import { encryptionPlugin } from './api/encryption.js';
 import { EncryptionKeys } from './services/encryption.js';
 import { MountSessions } from '../restore/mount/sessions.js';
@@ -344,6 +344,9 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     await sweepStaleMounts().catch((err: unknown) => log.warn({ err: describeError(err) }, 'sweeping stale file-restore mounts failed'));
     const fileMounts = new MountSessions({ defaultRoot: join(dataDir, 'mounts') });
     cleanups.push(() => fileMounts.closeAll());
+    // Mounts agents still hold after a restart are listed again, not stopped as unknown tasks.
+    const stopMountReadoption = readoptAgentMounts(fileIndexAgents, fileMounts);
+    cleanups.push(async () => stopMountReadoption());
 
     // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).
     const recovery = await startRecoveryService({ ctx, dataDir, keys, remote: new RemoteRecovery(dispatch.broker, opts.dispatch?.localAgent) });

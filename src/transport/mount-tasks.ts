@@ -41,6 +41,8 @@ export interface MountOpenTask {
   readonly source: WireRestoreSource;
   /** Absolute folder on this agent's host (new or empty). */
   readonly at?: string | undefined;
+  /** The server's `detached` (kept so a restarted server re-adopts the mount as it was). */
+  readonly detached?: boolean | undefined;
 }
 
 /** The mounts this agent holds now. */
@@ -51,6 +53,12 @@ export interface MountListTask {
 }
 
 export type MountTask = MountRestoreFilesTask | MountOpenTask | MountListTask;
+
+/** One mount of the `list` result: the `open` task holding it and the serve task it reads from. */
+export type WireHeldMount = WireMountInfo & {
+  readonly taskId: string;
+  readonly serve?: { readonly agent: string; readonly taskId: string } | undefined;
+};
 
 /** A mount as `GET /mounts/{id}` shows it (MountSessionInfo). */
 export interface WireMountInfo {

@@ -87,6 +87,8 @@ export interface WireInstantSession {
   readonly agentSocket: string;
   readonly consoleLog: string;
   readonly disks: ReadonlyArray<{ readonly name: string; readonly size: number; readonly overlay: string; readonly target: string | null }>;
+  /** The restore-serve task the session reads from (repository agent and task id), while it does: a restarted server re-adopts it. */
+  readonly serve?: { readonly agent: string; readonly taskId: string } | undefined;
 }
 
 export type RestoreTask = RestorePointConfigTask | RestoreServeTask | RestoreVmTask | InstantRecoveryTask;

@@ -17,7 +17,7 @@ import { restoreFilesToDir, restoreFilesToGuest } from '../../restore/mount/rest
 import { MountSessions } from '../../restore/mount/sessions.js';
 import type { TaskEvent } from '../../transport/agent-tasks.js';
 import type { TlsIdentity } from '../../transport/index.js';
-import type { MountOpenTask, MountRestoreFilesTask, MountTask, WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
+import type { MountOpenTask, MountRestoreFilesTask, MountTask, WireHeldMount, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
 import type { WireRestoreSource } from '../../transport/restore-tasks.js';
 import { RemotePoint } from './restore-reader.js';
 
@@ -46,8 +46,8 @@ const COPY_SLOTS = 2;
 export class MountTasks {
   readonly #c: MountTaskContext;
   readonly #sessions: MountSessions;
-  /** open task id -> mount id. */
-  readonly #held = new Map<string, string>();
+  /** open task id -> mount id and the restore-serve task it reads from. */
+  readonly #held = new Map<string, { mountId: string; detached: boolean; serve: { agent: string; taskId: string } | undefined }>();
   #swept: Promise<void> | undefined;
   #busy = 0;
   readonly #waiting: Array<() => void> = [];
@@ -83,11 +83,11 @@ export class MountTasks {
     return this.#swept;
   }
 
-  #list(): Array<WireMountInfo & { taskId: string }> {
-    const byMount = new Map([...this.#held].map(([taskId, mountId]) => [mountId, taskId]));
+  #list(): WireHeldMount[] {
+    const byMount = new Map([...this.#held].map(([taskId, h]) => [h.mountId, { taskId, ...h }]));
     return this.#sessions.list().flatMap((i) => {
-      const taskId = byMount.get(i.id);
-      return taskId === undefined ? [] : [{ ...i, taskId }];
+      const held = byMount.get(i.id);
+      return held === undefined ? [] : [{ ...i, detached: held.detached, taskId: held.taskId, ...(held.serve ? { serve: held.serve } : {}) }];
     });
   }
 
@@ -157,9 +157,11 @@ export class MountTasks {
     await this.#sweep();
     const point: PointIdentity = { id: task.pointId, vm: task.point.vm, time: new Date(task.point.time) };
     const source = await this.#source(task.pointId, point, task.source, task.taskId);
-    // Held by this task, not by a console: detached for the session table here.
-    const info = await this.#sessions.open({ pointId: task.pointId, source, id: task.mountId, detached: true, ...(task.at !== undefined ? { at: task.at } : {}) });
-    this.#held.set(task.taskId, info.id);
+    // Held by this task, not by a console: the session table here never undoes it by itself.
+    const mountInfo = await this.#sessions.open({ pointId: task.pointId, source, id: task.mountId, detached: true, ...(task.at !== undefined ? { at: task.at } : {}) });
+    const info = { ...mountInfo, detached: task.detached ?? false };
+    const s = task.source;
+    this.#held.set(task.taskId, { mountId: info.id, detached: info.detached, serve: s.kind === 'agent' ? { agent: s.agent, taskId: s.transferId } : undefined });
     const alive = setInterval(() => this.#c.emit(task.taskId, { type: 'progress', progress: { mountId: info.id } }), ALIVE_MS);
     try {
       this.#c.emit(task.taskId, { type: 'progress', progress: { mounted: { ...info, agent: this.#c.name } } });

@@ -39,6 +39,8 @@ export function wireSession(i: InstantSessionInfo): WireInstantSession {
 export class RestoreTasks {
   readonly #c: RestoreTaskContext;
   readonly #instant = new InstantRecoverySessions();
+  /** Instant recovery session -> the restore-serve task it reads from (listed, so a restarted server re-adopts it). */
+  readonly #serves = new Map<string, { agent: string; taskId: string }>();
 
   constructor(context: RestoreTaskContext) {
     this.#c = context;
@@ -60,6 +62,12 @@ export class RestoreTasks {
   /** Agent shutdown: instant recovery VMs are stopped (their backup side goes with the agent). */
   async close(): Promise<void> {
     await this.#instant.stopAll();
+  }
+
+  /** A session as JSON, with the serve task it reads from while it runs from the backup. */
+  #wire(i: InstantSessionInfo): WireInstantSession {
+    const serve = i.runningFromBackup ? this.#serves.get(i.id) : undefined;
+    return { ...wireSession(i), ...(serve ? { serve } : {}) };
   }
 
   async #pointConfig(task: RestorePointConfigTask): Promise<WirePointConfig> {
@@ -163,23 +171,28 @@ export class RestoreTasks {
         // On-demand reads of a booting VM: a couple of streams are plenty.
         const remote = await this.#remote(task.pointId, s, 2);
         try {
-          return wireSession(await this.#instant.start({ source: remote, workDir, name: task.name, ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) }));
+          const session = await this.#instant.start({ source: remote, workDir, name: task.name, ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) });
+          this.#serves.set(session.id, { agent: s.agent, taskId: s.transferId });
+          return this.#wire(session);
         } catch (err) {
           await remote.close();
           throw err;
         }
       }
       case 'show':
-        return wireSession(this.#instant.info(task.session));
+        return this.#wire(this.#instant.info(task.session));
       case 'list':
-        return { sessions: this.#instant.list().map(wireSession) };
+        return { sessions: this.#instant.list().map((i) => this.#wire(i)) };
       case 'migrate': {
         const info = this.#instant.info(task.session);
         await this.#instant.migrate(task.session, task.storage ?? path.join(this.#c.dataDir, 'vms', info.name));
-        return wireSession(this.#instant.info(task.session));
+        // It reads its own disks now: the server stops the serve task.
+        this.#serves.delete(task.session);
+        return this.#wire(this.#instant.info(task.session));
       }
       case 'stop':
         await this.#instant.stop(task.session);
+        this.#serves.delete(task.session);
         return { stopped: task.session };
     }
   }

@@ -21,7 +21,7 @@ import { mountRestorePoint } from '../../restore/mount/point-mount.js';
 import { restoreFilesToDir, restoreFilesToGuest, type RestoreFilesResult } from '../../restore/mount/restore-files.js';
 import type { MountSessionInfo, MountSessions } from '../../restore/mount/sessions.js';
 import type { TaskEvent } from '../../transport/agent-tasks.js';
-import type { WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
+import type { WireHeldMount, WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
 import type { AgentTaskBroker, AgentTaskHandle } from '../dispatch/broker.js';
 import { RemoteRecovery } from '../dispatch/recovery.js';
 import type { ServiceContext } from '../services/common.js';
@@ -401,16 +401,14 @@ export async function mountOnAgent(
   const mountId = randomUUID();
   let mounted: ((info: WireMountInfo) => void) | undefined;
   const mountedEvent = new Promise<WireMountInfo>((resolve) => (mounted = resolve));
-  const handle = agents.broker.run(agent, { kind: 'mount', action: 'open', mountId, pointId: point.id, point: { vm: point.vm, time: point.time }, source, ...(body.at !== undefined ? { at: body.at } : {}) }, (e: TaskEvent) => {
-    if (e.type === 'progress' && typeof e.progress.mounted === 'object' && e.progress.mounted !== null) mounted?.(e.progress.mounted as WireMountInfo);
-  });
-  // The mount ends with its task (unmounted, or the agent gone); so does the serve task.
-  const ended = handle.result.finally(() => {
-    serve?.cancel('the mount ended');
-    mounts.forget(mountId);
-  });
-  ended.catch((err: unknown) => log.warn({ mount: mountId, agent, err: describeError(err) }, 'a mount held by an agent ended'));
-  void serve?.result.catch(() => handle.cancel('the repository agent stopped serving the point'));
+  const handle = agents.broker.run(
+    agent,
+    { kind: 'mount', action: 'open', mountId, pointId: point.id, point: { vm: point.vm, time: point.time }, source, detached: body.detached ?? false, ...(body.at !== undefined ? { at: body.at } : {}) },
+    (e: TaskEvent) => {
+      if (e.type === 'progress' && typeof e.progress.mounted === 'object' && e.progress.mounted !== null) mounted?.(e.progress.mounted as WireMountInfo);
+    },
+  );
+  const ended = endsWithTask(mounts, mountId, agent, handle, serve);
   let info: WireMountInfo;
   try {
     info = await Promise.race([
@@ -424,17 +422,38 @@ export async function mountOnAgent(
     serve?.cancel('the mount failed');
     throw err;
   }
+  log.info({ mount: mountId, point: point.id, agent, at: info.at }, 'restore point mounted by an agent');
+  return adoptAgentMount(mounts, { ...info, detached: body.detached ?? false }, agent, server.host?.name, handle, ended);
+}
+
+/** The mount ends with its `open` task (unmounted, or the agent gone); so does the serve task it reads from. */
+function endsWithTask(mounts: MountSessions, mountId: string, agent: string, handle: AgentTaskHandle, serve: AgentTaskHandle | undefined): Promise<unknown> {
+  const ended = handle.result.finally(() => {
+    serve?.cancel('the mount ended');
+    mounts.forget(mountId);
+  });
+  ended.catch((err: unknown) => log.warn({ mount: mountId, agent, err: describeError(err) }, 'a mount held by an agent ended'));
+  void serve?.result.catch(() => handle.cancel('the repository agent stopped serving the point'));
+  return ended;
+}
+
+/** Lists an agent's mount here (held like the server's own); unmounting cancels its `open` task. */
+function adoptAgentMount(mounts: MountSessions, info: WireMountInfo, agent: string, host: string | undefined, handle: AgentTaskHandle, ended: Promise<unknown>): MountSessionInfo {
   const session: MountSessionInfo = {
-    ...info,
+    id: info.id,
+    point: info.point,
+    vm: info.vm,
+    time: info.time,
+    at: info.at,
+    detached: info.detached,
+    createdAt: info.createdAt,
     filesystems: info.filesystems.map((f) => ({ ...f })),
     skipped: info.skipped.map((x) => ({ ...x })),
     warnings: [...info.warnings],
     notes: [...info.notes],
-    detached: body.detached ?? false,
     agent,
-    ...(server.host ? { host: server.host.name } : {}),
+    ...(host !== undefined ? { host } : {}),
   };
-  log.info({ mount: mountId, point: point.id, agent, at: info.at }, 'restore point mounted by an agent');
   return mounts.adopt(session, async () => {
     handle.cancel('unmounted');
     // An agent that went away cannot answer: its mount ends with it (the agent-lost time).
@@ -442,6 +461,54 @@ export async function mountOnAgent(
     await Promise.race([ended.catch(() => undefined), new Promise<void>((resolve) => (timer = setTimeout(resolve, 15_000)))]);
     clearTimeout(timer);
   });
+}
+
+/**
+ * After a server (re)start: the mounts agents still hold are adopted again (listed, held, unmounted
+ * as before the restart) instead of being stopped as unknown tasks. When an agent first polls, it
+ * is asked for its mounts (`mount list`), again every 2 s until it answers or its adoption window
+ * ends (docs/formats/agent-link.md, "Mount tasks"). Returns a function that stops asking.
+ */
+export function readoptAgentMounts(agents: FileIndexAgents, mounts: MountSessions): () => void {
+  const adopted = new Set<string>();
+  let stopped = false;
+  const ask = async (agent: string): Promise<boolean> => {
+    const handle = agents.broker.run(agent, { kind: 'mount', action: 'list' });
+    let t: NodeJS.Timeout | undefined;
+    const late = new Promise<undefined>((resolve) => (t = setTimeout(() => resolve(undefined), 5000)));
+    const listed = await Promise.race([handle.result.then((v) => (v as { mounts: WireHeldMount[] }).mounts, () => undefined), late]);
+    clearTimeout(t);
+    if (listed === undefined) {
+      handle.cancel('the mount list was not answered in time');
+      return false;
+    }
+    for (const m of listed) {
+      if (adopted.has(m.taskId) || mounts.list().some((x) => x.id === m.id)) continue;
+      adopted.add(m.taskId);
+      const open = agents.broker.adopt(agent, m.taskId, 'mount');
+      const serve = m.serve ? agents.broker.adopt(m.serve.agent, m.serve.taskId, 'restore-serve') : undefined;
+      adoptAgentMount(mounts, m, agent, undefined, open, endsWithTask(mounts, m.id, agent, open, serve));
+      log.info({ mount: m.id, agent, at: m.at, serve: m.serve }, 'a mount an agent still holds was adopted after the server started');
+    }
+    return true;
+  };
+  agents.broker.onAgentSeen((agent) => {
+    const pass = (): void => {
+      if (stopped || Date.now() > agents.broker.adoptableUntil(agent)) return;
+      void ask(agent)
+        .catch((err: unknown) => {
+          log.warn({ agent, err: describeError(err) }, 'asking an agent for its mounts failed');
+          return false;
+        })
+        .then((done) => {
+          if (!done && !stopped) setTimeout(pass, 2000).unref();
+        });
+    };
+    pass();
+  });
+  return () => {
+    stopped = true;
+  };
 }
 
 /**

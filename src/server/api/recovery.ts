@@ -517,6 +517,8 @@ export class RecoveryService {
     if (remote) {
       const agents = new Set<string>([...this.#remoteInstant.values()].map((r) => r.agent));
       for (const h of await listHosts(this.#ctx)) agents.add(remote.agentOf(h.agent));
+      // Sessions on a repository's agent (started without --host) too.
+      for (const a of remote.connectedAgents()) agents.add(a);
       await Promise.all(
         [...agents].map(async (agent) => {
           const sessions = await remote.sessionsOn(agent);
@@ -524,7 +526,8 @@ export class RecoveryService {
           for (const s of sessions) {
             const known = this.#remoteInstant.get(s.id);
             if (known) known.last = s;
-            else this.#remoteInstant.set(s.id, { agent, host: undefined, serve: undefined, last: s });
+            // Not started by this server process (it restarted): adopt the serve task it reads from.
+            else this.#remoteInstant.set(s.id, { agent, host: undefined, serve: s.serve ? remote.adoptServe(s.serve) : undefined, last: s });
           }
           for (const [id, r] of this.#remoteInstant) {
             if (r.agent !== agent || sessions.some((s) => s.id === id)) continue;
@@ -574,6 +577,27 @@ export class RecoveryService {
     await this.#instant.stop(id);
   }
 
+  /**
+   * After a (re)start: when an agent first polls, its sessions are listed (retried every 2 s within
+   * its adoption window), so the serve tasks they read from are adopted, not stopped (a VM running
+   * from a backup must not lose its disk because the server restarted).
+   */
+  readoptAfterStart(remote: RemoteRecovery): void {
+    remote.onAgentSeen((agent) => {
+      const pass = (): void => {
+        if (this.#abort.signal.aborted || Date.now() > remote.adoptableUntil(agent)) return;
+        void remote
+          .sessionsOn(agent)
+          .then(async (sessions) => {
+            if (sessions === undefined) setTimeout(pass, 2000).unref();
+            else await this.listInstant();
+          })
+          .catch((err: unknown) => log.warn({ agent, err: describeError(err) }, 'listing instant recovery sessions after the start failed'));
+      };
+      pass();
+    });
+  }
+
   /** Server shutdown: every instant recovery VM is stopped, running restores are aborted. */
   async close(): Promise<void> {
     this.#abort.abort(new BulwarkError('the server is stopping', { kind: 'unavailable' }));
@@ -586,6 +610,7 @@ export class RecoveryService {
 export async function startRecoveryService(o: RecoveryServiceOptions): Promise<RecoveryService> {
   const s = new RecoveryService(o);
   await s.sweep();
+  if (o.remote) s.readoptAfterStart(o.remote);
   return s;
 }
 

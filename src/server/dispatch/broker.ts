@@ -65,6 +65,13 @@ export interface AgentTaskBrokerOptions {
   /** Longest a poll is held open without news (default 20 s). */
   readonly pollWaitMs?: number;
   readonly now?: () => number;
+  /**
+   * For this long after an agent's first poll (and before it), events of a task this broker never
+   * knew are answered `cancel: false` instead of `true` (default 30 s): a restarted server re-adopts
+   * the tasks agents still hold (adopt(), from onAgentSeen) before they would be stopped
+   * (docs/formats/agent-link.md, "Mount tasks").
+   */
+  readonly adoptWindowMs?: number;
 }
 
 export class AgentTaskBroker {
@@ -75,12 +82,19 @@ export class AgentTaskBroker {
   readonly #pollWaitMs: number;
   readonly #now: () => number;
   readonly #timer: NodeJS.Timeout;
+  readonly #adoptWindowMs: number;
+  /** When each agent first polled this broker. */
+  readonly #firstPoll = new Map<string, number>();
+  readonly #seen: Array<(agent: string) => void> = [];
+  /** Tasks this broker finished lately (a finished task is stopped, not waited for adoption). */
+  readonly #ended = new Set<string>();
 
   constructor(options: AgentTaskBrokerOptions = {}) {
     this.#agentLostMs = options.agentLostMs ?? 60_000;
     this.#pickupTimeoutMs = options.pickupTimeoutMs ?? this.#agentLostMs;
     this.#pollWaitMs = options.pollWaitMs ?? 20_000;
     this.#now = options.now ?? (() => Date.now());
+    this.#adoptWindowMs = options.adoptWindowMs ?? 30_000;
     this.#timer = setInterval(() => this.#sweep(), Math.min(1000, Math.max(100, this.#agentLostMs / 4)));
     this.#timer.unref();
   }
@@ -103,6 +117,49 @@ export class AgentTaskBroker {
   /** The IP address the agent's link requests come from (undefined before its first poll). */
   addressOf(agent: string): string | undefined {
     return this.#agents.get(agent)?.address;
+  }
+
+  /** Until when (this broker's clock, ms) tasks of `agent` it never knew are not stopped: the time to adopt them. */
+  adoptableUntil(agent: string): number {
+    return (this.#firstPoll.get(agent) ?? this.#now()) + this.#adoptWindowMs;
+  }
+
+  /** Calls `fn` when an agent polls this broker for the first time (then its tasks may be adopted). */
+  onAgentSeen(fn: (agent: string) => void): void {
+    this.#seen.push(fn);
+  }
+
+  /** Agents polling now or heard from within agentLostMs. */
+  connectedAgents(): string[] {
+    return [...this.#agents.keys()].filter((a) => this.isConnected(a));
+  }
+
+  /**
+   * Takes over a task an agent runs that this broker did not hand out (the server restarted; the
+   * agent's list named it): its events are routed to `onEvent` and it can be cancelled as usual.
+   */
+  adopt(agent: string, taskId: string, kind: AgentTask['kind'], onEvent: (e: TaskEvent) => void = () => undefined): AgentTaskHandle {
+    const a = this.#agent(agent);
+    let resolve!: (v: unknown) => void;
+    let reject!: (e: Error) => void;
+    const result = new Promise<unknown>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    result.catch(() => undefined);
+    if (!this.#tasks.has(taskId)) {
+      const task = { kind, taskId } as AgentTask;
+      this.#tasks.set(taskId, { taskId, agent, task, onEvent, resolve, reject, bootId: a.bootId, pickedInPoll: a.pollSeq, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined });
+      log.info({ agent, task: taskId, kind }, 'task an agent still runs adopted');
+    }
+    return {
+      taskId,
+      agent,
+      result,
+      cancel: (reason) => this.#cancel(taskId, reason),
+      setLimits: () => undefined,
+      setDisks: () => undefined,
+    };
   }
 
   /** Queues a task for an agent; `onEvent` gets its progress, log lines and (backup-target) readiness. */
@@ -155,6 +212,8 @@ export class AgentTaskBroker {
 
   #finish(r: Running, outcome: Error | { value: unknown }): void {
     if (!this.#tasks.delete(r.taskId)) return;
+    this.#ended.add(r.taskId);
+    if (this.#ended.size > 10_000) this.#ended.delete(this.#ended.values().next().value!);
     if (outcome instanceof Error) r.reject(outcome);
     else r.resolve(outcome.value);
   }
@@ -176,6 +235,10 @@ export class AgentTaskBroker {
       }
     }
     a.bootId = req.bootId;
+    if (!this.#firstPoll.has(agent)) {
+      this.#firstPoll.set(agent, this.#now());
+      for (const fn of this.#seen) setImmediate(() => fn(agent));
+    }
     // Tasks the server gave this process that it no longer runs (and never reported) ended without a word.
     const running = new Set(req.running);
     for (const r of [...this.#tasks.values()]) {
@@ -221,7 +284,9 @@ export class AgentTaskBroker {
     const a = this.#agent(agent);
     a.lastContact = this.#now();
     const r = this.#tasks.get(taskId);
-    if (!r || r.agent !== agent) return { cancel: true };
+    // A task this broker never knew, soon after it started: the server may adopt it yet.
+    if (!r) return { cancel: this.#ended.has(taskId) || this.#now() > this.adoptableUntil(agent) };
+    if (r.agent !== agent) return { cancel: true };
     for (const e of events) {
       if (e.type === 'result') {
         if (e.ok) this.#finish(r, { value: e.value });

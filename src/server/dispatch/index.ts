@@ -33,6 +33,8 @@ export interface DispatchOptions {
   readonly localAgent?: string | undefined;
   /** Time zone of rules' hours (default: the server's). */
   readonly timeZone?: string | undefined;
+  /** How long after the start tasks agents still run are re-adopted rather than stopped (default 30 s). */
+  readonly adoptWindowMs?: number | undefined;
 }
 
 export interface Dispatch {
@@ -73,6 +75,7 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
   const broker = new AgentTaskBroker({
     ...(opts.agentLostMs !== undefined ? { agentLostMs: opts.agentLostMs } : {}),
     ...(opts.pollWaitMs !== undefined ? { pollWaitMs: opts.pollWaitMs } : {}),
+    ...(opts.adoptWindowMs !== undefined ? { adoptWindowMs: opts.adoptWindowMs } : {}),
   });
   return {
     broker,

@@ -183,6 +183,29 @@ export class RemoteRecovery {
     }
   }
 
+  /**
+   * Takes over a restore-serve task a repository agent still runs after this server (re)started:
+   * an instant recovery session reads from it (its agent's list names it), so it must not stop.
+   */
+  adoptServe(serve: { readonly agent: string; readonly taskId: string }): AgentTaskHandle {
+    return this.#broker.adopt(serve.agent, serve.taskId, 'restore-serve');
+  }
+
+  /** Until when the tasks `agent` still runs can be adopted (the broker's adoption window). */
+  adoptableUntil(agent: string): number {
+    return this.#broker.adoptableUntil(agent);
+  }
+
+  /** Calls `fn` when an agent first polls this server (after a start: its sessions may be adopted). */
+  onAgentSeen(fn: (agent: string) => void): void {
+    this.#broker.onAgentSeen(fn);
+  }
+
+  /** Agents connected now (their instant recovery sessions are listed too). */
+  connectedAgents(): string[] {
+    return this.#broker.connectedAgents();
+  }
+
   /** show / list / migrate / stop of a session on an agent. */
   async instant<T>(agent: string, action: Exclude<InstantRecoveryAction, { action: 'start' }>): Promise<T> {
     return (await this.#broker.run(agent, { kind: 'instant-recovery', ...action }).result) as T;

@@ -29,6 +29,8 @@ const server = await startServer({
     agentLostMs: 3000,
     pollWaitMs: 2000,
     resumeWindowMs: 4000,
+    // Tasks agents still hold after a server restart are adopted within this time, else stopped.
+    adoptWindowMs: 6000,
   },
 });
 process.stdout.write(`${JSON.stringify({ url: server.url, socket: server.socketPath })}\n`);

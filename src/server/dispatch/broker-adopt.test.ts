@@ -1,0 +1,65 @@
+// Re-adopting tasks agents still run after a server restart (docs/formats/agent-link.md, "Mount
+// tasks"): a broker that never knew a task does not stop it during the agent's adoption window,
+// tells the server when an agent first polls, and routes an adopted task like its own.
+import { describe, expect, it } from 'vitest';
+import type { TaskEvent } from '../../transport/agent-tasks.js';
+import { AgentTaskBroker } from './broker.js';
+
+const never = new Promise<void>(() => undefined);
+
+describe('AgentTaskBroker adoption after a restart', () => {
+  it('does not stop unknown tasks before and within the agent\'s window from its first poll; stops them after it', async () => {
+    let now = 1_000_000;
+    const broker = new AgentTaskBroker({ pollWaitMs: 1, adoptWindowMs: 5000, now: () => now });
+    try {
+      const seen: string[] = [];
+      broker.onAgentSeen((a) => seen.push(a));
+      // Events arrive before the agent's first poll (its outbox is retried first): not stopped.
+      now += 60_000;
+      expect(broker.events('a1', 'old-serve', [{ type: 'progress', progress: {} }])).toEqual({ cancel: false });
+      await broker.poll('a1', { bootId: 'boot-0001', running: ['old-serve', 'old-mount'] }, never);
+      await broker.poll('a1', { bootId: 'boot-0001', running: ['old-serve', 'old-mount'] }, never);
+      await new Promise((r) => setImmediate(r));
+      expect(seen).toEqual(['a1']);
+      now += 4000;
+      expect(broker.events('a1', 'old-serve', [])).toEqual({ cancel: false });
+      now += 2000;
+      expect(broker.events('a1', 'old-serve', [])).toEqual({ cancel: true });
+      expect(broker.adoptableUntil('a1')).toBe(1_000_000 + 60_000 + 5000);
+    } finally {
+      broker.close();
+    }
+  });
+
+  it('routes an adopted task\'s events and cancels it like its own; a finished task is stopped at once', async () => {
+    const broker = new AgentTaskBroker({ pollWaitMs: 1, adoptWindowMs: 60_000 });
+    try {
+      await broker.poll('a1', { bootId: 'boot-0001', running: ['old-mount'] }, never);
+      const events: TaskEvent[] = [];
+      const h = broker.adopt('a1', 'old-mount', 'mount', (e) => events.push(e));
+      expect(broker.events('a1', 'old-mount', [{ type: 'progress', progress: { mountId: 'm1' } }])).toEqual({ cancel: false });
+      expect(events).toEqual([{ type: 'progress', progress: { mountId: 'm1' } }]);
+      h.cancel('unmounted');
+      expect((await broker.poll('a1', { bootId: 'boot-0001', running: ['old-mount'] }, never)).cancel).toEqual([{ taskId: 'old-mount', reason: 'unmounted' }]);
+      expect(broker.events('a1', 'old-mount', [{ type: 'result', ok: true, value: { unmounted: 'm1' } }])).toEqual({ cancel: true });
+      await expect(h.result).resolves.toEqual({ unmounted: 'm1' });
+      // Finished here: told to stop, even inside the window.
+      expect(broker.events('a1', 'old-mount', [])).toEqual({ cancel: true });
+    } finally {
+      broker.close();
+    }
+  });
+
+  it('an adopted task the agent no longer lists ends', async () => {
+    const broker = new AgentTaskBroker({ pollWaitMs: 1 });
+    try {
+      await broker.poll('a1', { bootId: 'boot-0001', running: ['old-serve'] }, never);
+      const h = broker.adopt('a1', 'old-serve', 'restore-serve');
+      await broker.poll('a1', { bootId: 'boot-0001', running: [] }, never);
+      await broker.poll('a1', { bootId: 'boot-0001', running: [] }, never);
+      await expect(h.result).rejects.toThrow(/no longer runs the task/);
+    } finally {
+      broker.close();
+    }
+  });
+});
