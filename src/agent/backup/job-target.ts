@@ -55,13 +55,15 @@ export function jobPointFailed(job: string, cause: unknown): BulwarkError {
   });
 }
 
-interface Deferred<T> {
+/** A promise settled from outside (the first resolve or reject wins); `settled` says whether it has been. */
+export interface Deferred<T> {
   readonly promise: Promise<T>;
+  readonly settled: boolean;
   resolve(v: T): void;
   reject(err: unknown): void;
 }
 
-function deferred<T>(): Deferred<T> {
+export function deferred<T>(): Deferred<T> {
   let resolve!: (v: T) => void;
   let reject!: (err: unknown) => void;
   const promise = new Promise<T>((res, rej) => {
@@ -69,7 +71,21 @@ function deferred<T>(): Deferred<T> {
     reject = rej;
   });
   promise.catch(() => undefined); // whoever awaits it handles the error; maybe nobody does
-  return { promise, resolve, reject };
+  let settled = false;
+  return {
+    promise,
+    get settled() {
+      return settled;
+    },
+    resolve: (v) => {
+      settled = true;
+      resolve(v);
+    },
+    reject: (err) => {
+      settled = true;
+      reject(err);
+    },
+  };
 }
 
 /** The target the VMs of one per-job run share; `abort` (or `fail`) once anything goes wrong. */

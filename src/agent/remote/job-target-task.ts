@@ -12,7 +12,7 @@ import type { TransferReceiver, TransferSink, TransferTaskGrant } from '../../tr
 import { methodSettings } from '../backup/chain-policy.js';
 import { maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext } from '../backup/chain-run.js';
 import { isCompression, isNumber } from '../backup/job-settings.js';
-import { jobPointFailed, JobPointTarget } from '../backup/job-target.js';
+import { deferred, jobPointFailed, JobPointTarget } from '../backup/job-target.js';
 import { pointToWire, RepositorySink, type SinkDiskStats } from './repository-sink.js';
 
 /** What the task loop lends a per-job target (task-runner.ts). */
@@ -31,36 +31,6 @@ export interface JobTargetContext {
 /** The transfer id a VM of a per-job target is sent on. */
 export function jobTransferId(taskId: string, vm: string): string {
   return `${taskId}/${vm}`;
-}
-
-interface Deferred<T> {
-  readonly promise: Promise<T>;
-  settled: boolean;
-  resolve(v: T): void;
-  reject(err: unknown): void;
-}
-
-function deferred<T>(): Deferred<T> {
-  let resolve!: (v: T) => void;
-  let reject!: (err: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  promise.catch(() => undefined);
-  const d: Deferred<T> = {
-    promise,
-    settled: false,
-    resolve: (v) => {
-      d.settled = true;
-      resolve(v);
-    },
-    reject: (err) => {
-      d.settled = true;
-      reject(err);
-    },
-  };
-  return d;
 }
 
 /** A backup-target task with `vms`: receives every VM of the job into one `_all` point. */

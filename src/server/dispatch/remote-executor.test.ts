@@ -3,7 +3,7 @@
 // of the source task, the chain steps' results reaching the catalog, health-check sessions as a
 // task on the repository agent, and excluded disks getting no task.
 import { describe, expect, it } from 'vitest';
-import type { RestorePointInfo } from '../../repository/index.js';
+import { vmSliceId, type RestorePointInfo } from '../../repository/index.js';
 import type { AgentTask, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
 import type { JobDefinition, LogLevel, TaskContext, TaskSpec } from '../jobs/ports.js';
 import { AgentTaskBroker } from './broker.js';
@@ -188,6 +188,69 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
       t.send('repo1', target2.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: 'aborted' } });
       await expect(again).rejects.toThrow(/stopped by the server|aborted/);
       await expect(t.executor.execute({ ...vdb, attempt: 2 }, ctx2)).rejects.toThrow("disk vdb of VM web1 did not run (no task slot: proxy src1 is offline), so the VM's restore point cannot be complete");
+    } finally {
+      t.broker.close();
+    }
+  });
+
+  it('per-job storage: one per-job target for the job (every VM), one source per VM on its transfer; each VM\'s slice is recorded; a failure names the VM where it began', async () => {
+    const t = setup({ storage: 'per-job', method: 'forever-forward', retention: { points: 2 } });
+    const job = { ...t.task.job, vms: ['web1', 'db1'] };
+    const task = { ...t.task, job };
+    /** The next `n` tasks the agent is given (one poll may hand over several). */
+    const tasks = async (agent: string, n: number): Promise<AgentTask[]> => {
+      const out: AgentTask[] = [];
+      while (out.length < n) out.push(...(await t.broker.poll(agent, { bootId: `boot-${agent}`, running: out.map((x) => x.taskId) }, never)).tasks);
+      return out;
+    };
+    const allPoint = (id: string) => ({ ...wirePoint(id, 'incremental'), vm: '_all', disks: [{ name: 'web1/vda', size: 4096 }, { name: 'db1/vda', size: 4096 }] });
+    const run = async (attempt: number): Promise<{ outcome: Promise<unknown>; target: AgentTask; web1: AgentTask; db1: AgentTask }> => {
+      const outcome = t.executor.execute({ ...task, attempt }, t.context);
+      outcome.catch(() => undefined);
+      // db1 is looked up on the hosts' agents; web1 is the task's own VM.
+      const resolve = await t.next('src1');
+      expect(resolve).toMatchObject({ kind: 'resolve-disks', vm: 'db1' });
+      t.send('src1', resolve.taskId, { type: 'result', ok: true, value: [{ name: 'vda', sizeBytes: 4096, location: { hypervisor: 'qemu', vm: 'db1', agent: 'src1' } }] });
+      const target = await t.next('repo1');
+      expect(target).toMatchObject({ kind: 'backup-target', vm: '_all', vms: [{ vm: 'web1', sourceAgent: 'src1' }, { vm: 'db1', sourceAgent: 'src1' }] });
+      const previous = { point: allPoint('p1'), checkpoint: { chainId: 'c-web1', name: 'cp1' } };
+      t.send('repo1', target.taskId, {
+        type: 'ready', port: 9393, host: '10.0.0.3', previous: null, blockSize: 262144, vms: { web1: previous, db1: null },
+        plan: { kind: 'incremental', reason: 'incremental', chainMethod: 'forward', parent: 'p1', repair: [{ disk: 'db1/vda', blocks: [4] }] },
+      });
+      const sources = await tasks('src1', 2);
+      const web1 = sources.find((x) => x.kind === 'backup-source' && x.vm === 'web1')!;
+      const db1 = sources.find((x) => x.kind === 'backup-source' && x.vm === 'db1')!;
+      expect(web1).toMatchObject({ transferId: `${target.taskId}/web1`, full: false, intoIncrement: true, blockSize: 262144, previous });
+      expect(web1).not.toHaveProperty('repair');
+      expect(db1).toMatchObject({ transferId: `${target.taskId}/db1`, full: false, intoIncrement: true, previous: null, repair: [{ disk: 'vda', blocks: [4] }] });
+      return { outcome, target, web1, db1 };
+    };
+    try {
+      const ok = await run(1);
+      const summary = (vm: string) => ({ pointId: 'p2', point: allPoint('p2'), kind: 'incremental', warnings: [], consistency: 'application', vm, disks: [{ name: 'vda', bytesRead: 10, bytesStored: 5 }] });
+      t.send('src1', ok.web1.taskId, { type: 'result', ok: true, value: summary('web1') });
+      t.send('src1', ok.db1.taskId, { type: 'result', ok: true, value: summary('db1') });
+      t.send('repo1', ok.target.taskId, {
+        type: 'result', ok: true,
+        value: { point: allPoint('p2'), disks: [{ name: 'web1/vda', storedBytes: 4, storedBlocks: 1, unchangedBlocks: 0 }, { name: 'db1/vda', storedBytes: 3, storedBlocks: 1, unchangedBlocks: 0 }], points: [allPoint('p1'), allPoint('p2')], warnings: [] },
+      });
+      await expect(ok.outcome).resolves.toEqual({ state: 'success' });
+      expect(t.recorded).toEqual([vmSliceId('p2', 'web1'), vmSliceId('p2', 'db1')]);
+      expect(t.synced.map((ps) => ps.map((p) => `${p.vm}:${p.id}`))).toEqual([
+        [`web1:${vmSliceId('p1', 'web1')}`, `web1:${vmSliceId('p2', 'web1')}`],
+        [`db1:${vmSliceId('p1', 'db1')}`, `db1:${vmSliceId('p2', 'db1')}`],
+      ]);
+      // db1's disk task reports from the same run.
+      await expect(t.executor.execute({ ...task, vm: 'db1', taskId: 't2' }, t.context)).resolves.toEqual({ state: 'success' });
+
+      // db1's transfer ends first (the target says so); web1 fails because of it: the task names db1 and its cause.
+      const bad = await run(2);
+      t.send('src1', bad.web1.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: "disk vda: target agent failed to store the task's data: aborted" } });
+      t.send('repo1', bad.target.taskId, { type: 'progress', progress: { failedVm: 'db1' } }, { type: 'result', ok: false, error: { kind: 'unavailable', message: 'job j\'s restore point (all its VMs in one) is not written: VM db1 (agent src1): source agent aborted the task' } });
+      t.send('src1', bad.db1.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: 'disk vda: NBD export gone' } });
+      await expect(bad.outcome).rejects.toThrow(/^job j's restore point \(all its VMs in one\) is not written: VM db1 \(agent src1\): disk vda: NBD export gone/);
+      expect(t.recorded).toHaveLength(2);
     } finally {
       t.broker.close();
     }

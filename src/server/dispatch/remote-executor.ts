@@ -21,12 +21,12 @@ import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
 import { ALL_VMS, catalogPoints, splitAllVmsDiskName, type RestorePointInfo } from '../../repository/index.js';
-import type { BackupTargetResult, HealthCheckResult, TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
+import type { BackupTargetResult, BackupTargetTask, HealthCheckResult, TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
 import type { StageBusy } from '../../transport/stage-times.js';
 import type { NamedLimit } from '../../transport/throttle.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../jobs/ports.js';
 import { matchingThrottlingRules, mbpsToBytesPerSecond, type ThrottlingRule } from '../resources/throttling-rules.js';
-import type { AgentTaskBroker } from './broker.js';
+import type { AgentTaskBroker, AgentTaskHandle } from './broker.js';
 
 const log = logger('remote-data-path');
 
@@ -396,13 +396,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       const password = await this.#o.password?.(job);
       const passwords = await this.#knownPasswords(job, password);
       const chainId = chainIdFor(job.name, task.vm);
-      let ready: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
-      const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (ready = resolve));
       // 1. The repository agent opens the point's receiving end and tells where it listens.
-      const target = broker.run(
+      const { target, ready } = this.#startTarget(
         targetAgent,
         {
-          kind: 'backup-target',
           secret,
           repositoryPath: repository.path,
           job: job.name,
@@ -416,10 +413,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           fullRequested: task.full,
           now: this.#now().toISOString(),
         },
-        (e) => {
-          if (e.type === 'ready') ready?.(e);
-          else onEvent(e);
-        },
+        onEvent,
       );
       run.cancel = (reason) => {
         target.cancel(reason);
@@ -431,8 +425,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       const stopSource = () => sourceHandle?.cancel('the job was stopped');
       signal.addEventListener('abort', stopSource, { once: true });
       try {
-        const readyOrFailed = await Promise.race([readyEvent, target.result.then(() => undefined)]);
-        if (!readyOrFailed) throw new BulwarkError(`repository agent ${targetAgent} ended the task before it was ready`, { kind: 'internal' });
+        const readyOrFailed = await ready();
         const plan = readyOrFailed.plan;
         const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
         const sourceIp = broker.addressOf(sourceAgent) ?? '127.0.0.1';
@@ -546,6 +539,30 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       () => (run.settledAt = Date.now()),
     );
     return run;
+  }
+
+  /**
+   * Starts a backup-target task on the repository agent. Its `ready` event goes to `ready()` (which
+   * rejects with the task's error, or fails when the task ends before it), every other event to
+   * `onEvent`.
+   */
+  #startTarget(
+    agent: string,
+    body: Omit<BackupTargetTask, 'kind' | 'taskId'>,
+    onEvent: (e: TaskEvent) => void,
+  ): { target: AgentTaskHandle; ready: () => Promise<Extract<TaskEvent, { type: 'ready' }>> } {
+    let resolveReady: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
+    const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (resolveReady = resolve));
+    const target = this.#o.broker.run(agent, { kind: 'backup-target', ...body }, (e) => {
+      if (e.type === 'ready') resolveReady?.(e);
+      else onEvent(e);
+    });
+    const ready = async (): Promise<Extract<TaskEvent, { type: 'ready' }>> => {
+      const r = await Promise.race([readyEvent, target.result.then(() => undefined)]);
+      if (!r) throw new BulwarkError(`repository agent ${agent} ended the task before it was ready`, { kind: 'internal', context: { agent, job: body.job, vm: body.vm } });
+      return r;
+    };
+    return { target, ready };
   }
 
   #now(): Date {
@@ -715,13 +732,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       const secret = randomBytes(32).toString('hex');
       const password = await this.#o.password?.(job);
       const passwords = await this.#knownPasswords(job, password);
-      let ready: ((e: Extract<TaskEvent, { type: 'ready' }>) => void) | undefined;
-      const readyEvent = new Promise<Extract<TaskEvent, { type: 'ready' }>>((resolve) => (ready = resolve));
       // 1. The repository agent plans the `_all` chain and opens the one writer.
-      const target = broker.run(
+      const { target, ready } = this.#startTarget(
         targetAgent,
         {
-          kind: 'backup-target',
           secret,
           repositoryPath: repository.path,
           job: job.name,
@@ -736,8 +750,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           vms,
         },
         (e) => {
-          if (e.type === 'ready') ready?.(e);
-          else if (e.type === 'log') say(e.level, e.message, e.disk);
+          if (e.type === 'log') say(e.level, e.message, e.disk);
           else if (e.type === 'progress' && typeof e.progress.failedVm === 'string') failedVm ??= e.progress.failedVm;
         },
       );
@@ -752,8 +765,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       signal.addEventListener('abort', onAbort, { once: true });
       let limitTimer: NodeJS.Timeout | undefined;
       try {
-        const readyOrFailed = await Promise.race([readyEvent, target.result.then(() => undefined)]);
-        if (!readyOrFailed) throw new BulwarkError(`repository agent ${targetAgent} ended the task before it was ready`, { kind: 'internal' });
+        const readyOrFailed = await ready();
         const plan = readyOrFailed.plan;
         if (!plan) throw new BulwarkError(`repository agent ${targetAgent} did not plan job ${job.name}'s run (an older agent: update it)`, { kind: 'unavailable', context: { job: job.name } });
         const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
