@@ -9,13 +9,14 @@
 //     script boots the same firmware with that copy, the guest runs under UEFI, its agent answers
 //     and its test files match;
 // (d) `instant-recovery start`: the same firmware on a scratch copy of the NVRAM in the session
-//     folder, boots under UEFI from the backup, the repository is unchanged; `stop` cleans up.
+//     folder, boots under UEFI from the backup, the repository is unchanged; `stop` cleans up;
+// (e) `restore vm` over the original (off): its own NVRAM file is written back byte-exact.
 // Three OVMF boots (about 35-130 s each under TCG): the original, then the restored VM and the
 // recovered one side by side.
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
-import { copyFile, mkdtemp, readdir, readFile, readlink, rename, rm } from 'node:fs/promises';
+import { copyFile, mkdtemp, readdir, readFile, readlink, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
@@ -206,5 +207,17 @@ describe('UEFI VM (OVMF) on a plain-QEMU host', () => {
     const stopped = await bulwark(['instant-recovery', 'stop', s.id], env);
     expect(stopped.code, stopped.stderr).toBe(0);
     expect(existsSync(s.dir)).toBe(false);
+  });
+
+  it('(e) restored over the original (off): its own NVRAM file gets the saved store back, byte-exact', async () => {
+    // The original is off (killed after the backup); its store is damaged meanwhile.
+    await writeFile(guest!.nvram!, Buffer.alloc(nvramAtBackup.length, 0x5a));
+    const r = await bulwark(['restore', 'vm', `${VM}@latest`, '--json'], env);
+    expect(r.code, r.stderr).toBe(0);
+    const task = JSON.parse(r.stdout) as { toOriginal: boolean; result: { disks: { path: string }[]; firmware?: unknown } };
+    expect(task.toOriginal).toBe(true);
+    expect(task.result.disks.map((d) => d.path)).toEqual([guest!.disks[0]!.path]);
+    expect(task.result.firmware).toEqual({ code: firmwareCode, nvram: guest!.nvram });
+    expect((await readFile(guest!.nvram!)).equals(nvramAtBackup)).toBe(true);
   });
 });
