@@ -161,6 +161,19 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
     expect(await refused('POST', `/restore-points/${pointId}/restore-files`, { paths: ['vda:/no such file'], to: to2, host: 'kvm-b' })).toMatch(/404.*vda:\/no such file does not exist in the restore point/);
     expect(mountsOf(dst.child.pid!)).toEqual(before);
     console.log(`files.test: (a) restore files via repo1 + refusal ${since(t1)}`);
+
+    // The console: `restore files --host` says which agent did it.
+    const t2 = Date.now();
+    const to3 = path.join(h.tmp, 'restored-cli');
+    const out = execFileSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'restore', 'files', pointId, '--path', '/My Docs/letter to bank.txt', '--to', to3, '--host', 'kvm-b'], {
+      cwd: path.resolve(import.meta.dirname, '../..'),
+      env: { ...process.env, BULWARK_SERVER: `unix:${h.socketPath}` },
+      encoding: 'utf8',
+    });
+    expect(out, out).toMatch(/^by agent: +dst1$/m);
+    expect(out, out).toContain(`/My Docs/letter to bank.txt  (vda:/My Docs/letter to bank.txt)  ->  ${path.join(to3, 'letter to bank.txt')}`);
+    expect(readFileSync(path.join(to3, 'letter to bank.txt'), 'utf8')).toBe('Dear bank,\n');
+    console.log(`files.test: (a) the console's restore files --host ${since(t2)}`);
   }, 120_000);
 
   it('(b) mount --host kvm-b: held by dst1, listed, readable there, undone by unmount', async () => {
