@@ -9,7 +9,8 @@
 // VM whose disk goes away mid-transfer (its NBD export deleted in QEMU while a throttling rule
 // holds its stream) fails the run: nothing is written (files, points and catalog as before), every
 // task fails naming that VM; the next run continues the chain with an incremental holding both
-// VMs, bit-exact. A health-check session of the job checks the `_all` chain on the repository
+// VMs, bit-exact. Reverse incremental per job: the repository agent injects each run into the
+// full holding both VMs and keeps a .vrb behind it. A health-check session of the job checks the `_all` chain on the repository
 // agent and names a flipped byte as VM/DISK; the next run re-reads that block from that VM's source
 // agent and restores bit-exact. Needs root (ip netns).
 import { spawnSync } from 'node:child_process';
@@ -64,13 +65,13 @@ async function writeBoth(k: number): Promise<void> {
   writeB(2 * MiB + k * 200_000, randomBytes(100_000));
 }
 
-async function allPoints(): Promise<RestorePointInfo[]> {
-  return (await openRepository(h.repoDir)).listRestorePoints({ job: 'pj', vm: ALL_VMS });
+async function allPoints(job = 'pj'): Promise<RestorePointInfo[]> {
+  return (await openRepository(h.repoDir)).listRestorePoints({ job, vm: ALL_VMS });
 }
 
 /** The job folder's backup files, as `folder:ext`. */
-function jobFiles(): string[] {
-  const root = path.join(h.repoDir, 'pj');
+function jobFiles(job = 'pj'): string[] {
+  const root = path.join(h.repoDir, job);
   return readdirSync(root, { recursive: true, withFileTypes: true })
     .filter((e) => e.isFile() && /\.(vbk|vib|vrb|vbm)$/.test(e.name))
     .map((e) => path.relative(root, path.join(e.parentPath, e.name)))
@@ -78,19 +79,19 @@ function jobFiles(): string[] {
 }
 
 /** A run of the job; on success remembers each VM's slice of the new point with the disks' SHA-256 now. */
-async function runJob(): Promise<SessionJson> {
-  const s = await h.runJob('pj');
+async function runJob(job = 'pj'): Promise<SessionJson> {
+  const s = await h.runJob(job);
   if (s.state === 'success' || s.state === 'warning') {
-    const newest = (await allPoints()).at(-1)!;
+    const newest = (await allPoints(job)).sort((a, b) => a.time.getTime() - b.time.getTime()).at(-1)!;
     for (const slice of catalogPoints([newest])) shaOf.set(slice.id, slice.vm === A ? h.expectedSha() : sha256(bExpected));
   }
   return s;
 }
 
 /** Every kept slice restores bit-exact from the agent's folder (the shared file system here). */
-async function everySliceBitExact(): Promise<number> {
+async function everySliceBitExact(job = 'pj'): Promise<number> {
   const repository = await openRepository(h.repoDir);
-  const slices = catalogPoints(await allPoints());
+  const slices = catalogPoints(await allPoints(job));
   for (const p of slices) {
     const to = path.join(h.tmp, `slice-${p.id}.raw`);
     try {
@@ -223,6 +224,23 @@ describe.skipIf(skipReason !== '')(`per-job storage on a remote repository${skip
     expect(jobFiles().map((f) => `${path.dirname(f)}:${path.extname(f)}`).sort()).toEqual(['_all:.vbk', '_all:.vbm', '_all:.vib']);
     expect(await everySliceBitExact()).toBe(4);
     for (const p of catalogPoints([kept.at(-1)!])) expect(await h.restoredSha(p.id)).toBe(shaOf.get(p.id));
+  }, 240_000);
+
+  it('reverse incremental per job on the agent: the newest point is the full holding both VMs, the one before a .vrb; both bit-exact', async () => {
+    await h.api('POST', '/jobs', {
+      name: 'pjr', vms: [A, B], repository: 'remote-repo', storage: 'per-job', method: 'reverse', retention: { points: 3 },
+      blockSize: 262144, retries: { count: 0, waitMinutes: 0 },
+    });
+    const first = await runJob('pjr');
+    expect(first.state, logText(first)).toMatch(/success|warning/);
+    await writeBoth(5);
+    const second = await runJob('pjr');
+    expect(second.state, logText(second)).toMatch(/success|warning/);
+    expect(logText(second)).toMatch(/this run: reverse/);
+    const kept = (await allPoints('pjr')).sort((a, b) => a.time.getTime() - b.time.getTime());
+    expect(kept.map((p) => p.kind)).toEqual(['reverse', 'full']);
+    expect(jobFiles('pjr').map((f) => `${path.dirname(f)}:${path.extname(f)}`).sort()).toEqual(['_all:.vbk', '_all:.vbm', '_all:.vrb']);
+    expect(await everySliceBitExact('pjr')).toBe(4);
   }, 240_000);
 
   it('a health-check session of the job checks the _all chain on the repository agent, names a flipped byte as VM/DISK; the next run re-reads it from that VM, bit-exact', async () => {
