@@ -264,6 +264,18 @@ describe('task limits through the real server', () => {
     expect(await ok('agent', 'show', 'local')).toMatch(/max tasks:\s+\d+ \(its CPU cores\)/);
   });
 
+  it('restore folders: set (normalized, deduplicated), shown, cleared; relative ones refused', async () => {
+    expect(await ok('settings', 'show')).toMatch(/restore folders:\s+none \(only administrators may restore to a path\)/);
+    expect(await ok('settings', 'set', 'restore-folders', '/srv/restore/,/srv/pool/../restore,/var/lib/libvirt/images')).toContain('restore folders: /srv/restore, /var/lib/libvirt/images');
+    expect(await ok('settings', 'show')).toMatch(/restore folders:\s+\/srv\/restore, \/var\/lib\/libvirt\/images \(where users/);
+    const relative = await bulwark('settings', 'set', 'restore-folders', 'restores');
+    expect(relative.code).toBe(2);
+    expect(relative.err).toContain('restore folder "restores" is not an absolute path');
+    const api = await call({ socketPath: server.socketPath }, 'PATCH', '/api/v1/settings', { version: 99, restoreFolders: ['restores'] });
+    expect(api.status).toBe(400);
+    expect(await ok('settings', 'set', 'restore-folders', 'none')).toContain('restore folders: none');
+  });
+
   it('a VM on another host goes to the agent on that host; when that agent goes silent its task fails with the reasons', async () => {
     executor.expect(1, 1);
     const [s] = await runJobs('remote');

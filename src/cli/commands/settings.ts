@@ -53,10 +53,10 @@ export function addAgentEditCommand(agent: Command, ctx: CliContext): void {
     });
 }
 
-const settingNames = ['processing'] as const;
+const settingNames = ['processing', 'restore-folders'] as const;
 
 export function settingsCommand(ctx: CliContext): Command {
-  const settings = new Command('settings').description('global server settings (processing mode)');
+  const settings = new Command('settings').description('global server settings (processing mode, restore folders)');
 
   settings
     .command('show')
@@ -69,6 +69,7 @@ export function settingsCommand(ctx: CliContext): Command {
       ctx.output.out(
         formatFields([
           ['processing', `${s.processing}${s.processing === 'sequential' ? ' (one VM and one disk at a time within a job)' : ' (tasks side by side as slots allow)'}`],
+          ['restore folders', s.restoreFolders.length > 0 ? `${s.restoreFolders.join(', ')} (where users who are not administrators may restore to)` : 'none (only administrators may restore to a path)'],
           ['version', s.version],
           ['updated', localTime(s.updatedAt ?? undefined)],
         ]),
@@ -94,12 +95,21 @@ export function settingsCommand(ctx: CliContext): Command {
 
   settings
     .command('set')
-    .description('change a setting: processing parallel|sequential')
+    .description('change a setting: processing parallel|sequential; restore-folders DIR[,DIR…] (or none): where users who are not administrators may restore to')
     .argument('<setting>', settingNames.join(', '))
     .argument('<value>')
     .option('--expect-version <n>', 'refuse the edit unless the settings still have this version', positiveInt('--expect-version'))
     .addOption(jsonOption())
     .action(async (setting: string, value: string, o: { expectVersion?: number; json?: boolean }, cmd: Command) => {
+      if (setting === 'restore-folders') {
+        const folders = value === 'none' ? [] : value.split(',').map((f) => f.trim()).filter((f) => f !== '');
+        const relative = folders.find((f) => !f.startsWith('/'));
+        if (relative !== undefined) throw new BulwarkError(`restore folder "${relative}" is not an absolute path`, { kind: 'invalid', hint: 'give absolute folders separated by commas, or none' });
+        const s = await editWithVersion<ServerSettings>(await clientFor(ctx, cmd), '/settings', { restoreFolders: folders }, o.expectVersion);
+        if (o.json) printJson(ctx.output, s);
+        else ctx.output.out(`restore folders: ${s.restoreFolders.length > 0 ? s.restoreFolders.join(', ') : 'none'} (version ${s.version})\n`);
+        return;
+      }
       if (setting !== 'processing') throw new BulwarkError(`unknown setting "${setting}"`, { kind: 'invalid', hint: `known settings: ${settingNames.join(', ')}` });
       if (value !== 'parallel' && value !== 'sequential') throw new BulwarkError(`processing must be parallel or sequential, not "${value}"`, { kind: 'invalid' });
       const s = await editWithVersion<ServerSettings>(await clientFor(ctx, cmd), '/settings', { processing: value }, o.expectVersion);

@@ -4,7 +4,8 @@
 // removes nothing from the catalog while a VM folder's chain metadata cannot be read.
 // Real SQLite, real repository, the route through Fastify's inject.
 import { createHash } from 'node:crypto';
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,6 +14,8 @@ import { DiskModel, iterate } from '../../repository/test-helpers.js';
 import { openDatabase, type ConfigDatabase } from '../db/connect.js';
 import { systemClock, type ServiceContext } from '../services/common.js';
 import { createRepository } from '../services/infrastructure.js';
+import { getSettings, updateSettings } from '../services/settings.js';
+import { createUser, login } from '../services/users.js';
 import { listRestorePoints, recordRestorePoint, SessionEvents } from '../services/sessions.js';
 import { buildApi } from './app.js';
 import { restorePlugin } from './restore.js';
@@ -60,6 +63,52 @@ describe('POST /restore-points/:id/restore-disk', () => {
       expect(r2.statusCode, r2.body).toBe(200);
       expect(r2.json<{ sha256: string }>().sha256).toBe(createHash('sha256').update(image).digest('hex'));
       expect((await readFile(digested)).equals(image)).toBe(true);
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('restore targets of users who are not administrators (decision 0009)', () => {
+  it('confines restore disk --to to the restore folders (links followed), administrators write anywhere', async () => {
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'tcp', version: 't', plugins: [restorePlugin(ctx)] });
+    try {
+      await createUser(ctx, { name: 'rita', password: 'restore-pw', role: 'restore-operator' });
+      await createUser(ctx, { name: 'ada', password: 'admin-pw-12', role: 'administrator' });
+      const token = async (user: string, password: string) => (await login(ctx, user, password)).token;
+      const rita = await token('rita', 'restore-pw');
+      const ada = await token('ada', 'admin-pw-12');
+      const restoreTo = (to: string, bearer: string) =>
+        app.inject({ method: 'POST', url: `/api/v1/restore-points/${pointId}/restore-disk`, payload: { disk: 'vda', to }, headers: { authorization: `Bearer ${bearer}` } });
+      const allowed = path.join(dir, 'restores');
+      const outside = path.join(dir, 'elsewhere');
+      await mkdir(allowed);
+      await mkdir(outside);
+      await symlink(outside, path.join(allowed, 'link-out'));
+
+      // No restore folder set: nothing for rita, and nothing is written.
+      const none = await restoreTo(path.join(allowed, 'a.raw'), rita);
+      expect(none.statusCode, none.body).toBe(403);
+      expect(none.json<{ error: { message: string; hint: string } }>().error.message).toContain('no restore folder is set');
+      expect(existsSync(path.join(allowed, 'a.raw'))).toBe(false);
+
+      await updateSettings(ctx, { version: (await getSettings(ctx)).version, restoreFolders: [allowed] });
+      const inside = await restoreTo(path.join(allowed, 'sub', '..', 'a.raw'), rita);
+      expect(inside.statusCode, inside.body).toBe(200);
+      expect((await readFile(path.join(allowed, 'a.raw'))).equals(image)).toBe(true);
+
+      for (const bad of [path.join(outside, 'b.raw'), path.join(allowed, '..', 'elsewhere', 'c.raw'), path.join(allowed, 'link-out', 'd.raw'), `${allowed}-x/e.raw`]) {
+        const r = await restoreTo(bad, rita);
+        expect(r.statusCode, `${bad}: ${r.body}`).toBe(403);
+        const e = r.json<{ error: { message: string; hint: string } }>().error;
+        expect(e.message).toContain(`restore disk --to ${bad}`);
+        expect(e.hint).toContain('restore-folders');
+      }
+      expect(await readdir(outside)).toEqual([]);
+
+      const admin = await restoreTo(path.join(outside, 'f.raw'), ada);
+      expect(admin.statusCode, admin.body).toBe(200);
     } finally {
       await app.close();
     }

@@ -11,6 +11,7 @@ import type { ServiceContext } from '../services/common.js';
 import { isLocalRepository } from '../services/backup-methods.js';
 import { getRepository } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, wrongPassword, type EncryptionKeys } from '../services/encryption.js';
+import { checkRestoreTarget } from '../services/restore-targets.js';
 import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
 
 const RestoreDiskBody = Type.Object(
@@ -141,6 +142,8 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
           throw new BulwarkError(`disk: restore point ${point.id} has no disk ${disk} (it has ${point.disks.map((d) => d.name).join(', ')})`, { kind: 'not-found' });
         }
         const repo = await getRepository(ctx, point.repository);
+        // Users who are not administrators write only below the restore folders (decision 0009).
+        await checkRestoreTarget(ctx, req.principal, to, 'restore disk --to', { local: isLocalRepository(repo) });
         // A repository on another agent's host: that agent restores, to a path on its host.
         const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
         const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
