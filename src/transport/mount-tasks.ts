@@ -4,6 +4,8 @@
 // folder there or into a running VM through its guest agent, or holds the mount for browsing.
 // Shapes only; agent side src/agent/remote/mount-tasks.ts, server side src/server/api/files.ts.
 import type { HypervisorConnection } from '../hypervisor/index.js';
+import type { RestoreFilesResult } from '../restore/mount/restore-files.js';
+import type { MountSessionInfo } from '../restore/mount/sessions.js';
 import type { WireRestoreSource } from './restore-tasks.js';
 
 /** The catalog's view of the point (the data-mover source carries no time). */
@@ -60,40 +62,8 @@ export type WireHeldMount = WireMountInfo & {
   readonly serve?: { readonly agent: string; readonly taskId: string } | undefined;
 };
 
-/** A mount as `GET /mounts/{id}` shows it (MountSessionInfo). */
-export interface WireMountInfo {
-  readonly id: string;
-  readonly point: string;
-  readonly vm: string;
-  readonly time: string;
-  readonly at: string;
-  readonly detached: boolean;
-  readonly createdAt: string;
-  readonly filesystems: ReadonlyArray<{
-    readonly name: string;
-    readonly disk: string;
-    readonly partition: number | null;
-    readonly type: string;
-    readonly label?: string;
-    readonly uuid?: string;
-    readonly path: string;
-    readonly mountpoint?: string;
-  }>;
-  readonly skipped: ReadonlyArray<{ readonly name: string; readonly type: string; readonly reason: string }>;
-  readonly warnings: readonly string[];
-  readonly notes: readonly string[];
-}
+/** A mount as `GET /mounts/{id}` shows it: the session table's shape, as JSON. */
+export type WireMountInfo = MountSessionInfo;
 
-/** Result of `restore-files` (the restore-files reply plus the agent's name). */
-export interface WireRestoreFilesResult {
-  readonly point: string;
-  readonly vm: string;
-  readonly target: string;
-  readonly agent: string;
-  readonly items: ReadonlyArray<{ readonly path: string; readonly filesystem: string; readonly inside: string; readonly to: string }>;
-  readonly files: number;
-  readonly directories: number;
-  readonly symlinks: number;
-  readonly bytes: number;
-  readonly skipped: ReadonlyArray<{ readonly path: string; readonly reason: string }>;
-}
+/** Result of `restore-files`: the restore-files reply plus the agent's name. */
+export type WireRestoreFilesResult = RestoreFilesResult & { readonly point: string; readonly vm: string; readonly target: string; readonly agent: string };

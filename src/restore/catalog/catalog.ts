@@ -128,7 +128,9 @@ async function* walk(hostDir: string, guestDir: string): AsyncGenerator<FileInde
     let st;
     try {
       st = await lstat(host);
-    } catch {
+    } catch (err) {
+      // A damaged guest file system (EIO) or an unreadable entry: said, not silently dropped.
+      log.warn({ path: guest, file: host, err: describeError(err) }, 'entry cannot be read; index skips it');
       continue;
     }
     const t: EntryType = st.isFile() ? 'f' : st.isDirectory() ? 'd' : st.isSymbolicLink() ? 'l' : 'o';

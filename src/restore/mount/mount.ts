@@ -441,7 +441,9 @@ class MountSession implements Mount {
     const source = `${image}@@${offset}`;
     try {
       const listing = await runTool('mdir', ['-b', '-i', source, '::/'], `listing the vfat file system ${name}`, env);
-      if (listing.trim() !== '') await runTool('mcopy', ['-s', '-p', '-m', '-n', '-Q', '-i', source, '::/*', `${copy}/`], `copying the vfat file system ${name} (mtools)`, env);
+      // Through NBD and FUSE a large volume takes a while: 10 minutes plus a minute per 256 MiB (4 MiB/s at worst).
+      const deadlineMs = 600_000 + Math.ceil(size / 2 ** 28) * 60_000;
+      if (listing.trim() !== '') await runTool('mcopy', ['-s', '-p', '-m', '-n', '-Q', '-i', source, '::/*', `${copy}/`], `copying the vfat file system ${name} (mtools)`, env, deadlineMs);
     } catch (err) {
       skip(`vfat file system: this kernel has no vfat driver and reading it with mtools failed: ${describeError(err)}`);
       return;

@@ -8,8 +8,8 @@ import { BulwarkError } from '../../common/errors.js';
 import { runTool as runCommonTool } from '../../common/process.js';
 
 /** Runs a tool (src/common/process.ts); rejects with its stderr in the message. */
-export async function runTool(cmd: string, args: readonly string[], what: string, env?: NodeJS.ProcessEnv): Promise<string> {
-  return await runCommonTool(cmd, args, what, env ? { env } : {});
+export async function runTool(cmd: string, args: readonly string[], what: string, env?: NodeJS.ProcessEnv, timeoutMs?: number): Promise<string> {
+  return await runCommonTool(cmd, args, what, { ...(env ? { env } : {}), ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
 }
 
 /** Mount points currently in the kernel's table (decoded from /proc/self/mountinfo). */

@@ -370,7 +370,7 @@ async function restoreFilesOnAgent(
     });
     const r = await withServe<WireRestoreFilesResult>(handle, serve);
     log.info({ point: point.id, agent, files: r.files, bytes: r.bytes, target: r.target }, 'files restored by an agent');
-    return { ...r, items: r.items.map((i) => ({ ...i })), skipped: r.skipped.map((x) => ({ ...x })), target: body.toGuest ? r.target : `${r.target} (on agent ${agent}'s host)` };
+    return { ...r, target: body.toGuest ? r.target : `${r.target} (on agent ${agent}'s host)` };
   } finally {
     serve?.cancel('the file restore ended');
   }
