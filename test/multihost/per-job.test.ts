@@ -10,7 +10,8 @@
 // holds its stream) fails the run: nothing is written (files, points and catalog as before), every
 // task fails naming that VM; the next run continues the chain with an incremental holding both
 // VMs, bit-exact. Reverse incremental per job: the repository agent injects each run into the
-// full holding both VMs and keeps a .vrb behind it. A health-check session of the job checks the `_all` chain on the repository
+// full holding both VMs and keeps a .vrb behind it; forward with a synthetic full on the server's
+// next day builds it from the `_all` chain there. A health-check session of the job checks the `_all` chain on the repository
 // agent and names a flipped byte as VM/DISK; the next run re-reads that block from that VM's source
 // agent and restores bit-exact. Needs root (ip netns).
 import { spawnSync } from 'node:child_process';
@@ -276,5 +277,25 @@ describe.skipIf(skipReason !== '')(`per-job storage on a remote repository${skip
     expect(logText(repaired)).toMatch(/vda: re-reading \d+ block\(s\) a health check found damaged/);
     // The new point of each VM restores bit-exact through the repository agent (the damaged one before it stays damaged).
     for (const p of catalogPoints([(await allPoints()).at(-1)!])) expect(await h.restoredSha(p.id), `VM ${p.vm}`).toBe(shaOf.get(p.id));
+  }, 240_000);
+
+  // Last: it moves the server's clock a day on.
+  it('forward per job with a synthetic full on the server\'s next day: built from the _all chain on the agent, nothing read again; bit-exact', async () => {
+    const days = ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'];
+    const tomorrow = days[(h.serverNow().getUTCDay() + 6 + 1) % 7]!;
+    await h.api('POST', '/jobs', {
+      name: 'pjf', vms: [A, B], repository: 'remote-repo', storage: 'per-job', method: 'forward', retention: { points: 7 }, syntheticFull: { weekdays: [tomorrow] },
+      blockSize: 262144, retries: { count: 0, waitMinutes: 0 },
+    });
+    const first = await runJob('pjf');
+    expect(first.state, logText(first)).toMatch(/success|warning/);
+    await h.advanceDays(1);
+    await writeBoth(8);
+    const second = await runJob('pjf');
+    expect(second.state, logText(second)).toMatch(/success|warning/);
+    expect(logText(second)).toMatch(/this run: synthetic-full/);
+    expect(logText(second)).toMatch(/synthetic full built from the chain: point \S+ is now a full \(\d+ bytes, nothing read from the source\); repository I\/O: [1-9]\d* bytes read, [1-9]\d* written/);
+    expect((await allPoints('pjf')).map((p) => p.kind)).toEqual(['full', 'full']);
+    expect(await everySliceBitExact('pjf')).toBe(4);
   }, 240_000);
 });
