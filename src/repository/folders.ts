@@ -73,5 +73,13 @@ function pointInfo(body: ChainMetadata, c: ChainRecord, p: PointRecord, dir: str
     generation: p.generation,
     fileId: p.fileId,
     ...(p.aliasFileIds ? { aliasFileIds: p.aliasFileIds } : {}),
+    ...damageOf(body, p.id),
   };
+}
+
+/** The health check's mark on a point (ChainMetadata.damagedPoints), as RestorePointInfo.damage. */
+function damageOf(body: ChainMetadata, id: string): Pick<RestorePointInfo, 'damage'> {
+  const mark = body.damagedPoints?.find((m) => m.point === id);
+  if (!mark) return {};
+  return { damage: { metadata: mark.metadataDamaged, disks: mark.disks.filter((d) => d.blocks.length > 0).map((d) => d.disk) } };
 }

@@ -33,6 +33,11 @@ export interface RestorePointInfo {
   readonly aliasFileIds?: readonly string[];
   /** File id the .vbm names for the point's file. */
   readonly fileId?: string;
+  /**
+   * What the last health check that read this point found damaged (the .vbm's damagedPoints):
+   * metadata of a file of its chain, and/or blocks of these disks. Absent: no damage known.
+   */
+  readonly damage?: { readonly metadata: boolean; readonly disks: readonly string[] };
 }
 
 export type ResolvedBlock =

@@ -220,7 +220,14 @@ export function catalogPoints(points: readonly RestorePointInfo[]): RestorePoint
       continue;
     }
     for (const [vm, disks] of vmsOfPointInfo(p)) {
-      out.push({ ...p, id: vmSliceId(p.id, vm), vm, disks, base: p.base === null ? null : vmSliceId(p.base, vm) });
+      // A VM's slice is damaged when the file's metadata is, or when blocks of its own disks are.
+      const { damage: _whole, ...rest } = p;
+      const own = p.damage?.disks.flatMap((d) => {
+        const s = splitAllVmsDiskName(d);
+        return s && s.vm === vm ? [s.disk] : [];
+      }) ?? [];
+      const damage = p.damage && (p.damage.metadata || own.length > 0) ? { damage: { metadata: p.damage.metadata, disks: own } } : {};
+      out.push({ ...rest, id: vmSliceId(p.id, vm), vm, disks, base: p.base === null ? null : vmSliceId(p.base, vm), ...damage });
     }
   }
   return out;

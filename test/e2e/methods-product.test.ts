@@ -55,6 +55,7 @@ interface PointJson {
   job: string | null;
   repository: string;
   disks: Array<{ name: string }>;
+  state: string;
 }
 
 const logText = (s: SessionJson): string => s.log.map((l) => `${l.level}: ${l.message}`).join('\n');
@@ -207,11 +208,16 @@ describe('backup methods through the console', () => {
     expect(check.state, logText(check)).toBe('warning');
     expect(logText(check)).toMatch(/damaged block \d+ of disk vda/);
     expect(logText(check)).toMatch(/next run re-reads these blocks/);
+    // The catalog shows the damaged point as corrupt until a check reads it clean or it is deleted.
+    const marked = (await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1');
+    expect(marked.find((p) => p.id === latest.id)?.state).toBe('corrupt');
 
     const repaired = await bwJson<SessionJson>('job', 'run', 'j1', '--wait');
     expect(repaired.state, logText(repaired)).toMatch(/success|warning/);
     expect(logText(repaired)).toMatch(/repair: re-reading vda blocks/);
     const after = (await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1');
+    expect(after[0]!.state).toBe('ready');
+    expect(after.find((p) => p.id === latest.id)?.state).toBe('corrupt');
     const r = await restoreTo(after[0]!.id, 'repaired');
     await e2fsckClean(r.path);
     expect(await sha256InImage(r.path, '/srv/m/a.bin')).toBe(files.a);

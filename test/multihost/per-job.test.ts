@@ -269,6 +269,10 @@ describe.skipIf(skipReason !== '')(`per-job storage on a remote repository${skip
     const named = /damaged block (\d+) of disk (\S+)\/vda \(disk offset \d+\) in (\S+), read by point/.exec(logText(check));
     expect(named, logText(check)).not.toBeNull();
     expect(named!.slice(1)).toEqual([String(block), B, latest.file]);
+    // The catalog: B's part of that point is corrupt, A's (no damaged block of A) stays ready.
+    const states = new Map((await h.api<{ items: Array<{ id: string; state: string }> }>('GET', '/restore-points')).items.map((p) => [p.id, p.state]));
+    const [sliceA, sliceB] = [A, B].map((vm) => catalogPoints([latest]).find((p) => p.vm === vm)!.id);
+    expect([states.get(sliceA!), states.get(sliceB!)]).toEqual(['ready', 'corrupt']);
 
     await writeBoth(7);
     const repaired = await runJob();

@@ -79,6 +79,12 @@ describe('health check and repair', () => {
       ]);
       expect(report.damaged[0]!.reason).toMatch(/CRC/);
       expect(await repo.pendingRepair('h', vm)).toEqual([{ disk: 'vda', blocks: [3] }]);
+      // The listing carries the mark (the catalog shows such a point as corrupt).
+      expect((await repo.listRestorePoints({ job: 'h', vm })).map((p) => [p.id, p.damage])).toEqual([
+        [full.id, undefined],
+        [inc1.id, undefined],
+        [latest.id, { metadata: false, disks: ['vda'] }],
+      ]);
       expect(planRun(await repo.chainState('h', vm), { method: 'forever-forward', retention: { points: 7 } }, new Date()).kind).toBe('incremental');
 
       // The next run: the changed blocks plus the repair blocks re-read from the source (or, with
@@ -100,6 +106,7 @@ describe('health check and repair', () => {
       expect(chain.damaged.every((d) => d.block === 3 && d.file === full.file)).toBe(true);
       expect(chain.repair).toBeNull(); // the latest point is clean: nothing for the next run to repair
       expect((await repo.chainState('h', vm)).damaged?.map((d) => d.point)).toEqual([full.id, inc1.id, latest.id]);
+      expect((await repo.listRestorePoints({ job: 'h', vm })).filter((p) => p.damage).map((p) => p.id)).toEqual([full.id, inc1.id, latest.id]);
 
       // Retention never merges a damaged point into the full: refused with a warning, the chain
       // kept whole, an active full next; the old chain goes whole once none of its points is kept.
@@ -117,6 +124,7 @@ describe('health check and repair', () => {
       expect(gone.actions.map((a) => a.kind)).toEqual(['delete-chain']);
       expect((await repo.listRestorePoints({ job: 'h', vm })).map((p) => p.id)).toEqual([fresh.id, fresh2.id]);
       expect((await repo.chainState('h', vm)).damaged).toEqual([]);
+      expect((await repo.listRestorePoints({ job: 'h', vm })).some((p) => p.damage)).toBe(false);
       expect((await read(fresh2.id)).equals(m.bytes)).toBe(true);
     });
   }

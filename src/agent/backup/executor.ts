@@ -423,6 +423,9 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const { chainPassword } = await this.#passwords(job, repository, folder, say);
     const warnings = await healthCheckSession({ repository, job: job.name, vm: folder, settings, now: this.#now(), password: chainPassword, say, ...(progress ? { progress } : {}) });
     const points = await repository.listRestorePoints({ job: job.name, vm: folder });
+    // The catalog shows what the check found (state corrupt) and what it read clean again.
+    const vms = folder === ALL_VMS ? [...new Set(catalogPoints(points).map((p) => p.vm))] : [task.vm];
+    for (const vm of vms) await this.#syncPoints(repository, task, say, warnings, vm);
     const disks = points.at(-1)?.disks.map((d) => ({ name: d.name, bytesRead: 0, bytesStored: 0 })) ?? [];
     return { pointId: null, disks, warnings, consistency: null };
   }

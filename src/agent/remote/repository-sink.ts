@@ -102,7 +102,16 @@ export function pointFromWire(o: Record<string, unknown>): RestorePointInfo {
     blockSize: n('blockSize'),
     compression: s('compression') as RestorePointInfo['compression'],
     encrypted: o.encrypted === true,
+    ...damageFromWire(o.damage),
   };
+}
+
+/** A point's health-check damage (RestorePointInfo.damage) as the agent sent it; absent when none or malformed. */
+function damageFromWire(v: unknown): Pick<RestorePointInfo, 'damage'> {
+  if (typeof v !== 'object' || v === null) return {};
+  const d = v as { metadata?: unknown; disks?: unknown };
+  const disks = Array.isArray(d.disks) ? d.disks.filter((x): x is string => typeof x === 'string') : [];
+  return { damage: { metadata: d.metadata === true, disks } };
 }
 
 export interface RepositorySinkOptions {

@@ -452,7 +452,7 @@ export function restorePointCommand(ctx: CliContext): Command {
   const rp = new Command('restore-point').description('restore points in the catalog');
 
   rp.command('list')
-    .description('list restore points, newest first')
+    .description('list restore points: by VM, each VM\'s newest first (state corrupt: a health check found damage)')
     .option('--vm <vm>', 'only this VM\'s restore points')
     .option('--repo <name>', 'only those in this repository')
     .addOption(jsonOption())

@@ -160,7 +160,8 @@ export interface SessionLogTable {
 
 /** reverse: an older point of a reverse chain (its .vrb); the chain's newest point is its full. */
 export type RestorePointType = 'full' | 'incremental' | 'reverse';
-export type RestorePointState = 'creating' | 'ready' | 'corrupt' | 'deleting';
+/** ready: committed; corrupt: the last health check that read it found damage (docs/api.md, Restore point). */
+export type RestorePointState = 'ready' | 'corrupt';
 export interface RestorePointTable {
   id: string;
   vm: string;

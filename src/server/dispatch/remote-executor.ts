@@ -523,7 +523,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             emit({ kind: 'log', level: 'warning', message: `restore point ${summary.pointId} is in the repository but could not be recorded in the catalog: ${describeError(err)} (the job's next run brings the catalog in line with the repository's folder)`, disk: undefined });
           }
         }
-        if (targetResult.points) await this.#syncPoints(task, targetResult.points, emit);
+        if (targetResult.points) await this.#syncPoints(task, targetResult.points.map(pointFromWire), emit);
         return { kind: 'backup', summary };
       } catch (err) {
         target.cancel('the backup failed');
@@ -575,10 +575,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   }
 
   /** The catalog follows the VM's folder after the repository agent's chain steps. */
-  async #syncPoints(task: TaskSpec, wire: readonly Record<string, unknown>[], emit: (e: RunEvent) => void): Promise<void> {
+  async #syncPoints(task: TaskSpec, points: readonly RestorePointInfo[], emit: (e: RunEvent) => void): Promise<void> {
     if (!this.#o.onVmPoints) return;
     try {
-      await this.#o.onVmPoints(task.job, task, wire.map(pointFromWire));
+      await this.#o.onVmPoints(task.job, task, points);
     } catch (err) {
       emit({ kind: 'log', level: 'warning', message: `the catalog could not follow the repository's points of VM ${task.vm}: ${describeError(err)} (the job's next run brings the catalog in line with the repository's folder)`, disk: undefined });
     }
@@ -597,7 +597,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       context.signal.throwIfAborted();
       const password = await this.#o.password?.(job);
       const passwords = await this.#knownPasswords(job, password);
-      // Per-job storage: the job's `_all` chain (its points do not change: no catalog sync).
+      // Per-job storage: the job's `_all` chain; the catalog of each of its VMs follows (a point the
+      // check found damaged shows as corrupt).
       const perJob = methodSettings(job.settings).storage === 'per-job';
       const handle = this.#o.broker.run(
         agent,
@@ -615,7 +616,12 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       context.signal.addEventListener('abort', stop, { once: true });
       try {
         const r = (await handle.result) as HealthCheckResult;
-        if (!perJob) await this.#syncPoints(task, r.points, emit);
+        const points = r.points.map(pointFromWire);
+        if (!perJob) await this.#syncPoints(task, points, emit);
+        else {
+          const slices = catalogPoints(points);
+          for (const vm of new Set(slices.map((p) => p.vm))) await this.#syncPoints({ ...task, vm }, slices.filter((p) => p.vm === vm), emit);
+        }
         return { kind: 'health-check', warnings: r.warnings };
       } finally {
         context.signal.removeEventListener('abort', stop);

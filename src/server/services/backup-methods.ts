@@ -23,6 +23,9 @@ export function isLocalRepository(r: { agent: string | null }): boolean {
 /** The catalog's type of a repository point: full, incremental (forward) or reverse. */
 const typeOf = (p: RestorePointInfo): RestorePoint['type'] => p.kind;
 
+/** The catalog's state: `corrupt` while the folder's last health check of the point found damage. */
+const stateOf = (p: RestorePointInfo): RestorePoint['state'] => (p.damage ? 'corrupt' : 'ready');
+
 /**
  * Makes the catalog's points of one job's VM in one repository equal to `points` (the VM's points
  * as its folder holds them now): adds what is missing, removes what is gone, updates kind, chain
@@ -50,10 +53,11 @@ export async function syncVmPoints(
         repositoryId: o.repositoryId,
         jobId: o.jobId,
         sessionId: o.sessionId ?? null,
+        state: stateOf(p),
       });
       out.added.push(p.id);
-    } else if (row.type !== typeOf(p) || row.chain_id !== p.chainId || Number(row.size) !== p.fileBytes) {
-      await ctx.db.updateTable('restore_points').set({ type: typeOf(p), chain_id: p.chainId, size: p.fileBytes }).where('id', '=', p.id).execute();
+    } else if (row.type !== typeOf(p) || row.chain_id !== p.chainId || Number(row.size) !== p.fileBytes || row.state !== stateOf(p)) {
+      await ctx.db.updateTable('restore_points').set({ type: typeOf(p), chain_id: p.chainId, size: p.fileBytes, state: stateOf(p) }).where('id', '=', p.id).execute();
       out.updated.push(p.id);
     }
   }

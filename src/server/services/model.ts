@@ -322,7 +322,7 @@ export const RestorePoint = Type.Object({
   type: Type.Union([Type.Literal('full'), Type.Literal('incremental'), Type.Literal('reverse')], { description: 'reverse: an older point of a reverse-incremental chain (the newest point is the full)' }),
   chainId: Type.String(),
   size: Type.Number(),
-  state: Type.Union([Type.Literal('creating'), Type.Literal('ready'), Type.Literal('corrupt'), Type.Literal('deleting')]),
+  state: Type.Union([Type.Literal('ready'), Type.Literal('corrupt')], { description: 'ready: committed; corrupt: the last health check that read it found damage' }),
   repository: Type.String(),
   job: Nullable(Type.String()),
   sessionId: Nullable(Type.String()),
