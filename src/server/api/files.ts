@@ -24,10 +24,13 @@ import type { TaskEvent } from '../../transport/agent-tasks.js';
 import type { WireHeldMount, WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
 import type { AgentTaskBroker, AgentTaskHandle } from '../dispatch/broker.js';
 import { RemoteRecovery } from '../dispatch/recovery.js';
+import { isLocalRepository } from '../services/backup-methods.js';
 import type { ServiceContext } from '../services/common.js';
 import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, type EncryptionKeys } from '../services/encryption.js';
+import { checkRestoreTarget } from '../services/restore-targets.js';
 import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessions.js';
+import type { Principal } from '../services/users.js';
 
 const log = logger('files-api');
 
@@ -311,6 +314,7 @@ export async function restoreFiles(
   runDir?: string,
   keys?: EncryptionKeys,
   agents?: FileIndexAgents,
+  principal?: Principal,
 ): Promise<RestoreFilesResult & { point: string; vm: string; target: string; agent?: string }> {
   if ((body.to === undefined) === (body.toGuest !== true)) {
     throw new BulwarkError('say where to restore: either to (a folder) or toGuest', { kind: 'invalid', hint: 'bulwark restore files POINT --path P --to DIR, or --to-guest' });
@@ -320,6 +324,8 @@ export async function restoreFiles(
   if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
   const repo = await getRepository(ctx, point.repository);
   const server = await mountServer(ctx, agents, repo.agent, { host: body.host, ...(body.toGuest ? { guestVm: point.vm } : {}) });
+  // Users who are not administrators write only below the restore folders (decision 0009).
+  if (body.to !== undefined) await checkRestoreTarget(ctx, principal, body.to, 'restore files --to', { local: server.agent === undefined });
   if (server.agent !== undefined && agents) return restoreFilesOnAgent(ctx, agents, server, point, repo, body, keys);
   const onlyHost = body.host !== undefined ? server.host : undefined;
   const { repository, vm, password } = await repositoryOfPoint(ctx, pointId, keys, body.password);
@@ -666,6 +672,12 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
       async (req, reply) => {
         const { point, at, detached } = req.body;
         if (at !== undefined && !path.isAbsolute(at)) throw new BulwarkError(`at: ${at} is not an absolute path`, { kind: 'invalid' });
+        if (at !== undefined) {
+          // Users who are not administrators mount only below the restore folders (decision 0009);
+          // a mount on another agent's host is checked as written.
+          const local = req.body.host === undefined && isLocalRepository(await getRepository(ctx, (await getRestorePoint(ctx, point)).repository));
+          await checkRestoreTarget(ctx, req.principal, at, 'mount --at', { local });
+        }
         // On an agent (the named host's, or the repository's): held there, listed here.
         const held = opts.agents ? await mountOnAgent(ctx, opts.agents, mounts, point, req.body, opts.keys) : undefined;
         if (held) return reply.code(201).send(held);
@@ -720,7 +732,7 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
     r.post(
       '/restore-points/:id/restore-files',
       { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: RestoreFilesBody, response: { 200: RestoreFilesReply } } },
-      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys, opts.agents),
+      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys, opts.agents, req.principal),
     );
     r.post(
       '/restore-points/:id/file-index',

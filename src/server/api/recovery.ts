@@ -26,7 +26,9 @@ import { globMatches, processesHolding, restoreVm, type RestoreVmHost, type Rest
 import type { ServiceContext } from '../services/common.js';
 import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
 import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
+import { checkRestoreTarget } from '../services/restore-targets.js';
 import { getRestorePoint } from '../services/sessions.js';
+import type { Principal } from '../services/users.js';
 
 const log = logger('recovery');
 
@@ -288,7 +290,7 @@ export class RecoveryService {
    * this process when both the point's repository and the host are this server's own; otherwise
    * on the host's agent (src/server/dispatch/recovery.ts).
    */
-  async startRestoreVm(pointId: string, body: Static<typeof RestoreVmBody>): Promise<VmRestore> {
+  async startRestoreVm(pointId: string, body: Static<typeof RestoreVmBody>, principal?: Principal): Promise<VmRestore> {
     if (body.storage) absolute('storage', body.storage);
     const { point, repo } = await this.#point(pointId);
     const vm = point.vm;
@@ -325,6 +327,8 @@ export class RecoveryService {
     }
     const id = `vr-${randomBytes(4).toString('hex')}`;
     const agent = remote !== undefined && !(remote.isLocal(repo.agent) && remote.isLocal(host.agent)) ? remote.agentOf(host.agent) : undefined;
+    // Users who are not administrators put a VM's disks only below the restore folders (decision 0009).
+    if (body.storage) await checkRestoreTarget(this.#ctx, principal, body.storage, 'restore vm --storage', { local: agent === undefined });
     const task: VmRestore = {
       id,
       point: pointId,
@@ -547,9 +551,10 @@ export class RecoveryService {
     return this.#instantInfo(this.#instant.info(id));
   }
 
-  async migrateInstant(id: string, storage: string | undefined): Promise<InstantRecovery> {
+  async migrateInstant(id: string, storage: string | undefined, principal?: Principal): Promise<InstantRecovery> {
     if (storage) absolute('storage', storage);
     const r = this.#remoteInstant.get(id);
+    if (storage) await checkRestoreTarget(this.#ctx, principal, storage, 'instant-recovery migrate --storage', { local: r === undefined });
     if (r) {
       r.last = await this.#remoteOrFail('instant recovery').instant<WireInstantSession>(r.agent, { action: 'migrate', session: id, ...(storage ? { storage } : {}) });
       // The VM runs on its own disks now: the repository agent stops serving the point.
@@ -621,7 +626,7 @@ export function recoveryPlugin(service: RecoveryService): FastifyPluginAsync {
     r.post(
       '/restore-points/:id/restore-vm',
       { config: { permission: 'restore' }, schema: { tags: ['restore'], params: IdParam, body: RestoreVmBody, response: { 202: VmRestore } } },
-      async (req, reply) => reply.status(202).send(await service.startRestoreVm(req.params.id, req.body)),
+      async (req, reply) => reply.status(202).send(await service.startRestoreVm(req.params.id, req.body, req.principal)),
     );
     r.get('/vm-restores', { config: { permission: 'read-restore-points' }, schema: { tags: ['restore'], response: { 200: Type.Object({ items: Type.Array(VmRestore) }) } } }, async () => ({
       items: service.listRestores(),
@@ -645,7 +650,7 @@ export function recoveryPlugin(service: RecoveryService): FastifyPluginAsync {
     r.post(
       '/instant-recoveries/:id/migrate',
       { config: { permission: 'restore' }, schema: { tags: ['restore'], params: IdParam, body: Type.Optional(MigrateBody), response: { 200: InstantRecovery } } },
-      async (req) => service.migrateInstant(req.params.id, req.body?.storage),
+      async (req) => service.migrateInstant(req.params.id, req.body?.storage, req.principal),
     );
     r.post(
       '/instant-recoveries/:id/stop',

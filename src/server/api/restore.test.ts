@@ -18,6 +18,8 @@ import { getSettings, updateSettings } from '../services/settings.js';
 import { createUser, login } from '../services/users.js';
 import { listRestorePoints, recordRestorePoint, SessionEvents } from '../services/sessions.js';
 import { buildApi } from './app.js';
+import { MountSessions } from '../../restore/mount/sessions.js';
+import { filesPlugin } from './files.js';
 import { restorePlugin } from './restore.js';
 
 const BS = 262144;
@@ -109,6 +111,27 @@ describe('restore targets of users who are not administrators (decision 0009)', 
 
       const admin = await restoreTo(path.join(outside, 'f.raw'), ada);
       expect(admin.statusCode, admin.body).toBe(200);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('confines restore files --to and mount --at the same way, before anything is mounted', async () => {
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const mounts = new MountSessions({ defaultRoot: path.join(dir, 'mounts') });
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'tcp', version: 't', plugins: [filesPlugin(ctx, mounts)] });
+    try {
+      const rita = (await login(ctx, 'rita', 'restore-pw')).token;
+      const headers = { authorization: `Bearer ${rita}` };
+      const outside = path.join(dir, 'elsewhere', 'files');
+      const files = await app.inject({ method: 'POST', url: `/api/v1/restore-points/${pointId}/restore-files`, payload: { paths: ['/etc'], to: outside }, headers });
+      expect(files.statusCode, files.body).toBe(403);
+      expect(files.json<{ error: { message: string } }>().error.message).toContain(`restore files --to ${outside}`);
+      const mount = await app.inject({ method: 'POST', url: '/api/v1/mounts', payload: { point: pointId, at: outside }, headers });
+      expect(mount.statusCode, mount.body).toBe(403);
+      expect(mount.json<{ error: { message: string } }>().error.message).toContain(`mount --at ${outside}`);
+      expect(existsSync(outside)).toBe(false);
+      expect(mounts.list()).toEqual([]);
     } finally {
       await app.close();
     }

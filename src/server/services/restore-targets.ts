@@ -12,7 +12,7 @@ import { getSettings } from './settings.js';
 import { can, type Principal } from './users.js';
 
 /** What is written at the path, for the message: "restore disk --to", "mount --at", … */
-export type RestoreTargetUse = 'restore disk --to' | 'restore files --to' | 'restore vm --storage' | 'mount --at';
+export type RestoreTargetUse = 'restore disk --to' | 'restore files --to' | 'restore vm --storage' | 'instant-recovery migrate --storage' | 'mount --at';
 
 /**
  * Is `target` (absolute, normalized) the same as or below one of `folders`? Pure: no file system.
