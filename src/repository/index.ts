@@ -2,6 +2,7 @@
 // side writes through startRestorePoint(); restore engines read through openRestorePoint();
 // `bulwark repo inspect|verify` and the server's rescan use inspect/verify/listChains.
 export { openRepository, Repository, RestorePointWriter, readChainMetadata } from './repository.js';
+export { openSharedRepository } from './open-shared.js';
 export type { BackupChain, StartRestorePointOptions, SweepReport } from './repository.js';
 export { RestorePoint, RestorePointDisk } from './restore-point.js';
 export type { RestorePointInfo, OpenDiskOptions, ResolvedBlock } from './restore-point.js';

@@ -18,7 +18,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
-import { ALL_VMS, catalogPoints, openRepository, splitAllVmsDiskName, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
+import { ALL_VMS, catalogPoints, openSharedRepository, splitAllVmsDiskName, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
 import { methodSettings, splitDisks, type JobMethodSettings } from './chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext, type MaintenanceProgress } from './chain-run.js';
@@ -223,7 +223,6 @@ function vmFailed(task: TaskSpec, cause: unknown): BulwarkError {
 export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #opts: LocalDataPathOptions;
   readonly #adapters = new Map<string, Hypervisor>();
-  readonly #repositories = new Map<string, Promise<Repository>>();
   readonly #runs = new Map<string, VmRun>();
 
   constructor(options: LocalDataPathOptions) {
@@ -270,13 +269,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
   }
 
   #repository(path: string): Promise<Repository> {
-    let r = this.#repositories.get(path);
-    if (!r) {
-      r = openRepository(path, { create: true });
-      r.catch(() => this.#repositories.delete(path));
-      this.#repositories.set(path, r);
-    }
-    return r;
+    return openSharedRepository(path, { create: true });
   }
 
   /** The VM's disks as tasks: every disk but those the job excludes. */

@@ -15,7 +15,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { Checkpoint, Hypervisor, VmInfo } from '../../hypervisor/types.js';
-import { openRepository, type Repository } from '../../repository/index.js';
+import { openSharedRepository, type Repository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { NamedLimit } from '../../transport/throttle.js';
 import type {
@@ -73,7 +73,6 @@ export class AgentTaskRunner {
   readonly #grants = new Map<string, TransferTaskGrant>();
   readonly #targetEnds = new Map<string, (outcome: { ok: true } | { ok: false; reason: string }) => void>();
   readonly #limiters = new SharedLimiters();
-  readonly #repositories = new Map<string, Promise<Repository>>();
   readonly #adapters = new Map<string, Hypervisor>();
   #receiver: Promise<TransferReceiver> | undefined;
   /** Restore tasks (restore-tasks.ts): VM restore, instant recovery, serving points to other agents. */
@@ -283,13 +282,7 @@ export class AgentTaskRunner {
   }
 
   #repository(path: string): Promise<Repository> {
-    let r = this.#repositories.get(path);
-    if (!r) {
-      r = openRepository(path, { create: true });
-      r.catch(() => this.#repositories.delete(path));
-      this.#repositories.set(path, r);
-    }
-    return r;
+    return openSharedRepository(path, { create: true });
   }
 
   #listener(): Promise<TransferReceiver> {

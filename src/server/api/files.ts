@@ -13,7 +13,7 @@ import { logger } from '../../common/log.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
 import { findGuestAgent } from '../../hypervisor/qga/connect.js';
 import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
-import { openRepository, type Repository } from '../../repository/index.js';
+import { openSharedRepository, type Repository } from '../../repository/index.js';
 import { unlockChain, type ChainKeys } from '../../repository/chain-keys.js';
 import { fileIndexPath, indexRestorePoint, mergeSearchResults, searchIndexes, type IndexResult, type SearchablePoint, type SearchResult } from '../../restore/catalog/catalog.js';
 import type { IndexUnlock } from '../../restore/catalog/sealed-index.js';
@@ -165,7 +165,7 @@ async function repositoryOfPoint(ctx: ServiceContext, pointId: string, keys?: En
   const point = await getRestorePoint(ctx, pointId);
   if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
   const repo = await getRepository(ctx, point.repository);
-  const repository = await openRepository(repo.path);
+  const repository = await openSharedRepository(repo.path);
   return { repository, vm: point.vm, password: await pointPassword(keys, repository, point, given) };
 }
 
@@ -271,7 +271,7 @@ async function mountServer(ctx: ServiceContext, agents: FileIndexAgents | undefi
 
 /** The point's password as the agents get it (docs/encryption.md): the server's for its jobs, else `given`. */
 async function agentPassword(ctx: ServiceContext, point: Awaited<ReturnType<typeof getRestorePoint>>, repo: { path: string; agent: string | null }, agents: FileIndexAgents, keys: EncryptionKeys | undefined, given: string | undefined): Promise<string | undefined> {
-  if (isLocalAgent(agents, repo.agent)) return (await pointPassword(keys, await openRepository(repo.path), point, given)).password;
+  if (isLocalAgent(agents, repo.agent)) return (await pointPassword(keys, await openSharedRepository(repo.path), point, given)).password;
   return keys ? keys.remotePassword(point, given) : given;
 }
 
@@ -598,7 +598,7 @@ export async function searchFiles(ctx: ServiceContext, pattern: string, vm?: str
     }
     local.push(...its);
     try {
-      const repository = await openRepository(repo.path);
+      const repository = await openSharedRepository(repo.path);
       repositories.set(repoName, repository);
       for (const p of await repository.listRestorePoints()) files.set(p.id, fileIndexPath(p));
     } catch (err) {

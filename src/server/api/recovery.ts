@@ -20,7 +20,7 @@ import type { WireInstantSession } from '../../transport/restore-tasks.js';
 import type { AgentTaskHandle } from '../dispatch/broker.js';
 import type { RemoteRecovery } from '../dispatch/recovery.js';
 import { QmpClient } from '../../hypervisor/qmp/client.js';
-import { openRepository, type Repository } from '../../repository/index.js';
+import { openSharedRepository, type Repository } from '../../repository/index.js';
 import { InstantRecoverySessions, type InstantSessionInfo } from '../../restore/instant/index.js';
 import { globMatches, processesHolding, restoreVm, type RestoreVmHost, type RestoreVmResult } from '../../restore/vm/index.js';
 import type { ServiceContext } from '../services/common.js';
@@ -168,7 +168,6 @@ export class RecoveryService {
   readonly #restores = new Map<string, VmRestore>();
   readonly #running = new Set<Promise<unknown>>();
   readonly #abort = new AbortController();
-  readonly #repositories = new Map<string, Promise<Repository>>();
   readonly #remote: RemoteRecovery | undefined;
   readonly #remoteInstant = new Map<string, RemoteInstant>();
 
@@ -221,13 +220,7 @@ export class RecoveryService {
   }
 
   #repository(p: string): Promise<Repository> {
-    let r = this.#repositories.get(p);
-    if (!r) {
-      r = openRepository(p);
-      r.catch(() => this.#repositories.delete(p));
-      this.#repositories.set(p, r);
-    }
-    return r;
+    return openSharedRepository(p);
   }
 
   /** The catalog's point and its repository (where it is, which agent owns it). */

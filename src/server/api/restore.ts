@@ -5,7 +5,7 @@ import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provi
 import type { FastifyPluginAsync } from 'fastify';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
-import { catalogPoints, openRepository } from '../../repository/index.js';
+import { catalogPoints, openRepository, openSharedRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
 import { isLocalRepository } from '../services/backup-methods.js';
@@ -159,7 +159,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
           }
         }
         else {
-          const repository = await openRepository(repo.path);
+          const repository = await openSharedRepository(repo.path);
           const pw = await pointPassword(keys, repository, point, given);
           result = await restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw });
         }

@@ -6,7 +6,7 @@ import { open, readdir, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { openRepository, type RestorePointInfo } from '../../repository/index.js';
+import { openSharedRepository, type RestorePointInfo } from '../../repository/index.js';
 import { findByNameOrId, invalid, newId, notFound, parseJson, type ServiceContext } from './common.js';
 import { getRepository } from './infrastructure.js';
 import { backupOptionsOf } from './jobs.js';
@@ -229,7 +229,7 @@ export async function sweepExpired(ctx: ServiceContext, opts: { remote?: RemoteV
       }
       // Only folders on this host (a remote agent's folder is not here), and only existing ones.
       if (!isLocalRepository(repo) || !(await stat(repo.path).then((st) => st.isDirectory(), () => false))) continue;
-      const repository = await openRepository(repo.path);
+      const repository = await openSharedRepository(repo.path);
       const byVm = new Map<string, RestorePointInfo[]>();
       for (const p of await repository.listRestorePoints({ job: j.name })) {
         if (vms.has(p.vm)) continue;

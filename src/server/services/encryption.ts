@@ -8,7 +8,7 @@ import { chmod, link, open, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { openRepository, type Repository } from '../../repository/index.js';
+import { openSharedRepository, type Repository } from '../../repository/index.js';
 import { dataFiles } from '../data-dir.js';
 import { newId, notFound, nowIso, type ServiceContext } from './common.js';
 
@@ -367,7 +367,7 @@ export class EncryptionKeys {
       if (seen.has(r.chain_id) || (r.agent !== null && r.agent !== 'local')) continue;
       seen.add(r.chain_id);
       try {
-        await this.unlock(await openRepository(r.path), { id: r.point_id, job: r.job_name ?? null, chainId: r.chain_id });
+        await this.unlock(await openSharedRepository(r.path), { id: r.point_id, job: r.job_name ?? null, chainId: r.chain_id });
         matched++;
       } catch (err) {
         if (!(err instanceof BulwarkError && err.kind === 'forbidden')) log.warn({ chain: r.chain_id, err: err instanceof Error ? err.message : String(err) }, 'could not try the known passwords on a chain');
