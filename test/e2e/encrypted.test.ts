@@ -242,7 +242,7 @@ describe('encrypted job, restores and export', () => {
   });
 
   it('restore vm and instant recovery of encrypted points: the job\'s with no password, the export\'s with --password-file', async () => {
-    const vmr = await bwJson<{ state: string; result: { disks: Array<{ name: string; sha256: string }> } }>(['restore', 'vm', points.two!, '--name', 'enc-copy', '--format', 'raw', '--storage', join(tmp, 'enc-copy')]);
+    const vmr = await bwJson<{ state: string; result: { disks: Array<{ name: string; sha256: string }> } }>(['restore', 'vm', points.two!, '--name', 'enc-copy', '--format', 'raw', '--storage', join(tmp, 'enc-copy'), '--digest']);
     expect(vmr.state).toBe('success');
     expect(vmr.result.disks).toEqual([expect.objectContaining({ name: 'vda', sha256: refs.two })]);
     const none = await bw(['restore', 'vm', points.export!, '--name', 'enc-copy2', '--format', 'raw', '--storage', join(tmp, 'enc-copy2')]);

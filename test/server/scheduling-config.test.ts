@@ -22,10 +22,18 @@ describe.each(engines)('scheduling configuration on %s', (engine) => {
   });
 
   it('settings: defaults at version 1, edits bump the version, a stale edit is refused', async () => {
-    expect(await getSettings(ctx)).toEqual({ processing: 'parallel', version: 1, updatedAt: null });
+    expect(await getSettings(ctx)).toEqual({ processing: 'parallel', restoreFolders: [], version: 1, updatedAt: null });
     expect(await updateSettings(ctx, { version: 1, processing: 'sequential' })).toMatchObject({ processing: 'sequential', version: 2 });
     expect((await rejection(updateSettings(ctx, { version: 1, processing: 'parallel' }))).kind).toBe('conflict');
     expect(await updateSettings(ctx, { version: 2, processing: 'parallel' })).toMatchObject({ processing: 'parallel', version: 3 });
+    // Restore folders (decision 0009): stored normalized, once each; the other setting is kept.
+    expect(await updateSettings(ctx, { version: 3, restoreFolders: ['/srv/restore/', '/srv/x/../restore', '/var/lib/libvirt/images'] })).toMatchObject({
+      processing: 'parallel',
+      restoreFolders: ['/srv/restore', '/var/lib/libvirt/images'],
+      version: 4,
+    });
+    expect(await updateSettings(ctx, { version: 4, processing: 'sequential' })).toMatchObject({ processing: 'sequential', restoreFolders: ['/srv/restore', '/var/lib/libvirt/images'] });
+    expect(await updateSettings(ctx, { version: 5, processing: 'parallel', restoreFolders: [] })).toMatchObject({ processing: 'parallel', restoreFolders: [] });
   });
 
   it('task limits default to the CPU cores (agent) and to the cores of its agent (repository)', async () => {
