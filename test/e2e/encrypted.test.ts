@@ -248,7 +248,7 @@ describe('encrypted job, restores and export', () => {
     const none = await bw(['restore', 'vm', points.export!, '--name', 'enc-copy2', '--format', 'raw', '--storage', join(tmp, 'enc-copy2')]);
     expect(none.code).toBe(1);
     expect(none.stderr).toContain('(hint: the export one)');
-    const vme = await bwJson<{ state: string; result: { disks: Array<{ sha256: string }> } }>(['restore', 'vm', points.export!, '--name', 'enc-copy2', '--format', 'raw', '--storage', join(tmp, 'enc-copy2'), '--password-file', join(tmp, 'export.pw')]);
+    const vme = await bwJson<{ state: string; result: { disks: Array<{ sha256: string }> } }>(['restore', 'vm', points.export!, '--name', 'enc-copy2', '--format', 'raw', '--storage', join(tmp, 'enc-copy2'), '--password-file', join(tmp, 'export.pw'), '--digest']);
     expect(vme.result.disks[0]!.sha256).toBe(refs.two);
 
     const ir = await bwJson<{ id: string; runningFromBackup: boolean; point: string }>(['instant-recovery', 'start', points.one!, '--name', 'enc-ir']);
