@@ -4,7 +4,6 @@
 // whoever runs the task, and fails a task cleanly when its agent goes away: a restart (new boot
 // id) at once, silence (no poll open and nothing heard) after `agentLostMs`.
 import { randomUUID } from 'node:crypto';
-import { deferred } from '../../common/deferred.js';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { AgentTask, EventsReply, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
@@ -141,7 +140,13 @@ export class AgentTaskBroker {
    */
   adopt(agent: string, taskId: string, kind: AgentTask['kind'], onEvent: (e: TaskEvent) => void = () => undefined): AgentTaskHandle {
     const a = this.#agent(agent);
-    const { promise: result, resolve, reject } = deferred<unknown>();
+    let resolve!: (v: unknown) => void;
+    let reject!: (e: Error) => void;
+    const result = new Promise<unknown>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    result.catch(() => undefined);
     if (!this.#tasks.has(taskId)) {
       const task = { kind, taskId } as AgentTask;
       this.#tasks.set(taskId, { taskId, agent, task, onEvent, resolve, reject, bootId: a.bootId, pickedInPoll: a.pollSeq, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined });
@@ -161,7 +166,13 @@ export class AgentTaskBroker {
   run(agent: string, body: TaskBody, onEvent: (e: TaskEvent) => void = () => undefined): AgentTaskHandle {
     const taskId = randomUUID();
     const task = { ...body, taskId } as AgentTask;
-    const { promise: result, resolve, reject } = deferred<unknown>();
+    let resolve!: (v: unknown) => void;
+    let reject!: (e: Error) => void;
+    const result = new Promise<unknown>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    result.catch(() => undefined);
     const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined };
     this.#tasks.set(taskId, r);
     const a = this.#agent(agent);
