@@ -62,4 +62,49 @@ describe('AgentTaskBroker adoption after a restart', () => {
       broker.close();
     }
   });
+
+  it('a task adopted before its own agent polled (another agent named it) waits for that agent, then follows its running list', async () => {
+    let now = 1_000_000;
+    const broker = new AgentTaskBroker({ pollWaitMs: 1, agentLostMs: 400, adoptWindowMs: 5000, now: () => now });
+    const settled = (p: Promise<unknown>): { done: boolean } => {
+      const s = { done: false };
+      void p.then(
+        () => (s.done = true),
+        () => (s.done = true),
+      );
+      return s;
+    };
+    try {
+      // dst1 answered its mount list first; the mount reads through repo1's serve task.
+      const serve = broker.adopt('repo1', 'old-serve', 'restore-serve');
+      const gone = broker.adopt('repo2', 'other-serve', 'restore-serve');
+      const servePending = settled(serve.result);
+      now += 2000; // past the pickup time (agentLostMs) of a queued task
+      await new Promise((r) => setTimeout(r, 300));
+      expect(servePending.done).toBe(false);
+      await broker.poll('repo1', { bootId: 'boot-r1', running: ['old-serve'] }, never);
+      await broker.poll('repo1', { bootId: 'boot-r1', running: ['old-serve'] }, never);
+      expect(servePending.done).toBe(false);
+      expect(broker.events('repo1', 'old-serve', [{ type: 'progress', progress: {} }])).toEqual({ cancel: false });
+      await broker.poll('repo1', { bootId: 'boot-r1', running: [] }, never);
+      await expect(serve.result).rejects.toThrow(/no longer runs the task/);
+      // repo2 never comes back: the task ends once the window and the lost time have passed.
+      now += 5000 + 400;
+      await new Promise((r) => setTimeout(r, 300));
+      await expect(gone.result).rejects.toThrow(/lost agent repo2: it has not come back/);
+    } finally {
+      broker.close();
+    }
+  });
+
+  it('a task adopted before its agent polled ends at that first poll when the agent does not run it', async () => {
+    const broker = new AgentTaskBroker({ pollWaitMs: 1 });
+    try {
+      const h = broker.adopt('repo1', 'old-serve', 'restore-serve');
+      await broker.poll('repo1', { bootId: 'boot-r1', running: ['something-else'] }, never);
+      await expect(h.result).rejects.toThrow(/no longer runs the task/);
+    } finally {
+      broker.close();
+    }
+  });
 });

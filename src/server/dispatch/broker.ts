@@ -41,6 +41,8 @@ interface Running {
   cancelRequested: boolean;
   limits: readonly NamedLimit[] | undefined;
   disks: readonly string[] | undefined;
+  /** Taken over after a server restart (adopt()), not handed out by this broker. */
+  readonly adopted: boolean;
 }
 
 interface AgentState {
@@ -149,7 +151,9 @@ export class AgentTaskBroker {
     result.catch(() => undefined);
     if (!this.#tasks.has(taskId)) {
       const task = { kind, taskId } as AgentTask;
-      this.#tasks.set(taskId, { taskId, agent, task, onEvent, resolve, reject, bootId: a.bootId, pickedInPoll: a.pollSeq, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined });
+      // An agent that has not polled yet (another agent's list named the task first) gets its boot
+      // id and running list checked at its first poll (poll()), not a pickup deadline.
+      this.#tasks.set(taskId, { taskId, agent, task, onEvent, resolve, reject, bootId: a.bootId, pickedInPoll: a.bootId === undefined ? undefined : a.pollSeq, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined, adopted: true });
       log.info({ agent, task: taskId, kind }, 'task an agent still runs adopted');
     }
     return {
@@ -173,7 +177,7 @@ export class AgentTaskBroker {
       reject = rej;
     });
     result.catch(() => undefined);
-    const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined };
+    const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined, adopted: false };
     this.#tasks.set(taskId, r);
     const a = this.#agent(agent);
     a.queue.push(task);
@@ -238,6 +242,14 @@ export class AgentTaskBroker {
     if (!this.#firstPoll.has(agent)) {
       this.#firstPoll.set(agent, this.#now());
       for (const fn of this.#seen) setImmediate(() => fn(agent));
+    }
+    // Tasks adopted before this agent's first poll belong to the process polling now: its running
+    // list (below) says at once whether they still run.
+    for (const r of this.#tasks.values()) {
+      if (r.agent === agent && r.adopted && r.bootId === undefined) {
+        r.bootId = req.bootId;
+        r.pickedInPoll = a.pollSeq - 1;
+      }
     }
     // Tasks the server gave this process that it no longer runs (and never reported) ended without a word.
     const running = new Set(req.running);
@@ -307,6 +319,17 @@ export class AgentTaskBroker {
     const now = this.#now();
     for (const r of [...this.#tasks.values()]) {
       const a = this.#agent(r.agent);
+      if (r.bootId === undefined && r.adopted) {
+        // Named by another agent after the restart; its own agent has not polled since.
+        if (now - r.queuedAt > this.#adoptWindowMs + this.#agentLostMs) {
+          this.#finish(r, new BulwarkError(`lost agent ${r.agent}: it has not come back since the server started, and it ran the task`, {
+            kind: 'unavailable',
+            context: { agent: r.agent },
+            hint: 'the agent process or its host stopped, or the network to it is down',
+          }));
+        }
+        continue;
+      }
       if (r.bootId === undefined) {
         if (now - r.queuedAt > this.#pickupTimeoutMs) {
           a.queue = a.queue.filter((t) => t.taskId !== r.taskId);
