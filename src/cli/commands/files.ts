@@ -114,7 +114,6 @@ export function mountCommand(ctx: CliContext): Command {
         if (!o.json) ctx.output.out(`\nunmount with: bulwark mount unmount ${info.id}\n`);
         return;
       }
-      if (!o.json) ctx.output.out('\nPress Ctrl-C to unmount.\n');
       const abort = new AbortController();
       let stopping: Promise<void> | undefined;
       const stop = (): void => {
@@ -130,10 +129,17 @@ export function mountCommand(ctx: CliContext): Command {
       const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
       for (const s of signals) process.on(s, stop);
       let ended = false;
+      let held = false;
       try {
         await client.events(
           at('/mounts', info.id, 'hold'),
           (ev) => {
+            // The server holds the mount for this console from its first event on: only then is
+            // it safe to wait (a console killed before would leave it to the server's grace time).
+            if (ev.event === 'mount' && !held) {
+              held = true;
+              if (!o.json) ctx.output.out('\nPress Ctrl-C to unmount.\n');
+            }
             if (ev.event === 'unmounted') ended = true;
           },
           abort.signal,
