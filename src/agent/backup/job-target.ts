@@ -7,6 +7,7 @@
 // VMs in flight together); its commit waits until every VM has asked, then the point is committed
 // once. Any VM's failure or abort aborts the one writer: nothing becomes visible
 // (docs/decisions/0007-per-job-storage.md).
+import { deferred } from '../../common/deferred.js';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import type { Checkpoint } from '../../hypervisor/types.js';
 import {
@@ -53,39 +54,6 @@ export function jobPointFailed(job: string, cause: unknown): BulwarkError {
     cause,
     hint: 'the job\'s previous restore points are kept; the next run (or a retry) writes the point again for every VM',
   });
-}
-
-/** A promise settled from outside (the first resolve or reject wins); `settled` says whether it has been. */
-export interface Deferred<T> {
-  readonly promise: Promise<T>;
-  readonly settled: boolean;
-  resolve(v: T): void;
-  reject(err: unknown): void;
-}
-
-export function deferred<T>(): Deferred<T> {
-  let resolve!: (v: T) => void;
-  let reject!: (err: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  promise.catch(() => undefined); // whoever awaits it handles the error; maybe nobody does
-  let settled = false;
-  return {
-    promise,
-    get settled() {
-      return settled;
-    },
-    resolve: (v) => {
-      settled = true;
-      resolve(v);
-    },
-    reject: (err) => {
-      settled = true;
-      reject(err);
-    },
-  };
 }
 
 /** The target the VMs of one per-job run share; `abort` (or `fail`) once anything goes wrong. */

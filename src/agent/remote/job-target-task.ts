@@ -5,6 +5,7 @@
 // it with the writer, each VM's COMMIT waits for the others, then the point is committed once; any
 // VM's failure aborts the writer (every VM or none, decision 0007). Around it, the chain steps of
 // the `_all` chain (plan before, retention and maintenance after: chain-run.ts).
+import { deferred } from '../../common/deferred.js';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { ALL_VMS, catalogPoints, type Repository, type RestorePointInfo } from '../../repository/index.js';
 import type { BackupTargetResult, BackupTargetTask, TaskEvent, WirePrevious } from '../../transport/agent-tasks.js';
@@ -12,7 +13,7 @@ import type { TransferReceiver, TransferSink, TransferTaskGrant } from '../../tr
 import { methodSettings } from '../backup/chain-policy.js';
 import { maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext } from '../backup/chain-run.js';
 import { isCompression, isNumber } from '../backup/job-settings.js';
-import { deferred, jobPointFailed, JobPointTarget } from '../backup/job-target.js';
+import { jobPointFailed, JobPointTarget } from '../backup/job-target.js';
 import { pointToWire, RepositorySink, type SinkDiskStats } from './repository-sink.js';
 
 /** What the task loop lends a per-job target (task-runner.ts). */

@@ -4,6 +4,7 @@
 // whoever runs the task, and fails a task cleanly when its agent goes away: a restart (new boot
 // id) at once, silence (no poll open and nothing heard) after `agentLostMs`.
 import { randomUUID } from 'node:crypto';
+import { deferred } from '../../common/deferred.js';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { AgentTask, EventsReply, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
@@ -142,13 +143,7 @@ export class AgentTaskBroker {
    */
   adopt(agent: string, taskId: string, kind: AgentTask['kind'], onEvent: (e: TaskEvent) => void = () => undefined): AgentTaskHandle {
     const a = this.#agent(agent);
-    let resolve!: (v: unknown) => void;
-    let reject!: (e: Error) => void;
-    const result = new Promise<unknown>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    result.catch(() => undefined);
+    const { promise: result, resolve, reject } = deferred<unknown>();
     if (!this.#tasks.has(taskId)) {
       const task = { kind, taskId } as AgentTask;
       // An agent that has not polled yet (another agent's list named the task first) gets its boot
@@ -170,13 +165,7 @@ export class AgentTaskBroker {
   run(agent: string, body: TaskBody, onEvent: (e: TaskEvent) => void = () => undefined): AgentTaskHandle {
     const taskId = randomUUID();
     const task = { ...body, taskId } as AgentTask;
-    let resolve!: (v: unknown) => void;
-    let reject!: (e: Error) => void;
-    const result = new Promise<unknown>((res, rej) => {
-      resolve = res;
-      reject = rej;
-    });
-    result.catch(() => undefined);
+    const { promise: result, resolve, reject } = deferred<unknown>();
     const r: Running = { taskId, agent, task, onEvent, resolve, reject, bootId: undefined, pickedInPoll: undefined, queuedAt: this.#now(), cancelRequested: false, limits: undefined, disks: undefined, adopted: false };
     this.#tasks.set(taskId, r);
     const a = this.#agent(agent);
