@@ -1,6 +1,7 @@
 // Socket plumbing shared by the QMP, guest-agent and NBD clients: waiting for a fresh connection
-// to open, and closing one gracefully (end, then destroy if the peer does not close in time).
-import type net from 'node:net';
+// to open, closing one gracefully (end, then destroy if the peer does not close in time), and
+// asking whether anything listens on a unix socket (is that VM's monitor up?).
+import net from 'node:net';
 
 /**
  * Resolves once `socket` is connected; rejects with the socket's error (the socket is then
@@ -30,4 +31,20 @@ export async function endAndWait(socket: net.Socket, closed: Promise<void>, grac
   } finally {
     clearTimeout(t);
   }
+}
+
+/**
+ * Whether something accepts connections on the unix socket `socketPath` now: true once a
+ * connection opens (it is closed again at once), false on any error (no file, not a socket, nobody
+ * listening). Used to tell a running VM from a stopped one by its monitor socket.
+ */
+export async function socketAnswers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect({ path: socketPath });
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }

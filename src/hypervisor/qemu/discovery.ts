@@ -2,12 +2,13 @@
 // from /proc/net/unix + /proc/PID/fd, its command line from /proc/PID/cmdline), and what QMP says
 // about the VM's disks and block graph.
 import { createHash } from 'node:crypto';
-import { mkdtemp, readdir, readFile, readlink, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { BulwarkError } from '../../common/errors.js';
 import { runTool } from '../../common/process.js';
+import { fdHolders } from '../proc.js';
 import type { QmpClient } from '../qmp/client.js';
 import type { VmDisk, VmFirmware, VmInfo, VmNvram, VmRunState } from '../types.js';
 
@@ -53,7 +54,7 @@ export async function globFiles(pattern: string): Promise<string[]> {
   return out.sort();
 }
 
-/** PID of the process listening on a unix socket path, from /proc/net/unix and /proc/PID/fd. */
+/** PID of the process listening on a unix socket path, from /proc/net/unix and /proc/PID/fd (QEMU processes scanned first). */
 export async function socketOwnerPid(socketPath: string): Promise<number | undefined> {
   const table = await readFile('/proc/net/unix', 'utf8');
   const inodes = new Set<string>();
@@ -62,24 +63,8 @@ export async function socketOwnerPid(socketPath: string): Promise<number | undef
     // Num RefCount Protocol Flags Type St Inode Path; St 01 = listening (unconnected server)
     if (cols.length >= 8 && cols.slice(7).join(' ') === socketPath && cols[5] === '01') inodes.add(`socket:[${cols[6]}]`);
   }
-  if (inodes.size === 0) return undefined;
-  const pids = (await readdir('/proc')).filter((n) => /^[0-9]+$/.test(n));
-  // QEMU processes first: scanning every process's fds is the slow path.
-  const comms = await Promise.all(pids.map(async (p) => [p, await readFile(`/proc/${p}/comm`, 'utf8').catch(() => '')] as const));
-  const ordered = [...comms.filter(([, c]) => c.startsWith('qemu')), ...comms.filter(([, c]) => !c.startsWith('qemu'))];
-  for (const [pid] of ordered) {
-    let fds: string[];
-    try {
-      fds = await readdir(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
-      if (inodes.has(target)) return Number(pid);
-    }
-  }
-  return undefined;
+  const [owner] = await fdHolders(inodes, { first: true, prefer: (comm) => comm.startsWith('qemu') });
+  return owner?.pid;
 }
 
 /** The process's command line (argv) and an identity that changes when the process is restarted. */

@@ -9,7 +9,6 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BulwarkError, describeError } from '../../common/errors.js';
@@ -18,6 +17,7 @@ import { decodePointMetadata, savedNvram, type PointMetadata } from '../../agent
 import { requireFirmwareCode, writeNvram } from '../vm/firmware.js';
 import { QgaClient } from '../../hypervisor/qga/client.js';
 import { QmpClient, type QmpEvent } from '../../hypervisor/qmp/client.js';
+import { socketAnswers } from '../../hypervisor/socket.js';
 import type { RandomAccessDisk } from '../../disk/types.js';
 import type { VmConfiguration } from '../../hypervisor/types.js';
 import type { Repository, RestorePoint } from '../../repository/index.js';
@@ -235,17 +235,6 @@ async function resolvePointId(o: StartInstantRecoveryOptions): Promise<string> {
 
 const nodeName = (disk: string, role: 'backup' | 'overlay' | 'target'): string => `${disk}-${role}`;
 
-async function canConnect(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ path: socketPath });
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
-
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Boots the VM of a restore point from the backup. Everything is closed again if a step fails. */
@@ -358,7 +347,7 @@ class Session implements InstantRecoverySession {
     this.#exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
     child.once('error', () => undefined);
     const deadline = Date.now() + 30_000;
-    while (!(await canConnect(this.qmpSocket))) {
+    while (!(await socketAnswers(this.qmpSocket))) {
       if (child.exitCode !== null || child.signalCode !== null) {
         throw new BulwarkError(`QEMU of instant recovery ${this.name} exited at start: ${await this.#tail()}`, {
           kind: 'internal',

@@ -8,13 +8,14 @@
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
-import { chmod, chown, mkdir, readdir, readFile, readlink, realpath, rm, stat, writeFile } from 'node:fs/promises';
-import net from 'node:net';
+import { chmod, chown, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
+import { processesHolding } from '../../hypervisor/proc.js';
+import { socketAnswers } from '../../hypervisor/socket.js';
 import type { Repository } from '../../repository/index.js';
 import type { RestoreDiskFormat } from '../disk/restore-disk.js';
 import { domainDisks, domainName, domainNvramPath, rewriteDomainXml, setDomainNvram } from './libvirt-config.js';
@@ -89,43 +90,6 @@ export interface RestoreVmResult {
   readonly durationMs: number;
 }
 
-/** Whether something accepts connections on a unix socket. */
-async function answers(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect({ path: socketPath });
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
-
-/** Processes that hold one of `files` open (pid and command name). */
-export async function processesHolding(files: readonly string[]): Promise<{ pid: number; comm: string; file: string }[]> {
-  const wanted = new Map<string, string>();
-  for (const f of files) wanted.set(await realpath(f).catch(() => path.resolve(f)), f);
-  const out: { pid: number; comm: string; file: string }[] = [];
-  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
-    if (Number(pid) === process.pid) continue;
-    let fds: string[];
-    try {
-      fds = await readdir(`/proc/${pid}/fd`);
-    } catch {
-      continue;
-    }
-    for (const fd of fds) {
-      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
-      const f = wanted.get(target);
-      if (f) {
-        out.push({ pid: Number(pid), comm: (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '?')).trim(), file: f });
-        break;
-      }
-    }
-  }
-  return out;
-}
-
 async function virsh(uri: string, args: readonly string[], timeoutMs = 120_000): Promise<string> {
   try {
     const { stdout } = await run('virsh', ['-q', '-c', uri, ...args], { timeout: timeoutMs, maxBuffer: 16 << 20 });
@@ -198,7 +162,7 @@ export async function launchDetached(argv: readonly string[], logFile: string, q
   if (!qmpSocket) return child.pid ?? 0;
   const deadline = Date.now() + 30_000;
   for (;;) {
-    if (await answers(qmpSocket)) return child.pid ?? 0;
+    if (await socketAnswers(qmpSocket)) return child.pid ?? 0;
     const done = await Promise.race([exited.then((c) => ({ code: c })), new Promise<null>((r) => setTimeout(() => r(null), 100))]);
     // A -daemonize'd QEMU exits 0 once its child runs; anything else is a failed start.
     if (done && done.code !== 0) {
@@ -282,7 +246,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       }
       const oldQmp = meta.vm.id;
       if (toOriginal) {
-        if (await answers(oldQmp)) {
+        if (await socketAnswers(oldQmp)) {
           throw new BulwarkError(`VM ${original} is running (its QMP socket ${oldQmp} answers): shut it down before restoring over it`, {
             kind: 'conflict',
             context: { vm: original },
@@ -327,7 +291,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
         warnings.push(`host QMP glob ${o.host.qmpGlob} has no '*': the new VM's socket ${newQmp} is not behind it (add a host for it to back it up)`);
       }
       const storage = o.storage ?? vmDir;
-      if (await answers(newQmp)) throw new BulwarkError(`a VM already answers on ${newQmp}`, { kind: 'conflict', context: { vm: name } });
+      if (await socketAnswers(newQmp)) throw new BulwarkError(`a VM already answers on ${newQmp}`, { kind: 'conflict', context: { vm: name } });
       if (!(await isEmptyOrMissing(vmDir))) {
         throw new BulwarkError(`the new VM's folder ${vmDir} already exists and is not empty`, { kind: 'conflict', context: { vm: name, dir: vmDir }, hint: 'choose another --name' });
       }
