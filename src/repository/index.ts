@@ -4,6 +4,7 @@
 export { openRepository, Repository, RestorePointWriter, readChainMetadata } from './repository.js';
 export { openSharedRepository } from './open-shared.js';
 export type { BackupChain, StartRestorePointOptions, SweepReport } from './repository.js';
+export type { TransformProgress, TransformProgressListener, TransformProgressOptions, TransformStep } from './transforms/progress.js';
 export { RestorePoint, RestorePointDisk } from './restore-point.js';
 export type { RestorePointInfo, OpenDiskOptions, ResolvedBlock } from './restore-point.js';
 export type { DiskWriteStats, WriteDiskOptions } from './backup-file-writer.js';

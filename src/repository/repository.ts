@@ -45,6 +45,7 @@ import type { HealthReport, MethodPolicy, PendingRepair, RetentionReport, Synthe
 import * as transforms from './transforms/maintenance.js';
 import { recoverFolder } from './transforms/recover.js';
 import { InjectWriter } from './transforms/inject-writer.js';
+import type { TransformProgressListener, TransformProgressOptions } from './transforms/progress.js';
 
 const log = logger('repository');
 
@@ -79,6 +80,8 @@ export interface StartRestorePointOptions {
   readonly disks: readonly { readonly name: string; readonly size: number }[];
   /** Encoder threads (default min(2, cores); 0 = encode on this thread). */
   readonly threads?: number;
+  /** Reverse: the progress of the commit's injection step (`inject`: the .vrb of the replaced blocks). */
+  readonly onTransformProgress?: TransformProgressListener | undefined;
 }
 
 export interface SweepReport {
@@ -275,8 +278,8 @@ export class Repository {
    * Applies the job's retention to one VM folder (planRetention, then each merge, chain and point
    * deletion, crash-safe and journaled). Holds the VM folder's writer lock meanwhile.
    */
-  async applyRetention(job: string, vm: string, policy: MethodPolicy, opts: { now?: Date; password?: string } = {}): Promise<RetentionReport> {
-    return this.#withFolder(job, vm, (f) => transforms.applyRetention(f, job, vm, policy, opts.now ?? new Date(), opts.password));
+  async applyRetention(job: string, vm: string, policy: MethodPolicy, opts: { now?: Date; password?: string } & TransformProgressOptions = {}): Promise<RetentionReport> {
+    return this.#withFolder(job, vm, (f) => transforms.applyRetention(f, job, vm, policy, opts.now ?? new Date(), opts.password, opts));
   }
 
   /**
@@ -284,7 +287,7 @@ export class Repository {
    * new chain built from the repository alone (no source read); the point keeps its id and time,
    * its increment file is deleted, and the old chain ends at the point before.
    */
-  async synthesizeFull(job: string, vm: string, opts: SynthesizeFullOptions = {}): Promise<RestorePointInfo> {
+  async synthesizeFull(job: string, vm: string, opts: SynthesizeFullOptions & TransformProgressOptions = {}): Promise<RestorePointInfo> {
     return this.#withFolder(job, vm, (f) => transforms.synthesizeFull(this, f, job, vm, opts));
   }
 
@@ -292,8 +295,8 @@ export class Repository {
    * Rewrites the full backup file of the VM's latest chain without the records nothing references
    * any more (left by merges and reverse injections), in place of the old one, crash-safe.
    */
-  async compactFull(job: string, vm: string, opts: { chain?: string } = {}): Promise<{ file: string; bytesBefore: number; bytesAfter: number }> {
-    return this.#withFolder(job, vm, (f) => transforms.compactFull(f, opts.chain));
+  async compactFull(job: string, vm: string, opts: { chain?: string } & TransformProgressOptions = {}): Promise<{ file: string; bytesBefore: number; bytesAfter: number }> {
+    return this.#withFolder(job, vm, (f) => transforms.compactFull(f, opts.chain, opts));
   }
 
   /**
@@ -639,7 +642,7 @@ export class RestorePointWriter {
         const fullPoint = before.chains.find((x) => x.id === this.#chain.id)?.points.at(-1);
         if (!fullPoint || fullPoint.id !== this.#parent?.id) throw new BulwarkError(`the full of chain ${this.#chain.id} changed while point ${this.pointId} was written`, { kind: 'conflict' });
         const repair = remainingRepairOf(before.pendingRepair, (disk) => this.#opts.disks.some((d) => d.name === disk), (disk, block) => inject.inherits(disk, block));
-        await inject.commit(this.#folder, { chainId: this.#chain.id, fullPoint, point: { id: this.pointId, time: this.#time }, config, repair });
+        await inject.commit(this.#folder, { chainId: this.#chain.id, fullPoint, point: { id: this.pointId, time: this.#time }, config, repair, onProgress: this.#opts.onTransformProgress });
         const body = (await readChainMetadata(this.#folder.vbmPath))!.body;
         const c = body.chains.find((x) => x.id === this.#chain.id)!;
         return chainsOfFolder({ ...body, chains: [c] }, this.#folder.dir)[0]!.points.at(-1)!;

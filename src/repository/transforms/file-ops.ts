@@ -128,9 +128,10 @@ export class RecordSink {
 
   /**
    * Copies the records of `entries` from `src` (each once, adjacent records in one read), checking
-   * every record header and payload CRC on the way: damage is never copied.
+   * every record header and payload CRC on the way: damage is never copied. `onCopied` is told
+   * after each run read (record bytes of this call copied so far, of all it copies): progress.
    */
-  async copyRecords(src: BackupFile, entries: readonly StoredBlockEntry[]): Promise<void> {
+  async copyRecords(src: BackupFile, entries: readonly StoredBlockEntry[], onCopied?: (copied: number, toCopy: number) => void): Promise<void> {
     const key = (e: StoredBlockEntry) => `${src.header.fileId}:${e.recordOffset}`;
     const todo = new Map<number, StoredBlockEntry>();
     for (const e of entries) if (!this.#copied.has(key(e))) todo.set(e.recordOffset, e);
@@ -155,6 +156,8 @@ export class RecordSink {
       p.catch(() => undefined); // awaited below; never an unhandled rejection meanwhile
       return p;
     };
+    const toCopy = runs.reduce((sum, r) => sum + (r[3] - r[2]), 0);
+    let copied = 0;
     let next = runs.length > 0 ? read(runs[0]!) : null;
     // One write in flight while the next run is checked: the CRC work overlaps the write.
     let writing: Promise<void> = Promise.resolve();
@@ -185,6 +188,8 @@ export class RecordSink {
           const e = sorted[k]!;
           this.#copied.set(key(e), { ...e, recordOffset: pos + (e.recordOffset - start) });
         }
+        copied += buf.length;
+        onCopied?.(copied, toCopy);
       }
     } catch (err) {
       await writing.catch(() => undefined);

@@ -45,6 +45,7 @@ import { crashPoint } from './crash-points.js';
 import { otherSlot, RecordSink } from './file-ops.js';
 import { commitInjection, type TransformIo } from './inplace.js';
 import { readBody, removeFiles, updateBody } from './metadata.js';
+import { pageSpan, StepProgress, type TransformProgressOptions } from './progress.js';
 import { highestSlot } from './recover.js';
 
 const DEDUP_LIMIT = 131072;
@@ -375,9 +376,13 @@ export class InjectWriter {
 
   /**
    * Steps (1)-(4): the .vrb of the full's point, the journal, the full's new index and slot flip,
-   * the .vbm commit. `config` is in stored form. Returns the new point's record.
+   * the .vbm commit. `config` is in stored form. Returns the new point's record. Progress (step
+   * `inject`): the full's disk bytes gone through while the .vrb takes the replaced records.
    */
-  async commit(f: VmFolder, input: { chainId: string; fullPoint: PointRecord; point: { id: string; time: Date }; config: Buffer; repair: PendingRepairRecord | null }): Promise<PointRecord> {
+  async commit(
+    f: VmFolder,
+    input: { chainId: string; fullPoint: PointRecord; point: { id: string; time: Date }; config: Buffer; repair: PendingRepairRecord | null } & TransformProgressOptions,
+  ): Promise<PointRecord> {
     for (const [name, d] of this.#disks) {
       if (!d.descriptor) throw new BulwarkError(`disk ${name} was declared but not written`, { kind: 'invalid', context: { disk: name } });
     }
@@ -395,27 +400,38 @@ export class InjectWriter {
       const untrack = trackTemporary(tmp);
       try {
         const sink = await RecordSink.create(tmp, { ...full.header, kind: 'reverse', fileId: randomUUID(), pointId: qp.id, baseFileId: full.header.fileId, timeMs: Date.parse(qp.time) });
+        const progress = new StepProgress('inject', full.index.disks.reduce((sum, d) => sum + d.size, 0), () => ({ bytesRead: sink.bytesRead, bytesWritten: sink.bytesWritten }), input);
+        progress.start();
         try {
           const disks: DiskDescriptor[] = [];
+          let diskBase = 0;
           for (const fd of full.index.disks) {
             const pd = this.#disks.get(fd.name);
             const resized = pd !== undefined && pd.size !== fd.size;
+            const base = diskBase;
             const source = async (p: number, count: number): Promise<BlockEntry[]> => {
+              const { from, to } = pageSpan(base, fd.size, p, fd.entriesPerPage, full.header.blockSize);
               const first = p * fd.entriesPerPage;
               const replaced = (i: number) =>
                 !pd || i >= pd.blockCount || !this.inherits(fd.name, i) || (resized && (i === fd.blockCount - 1 || i === pd.blockCount - 1));
               let any = false;
               for (let k = 0; k < count && !any; k++) any = replaced(first + k);
-              if (!any) return new Array<BlockEntry>(count).fill(INHERIT);
+              if (!any) {
+                progress.at(to);
+                return new Array<BlockEntry>(count).fill(INHERIT);
+              }
               const old = await full.page(fd, p);
               const entries = old.map((e, k) => (replaced(first + k) ? e : INHERIT));
-              await sink.copyRecords(full, entries.filter((e): e is StoredBlockEntry => e.kind === 'stored'));
+              await sink.copyRecords(full, entries.filter((e): e is StoredBlockEntry => e.kind === 'stored'), (c, n) => progress.within(from, to, c, n));
+              progress.at(to);
               return entries.map((e) => (e.kind === 'stored' ? sink.mapped(full, e) : e));
             };
             disks.push(await sink.writeTable(fd.name, fd.size, full.header.blockSize, source));
+            diskBase += fd.size;
           }
           crashPoint('vrb-tables');
           await sink.commit(full.index.config, disks, 1, 0);
+          progress.end();
         } finally {
           this.io.bytesRead += sink.bytesRead;
           this.io.bytesWritten += sink.bytesWritten;

@@ -19,6 +19,7 @@ import type { VmFolder } from '../folders.js';
 import { crashPoint } from './crash-points.js';
 import { otherSlot, RecordSink } from './file-ops.js';
 import { findChain, readBody, removeFiles, replaceChain, updateBody } from './metadata.js';
+import { pageSpan, StepProgress, type TransformProgressOptions } from './progress.js';
 
 export interface TransformIo {
   bytesRead: number;
@@ -30,16 +31,20 @@ export interface TransformIo {
  * the disks are the overlay's; blocks the overlay inherits keep the full's entry (a hole past the
  * end of the full's disk). Pages the overlay does not change are not rewritten.
  */
-async function overlayTables(sink: RecordSink, full: BackupFile, overlay: BackupFile): Promise<DiskDescriptor[]> {
+async function overlayTables(sink: RecordSink, full: BackupFile, overlay: BackupFile, progress: StepProgress): Promise<DiskDescriptor[]> {
   const out: DiskDescriptor[] = [];
   const blockSize = full.header.blockSize;
+  let diskBase = 0;
   for (const od of overlay.index.disks) {
     const fd = full.disk(od.name);
     const unchanged = new Set<number>();
+    const base = diskBase;
     const source = async (p: number, count: number): Promise<BlockEntry[]> => {
+      const { from, to } = pageSpan(base, od.size, p, od.entriesPerPage, blockSize);
       const oEntries = await overlay.page(od, p);
       const fEntries = fd && p < fd.pages.length ? await full.page(fd, p) : [];
-      await sink.copyRecords(overlay, oEntries.filter((e): e is StoredBlockEntry => e.kind === 'stored'));
+      await sink.copyRecords(overlay, oEntries.filter((e): e is StoredBlockEntry => e.kind === 'stored'), (c, n) => progress.within(from, to, c, n));
+      progress.at(to);
       let changed = false;
       const entries: BlockEntry[] = [];
       for (let k = 0; k < count; k++) {
@@ -55,6 +60,7 @@ async function overlayTables(sink: RecordSink, full: BackupFile, overlay: Backup
     };
     const reuse = (p: number, count: number): TablePageRef | null => (fd && unchanged.has(p) && fd.pages[p]?.entryCount === count ? fd.pages[p] : null);
     out.push(await sink.writeTable(od.name, od.size, blockSize, source, reuse));
+    diskBase += od.size;
     crashPoint('overlay-disk');
   }
   return out;
@@ -65,14 +71,18 @@ async function overlayTables(sink: RecordSink, full: BackupFile, overlay: Backup
  * new commit. Crash before the flip: the old commit stays current (the appended bytes are cut
  * by the next transform); after it: the full holds the overlay's point.
  */
-async function applyOverlay(full: BackupFile, overlay: BackupFile, io: TransformIo): Promise<{ generation: number; fileLength: number }> {
+async function applyOverlay(full: BackupFile, overlay: BackupFile, io: TransformIo, progressOpts: TransformProgressOptions): Promise<{ generation: number; fileLength: number }> {
   const sink = await RecordSink.reopen(full);
   crashPoint('reopened');
+  const bytesTotal = overlay.index.disks.reduce((sum, d) => sum + d.size, 0);
+  const progress = new StepProgress('merge', bytesTotal, () => ({ bytesRead: io.bytesRead + sink.bytesRead, bytesWritten: io.bytesWritten + sink.bytesWritten }), progressOpts);
+  progress.start();
   try {
-    const disks = await overlayTables(sink, full, overlay);
+    const disks = await overlayTables(sink, full, overlay, progress);
     const generation = full.slot.generation + 1;
     const { fileLength } = await sink.commit(overlay.index.config, disks, generation, otherSlot(full), async () => crashPoint('before-flip'));
     crashPoint('flipped');
+    progress.end();
     return { generation, fileLength };
   } finally {
     io.bytesRead += sink.bytesRead;
@@ -83,9 +93,10 @@ async function applyOverlay(full: BackupFile, overlay: BackupFile, io: Transform
 
 /**
  * Merges the chain's first increment into its full: afterwards the full holds that increment's
- * point and the full's old point is gone. `chainId` must be a linear forward chain.
+ * point and the full's old point is gone. `chainId` must be a linear forward chain. Progress
+ * (step `merge`): the increment's disk bytes gone through, its records copied into the full.
  */
-export async function mergeOldest(f: VmFolder, chainId: string, io: TransformIo): Promise<{ removed: string; deletedFile: string }> {
+export async function mergeOldest(f: VmFolder, chainId: string, io: TransformIo, progress: TransformProgressOptions = {}): Promise<{ removed: string; deletedFile: string }> {
   const body = await readBody(f);
   const chain = findChain(body, chainId, f);
   const [fp, ip] = chain.points;
@@ -103,7 +114,7 @@ export async function mergeOldest(f: VmFolder, chainId: string, io: TransformIo)
       },
     }));
     crashPoint('merge-journal');
-    const { generation, fileLength } = await applyOverlay(full, inc, io);
+    const { generation, fileLength } = await applyOverlay(full, inc, io, progress);
     await commitMerge(f, chainId, fp.id, ip.id, generation, fileLength);
     return { removed: fp.id, deletedFile: path.join(f.dir, ip.file) };
   } finally {

@@ -21,10 +21,14 @@ import { crashPoint } from './crash-points.js';
 import { RecordSink } from './file-ops.js';
 import { mergeOldest, type TransformIo } from './inplace.js';
 import { findChain, readBody, removeFiles, replaceChain, updateBody } from './metadata.js';
+import { pageSpan, StepProgress, type TransformProgressOptions } from './progress.js';
 
 const log = logger('repository');
 
-export async function applyRetention(f: VmFolder, job: string, vm: string, policy: MethodPolicy, now: Date, _password?: string): Promise<RetentionReport & { io: TransformIo }> {
+/** Retention; each merge it does reports its progress (step `merge`) through `progress`. */
+export async function applyRetention(
+  f: VmFolder, job: string, vm: string, policy: MethodPolicy, now: Date, _password?: string, progress: TransformProgressOptions = {},
+): Promise<RetentionReport & { io: TransformIo }> {
   const io: TransformIo = { bytesRead: 0, bytesWritten: 0 };
   const body = await readBody(f).catch((err: unknown) => {
     if (err instanceof BulwarkError && err.kind === 'not-found') return null;
@@ -37,7 +41,7 @@ export async function applyRetention(f: VmFolder, job: string, vm: string, polic
   for (const a of actions) {
     switch (a.kind) {
       case 'merge': {
-        const r = await mergeOldest(f, a.chain, io);
+        const r = await mergeOldest(f, a.chain, io, progress);
         removedPoints.push(r.removed);
         deletedFiles.push(r.deletedFile);
         break;
@@ -89,7 +93,10 @@ function pickPoint(body: ChainMetadata, f: VmFolder, pointId: string | undefined
   throw new BulwarkError(id ? `no restore point ${id} of VM ${body.vm}` : `VM ${body.vm} has no restore point`, { kind: 'not-found', context: { point: id, vm: body.vm } });
 }
 
-export async function synthesizeFull(repo: Repository, f: VmFolder, _job: string, _vm: string, opts: SynthesizeFullOptions): Promise<RestorePointInfo & { io: TransformIo }> {
+/** Progress (step `synthetic-full`): the point's disk bytes gone through, the live records copied. */
+export async function synthesizeFull(
+  repo: Repository, f: VmFolder, _job: string, _vm: string, opts: SynthesizeFullOptions & TransformProgressOptions,
+): Promise<RestorePointInfo & { io: TransformIo }> {
   const io: TransformIo = { bytesRead: 0, bytesWritten: 0 };
   const body = await readBody(f);
   const { chain, point } = pickPoint(body, f, opts.point);
@@ -112,21 +119,39 @@ export async function synthesizeFull(repo: Repository, f: VmFolder, _job: string
   try {
     const top = rp.files[0]!;
     const sink = await RecordSink.create(tmp, { ...top.header, kind: 'full', fileId, chainId: newChain, pointId: point.id, baseFileId: NIL_UUID, timeMs: Date.parse(point.time) });
+    const progress = new StepProgress('synthetic-full', top.index.disks.reduce((sum, d) => sum + d.size, 0), () => ({ bytesRead: sink.bytesRead, bytesWritten: sink.bytesWritten }), opts);
+    progress.start();
     try {
       const disks: DiskDescriptor[] = [];
+      let diskBase = 0;
       for (const d of top.index.disks) {
+        const base = diskBase;
         const source = async (p: number, count: number): Promise<BlockEntry[]> => {
+          const { from, to } = pageSpan(base, d.size, p, d.entriesPerPage, top.header.blockSize);
           const resolved = [];
           for (let k = 0; k < count; k++) resolved.push(await rp.resolve(d.name, p * d.entriesPerPage + k));
           const byFile = new Map<BackupFile, StoredBlockEntry[]>();
           for (const r of resolved) if (r.kind === 'stored') byFile.set(r.file, [...(byFile.get(r.file) ?? []), r.entry]);
-          for (const [file, entries] of byFile) await sink.copyRecords(file, entries);
+          // The page's span is shared by the files its records come from, in proportion to their bytes.
+          const files = [...byFile];
+          const weights = files.map(([, entries]) => entries.reduce((sum, e) => sum + e.storedLength, 0));
+          const weightTotal = weights.reduce((a, b) => a + b, 0);
+          let at = from;
+          for (const [n, [file, entries]] of files.entries()) {
+            const until = weightTotal > 0 ? at + ((to - from) * weights[n]!) / weightTotal : to;
+            const start = at;
+            await sink.copyRecords(file, entries, (c, total) => progress.within(start, until, c, total));
+            at = until;
+          }
+          progress.at(to);
           crashPoint('synthetic-page');
           return resolved.map((r) => (r.kind === 'stored' ? sink.mapped(r.file, r.entry) : r.kind === 'zero' ? { kind: 'zero' } : { kind: 'hole' }));
         };
         disks.push(await sink.writeTable(d.name, d.size, top.header.blockSize, source));
+        diskBase += d.size;
       }
       ({ fileLength } = await sink.commit(top.index.config, disks, 1, 0));
+      progress.end();
     } finally {
       io.bytesRead += sink.bytesRead;
       io.bytesWritten += sink.bytesWritten;
@@ -156,7 +181,8 @@ export async function synthesizeFull(repo: Repository, f: VmFolder, _job: string
   return { ...after.points[0]!, io };
 }
 
-export async function compactFull(f: VmFolder, chainId?: string): Promise<{ file: string; bytesBefore: number; bytesAfter: number; io: TransformIo }> {
+/** Progress (step `compact`): the full's disk bytes gone through, its referenced records copied. */
+export async function compactFull(f: VmFolder, chainId?: string, progressOpts: TransformProgressOptions = {}): Promise<{ file: string; bytesBefore: number; bytesAfter: number; io: TransformIo }> {
   const io: TransformIo = { bytesRead: 0, bytesWritten: 0 };
   const body = await readBody(f);
   const chain = chainId ? findChain(body, chainId, f) : body.chains.find((c) => c.id === latestChain(chainsOfFolder(body, f.dir))?.id);
@@ -171,18 +197,26 @@ export async function compactFull(f: VmFolder, chainId?: string): Promise<{ file
   try {
     // Same header (file id, point, chain), a fresh data area with only referenced records.
     const sink = await RecordSink.create(tmp, full.header);
+    const progress = new StepProgress('compact', full.index.disks.reduce((sum, d) => sum + d.size, 0), () => ({ bytesRead: sink.bytesRead, bytesWritten: sink.bytesWritten }), progressOpts);
+    progress.start();
     try {
       const disks: DiskDescriptor[] = [];
+      let diskBase = 0;
       for (const d of full.index.disks) {
+        const base = diskBase;
         const source = async (p: number): Promise<BlockEntry[]> => {
+          const { from, to } = pageSpan(base, d.size, p, d.entriesPerPage, full.header.blockSize);
           const entries = await full.page(d, p);
-          await sink.copyRecords(full, entries.filter((e): e is StoredBlockEntry => e.kind === 'stored'));
+          await sink.copyRecords(full, entries.filter((e): e is StoredBlockEntry => e.kind === 'stored'), (c, n) => progress.within(from, to, c, n));
+          progress.at(to);
           crashPoint('compact-page');
           return entries.map((e) => (e.kind === 'stored' ? sink.mapped(full, e) : e));
         };
         disks.push(await sink.writeTable(d.name, d.size, full.header.blockSize, source));
+        diskBase += d.size;
       }
       ({ fileLength } = await sink.commit(full.index.config, disks, generation, 0));
+      progress.end();
     } finally {
       io.bytesRead += sink.bytesRead;
       io.bytesWritten += sink.bytesWritten;
