@@ -64,7 +64,15 @@ export interface RestoreVmTask {
 }
 
 export type InstantRecoveryAction =
-  | { readonly action: 'start'; readonly pointId: string; readonly name: string; readonly source: WireRestoreSource; readonly cacheBytes?: number | undefined }
+  | {
+      readonly action: 'start';
+      readonly pointId: string;
+      readonly name: string;
+      readonly source: WireRestoreSource;
+      readonly cacheBytes?: number | undefined;
+      /** The server's name of the host the VM runs on; the agent reports it back with the session (added 2026-11-26). */
+      readonly host?: string | undefined;
+    }
   | { readonly action: 'show'; readonly session: string }
   | { readonly action: 'list' }
   | { readonly action: 'migrate'; readonly session: string; readonly storage?: string | undefined }
@@ -89,6 +97,8 @@ export interface WireInstantSession {
   readonly disks: ReadonlyArray<{ readonly name: string; readonly size: number; readonly overlay: string; readonly target: string | null }>;
   /** The restore-serve task the session reads from (repository agent and task id), while it does: a restarted server re-adopts it. */
   readonly serve?: { readonly agent: string; readonly taskId: string } | undefined;
+  /** The host name the start named (a restarted server lists the session with it). */
+  readonly host?: string | undefined;
 }
 
 export type RestoreTask = RestorePointConfigTask | RestoreServeTask | RestoreVmTask | InstantRecoveryTask;

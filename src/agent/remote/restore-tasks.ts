@@ -3,7 +3,7 @@
 // whole VM onto a host of this agent (restoreVm, reading the point here or from the repository's
 // agent); and instant recovery sessions of VMs that run on this agent's host from a backup.
 import path from 'node:path';
-import { BulwarkError } from '../../common/errors.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
 import type { Repository } from '../../repository/index.js';
 import { InstantRecoverySessions, type InstantSessionInfo } from '../../restore/instant/index.js';
 import { repositoryPointSource, restoreVm, type RestoreVmResult, type VmPointSource } from '../../restore/vm/index.js';
@@ -41,6 +41,8 @@ export class RestoreTasks {
   readonly #instant = new InstantRecoverySessions();
   /** Instant recovery session -> the restore-serve task it reads from (listed, so a restarted server re-adopts it). */
   readonly #serves = new Map<string, { agent: string; taskId: string }>();
+  /** Instant recovery session -> the server's name of its host (as the start named it). */
+  readonly #hosts = new Map<string, string>();
 
   constructor(context: RestoreTaskContext) {
     this.#c = context;
@@ -64,10 +66,11 @@ export class RestoreTasks {
     await this.#instant.stopAll();
   }
 
-  /** A session as JSON, with the serve task it reads from while it runs from the backup. */
+  /** A session as JSON, with its host's name and the serve task it reads from while it runs from the backup. */
   #wire(i: InstantSessionInfo): WireInstantSession {
     const serve = i.runningFromBackup ? this.#serves.get(i.id) : undefined;
-    return { ...wireSession(i), ...(serve ? { serve } : {}) };
+    const host = this.#hosts.get(i.id);
+    return { ...wireSession(i), ...(serve ? { serve } : {}), ...(host !== undefined ? { host } : {}) };
   }
 
   async #pointConfig(task: RestorePointConfigTask): Promise<WirePointConfig> {
@@ -88,6 +91,10 @@ export class RestoreTasks {
     const receiver = await this.#c.listener();
     let streams = 0;
     let blocks = 0;
+    // Once the task ends, its readers' open streams read no more (a stopped serve task stops
+    // serving, not only new streams): each source is closed once, here or by its stream.
+    let ended = false;
+    const open = new Set<() => Promise<void>>();
     this.#c.grant(task.taskId, {
       secret: task.secret,
       openSource: async ({ peerCertificate }) => {
@@ -98,13 +105,26 @@ export class RestoreTasks {
         }
         streams++;
         const source = await pointRestoreSource(repository, task.pointId, task.password);
+        let closing: Promise<void> | undefined;
+        const close = (): Promise<void> => {
+          open.delete(close);
+          return (closing ??= source.close());
+        };
+        open.add(close);
+        if (ended) await close();
         return {
           disks: source.disks,
-          readBlock: (disk, index) => {
+          readBlock: async (disk, index) => {
+            if (ended) {
+              throw new BulwarkError(`restore point ${task.pointId} is no longer served: task ${task.taskId} ended (${describeError(signal.reason)})`, {
+                kind: 'unavailable',
+                context: { point: task.pointId, task: task.taskId },
+              });
+            }
             blocks++;
             return source.readBlock(disk, index);
           },
-          close: () => source.close(),
+          close,
         };
       },
     });
@@ -118,6 +138,8 @@ export class RestoreTasks {
     } finally {
       clearInterval(alive);
       this.#c.grant(task.taskId, undefined);
+      ended = true;
+      await Promise.allSettled([...open].map((close) => close()));
     }
   }
 
@@ -164,15 +186,16 @@ export class RestoreTasks {
         const s = task.source;
         if (s.kind === 'repository') {
           const repository = await this.#c.repository(s.repositoryPath);
-          return wireSession(
-            await this.#instant.start({ repository, pointId: task.pointId, workDir, name: task.name, ...(s.password !== undefined ? { password: s.password } : {}), ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) }),
-          );
+          const session = await this.#instant.start({ repository, pointId: task.pointId, workDir, name: task.name, ...(s.password !== undefined ? { password: s.password } : {}), ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) });
+          if (task.host !== undefined) this.#hosts.set(session.id, task.host);
+          return this.#wire(session);
         }
         // On-demand reads of a booting VM: a couple of streams are plenty.
         const remote = await this.#remote(task.pointId, s, 2);
         try {
           const session = await this.#instant.start({ source: remote, workDir, name: task.name, ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) });
           this.#serves.set(session.id, { agent: s.agent, taskId: s.transferId });
+          if (task.host !== undefined) this.#hosts.set(session.id, task.host);
           return this.#wire(session);
         } catch (err) {
           await remote.close();
@@ -193,6 +216,7 @@ export class RestoreTasks {
       case 'stop':
         await this.#instant.stop(task.session);
         this.#serves.delete(task.session);
+        this.#hosts.delete(task.session);
         return { stopped: task.session };
     }
   }

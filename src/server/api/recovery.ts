@@ -478,7 +478,7 @@ export class RecoveryService {
     } else {
       password = this.#keys ? await this.#keys.remotePassword(point, body.password) : body.password;
     }
-    const started = await remote.instantStart({ repository: repo, hostAgent, pointId: body.point, name, password });
+    const started = await remote.instantStart({ repository: repo, hostAgent, pointId: body.point, name, password, host: host?.name });
     const entry: RemoteInstant = { agent: started.agent, host: host?.name, serve: started.serve, last: started.session };
     this.#remoteInstant.set(started.session.id, entry);
     // A serve task that ends while the VM reads from the backup: said in the log; the VM's reads fail.
@@ -524,7 +524,7 @@ export class RecoveryService {
             const known = this.#remoteInstant.get(s.id);
             if (known) known.last = s;
             // Not started by this server process (it restarted): adopt the serve task it reads from.
-            else this.#remoteInstant.set(s.id, { agent, host: undefined, serve: s.serve ? remote.adoptServe(s.serve) : undefined, last: s });
+            else this.#remoteInstant.set(s.id, { agent, host: s.host, serve: s.serve ? remote.adoptServe(s.serve) : undefined, last: s });
           }
           for (const [id, r] of this.#remoteInstant) {
             if (r.agent !== agent || sessions.some((s) => s.id === id)) continue;

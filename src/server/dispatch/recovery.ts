@@ -153,11 +153,13 @@ export class RemoteRecovery {
     pointId: string;
     name: string;
     password?: string | undefined;
+    /** The host's name, kept with the session by its agent (a restarted server lists it so). */
+    host?: string | undefined;
   }): Promise<{ session: WireInstantSession; agent: string; serve: AgentTaskHandle | undefined }> {
     const agent = this.agentOf(a.hostAgent);
     const { source, serve } = await this.plan(a.repository, agent, a.pointId, a.password, () => this.pointConfig(a.repository, a.pointId, a.password));
     try {
-      const session = (await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source }).result) as WireInstantSession;
+      const session = (await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source, ...(a.host !== undefined ? { host: a.host } : {}) }).result) as WireInstantSession;
       return { session, agent, serve };
     } catch (err) {
       serve?.cancel('instant recovery did not start');

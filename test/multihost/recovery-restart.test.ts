@@ -1,0 +1,195 @@
+// Instant recovery across a server restart, in network namespaces this test creates (and always
+// deletes): the backup server, src1 next to the test guest (TCG), the repository agent repo1 and
+// dst1, the agent of host kvm-b. The guest (with a 16 MiB file of random bytes written before the
+// backup) is backed up into repo1's repository and stopped; then `instant-recovery start --host
+// kvm-b` runs it on dst1, reading the point through repo1's restore-serve task. Once its guest
+// agent answers, the server is killed (SIGKILL) and started again. Past every agent's adoption
+// window (6 s from its first poll, netns/server.ts) and the serve task's next report (every 10 s,
+// src/agent/remote/restore-tasks.ts), by when a task the new server had not adopted is stopped:
+// - the session is listed again with its agent, host and state; the same QEMU still runs;
+// - the guest agent answers and the guest reads data it never read before the restart (the test
+//   files and the big file, from repo1 through the adopted serve task: a stopped serve task fails
+//   its readers), matching the backed-up digests;
+// - `migrate` and `stop` work through the new server; after migrate the VM runs on its own disk
+//   (the page cache dropped, the big file read again with the backup side closed);
+// - the repository is unchanged (every file's digest) and verifies clean.
+// One guest boot of the original and one of the recovered VM.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { verifyRepository } from '../../src/repository/index.js';
+import { ensureTestGuest, startTestGuest, type TestGuest } from '../fixtures/guest.js';
+import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
+import { MultiHost, multiHostSkipReason as skipReason, logText, type SessionJson } from './netns/hosts.js';
+
+const VM = 'rr-g';
+/** netns/server.ts: adoptWindowMs; src/agent/remote/restore-tasks.ts: SERVE_PROGRESS_MS. */
+const ADOPT_WINDOW_MS = 6000;
+const SERVE_REPORT_MS = 10_000;
+const repoRoot = path.resolve(import.meta.dirname, '../..');
+
+let h: MultiHost;
+let guest: TestGuest | undefined;
+let dst: Awaited<ReturnType<MultiHost['addAgent']>>;
+let pointId = '';
+let bigSum = '';
+let irPid = 0;
+const started = Date.now();
+
+interface Instant {
+  id: string;
+  name: string;
+  agent?: string;
+  host?: string;
+  state: string;
+  runningFromBackup: boolean;
+  pid: number | null;
+  dir: string;
+  agentSocket: string;
+  consoleLog: string;
+  disks: Array<{ name: string; target: string | null }>;
+}
+
+const since = (t: number): string => `${((Date.now() - t) / 1000).toFixed(1)} s`;
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** The console against the current server (its unix socket); stdout, or the failure with stderr. */
+function cli(...args: string[]): string {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], {
+    cwd: repoRoot,
+    env: { ...process.env, BULWARK_SERVER: `unix:${h.socketPath}` },
+    encoding: 'utf8',
+  });
+  if (r.status !== 0) throw new Error(`bulwark ${args.join(' ')} exited ${String(r.status)}: ${r.stderr}${r.stdout}`);
+  return r.stdout;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return !readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.startsWith('Z');
+  } catch {
+    return false;
+  }
+}
+
+describe.skipIf(skipReason !== '')(`instant recovery across a server restart${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
+  beforeAll(async () => {
+    h = await MultiHost.start({ vm: 'rr-none', disk: Buffer.alloc(1024 * 1024) });
+    dst = await h.addAgent('dst1', 'd');
+    const bVms = path.join(h.tmp, 'b-vms');
+    mkdirSync(bVms, { recursive: true });
+    const gDir = path.join(h.tmp, 'guests', VM);
+    mkdirSync(gDir, { recursive: true });
+    guest = await startTestGuest({ name: VM, dir: gDir, netns: h.ns.source });
+    await guest.waitForAgent();
+    // Blocks the recovered VM reads only after the restart.
+    bigSum = (await guest.sh('dd if=/dev/urandom of=/srv/big.bin bs=1M count=16 2>/dev/null && sync && sha256sum /srv/big.bin')).split(' ')[0]!;
+    expect(bigSum).toMatch(/^[0-9a-f]{64}$/);
+    await h.api('POST', '/hosts', { name: 'kvm-g', kind: 'qemu', uri: path.join(h.tmp, 'guests', '*', 'qmp.sock'), agent: 'src1' });
+    await h.api('POST', '/hosts', { name: 'kvm-b', kind: 'qemu', uri: path.join(bVms, '*', 'qmp.sock'), agent: 'dst1' });
+    await h.api('POST', '/jobs', { name: 'rr', vms: [VM], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 } });
+    // A real guest under TCG on a shared machine: give the backup more than waitSession's 45 s.
+    const { sessionId } = await h.api<{ sessionId: string }>('POST', '/jobs/rr/run', {});
+    let s = await h.api<SessionJson>('GET', `/sessions/${sessionId}`);
+    for (let i = 0; i < 1800 && ['queued', 'running'].includes(s.state); i++) {
+      await sleep(100);
+      s = await h.api<SessionJson>('GET', `/sessions/${sessionId}`);
+    }
+    expect(s.state, logText(s)).toMatch(/success|warning/);
+    pointId = (await h.api<{ items: Array<{ id: string; vm: string }> }>('GET', `/restore-points?vm=${VM}`)).items.find((p) => p.vm === VM)!.id;
+    // The original is not needed any more: its CPU goes to the recovered VM.
+    await guest.stop();
+    guest = undefined;
+    console.log(`recovery-restart: set-up (namespaces, agents, guest, backup) ${since(started)}`);
+  }, 600_000);
+
+  afterAll(async () => {
+    if (irPid && alive(irPid)) process.kill(irPid, 'SIGKILL');
+    await guest?.stop();
+    if (h) expect(h.close()).toBe('');
+    console.log(`recovery-restart: whole file ${since(started)}`);
+  });
+
+  it('a VM running from repo1\'s backup on kvm-b keeps running over a server restart; listed, read, migrated and stopped through the new server', async () => {
+    const repoBefore = await hashTree(h.repoDir);
+    const t0 = Date.now();
+    const s = JSON.parse(cli('instant-recovery', 'start', pointId, '--name', 'rr-ir', '--host', 'kvm-b', '--json')) as Instant;
+    irPid = s.pid ?? 0;
+    expect(s).toMatchObject({ agent: 'dst1', host: 'kvm-b', state: 'running-from-backup', runningFromBackup: true });
+    expect(irPid).toBeGreaterThan(0);
+    expect(s.dir.startsWith(path.join(dst.dataDir, 'ir'))).toBe(true);
+    expect(readFileSync(`/proc/${irPid}/cmdline`, 'utf8')).toContain('rr-ir');
+    await waitForGuestAgent(s.agentSocket, s.consoleLog);
+    console.log(`recovery-restart: recovered VM's guest agent answered ${since(t0)} after start`);
+
+    // The server dies without a word and comes back.
+    const server = h.children[0]!;
+    server.kill('SIGKILL');
+    await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
+    const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
+    const restarted = Date.now();
+    h.socketPath = again.info.socket as string;
+
+    let listed: Instant | undefined;
+    for (let i = 0; i < 600 && !listed; i++) {
+      listed = (await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.find((i) => i.id === s.id);
+      if (!listed) await sleep(100);
+    }
+    expect(listed, 'the session is listed again after the restart').toBeDefined();
+    console.log(`recovery-restart: session listed again ${since(restarted)} after the restart`);
+
+    // Past every agent's adoption window and the serve task's next report.
+    type Agents = { items: Array<{ name: string; state: string; lastSeenAt?: string | null }> };
+    const back = async (): Promise<boolean> => {
+      const agents = (await h.api<Agents>('GET', '/agents')).items;
+      return ['dst1', 'repo1'].every((n) => agents.some((a) => a.name === n && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= restarted - 1000));
+    };
+    for (let i = 0; i < 600 && !(await back()); i++) await sleep(100);
+    expect(await back(), 'dst1 and repo1 polled the new server').toBe(true);
+    await sleep(ADOPT_WINDOW_MS + SERVE_REPORT_MS + 3000);
+
+    const out = cli('instant-recovery', 'list', '--json');
+    const after = (JSON.parse(out) as Instant[]).find((i) => i.id === s.id);
+    expect(after, out).toMatchObject({ agent: 'dst1', host: 'kvm-b', state: 'running-from-backup', runningFromBackup: true, pid: irPid, dir: s.dir });
+    expect(alive(irPid)).toBe(true);
+    expect(readFileSync(`/proc/${irPid}/cmdline`, 'utf8')).toContain('rr-ir');
+    expect(await guestSh(s.agentSocket, 'echo still-here')).toBe('still-here\n');
+    // Data the recovered VM never read before the restart: from repo1, through the adopted serve task.
+    const manifest = (await ensureTestGuest()).manifest;
+    const t1 = Date.now();
+    const sums = await guestSh(s.agentSocket, `cd '${manifest.testdataDir}' && sha256sum ${Object.keys(manifest.testdata).map((f) => `'${f}'`).join(' ')} /srv/big.bin`);
+    for (const [file, sum] of Object.entries(manifest.testdata)) expect(sums, file).toContain(`${sum}  ${file}`);
+    expect(sums).toContain(`${bigSum}  /srv/big.bin`);
+    console.log(`recovery-restart: test files and 16 MiB read through repo1 after the restart in ${since(t1)}`);
+    await guestSh(s.agentSocket, 'echo written-after-restart > /srv/after.txt && sync');
+
+    // migrate through the new server: the VM's own disk on kvm-b, the backup side closed.
+    const storage = path.join(h.tmp, 'prod', 'rr-ir');
+    const t2 = Date.now();
+    const migrated = JSON.parse(cli('instant-recovery', 'migrate', s.id, '--storage', storage, '--json')) as Instant;
+    console.log(`recovery-restart: migrate ${since(t2)}`);
+    expect(migrated).toMatchObject({ agent: 'dst1', state: 'migrated', runningFromBackup: false, pid: irPid });
+    const target = path.join(storage, 'vda.qcow2');
+    expect(migrated.disks).toEqual([expect.objectContaining({ name: 'vda', target })]);
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', target], { encoding: 'utf8' })) as { format: string; 'backing-filename'?: string };
+    expect(info.format).toBe('qcow2');
+    expect(info['backing-filename']).toBeUndefined();
+    // Reads go to the VM's own disk now (the page cache dropped; the backup side is closed).
+    expect(alive(irPid)).toBe(true);
+    const own = await guestSh(s.agentSocket, 'sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /srv/big.bin; cat /srv/after.txt');
+    expect(own).toBe(`${bigSum}  /srv/big.bin\nwritten-after-restart\n`);
+
+    cli('instant-recovery', 'stop', s.id);
+    for (let i = 0; i < 300 && alive(irPid); i++) await sleep(100);
+    expect(alive(irPid)).toBe(false);
+    expect((await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
+    expect(existsSync(s.dir)).toBe(false);
+    // The migrated disk stays.
+    expect(existsSync(target)).toBe(true);
+
+    expect(await hashTree(h.repoDir)).toEqual(repoBefore);
+    expect((await verifyRepository(h.repoDir)).damage).toEqual([]);
+  }, 420_000);
+});
