@@ -98,7 +98,16 @@ export interface Mount {
    * that cannot be mounted go to `skipped`. Returns the file systems mounted by this call.
    */
   mountVolumes(names: readonly string[]): Promise<MountedFileSystem[]>;
-  /** Copies paths (relative to `at`, or absolute inside it) into toDir. */
+  /**
+   * Disk reads that failed since the mount was set up (damaged blocks of the restore point, each
+   * naming file, disk and offset), the first few only. The kernel turns them into EIO for the
+   * file being read; this says why.
+   */
+  readonly readFailures: readonly string[];
+  /**
+   * Copies paths (relative to `at`, or absolute inside it) into toDir. A read the backup cannot
+   * answer (EIO) fails with kind `corrupt`, naming the path and the damaged blocks.
+   */
   copyOut(paths: readonly string[], toDir: string, options?: CopyOptions): Promise<CopyReport>;
   /** Unmounts everything in reverse order, stops nbdfuse and the NBD server. Idempotent. */
   unmount(): Promise<void>;
@@ -207,6 +216,7 @@ class MountSession implements Mount {
   readonly skipped: SkippedVolume[] = [];
   readonly warnings: string[] = [];
   readonly volumes: FoundVolume[] = [];
+  readonly readFailures: string[] = [];
   readonly #dir: string;
   readonly #state: MountState;
   readonly #onMounted: MountOptions['onMounted'];
@@ -240,7 +250,8 @@ class MountSession implements Mount {
     };
   }
 
-  async setUp(disks: readonly DiskToMount[]): Promise<void> {
+  async setUp(given: readonly DiskToMount[]): Promise<void> {
+    const disks = given.map((d) => ({ name: d.name, disk: recordingFailures(d.name, d.disk, this.readFailures) }));
     mkdirSync(this.#dir, { recursive: true, mode: 0o700 });
     this.#save();
     registerForExit(this);
@@ -530,7 +541,11 @@ class MountSession implements Mount {
       }
       return abs;
     });
-    return await copyOut(sources, toDir, options);
+    try {
+      return await copyOut(sources, toDir, options);
+    } catch (err) {
+      throw damagedRead(err, this) ?? err;
+    }
   }
 
   unmount(): Promise<void> {
@@ -760,4 +775,42 @@ function commandOf(pid: number): string {
   } catch {
     return '';
   }
+}
+
+/** Failed disk reads kept per mount for error messages (the first ones; later ones are alike). */
+const READ_FAILURES_KEPT = 8;
+
+/** `disk`, with the message of each failed read (a damaged block names itself) added to `failures`. */
+function recordingFailures(name: string, disk: RandomAccessDisk, failures: string[]): RandomAccessDisk {
+  const note = (err: unknown): never => {
+    const message = `${name}: ${describeError(err)}`;
+    if (failures.length < READ_FAILURES_KEPT && !failures.includes(message)) failures.push(message);
+    throw err;
+  };
+  return {
+    size: disk.size,
+    read: (offset, length) => disk.read(offset, length).catch(note),
+    ...(disk.extents ? { extents: (offset: number, length: number) => disk.extents!(offset, length).catch(note) } : {}),
+    close: () => disk.close(),
+  };
+}
+
+/**
+ * An EIO from reading a mounted restore point, as an error that says the backup's data is damaged
+ * and which blocks (from the mount's failed disk reads); undefined for any other error.
+ */
+export function damagedRead(err: unknown, mount: Pick<Mount, 'at' | 'readFailures'>, what?: string): BulwarkError | undefined {
+  const code = (e: unknown): string | undefined => (e as NodeJS.ErrnoException | undefined)?.code;
+  const cause = err instanceof BulwarkError && err.cause !== undefined ? err.cause : err;
+  if (code(err) !== 'EIO' && code(cause) !== 'EIO') return undefined;
+  // The file that failed, as the mount shows it (`vda/part1-ext4/srv/x`), unless the caller names it.
+  const failed = (err instanceof BulwarkError ? err.context.path : undefined) ?? (cause as NodeJS.ErrnoException).path;
+  const path = what ?? (typeof failed === 'string' && failed.startsWith(`${mount.at}/`) ? relative(mount.at, failed) : (failed ?? mount.at));
+  const blocks = mount.readFailures.length > 0 ? `: ${mount.readFailures.join('; ')}` : ' (no failed block read was recorded: see the server log)';
+  return new BulwarkError(`reading ${path} from the restore point failed: the backup holds damaged data there${blocks}`, {
+    kind: 'corrupt',
+    context: { path },
+    hint: 'restore it from another restore point (an older one, or the next one after a backup run repaired the damage), or restore the other paths without it',
+    cause: err,
+  });
 }

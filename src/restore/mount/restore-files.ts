@@ -4,10 +4,11 @@
 // for folders, symlinks, modes, owners and times, which the file API cannot set).
 import { lstat, open, readdir, readlink } from 'node:fs/promises';
 import { join, posix } from 'node:path';
-import { BulwarkError } from '../../common/errors.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
 import type { CopyReport } from './copy-out.js';
+import { damagedRead, type Mount } from './mount.js';
 import { resolveGuestPath, fsName, type ResolvedGuestPath } from './guest-paths.js';
 import type { PointIdentity, PointMount } from './point-mount.js';
 
@@ -37,7 +38,7 @@ function resolveAll(m: PointMount<PointIdentity>, paths: readonly string[]): Res
 /** Copies guest paths into a host folder, each under its own name. */
 export async function restoreFilesToDir(m: PointMount<PointIdentity>, paths: readonly string[], toDir: string, opts: { overwrite?: boolean } = {}): Promise<RestoreFilesResult> {
   const resolved = resolveAll(m, paths);
-  for (const r of resolved) await assertExists(r);
+  for (const r of resolved) await assertExists(r, m.mount);
   const report = await m.mount.copyOut(
     resolved.map((r) => r.hostPath),
     toDir,
@@ -47,13 +48,21 @@ export async function restoreFilesToDir(m: PointMount<PointIdentity>, paths: rea
   return { ...report, items };
 }
 
-async function assertExists(r: ResolvedGuestPath): Promise<void> {
+/** Only a path that is not there is "does not exist": a read the backup cannot answer says so (EIO). */
+async function assertExists(r: ResolvedGuestPath, mount: Pick<Mount, 'at' | 'readFailures'>): Promise<void> {
   try {
     await lstat(r.hostPath);
-  } catch {
-    throw new BulwarkError(`${r.spec} does not exist in the restore point (looked in ${fsName(r.fs)} at ${r.inside})`, {
-      kind: 'not-found',
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      throw new BulwarkError(`${r.spec} does not exist in the restore point (looked in ${fsName(r.fs)} at ${r.inside})`, {
+        kind: 'not-found',
+        context: { path: r.spec, filesystem: fsName(r.fs) },
+      });
+    }
+    throw damagedRead(err, mount, r.spec) ?? new BulwarkError(`${r.spec} cannot be read in the restore point (${fsName(r.fs)} at ${r.inside}): ${describeError(err)}`, {
       context: { path: r.spec, filesystem: fsName(r.fs) },
+      cause: err,
     });
   }
 }
@@ -140,7 +149,7 @@ export async function restoreFilesToGuest(
   const conflict = opts.conflict ?? 'fail';
   const resolved = resolveAll(m, paths);
   for (const r of resolved) {
-    await assertExists(r);
+    await assertExists(r, m.mount);
     if (r.guestPath === '/') throw new BulwarkError(`${r.spec}: restoring a whole root file system into the running guest is refused`, { kind: 'invalid', hint: 'restore the disk or the VM instead, or name folders inside it' });
   }
   // Which targets exist in the guest now (one round trip).
@@ -162,11 +171,17 @@ export async function restoreFilesToGuest(
       }
     }
     plan.pre.push(`mkdir -p ${shq(posix.dirname(dest))}`);
-    await planEntry(r.hostPath, dest, plan);
+    await planEntry(r.hostPath, dest, plan).catch((err: unknown) => {
+      throw damagedRead(err, m.mount, r.spec) ?? err;
+    });
     items.push({ path: r.spec, filesystem: fsName(r.fs), inside: r.inside, to: dest });
   }
   await runGuestScript(qga, plan.pre, 'creating folders');
-  for (const f of plan.files) await writeGuestFile(qga, f.host, f.guest);
+  for (const f of plan.files) {
+    await writeGuestFile(qga, f.host, f.guest).catch((err: unknown) => {
+      throw damagedRead(err, m.mount, f.guest) ?? err;
+    });
+  }
   await runGuestScript(qga, plan.post, 'setting links, owners, modes and times');
   log.info({ point: m.point.id, vm: m.point.vm, items: items.map((i) => i.to), files: plan.report.files, bytes: plan.report.bytes }, 'files restored into the guest');
   return { ...plan.report, items };
