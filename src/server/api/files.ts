@@ -158,12 +158,24 @@ const SearchReply = Type.Object({
 });
 
 /**
- * The repository of a ready point and the password option to open it with (the server's for its
+ * A point the last health check found damaged (`corrupt`) is restorable all the same: every block
+ * read is CRC-checked, so a file on a damaged block fails naming the block and everything else reads
+ * as backed up (as `restore disk` of such a point always did). Refusing it made the files of every
+ * point that inherits one damaged block unreachable. Logged, so the damage is on record.
+ */
+function warnIfDamaged(point: Awaited<ReturnType<typeof getRestorePoint>>): void {
+  if (point.state === 'corrupt') {
+    log.warn({ point: point.id, vm: point.vm }, `restore point ${point.id} of VM ${point.vm} is marked corrupt (a health check found damage): files on damaged blocks fail to read, naming the block; the rest reads as backed up`);
+  }
+}
+
+/**
+ * The repository of a point and the password option to open it with (the server's for its
  * encrypted jobs, else `given`, checked: docs/encryption.md).
  */
 async function repositoryOfPoint(ctx: ServiceContext, pointId: string, keys?: EncryptionKeys, given?: string): Promise<{ repository: Repository; vm: string; password: { password?: string } }> {
   const point = await getRestorePoint(ctx, pointId);
-  if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
+  warnIfDamaged(point);
   const repo = await getRepository(ctx, point.repository);
   const repository = await openSharedRepository(repo.path);
   return { repository, vm: point.vm, password: await pointPassword(keys, repository, point, given) };
@@ -321,7 +333,6 @@ export async function restoreFiles(
   }
   if (body.to !== undefined && !path.isAbsolute(body.to)) throw new BulwarkError(`to: ${body.to} is not an absolute path`, { kind: 'invalid' });
   const point = await getRestorePoint(ctx, pointId);
-  if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
   const repo = await getRepository(ctx, point.repository);
   const server = await mountServer(ctx, agents, repo.agent, { host: body.host, ...(body.toGuest ? { guestVm: point.vm } : {}) });
   // Users who are not administrators write only below the restore folders (decision 0009).
@@ -361,6 +372,7 @@ async function restoreFilesOnAgent(
 ): Promise<RestoreFilesResult & { point: string; vm: string; target: string; agent: string }> {
   const agent = server.agent;
   assertConnected(agents, agent, server.host ? `the mount server of host ${server.host.name}` : body.toGuest ? `the agent of VM ${point.vm}'s host` : 'the mount server of the point\'s repository');
+  warnIfDamaged(point);
   const password = await agentPassword(ctx, point, repo, agents, keys, body.password);
   const remote = new RemoteRecovery(agents.broker, agents.localAgent);
   const { source, serve } = await remote.plan(repo, agent, point.id, password, () => remote.pointConfig(repo, point.id, password));
@@ -395,10 +407,10 @@ export async function mountOnAgent(
   keys: EncryptionKeys | undefined,
 ): Promise<MountSessionInfo | undefined> {
   const point = await getRestorePoint(ctx, pointId);
-  if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
   const repo = await getRepository(ctx, point.repository);
   const server = await mountServer(ctx, agents, repo.agent, { host: body.host });
   if (server.agent === undefined) return undefined;
+  warnIfDamaged(point);
   const agent = server.agent;
   assertConnected(agents, agent, server.host ? `the mount server of host ${server.host.name}` : 'the mount server of the point\'s repository');
   const password = await agentPassword(ctx, point, repo, agents, keys, body.password);
@@ -540,7 +552,7 @@ export async function indexPoint(ctx: ServiceContext, pointId: string, runDir?: 
   const repo = await getRepository(ctx, point.repository);
   const agent = indexingAgent(agents, repo.agent);
   if (agent && agents) {
-    if (point.state !== 'ready') throw new BulwarkError(`restore point ${point.id} is ${point.state}, not ready`, { kind: 'conflict', context: { point: point.id } });
+    warnIfDamaged(point);
     const password = point.encrypted && keys ? await keys.remotePassword(point, given) : given;
     const handle = agents.broker.run(agent, { kind: 'file-index', action: 'build', repositoryPath: repo.path, pointId, password });
     const r = (await handle.result) as IndexResult;
