@@ -1,4 +1,5 @@
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { watch } from 'node:fs';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -198,6 +199,31 @@ describe('repository round trip', () => {
     expect(names.some((n) => n.includes('.tmp-'))).toBe(false);
     expect(names).not.toContain('20990101T000000Z-deadbeef.vib');
     expect(names).toContain('foreign.vbk');
+  });
+});
+
+describe('the first point of a VM folder', () => {
+  it('names the folder in a .vbm before its backup file gets its name, so a crash between the two leaves a file the sweep removes', async () => {
+    const repo = await openRepository(root);
+    const dir = path.join(root, 'first', 'vm');
+    await mkdir(dir, { recursive: true });
+    const seen: string[] = [];
+    const watcher = watch(dir, (_event, name) => {
+      if (name && !name.includes('.tmp-') && (name.endsWith('.vbm') || /\.vbk$/.test(name))) seen.push(name);
+    });
+    try {
+      const w = await repo.startRestorePoint({ job: 'first', vm: 'vm', kind: 'full', blockSize: BS, threads: 0, disks: [{ name: 'vda', size: BS }] });
+      await w.writeDisk('vda', iterate([{ index: 0, data: Buffer.alloc(BS, 7) }]));
+      const p = await w.commit();
+      for (let i = 0; i < 100 && !seen.includes(path.basename(p.file)); i++) await new Promise((r) => setTimeout(r, 10));
+      const vbk = seen.indexOf(path.basename(p.file));
+      expect(vbk).toBeGreaterThanOrEqual(0);
+      expect(seen.indexOf('vm.vbm')).toBeGreaterThanOrEqual(0);
+      expect(seen.indexOf('vm.vbm')).toBeLessThan(vbk);
+    } finally {
+      watcher.close();
+    }
+    // What such a crash leaves (a .vbm naming no point, a published file) is swept: 'open sweeps temporaries of dead writers and uncommitted files'.
   });
 });
 

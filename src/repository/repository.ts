@@ -649,8 +649,12 @@ export class RestorePointWriter {
       }
       const { fileLength } = await this.#file.commit(config);
       // Re-read under the lock: the .vbm is the only record, never overwrite a newer one blindly.
-      const pending = (await readChainMetadata(this.#folder.vbmPath))?.body.pendingRepair;
-      const repair = await remainingRepair(pending, this.#file.path, this.#opts.kind);
+      const before = await readChainMetadata(this.#folder.vbmPath);
+      const repair = await remainingRepair(before?.body.pendingRepair, this.#file.path, this.#opts.kind);
+      // The folder's first point: an empty .vbm goes first, so that a crash between the rename
+      // below and the .vbm naming the point leaves a file the sweep removes (a folder without any
+      // .vbm keeps its backup files: they may have been copied in for a rescan). docs/formats/backup-files.md, "Commit and sweep".
+      if (!before) await writeFileAtomic(this.#folder.vbmPath, encodeChainMetadata(1, { version: 1, job: this.#opts.job, vm: this.#opts.vm, chains: [], journal: null }));
       await publish(this.#file.path, this.#finalPath);
       this.#untrack();
       const current = (await readChainMetadata(this.#folder.vbmPath)) ?? {
