@@ -1,5 +1,8 @@
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { fileIndexPath, globToRegExp, mergeSearchResults } from './catalog.js';
+import { FILE_INDEX_FORMAT, fileIndexPath, globToRegExp, mergeSearchResults, searchIndexes, writeIndex, type FileIndexEntry, type FileIndexHeader } from './catalog.js';
 
 describe('file index', () => {
   it('globs match case-insensitively and whole strings only', () => {
@@ -40,5 +43,36 @@ describe('mergeSearchResults', () => {
     expect(m.matches[1]!.versions.map((v) => [v.size, v.points.map((q) => q.id)])).toEqual([[2, ['c']], [1, ['a', 'b']]]);
     expect([m.pointsSearched, m.pointsWithoutIndex.length, m.pointsLocked.length, m.truncated]).toEqual([3, 1, 1, false]);
     expect(mergeSearchResults('x*', [a, b], 1)).toMatchObject({ truncated: true, matches: [{ path: '/x' }] });
+  });
+});
+
+describe('searchIndexes', () => {
+  it('a point whose index breaks partway contributes no match: it is listed as without index only', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'bulwark-search-'));
+    try {
+      // Entries of incompressible names, so half of the gzip file holds many whole entries.
+      const entries: FileIndexEntry[] = Array.from({ length: 4000 }, (_, i) => ({ p: `/srv/f-${i}-${(i * 2654435761) % 1000003}.log`, t: 'f', s: i, m: 1_700_000_000 + i }));
+      const header = (id: string): FileIndexHeader => ({ format: FILE_INDEX_FORMAT, point: id, job: 'j', vm: 'v', pointTime: '2026-11-01T00:00:00.000Z', created: '2026-11-01T00:00:00.000Z', filesystems: [], skipped: [] });
+      const good = path.join(dir, 'p1.files.gz');
+      const broken = path.join(dir, 'p2.files.gz');
+      await writeIndex(good, header('p1'), entries);
+      await writeIndex(broken, header('p2'), entries);
+      const gz = await readFile(broken);
+      await writeFile(broken, gz.subarray(0, Math.floor(gz.length / 2)));
+      const r = await searchIndexes(
+        [
+          { id: 'p1', time: '2026-11-01T00:00:00.000Z', vm: 'v', indexFile: good },
+          { id: 'p2', time: '2026-11-02T00:00:00.000Z', vm: 'v', indexFile: broken },
+        ],
+        'f-1*',
+      );
+      expect(r.matches.length).toBeGreaterThan(100);
+      expect(r.pointsWithoutIndex.map((p) => p.id)).toEqual(['p2']);
+      expect(r.pointsSearched).toBe(1);
+      const cited = new Set(r.matches.flatMap((m) => m.versions.flatMap((v) => v.points.map((p) => p.id))));
+      expect([...cited]).toEqual(['p1']);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -343,17 +343,31 @@ export async function searchIndexes(points: readonly SearchablePoint[], pattern:
       without.push({ id: p.id, time: p.time, vm: p.vm, reason: 'the restore point was not found in its repository' });
       continue;
     }
+    // A point's matches count only once its whole index has been read: an index that breaks
+    // partway (truncated, damaged) must not cite the point for what it read before the break.
+    // Bounded: hits for paths already found, plus at most the room left under `limit` for new ones.
+    const hits: FileIndexEntry[] = [];
+    let newPaths = 0;
+    let cut = false;
     try {
       await readIndex(p.indexFile, (e) => {
         const name = onPath ? e.p.replace(/^[A-Za-z0-9._-]+:/, '') : posix.basename(e.p);
         if (!re.test(name)) return;
+        if (!byPath.has(`${p.vm}\0${e.p}`)) {
+          if (byPath.size + newPaths >= limit) {
+            cut = true;
+            return;
+          }
+          newPaths++;
+        }
+        hits.push(e);
+      }, { ...(p.unlock ? { unlock: p.unlock } : {}), pointId: p.id });
+      searched++;
+      truncated ||= cut;
+      for (const e of hits) {
         const key = `${p.vm}\0${e.p}`;
         let match = byPath.get(key);
         if (!match) {
-          if (byPath.size >= limit) {
-            truncated = true;
-            return;
-          }
           match = { vm: p.vm, path: e.p, versions: new Map() };
           byPath.set(key, match);
         }
@@ -364,8 +378,7 @@ export async function searchIndexes(points: readonly SearchablePoint[], pattern:
           match.versions.set(vkey, v);
         }
         v.points.push({ id: p.id, time: p.time });
-      }, { ...(p.unlock ? { unlock: p.unlock } : {}), pointId: p.id });
-      searched++;
+      }
     } catch (err) {
       if (err instanceof BulwarkError && (err.kind === 'unauthorized' || err.kind === 'forbidden')) {
         // No password (or a wrong one): refused before any entry was read.
