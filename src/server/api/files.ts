@@ -485,7 +485,8 @@ function adoptAgentMount(mounts: MountSessions, info: WireMountInfo, agent: stri
  * After a server (re)start: the mounts agents still hold are adopted again (listed, held, unmounted
  * as before the restart) instead of being stopped as unknown tasks. When an agent first polls, it
  * is asked for its mounts (`mount list`), again every 2 s until it answers or its adoption window
- * ends (docs/formats/agent-link.md, "Mount tasks"). Returns a function that stops asking.
+ * ends (docs/formats/agent-link.md, "Mount tasks"); the broker stops none of its tasks meanwhile.
+ * Returns a function that stops asking.
  */
 export function readoptAgentMounts(agents: FileIndexAgents, mounts: MountSessions): () => void {
   const adopted = new Set<string>();
@@ -510,19 +511,17 @@ export function readoptAgentMounts(agents: FileIndexAgents, mounts: MountSession
     }
     return true;
   };
-  agents.broker.onAgentSeen((agent) => {
-    const pass = (): void => {
-      if (stopped || Date.now() > agents.broker.adoptableUntil(agent)) return;
-      void ask(agent)
-        .catch((err: unknown) => {
-          log.warn({ agent, err: describeError(err) }, 'asking an agent for its mounts failed');
-          return false;
-        })
-        .then((done) => {
-          if (!done && !stopped) setTimeout(pass, 2000).unref();
-        });
-    };
-    pass();
+  // The broker keeps the agent's unknown tasks while this promise is pending (an answer that comes
+  // in at the end of the window is still adopted, not stopped first).
+  agents.broker.onAgentSeen(async (agent) => {
+    while (!stopped && Date.now() <= agents.broker.adoptableUntil(agent)) {
+      const done = await ask(agent).catch((err: unknown) => {
+        log.warn({ agent, err: describeError(err) }, 'asking an agent for its mounts failed');
+        return false;
+      });
+      if (done) return;
+      await new Promise((r) => setTimeout(r, 2000).unref());
+    }
   });
   return () => {
     stopped = true;

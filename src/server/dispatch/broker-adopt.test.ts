@@ -13,7 +13,9 @@ describe('AgentTaskBroker adoption after a restart', () => {
     const broker = new AgentTaskBroker({ pollWaitMs: 1, adoptWindowMs: 5000, now: () => now });
     try {
       const seen: string[] = [];
-      broker.onAgentSeen((a) => seen.push(a));
+      broker.onAgentSeen((a) => {
+        seen.push(a);
+      });
       // Events arrive before the agent's first poll (its outbox is retried first): not stopped.
       now += 60_000;
       expect(broker.events('a1', 'old-serve', [{ type: 'progress', progress: {} }])).toEqual({ cancel: false });
@@ -103,6 +105,25 @@ describe('AgentTaskBroker adoption after a restart', () => {
       const h = broker.adopt('repo1', 'old-serve', 'restore-serve');
       await broker.poll('repo1', { bootId: 'boot-r1', running: ['something-else'] }, never);
       await expect(h.result).rejects.toThrow(/no longer runs the task/);
+    } finally {
+      broker.close();
+    }
+  });
+
+  it('while the server is still asking an agent what it holds, its unknown tasks are not stopped, even past the window', async () => {
+    let now = 1_000_000;
+    const broker = new AgentTaskBroker({ pollWaitMs: 1, adoptWindowMs: 5000, now: () => now });
+    try {
+      let answer!: () => void;
+      broker.onAgentSeen(() => new Promise<void>((resolve) => (answer = resolve)));
+      await broker.poll('a1', { bootId: 'boot-0001', running: ['old-mount'] }, never);
+      await new Promise((r) => setImmediate(r));
+      now += 6000; // past the window: the list the server asked for is not answered yet
+      expect(broker.events('a1', 'old-mount', [])).toEqual({ cancel: false });
+      answer();
+      await new Promise((r) => setImmediate(r));
+      await new Promise((r) => setImmediate(r));
+      expect(broker.events('a1', 'old-mount', [])).toEqual({ cancel: true });
     } finally {
       broker.close();
     }

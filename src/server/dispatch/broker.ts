@@ -5,7 +5,7 @@
 // id) at once, silence (no poll open and nothing heard) after `agentLostMs`.
 import { randomUUID } from 'node:crypto';
 import { deferred } from '../../common/deferred.js';
-import { BulwarkError } from '../../common/errors.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { AgentTask, EventsReply, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
 import type { NamedLimit } from '../../transport/throttle.js';
@@ -88,7 +88,9 @@ export class AgentTaskBroker {
   readonly #adoptWindowMs: number;
   /** When each agent first polled this broker. */
   readonly #firstPoll = new Map<string, number>();
-  readonly #seen: Array<(agent: string) => void> = [];
+  readonly #seen: Array<(agent: string) => void | Promise<unknown>> = [];
+  /** Per agent, how many onAgentSeen callbacks are still asking it what it holds. */
+  readonly #asking = new Map<string, number>();
   /** Tasks this broker finished lately (a finished task is stopped, not waited for adoption). */
   readonly #ended = new Set<string>();
 
@@ -127,9 +129,33 @@ export class AgentTaskBroker {
     return (this.#firstPoll.get(agent) ?? this.#now()) + this.#adoptWindowMs;
   }
 
-  /** Calls `fn` when an agent polls this broker for the first time (then its tasks may be adopted). */
-  onAgentSeen(fn: (agent: string) => void): void {
+  /**
+   * Calls `fn` when an agent polls this broker for the first time (then its tasks may be adopted).
+   * While the promise `fn` returns is pending (the server is still asking the agent what it holds),
+   * that agent's unknown tasks are not stopped even past its adoption window.
+   */
+  onAgentSeen(fn: (agent: string) => void | Promise<unknown>): void {
     this.#seen.push(fn);
+  }
+
+  #ask(agent: string, fn: (agent: string) => void | Promise<unknown>): void {
+    let asking: void | Promise<unknown>;
+    try {
+      asking = fn(agent);
+    } catch (err) {
+      log.warn({ agent, err: describeError(err) }, 'an agent-seen handler failed');
+      return;
+    }
+    if (!asking) return;
+    this.#asking.set(agent, (this.#asking.get(agent) ?? 0) + 1);
+    void asking
+      .catch((err: unknown) => log.warn({ agent, err: describeError(err) }, 'asking an agent what it holds failed'))
+      .finally(() => this.#asking.set(agent, (this.#asking.get(agent) ?? 1) - 1));
+  }
+
+  /** Whether a task of `agent` this broker never knew may still be adopted (see adoptableUntil and onAgentSeen). */
+  #adoptable(agent: string): boolean {
+    return (this.#asking.get(agent) ?? 0) > 0 || this.#now() <= this.adoptableUntil(agent);
   }
 
   /** Agents polling now or heard from within agentLostMs. */
@@ -230,7 +256,7 @@ export class AgentTaskBroker {
     a.bootId = req.bootId;
     if (!this.#firstPoll.has(agent)) {
       this.#firstPoll.set(agent, this.#now());
-      for (const fn of this.#seen) setImmediate(() => fn(agent));
+      for (const fn of this.#seen) setImmediate(() => this.#ask(agent, fn));
     }
     // Tasks adopted before this agent's first poll belong to the process polling now: its running
     // list (below) says at once whether they still run.
@@ -286,7 +312,7 @@ export class AgentTaskBroker {
     a.lastContact = this.#now();
     const r = this.#tasks.get(taskId);
     // A task this broker never knew, soon after it started: the server may adopt it yet.
-    if (!r) return { cancel: this.#ended.has(taskId) || this.#now() > this.adoptableUntil(agent) };
+    if (!r) return { cancel: this.#ended.has(taskId) || !this.#adoptable(agent) };
     if (r.agent !== agent) return { cancel: true };
     for (const e of events) {
       if (e.type === 'result') {
