@@ -1,8 +1,10 @@
 // The restore task kinds of the agent link (docs/formats/agent-link.md, "Restore tasks"): a VM
 // restored or instantly recovered on the agent of the host it goes to, reading the point from a
 // repository on its own host or through the data-mover protocol from the repository's agent.
-// Shapes only; agent side src/agent/remote/restore-tasks.ts, server side
+// Shapes, and TypeBox schemas of the replies the server checks before use (an agent of another
+// version, a damaged reply); agent side src/agent/remote/restore-tasks.ts, server side
 // src/server/dispatch/recovery.ts.
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
 import type { HypervisorConnection } from '../hypervisor/index.js';
 
 /** A point's stored VM configuration and disks (the restore-point-config result). */
@@ -102,3 +104,44 @@ export interface WireInstantSession {
 }
 
 export type RestoreTask = RestorePointConfigTask | RestoreServeTask | RestoreVmTask | InstantRecoveryTask;
+
+// ---- Reply schemas (extra properties are allowed: a newer agent may add fields) ----
+
+export const WirePointConfigSchema = Type.Object({
+  vm: Type.String(),
+  config: Type.String(),
+  disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number() })),
+});
+
+export const WireInstantSessionSchema = Type.Object({
+  id: Type.String(),
+  name: Type.String(),
+  vm: Type.String(),
+  pointId: Type.String(),
+  state: Type.Union([Type.Literal('running-from-backup'), Type.Literal('migrating'), Type.Literal('migrated'), Type.Literal('stopped')]),
+  runningFromBackup: Type.Boolean(),
+  startedAt: Type.String(),
+  pid: Type.Union([Type.Integer(), Type.Null()]),
+  dir: Type.String(),
+  qmpSocket: Type.String(),
+  agentSocket: Type.String(),
+  consoleLog: Type.String(),
+  disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number(), overlay: Type.String(), target: Type.Union([Type.String(), Type.Null()]) })),
+  serve: Type.Optional(Type.Object({ agent: Type.String(), taskId: Type.String() })),
+  host: Type.Optional(Type.String()),
+});
+
+/** The reply of each instant-recovery action. */
+export const InstantRecoveryReplySchemas = {
+  start: WireInstantSessionSchema,
+  show: WireInstantSessionSchema,
+  migrate: WireInstantSessionSchema,
+  list: Type.Object({ sessions: Type.Array(WireInstantSessionSchema) }),
+  stop: Type.Object({ stopped: Type.String() }),
+} as const satisfies Record<InstantRecoveryAction['action'], TSchema>;
+
+export type InstantRecoveryReply<A extends InstantRecoveryAction['action']> = Static<(typeof InstantRecoveryReplySchemas)[A]>;
+
+// A schema that drifts from its interface fails the typecheck here.
+type Fits<T extends U, U> = T;
+export type WireSchemasFit = [Fits<Static<typeof WirePointConfigSchema>, WirePointConfig>, Fits<Static<typeof WireInstantSessionSchema>, WireInstantSession>];

@@ -490,7 +490,7 @@ export class RecoveryService {
 
   async #refresh(id: string, r: RemoteInstant): Promise<InstantRecovery> {
     try {
-      r.last = await this.#remoteOrFail('instant recovery').instant<WireInstantSession>(r.agent, { action: 'show', session: id });
+      r.last = await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'show', session: id });
     } catch (err) {
       if (err instanceof BulwarkError && err.kind === 'not-found') {
         // The agent no longer has it (it restarted): the session is over.
@@ -549,7 +549,7 @@ export class RecoveryService {
     const r = this.#remoteInstant.get(id);
     if (storage) await checkRestoreTarget(this.#ctx, principal, storage, 'instant-recovery migrate --storage', { local: r === undefined });
     if (r) {
-      r.last = await this.#remoteOrFail('instant recovery').instant<WireInstantSession>(r.agent, { action: 'migrate', session: id, ...(storage ? { storage } : {}) });
+      r.last = await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'migrate', session: id, ...(storage ? { storage } : {}) });
       // The VM runs on its own disks now: the repository agent stops serving the point.
       r.serve?.cancel('instant recovery migrated');
       r.serve = undefined;

@@ -33,6 +33,25 @@ async function take<K extends AgentTask['kind']>(poll: ReturnType<typeof setup>[
 
 const config = { vm: 'web1', config: Buffer.from('{}').toString('base64'), disks: [{ name: 'vda', size: 1 << 20 }] };
 
+/** A session as an agent reports it (WireInstantSession). */
+const session = {
+  id: 'ir-1',
+  name: 'web1-ir',
+  vm: 'web1',
+  pointId: 'p1',
+  state: 'running-from-backup',
+  runningFromBackup: true,
+  startedAt: '2026-11-26T06:00:00.000Z',
+  pid: 4242,
+  dir: '/var/lib/bulwark/ir/web1-ir',
+  qmpSocket: '/var/lib/bulwark/ir/web1-ir/qmp.sock',
+  agentSocket: '/var/lib/bulwark/ir/web1-ir/qga.sock',
+  consoleLog: '/var/lib/bulwark/ir/web1-ir/console.log',
+  disks: [{ name: 'vda', size: 1 << 20, overlay: '/var/lib/bulwark/ir/web1-ir/vda.overlay.qcow2', target: null }],
+  serve: { agent: 'repo1', taskId: 't-serve' },
+  host: 'kvm-b',
+};
+
 describe('RemoteRecovery', () => {
   it('lists an agent\'s instant recovery sessions; undefined when it is not connected or silent (its task cancelled)', async () => {
     const { broker, recovery, poll } = setup();
@@ -41,7 +60,6 @@ describe('RemoteRecovery', () => {
     const listed = recovery.sessionsOn('dst1', 5000);
     const t = await take(poll, 'dst1', 'instant-recovery');
     expect(t).toMatchObject({ action: 'list' });
-    const session = { id: 'ir-1', name: 'web1-ir' };
     broker.events('dst1', t.taskId, [{ type: 'result', ok: true, value: { sessions: [session] } }]);
     expect(await listed).toEqual([session]);
     const silent = recovery.sessionsOn('dst1', 100);
@@ -131,5 +149,39 @@ describe('RemoteRecovery', () => {
     expect(err).toBeInstanceOf(BulwarkError);
     expect(err).toMatchObject({ kind: 'conflict', message: 'VM web1 is running', hint: 'or restore it as a new VM with --name NEW' });
     expect((await poll('local', [serve2.taskId])).cancel).toEqual([expect.objectContaining({ taskId: serve2.taskId })]);
+  });
+
+  it('agent replies are checked at the wire boundary: a malformed one fails naming the agent, the action and the field', async () => {
+    const { broker, recovery, poll } = setup();
+    await Promise.all([poll('dst1'), poll('repo1')]);
+    // show: a state this server does not know.
+    const shown = recovery.instant('dst1', { action: 'show', session: 'ir-1' });
+    const t = await take(poll, 'dst1', 'instant-recovery');
+    broker.events('dst1', t.taskId, [{ type: 'result', ok: true, value: { ...session, state: 'running' } }]);
+    const err = await shown.catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(BulwarkError);
+    expect(err).toMatchObject({ kind: 'internal', message: expect.stringMatching(/^agent dst1 answered instant-recovery show with a reply this server cannot read \(field \/state: /), context: { agent: 'dst1', field: '/state' } });
+    // migrate: a disk without its overlay.
+    const migrated = recovery.instant('dst1', { action: 'migrate', session: 'ir-1' });
+    const t2 = await take(poll, 'dst1', 'instant-recovery');
+    broker.events('dst1', t2.taskId, [{ type: 'result', ok: true, value: { ...session, disks: [{ name: 'vda', size: 1, target: '/x' }] } }]);
+    await expect(migrated).rejects.toThrow(/agent dst1 answered instant-recovery migrate .*field \/disks\/0\/overlay/);
+    // A well-formed reply passes as it is (extra fields of a newer agent too).
+    const ok = recovery.instant('dst1', { action: 'show', session: 'ir-1' });
+    const t3 = await take(poll, 'dst1', 'instant-recovery');
+    broker.events('dst1', t3.taskId, [{ type: 'result', ok: true, value: { ...session, newer: 1 } }]);
+    expect(await ok).toEqual({ ...session, newer: 1 });
+    // stop and list.
+    const stopped = recovery.instant('dst1', { action: 'stop', session: 'ir-1' });
+    broker.events('dst1', (await take(poll, 'dst1', 'instant-recovery')).taskId, [{ type: 'result', ok: true, value: { stopped: 7 } }]);
+    await expect(stopped).rejects.toThrow(/agent dst1 answered instant-recovery stop .*field \/stopped/);
+    const listed = recovery.sessionsOn('dst1', 5000);
+    broker.events('dst1', (await take(poll, 'dst1', 'instant-recovery')).taskId, [{ type: 'result', ok: true, value: { sessions: [{ ...session, pid: '4242' }] } }]);
+    expect(await listed).toBeUndefined();
+    // The repository agent's point configuration.
+    const planned = recovery.plan({ path: '/srv/repo', agent: 'repo1' }, 'dst1', 'p1', undefined, () => recovery.pointConfig({ path: '/srv/repo', agent: 'repo1' }, 'p1', undefined));
+    const cfg = await take(poll, 'repo1', 'restore-point-config');
+    broker.events('repo1', cfg.taskId, [{ type: 'result', ok: true, value: { vm: 'web1', disks: [] } }]);
+    await expect(planned).rejects.toThrow(/agent repo1 answered restore-point-config of point p1 .*field \/config/);
   });
 });

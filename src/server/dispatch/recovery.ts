@@ -3,12 +3,16 @@
 // its own host's repository, or through the data mover from a restore-serve task on the
 // repository's agent, which this module starts first and stops when the reader is done. VM data
 // never passes through the server.
+import type { Static, TSchema } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
 import { randomBytes } from 'node:crypto';
-import { BulwarkError } from '../../common/errors.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
 import type { TaskEvent } from '../../transport/agent-tasks.js';
-import type { InstantRecoveryAction, WireInstantSession, WirePointConfig, WireRestoreSource } from '../../transport/restore-tasks.js';
+import {
+  InstantRecoveryReplySchemas, WirePointConfigSchema, type InstantRecoveryAction, type InstantRecoveryReply, type WireInstantSession, type WirePointConfig, type WireRestoreSource,
+} from '../../transport/restore-tasks.js';
 import type { AgentTaskBroker, AgentTaskHandle } from './broker.js';
 
 const log = logger('remote-recovery');
@@ -39,6 +43,21 @@ export interface RemoteVmRestoreArgs {
   readonly digest?: boolean | undefined;
   readonly onEvent?: (e: TaskEvent) => void;
   readonly signal?: AbortSignal | undefined;
+}
+
+/**
+ * An agent's reply checked against its wire schema before the server reads it; otherwise an error
+ * naming the agent, what it answered and the first field that is not as expected.
+ */
+export function checkedReply<S extends TSchema>(schema: S, raw: unknown, agent: string, what: string): Static<S> {
+  if (Value.Check(schema, raw)) return raw;
+  const first = Value.Errors(schema, raw).First();
+  const where = first ? `field ${first.path || '(the whole reply)'}: ${first.message}` : 'unexpected shape';
+  throw new BulwarkError(`agent ${agent} answered ${what} with a reply this server cannot read (${where})`, {
+    kind: 'internal',
+    context: { agent, task: what, ...(first ? { field: first.path } : {}) },
+    hint: 'the agent may run another Bulwark version than the server: update it',
+  });
 }
 
 export class RemoteRecovery {
@@ -72,8 +91,9 @@ export class RemoteRecovery {
   /** The point's stored VM configuration and disks, read by the repository's agent. */
   async pointConfig(repository: RecoveryRepository, pointId: string, password: string | undefined): Promise<WirePointConfig> {
     this.#connected(this.agentOf(repository.agent), 'the repository\'s agent');
-    const handle = this.#broker.run(this.agentOf(repository.agent), { kind: 'restore-point-config', repositoryPath: repository.path, pointId, password });
-    return (await handle.result) as WirePointConfig;
+    const agent = this.agentOf(repository.agent);
+    const handle = this.#broker.run(agent, { kind: 'restore-point-config', repositoryPath: repository.path, pointId, password });
+    return checkedReply(WirePointConfigSchema, await handle.result, agent, `restore-point-config of point ${pointId}`);
   }
 
   /**
@@ -159,7 +179,8 @@ export class RemoteRecovery {
     const agent = this.agentOf(a.hostAgent);
     const { source, serve } = await this.plan(a.repository, agent, a.pointId, a.password, () => this.pointConfig(a.repository, a.pointId, a.password));
     try {
-      const session = (await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source, ...(a.host !== undefined ? { host: a.host } : {}) }).result) as WireInstantSession;
+      const raw = await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source, ...(a.host !== undefined ? { host: a.host } : {}) }).result;
+      const session: WireInstantSession = checkedReply(InstantRecoveryReplySchemas.start, raw, agent, 'instant-recovery start');
       return { session, agent, serve };
     } catch (err) {
       serve?.cancel('instant recovery did not start');
@@ -168,16 +189,25 @@ export class RemoteRecovery {
   }
 
   /**
-   * The instant recovery sessions an agent runs, or undefined when it is not connected or does not
-   * answer within `timeoutMs` (a listing must not wait for the agent-lost time).
+   * The instant recovery sessions an agent runs, or undefined when it is not connected, does not
+   * answer within `timeoutMs` (a listing must not wait for the agent-lost time) or answers with a
+   * reply this server cannot read (logged).
    */
   async sessionsOn(agent: string, timeoutMs = 5000): Promise<WireInstantSession[] | undefined> {
     if (!this.#broker.isConnected(agent)) return undefined;
     const handle = this.#broker.run(agent, { kind: 'instant-recovery', action: 'list' });
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), timeoutMs)));
+    const read = (v: unknown): { sessions: WireInstantSession[] } | undefined => {
+      try {
+        return checkedReply(InstantRecoveryReplySchemas.list, v, agent, 'instant-recovery list');
+      } catch (err) {
+        log.error({ agent, err: describeError(err) }, 'instant recovery sessions of an agent not listed');
+        return undefined;
+      }
+    };
     try {
-      const r = await Promise.race([handle.result.then((v) => v as { sessions: WireInstantSession[] }, () => undefined), late]);
+      const r = await Promise.race([handle.result.then(read, () => undefined), late]);
       if (r === undefined) handle.cancel('the session list was not answered in time');
       return r?.sessions;
     } finally {
@@ -208,8 +238,9 @@ export class RemoteRecovery {
     return this.#broker.connectedAgents();
   }
 
-  /** show / list / migrate / stop of a session on an agent. */
-  async instant<T>(agent: string, action: Exclude<InstantRecoveryAction, { action: 'start' }>): Promise<T> {
-    return (await this.#broker.run(agent, { kind: 'instant-recovery', ...action }).result) as T;
+  /** show / list / migrate / stop of a session on an agent; the reply is checked against its wire schema. */
+  async instant<A extends Exclude<InstantRecoveryAction, { action: 'start' }>>(agent: string, action: A): Promise<InstantRecoveryReply<A['action']>> {
+    const raw = await this.#broker.run(agent, { kind: 'instant-recovery', ...action }).result;
+    return checkedReply(InstantRecoveryReplySchemas[action.action], raw, agent, `instant-recovery ${action.action}`);
   }
 }
