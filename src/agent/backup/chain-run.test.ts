@@ -5,7 +5,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ALL_VMS, openRepository, startJobRestorePoint, type Repository } from '../../repository/index.js';
 import { patterned } from '../../repository/test-helpers.js';
 import { methodSettings } from './chain-policy.js';
-import { latestChainPassword, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext } from './chain-run.js';
+import { latestChainPassword, maintainAfterBackup, planVmBackup, sweepRemovedVms, type ChainRunContext, type MaintenanceProgress } from './chain-run.js';
 
 const BS = 262144;
 const DAY = 86_400_000;
@@ -47,22 +47,29 @@ describe('chain-run', () => {
     expect(lines.join('\n')).toMatch(/this run: full \(.+\)\n.*quick backup of VM web1.*\n.*this run: incremental/);
   });
 
-  it('maintenance reports byte progress: a health check from 0 to every disk byte of its points, a merge its bytes read and written', async () => {
+  it('maintenance reports live progress: a health check from 0 to every disk byte of its points, a merge through the increment\'s disks to its end with its I/O', async () => {
     const ids = [await point('web1', t0, 1), await point('web1', new Date(t0.getTime() + DAY), 2), await point('web1', new Date(t0.getTime() + 2 * DAY), 3)];
     const lines: string[] = [];
-    const seen: Array<{ step: string; bytesRead: number; bytesWritten: number; bytesTotal?: number | undefined }> = [];
-    const c = { ...context('web1', { retention: { points: 2 }, healthCheck: { weekdays: ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'], wholeChain: true } }, new Date(t0.getTime() + 2 * DAY), lines), progress: (p: (typeof seen)[number]) => void seen.push(p) };
+    const seen: MaintenanceProgress[] = [];
+    const c = { ...context('web1', { retention: { points: 2 }, healthCheck: { weekdays: ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'], wholeChain: true } }, new Date(t0.getTime() + 2 * DAY), lines), progress: (p: MaintenanceProgress) => void seen.push(p) };
     expect(await maintainAfterBackup(c, { kind: 'incremental', reason: 'test', chainMethod: 'forward', parent: ids[1]! }, ids[2]!)).toEqual([]);
-    const merge = seen.filter((p) => p.step === 'retention');
-    expect(merge).toHaveLength(1);
-    expect(merge[0]!.bytesRead).toBeGreaterThan(0);
-    expect(merge[0]!.bytesWritten).toBeGreaterThan(0);
-    expect(lines.join('\n')).toMatch(new RegExp(`retention removed 1 restore point\\(s\\): ${ids[0]}; repository I/O: ${merge[0]!.bytesRead} bytes read, ${merge[0]!.bytesWritten} written`));
+    const merge = seen.filter((p) => p.step === 'merge');
+    // Start and end at least (one 2-block disk: no report between under the default throttle).
+    expect(merge.length).toBeGreaterThanOrEqual(2);
+    expect(merge[0]).toMatchObject({ bytesDone: 0, bytesTotal: 2 * BS });
+    const end = merge.at(-1)!;
+    expect(end).toMatchObject({ bytesDone: 2 * BS, bytesTotal: 2 * BS });
+    expect(end.bytesRead).toBeGreaterThan(0);
+    expect(end.bytesWritten).toBeGreaterThan(0);
+    // The end's I/O is the step's, as its session line says.
+    expect(lines.join('\n')).toMatch(new RegExp(`retention removed 1 restore point\\(s\\): ${ids[0]}; repository I/O: ${end.bytesRead} bytes read, ${end.bytesWritten} written`));
     // The whole chain after the merge: 2 points of 2 blocks each.
-    const check = seen.filter((p) => p.step === 'health check');
-    expect(check[0]).toEqual({ step: 'health check', bytesRead: 0, bytesWritten: 0, bytesTotal: 4 * BS });
-    expect(check.at(-1)).toEqual({ step: 'health check', bytesRead: 4 * BS, bytesWritten: 0, bytesTotal: 4 * BS });
-    for (let i = 1; i < check.length; i++) expect(check[i]!.bytesRead).toBeGreaterThanOrEqual(check[i - 1]!.bytesRead);
+    const check = seen.filter((p) => p.step === 'health-check');
+    expect(check[0]).toEqual({ step: 'health-check', bytesDone: 0, bytesTotal: 4 * BS, bytesRead: 0, bytesWritten: 0 });
+    expect(check.at(-1)).toEqual({ step: 'health-check', bytesDone: 4 * BS, bytesTotal: 4 * BS, bytesRead: 4 * BS, bytesWritten: 0 });
+    for (let i = 1; i < check.length; i++) expect(check[i]!.bytesDone).toBeGreaterThanOrEqual(check[i - 1]!.bytesDone);
+    // The steps in their order: the merge ends before the check starts.
+    expect(seen.findIndex((p) => p.step === 'health-check')).toBeGreaterThan(seen.lastIndexOf(end));
   });
 
   it('after: retention of 2 points merges the oldest increment into the full and says so', async () => {

@@ -6,7 +6,7 @@
 // synthetic full, applies retention, and compacts and health-checks on their days. Every step is a
 // line in the session log; a failed step after the commit is a warning (the new point is kept).
 import { BulwarkError, describeError } from '../../common/errors.js';
-import { ALL_VMS, planRetention, splitAllVmsDiskName, type BackupMethod, type PendingRepair, type Repository, type RestorePointInfo, type RetentionAction, type RunPlan } from '../../repository/index.js';
+import { ALL_VMS, planRetention, splitAllVmsDiskName, type BackupMethod, type PendingRepair, type Repository, type RestorePointInfo, type RetentionAction, type RunPlan, type TransformProgress, type TransformStep } from '../../repository/index.js';
 import { dueOn, excludes, methodPolicy, planVmRun, type JobMethodSettings } from './chain-policy.js';
 
 export type ChainLogLevel = 'info' | 'warning' | 'error';
@@ -26,18 +26,35 @@ export interface ChainRunContext {
   readonly newChainPassword?: string | undefined;
   /** A line for the session log. */
   readonly say: (level: ChainLogLevel, message: string) => void;
-  /** Byte progress of the maintenance steps (health check: live; transforms: when each ends). */
+  /** Live progress of the maintenance steps (merges, synthetic full, compaction, health check), throttled. */
   readonly progress?: ((p: MaintenanceProgress) => void) | undefined;
 }
 
-/** How far a maintenance step on a chain has come, in bytes of the repository. */
+/** A maintenance step: the repository transforms' (TransformStep) and the health check. */
+export type MaintenanceStep = TransformStep | 'health-check';
+
+/**
+ * How far a maintenance step on a chain has come (docs/backup-methods.md, "Progress of maintenance
+ * steps"); also the `maintenance` field of a repository agent's `progress` events.
+ */
 export interface MaintenanceProgress {
-  readonly step: 'health check' | 'retention' | 'synthetic full' | 'compact full';
-  /** Bytes read (health check: disk bytes of the checked points gone through). */
+  readonly step: MaintenanceStep;
+  /** Disk bytes of the step's disks gone through (health check: of the checked points). */
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  /** Repository bytes read so far (health check: the disk bytes gone through, as bytesDone). */
   readonly bytesRead: number;
   readonly bytesWritten: number;
-  /** Health check: disk bytes it goes through in all. */
-  readonly bytesTotal?: number | undefined;
+}
+
+/** A step's progress as a session task shows it (TransferProgress.step): its name and disk bytes. */
+export function stepOf(p: MaintenanceProgress): { name: MaintenanceStep; bytesDone: number; bytesTotal: number } {
+  return { name: p.step, bytesDone: p.bytesDone, bytesTotal: p.bytesTotal };
+}
+
+/** A repository transform's progress as a maintenance step's. */
+export function transformStepProgress(p: TransformProgress): MaintenanceProgress {
+  return { step: p.step, bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, bytesRead: p.bytesRead, bytesWritten: p.bytesWritten };
 }
 
 /** The bytes a repository transform read and wrote (its result carries them as `io`). */
@@ -106,11 +123,12 @@ export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan,
     }
   };
   const pw = c.password === undefined ? {} : { password: c.password };
+  // Each transform tells its progress as it goes (throttled), its end included.
+  const live = c.progress ? { onProgress: (p: TransformProgress) => c.progress?.(transformStepProgress(p)) } : {};
   if (plan.kind === 'synthetic-full') {
     await step('synthetic full', async () => {
-      const p = await repository.synthesizeFull(job, vm, { point: pointId, ...pw });
+      const p = await repository.synthesizeFull(job, vm, { point: pointId, ...pw, ...live });
       const io = ioOf(p);
-      if (io) c.progress?.({ step: 'synthetic full', ...io });
       say('info', `synthetic full built from the chain: point ${p.id} is now a full (${p.fileBytes} bytes, nothing read from the source)${ioText(io)}`);
     });
   }
@@ -128,17 +146,15 @@ export async function maintainAfterBackup(chain: ChainRunContext, plan: RunPlan,
       for (const a of planned) if (a.points.length > 0) retentionSays(a);
       return;
     }
-    const report = await repository.applyRetention(job, vm, methodPolicy(settings), { now, ...pw });
+    const report = await repository.applyRetention(job, vm, methodPolicy(settings), { now, ...pw, ...live });
     const io = ioOf(report);
-    if (io) c.progress?.({ step: 'retention', ...io });
     for (const a of report.actions) retentionSays(a);
     if (report.removedPoints.length > 0) say('info', `retention removed ${report.removedPoints.length} restore point(s): ${report.removedPoints.join(', ')}${ioText(io)}`);
   });
   if (settings.operation === 'backup' && dueOn(settings.compact, now, settings.timeZone)) {
     await step('compact full', async () => {
-      const r = await repository.compactFull(job, vm);
+      const r = await repository.compactFull(job, vm, live);
       const io = ioOf(r);
-      if (io) c.progress?.({ step: 'compact full', ...io });
       say('info', `compacted the full ${r.file}: ${r.bytesBefore} -> ${r.bytesAfter} bytes${ioText(io)}`);
     });
   }
@@ -160,7 +176,9 @@ export async function checkVmChain(c: ChainRunContext, wholeChain: boolean): Pro
   const report = await c.repository.healthCheck(c.job, vm, {
     wholeChain,
     ...(c.password === undefined ? {} : { password: c.password }),
-    ...(c.progress ? { onProgress: (p: { bytesDone: number; bytesTotal: number }) => c.progress?.({ step: 'health check', bytesRead: p.bytesDone, bytesWritten: 0, bytesTotal: p.bytesTotal }) } : {}),
+    ...(c.progress
+      ? { onProgress: (p: { bytesDone: number; bytesTotal: number }) => c.progress?.({ step: 'health-check', bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, bytesRead: p.bytesDone, bytesWritten: 0 }) }
+      : {}),
   });
   const scope = wholeChain ? `the whole chain (${report.points.length} point(s))` : `the latest point ${report.points[0] ?? ''}`;
   if (report.ok) {

@@ -19,10 +19,10 @@ import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { BackupView, Hypervisor, VmInfo } from '../../hypervisor/types.js';
 import { ALL_VMS, catalogPoints, openSharedRepository, splitAllVmsDiskName, type Repository, type RestorePointInfo, type RunPlan } from '../../repository/index.js';
-import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
+import type { DiskRef, DiskResolver, JobDefinition, LogLevel, MaintenanceStepProgress, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../../server/jobs/ports.js';
 import { methodSettings, splitDisks, type JobMethodSettings } from './chain-policy.js';
-import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext, type MaintenanceProgress } from './chain-run.js';
-import { backupVm, startVmBackup, type BackupProgress, type BackupVmSummary, type DiskBackupSummary, type VmBackup } from './disk-backup.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, stepOf, transformStepProgress, type ChainRunContext, type MaintenanceProgress } from './chain-run.js';
+import { backupVm, repositoryTarget, startVmBackup, type BackupProgress, type BackupVmSummary, type DiskBackupSummary, type VmBackup } from './disk-backup.js';
 import { jobPointFailed, JobPointTarget } from './job-target.js';
 import { RateLimiter } from '../../transport/throttle.js';
 import { StageTimes } from '../../transport/stage-times.js';
@@ -132,6 +132,11 @@ class VmRun {
   readonly claimed = new Set<string>();
   readonly done = new Set<string>();
   committing = false;
+  /**
+   * The maintenance steps of the commit (reverse injection) and after it (merges, synthetic full,
+   * compaction, health check): told to the committing task's progress (set by it).
+   */
+  onStep: ((p: MaintenanceProgress) => void) | undefined = undefined;
   failure: unknown = undefined;
   /** Aborts every disk of the VM (a disk failed, or the session was stopped). */
   readonly stop = new AbortController();
@@ -325,9 +330,12 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const chain: ChainRunContext = { repository, job: job.name, vm: vm.name, settings, now, password: chainPassword, newChainPassword: password, say: (level, message) => say(level, message) };
     const { plan, repair } = await planVmBackup(chain, task.full);
 
+    // A reverse injection's commit step (inject) tells its progress like the steps after it.
+    const local = repositoryTarget(repository);
+    const target = { ...local, startRestorePoint: (o: Parameters<Repository['startRestorePoint']>[0]) => repository.startRestorePoint({ ...o, onTransformProgress: (p) => run.onStep?.(transformStepProgress(p)) }) };
     const backup = await startVmBackup({
       hypervisor,
-      repository,
+      target,
       job: job.name,
       vm: vm.id,
       full: plan.kind === 'full',
@@ -366,7 +374,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     }
 
     // After the commit: the point is safe whatever happens below; a failed step is a warning.
-    const warnings: string[] = [...summary.warnings, ...(await maintainAfterBackup(chain, plan, summary.pointId))];
+    const warnings: string[] = [...summary.warnings, ...(await maintainAfterBackup({ ...chain, progress: (p) => run.onStep?.(p) }, plan, summary.pointId))];
     await this.#syncPoints(repository, task, say, warnings);
     return {
       pointId: summary.pointId,
@@ -613,6 +621,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
       ...(password !== undefined ? { encryption: { password, hint: passwordHint } } : {}),
       password: chainPassword,
       time: now,
+      onTransformProgress: (p) => run.onStep?.(transformStepProgress(p)),
     });
     const starts = located.map(({ hypervisor, vm, included }) => {
       const vmRepair = repair.flatMap((r) => {
@@ -692,7 +701,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
 
     // After the commit: the point is safe whatever happens below; a failed step is a warning.
     const before = await repository.listRestorePoints({ job: job.name, vm: ALL_VMS }).catch(() => []);
-    warnings.push(...(await maintainAfterBackup(chain, plan, point.id)));
+    warnings.push(...(await maintainAfterBackup({ ...chain, progress: (p) => run.onStep?.(p) }, plan, point.id)));
     // The catalog follows every VM the job's points held (a VM removed from the job leaves with them).
     const vms = new Set([...summaries.map((s) => s.vm), ...catalogPoints(before).map((p) => p.vm)]);
     for (const vm of vms) await this.#syncPoints(repository, task, say, warnings, vm);
@@ -824,12 +833,15 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     point: { disks: number; waiting: string; commit: () => Promise<VmResult> },
   ): Promise<TaskOutcome> {
     const read = own?.bytesRead ?? 0;
-    context.progress({ bytesRead: read, bytesTransferred: read, bytesStored: own?.bytesStored ?? 0, total: read });
+    const written = { bytesRead: read, bytesTransferred: read, bytesStored: own?.bytesStored ?? 0, total: read };
+    context.progress(written);
     if (run.done.size < point.disks || run.committing) {
       context.log('info', point.waiting);
       return { state: 'success' };
     }
     run.committing = true;
+    // This task commits: the maintenance steps' progress is its own (the last one stays recorded).
+    run.onStep = (p) => context.progress({ ...written, step: stepOf(p) });
     let result: VmResult;
     try {
       result = await stages.measure('target', point.commit);
@@ -857,9 +869,11 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     const perJob = settings.storage === 'per-job';
     // The check's byte progress (disk bytes of the checked points gone through) is the first task's.
     let checked = 0;
+    let step: MaintenanceStepProgress | undefined;
     const progress = (p: MaintenanceProgress): void => {
-      checked = p.bytesTotal ?? p.bytesRead;
-      context.progress({ bytesRead: p.bytesRead, bytesTransferred: 0, bytesStored: 0, total: checked });
+      checked = p.bytesTotal;
+      step = stepOf(p);
+      context.progress({ bytesRead: p.bytesRead, bytesTransferred: 0, bytesStored: 0, total: checked, step });
     };
     if (first) {
       context.log('info', perJob ? `checking job ${task.job.name}'s restore points (every VM in one file set per point)` : `checking VM ${task.vm} (all its disks)`);
@@ -873,7 +887,7 @@ export class LocalDataPathExecutor implements TaskExecutor, DiskResolver {
     run.attach(listener);
     try {
       const result = await run.result;
-      context.progress({ bytesRead: checked, bytesTransferred: 0, bytesStored: 0, total: checked });
+      context.progress({ bytesRead: checked, bytesTransferred: 0, bytesStored: 0, total: checked, ...(step ? { step } : {}) });
       return this.#outcome(task, context, { ...result, pointId: null }, first);
     } finally {
       run.listeners.delete(listener);

@@ -41,6 +41,8 @@ export interface JobPointOptions {
   readonly password?: string | undefined;
   readonly time?: Date | undefined;
   readonly threads?: number | undefined;
+  /** Reverse: the progress of the commit's injection step (RestorePointWriter, `inject`). */
+  readonly onTransformProgress?: StartRestorePointOptions['onTransformProgress'];
 }
 
 const FAILED = (job: string) => `job ${job}'s restore point (all its VMs in one) is not written: `;
@@ -131,6 +133,7 @@ export class JobPointTarget implements RestorePointTarget {
       ...(o.kind !== 'full' && o.password !== undefined ? { password: o.password } : {}),
       ...(o.time !== undefined ? { time: o.time } : {}),
       ...(o.threads !== undefined ? { threads: o.threads } : {}),
+      ...(o.onTransformProgress ? { onTransformProgress: o.onTransformProgress } : {}),
       vms,
     });
     this.#started.then(

@@ -11,7 +11,7 @@ import { ALL_VMS, catalogPoints, type Repository, type RestorePointInfo } from '
 import type { BackupTargetResult, BackupTargetTask, TaskEvent, WirePrevious } from '../../transport/agent-tasks.js';
 import type { TransferReceiver, TransferSink, TransferTaskGrant } from '../../transport/index.js';
 import { methodSettings } from '../backup/chain-policy.js';
-import { maintainAfterBackup, planVmBackup, runPasswords, type ChainRunContext } from '../backup/chain-run.js';
+import { maintainAfterBackup, planVmBackup, runPasswords, transformStepProgress, type ChainRunContext } from '../backup/chain-run.js';
 import { isCompression, isNumber } from '../backup/job-settings.js';
 import { jobPointFailed, JobPointTarget } from '../backup/job-target.js';
 import { pointToWire, RepositorySink, type SinkDiskStats } from './repository-sink.js';
@@ -75,6 +75,8 @@ export async function runJobBackupTarget(c: JobTargetContext, task: BackupTarget
     ...(password !== undefined ? { encryption: { password } } : {}),
     password: chainPassword,
     time: now,
+    // A reverse injection's commit step (inject) is a maintenance step too.
+    onTransformProgress: (p) => chain.progress?.(transformStepProgress(p)),
   });
   const previous: Record<string, WirePrevious | null> = {};
   for (const v of vms) {

@@ -7,7 +7,7 @@ import { uncompressSync as lz4Uncompress } from 'lz4-napi';
 import { createRequire } from 'node:module';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import type { DiskBlock } from '../../disk/types.js';
-import type { DiskWriteStats, Repository, RestorePointInfo } from '../../repository/index.js';
+import type { DiskWriteStats, Repository, RestorePointInfo, StartRestorePointOptions } from '../../repository/index.js';
 import type { BeginPointMessage, EndDiskMessage, OpenDiskMessage, ReceivedBlockMessage, ZeroRunMessage } from '../../transport/frame.js';
 import type { TransferSink } from '../../transport/index.js';
 
@@ -131,6 +131,8 @@ export interface RepositorySinkOptions {
    * per-job point gives each VM's part of the one writer (job-target-task.ts).
    */
   readonly open?: ((p: BeginPointMessage) => Promise<PointSink>) | undefined;
+  /** A reverse injection's commit step (`inject`): its live progress (StartRestorePointOptions.onTransformProgress). */
+  readonly onTransformProgress?: StartRestorePointOptions['onTransformProgress'];
 }
 
 /** What a sink writes a point through: a RestorePointWriter, or a VM's part of a per-job point. */
@@ -176,6 +178,7 @@ export class RepositorySink implements TransferSink {
       ...(incremental && (o.chainPassword ?? o.password) !== undefined ? { password: o.chainPassword ?? o.password } : {}),
       vmConfig: Buffer.from(p.vmConfig, 'base64'),
       disks: p.disks,
+      ...(o.onTransformProgress ? { onTransformProgress: o.onTransformProgress } : {}),
     });
   }
 

@@ -15,7 +15,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { openHypervisor, type HypervisorConnection } from '../../hypervisor/index.js';
 import type { Checkpoint, Hypervisor, VmInfo } from '../../hypervisor/types.js';
-import { openSharedRepository, type Repository } from '../../repository/index.js';
+import { openSharedRepository, type Repository, type TransformProgress } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { NamedLimit } from '../../transport/throttle.js';
 import type {
@@ -24,7 +24,7 @@ import type {
 } from '../../transport/agent-tasks.js';
 import { SharedLimiters, StageTimes, TransferReceiver, type TlsIdentity, type TransferTaskGrant } from '../../transport/index.js';
 import { methodSettings, splitDisks } from '../backup/chain-policy.js';
-import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, sweepRemovedVms, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
+import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, sweepRemovedVms, transformStepProgress, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { runFileIndexTask } from './index-task.js';
 import { runJobBackupTarget, type JobTargetContext } from './job-target-task.js';
@@ -354,7 +354,7 @@ export class AgentTaskRunner {
           vm: task.vm,
           password: task.password,
           chainPassword,
-          ...(chain ? { time: chain.now } : {}),
+          ...(chain ? { time: chain.now, onTransformProgress: (p: TransformProgress) => chain.progress?.(transformStepProgress(p)) } : {}),
           onDisk: (st) => disks.push({ name: st.name, storedBytes: st.storedBytes, storedBlocks: st.storedBlocks, unchangedBlocks: st.unchangedBlocks }),
         });
         return sink;

@@ -240,6 +240,14 @@ export const migrations: readonly Migration[] = [
         .execute();
     },
   },
+  {
+    // The maintenance step a task runs (merge, synthetic-full, compact, inject, health-check) and
+    // how far it has come, as JSON { name, bytesDone, bytesTotal }; null while none ran (MAINTPROGRESS).
+    name: '202611280300_task_step',
+    async up(kdb) {
+      await (kdb as AnyDb).schema.alterTable('session_tasks').addColumn('step', 'text').execute();
+    },
+  },
 ];
 
 /** Advisory-lock key of the migration runner on PostgreSQL ("BULWARK1" as an int64). */

@@ -125,6 +125,8 @@ export interface SessionTaskTable {
   message: string | null;
   /** JSON StageBusy: busy milliseconds per stage, reported by the executor (bottleneck statistics). */
   stage_busy: ColumnType<string | null, string | null | undefined, string | null>;
+  /** JSON MaintenanceStepProgress ({ name, bytesDone, bytesTotal }): the task's maintenance step and how far it came. */
+  step: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 /** Global server settings (key -> JSON value), e.g. `processing` = "parallel" | "sequential". */

@@ -16,7 +16,7 @@ import type { BackupProgress, BackupVmSummary } from '../../agent/backup/disk-ba
 import { chainIdFor } from '../../agent/backup/disk-backup.js';
 import { jobPointFailed } from '../../agent/backup/job-target.js';
 import { jobTransferId } from '../../agent/remote/job-target-task.js';
-import type { MaintenanceProgress } from '../../agent/backup/chain-run.js';
+import { stepOf, type MaintenanceProgress } from '../../agent/backup/chain-run.js';
 import { diskProgress, isBoolean, isCompression, isMode, isNumber, KEEP_SETTLED_MS, setting } from '../../agent/backup/job-settings.js';
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
@@ -73,13 +73,14 @@ export interface RemoteDataPathOptions {
 type RunEvent =
   | { kind: 'progress'; progress: BackupProgress | null; stageTimes?: StageBusy | undefined }
   | { kind: 'log'; level: LogLevel; message: string; disk: string | undefined }
-  /** A maintenance step's byte progress on the repository agent (health check: live). */
+  /** A maintenance step's live progress on the repository agent (merge, synthetic-full, compact, inject, health-check). */
   | { kind: 'maintenance'; progress: MaintenanceProgress };
 
-/** The maintenance progress a repository agent sends as `progress { maintenance }` (chain-run.ts). */
+/** The maintenance progress a repository agent sends as `progress { maintenance }` (chain-run.ts; agent-link.md). */
 function maintenanceOf(progress: Record<string, unknown>): MaintenanceProgress | null {
   const m = progress.maintenance as Partial<MaintenanceProgress> | undefined;
-  return m && typeof m.step === 'string' && typeof m.bytesRead === 'number' && typeof m.bytesWritten === 'number' ? (m as MaintenanceProgress) : null;
+  const numbers = m && [m.bytesDone, m.bytesTotal, m.bytesRead, m.bytesWritten].every((n) => typeof n === 'number' && Number.isFinite(n) && n >= 0);
+  return m && typeof m.step === 'string' && numbers ? (m as MaintenanceProgress) : null;
 }
 
 /** What a VM's run came to: a backup's summary, or a health check's warnings. */
@@ -107,6 +108,8 @@ interface VmRun {
 
 type JobRunEvent =
   | { kind: 'progress'; vm: string; progress: BackupProgress; stageTimes?: StageBusy | undefined }
+  /** A maintenance step's live progress on the `_all` chain (the repository agent's). */
+  | { kind: 'maintenance'; progress: MaintenanceProgress }
   | { kind: 'log'; level: LogLevel; message: string; /** `VM/DISK` when it is about one disk. */ disk: string | undefined };
 
 /** What a per-job run came to: the job's point, each VM's summary (its slice of the point) and the warnings. */
@@ -262,6 +265,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     // The VM-wide lines and stage times go to one task: the first still listening (the owner, or
     // with one task per disk, whichever disk task runs on after the owner ended).
     const general = (): boolean => r.tasks[0] === listener;
+    // The maintenance step this task showed last: kept in its final progress (the session records it).
+    let step: ReturnType<typeof stepOf> | undefined;
     const listener = (e: RunEvent): void => {
       switch (e.kind) {
         case 'progress':
@@ -273,8 +278,11 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           break;
         case 'maintenance':
           // A health-check session's progress is the check's (bytes of the points gone through);
-          // after a backup the task's bytes stay the backup's (the steps' bytes are in their lines).
-          if (healthCheck && general()) context.progress({ bytesRead: e.progress.bytesRead, bytesTransferred: 0, bytesStored: e.progress.bytesWritten, total: e.progress.bytesTotal ?? e.progress.bytesRead });
+          // after a backup the task's bytes stay the backup's, with the step and how far it came.
+          if (!general()) break;
+          step = stepOf(e.progress);
+          if (healthCheck) context.progress({ bytesRead: e.progress.bytesRead, bytesTransferred: 0, bytesStored: e.progress.bytesWritten, total: e.progress.bytesTotal, step });
+          else context.progress({ ...(r.progress ? diskProgress(r.progress, task.disk.name) : { bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 }), step });
           break;
       }
     };
@@ -296,7 +304,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       if (result.kind === 'health-check') {
         // The VM's check is reported whole by the task that ran it.
         const checked = owner ? (run.checked?.bytesTotal ?? 0) : 0;
-        context.progress({ bytesRead: checked, bytesTransferred: 0, bytesStored: 0, total: checked });
+        context.progress({ bytesRead: checked, bytesTransferred: 0, bytesStored: 0, total: checked, ...(step ? { step } : {}) });
         const messages = owner ? [...result.warnings] : [];
         return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
       }
@@ -306,7 +314,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         throw new BulwarkError(`disk ${task.disk.name} of VM ${task.vm} is not in restore point ${summary.pointId}`, { kind: 'not-found', context: { vm: task.vm, disk: task.disk.name } });
       }
       const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
-      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead });
+      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead, ...(step ? { step } : {}) });
       if (general() && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
       const messages = [...summary.warnings];
       if (summary.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
@@ -656,6 +664,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const r = run;
     const ctx = context as StageTimesContext;
     const mine = `${task.vm}/${task.disk.name}`;
+    // The maintenance step of the job's chain this task showed last (kept in its final progress).
+    let step: ReturnType<typeof stepOf> | undefined;
     const listener = {
       disk: mine,
       hear: (e: JobRunEvent): void => {
@@ -665,6 +675,13 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             if (e.vm === task.vm) context.progress(diskProgress(e.progress, task.disk.name));
             if (e.stageTimes && general) ctx.stageTimes?.(e.stageTimes);
             break;
+          case 'maintenance': {
+            if (!general) break;
+            step = stepOf(e.progress);
+            const p = r.progress.get(task.vm);
+            context.progress({ ...(p ? diskProgress(p, task.disk.name) : { bytesRead: 0, bytesTransferred: 0, bytesStored: 0, total: 0 }), step });
+            break;
+          }
           case 'log':
             // A disk's lines go to its task (the oldest task when that disk's task is not listening).
             if (e.disk === undefined ? general : e.disk === mine || (general && !r.tasks.some((t) => t.disk === e.disk))) context.log(e.level, e.message);
@@ -686,7 +703,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         });
       }
       const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
-      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead });
+      context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead, ...(step ? { step } : {}) });
       if (owner && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
       context.log('info', `disk ${task.disk.name} is in restore point ${summary.pointId} (VM ${task.vm}'s part of job point ${result.pointId})`);
       const messages = owner ? [...result.warnings] : [];
@@ -758,6 +775,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         (e) => {
           if (e.type === 'log') say(e.level, e.message, e.disk);
           else if (e.type === 'progress' && typeof e.progress.failedVm === 'string') failedVm ??= e.progress.failedVm;
+          else if (e.type === 'progress' && maintenanceOf(e.progress)) emit({ kind: 'maintenance', progress: maintenanceOf(e.progress)! });
         },
       );
       /** The VM whose transfer the target saw end first: where a failure began. */

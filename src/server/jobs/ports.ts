@@ -87,6 +87,16 @@ export interface TransferProgress {
   bytesStored: number;
   /** Bytes the task will read in all (0 when not known yet). */
   total: number;
+  /** The maintenance step the task runs after its backup (or ran last) and how far it has come. */
+  step?: MaintenanceStepProgress | undefined;
+}
+
+/** A chain maintenance step of a task: merge, synthetic-full, compact, inject, health-check. */
+export interface MaintenanceStepProgress {
+  name: string;
+  /** Disk bytes of the step's disks gone through, of `bytesTotal` (docs/backup-methods.md). */
+  bytesDone: number;
+  bytesTotal: number;
 }
 
 export interface SessionProgress {

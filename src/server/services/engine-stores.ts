@@ -32,6 +32,7 @@ import type { ScheduledJob, SchedulerStore } from '../scheduler/scheduler.js';
 import type { Schedule } from '../scheduler/schedule.js';
 import { findByNameOrId, newId, nowIso, parseJson, type ServiceContext } from './common.js';
 import { registerAgent } from './infrastructure.js';
+import { taskStepOf } from './sessions.js';
 import { backupOptionsOf } from './jobs.js';
 import type { BackupWindow, Retention } from './model.js';
 import type { JobRunner } from './runner.js';
@@ -71,7 +72,7 @@ function toTaskRecord(t: Selectable<SessionTaskTable>): TaskRecord {
     attempt: t.attempt,
     startedAt: date(t.started_at),
     endedAt: date(t.ended_at),
-    progress: { bytesRead: Number(t.bytes_read), bytesTransferred: Number(t.bytes_transferred), bytesStored: Number(t.bytes_stored), total: Number(t.bytes_total) },
+    progress: { bytesRead: Number(t.bytes_read), bytesTransferred: Number(t.bytes_transferred), bytesStored: Number(t.bytes_stored), total: Number(t.bytes_total), ...taskStepOf(t.step) },
     message: t.message ?? undefined,
     proxy: t.proxy ?? undefined,
     stageBusy: parseStageBusy(t.stage_busy),
@@ -201,6 +202,7 @@ export class DatabaseJobEngineStore implements JobEngineStore {
       values.bytes_transferred = p.progress.bytesTransferred;
       values.bytes_stored = p.progress.bytesStored;
       values.bytes_total = p.progress.total;
+      values.step = p.progress.step ? JSON.stringify(p.progress.step) : null;
     }
     if (Object.keys(values).length === 0) return;
     const res = await this.#ctx.db.updateTable('session_tasks').set(values).where('id', '=', taskId).executeTakeFirst();

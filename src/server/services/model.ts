@@ -267,6 +267,12 @@ export const Progress = Type.Object({
   bytesTransferred: Type.Number(),
   bytesStored: Type.Number(),
   processingRate: Type.Number({ description: 'bytes/s' }),
+  step: Type.Optional(
+    Type.Object(
+      { name: Type.String({ description: 'merge, synthetic-full, compact, inject or health-check' }), bytesDone: Type.Number(), bytesTotal: Type.Number() },
+      { description: "A task's chain maintenance step after its backup (running, or the last one it ran): disk bytes gone through of the total" },
+    ),
+  ),
 });
 export type Progress = Static<typeof Progress>;
 /** Bottleneck statistics: busy time per stage, its share of the running time, the busiest stage. */

@@ -3,7 +3,7 @@
 import { EventEmitter } from 'node:events';
 import type { Selectable, Updateable } from 'kysely';
 import { BulwarkError } from '../../common/errors.js';
-import { isFinalState } from '../jobs/ports.js';
+import { isFinalState, type MaintenanceStepProgress } from '../jobs/ports.js';
 import type { RestorePointTable, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
 import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
 import type { LogLevelT, Progress, RestorePoint, Session, SessionTask } from './model.js';
@@ -38,6 +38,16 @@ function progressOf(r: { percent: number; bytes_read: number; bytes_transferred:
   };
 }
 
+/**
+ * The task's maintenance step from its `step` column (JSON { name, bytesDone, bytesTotal }), as
+ * the spread `{ step }`; nothing when none ran or the column does not hold one.
+ */
+export function taskStepOf(json: string | null | undefined): { step?: MaintenanceStepProgress } {
+  const s = json ? parseJson<Partial<MaintenanceStepProgress> | null>(json, 'maintenance step of a session task') : null;
+  if (!s || typeof s.name !== 'string' || typeof s.bytesDone !== 'number' || typeof s.bytesTotal !== 'number') return {};
+  return { step: { name: s.name, bytesDone: s.bytesDone, bytesTotal: s.bytesTotal } };
+}
+
 function toTask(t: Selectable<SessionTaskTable>): SessionTask {
   return {
     id: t.id,
@@ -46,7 +56,7 @@ function toTask(t: Selectable<SessionTaskTable>): SessionTask {
     state: t.state,
     ...(t.started_at ? { startedAt: t.started_at } : {}),
     ...(t.ended_at ? { endedAt: t.ended_at } : {}),
-    progress: progressOf(t),
+    progress: { ...progressOf(t), ...taskStepOf(t.step) },
     ...(t.message ? { message: t.message } : {}),
     ...(t.proxy ? { proxy: t.proxy } : {}),
     ...taskStages(t),
