@@ -56,4 +56,34 @@ describe('copyOut', () => {
     expect(await readFile(join(out, 'a'), 'utf8')).toBe('new');
     await expect(copyOut([join(dir, 'missing')], out)).rejects.toMatchObject({ kind: 'not-found' });
   });
+
+  it('never writes through a link already at the destination (a guest link from an earlier restore into the same folder)', async () => {
+    // Outside the restore folder: what a guest's links point at.
+    const victim = join(dir, 'victim');
+    await mkdir(victim);
+    await writeFile(join(victim, 'shadow'), 'host secret');
+    const out = join(dir, 'out');
+    // First restore of guest folder `x`: its `etc` is a link to the victim folder, `passwd` a link to a victim file.
+    const first = join(dir, 'p1', 'x');
+    await mkdir(first, { recursive: true });
+    await symlink(victim, join(first, 'etc'));
+    await symlink(join(victim, 'shadow'), join(first, 'passwd'));
+    await copyOut([first], out);
+    // A later point of the same guest folder: `etc` is a folder, `passwd` a file.
+    const second = join(dir, 'p2', 'x');
+    await mkdir(join(second, 'etc'), { recursive: true });
+    await writeFile(join(second, 'etc', 'shadow'), 'from the guest');
+    await writeFile(join(second, 'etc', 'cron-job'), 'from the guest');
+    await writeFile(join(second, 'passwd'), 'from the guest');
+    // Without overwrite: refused, and nothing written through the links.
+    await expect(copyOut([second], out)).rejects.toMatchObject({ kind: 'conflict' });
+    // With overwrite: the links are replaced by what the point holds.
+    await copyOut([second], out, { overwrite: true });
+    expect(await readFile(join(victim, 'shadow'), 'utf8')).toBe('host secret');
+    await expect(lstat(join(victim, 'cron-job'))).rejects.toMatchObject({ code: 'ENOENT' });
+    expect((await lstat(join(out, 'x', 'etc'))).isDirectory()).toBe(true);
+    expect(await readFile(join(out, 'x', 'etc', 'shadow'), 'utf8')).toBe('from the guest');
+    expect((await lstat(join(out, 'x', 'passwd'))).isFile()).toBe(true);
+    expect(await readFile(join(out, 'x', 'passwd'), 'utf8')).toBe('from the guest');
+  });
 });

@@ -37,6 +37,33 @@ export async function copyOut(sources: readonly string[], toDir: string, options
   return report;
 }
 
+/**
+ * Makes way at `dest` for an entry of the restore point, never through a link: a folder goes into
+ * an existing folder (merged); anything else already there (a file, or a link a guest's earlier
+ * restore into the same folder put there, which may point anywhere on this host) is a conflict, or
+ * with `overwrite` is removed itself (the link, not what it points at). A folder in the way of a
+ * file or link is a conflict even with `overwrite` (its contents are not the restore's to drop).
+ */
+async function clearDestination(dest: string, isDirectory: boolean, overwrite: boolean): Promise<void> {
+  let there;
+  try {
+    there = await lstat(dest);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  if (isDirectory && there.isDirectory()) return;
+  const what = there.isSymbolicLink() ? 'a link' : there.isDirectory() ? 'a folder' : 'a file';
+  if (!overwrite || there.isDirectory()) {
+    throw new BulwarkError(`${dest} already exists (${what})`, {
+      kind: 'conflict',
+      context: { to: dest },
+      hint: there.isDirectory() ? 'restore to another folder, or remove that folder first' : 'restore to another folder, or allow overwriting (--overwrite)',
+    });
+  }
+  await rm(dest);
+}
+
 async function copyEntry(src: string, dest: string, report: CopyReport, asRoot: boolean, overwrite: boolean): Promise<void> {
   let st;
   try {
@@ -45,9 +72,9 @@ async function copyEntry(src: string, dest: string, report: CopyReport, asRoot: 
     throw new BulwarkError(`cannot read ${src} in the restore point`, { kind: 'not-found', context: { path: src }, cause });
   }
   try {
+    await clearDestination(dest, st.isDirectory(), overwrite);
     if (st.isSymbolicLink()) {
       const target = await readlink(src);
-      if (overwrite) await rm(dest, { force: true });
       await symlink(target, dest);
       if (asRoot) await lchown(dest, st.uid, st.gid);
       await lutimes(dest, st.atime, st.mtime);
@@ -60,7 +87,7 @@ async function copyEntry(src: string, dest: string, report: CopyReport, asRoot: 
       await utimes(dest, st.atime, st.mtime);
       report.directories++;
     } else if (st.isFile()) {
-      const copied = await copyContents(src, dest, overwrite);
+      const copied = await copyContents(src, dest);
       if (copied !== st.size) {
         throw new BulwarkError(`${src} gave ${copied} bytes, but it is ${st.size} bytes long`, { kind: 'corrupt', context: { path: src, to: dest } });
       }
@@ -90,7 +117,7 @@ async function copyEntry(src: string, dest: string, report: CopyReport, asRoot: 
  * bytes (seen on Node 20 with an ext4 point read through NBD and FUSE). Here every read error fails
  * the copy, and the partial file is removed.
  */
-async function copyContents(src: string, dest: string, overwrite: boolean): Promise<number> {
+async function copyContents(src: string, dest: string): Promise<number> {
   let bytes = 0;
   const count = new Transform({
     transform(chunk: Buffer, _enc, done) {
@@ -98,7 +125,9 @@ async function copyContents(src: string, dest: string, overwrite: boolean): Prom
       done(null, chunk);
     },
   });
-  const out = createWriteStream(dest, { flags: overwrite ? 'w' : 'wx', mode: 0o600 });
+  // Always a new file (O_EXCL): clearDestination removed what was there, and an exclusive create
+  // never follows a link that appeared since.
+  const out = createWriteStream(dest, { flags: 'wx', mode: 0o600 });
   let opened = false;
   out.once('open', () => (opened = true));
   try {
