@@ -26,6 +26,25 @@ export function sessionSummary(s: Session): string {
   );
 }
 
+/** A task's maintenance step (merge, synthetic-full, compact, inject, health-check). */
+export type MaintenanceStepView = NonNullable<Session['tasks'][number]['progress']['step']>;
+
+/** A maintenance step as the console shows it: "merge 45% (1.8 GiB of 4.0 GiB)". */
+export function stepText(step: MaintenanceStepView): string {
+  const percent = step.bytesTotal > 0 ? Math.floor((step.bytesDone * 100) / step.bytesTotal) : 100;
+  return `${step.name} ${percent}% (${humanSize(step.bytesDone)} of ${humanSize(step.bytesTotal)})`;
+}
+
+/** The maintenance step a running task of the session runs now, as "VM web1: merge 45% (…)"; undefined when none. */
+export function runningStep(s: Session): { key: string; percent: number; text: string } | undefined {
+  for (const t of s.tasks) {
+    const step = t.progress.step;
+    if (t.state !== 'running' || !step) continue;
+    return { key: `${t.id}:${step.name}`, percent: step.bytesTotal > 0 ? Math.floor((step.bytesDone * 100) / step.bytesTotal) : 100, text: `VM ${t.vm}: ${stepText(step)}` };
+  }
+  return undefined;
+}
+
 /** How a follow shows what happens. */
 export interface SessionView {
   update(s: Session): void;
@@ -40,6 +59,8 @@ export class PlainView implements SessionView {
   #state: SessionState | undefined;
   #logLines = 0;
   #decile = -1;
+  /** The maintenance step last shown, and its decile. */
+  #step: { key: string; decile: number } | undefined;
 
   constructor(output: Output) {
     this.#output = output;
@@ -60,6 +81,13 @@ export class PlainView implements SessionView {
       this.#output.out(
         `${localTime(new Date())}  ${s.progress.percent.toFixed(0).padStart(3)}%  read ${humanSize(s.progress.bytesRead)}  ${humanRate(s.progress.processingRate)}\n`,
       );
+    }
+    // A maintenance step after the backup (a merge of a big increment takes a while): a line when
+    // it starts and every 10 % of it.
+    const step = s.state === 'running' ? runningStep(s) : undefined;
+    if (step && (step.key !== this.#step?.key || Math.floor(step.percent / 10) > this.#step.decile)) {
+      this.#step = { key: step.key, decile: Math.floor(step.percent / 10) };
+      this.#output.out(`${localTime(new Date())}  maintenance  ${step.text}\n`);
     }
   }
 
@@ -85,7 +113,7 @@ export class BarView implements SessionView {
     this.#bars = new cliProgress.MultiBar(
       {
         stream,
-        format: ' {state} [{bar}] {percentage}% | {rate} | ETA {eta_formatted} | read {read}',
+        format: ' {state} [{bar}] {percentage}% | {rate} | ETA {eta_formatted} | read {read}{step}',
         hideCursor: true,
         clearOnComplete: true,
         etaBuffer: 20,
@@ -96,7 +124,8 @@ export class BarView implements SessionView {
   }
 
   update(s: Session): void {
-    const values = { state: s.state.padEnd(7), rate: humanRate(s.progress.processingRate), read: humanSize(s.progress.bytesRead) };
+    const step = s.state === 'running' ? runningStep(s) : undefined;
+    const values = { state: s.state.padEnd(7), rate: humanRate(s.progress.processingRate), read: humanSize(s.progress.bytesRead), step: step ? ` | ${step.text}` : '' };
     for (const line of s.log.slice(this.#logLines)) this.#bars.log(`${localTime(line.time)}  ${line.level.padEnd(7)}  ${line.message}\n`);
     this.#logLines = Math.max(this.#logLines, s.log.length);
     if (!this.#bar) this.#bar = this.#bars.create(100, 0, values);

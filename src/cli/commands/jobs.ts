@@ -15,7 +15,7 @@ import {
   type CliContext,
   type ItemList,
 } from '../context.js';
-import { BarView, exitCodeOf, followSession, JsonView, PlainView, sessionSummary, type SessionView } from '../follow.js';
+import { BarView, exitCodeOf, followSession, JsonView, PlainView, runningStep, sessionSummary, stepText, type SessionView } from '../follow.js';
 import { formatFields, formatTable, humanDuration, humanRate, humanSize, localTime, printJson } from '../output.js';
 import { parseSchedule, parseWindowPart, scheduleText, windowText } from '../schedule-text.js';
 import { editWithVersion } from './edit.js';
@@ -403,6 +403,8 @@ export function sessionCommand(ctx: CliContext): Command {
           ['transferred', humanSize(s.progress.bytesTransferred)],
           ['stored', humanSize(s.progress.bytesStored)],
           ['rate', humanRate(s.progress.processingRate)],
+          // The chain maintenance step a task runs now (merge, synthetic-full, compact, inject, health-check).
+          ['maintenance', runningStep(s)?.text],
           ['reason', s.reason],
           // Bottleneck statistics (docs/resource-scheduling.md): busy share per stage, the busiest named.
           ['stages', s.stages?.summary ?? 'not measured'],
@@ -416,6 +418,7 @@ export function sessionCommand(ctx: CliContext): Command {
           { header: 'state', value: (t) => t.state },
           { header: 'progress', value: (t) => `${t.progress.percent.toFixed(0)}%`, align: 'right' },
           { header: 'read', value: (t) => humanSize(t.progress.bytesRead), align: 'right' },
+          { header: 'step', value: (t) => (t.progress.step ? stepText(t.progress.step) : undefined) },
           { header: 'duration', value: duration, align: 'right' },
           { header: 'proxy', value: (t) => t.proxy },
           { header: 'bottleneck', value: (t) => (t.stages?.bottleneck ? `${t.stages.bottleneck.charAt(0).toUpperCase()}${t.stages.bottleneck.slice(1)} ${Math.round(t.stages.shares[t.stages.bottleneck] * 100)}%` : undefined) },
