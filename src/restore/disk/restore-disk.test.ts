@@ -111,6 +111,24 @@ describe('restoreDisk (raw)', () => {
     expect((await readFile(q)).subarray(0, 4).toString('latin1')).toBe('QFI\xfb');
   });
 
+  it('names the missing folder of the target (not a temporary file name) before reading anything', async () => {
+    const m = new DiskModel(BS, BS);
+    const w = await repo.startRestorePoint({ job: 'j', vm: 'v', kind: 'full', blockSize: BS, disks: [{ name: 'vda', size: BS }], threads: 0 });
+    await w.writeDisk('vda', iterate(m.change([[0, 'data']])));
+    const p = await w.commit();
+    const to = path.join(dir, 'no such folder', 'vda.raw');
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to })).rejects.toMatchObject({
+      kind: 'not-found',
+      message: `cannot restore to ${to}: the folder ${path.dirname(to)} does not exist`,
+      hint: expect.stringMatching(/create/),
+    });
+    await writeFile(path.join(dir, 'a file'), 'x');
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: path.join(dir, 'a file', 'vda.raw') })).rejects.toMatchObject({
+      kind: 'invalid',
+      message: expect.stringMatching(/a file is not a folder/),
+    });
+  });
+
   it('names the damaged block when a record is altered, and leaves no temporary', async () => {
     const size = 12 * BS;
     const m = new DiskModel(size, BS);

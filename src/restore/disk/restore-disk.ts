@@ -307,11 +307,27 @@ export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; ta
   await publish(o.format === 'qcow2' ? outTmp : rawTmp, target);
 }
 
+/** The target's folder must exist (the temporaries go beside the target): say so, not ENOENT of a temporary's name. */
+async function assertFolderOf(target: string): Promise<void> {
+  const folder = path.dirname(target);
+  let st;
+  try {
+    st = await stat(folder);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    throw new BulwarkError(`cannot restore to ${target}: the folder ${folder} does not exist`, { kind: 'not-found', context: { file: target }, hint: `create it first (mkdir -p ${folder}), or choose another path` });
+  }
+  if (!st.isDirectory()) {
+    throw new BulwarkError(`cannot restore to ${target}: ${folder} is not a folder`, { kind: 'invalid', context: { file: target }, hint: 'choose another path' });
+  }
+}
+
 /** Restores one disk; see the file comment. */
 export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskResult> {
   const started = Date.now();
   const format = o.format ?? 'raw';
   const target = path.resolve(o.to);
+  await assertFolderOf(target);
   if (!o.overwrite && (await exists(target))) {
     throw new BulwarkError(`${target} already exists`, { kind: 'conflict', context: { file: target }, hint: 'choose another path, or allow overwriting' });
   }
