@@ -44,7 +44,7 @@ const bwJson = cli.json;
 interface SessionJson {
   id: string;
   state: string;
-  tasks: Array<{ vm: string; disk: string; state: string }>;
+  tasks: Array<{ vm: string; disk: string; state: string; progress: { step?: { name: string; bytesDone: number; bytesTotal: number } } }>;
   log: Array<{ level: string; message: string }>;
 }
 interface PointJson {
@@ -54,7 +54,7 @@ interface PointJson {
   time: string;
   job: string | null;
   repository: string;
-  disks: Array<{ name: string }>;
+  disks: Array<{ name: string; size: number }>;
   state: string;
 }
 
@@ -177,7 +177,18 @@ describe('backup methods through the console', () => {
     expect((await bw('job', 'edit', 'j1', '--keep', '2')).code).toBe(0);
     const s = await bwJson<SessionJson>('job', 'run', 'j1', '--wait');
     expect(logText(s), logText(s)).toMatch(/retention: merged increment/);
+    // The merge was the committing task's live maintenance step; its last report stays recorded:
+    // every disk byte of the increment gone through.
+    const steps = s.tasks.flatMap((t) => (t.progress.step ? [t.progress.step] : []));
+    expect(steps, JSON.stringify(s.tasks)).toHaveLength(1);
+    expect(steps[0]!.name).toBe('merge');
+    expect(steps[0]!.bytesDone).toBe(steps[0]!.bytesTotal);
+    const shown = await bw('session', 'show', s.id);
+    expect(shown.out).toMatch(/merge 100% \(\S+ \S+ of \S+ \S+\)/);
     const points = (await bwJson<PointJson[]>('restore-point', 'list', '--vm', VM)).filter((p) => p.job === 'j1');
+    // The merged increment's disks, every byte (the full now holds that point).
+    const merged = points.find((p) => p.type === 'full')!;
+    expect(steps[0]!.bytesTotal).toBe(merged.disks.reduce((sum, d) => sum + d.size, 0));
     expect(points.map((p) => p.type)).toEqual(['incremental', 'full']);
     const repository = await openRepository(path.join(server.dataDir, 'repository'));
     expect((await repository.listRestorePoints({ job: 'j1', vm: VM })).map((p) => p.id).sort()).toEqual(points.map((p) => p.id).sort());
