@@ -4,7 +4,7 @@
 // Start-up failures are BulwarkErrors that name the thing and what to do, with nothing changed.
 import { constants } from 'node:fs';
 import { access, chmod, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { connect, createServer } from 'node:net';
+import { createServer } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyPluginAsync } from 'fastify';
@@ -13,6 +13,7 @@ import { logger } from '../common/log.js';
 import { LocalDataPathExecutor, type ExportVmOptions, type ExportVmResult, type LocalDataPathOptions } from '../agent/backup/executor.js';
 import { runLocalAgent } from '../agent/local.js';
 import type { HypervisorConnection } from '../hypervisor/index.js';
+import { socketAnswers } from '../hypervisor/socket.js';
 import { agentLinkPlugin, agentLinkTlsOptions, createEnrollmentToken } from './api/agent-link.js';
 import { createDispatch, type DispatchOptions } from './dispatch/index.js';
 import { buildApi, type ConfigBackupApi } from './api/app.js';
@@ -161,15 +162,7 @@ async function probePort(host: string, port: number): Promise<void> {
 async function claimSocket(path: string): Promise<void> {
   const st = await stat(path).catch(() => undefined);
   if (!st) return;
-  const alive = await new Promise<boolean>((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-  if (alive) {
+  if (await socketAnswers(path)) {
     throw new BulwarkError(`another server is listening on ${path}`, { kind: 'unavailable', context: { file: path }, hint: 'stop it first, or use another --data directory' });
   }
   await rm(path, { force: true });
