@@ -38,11 +38,11 @@ it('the running step is a running task\'s; a finished task\'s last step is not r
   expect(runningStep(session('running'))).toBeUndefined();
 });
 
-it('plain lines: a line when a step starts and every 10 % of it, none once the session ended', () => {
+it('plain lines: a line when a step starts (also the next of the same name) and every 10 % of it, none once the session ended', () => {
   const b = { out: '', output: { out: (s: string) => (b.out += s), err: () => undefined } };
   const v = new PlainView(b.output);
   const merge = (done: number): Step => ({ name: 'merge', bytesDone: done * MiB, bytesTotal: 100 * MiB });
-  for (const done of [0, 5, 12, 19, 57, 100]) v.update(session('running', merge(done)));
+  for (const done of [0, 5, 12, 19, 57, 100, 0, 3]) v.update(session('running', merge(done)));
   v.update(session('running', { name: 'compact', bytesDone: 0, bytesTotal: 10 * MiB }));
   v.finish(session('success', { name: 'compact', bytesDone: 10 * MiB, bytesTotal: 10 * MiB }, 'success'));
   const steps = b.out.split('\n').filter((l) => l.includes('maintenance  '));
@@ -51,6 +51,7 @@ it('plain lines: a line when a step starts and every 10 % of it, none once the s
     'VM web1: merge 12% (12.0 MiB of 100 MiB)',
     'VM web1: merge 57% (57.0 MiB of 100 MiB)',
     'VM web1: merge 100% (100 MiB of 100 MiB)',
+    'VM web1: merge 0% (0 B of 100 MiB)', // a second merge
     'VM web1: compact 0% (0 B of 10.0 MiB)',
   ]);
 });

@@ -83,9 +83,10 @@ export class PlainView implements SessionView {
       );
     }
     // A maintenance step after the backup (a merge of a big increment takes a while): a line when
-    // it starts and every 10 % of it.
+    // it starts and every 10 % of it (a step only moves forward: a lower decile is the next step of
+    // the same name, e.g. the second of two merges).
     const step = s.state === 'running' ? runningStep(s) : undefined;
-    if (step && (step.key !== this.#step?.key || Math.floor(step.percent / 10) > this.#step.decile)) {
+    if (step && (step.key !== this.#step?.key || Math.floor(step.percent / 10) !== this.#step.decile)) {
       this.#step = { key: step.key, decile: Math.floor(step.percent / 10) };
       this.#output.out(`${localTime(new Date())}  maintenance  ${step.text}\n`);
     }
