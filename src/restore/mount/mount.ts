@@ -24,6 +24,12 @@ import { kernelFileSystems, mountedPaths, runSyncQuietly, runTool, startNbdfuse,
 
 const log = logger('mount');
 
+/** A failed read of a mounted disk: its message, and whether the backup's data is damaged (kind corrupt). */
+export interface ReadFailure {
+  readonly message: string;
+  readonly damaged: boolean;
+}
+
 export interface DiskToMount {
   /** The disk's name in the tree (`<at>/<name>/...`), e.g. `vda`. Letters, digits, `._-`. */
   readonly name: string;
@@ -99,11 +105,11 @@ export interface Mount {
    */
   mountVolumes(names: readonly string[]): Promise<MountedFileSystem[]>;
   /**
-   * Disk reads that failed since the mount was set up (damaged blocks of the restore point, each
-   * naming file, disk and offset), the first few only. The kernel turns them into EIO for the
-   * file being read; this says why.
+   * Disk reads that failed since the mount was set up, the first few only: damaged blocks of the
+   * restore point (each naming file, disk and offset) or a source that could not be read (an
+   * agent gone). The kernel turns them into EIO for the file being read; this says why.
    */
-  readonly readFailures: readonly string[];
+  readonly readFailures: readonly ReadFailure[];
   /**
    * Copies paths (relative to `at`, or absolute inside it) into toDir. A read the backup cannot
    * answer (EIO) fails with kind `corrupt`, naming the path and the damaged blocks.
@@ -216,7 +222,7 @@ class MountSession implements Mount {
   readonly skipped: SkippedVolume[] = [];
   readonly warnings: string[] = [];
   readonly volumes: FoundVolume[] = [];
-  readonly readFailures: string[] = [];
+  readonly readFailures: ReadFailure[] = [];
   readonly #dir: string;
   readonly #state: MountState;
   readonly #onMounted: MountOptions['onMounted'];
@@ -781,10 +787,12 @@ function commandOf(pid: number): string {
 const READ_FAILURES_KEPT = 8;
 
 /** `disk`, with the message of each failed read (a damaged block names itself) added to `failures`. */
-function recordingFailures(name: string, disk: RandomAccessDisk, failures: string[]): RandomAccessDisk {
+function recordingFailures(name: string, disk: RandomAccessDisk, failures: ReadFailure[]): RandomAccessDisk {
   const note = (err: unknown): never => {
     const message = `${name}: ${describeError(err)}`;
-    if (failures.length < READ_FAILURES_KEPT && !failures.includes(message)) failures.push(message);
+    if (failures.length < READ_FAILURES_KEPT && !failures.some((f) => f.message === message)) {
+      failures.push({ message, damaged: err instanceof BulwarkError && err.kind === 'corrupt' });
+    }
     throw err;
   };
   return {
@@ -796,8 +804,9 @@ function recordingFailures(name: string, disk: RandomAccessDisk, failures: strin
 }
 
 /**
- * An EIO from reading a mounted restore point, as an error that says the backup's data is damaged
- * and which blocks (from the mount's failed disk reads); undefined for any other error.
+ * An EIO from reading a mounted restore point, as an error that says why, from the mount's failed
+ * disk reads: damaged blocks (kind `corrupt`, each named) or a source that could not be read;
+ * undefined for any other error.
  */
 export function damagedRead(err: unknown, mount: Pick<Mount, 'at' | 'readFailures'>, what?: string): BulwarkError | undefined {
   const code = (e: unknown): string | undefined => (e as NodeJS.ErrnoException | undefined)?.code;
@@ -806,11 +815,19 @@ export function damagedRead(err: unknown, mount: Pick<Mount, 'at' | 'readFailure
   // The file that failed, as the mount shows it (`vda/part1-ext4/srv/x`), unless the caller names it.
   const failed = (err instanceof BulwarkError ? err.context.path : undefined) ?? (cause as NodeJS.ErrnoException).path;
   const path = what ?? (typeof failed === 'string' && failed.startsWith(`${mount.at}/`) ? relative(mount.at, failed) : (failed ?? mount.at));
-  const blocks = mount.readFailures.length > 0 ? `: ${mount.readFailures.join('; ')}` : ' (no failed block read was recorded: see the server log)';
-  return new BulwarkError(`reading ${path} from the restore point failed: the backup holds damaged data there${blocks}`, {
-    kind: 'corrupt',
+  const failures = mount.readFailures;
+  const damaged = failures.length > 0 && failures.every((f) => f.damaged);
+  const why = failures.length === 0
+    ? 'an input/output error (no failed read of the restore point was recorded: see the server log)'
+    : damaged
+      ? `the backup holds damaged data there: ${failures.map((f) => f.message).join('; ')}`
+      : `the restore point could not be read: ${failures.map((f) => f.message).join('; ')}`;
+  return new BulwarkError(`reading ${path} from the restore point failed: ${why}`, {
+    kind: damaged ? 'corrupt' : 'internal',
     context: { path },
-    hint: 'restore it from another restore point (an older one, or the next one after a backup run repaired the damage), or restore the other paths without it',
+    hint: damaged
+      ? 'restore it from another restore point (an older one, or the next one after a backup run repaired the damage), or restore the other paths without it'
+      : 'check that the repository (and its agent) can be reached, then try again',
     cause: err,
   });
 }
