@@ -44,6 +44,19 @@ async function backup(job: string, start: () => Promise<string>): Promise<Sessio
   return s;
 }
 
+/** The maintenance steps the session's tasks recorded (the committing task keeps its last one). */
+function stepsOf(s: SessionJson): Array<{ name: string; bytesDone: number; bytesTotal: number }> {
+  return s.tasks.flatMap((t) => {
+    const step = (t.progress as { step?: { name: string; bytesDone: number; bytesTotal: number } }).step;
+    return step ? [step] : [];
+  });
+}
+
+/** The session's one recorded step is `name`, done to the end of the VM's disk (8 MiB). */
+function expectStep(s: SessionJson, name: string): void {
+  expect(stepsOf(s), JSON.stringify(s.tasks)).toEqual([{ name, bytesDone: 8 * MiB, bytesTotal: 8 * MiB }]);
+}
+
 const run = (job: string) => async () => (await h.api<{ sessionId: string }>('POST', `/jobs/${job}/run`, {})).sessionId;
 
 /** SHA-256 of a point's disk read from the repository agent's folder (the shared file system here). */
@@ -97,6 +110,9 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
       const quick = i === 3;
       const s = await backup('ff', quick ? async () => (await h.api<{ sessionId: string }>('POST', '/backup/quick', { vm: VM, job: 'ff' })).sessionId : run('ff'));
       logs.push(logText(s));
+      // The repository agent's live maintenance progress reached the session: compaction (due
+      // every day) is each run's last step; a quick backup has no maintenance days, its merge is.
+      expectStep(s, quick ? 'merge' : 'compact');
     }
     expect(logs[0]).toMatch(/this run: full/);
     expect(logs[1]).toMatch(/this run: incremental/);
@@ -115,7 +131,13 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
 
   it('reverse incremental, 3 runs: the newest is the full, older points are .vrb files (the oldest deleted by retention 2); all bit-exact', async () => {
     const logs: string[] = [];
-    for (let i = 0; i < 3; i++) logs.push(logText(await backup('rev', run('rev'))));
+    for (let i = 0; i < 3; i++) {
+      const s = await backup('rev', run('rev'));
+      logs.push(logText(s));
+      // The injection's .vrb step at the commit, on the repository agent (a full has none).
+      if (i === 0) expect(stepsOf(s)).toEqual([]);
+      else expectStep(s, 'inject');
+    }
     expect(logs[0]).toMatch(/this run: full/);
     expect(logs[1]).toMatch(/this run: reverse/);
     expect(logs[2]).toMatch(/retention: deleted reverse point/);
@@ -197,7 +219,9 @@ describe.skipIf(skipReason !== '')(`backup methods on a remote repository${skipR
   it('forward on the server\'s days: a synthetic full built on the repository agent, then an active full; all bit-exact', async () => {
     const logs = [logText(await backup('fwd', run('fwd')))];
     await h.advanceDays(1);
-    logs.push(logText(await backup('fwd', run('fwd'))));
+    const synthetic = await backup('fwd', run('fwd'));
+    expectStep(synthetic, 'synthetic-full');
+    logs.push(logText(synthetic));
     await h.advanceDays(1);
     logs.push(logText(await backup('fwd', run('fwd'))));
     expect(logs[0]).toMatch(/this run: full/);
