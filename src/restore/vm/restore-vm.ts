@@ -389,6 +389,10 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
           // A definition without <nvram> (libvirt chose it at start) names the restored store explicitly.
           if (state === null && domainNvramPath(xml) === undefined) xml = setDomainNvram(xml, nvramPath);
         }
+        if (state !== null) {
+          const dropped = await dropStaleCheckpoints(uri, name);
+          if (dropped.length > 0) o.onLog?.(`checkpoint metadata of the replaced disks dropped: ${dropped.join(', ')}`);
+        }
         if (state === null) await defineDomain(uri, xml, path.dirname(targets[0]?.imagePath ?? '/tmp'));
         if (o.powerOn) await virsh(uri, ['start', name]);
         return { ...base, hypervisor: 'libvirt', disks, ...(meta.vm.uuid ? { uuid: meta.vm.uuid } : {}), ...firmwareResult(nvramPath), poweredOn: o.powerOn === true, durationMs: Date.now() - started };
@@ -466,6 +470,22 @@ async function giveToQemuUser(dir: string): Promise<void> {
   } catch (err) {
     log.debug({ dir, err: describeError(err) }, 'no libvirt-qemu user: folder left as it is');
   }
+}
+
+/**
+ * The checkpoints of a domain restored over name dirty bitmaps inside the disk images the restore
+ * has just replaced (restored images carry none). Their metadata is dropped (`checkpoint-delete
+ * --metadata`: the images are not touched), children first, so that libvirt neither keeps
+ * checkpoints it cannot delete (a backup that ends would fail to merge a bitmap that is gone, and
+ * `virsh undefine` refuses a domain with checkpoints) nor offers them for an incremental backup.
+ * The chain's next backup finds its checkpoint gone and reads the whole disk, comparing block
+ * digests with the previous point. Returns the names dropped.
+ */
+async function dropStaleCheckpoints(uri: string, name: string): Promise<string[]> {
+  const names = (await virsh(uri, ['checkpoint-list', name, '--name', '--topological'])).split('\n').map((n) => n.trim()).filter(Boolean);
+  for (const n of [...names].reverse()) await virsh(uri, ['checkpoint-delete', name, n, '--metadata']);
+  if (names.length > 0) log.info({ vm: name, checkpoints: names }, 'checkpoint metadata of the replaced disks dropped');
+  return names;
 }
 
 async function defineDomain(uri: string, xml: string, dir: string): Promise<void> {
