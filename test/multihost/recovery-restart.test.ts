@@ -3,10 +3,14 @@
 // dst1, the agent of host kvm-b. The guest (with a 16 MiB file of random bytes written before the
 // backup) is backed up into repo1's repository and stopped; then `instant-recovery start --host
 // kvm-b` runs it on dst1, reading the point through repo1's restore-serve task. Once its guest
-// agent answers, the server is killed (SIGKILL) and started again. Past every agent's adoption
-// window (6 s from its first poll, netns/server.ts) and the serve task's next report (every 10 s,
-// src/agent/remote/restore-tasks.ts), by when a task the new server had not adopted is stopped:
-// - the session is listed again with its agent, host and state; the same QEMU still runs;
+// agent answers, the server is killed (SIGKILL) and started again, and dst1 cannot reach it (its
+// connections refused) until repo1's adoption window (6 s from its first poll, netns/server.ts)
+// and the serve task's next report (every 10 s, src/agent/remote/restore-tasks.ts) have passed:
+// by then a serve task the new server had not taken back is stopped, and the VM's reads through
+// it fail (before the server kept its sessions in <data>/instant-recoveries.json, they did).
+// Then, past dst1's adoption window too:
+// - the session is listed (from the state file at once, confirmed by dst1 once it is back) with
+//   its agent, host and state; the same QEMU still runs;
 // - the guest agent answers and the guest reads data it never read before the restart (the test
 //   files and the big file, from repo1 through the adopted serve task: a stopped serve task fails
 //   its readers), matching the backed-up digests;
@@ -21,7 +25,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { verifyRepository } from '../../src/repository/index.js';
 import { ensureTestGuest, startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
-import { MultiHost, multiHostSkipReason as skipReason, logText, type SessionJson } from './netns/hosts.js';
+import { MultiHost, multiHostSkipReason as skipReason, logText, run, type SessionJson } from './netns/hosts.js';
 
 const VM = 'rr-g';
 /** netns/server.ts: adoptWindowMs; src/agent/remote/restore-tasks.ts: SERVE_PROGRESS_MS. */
@@ -124,31 +128,40 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     await waitForGuestAgent(s.agentSocket, s.consoleLog);
     console.log(`recovery-restart: recovered VM's guest agent answered ${since(t0)} after start`);
 
-    // The server dies without a word and comes back.
+    // The server dies without a word and comes back; dst1's link to it stays down (connections
+    // refused) until repo1's adoption window and its serve task's next report have passed: the
+    // serve task the VM reads through must not depend on dst1 coming back in time.
+    const nft = (...args: string[]): string => run('ip', ['netns', 'exec', dst.ns, 'nft', ...args]);
+    nft('add', 'table', 'inet', 'bwtest');
+    nft('add', 'chain', 'inet', 'bwtest', 'out', '{ type filter hook output priority 0; }');
+    nft('add', 'rule', 'inet', 'bwtest', 'out', 'ip', 'daddr', h.ip.server, 'tcp', 'dport', '9392', 'reject', 'with', 'tcp', 'reset');
     const server = h.children[0]!;
     server.kill('SIGKILL');
     await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
     const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
     const restarted = Date.now();
     h.socketPath = again.info.socket as string;
-
-    let listed: Instant | undefined;
-    for (let i = 0; i < 600 && !listed; i++) {
-      listed = (await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.find((i) => i.id === s.id);
-      if (!listed) await sleep(100);
-    }
-    expect(listed, 'the session is listed again after the restart').toBeDefined();
-    console.log(`recovery-restart: session listed again ${since(restarted)} after the restart`);
-
-    // Past every agent's adoption window and the serve task's next report.
+    // Listed at once, dst1 still unreachable: the new server read its state file.
+    const early = (await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.find((i) => i.id === s.id);
+    expect(early).toMatchObject({ agent: 'dst1', host: 'kvm-b', state: 'running-from-backup', pid: irPid });
+    console.log(`recovery-restart: session listed ${since(restarted)} after the restart (dst1 unreachable)`);
     type Agents = { items: Array<{ name: string; state: string; lastSeenAt?: string | null }> };
-    const back = async (): Promise<boolean> => {
+    const back = async (names: string[]): Promise<boolean> => {
       const agents = (await h.api<Agents>('GET', '/agents')).items;
-      return ['dst1', 'repo1'].every((n) => agents.some((a) => a.name === n && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= restarted - 1000));
+      return names.every((n) => agents.some((a) => a.name === n && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= restarted - 1000));
     };
-    for (let i = 0; i < 600 && !(await back()); i++) await sleep(100);
-    expect(await back(), 'dst1 and repo1 polled the new server').toBe(true);
+    for (let i = 0; i < 600 && !(await back(['repo1'])); i++) await sleep(100);
+    expect(await back(['repo1']), 'repo1 polled the new server').toBe(true);
     await sleep(ADOPT_WINDOW_MS + SERVE_REPORT_MS + 3000);
+    expect(await back(['dst1']), 'dst1 could not reach the new server').toBe(false);
+    nft('delete', 'table', 'inet', 'bwtest');
+    const linked = Date.now();
+
+    // Past dst1's adoption window too.
+    for (let i = 0; i < 600 && !(await back(['dst1', 'repo1'])); i++) await sleep(100);
+    expect(await back(['dst1', 'repo1']), 'dst1 polled the new server').toBe(true);
+    console.log(`recovery-restart: dst1 back ${since(linked)} after its link came back`);
+    await sleep(ADOPT_WINDOW_MS + 1000);
 
     const out = cli('instant-recovery', 'list', '--json');
     const after = (JSON.parse(out) as Instant[]).find((i) => i.id === s.id);
@@ -186,8 +199,9 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect(alive(irPid)).toBe(false);
     expect((await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
     expect(existsSync(s.dir)).toBe(false);
-    // The migrated disk stays.
+    // The migrated disk stays; the server's state file holds no session.
     expect(existsSync(target)).toBe(true);
+    expect(JSON.parse(readFileSync(path.join(h.tmp, 'server', 'instant-recoveries.json'), 'utf8'))).toEqual({ format: 'bulwark instant recoveries v1', sessions: [] });
 
     expect(await hashTree(h.repoDir)).toEqual(repoBefore);
     expect((await verifyRepository(h.repoDir)).damage).toEqual([]);

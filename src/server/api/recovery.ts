@@ -10,13 +10,14 @@ import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provi
 import { Value } from '@sinclair/typebox/value';
 import type { FastifyPluginAsync } from 'fastify';
 import { randomBytes } from 'node:crypto';
-import { readdir, rm } from 'node:fs/promises';
+import { readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
-import type { WireInstantSession } from '../../transport/restore-tasks.js';
+import { WireInstantSessionSchema, type WireInstantSession } from '../../transport/restore-tasks.js';
+import { writeFileAtomic } from '../../storage/local-fs.js';
 import type { AgentTaskHandle } from '../dispatch/broker.js';
 import type { RemoteRecovery } from '../dispatch/recovery.js';
 import { QmpClient } from '../../hypervisor/qmp/client.js';
@@ -159,6 +160,21 @@ interface RemoteInstant {
   last: WireInstantSession;
 }
 
+/**
+ * `<data>/instant-recoveries.json` (docs/formats/instant-recoveries.md): the sessions on agents
+ * this server knows and the serve tasks they read from, so a restarted server takes the serve
+ * tasks back as soon as their repository agents poll (not only once the host's agent lists the
+ * session: it may come back after the repository agent's adoption window).
+ */
+const STATE_FORMAT = 'bulwark instant recoveries v1';
+const StateRecord = Type.Object({
+  agent: Type.String(),
+  host: Type.Optional(Type.String()),
+  serve: Type.Optional(Type.Object({ agent: Type.String(), taskId: Type.String() })),
+  session: WireInstantSessionSchema,
+});
+const StateFile = Type.Object({ format: Type.Literal(STATE_FORMAT), sessions: Type.Array(StateRecord) });
+
 /** Restores and instant recovery sessions of this server process. */
 export class RecoveryService {
   readonly #ctx: ServiceContext;
@@ -170,12 +186,61 @@ export class RecoveryService {
   readonly #abort = new AbortController();
   readonly #remote: RemoteRecovery | undefined;
   readonly #remoteInstant = new Map<string, RemoteInstant>();
+  /** Writes of the state file, one after another. */
+  #saving: Promise<void> = Promise.resolve();
 
   constructor(o: RecoveryServiceOptions) {
     this.#ctx = o.ctx;
     this.#dataDir = o.dataDir;
     this.#keys = o.keys;
     this.#remote = o.remote;
+  }
+
+  get #stateFile(): string {
+    return path.join(this.#dataDir, 'instant-recoveries.json');
+  }
+
+  /** Writes the sessions on agents to the state file (after every change; a failure is logged). */
+  #save(): Promise<void> {
+    const state: Static<typeof StateFile> = {
+      format: STATE_FORMAT,
+      sessions: [...this.#remoteInstant.values()].map((r) => ({
+        agent: r.agent,
+        ...(r.host !== undefined ? { host: r.host } : {}),
+        ...(r.serve ? { serve: { agent: r.serve.agent, taskId: r.serve.taskId } } : {}),
+        session: { ...r.last, disks: r.last.disks.map((d) => ({ ...d })) },
+      })),
+    };
+    this.#saving = this.#saving
+      .then(() => writeFileAtomic(this.#stateFile, `${JSON.stringify(state, null, 1)}\n`, { mode: 0o600 }))
+      .catch((err: unknown) => log.error({ file: this.#stateFile, err: describeError(err) }, 'could not write the instant recovery state file'));
+    return this.#saving;
+  }
+
+  /**
+   * After a (re)start: the sessions on agents a previous server process knew, each with the serve
+   * task it reads from taken over at once (the broker waits for that agent's first poll). A
+   * session its agent no longer runs leaves the list once that agent answers a listing.
+   */
+  async #load(remote: RemoteRecovery): Promise<number> {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(await readFile(this.#stateFile, 'utf8'));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') log.error({ file: this.#stateFile, err: describeError(err) }, 'instant recovery state file unreadable; sessions on agents are found by listing them');
+      return 0;
+    }
+    if (!Value.Check(StateFile, raw)) {
+      const first = Value.Errors(StateFile, raw).First();
+      log.error({ file: this.#stateFile, field: first?.path, err: first?.message }, 'instant recovery state file not as expected; sessions on agents are found by listing them');
+      return 0;
+    }
+    for (const r of raw.sessions) {
+      if (this.#remoteInstant.has(r.session.id)) continue;
+      this.#remoteInstant.set(r.session.id, { agent: r.agent, host: r.host, serve: r.serve ? remote.adoptServe(r.serve) : undefined, last: r.session });
+    }
+    log.info({ sessions: raw.sessions.length }, 'instant recovery sessions on agents taken over from the state file');
+    return raw.sessions.length;
   }
 
   /** Where instant recovery sessions keep their sockets and overlays (short: socket paths ≤ 107 bytes). */
@@ -481,6 +546,7 @@ export class RecoveryService {
     const started = await remote.instantStart({ repository: repo, hostAgent, pointId: body.point, name, password, host: host?.name });
     const entry: RemoteInstant = { agent: started.agent, host: host?.name, serve: started.serve, last: started.session };
     this.#remoteInstant.set(started.session.id, entry);
+    await this.#save();
     // A serve task that ends while the VM reads from the backup: said in the log; the VM's reads fail.
     void started.serve?.result.catch((err: unknown) => {
       if (entry.serve) log.error({ session: started.session.id, err: describeError(err) }, 'the repository agent stopped serving an instant recovery session');
@@ -497,6 +563,7 @@ export class RecoveryService {
         r.last = { ...r.last, state: 'stopped', runningFromBackup: false, pid: null };
         r.serve?.cancel('the instant recovery session is gone');
         r.serve = undefined;
+        await this.#save();
       } else {
         log.warn({ session: id, agent: r.agent, err: describeError(err) }, 'could not refresh an instant recovery session on its agent');
       }
@@ -516,6 +583,7 @@ export class RecoveryService {
       for (const h of await listHosts(this.#ctx)) agents.add(remote.agentOf(h.agent));
       // Sessions on a repository's agent (started without --host) too.
       for (const a of remote.connectedAgents()) agents.add(a);
+      let changed = false;
       await Promise.all(
         [...agents].map(async (agent) => {
           const sessions = await remote.sessionsOn(agent);
@@ -523,17 +591,22 @@ export class RecoveryService {
           for (const s of sessions) {
             const known = this.#remoteInstant.get(s.id);
             if (known) known.last = s;
-            // Not started by this server process (it restarted): adopt the serve task it reads from.
-            else this.#remoteInstant.set(s.id, { agent, host: s.host, serve: s.serve ? remote.adoptServe(s.serve) : undefined, last: s });
+            else {
+              // Not started by this server process (it restarted): adopt the serve task it reads from.
+              this.#remoteInstant.set(s.id, { agent, host: s.host, serve: s.serve ? remote.adoptServe(s.serve) : undefined, last: s });
+              changed = true;
+            }
           }
           for (const [id, r] of this.#remoteInstant) {
             if (r.agent !== agent || sessions.some((s) => s.id === id)) continue;
             // The agent no longer runs it (it restarted): the session is over.
             r.serve?.cancel('the instant recovery session is gone');
             this.#remoteInstant.delete(id);
+            changed = true;
           }
         }),
       );
+      if (changed) await this.#save();
     }
     return [...this.#instant.list().map((i) => this.#instantInfo(i)), ...[...this.#remoteInstant.values()].map((r) => this.#instantInfo(r.last, r))];
   }
@@ -553,6 +626,7 @@ export class RecoveryService {
       // The VM runs on its own disks now: the repository agent stops serving the point.
       r.serve?.cancel('instant recovery migrated');
       r.serve = undefined;
+      await this.#save();
       return this.#instantInfo(r.last, r);
     }
     const info = this.#instant.info(id);
@@ -570,9 +644,15 @@ export class RecoveryService {
       }
       r.serve?.cancel('instant recovery stopped');
       this.#remoteInstant.delete(id);
+      await this.#save();
       return;
     }
     await this.#instant.stop(id);
+  }
+
+  /** After a (re)start: the sessions on agents the state file names, their serve tasks taken over. */
+  async takeOver(remote: RemoteRecovery): Promise<number> {
+    return this.#load(remote);
   }
 
   /**
@@ -608,7 +688,10 @@ export class RecoveryService {
 export async function startRecoveryService(o: RecoveryServiceOptions): Promise<RecoveryService> {
   const s = new RecoveryService(o);
   await s.sweep();
-  if (o.remote) s.readoptAfterStart(o.remote);
+  if (o.remote) {
+    await s.takeOver(o.remote);
+    s.readoptAfterStart(o.remote);
+  }
   return s;
 }
 
