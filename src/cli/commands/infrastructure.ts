@@ -207,6 +207,7 @@ interface RescanReply {
   added: number;
   removed: number;
   unreadable?: Array<{ file: string; problem: string }>;
+  elsewhere?: Array<{ id: string; vm: string; repository: string }>;
 }
 
 interface RepoOptions {
@@ -348,6 +349,11 @@ export function repoCommand(ctx: CliContext): Command {
       );
       for (const u of reply.unreadable ?? []) ctx.output.err(`unreadable: ${u.file}: ${u.problem}\n`);
       if (reply.unreadable?.length) ctx.output.err('nothing was removed from the catalog while a folder is unreadable; check it with `bulwark repo verify`\n');
+      const elsewhere = reply.elsewhere ?? [];
+      if (elsewhere.length > 0) {
+        const from = [...new Set(elsewhere.map((e) => e.repository))].join(', ');
+        ctx.output.err(`not added: ${elsewhere.length} point(s) the catalog already holds from repository ${from} (this folder has copies of them): ${elsewhere.slice(0, 5).map((e) => `${e.id} (VM ${e.vm})`).join(', ')}${elsewhere.length > 5 ? ', ...' : ''}\n`);
+      }
     });
 
   repo

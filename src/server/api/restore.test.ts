@@ -5,7 +5,7 @@
 // Real SQLite, real repository, the route through Fastify's inject.
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -195,6 +195,27 @@ describe('POST /repositories/:name/rescan with damaged chain metadata', () => {
       await writeFile(vbm, original);
       const again = await app.inject({ method: 'POST', url: '/api/v1/repositories/main/rescan', payload: {} });
       expect(again.json()).toEqual({ repository: 'main', points: 2, added: 0, removed: 0 });
+    } finally {
+      await app.close();
+    }
+  });
+});
+
+describe('POST /repositories/:name/rescan of a copy of another repository', () => {
+  it('adds no point the catalog holds from another repository, names each and where it is; no SQL error', async () => {
+    const copy = path.join(dir, 'copy-of-repo');
+    await cp(path.join(dir, 'repo'), copy, { recursive: true });
+    await createRepository(ctx, { name: 'copy', path: copy });
+    const before = (await listRestorePoints(ctx, {})).map((p) => [p.id, p.repository]).sort();
+    const runner = { run: async () => ({ sessionId: 'x' }), stop: async () => undefined, close: async () => undefined };
+    const app = await buildApi({ ctx, runner, events: new SessionEvents(), transport: 'socket', version: 't', plugins: [restorePlugin(ctx)] });
+    try {
+      const r = await app.inject({ method: 'POST', url: '/api/v1/repositories/copy/rescan', payload: {} });
+      expect(r.statusCode, r.body).toBe(200);
+      const body = r.json<{ points: number; added: number; removed: number; elsewhere: Array<{ id: string; vm: string; repository: string }> }>();
+      expect(body).toMatchObject({ points: 2, added: 0, removed: 0 });
+      expect(body.elsewhere.map((e) => [e.id, e.repository]).sort()).toEqual(before.filter(([, repo]) => repo === 'main').sort());
+      expect((await listRestorePoints(ctx, {})).map((p) => [p.id, p.repository]).sort()).toEqual(before);
     } finally {
       await app.close();
     }

@@ -5,6 +5,7 @@ import { Type, type Static, type TypeBoxTypeProvider } from '@fastify/type-provi
 import type { FastifyPluginAsync } from 'fastify';
 import path from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
 import { catalogPoints, openRepository, openSharedRepository } from '../../repository/index.js';
 import { restoreDisk } from '../../restore/disk/restore-disk.js';
 import type { ServiceContext } from '../services/common.js';
@@ -13,6 +14,8 @@ import { getRepository } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, wrongPassword, type EncryptionKeys } from '../services/encryption.js';
 import { checkRestoreTarget } from '../services/restore-targets.js';
 import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
+
+const log = logger('restore-api');
 
 const RestoreDiskBody = Type.Object(
   {
@@ -52,6 +55,11 @@ const RescanReply = Type.Object({
       description: 'chain metadata files that cannot be read: their VMs\' points are neither added nor removed (check the folder with `bulwark repo verify`)',
     }),
   ),
+  elsewhere: Type.Optional(
+    Type.Array(Type.Object({ id: Type.String(), vm: Type.String(), repository: Type.String() }), {
+      description: 'points found in the folder that the catalog already holds from another repository (a copied folder): not added; the catalog keeps them where they are',
+    }),
+  ),
 });
 
 /**
@@ -78,12 +86,31 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   const points = catalogPoints(await repository.listRestorePoints({}, { onUnreadable: (file, err) => unreadable.push({ file, problem: describeError(err) }) }));
   const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
   const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
+  // A copy of a folder that is already in the catalog (an export copied elsewhere, a repository
+  // copied offsite): its points keep their ids; the catalog keeps each once, where it already is.
+  const elsewhere: Array<{ id: string; vm: string; repository: string }> = [];
+  const inOther = new Map<string, string>();
+  const ids = points.map((p) => p.id).filter((id) => !known.has(id));
+  for (let i = 0; i < ids.length; i += 500) {
+    const rows = await ctx.db
+      .selectFrom('restore_points as p')
+      .innerJoin('repositories as r', 'r.id', 'p.repository_id')
+      .select(['p.id as id', 'r.name as repository'])
+      .where('p.id', 'in', ids.slice(i, i + 500))
+      .execute();
+    for (const row of rows) inOther.set(row.id, row.repository);
+  }
   let added = 0;
   // Encrypted chains enter the catalog with their hint; the password that opens one is found below
   // among the known ones (and remembered), or given at restore.
   for (const c of await repository.listChains()) if (c.encrypted) await keys?.recordChain(c.id, c.passwordHint ?? '', null);
   for (const p of points) {
     if (known.has(p.id)) continue;
+    const other = inOther.get(p.id);
+    if (other !== undefined) {
+      elsewhere.push({ id: p.id, vm: p.vm, repository: other });
+      continue;
+    }
     await recordRestorePoint(ctx, {
       id: p.id,
       vm: p.vm,
@@ -106,7 +133,8 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   }
   // Passwords the server knows (its jobs', added ones) may open the encrypted chains just found.
   await keys?.matchUnknownChains();
-  return { repository: repo.name, points: points.length, added, removed, ...(unreadable.length > 0 ? { unreadable } : {}) };
+  if (elsewhere.length > 0) log.warn({ repository: repo.name, points: elsewhere.length, from: [...new Set(elsewhere.map((e) => e.repository))] }, 'rescan found points the catalog holds from another repository: not added');
+  return { repository: repo.name, points: points.length, added, removed, ...(unreadable.length > 0 ? { unreadable } : {}), ...(elsewhere.length > 0 ? { elsewhere } : {}) };
 }
 
 /**
