@@ -57,6 +57,23 @@ describe('StepProgress', () => {
     expect(p.bytesDone).toBe(1000);
   });
 
+  it('a listener that throws does not stop the step (progress is for the eye)', () => {
+    let calls = 0;
+    const p = new StepProgress('merge', 10, () => ({ bytesRead: 0, bytesWritten: 0 }), {
+      onProgress: () => {
+        calls++;
+        throw new Error('link lost');
+      },
+      throttle: { everyMs: 1e9, everyBytes: 1 },
+    });
+    expect(() => {
+      p.start();
+      p.at(5);
+      p.end();
+    }).not.toThrow();
+    expect(calls).toBe(3);
+  });
+
   it('within an empty span goes to its end', () => {
     const told: number[] = [];
     const p = new StepProgress('compact', 10, () => ({ bytesRead: 0, bytesWritten: 0 }), { onProgress: (x) => told.push(x.bytesDone), throttle: { everyMs: 1e9, everyBytes: 1 } });

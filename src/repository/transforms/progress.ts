@@ -2,6 +2,10 @@
 // increment a reverse injection builds): how far through the disks the step has come, told as the
 // work proceeds but throttled, so a merge of a big increment is not silent for tens of seconds.
 // Pure bookkeeping over counters the transforms keep anyway: it adds no repository read.
+import { describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
+
+const log = logger('repository');
 
 /** The maintenance step a transform is (the name the session shows). */
 export type TransformStep = 'merge' | 'synthetic-full' | 'compact' | 'inject';
@@ -125,7 +129,13 @@ export class StepProgress {
     if (!force && !shouldReport(this.#last, now, this.#done, this.bytesTotal, this.#throttle)) return;
     this.#last = { atMs: now, bytesDone: this.#done };
     const io = this.#io();
-    this.#listener({ step: this.step, bytesDone: this.#done, bytesTotal: this.bytesTotal, bytesRead: io.bytesRead, bytesWritten: io.bytesWritten });
+    try {
+      this.#listener({ step: this.step, bytesDone: this.#done, bytesTotal: this.bytesTotal, bytesRead: io.bytesRead, bytesWritten: io.bytesWritten });
+    } catch (err) {
+      // Progress is for the eye: a listener that fails (a lost link, a database write) never
+      // stops the transform it watches.
+      log.warn({ step: this.step, err: describeError(err) }, 'a progress listener failed; the step goes on');
+    }
   }
 }
 
