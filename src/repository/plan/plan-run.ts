@@ -42,10 +42,8 @@ export function planRun(state: VmChainState, policy: MethodPolicy, now: Date): R
   }
   if (chainMethod === 'reverse') return { kind: 'reverse', reason: 'reverse incremental: inject the changes into the full', chainMethod, parent: tip.id };
   if (policy.method === 'forward') {
+    // An encrypted chain's synthetic full re-encrypts its blocks for the new chain (same key).
     const synthDay = scheduledSince(policy.syntheticFull, chainStart, today);
-    if (synthDay !== null && chain.encrypted) {
-      return full(`synthetic full due (${dayName(synthDay)}) but the chain is encrypted, which synthesizeFull does not support yet: active full instead`);
-    }
     if (synthDay !== null) {
       return {
         kind: 'synthetic-full',

@@ -68,9 +68,9 @@ describe('planRun', () => {
       expect(plan.chainMethod).toBe(policy.method === 'reverse' ? 'reverse' : 'forward');
     });
   }
-  it('a synthetic full of an encrypted chain becomes an active full', () => {
+  it('an encrypted chain gets its synthetic full too (its blocks are re-encrypted for the new chain)', () => {
     const c = { ...chain('a', 'F I I', '2026-11-19T22:00:00Z'), encrypted: true };
-    expect(planRun(state(c), fwd, new Date('2026-11-22T22:00:00Z')).kind).toBe('full');
+    expect(planRun(state(c), fwd, new Date('2026-11-22T22:00:00Z')).kind).toBe('synthetic-full');
   });
   it('damaged metadata found by a health check forces an active full', () => {
     const s: VmChainState = { chains: [chain('a', 'F I', '2026-11-20T22:00:00Z')], repair: { detectedAt: '2026-11-25T00:00:00Z', point: 'a-1', metadataDamaged: true, disks: [] } };

@@ -6,10 +6,12 @@ import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
-import { NIL_UUID, type BlockEntry, type ChainMetadata, type DamagedPointRecord, type DiskDescriptor, type PointRecord, type StoredBlockEntry } from '../../format/index.js';
+import { encodeRecordHeaderInto, NIL_UUID, RECORD_HEADER_SIZE, uuidToBytes, type BlockEntry, type ChainMetadata, type DamagedPointRecord, type DiskDescriptor, type PointRecord, type StoredBlockEntry } from '../../format/index.js';
 import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
 import { BackupFile } from '../backup-file.js';
 import { blockDigest } from '../block-codec.js';
+import { sealConfig } from '../chain-keys.js';
+import { EncodePool } from '../encode-pool.js';
 import { chainsOfFolder, type VmFolder } from '../folders.js';
 import { backupFileName } from '../layout.js';
 import { planRetention } from '../plan/plan-retention.js';
@@ -105,9 +107,6 @@ export async function synthesizeFull(
       kind: 'invalid', context: { point: point.id, chain: chain.id },
     });
   }
-  if (chain.encryption) {
-    throw new BulwarkError(`synthetic full of an encrypted chain (${chain.id}) is not supported yet: take an active full`, { kind: 'invalid', context: { chain: chain.id } });
-  }
   const rp = await repo.openRestorePoint(point.id, opts.password !== undefined ? { password: opts.password } : {});
   const newChain = randomUUID();
   const fileId = randomUUID();
@@ -116,9 +115,33 @@ export async function synthesizeFull(
   const tmp = temporaryNameFor(finalPath);
   const untrack = trackTemporary(tmp);
   let fileLength = 0;
+  // An encrypted chain: every block is authenticated with its chain's id, so the new chain's file
+  // takes each block decrypted and encrypted again (same key: the new chain keeps the chain's
+  // password and key parameters); a plain chain's records are copied as stored.
+  const aad = uuidToBytes(newChain);
+  const pool = chain.encryption ? new EncodePool({ blockSize: rp.info.blockSize, compression: chain.compression, keys: rp.keys, aad, threads: opts.threads ?? 0 }) : null;
   try {
     const top = rp.files[0]!;
     const sink = await RecordSink.create(tmp, { ...top.header, kind: 'full', fileId, chainId: newChain, pointId: point.id, baseFileId: NIL_UUID, timeMs: Date.parse(point.time) });
+    const reencoded = new Map<string, StoredBlockEntry>(); // source file id:record offset -> the new record
+    const reencode = async (file: BackupFile, e: StoredBlockEntry): Promise<void> => {
+      const key = `${file.header.fileId}:${e.recordOffset}`;
+      if (reencoded.has(key)) return;
+      const plain = await file.readBlock(e, rp.keys);
+      sink.bytesRead += RECORD_HEADER_SIZE + e.storedLength;
+      const enc = await pool!.encode(plain);
+      try {
+        encodeRecordHeaderInto(
+          { type: 'block', compression: enc.compression, encrypted: true, storedLength: enc.storedLength, plainLength: plain.length, payloadCrc: enc.crc },
+          enc.header,
+          0,
+        );
+        const recordOffset = await sink.append(Buffer.concat([enc.header, enc.payload]));
+        reencoded.set(key, { kind: 'stored', digest: Buffer.from(enc.digest), recordOffset, storedLength: enc.storedLength, plainLength: plain.length, crc: enc.crc });
+      } finally {
+        pool!.release(enc.slot);
+      }
+    };
     const progress = new StepProgress('synthetic-full', top.index.disks.reduce((sum, d) => sum + d.size, 0), () => ({ bytesRead: sink.bytesRead, bytesWritten: sink.bytesWritten }), opts);
     progress.start();
     try {
@@ -140,17 +163,25 @@ export async function synthesizeFull(
           for (const [n, [file, entries]] of files.entries()) {
             const until = weightTotal > 0 ? at + ((to - from) * weights[n]!) / weightTotal : to;
             const start = at;
-            await sink.copyRecords(file, entries, (c, total) => progress.within(start, until, c, total));
+            if (pool) {
+              for (const [k, e] of entries.entries()) {
+                await reencode(file, e);
+                progress.within(start, until, k + 1, entries.length);
+              }
+            } else await sink.copyRecords(file, entries, (c, total) => progress.within(start, until, c, total));
             at = until;
           }
           progress.at(to);
           crashPoint('synthetic-page');
-          return resolved.map((r) => (r.kind === 'stored' ? sink.mapped(r.file, r.entry) : r.kind === 'zero' ? { kind: 'zero' } : { kind: 'hole' }));
+          const mapped = (r: { file: BackupFile; entry: StoredBlockEntry }): StoredBlockEntry =>
+            pool ? reencoded.get(`${r.file.header.fileId}:${r.entry.recordOffset}`)! : sink.mapped(r.file, r.entry);
+          return resolved.map((r) => (r.kind === 'stored' ? mapped(r) : r.kind === 'zero' ? { kind: 'zero' } : { kind: 'hole' }));
         };
         disks.push(await sink.writeTable(d.name, d.size, top.header.blockSize, source));
         diskBase += d.size;
       }
-      ({ fileLength } = await sink.commit(top.index.config, disks, 1, 0));
+      // The configuration is sealed with the chain's id too.
+      ({ fileLength } = await sink.commit(chain.encryption ? sealConfig(rp.vmConfig, rp.keys, aad) : top.index.config, disks, 1, 0));
       progress.end();
     } finally {
       io.bytesRead += sink.bytesRead;
@@ -164,6 +195,7 @@ export async function synthesizeFull(
     throw err;
   } finally {
     untrack();
+    await pool?.close();
     await rp.close();
   }
   crashPoint('synthetic-published');

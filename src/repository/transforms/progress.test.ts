@@ -214,3 +214,38 @@ it('a reverse injection reports the progress of its .vrb step at commit', async 
   expect(told.at(-1)!.bytesRead).toBeGreaterThanOrEqual(41 * BS);
   expect(told.at(-1)!.bytesRead).toBeLessThan(45 * BS);
 });
+
+it('a synthetic full of an encrypted chain re-encrypts every block for the new chain: bit-exact with the password, refused without, with live progress', async () => {
+  const password = 'synth-pw-7';
+  const put = async (kind: 'full' | 'incremental', day: number, indexes: number[]): Promise<DiskBlock[]> => {
+    const w = await repo.startRestorePoint({
+      job: JOB, vm: 'enc', kind, time: new Date(Date.UTC(2026, 0, day)), disks: [{ name: 'vda', size: SIZE }], threads: 0,
+      ...(kind === 'full' ? { blockSize: BS, compression: 'zstd' as const, encryption: { password, log2N: 10 } } : { password }),
+    });
+    const blocks = blocksAt(indexes);
+    await w.writeDisk('vda', iterate(blocks));
+    await w.commit();
+    return blocks;
+  };
+  const full = await put('full', 1, [...range(0, 30), ...range(1024, 6)]);
+  const inc = await put('incremental', 2, [...range(10, 30), 1029]);
+  const told: TransformProgress[] = [];
+  const p = await repo.synthesizeFull(JOB, 'enc', { password, onProgress: (x) => told.push(x), throttle: EVERY });
+  expect(p).toMatchObject({ kind: 'full', encrypted: true });
+  expect(told.at(-1)).toMatchObject({ step: 'synthetic-full', bytesDone: SIZE, bytesTotal: SIZE });
+  expect(told.filter((x) => x.bytesDone > 0 && x.bytesDone < SIZE).length).toBeGreaterThanOrEqual(2);
+  // Every block of the point as it was: from the old full where the increment did not change it.
+  const opened = await repo.openRestorePoint(p.id, { password });
+  try {
+    const disk = opened.openDisk('vda');
+    const want = new Map<number, Buffer>();
+    for (const b of [...full, ...inc]) want.set(b.index, b.data!);
+    for (const [index, data] of want) expect((await disk.read(index * BS, data.length)).equals(data), `block ${index}`).toBe(true);
+    expect((await disk.read(50 * BS, BS)).equals(Buffer.alloc(BS))).toBe(true);
+  } finally {
+    await opened.close();
+  }
+  await expect(repo.openRestorePoint(p.id, { password: 'wrong-pw-1' })).rejects.toMatchObject({ kind: 'unauthorized' });
+  // It stands alone: the old chain's increment file is gone, the new chain is the point's.
+  expect((await repo.listRestorePoints({ job: JOB, vm: 'enc' })).map((x) => x.kind)).toEqual(['full', 'full']);
+});
