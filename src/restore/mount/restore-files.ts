@@ -2,6 +2,7 @@
 // host (copyOut: modes, times, symlinks, owners as root) or back into the running original VM
 // through its guest agent (guest-file-open/write for contents; one guest shell script per batch
 // for folders, symlinks, modes, owners and times, which the file API cannot set).
+import { randomUUID } from 'node:crypto';
 import { lstat, open, readdir, readlink } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
@@ -105,7 +106,8 @@ export function keepBothName(guestPath: string, pointTime: Date, n = 0): string 
 
 interface GuestPlan {
   pre: string[];
-  files: Array<{ host: string; guest: string; size: number }>;
+  /** Each file is written to `tmp` beside its place and moved there in `post` (never half-written in place). */
+  files: Array<{ host: string; guest: string; tmp: string; size: number }>;
   post: string[];
   report: CopyReport;
 }
@@ -124,10 +126,18 @@ async function planEntry(host: string, guest: string, plan: GuestPlan): Promise<
     plan.post.push(...meta, `chmod ${(st.mode & 0o7777).toString(8)} ${shq(guest)}`, time);
     plan.report.directories++;
   } else if (st.isFile()) {
-    plan.pre.push(`if [ -L ${shq(guest)} ] || [ -d ${shq(guest)} ]; then rm -rf ${shq(guest)}; fi`);
-    plan.files.push({ host, guest, size: st.size });
+    // Written beside its place first: a copy that fails halfway (a damaged block of the point, the
+    // agent timing out) leaves the guest's own file as it was, not truncated or half-restored.
+    const tmp = posix.join(posix.dirname(guest), `.${posix.basename(guest)}.bulwark-restore-${randomUUID().slice(0, 8)}`);
+    plan.files.push({ host, guest, tmp, size: st.size });
     // chown before chmod: chown clears set-id bits.
-    plan.post.push(...meta, `chmod ${(st.mode & 0o7777).toString(8)} ${shq(guest)}`, time);
+    plan.post.push(
+      `if [ -L ${shq(guest)} ] || [ -d ${shq(guest)} ]; then rm -rf ${shq(guest)}; fi`,
+      `mv -f ${shq(tmp)} ${shq(guest)}`,
+      ...meta,
+      `chmod ${(st.mode & 0o7777).toString(8)} ${shq(guest)}`,
+      time,
+    );
     plan.report.files++;
     plan.report.bytes += st.size;
   } else {
@@ -177,19 +187,27 @@ export async function restoreFilesToGuest(
     items.push({ path: r.spec, filesystem: fsName(r.fs), inside: r.inside, to: dest });
   }
   await runGuestScript(qga, plan.pre, 'creating folders');
-  for (const f of plan.files) {
-    await writeGuestFile(qga, f.host, f.guest).catch((err: unknown) => {
-      throw damagedRead(err, m.mount, f.guest) ?? err;
-    });
+  try {
+    for (const f of plan.files) {
+      await writeGuestFile(qga, f.host, f.tmp, f.guest).catch((err: unknown) => {
+        throw damagedRead(err, m.mount, f.guest) ?? err;
+      });
+    }
+  } catch (err) {
+    // Nothing of the guest's own was replaced yet: take the copies written so far away again.
+    await runGuestScript(qga, plan.files.map((f) => `rm -f ${shq(f.tmp)}`), 'removing the partial copies').catch((cleanup: unknown) =>
+      log.warn({ vm: m.point.vm, err: describeError(cleanup) }, 'partial copies in the guest could not be removed'),
+    );
+    throw err;
   }
-  await runGuestScript(qga, plan.post, 'setting links, owners, modes and times');
+  await runGuestScript(qga, plan.post, 'moving the files into place, setting links, owners, modes and times');
   log.info({ point: m.point.id, vm: m.point.vm, items: items.map((i) => i.to), files: plan.report.files, bytes: plan.report.bytes }, 'files restored into the guest');
   return { ...plan.report, items };
 }
 
-/** Streams one host file into the guest with guest-file-open/write (created or truncated), in the channel's largest writes. */
-async function writeGuestFile(qga: GuestAgent, host: string, guest: string): Promise<void> {
-  const h = await qga.fileOpen(guest, 'w');
+/** Streams one host file into the guest file `to` with guest-file-open/write (created or truncated), in the channel's largest writes; `guest` names it in errors. */
+async function writeGuestFile(qga: GuestAgent, host: string, to: string, guest: string): Promise<void> {
+  const h = await qga.fileOpen(to, 'w');
   const src = await open(host, 'r');
   try {
     const chunk = qga.maxWriteBytes;
