@@ -131,10 +131,11 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     // The server dies without a word and comes back; dst1's link to it stays down (connections
     // refused) until repo1's adoption window and its serve task's next report have passed: the
     // serve task the VM reads through must not depend on dst1 coming back in time.
-    const nft = (...args: string[]): string => run('ip', ['netns', 'exec', dst.ns, 'nft', ...args]);
+    // (The server's host answers dst1's connections with a reset: dst1 retries as after any failed poll.)
+    const nft = (...args: string[]): string => run('ip', ['netns', 'exec', h.ns.server, 'nft', ...args]);
     nft('add', 'table', 'inet', 'bwtest');
-    nft('add', 'chain', 'inet', 'bwtest', 'out', '{ type filter hook output priority 0; }');
-    nft('add', 'rule', 'inet', 'bwtest', 'out', 'ip', 'daddr', h.ip.server, 'tcp', 'dport', '9392', 'reject', 'with', 'tcp', 'reset');
+    nft('add', 'chain', 'inet', 'bwtest', 'in', '{ type filter hook input priority 0; }');
+    nft('add', 'rule', 'inet', 'bwtest', 'in', 'ip', 'saddr', dst.ip, 'tcp', 'dport', '9392', 'reject', 'with', 'tcp', 'reset');
     const server = h.children[0]!;
     server.kill('SIGKILL');
     await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
