@@ -83,7 +83,7 @@ beforeEach(async () => {
     mount: { at: dir, filesystems: [fs], skipped: [], warnings: [], volumes: [fs], readFailures: [], mountVolumes: async () => [], copyOut: async () => ({ files: 0, directories: 0, symlinks: 0, bytes: 0, skipped: [] }), unmount: async () => undefined },
     layout: { root: null, mounts: [{ mountpoint: guestRoot, fs }], notes: [] },
     close: async () => undefined,
-  } as unknown as PointMount<PointIdentity>;
+  };
 });
 afterEach(async () => {
   await rm(dir, { recursive: true, force: true });
