@@ -12,16 +12,16 @@
 //     NVRAM in the session folder, boots under UEFI from the backup, the repository is unchanged;
 // (d) `restore vm` over the original (off, still defined): the NVRAM file of its definition gets
 //     the saved store back, byte-exact, and its disk is written in place; started again, it boots
-//     under UEFI with the backed-up files.
+//     under UEFI with the backed-up files;
+// (e) the job backs it up again: the restore dropped the checkpoint metadata of the replaced disk
+//     (libvirt could neither use nor delete it), so the chain goes on with a full read.
 // Four OVMF boots under TCG: the original, the restored domain and the recovered VM side by side
 // (as test/e2e/uefi.test.ts does for plain QEMU), the original again.
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { constants as fsc, existsSync, readFileSync } from 'node:fs';
-import { chown, copyFile, mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodePointMetadata } from '../../src/agent/backup/point-metadata.js';
@@ -29,10 +29,9 @@ import { domainNvramPath } from '../../src/restore/vm/libvirt-config.js';
 import { openRepository } from '../../src/repository/index.js';
 import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
 import { ensureTestGuest, type TestGuestImage } from '../fixtures/guest.js';
-import { ensureLibvirtd, TestDomain, virsh, type LibvirtDaemon } from '../fixtures/libvirt.js';
+import { ensureLibvirtd, startTestDomain, TestDomain, virsh, type LibvirtDaemon } from '../fixtures/libvirt.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
 
-const run = promisify(execFile);
 const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE.fd';
 const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS.fd';
 const VM = `e2e-uefi-lv-${process.pid}`;
@@ -85,73 +84,16 @@ async function expectTestData(sh: (command: string) => Promise<string>): Promise
   expect(lines.slice(-2)).toEqual(['absent', 'uefi']);
 }
 
-/** Defines and starts the original: a persistent domain booting OVMF, its kernel loaded by the firmware. */
-async function startUefiDomain(): Promise<void> {
-  const dir = await mkdtemp('/var/lib/libvirt/images/bulwark-uefi-');
-  const d = new TestDomain(VM, dir);
-  // Known before anything can fail: afterAll removes its folder (and the domain, when defined).
-  dom = d;
-  const kernel = join(dir, 'vmlinuz');
-  const initrd = join(dir, 'initrd.img');
-  await copyFile(image.vmlinuz, kernel, fsc.COPYFILE_FICLONE);
-  await copyFile(image.initrd, initrd, fsc.COPYFILE_FICLONE);
-  await copyFile(image.rootImage, d.diskPath, fsc.COPYFILE_FICLONE);
-  const uid = Number((await run('id', ['-u', 'libvirt-qemu'])).stdout.trim());
-  const gid = Number((await run('id', ['-g', 'libvirt-qemu'])).stdout.trim());
-  for (const f of [dir, kernel, initrd, d.diskPath]) await chown(f, uid, gid);
-  const xml = `<domain type='qemu'>
-  <name>${VM}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <loader readonly='yes' type='pflash'>${OVMF_CODE}</loader>
-    <nvram template='${OVMF_VARS}'/>
-    <kernel>${kernel}</kernel>
-    <initrd>${initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 no_timer_check</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='${d.diskPath}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'>
-      <mac address='${ORIGINAL_MAC}'/>
-      <model type='virtio'/>
-      <rom enabled='no'/>
-    </interface>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <serial type='file'>
-      <source path='${d.consoleLog}'/>
-      <target port='0'/>
-    </serial>
-    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-`;
-  const xmlPath = join(tmp, 'domain.xml');
-  await writeFile(xmlPath, xml);
-  await virsh(['define', xmlPath]);
-  await virsh(['start', VM]);
-}
-
 beforeAll(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'bulwark-e2e-uefi-lv-'));
   image = await ensureTestGuest();
   await ensureBuilt();
   daemon = await ensureLibvirtd();
-  await startUefiDomain();
+  dom = await startTestDomain({ name: VM, persistent: true, firmware: { code: OVMF_CODE, varsTemplate: OVMF_VARS }, mac: ORIGINAL_MAC });
   const t0 = Date.now();
-  await dom!.waitForAgent(BOOT_MS);
+  await dom.waitForAgent(BOOT_MS);
   console.log(`original UEFI domain: start → agent ${Date.now() - t0} ms`);
-  expect((await dom!.sh('test -d /sys/firmware/efi && echo uefi')).trim()).toBe('uefi');
+  expect((await dom.sh('test -d /sys/firmware/efi && echo uefi')).trim()).toBe('uefi');
   // libvirt chose the store's path when the domain was defined, and created it from the template.
   const path = domainNvramPath(await virsh(['dumpxml', '--inactive', VM]));
   expect(path).toBeDefined();
@@ -164,7 +106,7 @@ beforeAll(async () => {
   expect(backup.code, backup.stdout + backup.stderr).toBe(0);
   nvramAtBackup = await readFile(nvramPath);
   // Written after the backup: the restored VM must not have it.
-  await dom!.sh('echo after-backup > /srv/after-backup.txt && sync');
+  await dom.sh('echo after-backup > /srv/after-backup.txt && sync');
   // The original is no longer needed running: give its CPU to the next boots. It stays defined.
   await virsh(['destroy', VM]);
 }, 900_000);
@@ -289,11 +231,22 @@ describe('UEFI VM (OVMF) on a libvirt host', () => {
     const xml = await virsh(['dumpxml', '--inactive', VM]);
     expect(domainNvramPath(xml)).toBe(nvramPath);
     expect(xml).toContain(`<mac address='${ORIGINAL_MAC}'/>`);
-    // It starts (libvirt still keeps the backup's checkpoint for it) and boots the backed-up files under UEFI.
+    // The backup's checkpoint named a bitmap in the replaced disk: its metadata is gone with it.
+    expect((await virsh(['checkpoint-list', VM, '--name'])).trim()).toBe('');
+    // It starts and boots the backed-up files under UEFI.
     const t0 = Date.now();
     await virsh(['start', VM]);
     await dom!.waitForAgent(BOOT_MS);
     console.log(`original restored over: start → agent ${Date.now() - t0} ms`);
     await expectTestData((c) => dom!.sh(c));
+  });
+
+  it('(e) the job backs the restored original up again: the chain goes on (a full read compared with the previous point) and leaves one checkpoint', async () => {
+    const run2 = await bulwark(['job', 'run', 'uefilv', '--wait'], env);
+    expect(run2.code, run2.stdout + run2.stderr).toBe(0);
+    expect(run2.stdout).toContain('vda: full read with digest comparison');
+    const points = JSON.parse((await bulwark(['restore-point', 'list', '--vm', VM, '--json'], env)).stdout) as unknown[];
+    expect(points).toHaveLength(2);
+    expect((await virsh(['checkpoint-list', VM, '--name'])).split('\n').filter(Boolean)).toHaveLength(1);
   });
 });
