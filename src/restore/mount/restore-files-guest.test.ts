@@ -5,14 +5,15 @@
 // own files truncated or half-restored.
 import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
 import type { MountedFileSystem } from './mount.js';
 import type { PointIdentity, PointMount } from './point-mount.js';
-import { restoreFilesToGuest } from './restore-files.js';
+import { copyOut } from './copy-out.js';
+import { restoreFilesToDir, restoreFilesToGuest } from './restore-files.js';
 
 /** Runs guest-exec and the guest-file commands here; fails writes to files whose name matches `failOn`. */
 class LocalGuestAgent extends GuestAgent {
@@ -80,7 +81,7 @@ beforeEach(async () => {
   const fs = { disk: 'vda', partition: 1, type: 'ext4', path: host, offset: 0, size: 1 } as MountedFileSystem;
   m = {
     point: { id: 'p1', vm: 'g', time: new Date('2026-11-25T10:00:00Z') },
-    mount: { at: dir, filesystems: [fs], skipped: [], warnings: [], volumes: [fs], readFailures: [], mountVolumes: async () => [], copyOut: async () => ({ files: 0, directories: 0, symlinks: 0, bytes: 0, skipped: [] }), unmount: async () => undefined },
+    mount: { at: dir, filesystems: [fs], skipped: [], warnings: [], volumes: [fs], readFailures: [], mountVolumes: async () => [], copyOut: (paths: readonly string[], to: string) => copyOut(paths, to), unmount: async () => undefined },
     layout: { root: null, mounts: [{ mountpoint: guestRoot, fs }], notes: [] },
     close: async () => undefined,
   };
@@ -103,5 +104,24 @@ describe('restoreFilesToGuest', () => {
     expect(await readFile(join(guestRoot, 'x', 'a.txt'), 'utf8')).toBe('guest a\n');
     expect(await readFile(join(guestRoot, 'x', 'b.bin'), 'utf8')).toBe('guest b\n');
     expect((await readdir(join(guestRoot, 'x'))).sort()).toEqual(['a.txt', 'b.bin']);
+  });
+
+  it('a guest path through a guest link that leaves its file system is refused: it would read this host\'s files', async () => {
+    // The guest's srv/data is a link to an absolute path: inside the guest it is the guest's /etc,
+    // on this host it is this host's folder of that name.
+    const hostSecrets = join(dir, 'host-etc');
+    await mkdir(hostSecrets);
+    await writeFile(join(hostSecrets, 'shadow'), 'host secret');
+    await symlink(hostSecrets, join(host, 'data'));
+    const out = join(dir, 'out');
+    const tried = restoreFilesToDir(m, [join(guestRoot, 'data', 'shadow')], out);
+    await expect(tried).rejects.toMatchObject({ kind: 'invalid' });
+    await expect(tried).rejects.toThrow(/passes through a link in the guest that points outside its file system/);
+    await expect(readdir(out)).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(restoreFilesToGuest(m, [join(guestRoot, 'data', 'shadow')], new LocalGuestAgent(), { conflict: 'overwrite' })).rejects.toThrow(/points outside its file system/);
+    // The link itself is restored as a link, never followed.
+    const r = await restoreFilesToDir(m, [join(guestRoot, 'data')], join(dir, 'links'));
+    expect(r.symlinks).toBe(1);
+    expect(await readFile(join(guestRoot, 'x', 'a.txt'), 'utf8')).toBe('guest a\n');
   });
 });

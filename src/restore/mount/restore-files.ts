@@ -3,8 +3,8 @@
 // through its guest agent (guest-file-open/write for contents; one guest shell script per batch
 // for folders, symlinks, modes, owners and times, which the file API cannot set).
 import { randomUUID } from 'node:crypto';
-import { lstat, open, readdir, readlink } from 'node:fs/promises';
-import { join, posix } from 'node:path';
+import { lstat, open, readdir, readlink, realpath } from 'node:fs/promises';
+import { dirname, join, posix } from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { GuestAgent } from '../../hypervisor/qga/guest-agent.js';
@@ -49,11 +49,30 @@ export async function restoreFilesToDir(m: PointMount<PointIdentity>, paths: rea
   return { ...report, items };
 }
 
+/**
+ * The path's folders must stay inside its file system on this host: a guest link on the way
+ * (srv/data -> /etc) is followed by this host's kernel, to this host's /etc, which the server
+ * would then copy out as root. A link as the last component is fine: it is copied as a link.
+ */
+async function assertInside(r: ResolvedGuestPath): Promise<void> {
+  const root = await realpath(r.fs.path);
+  const parent = await realpath(dirname(r.hostPath));
+  if (parent !== root && !parent.startsWith(`${root}/`)) {
+    throw new BulwarkError(`${r.spec} passes through a link in the guest that points outside its file system (${fsName(r.fs)} at ${r.inside}): the link would be followed on this host`, {
+      kind: 'invalid',
+      context: { path: r.spec, filesystem: fsName(r.fs) },
+      hint: 'name the path the link points to inside the guest instead (mount the point to look at the link), or restore the link itself',
+    });
+  }
+}
+
 /** Only a path that is not there is "does not exist": a read the backup cannot answer says so (EIO). */
 async function assertExists(r: ResolvedGuestPath, mount: Pick<Mount, 'at' | 'readFailures'>): Promise<void> {
   try {
     await lstat(r.hostPath);
+    await assertInside(r);
   } catch (err) {
+    if (err instanceof BulwarkError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ENOTDIR') {
       throw new BulwarkError(`${r.spec} does not exist in the restore point (looked in ${fsName(r.fs)} at ${r.inside})`, {
