@@ -1,3 +1,6 @@
+import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { fsName, guestLayout, matchFstabSpec, parseFstab, resolveGuestPath } from './guest-paths.js';
 import type { MountedFileSystem } from './mount.js';
@@ -78,5 +81,29 @@ describe('restore-files helpers', () => {
     const t = new Date('2026-11-25T14:55:00.123Z');
     expect(keepBothName('/etc/hosts', t)).toBe('/etc/hosts.restored-20261125T145500Z');
     expect(keepBothName('/etc/hosts', t, 2)).toBe('/etc/hosts.restored-20261125T145500Z-2');
+  });
+});
+
+describe('guest fstab behind a link', () => {
+  it('an /etc/fstab (or /etc) that is a link leaving the file system is not read: it would be this host\'s file', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'bulwark-fstab-link-'));
+    try {
+      // A file on "this host" with fstab-like lines (what a crafted guest link would point at).
+      const hostFile = join(dir, 'host-secret');
+      await writeFile(hostFile, '/dev/vda1 / ext4 defaults 0 1\nhost-secret-spec /host-secret-path ext4 defaults 0 0\n');
+      const a = join(dir, 'a');
+      await mkdir(join(a, 'etc'), { recursive: true });
+      await symlink(hostFile, join(a, 'etc', 'fstab'));
+      const b = join(dir, 'b');
+      await mkdir(b);
+      await mkdir(join(dir, 'host-etc'));
+      await writeFile(join(dir, 'host-etc', 'fstab'), '/dev/vdb1 / ext4 defaults 0 1\nhost-secret-spec2 /host-secret-path2 ext4 defaults 0 0\n');
+      await symlink(join(dir, 'host-etc'), join(b, 'etc'));
+      const layout = await guestLayout([fs('vda', 1, { path: a }), fs('vdb', 1, { path: b })]);
+      expect(JSON.stringify(layout)).not.toMatch(/host-secret/);
+      expect(layout.notes.join('\n')).toMatch(/vda1: \/etc\/fstab is a link .* not read/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -5,7 +5,7 @@
 // `rhel-root` for LVM logical volume root of volume group rhel (as /dev/mapper/ names it).
 // Never use synchronous file calls on a mount here: the disks may be served by an NBD server in
 // this same process, which a blocked event loop could not answer (deadlock).
-import { lstat, readFile } from 'node:fs/promises';
+import { lstat, readFile, realpath } from 'node:fs/promises';
 import { join, posix } from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import { volumeName, type MountedFileSystem, type VolumeRef } from './mount.js';
@@ -104,6 +104,18 @@ async function looksLikeRoot(path: string): Promise<boolean> {
 }
 
 /**
+ * A mounted guest file system's /etc/fstab, or null when /etc or the file is a link that leads
+ * out of the file system: this host's kernel would follow a guest's absolute link to this host's
+ * files. Throws the read's error (ENOENT: no fstab).
+ */
+export async function readGuestFstab(fsRoot: string): Promise<string | null> {
+  const root = await realpath(fsRoot);
+  const file = await realpath(join(fsRoot, 'etc', 'fstab'));
+  if (!file.startsWith(`${root}/`)) return null;
+  return readFile(file, 'utf8');
+}
+
+/**
  * Works out the guest's layout: the root is the file system whose /etc/fstab mounts itself on
  * `/`, else the only one that looks like a root (`etc` plus `bin`, `sbin` or `usr`); the root's
  * fstab then places the others.
@@ -112,9 +124,10 @@ export async function guestLayout(filesystems: readonly MountedFileSystem[]): Pr
   const notes: string[] = [];
   const fstabs = new Map<MountedFileSystem, FstabEntry[]>();
   for (const fs of filesystems) {
-    const file = join(fs.path, 'etc', 'fstab');
     try {
-      fstabs.set(fs, parseFstab(await readFile(file, 'utf8')));
+      const text = await readGuestFstab(fs.path);
+      if (text === null) notes.push(`${fsName(fs)}: /etc/fstab is a link that leaves the file system (on this host it would be another file): not read`);
+      else fstabs.set(fs, parseFstab(text));
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') notes.push(`${fsName(fs)}: /etc/fstab cannot be read`);
     }

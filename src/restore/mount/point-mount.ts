@@ -2,15 +2,14 @@
 // disk read through a block cache, every recognised file system mounted read-only (mountDisks) —
 // or, for `restore files`, only those its paths are on — and the guest's layout worked out (root,
 // fstab mount points). close() undoes it all.
-import { readFile } from 'node:fs/promises';
-import { join, posix } from 'node:path';
+import { posix } from 'node:path';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { KdfParams } from '../../format/header.js';
 import type { ChainKeys } from '../../repository/chain-keys.js';
 import type { Repository, RestorePointInfo } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
-import { EXPLICIT_PATH, fsName, guestLayout, matchFstabSpec, mountpointOf, parseFstab, type GuestLayout } from './guest-paths.js';
+import { EXPLICIT_PATH, fsName, guestLayout, matchFstabSpec, mountpointOf, parseFstab, readGuestFstab, type GuestLayout } from './guest-paths.js';
 import { mountDisks, openDisks, volumeName, type DiskToMount, type FoundVolume, type Mount, type MountedFileSystem } from './mount.js';
 
 const log = logger('point-mount');
@@ -228,7 +227,10 @@ async function mountGuestRoot(mount: Mount): Promise<{ fs: MountedFileSystem; fs
     if (fs === undefined) continue;
     let fstab: ReturnType<typeof parseFstab>;
     try {
-      fstab = parseFstab(await readFile(join(fs.path, 'etc', 'fstab'), 'utf8'));
+      // Not through a guest link leaving the file system (this host's own fstab): readGuestFstab.
+      const text = await readGuestFstab(fs.path);
+      if (text === null) continue;
+      fstab = parseFstab(text);
     } catch {
       continue;
     }
