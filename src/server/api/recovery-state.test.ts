@@ -56,6 +56,19 @@ afterEach(async () => {
 const poll = (agent: string, running: string[] = []) => broker.poll(agent, { bootId: `boot-${agent}`, running }, new Promise(() => undefined));
 const stateFile = (): string => path.join(dir, 'data', 'instant-recoveries.json');
 
+/**
+ * repo1 polls for `ms` with `running`, answering the server's `instant-recovery list` with no
+ * sessions (while the server is still asking, it stops none of repo1's unknown tasks).
+ */
+async function repoAnswers(running: string[], ms: number): Promise<void> {
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    for (const t of (await poll('repo1', running)).tasks) {
+      if (t.kind === 'instant-recovery' && t.action === 'list') broker.events('repo1', t.taskId, [{ type: 'result', ok: true, value: { sessions: [] } }]);
+    }
+  }
+}
+
 describe('instant recovery state file', () => {
   it('a restarted server lists the sessions it names at once and takes their serve tasks back; stop empties it', async () => {
     await writeFile(path.join(await mkdtempData(), 'instant-recoveries.json'), JSON.stringify({ format: FORMAT, sessions: [{ agent: 'dst1', host: 'kvm-b', serve: session.serve, session }] }));
@@ -64,8 +77,7 @@ describe('instant recovery state file', () => {
     expect(await service.listInstant()).toEqual([expect.objectContaining({ id: 'ir-1', agent: 'dst1', host: 'kvm-b', state: 'running-from-backup', pid: 4242 })]);
     // repo1 still runs the serve task (and one the server never knew): past its adoption window,
     // the serve task's report is answered "go on", the unknown one "stop".
-    await poll('repo1', ['t-serve', 't-other']);
-    await new Promise((r) => setTimeout(r, 300));
+    await repoAnswers(['t-serve', 't-other'], 400);
     expect(broker.events('repo1', 't-serve', [{ type: 'progress', progress: { streams: 2, blocks: 9 } }])).toMatchObject({ cancel: false });
     expect(broker.events('repo1', 't-other', [{ type: 'progress', progress: {} }])).toMatchObject({ cancel: true });
 
@@ -89,8 +101,7 @@ describe('instant recovery state file', () => {
     await writeFile(path.join(await mkdtempData(), 'instant-recoveries.json'), JSON.stringify({ format: FORMAT, sessions: [{ agent: 'dst1', session: { ...session, state: 'running' } }] }));
     service = await startRecoveryService({ ctx, dataDir: path.join(dir, 'data'), remote: new RemoteRecovery(broker) });
     expect(await service.listInstant()).toEqual([]);
-    await poll('repo1', ['t-serve']);
-    await new Promise((r) => setTimeout(r, 300));
+    await repoAnswers(['t-serve'], 400);
     expect(broker.events('repo1', 't-serve', [{ type: 'progress', progress: {} }])).toMatchObject({ cancel: true });
   });
 });

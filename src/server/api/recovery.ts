@@ -661,18 +661,19 @@ export class RecoveryService {
    * from a backup must not lose its disk because the server restarted).
    */
   readoptAfterStart(remote: RemoteRecovery): void {
-    remote.onAgentSeen((agent) => {
-      const pass = (): void => {
-        if (this.#abort.signal.aborted || Date.now() > remote.adoptableUntil(agent)) return;
-        void remote
-          .sessionsOn(agent)
-          .then(async (sessions) => {
-            if (sessions === undefined) setTimeout(pass, 2000).unref();
-            else await this.listInstant();
-          })
-          .catch((err: unknown) => log.warn({ agent, err: describeError(err) }, 'listing instant recovery sessions after the start failed'));
-      };
-      pass();
+    // The broker stops none of the agent's unknown tasks while this promise is pending.
+    remote.onAgentSeen(async (agent) => {
+      while (!this.#abort.signal.aborted && Date.now() <= remote.adoptableUntil(agent)) {
+        try {
+          if ((await remote.sessionsOn(agent)) !== undefined) {
+            await this.listInstant();
+            return;
+          }
+        } catch (err) {
+          log.warn({ agent, err: describeError(err) }, 'listing instant recovery sessions after the start failed');
+        }
+        await new Promise((r) => setTimeout(r, 2000).unref());
+      }
     });
   }
 

@@ -228,8 +228,11 @@ export class RemoteRecovery {
     return this.#broker.adoptableUntil(agent);
   }
 
-  /** Calls `fn` when an agent first polls this server (after a start: its sessions may be adopted). */
-  onAgentSeen(fn: (agent: string) => void): void {
+  /**
+   * Calls `fn` when an agent first polls this server (after a start: its sessions may be adopted);
+   * while the promise `fn` returns is pending, the broker stops none of that agent's unknown tasks.
+   */
+  onAgentSeen(fn: (agent: string) => void | Promise<unknown>): void {
     this.#broker.onAgentSeen(fn);
   }
 
