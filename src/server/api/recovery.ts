@@ -288,10 +288,18 @@ export class RecoveryService {
     return openSharedRepository(p);
   }
 
-  /** The catalog's point and its repository (where it is, which agent owns it). */
+  /**
+   * The catalog's point and its repository (where it is, which agent owns it). A point the last
+   * health check found damaged (`corrupt`) is restored all the same, as `restore disk`, `mount` and
+   * `restore files` do: every block read is CRC-checked, so a read of a damaged block fails naming
+   * it (a VM restore then fails; an instantly recovered VM gets an I/O error for that read) and
+   * everything else reads as backed up. Logged, so the damage is on record.
+   */
   async #point(pointId: string): Promise<{ point: Awaited<ReturnType<typeof getRestorePoint>>; repo: { name: string; path: string; agent: string | null } }> {
     const point = await getRestorePoint(this.#ctx, pointId);
-    if (point.state !== 'ready') throw new BulwarkError(`restore point ${pointId} is ${point.state}`, { kind: 'conflict' });
+    if (point.state === 'corrupt') {
+      log.warn({ point: point.id, vm: point.vm }, `restore point ${point.id} of VM ${point.vm} is marked corrupt (a health check found damage): reads of damaged blocks fail, naming the block; the rest reads as backed up`);
+    }
     const repo = await getRepository(this.#ctx, point.repository);
     return { point, repo: { name: repo.name, path: repo.path, agent: repo.agent } };
   }
