@@ -81,3 +81,23 @@ describe('a point marked corrupt by a health check', () => {
     }
   });
 });
+
+describe('VM restore records', () => {
+  it('are bounded: past keepRestores the oldest finished one goes', async () => {
+    const service = new RecoveryService({ ctx, dataDir: path.join(dir, 'data'), keepRestores: 1 });
+    const done = async (id: string): Promise<void> => {
+      for (let i = 0; i < 500 && service.getRestore(id).state === 'running'; i++) await new Promise((r) => setTimeout(r, 20));
+      expect(service.getRestore(id).state).toBe('success');
+    };
+    try {
+      const a = await service.startRestoreVm(pointId, { name: 'vm1-a', storage: path.join(dir, 'out', 'vm1-a'), format: 'raw' });
+      await done(a.id);
+      const b = await service.startRestoreVm(pointId, { name: 'vm1-b', storage: path.join(dir, 'out', 'vm1-b'), format: 'raw' });
+      await done(b.id);
+      expect(service.listRestores().map((r) => r.id)).toEqual([b.id]);
+      expect(() => service.getRestore(a.id)).toThrow(/no VM restore/);
+    } finally {
+      await service.close();
+    }
+  });
+});

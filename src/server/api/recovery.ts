@@ -150,6 +150,8 @@ export interface RecoveryServiceOptions {
   readonly keys?: EncryptionKeys | undefined;
   /** Restores and instant recovery on agents' hosts (docs/formats/agent-link.md, "Restore tasks"). */
   readonly remote?: RemoteRecovery | undefined;
+  /** VM restore records kept for `GET /vm-restores` (default 200): the oldest finished ones go first. */
+  readonly keepRestores?: number | undefined;
 }
 
 /** An instant recovery session on an agent's host, as this server knows it. */
@@ -186,6 +188,7 @@ export class RecoveryService {
   readonly #abort = new AbortController();
   readonly #remote: RemoteRecovery | undefined;
   readonly #remoteInstant = new Map<string, RemoteInstant>();
+  readonly #keepRestores: number;
   /** Writes of the state file, one after another. */
   #saving: Promise<void> = Promise.resolve();
 
@@ -194,6 +197,7 @@ export class RecoveryService {
     this.#dataDir = o.dataDir;
     this.#keys = o.keys;
     this.#remote = o.remote;
+    this.#keepRestores = o.keepRestores ?? 200;
   }
 
   get #stateFile(): string {
@@ -450,6 +454,11 @@ export class RecoveryService {
     const first = await Promise.race([running.then(() => 'done' as const, (err: unknown) => ({ err })), firstProgress.then(() => 'moving' as const)]);
     if (typeof first === 'object') throw first.err;
     this.#restores.set(id, task);
+    // Bounded: the oldest finished records (with their log lines) go; running ones stay.
+    for (const [old, t] of this.#restores) {
+      if (this.#restores.size <= this.#keepRestores) break;
+      if (t.state !== 'running') this.#restores.delete(old);
+    }
     return task;
   }
 
