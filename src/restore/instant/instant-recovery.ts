@@ -308,10 +308,10 @@ class Session implements InstantRecoverySession {
     this.vm = point.vm;
     const launch = this.#o.launch ?? launchFromConfig(point.config);
     if (!launch || (!launch.kernel && !launch.firmware)) {
-      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records neither a QEMU kernel nor UEFI firmware to boot; pass launch settings`, {
+      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records neither a QEMU kernel nor UEFI firmware to boot: instant recovery does not boot VMs that start from their disk through BIOS yet`, {
         kind: 'invalid',
         context: { point: this.pointId, vm: this.vm },
-        hint: 'VMs that boot a kernel directly (QEMU -kernel, libvirt <kernel>) or UEFI firmware (pflash, <loader type=pflash>) are booted from their stored configuration',
+        hint: `restore it with \`bulwark restore vm ${this.pointId} --name NEW\` (or one disk with \`bulwark restore disk\`); instant recovery boots VMs with a direct kernel (QEMU -kernel, libvirt <kernel>) or UEFI firmware (pflash, <loader type='pflash'>)`,
       });
     }
     if (launch.firmware) await this.#prepareFirmware(launch.firmware, point.config);
