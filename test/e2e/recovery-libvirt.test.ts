@@ -16,6 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QgaClient } from '../../src/hypervisor/qga/client.js';
+import { testDataReport } from '../fixtures/guest-agent.js';
 import { ensureTestGuest, type TestGuestImage } from '../fixtures/guest.js';
 import { ensureLibvirtd, startTestDomain, TestDomain, virsh, type LibvirtDaemon } from '../fixtures/libvirt.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
@@ -30,14 +31,9 @@ const VM = `e2e-lv-${process.pid}`;
 const COPY = `e2e-lv-copy-${process.pid}`;
 const copyDir = `/var/lib/libvirt/images/${COPY}`;
 
-/** The test files match the build's checksums and the file written after the backup is absent (one guest command: each virsh call is a process). */
+/** The test files match the build's checksums and the file written after the backup is absent. */
 async function expectTestData(d: TestDomain): Promise<void> {
-  const m = image.manifest;
-  const files = Object.keys(m.testdata);
-  const out = await d.sh(`cd '${m.testdataDir}' && sha256sum ${files.map((f) => `'${f}'`).join(' ')} && (test -e /srv/after-backup.txt && echo present || echo absent)`);
-  const lines = out.trim().split('\n');
-  expect(Object.fromEntries(lines.slice(0, -1).map((l) => [l.slice(66), l.slice(0, 64)]))).toEqual(m.testdata);
-  expect(lines.at(-1)).toBe('absent');
+  expect(await testDataReport((c) => d.sh(c), image.manifest)).toEqual({ sums: image.manifest.testdata, afterBackup: 'absent', firmware: 'bios' });
 }
 
 async function removeDomain(name: string): Promise<void> {

@@ -27,7 +27,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodePointMetadata } from '../../src/agent/backup/point-metadata.js';
 import { domainNvramPath } from '../../src/restore/vm/libvirt-config.js';
 import { openRepository } from '../../src/repository/index.js';
-import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
+import { guestSh, hashTree, testDataReport, waitForGuestAgent } from '../fixtures/guest-agent.js';
 import { ensureTestGuest, type TestGuestImage } from '../fixtures/guest.js';
 import { ensureLibvirtd, startTestDomain, TestDomain, virsh, type LibvirtDaemon } from '../fixtures/libvirt.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
@@ -74,14 +74,9 @@ async function removeDomain(name: string): Promise<void> {
   await virsh(['undefine', '--nvram', '--checkpoints-metadata', name]);
 }
 
-/** The test files match the build's checksums and the file written after the backup is absent (one guest command). */
+/** The test files match the build's checksums, the file written after the backup is absent, the guest runs under UEFI. */
 async function expectTestData(sh: (command: string) => Promise<string>): Promise<void> {
-  const m = image.manifest;
-  const files = Object.keys(m.testdata);
-  const out = await sh(`cd '${m.testdataDir}' && sha256sum ${files.map((f) => `'${f}'`).join(' ')} && (test -e /srv/after-backup.txt && echo present || echo absent) && (test -d /sys/firmware/efi && echo uefi || echo bios)`);
-  const lines = out.trim().split('\n');
-  expect(Object.fromEntries(lines.slice(0, -2).map((l) => [l.slice(66), l.slice(0, 64)]))).toEqual(m.testdata);
-  expect(lines.slice(-2)).toEqual(['absent', 'uefi']);
+  expect(await testDataReport(sh, image.manifest)).toEqual({ sums: image.manifest.testdata, afterBackup: 'absent', firmware: 'uefi' });
 }
 
 beforeAll(async () => {
