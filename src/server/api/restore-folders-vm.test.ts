@@ -3,26 +3,22 @@
 // refused (403, naming the path, the user and the folders) outside the restore folders before
 // anything is written; inside, the restore runs (the VM's disk lands there) and migrate gets past
 // the check (to "no such session"); an administrator is not confined.
-// Real SQLite, a real repository with a point carrying a plain-QEMU VM configuration, the real
-// recovery service, the routes through Fastify's inject.
+// Real SQLite, a real repository with a point carrying a plain-QEMU VM configuration
+// (recovery-test-point.ts), the real recovery service, the routes through Fastify's inject.
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { encodePointMetadata, POINT_METADATA_FORMAT } from '../../agent/backup/point-metadata.js';
-import { openRepository } from '../../repository/index.js';
-import { DiskModel, iterate } from '../../repository/test-helpers.js';
-import { openDatabase, type ConfigDatabase } from '../db/connect.js';
-import { systemClock, type ServiceContext } from '../services/common.js';
-import { createHost, createRepository } from '../services/infrastructure.js';
+import type { ConfigDatabase } from '../db/connect.js';
+import type { ServiceContext } from '../services/common.js';
 import { getSettings, updateSettings } from '../services/settings.js';
 import { createUser, login } from '../services/users.js';
-import { recordRestorePoint, SessionEvents } from '../services/sessions.js';
+import { SessionEvents } from '../services/sessions.js';
 import { buildApi } from './app.js';
 import { recoveryPlugin, RecoveryService } from './recovery.js';
+import { seedQemuVmPoint } from './recovery-test-point.js';
 
-const BS = 262144;
 let dir: string;
 let cdb: ConfigDatabase;
 let ctx: ServiceContext;
@@ -37,37 +33,7 @@ let outside: string;
 
 beforeAll(async () => {
   dir = await mkdtemp(path.join(tmpdir(), 'bulwark-restore-folders-vm-'));
-  cdb = await openDatabase({ target: path.join(dir, 'bulwark.db') });
-  ctx = { db: cdb.db, engine: cdb.engine, clock: systemClock };
-  const repo = await openRepository(path.join(dir, 'repo'), { create: true });
-  const repositoryId = (await createRepository(ctx, { name: 'main', path: repo.root })).id;
-  // A plain-QEMU VM under the host's glob, with one raw disk (restored without qemu-img).
-  const vmDir = path.join(dir, 'vms', 'vm1');
-  await createHost(ctx, { name: 'kvm1', kind: 'qemu', uri: path.join(dir, 'vms', '*', 'qmp.sock') });
-  const commandLine = [
-    'qemu-system-x86_64', '-name', 'vm1', '-accel', 'tcg', '-m', '256',
-    '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'vda-fmt', file: { driver: 'file', filename: path.join(vmDir, 'vda.img') } }),
-    '-device', 'virtio-blk-pci,drive=vda-fmt,id=vda',
-    '-chardev', `socket,id=qmp0,path=${path.join(vmDir, 'qmp.sock')},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
-  ];
-  const m = new DiskModel(3 * BS + 100, BS);
-  const checkpoint = { chainId: 'c1', name: 'c1-0', time: new Date().toISOString(), disks: { vda: m.size } };
-  const vmConfig = encodePointMetadata({
-    format: POINT_METADATA_FORMAT,
-    hypervisor: 'qemu',
-    vm: { name: 'vm1', id: path.join(vmDir, 'qmp.sock') },
-    configuration: { kind: 'qemu', commandLine, blockGraph: [] },
-    checkpoint: checkpoint as never,
-    consistency: 'crash',
-    freezeWindowMs: null,
-    warnings: [],
-  });
-  const w = await repo.startRestorePoint({ job: 'j', vm: 'vm1', kind: 'full', blockSize: BS, threads: 0, disks: [{ name: 'vda', size: m.size }], vmConfig });
-  await w.writeDisk('vda', iterate(m.change([[0, 'data'], [2, 'zero'], [3, 'data']])));
-  const p = await w.commit();
-  image = Buffer.from(m.bytes);
-  pointId = p.id;
-  await recordRestorePoint(ctx, { id: p.id, vm: 'vm1', disks: [{ name: 'vda', size: m.size }], time: p.time.toISOString(), type: 'full', chainId: p.chainId, size: p.fileBytes, repositoryId, jobId: null });
+  ({ cdb, ctx, pointId, image } = await seedQemuVmPoint(dir));
 
   await createUser(ctx, { name: 'rita', password: 'restore-pw', role: 'restore-operator' });
   await createUser(ctx, { name: 'ada', password: 'admin-pw-12', role: 'administrator' });
