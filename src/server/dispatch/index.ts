@@ -23,6 +23,8 @@ export type { DispatchHost, DispatchRepository, RemoteDataPathOptions } from './
 export interface DispatchOptions {
   /** An agent silent this long while running a task is lost and the task fails (default 60 s). */
   readonly agentLostMs?: number | undefined;
+  /** A queued task no agent picked up within this time fails (default: agentLostMs). */
+  readonly pickupTimeoutMs?: number | undefined;
   /** Longest a task poll is held open (default 20 s). */
   readonly pollWaitMs?: number | undefined;
   /** How long a data stream may stay down before a transfer fails (default 30 s). */
@@ -74,6 +76,7 @@ export interface Dispatch {
 export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}): Dispatch {
   const broker = new AgentTaskBroker({
     ...(opts.agentLostMs !== undefined ? { agentLostMs: opts.agentLostMs } : {}),
+    ...(opts.pickupTimeoutMs !== undefined ? { pickupTimeoutMs: opts.pickupTimeoutMs } : {}),
     ...(opts.pollWaitMs !== undefined ? { pollWaitMs: opts.pollWaitMs } : {}),
     ...(opts.adoptWindowMs !== undefined ? { adoptWindowMs: opts.adoptWindowMs } : {}),
   });

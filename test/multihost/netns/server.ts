@@ -27,6 +27,10 @@ const server = await startServer({
   ...(clockFile ? { clock: { now: () => new Date(Date.now() + offset()), setTimer: (ms: number, fn: () => void) => systemClock.setTimer(ms, fn) } } : {}),
   dispatch: {
     agentLostMs: 3000,
+    // A loaded CI machine can take more than agentLostMs for a live agent to pick a task up ("agent
+    // repo1 did not pick up the task within 3 s", seen once); a dead agent is refused as not
+    // connected before anything is queued.
+    pickupTimeoutMs: 8000,
     pollWaitMs: 2000,
     resumeWindowMs: 4000,
     // Tasks agents still hold after a server restart are adopted within this time, else stopped.
