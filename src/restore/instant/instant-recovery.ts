@@ -28,11 +28,15 @@ const run = promisify(execFile);
 const log = logger('instant-recovery');
 
 /**
- * How to boot the VM: direct kernel boot (`kernel`), UEFI firmware (`firmware`), or both (the
- * kernel loaded by the firmware); the disks are attached by the session.
+ * How to boot the VM: direct kernel boot (`kernel`), UEFI firmware (`firmware`), both (the kernel
+ * loaded by the firmware), or neither: QEMU's default BIOS (SeaBIOS) boots the first disk (the
+ * session gives the disks bootindex 1, 2, … in the point's order); the disks are attached by the
+ * session.
  */
 export interface InstantLaunch {
   readonly kernel?: string;
+  /** QEMU machine type (`-machine`), e.g. 'pc' or 'q35'; default QEMU's. Only set for BIOS VMs from a recorded configuration. */
+  readonly machine?: string;
   /**
    * UEFI firmware: `code` is the host's firmware file (read-only flash). The VM's variable store is
    * a scratch copy in the session folder of the one saved with the point, else of `varsTemplate`.
@@ -132,7 +136,9 @@ export interface InstantRecoverySession {
 /**
  * Boot settings from a restore point's stored configuration: the `-kernel`, `-initrd`, `-append`
  * and `-m` of a recorded QEMU command line, or the `<kernel>`, `<initrd>`, `<cmdline>`, `<memory>`
- * and `<vcpu>` of a libvirt domain XML (direct kernel boot only; the VM then runs under plain QEMU).
+ * and `<vcpu>` of a libvirt domain XML (the VM then runs under plain QEMU); the recorded UEFI
+ * firmware; or, for a VM with neither (a BIOS VM booting from its disk), the machine type, memory
+ * and CPU count. Null when the configuration names a firmware that was not saved with the point.
  */
 export function launchFromPoint(point: RestorePoint): InstantLaunch | null {
   return launchFromConfig(point.vmConfig);
@@ -168,6 +174,16 @@ const xmlText = (xml: string, tag: string): string | undefined => {
 
 const MEMORY_UNITS: Record<string, number> = { b: 1, bytes: 1, k: 1024, kib: 1024, kb: 1000, m: 1024 ** 2, mib: 1024 ** 2, mb: 1e6, g: 1024 ** 3, gib: 1024 ** 3, gb: 1e9 };
 
+/** QEMU's `-m` value in MiB: `512`, `1G`, `512M`, `size=2G,slots=…` (no suffix: MiB); undefined when unreadable. */
+function qemuMemoryMiB(value: string): number | undefined {
+  const size = value.split(',').find((x, i) => (i === 0 && !x.includes('=')) || x.startsWith('size='))?.replace(/^size=/, '');
+  const m = size?.match(/^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i);
+  if (!m) return undefined;
+  const scale: Record<string, number> = { '': 1, K: 1 / 1024, M: 1, G: 1024, T: 1024 * 1024 };
+  const mib = Math.floor(Number(m[1]) * (scale[m[2]!.toUpperCase()] ?? 1));
+  return mib > 0 ? mib : undefined;
+}
+
 export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | null {
   switch (c.kind) {
     case 'qemu': {
@@ -178,9 +194,16 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
       };
       const kernel = opt('-kernel');
       const firmware = c.firmware ? { code: c.firmware.code } : undefined;
-      if (!kernel && !firmware) return null;
       const mem = opt('-m');
-      const memoryMiB = mem && /^\d+$/.test(mem) ? Number(mem) : undefined;
+      const memoryMiB = mem ? qemuMemoryMiB(mem) : undefined;
+      if (!kernel && !firmware) {
+        // A firmware image the point did not save (-bios, a writable pflash): not SeaBIOS, refused.
+        if (argv.some((x) => x === '-bios' || /(^|,)if=pflash(,|$)|pflash[01]=/.test(x))) return null;
+        const machine = (opt('-machine') ?? opt('-M'))?.split(',').find((x, i) => (i === 0 && !x.includes('=')) || x.startsWith('type='))?.replace(/^type=/, '');
+        const smp = (opt('-smp') ?? '').split(',').find((x, i) => (i === 0 && /^\d+$/.test(x)) || x.startsWith('cpus='))?.replace(/^cpus=/, '');
+        const cpus = smp && /^\d+$/.test(smp) && Number(smp) > 0 ? Number(smp) : undefined;
+        return { ...(machine ? { machine } : {}), ...(memoryMiB ? { memoryMiB } : {}), ...(cpus ? { cpus } : {}) };
+      }
       const initrd = opt('-initrd');
       const append = opt('-append');
       return {
@@ -195,14 +218,17 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
       const xml = c.domainXml;
       const kernel = xmlText(xml, 'kernel');
       const firmware = c.firmware ? { code: c.firmware.code, ...(c.firmware.nvramTemplate ? { varsTemplate: c.firmware.nvramTemplate } : {}) } : undefined;
-      if (!kernel && !firmware) return null;
+      // A <loader> the point did not save as firmware (or firmware='efi' resolved elsewhere): refused.
+      if (!kernel && !firmware && (/<loader[\s>]/.test(xml) || /<os\s[^>]*firmware=/.test(xml))) return null;
       const initrd = xmlText(xml, 'initrd');
       const append = xmlText(xml, 'cmdline');
       const memTag = xml.match(/<memory(?:\s+unit=['"]([^'"]+)['"])?\s*>(\d+)<\/memory>/);
       const memBytes = memTag ? Number(memTag[2]) * (MEMORY_UNITS[(memTag[1] ?? 'KiB').toLowerCase()] ?? 1024) : undefined;
       const memoryMiB = memBytes ? Math.max(1, Math.round(memBytes / 1024 ** 2)) : undefined;
       const vcpu = Number(xmlText(xml, 'vcpu') ?? '');
+      const machine = !kernel && !firmware ? xml.match(/<type\s[^>]*machine=['"]([^'"]+)['"]/)?.[1] : undefined;
       return {
+        ...(machine ? { machine } : {}),
         ...(kernel ? { kernel } : {}),
         ...(firmware ? { firmware } : {}),
         ...(initrd ? { initrd } : {}),
@@ -234,6 +260,60 @@ async function resolvePointId(o: StartInstantRecoveryOptions): Promise<string> {
 }
 
 const nodeName = (disk: string, role: 'backup' | 'overlay' | 'target'): string => `${disk}-${role}`;
+
+/** What the QEMU command line of a session is built from. */
+export interface InstantQemuTarget {
+  readonly name: string;
+  readonly disks: readonly Pick<InstantDisk, 'name' | 'exportName' | 'overlay'>[];
+  readonly nbdSocket: string;
+  readonly agentSocket: string;
+  readonly qmpSocket: string;
+  readonly consoleLog: string;
+  /** The scratch variable store of a UEFI VM. */
+  readonly nvram?: string | undefined;
+}
+
+/**
+ * The QEMU arguments of a session: each disk an nbd node (the export) under a qcow2 overlay node
+ * on a virtio-blk device; serial console to `consoleLog`; guest agent and QMP sockets. A BIOS VM
+ * (neither kernel nor firmware) gets no -kernel and its disks bootindex 1, 2, … so SeaBIOS boots
+ * the first one.
+ */
+export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[] {
+  const bios = !l.kernel && !l.firmware;
+  const a = [
+    '-name', t.name,
+    ...(bios && l.machine ? ['-machine', l.machine] : []),
+    '-accel', l.accel ?? 'tcg', '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
+    '-nodefaults', '-display', 'none', '-no-user-config', '-no-reboot',
+    ...(l.firmware && t.nvram
+      ? ['-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${l.firmware.code.replace(/,/g, ',,')}`, '-drive', `if=pflash,format=raw,unit=1,file=${t.nvram.replace(/,/g, ',,')}`]
+      : []),
+    ...(l.kernel ? ['-kernel', l.kernel] : []),
+    ...(l.kernel && l.initrd ? ['-initrd', l.initrd] : []),
+    ...(l.kernel && l.append ? ['-append', l.append] : []),
+    '-serial', `file:${t.consoleLog}`,
+  ];
+  t.disks.forEach((d, i) => {
+    a.push('-blockdev', JSON.stringify({
+      driver: 'nbd', 'node-name': nodeName(d.name, 'backup'), 'read-only': true,
+      server: { type: 'unix', path: t.nbdSocket }, export: d.exportName,
+    }));
+    a.push('-blockdev', JSON.stringify({
+      driver: 'qcow2', 'node-name': nodeName(d.name, 'overlay'),
+      file: { driver: 'file', filename: d.overlay }, backing: nodeName(d.name, 'backup'),
+    }));
+    a.push('-device', `virtio-blk-pci,drive=${nodeName(d.name, 'overlay')},id=${d.name}${bios ? `,bootindex=${i + 1}` : ''}`);
+  });
+  a.push(
+    '-device', 'virtio-serial-pci',
+    '-chardev', `socket,id=qga0,path=${t.agentSocket},server=on,wait=off`,
+    '-device', 'virtserialport,chardev=qga0,name=org.qemu.guest_agent.0',
+    '-device', 'virtio-rng-pci',
+    '-chardev', `socket,id=qmp0,path=${t.qmpSocket},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
+  );
+  return a;
+}
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -307,11 +387,11 @@ class Session implements InstantRecoverySession {
     const point = this.#point;
     this.vm = point.vm;
     const launch = this.#o.launch ?? launchFromConfig(point.config);
-    if (!launch || (!launch.kernel && !launch.firmware)) {
-      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records neither a QEMU kernel nor UEFI firmware to boot: instant recovery does not boot VMs that start from their disk through BIOS yet`, {
+    if (!launch) {
+      throw new BulwarkError(`restore point ${this.pointId} of VM ${this.vm} records a firmware image that was not saved with it (or no VM configuration): instant recovery cannot tell how to boot it`, {
         kind: 'invalid',
         context: { point: this.pointId, vm: this.vm },
-        hint: `restore it with \`bulwark restore vm ${this.pointId} --name NEW\` (or one disk with \`bulwark restore disk\`); instant recovery boots VMs with a direct kernel (QEMU -kernel, libvirt <kernel>) or UEFI firmware (pflash, <loader type='pflash'>)`,
+        hint: `restore it with \`bulwark restore vm ${this.pointId} --name NEW\` (or one disk with \`bulwark restore disk\`); instant recovery boots VMs with a direct kernel (QEMU -kernel, libvirt <kernel>), UEFI firmware (pflash, <loader type='pflash'>) or QEMU's default BIOS from their first disk`,
       });
     }
     if (launch.firmware) await this.#prepareFirmware(launch.firmware, point.config);
@@ -400,37 +480,7 @@ class Session implements InstantRecoverySession {
   }
 
   #args(l: InstantLaunch): string[] {
-    const a = [
-      '-name', this.name,
-      '-accel', l.accel ?? 'tcg', '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
-      '-nodefaults', '-display', 'none', '-no-user-config', '-no-reboot',
-      ...(l.firmware && this.nvram
-        ? ['-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${l.firmware.code.replace(/,/g, ',,')}`, '-drive', `if=pflash,format=raw,unit=1,file=${this.nvram.replace(/,/g, ',,')}`]
-        : []),
-      ...(l.kernel ? ['-kernel', l.kernel] : []),
-      ...(l.kernel && l.initrd ? ['-initrd', l.initrd] : []),
-      ...(l.kernel && l.append ? ['-append', l.append] : []),
-      '-serial', `file:${this.consoleLog}`,
-    ];
-    for (const d of this.disks) {
-      a.push('-blockdev', JSON.stringify({
-        driver: 'nbd', 'node-name': nodeName(d.name, 'backup'), 'read-only': true,
-        server: { type: 'unix', path: this.nbdSocket }, export: d.exportName,
-      }));
-      a.push('-blockdev', JSON.stringify({
-        driver: 'qcow2', 'node-name': nodeName(d.name, 'overlay'),
-        file: { driver: 'file', filename: d.overlay }, backing: nodeName(d.name, 'backup'),
-      }));
-      a.push('-device', `virtio-blk-pci,drive=${nodeName(d.name, 'overlay')},id=${d.name}`);
-    }
-    a.push(
-      '-device', 'virtio-serial-pci',
-      '-chardev', `socket,id=qga0,path=${this.agentSocket},server=on,wait=off`,
-      '-device', 'virtserialport,chardev=qga0,name=org.qemu.guest_agent.0',
-      '-device', 'virtio-rng-pci',
-      '-chardev', `socket,id=qmp0,path=${this.qmpSocket},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
-    );
-    return a;
+    return instantQemuArgs(this, l);
   }
 
   async #tail(): Promise<string> {
