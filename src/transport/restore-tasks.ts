@@ -113,11 +113,8 @@ export const WirePointConfigSchema = Type.Object({
   disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number() })),
 });
 
-export const WireInstantSessionSchema = Type.Object({
-  id: Type.String(),
-  name: Type.String(),
-  vm: Type.String(),
-  pointId: Type.String(),
+/** What an instant recovery session is, on the agent link and in the REST API alike (each adds its own ids). */
+export const instantSessionFields = {
   state: Type.Union([Type.Literal('running-from-backup'), Type.Literal('migrating'), Type.Literal('migrated'), Type.Literal('stopped')]),
   runningFromBackup: Type.Boolean(),
   startedAt: Type.String(),
@@ -127,6 +124,14 @@ export const WireInstantSessionSchema = Type.Object({
   agentSocket: Type.String(),
   consoleLog: Type.String(),
   disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number(), overlay: Type.String(), target: Type.Union([Type.String(), Type.Null()]) })),
+};
+
+export const WireInstantSessionSchema = Type.Object({
+  id: Type.String(),
+  name: Type.String(),
+  vm: Type.String(),
+  pointId: Type.String(),
+  ...instantSessionFields,
   serve: Type.Optional(Type.Object({ agent: Type.String(), taskId: Type.String() })),
   host: Type.Optional(Type.String()),
 });

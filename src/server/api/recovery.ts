@@ -16,7 +16,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { decodePointMetadata, type PointMetadata } from '../../agent/backup/point-metadata.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
-import { WireInstantSessionSchema, type WireInstantSession } from '../../transport/restore-tasks.js';
+import { instantSessionFields, WireInstantSessionSchema, type WireInstantSession } from '../../transport/restore-tasks.js';
 import { writeFileAtomic } from '../../storage/local-fs.js';
 import type { AgentTaskHandle } from '../dispatch/broker.js';
 import type { RemoteRecovery } from '../dispatch/recovery.js';
@@ -90,15 +90,7 @@ const InstantRecovery = Type.Object({
   name: Type.String(),
   vm: Type.String(),
   point: Type.String(),
-  state: Type.Union([Type.Literal('running-from-backup'), Type.Literal('migrating'), Type.Literal('migrated'), Type.Literal('stopped')]),
-  runningFromBackup: Type.Boolean(),
-  startedAt: Type.String(),
-  pid: Type.Union([Type.Integer(), Type.Null()]),
-  dir: Type.String(),
-  qmpSocket: Type.String(),
-  agentSocket: Type.String(),
-  consoleLog: Type.String(),
-  disks: Type.Array(Type.Object({ name: Type.String(), size: Type.Number(), overlay: Type.String(), target: Type.Union([Type.String(), Type.Null()]) })),
+  ...instantSessionFields,
   agent: Type.Optional(Type.String({ description: 'the agent whose host runs the VM (absent: this server\'s process)' })),
   host: Type.Optional(Type.String()),
 });
