@@ -57,11 +57,15 @@ function tree(root: string): Record<string, string> {
   return out;
 }
 
-/** Loop and FUSE mounts in a process's mount namespace (the agent's own, under `ip netns exec`). */
+/**
+ * Loop and FUSE mounts under this test's folder in a process's mount namespace (the agent's own,
+ * under `ip netns exec`). The harness gives every process a run dir there; mounts elsewhere are
+ * other tests' (the host namespace's propagate into the agents').
+ */
 function mountsOf(pid: number): string[] {
   return readFileSync(`/proc/${pid}/mounts`, 'utf8')
     .split('\n')
-    .filter((l) => /^\/dev\/loop|fuse|nbdfuse/.test(l));
+    .filter((l) => /^\/dev\/loop|fuse|nbdfuse/.test(l) && l.split(' ')[1]?.startsWith(h.tmp + '/') === true);
 }
 
 async function refused(method: string, route: string, body: unknown): Promise<string> {

@@ -163,7 +163,10 @@ export class MultiHost {
     const child = spawn('ip', ['netns', 'exec', netns, process.execPath, '--import', 'tsx', path.join(import.meta.dirname, script), ...args], {
       cwd: repoRoot,
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, BULWARK_LOG_LEVEL: 'warn', ...env },
+      // Each process's file-restore mounts in its own run dir under this harness's folder: the
+      // machine-wide default (/run/bulwark/mounts) is shared with tests running beside this one,
+      // whose mounts propagate into these namespaces.
+      env: { ...process.env, BULWARK_LOG_LEVEL: 'warn', BULWARK_RUN_DIR: path.join(this.tmp, 'run', name.replace(/[^\w.-]+/g, '-')), ...env },
     });
     this.children.push(child);
     const err: string[] = [];
