@@ -40,6 +40,7 @@ import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfig
 import { createRepository, getRepository, listHosts, listRepositories } from './services/infrastructure.js';
 import { recordRestorePoint, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
+import { AgentMountsState } from './api/agent-mounts-state.js';
 import { filesPlugin, indexAfterBackup, readoptAgentMounts } from './api/files.js';
 import { encryptionPlugin } from './api/encryption.js';
 import { EncryptionKeys } from './services/encryption.js';
@@ -210,7 +211,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const dispatch = createDispatch(ctx, opts.dispatch);
     cleanups.push(async () => dispatch.close());
     // Points in repositories on other agents' hosts are indexed and searched by those agents.
-    const fileIndexAgents = { broker: dispatch.broker, localAgent: opts.dispatch?.localAgent };
+    const fileIndexAgents = { broker: dispatch.broker, localAgent: opts.dispatch?.localAgent, mountState: new AgentMountsState(join(dataDir, 'agent-mounts.json')) };
     let exportVm: ((o: ExportVmOptions) => Promise<ExportVmResult>) | undefined;
     if (simulated) {
       executor = new FakeTaskExecutor({ clock, durationMs: 1000 });
@@ -338,7 +339,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const fileMounts = new MountSessions({ defaultRoot: join(dataDir, 'mounts') });
     cleanups.push(() => fileMounts.closeAll());
     // Mounts agents still hold after a restart are listed again, not stopped as unknown tasks.
-    const stopMountReadoption = readoptAgentMounts(fileIndexAgents, fileMounts);
+    const stopMountReadoption = await readoptAgentMounts(fileIndexAgents, fileMounts);
     cleanups.push(async () => stopMountReadoption());
 
     // Full VM restore and instant recovery (one-host install: in this process; leftovers swept).

@@ -11,11 +11,12 @@
 // (c) `restore files --to-guest` into the test guest running under the point's VM name on kvm-b:
 //     dst1 is found as the agent of the VM's host, mounts the point (read from repo1) and writes
 //     through the guest agent: contents, modes, owners, times, symlinks; fail and keep-both;
-// (d) the server is killed and restarted: the mount dst1 holds is adopted again from its list:
-//     listed, still mounted past the adoption window (an unadopted task is stopped by then),
-//     readable (blocks never read before, from repo1), unmounted by `unmount`; restores through
-//     both agents work again. (repo1's serve task is adopted too, but its readers' open streams
-//     would outlive it anyway: that part is covered by src/server/dispatch/broker-adopt.test.ts.)
+// (d) the server is killed and restarted while dst1 cannot reach it (connections refused) until
+//     repo1's adoption window and its serve task's next report have passed: the mount is listed at
+//     once from the server's state file (<data>/agent-mounts.json), repo1's serve task is taken
+//     back from it (not stopped as unknown), and once dst1 is back the mount is still mounted past
+//     its window, readable (blocks never read before, from repo1), unmounted by `unmount`; restores
+//     through both agents work again.
 // (e) a host whose agent is gone: refused, naming the agent.
 // One guest boot (for (c), overlapped with (a) and (b)). Agents run in their own mount namespaces (`ip netns exec`), so their mounts are
 // looked at through /proc/PID/mounts and /proc/PID/root.
@@ -26,7 +27,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestGuest, type TestGuest } from '../fixtures/guest.js';
-import { MultiHost, multiHostSkipReason as skipReason, logText } from './netns/hosts.js';
+import { MultiHost, multiHostSkipReason as skipReason, logText, run } from './netns/hosts.js';
 
 const VM = 'mhfiles-vm';
 let h: MultiHost;
@@ -78,6 +79,10 @@ async function refused(method: string, route: string, body: unknown): Promise<st
 }
 
 const since = (t: number): string => `${((Date.now() - t) / 1000).toFixed(1)} s`;
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+/** netns/server.ts: adoptWindowMs; src/agent/remote/restore-tasks.ts: SERVE_PROGRESS_MS. */
+const ADOPT_WINDOW_MS = 6000;
+const SERVE_REPORT_MS = 10_000;
 
 describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
   beforeAll(async () => {
@@ -240,44 +245,68 @@ describe.skipIf(skipReason !== '')('file-level restore through agents', () => {
     console.log(`files.test: (c) whole case ${since(t0)}`);
   }, 300_000);
 
-  it('(d) the server restarts: the mount dst1 holds is adopted again, still mounted past the adoption window, readable, and unmounted as before', async () => {
+  it('(d) the server restarts while dst1 is away: the mount is listed from the state file, repo1\'s serve task kept; once dst1 is back it is still mounted, readable, and unmounted as before', async () => {
     const pid = dst.child.pid!;
     const before = mountsOf(pid);
     const t1 = Date.now();
     const m2 = await h.api<{ id: string; filesystems: Array<{ path: string }> }>('POST', '/mounts', { point: pointId, host: 'kvm-b', detached: true });
     const fs = m2.filesystems[0]!.path;
     expect(mountsOf(pid).some((l) => l.includes(fs))).toBe(true);
-    const server = h.children[0]!;
-    server.kill('SIGKILL');
-    await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
-    const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
-    const restarted = Date.now();
-    h.socketPath = again.info.socket as string;
-    let listed: Array<{ id: string; agent?: string; at: string; detached: boolean }> = [];
-    for (let i = 0; i < 300 && listed.length === 0; i++) {
-      listed = (await h.api<{ items: typeof listed }>('GET', '/mounts')).items;
-      if (listed.length === 0) await new Promise((r) => setTimeout(r, 100));
+    // dst1's link to the server stays down (connections reset) over the restart.
+    const nft = (...args: string[]): string => run('ip', ['netns', 'exec', h.ns.server, 'nft', ...args]);
+    nft('add', 'table', 'inet', 'bwfiles');
+    nft('add', 'chain', 'inet', 'bwfiles', 'in', '{ type filter hook input priority 0; }');
+    nft('add', 'rule', 'inet', 'bwfiles', 'in', 'ip', 'saddr', dst.ip, 'tcp', 'dport', '9392', 'reject', 'with', 'tcp', 'reset');
+    let blocked = true;
+    let serverLog = (): string => '';
+    try {
+      const server = h.children[0]!;
+      server.kill('SIGKILL');
+      await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
+      // The new server waits for an agent that has not polled it up to its adoption window plus
+      // the agent-lost time: the production default here, for dst1's 20-40 s away (3 s would end its mount first).
+      const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`], { BULWARK_TEST_AGENT_LOST_MS: '60000', BULWARK_LOG_LEVEL: 'info' });
+      const restarted = Date.now();
+      h.socketPath = again.info.socket as string;
+      serverLog = () => (h.stderrOf.get(again.child) ?? []).join('');
+      // Listed at once, dst1 unreachable: from the state file.
+      const early = (await h.api<{ items: Array<{ id: string; agent?: string; host?: string; detached: boolean }> }>('GET', '/mounts')).items;
+      expect(early).toEqual([expect.objectContaining({ id: m2.id, agent: 'dst1', host: 'kvm-b', detached: true })]);
+      console.log(`files.test: (d) mount listed ${since(restarted)} after the restart (dst1 unreachable)`);
+      type Agents = { items: Array<{ name: string; state: string; lastSeenAt?: string | null }> };
+      const back = async (names: string[]): Promise<boolean> => {
+        const agents = (await h.api<Agents>('GET', '/agents')).items;
+        return names.every((n) => agents.some((a) => a.name === n && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= restarted - 1000));
+      };
+      for (let i = 0; i < 600 && !(await back(['repo1'])); i++) await sleep(100);
+      expect(await back(['repo1']), 'repo1 polled the new server').toBe(true);
+      // Past repo1's adoption window and its serve task's next report: an unadopted serve task is stopped by now.
+      await sleep(ADOPT_WINDOW_MS + SERVE_REPORT_MS + 3000);
+      expect(await back(['dst1']), 'dst1 could not reach the new server').toBe(false);
+      nft('delete', 'table', 'inet', 'bwfiles');
+      blocked = false;
+      for (let i = 0; i < 600 && !(await back(['dst1'])); i++) await sleep(100);
+      expect(await back(['dst1']), 'dst1 polled the new server').toBe(true);
+      // Past dst1's window too (an unadopted open task would be stopped by now).
+      await sleep(ADOPT_WINDOW_MS + 1000);
+    } finally {
+      if (blocked) nft('delete', 'table', 'inet', 'bwfiles');
     }
-    expect(listed).toEqual([expect.objectContaining({ id: m2.id, agent: 'dst1', detached: true })]);
-    const adoptedAt = Date.now();
-    console.log(`files.test: (d) mount adopted again ${since(restarted)} after the restart`);
-    // Past each agent's adoption window (6 s from its first poll, netns/server.ts; repo1 may come
-    // back some seconds after dst1) and its next reports (every 10 s): a task the new server had
-    // not adopted (dst1's open task, repo1's serve task) would be stopped by now.
-    await new Promise((r) => setTimeout(r, Math.max(0, adoptedAt + 25_000 - Date.now())));
+    expect((await h.api<{ items: Array<{ id: string }> }>('GET', '/mounts')).items, serverLog()).toEqual([expect.objectContaining({ id: m2.id, agent: 'dst1' })]);
     expect(mountsOf(pid).some((l) => l.includes(fs))).toBe(true);
-    // Blocks never read before the restart, read through repo1.
+    // Blocks never read before the restart, read through repo1's serve task.
     const big = readFileSync(`/proc/${pid}/root${fs}/big/big.bin`);
     expect(createHash('sha256').update(big).digest('hex')).toBe(createHash('sha256').update(readFileSync(path.join(src, 'big/big.bin'))).digest('hex'));
     await h.api('DELETE', `/mounts/${m2.id}`);
     expect(mountsOf(pid)).toEqual(before);
     expect((await h.api<{ items: unknown[] }>('GET', '/mounts')).items).toEqual([]);
+    expect(JSON.parse(readFileSync(path.join(h.tmp, 'server', 'agent-mounts.json'), 'utf8'))).toMatchObject({ mounts: [] });
     console.log(`files.test: (d) restart, adopted mount read and unmounted ${since(t1)}`);
     // Restores through both agents work with the new server.
     const r = await h.api<{ agent?: string; files: number }>('POST', `/restore-points/${pointId}/restore-files`, { paths: ['/data/report.txt'], to: path.join(h.tmp, 'after-restart'), host: 'kvm-b' });
     expect(r).toMatchObject({ agent: 'dst1', files: 1 });
     expect(mountsOf(pid)).toEqual(before);
-  }, 120_000);
+  }, 150_000);
 
   it('(e) a host whose agent is gone: refused, naming the agent', async () => {
     dst.child.kill('SIGKILL');

@@ -3,6 +3,7 @@
 // unmount mounts, copy guest paths out to a host folder or back into the running VM through its
 // guest agent, build a point's guest file index, and search the indexes.
 import { Type, type TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { Value } from '@sinclair/typebox/value';
 import type { FastifyPluginAsync } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -21,7 +22,8 @@ import { mountRestorePoint } from '../../restore/mount/point-mount.js';
 import { restoreFilesToDir, restoreFilesToGuest, type RestoreFilesResult } from '../../restore/mount/restore-files.js';
 import type { MountSessionInfo, MountSessions } from '../../restore/mount/sessions.js';
 import type { TaskEvent } from '../../transport/agent-tasks.js';
-import type { WireHeldMount, WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
+import type { WireMountInfo, WireRestoreFilesResult } from '../../transport/mount-tasks.js';
+import { HeldMount, MountInfo, type AgentMountsState } from './agent-mounts-state.js';
 import type { AgentTaskBroker, AgentTaskHandle } from '../dispatch/broker.js';
 import { RemoteRecovery } from '../dispatch/recovery.js';
 import { isLocalRepository } from '../services/backup-methods.js';
@@ -55,33 +57,6 @@ async function withMountIoSlot<T>(fn: () => Promise<T>): Promise<T> {
 }
 
 const IdParam = Type.Object({ id: Type.String({ minLength: 1 }) });
-
-const FileSystemView = Type.Object({
-  name: Type.String({ description: 'device-like name: vda (whole disk) or vdb2 (partition 2 of vdb)' }),
-  disk: Type.String(),
-  partition: Type.Union([Type.Integer(), Type.Null()]),
-  type: Type.String(),
-  label: Type.Optional(Type.String()),
-  uuid: Type.Optional(Type.String()),
-  path: Type.String({ description: 'host folder where it is mounted read-only' }),
-  mountpoint: Type.Optional(Type.String({ description: 'where the guest mounts it (root, or its /etc/fstab)' })),
-});
-
-const MountInfo = Type.Object({
-  id: Type.String(),
-  point: Type.String(),
-  vm: Type.String(),
-  time: Type.String(),
-  at: Type.String(),
-  detached: Type.Boolean(),
-  createdAt: Type.String(),
-  filesystems: Type.Array(FileSystemView),
-  skipped: Type.Array(Type.Object({ name: Type.String(), type: Type.String(), reason: Type.String() })),
-  warnings: Type.Array(Type.String()),
-  notes: Type.Array(Type.String()),
-  agent: Type.Optional(Type.String({ description: 'the agent holding the mount (the mount server; absent: the server process); `at` and the folders are on its host' })),
-  host: Type.Optional(Type.String({ description: 'the host named with host' })),
-});
 
 const MountBody = Type.Object(
   {
@@ -426,7 +401,7 @@ export async function mountOnAgent(
       if (e.type === 'progress' && typeof e.progress.mounted === 'object' && e.progress.mounted !== null) mounted?.(e.progress.mounted as WireMountInfo);
     },
   );
-  const ended = endsWithTask(mounts, mountId, agent, handle, serve);
+  const ended = endsWithTask(mounts, mountId, agent, handle, serve, agents.mountState);
   let info: WireMountInfo;
   try {
     info = await Promise.race([
@@ -441,14 +416,23 @@ export async function mountOnAgent(
     throw err;
   }
   log.info({ mount: mountId, point: point.id, agent, at: info.at }, 'restore point mounted by an agent');
-  return adoptAgentMount(mounts, { ...info, detached: body.detached ?? false }, agent, server.host?.name, handle, ended);
+  const held = adoptAgentMount(mounts, { ...info, detached: body.detached ?? false }, agent, server.host?.name, handle, ended);
+  // Kept in the state file while held (a restarted server takes it back from there).
+  await agents.mountState?.add({
+    agent,
+    ...(server.host ? { host: server.host.name } : {}),
+    mount: { ...info, detached: body.detached ?? false, taskId: handle.taskId, ...(serve ? { serve: { agent: serve.agent, taskId: serve.taskId } } : {}) },
+  });
+  return held;
 }
 
 /** The mount ends with its `open` task (unmounted, or the agent gone); so does the serve task it reads from. */
-function endsWithTask(mounts: MountSessions, mountId: string, agent: string, handle: AgentTaskHandle, serve: AgentTaskHandle | undefined): Promise<unknown> {
-  const ended = handle.result.finally(() => {
+function endsWithTask(mounts: MountSessions, mountId: string, agent: string, handle: AgentTaskHandle, serve: AgentTaskHandle | undefined, state: AgentMountsState | undefined): Promise<unknown> {
+  const ended = handle.result.finally(async () => {
     serve?.cancel('the mount ended');
     mounts.forget(mountId);
+    // Out of the state file before an unmount answers (a write never fails this: it is logged).
+    await state?.remove(mountId);
   });
   ended.catch((err: unknown) => log.warn({ mount: mountId, agent, err: describeError(err) }, 'a mount held by an agent ended'));
   void serve?.result.catch(() => handle.cancel('the repository agent stopped serving the point'));
@@ -483,31 +467,44 @@ function adoptAgentMount(mounts: MountSessions, info: WireMountInfo, agent: stri
 
 /**
  * After a server (re)start: the mounts agents still hold are adopted again (listed, held, unmounted
- * as before the restart) instead of being stopped as unknown tasks. When an agent first polls, it
- * is asked for its mounts (`mount list`), again every 2 s until it answers or its adoption window
- * ends (docs/formats/agent-link.md, "Mount tasks"); the broker stops none of its tasks meanwhile.
- * Returns a function that stops asking.
+ * as before the restart) instead of being stopped as unknown tasks. First those of the state file
+ * (docs/formats/agent-mounts.md), at once, with the serve tasks they read through; then, when an
+ * agent first polls, it is asked for its mounts (`mount list`), again every 2 s until it answers or
+ * its adoption window ends (docs/formats/agent-link.md, "Mount tasks"); the broker stops none of its
+ * tasks meanwhile. Resolves (once the file's mounts are listed) with a function that stops asking.
  */
-export function readoptAgentMounts(agents: FileIndexAgents, mounts: MountSessions): () => void {
+export async function readoptAgentMounts(agents: FileIndexAgents, mounts: MountSessions): Promise<() => void> {
   const adopted = new Set<string>();
   let stopped = false;
+  const take = (agent: string, host: string | undefined, m: HeldMount, from: string): void => {
+    adopted.add(m.taskId);
+    const open = agents.broker.adopt(agent, m.taskId, 'mount');
+    const serve = m.serve ? agents.broker.adopt(m.serve.agent, m.serve.taskId, 'restore-serve') : undefined;
+    adoptAgentMount(mounts, m, agent, host, open, endsWithTask(mounts, m.id, agent, open, serve, agents.mountState));
+    log.info({ mount: m.id, agent, at: m.at, serve: m.serve, from }, 'a mount an agent still holds was adopted after the server started');
+  };
+  for (const e of (await agents.mountState?.load()) ?? []) take(e.agent, e.host, e.mount, 'the state file');
   const ask = async (agent: string): Promise<boolean> => {
     const handle = agents.broker.run(agent, { kind: 'mount', action: 'list' });
     let t: NodeJS.Timeout | undefined;
     const late = new Promise<undefined>((resolve) => (t = setTimeout(() => resolve(undefined), 5000)));
-    const listed = await Promise.race([handle.result.then((v) => (v as { mounts: WireHeldMount[] }).mounts, () => undefined), late]);
+    const listed = await Promise.race([handle.result.then((v) => v, () => undefined), late]);
     clearTimeout(t);
     if (listed === undefined) {
       handle.cancel('the mount list was not answered in time');
       return false;
     }
-    for (const m of listed) {
+    const reply = Type.Object({ mounts: Type.Array(HeldMount) });
+    if (!Value.Check(reply, listed)) {
+      // Asking again would get the same answer: its mounts are left to the broker (stopped once the window ends).
+      const first = Value.Errors(reply, listed).First();
+      log.error({ agent, field: first?.path, err: first?.message }, 'an agent answered its mount list in another shape (not the server\'s version): its mounts are not adopted');
+      return true;
+    }
+    for (const m of listed.mounts) {
       if (adopted.has(m.taskId) || mounts.list().some((x) => x.id === m.id)) continue;
-      adopted.add(m.taskId);
-      const open = agents.broker.adopt(agent, m.taskId, 'mount');
-      const serve = m.serve ? agents.broker.adopt(m.serve.agent, m.serve.taskId, 'restore-serve') : undefined;
-      adoptAgentMount(mounts, m, agent, undefined, open, endsWithTask(mounts, m.id, agent, open, serve));
-      log.info({ mount: m.id, agent, at: m.at, serve: m.serve }, 'a mount an agent still holds was adopted after the server started');
+      take(agent, undefined, m, 'its mount list');
+      await agents.mountState?.add({ agent, mount: m });
     }
     return true;
   };
@@ -535,6 +532,8 @@ export function readoptAgentMounts(agents: FileIndexAgents, mounts: MountSession
 export interface FileIndexAgents {
   /** The dispatch broker (runs a task on an agent). */
   readonly broker: AgentTaskBroker;
+  /** The mounts agents hold, kept for a restarted server (absent: not kept). */
+  readonly mountState?: AgentMountsState | undefined;
   /** The server's own agent (its repositories are indexed in this process). Default `local`. */
   readonly localAgent?: string | undefined;
 }

@@ -26,7 +26,8 @@ const server = await startServer({
   print: () => undefined,
   ...(clockFile ? { clock: { now: () => new Date(Date.now() + offset()), setTimer: (ms: number, fn: () => void) => systemClock.setTimer(ms, fn) } } : {}),
   dispatch: {
-    agentLostMs: 3000,
+    // A test that keeps an agent away longer (over a restart) sets BULWARK_TEST_AGENT_LOST_MS.
+    agentLostMs: Number(process.env.BULWARK_TEST_AGENT_LOST_MS ?? 3000),
     // A loaded CI machine can take more than agentLostMs for a live agent to pick a task up ("agent
     // repo1 did not pick up the task within 3 s", seen once); a dead agent is refused as not
     // connected before anything is queued.
