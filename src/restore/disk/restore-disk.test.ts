@@ -198,6 +198,30 @@ describe('restoreDisk (raw)', () => {
   });
 });
 
+describe('restoreDisk: what lands at the target', () => {
+  async function onePoint(): Promise<{ id: string; bytes: Buffer }> {
+    const m = new DiskModel(3 * BS, BS);
+    const w = await repo.startRestorePoint({ job: 't', vm: 'v', kind: 'full', blockSize: BS, disks: [{ name: 'vda', size: m.size }], threads: 0 });
+    await w.writeDisk('vda', iterate(m.change([[0, 'data'], [2, 'data']])));
+    return { id: (await w.commit()).id, bytes: Buffer.from(m.bytes) };
+  }
+
+  it('a qcow2 image is readable by its owner only, like a raw one (qemu-img alone makes it 0644)', async () => {
+    const p = await onePoint();
+    const old = process.umask(0o022);
+    try {
+      for (const format of ['raw', 'qcow2'] as const) {
+        const to = path.join(dir, `private.${format}`);
+        await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, format, threads: 0 });
+        expect(((await stat(to)).mode & 0o777).toString(8), format).toBe('600');
+      }
+    } finally {
+      process.umask(old);
+    }
+    expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore'))).toEqual([]);
+  });
+});
+
 describe('conversionDeadlineMs', () => {
   it('keeps 10 minutes for small disks and grows with the size past them (no kill mid-convert of a large disk)', () => {
     const GiB = 1024 ** 3;

@@ -8,7 +8,7 @@
 // by following the written file in disk order. The result appears under its name
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { constants as fsConstants } from 'node:fs';
-import { lstat, open, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
+import { lstat, mkdtemp, open, rename, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
@@ -289,15 +289,26 @@ export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; ta
   const { rawTmp, outTmp, target } = o;
   if (o.format === 'qcow2') {
     const { size } = await stat(rawTmp);
-    await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, outTmp], `qemu-img convert to qcow2 for ${target}`, {
-      context: { file: target },
-      timeoutMs: conversionDeadlineMs(size),
-    });
-    const q = await open(outTmp, 'r');
+    // qemu-img creates its output 0644 (less the umask): a guest's disk, readable by every user of
+    // this host while it is written and after. It writes into a folder only this user can enter,
+    // and the image leaves it 0600, as the raw images are created.
+    const privateDir = await mkdtemp(path.join(path.dirname(target), '.bulwark-restore-'));
     try {
-      await q.sync();
+      const converted = path.join(privateDir, `image.${o.format}`);
+      await runTool('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', rawTmp, converted], `qemu-img convert to qcow2 for ${target}`, {
+        context: { file: target },
+        timeoutMs: conversionDeadlineMs(size),
+      });
+      const q = await open(converted, 'r');
+      try {
+        await q.chmod(0o600);
+        await q.sync();
+      } finally {
+        await q.close();
+      }
+      await rename(converted, outTmp);
     } finally {
-      await q.close();
+      await rm(privateDir, { recursive: true, force: true });
     }
     await rm(rawTmp, { force: true });
   }
