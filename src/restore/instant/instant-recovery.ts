@@ -15,6 +15,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { decodePointMetadata, savedNvram, type PointMetadata } from '../../agent/backup/point-metadata.js';
 import { requireFirmwareCode, writeNvram } from '../vm/firmware.js';
+import { cpuArgument, deviceArgument, recordedHardware, type DeviceProps, type VmHardware } from '../vm/hardware.js';
 import { QgaClient } from '../../hypervisor/qga/client.js';
 import { QmpClient, type QmpEvent } from '../../hypervisor/qmp/client.js';
 import { socketAnswers } from '../../hypervisor/socket.js';
@@ -35,7 +36,7 @@ const log = logger('instant-recovery');
  */
 export interface InstantLaunch {
   readonly kernel?: string;
-  /** QEMU machine type (`-machine`), e.g. 'pc' or 'q35'; default QEMU's. Only set for BIOS VMs from a recorded configuration. */
+  /** QEMU machine type (`-machine`), e.g. 'pc' or 'q35'; default QEMU's. From a recorded configuration: the VM's. */
   readonly machine?: string;
   /**
    * UEFI firmware: `code` is the host's firmware file (read-only flash). The VM's variable store is
@@ -122,8 +123,12 @@ export interface InstantRecoverySession {
   readonly nvram?: string | undefined;
   /** A UEFI VM after migrate(): a copy of its variable store next to the migrated disks. */
   readonly nvramCopy?: string | undefined;
+  /** The recorded hardware the VM runs with (disk devices, controllers, CPU, NICs, notes); absent when the point has no configuration. */
+  readonly hardware?: VmHardware | undefined;
   /** Waits until the guest agent answers guest-ping. */
   waitForAgent(timeoutMs?: number): Promise<void>;
+  /** Runs a QMP command on the VM's monitor, through the session's own connection (QEMU's monitor takes one client). */
+  monitor<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T>;
   /**
    * Mirrors each disk to `targetDir/<disk>.qcow2` while the VM runs, pivots the VM onto it, then
    * closes the backup side. Returns the new disk paths by disk name.
@@ -196,10 +201,11 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
       const firmware = c.firmware ? { code: c.firmware.code } : undefined;
       const mem = opt('-m');
       const memoryMiB = mem ? qemuMemoryMiB(mem) : undefined;
+      // The machine type stays: the disks' buses (IDE, AHCI) are the board's.
+      const machine = (opt('-machine') ?? opt('-M'))?.split(',').find((x, i) => (i === 0 && !x.includes('=')) || x.startsWith('type='))?.replace(/^type=/, '');
       if (!kernel && !firmware) {
         // A firmware image the point did not save (-bios, a writable pflash): not SeaBIOS, refused.
         if (argv.some((x) => x === '-bios' || /(^|,)if=pflash(,|$)|pflash[01]=/.test(x))) return null;
-        const machine = (opt('-machine') ?? opt('-M'))?.split(',').find((x, i) => (i === 0 && !x.includes('=')) || x.startsWith('type='))?.replace(/^type=/, '');
         const smp = (opt('-smp') ?? '').split(',').find((x, i) => (i === 0 && /^\d+$/.test(x)) || x.startsWith('cpus='))?.replace(/^cpus=/, '');
         const cpus = smp && /^\d+$/.test(smp) && Number(smp) > 0 ? Number(smp) : undefined;
         return { ...(machine ? { machine } : {}), ...(memoryMiB ? { memoryMiB } : {}), ...(cpus ? { cpus } : {}) };
@@ -207,6 +213,7 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
       const initrd = opt('-initrd');
       const append = opt('-append');
       return {
+        ...(machine ? { machine } : {}),
         ...(kernel ? { kernel } : {}),
         ...(firmware ? { firmware } : {}),
         ...(initrd ? { initrd } : {}),
@@ -226,7 +233,7 @@ export function launchFromConfiguration(c: VmConfiguration): InstantLaunch | nul
       const memBytes = memTag ? Number(memTag[2]) * (MEMORY_UNITS[(memTag[1] ?? 'KiB').toLowerCase()] ?? 1024) : undefined;
       const memoryMiB = memBytes ? Math.max(1, Math.round(memBytes / 1024 ** 2)) : undefined;
       const vcpu = Number(xmlText(xml, 'vcpu') ?? '');
-      const machine = !kernel && !firmware ? xml.match(/<type\s[^>]*machine=['"]([^'"]+)['"]/)?.[1] : undefined;
+      const machine = xml.match(/<type\s[^>]*machine=['"]([^'"]+)['"]/)?.[1];
       return {
         ...(machine ? { machine } : {}),
         ...(kernel ? { kernel } : {}),
@@ -271,20 +278,28 @@ export interface InstantQemuTarget {
   readonly consoleLog: string;
   /** The scratch variable store of a UEFI VM. */
   readonly nvram?: string | undefined;
+  /** The VM's recorded hardware (src/restore/vm/hardware.ts); absent: virtio-blk disks, QEMU's default CPU, no NICs. */
+  readonly hardware?: VmHardware | undefined;
 }
 
 /**
- * The QEMU arguments of a session: each disk an nbd node (the export) under a qcow2 overlay node
- * on a virtio-blk device; serial console to `consoleLog`; guest agent and QMP sockets. A BIOS VM
- * (neither kernel nor firmware) gets no -kernel and its disks bootindex 1, 2, … so SeaBIOS boots
- * the first one.
+ * The QEMU arguments of a session: each disk an nbd node (the export) under a qcow2 overlay node,
+ * on the device and bus the VM had (`t.hardware`: virtio-blk, scsi-hd on its virtio-scsi or LSI
+ * controller, ide-hd on IDE or AHCI; virtio-blk without it), with its recorded boot index; the
+ * recorded CPU model (`host` becomes `max` under TCG) and NICs (model and MAC, no network backend;
+ * the session sets their links down as soon as the monitor answers); serial console to
+ * `consoleLog`; guest agent and QMP sockets. A BIOS VM (neither kernel nor firmware) without a
+ * recorded boot order gets its disks bootindex 1, 2, … so SeaBIOS boots the first one.
  */
 export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[] {
   const bios = !l.kernel && !l.firmware;
+  const hw = t.hardware;
+  const accel = l.accel ?? 'tcg';
   const a = [
     '-name', t.name,
-    ...(bios && l.machine ? ['-machine', l.machine] : []),
-    '-accel', l.accel ?? 'tcg', '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
+    ...(l.machine ? ['-machine', l.machine] : []),
+    '-accel', accel, '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
+    ...(hw?.cpu ? ['-cpu', cpuArgument(hw.cpu, accel).value] : []),
     '-nodefaults', '-display', 'none', '-no-user-config', '-no-reboot',
     ...(l.firmware && t.nvram
       ? ['-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${l.firmware.code.replace(/,/g, ',,')}`, '-drive', `if=pflash,format=raw,unit=1,file=${t.nvram.replace(/,/g, ',,')}`]
@@ -294,6 +309,7 @@ export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[
     ...(l.kernel && l.append ? ['-append', l.append] : []),
     '-serial', `file:${t.consoleLog}`,
   ];
+  for (const c of hw?.controllers ?? []) a.push('-device', deviceArgument(c.driver, c.id ? [['id', c.id]] : []));
   t.disks.forEach((d, i) => {
     a.push('-blockdev', JSON.stringify({
       driver: 'nbd', 'node-name': nodeName(d.name, 'backup'), 'read-only': true,
@@ -303,7 +319,15 @@ export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[
       driver: 'qcow2', 'node-name': nodeName(d.name, 'overlay'),
       file: { driver: 'file', filename: d.overlay }, backing: nodeName(d.name, 'backup'),
     }));
-    a.push('-device', `virtio-blk-pci,drive=${nodeName(d.name, 'overlay')},id=${d.name}${bios ? `,bootindex=${i + 1}` : ''}`);
+    const h = hw?.disks.find((x) => x.name === d.name);
+    const bootindex = hw?.bootOrderRecorded ? h?.bootindex : bios ? i + 1 : undefined;
+    const props: DeviceProps = [['drive', nodeName(d.name, 'overlay')], ['id', d.name], ...(h?.props ?? []), ...(bootindex !== undefined ? [['bootindex', String(bootindex)] as const] : [])];
+    a.push('-device', deviceArgument(h?.driver ?? 'virtio-blk-pci', props));
+  });
+  // NICs without a network backend (the session sets their links down): the recorded model and MAC.
+  (hw?.nics ?? []).forEach((n, i) => {
+    const bootindex = hw?.bootOrderRecorded ? n.bootindex : undefined;
+    a.push('-device', deviceArgument(n.driver, [['id', nicId(i)], ...(n.mac ? [['mac', n.mac] as const] : []), ...n.props, ...(bootindex !== undefined ? [['bootindex', String(bootindex)] as const] : [])]));
   });
   a.push(
     '-device', 'virtio-serial-pci',
@@ -315,7 +339,52 @@ export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[
   return a;
 }
 
+const nicId = (i: number): string => `net${i}`;
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+const helpCache = new Map<string, Promise<string>>();
+/** `qemu -machine help` / `-cpu help` of a QEMU binary (cached per binary). */
+function qemuHelp(binary: string, what: '-machine' | '-cpu'): Promise<string> {
+  const key = `${binary}\0${what}`;
+  let p = helpCache.get(key);
+  if (!p) {
+    p = run(binary, [what, 'help'], { timeout: 30_000, maxBuffer: 4 << 20 }).then((r) => r.stdout);
+    helpCache.set(key, p);
+    p.catch(() => helpCache.delete(key));
+  }
+  return p;
+}
+
+/**
+ * Refuses, before anything starts, a recorded machine type or CPU model this host's QEMU does not
+ * have (a VM backed up on a newer QEMU); logs what of the recorded hardware is not recreated.
+ */
+async function checkHardware(l: InstantLaunch, hw: VmHardware | undefined, ids: { vm: string; point: string; session: string }): Promise<void> {
+  const binary = l.qemuBinary ?? 'qemu-system-x86_64';
+  const hint = `restore it with \`bulwark restore vm ${ids.point} --host H\` on a host whose QEMU has it, or install a newer QEMU here`;
+  if (l.machine) {
+    const names = (await qemuHelp(binary, '-machine')).split('\n').map((x) => x.split(/\s+/)[0]);
+    if (!names.includes(l.machine)) {
+      throw new BulwarkError(`VM ${ids.vm} (restore point ${ids.point}) ran on machine type ${l.machine}, which this host's QEMU (${binary}) does not have`, {
+        kind: 'invalid', context: { vm: ids.vm, point: ids.point, machine: l.machine }, hint,
+      });
+    }
+  }
+  const notes = [...(hw?.notes ?? [])];
+  if (hw?.cpu && hw.cpu.model !== 'host' && hw.cpu.model !== 'max') {
+    const models = (await qemuHelp(binary, '-cpu')).split('\n').map((x) => x.match(/^x86\s+(\S+)/)?.[1]);
+    if (!models.includes(hw.cpu.model)) {
+      throw new BulwarkError(`VM ${ids.vm} (restore point ${ids.point}) ran with CPU model ${hw.cpu.model}, which this host's QEMU (${binary}) does not have`, {
+        kind: 'invalid', context: { vm: ids.vm, point: ids.point, cpu: hw.cpu.model }, hint,
+      });
+    }
+  }
+  const cpuNote = hw?.cpu ? cpuArgument(hw.cpu, l.accel ?? 'tcg').note : undefined;
+  if (cpuNote) notes.push(cpuNote);
+  if (hw && hw.nics.length > 0) notes.push(`${hw.nics.length} NIC(s) recreated with their recorded model and MAC, not connected to any network (link down)`);
+  if (notes.length > 0) log.info({ session: ids.session, vm: ids.vm, point: ids.point, notes }, 'recorded hardware: what differs from the backed-up VM');
+}
 
 /** Boots the VM of a restore point from the backup. Everything is closed again if a step fails. */
 export async function startInstantRecovery(o: StartInstantRecoveryOptions): Promise<InstantRecoverySession> {
@@ -394,6 +463,11 @@ class Session implements InstantRecoverySession {
         hint: `restore it with \`bulwark restore vm ${this.pointId} --name NEW\` (or one disk with \`bulwark restore disk\`); instant recovery boots VMs with a direct kernel (QEMU -kernel, libvirt <kernel>), UEFI firmware (pflash, <loader type='pflash'>) or QEMU's default BIOS from their first disk`,
       });
     }
+    // The VM's hardware as recorded (disk buses, controllers, boot order, CPU, NICs); what cannot
+    // be recreated is refused here, before anything is served or started.
+    const meta = decodePointMetadata(point.config);
+    this.hardware = meta ? recordedHardware(meta.configuration, point.disks.map((d) => d.name), { vm: this.vm, point: this.pointId }) : undefined;
+    await checkHardware(launch, this.hardware, { vm: this.vm, point: this.pointId, session: this.name });
     if (launch.firmware) await this.#prepareFirmware(launch.firmware, point.config);
     const exports = point.disks.map((d) => ({
       name: d.name,
@@ -449,10 +523,17 @@ class Session implements InstantRecoverySession {
         cause: err,
       });
     }
+    // NICs have no backend (nothing leaves the VM); their links go down too, long before the
+    // guest's drivers load, so the guest sees a cable unplugged. Not -S: a backup of the VM once
+    // migrated records this command line, and its restore would start paused.
+    const nics = this.hardware?.nics ?? [];
+    for (let i = 0; i < nics.length; i++) await this.#qmp.execute('set_link', { name: nicId(i), up: false });
     log.info({ session: this.name, vm: this.vm, point: this.pointId, disks: this.disks.map((d) => d.name), pid: child.pid }, 'VM started from backup');
   }
 
   #exportDisks: { close(): Promise<void> }[] = [];
+  /** The recorded hardware the VM is recreated with (absent when the point has no configuration). */
+  hardware: VmHardware | undefined;
   /** The scratch copy of the VM's UEFI variable store (pflash1), when it boots firmware. */
   nvram: string | undefined;
   /** After migrate(): the copy of the variable store placed next to the migrated disks. */
@@ -485,6 +566,12 @@ class Session implements InstantRecoverySession {
 
   async #tail(): Promise<string> {
     return (await readFile(this.qemuLog, 'utf8').catch(() => '(no output)')).slice(-2000);
+  }
+
+  async monitor<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
+    const qmp = this.#qmp;
+    if (!qmp || qmp.isClosed) throw new BulwarkError(`instant recovery ${this.name} has no monitor connection (it is ${this.state})`, { kind: 'conflict' });
+    return qmp.execute<T>(command, args);
   }
 
   async waitForAgent(timeoutMs = 120_000): Promise<void> {

@@ -5,12 +5,13 @@ describe('boot settings from a stored VM configuration', () => {
   it('takes kernel, initrd, append and memory from a QEMU command line', () => {
     const commandLine = ['qemu-system-x86_64', '-m', '512', '-kernel', '/k', '-initrd', '/i', '-append', 'console=ttyS0 quiet'];
     expect(launchFromConfiguration({ kind: 'qemu', commandLine, blockGraph: [] })).toEqual({ kernel: '/k', initrd: '/i', append: 'console=ttyS0 quiet', memoryMiB: 512 });
+    expect(launchFromConfiguration({ kind: 'qemu', commandLine: [...commandLine, '-machine', 'q35,accel=tcg'], blockGraph: [] })).toMatchObject({ kernel: '/k', machine: 'q35' });
   });
   it('takes them from a libvirt domain with direct kernel boot', () => {
     const domainXml = `<domain type='qemu'><name>a</name><memory unit='KiB'>262144</memory><vcpu placement='static'>2</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/var/lib/x/vmlinux</kernel><initrd>/var/lib/x/initrd.img</initrd><cmdline>console=ttyS0 a&amp;b</cmdline></os></domain>`;
     expect(launchFromConfiguration({ kind: 'libvirt', domainXml })).toEqual({
-      kernel: '/var/lib/x/vmlinux', initrd: '/var/lib/x/initrd.img', append: 'console=ttyS0 a&b', memoryMiB: 256, cpus: 2,
+      machine: 'pc', kernel: '/var/lib/x/vmlinux', initrd: '/var/lib/x/initrd.img', append: 'console=ttyS0 a&b', memoryMiB: 256, cpus: 2,
     });
     expect(launchFromConfiguration({ kind: 'libvirt', domainXml: "<domain><os><loader>/ovmf</loader></os></domain>" })).toBeNull();
   });
@@ -58,11 +59,46 @@ describe('boot settings from a stored VM configuration', () => {
     const nodes = a.filter((x, i) => a[i - 1] === '-blockdev').map((x) => JSON.parse(x) as Record<string, unknown>);
     expect(nodes[0]).toEqual({ driver: 'nbd', 'node-name': 'vda-backup', 'read-only': true, server: { type: 'unix', path: '/s/nbd.sock' }, export: 'vda' });
     expect(nodes[1]).toEqual({ driver: 'qcow2', 'node-name': 'vda-overlay', file: { driver: 'file', filename: '/s/vda.overlay.qcow2' }, backing: 'vda-backup' });
-    // Direct kernel and UEFI launches are unchanged: no bootindex, no recorded machine.
+    // Direct kernel and UEFI launches: no bootindex; the recorded machine type stays.
     const k = instantQemuArgs(t, { kernel: '/k', machine: 'q35' });
     expect(k).toContain('-kernel');
-    expect(k).not.toContain('-machine');
+    expect(k[k.indexOf('-machine') + 1]).toBe('q35');
     expect(k.join(' ')).not.toMatch(/bootindex/);
     expect(instantQemuArgs({ ...t, nvram: '/s/nvram.fd' }, { firmware: { code: '/fw/CODE.fd' } }).join(' ')).not.toMatch(/bootindex/);
+  });
+  it('launch arguments with the recorded hardware: controllers first, each overlay on its recorded device and bus, NICs unconnected, CPU under TCG', () => {
+    const t = {
+      name: 'h1', nbdSocket: '/s/nbd.sock', agentSocket: '/s/qga.sock', qmpSocket: '/s/qmp.sock', consoleLog: '/s/console.log',
+      disks: [{ name: 'sda', exportName: 'sda', overlay: '/s/sda.overlay.qcow2' }, { name: 'vdb', exportName: 'vdb', overlay: '/s/vdb.overlay.qcow2' }],
+      hardware: {
+        controllers: [{ driver: 'ich9-ahci', id: 'ahci0' }],
+        disks: [
+          { name: 'sda', bus: 'sata' as const, driver: 'ide-hd', props: [['bus', 'ahci0.0']] as const, bootindex: 2 },
+          { name: 'vdb', bus: 'virtio-blk' as const, driver: 'virtio-blk-pci', props: [['serial', 'a,b']] as const },
+        ],
+        nics: [{ driver: 'e1000', mac: '52:54:00:00:00:01', bootindex: 1, props: [] }],
+        cpu: { model: 'host', flags: [] },
+        bootOrderRecorded: true,
+        notes: [],
+      },
+    };
+    const a = instantQemuArgs(t, { machine: 'pc' });
+    const devices = a.filter((x, i) => a[i - 1] === '-device');
+    expect(devices.slice(0, 4)).toEqual([
+      'ich9-ahci,id=ahci0',
+      'ide-hd,drive=sda-overlay,id=sda,bus=ahci0.0,bootindex=2',
+      'virtio-blk-pci,drive=vdb-overlay,id=vdb,serial=a,,b',
+      'e1000,id=net0,mac=52:54:00:00:00:01,bootindex=1',
+    ]);
+    expect(a[a.indexOf('-cpu') + 1]).toBe('max');
+    // No network backend (the session sets the NIC's link down once the monitor answers).
+    expect(a.join(' ')).not.toMatch(/netdev|-net |-nic /);
+    // Without a recorded boot order a BIOS VM's disks boot in order.
+    const plain = instantQemuArgs({ ...t, hardware: { ...t.hardware, nics: [], cpu: { model: 'Haswell', flags: ['hle=off'] }, bootOrderRecorded: false } }, {});
+    expect(plain.filter((x, i) => plain[i - 1] === '-device' && /drive=/.test(x))).toEqual([
+      'ide-hd,drive=sda-overlay,id=sda,bus=ahci0.0,bootindex=1',
+      'virtio-blk-pci,drive=vdb-overlay,id=vdb,serial=a,,b,bootindex=2',
+    ]);
+    expect(plain[plain.indexOf('-cpu') + 1]).toBe('Haswell,hle=off');
   });
 });

@@ -12,7 +12,8 @@ export interface DomainDisk {
   readonly format: string;
 }
 
-function attr(tag: string, name: string): string | undefined {
+/** The value of attribute `name` in a start tag (unescaped). */
+export function attr(tag: string, name: string): string | undefined {
   const m = tag.match(new RegExp(`\\s${name}=(?:'([^']*)'|"([^"]*)")`));
   const v = m ? (m[1] ?? m[2]) : undefined;
   return v === undefined ? undefined : unescapeXml(v);
@@ -24,7 +25,8 @@ function setAttr(tag: string, name: string, value: string): string {
   return tag.replace(/\s*(\/?)>$/, ` ${name}='${escapeXml(value)}'$1>`);
 }
 
-function startTag(xml: string, tag: string): string | undefined {
+/** The first start tag `<tag …>` in `xml`. */
+export function startTag(xml: string, tag: string): string | undefined {
   return xml.match(new RegExp(`<${tag}(\\s[^>]*)?/?>`))?.[0];
 }
 

@@ -67,7 +67,7 @@ export function setOpt(s: string, key: string, value: string): string {
 }
 
 /** Each `-opt value` pair of an argv (argv[0] is the binary). */
-function optionPairs(argv: readonly string[]): { opt: string; index: number; value: string }[] {
+export function optionPairs(argv: readonly string[]): { opt: string; index: number; value: string }[] {
   const out: { opt: string; index: number; value: string }[] = [];
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
