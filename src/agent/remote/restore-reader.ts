@@ -5,14 +5,14 @@
 // block ranges on demand for instant recovery's NBD exports (InstantPointSource).
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { lstat, open, rm } from 'node:fs/promises';
+import { open, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { BulwarkError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { RandomAccessDisk } from '../../disk/types.js';
 import type { Repository } from '../../repository/index.js';
-import { placeRestoredImage } from '../../restore/disk/index.js';
+import { assertImageTarget, placeRestoredImage } from '../../restore/disk/index.js';
 import type { InstantPointSource } from '../../restore/instant/index.js';
 import type { PointDiskWrite, VmPointSource, WrittenDisk } from '../../restore/vm/index.js';
 import { TransferReader, type RestoreSource, type TlsIdentity } from '../../transport/index.js';
@@ -38,16 +38,6 @@ export async function pointRestoreSource(repository: Repository, pointId: string
     },
     close: () => point.close(),
   };
-}
-
-async function exists(p: string): Promise<boolean> {
-  return lstat(p).then(
-    () => true,
-    (err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT') return false;
-      throw err;
-    },
-  );
 }
 
 function plain(b: ReceivedBlockMessage, what: string): Buffer {
@@ -122,9 +112,7 @@ export class RemotePoint implements VmPointSource, InstantPointSource {
   async writeDisk(w: PointDiskWrite): Promise<WrittenDisk> {
     const d = this.#disk(w.disk);
     const target = path.resolve(w.to);
-    if (!w.overwrite && (await exists(target))) {
-      throw new BulwarkError(`${target} already exists`, { kind: 'conflict', context: { file: target }, hint: 'choose another path, or allow overwriting' });
-    }
+    await assertImageTarget(target, w.overwrite);
     const tag = `.bulwark-restore-${process.pid}-${Date.now()}`;
     const rawTmp = `${target}${tag}.raw`;
     const outTmp = `${target}${tag}.${w.format}`;

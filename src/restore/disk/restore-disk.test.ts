@@ -1,7 +1,9 @@
 import { createHash } from 'node:crypto';
-import { mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { lstat, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { crc32c } from '@node-rs/crc32';
 import { COMMIT_SLOT_OFFSETS, decodeRecordHeader, decodeTablePage, encodeCommitSlot, encodeIndex, encodeRecordHeader, encodeTablePage, RECORD_HEADER_SIZE } from '../../format/index.js';
@@ -219,6 +221,42 @@ describe('restoreDisk: what lands at the target', () => {
       process.umask(old);
     }
     expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore'))).toEqual([]);
+  });
+
+  it('refuses a folder, a block device or a link to one, even with overwrite, before reading; a link to a file is replaced, not followed', async () => {
+    const p = await onePoint();
+    const folder = path.join(dir, 'a folder');
+    await mkdir(folder);
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: folder, overwrite: true, threads: 0 })).rejects.toMatchObject({
+      kind: 'invalid',
+      message: `cannot restore to ${folder}: it is a folder, and a restore writes an image file`,
+      hint: expect.stringContaining(path.join(folder, 'disk.raw')),
+    });
+    // A block device node (loop device numbers; never opened) and a link to it, as /dev/vg/lv is.
+    const dev = path.join(dir, 'blockdev');
+    await promisify(execFile)('mknod', [dev, 'b', '7', '250']);
+    const link = path.join(dir, 'lv');
+    await symlink(dev, link);
+    for (const to of [dev, link]) {
+      await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to, overwrite: true, threads: 0 }), to).rejects.toMatchObject({
+        kind: 'invalid',
+        message: expect.stringMatching(/it is a block device/),
+        hint: expect.stringMatching(/qemu-img convert -n/),
+      });
+    }
+    expect((await lstat(dev)).isBlockDevice()).toBe(true);
+    expect((await lstat(link)).isSymbolicLink()).toBe(true);
+    expect((await readdir(dir)).filter((f) => f.includes('.bulwark-restore'))).toEqual([]);
+    // A link to a file: replaced by the image with overwrite; the file it named is untouched.
+    const file = path.join(dir, 'precious');
+    await writeFile(file, 'keep me');
+    const toFile = path.join(dir, 'to-file');
+    await symlink(file, toFile);
+    await expect(restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: toFile, threads: 0 })).rejects.toMatchObject({ kind: 'conflict' });
+    await restoreDisk({ repository: repo, pointId: p.id, disk: 'vda', to: toFile, overwrite: true, threads: 0 });
+    expect(await readFile(file, 'utf8')).toBe('keep me');
+    expect((await lstat(toFile)).isFile()).toBe(true);
+    expect((await readFile(toFile)).equals(p.bytes)).toBe(true);
   });
 });
 

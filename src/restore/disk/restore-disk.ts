@@ -9,6 +9,7 @@
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { constants as fsConstants } from 'node:fs';
 import { lstat, mkdtemp, open, rename, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
@@ -318,6 +319,47 @@ export async function placeRestoredImage(o: { rawTmp: string; outTmp: string; ta
   await publish(o.format === 'qcow2' ? outTmp : rawTmp, target);
 }
 
+function whatIs(st: Stats): string {
+  if (st.isDirectory()) return 'a folder';
+  if (st.isBlockDevice()) return 'a block device';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isFIFO()) return 'a named pipe';
+  if (st.isSocket()) return 'a socket';
+  return 'not a regular file';
+}
+
+/**
+ * Where a restore may write its image (checked before a block is read): an existing folder, and
+ * in it nothing at `target`, or with `overwrite` a file or a link (the link itself
+ * is replaced, never followed). Anything else (a folder, a block device such as /dev/vg/lv or a
+ * link to one) is refused before a block is read: the image would replace the device's node (in
+ * /dev: a file of the disk's size in memory) or fail after the whole restore with EISDIR.
+ */
+export async function assertImageTarget(target: string, overwrite: boolean): Promise<void> {
+  await assertFolderOf(target);
+  let st: Stats;
+  try {
+    st = await stat(target);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    if (!(await exists(target))) return; // nothing there (a dangling link is a file in the way)
+    st = await lstat(target);
+  }
+  if (!st.isFile() && !st.isSymbolicLink()) {
+    const what = whatIs(st);
+    throw new BulwarkError(`cannot restore to ${target}: it is ${what}, and a restore writes an image file`, {
+      kind: 'invalid',
+      context: { file: target },
+      hint: st.isDirectory()
+        ? `name the image file inside it, e.g. ${path.join(target, 'disk.raw')}`
+        : `restore to an image file, then copy it onto the device (qemu-img convert -n -f raw -O raw FILE ${target})`,
+    });
+  }
+  if (!overwrite) {
+    throw new BulwarkError(`${target} already exists`, { kind: 'conflict', context: { file: target }, hint: 'choose another path, or allow overwriting' });
+  }
+}
+
 /** The target's folder must exist (the temporaries go beside the target): say so, not ENOENT of a temporary's name. */
 async function assertFolderOf(target: string): Promise<void> {
   const folder = path.dirname(target);
@@ -338,10 +380,7 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
   const started = Date.now();
   const format = o.format ?? 'raw';
   const target = path.resolve(o.to);
-  await assertFolderOf(target);
-  if (!o.overwrite && (await exists(target))) {
-    throw new BulwarkError(`${target} already exists`, { kind: 'conflict', context: { file: target }, hint: 'choose another path, or allow overwriting' });
-  }
+  await assertImageTarget(target, o.overwrite === true);
   const point = await o.repository.openRestorePoint(o.pointId, o.password === undefined ? {} : { password: o.password });
   const tag = `.bulwark-restore-${process.pid}-${Date.now()}`;
   const rawTmp = `${target}${tag}.raw`;
