@@ -264,25 +264,91 @@ async function removeOrphanIndexes(repository: Repository, point: RestorePointIn
 
 // ---- search -------------------------------------------------------------------------------------
 
-/** A glob (`*`, `?`, `[...]`) as a case-insensitive regular expression over the whole string. */
-export function globToRegExp(glob: string): RegExp {
-  let re = '';
-  for (let i = 0; i < glob.length; i++) {
-    const c = glob[i]!;
-    if (c === '*') re += '.*';
-    else if (c === '?') re += '.';
-    else if (c === '[') {
-      const end = glob.indexOf(']', i + 2);
-      if (end < 0) re += '\\[';
-      else {
-        let set = glob.slice(i + 1, end).replace(/\\/g, '\\\\');
-        if (set.startsWith('!')) set = `^${set.slice(1)}`;
-        re += `[${set}]`;
-        i = end;
+type GlobToken = { readonly kind: 'star' } | { readonly kind: 'one' } | { readonly kind: 'char'; readonly c: string } | { readonly kind: 'set'; readonly negate: boolean; readonly ranges: ReadonlyArray<readonly [string, string]> };
+
+function parseGlob(glob: string): GlobToken[] {
+  const chars = Array.from(glob);
+  const out: GlobToken[] = [];
+  for (let i = 0; i < chars.length; i++) {
+    const c = chars[i]!;
+    if (c === '*') {
+      if (out.at(-1)?.kind !== 'star') out.push({ kind: 'star' });
+    } else if (c === '?') out.push({ kind: 'one' });
+    else if (c === '[' && chars.indexOf(']', i + 2) > 0) {
+      // `[...]` up to the first `]` after at least one member (`[]x]` holds `]`); `!` or `^` negates.
+      const end = chars.indexOf(']', i + 2);
+      let body = chars.slice(i + 1, end);
+      const negate = body[0] === '!' || body[0] === '^';
+      if (negate) body = body.slice(1);
+      const ranges: Array<readonly [string, string]> = [];
+      for (let k = 0; k < body.length; k++) {
+        const lo = body[k]!;
+        if (body[k + 1] === '-' && k + 2 < body.length) {
+          const hi = body[k + 2]!;
+          if (hi < lo) throw new BulwarkError(`the search pattern ${glob} has a range [${lo}-${hi}] whose end comes before its start`, { kind: 'invalid', hint: `write it [${hi}-${lo}]` });
+          ranges.push([lo, hi]);
+          k += 2;
+        } else ranges.push([lo, lo]);
       }
-    } else re += c.replace(/[.+^${}()|\\/]/g, '\\$&');
+      out.push({ kind: 'set', negate, ranges });
+      i = end;
+    } else out.push({ kind: 'char', c: c.toLowerCase() });
   }
-  return new RegExp(`^${re}$`, 'i');
+  return out;
+}
+
+function matchesOne(t: Exclude<GlobToken, { kind: 'star' }>, c: string): boolean {
+  switch (t.kind) {
+    case 'one':
+      return true;
+    case 'char':
+      return t.c === c.toLowerCase();
+    case 'set': {
+      const forms = [c, c.toLowerCase(), c.toUpperCase()];
+      const hit = t.ranges.some(([lo, hi]) => forms.some((f) => f >= lo && f <= hi));
+      return hit !== t.negate;
+    }
+  }
+}
+
+/** A compiled glob: `test` says whether a whole string matches. */
+export interface Glob {
+  test(s: string): boolean;
+}
+
+/**
+ * A glob (`*`, `?`, `[...]`, `[!...]`) matched case-insensitively against whole strings, in time
+ * proportional to pattern length times string length: no regular expression, whose backtracking
+ * takes exponential time on patterns such as `*a*a*a*a*a*a*a*a*a*a*a*a*b` (a search froze the
+ * server's event loop, and with it every NBD export it serves, for minutes per path).
+ */
+export function compileGlob(glob: string): Glob {
+  const tokens = parseGlob(glob);
+  return {
+    test(s: string): boolean {
+      const chars = Array.from(s);
+      let p = 0;
+      let i = 0;
+      let starP = -1;
+      let starI = 0;
+      while (i < chars.length) {
+        const t = tokens[p];
+        if (t !== undefined && t.kind === 'star') {
+          starP = p++;
+          starI = i;
+        } else if (t !== undefined && matchesOne(t, chars[i]!)) {
+          p++;
+          i++;
+        } else if (starP >= 0) {
+          // The last star takes one more character; everything after it is tried again from there.
+          p = starP + 1;
+          i = ++starI;
+        } else return false;
+      }
+      while (tokens[p]?.kind === 'star') p++;
+      return p === tokens.length;
+    },
+  };
 }
 
 export interface SearchPoint {
@@ -330,7 +396,7 @@ export interface SearchablePoint extends SearchPoint {
 export async function searchIndexes(points: readonly SearchablePoint[], pattern: string, opts: { limit?: number } = {}): Promise<SearchResult> {
   if (pattern.trim() === '') throw new BulwarkError('the search pattern is empty', { kind: 'invalid' });
   const limit = opts.limit ?? 1000;
-  const re = globToRegExp(pattern);
+  const re = compileGlob(pattern);
   const onPath = pattern.includes('/');
   const byPath = new Map<string, { vm: string; path: string; versions: Map<string, { type: EntryType; size: number; m: number; points: SearchPoint[] }> }>();
   const without: SearchResult['pointsWithoutIndex'] = [];
