@@ -1,6 +1,7 @@
 // Finding VM folders in a repository and turning a .vbm body into chains and restore points.
-import { readdir } from 'node:fs/promises';
+import { access, readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { BulwarkError } from '../common/errors.js';
 import type { ChainMetadata, ChainRecord, Compression, PointRecord } from '../format/index.js';
 import type { RestorePointInfo } from './restore-point.js';
 
@@ -37,6 +38,54 @@ export async function listVmFolders(root: string): Promise<VmFolder[]> {
     }
   }
   return out.sort((a, b) => a.dir.localeCompare(b.dir));
+}
+
+/** Sub-folder names of `dir` (none when it cannot be read), at most `most`. */
+async function subfolders(dir: string, most: number): Promise<string[]> {
+  const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+  return entries.filter((e) => e.isDirectory()).slice(0, most).map((e) => e.name);
+}
+
+async function holdsChainMetadata(vmDir: string): Promise<boolean> {
+  return access(path.join(vmDir, `${path.basename(vmDir)}.vbm`)).then(
+    () => true,
+    () => false,
+  );
+}
+
+/**
+ * The repository folder next to `root` when `root`, which holds no VM folder with chain metadata,
+ * is one level off: a VM folder (it holds a .vbm itself), a job folder (CHILD/CHILD.vbm), or the
+ * folder above a repository (A/JOB/VM/VM.vbm). Null when nothing like a repository is near. Reads a
+ * bounded number of folders: it runs only when the folder given holds no chain.
+ */
+export async function repositoryNear(root: string): Promise<string | null> {
+  const entries = await readdir(root, { withFileTypes: true }).catch(() => []);
+  if (entries.some((e) => e.isFile() && e.name.endsWith('.vbm'))) return path.dirname(path.dirname(root));
+  const children = await subfolders(root, 200);
+  for (const c of children) if (await holdsChainMetadata(path.join(root, c))) return path.dirname(root);
+  for (const a of children.slice(0, 50)) {
+    for (const job of await subfolders(path.join(root, a), 50)) {
+      for (const vm of await subfolders(path.join(root, a, job), 20)) {
+        if (await holdsChainMetadata(path.join(root, a, job, vm))) return path.join(root, a);
+      }
+    }
+  }
+  return null;
+}
+
+/**
+ * Refuses a folder that holds no chain but sits one level off a repository (an offline tool given
+ * the job's or VM's folder, or the folder above): it would report "no damage" having read nothing.
+ */
+export async function assertNotBesideRepository(root: string, tool: string): Promise<void> {
+  const near = await repositoryNear(root);
+  if (near === null) return;
+  throw new BulwarkError(`${root} is not a repository folder (it holds no JOB/VM/VM.vbm), but ${near} is`, {
+    kind: 'invalid',
+    context: { repository: root },
+    hint: `give the repository folder: bulwark repo ${tool} ${near}`,
+  });
 }
 
 export function chainsOfFolder(body: ChainMetadata, dir: string): BackupChain[] {

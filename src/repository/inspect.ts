@@ -1,9 +1,11 @@
 // Offline inspection of a repository folder: chains, restore points, disks, sizes, compression
 // and deduplication ratios, read from the .vbm files and each file's index (no block is read).
+import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { describeError } from '../common/errors.js';
 import { BackupFile } from './backup-file.js';
-import { chainsOfFolder, listVmFolders, type BackupChain } from './folders.js';
+import { assertNotBesideRepository, chainsOfFolder, listVmFolders, type BackupChain } from './folders.js';
+import { BACKUP_FILE_RE } from './layout.js';
 import { readChainMetadata } from './repository.js';
 import type { PointKind } from '../format/index.js';
 
@@ -69,7 +71,12 @@ export async function inspectRepository(root: string): Promise<InspectReport> {
       problems.push({ file: f.vbmPath, problem: describeError(err) });
       continue;
     }
-    if (!meta) continue;
+    if (!meta) {
+      // As verify says it: backup files no chain metadata places are not a repository's points.
+      const files = (await readdir(f.dir)).filter((n) => BACKUP_FILE_RE.test(n));
+      if (files.length > 0) problems.push({ file: f.vbmPath, problem: `missing chain metadata; ${files.length} backup files cannot be placed in a chain` });
+      continue;
+    }
     for (const c of chainsOfFolder(meta.body, f.dir)) {
       const points: InspectPoint[] = [];
       for (const p of c.points) {
@@ -113,6 +120,7 @@ export async function inspectRepository(root: string): Promise<InspectReport> {
       });
     }
   }
+  if (chains.length === 0 && problems.length === 0) await assertNotBesideRepository(abs, 'inspect');
   return {
     repository: abs,
     chains,

@@ -25,7 +25,7 @@ import { BACKUP_FILE_RE } from './layout.js';
 import { checkFileMatches, readChainMetadata, type BackupChain } from './repository.js';
 import { crc32c } from '@node-rs/crc32';
 import type { RestorePointInfo } from './restore-point.js';
-import { listVmFolders, chainsOfFolder } from './folders.js';
+import { assertNotBesideRepository, listVmFolders, chainsOfFolder } from './folders.js';
 
 /** One place where stored data is damaged. */
 export interface Damage {
@@ -155,6 +155,10 @@ export async function verifyRepository(root: string, opts: VerifyOptions = {}): 
         }
       }
     }
+  }
+  if (chainsN === 0 && damage.length === 0) {
+    await assertNotBesideRepository(abs, 'verify');
+    warnings.push(`no backup chains under ${abs} (a repository folder holds JOB/VM/VM.vbm): nothing was verified`);
   }
   return { repository: abs, ok: damage.length === 0, vmFolders: folders.length, chains: chainsN, points: pointsN, filesChecked, blocksChecked, bytesChecked, damage, warnings };
 }

@@ -1,7 +1,7 @@
 // The offline console tools on a bare folder: `repo inspect` and `repo verify` (tables, JSON,
 // exit codes 0 clean / 1 damage; an encrypted chain's password from $BULWARK_REPO_PASSWORD of the
 // console's environment).
-import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -92,5 +92,37 @@ it('verify through the console: an encrypted chain is checked with $BULWARK_REPO
     expect(wrong.out).toMatch(/warning: chain \S+ of VM db: .*; only CRCs were checked/);
   } finally {
     await rm(encRoot, { recursive: true, force: true });
+  }
+});
+
+it('a folder one level off the repository (its job or VM folder, or the folder above) is refused, naming the repository; an empty one says nothing was verified', async () => {
+  // Before: each of these printed "OK: no damage found" (exit 0) having read no block.
+  const job = path.join(root, 'nightly');
+  const vm = path.join(job, 'db');
+  const above = await mkdtemp(path.join(tmpdir(), 'bulwark-offline-above-'));
+  const empty = await mkdtemp(path.join(tmpdir(), 'bulwark-offline-empty-'));
+  try {
+    await cp(root, path.join(above, 'repo'), { recursive: true });
+    for (const [given, near] of [[job, root], [vm, root], [above, path.join(above, 'repo')]] as const) {
+      for (const [tool, command] of [['verify', repoVerifyCommand], ['inspect', repoInspectCommand]] as const) {
+        const a = capture();
+        expect(await command(given, { json: false }, a.output), `${tool} ${given}`).toBe(1);
+        expect(a.o.err).toContain(`${given} is not a repository folder (it holds no JOB/VM/VM.vbm), but ${near} is`);
+        expect(a.o.err).toContain(`bulwark repo ${tool} ${near}`);
+      }
+    }
+    const e = capture();
+    expect(await repoVerifyCommand(empty, { json: false }, e.output)).toBe(0);
+    expect(e.o.text).toMatch(/warning: no backup chains under .*: nothing was verified\nnothing to verify: no backup chains\n/);
+    expect(e.o.text).not.toMatch(/OK: no damage/);
+    // inspect names a VM folder whose backup files have no chain metadata (verify always did).
+    await mkdir(path.join(empty, 'j', 'v'), { recursive: true });
+    await writeFile(path.join(empty, 'j', 'v', '20261126T000000Z-12345678.vbk'), 'x');
+    const i = capture();
+    expect(await repoInspectCommand(empty, { json: false }, i.output)).toBe(1);
+    expect(i.o.text).toMatch(/v\.vbm: missing chain metadata; 1 backup files cannot be placed in a chain/);
+  } finally {
+    await rm(above, { recursive: true, force: true });
+    await rm(empty, { recursive: true, force: true });
   }
 });

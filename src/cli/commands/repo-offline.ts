@@ -70,7 +70,7 @@ export async function repoVerifyCommand(repoPath: string, opts: { json: boolean;
   );
   for (const w of report.warnings) output.out(`warning: ${w}\n`);
   if (report.ok) {
-    output.out('OK: no damage found\n');
+    output.out(report.chains === 0 ? 'nothing to verify: no backup chains\n' : 'OK: no damage found\n');
     return 0;
   }
   output.out(`DAMAGE: ${report.damage.length} problem(s)\n`);
