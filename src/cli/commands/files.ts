@@ -98,7 +98,7 @@ export function mountCommand(ctx: CliContext): Command {
         return;
       }
       const client = await clientFor(ctx, cmd);
-      const id = await resolvePoint(client, point);
+      const id = await resolvePoint(client, point, ctx.output);
       const info = await withPointPassword(ctx, o.passwordFile, (pw) =>
         client.post<MountInfo>('/mounts', {
           point: id,
@@ -210,7 +210,7 @@ export function registerRestoreFiles(restore: Command, ctx: CliContext): void {
         throw new BulwarkError('say where to: --to DIR or --to-guest', { kind: 'invalid', hint: 'e.g. bulwark restore files web01@latest --path /etc/hostname --to /tmp/restored' });
       }
       const client = await clientFor(ctx, cmd);
-      const id = await resolvePoint(client, point);
+      const id = await resolvePoint(client, point, ctx.output);
       const reply = await withPointPassword(ctx, o.passwordFile, (pw) =>
         client.post<RestoreFilesReply>(at('/restore-points', id, 'restore-files'), {
           paths: o.path,
@@ -272,7 +272,7 @@ export function indexCommand(ctx: CliContext): Command {
     .addOption(new Option('--json', 'print the result as JSON'))
     .action(async (point: string, o: { passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
-      const id = await resolvePoint(client, point);
+      const id = await resolvePoint(client, point, ctx.output);
       const r = await withPointPassword(ctx, o.passwordFile, (pw) =>
         client.post<{ point: string; file: string; entries: number; filesystems: number; sealed?: boolean; durationMs: number }>(at('/restore-points', id, 'file-index'), pw),
       );

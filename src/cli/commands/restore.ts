@@ -6,7 +6,7 @@ import { BulwarkError } from '../../common/errors.js';
 import type { RestorePoint } from '../../server/services/model.js';
 import { at, clientFor, oneOf, type CliContext, type ItemList } from '../context.js';
 import type { ApiClient } from '../client.js';
-import { formatFields, humanDuration, humanSize, printJson } from '../output.js';
+import { formatFields, humanDuration, humanSize, printJson, processOutput, type Output } from '../output.js';
 import { registerRestoreFiles } from './files.js';
 import { registerRestoreVm } from './recovery.js';
 import { passwordFileOption, withPointPassword } from './encryption.js';
@@ -23,21 +23,52 @@ interface RestoreDiskReply {
   durationMs: number;
 }
 
-/** Resolves POINT (id, VM@latest, VM@time) to a restore point id. */
-export async function resolvePoint(client: ApiClient, point: string): Promise<string> {
-  const atSign = point.lastIndexOf('@');
-  if (atSign <= 0) return point;
-  const vm = point.slice(0, atSign);
-  const when = point.slice(atSign + 1);
-  const { items } = await client.get<ItemList<RestorePoint>>('/restore-points', { vm });
+type PointRef = Pick<RestorePoint, 'id' | 'time' | 'state'>;
+
+/**
+ * The point `VM@WHEN` names among the VM's points: the newest at or before WHEN (`latest`: the
+ * newest of all) that a health check did not mark corrupt. Newer corrupt points it passes over are
+ * returned in `skipped` (the console says so); when every candidate is corrupt it refuses, naming
+ * the newest, rather than say the VM has no points (a damaged point restores by its id: intact
+ * blocks read as backed up, a damaged one fails naming the block).
+ */
+export function pickPoint<T extends PointRef>(items: readonly T[], vm: string, when: string): { point: T; skipped: T[] } {
   let limit = Number.POSITIVE_INFINITY;
   if (when !== 'latest') {
     limit = Date.parse(when);
     if (Number.isNaN(limit)) throw new BulwarkError(`POINT: "${when}" is neither "latest" nor an ISO time`, { kind: 'invalid', hint: 'e.g. web01@latest or web01@2026-11-25T22:00:00Z' });
   }
-  const candidates = items.filter((p) => p.state === 'ready' && Date.parse(p.time) <= limit).sort((a, b) => Date.parse(b.time) - Date.parse(a.time));
-  const found = candidates[0];
-  if (!found) throw new BulwarkError(`no restore point of VM ${vm} ${when === 'latest' ? 'exists' : `at or before ${when}`}`, { kind: 'not-found' });
+  const where = when === 'latest' ? '' : ` at or before ${when}`;
+  const candidates = items.filter((p) => Date.parse(p.time) <= limit).sort((a, b) => Date.parse(b.time) - Date.parse(a.time));
+  if (candidates.length === 0) {
+    const oldest = [...items].sort((a, b) => Date.parse(a.time) - Date.parse(b.time))[0];
+    throw new BulwarkError(`no restore point of VM ${vm}${where} exists`, {
+      kind: 'not-found',
+      hint: oldest ? `its oldest point is ${oldest.id} (${oldest.time})` : `list the VMs' points with: bulwark restore-point list`,
+    });
+  }
+  const at = candidates.findIndex((p) => p.state === 'ready');
+  if (at < 0) {
+    const newest = candidates[0]!;
+    throw new BulwarkError(`no intact restore point of VM ${vm}${where}: its ${candidates.length} point(s) there are marked corrupt by a health check (newest: ${newest.id}, ${newest.time})`, {
+      kind: 'not-found',
+      hint: `restore from one by its id (intact blocks restore; a damaged block fails, naming it), or run the job again: its next run repairs the chain`,
+    });
+  }
+  return { point: candidates[at]!, skipped: candidates.slice(0, at) };
+}
+
+/** Resolves POINT (id, VM@latest, VM@time) to a restore point id; a note on `output` when newer damaged points were passed over. */
+export async function resolvePoint(client: ApiClient, point: string, output: Output = processOutput): Promise<string> {
+  const atSign = point.lastIndexOf('@');
+  if (atSign <= 0) return point;
+  const vm = point.slice(0, atSign);
+  const when = point.slice(atSign + 1);
+  const { items } = await client.get<ItemList<RestorePoint>>('/restore-points', { vm });
+  const { point: found, skipped } = pickPoint(items, vm, when);
+  if (skipped.length > 0) {
+    output.err(`note: ${point} is ${found.id} (${found.time}): the newer ${skipped.map((p) => p.id).join(', ')} ${skipped.length === 1 ? 'is' : 'are'} marked corrupt by a health check (give an id to restore from one)\n`);
+  }
   return found.id;
 }
 
@@ -57,7 +88,7 @@ export function restoreCommand(ctx: CliContext): Command {
     .addOption(new Option('--json', 'print the result as JSON'))
     .action(async (point: string, o: { disk: string; to: string; format: 'raw' | 'qcow2'; overwrite?: boolean; digest?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
-      const id = await resolvePoint(client, point);
+      const id = await resolvePoint(client, point, ctx.output);
       const reply = await withPointPassword(ctx, o.passwordFile, (pw) =>
         client.post<RestoreDiskReply>(at('/restore-points', id, 'restore-disk'), {
           disk: o.disk,

@@ -84,7 +84,9 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   // nothing is removed from the catalog while any folder is unreadable (the reply names them).
   const unreadable: Array<{ file: string; problem: string }> = [];
   const points = catalogPoints(await repository.listRestorePoints({}, { onUnreadable: (file, err) => unreadable.push({ file, problem: describeError(err) }) }));
-  const known = new Set((await ctx.db.selectFrom('restore_points').select('id').where('repository_id', '=', repo.id).execute()).map((r) => r.id));
+  const knownRows = await ctx.db.selectFrom('restore_points').select(['id', 'state']).where('repository_id', '=', repo.id).execute();
+  const known = new Set(knownRows.map((r) => r.id));
+  const stateKnown = new Map(knownRows.map((r) => [r.id, r.state]));
   const jobIds = new Map((await ctx.db.selectFrom('jobs').select(['id', 'name']).execute()).map((j) => [j.name, j.id]));
   // A copy of a folder that is already in the catalog (an export copied elsewhere, a repository
   // copied offsite): its points keep their ids; the catalog keeps each once, where it already is.
@@ -105,7 +107,12 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
   // among the known ones (and remembered), or given at restore.
   for (const c of await repository.listChains()) if (c.encrypted) await keys?.recordChain(c.id, c.passwordHint ?? '', null);
   for (const p of points) {
-    if (known.has(p.id)) continue;
+    // The folder's health-check marks (.vbm damagedPoints) decide the state, as after a job's run.
+    const state = p.damage ? 'corrupt' : 'ready';
+    if (known.has(p.id)) {
+      if (stateKnown.get(p.id) !== state) await ctx.db.updateTable('restore_points').set({ state }).where('id', '=', p.id).execute();
+      continue;
+    }
     const other = inOther.get(p.id);
     if (other !== undefined) {
       elsewhere.push({ id: p.id, vm: p.vm, repository: other });
@@ -121,6 +128,7 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
       size: p.fileBytes,
       repositoryId: repo.id,
       jobId: jobIds.get(p.job) ?? null,
+      state,
     });
     added++;
   }
