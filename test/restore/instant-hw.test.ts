@@ -11,7 +11,9 @@
 // (d) A point recorded with `-cpu host`, a NIC and its disk on q35's own AHCI: the VM gets `max`
 // under TCG, the NIC with its recorded model and MAC and no network backend, the disk on the board's AHCI.
 // (e) A point whose disk is a usb-storage device is refused before anything starts, naming the VM
-// and the device. The repository never changes.
+// and the device. (f) What the refusal's hint says works: `restore vm` of that point as a new VM
+// boots it from its USB disk, and `restore vm` of the IDE VM's point (whose disk the backup names
+// by its node) boots it from IDE. The repository never changes.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -28,6 +30,7 @@ import { QmpClient } from '../../src/hypervisor/qmp/client.js';
 import { socketAnswers } from '../../src/hypervisor/socket.js';
 import { openRepository, verifyRepository, type Repository } from '../../src/repository/index.js';
 import { startInstantRecovery, type InstantRecoverySession } from '../../src/restore/instant/index.js';
+import { restoreVm } from '../../src/restore/vm/index.js';
 import { bootSector } from '../fixtures/boot-sector.js';
 import { hashTree } from '../fixtures/guest-agent.js';
 
@@ -158,9 +161,12 @@ beforeAll(async () => {
     ...fmt('sda-fmt'), '-device', 'ide-hd,drive=sda-fmt,bus=ide.1,id=sda',
     '-netdev', 'tap,id=n0,ifname=tap9,script=no', '-device', 'e1000,netdev=n0,mac=52:54:00:12:34:99,id=nic0',
   ], 'BULWARK-HW-Q35');
+  const usbDir = path.join(work, 'vms', 'hw-usb');
   points.usb = await recordedPoint('hw-usb', [
-    'qemu-system-x86_64', '-name', 'hw-usb', '-machine', 'pc', '-m', '64', '-nodefaults', '-device', 'qemu-xhci,id=xhci',
-    ...fmt('sda-fmt'), '-device', 'usb-storage,drive=sda-fmt,id=sda',
+    'qemu-system-x86_64', '-name', 'hw-usb', '-machine', 'pc', '-accel', 'tcg', '-m', '64', '-nodefaults', '-display', 'none', '-device', 'qemu-xhci,id=xhci',
+    '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'sda-fmt', file: { driver: 'file', filename: path.join(usbDir, 'sda.img') } }),
+    '-device', 'usb-storage,drive=sda-fmt,id=sda,bootindex=1',
+    '-serial', `file:${path.join(usbDir, 'console.log')}`, '-qmp', `unix:${path.join(usbDir, 'qmp.sock')},server=on,wait=off`,
   ], 'BULWARK-HW-USB');
   repoHashes = await hashTree(repo.root);
 }, 180_000);
@@ -245,6 +251,23 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     expect(err?.hint).toMatch(new RegExp(`bulwark restore vm ${points.usb!} --name NEW`));
     const ir = path.join(work, 'ir');
     expect(existsSync(ir) ? await readdir(ir) : []).not.toContain('ir-usb');
+  });
+
+  it('(f) restore vm keeps the recorded hardware: the USB VM instant recovery refuses, and the IDE VM, boot as new VMs', async () => {
+    const host = { kind: 'qemu' as const, qmpGlob: path.join(work, 'restored', '*', 'qmp.sock') };
+    for (const [key, marker] of [['usb', 'BULWARK-HW-USB'], ['ide', 'BULWARK-HW-IDE']] as const) {
+      const r = await restoreVm({ repository: repo, pointId: points[key]!, host, name: `${key}-r`, powerOn: true, defaultVmRoot: path.join(work, 'vm-root') });
+      const pidFile = path.join(r.vmDir!, 'qemu.pid');
+      try {
+        expect(r.poweredOn).toBe(true);
+        await waitForConsole(path.join(r.vmDir!, 'console.log'), `${marker}\r\n`);
+        const script = await readFile(r.startScript!, 'utf8');
+        expect(script).toContain(key === 'usb' ? 'usb-storage,drive=sda-fmt,id=sda,bootindex=1' : 'ide-hd,drive=disk0,bus=ide.0,unit=0,id=hda,bootindex=1');
+      } finally {
+        const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
+        if (pid > 0) process.kill(pid, 'SIGKILL');
+      }
+    }
   });
 
   it('the repository is unchanged and verifies clean', async () => {

@@ -10,7 +10,9 @@
 import { BulwarkError } from '../../common/errors.js';
 import type { VmConfiguration } from '../../hypervisor/types.js';
 import { attr, startTag } from './libvirt-config.js';
-import { joinOpts, optionPairs, optValue, splitOpts } from './qemu-config.js';
+import { boardOf, deviceOpts, joinOpts, legacyDrives, optionPairs, optValue, splitOpts } from './qemu-config.js';
+
+export { boardOf } from './qemu-config.js';
 
 /** The bus a disk is attached on. */
 export type DiskBus = 'virtio-blk' | 'virtio-scsi' | 'lsi-scsi' | 'ide' | 'sata';
@@ -101,14 +103,6 @@ function refuse(ctx: HardwareContext, disk: string, what: string): never {
   });
 }
 
-/** 'pc' (i440FX + PIIX: IDE buses ide.0, ide.1, two units each), 'q35' (ICH9: AHCI ports ide.0-ide.5), or another board. */
-export function boardOf(machine: string | undefined): 'pc' | 'q35' | 'other' {
-  const m = machine ?? 'pc';
-  if (/(^|-)q35(-|$)/.test(m)) return 'q35';
-  if (/^pc(-i440fx(-[\w.]+)?|-[\d.]+)?$/.test(m)) return 'pc';
-  return 'other';
-}
-
 /** The recorded hardware of `disks` (names as the point has them); see the file comment. */
 export function recordedHardware(c: VmConfiguration, disks: readonly string[], ctx: HardwareContext): VmHardware {
   switch (c.kind) {
@@ -119,24 +113,6 @@ export function recordedHardware(c: VmConfiguration, disks: readonly string[], c
     default:
       return { controllers: [], disks: [], nics: [], bootOrderRecorded: false, notes: [] };
   }
-}
-
-/** A -device (or -drive, -nic) value as properties: QemuOpts (`driver,k=v`) or JSON. */
-function deviceOpts(value: string, implied = 'driver'): Map<string, string> {
-  const m = new Map<string, string>();
-  if (value.trimStart().startsWith('{')) {
-    for (const [k, v] of Object.entries(JSON.parse(value) as Record<string, unknown>)) {
-      if (typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') m.set(k, String(v));
-    }
-    return m;
-  }
-  splitOpts(value).forEach((p, i) => {
-    const eq = p.indexOf('=');
-    if (eq >= 0) m.set(p.slice(0, eq), p.slice(eq + 1));
-    else if (i === 0) m.set(implied, p);
-    else if (p) m.set(p, 'on');
-  });
-  return m;
 }
 
 function bootindexOf(v: string | undefined): number | undefined {
@@ -278,54 +254,6 @@ function qemuHardware(argv: readonly string[], diskNames: readonly string[], ctx
   const order = bootValue === undefined ? undefined : optValue(bootValue, 'order', 'order');
   if (!bootOrderRecorded && order && order[0] !== 'c') notes.push(`-boot order=${order}: only the disks are recreated; they boot in the point's order`);
   return { controllers, disks, nics, ...(cpu ? { cpu } : {}), bootOrderRecorded, notes };
-}
-
-interface LegacyDrive {
-  readonly name: string;
-  readonly iface: string;
-  readonly media: string;
-  readonly bus: number;
-  readonly unit: number;
-}
-
-/**
- * The drives QEMU attaches by itself (-drive with an interface other than none, -hda…-hdd,
- * -cdrom), with the name QEMU gives them when they have no id: `ide<bus>-hd<unit>`, `virtio<n>`,
- * `scsi<bus>-hd<unit>`; indexes are given out in command-line order as QEMU does.
- */
-function legacyDrives(pairs: readonly { opt: string; value: string }[], board: 'pc' | 'q35' | 'other'): LegacyDrive[] {
-  const perBus: Record<string, number> = { ide: board === 'q35' ? 1 : 2, scsi: 7 };
-  const used = new Map<string, Set<number>>();
-  const out: LegacyDrive[] = [];
-  const hd = ['hda', 'hdb', 'hdc', 'hdd'];
-  for (const p of pairs) {
-    let o: Map<string, string>;
-    if (p.opt === 'drive') o = deviceOpts(p.value, 'file');
-    else if (hd.includes(p.opt)) o = new Map([['if', 'ide'], ['index', String(hd.indexOf(p.opt))]]);
-    else if (p.opt === 'cdrom') o = new Map([['if', 'ide'], ['index', '2'], ['media', 'cdrom']]);
-    else continue;
-    const iface = o.get('if') ?? 'ide';
-    if (iface === 'none' || iface === 'pflash') continue;
-    const max = perBus[iface] ?? 0;
-    const taken = used.get(iface) ?? new Set<number>();
-    used.set(iface, taken);
-    let index: number;
-    const busOpt = o.get('bus');
-    const unitOpt = o.get('unit');
-    if (o.get('index') !== undefined) index = Number(o.get('index'));
-    else if (busOpt !== undefined || unitOpt !== undefined) index = Number(busOpt ?? 0) * (max || 1) + Number(unitOpt ?? 0);
-    else {
-      index = 0;
-      while (taken.has(index)) index++;
-    }
-    taken.add(index);
-    const bus = max ? Math.floor(index / max) : 0;
-    const unit = max ? index % max : index;
-    const media = o.get('media') ?? 'disk';
-    const name = o.get('id') ?? (max ? `${iface}${bus}-${media === 'cdrom' ? 'cd' : 'hd'}${unit}` : `${iface}${unit}`);
-    out.push({ name, iface, media, bus, unit });
-  }
-  return out;
 }
 
 const DISK_RE = /<disk(\s[^>]*)?>[\s\S]*?<\/disk>/g;

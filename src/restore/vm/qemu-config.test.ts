@@ -40,6 +40,26 @@ describe('recordedDisks', () => {
     const a = ['qemu', '-drive', 'file=/v/a,,b.img,format=raw,if=none,id=disk0', '-device', 'virtio-blk-pci,drive=disk0'];
     expect(recordedDisks(a, [])).toEqual([{ name: 'disk0', imagePath: '/v/a,b.img', format: 'raw', node: 'disk0' }]);
   });
+  it('takes the point\'s name for a device the backup named by its node (an IDE or SCSI device with an id)', () => {
+    const a = ['qemu', '-blockdev', 'driver=file,node-name=f0,filename=/v/d0.qcow2', '-blockdev', 'driver=qcow2,node-name=disk0,file=f0', '-device', 'ide-hd,drive=disk0,bus=ide.0,id=hda'];
+    expect(recordedDisks(a, [])).toEqual([{ name: 'hda', imagePath: '/v/d0.qcow2', format: 'qcow2', node: 'disk0' }]);
+    expect(recordedDisks(a, [], ['disk0'])).toEqual([{ name: 'disk0', imagePath: '/v/d0.qcow2', format: 'qcow2', node: 'disk0' }]);
+    expect(recordedDisks(a, [], ['hda'])).toEqual([{ name: 'hda', imagePath: '/v/d0.qcow2', format: 'qcow2', node: 'disk0' }]);
+  });
+  it('reads drives QEMU attaches by itself (-hda, -drive if=virtio|ide), named as QEMU names them; CD-ROMs are not disks', () => {
+    const a = ['qemu', '-hda', '/v/a.qcow2', '-cdrom', '/iso/x.iso', '-drive', 'file=/v/b.img,if=virtio,format=raw', '-drive', 'file=/v/c.img,if=ide,id=data'];
+    const g = [{ 'node-name': '#block1', drv: 'file', file: '/v/a.qcow2' }, { 'node-name': '#block2', drv: 'qcow2', file: '/v/a.qcow2' }];
+    expect(recordedDisks(a, g)).toEqual([
+      { name: 'ide0-hd0', imagePath: '/v/a.qcow2', format: 'qcow2', node: 'ide0-hd0' },
+      { name: 'virtio0', imagePath: '/v/b.img', format: 'raw', node: 'virtio0' },
+      { name: 'data', imagePath: '/v/c.img', format: 'raw', node: 'data' },
+    ]);
+    const out = rewriteQemuCommandLine(a, recordedDisks(a, g), {
+      name: 'n', uuid: 'u', fromDir: '/v', toDir: '/w', newMac: () => 'm',
+      disks: new Map([['ide0-hd0', { path: '/w/ide0-hd0.qcow2', format: 'qcow2' }], ['virtio0', { path: '/w/virtio0.raw', format: 'raw' }], ['data', { path: '/w/data.raw', format: 'raw' }]]),
+    });
+    expect(out.slice(1, 9)).toEqual(['-hda', '/w/ide0-hd0.qcow2', '-cdrom', '/iso/x.iso', '-drive', 'file=/w/virtio0.raw,if=virtio,format=raw', '-drive', 'file=/w/data.raw,if=ide,id=data']);
+  });
 });
 
 describe('rewriteQemuCommandLine', () => {

@@ -82,6 +82,88 @@ export function optionPairs(argv: readonly string[]): { opt: string; index: numb
   return out;
 }
 
+/** A -device (or -drive, -nic) value as properties: QemuOpts (`driver,k=v`) or JSON. */
+export function deviceOpts(value: string, implied = 'driver'): Map<string, string> {
+  const m = new Map<string, string>();
+  if (value.trimStart().startsWith('{')) {
+    for (const [k, v] of Object.entries(JSON.parse(value) as Record<string, unknown>)) {
+      if (typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') m.set(k, String(v));
+    }
+    return m;
+  }
+  splitOpts(value).forEach((p, i) => {
+    const eq = p.indexOf('=');
+    if (eq >= 0) m.set(p.slice(0, eq), p.slice(eq + 1));
+    else if (i === 0) m.set(implied, p);
+    else if (p) m.set(p, 'on');
+  });
+  return m;
+}
+
+/** 'pc' (i440FX + PIIX: IDE buses ide.0, ide.1, two units each), 'q35' (ICH9: AHCI ports ide.0-ide.5), or another board. */
+export function boardOf(machine: string | undefined): 'pc' | 'q35' | 'other' {
+  const m = machine ?? 'pc';
+  if (/(^|-)q35(-|$)/.test(m)) return 'q35';
+  if (/^pc(-i440fx(-[\w.]+)?|-[\d.]+)?$/.test(m)) return 'pc';
+  return 'other';
+}
+
+/** A drive QEMU attaches by itself (see legacyDrives). */
+export interface LegacyDrive {
+  readonly name: string;
+  readonly iface: string;
+  readonly media: string;
+  readonly bus: number;
+  readonly unit: number;
+  /** Its image file and format as given (`file=`, `format=`; -hda's value). */
+  readonly file?: string;
+  readonly format?: string;
+  readonly id?: string;
+}
+
+/**
+ * The drives QEMU attaches by itself (-drive with an interface other than none, -hda…-hdd,
+ * -cdrom), with the name QEMU gives them when they have no id: `ide<bus>-hd<unit>`, `virtio<n>`,
+ * `scsi<bus>-hd<unit>`; indexes are given out in command-line order as QEMU does.
+ */
+export function legacyDrives(pairs: readonly { opt: string; value: string }[], board: 'pc' | 'q35' | 'other'): LegacyDrive[] {
+  const perBus: Record<string, number> = { ide: board === 'q35' ? 1 : 2, scsi: 7 };
+  const used = new Map<string, Set<number>>();
+  const out: LegacyDrive[] = [];
+  const hd = ['hda', 'hdb', 'hdc', 'hdd'];
+  for (const p of pairs) {
+    let o: Map<string, string>;
+    if (p.opt === 'drive') o = deviceOpts(p.value, 'file');
+    else if (hd.includes(p.opt)) o = new Map([['if', 'ide'], ['index', String(hd.indexOf(p.opt))], ['file', p.value]]);
+    else if (p.opt === 'cdrom') o = new Map([['if', 'ide'], ['index', '2'], ['media', 'cdrom']]);
+    else continue;
+    const iface = o.get('if') ?? 'ide';
+    if (iface === 'none' || iface === 'pflash') continue;
+    const max = perBus[iface] ?? 0;
+    const taken = used.get(iface) ?? new Set<number>();
+    used.set(iface, taken);
+    let index: number;
+    const busOpt = o.get('bus');
+    const unitOpt = o.get('unit');
+    if (o.get('index') !== undefined) index = Number(o.get('index'));
+    else if (busOpt !== undefined || unitOpt !== undefined) index = Number(busOpt ?? 0) * (max || 1) + Number(unitOpt ?? 0);
+    else {
+      index = 0;
+      while (taken.has(index)) index++;
+    }
+    taken.add(index);
+    const bus = max ? Math.floor(index / max) : 0;
+    const unit = max ? index % max : index;
+    const media = o.get('media') ?? 'disk';
+    const name = o.get('id') ?? (max ? `${iface}${bus}-${media === 'cdrom' ? 'cd' : 'hd'}${unit}` : `${iface}${unit}`);
+    const file = o.get('file');
+    const format = o.get('format');
+    const id = o.get('id');
+    out.push({ name, iface, media, bus, unit, ...(file !== undefined ? { file } : {}), ...(format !== undefined ? { format } : {}), ...(id !== undefined ? { id } : {}) });
+  }
+  return out;
+}
+
 type Json = { [k: string]: unknown };
 
 /** A -blockdev value as an object (JSON form, or dotted QemuOpts keys flattened). */
@@ -106,9 +188,13 @@ interface BlockGraphNode {
  * The disks of a recorded QEMU VM, named as the backup named them (device id, else drive id,
  * else node name): `-device …,drive=NODE[,id=NAME]` ties a name to a node; the block graph
  * (query-named-block-nodes) gives that node's image file and format; the command line is the
- * fallback when the graph lacks it.
+ * fallback when the graph lacks it. Drives QEMU attaches by itself (`-drive if=ide|virtio|…`,
+ * `-hda`…`-hdd`) are disks too, named as QEMU names them (`ide0-hd0`, `virtio0`) unless they have
+ * an id. With `pointDisks` (the point's disk names), a disk the point names by its node (the
+ * backup names an IDE or SCSI device with an id by its node: query-block gives such a device's
+ * `qdev` as the bare id) takes that name.
  */
-export function recordedDisks(argv: readonly string[], blockGraph: unknown): RecordedDisk[] {
+export function recordedDisks(argv: readonly string[], blockGraph: unknown, pointDisks?: readonly string[]): RecordedDisk[] {
   const graph = Array.isArray(blockGraph) ? (blockGraph as BlockGraphNode[]) : [];
   const pairs = optionPairs(argv);
   const blockdevs = new Map<string, Json>();
@@ -150,7 +236,15 @@ export function recordedDisks(argv: readonly string[], blockGraph: unknown): Rec
     const imagePath = g?.image?.filename ?? g?.file ?? fileOf(node);
     const format = g?.drv ?? g?.image?.format ?? formatOf(node) ?? 'raw';
     if (!imagePath) continue;
-    out.push({ name, imagePath, format: format === 'file' ? 'raw' : format, node });
+    const named = pointDisks && !pointDisks.includes(name) && pointDisks.includes(node) ? node : name;
+    out.push({ name: named, imagePath, format: format === 'file' ? 'raw' : format, node });
+  }
+  const machineValue = pairs.find((p) => p.opt === 'machine' || p.opt === 'M')?.value;
+  for (const ld of legacyDrives(pairs, boardOf(machineValue === undefined ? undefined : optValue(machineValue, 'type', 'type')))) {
+    if (ld.media === 'cdrom' || !ld.file || out.some((d) => d.name === ld.name)) continue;
+    const g = graph.filter((n) => n.file === ld.file || n.image?.filename === ld.file).find((n) => n.drv !== 'file' && n.drv !== 'host_device');
+    const format = ld.format ?? g?.drv ?? g?.image?.format ?? 'raw';
+    out.push({ name: ld.name, imagePath: ld.file, format: format === 'file' ? 'raw' : format, node: ld.id ?? ld.name });
   }
   return out;
 }

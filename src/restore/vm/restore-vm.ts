@@ -238,7 +238,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       if (o.host.kind !== 'qemu') throw new BulwarkError('unreachable', { kind: 'internal' });
       const argv = meta.configuration.commandLine;
       if (argv.length === 0) throw new BulwarkError(`restore point ${o.pointId} recorded no QEMU command line for VM ${original}`, { kind: 'invalid' });
-      const recorded = recordedDisks(argv, meta.configuration.blockGraph);
+      const recorded = recordedDisks(argv, meta.configuration.blockGraph, sizes.map((d) => d.name));
       for (const d of sizes) {
         if (!recorded.some((r) => r.name === d.name)) {
           throw new BulwarkError(`the recorded command line of VM ${original} has no disk ${d.name}`, { kind: 'corrupt', context: { point: o.pointId, disk: d.name } });
