@@ -4,7 +4,7 @@
 // every mount is gone after unmount, after a failure halfway, and after a killed process.
 import { execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, open, readdir, readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -224,6 +224,34 @@ describe('file-level restore mounts', () => {
         if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
         await exited;
       }
+    }
+  });
+
+  it('other users of this host cannot reach the guest files, even under a folder open to them', async () => {
+    // The guest's files keep the guest's owners and modes: a world-readable guest file (big.bin,
+    // 0644 like most of /etc) under a mount folder others can enter is theirs to read.
+    const openDir = await mkdtemp(join(tmpdir(), 'bulwark-mount-open-'));
+    try {
+      await chmod(openDir, 0o755);
+      const at = join(openDir, 'restore');
+      await withDisks(['whole'], async (disks) => {
+        const m = await mountDisks(disks, { at, runDir });
+        try {
+          const file = join(m.filesystems[0]!.path, 'big.bin');
+          expect((await readFile(file)).length).toBe(MiB + 3); // root reads it
+          const asNobody = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'head', '-c', '16', file]).then(
+            () => 'read',
+            (err: Error & { stderr?: string }) => err.stderr ?? err.message,
+          );
+          expect(asNobody).toMatch(/Permission denied/);
+        } finally {
+          await m.unmount();
+        }
+      });
+      expect(await mountsUnder(openDir)).toEqual([]);
+    } finally {
+      for (const p of (await mountsUnder(openDir)).reverse()) await run('umount', ['-l', p]).catch(() => undefined);
+      await rm(openDir, { recursive: true, force: true });
     }
   });
 });

@@ -528,7 +528,10 @@ class MountSession implements Mount {
       if (dirname(p) === p) break;
     }
     for (const p of missing) {
-      await mkdir(p);
+      // Owner only: the guest's files keep the guest's owners and modes, so below a folder others
+      // can enter, a host user whose uid a guest user has (or anyone, for the guest's world-readable
+      // files: /etc, home folders) would read them. The default place is in the data folder (0700).
+      await mkdir(p, { mode: 0o700 });
       this.#state.createdDirs.push(p);
       this.#save();
     }
