@@ -77,7 +77,18 @@ export type InstantRecoveryAction =
     }
   | { readonly action: 'show'; readonly session: string }
   | { readonly action: 'list' }
-  | { readonly action: 'migrate'; readonly session: string; readonly storage?: string | undefined }
+  | {
+      readonly action: 'migrate';
+      readonly session: string;
+      readonly storage?: string | undefined;
+      /**
+       * Where the migrated VM lives as a VM of its own (added 2026-11-26): its folder (sockets,
+       * logs; default `<agent data>/vms/NAME`) and QMP socket (default `vmDir/qmp.sock`), from
+       * the host's QMP glob as `restore vm` places a new VM.
+       */
+      readonly vmDir?: string | undefined;
+      readonly qmpSocket?: string | undefined;
+    }
   | { readonly action: 'stop'; readonly session: string };
 
 export type InstantRecoveryTask = InstantRecoveryAction & { readonly kind: 'instant-recovery'; readonly taskId: string };

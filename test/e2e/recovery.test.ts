@@ -153,10 +153,13 @@ describe('instant recovery through the console', () => {
     const storage = join(tmp, 'prod', 'e2e-ir');
     const migrated = await bulwark(['instant-recovery', 'migrate', s.id, '--storage', storage, '--json'], env);
     expect(migrated.code, migrated.stderr).toBe(0);
-    expect(JSON.parse(migrated.stdout)).toMatchObject({ state: 'migrated', runningFromBackup: false, disks: [{ name: 'vda', target: join(storage, 'vda.qcow2') }] });
+    const m = JSON.parse(migrated.stdout) as { agentSocket: string; dir: string };
+    expect(m).toMatchObject({ state: 'migrated', runningFromBackup: false, disks: [{ name: 'vda', target: join(storage, 'vda.qcow2') }] });
+    // A VM of its own now: its sockets moved out of the session folder (docs/instant-recovery.md, "After migrate").
+    expect(existsSync(s.dir)).toBe(false);
     // The VM runs on its own disk: the written file is there, data never read before comes from the new disk.
-    expect((await guestSh(s.agentSocket, 'sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /srv/ir-written.bin')).split(' ')[0]).toBe(written);
-    await expectTestData(s.agentSocket);
+    expect((await guestSh(m.agentSocket, 'sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /srv/ir-written.bin')).split(' ')[0]).toBe(written);
+    await expectTestData(m.agentSocket);
     expect(await hashTree(repoDir)).toEqual(before);
 
     const stopped = await bulwark(['instant-recovery', 'stop', s.id], env);

@@ -15,13 +15,21 @@
 //   files and the big file, from repo1 through the adopted serve task: a stopped serve task fails
 //   its readers), matching the backed-up digests;
 // - `migrate` and `stop` work through the new server; after migrate the VM runs on its own disk
-//   (the page cache dropped, the big file read again with the backup side closed);
+//   (the page cache dropped, the big file read again with the backup side closed) as a VM of
+//   kvm-b: its sockets and logs moved to kvm-b's VM folder (b-vms/rr-ir/, where the host's QMP
+//   glob finds it, the QEMU behind it the same process), nothing left in the session folder;
+// - the migrated VM outlives its processes: dst1 stopped (SIGTERM: its sessions that run from a
+//   backup are stopped) while the server is SIGKILLed, both started again, then dst1 SIGKILLed
+//   and started again: the same QEMU runs on, its guest agent answers, and it is listed as
+//   migrated (not from backup) from dst1's file of migrated VMs; `stop` quits it;
 // - the repository is unchanged (every file's digest) and verifies clean.
 // One guest boot of the original and one of the recovered VM.
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { QemuHypervisor } from '../../src/hypervisor/qemu/adapter.js';
+import { globFiles } from '../../src/hypervisor/qemu/discovery.js';
 import { verifyRepository } from '../../src/repository/index.js';
 import { ensureTestGuest, startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { guestSh, hashTree, waitForGuestAgent } from '../fixtures/guest-agent.js';
@@ -50,9 +58,32 @@ interface Instant {
   runningFromBackup: boolean;
   pid: number | null;
   dir: string;
+  qmpSocket: string;
   agentSocket: string;
   consoleLog: string;
   disks: Array<{ name: string; target: string | null }>;
+}
+
+let serverChild: ChildProcess;
+
+async function exited(c: ChildProcess): Promise<void> {
+  await new Promise<void>((r) => (c.exitCode !== null || c.signalCode !== null ? r() : c.once('exit', () => r())));
+}
+
+/** Starts the server again on its data folder; resolves with the time it answered. */
+async function restartServer(): Promise<number> {
+  const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
+  serverChild = again.child;
+  h.socketPath = again.info.socket as string;
+  return Date.now();
+}
+
+/** Starts dst1 again (already enrolled); resolves with the time it started. */
+async function restartDst(): Promise<number> {
+  const t = Date.now();
+  const { child } = await h.startInNs('agent dst1', dst.ns, 'agent.ts', [dst.dataDir, `https://${h.ip.server}:9392`, '-', 'dst1', `${dst.ip}:9393`]);
+  dst = { ...dst, child };
+  return t;
 }
 
 const since = (t: number): string => `${((Date.now() - t) / 1000).toFixed(1)} s`;
@@ -81,6 +112,7 @@ function alive(pid: number): boolean {
 describe.skipIf(skipReason !== '')(`instant recovery across a server restart${skipReason ? ` (skipped: ${skipReason})` : ''}`, () => {
   beforeAll(async () => {
     h = await MultiHost.start({ vm: 'rr-none', disk: Buffer.alloc(1024 * 1024) });
+    serverChild = h.children[0]!;
     dst = await h.addAgent('dst1', 'd');
     const bVms = path.join(h.tmp, 'b-vms');
     mkdirSync(bVms, { recursive: true });
@@ -136,20 +168,17 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     nft('add', 'table', 'inet', 'bwtest');
     nft('add', 'chain', 'inet', 'bwtest', 'in', '{ type filter hook input priority 0; }');
     nft('add', 'rule', 'inet', 'bwtest', 'in', 'ip', 'saddr', dst.ip, 'tcp', 'dport', '9392', 'reject', 'with', 'tcp', 'reset');
-    const server = h.children[0]!;
-    server.kill('SIGKILL');
-    await new Promise<void>((r) => (server.exitCode !== null || server.signalCode !== null ? r() : server.once('exit', () => r())));
-    const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
-    const restarted = Date.now();
-    h.socketPath = again.info.socket as string;
+    serverChild.kill('SIGKILL');
+    await exited(serverChild);
+    const restarted = await restartServer();
     // Listed at once, dst1 still unreachable: the new server read its state file.
     const early = (await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.find((i) => i.id === s.id);
     expect(early).toMatchObject({ agent: 'dst1', host: 'kvm-b', state: 'running-from-backup', pid: irPid });
     console.log(`recovery-restart: session listed ${since(restarted)} after the restart (dst1 unreachable)`);
     type Agents = { items: Array<{ name: string; state: string; lastSeenAt?: string | null }> };
-    const back = async (names: string[]): Promise<boolean> => {
+    const back = async (names: string[], since = restarted): Promise<boolean> => {
       const agents = (await h.api<Agents>('GET', '/agents')).items;
-      return names.every((n) => agents.some((a) => a.name === n && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= restarted - 1000));
+      return names.every((n) => agents.some((a) => a.name === n && a.state === 'online' && a.lastSeenAt && Date.parse(a.lastSeenAt) >= since - 1000));
     };
     for (let i = 0; i < 600 && !(await back(['repo1'])); i++) await sleep(100);
     expect(await back(['repo1']), 'repo1 polled the new server').toBe(true);
@@ -184,7 +213,20 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     const t2 = Date.now();
     const migrated = JSON.parse(cli('instant-recovery', 'migrate', s.id, '--storage', storage, '--json')) as Instant;
     console.log(`recovery-restart: migrate ${since(t2)}`);
-    expect(migrated).toMatchObject({ agent: 'dst1', state: 'migrated', runningFromBackup: false, pid: irPid });
+    // A VM of kvm-b now: its folder where kvm-b's QMP glob (b-vms/*/qmp.sock) finds it; nothing left in the session folder.
+    const vmDir = path.join(h.tmp, 'b-vms', 'rr-ir');
+    expect(migrated).toMatchObject({
+      agent: 'dst1', host: 'kvm-b', state: 'migrated', runningFromBackup: false, pid: irPid,
+      dir: vmDir, qmpSocket: path.join(vmDir, 'qmp.sock'), agentSocket: path.join(vmDir, 'qga.sock'), consoleLog: path.join(vmDir, 'console.log'),
+    });
+    expect(existsSync(s.dir), 'the session folder is gone').toBe(false);
+    expect(await globFiles(path.join(h.tmp, 'b-vms', '*', 'qmp.sock'))).toEqual([migrated.qmpSocket]);
+    // The host's discovery (the qemu adapter over kvm-b's glob) finds it, the same QEMU behind the
+    // socket (its command line recorded: the socket was bound under its old name, which
+    // /proc/net/unix still shows; the pid comes from QEMU's vCPU thread).
+    const found = await new QemuHypervisor({ qmpGlob: path.join(h.tmp, 'b-vms', '*', 'qmp.sock') }).getVm('rr-ir');
+    expect(found).toMatchObject({ id: migrated.qmpSocket, name: 'rr-ir' });
+    expect(found.configuration.kind === 'qemu' ? found.configuration.commandLine : []).toEqual(readFileSync(`/proc/${irPid}/cmdline`, 'utf8').split('\0').slice(0, -1));
     const target = path.join(storage, 'vda.qcow2');
     expect(migrated.disks).toEqual([expect.objectContaining({ name: 'vda', target })]);
     const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', target], { encoding: 'utf8' })) as { format: string; 'backing-filename'?: string };
@@ -192,17 +234,47 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect(info['backing-filename']).toBeUndefined();
     // Reads go to the VM's own disk now (the page cache dropped; the backup side is closed).
     expect(alive(irPid)).toBe(true);
-    const own = await guestSh(s.agentSocket, 'sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /srv/big.bin; cat /srv/after.txt');
+    const own = await guestSh(migrated.agentSocket, 'sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /srv/big.bin; cat /srv/after.txt');
     expect(own).toBe(`${bigSum}  /srv/big.bin\nwritten-after-restart\n`);
+
+    // The migrated VM outlives dst1 and the server: dst1 stopped cleanly (it stops what runs from a
+    // backup) while the server is killed; both started again.
+    const dstChild = dst.child;
+    dstChild.kill('SIGTERM');
+    await exited(dstChild);
+    expect(dstChild.exitCode, 'dst1 stopped cleanly').toBe(0);
+    expect(alive(irPid), 'the migrated VM outlives a stop of its agent').toBe(true);
+    serverChild.kill('SIGKILL');
+    await exited(serverChild);
+    await restartServer();
+    // The server's sweep of <data>/ir/ after its kill left it; dst1's stop did too.
+    expect(alive(irPid), 'the migrated VM outlives a server restart').toBe(true);
+    // The listing asks dst1 once it is back: a session dst1 no longer runs would leave the list.
+    const listedAfter = async (what: string, since: number): Promise<void> => {
+      for (let i = 0; i < 600 && !(await back(['dst1'], since)); i++) await sleep(100);
+      expect(await back(['dst1'], since), `dst1 polled again (${what})`).toBe(true);
+      const item = (await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.find((x) => x.id === s.id);
+      expect(item, what).toMatchObject({ agent: 'dst1', host: 'kvm-b', state: 'migrated', runningFromBackup: false, pid: irPid, dir: vmDir, qmpSocket: migrated.qmpSocket });
+      expect(alive(irPid), what).toBe(true);
+      expect(await guestSh(migrated.agentSocket, 'echo still-mine'), what).toBe('still-mine\n');
+    };
+    await listedAfter('after dst1 stopped and the server was killed', await restartDst());
+    // dst1 killed: the same.
+    dst.child.kill('SIGKILL');
+    await exited(dst.child);
+    expect(alive(irPid), 'the migrated VM outlives a kill of its agent').toBe(true);
+    await listedAfter('after dst1 was killed', await restartDst());
+    console.log(`recovery-restart: migrated VM survived agent stop/kill and a server kill (${since(t2)} since migrate)`);
 
     cli('instant-recovery', 'stop', s.id);
     for (let i = 0; i < 300 && alive(irPid); i++) await sleep(100);
     expect(alive(irPid)).toBe(false);
     expect((await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
-    expect(existsSync(s.dir)).toBe(false);
-    // The migrated disk stays; the server's state file holds no session.
+    expect(existsSync(migrated.qmpSocket)).toBe(false);
+    // The migrated disk stays; the server's and dst1's state files hold no session.
     expect(existsSync(target)).toBe(true);
     expect(JSON.parse(readFileSync(path.join(h.tmp, 'server', 'instant-recoveries.json'), 'utf8'))).toEqual({ format: 'bulwark instant recoveries v1', sessions: [] });
+    expect(JSON.parse(readFileSync(path.join(dst.dataDir, 'instant-recovery-vms.json'), 'utf8'))).toEqual({ format: 'bulwark instant recovery vms v1', vms: [] });
 
     expect(await hashTree(h.repoDir)).toEqual(repoBefore);
     expect((await verifyRepository(h.repoDir)).damage).toEqual([]);

@@ -38,7 +38,9 @@ export function wireSession(i: InstantSessionInfo): WireInstantSession {
 
 export class RestoreTasks {
   readonly #c: RestoreTaskContext;
-  readonly #instant = new InstantRecoverySessions();
+  /** Migrated VMs are recorded in `<agent data>/instant-recovery-vms.json` and listed again after a restart. */
+  readonly #instant: InstantRecoverySessions;
+  readonly #loaded: Promise<unknown>;
   /** Instant recovery session -> the restore-serve task it reads from (listed, so a restarted server re-adopts it). */
   readonly #serves = new Map<string, { agent: string; taskId: string }>();
   /** Instant recovery session -> the server's name of its host (as the start named it). */
@@ -46,6 +48,8 @@ export class RestoreTasks {
 
   constructor(context: RestoreTaskContext) {
     this.#c = context;
+    this.#instant = new InstantRecoverySessions({ stateFile: path.join(context.dataDir, 'instant-recovery-vms.json') });
+    this.#loaded = this.#instant.load();
   }
 
   run(task: RestoreTask, signal: AbortSignal): Promise<unknown> {
@@ -61,15 +65,16 @@ export class RestoreTasks {
     }
   }
 
-  /** Agent shutdown: instant recovery VMs are stopped (their backup side goes with the agent). */
+  /** Agent shutdown: instant recovery VMs that run from the backup are stopped (their backup side goes with the agent); migrated ones run on. */
   async close(): Promise<void> {
+    await this.#loaded;
     await this.#instant.stopAll();
   }
 
   /** A session as JSON, with its host's name and the serve task it reads from while it runs from the backup. */
   #wire(i: InstantSessionInfo): WireInstantSession {
     const serve = i.runningFromBackup ? this.#serves.get(i.id) : undefined;
-    const host = this.#hosts.get(i.id);
+    const host = this.#hosts.get(i.id) ?? i.host;
     return { ...wireSession(i), ...(serve ? { serve } : {}), ...(host !== undefined ? { host } : {}) };
   }
 
@@ -180,6 +185,7 @@ export class RestoreTasks {
   }
 
   async #instantRecovery(task: InstantRecoveryTask): Promise<unknown> {
+    await this.#loaded;
     switch (task.action) {
       case 'start': {
         const workDir = path.join(this.#c.dataDir, 'ir');
@@ -208,7 +214,9 @@ export class RestoreTasks {
         return { sessions: this.#instant.list().map((i) => this.#wire(i)) };
       case 'migrate': {
         const info = this.#instant.info(task.session);
-        await this.#instant.migrate(task.session, task.storage ?? path.join(this.#c.dataDir, 'vms', info.name));
+        // A VM of its own on this host afterwards: its folder and QMP socket where the server's host glob finds it.
+        const vmDir = task.vmDir ?? path.join(this.#c.dataDir, 'vms', info.name);
+        await this.#instant.migrate(task.session, task.storage ?? vmDir, { vmDir, qmpSocket: task.qmpSocket, host: this.#hosts.get(task.session) });
         // It reads its own disks now: the server stops the serve task.
         this.#serves.delete(task.session);
         return this.#wire(this.#instant.info(task.session));

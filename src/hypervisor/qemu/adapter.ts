@@ -33,6 +33,7 @@ import {
   queryBitmaps,
   queryRunState,
   socketOwnerPid,
+  qmpProcessPid,
   withSavedNvram,
   type BitmapInfo,
   type QemuDisk,
@@ -120,7 +121,7 @@ export class QemuHypervisor implements Hypervisor {
     const state = await queryRunState(qmp);
     const { disks, firmware, warnings: firmwareWarnings } = disksFromQueryBlock(await qmp.execute<QueryBlockEntry[]>('query-block'));
     const blockGraph = await qmp.execute('query-named-block-nodes', { flat: true });
-    const pid = await socketOwnerPid(qmpSocket);
+    const pid = (await socketOwnerPid(qmpSocket)) ?? (await qmpProcessPid(qmp));
     const proc = pid === undefined ? { commandLine: [] as string[], instance: 'unknown' } : await processInfo(pid);
     const info: VmInfo = {
       id: qmpSocket,

@@ -67,6 +67,23 @@ export async function socketOwnerPid(socketPath: string): Promise<number | undef
   return owner?.pid;
 }
 
+/**
+ * The pid of the QEMU behind a QMP connection, asked of QEMU itself: a vCPU's thread id
+ * (query-cpus-fast) belongs to the QEMU process (`Tgid` of /proc/TID/status). For a QMP socket
+ * file renamed after QEMU bound it (a migrated instant recovery VM, docs/instant-recovery.md),
+ * /proc/net/unix still shows the name it was bound under, so socketOwnerPid does not find it.
+ */
+export async function qmpProcessPid(qmp: QmpClient): Promise<number | undefined> {
+  const cpus = await qmp.execute<Array<{ 'thread-id'?: number }>>('query-cpus-fast').catch(() => []);
+  for (const c of cpus) {
+    if (typeof c['thread-id'] !== 'number') continue;
+    const status = await readFile(`/proc/${c['thread-id']}/status`, 'utf8').catch(() => '');
+    const tgid = Number(status.match(/^Tgid:\s+(\d+)$/m)?.[1]);
+    if (tgid > 0) return tgid;
+  }
+  return undefined;
+}
+
 /** The process's command line (argv) and an identity that changes when the process is restarted. */
 export async function processInfo(pid: number): Promise<{ commandLine: string[]; instance: string }> {
   const raw = await readFile(`/proc/${pid}/cmdline`);

@@ -7,6 +7,7 @@
 // `stop()` quits QEMU and removes everything the session created except migrated disks.
 // See docs/instant-recovery.md.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
 import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
@@ -23,6 +24,7 @@ import type { RandomAccessDisk } from '../../disk/types.js';
 import type { VmConfiguration } from '../../hypervisor/types.js';
 import type { Repository, RestorePoint } from '../../repository/index.js';
 import { withBlockCache } from '../nbd-server/block-cache.js';
+import { systemdService, vmProcessArgv, vmScopeUnit } from './vm-process.js';
 import { startNbdServer, type NbdServer } from '../nbd-server/server.js';
 
 const run = promisify(execFile);
@@ -136,6 +138,11 @@ export interface InstantRecoverySession {
   migrate(targetDir: string, opts?: { timeoutMs?: number }): Promise<Record<string, string>>;
   /** Quits the VM, closes the backup side, removes the session folder (migrated disks stay). */
   stop(): Promise<void>;
+  /**
+   * After migrate(): lets go of the VM without stopping it (its QMP connection closed, its process
+   * no longer waited for), so it runs on as a VM of its own; this object manages it no more.
+   */
+  release(): Promise<void>;
 }
 
 /**
@@ -493,7 +500,9 @@ class Session implements InstantRecoverySession {
     this.launchedAt = Date.now();
     let child: ChildProcess;
     try {
-      child = spawn(launch.qemuBinary ?? 'qemu-system-x86_64', args, { stdio: ['ignore', logFd, logFd] });
+      // Own process group, and a systemd scope of its own under a service: a migrated VM outlives this process (vm-process.ts).
+      const argv = vmProcessArgv([launch.qemuBinary ?? 'qemu-system-x86_64', ...args], vmScopeUnit(this.name, randomBytes(3).toString('hex')), systemdService());
+      child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', logFd, logFd], detached: true });
     } finally {
       closeSync(logFd);
     }
@@ -686,6 +695,15 @@ class Session implements InstantRecoverySession {
     const point = this.#point;
     this.#point = undefined;
     if (point) await point.close();
+  }
+
+  async release(): Promise<void> {
+    if (this.state !== 'migrated') throw new BulwarkError(`instant recovery ${this.name} runs from the backup (${this.state}): only a migrated VM can be let go`, { kind: 'conflict' });
+    const qmp = this.#qmp;
+    this.#qmp = undefined;
+    await qmp?.close().catch(() => undefined);
+    this.#child?.unref();
+    this.#child = undefined;
   }
 
   async stop(): Promise<void> {

@@ -23,7 +23,7 @@ import type { RemoteRecovery } from '../dispatch/recovery.js';
 import { QmpClient } from '../../hypervisor/qmp/client.js';
 import { openSharedRepository, type Repository } from '../../repository/index.js';
 import { InstantRecoverySessions, type InstantSessionInfo } from '../../restore/instant/index.js';
-import { globMatches, processesHolding, restoreVm, type RestoreVmHost, type RestoreVmResult } from '../../restore/vm/index.js';
+import { globMatches, processesHolding, qmpSocketFor, restoreVm, type RestoreVmHost, type RestoreVmResult } from '../../restore/vm/index.js';
 import type { ServiceContext } from '../services/common.js';
 import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
 import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
@@ -174,7 +174,8 @@ export class RecoveryService {
   readonly #ctx: ServiceContext;
   readonly #dataDir: string;
   readonly #keys: EncryptionKeys | undefined;
-  readonly #instant = new InstantRecoverySessions();
+  /** This process's sessions; migrated ones recorded in `<data>/instant-recovery-vms.json`, so they outlive it. */
+  readonly #instant: InstantRecoverySessions;
   readonly #restores = new Map<string, VmRestore>();
   readonly #running = new Set<Promise<unknown>>();
   readonly #abort = new AbortController();
@@ -190,6 +191,12 @@ export class RecoveryService {
     this.#keys = o.keys;
     this.#remote = o.remote;
     this.#keepRestores = o.keepRestores ?? 200;
+    this.#instant = new InstantRecoverySessions({ stateFile: path.join(o.dataDir, 'instant-recovery-vms.json') });
+  }
+
+  /** After a (re)start: the migrated VMs a previous server process ran are listed again. */
+  async loadOwn(): Promise<number> {
+    return this.#instant.load();
   }
 
   get #stateFile(): string {
@@ -631,7 +638,8 @@ export class RecoveryService {
     const r = this.#remoteInstant.get(id);
     if (storage) await checkRestoreTarget(this.#ctx, principal, storage, 'instant-recovery migrate --storage', { local: r === undefined });
     if (r) {
-      r.last = await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'migrate', session: id, ...(storage ? { storage } : {}) });
+      const place = await this.#vmPlace(r.host, r.agent, r.last.name);
+      r.last = await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'migrate', session: id, ...(storage ? { storage } : {}), ...place });
       // The VM runs on its own disks now: the repository agent stops serving the point.
       r.serve?.cancel('instant recovery migrated');
       r.serve = undefined;
@@ -639,8 +647,36 @@ export class RecoveryService {
       return this.#instantInfo(r.last, r);
     }
     const info = this.#instant.info(id);
-    await this.#instant.migrate(id, storage ?? path.join(this.#dataDir, 'vms', info.name));
+    const place = await this.#vmPlace(undefined, null, info.name);
+    const vmDir = place.vmDir ?? path.join(this.#dataDir, 'vms', info.name);
+    await this.#instant.migrate(id, storage ?? vmDir, { vmDir, qmpSocket: place.qmpSocket });
     return this.getInstant(id);
+  }
+
+  /**
+   * Where a migrated VM lives so that its host's discovery finds it (docs/instant-recovery.md,
+   * "After migrate"), as `restore vm` places a new plain-QEMU VM: the QMP socket is the host's
+   * glob with its `*` replaced by the VM's name, in the folder that makes (when the `*` names a
+   * folder). The host is the one the start named, else the only qemu host of the agent that runs
+   * the session (`agent` null: this server's own). No such host: nothing (the default folder
+   * `<data>/vms/NAME` of the process that runs the VM), logged.
+   */
+  async #vmPlace(hostName: string | undefined, agent: string | null, name: string): Promise<{ vmDir?: string; qmpSocket?: string }> {
+    const remote = this.#remote;
+    const sameAgent = (a: string | null): boolean => (agent === null ? (remote ? remote.isLocal(a) : a === null) : remote !== undefined && remote.agentOf(a) === agent);
+    const hosts = (await listHosts(this.#ctx)).filter((h) => h.kind === 'qemu');
+    const candidates = hostName !== undefined ? hosts.filter((h) => h.name === hostName) : hosts.filter((h) => sameAgent(h.agent));
+    const host = candidates.length === 1 ? candidates[0] : undefined;
+    const qmpSocket = host ? qmpSocketFor(host.uri, name) : null;
+    if (!host || !qmpSocket) {
+      log.warn(
+        { vm: name, agent: agent ?? 'this server', hosts: candidates.map((h) => h.name) },
+        'the migrated VM is placed in the default folder <data>/vms/NAME: no single qemu host with a QMP glob containing * runs on that agent; add one (e.g. --qemu "<data>/vms/*/qmp.sock") so backup jobs find the VM',
+      );
+      return {};
+    }
+    const dir = path.dirname(qmpSocket);
+    return { ...(dir !== path.dirname(host.uri) ? { vmDir: dir } : {}), qmpSocket };
   }
 
   async stopInstant(id: string): Promise<void> {
@@ -686,7 +722,7 @@ export class RecoveryService {
     });
   }
 
-  /** Server shutdown: every instant recovery VM is stopped, running restores are aborted. */
+  /** Server shutdown: instant recovery VMs that run from the backup are stopped (migrated ones run on), running restores are aborted. */
   async close(): Promise<void> {
     this.#abort.abort(new BulwarkError('the server is stopping', { kind: 'unavailable' }));
     await Promise.allSettled([...this.#running]);
@@ -698,6 +734,7 @@ export class RecoveryService {
 export async function startRecoveryService(o: RecoveryServiceOptions): Promise<RecoveryService> {
   const s = new RecoveryService(o);
   await s.sweep();
+  await s.loadOwn();
   if (o.remote) {
     await s.takeOver(o.remote);
     s.readoptAfterStart(o.remote);
