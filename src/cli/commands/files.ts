@@ -209,6 +209,14 @@ export function registerRestoreFiles(restore: Command, ctx: CliContext): void {
       if ((o.to === undefined) === !o.toGuest) {
         throw new BulwarkError('say where to: --to DIR or --to-guest', { kind: 'invalid', hint: 'e.g. bulwark restore files web01@latest --path /etc/hostname --to /tmp/restored' });
       }
+      // Each says what to do with existing files for one destination only: given with the other,
+      // it would be ignored and the restore would do what the user did not ask for.
+      if (o.toGuest && o.overwrite) {
+        throw new BulwarkError('--overwrite goes with --to DIR', { kind: 'invalid', hint: 'into the guest, say --conflict overwrite (or keep-both)' });
+      }
+      if (o.to !== undefined && cmd.getOptionValueSource('conflict') === 'cli') {
+        throw new BulwarkError('--conflict goes with --to-guest', { kind: 'invalid', hint: 'with --to DIR an existing file is a conflict; --overwrite replaces it' });
+      }
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point, ctx.output);
       const reply = await withPointPassword(ctx, o.passwordFile, (pw) =>
