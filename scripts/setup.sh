@@ -15,7 +15,8 @@ runtime_pkgs=(qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit fuse
   ovmf)  # UEFI firmware: restore and instant recovery of VMs that boot OVMF
 # What only the tests and the test guest build need.
 test_pkgs=(postgresql postgresql-client libvirt-daemon-system busybox-static xz-utils cpio parted
-  fdisk kmod iputils-ping sqlite3 curl openssl qemu-guest-agent restic borgbackup lvm2)
+  fdisk kmod iputils-ping sqlite3 curl openssl qemu-guest-agent restic borgbackup lvm2
+  extlinux)  # the BIOS-bootable test guest (test/fixtures/bios-guest.ts)
 
 want=("${runtime_pkgs[@]}")
 [ "$mode" = test ] && want+=("${test_pkgs[@]}")
