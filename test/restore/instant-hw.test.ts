@@ -17,7 +17,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -204,8 +204,12 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     expect(s.hardware?.controllers).toEqual([{ driver: 'ich9-ahci', id: 'ahci0' }]);
     expect(await deviceAndController(s, 'disk0')).toEqual({ type: 'ide-hd', controller: 'ich9-ahci' });
     expect(await nodeOn(s, 'disk0')).toBe('disk0-overlay');
+    // The session folder (overlays with the guest's writes, monitor and agent sockets) is this user's only.
+    const mode = async (p: string): Promise<number> => (await stat(p)).mode & 0o777;
+    expect([await mode(s.dir), await mode(s.disks[0]!.overlay)]).toEqual([0o700, 0o600]);
     const target = path.join(work, 'migrated-sata');
     const disks = await s.migrate(target);
+    expect([await mode(target), await mode(disks.disk0!)]).toEqual([0o750, 0o600]);
     expect(disks).toEqual({ disk0: path.join(target, 'disk0.qcow2') });
     expect(s.state).toBe('migrated');
     expect(s.servingBackup).toBe(false);

@@ -9,7 +9,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
-import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BulwarkError, describeError } from '../../common/errors.js';
@@ -348,6 +348,23 @@ export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[
 
 const nicId = (i: number): string => `net${i}`;
 
+/**
+ * An empty qcow2 of `size` bytes at `file`, mode 0600 from the start (a guest's disk): qemu-img
+ * creates its output 0644, so it writes into a temporary folder only this user can enter, next to
+ * `file`, and the image leaves it by rename.
+ */
+async function createPrivateQcow2(file: string, size: number): Promise<void> {
+  const dir = await mkdtemp(path.join(path.dirname(file), '.bulwark-'));
+  try {
+    const tmp = path.join(dir, 'image.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', tmp, String(size)]);
+    await chmod(tmp, 0o600);
+    await rename(tmp, file);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 const helpCache = new Map<string, Promise<string>>();
@@ -458,7 +475,8 @@ class Session implements InstantRecoverySession {
   }
 
   async start(): Promise<void> {
-    await mkdir(this.dir, { recursive: true });
+    // Only this user enters it: the overlays hold the guest's writes, the sockets are the VM's monitor and agent.
+    await mkdir(this.dir, { recursive: true, mode: 0o700 });
     this.#point = this.#o.source ?? (await openRepositoryPoint(this.#o, this.pointId));
     const point = this.#point;
     this.vm = point.vm;
@@ -492,7 +510,7 @@ class Session implements InstantRecoverySession {
       const overlay = path.join(this.dir, `${d.name}.overlay.qcow2`);
       // No backing in the header: QEMU is given the backing node explicitly (an NBD socket path
       // in a file header would outlive the session).
-      await run('qemu-img', ['create', '-q', '-f', 'qcow2', overlay, String(d.size)]);
+      await createPrivateQcow2(overlay, d.size);
       this.disks.push({ name: d.name, size: d.size, exportName: d.name, overlay });
     }
     const args = this.#args(launch);
@@ -612,7 +630,7 @@ class Session implements InstantRecoverySession {
     if (!qmp || this.pid === undefined) throw new BulwarkError(`instant recovery ${this.name} is not running`, { kind: 'conflict' });
     const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
     this.state = 'migrating';
-    await mkdir(targetDir, { recursive: true });
+    await mkdir(targetDir, { recursive: true, mode: 0o750 });
     const out: Record<string, string> = {};
     const created: string[] = [];
     try {
@@ -624,7 +642,7 @@ class Session implements InstantRecoverySession {
         } catch (err) {
           if (err instanceof BulwarkError) throw err;
         }
-        await run('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(d.size)]);
+        await createPrivateQcow2(target, d.size);
         created.push(target);
         await qmp.execute('blockdev-add', {
           driver: 'qcow2', 'node-name': nodeName(d.name, 'target'),

@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -37,6 +37,8 @@ describe('restore of a UEFI VM: firmware and variable store', () => {
     expect((await readFile(raw)).equals(Buffer.alloc(131072, 1))).toBe(true);
     const q = path.join(dir, nvramFileName('copy', 'qcow2'));
     await writeNvram(data, q, 'qcow2', false, { vm: 'copy', point: 'p-1' });
+    // Private like the raw one (qemu-img alone writes 0644).
+    expect([(await stat(raw)).mode & 0o777, (await stat(q)).mode & 0o777]).toEqual([0o600, 0o600]);
     await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', q, `${q}.check`]);
     expect((await readFile(`${q}.check`)).equals(data)).toBe(true);
     expect((await readdir(dir)).filter((f) => f.includes('bulwark'))).toEqual([]);

@@ -3,7 +3,7 @@
 // (NVRAM) saved with the point is written for the restored VM, next to its disks (new VM) or over
 // the original's store (restore over the original). docs/restore-vm.md, "UEFI VMs".
 import { randomBytes } from 'node:crypto';
-import { open, rename, rm, stat } from 'node:fs/promises';
+import { chmod, mkdtemp, open, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { BulwarkError } from '../../common/errors.js';
 import { runTool } from '../../common/process.js';
@@ -73,7 +73,17 @@ export async function writeNvram(data: Buffer, to: string, format: string, overw
       await fh.close();
     }
     if (raw !== tmp) {
-      await runTool('qemu-img', ['convert', '-f', 'raw', '-O', format, raw, tmp], `converting the UEFI variable store of VM ${context.vm} to ${format}`, { context: { ...context, file: to } });
+      // qemu-img creates its output 0644: it writes into a folder only this user enters, and the
+      // store leaves it 0600, as the raw one is created.
+      const privateDir = await mkdtemp(path.join(path.dirname(to), '.bulwark-nvram-'));
+      try {
+        const converted = path.join(privateDir, 'vars');
+        await runTool('qemu-img', ['convert', '-f', 'raw', '-O', format, raw, converted], `converting the UEFI variable store of VM ${context.vm} to ${format}`, { context: { ...context, file: to } });
+        await chmod(converted, 0o600);
+        await rename(converted, tmp);
+      } finally {
+        await rm(privateDir, { recursive: true, force: true });
+      }
       await rm(raw, { force: true });
       const fh2 = await open(tmp, 'r');
       try {
