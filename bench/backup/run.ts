@@ -44,7 +44,13 @@ const load = () => loadavg()[0]!.toFixed(1);
 
 async function main(): Promise<void> {
   const phase = opt('phase', '');
-  if (phase === 'full' || phase === 'incremental') return void console.log(JSON.stringify(await bulwarkBackup(opt('repo', ''), opt('socket', ''), opt('export', ''), phase)));
+  if (phase === 'full' || phase === 'incremental') {
+    // --repeat K: K backups one after the other in this process, as a long-running agent takes
+    // them (the second and later run with a warm JIT); every one is printed, the last one is the result.
+    const repeat = Number(opt('repeat', '1'));
+    for (let k = 1; k < repeat; k++) console.error(`  repeat ${k}: ${JSON.stringify(await bulwarkBackup(opt('repo', ''), opt('socket', ''), opt('export', ''), phase))}`);
+    return void console.log(JSON.stringify(await bulwarkBackup(opt('repo', ''), opt('socket', ''), opt('export', ''), phase)));
+  }
   if (phase === 'restore') return void console.log(JSON.stringify(await bulwarkRestore(opt('repo', ''), opt('point', ''), opt('to', ''))));
 
   const runs = Number(opt('runs', '3'));

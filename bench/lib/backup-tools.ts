@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { dirtyBitmapContext } from '../../src/hypervisor/nbd/protocol.js';
-import { readBackupDisk } from '../../src/hypervisor/cbt/reader.js';
+import { prepareBackupDisk, readBackupDisk } from '../../src/hypervisor/cbt/reader.js';
 import type { DiskBlock } from '../../src/disk/types.js';
 import type { DiskChanges } from '../../src/hypervisor/types.js';
 import { openRepository } from '../../src/repository/index.js';
@@ -45,13 +45,24 @@ export function benchBlockSize(): number {
 export async function bulwarkBackup(repoDir: string, socketPath: string, exportName: string, kind: 'full' | 'incremental'): Promise<Phase> {
   const c0 = process.cpuUsage();
   const t0 = performance.now();
-  const repo = await openRepository(repoDir, { create: true });
   const changes: DiskChanges =
     kind === 'full' ? { kind: 'full', reason: 'no-checkpoint', detail: 'bench', compareDigests: false } : { kind: 'bitmap', bitmap: 'bm0', context: dirtyBitmapContext('bm0') };
   const view = { disk: { name: 'vda', targetDev: 'vda', imagePath: '', format: 'qcow2', virtualSize: MIXED_DISK_SIZE }, nbd: { socketPath, exportName }, size: MIXED_DISK_SIZE, changes };
-  const t1 = performance.now();
   const blockSize = benchBlockSize();
-  const w = await repo.startRestorePoint({ job: 'bench', vm: 'mixed', kind, ...(kind === 'full' ? { blockSize } : {}), disks: [{ name: 'vda', size: MIXED_DISK_SIZE }] });
+  const shape = /^c(\d+)x(\d+)$/.exec(process.env.BULWARK_BENCH_READER ?? '');
+  // As the product's startVmBackup: the export opens and its first window is mapped while the
+  // repository opens and the point starts (BULWARK_BENCH_PREPARE=0: one after the other, as before).
+  const prepared =
+    process.env.BULWARK_BENCH_PREPARE === '0' ? undefined : prepareBackupDisk(view as Parameters<typeof prepareBackupDisk>[0], { blockSize, ...(shape ? { connections: Number(shape[2]) } : {}) });
+  const repo = await openRepository(repoDir, { create: true });
+  const t1 = performance.now();
+  // BULWARK_BENCH_THREADS=N: N encoder threads (default the writer's, min(2, cores)); BULWARK_BENCH_SLOTS=N: N encoder slots.
+  const threads = process.env.BULWARK_BENCH_THREADS;
+  const slots = process.env.BULWARK_BENCH_SLOTS;
+  const w = await repo.startRestorePoint({
+    job: 'bench', vm: 'mixed', kind, ...(kind === 'full' ? { blockSize } : {}), ...(threads ? { threads: Number(threads) } : {}), ...(slots ? { slots: Number(slots) } : {}),
+    disks: [{ name: 'vda', size: MIXED_DISK_SIZE }],
+  });
   const t2 = performance.now();
   let firstBlockMs = -1;
   let stats: { bytesRead: number; bufferWaitMs?: number } = { bytesRead: 0 };
@@ -63,11 +74,11 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
     // of its own ring (no copy; reads then share the writer's 12 slots, see bench/backup/README).
     // BULWARK_BENCH_READER=cNxM: N blocks in flight over M NBD connections (default: the reader's).
     const lend = process.env.BULWARK_BENCH_LEND === '1' ? { take: () => w.lendBuffer(), giveBack: (b: Buffer) => w.giveBackBuffer(b) } : undefined;
-    const shape = /^c(\d+)x(\d+)$/.exec(process.env.BULWARK_BENCH_READER ?? '');
     const source = readBackupDisk(view as Parameters<typeof readBackupDisk>[0], {
       blockSize,
       reuseBuffers,
       ...(lend ? { lend } : {}),
+      ...(prepared ? { prepared } : {}),
       ...(shape ? { concurrency: Number(shape[1]), connections: Number(shape[2]) } : {}),
       onStats: (s) => void (stats = s),
     });

@@ -37,10 +37,83 @@ export interface WorkerInit {
   readonly digestKey: Uint8Array | null;
   readonly aad: Uint8Array;
 }
-/** An encoder failure (the only message a worker sends). */
+/** An encoder failure (the only message a worker sends while it serves a pool). */
 export interface WorkerError {
   readonly slot: number;
   readonly error: string;
+}
+/** A worker has left its pool (after STOP) and can serve another. */
+export interface WorkerIdle {
+  readonly idle: true;
+}
+/** Sent to an idle worker: serve this pool. */
+export interface WorkerServe {
+  readonly serve: WorkerInit;
+}
+
+/**
+ * Encoder threads left by closed pools, kept for the next pool of this process (unreferenced:
+ * they do not keep it alive). A long-running agent writes restore point after restore point;
+ * starting two threads for each cost 200-600 CPU-ms and 230-900 ms to the first encoded block,
+ * and terminating them 60-470 ms at commit, at load 6-10 (bench/backup/README.md, 2026-11-26).
+ */
+const idleWorkers: Worker[] = [];
+const IDLE_WORKERS_MAX = 4;
+/** How long close() waits for a worker to leave the pool before it terminates it. */
+const LEAVE_TIMEOUT_MS = 5000;
+
+/** Encoder threads kept idle right now (for tests and the bench). */
+export function idleEncoderThreads(): number {
+  return idleWorkers.length;
+}
+
+/**
+ * The slot memory of the last closed pool whose slots were all back (none lent, none held by a
+ * writer) and whose threads had left it: the next pool of the same shape takes it instead of
+ * allocating (and touching) new shared memory, and the kept threads, which still hold views of
+ * it until their next garbage collection, pin no other.
+ */
+interface PoolMemory {
+  readonly input: SharedArrayBuffer;
+  readonly output: SharedArrayBuffer;
+  readonly control: SharedArrayBuffer;
+}
+let idleMemory: PoolMemory | null = null;
+
+function poolMemory(inputBytes: number, outputBytes: number, controlBytes: number): PoolMemory {
+  const m = idleMemory;
+  if (m && m.input.byteLength === inputBytes && m.output.byteLength === outputBytes && m.control.byteLength === controlBytes) {
+    idleMemory = null;
+    new Int32Array(m.control).fill(0);
+    return m;
+  }
+  return { input: new SharedArrayBuffer(inputBytes), output: new SharedArrayBuffer(outputBytes), control: new SharedArrayBuffer(controlBytes) };
+}
+
+/** Keeps `worker` for a later pool, or ends it when enough are kept. */
+function keepIdle(worker: Worker): Promise<void> {
+  if (idleWorkers.length >= IDLE_WORKERS_MAX) return worker.terminate().then(() => undefined);
+  const forget = () => {
+    const i = idleWorkers.indexOf(worker);
+    if (i >= 0) idleWorkers.splice(i, 1);
+  };
+  // An idle thread that fails or ends is dropped (an 'error' event must have a listener).
+  worker.once('error', forget);
+  worker.once('exit', forget);
+  worker.unref();
+  idleWorkers.push(worker);
+  return Promise.resolve();
+}
+
+/** An idle worker to serve `init`, if one is kept. */
+function takeIdle(init: WorkerInit): Worker | undefined {
+  const worker = idleWorkers.pop();
+  if (!worker) return undefined;
+  worker.removeAllListeners('error');
+  worker.removeAllListeners('exit');
+  worker.ref();
+  worker.postMessage({ serve: init } satisfies WorkerServe);
+  return worker;
 }
 
 /** Layout of the control block (Int32 words). */
@@ -122,7 +195,7 @@ export class EncodePool {
   /** Slots whose input buffer is lent to a source (lend()). */
   readonly #lent = new Set<number>();
   readonly #waiters: Array<{ resolve: (slot: number) => void; reject: (err: Error) => void }> = [];
-  readonly #workers: Worker[] = [];
+  readonly #workers: Array<{ readonly worker: Worker; readonly left: Promise<boolean>; readonly detach: () => void }> = [];
   /** Submitted slots (worker path): the EncodedSlot is built when the result is collected. */
   readonly #pending = new Map<number, { resolve: (r: EncodedSlot) => void; reject: (e: Error) => void; length: number }>();
   readonly #local: BlockEncoder | null;
@@ -130,6 +203,7 @@ export class EncodePool {
   /** A waitAsync on the completion counter is outstanding. */
   #collecting = false;
   #closed = false;
+  #closing: Promise<void> | null = null;
   #failure: Error | null = null;
 
   constructor(opts: EncodePoolOptions) {
@@ -138,9 +212,10 @@ export class EncodePool {
     this.#slotCount = slots;
     this.#inputStride = opts.blockSize;
     this.#outputStride = RECORD_HEADER_SIZE + payloadBound(opts.blockSize);
-    this.#input = new SharedArrayBuffer(this.#inputStride * slots);
-    this.#output = new SharedArrayBuffer(this.#outputStride * slots);
-    const control = new SharedArrayBuffer(4 * resultAt(slots, slots));
+    const memory = poolMemory(this.#inputStride * slots, this.#outputStride * slots, 4 * resultAt(slots, slots));
+    this.#input = memory.input;
+    this.#output = memory.output;
+    const control = memory.control;
     this.#ctl = new Int32Array(control);
     for (let i = 0; i < slots; i++) this.#free.push(i);
     if (threads === 0) {
@@ -163,19 +238,34 @@ export class EncodePool {
       aad: new Uint8Array(opts.aad),
     };
     for (let w = 0; w < threads; w++) {
-      const worker = startWorker(init);
-      worker.on('message', (m: WorkerError) => {
+      const worker = takeIdle(init) ?? startWorker(init);
+      let leave: (left: boolean) => void = () => undefined;
+      const left = new Promise<boolean>((resolve) => (leave = resolve));
+      const onMessage = (m: WorkerError | WorkerIdle) => {
+        if ('idle' in m) return leave(true);
         const p = this.#pending.get(m.slot);
         if (!p) return;
         this.#pending.delete(m.slot);
         Atomics.store(this.#ctl, resultAt(slots, m.slot) + CTL.STATE, SLOT_IDLE);
         p.reject(new Error(`block encoder: ${m.error}`));
-      });
-      worker.on('error', (err) => this.#fail(err));
-      worker.on('exit', (code) => {
+      };
+      const onError = (err: Error) => {
+        leave(false);
+        this.#fail(err);
+      };
+      const onExit = (code: number) => {
+        leave(false);
         if (!this.#closed) this.#fail(new Error(`block encoder thread exited with code ${code}`));
-      });
-      this.#workers.push(worker);
+      };
+      worker.on('message', onMessage);
+      worker.on('error', onError);
+      worker.on('exit', onExit);
+      const detach = () => {
+        worker.off('message', onMessage);
+        worker.off('error', onError);
+        worker.off('exit', onExit);
+      };
+      this.#workers.push({ worker, left, detach });
     }
   }
 
@@ -331,12 +421,34 @@ export class EncodePool {
     return this.submit(await this.acquire(), plain);
   }
 
-  /** Stops the encoders; encodes still pending and waiting acquire() calls are rejected. */
-  async close(): Promise<void> {
+  /**
+   * Stops the encoders; encodes still pending and waiting acquire() calls are rejected. The
+   * threads, once they have left this pool, are kept for the next pool of the process (a few).
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
     this.#closed = true;
     this.#fail(new BulwarkError('the block encoders were closed', { kind: 'invalid' }));
     Atomics.store(this.#ctl, CTL.STOP, 1);
     Atomics.notify(this.#ctl, CTL.TAIL);
-    await Promise.all(this.#workers.map((w) => w.terminate()));
+    const left = await Promise.all(
+      this.#workers.map(async ({ worker, left, detach }) => {
+        let timer: NodeJS.Timeout | undefined;
+        const out = await Promise.race([left, new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), LEAVE_TIMEOUT_MS)))]);
+        clearTimeout(timer);
+        detach();
+        if (out) await keepIdle(worker);
+        else await worker.terminate();
+        return out;
+      }),
+    );
+    // Nobody can touch the slots any more (every one is back, no thread serves this pool): the next pool may have them.
+    if (left.every(Boolean) && this.#free.length === this.#slotCount && this.#lent.size === 0) {
+      idleMemory = { input: this.#input, output: this.#output, control: this.#ctl.buffer as SharedArrayBuffer };
+    }
   }
 }

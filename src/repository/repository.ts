@@ -80,6 +80,12 @@ export interface StartRestorePointOptions {
   readonly disks: readonly { readonly name: string; readonly size: number }[];
   /** Encoder threads (default min(2, cores); 0 = encode on this thread). */
   readonly threads?: number;
+  /**
+   * Encoder slots (blocks encoding or being written; default 12 MiB of blocks, at least 6). A
+   * source that reads into lent slots (`RestorePointWriter.lendBuffer`) holds some for its reads:
+   * give it room for them on top.
+   */
+  readonly slots?: number;
   /** Reverse: the progress of the commit's injection step (`inject`: the .vrb of the replaced blocks). */
   readonly onTransformProgress?: TransformProgressListener | undefined;
 }
@@ -570,7 +576,7 @@ export class RestorePointWriter {
     const finalPath = reverse ? reverse.file : path.join(folder.dir, backupFileName(time, pointId, opts.kind === 'full' ? 'vbk' : 'vib'));
     const tmp = temporaryNameFor(finalPath);
     const untrack = reverse ? () => undefined : trackTemporary(tmp);
-    const pool = new EncodePool({ blockSize: chain.blockSize, compression: chain.compression, keys, aad: uuidToBytes(chain.id), threads: opts.threads });
+    const pool = new EncodePool({ blockSize: chain.blockSize, compression: chain.compression, keys, aad: uuidToBytes(chain.id), threads: opts.threads, ...(opts.slots !== undefined ? { slots: opts.slots } : {}) });
     let file: BackupFileWriter | InjectWriter;
     try {
       file = reverse

@@ -10,7 +10,7 @@ import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import type { DiskBlock } from '../../disk/types.js';
 import { describeChanges } from '../../hypervisor/cbt/policy.js';
-import { readBackupDisk, type ChangedBlockStats } from '../../hypervisor/cbt/reader.js';
+import { prepareBackupDisk, readBackupDisk, type ChangedBlockStats, type PreparedBackupDisk } from '../../hypervisor/cbt/reader.js';
 import type { BackupDiskView, BackupView, Checkpoint, Consistency, Hypervisor } from '../../hypervisor/types.js';
 import { validChainId } from '../../hypervisor/types.js';
 import type { DiskWriteStats, Repository, RestorePointInfo, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
@@ -21,6 +21,9 @@ import { decodePointMetadata, encodePointMetadata, POINT_METADATA_FORMAT } from 
 const log = logger('agent-backup');
 
 export type BackupLogLevel = 'info' | 'warning' | 'error';
+
+/** Disks of a VM whose exports are opened while its restore point starts (4 NBD connections each). */
+const PREPARED_DISKS = 4;
 
 /** Running counters of one disk (or of the whole VM: the sum). */
 export interface DiskBackupProgress {
@@ -318,10 +321,15 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
   });
   let writer: RestorePointSink | null = null;
   let ended: 'committed' | 'aborted' | null = null;
+  const blockSize = incremental ? prev.point.blockSize : (o.blockSize ?? 1048576);
+  /** Exports opened ahead of their disk's reads (see below); a disk's backup takes its own. */
+  const prepared = new Map<string, PreparedBackupDisk>();
+  const closePrepared = () => Promise.all([...prepared.values()].map((p) => p.close())).then(() => prepared.clear());
   const abort = async (reason: unknown): Promise<void> => {
     if (ended !== null) return;
     ended = 'aborted';
     say('error', `backup of VM ${vmName} failed: ${describeError(reason)}`);
+    await closePrepared();
     if (writer) await writer.abort().catch((e: unknown) => log.error({ vm: vmName, err: describeError(e) }, 'aborting the restore point writer failed'));
     await view.abort(reason);
   };
@@ -335,6 +343,12 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
     for (const w of view.warnings) say('warning', w);
     if (o.onView) await o.onView(view);
     o.signal?.throwIfAborted();
+    // The first disks' exports open (NBD handshakes) and their first window's block status is
+    // asked while the restore point starts (repository lock, file, encoder threads): the first
+    // read no longer waits for both in turn. A few disks only, to bound the connections held.
+    for (const d of view.disks.slice(0, PREPARED_DISKS)) {
+      prepared.set(d.disk.name, prepareBackupDisk(d, { blockSize, ...(o.connections !== undefined ? { connections: o.connections } : {}) }));
+    }
 
     const meta = encodePointMetadata({
       format: POINT_METADATA_FORMAT,
@@ -367,7 +381,6 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
     throw err;
   }
   const sink: RestorePointSink = writer;
-  const blockSize = incremental ? prev.point.blockSize : (o.blockSize ?? 1048576);
 
   const progress: Record<string, DiskBackupProgress> = {};
   for (const d of view.disks) progress[d.disk.name] = { bytesProcessed: 0, bytesRead: 0, bytesStored: 0, size: d.size, done: false };
@@ -408,8 +421,13 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
       if (claimed.has(name)) throw new BulwarkError(`disk ${name} of VM ${vmName} is already being backed up`, { kind: 'conflict', context: { vm: vmName, disk: name } });
       if (ended !== null) throw new BulwarkError(`the backup of VM ${vmName} has ${ended === 'aborted' ? 'failed' : 'ended'}`, { kind: 'conflict', context: { vm: vmName, disk: name } });
       claimed.add(name);
+      const ahead = prepared.get(name);
+      prepared.delete(name);
       // The writer takes several disks at once (records interleave in the file).
-      const summary = await backupDisk(d, sink, { blockSize, incremental: incremental || o.intoIncrement === true, progress: progress[name]!, report, say, o, hooks, reusable });
+      const summary = await backupDisk(d, sink, { blockSize, incremental: incremental || o.intoIncrement === true, progress: progress[name]!, report, say, o, hooks, reusable, prepared: ahead }).finally(
+        // Closed by the reader when it ran; closing again is a no-op (and closes it when it never ran).
+        () => ahead?.close(),
+      );
       summaries.set(name, summary);
       return summary;
     },
@@ -419,6 +437,7 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
         throw new BulwarkError(`restore point of VM ${vmName} cannot be committed: disk(s) ${missing.join(', ')} not backed up`, { kind: 'internal', context: { vm: vmName } });
       }
       if (ended !== null) throw new BulwarkError(`the backup of VM ${vmName} has already ${ended === 'aborted' ? 'failed' : 'been committed'}`, { kind: 'conflict', context: { vm: vmName } });
+      await closePrepared();
       const point = await sink.commit();
       ended = 'committed';
       say('info', `restore point ${point.id} committed (${incremental ? 'incremental' : 'full'}, ${point.fileBytes} bytes)`);
@@ -480,6 +499,8 @@ async function backupDisk(
     hooks: DiskWorkHooks;
     /** The sink copies each block before it asks for the next: the reader may reuse its buffers. */
     reusable: boolean;
+    /** The disk's export, opened ahead (startVmBackup), if it was. */
+    prepared: PreparedBackupDisk | undefined;
   },
 ): Promise<DiskBackupSummary> {
   const { o, progress, hooks } = ctx;
@@ -497,6 +518,7 @@ async function backupDisk(
     ...(o.connections !== undefined ? { connections: o.connections } : {}),
     ...(signal ? { signal } : {}),
     ...(ctx.reusable ? { reuseBuffers: true } : {}),
+    ...(ctx.prepared ? { prepared: ctx.prepared } : {}),
     onStats: (s) => (stats = s),
   });
   if (hooks.stages) source = timedSource(source, hooks.stages);

@@ -401,6 +401,120 @@ export interface ReadBackupDiskOptions extends ChangedBlockReaderOptions {
   readonly connections?: number;
   /** Receives the reader's running statistics (the same object, updated as blocks are read). */
   readonly onStats?: (stats: ChangedBlockStats) => void;
+  /**
+   * The export opened earlier by `prepareBackupDisk` (its first window already being mapped):
+   * read through it instead of opening the export now; it is closed when the iteration ends.
+   */
+  readonly prepared?: PreparedBackupDisk;
+}
+
+/** The end of the reader's first map window (see `ChangedBlockReaderOptions.mapWindow`). */
+function firstWindowEnd(size: number, blockSize: number, mapWindow: number | undefined): number {
+  const window = Math.max(blockSize, Math.floor((mapWindow ?? 1024 * 1024 * 1024) / blockSize) * blockSize);
+  return Math.min(window, size);
+}
+
+/**
+ * A `BlockSource` over an open export whose first window's block-status answers were asked for
+ * in advance: the reader's first `extents` / `dirtyExtents` calls with the same range take them.
+ */
+class PrefetchedSource implements BlockSource {
+  readonly #disk: NbdExport;
+  #extents: { readonly length: number; readonly answer: Promise<Extent[]> } | null;
+  #dirty: { readonly context: string; readonly length: number; readonly answer: Promise<DirtyExtent[]> } | null;
+
+  constructor(disk: NbdExport, length: number, context: string | null) {
+    this.#disk = disk;
+    this.#extents = length > 0 ? { length, answer: disk.extents(0, length) } : null;
+    this.#dirty = length > 0 && context !== null ? { context, length, answer: disk.dirtyExtents(context, 0, length) } : null;
+    // Awaited when the reader asks; a reader that never asks must not see an unhandled rejection.
+    this.#extents?.answer.catch(() => undefined);
+    this.#dirty?.answer.catch(() => undefined);
+  }
+
+  get size(): number {
+    return this.#disk.size;
+  }
+
+  readInto(offset: number, target: Buffer): Promise<Buffer> {
+    return this.#disk.readInto(offset, target);
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    const p = this.#extents;
+    this.#extents = null;
+    return p !== null && offset === 0 && length === p.length ? p.answer : this.#disk.extents(offset, length);
+  }
+
+  dirtyExtents(context: string, offset: number, length: number): Promise<DirtyExtent[]> {
+    const p = this.#dirty;
+    this.#dirty = null;
+    return p !== null && offset === 0 && length === p.length && context === p.context ? p.answer : this.#disk.dirtyExtents(context, offset, length);
+  }
+
+  close(): Promise<void> {
+    return this.#disk.close();
+  }
+}
+
+/**
+ * A disk view's export being opened ahead of its reads (`prepareBackupDisk`). Hand it to
+ * `readBackupDisk` (`prepared`), or `close()` it when it will not be read; both are safe after a
+ * failed open.
+ */
+export interface PreparedBackupDisk {
+  readonly view: BackupDiskView;
+  /** @internal the open export, for readBackupDisk */
+  readonly source: Promise<BlockSource & { close(): Promise<void> }>;
+  close(): Promise<void>;
+}
+
+export interface PrepareBackupDiskOptions {
+  /** The block size the reader will use (it decides the first map window). */
+  readonly blockSize: number;
+  readonly mapWindow?: number;
+  /** NBD connections to open. Default 4. */
+  readonly connections?: number;
+}
+
+/**
+ * Starts opening a disk view's export and asking for its first map window's block status (the
+ * allocation map and, for an incremental, the dirty bitmap) now, so that this latency (several
+ * handshake round trips per connection, two queries) overlaps other work, e.g. starting the
+ * restore point, instead of delaying the first read (bench/backup/README.md).
+ */
+export function prepareBackupDisk(view: BackupDiskView, options: PrepareBackupDiskOptions): PreparedBackupDisk {
+  const source = openExport(view, options.connections).then((disk) => {
+    const context = view.changes.kind === 'bitmap' ? view.changes.context : null;
+    return new PrefetchedSource(disk, firstWindowEnd(disk.size, options.blockSize, options.mapWindow), context);
+  });
+  source.catch(() => undefined); // reported by readBackupDisk
+  let closed: Promise<void> | null = null;
+  return {
+    view,
+    source,
+    close: () => (closed ??= source.then((s) => s.close(), () => undefined)),
+  };
+}
+
+async function openExport(view: BackupDiskView, connections: number | undefined): Promise<NbdExport> {
+  const disk = await NbdExport.open({
+    endpoint: { socketPath: view.nbd.socketPath },
+    exportName: view.nbd.exportName,
+    metaContexts: contextsFor(view.changes),
+    connections: connections ?? 4,
+    // Only extents base:allocation reports as data are read: ask for each read in one piece, which
+    // spares the server a block-status lookup per read.
+    noFragment: true,
+  });
+  if (disk.size !== view.size) {
+    await disk.close();
+    throw new BulwarkError(`NBD export ${view.nbd.exportName} of disk ${view.disk.name} is ${disk.size} bytes, expected ${view.size}`, {
+      kind: 'internal',
+      context: { disk: view.disk.name, export: view.nbd.exportName },
+    });
+  }
+  return disk;
 }
 
 /**
@@ -408,26 +522,14 @@ export interface ReadBackupDiskOptions extends ChangedBlockReaderOptions {
  * connections are closed when the iteration ends, fails or is abandoned.
  */
 export async function* readBackupDisk(view: BackupDiskView, options: ReadBackupDiskOptions): AsyncGenerator<ChangedBlock> {
-  const disk = await NbdExport.open({
-    endpoint: { socketPath: view.nbd.socketPath },
-    exportName: view.nbd.exportName,
-    metaContexts: contextsFor(view.changes),
-    connections: options.connections ?? 4,
-    // Only extents base:allocation reports as data are read: ask for each read in one piece, which
-    // spares the server a block-status lookup per read.
-    noFragment: true,
-  });
+  const prepared = options.prepared;
+  if (prepared && prepared.view !== view) throw new BulwarkError(`the prepared export of disk ${prepared.view.disk.name} is not the one of disk ${view.disk.name}`, { kind: 'internal' });
+  const disk: BlockSource & { close(): Promise<void> } = prepared ? await prepared.source : await openExport(view, options.connections);
   try {
-    if (disk.size !== view.size) {
-      throw new BulwarkError(`NBD export ${view.nbd.exportName} of disk ${view.disk.name} is ${disk.size} bytes, expected ${view.size}`, {
-        kind: 'internal',
-        context: { disk: view.disk.name, export: view.nbd.exportName },
-      });
-    }
     const reader = new ChangedBlockReader(disk, view.changes, options);
     options.onStats?.(reader.stats);
     yield* reader.blocks();
   } finally {
-    await disk.close();
+    await (prepared ? prepared.close() : disk.close());
   }
 }
