@@ -11,7 +11,9 @@
 // (d) A point recorded with `-cpu host`, a NIC and its disk on q35's own AHCI: the VM gets `max`
 // under TCG, the NIC with its recorded model and MAC and no network backend, the disk on the board's AHCI.
 // (e) A point whose disk is a usb-storage device is refused before anything starts, naming the VM
-// and the device. (f) What the refusal's hint says works: `restore vm` of that point as a new VM
+// and the device. (g) A libvirt point (domain XML as dumpxml writes it: SCSI disk on a virtio-scsi
+// controller, virtio NIC with its ROM off, host-passthrough CPU) recovered likewise.
+// (f) What the refusal's hint says works: `restore vm` of that point as a new VM
 // boots it from its USB disk, and `restore vm` of the IDE VM's point (whose disk the backup names
 // by its node) boots it from IDE. The repository never changes.
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -107,13 +109,13 @@ async function backUpSourceVm(name: string, machine: string, devices: string[], 
 }
 
 /** A point written straight into the repository with a recorded command line (nothing ran it). */
-async function recordedPoint(vm: string, commandLine: string[], marker: string): Promise<string> {
+async function recordedPoint(vm: string, commandLine: string[] | { domainXml: string }, marker: string): Promise<string> {
   const BS = 256 * 1024;
   const vmConfig = encodePointMetadata({
     format: POINT_METADATA_FORMAT,
-    hypervisor: 'qemu',
+    hypervisor: Array.isArray(commandLine) ? 'qemu' : 'libvirt',
     vm: { name: vm, id: path.join(work, 'vms', vm, 'qmp.sock') },
-    configuration: { kind: 'qemu', commandLine, blockGraph: [] },
+    configuration: Array.isArray(commandLine) ? { kind: 'qemu', commandLine, blockGraph: [] } : { kind: 'libvirt', domainXml: commandLine.domainXml },
     checkpoint: { chainId: `c-${vm}`, name: `c-${vm}-0`, time: new Date().toISOString(), disks: { sda: DISK } } as never,
     consistency: 'crash',
     freezeWindowMs: null,
@@ -168,6 +170,37 @@ beforeAll(async () => {
     '-device', 'usb-storage,drive=sda-fmt,id=sda,bootindex=1',
     '-serial', `file:${path.join(usbDir, 'console.log')}`, '-qmp', `unix:${path.join(usbDir, 'qmp.sock')},server=on,wait=off`,
   ], 'BULWARK-HW-USB');
+  // A libvirt domain as `virsh dumpxml --inactive` writes one (libvirt's addresses and aliases).
+  points.libvirt = await recordedPoint('hw-lv', { domainXml: `<domain type='qemu'>
+  <name>hw-lv</name>
+  <memory unit='KiB'>65536</memory>
+  <vcpu placement='static'>1</vcpu>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><boot dev='hd'/></os>
+  <cpu mode='host-passthrough' check='none' migratable='on'/>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/libvirt/images/hw-lv/sda.img'/>
+      <target dev='sda' bus='scsi'/>
+      <serial>LV-SDA</serial>
+      <address type='drive' controller='0' bus='0' target='0' unit='0'/>
+    </disk>
+    <controller type='usb' index='0' model='piix3-uhci'><address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x2'/></controller>
+    <controller type='pci' index='0' model='pci-root'/>
+    <controller type='scsi' index='0' model='virtio-scsi'><address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/></controller>
+    <interface type='network'>
+      <mac address='52:54:00:6c:76:01'/>
+      <source network='default'/>
+      <model type='virtio'/>
+      <rom enabled='no'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </interface>
+    <serial type='pty'><target type='isa-serial' port='0'><model name='isa-serial'/></target></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+` }, 'BULWARK-HW-LIBVIRT');
   repoHashes = await hashTree(repo.root);
 }, 180_000);
 
@@ -246,6 +279,21 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     const network = await s.monitor<string>('human-monitor-command', { 'command-line': 'info network' });
     expect(network).toMatch(/^net0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:99\r?$/m);
     expect(network).not.toMatch(/\\|tap/);
+    await finish(s);
+  });
+
+  it("(g) a libvirt domain: its SCSI disk on the domain's virtio-scsi controller (serial kept), its virtio NIC without ROM and network, host-passthrough as max", async () => {
+    const s = await recover('libvirt');
+    await waitForConsole(s.consoleLog, 'BULWARK-HW-LIBVIRT\r\n');
+    expect(s.hardware?.controllers).toEqual([{ driver: 'virtio-scsi-pci', id: 'scsi0' }]);
+    expect(await deviceAndController(s, 'sda')).toEqual({ type: 'scsi-hd', controller: 'virtio-scsi-device' });
+    expect(await s.monitor<string>('qom-get', { path: '/machine/peripheral/sda', property: 'serial' })).toBe('LV-SDA');
+    expect(await s.monitor<string>('qom-get', { path: '/machine/peripheral/net0', property: 'type' })).toBe('virtio-net-pci');
+    expect(await s.monitor<string>('qom-get', { path: '/machine/peripheral/net0', property: 'romfile' })).toBe('');
+    const network = await s.monitor<string>('human-monitor-command', { 'command-line': 'info network' });
+    expect(network).toMatch(/^net0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:6c:76:01\r?$/m);
+    const cpus = await s.monitor<{ 'qom-path': string }[]>('query-cpus-fast');
+    expect(await s.monitor<string>('qom-get', { path: cpus[0]!['qom-path'], property: 'type' })).toBe('max-x86_64-cpu');
     await finish(s);
   });
 
