@@ -49,4 +49,17 @@ describe('MountSessions with adopted mounts', () => {
     expect(closed).toEqual(['nobody', 'held']);
     expect(s.list()).toEqual([]);
   });
+
+  it('an unmount that fails leaves the mount listed, and unmount tries again', async () => {
+    const s = new MountSessions({ defaultRoot: '/nonexistent-root', graceMs: 60_000 });
+    let calls = 0;
+    s.adopt(info('cccccccc-3', true), async () => {
+      if (++calls === 1) throw new Error('umount: target is busy');
+    });
+    await expect(s.close('cccccccc-3')).rejects.toThrow(/busy/);
+    expect(s.list().map((m) => m.id)).toEqual(['cccccccc-3']);
+    await s.close('cccccccc');
+    expect(calls).toBe(2);
+    expect(s.list()).toEqual([]);
+  });
 });

@@ -132,7 +132,7 @@ export class MountSessions {
       entry.graceTimer = setTimeout(() => {
         if (entry.holders === 0) {
           log.warn({ id, at }, 'nobody held the mount in time; unmounting');
-          void this.close(id).catch(() => undefined);
+          void this.close(id).catch((err: unknown) => log.error({ id, at, err: describeError(err) }, 'unmount failed: the mount stays listed; undo it with `bulwark mount unmount ID`'));
         }
       }, this.#graceMs);
       entry.graceTimer.unref();
@@ -182,9 +182,13 @@ export class MountSessions {
       try {
         if (e.mount) await e.mount.close();
         else await e.closeRemote?.();
-      } finally {
-        this.#entries.delete(e.info.id);
+      } catch (err) {
+        // Maybe still mounted: it stays listed, and `mount unmount ID` tries again (forgetting it
+        // here hid a mount that was still there, and the retry said "no mount ID").
+        e.closing = undefined;
+        throw err;
       }
+      this.#entries.delete(e.info.id);
       log.info({ id: e.info.id, at: e.info.at }, 'restore point unmounted');
       return e.info;
     })();
