@@ -174,9 +174,9 @@ beforeAll(async () => {
   points.libvirt = await recordedPoint('hw-lv', { domainXml: `<domain type='qemu'>
   <name>hw-lv</name>
   <memory unit='KiB'>65536</memory>
-  <vcpu placement='static'>1</vcpu>
+  <vcpu placement='static'>2</vcpu>
   <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><boot dev='hd'/></os>
-  <cpu mode='host-passthrough' check='none' migratable='on'/>
+  <cpu mode='host-passthrough' check='none' migratable='on'><topology sockets='1' dies='1' cores='2' threads='1'/></cpu>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
@@ -282,7 +282,7 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     await finish(s);
   });
 
-  it("(g) a libvirt domain: its SCSI disk on the domain's virtio-scsi controller (serial kept), its virtio NIC without ROM and network, host-passthrough as max", async () => {
+  it("(g) a libvirt domain: its SCSI disk on the domain's virtio-scsi controller (serial kept), its virtio NIC without ROM and network, host-passthrough as max, its CPU topology", async () => {
     const s = await recover('libvirt');
     await waitForConsole(s.consoleLog, 'BULWARK-HW-LIBVIRT\r\n');
     expect(s.hardware?.controllers).toEqual([{ driver: 'virtio-scsi-pci', id: 'scsi0' }]);
@@ -292,7 +292,9 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     expect(await s.monitor<string>('qom-get', { path: '/machine/peripheral/net0', property: 'romfile' })).toBe('');
     const network = await s.monitor<string>('human-monitor-command', { 'command-line': 'info network' });
     expect(network).toMatch(/^net0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:6c:76:01\r?$/m);
-    const cpus = await s.monitor<{ 'qom-path': string }[]>('query-cpus-fast');
+    // Two vCPUs as one socket of two cores (the domain's <topology>).
+    const cpus = await s.monitor<{ 'qom-path': string; props: { 'socket-id'?: number; 'core-id'?: number; 'thread-id'?: number } }[]>('query-cpus-fast');
+    expect(cpus.map((c) => [c.props['socket-id'], c.props['core-id'], c.props['thread-id']])).toEqual([[0, 0, 0], [0, 1, 0]]);
     expect(await s.monitor<string>('qom-get', { path: cpus[0]!['qom-path'], property: 'type' })).toBe('max-x86_64-cpu');
     await finish(s);
   });

@@ -305,7 +305,7 @@ export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[
   const a = [
     '-name', t.name,
     ...(l.machine ? ['-machine', l.machine] : []),
-    '-accel', accel, '-m', String(l.memoryMiB ?? 256), '-smp', String(l.cpus ?? 1),
+    '-accel', accel, '-m', String(l.memoryMiB ?? 256), '-smp', hw?.smp ?? String(l.cpus ?? 1),
     ...(hw?.cpu ? ['-cpu', cpuArgument(hw.cpu, accel).value] : []),
     '-nodefaults', '-display', 'none', '-no-user-config', '-no-reboot',
     ...(l.firmware && t.nvram

@@ -232,6 +232,20 @@ describe('recorded libvirt domain → devices', () => {
   });
 });
 
+describe('CPU topology', () => {
+  it('keeps a recorded -smp with its topology, and builds one from libvirt <vcpu> and <topology>', () => {
+    expect(recordedHardware(qemu('-smp', '4,sockets=1,cores=2,threads=2'), [], ctx).smp).toBe('4,sockets=1,cores=2,threads=2');
+    expect(recordedHardware(qemu('-smp', 'cpus=2,maxcpus=4'), [], ctx).smp).toBe('cpus=2,maxcpus=4');
+    expect(recordedHardware(qemu('-smp', '2'), [], ctx).smp).toBe('2');
+    const odd = recordedHardware(qemu('-smp', '2,foo=bar'), [], ctx);
+    expect([odd.smp, odd.notes]).toEqual([undefined, ['-smp 2,foo=bar: not understood; the CPU count only']]);
+    const lv = (inner: string): string | undefined => recordedHardware({ kind: 'libvirt', domainXml: `<domain><os><type machine='pc'>hvm</type></os>${inner}</domain>` }, [], ctx).smp;
+    expect(lv("<vcpu placement='static'>4</vcpu><cpu mode='host-passthrough'><topology sockets='1' dies='1' cores='2' threads='2'/></cpu>")).toBe('4,sockets=1,dies=1,cores=2,threads=2');
+    expect(lv("<vcpu placement='static' current='2'>4</vcpu>")).toBe('2,maxcpus=4');
+    expect(lv('<vcpu>2</vcpu>')).toBeUndefined();
+  });
+});
+
 describe('CPU under TCG and boards', () => {
   it("host becomes max under TCG (with a note); named models and KVM's host are kept", () => {
     expect(cpuArgument({ model: 'host', flags: ['pmu=off'] }, 'tcg')).toEqual({ value: 'max,pmu=off', note: expect.stringMatching(/'host' cannot run under TCG/) });

@@ -61,6 +61,8 @@ export interface VmHardware {
   readonly nics: readonly HardwareNic[];
   /** Absent: the VM ran with QEMU's default model. */
   readonly cpu?: RecordedCpu;
+  /** The -smp value with the recorded topology (`4,sockets=1,cores=2,threads=2`, `2,maxcpus=4`); absent: only a count is known. */
+  readonly smp?: string;
   /** Whether a disk or NIC had a boot index / boot order of its own (else the disks boot in order). */
   readonly bootOrderRecorded: boolean;
   /** What the configuration records that is not recreated, one line each. */
@@ -245,6 +247,9 @@ function qemuHardware(argv: readonly string[], diskNames: readonly string[], ctx
   }
   if (!networkOption && !argv.includes('-nodefaults')) addNic(defaultNic, undefined, undefined, undefined);
 
+  const smpValue = pairs.find((p) => p.opt === 'smp')?.value;
+  const smpOk = smpValue !== undefined && /^(\d+)?(,?(cpus|sockets|dies|clusters|cores|threads|maxcpus)=\d+)*$/.test(smpValue);
+  if (smpValue !== undefined && !smpOk) notes.push(`-smp ${smpValue}: not understood; the CPU count only`);
   const cpuValue = pairs.find((p) => p.opt === 'cpu')?.value;
   const cpuParts = cpuValue === undefined ? [] : splitOpts(cpuValue);
   const cpu = cpuParts[0] ? { model: cpuParts[0], flags: cpuParts.slice(1) } : undefined;
@@ -253,7 +258,7 @@ function qemuHardware(argv: readonly string[], diskNames: readonly string[], ctx
   const bootValue = pairs.find((p) => p.opt === 'boot')?.value;
   const order = bootValue === undefined ? undefined : optValue(bootValue, 'order', 'order');
   if (!bootOrderRecorded && order && order[0] !== 'c') notes.push(`-boot order=${order}: only the disks are recreated; they boot in the point's order`);
-  return { controllers, disks, nics, ...(cpu ? { cpu } : {}), bootOrderRecorded, notes };
+  return { controllers, disks, nics, ...(cpu ? { cpu } : {}), ...(smpOk ? { smp: smpValue } : {}), bootOrderRecorded, notes };
 }
 
 const DISK_RE = /<disk(\s[^>]*)?>[\s\S]*?<\/disk>/g;
@@ -410,7 +415,23 @@ function libvirtHardware(xml: string, diskNames: readonly string[], ctx: Hardwar
   const os = xml.match(/<os(?:\s[^>]*)?>[\s\S]*?<\/os>/)?.[0] ?? '';
   const devs = [...os.matchAll(/<boot\s[^>]*\/?>/g)].map((b) => attr(b[0], 'dev')).filter((d): d is string => d !== undefined);
   if (!bootOrderRecorded && devs.length > 0 && devs[0] !== 'hd') notes.push(`<boot dev='${devs.join(',')}'>: only the disks are recreated; they boot in the point's order`);
-  return { controllers, disks, nics, ...(cpu ? { cpu } : {}), bootOrderRecorded, notes };
+  const smp = libvirtSmp(xml);
+  return { controllers, disks, nics, ...(cpu ? { cpu } : {}), ...(smp ? { smp } : {}), bootOrderRecorded, notes };
+}
+
+/**
+ * libvirt's `<vcpu current=C>N</vcpu>` and `<cpu><topology sockets dies cores threads/>` as a
+ * -smp value; undefined when the domain says no more than a count.
+ */
+function libvirtSmp(xml: string): string | undefined {
+  const vcpuTag = xml.match(/<vcpu(\s[^>]*)?>\s*(\d+)\s*<\/vcpu>/);
+  if (!vcpuTag) return undefined;
+  const max = Number(vcpuTag[2]);
+  const current = attr(`<vcpu${vcpuTag[1] ?? ''}>`, 'current');
+  const topology = startTag(xml.match(/<cpu(\s[^>]*?)?(\/>|>[\s\S]*?<\/cpu>)/)?.[0] ?? '', 'topology');
+  const parts = topology ? ['sockets', 'dies', 'cores', 'threads'].flatMap((k) => (attr(topology, k) ? [`${k}=${attr(topology, k)!}`] : [])) : [];
+  if (!topology && (current === undefined || Number(current) === max)) return undefined;
+  return [current !== undefined && Number(current) !== max ? `${current},maxcpus=${max}` : String(max), ...parts].join(',');
 }
 
 /** libvirt `<cpu>` as a QEMU -cpu model: host-passthrough/host-model → host, maximum → max, custom → its model and features. */
