@@ -86,6 +86,23 @@ async function restartDst(): Promise<number> {
   return t;
 }
 
+interface IrSession {
+  id: string;
+  kind: string;
+  ref?: string;
+  vm?: string;
+  state: string;
+  status?: string;
+  runningFromBackup?: boolean;
+}
+
+/** The session (kind instant-recovery) recording instant recovery `ref`. */
+async function irSession(ref: string): Promise<IrSession> {
+  const items = (await h.api<{ items: IrSession[] }>('GET', '/sessions?kind=instant-recovery')).items.filter((x) => x.ref === ref);
+  expect(items).toHaveLength(1);
+  return items[0]!;
+}
+
 const since = (t: number): string => `${((Date.now() - t) / 1000).toFixed(1)} s`;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -158,6 +175,9 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect(s.dir.startsWith(path.join(dst.dataDir, 'ir'))).toBe(true);
     expect(readFileSync(`/proc/${irPid}/cmdline`, 'utf8')).toContain('rr-ir');
     await waitForGuestAgent(s.agentSocket, s.consoleLog);
+    // The sessions show which VMs run from backup: an instant-recovery session beside the job runs.
+    expect(await irSession(s.id)).toMatchObject({ kind: 'instant-recovery', vm: 'rr-ir', point: pointId, agent: 'dst1', state: 'running', status: 'running-from-backup', runningFromBackup: true });
+    expect(cli('session', 'list', '--kind', 'instant-recovery')).toMatch(/instant-recovery\s+rr-ir\s+running from backup\s+dst1/);
     console.log(`recovery-restart: recovered VM's guest agent answered ${since(t0)} after start`);
 
     // The server dies without a word and comes back; dst1's link to it stays down (connections
@@ -213,6 +233,7 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     const t2 = Date.now();
     const migrated = JSON.parse(cli('instant-recovery', 'migrate', s.id, '--storage', storage, '--json')) as Instant;
     console.log(`recovery-restart: migrate ${since(t2)}`);
+    expect(await irSession(s.id)).toMatchObject({ state: 'success', status: 'migrated', runningFromBackup: false });
     // A VM of kvm-b now: its folder where kvm-b's QMP glob (b-vms/*/qmp.sock) finds it; nothing left in the session folder.
     const vmDir = path.join(h.tmp, 'b-vms', 'rr-ir');
     expect(migrated).toMatchObject({
@@ -271,6 +292,9 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect(alive(irPid)).toBe(false);
     expect((await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
     expect(existsSync(migrated.qmpSocket)).toBe(false);
+    const ended = await irSession(s.id);
+    expect(ended).toMatchObject({ state: 'success', status: 'stopped', runningFromBackup: false });
+    expect((await h.api<{ log: Array<{ message: string }> }>('GET', `/sessions/${ended.id}`)).log.map((l) => l.message).join('\n')).toMatch(/runs from restore point[\s\S]*migrated: it runs on its own disks[\s\S]*VM stopped by instant-recovery stop/);
     // The migrated disk stays; the server's and dst1's state files hold no session.
     expect(existsSync(target)).toBe(true);
     expect(JSON.parse(readFileSync(path.join(h.tmp, 'server', 'instant-recoveries.json'), 'utf8'))).toEqual({ format: 'bulwark instant recoveries v1', sessions: [] });

@@ -347,23 +347,45 @@ export function jobCommand(ctx: CliContext): Command {
   return job;
 }
 
+/** A job run's job, state and full flag; a restore's VM, point, agent and state (an instant recovery's: from backup or not). */
+function sessionSubjectFields(s: Session, state: string): Array<[string, unknown]> {
+  if (s.kind === undefined || s.kind === 'backup' || s.kind === 'health-check') {
+    return [['job', s.jobName], ['state', s.state], ['full', s.full]];
+  }
+  return [
+    ['vm', s.vm],
+    ['point', s.point],
+    ['agent', s.agent ?? 'this server'],
+    ['state', state],
+    ...(s.kind === 'instant-recovery' ? ([['from backup', s.runningFromBackup ? 'yes' : 'no'], ['instant recovery', s.ref]] as Array<[string, unknown]>) : []),
+    ...(s.kind === 'restore-vm' ? ([['VM restore', s.ref]] as Array<[string, unknown]>) : []),
+  ];
+}
+
 export function sessionCommand(ctx: CliContext): Command {
-  const session = new Command('session').description('job runs: state, progress, tasks and log');
+  const session = new Command('session').description('job runs, restores and instant recoveries: state, progress, tasks and log');
+  /** What a session is about: the job of a job run, the VM of a restore. */
+  const subject = (s: Session): string => (s.kind === undefined || s.kind === 'backup' || s.kind === 'health-check' ? s.jobName : (s.vm ?? ''));
+  /** The state, or an instant recovery's status in words ("running from backup", "migrated", "stopped"). */
+  const stateText = (s: Session): string => (s.kind === 'instant-recovery' && s.status ? s.status.replace(/-/g, ' ') : s.state);
 
   session
     .command('list')
-    .description('list sessions, newest first')
+    .description('list sessions, newest first: job runs, restores, instant recoveries (state "running from backup": the VM runs from the backup now)')
     .option('--job <name>', 'only this job\'s sessions')
+    .addOption(new Option('--kind <kind>', 'only sessions of this kind').choices(['backup', 'health-check', 'restore-vm', 'restore-disk', 'restore-files', 'instant-recovery']))
     .option('--limit <n>', 'at most this many', positiveInt('--limit'))
     .addOption(jsonOption())
-    .action(async (o: { job?: string; limit?: number; json?: boolean }, cmd: Command) => {
-      const { items } = await (await clientFor(ctx, cmd)).get<ItemList<Session>>('/sessions', { job: o.job, limit: o.limit });
+    .action(async (o: { job?: string; kind?: string; limit?: number; json?: boolean }, cmd: Command) => {
+      const { items } = await (await clientFor(ctx, cmd)).get<ItemList<Session>>('/sessions', { job: o.job, kind: o.kind, limit: o.limit });
       if (o.json) return printJson(ctx.output, items);
       ctx.output.out(
         formatTable(items, [
           { header: 'id', value: (s) => s.id },
-          { header: 'job', value: (s) => s.jobName },
-          { header: 'state', value: (s) => s.state },
+          { header: 'kind', value: (s) => s.kind ?? 'backup' },
+          { header: 'job/vm', value: subject },
+          { header: 'state', value: stateText },
+          { header: 'agent', value: (s) => s.agent },
           { header: 'started', value: (s) => localTime(s.startedAt) },
           { header: 'duration', value: duration, align: 'right' },
           { header: 'progress', value: (s) => `${s.progress.percent.toFixed(0)}%`, align: 'right' },
@@ -392,9 +414,8 @@ export function sessionCommand(ctx: CliContext): Command {
       ctx.output.out(
         formatFields([
           ['id', s.id],
-          ['job', s.jobName],
-          ['state', s.state],
-          ['full', s.full],
+          ['kind', s.kind ?? 'backup'],
+          ...sessionSubjectFields(s, stateText(s)),
           ['started', localTime(s.startedAt)],
           ['ended', localTime(s.endedAt)],
           ['duration', duration(s)],

@@ -267,7 +267,11 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
       );
 
       // ---- sessions
-      const SessionQuery = Type.Object({ job: Type.Optional(Type.String()), limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000 })) });
+      const SessionQuery = Type.Object({
+        job: Type.Optional(Type.String()),
+        kind: Type.Optional(Type.String({ description: 'only sessions of this kind: backup, health-check, restore-vm, restore-disk, restore-files, instant-recovery' })),
+        limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000 })),
+      });
       r.get('/sessions', { config: { permission: 'read' }, schema: { tags: ['sessions'], querystring: SessionQuery, response: { 200: Items(m.Session), ...errorReplies } } }, async (req) => ({
         items: await sessions.listSessions(ctx, req.query),
       }));

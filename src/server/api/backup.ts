@@ -13,6 +13,7 @@ import type { ServiceContext } from '../services/common.js';
 import type { EncryptionKeys } from '../services/encryption.js';
 import { getRepository, listHosts } from '../services/infrastructure.js';
 import { getJob } from '../services/jobs.js';
+import { setSessionKind } from '../services/sessions.js';
 
 export interface BackupApiOptions {
   ctx: ServiceContext;
@@ -93,6 +94,7 @@ export function backupPlugin(o: BackupApiOptions): FastifyPluginAsync {
         const job = await getJob(ctx, req.params.name);
         // A repository on another agent is checked there (a health-check task, src/server/dispatch).
         const { sessionId } = await o.engine.runNow(job.id, { trigger: 'manual', settings: { operation: 'health-check', wholeChain: req.body?.wholeChain === true }, noRetries: true });
+        await setSessionKind(ctx, sessionId, 'health-check');
         return reply.status(202).send({ sessionId, job: job.name });
       },
     );

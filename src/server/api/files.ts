@@ -31,7 +31,7 @@ import type { ServiceContext } from '../services/common.js';
 import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { checkRestoreTarget } from '../services/restore-targets.js';
-import { appendLog, getRestorePoint, listRestorePoints } from '../services/sessions.js';
+import { appendLog, getRestorePoint, listRestorePoints, recordedRestore } from '../services/sessions.js';
 import type { Principal } from '../services/users.js';
 
 const log = logger('files-api');
@@ -742,7 +742,17 @@ export function filesPlugin(ctx: ServiceContext, mounts: MountSessions, opts: { 
     r.post(
       '/restore-points/:id/restore-files',
       { config: { permission: 'restore' }, schema: { tags: ['file restore'], params: IdParam, body: RestoreFilesBody, response: { 200: RestoreFilesReply } } },
-      async (req) => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys, opts.agents, req.principal),
+      async (req) => {
+        // Recorded as a session (kind restore-files) with its outcome (docs/api.md, "Sessions of every kind").
+        const point = await getRestorePoint(ctx, req.params.id);
+        const where = req.body.toGuest ? 'into the running VM' : `to ${req.body.to ?? '?'}`;
+        return recordedRestore(
+          ctx,
+          { kind: 'restore-files', vm: point.vm, point: point.id, message: `restore of ${req.body.paths.join(', ')} from restore point ${point.id} (VM ${point.vm}) ${where}${req.body.host ? ` on host ${req.body.host}` : ''} started` },
+          () => restoreFiles(ctx, req.params.id, req.body, opts.runDir, opts.keys, opts.agents, req.principal),
+          (r) => `restored ${r.items.length} item(s), ${r.files} file(s) to ${r.target}${r.agent ? ` by agent ${r.agent}` : ''}`,
+        );
+      },
     );
     r.post(
       '/restore-points/:id/file-index',

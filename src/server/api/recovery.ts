@@ -28,7 +28,7 @@ import type { ServiceContext } from '../services/common.js';
 import { getHost, getRepository, listHosts } from '../services/infrastructure.js';
 import { pointPassword, type EncryptionKeys } from '../services/encryption.js';
 import { checkRestoreTarget } from '../services/restore-targets.js';
-import { getRestorePoint } from '../services/sessions.js';
+import { createRestoreSession, getRestorePoint, openRestoreSessions, sessionIdByRef, updateRestoreSession, type NewRestoreSession, type RestoreSessionChange } from '../services/sessions.js';
 import type { Principal } from '../services/users.js';
 
 const log = logger('recovery');
@@ -82,6 +82,7 @@ const VmRestore = Type.Object({
   result: Type.Union([Type.Omit(RemoteRestoreVmResult, ['point', 'vm', 'toOriginal']), Type.Null()]),
   error: Type.Union([ErrorInfo, Type.Null()]),
   log: Type.Optional(Type.Array(Type.Object({ time: Type.String(), level: Type.String(), message: Type.String() }), { description: 'lines the restoring agent reported' })),
+  sessionId: Type.Optional(Type.String({ description: 'the session (`GET /sessions/{id}`, kind restore-vm) that records it' })),
 });
 export type VmRestore = Static<typeof VmRestore>;
 
@@ -93,6 +94,7 @@ const InstantRecovery = Type.Object({
   ...instantSessionFields,
   agent: Type.Optional(Type.String({ description: 'the agent whose host runs the VM (absent: this server\'s process)' })),
   host: Type.Optional(Type.String()),
+  sessionId: Type.Optional(Type.String({ description: 'start only: the session (`GET /sessions/{id}`, kind instant-recovery) that records it' })),
 });
 export type InstantRecovery = Static<typeof InstantRecovery>;
 
@@ -168,6 +170,35 @@ const StateRecord = Type.Object({
   session: WireInstantSessionSchema,
 });
 const StateFile = Type.Object({ format: Type.Literal(STATE_FORMAT), sessions: Type.Array(StateRecord) });
+
+/**
+ * The session (kind restore-vm, instant-recovery, …) recording one restore: created at once, its
+ * changes written in order; a failed write is logged and the restore goes on.
+ */
+class RecordedSession {
+  readonly id: Promise<string | undefined>;
+  #chain: Promise<unknown>;
+  readonly #ctx: ServiceContext;
+
+  constructor(ctx: ServiceContext, s: NewRestoreSession) {
+    this.#ctx = ctx;
+    this.id = createRestoreSession(ctx, s).catch((err: unknown) => {
+      log.error({ kind: s.kind, vm: s.vm, err: describeError(err) }, 'could not record a restore session');
+      return undefined;
+    });
+    this.#chain = this.id;
+  }
+
+  update(c: RestoreSessionChange): Promise<unknown> {
+    this.#chain = this.#chain
+      .then(async () => {
+        const id = await this.id;
+        if (id) await updateRestoreSession(this.#ctx, id, c);
+      })
+      .catch((err: unknown) => log.error({ err: describeError(err) }, 'could not update a restore session'));
+    return this.#chain;
+  }
+}
 
 /** Restores and instant recovery sessions of this server process. */
 export class RecoveryService {
@@ -413,14 +444,30 @@ export class RecoveryService {
       result: null,
       error: null,
     };
+    const session = new RecordedSession(this.#ctx, {
+      kind: 'restore-vm',
+      vm: task.vm,
+      point: pointId,
+      agent: agent ?? null,
+      ref: id,
+      message: `restore of point ${pointId} (VM ${vm}) ${task.toOriginal ? 'over the original VM' : `as new VM ${task.vm}`} on host ${host.name}${agent ? ` by agent ${agent}` : ''} started (${id})`,
+    });
+    let lastWrite = 0;
     let moving: () => void = () => undefined;
     const firstProgress = new Promise<void>((r) => (moving = r));
     const running = work(
       (p) => {
         task.progress = { bytesDone: p.bytesDone, total: p.total, percent: p.total > 0 ? Math.min(100, (100 * p.bytesDone) / p.total) : 0, disk: p.disk };
         moving();
+        if (Date.now() - lastWrite >= 2000) {
+          lastWrite = Date.now();
+          void session.update({ progress: { percent: task.progress.percent, bytesRead: p.bytesDone } });
+        }
       },
-      (level, message) => task.log?.push({ time: new Date().toISOString(), level, message }),
+      (level, message) => {
+        task.log?.push({ time: new Date().toISOString(), level, message });
+        void session.update({ log: { level: level === 'error' ? 'error' : level === 'warn' || level === 'warning' ? 'warning' : 'info', message } });
+      },
     );
     const settled = running.then(
       (r: RestoreVmResult) => {
@@ -438,11 +485,17 @@ export class RecoveryService {
         };
         task.state = 'success';
         task.progress = { ...task.progress, percent: 100 };
+        void session.update({
+          state: r.warnings.length > 0 ? 'warning' : 'success',
+          progress: { percent: 100, bytesRead: task.progress.bytesDone },
+          log: { level: 'info', message: `VM ${task.vm} restored: ${r.disks.map((d) => `${d.name} → ${d.path}`).join(', ')}${r.poweredOn ? ', powered on' : ''}${r.warnings.length > 0 ? `; ${r.warnings.join('; ')}` : ''}` },
+        });
       },
       (err: unknown) => {
         task.error = errorInfo(err);
         task.state = 'failed';
         log.warn({ restore: id, point: pointId, err: describeError(err) }, 'VM restore failed');
+        void session.update({ state: 'failed', reason: describeError(err), log: { level: 'error', message: `restore failed: ${describeError(err)}` } });
       },
     ).finally(() => {
       task.endedAt = new Date().toISOString();
@@ -452,6 +505,8 @@ export class RecoveryService {
     // Refusals (VM running, name taken, bad format) come before any data moves: answer them directly.
     const first = await Promise.race([running.then(() => 'done' as const, (err: unknown) => ({ err })), firstProgress.then(() => 'moving' as const)]);
     if (typeof first === 'object') throw first.err;
+    const sessionId = await session.id;
+    if (sessionId) task.sessionId = sessionId;
     this.#restores.set(id, task);
     // Bounded: the oldest finished records (with their log lines) go; running ones stay.
     for (const [old, t] of this.#restores) {
@@ -539,6 +594,55 @@ export class RecoveryService {
    * which reads the point directly or through the data mover.
    */
   async startInstant(body: Static<typeof StartInstantBody>): Promise<InstantRecovery> {
+    let r: InstantRecovery;
+    try {
+      r = await this.#startInstant(body);
+    } catch (err) {
+      // The attempt is on record too (kind instant-recovery, failed).
+      await new RecordedSession(this.#ctx, {
+        kind: 'instant-recovery',
+        vm: body.name ?? '',
+        point: body.point,
+        state: 'failed',
+        message: `instant recovery of restore point ${body.point}${body.host ? ` on host ${body.host}` : ''} did not start: ${describeError(err)}`,
+      }).id;
+      throw err;
+    }
+    const session = new RecordedSession(this.#ctx, {
+      kind: 'instant-recovery',
+      vm: r.name,
+      point: r.point,
+      agent: r.agent ?? null,
+      status: r.state,
+      ref: r.id,
+      message: `VM ${r.name} (a recovery of VM ${r.vm}) runs from restore point ${r.point} ${r.agent ? `on agent ${r.agent}${r.host ? ` (host ${r.host})` : ''}` : "in this server's process"}, QEMU pid ${String(r.pid)} (${r.id})`,
+    });
+    const sessionId = await session.id;
+    return { ...r, ...(sessionId ? { sessionId } : {}) };
+  }
+
+  /** A change of the session recording instant recovery `ref` (logged when it cannot be written). */
+  async #irSession(ref: string, change: (current: { state: string; status: string | null }) => RestoreSessionChange): Promise<void> {
+    try {
+      const id = await sessionIdByRef(this.#ctx, 'instant-recovery', ref);
+      if (!id) return;
+      const row = await this.#ctx.db.selectFrom('sessions').select(['state', 'status']).where('id', '=', id).executeTakeFirstOrThrow();
+      await updateRestoreSession(this.#ctx, id, change(row));
+    } catch (err) {
+      log.error({ session: ref, err: describeError(err) }, 'could not update the session of an instant recovery');
+    }
+  }
+
+  /** The instant recovery's session: it ended (stopped), or only its VM did when it had migrated. */
+  #irEnded(ref: string, message: string, level: 'info' | 'warning' = 'info'): Promise<void> {
+    return this.#irSession(ref, (cur) => ({
+      status: 'stopped',
+      ...(cur.state === 'running' || cur.state === 'queued' ? { state: 'stopped' as const } : {}),
+      log: { level, message },
+    }));
+  }
+
+  async #startInstant(body: Static<typeof StartInstantBody>): Promise<InstantRecovery> {
     const { point, repo } = await this.#point(body.point);
     const name = body.name ?? `${point.vm}-ir`;
     const host = body.host ? await getHost(this.#ctx, body.host) : undefined;
@@ -580,6 +684,7 @@ export class RecoveryService {
         r.serve?.cancel('the instant recovery session is gone');
         r.serve = undefined;
         await this.#save();
+        await this.#irEnded(id, `agent ${r.agent} no longer runs VM ${r.last.name} (the agent restarted)`, 'warning');
       } else {
         log.warn({ session: id, agent: r.agent, err: describeError(err) }, 'could not refresh an instant recovery session on its agent');
       }
@@ -619,6 +724,7 @@ export class RecoveryService {
             r.serve?.cancel('the instant recovery session is gone');
             this.#remoteInstant.delete(id);
             changed = true;
+            await this.#irEnded(id, `agent ${agent} no longer runs VM ${r.last.name} (the agent restarted)`, 'warning');
           }
         }),
       );
@@ -634,6 +740,33 @@ export class RecoveryService {
   }
 
   async migrateInstant(id: string, storage: string | undefined, principal?: Principal): Promise<InstantRecovery> {
+    let before: InstantRecovery | undefined;
+    try {
+      before = this.#remoteInstant.has(id) ? undefined : this.#instantInfo(this.#instant.info(id));
+    } catch {
+      // not found: #migrateInstant says so
+    }
+    const r0 = this.#remoteInstant.get(id)?.last;
+    if (before || r0) await this.#irSession(id, () => ({ status: 'migrating', log: { level: 'info', message: `migrate of VM ${before?.name ?? r0?.name ?? id} started${storage ? ` (disks to ${storage})` : ''}` } }));
+    let m: InstantRecovery;
+    try {
+      m = await this.#migrateInstant(id, storage, principal);
+    } catch (err) {
+      if (before || r0) await this.#irSession(id, () => ({ status: 'running-from-backup', log: { level: 'error', message: `migrate failed; the VM runs from the backup: ${describeError(err)}` } }));
+      throw err;
+    }
+    await this.#irSession(id, () => ({
+      status: m.state,
+      ...(m.state === 'migrated' ? { state: 'success' as const } : {}),
+      log: {
+        level: 'info',
+        message: `VM ${m.name} migrated: it runs on its own disks (${m.disks.map((d) => `${d.name} → ${String(d.target)}`).join(', ')}), folder ${m.dir}, QMP socket ${m.qmpSocket}; no longer from the backup`,
+      },
+    }));
+    return m;
+  }
+
+  async #migrateInstant(id: string, storage: string | undefined, principal?: Principal): Promise<InstantRecovery> {
     if (storage) absolute('storage', storage);
     const r = this.#remoteInstant.get(id);
     if (storage) await checkRestoreTarget(this.#ctx, principal, storage, 'instant-recovery migrate --storage', { local: r === undefined });
@@ -680,6 +813,11 @@ export class RecoveryService {
   }
 
   async stopInstant(id: string): Promise<void> {
+    await this.#stopInstant(id);
+    await this.#irEnded(id, `VM stopped by instant-recovery stop ${id}`);
+  }
+
+  async #stopInstant(id: string): Promise<void> {
     const r = this.#remoteInstant.get(id);
     if (r) {
       try {
@@ -726,7 +864,33 @@ export class RecoveryService {
   async close(): Promise<void> {
     this.#abort.abort(new BulwarkError('the server is stopping', { kind: 'unavailable' }));
     await Promise.allSettled([...this.#running]);
-    await this.#instant.stopAll();
+    const fromBackup = this.#instant.list().filter((i) => i.state !== 'migrated');
+    try {
+      await this.#instant.stopAll();
+    } finally {
+      for (const i of fromBackup) await this.#irEnded(i.id, `the server stopped: VM ${i.name}, which ran from the backup in its process, was stopped`, 'warning');
+    }
+  }
+
+  /**
+   * After a (re)start: restore sessions a previous server process left open are settled: a VM
+   * restore (or disk, files) failed; an instant recovery this process ran (swept at start) stopped.
+   * Those on agents stay open until their agent's listing says (listInstant).
+   */
+  async settleSessions(): Promise<number> {
+    let n = 0;
+    for (const o of await openRestoreSessions(this.#ctx)) {
+      if (o.kind === 'instant-recovery' && o.agent !== null) continue;
+      const message = o.kind === 'instant-recovery' ? 'the server stopped while the VM ran from the backup in its process: the VM was stopped (swept at the next start)' : 'the server stopped while the restore ran';
+      await updateRestoreSession(this.#ctx, o.id, {
+        state: o.kind === 'instant-recovery' ? 'stopped' : 'failed',
+        reason: message,
+        ...(o.kind === 'instant-recovery' ? { status: 'stopped' } : {}),
+        log: { level: 'warning', message },
+      });
+      n++;
+    }
+    return n;
   }
 }
 
@@ -735,6 +899,7 @@ export async function startRecoveryService(o: RecoveryServiceOptions): Promise<R
   const s = new RecoveryService(o);
   await s.sweep();
   await s.loadOwn();
+  await s.settleSessions().catch((err: unknown) => log.error({ err: describeError(err) }, 'could not settle the restore sessions of the previous server run'));
   if (o.remote) {
     await s.takeOver(o.remote);
     s.readoptAfterStart(o.remote);

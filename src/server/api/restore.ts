@@ -13,7 +13,7 @@ import { isLocalRepository } from '../services/backup-methods.js';
 import { getRepository } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, wrongPassword, type EncryptionKeys } from '../services/encryption.js';
 import { checkRestoreTarget } from '../services/restore-targets.js';
-import { deleteRestorePoint, getRestorePoint, recordRestorePoint } from '../services/sessions.js';
+import { deleteRestorePoint, getRestorePoint, recordedRestore, recordRestorePoint } from '../services/sessions.js';
 
 const log = logger('restore-api');
 
@@ -182,23 +182,32 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         await checkRestoreTarget(ctx, req.principal, to, 'restore disk --to', { local: isLocalRepository(repo) });
         // A repository on another agent's host: that agent restores, to a path on its host.
         const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
-        const onAgent = remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
-        let result;
-        if (onAgent) {
-          try {
-            result = await onAgent;
-          } catch (err) {
-            // The agent's repository says so as `unauthorized`: answer as on this host (403, field password, hint).
-            if (!(err instanceof BulwarkError && err.kind === 'unauthorized' && keys)) throw err;
-            const hint = await keys.chainHint(point.chainId);
-            throw remotePassword === undefined ? passwordNeeded(point.id, hint) : wrongPassword(point.id, hint);
+        type Restored = Awaited<NonNullable<ReturnType<RemoteDiskRestore>>>;
+        const onAgent = (): Promise<Restored> | undefined =>
+          remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
+        const work = async (): Promise<Restored> => {
+          const started = onAgent();
+          if (started) {
+            try {
+              return await started;
+            } catch (err) {
+              // The agent's repository says so as `unauthorized`: answer as on this host (403, field password, hint).
+              if (!(err instanceof BulwarkError && err.kind === 'unauthorized' && keys)) throw err;
+              const hint = await keys.chainHint(point.chainId);
+              throw remotePassword === undefined ? passwordNeeded(point.id, hint) : wrongPassword(point.id, hint);
+            }
           }
-        }
-        else {
           const repository = await openSharedRepository(repo.path);
           const pw = await pointPassword(keys, repository, point, given);
-          result = await restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw });
-        }
+          return restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw });
+        };
+        // Recorded as a session (kind restore-disk) with its outcome (docs/api.md, "Sessions of every kind").
+        const result = await recordedRestore(
+          ctx,
+          { kind: 'restore-disk', vm: point.vm, point: point.id, agent: repo.agent, message: `restore of disk ${disk} of restore point ${point.id} (VM ${point.vm}) to ${to}${repo.agent !== null ? ` by agent ${repo.agent}` : ''} started` },
+          work,
+          (r) => `disk ${disk} restored to ${r.path} (${r.format}, ${r.bytesWritten} bytes written)`,
+        );
         return {
           point: point.id,
           disk,

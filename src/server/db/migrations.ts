@@ -248,6 +248,19 @@ export const migrations: readonly Migration[] = [
       await (kdb as AnyDb).schema.alterTable('session_tasks').addColumn('step', 'text').execute();
     },
   },
+  {
+    // Sessions of every kind (docs/api.md, "Sessions"): restores and instant recoveries beside job
+    // runs. kind backup | health-check | restore-vm | restore-disk | restore-files |
+    // instant-recovery; vm, point_id and agent of a restore; status: an instant recovery's
+    // running-from-backup | migrating | migrated | stopped; ref: its id (ir-…, vr-…).
+    name: '202611290100_session_kind',
+    async up(kdb) {
+      const db = kdb as AnyDb;
+      await db.schema.alterTable('sessions').addColumn('kind', 'text', (c) => c.notNull().defaultTo('backup')).execute();
+      for (const column of ['vm', 'point_id', 'agent', 'status', 'ref']) await db.schema.alterTable('sessions').addColumn(column, 'text').execute();
+      await db.schema.createIndex('sessions_kind_ref').on('sessions').columns(['kind', 'ref']).execute();
+    },
+  },
 ];
 
 /** Advisory-lock key of the migration runner on PostgreSQL ("BULWARK1" as an int64). */

@@ -104,7 +104,17 @@ export interface SessionTable {
   /** bytes/s */
   processing_rate: number;
   updated_at: string;
+  /** What ran (migration 202611290100): a job run, or a restore / instant recovery. */
+  kind: ColumnType<SessionKind, SessionKind | undefined, SessionKind>;
+  /** A restore's VM (the restored or recovered one), point, agent; an instant recovery's status and id. */
+  vm: ColumnType<string | null, string | null | undefined, string | null>;
+  point_id: ColumnType<string | null, string | null | undefined, string | null>;
+  agent: ColumnType<string | null, string | null | undefined, string | null>;
+  status: ColumnType<string | null, string | null | undefined, string | null>;
+  ref: ColumnType<string | null, string | null | undefined, string | null>;
 }
+
+export type SessionKind = 'backup' | 'health-check' | 'restore-vm' | 'restore-disk' | 'restore-files' | 'instant-recovery';
 
 export interface SessionTaskTable {
   id: string;

@@ -228,7 +228,8 @@ export class DatabaseJobEngineStore implements JobEngineStore {
 
   async listSessionsInState(states: readonly SessionState[]): Promise<SessionRecord[]> {
     if (states.length === 0) return [];
-    const rows = await this.#ctx.db.selectFrom('sessions').selectAll().where('state', 'in', [...states]).orderBy('started_at').execute();
+    // Job sessions only: restores and instant recoveries (other kinds) are settled by the recovery service.
+    const rows = await this.#ctx.db.selectFrom('sessions').selectAll().where('state', 'in', [...states]).where('kind', 'in', ['backup', 'health-check']).orderBy('started_at').execute();
     return rows.map(toSessionRecord);
   }
 }

@@ -302,6 +302,9 @@ export const LogLevel = Type.Union([Type.Literal('info'), Type.Literal('warning'
 export type LogLevelT = Static<typeof LogLevel>;
 export const SessionLogLine = Type.Object({ time: Type.String(), level: LogLevel, message: Type.String() });
 export type SessionLogLine = Static<typeof SessionLogLine>;
+export const SessionKind = Type.Union([
+  Type.Literal('backup'), Type.Literal('health-check'), Type.Literal('restore-vm'), Type.Literal('restore-disk'), Type.Literal('restore-files'), Type.Literal('instant-recovery'),
+], { description: 'backup: a job run; health-check: a job\'s health check; the rest: a restore or an instant recovery (the session of the time the VM ran from the backup)' });
 export const Session = Type.Object({
   id: Type.String(),
   jobName: Type.String(),
@@ -316,6 +319,14 @@ export const Session = Type.Object({
   log: Type.Array(SessionLogLine),
   /** The session's busy shares per stage (its tasks' busy time over their running time). */
   stages: Type.Optional(StageStats),
+  // Sessions of every kind (added 2026-11-26; absent from older servers: a job run).
+  kind: Type.Optional(SessionKind),
+  vm: Type.Optional(Type.String({ description: 'restores: the VM restored or recovered (its new name)' })),
+  point: Type.Optional(Type.String({ description: 'restores: the restore point' })),
+  agent: Type.Optional(Type.String({ description: 'restores: the agent that did the work (absent: this server\'s process)' })),
+  status: Type.Optional(Type.String({ description: 'instant recovery: running-from-backup | migrating | migrated | stopped' })),
+  ref: Type.Optional(Type.String({ description: 'the id of what the session records: an instant recovery (ir-…) or VM restore (vr-…)' })),
+  runningFromBackup: Type.Optional(Type.Boolean({ description: 'instant recovery: the VM runs from the backup now' })),
 });
 export type Session = Static<typeof Session>;
 

@@ -1,13 +1,16 @@
-// Sessions (one run of a job), their tasks (one per VM disk) and log lines, plus the restore-point
-// catalog. Every change to a session is announced on `SessionEvents`, which the SSE route follows.
+// Sessions (one run of a job, or one restore / instant recovery: `kind`), their tasks (one per VM
+// disk) and log lines, plus the restore-point catalog. Every change to a session is announced on `SessionEvents`, which the SSE route follows.
 import { EventEmitter } from 'node:events';
 import type { Selectable, Updateable } from 'kysely';
-import { BulwarkError } from '../../common/errors.js';
+import { BulwarkError, describeError } from '../../common/errors.js';
+import { logger } from '../../common/log.js';
 import { isFinalState, type MaintenanceStepProgress } from '../jobs/ports.js';
-import type { RestorePointTable, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
+import type { RestorePointTable, SessionKind, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
 import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
 import type { LogLevelT, Progress, RestorePoint, Session, SessionTask } from './model.js';
 import { parseStageBusy, sessionStageStats, stageStatsView } from '../resources/bottleneck.js';
+
+const recordLog = logger('sessions');
 
 /** A session or task state that is never left (the job engine's definition). */
 export const isFinal = (s: SessionState): boolean => isFinalState(s);
@@ -92,6 +95,13 @@ function toSession(r: Selectable<SessionTable>, tasks: SessionTask[], log: Sessi
     progress: progressOf(r),
     tasks,
     log,
+    kind: r.kind,
+    ...(r.vm !== null ? { vm: r.vm } : {}),
+    ...(r.point_id !== null ? { point: r.point_id } : {}),
+    ...(r.agent !== null ? { agent: r.agent } : {}),
+    ...(r.status !== null ? { status: r.status } : {}),
+    ...(r.ref !== null ? { ref: r.ref } : {}),
+    ...(r.kind === 'instant-recovery' ? { runningFromBackup: r.status === 'running-from-backup' || r.status === 'migrating' } : {}),
   };
 }
 
@@ -107,8 +117,12 @@ export async function getSession(ctx: ServiceContext, id: string): Promise<Sessi
 
 export interface SessionQuery {
   job?: string;
+  /** Only sessions of this kind (`backup`, `restore-vm`, `instant-recovery`, …). */
+  kind?: string;
   limit?: number;
 }
+
+export const SESSION_KINDS: readonly SessionKind[] = ['backup', 'health-check', 'restore-vm', 'restore-disk', 'restore-files', 'instant-recovery'];
 
 /** Newest first; tasks included, log left out (read one session for its log). */
 export async function listSessions(ctx: ServiceContext, q: SessionQuery = {}): Promise<Session[]> {
@@ -116,6 +130,11 @@ export async function listSessions(ctx: ServiceContext, q: SessionQuery = {}): P
   if (!Number.isInteger(limit) || limit < 1 || limit > 1000) throw invalid('limit', 'must be an integer from 1 to 1000');
   let query = ctx.db.selectFrom('sessions').selectAll().orderBy('started_at', 'desc').orderBy('id').limit(limit);
   if (q.job !== undefined) query = query.where('job_name', '=', q.job);
+  if (q.kind !== undefined) {
+    const kind = SESSION_KINDS.find((k) => k === q.kind);
+    if (!kind) throw invalid('kind', `must be one of ${SESSION_KINDS.join(', ')}`);
+    query = query.where('kind', '=', kind);
+  }
   const rows = await query.execute();
   if (rows.length === 0) return [];
   const tasks = await ctx.db.selectFrom('session_tasks').selectAll().where('session_id', 'in', rows.map((r) => r.id)).orderBy('vm').execute();
@@ -240,14 +259,108 @@ export async function appendLog(ctx: ServiceContext, sessionId: string, level: L
   await ctx.db.insertInto('session_log').values({ session_id: sessionId, time: nowIso(ctx), level, message }).execute();
 }
 
-/** Sessions left queued/running by a server that stopped: marked failed at start-up. */
+/** Job sessions left queued/running by a server that stopped: marked failed at start-up (restores: failInterruptedRestores). */
 export async function failInterruptedSessions(ctx: ServiceContext): Promise<number> {
   const res = await ctx.db
     .updateTable('sessions')
     .set({ state: 'failed', reason: 'the server stopped while the session ran', ended_at: nowIso(ctx), updated_at: nowIso(ctx) })
     .where('state', 'in', ['queued', 'running'])
+    .where('kind', 'in', ['backup', 'health-check'])
     .executeTakeFirst();
   return Number(res.numUpdatedRows);
+}
+
+// ---- restore and instant recovery sessions (kind other than backup / health-check)
+
+export interface NewRestoreSession {
+  kind: Exclude<SessionKind, 'backup' | 'health-check'>;
+  /** The VM restored or recovered (its new name). */
+  vm: string;
+  point: string;
+  /** The agent doing the work; null: this server's process. */
+  agent?: string | null;
+  /** An instant recovery's status (running-from-backup, …). */
+  status?: string | null;
+  /** The id of what it records (ir-…, vr-…). */
+  ref?: string | null;
+  state?: SessionState;
+  /** A first log line. */
+  message?: string;
+}
+
+/** Records a restore or an instant recovery as a session (running, started now); returns its id. */
+export async function createRestoreSession(ctx: ServiceContext, s: NewRestoreSession): Promise<string> {
+  const id = newId();
+  const now = nowIso(ctx);
+  const state = s.state ?? 'running';
+  await ctx.db
+    .insertInto('sessions')
+    .values({
+      id,
+      job_id: null,
+      job_name: '',
+      state,
+      full: 0,
+      trigger: 'manual',
+      started_at: now,
+      ended_at: isFinal(state) ? now : null,
+      reason: null,
+      percent: 0,
+      bytes_read: 0,
+      bytes_transferred: 0,
+      bytes_stored: 0,
+      processing_rate: 0,
+      updated_at: now,
+      kind: s.kind,
+      vm: s.vm,
+      point_id: s.point,
+      agent: s.agent ?? null,
+      status: s.status ?? null,
+      ref: s.ref ?? null,
+    })
+    .execute();
+  if (s.message) await appendLog(ctx, id, 'info', s.message);
+  return id;
+}
+
+export interface RestoreSessionChange extends SessionChange {
+  status?: string | null;
+  agent?: string | null;
+  ref?: string | null;
+  /** A log line with it. */
+  log?: { level: LogLevelT; message: string };
+}
+
+/** Updates a restore session (state, ending it when final; status; a log line). */
+export async function updateRestoreSession(ctx: ServiceContext, id: string, c: RestoreSessionChange): Promise<void> {
+  await updateSession(ctx, id, c);
+  const extra: Updateable<SessionTable> = {};
+  if (c.status !== undefined) extra.status = c.status;
+  if (c.agent !== undefined) extra.agent = c.agent;
+  if (c.ref !== undefined) extra.ref = c.ref;
+  if (Object.keys(extra).length > 0) await ctx.db.updateTable('sessions').set(extra).where('id', '=', id).execute();
+  if (c.log) await appendLog(ctx, id, c.log.level, c.log.message);
+}
+
+/** The newest session of `kind` recording `ref` (an instant recovery's id), or undefined. */
+export async function sessionIdByRef(ctx: ServiceContext, kind: SessionKind, ref: string): Promise<string | undefined> {
+  const r = await ctx.db.selectFrom('sessions').select('id').where('kind', '=', kind).where('ref', '=', ref).orderBy('started_at', 'desc').executeTakeFirst();
+  return r?.id;
+}
+
+/** Open sessions of restore kinds (state queued/running): a starting server settles them. */
+export async function openRestoreSessions(ctx: ServiceContext): Promise<Array<{ id: string; kind: SessionKind; ref: string | null; agent: string | null; status: string | null }>> {
+  return ctx.db
+    .selectFrom('sessions')
+    .select(['id', 'kind', 'ref', 'agent', 'status'])
+    .where('state', 'in', ['queued', 'running'])
+    .where('kind', 'not in', ['backup', 'health-check'])
+    .execute();
+}
+
+/** Sets the kind of a session the job engine created (a health check run). */
+export async function setSessionKind(ctx: ServiceContext, id: string, kind: SessionKind): Promise<void> {
+  await ctx.db.updateTable('sessions').set({ kind }).where('id', '=', id).execute();
 }
 
 // ---- restore points
@@ -337,4 +450,27 @@ export async function deleteRestorePoint(ctx: ServiceContext, id: string): Promi
 
 export function assertSessionOpen(s: Session): void {
   if (isFinal(s.state)) throw new BulwarkError(`session ${s.id} has already ended (${s.state})`, { kind: 'conflict', context: { session: s.id } });
+}
+
+/**
+ * Runs a restore (`work`) recorded as a session of `s.kind`: running from now, then `success`
+ * with the line `done(result)`, or `failed` with the error (which is rethrown). A failed write of
+ * the record is logged, never the restore's failure.
+ */
+export async function recordedRestore<T>(ctx: ServiceContext, s: NewRestoreSession, work: () => Promise<T>, done: (result: T) => string): Promise<T> {
+  const id = await createRestoreSession(ctx, s).catch((err: unknown) => {
+    recordLog.error({ kind: s.kind, vm: s.vm, err: describeError(err) }, 'could not record a restore session');
+    return undefined;
+  });
+  const update = async (c: RestoreSessionChange): Promise<void> => {
+    if (id) await updateRestoreSession(ctx, id, c).catch((err: unknown) => recordLog.error({ session: id, err: describeError(err) }, 'could not update a restore session'));
+  };
+  try {
+    const result = await work();
+    await update({ state: 'success', progress: { percent: 100 }, log: { level: 'info', message: done(result) } });
+    return result;
+  } catch (err) {
+    await update({ state: 'failed', reason: describeError(err), log: { level: 'error', message: `${s.kind} failed: ${describeError(err)}` } });
+    throw err;
+  }
 }
