@@ -12,7 +12,8 @@
 // under TCG, the NIC with its recorded model and MAC and no network backend, the disk on the board's AHCI.
 // (e) A point whose disk is a usb-storage device is refused before anything starts, naming the VM
 // and the device. (g) A libvirt point (domain XML as dumpxml writes it: SCSI disk on a virtio-scsi
-// controller, virtio NIC with its ROM off, host-passthrough CPU) recovered likewise.
+// controller, virtio NIC with its ROM off, host-passthrough CPU, a topology) recovered likewise;
+// (h) one whose SCSI controller has no model (libvirt's x86 default, LSI).
 // (f) What the refusal's hint says works: `restore vm` of that point as a new VM
 // boots it from its USB disk, and `restore vm` of the IDE VM's point (whose disk the backup names
 // by its node) boots it from IDE. The repository never changes.
@@ -201,6 +202,16 @@ beforeAll(async () => {
   </devices>
 </domain>
 ` }, 'BULWARK-HW-LIBVIRT');
+  // libvirt's SCSI controller without a model: lsilogic on x86 (QEMU's lsi53c895a).
+  points.lsi = await recordedPoint('hw-lsi', { domainXml: `<domain type='qemu'><name>hw-lsi</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/v/sda.img'/><target dev='sda' bus='scsi'/><boot order='1'/>
+      <address type='drive' controller='0' bus='0' target='0' unit='0'/></disk>
+    <controller type='scsi' index='0'/>
+  </devices>
+</domain>
+` }, 'BULWARK-HW-LSI');
   repoHashes = await hashTree(repo.root);
 }, 180_000);
 
@@ -296,6 +307,14 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     const cpus = await s.monitor<{ 'qom-path': string; props: { 'socket-id'?: number; 'core-id'?: number; 'thread-id'?: number } }[]>('query-cpus-fast');
     expect(cpus.map((c) => [c.props['socket-id'], c.props['core-id'], c.props['thread-id']])).toEqual([[0, 0, 0], [0, 1, 0]]);
     expect(await s.monitor<string>('qom-get', { path: cpus[0]!['qom-path'], property: 'type' })).toBe('max-x86_64-cpu');
+    await finish(s);
+  });
+
+  it("(h) a libvirt domain's SCSI disk on its default controller (lsilogic): lsi53c895a recreated, SeaBIOS boots it", async () => {
+    const s = await recover('lsi');
+    await waitForConsole(s.consoleLog, 'BULWARK-HW-LSI\r\n');
+    expect(s.hardware?.disks).toEqual([{ name: 'sda', bus: 'lsi-scsi', driver: 'scsi-hd', props: [['bus', 'scsi0.0'], ['scsi-id', '0']], bootindex: 1 }]);
+    expect(await deviceAndController(s, 'sda')).toEqual({ type: 'scsi-hd', controller: 'lsi53c895a' });
     await finish(s);
   });
 
