@@ -171,6 +171,11 @@ beforeAll(async () => {
     '-device', 'usb-storage,drive=sda-fmt,id=sda,bootindex=1',
     '-serial', `file:${path.join(usbDir, 'console.log')}`, '-qmp', `unix:${path.join(usbDir, 'qmp.sock')},server=on,wait=off`,
   ], 'BULWARK-HW-USB');
+  points.net = await recordedPoint('hw-net', [
+    'qemu-system-x86_64', '-name', 'hw-net', '-machine', 'pc', '-m', '64', '-nodefaults',
+    ...fmt('sda-fmt'), '-device', 'ide-hd,drive=sda-fmt,id=sda',
+    '-netdev', 'user,id=n0,restrict=on', '-device', 'virtio-net-pci,netdev=n0,mac=52:54:00:12:34:aa,id=nic0',
+  ], 'BULWARK-HW-NET');
   // A libvirt domain as `virsh dumpxml --inactive` writes one (libvirt's addresses and aliases).
   points.libvirt = await recordedPoint('hw-lv', { domainXml: `<domain type='qemu'>
   <name>hw-lv</name>
@@ -221,8 +226,8 @@ afterAll(async () => {
   if (work) await rm(work, { recursive: true, force: true });
 });
 
-async function recover(key: string): Promise<InstantRecoverySession> {
-  const s = await startInstantRecovery({ repository: repo, pointId: points[key]!, workDir: path.join(work, 'ir'), name: `ir-${key}` });
+async function recover(key: string, network?: 'recorded'): Promise<InstantRecoverySession> {
+  const s = await startInstantRecovery({ repository: repo, pointId: points[key]!, workDir: path.join(work, 'ir'), name: `ir-${key}`, ...(network ? { network } : {}) });
   sessions.add(s);
   return s;
 }
@@ -316,6 +321,17 @@ describe('instant recovery recreates the recorded hardware of a BIOS VM', () => 
     expect(s.hardware?.disks).toEqual([{ name: 'sda', bus: 'lsi-scsi', driver: 'scsi-hd', props: [['bus', 'scsi0.0'], ['scsi-id', '0']], bootindex: 1 }]);
     expect(await deviceAndController(s, 'sda')).toEqual({ type: 'scsi-hd', controller: 'lsi53c895a' });
     await finish(s);
+  });
+
+  it('(i) asked for, the NIC is connected to its recorded network (the recorded -netdev); a libvirt network is refused, naming the NIC', async () => {
+    const s = await recover('net', 'recorded');
+    await waitForConsole(s.consoleLog, 'BULWARK-HW-NET\r\n');
+    const network = await s.monitor<string>('human-monitor-command', { 'command-line': 'info network' });
+    expect(network).toMatch(/^net0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:aa\r?\n \\ net0-net: index=0,type=user,/m);
+    await finish(s);
+    const err = await recover('libvirt', 'recorded').then(() => undefined, (e: unknown) => e as Error & { hint?: string });
+    expect(err?.message).toBe(`VM hw-lv (restore point ${points.libvirt!}): NIC virtio-net-pci 52:54:00:6c:76:01 cannot be connected to its recorded network: interface type network (libvirt network default) is libvirt's to connect`);
+    expect(err?.hint).toMatch(/without its network/);
   });
 
   it('(e) a disk on USB is refused before anything starts, naming the VM, the device and what to do', async () => {

@@ -89,6 +89,13 @@ export interface StartInstantRecoveryOptions {
   readonly launch?: InstantLaunch;
   /** Block cache per disk in bytes (default 256 MiB). */
   readonly cacheBytes?: number;
+  /**
+   * The NICs' network: 'disconnected' (default: no backend, link down; the original VM may still
+   * run on its network) or 'recorded' (each NIC on the backend it had: the recorded -netdev, a
+   * libvirt `user`, `bridge` or `ethernet` interface; a NIC whose network cannot be recreated so
+   * is refused before anything starts).
+   */
+  readonly network?: 'disconnected' | 'recorded';
 }
 
 export type InstantRecoveryState = 'running-from-backup' | 'migrating' | 'migrated' | 'stopped';
@@ -287,6 +294,8 @@ export interface InstantQemuTarget {
   readonly nvram?: string | undefined;
   /** The VM's recorded hardware (src/restore/vm/hardware.ts); absent: virtio-blk disks, QEMU's default CPU, no NICs. */
   readonly hardware?: VmHardware | undefined;
+  /** 'recorded': the NICs on their recorded backends; default disconnected. */
+  readonly network?: 'disconnected' | 'recorded' | undefined;
 }
 
 /**
@@ -331,10 +340,17 @@ export function instantQemuArgs(t: InstantQemuTarget, l: InstantLaunch): string[
     const props: DeviceProps = [['drive', nodeName(d.name, 'overlay')], ['id', d.name], ...(h?.props ?? []), ...(bootindex !== undefined ? [['bootindex', String(bootindex)] as const] : [])];
     a.push('-device', deviceArgument(h?.driver ?? 'virtio-blk-pci', props));
   });
-  // NICs without a network backend (the session sets their links down): the recorded model and MAC.
+  // NICs with the recorded model and MAC: without a network backend (the session sets their links
+  // down), or on their recorded backend when asked.
   (hw?.nics ?? []).forEach((n, i) => {
     const bootindex = hw?.bootOrderRecorded ? n.bootindex : undefined;
-    a.push('-device', deviceArgument(n.driver, [['id', nicId(i)], ...(n.mac ? [['mac', n.mac] as const] : []), ...n.props, ...(bootindex !== undefined ? [['bootindex', String(bootindex)] as const] : [])]));
+    const backend = t.network === 'recorded' ? n.backend : undefined;
+    const connect = backend !== undefined;
+    if (backend !== undefined) a.push('-netdev', `${backend},id=${nicId(i)}-net`);
+    a.push('-device', deviceArgument(n.driver, [
+      ['id', nicId(i)], ...(n.mac ? [['mac', n.mac] as const] : []), ...(connect ? [['netdev', `${nicId(i)}-net`] as const] : []), ...n.props,
+      ...(bootindex !== undefined ? [['bootindex', String(bootindex)] as const] : []),
+    ]));
   });
   a.push(
     '-device', 'virtio-serial-pci',
@@ -384,8 +400,15 @@ function qemuHelp(binary: string, what: '-machine' | '-cpu'): Promise<string> {
  * Refuses, before anything starts, a recorded machine type or CPU model this host's QEMU does not
  * have (a VM backed up on a newer QEMU); logs what of the recorded hardware is not recreated.
  */
-async function checkHardware(l: InstantLaunch, hw: VmHardware | undefined, ids: { vm: string; point: string; session: string }): Promise<void> {
+async function checkHardware(l: InstantLaunch, hw: VmHardware | undefined, ids: { vm: string; point: string; session: string }, network: 'disconnected' | 'recorded'): Promise<void> {
   const binary = l.qemuBinary ?? 'qemu-system-x86_64';
+  const lost = network === 'recorded' ? hw?.nics.find((n) => n.backend === undefined) : undefined;
+  if (lost) {
+    throw new BulwarkError(`VM ${ids.vm} (restore point ${ids.point}): NIC ${lost.driver}${lost.mac ? ` ${lost.mac}` : ''} cannot be connected to its recorded network: ${lost.backendMissing ?? 'no backend recorded'}`, {
+      kind: 'invalid', context: { vm: ids.vm, point: ids.point, ...(lost.mac ? { mac: lost.mac } : {}) },
+      hint: 'start it without its network (the default) and connect it after migrate, or restore it with `bulwark restore vm`',
+    });
+  }
   const hint = `restore it with \`bulwark restore vm ${ids.point} --host H\` on a host whose QEMU has it, or install a newer QEMU here`;
   if (l.machine) {
     const names = (await qemuHelp(binary, '-machine')).split('\n').map((x) => x.split(/\s+/)[0]);
@@ -406,7 +429,11 @@ async function checkHardware(l: InstantLaunch, hw: VmHardware | undefined, ids: 
   }
   const cpuNote = hw?.cpu ? cpuArgument(hw.cpu, l.accel ?? 'tcg').note : undefined;
   if (cpuNote) notes.push(cpuNote);
-  if (hw && hw.nics.length > 0) notes.push(`${hw.nics.length} NIC(s) recreated with their recorded model and MAC, not connected to any network (link down)`);
+  if (hw && hw.nics.length > 0) {
+    notes.push(network === 'recorded'
+      ? `${hw.nics.length} NIC(s) recreated with their recorded model and MAC, on their recorded network (${hw.nics.map((n) => n.backend ?? '').join('; ')})`
+      : `${hw.nics.length} NIC(s) recreated with their recorded model and MAC, not connected to any network (link down)`);
+  }
   if (notes.length > 0) log.info({ session: ids.session, vm: ids.vm, point: ids.point, notes }, 'recorded hardware: what differs from the backed-up VM');
 }
 
@@ -492,7 +519,7 @@ class Session implements InstantRecoverySession {
     // be recreated is refused here, before anything is served or started.
     const meta = decodePointMetadata(point.config);
     this.hardware = meta ? recordedHardware(meta.configuration, point.disks.map((d) => d.name), { vm: this.vm, point: this.pointId }) : undefined;
-    await checkHardware(launch, this.hardware, { vm: this.vm, point: this.pointId, session: this.name });
+    await checkHardware(launch, this.hardware, { vm: this.vm, point: this.pointId, session: this.name }, this.network);
     if (launch.firmware) await this.#prepareFirmware(launch.firmware, point.config);
     const exports = point.disks.map((d) => ({
       name: d.name,
@@ -553,7 +580,7 @@ class Session implements InstantRecoverySession {
     // NICs have no backend (nothing leaves the VM); their links go down too, long before the
     // guest's drivers load, so the guest sees a cable unplugged. Not -S: a backup of the VM once
     // migrated records this command line, and its restore would start paused.
-    const nics = this.hardware?.nics ?? [];
+    const nics = this.network === 'recorded' ? [] : (this.hardware?.nics ?? []);
     for (let i = 0; i < nics.length; i++) await this.#qmp.execute('set_link', { name: nicId(i), up: false });
     log.info({ session: this.name, vm: this.vm, point: this.pointId, disks: this.disks.map((d) => d.name), pid: child.pid }, 'VM started from backup');
   }
@@ -561,6 +588,10 @@ class Session implements InstantRecoverySession {
   #exportDisks: { close(): Promise<void> }[] = [];
   /** The recorded hardware the VM is recreated with (absent when the point has no configuration). */
   hardware: VmHardware | undefined;
+
+  get network(): 'disconnected' | 'recorded' {
+    return this.#o.network ?? 'disconnected';
+  }
   /** The scratch copy of the VM's UEFI variable store (pflash1), when it boots firmware. */
   nvram: string | undefined;
   /** After migrate(): the copy of the variable store placed next to the migrated disks. */

@@ -117,16 +117,19 @@ describe('recorded QEMU command line → devices', () => {
       [], ctx,
     );
     expect(h.nics).toEqual([
-      { driver: 'virtio-net-pci', mac: '52:54:00:aa:bb:01', bootindex: 3, props: [['romfile', '']] },
-      { driver: 'virtio-net-pci', mac: '52:54:00:aa:bb:02', props: [] },
-      { driver: 'rtl8139', mac: '52:54:00:aa:bb:03', props: [] },
+      { driver: 'virtio-net-pci', mac: '52:54:00:aa:bb:01', bootindex: 3, props: [['romfile', '']], backend: 'tap' },
+      { driver: 'virtio-net-pci', mac: '52:54:00:aa:bb:02', props: [], backend: 'user' },
+      { driver: 'rtl8139', mac: '52:54:00:aa:bb:03', props: [], backendMissing: 'it is on a -net hub (legacy -net nic)' },
     ]);
+    // The recorded backend, for a connection to the recorded network when asked: options kept, id dropped.
+    expect(recordedHardware(qemu('-nodefaults', '-netdev', 'tap,id=n1,ifname=vnet7,script=no,downscript=no', '-device', 'e1000,netdev=n1'), [], ctx).nics[0]?.backend).toBe('tap,ifname=vnet7,script=no,downscript=no');
+    expect(recordedHardware(qemu('-nodefaults', '-device', 'e1000,netdev=gone'), [], ctx).nics[0]?.backendMissing).toBe('its -netdev gone is not on the recorded command line in key=value form');
     expect(h.notes.join('\n')).toMatch(/NIC usb-net not recreated/);
     expect(h.cpu).toEqual({ model: 'Skylake-Client', flags: ['-hle', 'check=off'] });
     expect(h.bootOrderRecorded).toBe(true);
     // No network option and no -nodefaults: QEMU's own e1000 (e1000e on q35).
-    expect(recordedHardware(qemu('-m', '256'), [], ctx).nics).toEqual([{ driver: 'e1000', props: [] }]);
-    expect(recordedHardware(qemu('-machine', 'q35'), [], ctx).nics).toEqual([{ driver: 'e1000e', props: [] }]);
+    expect(recordedHardware(qemu('-m', '256'), [], ctx).nics).toEqual([{ driver: 'e1000', props: [], backend: 'user' }]);
+    expect(recordedHardware(qemu('-machine', 'q35'), [], ctx).nics).toEqual([{ driver: 'e1000e', props: [], backend: 'user' }]);
     expect(recordedHardware(qemu('-nic', 'none'), [], ctx).nics).toEqual([]);
     const noted = recordedHardware(qemu('-nodefaults', '-boot', 'order=dc', '-device', 'virtio-blk-pci,drive=x,id=vda,addr=0x9,bus=pci.1'), ['vda'], ctx);
     expect(noted.notes).toEqual([
@@ -219,8 +222,8 @@ describe('recorded libvirt domain → devices', () => {
       + "<interface type='hostdev'><mac address='52:54:00:00:00:03'/></interface>";
     const h = recordedHardware(domain('pc', disk('vda', 'virtio', "<boot order='1'/>") + nics, "<cpu mode='custom' match='exact'><model fallback='allow'>Haswell-noTSX</model><feature policy='require' name='vmx'/><feature policy='disable' name='hle'/></cpu>"), ['vda'], ctx);
     expect(h.nics).toEqual([
-      { driver: 'e1000', mac: '52:54:00:00:00:01', bootindex: 2, props: [] },
-      { driver: 'rtl8139', mac: '52:54:00:00:00:02', props: [['romfile', '']] },
+      { driver: 'e1000', mac: '52:54:00:00:00:01', bootindex: 2, props: [], backendMissing: "interface type network (libvirt network default) is libvirt's to connect" },
+      { driver: 'rtl8139', mac: '52:54:00:00:00:02', props: [['romfile', '']], backend: 'bridge,br=br0' },
     ]);
     expect(h.notes).toContain('NIC 52:54:00:00:00:03 (interface type hostdev) not recreated');
     expect(h.cpu).toEqual({ model: 'Haswell-noTSX', flags: ['vmx=on', 'hle=off'] });

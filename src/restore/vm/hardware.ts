@@ -44,6 +44,12 @@ export interface HardwareNic {
   readonly bootindex?: number;
   /** Other properties kept (an empty `romfile`: no option ROM). */
   readonly props: DeviceProps;
+  /**
+   * The network it was connected to, as a -netdev value without its id (`user`, `tap,ifname=vnet0,script=no`,
+   * `bridge,br=br0`), used only when the user asks for the recorded network; else why it cannot be.
+   */
+  readonly backend?: string;
+  readonly backendMissing?: string;
 }
 
 /** The CPU model: 'host' (also libvirt's host-passthrough and host-model), 'max' or a named model. */
@@ -220,32 +226,49 @@ function qemuHardware(argv: readonly string[], diskNames: readonly string[], ctx
   const defaultNic = board === 'q35' ? 'e1000e' : 'e1000';
   const nicModel = (m: string | undefined): string => (m === undefined ? defaultNic : m === 'virtio' ? 'virtio-net-pci' : m);
   const nics: HardwareNic[] = [];
-  const addNic = (driver: string, mac: string | undefined, bootindex: number | undefined, romfile: string | undefined): void => {
+  // The recorded backends by id (QemuOpts only), for a connection to the recorded network.
+  const netdevs = new Map<string, Map<string, string>>();
+  for (const p of pairs) {
+    if (p.opt !== 'netdev' || p.value.trimStart().startsWith('{')) continue;
+    const d = deviceOpts(p.value, 'type');
+    if (d.get('id')) netdevs.set(d.get('id')!, d);
+  }
+  const backendOf = (d: Map<string, string> | undefined, drop: readonly string[]): string | undefined => {
+    if (!d || !d.get('type') || d.get('type') === 'none' || d.get('type') === 'hubport') return undefined;
+    return joinOpts([d.get('type')!, ...[...d].filter(([k]) => k !== 'type' && k !== 'id' && !drop.includes(k)).map(([k, v]) => `${k}=${v}`)]);
+  };
+  const addNic = (driver: string, mac: string | undefined, bootindex: number | undefined, romfile: string | undefined, backend: string | undefined, why: string): void => {
     if (!NIC_MODELS.test(driver)) {
       notes.push(`NIC ${driver}${mac ? ` (${mac})` : ''} not recreated (instant recovery recreates PCI NICs: virtio-net-pci, e1000, e1000e, rtl8139, vmxnet3, …)`);
       return;
     }
-    nics.push({ driver, ...(mac ? { mac } : {}), ...(bootindex !== undefined ? { bootindex } : {}), props: romfile === '' ? [['romfile', '']] : [] });
+    nics.push({
+      driver, ...(mac ? { mac } : {}), ...(bootindex !== undefined ? { bootindex } : {}), props: romfile === '' ? [['romfile', '']] : [],
+      ...(backend ? { backend } : { backendMissing: why }),
+    });
   };
   let networkOption = false;
   for (const p of pairs) {
     if (p.opt === 'device') {
       const d = deviceOpts(p.value);
       const driver = driverOf(d);
-      if (NIC_MODELS.test(driver) || /^(virtio-net-(device|ccw)|usb-net)$/.test(driver)) addNic(driver, d.get('mac'), bootindexOf(d.get('bootindex')), d.get('romfile'));
+      if (NIC_MODELS.test(driver) || /^(virtio-net-(device|ccw)|usb-net)$/.test(driver)) {
+        const id = d.get('netdev');
+        addNic(driver, d.get('mac'), bootindexOf(d.get('bootindex')), d.get('romfile'), backendOf(id ? netdevs.get(id) : undefined, []), id ? `its -netdev ${id} is not on the recorded command line in key=value form` : 'it had no -netdev');
+      }
     } else if (p.opt === 'nic') {
       networkOption = true;
       const d = deviceOpts(p.value, 'type');
-      if (d.get('type') !== 'none') addNic(nicModel(d.get('model')), d.get('mac'), undefined, undefined);
+      if (d.get('type') !== 'none') addNic(nicModel(d.get('model')), d.get('mac'), undefined, undefined, backendOf(d, ['model', 'mac']), `-nic ${d.get('type') ?? ''}`);
     } else if (p.opt === 'net') {
       networkOption = true;
       const d = deviceOpts(p.value, 'type');
-      if (d.get('type') === 'nic') addNic(nicModel(d.get('model')), d.get('macaddr'), undefined, undefined);
+      if (d.get('type') === 'nic') addNic(nicModel(d.get('model')), d.get('macaddr'), undefined, undefined, undefined, 'it is on a -net hub (legacy -net nic)');
     } else if (p.opt === 'netdev') {
       networkOption = true;
     }
   }
-  if (!networkOption && !argv.includes('-nodefaults')) addNic(defaultNic, undefined, undefined, undefined);
+  if (!networkOption && !argv.includes('-nodefaults')) addNic(defaultNic, undefined, undefined, undefined, 'user', '');
 
   const smpValue = pairs.find((p) => p.opt === 'smp')?.value;
   const smpOk = smpValue !== undefined && /^(\d+)?(,?(cpus|sockets|dies|clusters|cores|threads|maxcpus)=\d+)*$/.test(smpValue);
@@ -407,7 +430,17 @@ function libvirtHardware(xml: string, diskNames: readonly string[], ctx: Hardwar
     }
     const order = bootindexOf(attr(startTag(el, 'boot') ?? '', 'order'));
     const romOff = attr(startTag(el, 'rom') ?? '', 'enabled') === 'no';
-    nics.push({ driver, ...(mac ? { mac } : {}), ...(order !== undefined ? { bootindex: order } : {}), props: romOff ? [['romfile', '']] : [] });
+    // The recorded network: user networking, a bridge (qemu-bridge-helper) or a tap device as QEMU backends; a libvirt network is libvirt's.
+    const source = startTag(el, 'source') ?? '';
+    const tapDev = attr(startTag(el, 'target') ?? '', 'dev');
+    const backend = type === 'user' ? 'user'
+      : type === 'bridge' && attr(source, 'bridge') ? joinOpts(['bridge', `br=${attr(source, 'bridge')!}`])
+      : type === 'ethernet' && tapDev ? joinOpts(['tap', `ifname=${tapDev}`, 'script=no', 'downscript=no'])
+      : undefined;
+    nics.push({
+      driver, ...(mac ? { mac } : {}), ...(order !== undefined ? { bootindex: order } : {}), props: romOff ? [['romfile', '']] : [],
+      ...(backend ? { backend } : { backendMissing: `interface type ${type}${attr(source, 'network') ? ` (libvirt network ${attr(source, 'network')!})` : ''} is libvirt's to connect` }),
+    });
   }
 
   const cpu = libvirtCpu(xml, notes);
