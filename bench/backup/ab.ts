@@ -1,5 +1,5 @@
 // Same-time A/B of Bulwark's backup phases between work trees (run by hand, never in the tests):
-//   npx tsx bench/backup/ab.ts --trees DIR1,DIR2 [--incrementals 6] [--repeat 1] [--fulls 1] [--work DIR] [--hold]
+//   npx tsx bench/backup/ab.ts --trees DIR1,DIR2 [--incrementals 6] [--repeat 1] [--fulls 1] [--env-b NAME=VALUE] [--work DIR] [--hold]
 // One qemu-storage-daemon export of the 4 GiB mixed disk (bench/backup/run.ts steps 1-3): each
 // tree takes a full into its own repository (in alternating order, `--fulls` times: the last one
 // is the chain the incrementals continue), then the scattered 5% writes are recorded by bitmap bm0,
@@ -40,6 +40,7 @@ async function main(): Promise<void> {
   // --repeat K: each incremental process takes K incrementals one after the other (run.ts --repeat:
   // a long-running agent's case); the last one is the result, the others are printed by the phase.
   const repeat = Number(opt('repeat', '1'));
+  const envB = opt('env-b', '') ? opt('env-b', '').split('=') : null;
   const base = await ensureMixedQcow2();
   const work = await mkdtemp(path.join(opt('work', tmpdir()), 'bulwark-bench-ab-'));
   const overlay = path.join(work, 'disk.qcow2');
@@ -48,7 +49,12 @@ async function main(): Promise<void> {
   const rows = new Map<string, { full: Phase[]; inc: Phase[] }>(names.map((n) => [n, { full: [], inc: [] }]));
   const phase = (i: number, kind: string, repo: string, exportName: string): Phase => {
     const l = load();
+    // --env-b NAME=VALUE: tree B's phases run with this environment variable (e.g. the same tree
+    // twice, B with BULWARK_BENCH_BLOCK_SIZE=262144).
+    const saved = { ...process.env };
+    if (i === 1 && envB) process.env[envB[0]!] = envB[1]!;
     const p = runPhase(compiled[i]!, '--phase', kind, '--repo', repo, '--socket', qsd.nbdSocket, '--export', exportName, ...(kind === 'incremental' ? ['--repeat', String(repeat)] : []));
+    process.env = saved;
     console.log(`${names[i]!.padEnd(24)} ${kind.padEnd(11)} ${p.seconds.toFixed(2)} s, ${p.cpuSeconds.toFixed(2)} CPU-s, ${p.maxRssMiB.toFixed(0)} MiB, load ${l}`);
     return p;
   };

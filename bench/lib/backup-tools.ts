@@ -116,6 +116,9 @@ export async function bulwarkBackup(repoDir: string, socketPath: string, exportN
     `  ${kind}: node start + module load ${Math.round(t0)} ms (${((all.user + all.system - cpu.user - cpu.system) / 1e6).toFixed(2)} CPU-s), ` +
       `open ${ms(t0, t1)} ms, start point ${ms(t1, t2)} ms, read+write ${ms(t2, t3)} ms (first block after ${Math.round(firstBlockMs)} ms; ${(bytesRead / 2 ** 20).toFixed(0)} MiB read, block size ${blockSize / 1024} KiB), commit ${ms(t3, performance.now())} ms`,
   );
+  const mem = process.memoryUsage();
+  const mib = (n: number) => `${(n / 2 ** 20).toFixed(0)}`;
+  console.error(`  ${kind}: memory at the end: rss ${mib(mem.rss)}, V8 heap ${mib(mem.heapUsed)} of ${mib(mem.heapTotal)}, external ${mib(mem.external)} (array buffers ${mib(mem.arrayBuffers)}) MiB; peak rss ${mib(process.resourceUsage().maxRSS * 1024)} MiB`);
   const processCpuSeconds = (all.user + all.system) / 1e6;
   return { seconds: (performance.now() - t0) / 1000, cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssMiB: process.resourceUsage().maxRSS / 1024, bytesRead, pointId: info.id, processCpuSeconds };
 }
