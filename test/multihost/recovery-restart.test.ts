@@ -18,6 +18,7 @@
 //   (the page cache dropped, the big file read again with the backup side closed) as a VM of
 //   kvm-b: its sockets and logs moved to kvm-b's VM folder (b-vms/rr-ir/, where the host's QMP
 //   glob finds it, the QEMU behind it the same process), nothing left in the session folder;
+// - the migrated VM is a VM of kvm-b: a backup job (rr-prod) backs it up;
 // - the migrated VM outlives its processes: dst1 stopped (SIGTERM: its sessions that run from a
 //   backup are stopped) while the server is SIGKILLed, both started again, then dst1 SIGKILLed
 //   and started again: the same QEMU runs on, its guest agent answers, and it is listed as
@@ -286,6 +287,18 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect(alive(irPid), 'the migrated VM outlives a kill of its agent').toBe(true);
     await listedAfter('after dst1 was killed', await restartDst());
     console.log(`recovery-restart: migrated VM survived agent stop/kill and a server kill (${since(t2)} since migrate)`);
+    // A normal VM of kvm-b: a backup job protects it (dst1 finds it behind kvm-b's glob).
+    await h.api('POST', '/jobs', { name: 'rr-prod', vms: ['rr-ir'], repository: 'remote-repo', retries: { count: 0, waitMinutes: 0 } });
+    const t3 = Date.now();
+    const { sessionId: prodRun } = await h.api<{ sessionId: string }>('POST', '/jobs/rr-prod/run', {});
+    let run2 = await h.api<SessionJson>('GET', `/sessions/${prodRun}`);
+    for (let i = 0; i < 1800 && ['queued', 'running'].includes(run2.state); i++) {
+      await sleep(100);
+      run2 = await h.api<SessionJson>('GET', `/sessions/${prodRun}`);
+    }
+    expect(run2.state, logText(run2)).toMatch(/success|warning/);
+    expect((await h.api<{ items: Array<{ vm: string }> }>('GET', '/restore-points?vm=rr-ir')).items).toHaveLength(1);
+    console.log(`recovery-restart: backup of the migrated VM ${since(t3)}`);
 
     cli('instant-recovery', 'stop', s.id);
     for (let i = 0; i < 300 && alive(irPid); i++) await sleep(100);
@@ -300,7 +313,9 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect(JSON.parse(readFileSync(path.join(h.tmp, 'server', 'instant-recoveries.json'), 'utf8'))).toEqual({ format: 'bulwark instant recoveries v1', sessions: [] });
     expect(JSON.parse(readFileSync(path.join(dst.dataDir, 'instant-recovery-vms.json'), 'utf8'))).toEqual({ format: 'bulwark instant recovery vms v1', vms: [] });
 
-    expect(await hashTree(h.repoDir)).toEqual(repoBefore);
+    // The instant recovery never wrote the backup (the migrated VM's own backup is job rr-prod's folder).
+    const repoAfter = await hashTree(h.repoDir);
+    expect(Object.fromEntries(Object.entries(repoAfter).filter(([f]) => !f.startsWith('rr-prod/')))).toEqual(repoBefore);
     expect((await verifyRepository(h.repoDir)).damage).toEqual([]);
   }, 420_000);
 });
