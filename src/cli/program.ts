@@ -10,6 +10,7 @@ import { backupCommand, exportCommand, exportsCommand } from './commands/backup.
 import { configCommand } from './commands/config.js';
 import { indexCommand, mountCommand, searchCommand } from './commands/files.js';
 import { hostCommand, repoCommand } from './commands/infrastructure.js';
+import { vmCommand } from './commands/vms.js';
 import { jobCommand, restorePointCommand, sessionCommand } from './commands/jobs.js';
 import { restoreCommand } from './commands/restore.js';
 import { passwordCommand } from './commands/encryption.js';
@@ -47,6 +48,7 @@ export function buildProgram(ctx: CliContext): Command {
     agentCommand(ctx),
     ...loginCommands(ctx),
     hostCommand(ctx),
+    vmCommand(ctx),
     repoCommand(ctx),
     jobCommand(ctx),
     sessionCommand(ctx),

@@ -41,6 +41,7 @@ import { createRepository, getRepository, listHosts, listRepositories } from './
 import { recordRestorePoint, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 import { AgentMountsState } from './api/agent-mounts-state.js';
+import { vmsPlugin } from './api/vms.js';
 import { filesPlugin, indexAfterBackup, readoptAgentMounts } from './api/files.js';
 import { encryptionPlugin } from './api/encryption.js';
 import { EncryptionKeys } from './services/encryption.js';
@@ -346,7 +347,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const recovery = await startRecoveryService({ ctx, dataDir, keys, remote: new RemoteRecovery(dispatch.broker, opts.dispatch?.localAgent) });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), recoveryPlugin(recovery), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), recoveryPlugin(recovery), vmsPlugin(ctx, fileIndexAgents), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -358,7 +359,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), encryptionPlugin(keys), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), vmsPlugin(ctx, fileIndexAgents), encryptionPlugin(keys), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

@@ -25,6 +25,26 @@ export interface ResolveDisksTask {
   readonly vm: string;
 }
 
+/** Lists the VMs of the agent's hypervisor connections (`bulwark vm list`). Result: `ListVmsResult`. */
+export interface ListVmsTask {
+  readonly kind: 'list-vms';
+  readonly taskId: string;
+  readonly hosts: readonly HypervisorConnection[];
+}
+
+/** One VM as `list-vms` reports it (no configuration: names, state and disks). */
+export interface WireVm {
+  readonly name: string;
+  readonly uuid?: string | undefined;
+  readonly state: 'running' | 'paused' | 'shut-off' | 'other';
+  readonly disks: ReadonlyArray<{ readonly name: string; readonly sizeBytes: number; readonly format: string; readonly image: string }>;
+}
+
+/** Result of `list-vms`: per host, in the task's order, its VMs or why they could not be listed. */
+export interface ListVmsResult {
+  readonly hosts: ReadonlyArray<{ readonly vms: readonly WireVm[] } | { readonly error: string }>;
+}
+
 export interface WireDisk {
   readonly name: string;
   readonly sizeBytes: number;
@@ -204,7 +224,7 @@ export interface RemovedVmSweepResult {
   readonly vms: ReadonlyArray<{ readonly vm: string; readonly removedPoints: readonly string[]; readonly points: readonly WirePoint[] }>;
 }
 
-export type AgentTask = ResolveDisksTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask | RemovedVmSweepTask | RestoreTask | FileIndexTask | MountTask;
+export type AgentTask = ResolveDisksTask | ListVmsTask | BackupTargetTask | BackupSourceTask | RestoreDiskTask | HealthCheckTask | RemovedVmSweepTask | RestoreTask | FileIndexTask | MountTask;
 
 /** `POST /agents/tasks/poll` body. */
 export interface PollRequest {

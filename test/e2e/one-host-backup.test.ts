@@ -82,6 +82,15 @@ describe('one-host install: back up a running VM and restore its disk', () => {
     const list = await bulwark(['restore-point', 'list', '--vm', VM, '--json'], env);
     expect(list.code).toBe(0);
     const points = (JSON.parse(list.stdout) as PointJson[]).sort((a, b) => a.time.localeCompare(b.time));
+
+    // `vm list`: the running guest on kvm1 (the server's own host), its disk, the job naming it and its newest point.
+    const vms = await bulwark(['vm', 'list', '--json'], env);
+    expect(vms.code, vms.stderr).toBe(0);
+    const inventory = JSON.parse(vms.stdout) as { items: Array<{ name: string; host: string; agent: string | null; state: string; disks: Array<{ name: string; sizeBytes: number; image: string }>; jobs: string[]; lastPoint: { id: string; type: string } | null }>; unreachable: unknown[] };
+    expect(inventory.unreachable).toEqual([]);
+    expect(inventory.items).toEqual([expect.objectContaining({ name: VM, host: 'kvm1', agent: null, state: 'running', jobs: ['guests'], lastPoint: expect.objectContaining({ id: points[1]!.id, type: 'incremental' }) })]);
+    expect(inventory.items[0]!.disks.map((d) => [d.name, d.sizeBytes])).toEqual(points[1]!.disks.map((d) => [d.name, d.size]));
+    expect((await bulwark(['vm', 'list', '--host', 'kvm1'], env)).stdout).toMatch(new RegExp(`^${VM} +kvm1 +running +\\S+ [\\d.]+ \\S+ +guests +\\S`, 'm'));
     expect(points.map((p) => p.type)).toEqual(['full', 'incremental']);
     const disk = points[0]!.disks[0]!.name;
 

@@ -113,6 +113,32 @@ describe.skipIf(skipReason !== '')(`multi-host data path in network namespaces${
     console.info(`multi-host: ${RANDOM_BYTES >> 20} MiB of random data; source agent peak RSS ${peakRssMiB(sourceAgentPid) ?? '?'} MiB (${idleRss ?? '?'} MiB after start), repository agent ${peakRssMiB(h.repoAgent?.pid) ?? '?'} MiB`);
   }, 60_000);
 
+  it('vm list: the VM of kvm-a as agent src1 lists it (disks, job, newest point); a host its agent cannot reach is named', async () => {
+    type VmList = { items: Array<{ name: string; host: string; agent: string | null; state: string; disks: Array<{ name: string; sizeBytes: number; format: string }>; jobs: string[]; lastPoint: { id: string } | null }>; unreachable: Array<{ host: string; reason: string }> };
+    const points = await visiblePoints();
+    const list = await api<VmList>('GET', '/vms');
+    expect(list.items).toEqual([
+      expect.objectContaining({ name: VM, host: 'kvm-a', agent: 'src1', state: expect.stringMatching(/^(running|paused)$/), jobs: ['mh'], lastPoint: expect.objectContaining({ id: points.at(-1) }) }),
+    ]);
+    expect(list.items[0]!.disks.map((d) => [d.name, d.sizeBytes])).toEqual([
+      ['vda', h.expected.length],
+      ['vdb', VDB.length],
+    ]);
+    expect(list.unreachable).toEqual([]);
+    // A host its agent cannot reach (libvirt on a closed port, through repo1): named with the
+    // reason, the others still listed; asked for alone, refused naming it.
+    await api('POST', '/hosts', { name: 'kvm-bad', kind: 'libvirt', uri: 'qemu+tcp://127.0.0.1:1/system', agent: 'repo1' });
+    try {
+      const withBad = await api<VmList>('GET', '/vms');
+      expect(withBad.items.map((v) => v.name)).toEqual([VM]);
+      expect(withBad.unreachable).toEqual([{ host: 'kvm-bad', reason: expect.stringMatching(/127\.0\.0\.1|connect/i) }]);
+      expect((await api<VmList>('GET', '/vms?host=kvm-a')).items.map((v) => v.host)).toEqual(['kvm-a']);
+      await expect(api('GET', '/vms?host=kvm-bad')).rejects.toThrow(/503.*kvm-bad could not be listed/);
+    } finally {
+      await api('DELETE', '/hosts/kvm-bad');
+    }
+  }, 60_000);
+
   it('a throttling rule between the agents holds the transfer to within 10% and the session names Throttling', async () => {
     await api('POST', '/throttling-rules', { name: 'wan', source: h.ip.source, target: `${h.ip.repo}/32`, mbps: LIMIT_MBPS });
     await h.write(8 << 20, 65536, 0x33);

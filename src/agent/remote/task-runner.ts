@@ -27,6 +27,7 @@ import { methodSettings, splitDisks } from '../backup/chain-policy.js';
 import { healthCheckSession, maintainAfterBackup, planVmBackup, runPasswords, sweepRemovedVms, transformStepProgress, type ChainRunContext, type VmBackupPlan } from '../backup/chain-run.js';
 import { backupVm, previousCheckpoint } from '../backup/disk-backup.js';
 import { runFileIndexTask } from './index-task.js';
+import { listVmsOnHosts } from './list-vms.js';
 import { runJobBackupTarget, type JobTargetContext } from './job-target-task.js';
 import { MountTasks } from './mount-tasks.js';
 import { backupVmByDisks, RemoteRestorePointTarget } from './remote-target.js';
@@ -213,6 +214,8 @@ export class AgentTaskRunner {
       switch (task.kind) {
         case 'resolve-disks':
           return this.#resolveDisks(task);
+        case 'list-vms':
+          return { hosts: await listVmsOnHosts(task.hosts, (c) => this.#adapter(c)) };
         case 'backup-target':
           // Per-job storage: every VM of the job into one point (job-target-task.ts).
           return task.vms ? runJobBackupTarget(this.#jobTargets, task, r.abort.signal) : this.#backupTarget(task, r.abort.signal);
