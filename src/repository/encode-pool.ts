@@ -165,8 +165,17 @@ export interface EncodePoolOptions {
   readonly aad: Buffer;
   /** Worker threads; 0 encodes on the calling thread. Default: min(2, cores). */
   readonly threads?: number;
-  /** Blocks in flight (encoding, or encoded and waiting to be written); default 12 MiB of blocks, at least 6. */
+  /** Blocks in flight (encoding, or encoded and waiting to be written); default `defaultSlots`. */
   readonly slots?: number;
+}
+
+/**
+ * Encoder slots by default: 12 MiB of blocks, at least 6 and at most 24 (1 MiB blocks: 12; 256 and
+ * 512 KiB: 24, i.e. 6 and 12 MiB; 4 MiB: 6). More small slots only hold more memory: a 256 KiB
+ * full with 48 slots peaked at 4 MiB more RSS for no CPU or wall difference (docs/decisions/0010).
+ */
+export function defaultSlots(blockSize: number): number {
+  return Math.min(24, Math.max(6, Math.floor((12 * 1024 * 1024) / blockSize)));
 }
 
 /** Starts the worker: compiled .js directly, or from sources (.ts under tsx/vitest) through tsx. */
@@ -208,7 +217,7 @@ export class EncodePool {
 
   constructor(opts: EncodePoolOptions) {
     const threads = opts.threads ?? Math.min(2, availableParallelism());
-    const slots = opts.slots ?? Math.max(6, Math.floor((12 * 1024 * 1024) / opts.blockSize));
+    const slots = opts.slots ?? defaultSlots(opts.blockSize);
     this.#slotCount = slots;
     this.#inputStride = opts.blockSize;
     this.#outputStride = RECORD_HEADER_SIZE + payloadBound(opts.blockSize);

@@ -81,7 +81,7 @@ export interface StartRestorePointOptions {
   /** Encoder threads (default min(2, cores); 0 = encode on this thread). */
   readonly threads?: number;
   /**
-   * Encoder slots (blocks encoding or being written; default 12 MiB of blocks, at least 6). A
+   * Encoder slots (blocks encoding or being written; default 12 MiB of blocks, 6 to 24). A
    * source that reads into lent slots (`RestorePointWriter.lendBuffer`) holds some for its reads:
    * give it room for them on top.
    */

@@ -130,7 +130,7 @@ export interface BackupVmOptions {
   readonly intoIncrement?: boolean;
   /** Point-in-time recorded for the restore point (default: now). */
   readonly time?: Date;
-  /** NBD connections per disk (default 4) and blocks in flight per disk (default 8 MiB of blocks, at least 8). */
+  /** NBD connections per disk (default 4) and blocks in flight per disk (default 4 MiB of blocks, at least 8). */
   readonly connections?: number;
   readonly concurrency?: number;
   /** Encoder threads of the repository writer (default: the repository's). */

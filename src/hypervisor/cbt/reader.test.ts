@@ -165,11 +165,11 @@ describe('ChangedBlockReader', () => {
   });
 
   it.each([
-    [64 * K, 128],
-    [256 * K, 32],
+    [64 * K, 64],
+    [256 * K, 16],
     [1024 * K, 8],
     [4096 * K, 8],
-  ])('by default keeps 8 MiB of %i-byte blocks in flight (at least 8 blocks): %i reads at once', async (blockSize, expected) => {
+  ])('by default keeps 4 MiB of %i-byte blocks in flight (at least 8 blocks): %i reads at once', async (blockSize, expected) => {
     expect(defaultConcurrency(blockSize)).toBe(expected);
     // A source that answers nothing until `expected` reads are waiting (then everything at once):
     // the reader must issue that many without waiting for the first; never more.
