@@ -89,7 +89,12 @@ export type InstantRecoveryAction =
       readonly vmDir?: string | undefined;
       readonly qmpSocket?: string | undefined;
     }
-  | { readonly action: 'stop'; readonly session: string };
+  | {
+      readonly action: 'stop';
+      readonly session: string;
+      /** A migrated VM (added 2026-11-26): forget it and leave it running (absent: shut it down; the server refuses that without the user's word). */
+      readonly forget?: boolean | undefined;
+    };
 
 export type InstantRecoveryTask = InstantRecoveryAction & { readonly kind: 'instant-recovery'; readonly taskId: string };
 

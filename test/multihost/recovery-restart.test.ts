@@ -22,7 +22,8 @@
 // - the migrated VM outlives its processes: dst1 stopped (SIGTERM: its sessions that run from a
 //   backup are stopped) while the server is SIGKILLed, both started again, then dst1 SIGKILLed
 //   and started again: the same QEMU runs on, its guest agent answers, and it is listed as
-//   migrated (not from backup) from dst1's file of migrated VMs; `stop` quits it;
+//   migrated (not from backup) from dst1's file of migrated VMs; `stop` is refused for it,
+//   `stop --shutdown-vm` quits it;
 // - the repository is unchanged (every file's digest) and verifies clean.
 // One guest boot of the original and one of the recovered VM.
 import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
@@ -300,14 +301,17 @@ describe.skipIf(skipReason !== '')(`instant recovery across a server restart${sk
     expect((await h.api<{ items: Array<{ vm: string }> }>('GET', '/restore-points?vm=rr-ir')).items).toHaveLength(1);
     console.log(`recovery-restart: backup of the migrated VM ${since(t3)}`);
 
-    cli('instant-recovery', 'stop', s.id);
+    // A production VM now: a plain stop is refused, naming it; --shutdown-vm shuts it down.
+    expect(() => cli('instant-recovery', 'stop', s.id)).toThrow(/was migrated: VM rr-ir runs on its own disks[\s\S]*--shutdown-vm/);
+    expect(alive(irPid)).toBe(true);
+    cli('instant-recovery', 'stop', s.id, '--shutdown-vm');
     for (let i = 0; i < 300 && alive(irPid); i++) await sleep(100);
     expect(alive(irPid)).toBe(false);
     expect((await h.api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
     expect(existsSync(migrated.qmpSocket)).toBe(false);
     const ended = await irSession(s.id);
     expect(ended).toMatchObject({ state: 'success', status: 'stopped', runningFromBackup: false });
-    expect((await h.api<{ log: Array<{ message: string }> }>('GET', `/sessions/${ended.id}`)).log.map((l) => l.message).join('\n')).toMatch(/runs from restore point[\s\S]*migrated: it runs on its own disks[\s\S]*VM stopped by instant-recovery stop/);
+    expect((await h.api<{ log: Array<{ message: string }> }>('GET', `/sessions/${ended.id}`)).log.map((l) => l.message).join('\n')).toMatch(/runs from restore point[\s\S]*migrated: it runs on its own disks[\s\S]*VM rr-ir \(migrated\) shut down by instant-recovery stop/);
     // The migrated disk stays; the server's and dst1's state files hold no session.
     expect(existsSync(target)).toBe(true);
     expect(JSON.parse(readFileSync(path.join(h.tmp, 'server', 'instant-recoveries.json'), 'utf8'))).toEqual({ format: 'bulwark instant recoveries v1', sessions: [] });

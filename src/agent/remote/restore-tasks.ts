@@ -222,7 +222,8 @@ export class RestoreTasks {
         return this.#wire(this.#instant.info(task.session));
       }
       case 'stop':
-        await this.#instant.stop(task.session);
+        if (task.forget) await this.#instant.forget(task.session);
+        else await this.#instant.stop(task.session);
         this.#serves.delete(task.session);
         this.#hosts.delete(task.session);
         return { stopped: task.session };

@@ -172,12 +172,14 @@ export function instantRecoveryCommand(ctx: CliContext): Command {
     });
 
   ir.command('stop')
-    .description('stop the VM and discard the session (overlays, sockets); migrated disks stay')
+    .description('stop the VM and discard the session (overlays, sockets); migrated disks stay. A migrated VM (a VM of its own now) needs --shutdown-vm or --forget')
     .argument('<id>')
-    .action(async (id: string, _o: unknown, cmd: Command) => {
+    .option('--shutdown-vm', 'a migrated VM: shut it down (its folder and disks stay)')
+    .option('--forget', 'a migrated VM: remove it from the instant recovery list and leave it running')
+    .action(async (id: string, o: { shutdownVm?: boolean; forget?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
-      await client.post(at('/instant-recoveries', id, 'stop'));
-      ctx.output.out(`instant recovery ${id} stopped\n`);
+      await client.post(at('/instant-recoveries', id, 'stop'), { ...(o.shutdownVm ? { shutdownVm: true } : {}), ...(o.forget ? { forget: true } : {}) });
+      ctx.output.out(o.forget ? `instant recovery ${id} forgotten: its VM runs on\n` : `instant recovery ${id} stopped${o.shutdownVm ? ' (its migrated VM shut down)' : ''}\n`);
     });
 
   return ir;

@@ -56,6 +56,11 @@ describe('migrated instant recovery VMs across a restart', () => {
     // A process stop leaves migrated VMs alone (this process's own pid stands for one: it would be killed).
     await sessions.stopAll();
     expect(sessions.list().map((s) => s.id)).toEqual(['ir-00000001']);
+    // forget: it leaves the list and the file, and runs on (this process is still here).
+    await sessions.forget('ir-00000001');
+    expect(sessions.list()).toEqual([]);
+    expect((JSON.parse(await readFile(file, 'utf8')) as { vms: unknown[] }).vms).toEqual([]);
+    await expect(sessions.forget('ir-00000001')).rejects.toThrow(/no instant recovery session ir-00000001/);
   });
 
   it('ignores a missing or damaged file (logged), lists nothing from it', async () => {

@@ -347,6 +347,18 @@ export class InstantRecoverySessions {
     }
   }
 
+  /** A migrated VM leaves the list (and the state file) and runs on, untouched. */
+  async forget(id: string): Promise<void> {
+    const m = this.#migrated.get(id);
+    if (!m) {
+      this.get(id);
+      throw new BulwarkError(`instant recovery ${id} runs from the backup: only a migrated VM can be forgotten (stop it instead)`, { kind: 'conflict', context: { session: id } });
+    }
+    this.#migrated.delete(id);
+    await this.#save();
+    log.info({ session: id, vm: m.name, qmp: m.qmpSocket }, 'migrated VM forgotten; it runs on');
+  }
+
   async #quitMigrated(m: MigratedRecord): Promise<void> {
     const pid = runningPid(m);
     if (pid !== undefined) {

@@ -812,16 +812,34 @@ export class RecoveryService {
     return { ...(dir !== path.dirname(host.uri) ? { vmDir: dir } : {}), qmpSocket };
   }
 
-  async stopInstant(id: string): Promise<void> {
-    await this.#stopInstant(id);
-    await this.#irEnded(id, `VM stopped by instant-recovery stop ${id}`);
+  /**
+   * Stops a session. A migrated one is a production VM of its own: it is shut down only when
+   * asked (`shutdownVm`), or forgotten (`forget`: it leaves the list and runs on); neither is
+   * refused, naming the VM.
+   */
+  async stopInstant(id: string, o: { shutdownVm?: boolean | undefined; forget?: boolean | undefined } = {}): Promise<void> {
+    const r = this.#remoteInstant.get(id);
+    const info = r ? r.last : this.#instant.info(id);
+    const migrated = info.state === 'migrated';
+    if (o.forget && !migrated) {
+      throw new BulwarkError(`instant recovery ${id} (VM ${info.name}) runs from the backup: only a migrated VM can be forgotten`, { kind: 'conflict', hint: `stop it with \`bulwark instant-recovery stop ${id}\`` });
+    }
+    if (migrated && !o.shutdownVm && !o.forget) {
+      throw new BulwarkError(`instant recovery ${id} was migrated: VM ${info.name} runs on its own disks as a VM of its own (QMP ${info.qmpSocket}); stop would shut it down`, {
+        kind: 'conflict',
+        context: { session: id, vm: info.name },
+        hint: `\`bulwark instant-recovery stop ${id} --shutdown-vm\` shuts the VM down; \`--forget\` leaves it running and removes it from this list`,
+      });
+    }
+    await this.#stopInstant(id, o.forget === true);
+    await this.#irEnded(id, o.forget ? `VM ${info.name} forgotten by instant-recovery stop ${id} --forget: it runs on as a VM of its own` : `VM ${info.name} ${migrated ? '(migrated) shut down' : 'stopped'} by instant-recovery stop ${id}`);
   }
 
-  async #stopInstant(id: string): Promise<void> {
+  async #stopInstant(id: string, forget: boolean): Promise<void> {
     const r = this.#remoteInstant.get(id);
     if (r) {
       try {
-        await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'stop', session: id });
+        await this.#remoteOrFail('instant recovery').instant(r.agent, { action: 'stop', session: id, ...(forget ? { forget: true } : {}) });
       } catch (err) {
         if (!(err instanceof BulwarkError && err.kind === 'not-found')) throw err;
       }
@@ -830,7 +848,8 @@ export class RecoveryService {
       await this.#save();
       return;
     }
-    await this.#instant.stop(id);
+    if (forget) await this.#instant.forget(id);
+    else await this.#instant.stop(id);
   }
 
   /** After a (re)start: the sessions on agents the state file names, their serve tasks taken over. */
@@ -940,11 +959,18 @@ export function recoveryPlugin(service: RecoveryService): FastifyPluginAsync {
       { config: { permission: 'restore' }, schema: { tags: ['restore'], params: IdParam, body: Type.Optional(MigrateBody), response: { 200: InstantRecovery } } },
       async (req) => service.migrateInstant(req.params.id, req.body?.storage, req.principal),
     );
+    const StopBody = Type.Object(
+      {
+        shutdownVm: Type.Optional(Type.Boolean({ description: 'a migrated VM: shut it down (without this or forget, stopping a migrated VM is refused with 409)' })),
+        forget: Type.Optional(Type.Boolean({ description: 'a migrated VM: remove it from the list and leave it running' })),
+      },
+      { additionalProperties: false },
+    );
     r.post(
       '/instant-recoveries/:id/stop',
-      { config: { permission: 'restore' }, schema: { tags: ['restore'], params: IdParam, response: { 204: Type.Null() } } },
+      { config: { permission: 'restore' }, schema: { tags: ['restore'], params: IdParam, body: Type.Optional(StopBody), response: { 204: Type.Null() } } },
       async (req, reply) => {
-        await service.stopInstant(req.params.id);
+        await service.stopInstant(req.params.id, { shutdownVm: req.body?.shutdownVm, forget: req.body?.forget });
         return reply.status(204).send(null);
       },
     );
