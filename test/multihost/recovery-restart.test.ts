@@ -72,9 +72,14 @@ async function exited(c: ChildProcess): Promise<void> {
   await new Promise<void>((r) => (c.exitCode !== null || c.signalCode !== null ? r() : c.once('exit', () => r())));
 }
 
-/** Starts the server again on its data folder; resolves with the time it answered. */
+/**
+ * Starts the server again on its data folder; resolves with the time it answered. A task it takes
+ * back at start (repo1's serve task, from its state file) waits for its agent's first poll up to
+ * the adoption window plus the agent-lost time: the production default here (the harness's 3 s
+ * failed it whenever repo1's reconnect backoff passed 9 s, about one run in two under load).
+ */
 async function restartServer(): Promise<number> {
-  const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`]);
+  const again = await h.startInNs('server', h.ns.server, 'server.ts', [path.join(h.tmp, 'server'), `${h.ip.server}:9392`], { BULWARK_TEST_AGENT_LOST_MS: '60000', BULWARK_LOG_LEVEL: 'info' });
   serverChild = again.child;
   h.socketPath = again.info.socket as string;
   return Date.now();
