@@ -74,6 +74,8 @@ export type InstantRecoveryAction =
       readonly cacheBytes?: number | undefined;
       /** The server's name of the host the VM runs on; the agent reports it back with the session (added 2026-11-26). */
       readonly host?: string | undefined;
+      /** The NICs' network: 'disconnected' when absent (startInstantRecovery's `network`; added 2026-11-26). */
+      readonly network?: 'disconnected' | 'recorded' | undefined;
     }
   | { readonly action: 'show'; readonly session: string }
   | { readonly action: 'list' }

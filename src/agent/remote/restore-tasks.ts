@@ -192,14 +192,14 @@ export class RestoreTasks {
         const s = task.source;
         if (s.kind === 'repository') {
           const repository = await this.#c.repository(s.repositoryPath);
-          const session = await this.#instant.start({ repository, pointId: task.pointId, workDir, name: task.name, ...(s.password !== undefined ? { password: s.password } : {}), ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) });
+          const session = await this.#instant.start({ repository, pointId: task.pointId, workDir, name: task.name, ...(s.password !== undefined ? { password: s.password } : {}), ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}), ...(task.network ? { network: task.network } : {}) });
           if (task.host !== undefined) this.#hosts.set(session.id, task.host);
           return this.#wire(session);
         }
         // On-demand reads of a booting VM: a couple of streams are plenty.
         const remote = await this.#remote(task.pointId, s, 2);
         try {
-          const session = await this.#instant.start({ source: remote, workDir, name: task.name, ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}) });
+          const session = await this.#instant.start({ source: remote, workDir, name: task.name, ...(task.cacheBytes ? { cacheBytes: task.cacheBytes } : {}), ...(task.network ? { network: task.network } : {}) });
           this.#serves.set(session.id, { agent: s.agent, taskId: s.transferId });
           if (task.host !== undefined) this.#hosts.set(session.id, task.host);
           return this.#wire(session);

@@ -115,13 +115,18 @@ export function instantRecoveryCommand(ctx: CliContext): Command {
     .argument('<point>', 'restore point id, VM@latest or VM@<ISO time>')
     .option('--name <name>', 'name of the recovered VM (default: VM-ir)')
     .option('--host <host>', 'run the VM on this host (its agent; default: the server, or the repository\'s agent)')
+    .addOption(
+      new Option('--network <mode>', 'the NICs (recorded model and MAC): disconnected (no network, link down: the original may still be on its network) or recorded (each on the network it had)')
+        .choices(['disconnected', 'recorded'])
+        .default('disconnected'),
+    )
     .addOption(passwordFileOption())
     .addOption(jsonOption())
-    .action(async (point: string, o: { name?: string; host?: string; passwordFile?: string; json?: boolean }, cmd: Command) => {
+    .action(async (point: string, o: { name?: string; host?: string; network: 'disconnected' | 'recorded'; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point);
       const s = await withPointPassword(ctx, o.passwordFile, (pw) =>
-        client.post<InstantRecovery>('/instant-recoveries', { point: id, ...(o.name ? { name: o.name } : {}), ...(o.host ? { host: o.host } : {}), ...pw }),
+        client.post<InstantRecovery>('/instant-recoveries', { point: id, ...(o.name ? { name: o.name } : {}), ...(o.host ? { host: o.host } : {}), network: o.network, ...pw }),
       );
       if (o.json) return printJson(ctx.output, s);
       ctx.output.out(formatFields(instantFields(s)));

@@ -21,7 +21,7 @@ export interface QemuVmPointFixture {
 }
 
 /** Creates the database, repository, host and point below `dir` (see the file comment). */
-export async function seedQemuVmPoint(dir: string, o: { readonly state?: 'ready' | 'corrupt' } = {}): Promise<QemuVmPointFixture> {
+export async function seedQemuVmPoint(dir: string, o: { readonly state?: 'ready' | 'corrupt'; /** Appended to the recorded command line (e.g. a NIC). */ readonly extraArgs?: readonly string[] } = {}): Promise<QemuVmPointFixture> {
   const cdb = await openDatabase({ target: path.join(dir, 'bulwark.db') });
   const ctx: ServiceContext = { db: cdb.db, engine: cdb.engine, clock: systemClock };
   const repo = await openRepository(path.join(dir, 'repo'), { create: true });
@@ -33,6 +33,7 @@ export async function seedQemuVmPoint(dir: string, o: { readonly state?: 'ready'
     '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'vda-fmt', file: { driver: 'file', filename: path.join(vmDir, 'vda.img') } }),
     '-device', 'virtio-blk-pci,drive=vda-fmt,id=vda',
     '-chardev', `socket,id=qmp0,path=${path.join(vmDir, 'qmp.sock')},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control',
+    ...(o.extraArgs ?? []),
   ];
   const m = new DiskModel(3 * BS + 100, BS);
   const vmConfig = encodePointMetadata({

@@ -104,6 +104,11 @@ const StartInstantBody = Type.Object(
     name: Type.Optional(Type.String({ minLength: 1, description: 'name of the recovered VM (default: VM-ir)' })),
     host: Type.Optional(Type.String({ minLength: 1, description: 'host whose agent runs the VM (default: this server\'s process, or the repository\'s agent)' })),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of' })),
+    network: Type.Optional(
+      Type.Union([Type.Literal('disconnected'), Type.Literal('recorded')], {
+        description: "the NICs (recorded model and MAC): 'disconnected' (default: no network backend, link down; the original VM may still be on its network) or 'recorded' (each on the network backend it had; refused naming a NIC whose network cannot be recreated)",
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -650,7 +655,7 @@ export class RecoveryService {
     const hostAgent = host ? host.agent : repo.agent;
     if (remote === undefined || (remote.isLocal(repo.agent) && remote.isLocal(hostAgent))) {
       const { repository, password } = await this.#pointRepository(body.point, body.password);
-      const info = await this.#instant.start({ repository, pointId: body.point, workDir: this.instantDir, name, ...password });
+      const info = await this.#instant.start({ repository, pointId: body.point, workDir: this.instantDir, name, ...password, ...(body.network ? { network: body.network } : {}) });
       return this.#instantInfo(info);
     }
     for (const r of this.#remoteInstant.values()) {
@@ -663,7 +668,7 @@ export class RecoveryService {
     } else {
       password = this.#keys ? await this.#keys.remotePassword(point, body.password) : body.password;
     }
-    const started = await remote.instantStart({ repository: repo, hostAgent, pointId: body.point, name, password, host: host?.name });
+    const started = await remote.instantStart({ repository: repo, hostAgent, pointId: body.point, name, password, host: host?.name, network: body.network });
     const entry: RemoteInstant = { agent: started.agent, host: host?.name, serve: started.serve, last: started.session };
     this.#remoteInstant.set(started.session.id, entry);
     await this.#save();

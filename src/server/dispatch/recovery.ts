@@ -175,11 +175,13 @@ export class RemoteRecovery {
     password?: string | undefined;
     /** The host's name, kept with the session by its agent (a restarted server lists it so). */
     host?: string | undefined;
+    /** The NICs' network (startInstantRecovery's `network`); absent: disconnected. */
+    network?: 'disconnected' | 'recorded' | undefined;
   }): Promise<{ session: WireInstantSession; agent: string; serve: AgentTaskHandle | undefined }> {
     const agent = this.agentOf(a.hostAgent);
     const { source, serve } = await this.plan(a.repository, agent, a.pointId, a.password, () => this.pointConfig(a.repository, a.pointId, a.password));
     try {
-      const raw = await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source, ...(a.host !== undefined ? { host: a.host } : {}) }).result;
+      const raw = await this.#broker.run(agent, { kind: 'instant-recovery', action: 'start', pointId: a.pointId, name: a.name, source, ...(a.host !== undefined ? { host: a.host } : {}), ...(a.network !== undefined ? { network: a.network } : {}) }).result;
       const session: WireInstantSession = checkedReply(InstantRecoveryReplySchemas.start, raw, agent, 'instant-recovery start');
       return { session, agent, serve };
     } catch (err) {
