@@ -222,7 +222,7 @@ export class AgentTaskRunner {
         case 'backup-source':
           return this.#backupSource(task, r.abort.signal);
         case 'restore-disk':
-          return this.#restoreDisk(task);
+          return this.#restoreDisk(task, r.abort.signal);
         case 'health-check':
           return this.#healthCheck(task);
         case 'removed-vm-sweep':
@@ -411,10 +411,12 @@ export class AgentTaskRunner {
   }
 
   /** Restores a disk from a repository on this host to a path on this host. */
-  async #restoreDisk(task: RestoreDiskTask): Promise<WireRestoredDisk> {
+  async #restoreDisk(task: RestoreDiskTask, signal: AbortSignal): Promise<WireRestoredDisk> {
     const repository = await this.#repository(task.repositoryPath);
     const r = await restoreDisk({
       repository,
+      // Cancelled (the console went away, `session stop`): stops and leaves no image.
+      signal,
       pointId: task.pointId,
       disk: task.disk,
       to: task.to,

@@ -152,6 +152,8 @@ export async function rescanRepository(ctx: ServiceContext, name: string, keys?:
 export type RemoteDiskRestore = (
   repository: { readonly agent: string | null; readonly path: string },
   args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; digest?: boolean | undefined; password?: string | undefined },
+  /** Aborted: the agent's task is cancelled (its restore stops and leaves no image). */
+  signal?: AbortSignal,
 ) => Promise<{ path: string; format: 'raw' | 'qcow2'; size: number; sha256?: string | undefined; bytesWritten: number; durationMs: number }> | undefined;
 
 export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, keys?: EncryptionKeys): FastifyPluginAsync {
@@ -168,8 +170,14 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         config: { permission: 'restore' },
         schema: { tags: ['restore'], params: Type.Object({ id: Type.String() }), body: RestoreDiskBody, response: { 200: RestoreDiskReply } },
       },
-      async (req) => {
+      async (req, reply) => {
         const { disk, to, format, overwrite, digest, password: given } = req.body;
+        // The console that asked went away before the answer (Ctrl-C, killed): the restore stops
+        // (here or on the repository's agent) and leaves no image, rather than finishing unseen.
+        const asker = new AbortController();
+        reply.raw.once('close', () => {
+          if (!reply.raw.writableFinished) asker.abort(new BulwarkError(`the restore of disk ${disk} to ${to} was stopped: the console that asked for it went away (Ctrl-C or closed)`, { kind: 'unavailable', context: { disk, to } }));
+        });
         if (!path.isAbsolute(to)) {
           throw new BulwarkError(`to: ${to} is not an absolute path`, { kind: 'invalid', hint: 'give the full path of the image to write on the server host' });
         }
@@ -184,7 +192,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
         type Restored = Awaited<NonNullable<ReturnType<RemoteDiskRestore>>>;
         const onAgent = (): Promise<Restored> | undefined =>
-          remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) });
+          remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) }, asker.signal);
         const work = async (): Promise<Restored> => {
           const started = onAgent();
           if (started) {
@@ -199,7 +207,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
           }
           const repository = await openSharedRepository(repo.path);
           const pw = await pointPassword(keys, repository, point, given);
-          return restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw });
+          return restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw, signal: asker.signal });
         };
         // Recorded as a session (kind restore-disk) with its outcome (docs/api.md, "Sessions of every kind").
         const result = await recordedRestore(

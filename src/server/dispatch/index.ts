@@ -61,6 +61,8 @@ export interface Dispatch {
   restoreDisk: (
     repository: { readonly agent: string | null; readonly path: string },
     args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; digest?: boolean | undefined; password?: string | undefined },
+    /** Aborted: the agent's task is cancelled (its restore stops and leaves no image). */
+    signal?: AbortSignal,
   ) => Promise<WireRestoredDisk> | undefined;
   /**
    * The removed-VM sweep of one job's folder on the agent that owns the repository (docs/formats/
@@ -107,10 +109,12 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
         ...(opts.resumeWindowMs !== undefined ? { resumeWindowMs: opts.resumeWindowMs } : {}),
         now: () => ctx.clock.now(),
       }),
-    restoreDisk: (repository, args) => {
+    restoreDisk: (repository, args, signal) => {
       if (repository.agent === null || repository.agent === (opts.localAgent ?? 'local')) return undefined;
       const handle = broker.run(repository.agent, { kind: 'restore-disk', repositoryPath: repository.path, ...args });
-      return handle.result as Promise<WireRestoredDisk>;
+      const stop = (): void => handle.cancel(signal?.reason instanceof Error ? signal.reason.message : 'the restore was stopped');
+      signal?.addEventListener('abort', stop, { once: true });
+      return (handle.result as Promise<WireRestoredDisk>).finally(() => signal?.removeEventListener('abort', stop));
     },
     sweepRemovedVms: (repository, args) => {
       if (repository.agent === null || repository.agent === (opts.localAgent ?? 'local')) return undefined;
