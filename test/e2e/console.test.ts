@@ -80,7 +80,7 @@ describe('bulwark console, local (unix socket)', () => {
 
     const sessions = await bulwark(['session', 'list'], local);
     expect(sessions.code).toBe(0);
-    expect(sessions.stdout).toMatch(new RegExp(`${id}\\s+nightly\\s+success`));
+    expect(sessions.stdout).toMatch(new RegExp(`${id}\\s+backup\\s+nightly\\s+success`));
     const filtered = json<SessionJson[]>((await bulwark(['session', 'list', '--job', 'nightly', '--json'], local)).stdout);
     expect(filtered.map((s) => s.id)).toContain(id);
 

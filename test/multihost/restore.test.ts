@@ -185,9 +185,13 @@ describe.skipIf(skipReason !== '')(`restore onto another agent's host${skipReaso
     const m = await api<Instant>('POST', `/instant-recoveries/${s.id}/migrate`, { storage });
     expect(m).toMatchObject({ state: 'migrated', runningFromBackup: false });
     expect(m.disks).toEqual([expect.objectContaining({ name: 'vda', target: path.join(storage, 'vda.qcow2') })]);
-    // It runs on its own disk now, the guest's writes with it.
-    expect(await guestSh(s.agentSocket, 'test -e /srv/ir-written.bin && echo present')).toBe('present\n');
-    await api('POST', `/instant-recoveries/${s.id}/stop`, {});
+    // It runs on its own disk now, the guest's writes with it; a VM of its own, its sockets out of
+    // the session folder (docs/instant-recovery.md "After migrate").
+    expect(m.agentSocket.startsWith(s.dir)).toBe(false);
+    expect(await guestSh(m.agentSocket, 'test -e /srv/ir-written.bin && echo present')).toBe('present\n');
+    // A migrated VM is production: a plain stop is refused; --shutdown-vm ends it.
+    await expect(api('POST', `/instant-recoveries/${s.id}/stop`, {})).rejects.toThrow(/409/);
+    await api('POST', `/instant-recoveries/${s.id}/stop`, { shutdownVm: true });
     expect((await api<{ items: Instant[] }>('GET', '/instant-recoveries')).items.some((i) => i.id === s.id)).toBe(false);
     expect(existsSync(s.dir)).toBe(false);
 
