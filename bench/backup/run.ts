@@ -1,9 +1,12 @@
 // Backup benchmark (run by hand, never in the test suite):
-//   npx tsx bench/backup/run.ts [--runs 3] [--peers restic,borg] [--work DIR] [--ab DIR] [--incrementals K]
+//   npx tsx bench/backup/run.ts [--runs 3] [--peers restic,borg] [--work DIR] [--ab DIR] [--incrementals K] [--warm]
 // --ab DIR: also run the Bulwark of another work tree (e.g. `git worktree add DIR COMMIT`, with
 // node_modules symlinked) as tool "bulwark-ab", in the same runs on the same export, order rotated.
 // --incrementals K: K incrementals per run from the same frozen bitmap (each a new point of the
 // chain with the same data); the table reports the median of all of them.
+// --warm: each Bulwark incremental process takes two incrementals one after the other and reports
+// the second, as the long-running agent takes them (its threads and JIT warm; `--phase … --repeat`).
+// Every Bulwark phase runs node with the agent unit's flags (AGENT_NODE_FLAGS).
 // The 4 GiB mixed disk (bench/lib/mixed-disk.ts: 35% zero, 35% text-like, 30% random) as a qcow2
 // (zeroes unallocated) served by qemu-storage-daemon. Per run, on a fresh overlay of it:
 //   1. full backup of the export by Bulwark and by each peer (same export, same state);
@@ -89,6 +92,8 @@ async function main(): Promise<void> {
         console.log(`run ${r + 1} ${t.name.padEnd(10)} full        ${full.get(t.name)!.seconds.toFixed(2)} s, load ${l}`);
       }
       await qsd.removeExport('full');
+      const repoAfterFull = new Map<string, number>();
+      for (const t of order) repoAfterFull.set(t.name, await duBytes(repos.get(t.name)!));
       // Guest writes: 5% in ~700 scattered runs, recorded by bm0.
       await qsd.addExport('live', { writable: true });
       for (let i = 0; i < writes.length; i += 200) await qsd.qemuIo('live', ...writes.slice(i, i + 200).map((w) => `write -P ${w.fill} ${w.offset} ${w.length}`));
@@ -102,7 +107,8 @@ async function main(): Promise<void> {
         for (const t of k % 2 === 0 ? order : [...order].reverse()) {
           if (k > 0 && !isBulwark(t.name)) continue; // the peers' incremental is a whole re-read: once is enough
           const l = load();
-          const p = isBulwark(t.name) ? phaseOf(t.name)('--phase', 'incremental', '--repo', repos.get(t.name)!, '--socket', qsd.nbdSocket, '--export', 'inc') : await PEERS[t.name]!.backup(repos.get(t.name)!, qsd.nbdUri('inc'), 'inc');
+          const warm = args.includes('--warm') ? ['--repeat', '2'] : [];
+          const p = isBulwark(t.name) ? phaseOf(t.name)('--phase', 'incremental', '--repo', repos.get(t.name)!, '--socket', qsd.nbdSocket, '--export', 'inc', ...warm) : await PEERS[t.name]!.backup(repos.get(t.name)!, qsd.nbdUri('inc'), 'inc');
           inc.set(t.name, p);
           incs.set(t.name, [...(incs.get(t.name) ?? []), p]);
           console.log(`run ${r + 1} ${t.name.padEnd(10)} incremental ${p.seconds.toFixed(2)} s (${p.cpuSeconds.toFixed(2)} CPU-s), load ${l}`);
@@ -115,7 +121,11 @@ async function main(): Promise<void> {
         const got = res.sha256 ?? (await sha256OfFile(to));
         if (got !== want) throw new Error(`${t.name}: restored disk differs from the export (sha256 ${got} != ${want})`);
         await rm(to, { force: true });
-        const repoBytes = await duBytes(repos.get(t.name)!);
+        // The repository after the full and ONE incremental: every incremental point of a run holds
+        // the same data (one frozen bitmap), so with several (--incrementals, --warm) one point's share counts.
+        const points = isBulwark(t.name) ? incs.get(t.name)!.length * (args.includes('--warm') ? 2 : 1) : 1;
+        const atFull = repoAfterFull.get(t.name)!;
+        const repoBytes = atFull + ((await duBytes(repos.get(t.name)!)) - atFull) / points;
         rows.push({ tool: t.name, full: full.get(t.name)!, inc: inc.get(t.name)!, incs: incs.get(t.name)!, restore: res, repoBytes, loads: l });
         console.log(`run ${r + 1} ${t.name.padEnd(10)} restore     ${res.seconds.toFixed(2)} s (bit-exact), repository ${(repoBytes / 2 ** 20).toFixed(0)} MiB, load ${l}`);
       }

@@ -146,9 +146,12 @@ export async function compileBench(entry: string, outName: string): Promise<stri
 }
 
 /** Runs a phase in a child process of the compiled bench `entry`; its last stdout line is a Phase. */
+/** node flags of the agent's unit (packaging/bulwark-agent.service): a phase runs as the agent would. */
+export const AGENT_NODE_FLAGS = ['--max-semi-space-size=2'];
+
 export function runPhase(entry: string, ...a: string[]): Phase {
   const t0 = performance.now();
-  const out = execFileSync(process.execPath, [entry, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20, env: { ...process.env, BULWARK_LOG_LEVEL: 'warn' } });
+  const out = execFileSync(process.execPath, [...AGENT_NODE_FLAGS, entry, ...a], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20, env: { ...process.env, BULWARK_LOG_LEVEL: 'warn' } });
   const processSeconds = (performance.now() - t0) / 1000;
   return { ...(JSON.parse(out.trim().split('\n').pop()!) as Phase), processSeconds };
 }
