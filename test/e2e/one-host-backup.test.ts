@@ -1,13 +1,22 @@
 // The one-host install end to end, as a user runs it: a real `bulwark server` (real data path, no
 // simulation), a running test guest (TCG) added as a qemu host, a job run twice with
 // `bulwark job run --wait` (full, then incremental after guest writes), `restore-point list`
-// showing both, and `bulwark restore disk` of each: e2fsck clean, the guest's files right, the file
-// written between the runs absent from the first point and present in the second.
+// showing both, and `bulwark restore disk` of each: identical, byte for byte, to the guest's disk at
+// the instant of its backup, e2fsck clean, the guest's files right, the file written between the
+// runs absent from the first point and present in the second.
+// The disk's state at each backup's instant: the guest remounts its root (the disk's only file
+// system) read-only before the run, which writes back and flushes everything (QEMU writes its qcow2
+// metadata out on the guest's flush), so the image file holds exactly what the guest sees; a copy
+// of it (`qemu-img convert -U`) is the reference, and the disk cannot change until the guest
+// remounts it read-write after the run. The backup still quiesces the guest (freezing a read-only
+// file system succeeds), so the run is the same as any other.
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { e2fsckClean, sha256InImage, startTestGuest, type TestGuest } from '../fixtures/guest.js';
+import { promisify } from 'node:util';
+import { assertIdenticalImages, e2fsckClean, sha256InImage, startTestGuest, type TestGuest } from '../fixtures/guest.js';
 import { bulwark, ensureBuilt, startServerProcess, type ServerProcess } from './program.js';
 
 let tmp: string;
@@ -31,6 +40,23 @@ afterAll(async () => {
   if (tmp) rmSync(tmp, { recursive: true, force: true });
 });
 
+const exec = promisify(execFile);
+
+/**
+ * Runs `job run --wait` with the guest's disk still (root remounted read-only) and returns the run
+ * and a raw copy of the disk as it was during the run: the reference a restore must match.
+ */
+async function runWithReference(args: string[], reference: string): Promise<Awaited<ReturnType<typeof bulwark>>> {
+  await guest.sh('sync && mount -o remount,ro /');
+  try {
+    const disk = guest.disks[0]!;
+    await exec('qemu-img', ['convert', '-U', '-f', disk.format, '-O', 'raw', disk.path, reference]);
+    return await bulwark(args, env);
+  } finally {
+    await guest.sh('mount -o remount,rw /');
+  }
+}
+
 interface PointJson {
   id: string;
   vm: string;
@@ -47,14 +73,15 @@ describe('one-host install: back up a running VM and restore its disk', () => {
     const job = await bulwark(['job', 'create', 'guests', '--vm', VM, '--repo', 'default'], env);
     expect(job.code, job.stderr).toBe(0);
 
-    const first = await bulwark(['job', 'run', 'guests', '--wait'], env);
+    const references = [join(tmp, 'at-full.raw'), join(tmp, 'at-incremental.raw')];
+    const first = await runWithReference(['job', 'run', 'guests', '--wait'], references[0]!);
     expect(first.code, first.stdout + first.stderr).toBe(0);
 
     const between = '/srv/between-runs.bin';
     const out = await guest.sh(`dd if=/dev/urandom of=${between} bs=1k count=700 2>/dev/null && sync && sha256sum ${between}`);
     const betweenSum = out.split(' ')[0]!;
 
-    const second = await bulwark(['job', 'run', 'guests', '--wait'], env);
+    const second = await runWithReference(['job', 'run', 'guests', '--wait'], references[1]!);
     expect(second.code, second.stdout + second.stderr).toBe(0);
 
     // An incremental reads a fraction of the disk; a finished session still shows 100%.
@@ -100,6 +127,7 @@ describe('one-host install: back up a running VM and restore its disk', () => {
       const r = await bulwark(['restore', 'disk', p.id, '--disk', disk, '--to', to, '--json'], env);
       expect(r.code, r.stderr).toBe(0);
       expect(JSON.parse(r.stdout)).toMatchObject({ point: p.id, disk, path: to, format: 'raw' });
+      await assertIdenticalImages(to, references[i]!);
       await e2fsckClean(to);
       for (const [file, sum] of Object.entries(guest.image.manifest.testdata)) {
         expect(await sha256InImage(to, `${guest.image.manifest.testdataDir}/${file}`), file).toBe(sum);
