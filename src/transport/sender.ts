@@ -10,6 +10,7 @@ import { FramedConnection, connectTls, type TlsIdentity } from './connection.js'
 import {
   BLOCK_HEADER_SIZE,
   FLAG_RESEND,
+  FRAME_HEADER_SIZE,
   FLAG_RESUME,
   MessageType,
   PROTOCOL_VERSION,
@@ -275,6 +276,11 @@ export class TransferSender {
 
   async #sequenced(type: MessageTypeCode, payload: Buffer[], block?: { disk: number; index: number }): Promise<Pending> {
     const bytes = payload.reduce((n, p) => n + p.length, 0);
+    // Rate limits hold a message back before it takes credit: what is in flight is then on its
+    // way to the target, so a credit wait means the target (or the network) is slow, not a rule,
+    // and a limit that changes applies to the next message instead of after a window of debt.
+    if (block) this.stats.firstTransmitAt ??= performance.now();
+    await this.#throttle(bytes);
     await this.#credit(bytes);
     const acked = deferred();
     const p: Pending = { sequence: this.#nextSequence++, type, payload, bytes, block, stream: undefined, attempts: 0, acked };
@@ -300,17 +306,21 @@ export class TransferSender {
     else await wait();
   }
 
+  /** Waits until the rate limits let `bytes` (and the frame header) go; the wait counts as Throttling. */
+  async #throttle(bytes: number): Promise<void> {
+    if (!this.#o.throttle) return;
+    const waited = await this.#o.throttle.acquire(bytes + FRAME_HEADER_SIZE);
+    this.#o.stageTimes?.add('throttling', waited);
+  }
+
   /** Sends (or re-sends) a pending message on the least loaded stream; failures are handled by the stream's reconnect. */
   #transmit(p: Pending): void {
     const run = async (): Promise<void> => {
       const resend = p.attempts > 0;
       p.attempts++;
       if (p.block) this.stats.firstTransmitAt ??= performance.now();
-      if (this.#o.throttle) {
-        const throttle = this.#o.throttle;
-        const waited = await throttle.acquire(p.bytes + 32);
-        this.#o.stageTimes?.add('throttling', waited);
-      }
+      // The first transmission was let through by #sequenced; a message sent again is throttled again.
+      if (resend) await this.#throttle(p.bytes);
       const slot = await this.#pickStream();
       if (!this.#pending.has(p.sequence)) return; // acknowledged while we waited (resume)
       p.stream = slot.index;
@@ -322,7 +332,7 @@ export class TransferSender {
       const conn = slot.conn!;
       const write = conn.sendRaw(parts);
       this.stats.framesByStream[slot.index]!++;
-      this.stats.bytesSent += p.bytes + 32;
+      this.stats.bytesSent += p.bytes + FRAME_HEADER_SIZE;
       try {
         if (this.#o.stageTimes) await this.#o.stageTimes.measure('network', () => write);
         else await write;

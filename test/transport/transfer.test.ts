@@ -6,6 +6,8 @@ import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BulwarkError } from '../../src/common/errors.js';
 import { TransferReceiver, type SessionOutcome, type TransferReceiverOptions } from '../../src/transport/receiver.js';
 import { TransferSender, prepareBlocks, type TransferSenderOptions } from '../../src/transport/sender.js';
+import { StageTimes } from '../../src/transport/stage-times.js';
+import { RateLimiter } from '../../src/transport/throttle.js';
 import { MemorySink, Relay, diskBlocks, makePki, patternDisk, sha256, type TestPki } from './helpers.js';
 
 let pki: TestPki;
@@ -181,6 +183,28 @@ describe('data-mover transfer over TLS', () => {
     expect(sender.stats.maxInFlightBytes).toBeLessThanOrEqual(window);
     expect(receiver.sessionStats(sender.sessionId)!.maxQueuedBytes).toBeLessThanOrEqual(window);
     expect(image.length).toBeGreaterThan(10 * window);
+  });
+
+  it('a rate limit holds blocks back before they take credit: little in flight, the wait counted as Throttling, not Target', async () => {
+    const window = 512 * 1024;
+    const bs = 16 * 1024;
+    const image = patternDisk(64 * bs, bs, 1000); // 1 MiB, no zero blocks
+    const { receiver, sink } = await startReceiver(new MemorySink(), { window });
+    const stageTimes = new StageTimes();
+    const throttle = new RateLimiter('rule:test', { bytesPerSecond: 1_000_000, burst: 64 * 1024 });
+    const sender = await openSender(receiver.address.port, { throttle, stageTimes });
+    const started = performance.now();
+    await sender.sendDisk({ name: 'vda', size: image.length, blockSize: bs }, prepareBlocks(diskBlocks(image, bs)));
+    await sender.commit();
+    const elapsed = performance.now() - started;
+    expect(sha256(sink.image)).toBe(sha256(image));
+    const busy = stageTimes.snapshot();
+    // Held back by the limit for most of the run (1 MiB at 1 MB/s less the burst) ...
+    expect(busy.throttling).toBeGreaterThan(elapsed / 2);
+    // ... while the repository, which keeps up, is not what the source waited for, and the window
+    // never filled with blocks that only wait for tokens.
+    expect(busy.target).toBeLessThan(elapsed / 4);
+    expect(sender.stats.maxInFlightBytes).toBeLessThan(window / 2);
   });
 
   it('refuses a wrong task secret and a certificate from another CA', async () => {

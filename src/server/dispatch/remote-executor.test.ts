@@ -7,7 +7,7 @@ import { vmSliceId, type RestorePointInfo } from '../../repository/index.js';
 import type { AgentTask, PollReply, TaskEvent } from '../../transport/agent-tasks.js';
 import type { JobDefinition, LogLevel, TaskContext, TaskSpec } from '../jobs/ports.js';
 import { AgentTaskBroker } from './broker.js';
-import { RemoteDataPathExecutor } from './remote-executor.js';
+import { RemoteDataPathExecutor, type RemoteDataPathOptions } from './remote-executor.js';
 
 const never = new Promise<void>(() => undefined);
 const wirePoint = (id: string, kind: string) => ({
@@ -15,7 +15,7 @@ const wirePoint = (id: string, kind: string) => ({
   disks: [{ name: 'vda', size: 4096 }], blockSize: 262144, compression: 'zstd', encrypted: false,
 });
 
-function setup(settings: Record<string, unknown>, repositoryAgent = 'repo1') {
+function setup(settings: Record<string, unknown>, repositoryAgent = 'repo1', extra: Partial<RemoteDataPathOptions> = {}) {
   const broker = new AgentTaskBroker({ pollWaitMs: 5000 });
   const synced: RestorePointInfo[][] = [];
   const recorded: string[] = [];
@@ -32,6 +32,7 @@ function setup(settings: Record<string, unknown>, repositoryAgent = 'repo1') {
     onRestorePoint: async (_job, _task, summary) => void recorded.push(summary.pointId),
     onVmPoints: async (_job, _task, points) => void synced.push([...points]),
     now: () => new Date('2026-11-25T21:00:00Z'),
+    ...extra,
   });
   const job: JobDefinition = { id: 'j-id', name: 'j', vms: ['web1'], repository: 'remote-repo', retry: { count: 0, waitSeconds: 0 }, settings };
   const task: TaskSpec = { sessionId: 's1', taskId: 't1', job, vm: 'web1', disk: { name: 'vda', location: { agent: 'src1' } }, full: false, attempt: 1 };
@@ -112,6 +113,56 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
     }
   });
 
+  it('a throttling rule covers a repository agent that advertises its data listener by name (--data-advertise)', async () => {
+    const rules = [
+      { name: 'wan', source: '127.0.0.1', target: '127.0.0.1, ::1', mbps: 8 },
+      { name: 'elsewhere', source: '127.0.0.1', target: '10.9.0.0/16', mbps: 1 },
+    ];
+    const t = setup({ method: 'forever-forward', retention: { points: 3 } }, 'repo1', { throttling: async () => ({ rules, timeZone: 'UTC' }) });
+    try {
+      const outcome = t.executor.execute(t.task, t.context);
+      const target = await t.next('repo1');
+      t.send('repo1', target.taskId, { type: 'ready', port: 9393, host: 'localhost', previous: null });
+      const source = await t.next('src1');
+      expect(source).toMatchObject({ kind: 'backup-source', target: { host: 'localhost' }, limits: [{ name: 'rule:wan', bytesPerSecond: 1e6 }] });
+      t.broker.close();
+      await outcome.catch(() => undefined);
+    } finally {
+      t.broker.close();
+    }
+  });
+
+  it('a throttling rule holds in total when several agents send under it: each agent gets the rule\'s rate in proportion to its transfers', async () => {
+    const rules = [{ name: 'wan', source: '127.0.0.1', target: '10.0.0.3', mbps: 8 }];
+    const t = setup({ method: 'forever-forward', retention: { points: 3 } }, 'repo1', { throttling: async () => ({ rules, timeZone: 'UTC' }) });
+    const settle = () => new Promise((r) => setTimeout(r, 20));
+    const limitsOf = (agent: string, taskId: string) => t.send(agent, taskId, { type: 'progress', progress: {} }).limits;
+    try {
+      const a = t.executor.execute(t.task, t.context);
+      a.catch(() => undefined);
+      const ta = await t.next('repo1');
+      t.send('repo1', ta.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null });
+      const sa = await t.next('src1');
+      expect(sa).toMatchObject({ kind: 'backup-source', limits: [{ name: 'rule:wan', bytesPerSecond: 1e6 }] });
+      // Another job's VM on a host of agent src2, into the same repository agent: the same rule covers it.
+      const other: TaskSpec = { ...t.task, sessionId: 's2', taskId: 't9', vm: 'db1', disk: { name: 'vda', location: { agent: 'src2' } } };
+      const b = t.executor.execute(other, t.context);
+      const tb = await t.next('repo1');
+      t.send('repo1', tb.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null });
+      const sb = await t.next('src2');
+      expect(sb).toMatchObject({ kind: 'backup-source', vm: 'db1', limits: [{ name: 'rule:wan', bytesPerSecond: 0.5e6 }] });
+      await settle();
+      expect(limitsOf('src1', sa.taskId)).toEqual([{ name: 'rule:wan', bytesPerSecond: 0.5e6 }]);
+      // src2's transfer ends: src1 has the whole rule again.
+      t.send('src2', sb.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: 'disk vda: NBD export gone' } });
+      await expect(b).rejects.toThrow(/NBD export gone/);
+      await settle();
+      expect(limitsOf('src1', sa.taskId)).toEqual([{ name: 'rule:wan', bytesPerSecond: 1e6 }]);
+    } finally {
+      t.broker.close();
+    }
+  });
+
   it('a health-check session is one health-check task on the repository agent', async () => {
     const t = setup({ operation: 'health-check', wholeChain: true });
     try {
@@ -188,6 +239,64 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
       t.send('repo1', target2.taskId, { type: 'result', ok: false, error: { kind: 'internal', message: 'aborted' } });
       await expect(again).rejects.toThrow(/stopped by the server|aborted/);
       await expect(t.executor.execute({ ...vdb, attempt: 2 }, ctx2)).rejects.toThrow("disk vdb of VM web1 did not run (no task slot: proxy src1 is offline), so the VM's restore point cannot be complete");
+    } finally {
+      t.broker.close();
+    }
+  });
+
+  it('the VM\'s one transfer gets the repository rate shares of its disk tasks holding a slot, summed, as they come, change and go', async () => {
+    const t = setup({ method: 'forever-forward', retention: { points: 3 } });
+    /** A disk task's slot: its share of the repository rate (the scheduler's lease), changed by the test. */
+    const slot = (share: number) => {
+      const watchers = new Set<(rate: number | undefined) => void>();
+      const s = {
+        share,
+        set(rate: number) {
+          s.share = rate;
+          for (const w of watchers) w(rate);
+        },
+        context: (base: TaskContext): TaskContext => ({
+          ...base,
+          rateLimit: () => s.share,
+          watchRate: (l) => {
+            watchers.add(l);
+            return () => watchers.delete(l);
+          },
+        }),
+      };
+      return s;
+    };
+    const settle = () => new Promise((r) => setTimeout(r, 20));
+    try {
+      const vda = { ...t.task, vmDisks: ['vda', 'vdb'] };
+      const vdb = { ...vda, taskId: 't2', disk: { name: 'vdb', location: { agent: 'src1' } } };
+      // A 200 MB/s repository with one other task on it: vda's task alone holds a slot of this VM.
+      const a = slot(100e6);
+      const b = slot(66e6);
+      const first = t.executor.execute(vda, a.context(t.context));
+      const target = await t.next('repo1');
+      t.send('repo1', target.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null });
+      const source = await t.next('src1');
+      expect(source).toMatchObject({ kind: 'backup-source', limits: [{ name: 'task:t1', bytesPerSecond: 100e6 }] });
+      // vdb's task gets its slot: three tasks share the repository, two of them this VM's.
+      a.set(66e6);
+      const second = t.executor.execute(vdb, b.context(t.context));
+      await settle();
+      const limitsNow = () => t.send('src1', source.taskId, { type: 'progress', progress: {} }).limits;
+      expect(limitsNow()).toEqual([{ name: 'task:t1', bytesPerSecond: 132e6 }]);
+      // vda is written and its task ends (its slot is freed): vdb's task alone, whose share grows.
+      const disk = (done: boolean) => ({ bytesProcessed: 100, bytesRead: 100, bytesStored: 50, size: 100, done });
+      t.send('src1', source.taskId, { type: 'progress', progress: { disks: { vda: disk(true), vdb: disk(false) }, bytesProcessed: 200, bytesRead: 200, bytesStored: 100, size: 200, rate: 1 } });
+      await expect(first).resolves.toEqual({ state: 'success' });
+      await settle();
+      expect(limitsNow()).toEqual([{ name: 'task:t1', bytesPerSecond: 66e6 }]);
+      b.set(100e6);
+      await settle();
+      expect(limitsNow()).toEqual([{ name: 'task:t1', bytesPerSecond: 100e6 }]);
+      const summary = { pointId: 'p9', point: wirePoint('p9', 'full'), kind: 'full', warnings: [], consistency: 'application', disks: [{ name: 'vda', bytesRead: 100, bytesStored: 50 }, { name: 'vdb', bytesRead: 100, bytesStored: 50 }] };
+      t.send('src1', source.taskId, { type: 'result', ok: true, value: summary });
+      t.send('repo1', target.taskId, { type: 'result', ok: true, value: { point: wirePoint('p9', 'full'), disks: [] } });
+      await expect(second).resolves.toEqual({ state: 'success' });
     } finally {
       t.broker.close();
     }

@@ -9,6 +9,8 @@
 // health-check session is one task on the repository agent. As on the one-host path, the first
 // disk task of a VM runs the VM's work and its other disk tasks report their disk from that run.
 import { randomBytes } from 'node:crypto';
+import { lookup } from 'node:dns/promises';
+import net from 'node:net';
 import { BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { methodSettings, splitDisks } from '../../agent/backup/chain-policy.js';
@@ -104,6 +106,13 @@ interface VmRun {
   readonly tasks: Array<(e: RunEvent) => void>;
   /** A health check: how far it has come (the repository agent's latest maintenance progress). */
   checked?: MaintenanceProgress | undefined;
+  /**
+   * The run's disk tasks that hold their slot now: the VM's one transfer carries all their data,
+   * so its share of the repository's rate is the sum of theirs (docs/resource-scheduling.md).
+   */
+  readonly holders: Set<StageTimesContext>;
+  /** Sends the current limits to the source agent (set once its task exists). */
+  refreshLimits?: (() => void) | undefined;
 }
 
 type JobRunEvent =
@@ -129,6 +138,10 @@ interface JobRun {
   settledAt: number | null;
   /** Fails the run: the target and every source task are cancelled. */
   cancel?: ((reason: string) => void) | undefined;
+  /** The job's disk tasks that hold their slot now: their shares of the repository's rate, summed, go to the job's transfers. */
+  readonly holders: Set<StageTimesContext>;
+  /** Sends the current limits to every source agent (set once their tasks exist). */
+  refreshLimits?: (() => void) | undefined;
 }
 
 /** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
@@ -146,6 +159,14 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   /** Disk tasks of a round that will not run (taskSkipped), by run key: the VM's run fails. */
   readonly #skipped = new Map<string, { why: string; at: number }>();
   readonly #localAgent: string;
+  /**
+   * The transfers each throttling rule covers now (transfer key -> its source agent). An agent
+   * enforces a rule with one bucket for all its own streams, so a rule's rate is split among the
+   * agents that send under it, by their number of transfers: the rule holds in total.
+   */
+  readonly #ruleUsers = new Map<string, Map<string, string>>();
+  /** Re-sends the limits of each transfer running now (by transfer key), when a rule's users change. */
+  readonly #limitRefreshers = new Map<string, () => void>();
 
   constructor(options: RemoteDataPathOptions) {
     this.#o = options;
@@ -288,6 +309,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     };
     run.listeners.add(listener);
     run.tasks.push(listener);
+    // While this task holds its slot, its share of the repository's rate goes into the VM's transfer.
+    run.holders.add(ctx);
+    const unwatchRate = ctx.watchRate?.(() => r.refreshLimits?.());
+    r.refreshLimits?.();
     if (run.progress) context.progress(diskProgress(run.progress, task.disk.name));
     try {
       if (paced) {
@@ -322,6 +347,9 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     } finally {
       run.listeners.delete(listener);
       run.tasks.splice(run.tasks.indexOf(listener), 1);
+      run.holders.delete(ctx);
+      unwatchRate?.();
+      if (run.holders.size > 0) run.refreshLimits?.();
     }
   }
 
@@ -373,12 +401,14 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const emit = (e: RunEvent): void => {
       for (const l of listeners) l(e);
     };
-    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, go: new Set(), tasks: [], result: Promise.resolve() as never };
+    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, go: new Set(), tasks: [], holders: new Set([context]), result: Promise.resolve() as never };
     const { job } = task;
     const settings = methodSettings(job.settings);
     const broker = this.#o.broker;
     const targetAgent = repository.agent ?? this.#localAgent;
     const signal = context.signal;
+    const transfer = { key: this.#runKey(task), agent: sourceAgent };
+    const limitsNow = (sourceIp: string, targetHost: string): Promise<NamedLimit[]> => this.#limits(task, () => sumShares(run.holders), sourceIp, targetHost, transfer);
     const onEvent = (e: TaskEvent): void => {
       switch (e.type) {
         case 'progress':
@@ -437,7 +467,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         const plan = readyOrFailed.plan;
         const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
         const sourceIp = broker.addressOf(sourceAgent) ?? '127.0.0.1';
-        const limits = await this.#limits(task, context, sourceIp, targetHost);
+        const limits = await limitsNow(sourceIp, targetHost);
         const hosts = await this.#o.hosts();
         const mine = hosts.filter((h) => (h.agent ?? this.#localAgent) === sourceAgent).map((h) => h.connection);
         const streams = setting(job, 'multithreadedTransfer', isBoolean) === false ? 1 : (setting(job, 'streams', isNumber) ?? 5);
@@ -480,18 +510,22 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         // Rules have hours and the repository share changes as tasks come and go: keep the limits current.
         const handle = sourceHandle;
         const refresh = (): void => {
-          this.#limits(task, context, sourceIp, targetHost).then(
+          limitsNow(sourceIp, targetHost).then(
             (l) => handle.setLimits(l),
             (err: unknown) => log.warn({ err: describeError(err) }, 'could not re-evaluate the rate limits'),
           );
         };
+        // The disk tasks' shares change as tasks start and end (each holder's watchRate and its
+        // arrival or end call run.refreshLimits).
+        run.refreshLimits = refresh;
+        this.#limitRefreshers.set(transfer.key, refresh);
         const limitTimer = setInterval(refresh, 5000);
         limitTimer.unref();
-        const unwatch = context.watchRate?.(() => refresh());
         signal.addEventListener('abort', () => clearInterval(limitTimer), { once: true });
         void sourceHandle.result.finally(() => {
           clearInterval(limitTimer);
-          unwatch?.();
+          run.refreshLimits = undefined;
+          this.#transferEnded(transfer.key);
         }).catch(() => undefined);
         // Whichever side fails first fails the run; the other side is stopped.
         const sourceDone = sourceHandle.result;
@@ -536,6 +570,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       } catch (err) {
         target.cancel('the backup failed');
         sourceHandle?.cancel('the backup failed');
+        // A source that never started leaves no transfer behind in the rules' shares.
+        if (!sourceHandle) this.#transferEnded(transfer.key);
         throw err;
       } finally {
         signal.removeEventListener('abort', stopTarget);
@@ -598,7 +634,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const emit = (e: RunEvent): void => {
       for (const l of listeners) l(e);
     };
-    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, go: new Set(), tasks: [], result: Promise.resolve() as never };
+    const run: VmRun = { listeners, progress: null, stageTimes: undefined, settledAt: null, go: new Set(), tasks: [], holders: new Set(), result: Promise.resolve() as never };
     const { job } = task;
     const agent = repository.agent ?? this.#localAgent;
     (run as { result: VmRun['result'] }).result = (async (): Promise<VmRunResult> => {
@@ -690,6 +726,9 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       },
     };
     r.tasks.push(listener);
+    r.holders.add(ctx);
+    const unwatchRate = ctx.watchRate?.(() => r.refreshLimits?.());
+    r.refreshLimits?.();
     const p = r.progress.get(task.vm);
     if (p) context.progress(diskProgress(p, task.disk.name));
     try {
@@ -710,6 +749,9 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
     } finally {
       r.tasks.splice(r.tasks.indexOf(listener), 1);
+      r.holders.delete(ctx);
+      unwatchRate?.();
+      if (r.holders.size > 0) r.refreshLimits?.();
     }
   }
 
@@ -720,7 +762,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
    * VM's slice goes into the catalog and the catalog follows the `_all` chain's steps.
    */
   #startJobRun(task: TaskSpec, context: StageTimesContext, repository: DispatchRepository): JobRun {
-    const run: JobRun = { progress: new Map(), tasks: [], settledAt: null, result: Promise.resolve() as never };
+    const run: JobRun = { progress: new Map(), tasks: [], settledAt: null, holders: new Set([context]), result: Promise.resolve() as never };
     const emit = (e: JobRunEvent): void => {
       for (const t of [...run.tasks]) t.hear(e);
     };
@@ -788,6 +830,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       const onAbort = () => run.cancel?.('the job was stopped');
       signal.addEventListener('abort', onAbort, { once: true });
       let limitTimer: NodeJS.Timeout | undefined;
+      /** The keys of the VMs' transfers (in the throttling rules' shares while they run). */
+      const transfers: string[] = [];
       try {
         const readyOrFailed = await ready();
         const plan = readyOrFailed.plan;
@@ -797,10 +841,17 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         const streams = setting(job, 'multithreadedTransfer', isBoolean) === false ? 1 : (setting(job, 'streams', isNumber) ?? 5);
         const blockSize = setting(job, 'blockSize', isNumber);
         const full = plan.kind === 'full';
-        // 2. Each VM's source agent reads it and sends it to the target, all at once.
+        // 2. Each VM's source agent reads it and sends it to the target, all at once. The job's
+        // disk tasks' shares of the repository's rate, summed, are split among the VMs' transfers.
         const refreshers: Array<() => void> = [];
+        const vmShare = (): number | undefined => {
+          const sum = sumShares(run.holders);
+          return sum === undefined ? undefined : sum / vms.length;
+        };
         for (const v of vms) {
           const sourceIp = broker.addressOf(v.sourceAgent) ?? '127.0.0.1';
+          const transfer = { key: `${this.#runKey(task)}/${v.vm}`, agent: v.sourceAgent };
+          transfers.push(transfer.key);
           const mine = hosts.filter((h) => (h.agent ?? this.#localAgent) === v.sourceAgent).map((h) => h.connection);
           const repair = plan.repair.flatMap((r) => {
             const split = splitAllVmsDiskName(r.disk);
@@ -828,7 +879,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
               compression: setting(job, 'compression', isCompression),
               streams,
               resumeWindowMs: this.#o.resumeWindowMs ?? 30_000,
-              limits: await this.#limits(task, context, sourceIp, targetHost),
+              limits: await this.#limits(task, vmShare, sourceIp, targetHost, transfer, v.vm),
               ...(full ? {} : { intoIncrement: true }),
             },
             (e) => {
@@ -850,16 +901,21 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             },
           );
           sources.set(v.vm, handle);
-          refreshers.push(() => {
-            this.#limits(task, context, sourceIp, targetHost).then(
+          const refresh = (): void => {
+            this.#limits(task, vmShare, sourceIp, targetHost, transfer, v.vm).then(
               (l) => handle.setLimits(l),
               (err: unknown) => log.warn({ err: describeError(err) }, 'could not re-evaluate the rate limits'),
             );
-          });
+          };
+          refreshers.push(refresh);
+          this.#limitRefreshers.set(transfer.key, refresh);
+          void handle.result.finally(() => this.#transferEnded(transfer.key)).catch(() => undefined);
         }
         if (signal.aborted) onAbort();
         // Rules have hours and the repository share changes as tasks come and go: keep the limits current.
-        limitTimer = setInterval(() => refreshers.forEach((f) => f()), 5000);
+        const refreshAll = (): void => refreshers.forEach((f) => f());
+        run.refreshLimits = refreshAll;
+        limitTimer = setInterval(refreshAll, 5000);
         limitTimer.unref();
 
         // Every VM or none: the first failure (a source, or the target) stops everything.
@@ -940,6 +996,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         throw err;
       } finally {
         clearInterval(limitTimer);
+        run.refreshLimits = undefined;
+        for (const key of transfers) this.#transferEnded(key);
         signal.removeEventListener('abort', onAbort);
       }
     })();
@@ -950,20 +1008,106 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     return run;
   }
 
-  /** The rate limits of a transfer: each matching throttling rule (shared by name) and the task's repository share. */
-  async #limits(task: TaskSpec, context: StageTimesContext, sourceIp: string, targetIp: string): Promise<NamedLimit[]> {
+  /**
+   * The rate limits of a transfer: each matching throttling rule (shared by name) and its share of
+   * the repository's rate (`share()`: its disk tasks' shares summed; `part`: one VM's transfer of a
+   * per-job run).
+   */
+  async #limits(
+    task: TaskSpec,
+    share: () => number | undefined,
+    sourceIp: string,
+    targetIp: string,
+    transfer: { readonly key: string; readonly agent: string },
+    part?: string,
+  ): Promise<NamedLimit[]> {
     const limits: NamedLimit[] = [];
     if (this.#o.throttling) {
       const { rules, timeZone } = await this.#o.throttling();
       const at = this.#now();
-      for (const r of matchingThrottlingRules(rules, { sourceIp, targetIp, at, timeZone })) {
-        limits.push({ name: `rule:${r.name}`, bytesPerSecond: mbpsToBytesPerSecond(r.mbps) });
+      // The repository agent may advertise its listener by name (--data-advertise): rules are
+      // about addresses, so a name is matched by every address it resolves to.
+      const targets = await addressesOf(targetIp);
+      const matched = new Map(targets.flatMap((ip) => matchingThrottlingRules(rules, { sourceIp, targetIp: ip, at, timeZone })).map((r) => [r.name, r]));
+      const changed = this.#coverTransfer(transfer, new Set(matched.keys()));
+      for (const r of matched.values()) {
+        // This agent's part of the rule: its transfers under the rule over all transfers under it.
+        const users = [...(this.#ruleUsers.get(r.name)?.values() ?? [])];
+        const mine = users.filter((a) => a === transfer.agent).length;
+        const fraction = users.length > 0 ? Math.max(1, mine) / users.length : 1;
+        limits.push({ name: `rule:${r.name}`, bytesPerSecond: mbpsToBytesPerSecond(r.mbps) * fraction });
       }
+      if (changed) this.#refreshOthers(transfer.key);
     }
-    const share = context.rateLimit?.();
-    if (share !== undefined && share > 0) limits.push({ name: `task:${task.taskId}`, bytesPerSecond: share });
+    const rate = share();
+    if (rate !== undefined && rate > 0) limits.push({ name: `task:${task.taskId}${part === undefined ? '' : `/${part}`}`, bytesPerSecond: rate });
     return limits;
   }
+
+  /** Records which rules cover a transfer now; whether that changed any rule's users. */
+  #coverTransfer(transfer: { readonly key: string; readonly agent: string }, rules: ReadonlySet<string>): boolean {
+    let changed = false;
+    for (const [name, users] of this.#ruleUsers) {
+      if (!rules.has(name) && users.delete(transfer.key)) {
+        changed = true;
+        if (users.size === 0) this.#ruleUsers.delete(name);
+      }
+    }
+    for (const name of rules) {
+      let users = this.#ruleUsers.get(name);
+      if (!users) this.#ruleUsers.set(name, (users = new Map<string, string>()));
+      if (users.get(transfer.key) !== transfer.agent) {
+        users.set(transfer.key, transfer.agent);
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
+  /** A transfer ended: it leaves every rule, and the transfers still running get their larger parts. */
+  #transferEnded(key: string): void {
+    this.#limitRefreshers.delete(key);
+    let changed = false;
+    for (const [name, users] of this.#ruleUsers) {
+      if (users.delete(key)) {
+        changed = true;
+        if (users.size === 0) this.#ruleUsers.delete(name);
+      }
+    }
+    if (changed) this.#refreshOthers(key);
+  }
+
+  #refreshOthers(key: string): void {
+    for (const [k, refresh] of this.#limitRefreshers) if (k !== key) refresh();
+  }
+}
+
+/** An address as it is, or the addresses a host name resolves to (the name itself when it does not resolve). */
+async function addressesOf(host: string): Promise<string[]> {
+  if (net.isIP(host) !== 0) return [host];
+  try {
+    const found = (await lookup(host, { all: true })).map((a) => a.address);
+    return found.length > 0 ? found : [host];
+  } catch (err) {
+    log.warn({ host, err: describeError(err) }, 'could not resolve the repository agent\'s data address: throttling rules are matched against the name');
+    return [host];
+  }
+}
+
+/**
+ * The rate share of a transfer that carries several disk tasks' data: their shares summed;
+ * undefined (unlimited) when a task has none (the repository has no limit) or none holds a slot.
+ */
+function sumShares(holders: Iterable<StageTimesContext>): number | undefined {
+  let sum = 0;
+  let any = false;
+  for (const h of holders) {
+    const share = h.rateLimit?.();
+    if (share === undefined || !(share > 0)) return undefined;
+    sum += share;
+    any = true;
+  }
+  return any ? sum : undefined;
 }
 
 function kindOf(err: unknown): BulwarkError['kind'] {
