@@ -38,7 +38,7 @@ import { DatabaseAgentLinkStore, DatabaseJobEngineStore, DatabaseSchedulerStore,
 import { setScheduleValidator } from './services/jobs.js';
 import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfiguration } from './services/config-backup.js';
 import { createRepository, getRepository, listHosts, listRepositories } from './services/infrastructure.js';
-import { recordRestorePoint, SessionEvents } from './services/sessions.js';
+import { recordRestorePoint, RunningRestores, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 import { AgentMountsState } from './api/agent-mounts-state.js';
 import { vmsPlugin } from './api/vms.js';
@@ -333,7 +333,9 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
       return { token: t.token, expiresAt: t.expiresAt.toISOString(), ...(t.name ? { name: t.name } : {}) };
     };
     const resources = resourcesPlugin(ctx, () => slots.refresh(), () => slots.status());
-    const common = { ctx, runner, events, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
+    // Disk restores as sessions: their progress is announced on `events`, `session stop` reaches them.
+    const restores = new RunningRestores({ events });
+    const common = { ctx, runner, events, restores, version, configBackup, onJobsChanged: reload, createEnrollmentToken: enrollmentTokens };
 
     // File-level restore mounts (one-host install: in this process); a crashed run's are swept.
     await sweepStaleMounts().catch((err: unknown) => log.warn({ err: describeError(err) }, 'sweeping stale file-restore mounts failed'));
@@ -347,7 +349,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const recovery = await startRecoveryService({ ctx, dataDir, keys, remote: new RemoteRecovery(dispatch.broker, opts.dispatch?.localAgent) });
     cleanups.push(() => recovery.close());
 
-    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), recoveryPlugin(recovery), vmsPlugin(ctx, fileIndexAgents), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
+    const socketApp = await buildApi({ ...common, transport: 'socket', plugins: [restorePlugin(ctx, dispatch.restoreDisk, keys, restores), backupApi, resources, filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), recoveryPlugin(recovery), vmsPlugin(ctx, fileIndexAgents), encryptionPlugin(keys), ...(opts.plugins ?? [])] });
     cleanups.push(() => socketApp.close());
     await socketApp.listen({ path: socketPath });
     await chmod(socketPath, 0o600);
@@ -359,7 +361,7 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
         ...common,
         transport: 'tcp',
         // Agents enroll and send heartbeats over the TCP port with their client certificates.
-        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), vmsPlugin(ctx, fileIndexAgents), encryptionPlugin(keys), ...(opts.plugins ?? [])],
+        plugins: [agentLinkPlugin({ store: agentStore, pki, now: () => clock.now() }), dispatch.plugin(agentStore), restorePlugin(ctx, dispatch.restoreDisk, keys, restores), backupApi, resources, recoveryPlugin(recovery), filesPlugin(ctx, fileMounts, { keys, agents: fileIndexAgents }), vmsPlugin(ctx, fileIndexAgents), encryptionPlugin(keys), ...(opts.plugins ?? [])],
         https: agentLinkTlsOptions(pki),
       });
       cleanups.push(() => tcpApp.close());

@@ -168,3 +168,21 @@ export type InstantRecoveryReply<A extends InstantRecoveryAction['action']> = St
 // A schema that drifts from its interface fails the typecheck here.
 type Fits<T extends U, U> = T;
 export type WireSchemasFit = [Fits<Static<typeof WirePointConfigSchema>, WirePointConfig>, Fits<Static<typeof WireInstantSessionSchema>, WireInstantSession>];
+
+/**
+ * A restore-disk task's progress event (`{ type: 'progress', progress }`, added 2026-11-26): bytes
+ * of the disk done (holes count), data written to the image, the disk's size. The agent sends the
+ * latest with its event flush; the server writes it to the restore's session.
+ */
+export interface WireRestoreDiskProgress {
+  readonly bytesDone: number;
+  readonly bytesWritten: number;
+  readonly size: number;
+}
+
+/** The restore-disk progress in a progress event, or undefined when it holds none (another agent version). */
+export function restoreDiskProgressOf(progress: Record<string, unknown>): WireRestoreDiskProgress | undefined {
+  const { bytesDone, bytesWritten, size } = progress;
+  if (typeof bytesDone !== 'number' || typeof bytesWritten !== 'number' || typeof size !== 'number') return undefined;
+  return { bytesDone, bytesWritten, size };
+}

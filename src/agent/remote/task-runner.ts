@@ -424,6 +424,8 @@ export class AgentTaskRunner {
       ...(task.overwrite ? { overwrite: true } : {}),
       ...(task.digest ? { imageDigest: true } : {}),
       ...(task.password !== undefined ? { password: task.password } : {}),
+      // To the restore's session (WireRestoreDiskProgress): the latest goes with each event flush.
+      onProgress: (p) => this.#emit(task.taskId, { type: 'progress', progress: { bytesDone: p.bytesDone, bytesWritten: p.bytesWritten, size: p.size } }),
     });
     return { path: r.path, format: r.format, size: r.size, ...(r.sha256 !== undefined ? { sha256: r.sha256 } : {}), bytesWritten: r.bytesWritten, durationMs: r.durationMs };
   }

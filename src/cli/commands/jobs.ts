@@ -2,6 +2,7 @@
 // (sessions) and what they produced (restore points).
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { describeError } from '../../common/errors.js';
+import { isFinalState } from '../../server/jobs/ports.js';
 import type { Job, PeriodicDays, RestorePoint, Session } from '../../server/services/model.js';
 import {
   at,
@@ -466,6 +467,8 @@ export function sessionCommand(ctx: CliContext): Command {
         return;
       }
       if (o.json) printJson(ctx.output, reply ?? { id });
+      // The server answers once the session has ended (a job run, a disk restore): say how.
+      else if (reply && isFinalState(reply.state)) ctx.output.out(`session ${id}: ${reply.state}${reply.reason ? ` (${reply.reason})` : ''}\n`);
       else ctx.output.out(`session ${id}: stop requested\n`);
     });
 

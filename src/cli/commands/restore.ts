@@ -1,12 +1,17 @@
-// `bulwark restore disk POINT …`: brings one disk of a restore point back as an image file.
+// `bulwark restore disk POINT …`: brings one disk of a restore point back as an image file,
+// showing the progress of its session while it runs (a bar on a terminal, lines otherwise).
 // POINT is a restore point id, `VM@latest` or `VM@<ISO time>` (the newest point at or before it).
+import { randomUUID } from 'node:crypto';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import cliProgress from 'cli-progress';
 import { Command, Option } from 'commander';
 import { BulwarkError } from '../../common/errors.js';
-import type { RestorePoint } from '../../server/services/model.js';
+import { isFinalState } from '../../server/jobs/ports.js';
+import type { RestorePoint, Session } from '../../server/services/model.js';
 import { at, clientFor, oneOf, type CliContext, type ItemList } from '../context.js';
-import type { ApiClient } from '../client.js';
-import { formatFields, humanDuration, humanSize, printJson, processOutput, type Output } from '../output.js';
+import { ApiError, type ApiClient } from '../client.js';
+import { formatFields, humanDuration, humanRate, humanSize, localTime, printJson, processOutput, type Output } from '../output.js';
 import { registerRestoreFiles } from './files.js';
 import { registerRestoreVm } from './recovery.js';
 import { passwordFileOption, withPointPassword } from './encryption.js';
@@ -72,6 +77,144 @@ export async function resolvePoint(client: ApiClient, point: string, output: Out
   return found.id;
 }
 
+/** A restore's figures as its session shows them: bytes of the disk done of `total`, the average rate. */
+export interface RestoreFigures {
+  readonly done: number;
+  /** The disk's size (undefined while unknown). */
+  readonly total: number | undefined;
+  readonly percent: number;
+  /** Bytes/s since the start. */
+  readonly rate: number;
+}
+
+export function restoreFigures(s: Session, total: number | undefined): RestoreFigures {
+  const p = s.progress;
+  return { done: p.bytesRead, total: total ?? (p.percent > 0 ? Math.round((p.bytesRead * 100) / p.percent) : undefined), percent: p.percent, rate: p.processingRate };
+}
+
+/** "40% (102.40 MiB of 256.00 MiB), 120.00 MiB/s, ETA 1s" */
+export function restoreProgressText(f: RestoreFigures): string {
+  const eta = f.total !== undefined && f.rate > 0 ? humanDuration(Math.max(0, f.total - f.done) / f.rate) : '-';
+  return `${Math.floor(f.percent)}% (${humanSize(f.done)} of ${humanSize(f.total)}), ${humanRate(f.rate)}, ETA ${eta}`;
+}
+
+/** How `restore disk` shows its session while the request runs. */
+interface RestoreView {
+  /** The session as the server has it now. */
+  update(s: Session): void;
+  /** The request has been answered (or failed): clear the bar. */
+  end(): void;
+}
+
+/**
+ * Plain lines (pipes, logs) on stdout: the session's id once it exists, then a line at every 10 %
+ * and at least every `everyMs` while it moves; never one per update.
+ */
+export class RestoreLines implements RestoreView {
+  readonly #output: Output;
+  readonly #what: string;
+  readonly #total: () => number | undefined;
+  readonly #everyMs: number;
+  #announced = false;
+  #decile = -1;
+  #lastAt = 0;
+  /** Nothing done yet is not worth a line. */
+  #lastDone = 0;
+
+  constructor(output: Output, what: string, total: () => number | undefined, everyMs = 5000) {
+    this.#output = output;
+    this.#what = what;
+    this.#total = total;
+    this.#everyMs = everyMs;
+  }
+
+  update(s: Session): void {
+    if (!this.#announced) {
+      this.#announced = true;
+      this.#output.out(`${localTime(new Date())}  ${this.#what}: session ${s.id} (stop it with: bulwark session stop ${s.id})\n`);
+    }
+    if (s.state !== 'running') return;
+    const f = restoreFigures(s, this.#total());
+    const decile = Math.floor(f.percent / 10);
+    const now = Date.now();
+    if (f.done === this.#lastDone || (decile <= this.#decile && now - this.#lastAt < this.#everyMs)) return;
+    this.#decile = Math.max(this.#decile, decile);
+    this.#lastAt = now;
+    this.#lastDone = f.done;
+    this.#output.out(`${localTime(new Date())}  restoring  ${restoreProgressText(f)}\n`);
+  }
+
+  end(): void {
+    // lines need no clearing
+  }
+}
+
+/** A progress bar on the terminal (stderr): bytes restored of the disk, rate, ETA. */
+export class RestoreBar implements RestoreView {
+  readonly #stream: NodeJS.WritableStream;
+  readonly #what: string;
+  readonly #total: () => number | undefined;
+  #bar: cliProgress.SingleBar | undefined;
+
+  constructor(what: string, total: () => number | undefined, stream: NodeJS.WritableStream = process.stderr) {
+    this.#stream = stream;
+    this.#what = what;
+    this.#total = total;
+  }
+
+  update(s: Session): void {
+    if (s.state !== 'running') return;
+    const f = restoreFigures(s, this.#total());
+    const values = { done: humanSize(f.done), size: humanSize(f.total), rate: humanRate(f.rate), eta: f.total !== undefined && f.rate > 0 ? humanDuration(Math.max(0, f.total - f.done) / f.rate) : '-' };
+    if (!this.#bar) {
+      this.#stream.write(`${this.#what}: session ${s.id} (Ctrl-C or bulwark session stop ${s.id} stops it)\n`);
+      this.#bar = new cliProgress.SingleBar(
+        { stream: this.#stream, format: ' restoring [{bar}] {percentage}% | {done} of {size} | {rate} | ETA {eta}', hideCursor: true, clearOnComplete: true, fps: 5 },
+        cliProgress.Presets.shades_classic,
+      );
+      this.#bar.start(100, 0, values);
+    }
+    this.#bar.update(Math.min(100, Math.max(0, Math.floor(f.percent))), values);
+  }
+
+  end(): void {
+    this.#bar?.stop();
+    this.#bar = undefined;
+  }
+}
+
+/**
+ * Follows session `id` (which the server creates once it has checked the request) until `signal`
+ * aborts or it ends; for display only: errors (no permission to read sessions, an older server)
+ * end it quietly, the request's answer decides the outcome.
+ */
+export async function watchSession(client: ApiClient, id: string, seen: (s: Session) => void, signal: AbortSignal): Promise<void> {
+  const where = at('/sessions', id);
+  try {
+    for (;;) {
+      if (signal.aborted) return;
+      try {
+        const s = await client.get<Session>(where);
+        seen(s);
+        if (isFinalState(s.state)) return;
+        break;
+      } catch (err) {
+        if (!(err instanceof ApiError && err.status === 404)) return;
+      }
+      await sleep(100, undefined, { signal }).catch(() => undefined);
+    }
+    await client.events(
+      `${where}/events`,
+      (e) => {
+        if (e.event === 'session') seen(JSON.parse(e.data) as Session);
+      },
+      signal,
+    );
+  } catch {
+    // display only (see above)
+  }
+}
+
 export function restoreCommand(ctx: CliContext): Command {
   const restore = new Command('restore').description('bring back disks from restore points');
 
@@ -89,19 +232,46 @@ export function restoreCommand(ctx: CliContext): Command {
     .action(async (point: string, o: { disk: string; to: string; format: 'raw' | 'qcow2'; overwrite?: boolean; digest?: boolean; passwordFile?: string; json?: boolean }, cmd: Command) => {
       const client = await clientFor(ctx, cmd);
       const id = await resolvePoint(client, point, ctx.output);
-      const reply = await withPointPassword(ctx, o.passwordFile, (pw) =>
-        client.post<RestoreDiskReply>(at('/restore-points', id, 'restore-disk'), {
-          disk: o.disk,
-          to: path.resolve(o.to),
-          format: o.format,
-          ...(o.overwrite ? { overwrite: true } : {}),
-          ...(o.digest ? { digest: true } : {}),
-          ...pw,
-        }),
-      );
+      const to = path.resolve(o.to);
+      // The disk's size, for "bytes restored of total" (the session carries the percent).
+      let total: number | undefined;
+      const what = `restore of disk ${o.disk} of restore point ${id} to ${to}`;
+      // A terminal gets a bar on stderr (with --json too); pipes get lines on stdout, except with --json.
+      const newView = (): RestoreView | undefined => (ctx.tty ? new RestoreBar(what, () => total) : o.json ? undefined : new RestoreLines(ctx.output, what, () => total));
+      if (ctx.tty || !o.json) {
+        void client.get<RestorePoint>(at('/restore-points', id)).then(
+          (p) => void (total = p.disks.find((d) => d.name === o.disk)?.size),
+          () => undefined,
+        );
+      }
+      let sessionId = '';
+      const reply = await withPointPassword(ctx, o.passwordFile, async (pw) => {
+        // The session's id is chosen here, so its progress can be followed while the request runs
+        // (a new one for each attempt: a refused password ends the first attempt's session).
+        sessionId = randomUUID();
+        const view = newView();
+        const following = new AbortController();
+        const watching = view ? watchSession(client, sessionId, (s) => view.update(s), following.signal) : undefined;
+        try {
+          return await client.post<RestoreDiskReply>(at('/restore-points', id, 'restore-disk'), {
+            disk: o.disk,
+            to,
+            format: o.format,
+            ...(o.overwrite ? { overwrite: true } : {}),
+            ...(o.digest ? { digest: true } : {}),
+            session: sessionId,
+            ...pw,
+          });
+        } finally {
+          following.abort();
+          await watching;
+          view?.end();
+        }
+      });
       if (o.json) return printJson(ctx.output, reply);
       ctx.output.out(
         formatFields([
+          ['session', sessionId],
           ['restore point', reply.point],
           ['disk', reply.disk],
           ['written to', reply.path],

@@ -8,6 +8,7 @@
 // by following the written file in disk order. The result appears under its name
 // only when complete (rename); an existing file is refused unless `overwrite` is set.
 import { constants as fsConstants } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { lstat, mkdtemp, open, rename, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
 import type { Stats } from 'node:fs';
 import { availableParallelism } from 'node:os';
@@ -169,6 +170,9 @@ async function writeImage(
 ): Promise<WriteOutcome> {
   const bs = disk.blockSize;
   const perBatch = batchBlocks(bs);
+  // Tests only: a pause before each batch, so a restore of a few hundred MiB runs long enough to
+  // watch its progress and stop it (test/server/restore-progress.test.ts).
+  const pace = Number(process.env.BULWARK_TEST_RESTORE_PACE_MS ?? 0);
   const fileIndex = new Map(point.files.map((f, i) => [f, i]));
   const order: Segment[] = [];
   let head = 0;
@@ -228,6 +232,7 @@ async function writeImage(
       }
       const seg: Segment = { kind: 'data', from, to: Math.min(disk.size, (first + e) * bs), done: false };
       order.push(seg);
+      if (pace > 0) await sleep(pace);
       await pool.ready();
       batches.push(
         pool.submit({ file: fileIndex.get(r.file)!, blocks, digests: digests.subarray(0, 32 * (e - k)) }).then(
@@ -425,6 +430,8 @@ export async function restoreDisk(o: RestoreDiskOptions): Promise<RestoreDiskRes
         : Promise.resolve('');
       [, sha256] = await Promise.all([flusher.finish().then(() => void (timings.synced = Date.now() - started)), digest]);
       timings.hashed = Date.now() - started;
+      // A stop while the tail was synced or hashed: nothing is published.
+      o.signal?.throwIfAborted();
     } finally {
       // Threads first: they use this file's and the backup files' descriptors.
       await pool?.close();

@@ -33,6 +33,8 @@ export interface ApiOptions {
   ctx: ServiceContext;
   runner: JobRunner;
   events: sessions.SessionEvents;
+  /** The restores this server runs as sessions (`session stop` of a disk restore); absent: refused as not running. */
+  restores?: sessions.RunningRestores | undefined;
   transport: Transport;
   version: string;
   configBackup?: ConfigBackupApi | undefined;
@@ -282,7 +284,8 @@ export async function buildApi(opts: ApiOptions): Promise<FastifyInstance> {
         '/sessions/:id/stop',
         { config: { permission: 'run-jobs' }, schema: { tags: ['sessions'], params: IdParam, response: { 200: m.Session, ...errorReplies } } },
         async (req) => {
-          await opts.runner.stop(req.params.id, `stopped by ${req.principal?.user ?? 'a user'}`);
+          // Job runs through the engine; disk restores of this process through `restores`; other kinds say what stops them.
+          await sessions.stopSession(ctx, { runner: opts.runner, restores: opts.restores }, req.params.id, req.principal?.user ?? 'a user');
           return sessions.getSession(ctx, req.params.id);
         },
       );

@@ -13,7 +13,9 @@ import { isLocalRepository } from '../services/backup-methods.js';
 import { getRepository } from '../services/infrastructure.js';
 import { passwordNeeded, pointPassword, wrongPassword, type EncryptionKeys } from '../services/encryption.js';
 import { checkRestoreTarget } from '../services/restore-targets.js';
-import { deleteRestorePoint, getRestorePoint, recordedRestore, recordRestorePoint } from '../services/sessions.js';
+import {
+  deleteRestorePoint, getRestorePoint, recordedRestore, recordRestorePoint, type RestoreProgress, type RestoreSessionControl, type RunningRestores,
+} from '../services/sessions.js';
 
 const log = logger('restore-api');
 
@@ -30,6 +32,13 @@ const RestoreDiskBody = Type.Object(
       }),
     ),
     password: Type.Optional(Type.String({ minLength: 1, description: 'password of an encrypted point the server does not know the password of (never needed for the points of its encrypted jobs)' })),
+    session: Type.Optional(
+      Type.String({
+        pattern: '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$',
+        description:
+          'id for the restore\'s session (a new UUID the caller chose), so the caller can follow its progress (GET /sessions/{id}/events) and stop it (POST /sessions/{id}/stop) while this request runs; 409 when a session has it already',
+      }),
+    ),
   },
   { additionalProperties: false },
 );
@@ -154,9 +163,15 @@ export type RemoteDiskRestore = (
   args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; digest?: boolean | undefined; password?: string | undefined },
   /** Aborted: the agent's task is cancelled (its restore stops and leaves no image). */
   signal?: AbortSignal,
+  /** The agent's progress reports, for the restore's session. */
+  onProgress?: (p: RestoreProgress) => void,
 ) => Promise<{ path: string; format: 'raw' | 'qcow2'; size: number; sha256?: string | undefined; bytesWritten: number; durationMs: number }> | undefined;
 
-export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, keys?: EncryptionKeys): FastifyPluginAsync {
+/**
+ * The restore routes. `restores`: where a disk restore's session is found by `session stop` and
+ * its progress announced (the server's one; absent: neither, as in tests of the route alone).
+ */
+export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, keys?: EncryptionKeys, restores?: RunningRestores): FastifyPluginAsync {
   return async (api) => {
     const r = api.withTypeProvider<TypeBoxTypeProvider>();
     r.post(
@@ -171,7 +186,7 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         schema: { tags: ['restore'], params: Type.Object({ id: Type.String() }), body: RestoreDiskBody, response: { 200: RestoreDiskReply } },
       },
       async (req, reply) => {
-        const { disk, to, format, overwrite, digest, password: given } = req.body;
+        const { disk, to, format, overwrite, digest, password: given, session: sessionId } = req.body;
         // The console that asked went away before the answer (Ctrl-C, killed): the restore stops
         // (here or on the repository's agent) and leaves no image, rather than finishing unseen.
         const asker = new AbortController();
@@ -191,10 +206,12 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
         // A repository on another agent's host: that agent restores, to a path on its host.
         const remotePassword = repo.agent !== null && keys ? await keys.remotePassword(point, given) : given;
         type Restored = Awaited<NonNullable<ReturnType<RemoteDiskRestore>>>;
-        const onAgent = (): Promise<Restored> | undefined =>
-          remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) }, asker.signal);
-        const work = async (): Promise<Restored> => {
-          const started = onAgent();
+        const onAgent = (signal: AbortSignal, onProgress: (p: RestoreProgress) => void): Promise<Restored> | undefined =>
+          remote?.(repo, { pointId: point.id, disk, to, format, overwrite, ...(digest ? { digest } : {}), ...(remotePassword !== undefined ? { password: remotePassword } : {}) }, signal, onProgress);
+        const work = async (session: RestoreSessionControl): Promise<Restored> => {
+          // Stopped by its console going away or by `session stop`, whichever comes first.
+          const signal = AbortSignal.any([asker.signal, session.signal]);
+          const started = onAgent(signal, (p) => session.progress(p));
           if (started) {
             try {
               return await started;
@@ -207,14 +224,33 @@ export function restorePlugin(ctx: ServiceContext, remote?: RemoteDiskRestore, k
           }
           const repository = await openSharedRepository(repo.path);
           const pw = await pointPassword(keys, repository, point, given);
-          return restoreDisk({ repository, pointId: point.id, disk, to, ...(format ? { format } : {}), ...(overwrite ? { overwrite } : {}), ...(digest ? { imageDigest: true } : {}), ...pw, signal: asker.signal });
+          return restoreDisk({
+            repository,
+            pointId: point.id,
+            disk,
+            to,
+            ...(format ? { format } : {}),
+            ...(overwrite ? { overwrite } : {}),
+            ...(digest ? { imageDigest: true } : {}),
+            ...pw,
+            signal,
+            onProgress: (p) => session.progress(p),
+          });
         };
         // Recorded as a session (kind restore-disk) with its outcome (docs/api.md, "Sessions of every kind").
         const result = await recordedRestore(
           ctx,
-          { kind: 'restore-disk', vm: point.vm, point: point.id, agent: repo.agent, message: `restore of disk ${disk} of restore point ${point.id} (VM ${point.vm}) to ${to}${repo.agent !== null ? ` by agent ${repo.agent}` : ''} started` },
+          {
+            ...(sessionId !== undefined ? { id: sessionId } : {}),
+            kind: 'restore-disk',
+            vm: point.vm,
+            point: point.id,
+            agent: repo.agent,
+            message: `restore of disk ${disk} of restore point ${point.id} (VM ${point.vm}) to ${to}${repo.agent !== null ? ` by agent ${repo.agent}` : ''} started`,
+          },
           work,
           (r) => `disk ${disk} restored to ${r.path} (${r.format}, ${r.bytesWritten} bytes written)`,
+          { running: restores, what: `the restore of disk ${disk} of restore point ${point.id} to ${to}` },
         );
         return {
           point: point.id,

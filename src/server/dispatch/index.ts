@@ -6,6 +6,7 @@ import type { BackupVmSummary } from '../../agent/backup/disk-backup.js';
 import type { RestorePointInfo } from '../../repository/index.js';
 import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { RemovedVmSweepResult, WireRestoredDisk } from '../../transport/agent-tasks.js';
+import { restoreDiskProgressOf, type WireRestoreDiskProgress } from '../../transport/restore-tasks.js';
 import type { AgentLinkStore } from '../api/agent-link.js';
 import type { DiskResolver, JobDefinition, TaskExecutor, TaskSpec } from '../jobs/ports.js';
 import type { ThrottlingRule } from '../resources/throttling-rules.js';
@@ -63,6 +64,8 @@ export interface Dispatch {
     args: { pointId: string; disk: string; to: string; format?: 'raw' | 'qcow2' | undefined; overwrite?: boolean | undefined; digest?: boolean | undefined; password?: string | undefined },
     /** Aborted: the agent's task is cancelled (its restore stops and leaves no image). */
     signal?: AbortSignal,
+    /** The task's progress as the agent reports it (about every 200 ms). */
+    onProgress?: (p: WireRestoreDiskProgress) => void,
   ) => Promise<WireRestoredDisk> | undefined;
   /**
    * The removed-VM sweep of one job's folder on the agent that owns the repository (docs/formats/
@@ -109,9 +112,12 @@ export function createDispatch(ctx: ServiceContext, opts: DispatchOptions = {}):
         ...(opts.resumeWindowMs !== undefined ? { resumeWindowMs: opts.resumeWindowMs } : {}),
         now: () => ctx.clock.now(),
       }),
-    restoreDisk: (repository, args, signal) => {
+    restoreDisk: (repository, args, signal, onProgress) => {
       if (repository.agent === null || repository.agent === (opts.localAgent ?? 'local')) return undefined;
-      const handle = broker.run(repository.agent, { kind: 'restore-disk', repositoryPath: repository.path, ...args });
+      const handle = broker.run(repository.agent, { kind: 'restore-disk', repositoryPath: repository.path, ...args }, (e) => {
+        const p = e.type === 'progress' ? restoreDiskProgressOf(e.progress) : undefined;
+        if (p) onProgress?.(p);
+      });
       const stop = (): void => handle.cancel(signal?.reason instanceof Error ? signal.reason.message : 'the restore was stopped');
       signal?.addEventListener('abort', stop, { once: true });
       return (handle.result as Promise<WireRestoredDisk>).finally(() => signal?.removeEventListener('abort', stop));

@@ -2,13 +2,14 @@
 // disk) and log lines, plus the restore-point catalog. Every change to a session is announced on `SessionEvents`, which the SSE route follows.
 import { EventEmitter } from 'node:events';
 import type { Selectable, Updateable } from 'kysely';
-import { BulwarkError, describeError } from '../../common/errors.js';
+import { assertNever, BulwarkError, describeError } from '../../common/errors.js';
 import { logger } from '../../common/log.js';
 import { isFinalState, type MaintenanceStepProgress } from '../jobs/ports.js';
 import type { RestorePointTable, SessionKind, SessionState, SessionTable, SessionTaskTable } from '../db/schema.js';
-import { invalid, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
+import { invalid, isUniqueViolation, newId, notFound, nowIso, parseJson, type ServiceContext } from './common.js';
 import type { LogLevelT, Progress, RestorePoint, Session, SessionTask } from './model.js';
 import { parseStageBusy, sessionStageStats, stageStatsView } from '../resources/bottleneck.js';
+import type { JobRunner } from './runner.js';
 
 const recordLog = logger('sessions');
 
@@ -273,6 +274,8 @@ export async function failInterruptedSessions(ctx: ServiceContext): Promise<numb
 // ---- restore and instant recovery sessions (kind other than backup / health-check)
 
 export interface NewRestoreSession {
+  /** The session's id, chosen by the caller (a UUID) so it can follow the session while the request runs; default a new one. */
+  id?: string;
   kind: Exclude<SessionKind, 'backup' | 'health-check'>;
   /** The VM restored or recovered (its new name). */
   vm: string;
@@ -290,7 +293,7 @@ export interface NewRestoreSession {
 
 /** Records a restore or an instant recovery as a session (running, started now); returns its id. */
 export async function createRestoreSession(ctx: ServiceContext, s: NewRestoreSession): Promise<string> {
-  const id = newId();
+  const id = s.id ?? newId();
   const now = nowIso(ctx);
   const state = s.state ?? 'running';
   await ctx.db
@@ -452,25 +455,248 @@ export function assertSessionOpen(s: Session): void {
   if (isFinal(s.state)) throw new BulwarkError(`session ${s.id} has already ended (${s.state})`, { kind: 'conflict', context: { session: s.id } });
 }
 
+// ---- restores running in this process: their progress, and `session stop`
+
+/** A restore's figures now: bytes of the disk done (holes count), data written, the disk's size. */
+export interface RestoreProgress {
+  readonly bytesDone: number;
+  readonly bytesWritten: number;
+  readonly size: number;
+}
+
+/** What a running restore gets from its session. */
+export interface RestoreSessionControl {
+  /** The session's id (undefined when it could not be recorded). */
+  readonly id: string | undefined;
+  /** Aborted when the session is stopped (`session stop`): the restore ends and leaves nothing behind. */
+  readonly signal: AbortSignal;
+  /** The restore's figures now; written to the session at most every `progressEveryMs` (the latest wins). */
+  progress(p: RestoreProgress): void;
+}
+
+/** The reason a restore's work is aborted with when its session is stopped; the request that started it answers with it (409). */
+export class RestoreStopped extends BulwarkError {
+  /** Who stopped it (a user name). */
+  readonly by: string;
+  constructor(message: string, by: string, session: string) {
+    super(message, { kind: 'conflict', context: { session } });
+    this.name = 'RestoreStopped';
+    this.by = by;
+  }
+}
+
+interface RunningRestore {
+  readonly stopper: AbortController;
+  /** What is restored, for the message a stop answers with ("the restore of disk vda to /x"). */
+  readonly what: string;
+  /** Settles once the session has ended (its final state written). */
+  readonly ended: Promise<void>;
+}
+
 /**
- * Runs a restore (`work`) recorded as a session of `s.kind`: running from now, then `success`
- * with the line `done(result)`, or `failed` with the error (which is rethrown). A failed write of
- * the record is logged, never the restore's failure.
+ * The restores this server process runs as sessions: `session stop` reaches them here, and every
+ * change of their sessions (start, progress, end) is announced on `events`, which
+ * `GET /sessions/{id}/events` (and so `session show --follow`, `restore disk`) follows. One per
+ * server, shared by both transports.
  */
-export async function recordedRestore<T>(ctx: ServiceContext, s: NewRestoreSession, work: () => Promise<T>, done: (result: T) => string): Promise<T> {
+export class RunningRestores {
+  readonly events: SessionEvents | undefined;
+  /** How often a running restore's progress is written to its session (default 500 ms). */
+  readonly progressEveryMs: number;
+  readonly #running = new Map<string, RunningRestore>();
+
+  constructor(o: { events?: SessionEvents | undefined; progressEveryMs?: number | undefined } = {}) {
+    this.events = o.events;
+    this.progressEveryMs = o.progressEveryMs ?? 500;
+  }
+
+  /** Registers a running restore's session (recordedRestore does). */
+  add(id: string, r: RunningRestore): void {
+    this.#running.set(id, r);
+    void r.ended.finally(() => this.#running.delete(id));
+  }
+
+  has(id: string): boolean {
+    return this.#running.has(id);
+  }
+
+  /**
+   * Stops the restore of session `id` and resolves once its session has ended (`stopped`, unless
+   * it had finished first); false when no restore of that session runs in this process.
+   */
+  async stop(id: string, by: string): Promise<boolean> {
+    const r = this.#running.get(id);
+    if (!r) return false;
+    if (!r.stopper.signal.aborted) r.stopper.abort(new RestoreStopped(`${r.what} was stopped by ${by} (bulwark session stop ${id})`, by, id));
+    await r.ended;
+    return true;
+  }
+}
+
+/**
+ * Writes the latest figures of a restore to its session: the first at once, then at most one
+ * write per `everyMs` (one at a time; the figures reported in between are folded into the next).
+ */
+class ProgressWriter {
+  readonly #write: (p: RestoreProgress) => Promise<void>;
+  readonly #everyMs: number;
+  #latest: RestoreProgress | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  #lastAt = 0;
+  #writing: Promise<void> = Promise.resolve();
+  #closed = false;
+
+  constructor(write: (p: RestoreProgress) => Promise<void>, everyMs: number) {
+    this.#write = write;
+    this.#everyMs = everyMs;
+  }
+
+  push(p: RestoreProgress): void {
+    if (this.#closed) return;
+    this.#latest = p;
+    if (this.#timer !== undefined) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#flush();
+    }, Math.max(0, this.#lastAt + this.#everyMs - Date.now()));
+  }
+
+  #flush(): void {
+    const p = this.#latest;
+    this.#latest = undefined;
+    if (p === undefined) return;
+    this.#lastAt = Date.now();
+    this.#writing = this.#writing.then(() => this.#write(p));
+  }
+
+  /** Writes what is pending and stops; later figures are dropped (the final state follows). */
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#flush();
+    await this.#writing;
+  }
+}
+
+export interface RecordedRestoreOptions {
+  /** Where `session stop` finds this restore and its changes are announced; absent: neither. */
+  readonly running?: RunningRestores | undefined;
+  /** What is restored, for the message of a stop: "the restore of disk vda to /x". */
+  readonly what?: string | undefined;
+}
+
+/**
+ * Runs a restore (`work`) recorded as a session of `s.kind`: running from now, its progress as
+ * `work` reports it, then `success` with the line `done(result)`, `stopped` when `session stop`
+ * stopped it (the stop's error is thrown), or `failed` with the error (which is rethrown). A
+ * failed write of the record is logged, never the restore's failure; a session id the caller
+ * chose that is taken already is refused (conflict) before any work.
+ */
+export async function recordedRestore<T>(
+  ctx: ServiceContext,
+  s: NewRestoreSession,
+  work: (session: RestoreSessionControl) => Promise<T>,
+  done: (result: T) => string,
+  o: RecordedRestoreOptions = {},
+): Promise<T> {
   const id = await createRestoreSession(ctx, s).catch((err: unknown) => {
+    if (s.id !== undefined && isUniqueViolation(err)) {
+      throw new BulwarkError(`session: a session with the id ${s.id} exists already`, { kind: 'conflict', context: { field: 'session' }, hint: 'leave the session id out, or give a new UUID' });
+    }
     recordLog.error({ kind: s.kind, vm: s.vm, err: describeError(err) }, 'could not record a restore session');
     return undefined;
   });
+  const events = o.running?.events;
+  const announce = (): void => {
+    if (id) events?.changed(id);
+  };
   const update = async (c: RestoreSessionChange): Promise<void> => {
     if (id) await updateRestoreSession(ctx, id, c).catch((err: unknown) => recordLog.error({ session: id, err: describeError(err) }, 'could not update a restore session'));
+    announce();
   };
+  announce();
+  // The rate counts from the first report: opening the point and starting the decoder threads
+  // (seconds on a loaded host) would make the start look slow and the ETA long.
+  let first: { at: number; done: number } | undefined;
+  const writer = new ProgressWriter((p) => {
+    const now = Date.now();
+    first ??= { at: now, done: p.bytesDone };
+    const seconds = (now - first.at) / 1000;
+    return update({
+      progress: {
+        percent: p.size > 0 ? Math.min(100, (p.bytesDone * 100) / p.size) : 0,
+        bytesRead: p.bytesDone,
+        bytesStored: p.bytesWritten,
+        processingRate: seconds > 0 ? Math.round((p.bytesDone - first.done) / seconds) : 0,
+      },
+    });
+  }, o.running?.progressEveryMs ?? 500);
+  const stopper = new AbortController();
+  let markEnded: () => void = () => undefined;
+  const ended = new Promise<void>((resolve) => (markEnded = resolve));
+  if (id && o.running) o.running.add(id, { stopper, what: o.what ?? `the ${s.kind} of VM ${s.vm} (restore point ${s.point})`, ended });
   try {
-    const result = await work();
+    let result: T;
+    try {
+      result = await work({ id, signal: stopper.signal, progress: (p) => writer.push(p) });
+    } finally {
+      await writer.close();
+    }
     await update({ state: 'success', progress: { percent: 100 }, log: { level: 'info', message: done(result) } });
     return result;
   } catch (err) {
+    // Stopped: whatever the work failed with on its way out, the stop is the reason.
+    const stopped: unknown = stopper.signal.aborted ? stopper.signal.reason : undefined;
+    if (stopped instanceof RestoreStopped) {
+      await update({ state: 'stopped', reason: `stopped by ${stopped.by}`, log: { level: 'warning', message: stopped.message } });
+      throw stopped;
+    }
     await update({ state: 'failed', reason: describeError(err), log: { level: 'error', message: `${s.kind} failed: ${describeError(err)}` } });
     throw err;
+  } finally {
+    markEnded();
+  }
+}
+
+/**
+ * `POST /sessions/{id}/stop` for a session of any kind: a job run or health check through the job
+ * engine (`runner`), a disk restore running in this process through `restores` (it ends
+ * `stopped`, leaving no image). Instant recoveries are refused, naming their own command
+ * (`instant-recovery stop` chooses between shutting a migrated VM down and leaving it running);
+ * VM and file restores cannot be stopped, and say so. Resolves once the session has ended.
+ */
+export async function stopSession(ctx: ServiceContext, o: { runner: JobRunner; restores?: RunningRestores | undefined }, id: string, by: string): Promise<void> {
+  const row = await ctx.db.selectFrom('sessions').select(['id', 'kind', 'state', 'vm', 'ref']).where('id', '=', id).executeTakeFirst();
+  if (!row) throw notFound('session', id);
+  const kind = row.kind;
+  if (kind === 'backup' || kind === 'health-check') return o.runner.stop(id, `stopped by ${by}`);
+  const what = `session ${id} (${kind} of VM ${row.vm ?? '?'})`;
+  if (isFinal(row.state) && kind !== 'instant-recovery') {
+    throw new BulwarkError(`${what} is not running (it is ${row.state})`, { kind: 'conflict', context: { session: id } });
+  }
+  switch (kind) {
+    case 'restore-disk':
+      if (await o.restores?.stop(id, by)) return;
+      throw new BulwarkError(`${what} is not running in this server's process (it is ${row.state})`, {
+        kind: 'conflict',
+        context: { session: id },
+        hint: 'a restore left open by an earlier server process is settled when the server starts',
+      });
+    case 'instant-recovery':
+      throw new BulwarkError(`${what} is an instant recovery: session stop does not stop those`, {
+        kind: 'conflict',
+        context: { session: id },
+        hint: `stop it with: bulwark instant-recovery stop ${row.ref ?? 'ID'} (a migrated VM also needs --shutdown-vm or --forget)`,
+      });
+    case 'restore-vm':
+    case 'restore-files':
+      throw new BulwarkError(`${what} cannot be stopped: session stop stops job runs, health checks and disk restores`, {
+        kind: 'conflict',
+        context: { session: id },
+        hint: 'it ends by itself; its progress: bulwark session show ' + id,
+      });
+    default:
+      return assertNever(kind);
   }
 }
