@@ -104,7 +104,6 @@ describe('restore disk progress', () => {
     }
     const r = await restoring;
     expect(r.code, r.err).toBe(0);
-    if (process.env.SHOW_OUT) console.log(r.out);
     const intermediate = seen.filter((s) => s.progress.percent > 0 && s.progress.percent < 100);
     expect(intermediate.length, 'progress updates seen while running').toBeGreaterThanOrEqual(2);
     for (const s of intermediate) {
