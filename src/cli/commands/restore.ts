@@ -92,10 +92,14 @@ export function restoreFigures(s: Session, total: number | undefined): RestoreFi
   return { done: p.bytesRead, total: total ?? (p.percent > 0 ? Math.round((p.bytesRead * 100) / p.percent) : undefined), percent: p.percent, rate: p.processingRate };
 }
 
-/** "40% (102.40 MiB of 256.00 MiB), 120.00 MiB/s, ETA 1s" */
+/** The time left at the rate so far ("1m05s"), "-" while unknown. */
+function timeLeft(f: RestoreFigures): string {
+  return f.total !== undefined && f.rate > 0 ? humanDuration(Math.max(0, f.total - f.done) / f.rate) : '-';
+}
+
+/** "40% (102 MiB of 256 MiB), 120 MiB/s, ETA 1s" (no rate before the server has measured one). */
 export function restoreProgressText(f: RestoreFigures): string {
-  const eta = f.total !== undefined && f.rate > 0 ? humanDuration(Math.max(0, f.total - f.done) / f.rate) : '-';
-  return `${Math.floor(f.percent)}% (${humanSize(f.done)} of ${humanSize(f.total)}), ${humanRate(f.rate)}, ETA ${eta}`;
+  return `${Math.floor(f.percent)}% (${humanSize(f.done)} of ${humanSize(f.total)})${f.rate > 0 ? `, ${humanRate(f.rate)}` : ''}, ETA ${timeLeft(f)}`;
 }
 
 /** How `restore disk` shows its session while the request runs. */
@@ -165,11 +169,12 @@ export class RestoreBar implements RestoreView {
   update(s: Session): void {
     if (s.state !== 'running') return;
     const f = restoreFigures(s, this.#total());
-    const values = { done: humanSize(f.done), size: humanSize(f.total), rate: humanRate(f.rate), eta: f.total !== undefined && f.rate > 0 ? humanDuration(Math.max(0, f.total - f.done) / f.rate) : '-' };
+    // `left`, not `eta`: cli-progress fills {eta} itself (from its own updates, in seconds).
+    const values = { done: humanSize(f.done), size: humanSize(f.total), rate: f.rate > 0 ? humanRate(f.rate) : '-', left: timeLeft(f) };
     if (!this.#bar) {
       this.#stream.write(`${this.#what}: session ${s.id} (Ctrl-C or bulwark session stop ${s.id} stops it)\n`);
       this.#bar = new cliProgress.SingleBar(
-        { stream: this.#stream, format: ' restoring [{bar}] {percentage}% | {done} of {size} | {rate} | ETA {eta}', hideCursor: true, clearOnComplete: true, fps: 5 },
+        { stream: this.#stream, format: ' restoring [{bar}] {percentage}% | {done} of {size} | {rate} | ETA {left}', hideCursor: true, clearOnComplete: true, fps: 5 },
         cliProgress.Presets.shades_classic,
       );
       this.#bar.start(100, 0, values);
