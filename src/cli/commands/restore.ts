@@ -178,14 +178,24 @@ export class RestoreBar implements RestoreView {
         cliProgress.Presets.shades_classic,
       );
       this.#bar.start(100, 0, values);
+      // Ctrl-C stops the restore (the server sees the connection close): show the cursor again
+      // first, then let the signal end the console as it would have.
+      process.once('SIGINT', this.#interrupted);
     }
     this.#bar.update(Math.min(100, Math.max(0, Math.floor(f.percent))), values);
   }
 
   end(): void {
+    process.off('SIGINT', this.#interrupted);
     this.#bar?.stop();
     this.#bar = undefined;
   }
+
+  readonly #interrupted = (): void => {
+    this.#bar?.stop();
+    this.#bar = undefined;
+    process.kill(process.pid, 'SIGINT');
+  };
 }
 
 /**
