@@ -302,6 +302,39 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
     }
   });
 
+  it('the VM\'s stage times are counted once: a disk task that takes over from one that ended reports only what accrued since', async () => {
+    const t = setup({ method: 'forever-forward', retention: { points: 3 } });
+    const busy = (source: number, network: number) => ({ source, proxy: 0, network, target: 0, throttling: 0 });
+    try {
+      const vda = { ...t.task, vmDisks: ['vda', 'vdb'] };
+      const vdb = { ...vda, taskId: 't2', disk: { name: 'vdb', location: { agent: 'src1' } } };
+      const seen: Record<string, ReturnType<typeof busy>> = {};
+      const ctx = (id: string): TaskContext => ({ ...t.context, stageTimes: (b) => void (seen[id] = { ...b }) });
+      const first = t.executor.execute(vda, ctx('vda'));
+      const target = await t.next('repo1');
+      t.send('repo1', target.taskId, { type: 'ready', port: 9393, host: '10.0.0.3', previous: null });
+      const source = await t.next('src1');
+      const second = t.executor.execute(vdb, ctx('vdb'));
+      await new Promise((r) => setTimeout(r, 10));
+      const disk = (done: boolean) => ({ bytesProcessed: 100, bytesRead: 100, bytesStored: 50, size: 100, done });
+      const progress = (vdbDone: boolean) => ({ disks: { vda: disk(true), vdb: disk(vdbDone) }, bytesProcessed: 200, bytesRead: 200, bytesStored: 100, size: 200, rate: 1 });
+      t.send('src1', source.taskId, { type: 'progress', progress: { disks: { vda: disk(false), vdb: disk(false) }, bytesProcessed: 0, bytesRead: 0, bytesStored: 0, size: 200, rate: 1 }, stageTimes: busy(100, 10) });
+      t.send('src1', source.taskId, { type: 'progress', progress: progress(false), stageTimes: busy(120, 20) });
+      await expect(first).resolves.toEqual({ state: 'success' });
+      t.send('src1', source.taskId, { type: 'progress', progress: progress(true), stageTimes: busy(300, 40) });
+      const summary = { pointId: 'p9', point: wirePoint('p9', 'full'), kind: 'full', warnings: [], consistency: 'application', stageTimes: busy(350, 50), disks: [{ name: 'vda', bytesRead: 100, bytesStored: 50 }, { name: 'vdb', bytesRead: 100, bytesStored: 50 }] };
+      t.send('src1', source.taskId, { type: 'result', ok: true, value: summary });
+      t.send('repo1', target.taskId, { type: 'result', ok: true, value: { point: wirePoint('p9', 'full'), disks: [] } });
+      await expect(second).resolves.toEqual({ state: 'success' });
+      expect(seen.vda).toEqual(busy(120, 20));
+      expect(seen.vdb).toEqual(busy(230, 30));
+      // Together exactly the VM's transfer: nothing counted twice in the session.
+      expect(seen.vda!.source + seen.vdb!.source).toBe(350);
+    } finally {
+      t.broker.close();
+    }
+  });
+
   it('per-job storage: one per-job target for the job (every VM), one source per VM on its transfer; each VM\'s slice is recorded; a failure names the VM where it began', async () => {
     const t = setup({ storage: 'per-job', method: 'forever-forward', retention: { points: 2 } });
     const job = { ...t.task.job, vms: ['web1', 'db1'] };
@@ -313,8 +346,10 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
       return out;
     };
     const allPoint = (id: string) => ({ ...wirePoint(id, 'incremental'), vm: '_all', disks: [{ name: 'web1/vda', size: 4096 }, { name: 'db1/vda', size: 4096 }] });
+    let stages: Record<string, number> | undefined;
+    const context: TaskContext = { ...t.context, stageTimes: (b) => void (stages = { ...b }) };
     const run = async (attempt: number): Promise<{ outcome: Promise<unknown>; target: AgentTask; web1: AgentTask; db1: AgentTask }> => {
-      const outcome = t.executor.execute({ ...task, attempt }, t.context);
+      const outcome = t.executor.execute({ ...task, attempt }, context);
       outcome.catch(() => undefined);
       // db1 is looked up on the hosts' agents; web1 is the task's own VM.
       const resolve = await t.next('src1');
@@ -337,7 +372,13 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
     };
     try {
       const ok = await run(1);
-      const summary = (vm: string) => ({ pointId: 'p2', point: allPoint('p2'), kind: 'incremental', warnings: [], consistency: 'application', vm, disks: [{ name: 'vda', bytesRead: 10, bytesStored: 5 }] });
+      const busy = (source: number) => ({ source, proxy: 1, network: 2, target: 3, throttling: 0 });
+      const progress = { disks: { vda: { bytesProcessed: 10, bytesRead: 10, bytesStored: 5, size: 10, done: false } }, bytesProcessed: 10, bytesRead: 10, bytesStored: 5, size: 10, rate: 1 };
+      // Each VM's transfer reports its own stage times: the job's task shows their sum.
+      t.send('src1', ok.web1.taskId, { type: 'progress', progress, stageTimes: busy(100) });
+      t.send('src1', ok.db1.taskId, { type: 'progress', progress, stageTimes: busy(40) });
+      expect(stages).toEqual({ source: 140, proxy: 2, network: 4, target: 6, throttling: 0 });
+      const summary = (vm: string) => ({ pointId: 'p2', point: allPoint('p2'), kind: 'incremental', warnings: [], consistency: 'application', vm, stageTimes: busy(vm === 'web1' ? 110 : 50), disks: [{ name: 'vda', bytesRead: 10, bytesStored: 5 }] });
       t.send('src1', ok.web1.taskId, { type: 'result', ok: true, value: summary('web1') });
       t.send('src1', ok.db1.taskId, { type: 'result', ok: true, value: summary('db1') });
       t.send('repo1', ok.target.taskId, {
@@ -345,6 +386,7 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
         value: { point: allPoint('p2'), disks: [{ name: 'web1/vda', storedBytes: 4, storedBlocks: 1, unchangedBlocks: 0 }, { name: 'db1/vda', storedBytes: 3, storedBlocks: 1, unchangedBlocks: 0 }], points: [allPoint('p1'), allPoint('p2')], warnings: [] },
       });
       await expect(ok.outcome).resolves.toEqual({ state: 'success' });
+      expect(stages).toEqual({ source: 160, proxy: 2, network: 4, target: 6, throttling: 0 });
       expect(t.recorded).toEqual([vmSliceId('p2', 'web1'), vmSliceId('p2', 'db1')]);
       expect(t.synced.map((ps) => ps.map((p) => `${p.vm}:${p.id}`))).toEqual([
         [`web1:${vmSliceId('p1', 'web1')}`, `web1:${vmSliceId('p2', 'web1')}`],

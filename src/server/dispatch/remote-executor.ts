@@ -24,9 +24,10 @@ import { pointFromWire } from '../../agent/remote/repository-sink.js';
 import type { HypervisorConnection } from '../../hypervisor/index.js';
 import { ALL_VMS, catalogPoints, splitAllVmsDiskName, type RestorePointInfo } from '../../repository/index.js';
 import type { BackupTargetResult, BackupTargetTask, HealthCheckResult, TaskEvent, WireDisk } from '../../transport/agent-tasks.js';
-import type { StageBusy } from '../../transport/stage-times.js';
+import { emptyStageBusy, STAGES, type StageBusy } from '../../transport/stage-times.js';
 import type { NamedLimit } from '../../transport/throttle.js';
 import type { DiskRef, DiskResolver, JobDefinition, LogLevel, TaskContext, TaskExecutor, TaskOutcome, TaskSpec } from '../jobs/ports.js';
+import { sumStageBusy } from '../resources/bottleneck.js';
 import { matchingThrottlingRules, mbpsToBytesPerSecond, type ThrottlingRule } from '../resources/throttling-rules.js';
 import type { AgentTaskBroker, AgentTaskHandle } from './broker.js';
 
@@ -113,6 +114,8 @@ interface VmRun {
   readonly holders: Set<StageTimesContext>;
   /** Sends the current limits to the source agent (set once its task exists). */
   refreshLimits?: (() => void) | undefined;
+  /** The VM's cumulative stage times last given to a task (a task that takes over reports only what came after). */
+  stagesGiven?: StageBusy | undefined;
 }
 
 type JobRunEvent =
@@ -142,6 +145,10 @@ interface JobRun {
   readonly holders: Set<StageTimesContext>;
   /** Sends the current limits to every source agent (set once their tasks exist). */
   refreshLimits?: (() => void) | undefined;
+  /** Each VM's latest cumulative stage times: the job's are their sum. */
+  readonly vmStages: Map<string, StageBusy>;
+  /** The job's cumulative stage times last given to a task (a task that takes over reports only what came after). */
+  stagesGiven?: StageBusy | undefined;
 }
 
 /** The stage-times hook SCHED adds to the task context (optional until it lands everywhere). */
@@ -288,11 +295,12 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const general = (): boolean => r.tasks[0] === listener;
     // The maintenance step this task showed last: kept in its final progress (the session records it).
     let step: ReturnType<typeof stepOf> | undefined;
+    const reportStages = stageReporter(r, ctx);
     const listener = (e: RunEvent): void => {
       switch (e.kind) {
         case 'progress':
           if (e.progress) context.progress(diskProgress(e.progress, task.disk.name));
-          if (e.stageTimes && general()) ctx.stageTimes?.(e.stageTimes);
+          if (e.stageTimes && general()) reportStages(e.stageTimes);
           break;
         case 'log':
           if (e.disk === undefined ? general() : e.disk === task.disk.name) context.log(e.level, e.message);
@@ -340,7 +348,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       }
       const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
       context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead, ...(step ? { step } : {}) });
-      if (general() && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
+      if (general() && summary.stageTimes) reportStages(summary.stageTimes);
       const messages = [...summary.warnings];
       if (summary.consistency === 'crash' && !messages.some((m) => /crash/i.test(m))) messages.push('the restore point is crash-consistent (guest not quiesced)');
       return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
@@ -702,6 +710,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
     const mine = `${task.vm}/${task.disk.name}`;
     // The maintenance step of the job's chain this task showed last (kept in its final progress).
     let step: ReturnType<typeof stepOf> | undefined;
+    const reportStages = stageReporter(r, ctx);
     const listener = {
       disk: mine,
       hear: (e: JobRunEvent): void => {
@@ -709,7 +718,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         switch (e.kind) {
           case 'progress':
             if (e.vm === task.vm) context.progress(diskProgress(e.progress, task.disk.name));
-            if (e.stageTimes && general) ctx.stageTimes?.(e.stageTimes);
+            // Every VM's transfer reports its own: the job's stage times are their sum.
+            if (e.stageTimes && general) reportStages(sumStageBusy([...r.vmStages.values()]));
             break;
           case 'maintenance': {
             if (!general) break;
@@ -743,7 +753,10 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       }
       const transferred = (disk as { bytesTransferred?: number }).bytesTransferred ?? disk.bytesStored;
       context.progress({ bytesRead: disk.bytesRead, bytesTransferred: transferred, bytesStored: disk.bytesStored, total: disk.bytesRead, ...(step ? { step } : {}) });
-      if (owner && summary.stageTimes) ctx.stageTimes?.(summary.stageTimes);
+      if (r.tasks[0] === listener) {
+        const all = [...result.summaries.values()].flatMap((x) => (x.stageTimes ? [x.stageTimes] : []));
+        if (all.length > 0) reportStages(sumStageBusy(all));
+      }
       context.log('info', `disk ${task.disk.name} is in restore point ${summary.pointId} (VM ${task.vm}'s part of job point ${result.pointId})`);
       const messages = owner ? [...result.warnings] : [];
       return messages.length > 0 ? { state: 'warning', messages } : { state: 'success' };
@@ -762,7 +775,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
    * VM's slice goes into the catalog and the catalog follows the `_all` chain's steps.
    */
   #startJobRun(task: TaskSpec, context: StageTimesContext, repository: DispatchRepository): JobRun {
-    const run: JobRun = { progress: new Map(), tasks: [], settledAt: null, holders: new Set([context]), result: Promise.resolve() as never };
+    const run: JobRun = { progress: new Map(), tasks: [], settledAt: null, holders: new Set([context]), vmStages: new Map(), result: Promise.resolve() as never };
     const emit = (e: JobRunEvent): void => {
       for (const t of [...run.tasks]) t.hear(e);
     };
@@ -888,6 +901,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
                   if (Object.keys(e.progress).length > 0) {
                     const progress = e.progress as unknown as BackupProgress;
                     run.progress.set(v.vm, progress);
+                    if (e.stageTimes) run.vmStages.set(v.vm, e.stageTimes);
                     emit({ kind: 'progress', vm: v.vm, progress, stageTimes: e.stageTimes });
                   }
                   break;
@@ -1080,6 +1094,23 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   #refreshOthers(key: string): void {
     for (const [k, refresh] of this.#limitRefreshers) if (k !== key) refresh();
   }
+}
+
+/**
+ * How a task reports the stage times of a run whose one transfer it shares with other tasks: the
+ * run's cumulative figures arrive at whichever task takes the run-wide figures now; a task that
+ * took over from one that ended reports only what accrued since, so the session (the sum of its
+ * tasks) counts every millisecond once.
+ */
+function stageReporter(run: { stagesGiven?: StageBusy | undefined }, ctx: StageTimesContext): (cumulative: StageBusy) => void {
+  let base: StageBusy | undefined;
+  return (cumulative) => {
+    base ??= run.stagesGiven ?? emptyStageBusy();
+    run.stagesGiven = cumulative;
+    const mine = emptyStageBusy();
+    for (const s of STAGES) mine[s] = Math.max(0, cumulative[s] - base[s]);
+    ctx.stageTimes?.(mine);
+  };
 }
 
 /** An address as it is, or the addresses a host name resolves to (the name itself when it does not resolve). */
