@@ -38,7 +38,7 @@ import { DatabaseAgentLinkStore, DatabaseJobEngineStore, DatabaseSchedulerStore,
 import { setScheduleValidator } from './services/jobs.js';
 import { backupConfiguration, configBackupDir, pruneConfigBackups, restoreConfiguration } from './services/config-backup.js';
 import { createRepository, getRepository, listHosts, listRepositories } from './services/infrastructure.js';
-import { recordRestorePoint, RunningRestores, SessionEvents } from './services/sessions.js';
+import { announceSessionsOn, recordRestorePoint, RunningRestores, SessionEvents } from './services/sessions.js';
 import { ensureInitialAdmin } from './services/users.js';
 import { AgentMountsState } from './api/agent-mounts-state.js';
 import { vmsPlugin } from './api/vms.js';
@@ -201,6 +201,8 @@ export async function startServer(opts: StartServerOptions): Promise<RunningServ
     const pki = await ensureServerPki(dataDir, { hostnames: [...(listen ? [listen.host] : []), ...(opts.hostnames ?? [])].filter((h) => h !== '0.0.0.0' && h !== '::' && h !== '') });
     const version = await readVersion();
     const events = new SessionEvents();
+    // Restore and instant recovery sessions announce their changes too (session show --follow).
+    announceSessionsOn(ctx, events);
 
     // The job engine over the database, driving the one-host data path (the local agent's hypervisor
     // adapters and repositories, in this process). Simulation mode (opts.simulate or

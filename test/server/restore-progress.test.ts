@@ -17,7 +17,7 @@ import { runAgent, type RunningAgent } from '../../src/agent/main.js';
 import { startServer, type RunningServer } from '../../src/server/main.js';
 import { getRepository } from '../../src/server/services/infrastructure.js';
 import type { Session } from '../../src/server/services/model.js';
-import { createRestoreSession, getSession, listSessions, recordRestorePoint } from '../../src/server/services/sessions.js';
+import { createRestoreSession, getSession, listSessions, recordRestorePoint, updateRestoreSession } from '../../src/server/services/sessions.js';
 import { inProcessConsole, type InProcessConsole } from '../fixtures/console.js';
 
 const BS = 1 << 20;
@@ -174,6 +174,19 @@ describe('session stop of a running restore disk', () => {
     expect(r.err).toContain('is an instant recovery');
     expect(r.err).toContain('bulwark instant-recovery stop ir-test');
     expect((await getSession(server.context, id)).state).toBe('running');
+  }, 30_000);
+});
+
+describe('session show --follow of the other restore kinds', () => {
+  it('ends when the session ends: their changes are announced on the session events too', async () => {
+    const id = await createRestoreSession(server.context, { kind: 'restore-vm', vm: 'vm1-new', point: pointId, ref: 'vr-test', message: 'restore of VM vm1 started' });
+    const following = bulwark.run('session', 'show', id, '--follow');
+    // Let the console subscribe first (else it reads the end at once and proves nothing).
+    await new Promise((r) => setTimeout(r, 1000));
+    await updateRestoreSession(server.context, id, { state: 'success', log: { level: 'info', message: 'VM vm1-new restored' } });
+    const r = await following;
+    expect(r.code, r.err).toBe(0);
+    expect(r.out).toContain('VM vm1-new restored');
   }, 30_000);
 });
 

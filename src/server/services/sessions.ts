@@ -32,6 +32,22 @@ export class SessionEvents {
   }
 }
 
+/**
+ * The server's SessionEvents, by its configuration database: restore and instant recovery sessions
+ * are written by services that do not hold the events (recovery, file restore), so their changes
+ * are announced here (else `GET /sessions/{id}/events` of one would never say it ended).
+ */
+const announcers = new WeakMap<object, SessionEvents>();
+
+/** Registers the server's SessionEvents for the database of `ctx` (the server does at start). */
+export function announceSessionsOn(ctx: ServiceContext, events: SessionEvents): void {
+  announcers.set(ctx.db, events);
+}
+
+function announce(ctx: ServiceContext, id: string): void {
+  announcers.get(ctx.db)?.changed(id);
+}
+
 function progressOf(r: { percent: number; bytes_read: number; bytes_transferred: number; bytes_stored: number; processing_rate: number }): Progress {
   return {
     percent: Number(r.percent),
@@ -323,6 +339,7 @@ export async function createRestoreSession(ctx: ServiceContext, s: NewRestoreSes
     })
     .execute();
   if (s.message) await appendLog(ctx, id, 'info', s.message);
+  announce(ctx, id);
   return id;
 }
 
@@ -343,6 +360,7 @@ export async function updateRestoreSession(ctx: ServiceContext, id: string, c: R
   if (c.ref !== undefined) extra.ref = c.ref;
   if (Object.keys(extra).length > 0) await ctx.db.updateTable('sessions').set(extra).where('id', '=', id).execute();
   if (c.log) await appendLog(ctx, id, c.log.level, c.log.message);
+  announce(ctx, id);
 }
 
 /** The newest session of `kind` recording `ref` (an instant recovery's id), or undefined. */
@@ -607,15 +625,16 @@ export async function recordedRestore<T>(
     recordLog.error({ kind: s.kind, vm: s.vm, err: describeError(err) }, 'could not record a restore session');
     return undefined;
   });
-  const events = o.running?.events;
-  const announce = (): void => {
+  // The writes announce on the server's events (announceSessionsOn); these are another's (a test's).
+  const events = o.running?.events !== announcers.get(ctx.db) ? o.running?.events : undefined;
+  const announceHere = (): void => {
     if (id) events?.changed(id);
   };
   const update = async (c: RestoreSessionChange): Promise<void> => {
     if (id) await updateRestoreSession(ctx, id, c).catch((err: unknown) => recordLog.error({ session: id, err: describeError(err) }, 'could not update a restore session'));
-    announce();
+    announceHere();
   };
-  announce();
+  announceHere();
   // The rate counts from the first report: opening the point and starting the decoder threads
   // (seconds on a loaded host) would make the start look slow and the ETA long.
   let first: { at: number; done: number } | undefined;
