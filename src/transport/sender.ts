@@ -37,6 +37,8 @@ import type { Throttle } from './throttle.js';
 export const DEFAULT_STREAMS = 5;
 export const DEFAULT_RESUME_WINDOW_MS = 30_000;
 export const MAX_BLOCK_ATTEMPTS = 8;
+/** At most this many bytes (and a quarter of the credit window) wait for rate-limit tokens at once. */
+const MAX_THROTTLE_AHEAD = 8 * 1024 * 1024;
 
 /** A block ready to send: already hashed and (optionally) compressed by the proxy stage. */
 export interface OutgoingBlock {
@@ -155,6 +157,9 @@ export class TransferSender {
   #committed: ReturnType<typeof deferred> | undefined;
   #committedPoint: Record<string, unknown> | undefined;
   #waiters: Array<() => void> = [];
+  /** Bytes of messages waiting for rate-limit tokens, and when the last such wait ended (for the union). */
+  #awaitingTokens = 0;
+  #throttledUntil = 0;
 
   private constructor(options: TransferSenderOptions) {
     this.#o = options;
@@ -276,11 +281,12 @@ export class TransferSender {
 
   async #sequenced(type: MessageTypeCode, payload: Buffer[], block?: { disk: number; index: number }): Promise<Pending> {
     const bytes = payload.reduce((n, p) => n + p.length, 0);
-    // Rate limits hold a message back before it takes credit: what is in flight is then on its
-    // way to the target, so a credit wait means the target (or the network) is slow, not a rule,
-    // and a limit that changes applies to the next message instead of after a window of debt.
+    // Under a rate limit at most a quarter of the window (8 MiB at most) waits for tokens: the
+    // rest of the window is for data on its way to the target, so a credit wait means the
+    // target (or the network) is slow, not a rule; and a limit that changes applies after that
+    // much, not after a whole window of token debt.
     if (block) this.stats.firstTransmitAt ??= performance.now();
-    await this.#throttle(bytes);
+    if (this.#o.throttle) await this.#throttleRoom(bytes);
     await this.#credit(bytes);
     const acked = deferred();
     const p: Pending = { sequence: this.#nextSequence++, type, payload, bytes, block, stream: undefined, attempts: 0, acked };
@@ -306,11 +312,36 @@ export class TransferSender {
     else await wait();
   }
 
-  /** Waits until the rate limits let `bytes` (and the frame header) go; the wait counts as Throttling. */
+  /** Waits while the messages waiting for tokens fill their share of the window (always lets one through). */
+  async #throttleRoom(bytes: number): Promise<void> {
+    const ahead = Math.max(1, Math.min(MAX_THROTTLE_AHEAD, this.#window / 4));
+    while (this.#awaitingTokens > 0 && this.#awaitingTokens + bytes > ahead) {
+      await this.#nextEvent();
+      this.#check();
+    }
+  }
+
+  /**
+   * Waits until the rate limits let `bytes` (and the frame header) go. Throttling counts the time
+   * during which at least one message waited for tokens (the union of the waits, not their sum:
+   * many messages wait side by side).
+   */
   async #throttle(bytes: number): Promise<void> {
-    if (!this.#o.throttle) return;
-    const waited = await this.#o.throttle.acquire(bytes + FRAME_HEADER_SIZE);
-    this.#o.stageTimes?.add('throttling', waited);
+    const throttle = this.#o.throttle;
+    if (!throttle) return;
+    this.#awaitingTokens += bytes;
+    const started = performance.now();
+    try {
+      const waited = await throttle.acquire(bytes + FRAME_HEADER_SIZE);
+      if (waited > 0) {
+        const ended = performance.now();
+        this.#o.stageTimes?.add('throttling', ended - Math.max(started, this.#throttledUntil));
+        this.#throttledUntil = Math.max(this.#throttledUntil, ended);
+      }
+    } finally {
+      this.#awaitingTokens -= bytes;
+      this.#wake();
+    }
   }
 
   /** Sends (or re-sends) a pending message on the least loaded stream; failures are handled by the stream's reconnect. */
@@ -319,8 +350,8 @@ export class TransferSender {
       const resend = p.attempts > 0;
       p.attempts++;
       if (p.block) this.stats.firstTransmitAt ??= performance.now();
-      // The first transmission was let through by #sequenced; a message sent again is throttled again.
-      if (resend) await this.#throttle(p.bytes);
+      // Every transmission, a message sent again too, waits for its tokens.
+      await this.#throttle(p.bytes);
       const slot = await this.#pickStream();
       if (!this.#pending.has(p.sequence)) return; // acknowledged while we waited (resume)
       p.stream = slot.index;
