@@ -2,14 +2,17 @@
 // areas and a dirty bitmap): an export opened ahead (prepareBackupDisk, its first window's block
 // status asked before the reads) yields exactly the blocks of one opened when read, for a full and
 // an incremental read, with a first map window that ends mid-disk; one never read is closed
-// without a read; a failed early open fails the read with the open's error.
+// without a read; a failed early open fails the read with the open's error. The progress a disk
+// task reports from the reader's statistics (diskProgress) rises through intermediate values for
+// a disk smaller than the reader's map window (it once jumped to 100 % when the window was mapped).
 import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { prepareBackupDisk, readBackupDisk, type ChangedBlock } from '../../src/hypervisor/cbt/reader.js';
+import { diskProgress } from '../../src/agent/backup/job-settings.js';
+import { prepareBackupDisk, readBackupDisk, type ChangedBlock, type ChangedBlockStats } from '../../src/hypervisor/cbt/reader.js';
 import { dirtyBitmapContext } from '../../src/hypervisor/nbd/protocol.js';
 import type { BackupDiskView, DiskChanges } from '../../src/hypervisor/types.js';
 import { createTestImage, QsdFixture } from '../fixtures/qsd.js';
@@ -112,5 +115,31 @@ describe('prepareBackupDisk', () => {
     } finally {
       await prepared.close();
     }
+  });
+});
+
+describe('progress of a disk smaller than the map window', () => {
+  it('rises through intermediate values block by block and reaches 100 % only at the end', async () => {
+    const view = viewOf('full', { kind: 'full', reason: 'no-checkpoint', detail: 'test', compareDigests: false });
+    let stats: ChangedBlockStats | undefined;
+    const percents: number[] = [];
+    // As the disk task computes it (disk-backup.ts: bytesProcessed is the reader's position).
+    const percent = (done: boolean): number => {
+      const p = diskProgress({ disks: { vda: { bytesProcessed: stats!.bytesMapped, bytesRead: stats!.bytesRead, bytesStored: 0, size: SIZE, done } }, bytesProcessed: 0, bytesRead: 0, bytesStored: 0, size: SIZE, rate: 0 }, 'vda');
+      return p.total > 0 ? (100 * p.bytesRead) / p.total : 0;
+    };
+    // The default map window (1 GiB) holds the whole 24 MiB disk; 2 blocks in flight.
+    for await (const block of readBackupDisk(view, { blockSize: BS, concurrency: 2, onStats: (s) => (stats = s) })) {
+      expect(block.data).not.toBeNull();
+      percents.push(percent(false));
+    }
+    percents.push(percent(true));
+    expect(percents.length).toBeGreaterThan(8);
+    for (let i = 1; i < percents.length; i++) expect(percents[i]!, percents.join(' ')).toBeGreaterThanOrEqual(percents[i - 1]!);
+    expect(percents[0]!, percents.join(' ')).toBeLessThan(50);
+    expect(percents.filter((p) => p > 0 && p < 100).length, percents.join(' ')).toBeGreaterThan(5);
+    // Below 100 % until the last block (the disk's end) is handed on.
+    expect(Math.max(...percents.slice(0, -2)), percents.join(' ')).toBeLessThan(100);
+    expect(percents.at(-1)).toBe(100);
   });
 });

@@ -27,7 +27,10 @@ const PREPARED_DISKS = 4;
 
 /** Running counters of one disk (or of the whole VM: the sum). */
 export interface DiskBackupProgress {
-  /** Bytes of the disk looked at so far (mapped through block status). */
+  /**
+   * Bytes of the disk passed so far: the reader's position (up to the end of the block it handed
+   * on last; skipped zero, unallocated and unchanged blocks count as passed). The disk's size when done.
+   */
   bytesProcessed: number;
   /** Bytes read from the view (data extents only). */
   bytesRead: number;

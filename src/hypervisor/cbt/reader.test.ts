@@ -327,6 +327,33 @@ describe('ChangedBlockReader', () => {
     expect(lender3.waiters.length).toBe(0);
   });
 
+  it('the position (bytesMapped) advances with each yielded block, not with the mapped window, for a disk smaller than the window', async () => {
+    // The default window (1 GiB) covers the whole disk: mapped at once, read block by block.
+    for (const [label, changes, dirty, concurrency] of [
+      ['full', { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, [], 3],
+      ['incremental', { kind: 'bitmap', bitmap: 'b', context: 'qemu:dirty-bitmap:b' }, [{ offset: 0, length: 2 * 1024 * K, dirty: true }, { offset: 2 * 1024 * K, length: size - 2 * 1024 * K, dirty: false }], 1],
+    ] as const) {
+      const reader = new ChangedBlockReader(new FakeSource(bytes, alloc, [...dirty]), changes, { blockSize: 256 * K, concurrency });
+      const seen: Array<[number, number]> = [];
+      for await (const b of reader.blocks()) seen.push([b.index, reader.stats.bytesMapped]);
+      expect(seen.length, label).toBeGreaterThan(2);
+      // Each block is counted as passed when it is handed on: up to its end, never the window's.
+      for (const [index, mapped] of seen) expect(mapped, `${label} block ${index}`).toBe(Math.min((index + 1) * 256 * K, size));
+      expect(seen[0]![1], label).toBeLessThan(size / 4);
+      expect(reader.stats.bytesMapped, label).toBe(size);
+    }
+  });
+
+  it('the position passes clean windows of an incremental and reaches the disk size', async () => {
+    // Windows of 1 MiB; only the first 64 KiB is dirty: the position moves on without a block.
+    const dirty: DirtyExtent[] = [{ offset: 0, length: 64 * K, dirty: true }, { offset: 64 * K, length: size - 64 * K, dirty: false }];
+    const reader = new ChangedBlockReader(new FakeSource(bytes, alloc, dirty), { kind: 'bitmap', bitmap: 'b', context: 'qemu:dirty-bitmap:b' }, { blockSize: 256 * K, mapWindow: 1024 * K });
+    const seen: number[] = [];
+    for await (const b of reader.blocks()) seen.push(b.index, reader.stats.bytesMapped);
+    expect(seen).toEqual([0, 256 * K]);
+    expect(reader.stats.bytesMapped).toBe(size);
+  });
+
   it('rejects a block size that is not a multiple of 512', () => {
     const src = new FakeSource(bytes, alloc, []);
     expect(() => new ChangedBlockReader(src, { kind: 'full', reason: 'no-checkpoint', detail: '', compareDigests: false }, { blockSize: 1000 })).toThrow(/multiple of 512/);

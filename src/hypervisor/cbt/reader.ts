@@ -65,10 +65,15 @@ export interface BufferLender {
   giveBack(buffer: Buffer): void;
 }
 
-/** A block being read, in the reader's queue. */
+/**
+ * A block being read, in the reader's queue; or (`read` null) a mark that the plans up to `end`
+ * are all queued (the rest of a map window holds nothing to read).
+ */
 interface Queued {
-  readonly read: Promise<ChangedBlock>;
+  readonly read: Promise<ChangedBlock> | null;
   readonly buffer: Buffer | null;
+  /** The disk offset the reader has passed once this entry is handed on. */
+  readonly end: number;
 }
 
 const STOP = Symbol('stop');
@@ -78,7 +83,12 @@ export type ChangedBlock = DiskBlock & { readonly digest?: Buffer };
 
 /** What was read, for progress and the session log. */
 export interface ChangedBlockStats {
-  /** Bytes of the disk looked at so far (mapped). */
+  /**
+   * The reader's position: bytes of the disk from its start up to the end of the block yielded
+   * last (blocks skipped before it, unchanged or without data, count as passed). It reaches the
+   * disk's size when the iteration ends. Not how far block status was queried: the reader maps a
+   * whole window (1 GiB) ahead of its reads.
+   */
   bytesMapped: number;
   /** Bytes actually read from the export (data extents only). */
   bytesRead: number;
@@ -228,6 +238,12 @@ export class ChangedBlockReader {
     const producer = (async () => {
       try {
         for await (const plan of this.#plans()) {
+          if (!('index' in plan)) {
+            // The end of a map window: passed once the blocks queued before it are handed on.
+            queue.push({ read: null, buffer: null, end: plan.passed });
+            wake(wakeConsumer);
+            continue;
+          }
           while (queue.length + held >= this.#concurrency && !stopped) {
             await new Promise<void>((r) => (wakeProducer = r));
             wakeProducer = null;
@@ -247,7 +263,7 @@ export class ChangedBlockReader {
           }
           const read = this.#read(plan, buffer);
           read.catch(() => undefined); // handled when its turn comes; avoids an unhandled rejection meanwhile
-          queue.push({ read, buffer });
+          queue.push({ read, buffer, end: plan.offset + plan.length });
           wake(wakeConsumer);
         }
       } catch (err) {
@@ -268,6 +284,11 @@ export class ChangedBlockReader {
           continue;
         }
         const q = queue.shift()!;
+        if (q.read === null) {
+          this.stats.bytesMapped = q.end;
+          wake(wakeProducer);
+          continue;
+        }
         held = q.buffer && !this.#lend ? 1 : 0;
         wake(wakeProducer);
         let block: ChangedBlock;
@@ -277,6 +298,8 @@ export class ChangedBlockReader {
           if (q.buffer) this.#dropBuffer(q.buffer);
           throw err;
         }
+        // Counted before the consumer gets the block: its progress report for it includes it.
+        this.stats.bytesMapped = q.end;
         yield block;
         // The consumer asked for the next block: a ring buffer is free again (a lent one is the consumer's now).
         if (held) {
@@ -295,7 +318,7 @@ export class ChangedBlockReader {
       wake(wakeProducer);
       await producer;
       const rest = queue.splice(0);
-      await Promise.allSettled(rest.map((q) => q.read));
+      await Promise.allSettled(rest.flatMap((q) => (q.read ? [q.read] : [])));
       for (const q of rest) if (q.buffer) this.#dropBuffer(q.buffer);
     }
   }
@@ -315,10 +338,11 @@ export class ChangedBlockReader {
   }
 
   /**
-   * The planned blocks of the whole disk, window by window; the block-status queries of the next
-   * window run while the blocks of this one are read.
+   * The planned blocks of the whole disk, window by window, each window followed by a mark of its
+   * end (`passed`); the block-status queries of the next window run while the blocks of this one
+   * are read.
    */
-  async *#plans(): AsyncGenerator<BlockPlan> {
+  async *#plans(): AsyncGenerator<BlockPlan | { readonly passed: number }> {
     const size = this.#source.size;
     const starts: number[] = [];
     for (let start = 0; start < size; start += this.#window) starts.push(start);
@@ -330,8 +354,8 @@ export class ChangedBlockReader {
       next = i + 1 < starts.length ? this.#mapWindow(starts[i + 1]!) : null;
       next?.catch(() => undefined); // awaited in its turn
       const plans = await current;
-      this.stats.bytesMapped = Math.min(starts[i]! + this.#window, size);
       yield* plans;
+      yield { passed: Math.min(starts[i]! + this.#window, size) };
     }
   }
 
