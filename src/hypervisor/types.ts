@@ -127,6 +127,8 @@ export interface BeginBackupOptions {
   readonly disks?: readonly string[];
   /** Read every disk in full even if a bitmap is usable (an active full). Tracking starts anew. */
   readonly full?: boolean;
+  /** Why `full` was asked for (said in each disk's full-read line). */
+  readonly fullReason?: string;
   /** Deadline for the guest agent's freeze (default 10 s); past it the backup goes on crash-consistent. */
   readonly freezeTimeoutMs?: number;
 }

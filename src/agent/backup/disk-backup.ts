@@ -97,6 +97,8 @@ export interface BackupVmOptions {
   readonly requireGuestProcessing?: boolean;
   /** Start a new chain with a full read of every disk. */
   readonly full?: boolean;
+  /** Why `full` (the run plan's reason), said in each disk's full-read line. */
+  readonly fullReason?: string;
   /** Hypervisor chain id (bitmap names). Default: derived from job and VM (see `chainIdFor`). */
   readonly chainId?: string;
   /** New chains only: repository block size (default 1 MiB) and compression (default zstd). */
@@ -319,7 +321,7 @@ export async function startVmBackup(o: BackupVmOptions): Promise<VmBackup> {
     chainId,
     previous: prev?.checkpoint ?? null,
     ...(o.disks ? { disks: o.disks } : {}),
-    ...(o.full ? { full: true } : {}),
+    ...(o.full ? { full: true, ...(o.fullReason !== undefined ? { fullReason: o.fullReason } : {}) } : {}),
     ...(o.freezeTimeoutMs !== undefined ? { freezeTimeoutMs: o.freezeTimeoutMs } : {}),
   });
   let writer: RestorePointSink | null = null;

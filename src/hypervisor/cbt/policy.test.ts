@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { Checkpoint } from '../types.js';
-import { planDiskChanges, type DiskChangeFacts } from './policy.js';
+import { describeChanges, planDiskChanges, type DiskChangeFacts } from './policy.js';
 
 const prev: Checkpoint = {
   chainId: 'job1',
@@ -24,6 +24,8 @@ describe('planDiskChanges', () => {
     ['usable bitmap', {}, 'bitmap'],
     ['full requested', { fullRequested: true }, 'full-requested', false],
     ['first backup', { previous: null }, 'no-checkpoint', false],
+    // A run plan's full on a chain's first backup (executor: full: plan.kind === 'full') is not a request.
+    ['first backup of a run planned as full', { previous: null, fullRequested: true, fullReason: 'no restore point yet' }, 'no-checkpoint', false],
     ['disk added', { diskName: 'vdb' }, 'disk-new', false],
     ['disk resized', { virtualSize: 2 << 30 }, 'disk-resized', true],
     ['bitmap deleted', { bitmap: { present: false } }, 'bitmap-missing', true],
@@ -46,4 +48,15 @@ describe('planDiskChanges', () => {
       }
     });
   }
+});
+
+describe('full read reasons in the session log', () => {
+  it('the first backup says so, even when the run asked for a full', () => {
+    const c = planDiskChanges({ ...base, previous: null, fullRequested: true, fullReason: 'no restore point yet' });
+    expect(describeChanges('vda', c)).toBe('vda: full read (no-checkpoint: first backup of the chain)');
+  });
+  it('a requested full carries the reason it was asked for', () => {
+    expect(describeChanges('vda', planDiskChanges({ ...base, fullRequested: true, fullReason: 'active full scheduled on sun' }))).toBe('vda: full read (full-requested: active full scheduled on sun)');
+    expect(describeChanges('vda', planDiskChanges({ ...base, fullRequested: true }))).toBe('vda: full read (full-requested: an active full backup was requested)');
+  });
 });

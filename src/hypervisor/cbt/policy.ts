@@ -15,6 +15,11 @@ export interface DiskChangeFacts {
   readonly previous: Checkpoint | null;
   /** The caller asked for an active full. */
   readonly fullRequested: boolean;
+  /**
+   * Why it was asked, for the session log (the run plan's reason: "a full backup was asked for",
+   * "active full scheduled on sun", …). Default: "an active full backup was requested".
+   */
+  readonly fullReason?: string | undefined;
   /** The hypervisor process now (compared with `previous.instance`). */
   readonly instance: string;
   readonly bitmap: BitmapState;
@@ -23,11 +28,12 @@ export interface DiskChangeFacts {
 /** Decides where the changes of one disk come from. */
 export function planDiskChanges(f: DiskChangeFacts): DiskChanges {
   const prev = f.previous;
-  if (f.fullRequested) {
-    return { kind: 'full', reason: 'full-requested', detail: 'an active full backup was requested', compareDigests: false };
-  }
+  // The chain's first backup is a full whether asked for or not: say the real reason.
   if (!prev) {
     return { kind: 'full', reason: 'no-checkpoint', detail: 'first backup of the chain', compareDigests: false };
+  }
+  if (f.fullRequested) {
+    return { kind: 'full', reason: 'full-requested', detail: f.fullReason ?? 'an active full backup was requested', compareDigests: false };
   }
   const before = prev.disks[f.diskName];
   if (!before) {

@@ -221,6 +221,7 @@ export class LibvirtHypervisor implements Hypervisor {
         virtualSize: disk.virtualSize,
         previous: options.previous,
         fullRequested: options.full === true,
+        fullReason: options.fullReason,
         instance,
         bitmap: state,
       });

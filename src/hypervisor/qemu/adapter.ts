@@ -278,6 +278,7 @@ class QemuBackup {
         virtualSize: disk.virtualSize,
         previous: this.#options.previous,
         fullRequested: this.#options.full === true,
+        fullReason: this.#options.fullReason,
         instance: this.#vm.instance,
         bitmap: state,
       });
