@@ -308,7 +308,7 @@ export class LibvirtHypervisor implements Hypervisor {
           thaw: async (ms) => Number((await this.#virsh.run(['domfsthaw', vm], ms)).match(/Thawed (\d+)/)?.[1] ?? 0),
           close: async () => undefined,
         };
-        const r = await withFrozenGuest(vm, async () => freezer, begin, { require: options.requireGuestProcessing, freezeTimeoutMs: timeout, log });
+        const r = await withFrozenGuest(vm, async () => freezer, begin, { require: options.requireGuestProcessing, freezeTimeoutMs: timeout, log, stopped: info.state === 'paused' ? 'paused' : undefined });
         consistency = r.consistency;
         freezeWindowMs = r.freezeWindowMs;
         warnings.push(...r.warnings);

@@ -32,6 +32,7 @@ import {
   processInfo,
   queryBitmaps,
   queryRunState,
+  queryStatus,
   socketOwnerPid,
   qmpProcessPid,
   withSavedNvram,
@@ -316,6 +317,8 @@ class QemuBackup {
         this.#log.info({ pauseWindowMs }, 'VM paused for the snapshot');
       } else {
         const agentSocket = this.#opts.agentSocketFor?.(this.#vm.qmpSocket) ?? (await findAgentSocket(this.#qmp));
+        // A paused guest cannot answer its agent (asking waits out the freeze timeout): not asked.
+        const status = await queryStatus(this.#qmp);
         const result = await withFrozenGuest(
           vmName,
           async (): Promise<FileSystemFreezer> => {
@@ -323,7 +326,12 @@ class QemuBackup {
             return openAgentFreezer(agentSocket, this.#options.freezeTimeoutMs ?? 10_000);
           },
           () => this.#transaction(),
-          { require: this.#options.requireGuestProcessing, freezeTimeoutMs: this.#options.freezeTimeoutMs ?? 10_000, log: this.#log },
+          {
+            require: this.#options.requireGuestProcessing,
+            freezeTimeoutMs: this.#options.freezeTimeoutMs ?? 10_000,
+            log: this.#log,
+            stopped: status.running ? undefined : status.status,
+          },
         );
         consistency = result.consistency;
         freezeWindowMs = result.freezeWindowMs;

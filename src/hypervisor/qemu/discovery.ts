@@ -274,9 +274,15 @@ export async function queryBitmaps(qmp: QmpClient): Promise<Map<string, BitmapIn
   return out;
 }
 
+/** QEMU's own run state (query-status): `running`, or why not (`paused`, `prelaunch`, `suspended`, `io-error`, …). */
+export async function queryStatus(qmp: QmpClient): Promise<{ readonly running: boolean; readonly status: string }> {
+  const s = await qmp.execute<{ status: string; running: boolean }>('query-status');
+  return { running: s.running, status: s.status };
+}
+
 /** The VM's run state from query-status. */
 export async function queryRunState(qmp: QmpClient): Promise<VmRunState> {
-  const s = await qmp.execute<{ status: string; running: boolean }>('query-status');
+  const s = await queryStatus(qmp);
   if (s.running) return 'running';
   if (s.status === 'paused' || s.status === 'suspended' || s.status === 'prelaunch') return 'paused';
   if (s.status === 'shutdown') return 'shut-off';
