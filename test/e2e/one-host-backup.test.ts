@@ -105,6 +105,12 @@ describe('one-host install: back up a running VM and restore its disk', () => {
       }
       expect((await bulwark(['session', 'show', id], env)).stdout).toMatch(/stages:\s+Source \d+% > Proxy \d+% > Network \d+% > Target \d+%.*; bottleneck: (Source|Proxy|Target|Throttling)\n/);
     }
+    // What each run backed up (newest first), and why the first read in full: nobody asked for a
+    // full, it is the chain's first backup.
+    const shownText = await Promise.all(sessions.map(async ({ id }) => (await bulwark(['session', 'show', id], env)).stdout));
+    expect(shownText.map((t) => /^backup:\s+(.*)$/m.exec(t)?.[1])).toEqual(['incremental', 'full']);
+    expect(shownText[1]).toMatch(/vda: full read \(no-checkpoint: first backup of the chain\)/);
+    expect(shownText.join('\n')).not.toMatch(/full-requested|^full:/m);
 
     const list = await bulwark(['restore-point', 'list', '--vm', VM, '--json'], env);
     expect(list.code).toBe(0);

@@ -348,10 +348,35 @@ export function jobCommand(ctx: CliContext): Command {
   return job;
 }
 
-/** A job run's job, state and full flag; a restore's VM, point, agent and state (an instant recovery's: from backup or not). */
+/** How each run kind reads in `session show` (the run plans of src/repository/plan/plan-run.ts). */
+const RUN_KINDS: Record<string, string> = {
+  full: 'full',
+  incremental: 'incremental',
+  'synthetic-full': 'incremental, then synthetic full',
+  reverse: 'reverse incremental',
+};
+
+/**
+ * What a job run backed up: the kinds its VMs' runs took, from their plan lines in the log
+ * ("this run: full (no restore point yet)"), in order, each once; "(full requested)" when
+ * `job run --full` asked for it. Undefined when no run was planned (nothing started, a simulation).
+ */
+export function backupRunText(s: Pick<Session, 'full' | 'log'>): string | undefined {
+  const kinds: string[] = [];
+  for (const line of s.log) {
+    const kind = /\bthis run: ([a-z-]+) \(/.exec(line.message)?.[1];
+    const text = kind === undefined ? undefined : RUN_KINDS[kind];
+    if (text !== undefined && !kinds.includes(text)) kinds.push(text);
+  }
+  if (kinds.length === 0) return s.full ? 'full requested' : undefined;
+  return `${kinds.join('; ')}${s.full ? ' (full requested)' : ''}`;
+}
+
+/** A job run's job, state and what it backed up; a restore's VM, point, agent and state (an instant recovery's: from backup or not). */
 function sessionSubjectFields(s: Session, state: string): Array<[string, unknown]> {
-  if (s.kind === undefined || s.kind === 'backup' || s.kind === 'health-check') {
-    return [['job', s.jobName], ['state', s.state], ['full', s.full]];
+  if (s.kind === 'health-check') return [['job', s.jobName], ['state', s.state]];
+  if (s.kind === undefined || s.kind === 'backup') {
+    return [['job', s.jobName], ['state', s.state], ['backup', backupRunText(s)]];
   }
   return [
     ['vm', s.vm],
