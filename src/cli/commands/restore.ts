@@ -119,33 +119,35 @@ export class RestoreLines implements RestoreView {
   readonly #what: string;
   readonly #total: () => number | undefined;
   readonly #everyMs: number;
+  readonly #now: () => number;
   #announced = false;
   #decile = -1;
   #lastAt = 0;
   /** Nothing done yet is not worth a line. */
   #lastDone = 0;
 
-  constructor(output: Output, what: string, total: () => number | undefined, everyMs = 5000) {
+  constructor(output: Output, what: string, total: () => number | undefined, o: { everyMs?: number; now?: () => number } = {}) {
     this.#output = output;
     this.#what = what;
     this.#total = total;
-    this.#everyMs = everyMs;
+    this.#everyMs = o.everyMs ?? 5000;
+    this.#now = o.now ?? Date.now;
   }
 
   update(s: Session): void {
     if (!this.#announced) {
       this.#announced = true;
-      this.#output.out(`${localTime(new Date())}  ${this.#what}: session ${s.id} (stop it with: bulwark session stop ${s.id})\n`);
+      this.#output.out(`${localTime(new Date(this.#now()))}  ${this.#what}: session ${s.id} (stop it with: bulwark session stop ${s.id})\n`);
     }
     if (s.state !== 'running') return;
     const f = restoreFigures(s, this.#total());
     const decile = Math.floor(f.percent / 10);
-    const now = Date.now();
+    const now = this.#now();
     if (f.done === this.#lastDone || (decile <= this.#decile && now - this.#lastAt < this.#everyMs)) return;
     this.#decile = Math.max(this.#decile, decile);
     this.#lastAt = now;
     this.#lastDone = f.done;
-    this.#output.out(`${localTime(new Date())}  restoring  ${restoreProgressText(f)}\n`);
+    this.#output.out(`${localTime(new Date(now))}  restoring  ${restoreProgressText(f)}\n`);
   }
 
   end(): void {
