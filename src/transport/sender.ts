@@ -114,6 +114,8 @@ interface Pending {
   readonly payload: readonly Buffer[];
   readonly bytes: number;
   readonly block?: { disk: number; index: number };
+  /** The disk whose frame this message belongs to (OPEN_DISK, BLOCK, ZERO_RUN). */
+  readonly disk?: number;
   stream: number | undefined;
   attempts: number;
   readonly acked: { resolve: () => void; promise: Promise<void> };
@@ -223,7 +225,7 @@ export class TransferSender {
         if ('zeroStart' in item) {
           zeroBlocks += item.zeroCount;
           this.stats.zeroRuns++;
-          await this.#sequenced(MessageType.zeroRun, [encodeZeroRun({ disk: diskNo, start: item.zeroStart, count: item.zeroCount })]);
+          await this.#sequenced(MessageType.zeroRun, [encodeZeroRun({ disk: diskNo, start: item.zeroStart, count: item.zeroCount })], undefined, diskNo);
         } else {
           const block: BlockMessage = { disk: diskNo, ...item };
           blocks++;
@@ -236,7 +238,9 @@ export class TransferSender {
       await iterator.return?.().catch(() => undefined);
       throw this.#failure ?? new BulwarkError(`sending disk ${disk.name} failed`, { kind: 'internal', context: ctx, cause: err });
     }
-    await this.#allAcked();
+    // This disk's messages only: the other disks of the point go on side by side (one task each),
+    // and waiting for all of them would hold this disk's end (and its task's slot) until they pause.
+    await this.#allAcked(diskNo);
     const end = await this.#sequenced(MessageType.endDisk, [encodeJson({ disk: diskNo, blocks, zeroBlocks, bytes })]);
     await this.#race(end.acked.promise);
     return { disk: diskNo, blocks, zeroBlocks, bytes };
@@ -279,7 +283,7 @@ export class TransferSender {
 
   // ---- sending ----
 
-  async #sequenced(type: MessageTypeCode, payload: Buffer[], block?: { disk: number; index: number }): Promise<Pending> {
+  async #sequenced(type: MessageTypeCode, payload: Buffer[], block?: { disk: number; index: number }, disk = block?.disk): Promise<Pending> {
     const bytes = payload.reduce((n, p) => n + p.length, 0);
     // Under a rate limit at most a quarter of the window (8 MiB at most) waits for tokens: the
     // rest of the window is for data on its way to the target, so a credit wait means the
@@ -289,7 +293,7 @@ export class TransferSender {
     if (this.#o.throttle) await this.#throttleRoom(bytes);
     await this.#credit(bytes);
     const acked = deferred();
-    const p: Pending = { sequence: this.#nextSequence++, type, payload, bytes, block, stream: undefined, attempts: 0, acked };
+    const p: Pending = { sequence: this.#nextSequence++, type, payload, bytes, block, ...(disk !== undefined ? { disk } : {}), stream: undefined, attempts: 0, acked };
     this.#pending.set(p.sequence, p);
     this.stats.inFlightBytes += bytes;
     this.stats.maxInFlightBytes = Math.max(this.stats.maxInFlightBytes, this.stats.inFlightBytes);
@@ -398,9 +402,11 @@ export class TransferSender {
     await slot.conn!.send(MessageType.commit, encodeJson({}), { stream: slot.index }).catch(() => undefined);
   }
 
-  async #allAcked(): Promise<void> {
+  /** Waits until every message sent so far (with `disk`: every message of that disk) is acknowledged. */
+  async #allAcked(disk?: number): Promise<void> {
     this.#check();
-    while (this.#pending.size > 0) {
+    const waiting = (): boolean => (disk === undefined ? this.#pending.size > 0 : [...this.#pending.values()].some((p) => p.disk === disk));
+    while (waiting()) {
       await this.#nextEvent();
       this.#check();
     }

@@ -4,7 +4,7 @@
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BulwarkError } from '../../src/common/errors.js';
-import { TransferReceiver, type SessionOutcome, type TransferReceiverOptions } from '../../src/transport/receiver.js';
+import { TransferReceiver, type SessionOutcome, type TransferReceiverOptions, type TransferSink } from '../../src/transport/receiver.js';
 import { TransferSender, prepareBlocks, type TransferSenderOptions } from '../../src/transport/sender.js';
 import { StageTimes } from '../../src/transport/stage-times.js';
 import { RateLimiter } from '../../src/transport/throttle.js';
@@ -205,6 +205,41 @@ describe('data-mover transfer over TLS', () => {
     // never filled with blocks that only wait for tokens.
     expect(busy.target).toBeLessThan(elapsed / 4);
     expect(sender.stats.maxInFlightBytes).toBeLessThan(window / 2);
+  });
+
+  it('two disks side by side on one transfer: a short disk ends while the long one still streams', async () => {
+    const bs = 16 * 1024;
+    const short = patternDisk(8 * bs, bs, 1000);
+    const long = patternDisk(300 * bs, bs, 1000);
+    /** Blocks written per disk, slowly (a repository that takes 1 ms a block), and the disks ended. */
+    const written = new Map<number, number>();
+    const ended: number[] = [];
+    const sink: TransferSink = {
+      openDisk: async () => undefined,
+      writeBlock: async (b) => {
+        await new Promise((r) => setTimeout(r, 1));
+        written.set(b.disk, (written.get(b.disk) ?? 0) + 1);
+      },
+      writeZeroRun: async () => undefined,
+      endDisk: async (e) => void ended.push(e.disk),
+      commit: async () => undefined,
+      abort: async () => undefined,
+    };
+    // A window of 16 blocks: the long disk keeps sending new blocks while the short one runs.
+    const receiver = await TransferReceiver.listen({ tls: pki.target, window: 16 * bs, grant: (taskId) => (taskId === TASK ? { secret: SECRET, openSink: async () => sink } : undefined) });
+    cleanups.push(() => receiver.close());
+    const sender = await openSender(receiver.address.port);
+    const longDone = sender.sendDisk({ name: 'vdb', size: long.length, blockSize: bs }, prepareBlocks(diskBlocks(long, bs)));
+    await new Promise((r) => setTimeout(r, 20)); // vdb is streaming
+    const shortDone = await sender.sendDisk({ name: 'vda', size: short.length, blockSize: bs }, prepareBlocks(diskBlocks(short, bs)));
+    // vda's end is durable on the target while most of vdb has yet to arrive.
+    expect(shortDone.blocks).toBe(7); // block 3 reads as zeroes: a zero run
+    expect(ended).toEqual([shortDone.disk]);
+    expect(written.get(shortDone.disk)).toBe(7);
+    expect(written.get(1 - shortDone.disk) ?? 0).toBeLessThan(150);
+    expect((await longDone).blocks).toBe(299);
+    await sender.commit();
+    expect(written.get(1 - shortDone.disk)).toBe(299);
   });
 
   it('refuses a wrong task secret and a certificate from another CA', async () => {
