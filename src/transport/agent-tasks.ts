@@ -150,6 +150,8 @@ export interface BackupSourceTask {
   readonly job: string;
   readonly vm: string;
   readonly full: boolean;
+  /** Why `full` (the repository agent's plan reason), said in each disk's full-read line. */
+  readonly fullReason?: string | undefined;
   readonly previous: WirePrevious | null;
   /** A full's new chain: forward (default) or reverse. */
   readonly chainMethod?: 'forward' | 'reverse' | undefined;

@@ -469,6 +469,7 @@ export class AgentTaskRunner {
       job: task.job,
       vm: vm.id,
       full: task.full,
+      ...(task.fullReason !== undefined ? { fullReason: task.fullReason } : {}),
       ...(task.chainMethod ? { chainMethod: task.chainMethod } : {}),
       ...(excluded.length > 0 ? { disks: included } : {}),
       ...(task.repair && task.repair.length > 0 ? { repair: task.repair } : {}),

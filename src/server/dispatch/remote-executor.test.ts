@@ -61,6 +61,7 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
       });
       const source = await t.next('src1');
       expect(source).toMatchObject({ kind: 'backup-source', full: false, chainMethod: 'reverse', repair: [{ disk: 'vda', blocks: [3, 7] }], excludeDisks: ['vdb'], target: { host: '10.0.0.3', port: 9393 } });
+      expect(source).not.toHaveProperty('fullReason');
       const summary = { pointId: 'p2', point: wirePoint('p2', 'incremental'), kind: 'incremental', warnings: [], consistency: 'application', disks: [{ name: 'vda', bytesRead: 10, bytesStored: 5 }] };
       t.send('src1', source.taskId, { type: 'result', ok: true, value: summary });
       t.send('repo1', target.taskId, { type: 'log', level: 'info', message: 'retention: deleted reverse point p0: outside retention' }, {
@@ -104,7 +105,8 @@ describe('RemoteDataPathExecutor with chain steps on the repository agent', () =
           plan: { kind: 'full', reason: 'first backup', chainMethod: 'forward', parent: null, repair: [] },
         });
         const source = await t.next('src1');
-        expect(source, JSON.stringify(settings)).toMatchObject({ kind: 'backup-source', streams });
+        // A planned full tells the source why (its disks' full-read lines say it).
+        expect(source, JSON.stringify(settings)).toMatchObject({ kind: 'backup-source', streams, full: true, fullReason: 'first backup' });
         t.broker.close();
         await outcome.catch(() => undefined);
       } finally {

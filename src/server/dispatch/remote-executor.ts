@@ -495,6 +495,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
             vm: task.vm,
             // What the repository agent planned (an agent without chain steps: what was asked).
             full: plan ? plan.kind === 'full' : task.full,
+            ...(plan?.kind === 'full' ? { fullReason: plan.reason } : {}),
             previous: readyOrFailed.previous,
             ...(plan ? { chainMethod: plan.chainMethod, repair: plan.repair } : {}),
             ...(settings.excludeDisks.length > 0 ? { excludeDisks: settings.excludeDisks } : {}),
@@ -882,6 +883,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
               job: job.name,
               vm: v.vm,
               full,
+              ...(full ? { fullReason: plan.reason } : {}),
               previous: readyOrFailed.vms?.[v.vm] ?? null,
               chainMethod: plan.chainMethod,
               ...(repair.length > 0 ? { repair } : {}),
