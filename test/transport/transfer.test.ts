@@ -144,6 +144,28 @@ describe('data-mover transfer over TLS', () => {
     expect(sink.committed).toBe(true);
   });
 
+  it('every stream cut at once and refused for a moment: all reconnect within the window and resume; bit-exact', async () => {
+    const sink = new MemorySink(() => yieldToLoop());
+    const { receiver, ended } = await startReceiver(sink, { resumeWindowMs: 10_000 });
+    const relay = await Relay.start(receiver.address);
+    cleanups.push(() => relay.close());
+    let cut = 0;
+    sink.onBlock = (n) => {
+      if (n !== 80) return;
+      relay.refuse = true;
+      cut = relay.cut();
+      setTimeout(() => (relay.refuse = false), 300);
+    };
+    const sender = await openSender(relay.port, { reconnectDelayMs: 20, resumeWindowMs: 10_000 });
+    await sender.sendDisk({ name: 'vda', size: SIZE, blockSize: BS }, prepareBlocks(diskBlocks(image, BS)));
+    await sender.commit();
+    expect(cut).toBe(5);
+    expect(sender.stats.reconnects).toBeGreaterThanOrEqual(5);
+    expect(sha256(sink.image)).toBe(sha256(image));
+    expect(sink.committed).toBe(true);
+    expect(ended).toEqual([{ outcome: 'committed', reason: undefined }]);
+  });
+
   it('an outage longer than the resume window fails the task cleanly on both sides', async () => {
     const sink = new MemorySink(() => yieldToLoop());
     const { receiver, ended } = await startReceiver(sink, { resumeWindowMs: 600 });
