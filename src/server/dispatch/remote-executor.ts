@@ -174,6 +174,8 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
   readonly #ruleUsers = new Map<string, Map<string, string>>();
   /** Re-sends the limits of each transfer running now (by transfer key), when a rule's users change. */
   readonly #limitRefreshers = new Map<string, () => void>();
+  /** Transfers started and not ended: only these count in a rule's users (a late refresh of an ended one must not). */
+  readonly #liveTransfers = new Set<string>();
 
   constructor(options: RemoteDataPathOptions) {
     this.#o = options;
@@ -475,6 +477,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
         const plan = readyOrFailed.plan;
         const targetHost = readyOrFailed.host ?? broker.addressOf(targetAgent) ?? '127.0.0.1';
         const sourceIp = broker.addressOf(sourceAgent) ?? '127.0.0.1';
+        this.#liveTransfers.add(transfer.key);
         const limits = await limitsNow(sourceIp, targetHost);
         const hosts = await this.#o.hosts();
         const mine = hosts.filter((h) => (h.agent ?? this.#localAgent) === sourceAgent).map((h) => h.connection);
@@ -866,6 +869,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
           const sourceIp = broker.addressOf(v.sourceAgent) ?? '127.0.0.1';
           const transfer = { key: `${this.#runKey(task)}/${v.vm}`, agent: v.sourceAgent };
           transfers.push(transfer.key);
+          this.#liveTransfers.add(transfer.key);
           const mine = hosts.filter((h) => (h.agent ?? this.#localAgent) === v.sourceAgent).map((h) => h.connection);
           const repair = plan.repair.flatMap((r) => {
             const split = splitAllVmsDiskName(r.disk);
@@ -1045,7 +1049,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
       // about addresses, so a name is matched by every address it resolves to.
       const targets = await addressesOf(targetIp);
       const matched = new Map(targets.flatMap((ip) => matchingThrottlingRules(rules, { sourceIp, targetIp: ip, at, timeZone })).map((r) => [r.name, r]));
-      const changed = this.#coverTransfer(transfer, new Set(matched.keys()));
+      const changed = this.#liveTransfers.has(transfer.key) && this.#coverTransfer(transfer, new Set(matched.keys()));
       for (const r of matched.values()) {
         // This agent's part of the rule: its transfers under the rule over all transfers under it.
         const users = [...(this.#ruleUsers.get(r.name)?.values() ?? [])];
@@ -1082,6 +1086,7 @@ export class RemoteDataPathExecutor implements TaskExecutor, DiskResolver {
 
   /** A transfer ended: it leaves every rule, and the transfers still running get their larger parts. */
   #transferEnded(key: string): void {
+    this.#liveTransfers.delete(key);
     this.#limitRefreshers.delete(key);
     let changed = false;
     for (const [name, users] of this.#ruleUsers) {
