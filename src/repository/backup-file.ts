@@ -35,6 +35,29 @@ export function corrupt(message: string, context: Record<string, string | number
   return new BulwarkError(message, { kind: 'corrupt', context, cause, hint: 'run `bulwark repo verify` on the repository to see all damage' });
 }
 
+/**
+ * What a backup file is read through: a FileHandle, or bytes in memory (the damage tests verify
+ * tens of thousands of mutated copies of a file without a file system round trip each).
+ */
+export interface ByteSource {
+  read(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }>;
+  stat(): Promise<{ size: number }>;
+  close(): Promise<void>;
+}
+
+/** A ByteSource over `bytes` (not copied). */
+export function memorySource(bytes: Buffer): ByteSource {
+  return {
+    read: (buffer, offset, length, position) => {
+      const n = Math.max(0, Math.min(length, bytes.length - position));
+      if (n > 0) bytes.copy(buffer, offset, position, position + n);
+      return Promise.resolve({ bytesRead: n });
+    },
+    stat: () => Promise.resolve({ size: bytes.length }),
+    close: () => Promise.resolve(),
+  };
+}
+
 export class BackupFile {
   readonly path: string;
   readonly header: FileHeader;
@@ -44,16 +67,15 @@ export class BackupFile {
   readonly index: BackupIndex;
   readonly size: number;
   readonly aad: Buffer;
-  /** Opened with `write` (transforms): appends go through this handle. */
-  readonly handle: FileHandle;
-  readonly #fh: FileHandle;
+  readonly #handle: FileHandle | null;
+  readonly #fh: ByteSource;
   readonly #pages = new Map<string, Promise<BlockEntry[]>>();
   readonly #disks = new Map<string, DiskDescriptor>();
 
-  private constructor(path: string, fh: FileHandle, size: number, header: FileHeader, slot: CommitSlot, slotIndex: number, index: BackupIndex) {
+  private constructor(path: string, fh: ByteSource, handle: FileHandle | null, size: number, header: FileHeader, slot: CommitSlot, slotIndex: number, index: BackupIndex) {
     this.path = path;
     this.#fh = fh;
-    this.handle = fh;
+    this.#handle = handle;
     this.size = size;
     this.header = header;
     this.slot = slot;
@@ -69,13 +91,17 @@ export class BackupFile {
    * names even while an in-place transform has committed a newer generation; otherwise (or
    * after a compaction, which keeps only its new generation) the highest valid slot.
    */
-  static async open(path: string, opts: { generation?: number; write?: boolean } = {}): Promise<BackupFile> {
-    let fh: FileHandle;
-    try {
-      fh = await open(path, opts.write ? 'r+' : 'r');
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      throw new BulwarkError(`cannot open backup file ${path}`, { kind: code === 'ENOENT' ? 'not-found' : 'internal', context: { file: path }, cause: err });
+  static async open(path: string, opts: { generation?: number; write?: boolean; source?: ByteSource } = {}): Promise<BackupFile> {
+    let fh: ByteSource;
+    let handle: FileHandle | null = null;
+    if (opts.source) fh = opts.source;
+    else {
+      try {
+        fh = handle = await open(path, opts.write ? 'r+' : 'r');
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        throw new BulwarkError(`cannot open backup file ${path}`, { kind: code === 'ENOENT' ? 'not-found' : 'internal', context: { file: path }, cause: err });
+      }
     }
     try {
       const size = (await fh.stat()).size;
@@ -86,29 +112,41 @@ export class BackupFile {
       const raws = COMMIT_SLOT_OFFSETS.map((o) => page.subarray(o, o + COMMIT_SLOT_SIZE));
       let { slot, index: slotIndex } = pickCommitSlot(raws, size);
       if (opts.generation !== undefined && slot.generation !== opts.generation) {
+        let found = false;
+        let damaged: string | null = null;
         for (const [i, raw] of raws.entries()) {
           let s: CommitSlot | null = null;
           try {
             s = decodeCommitSlot(raw, size);
-          } catch {
+          } catch (err) {
+            damaged = `slot ${'AB'[i]}: ${(err as Error).message}`;
             continue;
           }
           if (s?.generation === opts.generation) {
             slot = s;
             slotIndex = i;
+            found = true;
           }
         }
+        // The named slot may be the damaged one: the other holds another point (section 3.2).
+        if (!found && damaged !== null) throw new FormatError('commit slot', `no valid slot holds generation ${opts.generation}, the one the chain metadata names, and ${damaged}`);
       }
       const raw = Buffer.alloc(slot.indexLength);
       await readExactly(fh, raw, slot.indexOffset);
       if (crc32c(raw) !== slot.indexCrc) throw new FormatError('index', 'checksum mismatch');
       const index = decodeIndex(raw, header.blockSize, slot.indexOffset);
-      return new BackupFile(path, fh, size, header, slot, slotIndex, index);
+      return new BackupFile(path, fh, handle, size, header, slot, slotIndex, index);
     } catch (err) {
       await fh.close();
       if (err instanceof FormatError) throw corrupt(`damaged backup file ${path}: ${err.message}`, { file: path }, err);
       throw err;
     }
+  }
+
+  /** The file's handle (opened with `write` for transforms: appends go through it). */
+  get handle(): FileHandle {
+    if (!this.#handle) throw new BulwarkError(`backup file ${this.path} was opened from memory: it has no file handle`, { kind: 'internal', context: { file: this.path } });
+    return this.#handle;
   }
 
   disk(name: string): DiskDescriptor | undefined {
@@ -194,7 +232,7 @@ export class BackupFile {
   }
 }
 
-export async function readExactly(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
+export async function readExactly(fh: ByteSource, buf: Buffer, position: number): Promise<void> {
   let done = 0;
   while (done < buf.length) {
     const { bytesRead } = await fh.read(buf, done, buf.length - done, position + done);

@@ -240,6 +240,9 @@ export function decodePayload(
     }
     case 'lz4': {
       let out: Buffer;
+      // The payload starts with the plain length (section 3.3): lz4 allocates what it says, so a
+      // damaged one must not reach it (up to 4 GiB, seconds per block).
+      if (body.length < 4 || body.readUInt32LE(0) !== plainLength) throw new Error(`lz4: payload does not start with the plain length ${plainLength}`);
       try {
         out = lz4Uncompress(body);
       } catch (err) {

@@ -16,6 +16,7 @@ import {
   MAX_DISKS,
   TABLE_PAGE_REF_SIZE,
   RECORD_HEADER_SIZE,
+  type CommitSlot,
   type StoredBlockEntry,
 } from '../format/index.js';
 import { BackupFile } from './backup-file.js';
@@ -146,7 +147,7 @@ export async function verifyRepository(root: string, opts: VerifyOptions = {}): 
               }
             }
           }
-          const r = await verifyFile(file, keys, add);
+          const r = await verifyBackupFile(file, keys, add);
           blocksChecked += r.blocks;
           bytesChecked += r.bytes;
           if (file.slot.fileLength < file.size) warnings.push(`${p.file}: ${file.size - file.slot.fileLength} bytes after the committed end (left by an interrupted transform; ignored)`);
@@ -163,18 +164,25 @@ export async function verifyRepository(root: string, opts: VerifyOptions = {}): 
   return { repository: abs, ok: damage.length === 0, vmFolders: folders.length, chains: chainsN, points: pointsN, filesChecked, blocksChecked, bytesChecked, damage, warnings };
 }
 
-type AddDamage = (d: { problem: string; disk?: string; block?: number; diskOffset?: number; fileOffset?: number }) => void;
+export type AddDamage = (d: { problem: string; disk?: string; block?: number; diskOffset?: number; fileOffset?: number }) => void;
 
-async function verifyFile(file: BackupFile, keys: ChainKeys | null, add: AddDamage): Promise<{ blocks: number; bytes: number }> {
+/**
+ * The checks of one opened backup file beyond those of BackupFile.open: the commit slot not in
+ * use, a walk of the data area record by record, every table page and block (CRC32C; decoded and
+ * digest with keys), records no table names. verifyRepository runs it for every point's file.
+ */
+export async function verifyBackupFile(file: BackupFile, keys: ChainKeys | null, add: AddDamage): Promise<{ blocks: number; bytes: number }> {
   let blocks = 0;
   let bytes = 0;
   // The slot not in use must be empty or valid: a flipped byte there is damage too.
   const page = Buffer.alloc(HEADER_PAGE_SIZE);
   await file.readAt(page, 0);
+  const otherSlots: Array<{ slot: CommitSlot; name: string }> = [];
   COMMIT_SLOT_OFFSETS.forEach((o, i) => {
     if (i === file.slotIndex) return;
     try {
-      decodeCommitSlot(page.subarray(o, o + COMMIT_SLOT_SIZE), file.size);
+      const s = decodeCommitSlot(page.subarray(o, o + COMMIT_SLOT_SIZE), file.size);
+      if (s) otherSlots.push({ slot: s, name: 'AB'[i]! });
     } catch (err) {
       add({ problem: `commit slot ${'AB'[i]} damaged: ${(err as Error).message}`, fileOffset: o });
     }
@@ -188,8 +196,19 @@ async function verifyFile(file: BackupFile, keys: ChainKeys | null, add: AddDama
       if (pos + RECORD_HEADER_SIZE > file.slot.indexOffset) throw new Error('record header crosses the index');
       await file.readAt(hdr, pos);
       if (hdr.subarray(0, 8).equals(INDEX_MAGIC)) {
-        // The index of an earlier generation (a file transformed in place, section 5).
-        pos += await oldIndexLength(file, pos, file.slot.indexOffset);
+        // The index of an earlier generation (a file transformed in place, section 5). The one
+        // the other commit slot names (kept for crash recovery) is checked against that slot's
+        // CRC; older ones no slot names cannot be checked, and nothing reads them (section 3).
+        const len = await oldIndexLength(file, pos, file.slot.indexOffset);
+        const named = otherSlots.find((o) => o.slot.indexOffset === pos);
+        if (named) {
+          const raw = Buffer.alloc(len);
+          await file.readAt(raw, pos);
+          if (len !== named.slot.indexLength || crc32c(raw) !== named.slot.indexCrc) {
+            add({ problem: `index of generation ${named.slot.generation} (commit slot ${named.name}, kept for crash recovery) fails its CRC32C`, fileOffset: pos });
+          }
+        }
+        pos += len;
         continue;
       }
       const h = decodeRecordHeader(hdr);
