@@ -83,7 +83,7 @@ export async function inspectRepository(root: string): Promise<InspectReport> {
         const base = { id: p.id, kind: p.kind, time: p.time.toISOString(), file: p.file, fileBytes: p.fileBytes };
         let file: BackupFile;
         try {
-          file = await BackupFile.open(p.file);
+          file = await BackupFile.open(p.file, p.generation !== undefined ? { generation: p.generation } : {}); // the generation the .vbm names, as readers and verify
         } catch (err) {
           points.push({ ...base, disks: p.disks.map((d) => ({ name: d.name, size: d.size, storedBlocks: 0, dedupBlocks: 0, zeroBlocks: 0, holeBlocks: 0, inheritedBlocks: 0, plainBytes: 0, storedBytes: 0 })), compressionRatio: 1, dedupRatio: 1, problem: describeError(err) });
           continue;
