@@ -16,15 +16,17 @@
 //   file: for a backup file BackupFile.open at the point's generation, checkFileMatches against
 //   the chain metadata and verifyBackupFile (keys of the encrypted chain given); for the .vbm
 //   decodeChainMetadata. Files are read from memory (BackupFile's ByteSource), so each check
-//   costs microseconds, not a file system round trip.
-// - through the real files and the whole `verifyRepository`: every SAMPLE-th byte (xor 0xff) and
-//   every SAMPLE-th length, plus every byte of the header fields, commit slots and .vbm header:
-//   the report names the file, and for a block record disk, block, offset and restore point.
+//   costs about 0.1 ms, not a file system round trip. 134,613 mutations in all (~12 s here).
+// - through the real files and the whole `verifyRepository` (~900 runs): every SAMPLE-th byte
+//   (xor 0xff), the first and last byte of every region (header page, each slot, each record,
+//   each index), and a cut at each of those offsets: the report names the file, and for a block
+//   record disk, block, offset and restore point; never "wrong password".
 // - fuzz: 150 random changes of up to 16 bytes (with or without a cut) per file, in memory.
 // The one region no checksum can cover: the index of a generation older than the one kept in
 // the other commit slot (here the reverse full's generation-1 index). Nothing names it any more
-// (section 3, "After an in-place transform"); a mutation there that the verifier does not see must
-// leave every restore point of the chain reading bit-exact, which the test then checks.
+// (section 3, "After an in-place transform"); mutations there the verifier does not see (984 of
+// them here) are counted, and every restore point of the chain must read bit-exact with all
+// those bytes changed at once (xor 0xff, then xor 1), through the real files.
 import { closeSync, existsSync, ftruncateSync, openSync, readdirSync, readFileSync, writeSync } from 'node:fs';
 import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
