@@ -1,7 +1,7 @@
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import type { Session } from '../server/services/model.js';
-import { BarView, exitCodeOf, JsonView, PlainView } from './follow.js';
+import { BarView, exitCodeOf, JsonView, PlainView, sessionSubject } from './follow.js';
 
 const session = (state: Session['state'], percent: number, log: string[] = []): Session => ({
   id: 's1',
@@ -22,6 +22,17 @@ function buffer(): { out: string; err: string; output: { out(s: string): void; e
 }
 
 describe('session views', () => {
+  it('names what a session is about: the job of a job run or health check, the kind and VM of a restore', () => {
+    const s = session('running', 0);
+    expect([
+      sessionSubject(s),
+      sessionSubject({ ...s, kind: 'health-check' }),
+      sessionSubject({ ...s, jobName: '', jobId: null, kind: 'restore-disk', vm: 'web1' }),
+      sessionSubject({ ...s, jobName: '', jobId: null, kind: 'instant-recovery', vm: 'web1-ir' }),
+      sessionSubject({ ...s, jobName: '', jobId: null, kind: 'restore-files' }),
+    ]).toEqual(['job nightly', 'job nightly', 'restore-disk of web1', 'instant-recovery of web1-ir', 'restore-files']);
+  });
+
   it('exit code: 0 for success and warning, 1 otherwise', () => {
     expect([exitCodeOf('success'), exitCodeOf('warning'), exitCodeOf('failed'), exitCodeOf('stopped'), exitCodeOf('running')]).toEqual([0, 0, 1, 1, 1]);
   });

@@ -2,6 +2,7 @@
 // `GET /sessions/{id}/events`, shows progress (a bar with percent, rate and ETA on a terminal,
 // plain lines otherwise, JSON lines with --json), and rides out a lost server for 5 minutes.
 import cliProgress from 'cli-progress';
+import { assertNever } from '../common/errors.js';
 import { isFinalState } from '../server/jobs/ports.js';
 import type { Session } from '../server/services/model.js';
 import { ApiClient, Reconnect } from './client.js';
@@ -14,13 +15,30 @@ export function exitCodeOf(state: SessionState): number {
   return state === 'success' || state === 'warning' ? 0 : 1;
 }
 
+/** What a session is about, for its lines: "job nightly" for job runs and health checks, "restore-disk of web1" for restores. */
+export function sessionSubject(s: Session): string {
+  const kind = s.kind ?? 'backup';
+  switch (kind) {
+    case 'backup':
+    case 'health-check':
+      return `job ${s.jobName}`;
+    case 'restore-vm':
+    case 'restore-disk':
+    case 'restore-files':
+    case 'instant-recovery':
+      return s.vm ? `${kind} of ${s.vm}` : kind;
+    default:
+      return assertNever(kind);
+  }
+}
+
 /** One line that sums a finished (or current) session up. */
 export function sessionSummary(s: Session): string {
   const end = s.endedAt ? new Date(s.endedAt).getTime() : Date.now();
   const seconds = (end - new Date(s.startedAt).getTime()) / 1000;
   const p = s.progress;
   return (
-    `session ${s.id} (job ${s.jobName}): ${s.state} after ${humanDuration(seconds)}; ` +
+    `session ${s.id} (${sessionSubject(s)}): ${s.state} after ${humanDuration(seconds)}; ` +
     `read ${humanSize(p.bytesRead)}, transferred ${humanSize(p.bytesTransferred)}, stored ${humanSize(p.bytesStored)}` +
     (s.reason ? `; ${s.reason}` : '')
   );
@@ -69,7 +87,7 @@ export class PlainView implements SessionView {
   update(s: Session): void {
     if (s.state !== this.#state) {
       this.#state = s.state;
-      this.#output.out(`${localTime(new Date())}  session ${s.id} (job ${s.jobName}): ${s.state}\n`);
+      this.#output.out(`${localTime(new Date())}  session ${s.id} (${sessionSubject(s)}): ${s.state}\n`);
     }
     for (const line of s.log.slice(this.#logLines)) {
       this.#output.out(`${localTime(line.time)}  ${line.level.padEnd(7)}  ${line.message}\n`);
