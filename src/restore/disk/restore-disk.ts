@@ -361,7 +361,7 @@ export async function assertImageTarget(target: string, overwrite: boolean): Pro
     });
   }
   if (!overwrite) {
-    throw new BulwarkError(`${target} already exists`, { kind: 'conflict', context: { file: target }, hint: 'choose another path, or allow overwriting' });
+    throw new BulwarkError(`${target} already exists`, { kind: 'conflict', context: { file: target }, hint: 'choose another path, or allow overwriting (--overwrite)' });
   }
 }
 
