@@ -8,6 +8,7 @@ import {
   COMMIT_SLOT_OFFSETS,
   COMMIT_SLOT_SIZE,
   decodeCommitSlot,
+  decodeIndex,
   decodeRecordHeader,
   DISK_DESCRIPTOR_SIZE,
   HEADER_PAGE_SIZE,
@@ -201,11 +202,16 @@ export async function verifyBackupFile(file: BackupFile, keys: ChainKeys | null,
         // CRC; older ones no slot names cannot be checked, and nothing reads them (section 3).
         const len = await oldIndexLength(file, pos, file.slot.indexOffset);
         const named = otherSlots.find((o) => o.slot.indexOffset === pos);
-        if (named) {
-          const raw = Buffer.alloc(len);
-          await file.readAt(raw, pos);
-          if (len !== named.slot.indexLength || crc32c(raw) !== named.slot.indexCrc) {
-            add({ problem: `index of generation ${named.slot.generation} (commit slot ${named.name}, kept for crash recovery) fails its CRC32C`, fileOffset: pos });
+        const raw = Buffer.alloc(len);
+        await file.readAt(raw, pos);
+        if (named && (len !== named.slot.indexLength || crc32c(raw) !== named.slot.indexCrc)) {
+          add({ problem: `index of generation ${named.slot.generation} (commit slot ${named.name}, kept for crash recovery) fails its CRC32C`, fileOffset: pos });
+        } else {
+          // Its layout obeys the rules of any index (section 3.4), its pages lie before it.
+          try {
+            decodeIndex(raw, file.header.blockSize, pos);
+          } catch (err) {
+            add({ problem: `index of an earlier generation at ${pos} is damaged: ${(err as Error).message}`, fileOffset: pos });
           }
         }
         pos += len;

@@ -24,9 +24,10 @@
 // - fuzz: 150 random changes of up to 16 bytes (with or without a cut) per file, in memory.
 // The one region no checksum can cover: the index of a generation older than the one kept in
 // the other commit slot (here the reverse full's generation-1 index). Nothing names it any more
-// (section 3, "After an in-place transform"); mutations there the verifier does not see (984 of
-// them here) are counted, and every restore point of the chain must read bit-exact with all
-// those bytes changed at once (xor 0xff, then xor 1), through the real files.
+// (section 3, "After an in-place transform"); verify checks its layout only. Mutations there it
+// does not see (419 here: statistics, reserved bytes, the configuration and such) are counted,
+// and every restore point of the chain must read bit-exact with all those bytes changed at once
+// (xor 0xff, then xor 1), through the real files.
 import { closeSync, existsSync, ftruncateSync, openSync, readdirSync, readFileSync, writeSync } from 'node:fs';
 import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
