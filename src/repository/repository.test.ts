@@ -2,6 +2,7 @@ import { watch } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BulwarkError } from '../common/errors.js';
 import { openRepository, type RestorePointInfo } from './index.js';
@@ -87,6 +88,20 @@ describe('repository round trip', () => {
       // Random access: unaligned ranges crossing block boundaries, and the tail.
       for (const [off, len] of [[0, 1], [BS - 3, 10], [BS * 2 - 100, BS + 200], [sizes.vda - 77, 77], [12345, 5 * BS], [0, sizes.vda]] as const) {
         expect((await d.read(off, len)).equals(s.vda.subarray(off, off + len)), `point ${n} read ${off}+${len}`).toBe(true);
+      }
+      // And ranges drawn at random (seeded, so a failure repeats) on both disks, read all at once:
+      // the reads share the point's block cache and run in parallel.
+      for (const name of ['vda', 'vdb'] as const) {
+        const disk = name === 'vda' ? d : p.openDisk(name);
+        const size = sizes[name];
+        const ranges = fc.sample(
+          fc.integer({ min: 0, max: size - 1 }).chain((off) => fc.tuple(fc.constant(off), fc.integer({ min: 1, max: Math.min(size - off, 3 * BS) }))),
+          { numRuns: 40, seed: 4242 + n },
+        );
+        const got = await Promise.all(ranges.map(([off, len]) => disk.read(off, len)));
+        for (const [i, [off, len]] of ranges.entries()) {
+          expect(got[i]!.equals(s[name].subarray(off, off + len)), `point ${n} ${name} random read ${off}+${len}`).toBe(true);
+        }
       }
       const ext = await d.extents(0, sizes.vda);
       expect(ext.reduce((a, e) => a + e.length, 0)).toBe(sizes.vda);
