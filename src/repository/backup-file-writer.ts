@@ -70,8 +70,12 @@ export interface WriteDiskOptions {
    * parent point's block are not stored (the entry inherits). Needs `parentBlock`.
    */
   readonly compareWithParent?: boolean;
-  /** Called after each block is taken from the source, with input bytes so far (for progress). */
-  readonly onProgress?: (bytesDone: number) => void;
+  /**
+   * Called after each block is taken from the source, with input bytes so far and the bytes
+   * stored for this disk so far (encoded records written or queued; a sink across the network:
+   * the bytes handed to the network): for live progress.
+   */
+  readonly onProgress?: (bytesDone: number, storedBytes: number) => void;
   /**
    * Called with the milliseconds writeDisk waited before it could take the next block (bottleneck
    * statistics): 'target' when file writes were backed up at the start of the wait, else 'proxy'
@@ -524,14 +528,14 @@ class DiskLane {
       this.#queue.push(f);
       this.#advance();
       this.#check();
-      this.#opts.onProgress?.(bytesRead);
+      this.#opts.onProgress?.(bytesRead, this.#stats.storedBytes);
     }
     while (this.#pending > 0) await this.#changed();
     this.#check();
     // Fill the tail with gap entries.
     if (this.#next < blockCount) this.#setEntry(blockCount - 1, this.#w.gapEntry);
     if (this.#page.length > 0) this.#flushPage();
-    this.#opts.onProgress?.(this.#size);
+    this.#opts.onProgress?.(this.#size, this.#stats.storedBytes);
     return { name, size: this.#size, bytesRead: this.#size, unchangedBlocks: this.#unchanged, ...this.#stats };
   }
 

@@ -114,6 +114,22 @@ describe('repository round trip', () => {
     expect(chains[0]!.points).toHaveLength(6);
   });
 
+  it('reports the bytes stored so far while a disk is written (live progress), the total at its end', async () => {
+    const repo = await openRepository(root);
+    const m = new DiskModel(30 * BS, BS);
+    // Twice the encoder slots (12): the writer must retire blocks before it can take the rest.
+    const blocks = m.change(Array.from({ length: 30 }, (_, i) => [i, 'data', 900 + i] as [number, 'data', number]));
+    const w = await repo.startRestorePoint({ job: 'live', vm: 'v', kind: 'full', blockSize: BS, threads: 2, disks: [{ name: 'vda', size: m.size }] });
+    const reports: Array<[number, number]> = [];
+    const st = await w.writeDisk('vda', iterate(blocks), { onProgress: (done, stored) => reports.push([done, stored]) });
+    await w.commit();
+    expect(st.storedBytes).toBeGreaterThan(0);
+    expect(reports.at(-1)).toEqual([m.size, st.storedBytes]);
+    for (let i = 1; i < reports.length; i++) expect(reports[i]![1]).toBeGreaterThanOrEqual(reports[i - 1]![1]);
+    const midway = reports.slice(0, -1).filter(([done, stored]) => done < m.size && stored > 0 && stored < st.storedBytes);
+    expect(midway.length, JSON.stringify(reports)).toBeGreaterThan(0);
+  });
+
   it('a source may reuse its buffer after yielding (worker threads copy before the next pull)', async () => {
     const repo = await openRepository(root);
     const m = new DiskModel(12 * BS + 5, BS);

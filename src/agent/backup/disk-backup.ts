@@ -34,7 +34,10 @@ export interface DiskBackupProgress {
   bytesProcessed: number;
   /** Bytes read from the view (data extents only). */
   bytesRead: number;
-  /** Bytes the repository wrote for this disk (compressed, after dedup); known when the disk ends. */
+  /**
+   * Bytes the target took for this disk so far (a repository here: encoded, after dedup; a
+   * repository agent: the bytes handed to the network); when the disk ends, what it stored.
+   */
   bytesStored: number;
   /** Virtual size of the disk. */
   size: number;
@@ -541,11 +544,13 @@ async function backupDisk(
     compareWithParent: compare,
     // Proxy (encoders) and Target (file writes) as the writer waits for them.
     ...(stages ? { onWait: (stage: 'proxy' | 'target', ms: number) => stages.add(stage, ms) } : {}),
-    onProgress: () => {
+    onProgress: (_done: number, storedBytes: number) => {
       if (stats) {
         progress.bytesProcessed = stats.bytesMapped;
         progress.bytesRead = stats.bytesRead;
       }
+      // Live: what the target took so far (a repository here: encoded bytes; across the network: wire bytes).
+      progress.bytesStored = storedBytes;
       const now = Date.now();
       if (now - lastReport >= 250) {
         lastReport = now;

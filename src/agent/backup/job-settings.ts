@@ -24,5 +24,7 @@ export function diskProgress(p: BackupProgress, disk: string): TransferProgress 
   // total: an upper bound of what is left to read that shrinks to bytesRead when the disk is done
   // (zero and unchanged extents are never read, so the disk's size would never be reached).
   const total = d.done ? d.bytesRead : d.bytesRead + (d.size - d.bytesProcessed);
-  return { bytesRead: d.bytesRead, bytesTransferred: d.bytesRead, bytesStored: d.bytesStored, total };
+  // Transferred: what left the source after compression (a repository in this process: what it
+  // stored; across the network: the bytes handed to it), live as the disk goes.
+  return { bytesRead: d.bytesRead, bytesTransferred: d.bytesStored, bytesStored: d.bytesStored, total };
 }

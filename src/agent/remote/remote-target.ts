@@ -8,7 +8,7 @@ import { BulwarkError } from '../../common/errors.js';
 import type { DiskBlock } from '../../disk/types.js';
 import type { Checkpoint } from '../../hypervisor/types.js';
 import type { RestorePointInfo, StartRestorePointOptions, WriteDiskOptions } from '../../repository/index.js';
-import { prepareBlocks, TransferSender, type TransferSenderOptions } from '../../transport/index.js';
+import { prepareBlocks, TransferSender, type OutgoingItem, type TransferSenderOptions } from '../../transport/index.js';
 import { startVmBackup, type BackupVmOptions, type BackupVmSummary, type RestorePointSink, type RestorePointTarget } from '../backup/disk-backup.js';
 import { pointFromWire } from './repository-sink.js';
 
@@ -71,19 +71,27 @@ export class RemoteRestorePointTarget implements RestorePointTarget {
         const size = sizes.get(name);
         if (size === undefined) throw new BulwarkError(`disk ${name} was not declared for this restore point`, { kind: 'invalid', context: { disk: name } });
         let done = 0;
+        /** Block bytes handed to the network so far (after compression): this disk's "transferred". */
+        let handed = 0;
         async function* counted(): AsyncGenerator<DiskBlock> {
           for await (const b of blocks) {
             yield b;
             done += b.data?.length ?? blockSize;
-            wo.onProgress?.(done);
+            wo.onProgress?.(done, handed);
+          }
+        }
+        async function* measured(items: AsyncIterable<OutgoingItem>): AsyncGenerator<OutgoingItem> {
+          for await (const item of items) {
+            if ('data' in item) handed += item.data.length;
+            yield item;
           }
         }
         const items = prepareBlocks(counted(), {
           ...(stageTimes ? { stageTimes } : {}),
           ...(compress === 'lz4' ? { compress: (plain: Buffer) => smaller(plain, lz4Compress(plain)) } : {}),
         });
-        const sent = await sender.sendDisk({ name, size, blockSize, ...(wo.compareWithParent ? { compareWithParent: true } : {}) }, items);
-        wo.onProgress?.(size);
+        const sent = await sender.sendDisk({ name, size, blockSize, ...(wo.compareWithParent ? { compareWithParent: true } : {}) }, measured(items));
+        wo.onProgress?.(size, sent.bytes);
         return { storedBytes: sent.bytes, storedBlocks: sent.blocks, unchangedBlocks: 0 };
       },
       async commit() {

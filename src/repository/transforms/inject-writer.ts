@@ -356,7 +356,7 @@ export class InjectWriter {
           encoded.catch(() => undefined);
           queue.push({ index: b.index, kind: 'data', length, encoded });
         }
-        opts.onProgress?.(bytesRead);
+        opts.onProgress?.(bytesRead, own.stats.storedBytes);
       }
       while (queue.length > 0) await retire(queue.shift()!);
       if (next < blockCount) await setEntry(blockCount - 1, INHERIT);
@@ -367,7 +367,7 @@ export class InjectWriter {
       disk.busy = false;
       throw err;
     }
-    opts.onProgress?.(disk.size);
+    opts.onProgress?.(disk.size, own.stats.storedBytes);
     disk.descriptor = { name, size: disk.size, blockCount, entriesPerPage: ENTRIES_PER_PAGE, stats: merged.stats, pages };
     disk.busy = false;
     const s = own.stats;
