@@ -35,4 +35,10 @@ export interface DiskBlock {
    * multiple of the block size. null: the block reads as zeroes (zero or unallocated).
    */
   readonly data: Buffer | null;
+  /**
+   * The SHA-256 of `data` as the block's source computed it, when the block crossed the network
+   * (docs/formats/data-mover-protocol.md §3): the repository writer checks it against the digest
+   * it computes itself (checkSourceDigest).
+   */
+  readonly sha256?: Buffer | undefined;
 }

@@ -61,6 +61,22 @@ export function checkIncomingBlock(name: string, b: DiskBlock, last: number, blo
   return length;
 }
 
+/**
+ * A block that crossed the network carries the SHA-256 its source computed over the data it read
+ * (DiskBlock.sha256); the writer's encoder computes the digest again from the block it was handed,
+ * after the wire, the decompression and the copies on both hosts. They must agree, or the block
+ * changed on its way and is not stored: the backup fails naming it (a resend of the same bytes
+ * would repeat a fault that arose at the source). Encrypted chains keep a keyed digest (HMAC),
+ * which cannot be compared with the source's plain one: not checked there.
+ */
+export function checkSourceDigest(disk: string, index: number, expected: Buffer | undefined, digest: Uint8Array, encrypted: boolean): void {
+  if (expected === undefined || encrypted || Buffer.compare(expected, digest) === 0) return;
+  throw new BulwarkError(
+    `disk ${disk}: block ${index} changed between the source's read and this repository's writer (SHA-256 ${Buffer.from(digest).toString('hex')} here, ${expected.toString('hex')} at the source); it was not stored`,
+    { kind: 'corrupt', context: { disk, block: index }, hint: 'run the backup again; if it repeats, check the memory of both hosts (the source agent\'s and the repository agent\'s)' },
+  );
+}
+
 /** What the parent point holds at a block, for `compareWithParent`. */
 export type ParentBlock = { readonly kind: 'zero' | 'hole' } | { readonly kind: 'stored'; readonly digest: Buffer };
 
@@ -131,6 +147,8 @@ interface InFlight {
   enc: EncodedSlot | null;
   /** compareWithParent: what the parent holds, once looked up. */
   parent: ParentBlock | null;
+  /** The source's SHA-256 of the data (a block that crossed the network): checkSourceDigest. */
+  readonly sourceDigest?: Buffer | undefined;
 }
 
 type DiskState = { size: number; descriptor: DiskDescriptor | null; busy: boolean };
@@ -491,7 +509,7 @@ class DiskLane {
       }
       bytesRead += length;
       const kind = b.data === null ? 'hole' : b.data.equals(length === blockSize ? zero : zero.subarray(0, length)) ? 'zero' : 'data';
-      const f: InFlight = { index: b.index, kind, length, enc: null, parent: null };
+      const f: InFlight = { index: b.index, kind, length, enc: null, parent: null, ...(kind === 'data' && b.sha256 !== undefined ? { sourceDigest: b.sha256 } : {}) };
       // A block read straight into a lent slot (RestorePointWriter.lendBuffer) is encoded in
       // place; any other is copied into a slot before the source is asked for the next one
       // (sources may reuse their buffers).
@@ -619,6 +637,12 @@ class DiskLane {
     }
     const enc = f.enc!;
     f.enc = null;
+    try {
+      checkSourceDigest(this.#name, f.index, f.sourceDigest, enc.digest, this.#w.header.encryption !== null);
+    } catch (err) {
+      this.#w.pool.release(enc.slot);
+      throw err;
+    }
     if (parent?.kind === 'stored' && parent.digest.equals(enc.digest)) {
       this.#w.pool.release(enc.slot);
       this.#unchanged++;

@@ -105,6 +105,39 @@ describe('RepositorySink', () => {
     expect(files).toEqual([]);
   });
 
+  it('a block whose data no longer matches the SHA-256 its source computed fails the disk naming it; nothing is stored or left', async () => {
+    for (const [kind, lz4] of [['full', false], ['full', true], ['reverse', false]] as const) {
+      const repository = await openRepository(dir, { create: true });
+      let parent: string | undefined;
+      if (kind === 'reverse') {
+        const first = new RepositorySink({ repository, job: 'j', vm: 'web1' });
+        await first.beginPoint({ kind: 'full', chainMethod: 'reverse', blockSize: BS, vmConfig: '', disks: [{ name: 'vda', size: SIZE }] });
+        await first.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+        await first.writeBlock(block(1, Buffer.alloc(BS, 0x01)));
+        await first.endDisk({ disk: 0, blocks: 1, zeroBlocks: 0, bytes: 0 });
+        parent = pointFromWire(await first.commit()).id;
+      }
+      const before = await repository.listRestorePoints({ job: 'j', vm: 'web1' });
+      const sink = new RepositorySink({ repository, job: 'j', vm: 'web1' });
+      await sink.beginPoint({ kind, ...(parent ? { parent } : {}), blockSize: BS, vmConfig: '', disks: [{ name: 'vda', size: SIZE }] });
+      await sink.openDisk({ disk: 0, name: 'vda', size: SIZE, blockSize: BS });
+      await sink.writeBlock(block(1, Buffer.alloc(BS, 0x21), lz4));
+      // Block 3's data changed after its source hashed it (one byte): the wire CRC cannot see that.
+      const read = Buffer.alloc(BS, 0x23);
+      const sent = block(3, read, lz4);
+      const changed = Buffer.from(read);
+      changed.writeUInt8(changed.readUInt8(4096) ^ 0x01, 4096);
+      await sink.writeBlock({ ...block(3, changed, lz4), sha256: sent.sha256 });
+      await sink.writeBlock(block(5, Buffer.alloc(BS, 0x25), lz4));
+      await expect(sink.endDisk({ disk: 0, blocks: 3, zeroBlocks: 0, bytes: 0 }), `${kind} lz4=${lz4}`).rejects.toThrow(/block 3 changed between the source's read and this repository's writer/);
+      await sink.abort('the disk failed');
+      expect(await repository.listRestorePoints({ job: 'j', vm: 'web1' })).toEqual(before);
+      expect((await readdir(dir, { recursive: true })).map(String).filter((f) => /\.(vib|tmp)|\.vrb/.test(f))).toEqual([]);
+      await rm(dir, { recursive: true, force: true });
+      dir = await mkdtemp(path.join(os.tmpdir(), 'bulwark-sink-'));
+    }
+  });
+
   it('refuses data for a disk that was not opened, and a block whose size does not decompress right', async () => {
     const repository = await openRepository(dir, { create: true });
     const sink = new RepositorySink({ repository, job: 'j', vm: 'web1' });

@@ -214,7 +214,8 @@ export class RepositorySink implements TransferSink {
     if (plain.length !== b.plainLength) {
       throw new BulwarkError(`block ${b.index} of disk ${d.message.name} decompressed to ${plain.length} bytes, not ${b.plainLength}`, { kind: 'corrupt', context: { disk: d.message.name, block: b.index } });
     }
-    await d.channel.push({ index: b.index, data: plain });
+    // The source's digest goes along: the writer checks it against its own (checkSourceDigest).
+    await d.channel.push({ index: b.index, data: plain, sha256: Buffer.from(b.sha256) });
   }
 
   async writeZeroRun(run: ZeroRunMessage): Promise<void> {

@@ -36,7 +36,7 @@ import {
 import { publish, temporaryNameFor, trackTemporary } from '../../storage/local-fs.js';
 import { writevAll } from '../../storage/writev.js';
 import { BackupFile } from '../backup-file.js';
-import { checkIncomingBlock, type DiskWriteStats, type ParentBlock, type WriteDiskOptions } from '../backup-file-writer.js';
+import { checkIncomingBlock, checkSourceDigest, type DiskWriteStats, type ParentBlock, type WriteDiskOptions } from '../backup-file-writer.js';
 import type { ChainKeys } from '../chain-keys.js';
 import type { EncodedSlot, EncodePool } from '../encode-pool.js';
 import type { VmFolder } from '../folders.js';
@@ -54,7 +54,7 @@ const BATCH_BUFFERS = 512;
 
 type Pending =
   | { readonly index: number; readonly kind: 'hole' | 'zero'; readonly length: number }
-  | { readonly index: number; readonly kind: 'data'; readonly length: number; readonly encoded: Promise<EncodedSlot> };
+  | { readonly index: number; readonly kind: 'data'; readonly length: number; readonly encoded: Promise<EncodedSlot>; readonly sourceDigest: Buffer | undefined };
 
 interface DiskState {
   readonly size: number;
@@ -302,6 +302,7 @@ export class InjectWriter {
       const enc = await p.encoded;
       let queued = false;
       try {
+        checkSourceDigest(name, p.index, p.sourceDigest, enc.digest, this.header.encryption !== null);
         if (opts.compareWithParent) {
           const parent = await opts.parentBlock!(p.index);
           if (parent.kind === 'stored' && parent.digest.equals(enc.digest)) {
@@ -354,7 +355,7 @@ export class InjectWriter {
           await acquiring;
           const encoded = this.#pool.submit(slot!, b.data);
           encoded.catch(() => undefined);
-          queue.push({ index: b.index, kind: 'data', length, encoded });
+          queue.push({ index: b.index, kind: 'data', length, encoded, sourceDigest: b.sha256 });
         }
         opts.onProgress?.(bytesRead, own.stats.storedBytes);
       }
